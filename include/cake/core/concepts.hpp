@@ -1,0 +1,49 @@
+// cake: the three policy concepts. Each is small on purpose: a policy is a value
+// type whose hyperparameters are public data members, with a validate() that
+// reports bad hyperparameters as a cake::status.
+#pragma once
+
+#include <concepts>
+#include <span>
+#include <type_traits>
+
+#include "../error.hpp"
+#include "types.hpp"
+
+namespace cake {
+
+// How much cache a layer wants, from its window statistics (spec section 2).
+// needs_entropy / needs_variance let the statistics pass skip what is not read.
+template <class P>
+concept PreferencePolicy = std::is_trivially_copyable_v<P> && requires(const P p, LayerStats s) {
+  { p(s) } -> std::convertible_to<double>;
+  { P::needs_entropy } -> std::convertible_to<bool>;
+  { P::needs_variance } -> std::convertible_to<bool>;
+  { p.validate() } -> std::same_as<status>;
+};
+
+// How one global budget is sliced across layers (spec section 4).
+// Called with the preferences of the layers seen so far (layers 0..m); writes
+// budgets[0..m]. num_layers is the model's layer count (a pyramid needs it),
+// total the budget T of all layers, ceiling the per-layer cap R = S - w.
+template <class P>
+concept BudgetPolicy =
+    std::is_trivially_copyable_v<P> &&
+    requires(const P p, std::span<const float> prefs, index_t n, std::span<index_t> out) {
+      { p(prefs, n, n, n, out) } -> std::same_as<void>;
+      { p.validate() } -> std::same_as<status>;
+    };
+
+// Which tokens a layer keeps (spec section 3): a per-key score from the mean and
+// unbiased variance of its attention over the window rows, then an average pool
+// along the keys (pool_kernel, odd; 1 = none) and the mean over each GQA group.
+// score() runs on the host and in CUDA epilogues alike, hence CAKE_HOST_DEVICE.
+template <class P>
+concept IndicatorPolicy = std::is_trivially_copyable_v<P> && requires(const P p, float x) {
+  { p.score(x, x) } -> std::convertible_to<float>;
+  { p.pool_kernel } -> std::convertible_to<int>;
+  { P::needs_variance } -> std::convertible_to<bool>;
+  { p.validate() } -> std::same_as<status>;
+};
+
+}  // namespace cake

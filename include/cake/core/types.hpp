@@ -1,0 +1,28 @@
+// cake: small value types shared by the algorithms and the cache.
+#pragma once
+
+#include "../config.hpp"
+
+namespace cake {
+
+// Layer-level statistics of the window attention over the prefix keys (spec section 2),
+// summed over batch, heads, window rows and keys.
+struct LayerStats {
+  double entropy = 0;   // - sum P ln(P + 1e-10)
+  double variance = 0;  // sum over keys of the unbiased variance over the window rows
+};
+
+// Order in which a selection's indices (and a cache's kept tokens) are written.
+enum class select_order {
+  descending,  // by score, highest first; ties by lower index (what top-k returns)
+  position,    // by index, ascending
+};
+
+// How KvCache stores its kept tokens.
+enum class token_order {
+  position,   // position order (default): what attention kernels and users expect
+  reference,  // the reference implementation's order: kept prefix by descending
+              // indicator, then the window; reproduces its decoding bit for bit
+};
+
+}  // namespace cake

@@ -1,0 +1,46 @@
+// cake: execution policies, passed first to every algorithm, as in Thrust.
+//   cake::host                 host backend, all hardware threads
+//   cake::host.threads(1)      host backend, one thread
+//   cake::cuda.on(stream)      CUDA backend (include <cake/cake.cuh>)
+#pragma once
+
+#include <type_traits>
+
+#include "core/view.hpp"
+
+namespace cake {
+
+struct host_policy {
+  using memory_space = host_space;
+  // 0 means "as many as the OpenMP runtime offers" (1 without OpenMP).
+  int num_threads = 0;
+  constexpr host_policy threads(int n) const noexcept { return host_policy{n}; }
+};
+inline constexpr host_policy host{};
+
+// The CUDA policy is declared here so that host code can name it in templates;
+// its algorithms live in cake.cuh. The stream is kept as an opaque handle so
+// this header needs no CUDA headers.
+struct cuda_policy {
+  using memory_space = device_space;
+  void* stream = nullptr;  // cudaStream_t
+  template <class Stream>
+  cuda_policy on(Stream s) const noexcept {
+    return cuda_policy{reinterpret_cast<void*>(s)};
+  }
+};
+inline constexpr cuda_policy cuda{};
+
+template <class E>
+concept execution_policy = requires { typename std::remove_cvref_t<E>::memory_space; };
+
+// A view is usable by policy E only if it lives in E's memory space. The check is a
+// static_assert with a sentence, not a template dump.
+template <class E, class V>
+constexpr void require_space() {
+  static_assert(std::is_same_v<typename std::remove_cvref_t<E>::memory_space, memory_space_of<V>>,
+                "cake: a tensor's memory space does not match the execution policy: host views "
+                "go with cake::host, device views (cake::device_view) with cake::cuda.");
+}
+
+}  // namespace cake

@@ -179,9 +179,12 @@ class KvCache {
     const auto L = static_cast<std::size_t>(cfg_.layers);
     layers_.assign(L, Layer{});
     prefs_.clear();
+    prefs_.reserve(L);
     stats_.clear();
+    stats_.reserve(L);
     budgets_.assign(L, 0);
     stages_.clear();
+    stages_.reserve(L);
     steps_.assign(L, 0);
     next_layer_ = 0;
     prompt_ = -1;
@@ -256,65 +259,67 @@ class KvCache {
                  " for layer ", layer, " (entropy ", stats.entropy, ", variance ", stats.variance,
                  ")");
 
-    // 2. Plan the new state without touching the current one.
+    // 2. Plan the new state without touching the current one: every allocation
+    //    (new layers, permutations, bookkeeping) happens here.
     std::vector<float> prefs = prefs_;
     prefs.push_back(static_cast<float>(pref));
     std::vector<index_t> stage(m + 1, 0);
-    std::vector<Layer> fresh;            // replacements, by layer
+    std::vector<Layer> fresh;  // replacements, by layer
     std::vector<std::size_t> fresh_at;
-    std::vector<index_t> prefix_after(m + 1, -1);  // truncations of layers kept as they are
+    std::vector<index_t> prefix_after(m + 1, -1);  // truncations of layers kept in place
+    std::vector<std::vector<index_t>> perms(m + 1);  // in-place reorders to position order
     const bool last = layer == L - 1;
     const bool want_position = cfg_.order == token_order::position;
-    const index_t uncut_budget = cfg_.cache_size - w;
 
     if (S <= cfg_.cache_size + w) {
       // The prompt already fits: nothing is cut, every budget is C - w (spec section 5).
-      std::fill(stage.begin(), stage.end(), uncut_budget);
+      std::fill(stage.begin(), stage.end(), cfg_.cache_size - w);
       fresh.push_back(copy_all(k, v, P, /*with_indicator=*/false, ind));
       fresh_at.push_back(m);
     } else if (cfg_.cascade) {
       allocate_budgets(budget_, prefs, L, cfg_.total_budget(), P, stage);
-      const index_t keep = std::min(stage[m], P);
-      fresh.push_back(select_from(k, v, /*src_pos=*/nullptr, ind.data(), P, P, keep,
-                                  last && want_position));
+      fresh.push_back(select_from(k, v, /*src_pos=*/nullptr, ind.data(), P, P,
+                                  std::min(stage[m], P), last && want_position));
       fresh_at.push_back(m);
       for (std::size_t l = 0; l < m; ++l) {
-        const index_t prefix = layers_[l].held - w;
-        prefix_after[l] = std::min(stage[l], prefix);
-        if (last && want_position) {
-          fresh.push_back(reorder_by_position(layers_[l], prefix_after[l]));
-          fresh_at.push_back(l);
-        }
+        // Prefixes are in descending-indicator order: a smaller budget is a truncation.
+        prefix_after[l] = std::min(stage[l], layers_[l].held - w);
+        if (last && want_position && layers_[l].by_indicator)
+          perms[l] = position_permutation(layers_[l], prefix_after[l]);
       }
-    } else {
-      fresh.push_back(copy_all(k, v, P, /*with_indicator=*/!last, ind));
+    } else if (!last) {
+      fresh.push_back(copy_all(k, v, P, /*with_indicator=*/true, ind));
       fresh_at.push_back(m);
-      if (last) {
-        allocate_budgets(budget_, prefs, L, cfg_.total_budget(), P, stage);
-        for (std::size_t l = 0; l < m; ++l) {
-          Layer& src = layers_[l];
-          fresh.push_back(select_from(src.tokens_view(src.k.data(), B, Hkv, S),
-                                      src.tokens_view(src.v.data(), B, Hkv, S), src.pos.data(),
-                                      src.ind.data(), src.cap, P, std::min(stage[l], P),
-                                      want_position));
-          fresh_at.push_back(l);
-        }
-        // The last layer is cut straight from the caller's tensors.
-        fresh[0] = select_from(k, v, nullptr, ind.data(), P, P, std::min(stage[m], P),
-                               want_position);
+    } else {
+      // One-shot: every layer is cut once, now; the last one straight from the caller.
+      allocate_budgets(budget_, prefs, L, cfg_.total_budget(), P, stage);
+      fresh.push_back(select_from(k, v, nullptr, ind.data(), P, P, std::min(stage[m], P),
+                                  want_position));
+      fresh_at.push_back(m);
+      for (std::size_t l = 0; l < m; ++l) {
+        const Layer& src = layers_[l];
+        fresh.push_back(select_from(src.tokens_view(src.k.data(), B, Hkv, S),
+                                    src.tokens_view(src.v.data(), B, Hkv, S), src.pos.data(),
+                                    src.ind.data(), src.cap, P, std::min(stage[l], P),
+                                    want_position));
+        fresh_at.push_back(l);
       }
     }
+    // Tokens stored at once while the new layers exist beside the old ones.
+    index_t transient = tokens_held();
+    for (const auto& f : fresh) transient += f.held;
 
     // 3. Commit: nothing below allocates or throws.
-    for (std::size_t l = 0; l < m; ++l)
+    for (std::size_t l = 0; l < m; ++l) {
       if (prefix_after[l] >= 0) truncate_prefix(layers_[l], prefix_after[l]);
+      if (!perms[l].empty()) permute_prefix(layers_[l], perms[l]);
+    }
     for (std::size_t i = 0; i < fresh.size(); ++i) layers_[fresh_at[i]] = std::move(fresh[i]);
     prefs_ = std::move(prefs);
-    stats_.push_back(stats);
-    const bool record = cfg_.cascade || last || S <= cfg_.cache_size + w;
-    if (record) {
+    stats_.push_back(stats);  // capacity reserved in reset()
+    if (cfg_.cascade || last || S <= cfg_.cache_size + w) {
       for (std::size_t l = 0; l <= m; ++l) budgets_[l] = stage[l];
-      if (cfg_.cascade) stages_.push_back(stage);
+      if (cfg_.cascade) stages_.push_back(std::move(stage));  // capacity reserved in reset()
     }
     prompt_ = S;
     next_layer_ = layer + 1;
@@ -322,8 +327,9 @@ class KvCache {
       for (auto& ly : layers_) {
         ly.ind.clear();
         ly.ind.shrink_to_fit();
+        ly.by_indicator = ly.by_indicator && !want_position;
       }
-    peak_ = std::max(peak_, tokens_held());
+    peak_ = std::max(peak_, transient);
   }
 
   // ---- decode --------------------------------------------------------------
@@ -576,24 +582,47 @@ class KvCache {
     ly.held = prefix + w;
   }
 
-  // The layer with its first `prefix` prefix tokens sorted by position, then the window.
-  Layer reorder_by_position(const Layer& ly, index_t prefix) const {
-    const index_t B = cfg_.batch, Hkv = cfg_.kv_heads, w = cfg_.window, n = prefix + w;
-    const index_t old_prefix = ly.held - w;
-    std::vector<index_t> sel(static_cast<std::size_t>(ly.rows * n));
+  // Per row, the order of the first `prefix` prefix tokens sorted by position:
+  // perm[r * prefix + t] = current slot of the token that goes to slot t.
+  std::vector<index_t> position_permutation(const Layer& ly, index_t prefix) const {
+    std::vector<index_t> perm(static_cast<std::size_t>(ly.rows * prefix));
     for (index_t r = 0; r < ly.rows; ++r) {
-      index_t* s = sel.data() + r * n;
+      index_t* s = perm.data() + r * prefix;
       std::iota(s, s + prefix, index_t{0});
       const index_t* p = ly.pos.data() + r * ly.cap;
       std::sort(s, s + prefix, [p](index_t a, index_t b) { return p[a] < p[b]; });
-      for (index_t t = 0; t < w; ++t) s[prefix + t] = old_prefix + t;
     }
-    Layer out(ly.rows, ly.d, n + 1, false);
-    gather_layer(ly, make_view(static_cast<const index_t*>(sel.data()),
-                               std::array<index_t, 3>{B, Hkv, n}),
-                 out);
-    out.held = n;
-    return out;
+    return perm;
+  }
+
+  // Applies a permutation to each row's prefix in place, cycle by cycle, moving
+  // each token once through a one-token buffer (no allocation: the buffer lives
+  // in the row's spare slot, which every layer has for decoding).
+  void permute_prefix(Layer& ly, std::vector<index_t>& perm) const noexcept {
+    const index_t prefix = static_cast<index_t>(perm.size()) / std::max<index_t>(ly.rows, 1);
+    const index_t d = ly.d, spare = ly.cap - 1;
+    for (index_t r = 0; r < ly.rows; ++r) {
+      index_t* pr = perm.data() + r * prefix;
+      index_t* pos = ly.pos.data() + r * ly.cap;
+      auto move_token = [&](index_t to, index_t from) {
+        std::memcpy(ly.key_row(r, to), ly.key_row(r, from), static_cast<std::size_t>(d) * sizeof(T));
+        std::memcpy(ly.value_row(r, to), ly.value_row(r, from), static_cast<std::size_t>(d) * sizeof(T));
+        pos[to] = pos[from];
+      };
+      for (index_t start = 0; start < prefix; ++start) {
+        if (pr[start] == start || pr[start] < 0) continue;
+        move_token(spare, start);
+        index_t to = start;
+        while (pr[to] != start) {
+          const index_t from = pr[to];
+          move_token(to, from);
+          pr[to] = -1;  // done
+          to = from;
+        }
+        move_token(to, spare);
+        pr[to] = -1;
+      }
+    }
   }
 
   // out's first n rows = ly's rows picked by keep (batch, kv_heads, n).

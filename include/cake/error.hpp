@@ -15,11 +15,19 @@ namespace cake {
 class error : public std::runtime_error {
  public:
   error(std::string id, const std::string& what)
-      : std::runtime_error("[" + id + "] " + what), id_(std::move(id)) {}
+      : std::runtime_error(bracketed(id, what)), id_(std::move(id)) {}
   // Stable identifier such as "cake.prefill.window", for programs that branch on it.
   const std::string& id() const noexcept { return id_; }
 
  private:
+  // "[id] what", built by appending: GCC 12's -Wrestrict misfires on chains of
+  // operator+ over temporaries (GCC PR 105329).
+  static std::string bracketed(const std::string& id, const std::string& what) {
+    std::string s;
+    s.reserve(id.size() + what.size() + 3);
+    s.append("[").append(id).append("] ").append(what);
+    return s;
+  }
   std::string id_;
 };
 
@@ -38,11 +46,16 @@ class logic_error : public error {
 class cuda_error : public error {
  public:
   cuda_error(const std::string& where, int code, const std::string& what)
-      : error("cake.cuda", where + ": " + what + " (cudaError " + std::to_string(code) + ")"),
+      : error("cake.cuda", detail_message(where, code, what)),
         code_(code) {}
   int code() const noexcept { return code_; }
 
  private:
+  static std::string detail_message(const std::string& where, int code, const std::string& what) {
+    std::string s(where);
+    s.append(": ").append(what).append(" (cudaError ").append(std::to_string(code)).append(")");
+    return s;
+  }
   int code_;
 };
 
@@ -76,7 +89,7 @@ template <class... Parts>
 status make_status(const char* id, const Parts&... parts) {
   status s;
   s.id = id;
-  s.message = "[" + s.id + "] " + concat(parts...);
+  s.message = concat("[", id, "] ", parts...);
   return s;
 }
 template <class... Parts>

@@ -103,7 +103,7 @@ status check_finite(const V& v, const char* id, const char* name) {
   std::array<index_t, V::rank()> at{};
   if (!find_non_finite(v, at)) return status::success();
   std::string coords;
-  for (std::size_t r = 0; r < at.size(); ++r) coords += (r ? ", " : "") + std::to_string(at[r]);
+  for (std::size_t r = 0; r < at.size(); ++r) coords.append(r ? ", " : "").append(std::to_string(at[r]));
   return make_status(id, name, " must be finite, found ", static_cast<float>(*element_ptr(v, at)), " at (",
                      coords, ")");
 }
@@ -112,7 +112,7 @@ template <class V>
 std::string shape_string(const V& v) {
   std::string s = "(";
   for (std::size_t r = 0; r < V::rank(); ++r)
-    s += (r ? ", " : "") + std::to_string(v.extent(r));
+    s.append(r ? ", " : "").append(std::to_string(v.extent(r)));
   return s + ")";
 }
 
@@ -141,8 +141,10 @@ struct HostLayer {
   // (batch, kv_heads, cap, head_dim) over the whole capacity.
   template <class U>
   host_view<U, 4> tokens_view(U* base, index_t B, index_t Hkv, index_t n) const {
+    // An empty layer (cap = 0, d = 0) still needs the positive strides layout_stride requires.
+    const index_t c = std::max<index_t>(cap, 1), dd = std::max<index_t>(d, 1);
     return make_view(base, std::array<index_t, 4>{B, Hkv, n, d},
-                     std::array<index_t, 4>{Hkv * cap * d, cap * d, d, 1});
+                     std::array<index_t, 4>{Hkv * c * dd, c * dd, dd, 1});
   }
 };
 
@@ -488,7 +490,8 @@ class KvCache {
     const Layer& ly = layers_.at(checked(layer));
     return make_view(static_cast<const index_t*>(ly.pos.data()),
                      std::array<index_t, 3>{cfg_.batch, cfg_.kv_heads, ly.held},
-                     std::array<index_t, 3>{cfg_.kv_heads * ly.cap, ly.cap, 1});
+                     std::array<index_t, 3>{cfg_.kv_heads * std::max<index_t>(ly.cap, 1),
+                                            std::max<index_t>(ly.cap, 1), 1});
   }
 
  private:

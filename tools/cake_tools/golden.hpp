@@ -78,8 +78,11 @@ struct CheckResult {
 namespace detail {
 inline std::string join(const std::vector<cake::index_t>& v) {
   std::string s = "[";
-  for (std::size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
-  return s + "]";
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    if (i) s.append(",");
+    s.append(std::to_string(v[i]));
+  }
+  return s.append("]");
 }
 inline std::vector<cake::index_t> json_ints(const Json& a) {
   std::vector<cake::index_t> v;

@@ -60,14 +60,15 @@ using device_view = view<T, Rank, device_space>;
 template <class V>
 using memory_space_of = typename V::accessor_type::memory_space;
 
-// Row-major strides for the given extents.
+// Row-major strides for the given extents. A zero extent counts as 1, so that an
+// empty tensor still has the positive strides layout_stride requires.
 template <std::size_t Rank>
 constexpr std::array<index_t, Rank> row_major_strides(const std::array<index_t, Rank>& ext) {
   std::array<index_t, Rank> s{};
   index_t acc = 1;
   for (std::size_t r = Rank; r-- > 0;) {
     s[r] = acc;
-    acc *= ext[r];
+    acc *= ext[r] > 1 ? ext[r] : 1;
   }
   return s;
 }

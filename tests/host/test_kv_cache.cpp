@@ -1,0 +1,529 @@
+// KvCache properties on synthetic workloads: budgets, cascading vs one-shot,
+// bounded memory, the window, one-in-one-out decoding, position order, reset.
+#include <doctest/doctest.h>
+
+#include <cake/cake.hpp>
+
+#include <algorithm>
+#include <functional>
+#include <random>
+#include <set>
+#include <vector>
+
+using cake::index_t;
+
+namespace kv_test {
+
+// Random Q/K/V for every layer of a prompt with a few heavy-hitter keys (a shared
+// direction that the window queries also point to), and decode tokens. V's
+// channel 0 holds the token position, as in the golden data.
+struct Workload {
+  cake::CacheConfig cfg;
+  index_t S = 0;
+  std::vector<std::vector<float>> q, k, v;  // per layer: (B,H,w,d), (B,Hkv,S,d), (B,Hkv,S,d)
+  std::vector<std::vector<std::vector<float>>> dq, dk, dv;  // [step][layer]: (B,H,d), (B,Hkv,d), (B,Hkv,d)
+
+  auto qv(index_t l) const {
+    return cake::make_view(q[static_cast<std::size_t>(l)].data(),
+                           std::array<index_t, 4>{cfg.batch, cfg.q_heads, cfg.window, cfg.head_dim});
+  }
+  auto kv(index_t l) const {
+    return cake::make_view(k[static_cast<std::size_t>(l)].data(),
+                           std::array<index_t, 4>{cfg.batch, cfg.kv_heads, S, cfg.head_dim});
+  }
+  auto vv(index_t l) const {
+    return cake::make_view(v[static_cast<std::size_t>(l)].data(),
+                           std::array<index_t, 4>{cfg.batch, cfg.kv_heads, S, cfg.head_dim});
+  }
+  auto dqv(std::size_t t, index_t l) const {
+    return cake::make_view(dq[t][static_cast<std::size_t>(l)].data(),
+                           std::array<index_t, 3>{cfg.batch, cfg.q_heads, cfg.head_dim});
+  }
+  auto dkv(std::size_t t, index_t l) const {
+    return cake::make_view(dk[t][static_cast<std::size_t>(l)].data(),
+                           std::array<index_t, 3>{cfg.batch, cfg.kv_heads, cfg.head_dim});
+  }
+  auto dvv(std::size_t t, index_t l) const {
+    return cake::make_view(dv[t][static_cast<std::size_t>(l)].data(),
+                           std::array<index_t, 3>{cfg.batch, cfg.kv_heads, cfg.head_dim});
+  }
+  // The key of token `pos` in row (b, g) of layer l, from the prompt or a decode step.
+  const float* key_of(index_t l, index_t b, index_t g, index_t pos) const {
+    if (pos < S)
+      return k[static_cast<std::size_t>(l)].data() + ((b * cfg.kv_heads + g) * S + pos) * cfg.head_dim;
+    return dk[static_cast<std::size_t>(pos - S)][static_cast<std::size_t>(l)].data() +
+           (b * cfg.kv_heads + g) * cfg.head_dim;
+  }
+};
+
+inline Workload make_workload(const cake::CacheConfig& cfg, index_t S, unsigned seed, int decode_steps = 0) {
+  Workload wl;
+  wl.cfg = cfg;
+  wl.S = S;
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const index_t B = cfg.batch, H = cfg.q_heads, Hkv = cfg.kv_heads, d = cfg.head_dim, w = cfg.window;
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    std::vector<float> u(static_cast<std::size_t>(d));
+    for (auto& x : u) x = nd(gen);
+    const float qscale = 0.5f + 0.5f * static_cast<float>(l);  // layers differ in sharpness
+    std::vector<float> q(static_cast<std::size_t>(B * H * w * d)), k(static_cast<std::size_t>(B * Hkv * S * d)),
+        v(k.size());
+    for (std::size_t i = 0; i < q.size(); ++i) q[i] = qscale * (nd(gen) + 0.7f * u[i % static_cast<std::size_t>(d)]);
+    std::set<index_t> heavy;
+    std::uniform_int_distribution<index_t> pick(0, S - 1);
+    for (int h = 0; h < 4; ++h) heavy.insert(pick(gen));
+    for (index_t b = 0; b < B; ++b)
+      for (index_t g = 0; g < Hkv; ++g)
+        for (index_t t = 0; t < S; ++t)
+          for (index_t x = 0; x < d; ++x) {
+            const std::size_t i = static_cast<std::size_t>(((b * Hkv + g) * S + t) * d + x);
+            k[i] = nd(gen) + (heavy.count(t) ? 2.5f * u[static_cast<std::size_t>(x)] : 0.0f);
+            v[i] = x == 0 ? static_cast<float>(t) : nd(gen);
+          }
+    wl.q.push_back(std::move(q));
+    wl.k.push_back(std::move(k));
+    wl.v.push_back(std::move(v));
+  }
+  for (int t = 0; t < decode_steps; ++t) {
+    std::vector<std::vector<float>> sq, sk, sv;
+    for (index_t l = 0; l < cfg.layers; ++l) {
+      std::vector<float> q(static_cast<std::size_t>(B * H * d)), k(static_cast<std::size_t>(B * Hkv * d)), v(k.size());
+      for (auto& x : q) x = nd(gen);
+      for (auto& x : k) x = nd(gen);
+      for (std::size_t i = 0; i < v.size(); ++i)
+        v[i] = i % static_cast<std::size_t>(d) == 0 ? static_cast<float>(S + t) : nd(gen);
+      sq.push_back(std::move(q));
+      sk.push_back(std::move(k));
+      sv.push_back(std::move(v));
+    }
+    wl.dq.push_back(std::move(sq));
+    wl.dk.push_back(std::move(sk));
+    wl.dv.push_back(std::move(sv));
+  }
+  return wl;
+}
+
+inline cake::CacheConfig small_config(bool cascade) {
+  cake::CacheConfig c;
+  c.layers = 4;
+  c.batch = 2;
+  c.q_heads = 4;
+  c.kv_heads = 2;
+  c.head_dim = 8;
+  c.window = 4;
+  c.cache_size = 16;  // T = 12 * 4 = 48
+  c.cascade = cascade;
+  return c;
+}
+
+template <class Cache>
+void prefill_all(Cache& c, const Workload& wl, const std::function<void(index_t)>& after = {}) {
+  for (index_t l = 0; l < wl.cfg.layers; ++l) {
+    c.prefill(l, wl.qv(l), wl.kv(l), wl.vv(l));
+    if (after) after(l);
+  }
+}
+
+template <class Cache>
+void decode_step(Cache& c, const Workload& wl, std::size_t t) {
+  for (index_t l = 0; l < wl.cfg.layers; ++l) c.decode(l, wl.dqv(t, l), wl.dkv(t, l), wl.dvv(t, l));
+}
+
+// Positions of row (b, g) of layer l, in cache order.
+template <class Cache>
+std::vector<index_t> row_positions(const Cache& c, index_t l, index_t b, index_t g) {
+  auto p = c.positions(l);
+  std::vector<index_t> out;
+  for (index_t t = 0; t < p.extent(2); ++t) out.push_back(p(b, g, t));
+  return out;
+}
+
+// Every layer, every row: positions strictly ascending (when `sorted`), the values'
+// channel 0 and the keys follow positions, and the last w positions up to `last` are held.
+template <class Cache>
+void check_layer_contents(const Cache& c, const Workload& wl, index_t last, bool sorted = true) {
+  const auto& cfg = wl.cfg;
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    auto p = c.positions(l);
+    auto vals = c.values(l);
+    auto keys = c.keys(l);
+    REQUIRE(p.extent(2) == c.tokens_held(l));
+    REQUIRE(vals.extent(2) == c.tokens_held(l));
+    REQUIRE(keys.extent(2) == c.tokens_held(l));
+    for (index_t b = 0; b < cfg.batch; ++b)
+      for (index_t g = 0; g < cfg.kv_heads; ++g) {
+        CAPTURE(l);
+        CAPTURE(b);
+        CAPTURE(g);
+        auto pos = row_positions(c, l, b, g);
+        if (sorted)
+          for (std::size_t t = 1; t < pos.size(); ++t) REQUIRE(pos[t] > pos[t - 1]);
+        std::set<index_t> held(pos.begin(), pos.end());
+        REQUIRE(held.size() == pos.size());
+        for (index_t t = last - cfg.window + 1; t <= last; ++t) REQUIRE(held.count(t) == 1);
+        for (index_t t = 0; t < p.extent(2); ++t) {
+          REQUIRE(vals(b, g, t, 0) == static_cast<float>(p(b, g, t)));
+          const float* want = wl.key_of(l, b, g, p(b, g, t));
+          for (index_t x = 0; x < cfg.head_dim; ++x) REQUIRE(keys(b, g, t, x) == want[x]);
+        }
+      }
+  }
+}
+
+template <class Cache>
+bool stage_budgets_non_increasing(const Cache& c) {
+  const auto& st = c.stage_budgets();
+  for (std::size_t m = 1; m < st.size(); ++m)
+    for (std::size_t l = 0; l < st[m - 1].size(); ++l)
+      if (st[m][l] > st[m - 1][l]) return false;
+  return true;
+}
+
+template <class CacheA, class CacheB>
+bool same_kept(const CacheA& a, const CacheB& b, const cake::CacheConfig& cfg) {
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    if (a.tokens_held(l) != b.tokens_held(l)) return false;
+    for (index_t bb = 0; bb < cfg.batch; ++bb)
+      for (index_t g = 0; g < cfg.kv_heads; ++g) {
+        auto pa = row_positions(a, l, bb, g), pb = row_positions(b, l, bb, g);
+        std::sort(pa.begin(), pa.end());
+        std::sort(pb.begin(), pb.end());
+        if (pa != pb) return false;
+      }
+  }
+  return true;
+}
+
+inline index_t sum(std::span<const index_t> v) {
+  index_t s = 0;
+  for (auto x : v) s += x;
+  return s;
+}
+
+}  // namespace kv_test
+
+using namespace kv_test;
+
+TEST_CASE("KvCache: budgets sum to T and each <= S - w after prefill (cascade and one-shot)") {
+  for (bool cascade : {true, false})
+    for (unsigned seed : {1u, 2u, 3u, 4u}) {
+      CAPTURE(cascade);
+      CAPTURE(seed);
+      const auto cfg = small_config(cascade);
+      const auto wl = make_workload(cfg, 64, seed);
+      cake::KvCache<> c(cfg);
+      CHECK(c.total_budget() == 48);
+      prefill_all(c, wl);
+      CHECK(c.prefilled());
+      CHECK(c.prompt_length() == 64);
+      CHECK(sum(c.budgets()) == c.total_budget());
+      for (index_t l = 0; l < cfg.layers; ++l) {
+        CHECK(c.budget(l) >= 0);
+        CHECK(c.budget(l) <= 64 - cfg.window);
+        CHECK(c.tokens_held(l) == c.budget(l) + cfg.window);
+        CHECK(c.preference(l) > 0.0);
+      }
+      // Not all equal: the layers really differ in preference.
+      CHECK(*std::max_element(c.budgets().begin(), c.budgets().end()) >
+            *std::min_element(c.budgets().begin(), c.budgets().end()));
+      check_layer_contents(c, wl, 63);
+      if (cascade) {
+        REQUIRE(c.stage_budgets().size() == static_cast<std::size_t>(cfg.layers));
+        for (std::size_t m = 0; m < c.stage_budgets().size(); ++m) {
+          CHECK(c.stage_budgets()[m].size() == m + 1);
+          for (auto b : c.stage_budgets()[m]) CHECK(b <= 64 - cfg.window);
+        }
+        CHECK(std::equal(c.budgets().begin(), c.budgets().end(), c.stage_budgets().back().begin()));
+      } else {
+        CHECK(c.stage_budgets().empty());
+      }
+    }
+}
+
+TEST_CASE("KvCache: cascading equals one-shot when no stage budget grows") {
+  SUBCASE("UniformPreference + ProportionalBudget: budgets T, T/2, T/3, T/4 only shrink") {
+    for (unsigned seed : {10u, 11u, 12u}) {
+      CAPTURE(seed);
+      const auto wl = make_workload(small_config(true), 64, seed);
+      cake::KvCache<cake::UniformPreference> cas(small_config(true)), one(small_config(false));
+      prefill_all(cas, wl);
+      prefill_all(one, wl);
+      // The precondition holds (asserted, so the test cannot pass vacuously).
+      REQUIRE(stage_budgets_non_increasing(cas));
+      REQUIRE(cas.stage_budgets().front() == std::vector<index_t>{48});
+      REQUIRE(cas.stage_budgets().back() == std::vector<index_t>{12, 12, 12, 12});
+      CHECK(std::equal(cas.budgets().begin(), cas.budgets().end(), one.budgets().begin()));
+      CHECK(same_kept(cas, one, wl.cfg));
+      // Position order: also identical in storage, values included.
+      for (index_t l = 0; l < wl.cfg.layers; ++l)
+        for (index_t b = 0; b < wl.cfg.batch; ++b)
+          for (index_t g = 0; g < wl.cfg.kv_heads; ++g)
+            for (index_t t = 0; t < cas.tokens_held(l); ++t) {
+              REQUIRE(cas.positions(l)(b, g, t) == one.positions(l)(b, g, t));
+              for (index_t x = 0; x < wl.cfg.head_dim; ++x) {
+                REQUIRE(cas.values(l)(b, g, t, x) == one.values(l)(b, g, t, x));
+                REQUIRE(cas.keys(l)(b, g, t, x) == one.keys(l)(b, g, t, x));
+              }
+            }
+    }
+  }
+  SUBCASE("CakePreference: equal whenever the precondition holds") {
+    int held = 0;
+    for (unsigned seed = 20; seed < 32; ++seed) {
+      CAPTURE(seed);
+      const auto wl = make_workload(small_config(true), 64, seed);
+      cake::KvCache<> cas(small_config(true)), one(small_config(false));
+      prefill_all(cas, wl);
+      prefill_all(one, wl);
+      CHECK(std::equal(cas.budgets().begin(), cas.budgets().end(), one.budgets().begin()));
+      if (stage_budgets_non_increasing(cas)) {
+        ++held;
+        CHECK(same_kept(cas, one, wl.cfg));
+      }
+    }
+    CHECK(held > 0);
+  }
+}
+
+TEST_CASE("KvCache: cascading keeps memory within T + L*w (plus one layer in flight) at every stage") {
+  // Spec section 5: with cascading, memory never exceeds T + L*w tokens plus one
+  // layer's uncut cache. peak_tokens_held() counts the layer being cut while the
+  // older layers still exist (at most S tokens); what is held after each stage is
+  // within T + (m+1)*w.
+  for (unsigned seed : {30u, 31u, 32u}) {
+    CAPTURE(seed);
+    auto cfg = small_config(true);
+    cfg.layers = 6;
+    const index_t S = 80;
+    const auto wl = make_workload(cfg, S, seed);
+    cake::KvCache<> c(cfg);
+    const index_t bound = c.total_budget() + cfg.layers * cfg.window;
+    prefill_all(c, wl, [&](index_t m) {
+      CAPTURE(m);
+      CHECK(c.tokens_held() <= c.total_budget() + (m + 1) * cfg.window);
+      CHECK(c.tokens_held() <= bound);
+      CHECK(c.peak_tokens_held() <= bound + S);
+      CHECK(c.peak_tokens_held() >= c.tokens_held());
+      for (index_t l = 0; l <= m; ++l)
+        CHECK(c.tokens_held(l) <= c.stage_budgets().back()[static_cast<std::size_t>(l)] + cfg.window);
+    });
+    // One-shot holds every layer uncut until the last one: its peak is far larger.
+    cfg.cascade = false;
+    cake::KvCache<> one(cfg);
+    prefill_all(one, wl, [&](index_t m) {
+      if (m + 1 < cfg.layers) CHECK(one.tokens_held() == (m + 1) * S);
+    });
+    CHECK(one.peak_tokens_held() >= (cfg.layers - 1) * S);
+    CHECK(one.peak_tokens_held() > bound + S);
+    CHECK(one.tokens_held() <= bound);
+  }
+}
+
+TEST_CASE("KvCache: decoding is one-in-one-out, keeps the window and position order") {
+  for (bool cascade : {true, false}) {
+    CAPTURE(cascade);
+    const auto cfg = small_config(cascade);
+    const int steps = 12;
+    const auto wl = make_workload(cfg, 64, 40 + cascade, steps);
+    cake::KvCache<> c(cfg);
+    prefill_all(c, wl);
+    check_layer_contents(c, wl, 63);
+    for (int t = 0; t < steps; ++t) {
+      CAPTURE(t);
+      std::vector<index_t> held_before;
+      std::vector<std::vector<std::set<index_t>>> before(static_cast<std::size_t>(cfg.layers));
+      for (index_t l = 0; l < cfg.layers; ++l) {
+        held_before.push_back(c.tokens_held(l));
+        for (index_t b = 0; b < cfg.batch; ++b)
+          for (index_t g = 0; g < cfg.kv_heads; ++g) {
+            auto p = row_positions(c, l, b, g);
+            before[static_cast<std::size_t>(l)].emplace_back(p.begin(), p.end());
+          }
+      }
+      decode_step(c, wl, static_cast<std::size_t>(t));
+      const index_t newpos = 64 + t;
+      for (index_t l = 0; l < cfg.layers; ++l) {
+        CAPTURE(l);
+        CHECK(c.tokens_held(l) == held_before[static_cast<std::size_t>(l)]);
+        CHECK(c.tokens_held(l) == c.budget(l) + cfg.window);
+        std::size_t r = 0;
+        for (index_t b = 0; b < cfg.batch; ++b)
+          for (index_t g = 0; g < cfg.kv_heads; ++g, ++r) {
+            auto p = row_positions(c, l, b, g);
+            std::set<index_t> now(p.begin(), p.end());
+            REQUIRE(now.count(newpos) == 1);
+            const auto& old = before[static_cast<std::size_t>(l)][r];
+            index_t left = 0;
+            for (auto x : old) left += now.count(x) == 0;
+            CHECK(left == 1);
+            for (auto x : now) CHECK((old.count(x) == 1 || x == newpos));
+          }
+      }
+      check_layer_contents(c, wl, newpos);
+      CHECK(c.peak_tokens_held() >= c.tokens_held());
+    }
+  }
+}
+
+TEST_CASE("KvCache: token_order::reference keeps the same sets, values follow positions") {
+  auto cfg = small_config(true);
+  const auto wl = make_workload(cfg, 64, 50, 4);
+  cake::KvCache<> pos(cfg);
+  cfg.order = cake::token_order::reference;
+  cake::KvCache<> ref(cfg);
+  prefill_all(pos, wl);
+  prefill_all(ref, wl);
+  CHECK(same_kept(pos, ref, cfg));
+  check_layer_contents(ref, wl, 63, /*sorted=*/false);
+  // The window is stored last, in position order.
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    auto p = row_positions(ref, l, 1, 1);
+    for (index_t t = 0; t < cfg.window; ++t)
+      CHECK(p[p.size() - static_cast<std::size_t>(cfg.window - t)] == 64 - cfg.window + t);
+  }
+  for (std::size_t t = 0; t < 4; ++t) {
+    decode_step(ref, wl, t);
+    check_layer_contents(ref, wl, 64 + static_cast<index_t>(t), /*sorted=*/false);
+  }
+}
+
+TEST_CASE("KvCache: an uncut prompt (S <= C + w) keeps everything with budgets C - w") {
+  for (bool cascade : {true, false}) {
+    CAPTURE(cascade);
+    const auto cfg = small_config(cascade);  // C = 16, w = 4: S <= 20 is uncut
+    const auto wl = make_workload(cfg, 20, 60, 3);
+    cake::KvCache<> c(cfg);
+    prefill_all(c, wl);
+    for (index_t l = 0; l < cfg.layers; ++l) {
+      CHECK(c.budget(l) == cfg.cache_size - cfg.window);
+      CHECK(c.tokens_held(l) == 20);
+      for (index_t b = 0; b < cfg.batch; ++b)
+        for (index_t g = 0; g < cfg.kv_heads; ++g) {
+          auto p = row_positions(c, l, b, g);
+          for (index_t t = 0; t < 20; ++t) CHECK(p[static_cast<std::size_t>(t)] == t);
+        }
+    }
+    check_layer_contents(c, wl, 19);
+    // Decoding trims to C: 21 > 12 + 4, so the first step keeps budget + w = 16.
+    decode_step(c, wl, 0);
+    for (index_t l = 0; l < cfg.layers; ++l) CHECK(c.tokens_held(l) == cfg.cache_size);
+    check_layer_contents(c, wl, 20);
+    decode_step(c, wl, 1);
+    for (index_t l = 0; l < cfg.layers; ++l) CHECK(c.tokens_held(l) == cfg.cache_size);
+    check_layer_contents(c, wl, 21);
+  }
+  SUBCASE("a prompt shorter than C grows until it reaches C") {
+    const auto cfg = small_config(true);
+    const auto wl = make_workload(cfg, 14, 61, 4);
+    cake::KvCache<> c(cfg);
+    prefill_all(c, wl);
+    for (std::size_t t = 0; t < 4; ++t) {
+      decode_step(c, wl, t);
+      for (index_t l = 0; l < cfg.layers; ++l)
+        CHECK(c.tokens_held(l) == std::min<index_t>(14 + static_cast<index_t>(t) + 1, cfg.cache_size));
+      check_layer_contents(c, wl, 14 + static_cast<index_t>(t));
+    }
+  }
+}
+
+TEST_CASE("KvCache: bytes_held") {
+  const auto cfg = small_config(true);
+  const auto wl = make_workload(cfg, 64, 70, 1);
+  cake::KvCache<> c(cfg);
+  CHECK(c.bytes_held() == 0);
+  prefill_all(c, wl);
+  decode_step(c, wl, 0);
+  std::size_t total = 0;
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    const auto want = static_cast<std::size_t>(2 * cfg.batch * cfg.kv_heads * c.tokens_held(l) * cfg.head_dim) * sizeof(float);
+    CHECK(c.bytes_held(l) == want);
+    total += want;
+  }
+  CHECK(c.bytes_held() == total);
+  CHECK(total == static_cast<std::size_t>(2 * 2 * 2 * (48 + 4 * 4) * 8) * sizeof(float));
+  // A double cache (fed double tensors: prefill compacts the caller's tensors directly).
+  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::MeanVarianceIndicator, double> cd(cfg);
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    const auto& fq = wl.q[static_cast<std::size_t>(l)];
+    const auto& fk = wl.k[static_cast<std::size_t>(l)];
+    const auto& fv = wl.v[static_cast<std::size_t>(l)];
+    std::vector<double> q(fq.begin(), fq.end()), k(fk.begin(), fk.end()), v(fv.begin(), fv.end());
+    cd.prefill(l, cake::make_view(q.data(), std::array<index_t, 4>{2, 4, 4, 8}),
+               cake::make_view(k.data(), std::array<index_t, 4>{2, 2, 64, 8}),
+               cake::make_view(v.data(), std::array<index_t, 4>{2, 2, 64, 8}));
+  }
+  CHECK(sum(cd.budgets()) == cd.total_budget());
+  for (index_t l = 0; l < cfg.layers; ++l)
+    CHECK(cd.bytes_held(l) == static_cast<std::size_t>(2 * 2 * 2 * cd.tokens_held(l) * 8) * sizeof(double));
+}
+
+TEST_CASE("KvCache: reset() returns to the initial state") {
+  const auto cfg = small_config(true);
+  const auto wl = make_workload(cfg, 64, 80, 2);
+  cake::KvCache<> c(cfg);
+  prefill_all(c, wl);
+  std::vector<std::vector<index_t>> first;
+  for (index_t l = 0; l < cfg.layers; ++l) first.push_back(row_positions(c, l, 1, 0));
+  const std::vector<index_t> budgets(c.budgets().begin(), c.budgets().end());
+  decode_step(c, wl, 0);
+  c.reset();
+  CHECK(c.layers_prefilled() == 0);
+  CHECK(!c.prefilled());
+  CHECK(c.prompt_length() == -1);
+  CHECK(c.tokens_held() == 0);
+  CHECK(c.peak_tokens_held() == 0);
+  CHECK(c.bytes_held() == 0);
+  CHECK(c.stage_budgets().empty());
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    CHECK(c.tokens_held(l) == 0);
+    CHECK(c.budget(l) == 0);
+  }
+  CHECK_THROWS_AS(c.decode(0, wl.dqv(0, 0), wl.dkv(0, 0), wl.dvv(0, 0)), cake::logic_error);
+  // The same prompt again gives the same result.
+  prefill_all(c, wl);
+  CHECK(std::equal(budgets.begin(), budgets.end(), c.budgets().begin()));
+  for (index_t l = 0; l < cfg.layers; ++l) CHECK(row_positions(c, l, 1, 0) == first[static_cast<std::size_t>(l)]);
+  // A different prompt length is fine after reset.
+  c.reset();
+  const auto wl2 = make_workload(cfg, 50, 81);
+  prefill_all(c, wl2);
+  CHECK(c.prompt_length() == 50);
+  check_layer_contents(c, wl2, 49);
+}
+
+TEST_CASE("KvCache: policies swapped (UniformPreference, UniformBudget, WindowMeanIndicator)") {
+  const auto cfg = small_config(true);
+  const auto wl = make_workload(cfg, 64, 90, 3);
+  cake::KvCache<cake::UniformPreference, cake::UniformBudget, cake::WindowMeanIndicator> c(cfg);
+  prefill_all(c, wl, [&](index_t m) {
+    for (auto b : c.stage_budgets().back()) CHECK(b == c.total_budget() / cfg.layers);
+    (void)m;
+  });
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    CHECK(c.budget(l) == 12);
+    CHECK(c.tokens_held(l) == 16);
+  }
+  check_layer_contents(c, wl, 63);
+  for (std::size_t t = 0; t < 3; ++t) {
+    decode_step(c, wl, t);
+    check_layer_contents(c, wl, 64 + static_cast<index_t>(t));
+  }
+}
+
+TEST_CASE("KvCache: results do not depend on the thread count") {
+  const auto cfg = small_config(true);
+  const auto wl = make_workload(cfg, 64, 100, 3);
+  cake::KvCache<> a(cfg, {}, {}, {}, cake::host.threads(1)), b(cfg, {}, {}, {}, cake::host.threads(2));
+  prefill_all(a, wl);
+  prefill_all(b, wl);
+  for (std::size_t t = 0; t < 3; ++t) {
+    decode_step(a, wl, t);
+    decode_step(b, wl, t);
+  }
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    CHECK(a.preference(l) == b.preference(l));
+    for (index_t bb = 0; bb < cfg.batch; ++bb)
+      for (index_t g = 0; g < cfg.kv_heads; ++g) CHECK(row_positions(a, l, bb, g) == row_positions(b, l, bb, g));
+  }
+}

@@ -163,6 +163,7 @@ void head_scores(const QV& q, const KV& k, index_t b, index_t h, index_t g, inde
 template <class OutV>
 void pool_groups(const host_policy& exec, const std::vector<float>& ind_heads, index_t B,
                  index_t Hkv, index_t n, index_t P, int kernel, OutV& out) {
+  if (P == 0) return;  // no prefix keys (S == w): nothing to write
   const index_t half = kernel / 2;
   const float inv = 1.0f / (static_cast<float>(kernel) * static_cast<float>(n));
   const int nt = worker_count(exec, B * Hkv);

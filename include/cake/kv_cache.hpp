@@ -244,6 +244,7 @@ class KvCache {
     auto q = as_view(q_window);
     auto k = as_view(keys);
     auto v = as_view(values);
+    check_value_type<decltype(k), decltype(v)>();
     const index_t B = cfg_.batch, Hkv = cfg_.kv_heads, w = cfg_.window, L = cfg_.layers;
     const index_t rows = B * Hkv, S = k.extent(2), P = S - w;
     const auto m = static_cast<std::size_t>(layer);
@@ -374,6 +375,7 @@ class KvCache {
     auto q = as_view(q_new);
     auto k = as_view(k_new);
     auto v = as_view(v_new);
+    check_value_type<decltype(k), decltype(v)>();
     const index_t B = cfg_.batch, Hkv = cfg_.kv_heads, d = cfg_.head_dim, w = cfg_.window;
     const auto l = static_cast<std::size_t>(layer);
     Layer& ly = layers_[l];
@@ -500,6 +502,15 @@ class KvCache {
     require_space<Exec, QV>();
     require_space<Exec, KV>();
     require_space<Exec, VV>();
+  }
+
+  // The cache stores what it is given: a cache of T takes keys and values of T.
+  template <class KV, class VV>
+  static constexpr void check_value_type() {
+    static_assert(std::is_same_v<std::remove_const_t<typename KV::element_type>, T> &&
+                      std::is_same_v<std::remove_const_t<typename VV::element_type>, T>,
+                  "cake::KvCache<..., T>: keys and values must hold T, the cache's value type "
+                  "(convert them, or instantiate the cache with their type)");
   }
 
   std::size_t checked(index_t layer) const {

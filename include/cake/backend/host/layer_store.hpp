@@ -1,0 +1,351 @@
+// Host storage of KvCache layers and the data movement the cache needs: copy,
+// select-and-gather, truncate, reorder, append-and-evict. KvCache keeps the
+// bookkeeping (budgets, stages, order of calls) and calls these through
+// layer_store<T, Exec>; the CUDA backend specialises the same struct.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "../../algorithm/compact.hpp"
+#include "../../algorithm/decode_scores.hpp"
+#include "../../algorithm/select_k.hpp"
+
+namespace cake::detail {
+
+// Dimensions every store operation needs.
+struct LayerShape {
+  index_t batch, kv_heads, head_dim, window;
+  index_t rows() const { return batch * kv_heads; }
+};
+
+template <class T, class Exec>
+struct layer_store {
+  static_assert(sizeof(Exec) == 0,
+                "cake::KvCache: no storage for this execution policy (include <cake/cake.cuh> "
+                "for cake::cuda)");
+};
+
+// One layer on the host. Each (batch, kv-head) row has room for `cap` tokens; the
+// first `held` are live. During prefill a cut layer keeps its prefix in
+// descending-indicator order (a later, smaller budget is then a truncation),
+// followed by the window in position order.
+template <class T>
+struct HostLayer {
+  index_t rows = 0, d = 0, cap = 0, held = 0;
+  std::vector<T> k, v;        // (rows, cap, d)
+  std::vector<index_t> pos;   // (rows, cap) token positions
+  std::vector<float> ind;     // (rows, cap) indicator of held prefix tokens, prefill only
+  bool by_indicator = false;  // prefix in descending-indicator order
+
+  HostLayer() = default;
+  HostLayer(index_t rows_, index_t d_, index_t cap_, bool with_indicator)
+      : rows(rows_), d(d_), cap(cap_),
+        k(static_cast<std::size_t>(rows_ * cap_ * d_)),
+        v(static_cast<std::size_t>(rows_ * cap_ * d_)),
+        pos(static_cast<std::size_t>(rows_ * cap_)),
+        ind(with_indicator ? static_cast<std::size_t>(rows_ * cap_) : 0) {}
+
+  T* key_row(index_t r, index_t t) { return k.data() + (r * cap + t) * d; }
+  T* value_row(index_t r, index_t t) { return v.data() + (r * cap + t) * d; }
+  // (batch, kv_heads, n, head_dim) over a buffer laid out like k and v.
+  template <class U>
+  host_view<U, 4> tokens_view(U* base, index_t B, index_t Hkv, index_t n) const {
+    // An empty layer (cap = 0, d = 0) still needs the positive strides layout_stride requires.
+    const index_t c = std::max<index_t>(cap, 1), dd = std::max<index_t>(d, 1);
+    return make_view(base, std::array<index_t, 4>{B, Hkv, n, d},
+                     std::array<index_t, 4>{Hkv * c * dd, c * dd, dd, 1});
+  }
+  // (batch, kv_heads, n)
+  host_view<const index_t, 3> positions_view(index_t B, index_t Hkv, index_t n) const {
+    const index_t c = std::max<index_t>(cap, 1);
+    return make_view(pos.data(), std::array<index_t, 3>{B, Hkv, n},
+                     std::array<index_t, 3>{Hkv * c, c, 1});
+  }
+};
+
+template <class V>
+std::string shape_string(const V& v) {
+  std::string s = "(";
+  for (std::size_t r = 0; r < V::rank(); ++r)
+    s.append(r ? ", " : "").append(std::to_string(v.extent(r)));
+  return s + ")";
+}
+
+template <class V, std::size_t R>
+auto element_ptr(const V& v, const std::array<index_t, R>& idx) {
+  index_t off = 0;
+  for (std::size_t r = 0; r < R; ++r) off += idx[r] * static_cast<index_t>(v.stride(r));
+  return v.data_handle() + off;
+}
+
+template <class T>
+struct layer_store<T, host_policy> {
+  using layer = HostLayer<T>;
+  using space = host_space;
+  template <class U>
+  using buffer = std::vector<U>;
+  using permutation = std::vector<index_t>;
+
+  template <class U>
+  static buffer<U> make_buffer(const host_policy&, index_t n) {
+    return buffer<U>(static_cast<std::size_t>(n));
+  }
+  template <class U>
+  static U* data(buffer<U>& b) {
+    return b.data();
+  }
+  // Copies n floats of a buffer to the host (here: already there).
+  static void read(const host_policy&, const buffer<float>& b, float* out, index_t n) {
+    std::copy_n(b.data(), n, out);
+  }
+
+  // A status naming the first non-finite element of v; the common all-finite case
+  // is one branch-free pass per innermost row.
+  template <class V>
+  static status check_finite(const host_policy&, const V& v, const char* id, const char* name) {
+    constexpr std::size_t R = V::rank();
+    const index_t inner = v.extent(R - 1);
+    index_t outer = 1;
+    for (std::size_t r = 0; r + 1 < R; ++r) outer *= v.extent(r);
+    for (index_t o = 0; o < outer; ++o) {
+      std::array<index_t, R> idx{};
+      index_t rem = o;
+      for (std::size_t r = R - 1; r-- > 0;) {
+        idx[r] = rem % v.extent(r);
+        rem /= v.extent(r);
+      }
+      const auto* row = element_ptr(v, idx);
+      bool bad = false;
+      for (index_t x = 0; x < inner; ++x) bad |= !std::isfinite(static_cast<float>(row[x]));
+      if (!bad) continue;
+      for (index_t x = 0; x < inner; ++x)
+        if (!std::isfinite(static_cast<float>(row[x]))) {
+          idx[R - 1] = x;
+          std::string coords;
+          for (std::size_t r = 0; r < R; ++r)
+            coords.append(r ? ", " : "").append(std::to_string(idx[r]));
+          return make_status(id, name, " must be finite, found ", static_cast<float>(row[x]),
+                             " at (", coords, ")");
+        }
+    }
+    return status::success();
+  }
+
+  // A layer holding all S tokens in position order (an uncut prompt, or one-shot
+  // mode before the last layer), with room for one decoded token; ind, when given,
+  // is (rows, P) and travels with the tokens.
+  template <class KV, class VV>
+  static layer copy_all(const host_policy&, const LayerShape& sh, const KV& k, const VV& v,
+                        const float* ind, index_t P) {
+    const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, S = k.extent(2);
+    layer out(sh.rows(), d, S + 1, ind != nullptr);
+    for (index_t b = 0; b < B; ++b)
+      for (index_t g = 0; g < Hkv; ++g) {
+        const index_t r = b * Hkv + g;
+        for (index_t t = 0; t < S; ++t) {
+          std::copy_n(&k(b, g, t, 0), d, out.key_row(r, t));
+          std::copy_n(&v(b, g, t, 0), d, out.value_row(r, t));
+          out.pos[static_cast<std::size_t>(r * out.cap + t)] = t;
+        }
+        if (ind) std::copy_n(ind + r * P, P, out.ind.data() + r * out.cap);
+      }
+    out.held = S;
+    return out;
+  }
+
+  // A layer holding, per row, the `keep` prefix tokens of highest indicator and the
+  // window (the last w of the P + w source tokens). The source is the caller's
+  // tensors (src == nullptr: positions 0..S-1) or a stored layer (positions from it);
+  // ind is (rows, P) with row stride ind_ld.
+  template <class KV, class VV>
+  static layer select(const host_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
+                      const layer* src, const float* ind, index_t ind_ld, index_t P,
+                      index_t keep, bool position_order) {
+    const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
+    const index_t rows = sh.rows(), n = keep + w;
+    std::vector<index_t> sel(static_cast<std::size_t>(rows * n));
+    select_k(exec,
+             make_view(ind, std::array<index_t, 2>{rows, P}, std::array<index_t, 2>{ind_ld, 1}),
+             make_view(sel.data(), std::array<index_t, 2>{rows, keep},
+                       std::array<index_t, 2>{n, 1}),
+             position_order ? select_order::position : select_order::descending);
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(r * n + keep + t)] = P + t;
+    layer out(rows, d, n + 1, !position_order);
+    auto keep_v = make_view(static_cast<const index_t*>(sel.data()),
+                            std::array<index_t, 3>{B, Hkv, n});
+    compact(exec, k, keep_v, out.tokens_view(out.k.data(), B, Hkv, n));
+    compact(exec, v, keep_v, out.tokens_view(out.v.data(), B, Hkv, n));
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t t = 0; t < n; ++t) {
+        const index_t j = sel[static_cast<std::size_t>(r * n + t)];
+        out.pos[static_cast<std::size_t>(r * out.cap + t)] =
+            src ? src->pos[static_cast<std::size_t>(r * src->cap + j)] : j;
+        if (!position_order && t < keep)
+          out.ind[static_cast<std::size_t>(r * out.cap + t)] = ind[r * ind_ld + j];
+      }
+    out.by_indicator = !position_order;
+    out.held = n;
+    return out;
+  }
+
+  // A stored layer's tokens as the source of select(): (batch, kv_heads, held, head_dim).
+  static host_view<const T, 4> keys(const layer& ly, const LayerShape& sh) {
+    return ly.tokens_view(static_cast<const T*>(ly.k.data()), sh.batch, sh.kv_heads, ly.held);
+  }
+  static host_view<const T, 4> values(const layer& ly, const LayerShape& sh) {
+    return ly.tokens_view(static_cast<const T*>(ly.v.data()), sh.batch, sh.kv_heads, ly.held);
+  }
+  static host_view<const index_t, 3> positions(const layer& ly, const LayerShape& sh) {
+    return ly.positions_view(sh.batch, sh.kv_heads, ly.held);
+  }
+  // (rows, held) indicator of a stored layer's tokens, row stride returned in ld.
+  static const float* indicator(const layer& ly, index_t& ld) {
+    ld = ly.cap;
+    return ly.ind.data();
+  }
+
+  // Keep the first `prefix` prefix tokens (the highest-indicator ones, since the
+  // prefix is in descending order) and the window: only the window rows move.
+  static void truncate(layer& ly, const LayerShape& sh, index_t prefix) noexcept {
+    const index_t w = sh.window, old_prefix = ly.held - w;
+    if (prefix == old_prefix) return;
+    for (index_t r = 0; r < ly.rows; ++r) {
+      std::memmove(ly.key_row(r, prefix), ly.key_row(r, old_prefix),
+                   static_cast<std::size_t>(w * ly.d) * sizeof(T));
+      std::memmove(ly.value_row(r, prefix), ly.value_row(r, old_prefix),
+                   static_cast<std::size_t>(w * ly.d) * sizeof(T));
+      index_t* p = ly.pos.data() + r * ly.cap;
+      std::memmove(p + prefix, p + old_prefix, static_cast<std::size_t>(w) * sizeof(index_t));
+    }
+    ly.held = prefix + w;
+  }
+
+  // Per row, the order of the first `prefix` prefix tokens sorted by position:
+  // perm[r * prefix + t] = current slot of the token that goes to slot t.
+  static permutation position_permutation(const layer& ly, index_t prefix) {
+    permutation perm(static_cast<std::size_t>(ly.rows * prefix));
+    for (index_t r = 0; r < ly.rows; ++r) {
+      index_t* s = perm.data() + r * prefix;
+      std::iota(s, s + prefix, index_t{0});
+      const index_t* p = ly.pos.data() + r * ly.cap;
+      std::sort(s, s + prefix, [p](index_t a, index_t b) { return p[a] < p[b]; });
+    }
+    return perm;
+  }
+
+  // Applies a permutation to each row's prefix in place, cycle by cycle, moving each
+  // token once through a one-token buffer: the row's spare slot, which every layer
+  // has for decoding, so nothing is allocated and nothing throws.
+  static void permute(layer& ly, permutation& perm) noexcept {
+    const index_t prefix = static_cast<index_t>(perm.size()) / std::max<index_t>(ly.rows, 1);
+    const index_t d = ly.d, spare = ly.cap - 1;
+    for (index_t r = 0; r < ly.rows; ++r) {
+      index_t* pr = perm.data() + r * prefix;
+      index_t* pos = ly.pos.data() + r * ly.cap;
+      auto move_token = [&](index_t to, index_t from) {
+        std::memcpy(ly.key_row(r, to), ly.key_row(r, from), static_cast<std::size_t>(d) * sizeof(T));
+        std::memcpy(ly.value_row(r, to), ly.value_row(r, from),
+                    static_cast<std::size_t>(d) * sizeof(T));
+        pos[to] = pos[from];
+      };
+      for (index_t start = 0; start < prefix; ++start) {
+        if (pr[start] == start || pr[start] < 0) continue;
+        move_token(spare, start);
+        index_t to = start;
+        while (pr[to] != start) {
+          const index_t from = pr[to];
+          move_token(to, from);
+          pr[to] = -1;  // placed
+          to = from;
+        }
+        move_token(to, spare);
+        pr[to] = -1;
+      }
+    }
+    ly.by_indicator = false;
+  }
+
+  // Prefill is over: the indicator of held tokens is no longer needed.
+  static void finish_prefill(layer& ly) noexcept {
+    ly.ind.clear();
+    ly.ind.shrink_to_fit();
+  }
+
+  // One decoding step of one layer: append the token at `position`, then, if the
+  // layer holds more than budget + w, score the candidates (all but the last w)
+  // with the new query alone and keep the top `budget` (spec section 7). Reference
+  // order writes the kept prefix by descending score; position order compacts in
+  // place. Everything that can throw happens before the first write.
+  template <class Ind, class QV, class KV, class VV>
+  static void decode(const host_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
+                     const KV& k, const VV& v, index_t position, index_t budget,
+                     const Ind& indicator, bool reference) {
+    const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
+    const index_t rows = sh.rows(), held = ly.held + 1;
+    const bool evict = held > budget + w;
+    const index_t cand = held - w, keep = std::min(budget, cand), n = keep + w;
+
+    layer grown;
+    if (held > ly.cap) grown = regrow(ly, std::max(held, std::min(2 * ly.cap, budget + w + 1)));
+    std::vector<float> scores(evict ? static_cast<std::size_t>(rows * cand) : 0);
+    std::vector<index_t> sel(evict ? static_cast<std::size_t>(rows * n) : 0);
+    layer next;
+    if (evict && reference) next = layer(ly.rows, d, std::max(ly.cap, held), false);
+    if (held > ly.cap) ly = std::move(grown);
+
+    for (index_t b = 0; b < B; ++b)
+      for (index_t g = 0; g < Hkv; ++g) {
+        const index_t r = b * Hkv + g;
+        for (index_t x = 0; x < d; ++x) {
+          ly.key_row(r, held - 1)[x] = static_cast<T>(k(b, g, x));
+          ly.value_row(r, held - 1)[x] = static_cast<T>(v(b, g, x));
+        }
+        ly.pos[static_cast<std::size_t>(r * ly.cap + held - 1)] = position;
+      }
+    ly.held = held;
+    if (!evict) return;
+
+    decode_scores(exec, q, keys(ly, sh), indicator,
+                  make_view(scores.data(), std::array<index_t, 3>{B, Hkv, cand}));
+    select_k(exec,
+             make_view(static_cast<const float*>(scores.data()), std::array<index_t, 2>{rows, cand}),
+             make_view(sel.data(), std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
+             reference ? select_order::descending : select_order::position);
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(r * n + keep + t)] = cand + t;
+    auto keep_v = make_view(static_cast<const index_t*>(sel.data()), std::array<index_t, 3>{B, Hkv, n});
+    // Reference order is a permutation: gather into the spare layer. Position order
+    // is ascending: compaction in place moves only the rows after the evicted token.
+    layer& dst = reference ? next : ly;
+    compact(exec, keys(ly, sh), keep_v, dst.tokens_view(dst.k.data(), B, Hkv, n));
+    compact(exec, values(ly, sh), keep_v, dst.tokens_view(dst.v.data(), B, Hkv, n));
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t* src = ly.pos.data() + r * ly.cap;
+      index_t* out = dst.pos.data() + r * dst.cap;
+      for (index_t t = 0; t < n; ++t) out[t] = src[sel[static_cast<std::size_t>(r * n + t)]];
+    }
+    dst.held = n;
+    if (reference) ly = std::move(next);
+  }
+
+ private:
+  // A copy of ly with a larger capacity.
+  static layer regrow(const layer& ly, index_t cap) {
+    layer out(ly.rows, ly.d, cap, false);
+    for (index_t r = 0; r < ly.rows; ++r) {
+      std::copy_n(ly.k.data() + r * ly.cap * ly.d, ly.held * ly.d, out.k.data() + r * cap * ly.d);
+      std::copy_n(ly.v.data() + r * ly.cap * ly.d, ly.held * ly.d, out.v.data() + r * cap * ly.d);
+      std::copy_n(ly.pos.data() + r * ly.cap, ly.held, out.pos.data() + r * cap);
+    }
+    out.held = ly.held;
+    out.by_indicator = ly.by_indicator;
+    return out;
+  }
+};
+
+}  // namespace cake::detail

@@ -89,7 +89,8 @@ class KvCache {
   // Forget the prompt: back to the state before layer 0's prefill.
   void reset() {
     const auto L = static_cast<std::size_t>(cfg_.layers);
-    layers_.assign(L, Layer{});
+    layers_.clear();
+    layers_.resize(L);  // layers may be move-only (device memory)
     prefs_.clear();
     prefs_.reserve(L);
     stats_.clear();
@@ -203,7 +204,7 @@ class KvCache {
         // Prefixes are in descending-indicator order: a smaller budget is a truncation.
         prefix_after[l] = std::min(stage[l], layers_[l].held - w);
         if (last && want_position && layers_[l].by_indicator)
-          perms[l] = Store::position_permutation(layers_[l], prefix_after[l]);
+          perms[l] = Store::position_permutation(exec_, layers_[l], sh, prefix_after[l]);
       }
     } else if (!last) {
       fresh.push_back(Store::copy_all(exec_, sh, k, v, ind_p, P));
@@ -230,8 +231,8 @@ class KvCache {
 
     // 3. Commit: nothing below allocates or throws.
     for (std::size_t l = 0; l < m; ++l) {
-      if (prefix_after[l] >= 0) Store::truncate(layers_[l], sh, prefix_after[l]);
-      if (!perms[l].empty()) Store::permute(layers_[l], perms[l]);
+      if (prefix_after[l] >= 0) Store::truncate(exec_, layers_[l], sh, prefix_after[l]);
+      if (!perms[l].empty()) Store::permute(exec_, layers_[l], sh, perms[l]);
     }
     for (std::size_t i = 0; i < fresh.size(); ++i) layers_[fresh_at[i]] = std::move(fresh[i]);
     prefs_ = std::move(prefs);

@@ -211,7 +211,8 @@ struct layer_store<T, host_policy> {
 
   // Keep the first `prefix` prefix tokens (the highest-indicator ones, since the
   // prefix is in descending order) and the window: only the window rows move.
-  static void truncate(layer& ly, const LayerShape& sh, index_t prefix) noexcept {
+  static void truncate(const host_policy&, layer& ly, const LayerShape& sh,
+                       index_t prefix) noexcept {
     const index_t w = sh.window, old_prefix = ly.held - w;
     if (prefix == old_prefix) return;
     for (index_t r = 0; r < ly.rows; ++r) {
@@ -227,7 +228,8 @@ struct layer_store<T, host_policy> {
 
   // Per row, the order of the first `prefix` prefix tokens sorted by position:
   // perm[r * prefix + t] = current slot of the token that goes to slot t.
-  static permutation position_permutation(const layer& ly, index_t prefix) {
+  static permutation position_permutation(const host_policy&, const layer& ly,
+                                          const LayerShape&, index_t prefix) {
     permutation perm(static_cast<std::size_t>(ly.rows * prefix));
     for (index_t r = 0; r < ly.rows; ++r) {
       index_t* s = perm.data() + r * prefix;
@@ -241,7 +243,8 @@ struct layer_store<T, host_policy> {
   // Applies a permutation to each row's prefix in place, cycle by cycle, moving each
   // token once through a one-token buffer: the row's spare slot, which every layer
   // has for decoding, so nothing is allocated and nothing throws.
-  static void permute(layer& ly, permutation& perm) noexcept {
+  static void permute(const host_policy&, layer& ly, const LayerShape&,
+                      permutation& perm) noexcept {
     const index_t prefix = static_cast<index_t>(perm.size()) / std::max<index_t>(ly.rows, 1);
     const index_t d = ly.d, spare = ly.cap - 1;
     for (index_t r = 0; r < ly.rows; ++r) {

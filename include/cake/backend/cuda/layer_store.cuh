@@ -1,0 +1,474 @@
+// CUDA storage of KvCache layers: KvCache<Pref, Budget, Ind, T, cake::cuda_policy>
+// keeps its layers in device memory and moves them with the CUDA algorithms
+// (select_k, compact, decode_scores) plus the small kernels below. The host only
+// sees the two layer statistics per prefill (to compute the budgets) and, at the
+// end of a cascading prefill in position order, the positions it sorts.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "../host/layer_store.hpp"
+#include "compact.cuh"
+#include "decode_scores.cuh"
+#include "detail/dispatch.cuh"
+#include "select_k.cuh"
+
+namespace cake {
+namespace cuda_detail {
+
+// A stream-ordered device allocation owned by one object (move-only).
+template <class U>
+class device_buffer {
+ public:
+  device_buffer() = default;
+  device_buffer(index_t n, cudaStream_t stream) : n_(n), stream_(stream) {
+    if (n > 0)
+      check(cudaMallocAsync(reinterpret_cast<void**>(&p_), static_cast<std::size_t>(n) * sizeof(U),
+                            stream),
+            "cudaMallocAsync (KvCache layer)");
+  }
+  device_buffer(device_buffer&& o) noexcept { swap(o); }
+  device_buffer& operator=(device_buffer&& o) noexcept {
+    device_buffer tmp(std::move(o));
+    swap(tmp);
+    return *this;
+  }
+  device_buffer(const device_buffer&) = delete;
+  device_buffer& operator=(const device_buffer&) = delete;
+  ~device_buffer() {
+    if (p_) (void)cudaFreeAsync(p_, stream_);
+  }
+  U* data() const noexcept { return p_; }
+  index_t size() const noexcept { return n_; }
+  void swap(device_buffer& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    std::swap(stream_, o.stream_);
+  }
+
+ private:
+  U* p_ = nullptr;
+  index_t n_ = 0;
+  cudaStream_t stream_ = nullptr;
+};
+
+// One layer on the device; the same layout as HostLayer.
+template <class T>
+struct DeviceLayer {
+  index_t rows = 0, d = 0, cap = 0, held = 0;
+  device_buffer<T> k, v;        // (rows, cap, d)
+  device_buffer<index_t> pos;   // (rows, cap)
+  device_buffer<float> ind;     // (rows, cap), prefill only
+  bool by_indicator = false;
+
+  DeviceLayer() = default;
+  DeviceLayer(index_t rows_, index_t d_, index_t cap_, bool with_indicator, cudaStream_t s)
+      : rows(rows_), d(d_), cap(cap_), k(rows_ * cap_ * d_, s), v(rows_ * cap_ * d_, s),
+        pos(rows_ * cap_, s), ind(with_indicator ? rows_ * cap_ : 0, s) {}
+
+  template <class U>
+  device_view<U, 4> tokens_view(U* base, index_t B, index_t Hkv, index_t n) const {
+    const index_t c = std::max<index_t>(cap, 1), dd = std::max<index_t>(d, 1);
+    return make_view<device_space>(base, std::array<index_t, 4>{B, Hkv, n, d},
+                                   std::array<index_t, 4>{Hkv * c * dd, c * dd, dd, 1});
+  }
+};
+
+// ---- small kernels -------------------------------------------------------------
+
+// First non-finite element (flat index in logical row-major order) of a rank-4
+// strided tensor (lower ranks pass extent 1); *first starts at INT64_MAX.
+template <class U>
+__global__ void find_non_finite_kernel(const U* p, long long e0, long long e1, long long e2,
+                                       long long e3, long long s0, long long s1, long long s2,
+                                       long long s3, unsigned long long* first) {
+  const long long total = e0 * e1 * e2 * e3;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    long long r = i;
+    const long long i3 = r % e3;
+    r /= e3;
+    const long long i2 = r % e2;
+    r /= e2;
+    const long long i1 = r % e1;
+    const long long i0 = r / e1;
+    const float x = static_cast<float>(p[i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3]);
+    if (!isfinite(x)) atomicMin(first, static_cast<unsigned long long>(i));
+  }
+}
+
+// pos[r, t] = t for t < n.
+template <class I>
+__global__ void iota_rows_kernel(I* pos, index_t rows, index_t cap, index_t n) {
+  const long long total = rows * n;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    pos[(i / n) * cap + i % n] = i % n;
+}
+
+// sel[r, keep + t] = first + t for t < w: the window (or the last w held tokens)
+// always follows the selected prefix.
+template <class I>
+__global__ void append_window_kernel(I* sel, index_t rows, index_t n, index_t keep,
+                                            index_t w, index_t first) {
+  const long long total = rows * w;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    sel[(i / w) * n + keep + i % w] = first + i % w;
+}
+
+// out_pos[r, t] = src_pos ? src_pos[r, sel[r, t]] : sel[r, t]; out_ind likewise for t < keep.
+template <class I>
+__global__ void gather_meta_kernel(I* out_pos, float* out_ind, index_t out_cap,
+                                          const index_t* sel, index_t rows, index_t n,
+                                          index_t keep, const index_t* src_pos, index_t src_cap,
+                                          const float* ind, index_t ind_ld) {
+  const long long total = rows * n;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const index_t r = i / n, t = i % n, j = sel[i];
+    out_pos[r * out_cap + t] = src_pos ? src_pos[r * src_cap + j] : j;
+    if (out_ind && t < keep) out_ind[r * out_cap + t] = ind[r * ind_ld + j];
+  }
+}
+
+// Moves each row's w window tokens from slot `from` down to slot `to` (to < from).
+// One block per row, token by token in ascending order: a destination can only
+// overlap a source that was already read.
+template <class T>
+__global__ void move_window_kernel(T* k, T* v, index_t* pos, index_t cap, index_t d, index_t w,
+                                   index_t from, index_t to) {
+  const index_t r = blockIdx.x;
+  for (index_t t = 0; t < w; ++t) {
+    T* ks = k + (r * cap + from + t) * d;
+    T* vs = v + (r * cap + from + t) * d;
+    T* kd = k + (r * cap + to + t) * d;
+    T* vd = v + (r * cap + to + t) * d;
+    for (index_t x = threadIdx.x; x < d; x += blockDim.x) {
+      kd[x] = ks[x];
+      vd[x] = vs[x];
+    }
+    if (threadIdx.x == 0) pos[r * cap + to + t] = pos[r * cap + from + t];
+    __syncthreads();
+  }
+}
+
+// Writes the new token (k, v: (batch, kv_heads, head_dim), any strides) into slot `slot`.
+template <class T, class U>
+__global__ void append_token_kernel(T* k, T* v, index_t* pos, index_t cap, index_t d,
+                                    index_t Hkv, index_t slot, const U* ks, index_t kb,
+                                    index_t kg, const U* vs, index_t vb, index_t vg,
+                                    index_t position) {
+  const index_t r = blockIdx.x, b = r / Hkv, g = r % Hkv;
+  for (index_t x = threadIdx.x; x < d; x += blockDim.x) {
+    k[(r * cap + slot) * d + x] = static_cast<T>(ks[b * kb + g * kg + x]);
+    v[(r * cap + slot) * d + x] = static_cast<T>(vs[b * vb + g * vg + x]);
+  }
+  if (threadIdx.x == 0) pos[r * cap + slot] = position;
+}
+
+inline unsigned small_grid(long long work) {
+  return static_cast<unsigned>(std::max<long long>(1, std::min<long long>((work + 255) / 256, 4096)));
+}
+
+}  // namespace cuda_detail
+
+namespace detail {
+
+template <class T>
+struct layer_store<T, cuda_policy> {
+  using layer = cuda_detail::DeviceLayer<T>;
+  using space = device_space;
+  template <class U>
+  using buffer = cuda_detail::device_buffer<U>;
+  // The reorder to position order is a gather into a layer allocated while
+  // planning, so that committing it allocates nothing.
+  struct permutation {
+    buffer<index_t> keep;  // (rows, prefix + w) slots in their new order
+    layer target;
+    index_t n = 0;
+    bool empty() const noexcept { return n == 0; }
+  };
+
+  static cudaStream_t stream(const cuda_policy& e) { return cuda_detail::stream_of(e); }
+
+  template <class U>
+  static buffer<U> make_buffer(const cuda_policy& exec, index_t n) {
+    return buffer<U>(n, stream(exec));
+  }
+  template <class U>
+  static U* data(const buffer<U>& b) {
+    return b.data();
+  }
+  static void read(const cuda_policy& exec, const buffer<float>& b, float* out, index_t n) {
+    cuda_detail::check(cudaMemcpyAsync(out, b.data(), static_cast<std::size_t>(n) * sizeof(float),
+                                       cudaMemcpyDeviceToHost, stream(exec)),
+                       "cudaMemcpyAsync (layer statistics)");
+    cuda_detail::check(cudaStreamSynchronize(stream(exec)), "window_stats (layer statistics)");
+  }
+
+  template <class V>
+  static status check_finite(const cuda_policy& exec, const V& v, const char* id, const char* name) {
+    constexpr std::size_t R = V::rank();
+    long long e[4] = {1, 1, 1, 1}, s[4] = {0, 0, 0, 0};
+    for (std::size_t r = 0; r < R; ++r) {
+      e[4 - R + r] = v.extent(r);
+      s[4 - R + r] = v.stride(r);
+    }
+    if (e[0] * e[1] * e[2] * e[3] == 0) return status::success();
+    buffer<unsigned long long> first(1, stream(exec));
+    const unsigned long long none = ~0ull;
+    cuda_detail::check(cudaMemcpyAsync(first.data(), &none, sizeof(none), cudaMemcpyHostToDevice,
+                                       stream(exec)),
+                       "cudaMemcpyAsync (finite check)");
+    cuda_detail::find_non_finite_kernel<<<cuda_detail::small_grid(e[0] * e[1] * e[2] * e[3]), 256,
+                                          0, stream(exec)>>>(v.data_handle(), e[0], e[1], e[2],
+                                                             e[3], s[0], s[1], s[2], s[3],
+                                                             first.data());
+    cuda_detail::check_launch("find_non_finite_kernel");
+    unsigned long long at = none;
+    cuda_detail::check(cudaMemcpyAsync(&at, first.data(), sizeof(at), cudaMemcpyDeviceToHost,
+                                       stream(exec)),
+                       "cudaMemcpyAsync (finite check)");
+    cuda_detail::check(cudaStreamSynchronize(stream(exec)), "find_non_finite_kernel");
+    if (at == none) return status::success();
+    std::array<index_t, R> idx{};
+    auto rem = static_cast<long long>(at);
+    for (std::size_t r = R; r-- > 0;) {
+      idx[r] = rem % v.extent(r);
+      rem /= v.extent(r);
+    }
+    std::remove_const_t<typename V::element_type> bad{};
+    cuda_detail::check(cudaMemcpy(&bad, element_ptr(v, idx), sizeof(bad), cudaMemcpyDeviceToHost),
+                       "cudaMemcpy (finite check)");
+    std::string coords;
+    for (std::size_t r = 0; r < R; ++r) coords.append(r ? ", " : "").append(std::to_string(idx[r]));
+    return make_status(id, name, " must be finite, found ", static_cast<float>(bad), " at (", coords,
+                       ")");
+  }
+
+  template <class KV, class VV>
+  static layer copy_all(const cuda_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
+                        const float* ind, index_t P) {
+    const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, S = k.extent(2);
+    layer out(sh.rows(), d, S + 1, ind != nullptr, stream(exec));
+    for (index_t b = 0; b < B; ++b)
+      for (index_t g = 0; g < Hkv; ++g) {
+        const index_t r = b * Hkv + g;
+        const std::size_t row = static_cast<std::size_t>(d) * sizeof(T);
+        cuda_detail::check(
+            cudaMemcpy2DAsync(out.k.data() + r * out.cap * d, row, &k(b, g, 0, 0),
+                              static_cast<std::size_t>(k.stride(2)) * sizeof(T), row,
+                              static_cast<std::size_t>(S), cudaMemcpyDeviceToDevice, stream(exec)),
+            "cudaMemcpy2DAsync (KvCache keys)");
+        cuda_detail::check(
+            cudaMemcpy2DAsync(out.v.data() + r * out.cap * d, row, &v(b, g, 0, 0),
+                              static_cast<std::size_t>(v.stride(2)) * sizeof(T), row,
+                              static_cast<std::size_t>(S), cudaMemcpyDeviceToDevice, stream(exec)),
+            "cudaMemcpy2DAsync (KvCache values)");
+      }
+    if (ind && P > 0)
+      cuda_detail::check(
+          cudaMemcpy2DAsync(out.ind.data(), static_cast<std::size_t>(out.cap) * sizeof(float), ind,
+                            static_cast<std::size_t>(P) * sizeof(float),
+                            static_cast<std::size_t>(P) * sizeof(float),
+                            static_cast<std::size_t>(sh.rows()), cudaMemcpyDeviceToDevice,
+                            stream(exec)),
+          "cudaMemcpy2DAsync (KvCache indicator)");
+    cuda_detail::iota_rows_kernel<<<cuda_detail::small_grid(sh.rows() * S), 256, 0, stream(exec)>>>(
+        out.pos.data(), sh.rows(), out.cap, S);
+    cuda_detail::check_launch("iota_rows_kernel");
+    out.held = S;
+    return out;
+  }
+
+  template <class KV, class VV>
+  static layer select(const cuda_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
+                      const layer* src, const float* ind, index_t ind_ld, index_t P, index_t keep,
+                      bool position_order) {
+    const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
+    const index_t rows = sh.rows(), n = keep + w;
+    buffer<index_t> sel(rows * n, stream(exec));
+    select_k(exec,
+             make_view<device_space>(ind, std::array<index_t, 2>{rows, P},
+                                     std::array<index_t, 2>{ind_ld, 1}),
+             make_view<device_space>(sel.data(), std::array<index_t, 2>{rows, keep},
+                                     std::array<index_t, 2>{n, 1}),
+             position_order ? select_order::position : select_order::descending);
+    cuda_detail::append_window_kernel<<<cuda_detail::small_grid(rows * w), 256, 0, stream(exec)>>>(
+        sel.data(), rows, n, keep, w, P);
+    cuda_detail::check_launch("append_window_kernel");
+    layer out(rows, d, n + 1, !position_order, stream(exec));
+    auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
+                                          std::array<index_t, 3>{B, Hkv, n});
+    compact(exec, k, keep_v, out.tokens_view(out.k.data(), B, Hkv, n));
+    compact(exec, v, keep_v, out.tokens_view(out.v.data(), B, Hkv, n));
+    cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, stream(exec)>>>(
+        out.pos.data(), position_order ? nullptr : out.ind.data(), out.cap, sel.data(), rows, n,
+        keep, src ? src->pos.data() : nullptr, src ? src->cap : 0, ind, ind_ld);
+    cuda_detail::check_launch("gather_meta_kernel");
+    out.by_indicator = !position_order;
+    out.held = n;
+    return out;
+  }
+
+  static device_view<const T, 4> keys(const layer& ly, const LayerShape& sh) {
+    return ly.tokens_view(static_cast<const T*>(ly.k.data()), sh.batch, sh.kv_heads, ly.held);
+  }
+  static device_view<const T, 4> values(const layer& ly, const LayerShape& sh) {
+    return ly.tokens_view(static_cast<const T*>(ly.v.data()), sh.batch, sh.kv_heads, ly.held);
+  }
+  static device_view<const index_t, 3> positions(const layer& ly, const LayerShape& sh) {
+    const index_t c = std::max<index_t>(ly.cap, 1);
+    return make_view<device_space>(static_cast<const index_t*>(ly.pos.data()),
+                                   std::array<index_t, 3>{sh.batch, sh.kv_heads, ly.held},
+                                   std::array<index_t, 3>{sh.kv_heads * c, c, 1});
+  }
+  static const float* indicator(const layer& ly, index_t& ld) {
+    ld = ly.cap;
+    return ly.ind.data();
+  }
+
+  static void truncate(const cuda_policy& exec, layer& ly, const LayerShape& sh, index_t prefix) {
+    const index_t w = sh.window, old_prefix = ly.held - w;
+    if (prefix == old_prefix) return;
+    cuda_detail::move_window_kernel<T><<<static_cast<unsigned>(ly.rows), 128, 0, stream(exec)>>>(
+        ly.k.data(), ly.v.data(), ly.pos.data(), ly.cap, ly.d, w, old_prefix, prefix);
+    cuda_detail::check_launch("move_window_kernel");
+    ly.held = prefix + w;
+  }
+
+  // Planned while the layer still holds its old prefix: the new order of the first
+  // `prefix` tokens by position (read back to the host, a few KiB), followed by the
+  // window at its post-truncation slots, and the layer it will be gathered into.
+  static permutation position_permutation(const cuda_policy& exec, const layer& ly,
+                                          const LayerShape& sh, index_t prefix) {
+    const cudaStream_t s = stream(exec);
+    const index_t rows = ly.rows;
+    std::vector<index_t> pos(static_cast<std::size_t>(rows * ly.cap));
+    cuda_detail::check(cudaMemcpyAsync(pos.data(), ly.pos.data(), pos.size() * sizeof(index_t),
+                                       cudaMemcpyDeviceToHost, s),
+                       "cudaMemcpyAsync (positions)");
+    cuda_detail::check(cudaStreamSynchronize(s), "position_permutation");
+    const index_t win = sh.window;
+    const index_t n = prefix + win;
+    std::vector<index_t> keep(static_cast<std::size_t>(rows * n));
+    for (index_t r = 0; r < rows; ++r) {
+      index_t* kr = keep.data() + r * n;
+      std::iota(kr, kr + prefix, index_t{0});
+      const index_t* p = pos.data() + r * ly.cap;
+      std::sort(kr, kr + prefix, [p](index_t a, index_t b) { return p[a] < p[b]; });
+      for (index_t t = 0; t < win; ++t) kr[prefix + t] = prefix + t;
+    }
+    permutation perm;
+    perm.keep = buffer<index_t>(rows * n, s);
+    cuda_detail::check(cudaMemcpyAsync(perm.keep.data(), keep.data(), keep.size() * sizeof(index_t),
+                                       cudaMemcpyHostToDevice, s),
+                       "cudaMemcpyAsync (permutation)");
+    cuda_detail::check(cudaStreamSynchronize(s), "position_permutation");
+    perm.target = layer(rows, ly.d, n + 1, false, s);
+    perm.n = n;
+    return perm;
+  }
+
+  // Runs after truncate(): gathers the layer into its planned position order.
+  static void permute(const cuda_policy& exec, layer& ly, const LayerShape& sh,
+                      permutation& perm) {
+    auto keep_v = make_view<device_space>(static_cast<const index_t*>(perm.keep.data()),
+                                          std::array<index_t, 3>{sh.batch, sh.kv_heads, perm.n});
+    layer& out = perm.target;
+    compact(exec, keys(ly, sh), keep_v, out.tokens_view(out.k.data(), sh.batch, sh.kv_heads, perm.n));
+    compact(exec, values(ly, sh), keep_v,
+            out.tokens_view(out.v.data(), sh.batch, sh.kv_heads, perm.n));
+    cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(ly.rows * perm.n), 256, 0,
+                                      stream(exec)>>>(out.pos.data(), nullptr, out.cap,
+                                                      perm.keep.data(), ly.rows, perm.n, 0,
+                                                      ly.pos.data(), ly.cap, nullptr, 0);
+    cuda_detail::check_launch("gather_meta_kernel");
+    out.held = perm.n;
+    ly = std::move(out);
+  }
+
+  static void finish_prefill(layer& ly) noexcept {
+    ly.ind = buffer<float>();
+  }
+
+  template <class Ind, class QV, class KV, class VV>
+  static void decode(const cuda_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
+                     const KV& k, const VV& v, index_t position, index_t budget,
+                     const Ind& indicator, bool reference) {
+    const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
+    const index_t rows = sh.rows(), held = ly.held + 1;
+    const bool evict = held > budget + w;
+    const index_t cand = held - w, keep = std::min(budget, cand), n = keep + w;
+    const cudaStream_t s = stream(exec);
+
+    if (held > ly.cap) {
+      const index_t cap = std::max(held, std::min(2 * ly.cap, budget + w + 1));
+      layer grown(rows, d, cap, false, s);
+      const std::size_t row = static_cast<std::size_t>(ly.held * d) * sizeof(T);
+      if (ly.held > 0) {
+        cuda_detail::check(cudaMemcpy2DAsync(grown.k.data(), static_cast<std::size_t>(cap * d) * sizeof(T),
+                                             ly.k.data(), static_cast<std::size_t>(ly.cap * d) * sizeof(T),
+                                             row, static_cast<std::size_t>(rows),
+                                             cudaMemcpyDeviceToDevice, s),
+                           "cudaMemcpy2DAsync (KvCache regrow)");
+        cuda_detail::check(cudaMemcpy2DAsync(grown.v.data(), static_cast<std::size_t>(cap * d) * sizeof(T),
+                                             ly.v.data(), static_cast<std::size_t>(ly.cap * d) * sizeof(T),
+                                             row, static_cast<std::size_t>(rows),
+                                             cudaMemcpyDeviceToDevice, s),
+                           "cudaMemcpy2DAsync (KvCache regrow)");
+        cuda_detail::check(cudaMemcpy2DAsync(grown.pos.data(), static_cast<std::size_t>(cap) * sizeof(index_t),
+                                             ly.pos.data(), static_cast<std::size_t>(ly.cap) * sizeof(index_t),
+                                             static_cast<std::size_t>(ly.held) * sizeof(index_t),
+                                             static_cast<std::size_t>(rows),
+                                             cudaMemcpyDeviceToDevice, s),
+                           "cudaMemcpy2DAsync (KvCache regrow)");
+      }
+      grown.held = ly.held;
+      grown.by_indicator = ly.by_indicator;
+      ly = std::move(grown);
+    }
+    cuda_detail::append_token_kernel<T><<<static_cast<unsigned>(rows), 128, 0, s>>>(
+        ly.k.data(), ly.v.data(), ly.pos.data(), ly.cap, d, Hkv, held - 1, k.data_handle(),
+        k.stride(0), k.stride(1), v.data_handle(), v.stride(0), v.stride(1), position);
+    cuda_detail::check_launch("append_token_kernel");
+    ly.held = held;
+    if (!evict) return;
+
+    buffer<float> scores(rows * cand, s);
+    buffer<index_t> sel(rows * n, s);
+    decode_scores(exec, q, keys(ly, sh), indicator,
+                  make_view<device_space>(scores.data(), std::array<index_t, 3>{B, Hkv, cand}));
+    select_k(exec,
+             make_view<device_space>(static_cast<const float*>(scores.data()),
+                                     std::array<index_t, 2>{rows, cand}),
+             make_view<device_space>(sel.data(), std::array<index_t, 2>{rows, keep},
+                                     std::array<index_t, 2>{n, 1}),
+             reference ? select_order::descending : select_order::position);
+    cuda_detail::append_window_kernel<<<cuda_detail::small_grid(rows * w), 256, 0, s>>>(
+        sel.data(), rows, n, keep, w, cand);
+    cuda_detail::check_launch("append_window_kernel");
+    // The kept tokens are gathered into a fresh layer: in reference order they are a
+    // permutation, and on the device an in-place gather would race across blocks.
+    layer next(rows, d, ly.cap, false, s);
+    auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
+                                          std::array<index_t, 3>{B, Hkv, n});
+    compact(exec, keys(ly, sh), keep_v, next.tokens_view(next.k.data(), B, Hkv, n));
+    compact(exec, values(ly, sh), keep_v, next.tokens_view(next.v.data(), B, Hkv, n));
+    cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, s>>>(
+        next.pos.data(), nullptr, next.cap, sel.data(), rows, n, 0, ly.pos.data(), ly.cap,
+        nullptr, 0);
+    cuda_detail::check_launch("gather_meta_kernel");
+    next.held = n;
+    ly = std::move(next);
+  }
+
+};
+
+}  // namespace detail
+}  // namespace cake

@@ -1,0 +1,220 @@
+// KvCache on cake::cuda against KvCache on cake::host: the same budgets, cascade
+// stages, held positions and held K/V bits after prefill and after every decoding
+// step, on the golden cases and on a synthetic workload, in both token orders and
+// both cut modes. (main() and the no-GPU skip live in test_cuda.cu.)
+#include <doctest/doctest.h>
+
+#include <cake/cake.cuh>
+#include <cake_tools/golden.hpp>
+
+#include <filesystem>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using cake::index_t;
+
+template <class T>
+struct Dev {
+  T* p = nullptr;
+  std::size_t n = 0;
+  explicit Dev(const std::vector<T>& h) : n(h.size()) {
+    REQUIRE(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)) == cudaSuccess);
+    REQUIRE(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess);
+  }
+  ~Dev() { cudaFree(p); }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+};
+
+template <class V>
+auto download(const V& v) {
+  using T = std::remove_const_t<typename V::element_type>;
+  constexpr std::size_t R = V::rank();
+  // Copy a strided device view into a dense host vector, row by innermost row.
+  std::size_t total = 1;
+  for (std::size_t r = 0; r < R; ++r) total *= static_cast<std::size_t>(v.extent(r));
+  std::vector<T> out(total);
+  if (total == 0) return out;
+  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+  const index_t inner = v.extent(R - 1);
+  std::size_t rows = total / static_cast<std::size_t>(inner);
+  for (std::size_t o = 0; o < rows; ++o) {
+    std::array<index_t, R> idx{};
+    std::size_t rem = o;
+    for (std::size_t r = R - 1; r-- > 0;) {
+      idx[r] = static_cast<index_t>(rem % static_cast<std::size_t>(v.extent(r)));
+      rem /= static_cast<std::size_t>(v.extent(r));
+    }
+    REQUIRE(cudaMemcpy(out.data() + o * static_cast<std::size_t>(inner),
+                       cake::detail::element_ptr(v, idx), static_cast<std::size_t>(inner) * sizeof(T),
+                       cudaMemcpyDeviceToHost) == cudaSuccess);
+  }
+  return out;
+}
+
+template <class V>
+auto flatten(const V& v) {
+  using T = std::remove_const_t<typename V::element_type>;
+  constexpr std::size_t R = V::rank();
+  std::size_t total = 1;
+  for (std::size_t r = 0; r < R; ++r) total *= static_cast<std::size_t>(v.extent(r));
+  std::vector<T> out(total);
+  if (total == 0) return out;
+  const index_t inner = v.extent(R - 1);
+  for (std::size_t o = 0; o < total / static_cast<std::size_t>(inner); ++o) {
+    std::array<index_t, R> idx{};
+    std::size_t rem = o;
+    for (std::size_t r = R - 1; r-- > 0;) {
+      idx[r] = static_cast<index_t>(rem % static_cast<std::size_t>(v.extent(r)));
+      rem /= static_cast<std::size_t>(v.extent(r));
+    }
+    const T* row = cake::detail::element_ptr(v, idx);
+    std::copy(row, row + inner, out.begin() + static_cast<std::ptrdiff_t>(o * static_cast<std::size_t>(inner)));
+  }
+  return out;
+}
+
+using HostCache = cake::KvCache<>;
+using CudaCache = cake::KvCache<cake::CakePreference, cake::ProportionalBudget,
+                                cake::MeanVarianceIndicator, float, cake::cuda_policy>;
+
+void require_same(const HostCache& h, const CudaCache& c, const std::string& where) {
+  INFO(where);
+  REQUIRE(std::vector<index_t>(h.budgets().begin(), h.budgets().end()) ==
+          std::vector<index_t>(c.budgets().begin(), c.budgets().end()));
+  REQUIRE(h.stage_budgets() == c.stage_budgets());
+  for (index_t l = 0; l < h.layers_prefilled(); ++l) {
+    INFO("layer " << l);
+    REQUIRE(h.tokens_held(l) == c.tokens_held(l));
+    CHECK(h.preference(l) == doctest::Approx(c.preference(l)).epsilon(1e-4));
+    CHECK(flatten(h.positions(l)) == download(c.positions(l)));
+    CHECK(flatten(h.keys(l)) == download(c.keys(l)));
+    CHECK(flatten(h.values(l)) == download(c.values(l)));
+  }
+}
+
+}  // namespace
+
+TEST_SUITE("gpu") {
+TEST_CASE("KvCache on CUDA equals KvCache on the host on every golden case") {
+  int cases = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(CAKE_GOLDEN_DIR)) {
+    if (!entry.is_directory()) continue;
+    const cake_tools::GoldenCase gc(entry.path().string());
+    ++cases;
+    for (auto order : {cake::token_order::reference, cake::token_order::position}) {
+      const std::string where =
+          gc.name + (order == cake::token_order::reference ? " (reference order)" : " (position order)");
+      HostCache host(gc.config(order), gc.preference(), {}, gc.indicator());
+      CudaCache dev(gc.config(order), gc.preference(), {}, gc.indicator(), cake::cuda.on(cudaStreamPerThread));
+      for (index_t l = 0; l < gc.L; ++l) {
+        const std::string p = "layer" + std::to_string(l);
+        auto q = gc.floats(p + "_q_window");
+        auto k = gc.floats(p + "_k");
+        auto v = gc.floats(p + "_v");
+        Dev<float> dq(q), dk(k), dv(v);
+        const std::array<index_t, 4> qs{gc.B, gc.H, gc.w, gc.d}, ks{gc.B, gc.Hkv, gc.S, gc.d};
+        host.prefill(l, cake::make_view(static_cast<const float*>(q.data()), qs),
+                     cake::make_view(static_cast<const float*>(k.data()), ks),
+                     cake::make_view(static_cast<const float*>(v.data()), ks));
+        dev.prefill(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
+                    cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
+                    cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
+        require_same(host, dev, where + " after prefill of layer " + std::to_string(l));
+      }
+      for (index_t t = 0; t < gc.meta["decode_steps"].as_int(); ++t)
+        for (index_t l = 0; l < gc.L; ++l) {
+          const std::string p = "decode" + std::to_string(t) + "_layer" + std::to_string(l);
+          auto q = gc.floats(p + "_q");
+          auto k = gc.floats(p + "_k");
+          auto v = gc.floats(p + "_v");
+          Dev<float> dq(q), dk(k), dv(v);
+          const std::array<index_t, 3> qs{gc.B, gc.H, gc.d}, ks{gc.B, gc.Hkv, gc.d};
+          host.decode(l, cake::make_view(static_cast<const float*>(q.data()), qs),
+                      cake::make_view(static_cast<const float*>(k.data()), ks),
+                      cake::make_view(static_cast<const float*>(v.data()), ks));
+          dev.decode(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
+                     cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
+                     cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
+          if (order == cake::token_order::reference) {
+            // The reference's held positions, from the golden data.
+            auto want = gc.ints(p + "_held");
+            auto have = download(dev.positions(l));
+            std::vector<std::int64_t> sorted;
+            const index_t n = dev.tokens_held(l);
+            for (index_t r = 0; r < gc.B * gc.Hkv; ++r) {
+              std::vector<std::int64_t> row(have.begin() + r * n, have.begin() + (r + 1) * n);
+              std::sort(row.begin(), row.end());
+              sorted.insert(sorted.end(), row.begin(), row.end());
+            }
+            CHECK(sorted == want);
+          }
+        }
+      require_same(host, dev, where + " after decoding");
+    }
+  }
+  REQUIRE(cases == 5);
+}
+
+TEST_CASE("KvCache on CUDA: synthetic GQA workload, cascading and one-shot, bad input") {
+  const index_t L = 4, B = 2, H = 8, Hkv = 2, d = 64, w = 16, S = 700;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (bool cascade : {true, false}) {
+    cake::CacheConfig cfg{.layers = L, .batch = B, .q_heads = H, .kv_heads = Hkv, .head_dim = d,
+                          .window = w, .cache_size = 80, .cascade = cascade};
+    HostCache host(cfg, cake::CakePreference{1.6f, 0.4f});
+    CudaCache dev(cfg, cake::CakePreference{1.6f, 0.4f}, {}, {}, cake::cuda);
+    for (index_t l = 0; l < L; ++l) {
+      std::vector<float> q(static_cast<std::size_t>(B * H * w * d)), k(static_cast<std::size_t>(B * Hkv * S * d)), v(k.size());
+      for (auto* t : {&q, &k, &v})
+        for (auto& x : *t) x = normal(rng) * (1.0f + 0.3f * static_cast<float>(l));
+      for (index_t j = 0; j < 4; ++j)  // attention sinks
+        for (index_t x = 0; x < d; ++x) k[static_cast<std::size_t>(j * d + x)] += 2.0f;
+      Dev<float> dq(q), dk(k), dv(v);
+      const std::array<index_t, 4> qs{B, H, w, d}, ks{B, Hkv, S, d};
+      host.prefill(l, cake::make_view(static_cast<const float*>(q.data()), qs),
+                   cake::make_view(static_cast<const float*>(k.data()), ks),
+                   cake::make_view(static_cast<const float*>(v.data()), ks));
+      dev.prefill(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
+                  cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
+                  cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
+    }
+    require_same(host, dev, cascade ? "cascading" : "one-shot");
+    for (int step = 0; step < 3; ++step)
+      for (index_t l = 0; l < L; ++l) {
+        std::vector<float> q(static_cast<std::size_t>(B * H * d)), k(static_cast<std::size_t>(B * Hkv * d)), v(k.size());
+        for (auto* t : {&q, &k, &v})
+          for (auto& x : *t) x = normal(rng);
+        Dev<float> dq(q), dk(k), dv(v);
+        host.decode(l, cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 3>{B, H, d}),
+                    cake::make_view(static_cast<const float*>(k.data()), std::array<index_t, 3>{B, Hkv, d}),
+                    cake::make_view(static_cast<const float*>(v.data()), std::array<index_t, 3>{B, Hkv, d}));
+        dev.decode(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), std::array<index_t, 3>{B, H, d}),
+                   cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), std::array<index_t, 3>{B, Hkv, d}),
+                   cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), std::array<index_t, 3>{B, Hkv, d}));
+      }
+    require_same(host, dev, cascade ? "cascading, decoded" : "one-shot, decoded");
+  }
+  // A NaN in device keys is found and reported with its coordinates; nothing changes.
+  cake::CacheConfig cfg{.layers = 1, .batch = 1, .q_heads = 2, .kv_heads = 1, .head_dim = 8,
+                        .window = 4, .cache_size = 12};
+  CudaCache dev(cfg, {}, {}, {}, cake::cuda);
+  std::vector<float> q(2 * 4 * 8, 0.5f), k(40 * 8, 0.25f), v(40 * 8, 1.0f);
+  k[static_cast<std::size_t>(17 * 8 + 3)] = std::nanf("");
+  Dev<float> dq(q), dk(k), dv(v);
+  try {
+    dev.prefill(0, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), std::array<index_t, 4>{1, 2, 4, 8}),
+                cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), std::array<index_t, 4>{1, 1, 40, 8}),
+                cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), std::array<index_t, 4>{1, 1, 40, 8}));
+    FAIL("a NaN key was accepted");
+  } catch (const cake::invalid_argument& e) {
+    CHECK(std::string(e.what()).find("[cake.prefill.keys]") != std::string::npos);
+    CHECK(std::string(e.what()).find("(0, 0, 17, 3)") != std::string::npos);
+  }
+  CHECK(dev.layers_prefilled() == 0);
+}
+}  // TEST_SUITE

@@ -18,7 +18,7 @@ namespace detail {
 
 // Monotone map float -> uint32: a < b  <=>  ordered_bits(a) < ordered_bits(b), and
 // a == b  <=>  equal images (-0.0 maps as +0.0, so the two zeros tie and go by index).
-CAKE_HOST_DEVICE inline std::uint32_t ordered_bits(float x) {
+inline std::uint32_t ordered_bits(float x) {
   std::uint32_t u = std::bit_cast<std::uint32_t>(x);
   u = u == 0x80000000u ? 0u : u;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);

@@ -1,0 +1,129 @@
+// CUDA backend plumbing shared by every launcher: the stream of a cuda_policy,
+// turning cudaError_t into cake::cuda_error naming the kernel, and caller-provided
+// workspaces (the CUB two-phase idiom) carved into aligned pieces.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "../../../error.hpp"
+#include "../../../execution.hpp"
+
+namespace cake {
+
+// A caller-owned device buffer for the algorithms that need scratch memory.
+// Query the size with the matching *_workspace_size function, allocate once,
+// reuse across layers and steps: no allocation happens in the hot path.
+// An empty workspace asks the launcher to allocate (stream-ordered, cudaMallocAsync).
+struct cuda_workspace {
+  void* data = nullptr;
+  std::size_t bytes = 0;
+};
+
+// How the CUDA window statistics compute Q . K: float on the SIMT cores (agrees with
+// the host backend to 1e-5) or tensor cores (16-bit K, sm_80+; about 1e-4 .. 1e-3).
+enum class cuda_math { exact, tensor_cores };
+
+namespace cuda_detail {
+
+inline cudaStream_t stream_of(const cuda_policy& exec) noexcept {
+  return reinterpret_cast<cudaStream_t>(exec.stream);
+}
+
+// Compute capability major of the current device (0 when it cannot be read): picks
+// the paths that need sm_80 (bf16 tensor cores) or sm_90 (thread block clusters).
+inline int device_compute_major() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return 0;
+  return major;
+}
+
+inline int multiprocessor_count() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 1;
+  return n;
+}
+
+// Throws cake::cuda_error naming `where` (a kernel or runtime call) when code is an error.
+inline void check(cudaError_t code, const char* where) {
+  if (code != cudaSuccess) throw cuda_error(where, static_cast<int>(code), cudaGetErrorString(code));
+}
+
+// After a launch: configuration errors (bad grid, too much shared memory) surface here,
+// without synchronising the stream.
+inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+inline constexpr std::size_t workspace_alignment = 256;
+
+constexpr std::size_t align_up(std::size_t x, std::size_t a = workspace_alignment) {
+  return (x + a - 1) / a * a;
+}
+
+// Hands out aligned sub-buffers of a workspace in a fixed order. Run once with a null
+// base to measure (the size query) and once with the real buffer: both walk the same
+// sequence, so the size and the layout cannot drift apart.
+class workspace_carver {
+ public:
+  explicit workspace_carver(void* base = nullptr) : base_(static_cast<char*>(base)) {}
+  template <class T>
+  T* take(std::size_t count) {
+    const std::size_t at = offset_;
+    offset_ = align_up(offset_ + count * sizeof(T));
+    return base_ ? reinterpret_cast<T*>(base_ + at) : nullptr;
+  }
+  std::size_t bytes() const noexcept { return offset_; }
+
+ private:
+  char* base_;
+  std::size_t offset_ = 0;
+};
+
+// The workspace of one call: the caller's when large enough, otherwise a
+// stream-ordered allocation freed (stream-ordered) when the call returns.
+class scoped_workspace {
+ public:
+  scoped_workspace(cuda_workspace given, std::size_t need, cudaStream_t stream, const char* where)
+      : stream_(stream) {
+    if (need == 0) return;
+    if (given.data != nullptr) {
+      CAKE_EXPECTS(given.bytes >= need, "cake.cuda.workspace", where, ": workspace of ",
+                   given.bytes, " bytes is too small, need ", need);
+      ptr_ = given.data;
+      return;
+    }
+    check(cudaMallocAsync(&ptr_, need, stream_), "cudaMallocAsync (workspace)");
+    owned_ = true;
+  }
+  ~scoped_workspace() {
+    if (owned_) (void)cudaFreeAsync(ptr_, stream_);
+  }
+  scoped_workspace(const scoped_workspace&) = delete;
+  scoped_workspace& operator=(const scoped_workspace&) = delete;
+  void* get() const noexcept { return ptr_; }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+  bool owned_ = false;
+};
+
+// Opt a kernel into more than 48 KiB of dynamic shared memory when it needs it.
+template <class Kernel>
+void allow_shared_memory(Kernel kernel, std::size_t bytes, const char* name) {
+  if (bytes > 48 * 1024)
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(bytes)),
+          name);
+}
+
+inline unsigned grid_dim(std::int64_t work, std::int64_t per_block) {
+  return static_cast<unsigned>((work + per_block - 1) / per_block);
+}
+
+}  // namespace cuda_detail
+}  // namespace cake

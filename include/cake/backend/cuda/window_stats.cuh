@@ -1,0 +1,349 @@
+// CUDA backend of cake::window_stats and cake::window_stats_from_attention.
+//
+// Besides the front-end entry points (which allocate their scratch stream-ordered),
+// this header adds, for cake::cuda only:
+//   window_stats_workspace_size(...)            bytes of scratch a call needs
+//   window_stats(exec, ..., request, workspace) the allocation-free call
+//   window_stats_lse(exec, q, k, lse, ...)      with the attention kernel's per-row
+//                                               log-sum-exp: one pass over K
+//   window_stats_from_attention(exec, ..., request, workspace)
+// Nothing is synchronised: the layer's (entropy, variance) land in a device view.
+//
+// cuda_math::exact (default) computes Q . K in float on the SIMT cores and agrees with
+// the host backend to 1e-5; cuda_math::tensor_cores (16-bit K, head_dim % 16 == 0)
+// uses wmma with Q split in three 16-bit planes: several times faster, agrees to about
+// 1e-4 .. 1e-3 (tensor-core accumulation does not round like IEEE float additions).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+
+#include "../../algorithm/window_stats.hpp"
+#include "detail/dispatch.cuh"
+#include "detail/kernels/window_stats.cuh"
+
+namespace cake {
+namespace cuda_detail {
+
+// How a window-statistics call is cut into blocks; a pure function of the shapes,
+// so that the size query and the call agree.
+struct StatsPlan {
+  bool tc = false;
+  int ld = 0, ss_ld = 0, rows = 0, splits = 1, tiles_all = 0, tiles_prefix = 0;
+  std::size_t smem_norm = 0, smem_stats = 0;
+  std::size_t workspace = 0;
+};
+
+// Workspace pieces, in carving order.
+struct StatsBuffers {
+  float2* part = nullptr;     // (batch, kv_heads, group * window, splits)
+  float* lse = nullptr;       // (batch, q_heads, window)
+  float* raw = nullptr;       // (batch, kv_heads, P)
+  float2* partial = nullptr;  // (batch, kv_heads, tiles of P) per-block (entropy, variance)
+};
+
+inline StatsBuffers carve_stats(workspace_carver& c, const StatsPlan& pl, index_t B, index_t H,
+                                index_t Hkv, index_t w, index_t P, bool have_lse) {
+  StatsBuffers s;
+  if (!have_lse) {
+    s.part = c.take<float2>(static_cast<std::size_t>(B * H * w * pl.splits));
+    s.lse = c.take<float>(static_cast<std::size_t>(B * H * w));
+  }
+  s.raw = c.take<float>(static_cast<std::size_t>(std::max<index_t>(B * Hkv * P, 1)));
+  s.partial = c.take<float2>(static_cast<std::size_t>(std::max<index_t>(B * Hkv * pl.tiles_prefix, 1)));
+  return s;
+}
+
+inline StatsPlan plan_stats(index_t B, index_t H, index_t Hkv, index_t w, index_t S, index_t d,
+                            bool have_lse, bool tc = false, int k_bytes = 4) {
+  constexpr int TILE_N = tuning::stats_tile_n;
+  StatsPlan pl;
+  const index_t gw = (H / Hkv) * w, P = S - w;
+  pl.tc = tc;
+  pl.ld = static_cast<int>(tc ? d + 8 : (d % 2 == 0 ? d + 1 : d));
+  pl.ss_ld = tc ? TILE_N + 4 : TILE_N + 1;
+  const auto bytes = [&](index_t rows, index_t extra) {
+    return static_cast<std::size_t>(
+        stats_tile_bytes(tc, pl.ld, pl.ss_ld, static_cast<int>(rows), extra, k_bytes));
+  };
+  const std::size_t budget = static_cast<std::size_t>(tuning::stats_smem_budget);
+  // All the group's window rows at once when they fit (Q read once per block),
+  // otherwise chunks of 64 rows.
+  index_t rows = gw;
+  const index_t extra = std::max(2 * gw, gw + (H / Hkv) * TILE_N);  // either pass's scalars
+  if (bytes(rows, extra) > budget) rows = 64;
+  CAKE_EXPECTS(bytes(rows, extra) <= budget, "cake.keys.head_dim",
+               "the CUDA window statistics need at most ", budget,
+               " bytes of shared memory per block; head_dim = ", d,
+               " and q_heads / kv_heads * window = ", gw, " need ", bytes(rows, extra));
+  pl.rows = static_cast<int>(rows);
+  pl.tiles_all = static_cast<int>((S + TILE_N - 1) / TILE_N);
+  pl.tiles_prefix = static_cast<int>((P + TILE_N - 1) / TILE_N);
+  // Upper bound of the splits (the launch uses one wave: min(this, SMs / (B * Hkv))).
+  const index_t want = (tuning::stats_target_blocks + B * Hkv - 1) / (B * Hkv);
+  pl.splits = static_cast<int>(std::clamp<index_t>(want, 1, std::max(pl.tiles_all, 1)));
+  pl.smem_norm = bytes(rows, 2 * gw);
+  pl.smem_stats = bytes(rows, gw + (H / Hkv) * TILE_N);  // lse rows + per-head scores
+  workspace_carver c;
+  carve_stats(c, pl, B, H, Hkv, w, P, have_lse);
+  pl.workspace = c.bytes();
+  return pl;
+}
+
+template <class K>
+inline constexpr bool tensor_core_key = std::is_same_v<K, __half> || std::is_same_v<K, __nv_bfloat16>;
+
+template <class TQ, class TK, class Ind>
+void launch_window_stats(const cuda_policy& exec, device_view<TQ, 4> q, device_view<TK, 4> k,
+                         const float* lse, std::int64_t l_b, std::int64_t l_h, std::int64_t l_i,
+                         const Ind& indicator, device_view<float, 3> out,
+                         device_view<float, 1> stats, StatsRequest req, cuda_workspace given,
+                         cuda_math math) {
+  using Q = std::remove_const_t<TQ>;
+  using K = std::remove_const_t<TK>;
+  const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
+  const index_t Hkv = k.extent(1), S = k.extent(2), P = S - w, group = H / Hkv;
+  // Tensor cores when asked for and possible (16-bit K, head_dim a multiple of 16).
+  const bool tc = tensor_core_key<K> && math == cuda_math::tensor_cores && d % 16 == 0 &&
+                  device_compute_major() >= 8;
+  const StatsPlan pl = plan_stats(B, H, Hkv, w, S, d, lse != nullptr, tc, sizeof(K));
+  const cudaStream_t stream = stream_of(exec);
+  scoped_workspace ws(given, pl.workspace, stream, "window_stats");
+  workspace_carver c(ws.get());
+  const StatsBuffers buf = carve_stats(c, pl, B, H, Hkv, w, P, lse != nullptr);
+
+  StatsParams<Q, K> p{};
+  p.q = q.data_handle();
+  p.q_b = q.stride(0), p.q_h = q.stride(1), p.q_i = q.stride(2);
+  p.k = k.data_handle();
+  p.k_b = k.stride(0), p.k_g = k.stride(1), p.k_j = k.stride(2);
+  p.lse = lse, p.l_b = l_b, p.l_h = l_h, p.l_i = l_i;
+  p.H = static_cast<int>(H), p.Hkv = static_cast<int>(Hkv), p.group = static_cast<int>(group);
+  p.w = static_cast<int>(w), p.S = static_cast<int>(S), p.P = static_cast<int>(P);
+  p.d = static_cast<int>(d), p.ld = pl.ld, p.ss_ld = pl.ss_ld;
+  p.rows_per_chunk = pl.rows, p.splits = pl.splits;
+  p.k_vec16 = reinterpret_cast<std::uintptr_t>(p.k) % 16 == 0 &&
+              (k.stride(0) * static_cast<index_t>(sizeof(K))) % 16 == 0 &&
+              (k.stride(1) * static_cast<index_t>(sizeof(K))) % 16 == 0 &&
+              (k.stride(2) * static_cast<index_t>(sizeof(K))) % 16 == 0 &&
+              (d * static_cast<index_t>(sizeof(K))) % 16 == 0;
+  p.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
+  const unsigned bg = static_cast<unsigned>(B * Hkv);
+  const int threads = tuning::stats_threads;
+  // One wave: a stats block needs most of an SM's shared memory, so blocks in flight
+  // = SMs; the workspace was sized for the upper bounds in the plan.
+  const int sms = std::max(1, multiprocessor_count());
+  p.splits = std::clamp(sms / static_cast<int>(bg), 1, pl.splits);
+  const int stats_blocks = std::clamp(sms / static_cast<int>(bg), 1, std::max(pl.tiles_prefix, 1));
+
+  const auto run_kernels = [&](auto tc_tag) {
+    constexpr bool TC = decltype(tc_tag)::value;
+    if (lse == nullptr) {
+      auto* norm = &row_normaliser_kernel<Q, K, TC>;
+      allow_shared_memory(norm, pl.smem_norm, "row_normaliser_kernel");
+      norm<<<dim3(static_cast<unsigned>(p.splits), bg), threads, pl.smem_norm, stream>>>(p, buf.part);
+      check_launch("row_normaliser_kernel");
+      const int rows = static_cast<int>(B * H * w);
+      lse_combine_kernel<<<grid_dim(rows, 256), 256, 0, stream>>>(buf.part, rows, p.splits, buf.lse);
+      check_launch("lse_combine_kernel");
+    }
+    auto* stats_k = &window_stats_kernel<Q, K, TC, Ind>;
+    allow_shared_memory(stats_k, pl.smem_stats, "window_stats_kernel");
+    stats_k<<<dim3(static_cast<unsigned>(stats_blocks), bg), threads, pl.smem_stats, stream>>>(
+        p, buf.lse, indicator, req.entropy, req.variance, buf.raw, buf.partial);
+    check_launch("window_stats_kernel");
+  };
+  int partials = 0;
+  if (P > 0) {
+    if constexpr (tensor_core_key<K>) {
+      if (tc)
+        run_kernels(std::true_type{});
+      else
+        run_kernels(std::false_type{});
+    } else {
+      run_kernels(std::false_type{});
+    }
+    partials = stats_blocks * static_cast<int>(bg);
+    const float inv = 1.0f / (static_cast<float>(indicator.pool_kernel) * static_cast<float>(group));
+    pool_groups_kernel<<<dim3(grid_dim(P, tuning::column_threads), bg), tuning::column_threads, 0,
+                         stream>>>(buf.raw, p.Hkv, p.P, indicator.pool_kernel, inv,
+                                   out.data_handle(), out.stride(0), out.stride(1));
+    check_launch("pool_groups_kernel");
+  }
+  layer_stats_kernel<<<1, tuning::column_threads, 0, stream>>>(buf.partial, partials,
+                                                               stats.data_handle(), stats.stride(0));
+  check_launch("layer_stats_kernel");
+}
+
+inline std::size_t attention_stats_workspace(index_t B, index_t Hkv, index_t P) {
+  workspace_carver c;
+  c.take<float>(static_cast<std::size_t>(std::max<index_t>(B * Hkv * P, 1)));
+  c.take<float2>(static_cast<std::size_t>(
+      std::max<index_t>(B * Hkv * ((P + tuning::column_threads - 1) / tuning::column_threads), 1)));
+  return c.bytes();
+}
+
+template <class TA, class Ind>
+void launch_attention_stats(const cuda_policy& exec, device_view<TA, 4> a, const Ind& indicator,
+                            device_view<float, 3> out, device_view<float, 1> stats,
+                            StatsRequest req, cuda_workspace given) {
+  using A = std::remove_const_t<TA>;
+  const index_t B = a.extent(0), H = a.extent(1), w = a.extent(2), S = a.extent(3);
+  const index_t Hkv = out.extent(1), P = S - w, group = H / Hkv;
+  const cudaStream_t stream = stream_of(exec);
+  scoped_workspace ws(given, attention_stats_workspace(B, Hkv, P), stream,
+                      "window_stats_from_attention");
+  workspace_carver c(ws.get());
+  float* raw = c.take<float>(static_cast<std::size_t>(std::max<index_t>(B * Hkv * P, 1)));
+  const unsigned tiles = grid_dim(P, tuning::column_threads);
+  float2* partial = c.take<float2>(static_cast<std::size_t>(std::max<index_t>(B * Hkv * tiles, 1)));
+  const unsigned bg = static_cast<unsigned>(B * Hkv);
+  int partials = 0;
+  if (P > 0) {
+    attention_stats_kernel<A, Ind><<<dim3(tiles, bg), tuning::column_threads, 0, stream>>>(
+        a.data_handle(), a.stride(0), a.stride(1), a.stride(2), static_cast<int>(Hkv),
+        static_cast<int>(group), static_cast<int>(w), static_cast<int>(P), indicator, req.entropy,
+        req.variance, raw, partial);
+    check_launch("attention_stats_kernel");
+    partials = static_cast<int>(tiles * bg);
+    const float inv = 1.0f / (static_cast<float>(indicator.pool_kernel) * static_cast<float>(group));
+    pool_groups_kernel<<<dim3(tiles, bg), tuning::column_threads, 0, stream>>>(
+        raw, static_cast<int>(Hkv), static_cast<int>(P), indicator.pool_kernel, inv,
+        out.data_handle(), out.stride(0), out.stride(1));
+    check_launch("pool_groups_kernel");
+  }
+  layer_stats_kernel<<<1, tuning::column_threads, 0, stream>>>(partial, partials,
+                                                               stats.data_handle(), stats.stride(0));
+  check_launch("layer_stats_kernel");
+}
+
+
+// The checks of the front-end cake::window_stats_from_attention, with its messages,
+// for the overload that takes a workspace.
+template <class VA, class VO, class VS>
+void validate_attention(const VA& a, const VO& io, const VS& so) {
+  const index_t B = a.extent(0), H = a.extent(1), w = a.extent(2), S = a.extent(3);
+  const index_t Hkv = io.extent(1);
+  CAKE_EXPECTS(Hkv >= 1 && H % Hkv == 0, "cake.attention.kv_heads",
+               "q_heads must be a multiple of kv_heads (indicator_out extent 1): q_heads = ", H,
+               ", kv_heads = ", Hkv);
+  CAKE_EXPECTS(w >= 2 && w <= S, "cake.attention.window", "window must be in [2, S = ", S,
+               "], got ", w);
+  CAKE_EXPECTS(inner_contiguous(a), "cake.attention.layout",
+               "attention must have unit stride along tokens, got stride ", a.stride(3));
+  CAKE_EXPECTS(io.extent(0) == B && io.extent(2) == S - w, "cake.indicator_out.shape",
+               "indicator_out must be (batch, kv_heads, S - window) = (", B, ", ", Hkv, ", ",
+               S - w, "), got (", io.extent(0), ", ", io.extent(1), ", ", io.extent(2), ")");
+  CAKE_EXPECTS(io.extent(2) <= 1 || io.stride(2) == 1, "cake.indicator_out.layout",
+               "indicator_out must have unit stride along tokens");
+  CAKE_EXPECTS(so.extent(0) >= 2, "cake.stats_out.shape",
+               "stats_out must hold 2 values (entropy, variance), got ", so.extent(0));
+}
+
+}  // namespace cuda_detail
+
+template <>
+struct window_stats_backend<cuda_policy> {
+  template <class TQ, class TK, class Ind>
+  static void run(const cuda_policy& exec, device_view<TQ, 4> q, device_view<TK, 4> k,
+                  const Ind& indicator, device_view<float, 3> out, device_view<float, 1> stats,
+                  StatsRequest req, cuda_workspace ws = {}, cuda_math math = cuda_math::exact) {
+    cuda_detail::launch_window_stats(exec, q, k, nullptr, 0, 0, 0, indicator, out, stats, req, ws,
+                                     math);
+  }
+  template <class TA, class Ind>
+  static void run_from_attention(const cuda_policy& exec, device_view<TA, 4> a,
+                                 const Ind& indicator, device_view<float, 3> out,
+                                 device_view<float, 1> stats, StatsRequest req,
+                                 cuda_workspace ws = {}) {
+    cuda_detail::launch_attention_stats(exec, a, indicator, out, stats, req, ws);
+  }
+};
+
+// Bytes of scratch cake::window_stats on cake::cuda needs for these shapes
+// (have_lse: the call passes the per-row log-sum-exp, window_stats_lse).
+inline std::size_t window_stats_workspace_size(index_t batch, index_t q_heads, index_t kv_heads,
+                                               index_t window, index_t tokens, index_t head_dim,
+                                               bool have_lse = false) {
+  return cuda_detail::plan_stats(batch, q_heads, kv_heads, window, tokens, head_dim, have_lse)
+      .workspace;
+}
+
+inline std::size_t window_stats_from_attention_workspace_size(index_t batch, index_t kv_heads,
+                                                              index_t window, index_t tokens) {
+  return cuda_detail::attention_stats_workspace(batch, kv_heads, tokens - window);
+}
+
+// The allocation-free call: as cake::window_stats, with a workspace of at least
+// window_stats_workspace_size(...) bytes (an empty one allocates, stream-ordered).
+template <tensor_like Q, tensor_like K, IndicatorPolicy Ind, tensor_like IO, tensor_like SO>
+void window_stats(const cuda_policy& exec, Q&& q_window, K&& keys, const Ind& indicator,
+                  IO&& indicator_out, SO&& stats_out, StatsRequest request,
+                  cuda_workspace workspace, cuda_math math = cuda_math::exact) {
+  auto q = as_view(q_window);
+  auto k = as_view(keys);
+  auto io = as_view(indicator_out);
+  auto so = as_view(stats_out);
+  require_space<cuda_policy, decltype(q)>();
+  require_space<cuda_policy, decltype(k)>();
+  require_space<cuda_policy, decltype(io)>();
+  require_space<cuda_policy, decltype(so)>();
+  indicator.validate().throw_if_error();
+  validate_window_stats<const typename decltype(q)::element_type,
+                        const typename decltype(k)::element_type, device_space>(q, k, io, so)
+      .throw_if_error();
+  window_stats_backend<cuda_policy>::run(exec, q, k, indicator, io, so, request, workspace, math);
+}
+
+// With the per-row log-sum-exp the engine's attention kernel already computed:
+// lse(b, h, i) = ln sum_j exp(q_window[b,h,i] . keys[b,h/n,j] / sqrt(head_dim)) over the
+// keys row i sees (causal inside the window). Then K is read once.
+// lse: (batch, q_heads, window) float.
+template <tensor_like Q, tensor_like K, tensor_like L, IndicatorPolicy Ind, tensor_like IO,
+          tensor_like SO>
+void window_stats_lse(const cuda_policy& exec, Q&& q_window, K&& keys, L&& lse,
+                      const Ind& indicator, IO&& indicator_out, SO&& stats_out,
+                      StatsRequest request = {}, cuda_workspace workspace = {},
+                      cuda_math math = cuda_math::exact) {
+  auto q = as_view(q_window);
+  auto k = as_view(keys);
+  auto l = as_view(lse);
+  auto io = as_view(indicator_out);
+  auto so = as_view(stats_out);
+  require_space<cuda_policy, decltype(q)>();
+  require_space<cuda_policy, decltype(k)>();
+  require_space<cuda_policy, decltype(l)>();
+  require_space<cuda_policy, decltype(io)>();
+  require_space<cuda_policy, decltype(so)>();
+  static_assert(std::is_same_v<std::remove_const_t<typename decltype(l)::element_type>, float>,
+                "cake::window_stats_lse: lse must be float");
+  indicator.validate().throw_if_error();
+  validate_window_stats<const typename decltype(q)::element_type,
+                        const typename decltype(k)::element_type, device_space>(q, k, io, so)
+      .throw_if_error();
+  CAKE_EXPECTS(l.extent(0) == q.extent(0) && l.extent(1) == q.extent(1) &&
+                   l.extent(2) == q.extent(2),
+               "cake.lse.shape", "lse must be (batch, q_heads, window) = (", q.extent(0), ", ",
+               q.extent(1), ", ", q.extent(2), "), got (", l.extent(0), ", ", l.extent(1), ", ",
+               l.extent(2), ")");
+  cuda_detail::launch_window_stats(exec, q, k, l.data_handle(), l.stride(0), l.stride(1),
+                                   l.stride(2), indicator, io, so, request, workspace, math);
+}
+
+template <tensor_like A, IndicatorPolicy Ind, tensor_like IO, tensor_like SO>
+void window_stats_from_attention(const cuda_policy& exec, A&& attention, const Ind& indicator,
+                                 IO&& indicator_out, SO&& stats_out, StatsRequest request,
+                                 cuda_workspace workspace) {
+  auto a = as_view(attention);
+  auto io = as_view(indicator_out);
+  auto so = as_view(stats_out);
+  require_space<cuda_policy, decltype(a)>();
+  require_space<cuda_policy, decltype(io)>();
+  require_space<cuda_policy, decltype(so)>();
+  indicator.validate().throw_if_error();
+  cuda_detail::validate_attention(a, io, so);
+  window_stats_backend<cuda_policy>::run_from_attention(exec, a, indicator, io, so, request,
+                                                        workspace);
+}
+
+}  // namespace cake

@@ -1,0 +1,383 @@
+// A Llama-architecture transformer read from GGUF: RMSNorm, rotary embedding in
+// GGUF's layout, grouped-query attention, SwiGLU. Weights are dequantised to float
+// once at load; the projections are matrix products (BLAS when available).
+//
+// The KV cache is pluggable (KvStore): the full cache keeps every token, a
+// cake::KvCache-backed store (store.hpp) evicts. The prompt's own attention is
+// always full (eviction happens after each layer's prefill); every decoded token
+// attends to whatever its store still holds.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "gguf.hpp"
+#include "matmul.hpp"
+
+namespace llm {
+
+struct ModelConfig {
+  int layers = 0, dim = 0, ffn = 0, heads = 0, kv_heads = 0, head_dim = 0, vocab = 0;
+  int context = 0;     // trained context length
+  int rope_dims = 0;   // rotated dimensions of each head (head_dim unless the file says less)
+  double rope_base = 10000.0;
+  float eps = 1e-5f;
+  int q_dim() const { return heads * head_dim; }
+  int kv_dim() const { return kv_heads * head_dim; }
+};
+
+struct LayerWeights {
+  std::vector<float> attn_norm, wq, wk, wv, wo, ffn_norm, gate, up, down;
+};
+
+struct Model {
+  ModelConfig cfg;
+  std::vector<float> embed;        // (vocab, dim)
+  std::vector<float> output_norm;  // (dim)
+  std::vector<float> output;       // (vocab, dim); empty when tied to embed
+  std::vector<LayerWeights> blocks;
+
+  const float* output_weights() const { return output.empty() ? embed.data() : output.data(); }
+
+  static Model load(const GgufFile& f) {
+    const std::string arch = f.get_string("general.architecture");
+    if (arch != "llama") throw std::runtime_error("model: architecture '" + arch + "' is not llama");
+    Model m;
+    ModelConfig& c = m.cfg;
+    c.layers = static_cast<int>(f.get_int("llama.block_count"));
+    c.dim = static_cast<int>(f.get_int("llama.embedding_length"));
+    c.ffn = static_cast<int>(f.get_int("llama.feed_forward_length"));
+    c.heads = static_cast<int>(f.get_int("llama.attention.head_count"));
+    c.kv_heads = static_cast<int>(f.get_int("llama.attention.head_count_kv", c.heads));
+    c.context = static_cast<int>(f.get_int("llama.context_length"));
+    c.rope_base = f.get_float("llama.rope.freq_base", 10000.0);
+    c.eps = static_cast<float>(f.get_float("llama.attention.layer_norm_rms_epsilon", 1e-5));
+    if (c.heads <= 0 || c.kv_heads <= 0 || c.heads % c.kv_heads || c.dim % c.heads)
+      throw std::runtime_error("model: inconsistent head counts");
+    c.head_dim = c.dim / c.heads;
+    c.rope_dims = static_cast<int>(f.get_int("llama.rope.dimension_count", c.head_dim));
+    if (c.rope_dims % 2 || c.rope_dims > c.head_dim) throw std::runtime_error("model: bad rope dimension count");
+    const auto& emb = f.tensor("token_embd.weight");
+    c.vocab = static_cast<int>(emb.dims.at(1));
+    auto expect = [&](const std::string& name, std::uint64_t d0, std::uint64_t d1) {
+      const auto& t = f.tensor(name);
+      const std::uint64_t got1 = t.dims.size() > 1 ? t.dims[1] : 1;
+      if (t.dims[0] != d0 || got1 != d1)
+        throw std::runtime_error("model: tensor " + name + " has an unexpected shape");
+      return f.to_float(t);
+    };
+    const auto D = static_cast<std::uint64_t>(c.dim), F = static_cast<std::uint64_t>(c.ffn),
+               Q = static_cast<std::uint64_t>(c.q_dim()), K = static_cast<std::uint64_t>(c.kv_dim()),
+               V = static_cast<std::uint64_t>(c.vocab);
+    m.embed = expect("token_embd.weight", D, V);
+    m.output_norm = expect("output_norm.weight", D, 1);
+    if (f.find("output.weight")) m.output = expect("output.weight", D, V);
+    for (int l = 0; l < c.layers; ++l) {
+      const std::string p = "blk." + std::to_string(l) + ".";
+      LayerWeights w;
+      w.attn_norm = expect(p + "attn_norm.weight", D, 1);
+      w.wq = expect(p + "attn_q.weight", D, Q);
+      w.wk = expect(p + "attn_k.weight", D, K);
+      w.wv = expect(p + "attn_v.weight", D, K);
+      w.wo = expect(p + "attn_output.weight", Q, D);
+      w.ffn_norm = expect(p + "ffn_norm.weight", D, 1);
+      w.gate = expect(p + "ffn_gate.weight", D, F);
+      w.up = expect(p + "ffn_up.weight", D, F);
+      w.down = expect(p + "ffn_down.weight", F, D);
+      m.blocks.push_back(std::move(w));
+    }
+    return m;
+  }
+};
+
+// ---- building blocks ------------------------------------------------------------
+
+inline void rms_norm(const float* x, const float* w, float* y, int n, float eps) {
+  double ss = 0.0;
+  for (int i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float scale = static_cast<float>(1.0 / std::sqrt(ss / n + eps));
+  for (int i = 0; i < n; ++i) y[i] = x[i] * scale * w[i];
+}
+
+// Rotary embedding in GGUF llama layout ("normal" rope): llama.cpp's converter
+// permutes Q and K so that rotation pairs are adjacent, (x[2i], x[2i+1]), with
+// angle pos * base^(-2i / rope_dims).
+class Rope {
+ public:
+  Rope(int rope_dims, double base) : dims_(rope_dims), base_(base) {}
+  void apply(float* x, int heads, int head_dim, std::int64_t pos) {
+    grow(pos);
+    const float* cs = table_.data() + static_cast<std::size_t>(pos) * static_cast<std::size_t>(dims_);
+    for (int h = 0; h < heads; ++h) {
+      float* v = x + static_cast<std::ptrdiff_t>(h) * head_dim;
+      for (int i = 0; i < dims_ / 2; ++i) {
+        const float c = cs[2 * i], s = cs[2 * i + 1], a = v[2 * i], b = v[2 * i + 1];
+        v[2 * i] = a * c - b * s;
+        v[2 * i + 1] = a * s + b * c;
+      }
+    }
+  }
+
+ private:
+  int dims_;
+  double base_;
+  std::vector<float> table_;  // (positions, dims/2 pairs of cos, sin)
+  void grow(std::int64_t pos) {
+    const auto have = static_cast<std::int64_t>(table_.size()) / dims_;
+    if (pos < have) return;
+    const std::int64_t want = std::max<std::int64_t>(pos + 1, 2 * have);
+    table_.resize(static_cast<std::size_t>(want * dims_));
+    for (std::int64_t p = have; p < want; ++p)
+      for (int i = 0; i < dims_ / 2; ++i) {
+        const double theta = static_cast<double>(p) * std::pow(base_, -2.0 * i / dims_);
+        table_[static_cast<std::size_t>(p * dims_ + 2 * i)] = static_cast<float>(std::cos(theta));
+        table_[static_cast<std::size_t>(p * dims_ + 2 * i + 1)] = static_cast<float>(std::sin(theta));
+      }
+  }
+};
+
+// What a layer's prefill produced: queries and keys with rotary applied, (S, heads*d)
+// and (S, kv_heads*d) row-major. Kept whole so that several caches can be filled
+// from one prefill.
+struct PrefillRecord {
+  int tokens = 0;
+  std::vector<std::vector<float>> q_tail;  // per layer: the last `tail` query rows
+  std::vector<std::vector<float>> k, v;    // per layer: every key and value row
+  int tail = 0;
+  std::vector<float> last_logits;          // (vocab) after the last prompt token
+};
+
+// Keys and values a new token attends to: element (head g, token j, x) is at
+// k[g * head_stride + j * token_stride + x].
+struct AttendSpan {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  std::ptrdiff_t k_head_stride = 0, k_token_stride = 0, v_head_stride = 0, v_token_stride = 0;
+  std::int64_t tokens = 0;
+};
+
+class KvStore {
+ public:
+  virtual ~KvStore() = default;
+  virtual void prefill(const PrefillRecord& rec) = 0;
+  // Appends the new token (q: heads*d, k and v: kv_heads*d, rotary applied) to
+  // layer l and returns what the token attends to, itself included.
+  virtual AttendSpan append(int layer, const float* q, const float* k, const float* v) = 0;
+  virtual std::int64_t tokens_held() const = 0;  // all layers
+};
+
+// The full cache: every token of every layer, token-major rows.
+class FullStore final : public KvStore {
+ public:
+  explicit FullStore(const ModelConfig& c) : c_(c) {}
+  void prefill(const PrefillRecord& rec) override {
+    k_ = rec.k;
+    v_ = rec.v;
+  }
+  AttendSpan append(int l, const float*, const float* k, const float* v) override {
+    auto& K = k_.at(static_cast<std::size_t>(l));
+    auto& V = v_.at(static_cast<std::size_t>(l));
+    K.insert(K.end(), k, k + c_.kv_dim());
+    V.insert(V.end(), v, v + c_.kv_dim());
+    AttendSpan s;
+    s.k = K.data();
+    s.v = V.data();
+    s.k_head_stride = s.v_head_stride = c_.head_dim;
+    s.k_token_stride = s.v_token_stride = c_.kv_dim();
+    s.tokens = static_cast<std::int64_t>(K.size()) / c_.kv_dim();
+    return s;
+  }
+  std::int64_t tokens_held() const override {
+    std::int64_t n = 0;
+    for (const auto& K : k_) n += static_cast<std::int64_t>(K.size()) / c_.kv_dim();
+    return n;
+  }
+
+ private:
+  ModelConfig c_;
+  std::vector<std::vector<float>> k_, v_;
+};
+
+// ---- the forward pass -------------------------------------------------------------
+
+class Transformer {
+ public:
+  explicit Transformer(const Model& m) : m_(m), rope_(m.cfg.rope_dims, m.cfg.rope_base) {}
+  const ModelConfig& config() const { return m_.cfg; }
+
+  // Runs the prompt through every layer with full causal attention. Records each
+  // layer's rotary keys, values and the last `tail` query rows, and the logits
+  // after the last token.
+  PrefillRecord prefill(const std::vector<int>& tokens, int tail) {
+    const ModelConfig& c = m_.cfg;
+    const int S = static_cast<int>(tokens.size());
+    if (S < 1) throw std::runtime_error("prefill: empty prompt");
+    const auto D = static_cast<std::size_t>(c.dim), Sz = static_cast<std::size_t>(S);
+    const auto QD = static_cast<std::size_t>(c.q_dim()), KD = static_cast<std::size_t>(c.kv_dim()),
+               F = static_cast<std::size_t>(c.ffn);
+    PrefillRecord rec;
+    rec.tokens = S;
+    rec.tail = std::min(tail, S);
+    std::vector<float> x(Sz * D), h(Sz * D), q(Sz * QD), att(Sz * QD), g(Sz * F), u(Sz * F);
+    embed(tokens, x.data());
+    for (int l = 0; l < c.layers; ++l) {
+      const LayerWeights& w = m_.blocks[static_cast<std::size_t>(l)];
+      std::vector<float> k(Sz * KD), v(Sz * KD);
+      for (std::size_t i = 0; i < Sz; ++i) rms_norm(&x[i * D], w.attn_norm.data(), &h[i * D], c.dim, c.eps);
+      linear(h.data(), Sz, D, w.wq.data(), QD, q.data());
+      linear(h.data(), Sz, D, w.wk.data(), KD, k.data());
+      linear(h.data(), Sz, D, w.wv.data(), KD, v.data());
+      for (int i = 0; i < S; ++i) {
+        rope_.apply(&q[static_cast<std::size_t>(i) * QD], c.heads, c.head_dim, i);
+        rope_.apply(&k[static_cast<std::size_t>(i) * KD], c.kv_heads, c.head_dim, i);
+      }
+      causal_attention(q.data(), k.data(), v.data(), S, att.data());
+      linear(att.data(), Sz, QD, w.wo.data(), D, h.data());
+      for (std::size_t i = 0; i < Sz * D; ++i) x[i] += h[i];
+      feed_forward(w, x.data(), Sz, h.data(), g.data(), u.data());
+      rec.q_tail.emplace_back(q.end() - static_cast<std::ptrdiff_t>(static_cast<std::size_t>(rec.tail) * QD), q.end());
+      rec.k.push_back(std::move(k));
+      rec.v.push_back(std::move(v));
+    }
+    rec.last_logits.resize(static_cast<std::size_t>(c.vocab));
+    logits(&x[(Sz - 1) * D], 1, rec.last_logits.data());
+    return rec;
+  }
+
+  // One decoding step for several independent sequences at once (they share the
+  // weight reads): sequence i feeds tokens[i] at position positions[i] into
+  // stores[i]; logits (n, vocab) come back.
+  void decode(const std::vector<int>& tokens, const std::vector<std::int64_t>& positions,
+              const std::vector<KvStore*>& stores, std::vector<float>& out_logits) {
+    const ModelConfig& c = m_.cfg;
+    const std::size_t n = tokens.size();
+    const auto D = static_cast<std::size_t>(c.dim), QD = static_cast<std::size_t>(c.q_dim()),
+               KD = static_cast<std::size_t>(c.kv_dim()), F = static_cast<std::size_t>(c.ffn);
+    std::vector<float> x(n * D), h(n * D), q(n * QD), k(n * KD), v(n * KD), att(n * QD), g(n * F), u(n * F);
+    embed(tokens, x.data());
+    for (int l = 0; l < c.layers; ++l) {
+      const LayerWeights& w = m_.blocks[static_cast<std::size_t>(l)];
+      for (std::size_t i = 0; i < n; ++i) rms_norm(&x[i * D], w.attn_norm.data(), &h[i * D], c.dim, c.eps);
+      linear(h.data(), n, D, w.wq.data(), QD, q.data());
+      linear(h.data(), n, D, w.wk.data(), KD, k.data());
+      linear(h.data(), n, D, w.wv.data(), KD, v.data());
+      for (std::size_t i = 0; i < n; ++i) {
+        rope_.apply(&q[i * QD], c.heads, c.head_dim, positions[i]);
+        rope_.apply(&k[i * KD], c.kv_heads, c.head_dim, positions[i]);
+        const AttendSpan span = stores[i]->append(l, &q[i * QD], &k[i * KD], &v[i * KD]);
+        attend_one(&q[i * QD], span, &att[i * QD]);
+      }
+      linear(att.data(), n, QD, w.wo.data(), D, h.data());
+      for (std::size_t i = 0; i < n * D; ++i) x[i] += h[i];
+      feed_forward(w, x.data(), n, h.data(), g.data(), u.data());
+    }
+    out_logits.resize(n * static_cast<std::size_t>(c.vocab));
+    logits(x.data(), n, out_logits.data());
+  }
+
+ private:
+  const Model& m_;
+  Rope rope_;
+
+  void embed(const std::vector<int>& tokens, float* x) const {
+    const auto D = static_cast<std::size_t>(m_.cfg.dim);
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+      if (tokens[i] < 0 || tokens[i] >= m_.cfg.vocab) throw std::runtime_error("model: token id out of range");
+      std::copy_n(&m_.embed[static_cast<std::size_t>(tokens[i]) * D], D, x + i * D);
+    }
+  }
+
+  // x += down(silu(gate(norm x)) * up(norm x)) for n rows.
+  void feed_forward(const LayerWeights& w, float* x, std::size_t n, float* h, float* g, float* u) const {
+    const ModelConfig& c = m_.cfg;
+    const auto D = static_cast<std::size_t>(c.dim), F = static_cast<std::size_t>(c.ffn);
+    for (std::size_t i = 0; i < n; ++i) rms_norm(&x[i * D], w.ffn_norm.data(), &h[i * D], c.dim, c.eps);
+    linear(h, n, D, w.gate.data(), F, g);
+    linear(h, n, D, w.up.data(), F, u);
+    for (std::size_t i = 0; i < n * F; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    linear(g, n, F, w.down.data(), D, h);
+    for (std::size_t i = 0; i < n * D; ++i) x[i] += h[i];
+  }
+
+  void logits(const float* x, std::size_t n, float* out) const {
+    const ModelConfig& c = m_.cfg;
+    const auto D = static_cast<std::size_t>(c.dim);
+    std::vector<float> h(n * D);
+    for (std::size_t i = 0; i < n; ++i) rms_norm(&x[i * D], m_.output_norm.data(), &h[i * D], c.dim, c.eps);
+    linear(h.data(), n, D, m_.output_weights(), static_cast<std::size_t>(c.vocab), out);
+  }
+
+  // Full causal attention over the prompt, query blocks of 128 rows.
+  void causal_attention(const float* q, const float* k, const float* v, int S, float* out) const {
+    const ModelConfig& c = m_.cfg;
+    const int d = c.head_dim, group = c.heads / c.kv_heads;
+    const auto QD = static_cast<std::size_t>(c.q_dim()), KD = static_cast<std::size_t>(c.kv_dim());
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    constexpr int block = 128;
+    std::vector<float> p(static_cast<std::size_t>(block) * static_cast<std::size_t>(S));
+    for (int hd = 0; hd < c.heads; ++hd) {
+      const int g = hd / group;
+      for (int i0 = 0; i0 < S; i0 += block) {
+        const int i1 = std::min(S, i0 + block), rows = i1 - i0, cols = i1;
+        const auto ld = static_cast<std::size_t>(cols);
+        gemm(true, static_cast<std::size_t>(rows), ld, static_cast<std::size_t>(d), scale,
+             q + static_cast<std::size_t>(i0) * QD + static_cast<std::size_t>(hd * d), QD,
+             k + static_cast<std::size_t>(g * d), KD, 0.0f, p.data(), ld);
+        for (int r = 0; r < rows; ++r) {
+          float* row = &p[static_cast<std::size_t>(r) * ld];
+          const int valid = i0 + r + 1;  // keys 0..i0+r
+          float mx = row[0];
+          for (int j = 1; j < valid; ++j) mx = std::max(mx, row[j]);
+          float sum = 0.0f;
+          for (int j = 0; j < valid; ++j) sum += (row[j] = std::exp(row[j] - mx));
+          const float inv = 1.0f / sum;
+          for (int j = 0; j < valid; ++j) row[j] *= inv;
+          for (int j = valid; j < cols; ++j) row[j] = 0.0f;
+        }
+        gemm(false, static_cast<std::size_t>(rows), static_cast<std::size_t>(d), ld, 1.0f, p.data(), ld,
+             v + static_cast<std::size_t>(g * d), KD, 0.0f,
+             out + static_cast<std::size_t>(i0) * QD + static_cast<std::size_t>(hd * d), QD);
+      }
+    }
+  }
+
+  // One query row (heads*d) against a span.
+  void attend_one(const float* q, const AttendSpan& s, float* out) const {
+    const ModelConfig& c = m_.cfg;
+    const int d = c.head_dim, group = c.heads / c.kv_heads;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    std::vector<float> p(static_cast<std::size_t>(s.tokens));
+    for (int hd = 0; hd < c.heads; ++hd) {
+      const int g = hd / group;
+      const float* qh = q + static_cast<std::ptrdiff_t>(hd) * d;
+      float mx = -INFINITY;
+      for (std::int64_t j = 0; j < s.tokens; ++j) {
+        const float* kr = s.k + g * s.k_head_stride + j * s.k_token_stride;
+        float dot = 0.0f;
+        for (int x = 0; x < d; ++x) dot += qh[x] * kr[x];
+        p[static_cast<std::size_t>(j)] = dot * scale;
+        mx = std::max(mx, dot * scale);
+      }
+      float sum = 0.0f;
+      for (auto& e : p) sum += (e = std::exp(e - mx));
+      float* o = out + static_cast<std::ptrdiff_t>(hd) * d;
+      std::fill(o, o + d, 0.0f);
+      for (std::int64_t j = 0; j < s.tokens; ++j) {
+        const float* vr = s.v + g * s.v_head_stride + j * s.v_token_stride;
+        const float a = p[static_cast<std::size_t>(j)] / sum;
+        for (int x = 0; x < d; ++x) o[x] += a * vr[x];
+      }
+    }
+  }
+};
+
+inline int argmax(const float* x, std::size_t n) {
+  return static_cast<int>(std::max_element(x, x + n) - x);
+}
+
+}  // namespace llm

@@ -1,0 +1,274 @@
+// The Llama forward pass of a tiny random model against a naive double-precision
+// reference written here from the definitions, and the cache methods on it.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "store.hpp"
+
+using namespace llm;
+
+namespace {
+
+struct Tiny {
+  int L = 2, D = 16, H = 4, Hkv = 2, hd = 4, F = 24, V = 37;
+  double base = 10000.0, eps = 1e-5;
+  std::vector<std::vector<double>> w;  // by name index, see names
+  std::map<std::string, std::vector<double>> t;
+};
+
+std::vector<float> to_f(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
+
+// Random weights, rounded to float so that both sides see the same numbers.
+Tiny make_tiny(unsigned seed, bool tied) {
+  Tiny m;
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> n(0.0, 1.0);
+  auto mat = [&](int rows, int cols, double scale) {
+    std::vector<double> v(static_cast<std::size_t>(rows * cols));
+    for (auto& x : v) x = static_cast<float>(n(rng) * scale);
+    return v;
+  };
+  auto normw = [&](int d) {
+    std::vector<double> v(static_cast<std::size_t>(d));
+    for (auto& x : v) x = static_cast<float>(1.0 + 0.1 * n(rng));
+    return v;
+  };
+  m.t["token_embd.weight"] = mat(m.V, m.D, 1.0);
+  m.t["output_norm.weight"] = normw(m.D);
+  if (!tied) m.t["output.weight"] = mat(m.V, m.D, 0.3);
+  for (int l = 0; l < m.L; ++l) {
+    const std::string p = "blk." + std::to_string(l) + ".";
+    m.t[p + "attn_norm.weight"] = normw(m.D);
+    m.t[p + "attn_q.weight"] = mat(m.H * m.hd, m.D, 0.5);
+    m.t[p + "attn_k.weight"] = mat(m.Hkv * m.hd, m.D, 0.5);
+    m.t[p + "attn_v.weight"] = mat(m.Hkv * m.hd, m.D, 0.5);
+    m.t[p + "attn_output.weight"] = mat(m.D, m.H * m.hd, 0.3);
+    m.t[p + "ffn_norm.weight"] = normw(m.D);
+    m.t[p + "ffn_gate.weight"] = mat(m.F, m.D, 0.3);
+    m.t[p + "ffn_up.weight"] = mat(m.F, m.D, 0.3);
+    m.t[p + "ffn_down.weight"] = mat(m.D, m.F, 0.3);
+  }
+  return m;
+}
+
+std::string write_tiny(const Tiny& m, const char* name) {
+  GgufWriter w;
+  w.add_string("general.architecture", "llama");
+  w.add_string("general.name", "tiny");
+  w.add_u32("llama.block_count", static_cast<std::uint32_t>(m.L));
+  w.add_u32("llama.embedding_length", static_cast<std::uint32_t>(m.D));
+  w.add_u32("llama.feed_forward_length", static_cast<std::uint32_t>(m.F));
+  w.add_u32("llama.attention.head_count", static_cast<std::uint32_t>(m.H));
+  w.add_u32("llama.attention.head_count_kv", static_cast<std::uint32_t>(m.Hkv));
+  w.add_u32("llama.context_length", 256);
+  w.add_f32("llama.rope.freq_base", static_cast<float>(m.base));
+  w.add_f32("llama.attention.layer_norm_rms_epsilon", static_cast<float>(m.eps));
+  for (const auto& [k, v] : m.t) {
+    // Matrices are (rows, cols) here; GGUF lists the contiguous dimension first.
+    std::vector<std::uint64_t> dims;
+    if (k.find("norm") != std::string::npos) dims = {v.size()};
+    else if (k == "token_embd.weight" || k == "output.weight") dims = {static_cast<std::uint64_t>(m.D), static_cast<std::uint64_t>(m.V)};
+    else {
+      const auto rows = k.find("attn_q") != std::string::npos ? m.H * m.hd
+                        : (k.find("attn_k") != std::string::npos || k.find("attn_v") != std::string::npos) ? m.Hkv * m.hd
+                        : (k.find("ffn_gate") != std::string::npos || k.find("ffn_up") != std::string::npos) ? m.F
+                        : m.D;
+      dims = {v.size() / static_cast<std::size_t>(rows), static_cast<std::uint64_t>(rows)};
+    }
+    w.add_f32_tensor(k, dims, to_f(v));
+  }
+  const std::string path = (std::filesystem::temp_directory_path() / name).string();
+  w.write(path);
+  return path;
+}
+
+// y = W x for W (rows, cols) row-major.
+std::vector<double> mv(const std::vector<double>& W, const std::vector<double>& x) {
+  const std::size_t cols = x.size(), rows = W.size() / cols;
+  std::vector<double> y(rows, 0.0);
+  for (std::size_t r = 0; r < rows; ++r)
+    for (std::size_t c = 0; c < cols; ++c) y[r] += W[r * cols + c] * x[c];
+  return y;
+}
+
+// The reference: logits after every token of `ids`, full causal attention,
+// rotary on adjacent pairs (x[2i], x[2i+1]) with angle pos * base^(-2i/hd).
+std::vector<std::vector<double>> reference(const Tiny& m, const std::vector<int>& ids) {
+  const std::size_t S = ids.size();
+  auto norm = [&](const std::vector<double>& x, const std::vector<double>& g) {
+    double ss = 0;
+    for (double v : x) ss += v * v;
+    const double r = 1.0 / std::sqrt(ss / static_cast<double>(x.size()) + m.eps);
+    std::vector<double> y(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) y[i] = x[i] * r * g[i];
+    return y;
+  };
+  auto rope = [&](std::vector<double>& v, std::size_t pos) {
+    for (std::size_t h = 0; h < v.size() / static_cast<std::size_t>(m.hd); ++h)
+      for (int i = 0; i < m.hd / 2; ++i) {
+        const double th = static_cast<double>(pos) * std::pow(m.base, -2.0 * i / m.hd);
+        double& a = v[h * static_cast<std::size_t>(m.hd) + 2 * static_cast<std::size_t>(i)];
+        double& b = v[h * static_cast<std::size_t>(m.hd) + 2 * static_cast<std::size_t>(i) + 1];
+        const double na = a * std::cos(th) - b * std::sin(th), nb = a * std::sin(th) + b * std::cos(th);
+        a = na;
+        b = nb;
+      }
+  };
+  std::vector<std::vector<double>> x(S);
+  const auto& E = m.t.at("token_embd.weight");
+  for (std::size_t s = 0; s < S; ++s)
+    x[s].assign(E.begin() + ids[s] * m.D, E.begin() + (ids[s] + 1) * m.D);
+  for (int l = 0; l < m.L; ++l) {
+    const std::string p = "blk." + std::to_string(l) + ".";
+    std::vector<std::vector<double>> q(S), k(S), v(S);
+    for (std::size_t s = 0; s < S; ++s) {
+      const auto h = norm(x[s], m.t.at(p + "attn_norm.weight"));
+      q[s] = mv(m.t.at(p + "attn_q.weight"), h);
+      k[s] = mv(m.t.at(p + "attn_k.weight"), h);
+      v[s] = mv(m.t.at(p + "attn_v.weight"), h);
+      rope(q[s], s);
+      rope(k[s], s);
+    }
+    for (std::size_t s = 0; s < S; ++s) {
+      std::vector<double> o(static_cast<std::size_t>(m.H * m.hd), 0.0);
+      for (int h = 0; h < m.H; ++h) {
+        const int g = h / (m.H / m.Hkv);
+        std::vector<double> sc(s + 1);
+        double mx = -1e300, sum = 0;
+        for (std::size_t j = 0; j <= s; ++j) {
+          double dot = 0;
+          for (int e = 0; e < m.hd; ++e) dot += q[s][static_cast<std::size_t>(h * m.hd + e)] * k[j][static_cast<std::size_t>(g * m.hd + e)];
+          sc[j] = dot / std::sqrt(static_cast<double>(m.hd));
+          mx = std::max(mx, sc[j]);
+        }
+        for (auto& e : sc) sum += (e = std::exp(e - mx));
+        for (std::size_t j = 0; j <= s; ++j)
+          for (int e = 0; e < m.hd; ++e)
+            o[static_cast<std::size_t>(h * m.hd + e)] += sc[j] / sum * v[j][static_cast<std::size_t>(g * m.hd + e)];
+      }
+      const auto a = mv(m.t.at(p + "attn_output.weight"), o);
+      for (int i = 0; i < m.D; ++i) x[s][static_cast<std::size_t>(i)] += a[static_cast<std::size_t>(i)];
+    }
+    for (std::size_t s = 0; s < S; ++s) {
+      const auto h = norm(x[s], m.t.at(p + "ffn_norm.weight"));
+      auto g = mv(m.t.at(p + "ffn_gate.weight"), h);
+      const auto u = mv(m.t.at(p + "ffn_up.weight"), h);
+      for (std::size_t i = 0; i < g.size(); ++i) g[i] = g[i] / (1.0 + std::exp(-g[i])) * u[i];
+      const auto d = mv(m.t.at(p + "ffn_down.weight"), g);
+      for (int i = 0; i < m.D; ++i) x[s][static_cast<std::size_t>(i)] += d[static_cast<std::size_t>(i)];
+    }
+  }
+  std::vector<std::vector<double>> logits(S);
+  const auto& out = m.t.count("output.weight") ? m.t.at("output.weight") : E;
+  for (std::size_t s = 0; s < S; ++s) logits[s] = mv(out, norm(x[s], m.t.at("output_norm.weight")));
+  return logits;
+}
+
+void check_close(const float* got, const std::vector<double>& want) {
+  double worst = 0;
+  for (std::size_t i = 0; i < want.size(); ++i)
+    worst = std::max(worst, std::abs(got[i] - want[i]) / (1.0 + std::abs(want[i])));
+  CHECK(worst < 2e-4);
+}
+
+}  // namespace
+
+TEST_CASE("tiny model: prefill and decode logits match a double-precision reference") {
+  for (bool tied : {false, true}) {
+    CAPTURE(tied);
+    const Tiny ref = make_tiny(tied ? 11u : 7u, tied);
+    const std::string path = write_tiny(ref, tied ? "cake_llm_tiny_tied.gguf" : "cake_llm_tiny.gguf");
+    const GgufFile file(path);
+    std::remove(path.c_str());
+    const Model model = Model::load(file);
+    CHECK(model.cfg.head_dim == 4);
+    CHECK(model.cfg.rope_dims == 4);
+    CHECK(model.cfg.context == 256);
+    CHECK(model.output.empty() == tied);
+    Transformer tf(model);
+
+    std::vector<int> ids{3, 17, 5, 5, 30, 1, 0, 36, 12, 8, 21, 2};
+    const auto want = reference(ref, ids);
+    const auto rec = tf.prefill(ids, 4);
+    CHECK(rec.tokens == 12);
+    check_close(rec.last_logits.data(), want.back());
+
+    // Decode three more tokens through the full store; compare after each.
+    FullStore store(model.cfg);
+    store.prefill(rec);
+    std::vector<float> logits;
+    for (int next : {9, 14, 33}) {
+      tf.decode({next}, {static_cast<std::int64_t>(ids.size())}, {&store}, logits);
+      ids.push_back(next);
+      check_close(logits.data(), reference(ref, ids).back());
+    }
+    CHECK(store.tokens_held() == 15 * 2);
+
+    // Batched decoding gives each sequence what it gets alone.
+    FullStore a(model.cfg), b(model.cfg);
+    a.prefill(rec);
+    b.prefill(rec);
+    std::vector<float> both, alone;
+    tf.decode({9, 20}, {12, 12}, {&a, &b}, both);
+    FullStore c(model.cfg);
+    c.prefill(rec);
+    tf.decode({20}, {12}, {&c}, alone);
+    for (int i = 0; i < model.cfg.vocab; ++i)
+      CHECK(both[static_cast<std::size_t>(model.cfg.vocab + i)] == doctest::Approx(alone[static_cast<std::size_t>(i)]).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("tiny model: a cache large enough to keep every token gives exactly the full-cache tokens") {
+  const Tiny ref = make_tiny(5u, false);
+  const std::string path = write_tiny(ref, "cake_llm_tiny_cache.gguf");
+  const GgufFile file(path);
+  std::remove(path.c_str());
+  const Model model = Model::load(file);
+  Transformer tf(model);
+  std::mt19937 rng(3);
+  std::vector<int> ids(40);
+  for (auto& x : ids) x = static_cast<int>(rng() % 37);
+  const auto rec = tf.prefill(ids, 8);
+  const int max_new = 20;
+
+  FullStore full(model.cfg);
+  full.prefill(rec);
+  const auto want = generate(tf, rec, full, max_new);
+  REQUIRE(want.size() == static_cast<std::size_t>(max_new));
+
+  for (const char* method : {"cake", "snapkv", "pyramidkv"}) {
+    CAPTURE(method);
+    CacheOptions o;
+    o.method = method;
+    o.window = 8;
+    o.cache_size = 40 + max_new;  // every prompt and generated token fits
+    auto store = make_store(model.cfg, o, rec.tokens);
+    store->prefill(rec);
+    CHECK(generate(tf, rec, *store, max_new) == want);
+    CHECK(store->tokens_held() == full.tokens_held());
+
+    // A small cache evicts: bounded memory, finite logits, tokens in range.
+    o.cache_size = 16;
+    auto small = make_store(model.cfg, o, rec.tokens);
+    small->prefill(rec);
+    CHECK(small->tokens_held() == 16 * model.cfg.layers);
+    const auto got = generate(tf, rec, *small, max_new);
+    CHECK(got.size() == static_cast<std::size_t>(max_new));
+    CHECK(small->tokens_held() == 16 * model.cfg.layers);
+    std::vector<float> logits;
+    tf.decode({got.back()}, {static_cast<std::int64_t>(rec.tokens + max_new)}, {small.get()}, logits);
+    for (float x : logits) CHECK(std::isfinite(x));
+  }
+  CacheOptions bad;
+  bad.method = "h2o";
+  CHECK_THROWS(make_store(model.cfg, bad, 40));
+  bad.method = "cake";
+  bad.cache_size = 8;  // not above the window
+  CHECK_THROWS(make_store(model.cfg, bad, 40));
+}

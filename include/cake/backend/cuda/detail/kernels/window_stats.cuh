@@ -326,8 +326,8 @@ __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1
         make_float2(run_m[r], run_l[r]);
 }
 
-// One thread per window row: lse = max + ln(sum) over the splits.
-__global__ void lse_combine_kernel(const float2* __restrict__ part, int rows, int splits,
+// One thread per window row: lse = max + ln(sum) over the splits (static: see layer_stats_kernel).
+static __global__ void lse_combine_kernel(const float2* __restrict__ part, int rows, int splits,
                                    float* __restrict__ lse) {
   const int r = blockIdx.x * blockDim.x + threadIdx.x;
   if (r >= rows) return;
@@ -527,7 +527,7 @@ __global__ void __launch_bounds__(tuning::column_threads)
 
 // grid (ceil(P / THREADS), batch * kv_heads): out(b, g, j) = sum of raw over the
 // kernel window centred on j (zeros outside), / (kernel * group), in the host's order.
-__global__ void pool_groups_kernel(const float* __restrict__ raw, int Hkv, int P, int kernel,
+static __global__ void pool_groups_kernel(const float* __restrict__ raw, int Hkv, int P, int kernel,
                                    float inv, float* __restrict__ out, std::int64_t o_b,
                                    std::int64_t o_g) {
   const int bg = blockIdx.y, b = bg / Hkv, g = bg % Hkv;
@@ -545,7 +545,8 @@ __global__ void pool_groups_kernel(const float* __restrict__ raw, int Hkv, int P
 
 // One block: the per-block (entropy, variance) shares summed in double, in a fixed
 // order, into stats_out(0) and stats_out(1). Stays on the device: no host sync.
-__global__ void __launch_bounds__(tuning::column_threads)
+// (static: a non-template kernel in a header needs internal linkage per translation unit)
+static __global__ void __launch_bounds__(tuning::column_threads)
     layer_stats_kernel(const float2* __restrict__ partial, int count, float* __restrict__ stats,
                        std::int64_t stride) {
   double e = 0, v = 0;

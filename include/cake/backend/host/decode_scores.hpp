@@ -2,7 +2,11 @@
 // group's query heads share each key row while it is in cache.
 #pragma once
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -10,6 +14,66 @@
 #include "../../detail/parallel.hpp"
 
 namespace cake {
+namespace detail::host_decode {
+
+inline constexpr index_t LANES = 16;  // independent partial sums: vectorises, same bits on every ISA
+inline constexpr index_t QB = 4;      // query heads scored together against one key row
+
+// Sum with LANES independent accumulators, then the lanes in order.
+CAKE_ALWAYS_INLINE float lane_sum(const float* CAKE_RESTRICT x, index_t n) {
+  float part[LANES] = {};
+  index_t j = 0;
+  for (; j + LANES <= n; j += LANES)
+    for (index_t l = 0; l < LANES; ++l) part[l] += x[j + l];
+  for (index_t l = 0; j < n; ++j, ++l) part[l] += x[j];
+  float s = 0;
+  for (index_t l = 0; l < LANES; ++l) s += part[l];
+  return s;
+}
+
+// Max of finite floats through their order-preserving integer image (integer max
+// vectorises without -ffast-math; max is exact, so the result is the same).
+CAKE_ALWAYS_INLINE std::int32_t ordered_int(float x) {
+  const std::int32_t v = std::bit_cast<std::int32_t>(x);
+  return v ^ ((v >> 31) & 0x7fffffff);
+}
+CAKE_ALWAYS_INLINE float row_max(const float* CAKE_RESTRICT x, index_t n) {
+  std::int32_t part[LANES];
+  for (index_t l = 0; l < LANES; ++l) part[l] = ordered_int(-std::numeric_limits<float>::max());
+  index_t j = 0;
+  for (; j + LANES <= n; j += LANES)
+    for (index_t l = 0; l < LANES; ++l) {
+      const std::int32_t v = ordered_int(x[j + l]);
+      part[l] = v > part[l] ? v : part[l];
+    }
+  std::int32_t m = part[0];
+  for (index_t l = 1; l < LANES; ++l) m = part[l] > m ? part[l] : m;
+  for (; j < n; ++j) {
+    const std::int32_t v = ordered_int(x[j]);
+    m = v > m ? v : m;
+  }
+  return std::bit_cast<float>(m ^ ((m >> 31) & 0x7fffffff));
+}
+
+// dots[r] = q[r] . k for QB query rows (q: QB x d, zero-padded rows allowed), each
+// with LANES partial sums added in a fixed order.
+CAKE_ALWAYS_INLINE void dot_rows(const float* CAKE_RESTRICT q, const float* CAKE_RESTRICT k,
+                                 index_t d, float* CAKE_RESTRICT dots) {
+  float acc[QB][LANES] = {};
+  index_t x = 0;
+  for (; x + LANES <= d; x += LANES)
+    for (index_t r = 0; r < QB; ++r)
+      for (index_t l = 0; l < LANES; ++l) acc[r][l] += q[r * d + x + l] * k[x + l];
+  for (index_t l = 0; x < d; ++x, ++l)
+    for (index_t r = 0; r < QB; ++r) acc[r][l] += q[r * d + x] * k[x];
+  for (index_t r = 0; r < QB; ++r) {
+    float s = 0;
+    for (index_t l = 0; l < LANES; ++l) s += acc[r][l];
+    dots[r] = s;
+  }
+}
+
+}  // namespace detail::host_decode
 
 template <>
 struct decode_scores_backend<host_policy> {
@@ -20,36 +84,51 @@ struct decode_scores_backend<host_policy> {
     const index_t Hkv = k.extent(1), n_held = k.extent(2), grp = H / Hkv, c = out.extent(2);
     const int kernel = indicator.pool_kernel, half = kernel / 2;
     const float sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
+    using namespace detail::host_decode;
+    const index_t grp_pad = (grp + QB - 1) / QB * QB;
     const int nt = detail::worker_count(exec, B * Hkv);
-    // per worker: (grp, n_held) probabilities, (c + 2 * half) padded sums
-    std::vector<std::vector<float>> prob(static_cast<std::size_t>(nt)), acc(prob.size());
+    // per worker: (grp, n_held) probabilities, (c + 2 * half) padded sums,
+    // (grp_pad, d) the group's queries as float (rows past grp are zero)
+    std::vector<std::vector<float>> prob(static_cast<std::size_t>(nt)), acc(prob.size()),
+        qbuf(prob.size()), kbuf(prob.size());
     for (std::size_t t = 0; t < prob.size(); ++t) {
       prob[t].resize(static_cast<std::size_t>(grp * n_held));
       acc[t].resize(static_cast<std::size_t>(c + 2 * half));
+      qbuf[t].assign(static_cast<std::size_t>(grp_pad * d), 0.0f);
+      kbuf[t].resize(static_cast<std::size_t>(d));
     }
     detail::parallel_for(exec, B * Hkv, [&](index_t row, int worker) {
       const index_t b = row / Hkv, g = row % Hkv;
       float* p = prob[static_cast<std::size_t>(worker)].data();
+      float* qg = qbuf[static_cast<std::size_t>(worker)].data();
+      for (index_t r = 0; r < grp; ++r) {
+        const auto* qr = &q(b, g * grp + r, 0);
+        for (index_t x = 0; x < d; ++x) qg[r * d + x] = static_cast<float>(qr[x]);
+      }
+      float* kf = kbuf[static_cast<std::size_t>(worker)].data();  // a key row as float, if need be
       for (index_t j = 0; j < n_held; ++j) {
         const auto* kr = &k(b, g, j, 0);
-        for (index_t r = 0; r < grp; ++r) {
-          const auto* qr = &q(b, g * grp + r, 0);
-          float s = 0;
-          for (index_t x = 0; x < d; ++x) s += static_cast<float>(qr[x]) * static_cast<float>(kr[x]);
-          p[r * n_held + j] = s / sqrt_d;
+        const float* kp;
+        if constexpr (std::is_same_v<std::remove_const_t<std::remove_reference_t<decltype(*kr)>>,
+                                     float>) {
+          kp = kr;
+        } else {
+          for (index_t x = 0; x < d; ++x) kf[x] = static_cast<float>(kr[x]);
+          kp = kf;
+        }
+        for (index_t r0 = 0; r0 < grp; r0 += QB) {
+          float dots[QB];
+          dot_rows(qg + r0 * d, kp, d, dots);
+          for (index_t r = r0; r < std::min(grp, r0 + QB); ++r) p[r * n_held + j] = dots[r - r0] / sqrt_d;
         }
       }
       float* a = acc[static_cast<std::size_t>(worker)].data();
       std::fill(a, a + c + 2 * half, 0.0f);
       for (index_t r = 0; r < grp; ++r) {
         float* pr = p + r * n_held;
-        float m = -std::numeric_limits<float>::max();
-        for (index_t j = 0; j < n_held; ++j) m = pr[j] > m ? pr[j] : m;
-        float sum = 0;
-        for (index_t j = 0; j < n_held; ++j) {
-          pr[j] = detail::exp_approx(pr[j] - m);
-          sum += pr[j];
-        }
+        const float m = row_max(pr, n_held);
+        for (index_t j = 0; j < n_held; ++j) pr[j] = detail::exp_approx(pr[j] - m);
+        const float sum = lane_sum(pr, n_held);
         for (index_t j = 0; j < c; ++j) a[half + j] += indicator.score(pr[j] / sum, 0.0f);
       }
       const float inv = 1.0f / (static_cast<float>(kernel) * static_cast<float>(grp));

@@ -9,6 +9,8 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -22,23 +24,28 @@ namespace detail::host_stats {
 inline constexpr index_t RB = 4;    // query rows per micro-tile
 inline constexpr index_t CB = 32;   // keys per micro-tile
 inline constexpr index_t TJ = 256;  // keys per transposed K tile
+// Row pitch of the transposed tile: TJ plus one cache line, so that its d rows do
+// not all map to the same few L1 sets (a 1 KiB pitch made the transpose thrash L1).
+inline constexpr index_t KT_LD = TJ + 16;
 inline constexpr index_t LANES = 16;
 inline constexpr index_t COL_CHUNK = 2048;  // keys per column-reduction chunk (stays in L2)
 
 inline index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
 
 struct Scratch {
-  std::vector<float> q;    // (w_pad, d)      window queries of one head, as float
+  std::vector<float> q;    // (rows, d)       window queries of one GQA group, as float
   std::vector<float> kt;   // (d, TJ)         one key tile, transposed
-  std::vector<float> p;    // (w_pad, ld)     scores, then probabilities
+  std::vector<float> p;    // (rows, ld)      scores, then probabilities
   std::vector<float> col;  // (COL_CHUNK)     column means
   std::vector<float> m2;   // (COL_CHUNK)     column sums of squared deviations
-  void reserve(index_t w_pad, index_t d, index_t ld) {
-    q.assign(static_cast<std::size_t>(w_pad * d), 0.0f);
-    kt.assign(static_cast<std::size_t>(d * TJ), 0.0f);
-    p.resize(static_cast<std::size_t>(w_pad * ld));
+  std::vector<float> rmax; // (rows)          maximum score of each row over its valid keys
+  void reserve(index_t rows, index_t d, index_t ld) {
+    q.assign(static_cast<std::size_t>(rows * d), 0.0f);
+    kt.assign(static_cast<std::size_t>(d * KT_LD), 0.0f);
+    p.resize(static_cast<std::size_t>(rows * ld));
     col.resize(COL_CHUNK);
     m2.resize(COL_CHUNK);
+    rmax.resize(static_cast<std::size_t>(rows));
   }
 };
 
@@ -47,7 +54,7 @@ CAKE_ALWAYS_INLINE void micro_tile(const float* CAKE_RESTRICT q, const float* CA
                                    index_t d, float sqrt_d, float* CAKE_RESTRICT out, index_t ld) {
   float acc[RB][CB] = {};
   for (index_t x = 0; x < d; ++x) {
-    const float* CAKE_RESTRICT kr = kt + x * TJ;
+    const float* CAKE_RESTRICT kr = kt + x * KT_LD;
     for (index_t r = 0; r < RB; ++r) {
       const float qv = q[r * d + x];
       for (index_t c = 0; c < CB; ++c) acc[r][c] += qv * kr[c];
@@ -70,27 +77,75 @@ CAKE_ALWAYS_INLINE float lane_sum(const float* CAKE_RESTRICT x, index_t n) {
   return s;
 }
 
+// Max of x[0..n) (finite values): taken on the order-preserving integer image of
+// the floats with LANES independent lanes, because integer max vectorises
+// without -ffast-math and float max does not. Max is exact, so the result does
+// not depend on the lane count or the target.
+CAKE_ALWAYS_INLINE std::int32_t ordered_int(float x) {
+  const std::int32_t v = std::bit_cast<std::int32_t>(x);
+  return v ^ ((v >> 31) & 0x7fffffff);
+}
+CAKE_ALWAYS_INLINE float row_max(const float* CAKE_RESTRICT x, index_t n) {
+  std::int32_t part[LANES];
+  for (index_t l = 0; l < LANES; ++l) part[l] = ordered_int(-std::numeric_limits<float>::max());
+  index_t j = 0;
+  for (; j + LANES <= n; j += LANES)
+    for (index_t l = 0; l < LANES; ++l) {
+      const std::int32_t v = ordered_int(x[j + l]);
+      part[l] = v > part[l] ? v : part[l];
+    }
+  std::int32_t m = part[0];
+  for (index_t l = 1; l < LANES; ++l) m = part[l] > m ? part[l] : m;
+  for (; j < n; ++j) {
+    const std::int32_t v = ordered_int(x[j]);
+    m = v > m ? v : m;
+  }
+  return std::bit_cast<float>(m ^ ((m >> 31) & 0x7fffffff));
+}
+
 // Row i of the window sees keys [0, S - w + i]; the rest is masked (probability 0).
 // Writes probabilities in place and returns sum over prefix keys of p ln(p + 1e-10).
+// m is the maximum of row[0..valid), found while the scores were still in cache.
 inline double softmax_row(float* CAKE_RESTRICT row, index_t valid, index_t prefix, index_t ld,
-                          bool want_entropy) {
-  float m = -std::numeric_limits<float>::max();
-  for (index_t j = 0; j < valid; ++j) m = row[j] > m ? row[j] : m;
-  for (index_t j = 0; j < valid; ++j) row[j] = exp_approx(row[j] - m);
-  for (index_t j = valid; j < ld; ++j) row[j] = 0.0f;
-  const float sum = lane_sum(row, valid);
-  for (index_t j = 0; j < valid; ++j) row[j] = row[j] / sum;
-  if (!want_entropy) return 0.0;
+                          bool want_entropy, float m) {
+  // Three passes (max; exp and sum; divide and entropy), each fused loop keeping
+  // the lane order of the separate loops it replaces, so the bits are unchanged.
   float part[LANES] = {};
   index_t j = 0;
+  for (; j + LANES <= valid; j += LANES)
+    for (index_t l = 0; l < LANES; ++l) {
+      const float e = exp_approx(row[j + l] - m);
+      row[j + l] = e;
+      part[l] += e;
+    }
+  for (index_t l = 0; j < valid; ++j, ++l) {
+    const float e = exp_approx(row[j] - m);
+    row[j] = e;
+    part[l] += e;
+  }
+  for (j = valid; j < ld; ++j) row[j] = 0.0f;
+  float sum = 0;
+  for (index_t l = 0; l < LANES; ++l) sum += part[l];
+  if (!want_entropy) {
+    for (j = 0; j < valid; ++j) row[j] = row[j] / sum;
+    return 0.0;
+  }
+  float ep[LANES] = {};
+  j = 0;
   for (; j + LANES <= prefix; j += LANES)
     for (index_t l = 0; l < LANES; ++l) {
-      const float p = row[j + l];
-      part[l] += p * log_approx(p + 1e-10f);
+      const float p = row[j + l] / sum;
+      row[j + l] = p;
+      ep[l] += p * log_approx(p + 1e-10f);
     }
-  for (index_t l = 0; j < prefix; ++j, ++l) part[l] += row[j] * log_approx(row[j] + 1e-10f);
+  for (index_t l = 0; j < prefix; ++j, ++l) {
+    const float p = row[j] / sum;
+    row[j] = p;
+    ep[l] += p * log_approx(p + 1e-10f);
+  }
+  for (; j < valid; ++j) row[j] = row[j] / sum;
   double s = 0;
-  for (index_t l = 0; l < LANES; ++l) s += part[l];
+  for (index_t l = 0; l < LANES; ++l) s += ep[l];
   return -s;
 }
 
@@ -133,28 +188,45 @@ double column_stats(const float* CAKE_RESTRICT p, index_t ld, index_t w, index_t
   return var_total;
 }
 
-// Scores of one query head against all keys of its KV head, into s.p (w_pad x ld).
+// Scores of the n query heads of KV head g against all its keys, into s.p: head r's
+// window row i is row r * w_pad + i (ld floats). Each transposed key tile is built
+// once and used by the whole group, so the transpose costs 1/n of what it would
+// per head; every score is computed exactly as for a single head.
 template <class QV, class KV>
-void head_scores(const QV& q, const KV& k, index_t b, index_t h, index_t g, index_t w,
-                 index_t w_pad, index_t S, index_t d, index_t ld, Scratch& s) {
+void group_scores(const QV& q, const KV& k, index_t b, index_t g, index_t n, index_t w,
+                  index_t w_pad, index_t S, index_t d, index_t ld, Scratch& s) {
   const float sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
-  for (index_t i = 0; i < w; ++i) {
-    const auto* qr = &q(b, h, i, 0);
-    for (index_t x = 0; x < d; ++x) s.q[static_cast<std::size_t>(i * d + x)] = static_cast<float>(qr[x]);
-  }
+  for (index_t r = 0; r < n; ++r)
+    for (index_t i = 0; i < w; ++i) {
+      const auto* qr = &q(b, g * n + r, i, 0);
+      float* dst = s.q.data() + (r * w_pad + i) * d;
+      for (index_t x = 0; x < d; ++x) dst[x] = static_cast<float>(qr[x]);
+    }
+  const index_t rows = n * w_pad;
   float* kt = s.kt.data();
   for (index_t j0 = 0; j0 < S; j0 += TJ) {
     const index_t tj = std::min(TJ, S - j0);
     for (index_t jj = 0; jj < tj; ++jj) {
       const auto* kr = &k(b, g, j0 + jj, 0);
-      for (index_t x = 0; x < d; ++x) kt[x * TJ + jj] = static_cast<float>(kr[x]);
+      for (index_t x = 0; x < d; ++x) kt[x * KT_LD + jj] = static_cast<float>(kr[x]);
     }
     if (tj < TJ)
-      for (index_t x = 0; x < d; ++x) std::fill(kt + x * TJ + tj, kt + (x + 1) * TJ, 0.0f);
+      for (index_t x = 0; x < d; ++x) std::fill(kt + x * KT_LD + tj, kt + x * KT_LD + TJ, 0.0f);
     const index_t tj_pad = round_up(tj, CB);
-    for (index_t i0 = 0; i0 < w_pad; i0 += RB)
+    for (index_t i0 = 0; i0 < rows; i0 += RB)
       for (index_t c0 = 0; c0 < tj_pad; c0 += CB)
         micro_tile(s.q.data() + i0 * d, kt + c0, d, sqrt_d, s.p.data() + i0 * ld + j0 + c0, ld);
+    // Row maxima over the valid keys (row i sees [0, S - w + i]) while the tile is
+    // still in cache, so softmax does not need a pass of its own for them.
+    for (index_t r = 0; r < n; ++r)
+      for (index_t i = 0; i < w; ++i) {
+        const index_t row = r * w_pad + i;
+        const index_t cnt = std::min(tj, S - w + i + 1 - j0);
+        if (cnt <= 0) continue;
+        const float tm = row_max(s.p.data() + row * ld + j0, cnt);
+        float& m = s.rmax[static_cast<std::size_t>(row)];
+        m = j0 == 0 || tm > m ? tm : m;
+      }
   }
 }
 
@@ -198,22 +270,37 @@ struct window_stats_backend<host_policy> {
     const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
     const index_t Hkv = k.extent(1), S = k.extent(2), n = H / Hkv, P = S - w;
     const index_t w_pad = round_up(w, RB), ld = round_up(S, TJ);
-    std::vector<float> ind_heads(static_cast<std::size_t>(B * H * P));
+    // The large buffers (per-head indicators, per-worker scores) are kept per calling
+    // thread and reused, so a layer does not pay page faults on tens of MiB each
+    // call; every element read is written first, so reuse cannot change results.
+    // (Bound to references here: inside the parallel region a thread_local name
+    // would denote the worker's own, empty, instance.)
+    static thread_local std::vector<float> tl_ind_heads;
+    static thread_local std::vector<Scratch> tl_scratch;
+    std::vector<float>& ind_heads = tl_ind_heads;
+    std::vector<Scratch>& scratch = tl_scratch;
+    ind_heads.resize(static_cast<std::size_t>(B * H * P));
     std::vector<double> ent(static_cast<std::size_t>(B * H)), var(static_cast<std::size_t>(B * H));
-    const int nt = detail::worker_count(exec, B * H);
-    std::vector<Scratch> scratch(static_cast<std::size_t>(nt));
-    for (auto& s : scratch) s.reserve(w_pad, d, ld);
-    detail::parallel_for(exec, B * H, [&](index_t bh, int worker) {
+    // One task per (batch, KV head): its n query heads share each key tile.
+    // Per-head results land in fixed slots, so nothing depends on the thread count.
+    const int nt = detail::worker_count(exec, B * Hkv);
+    if (scratch.size() < static_cast<std::size_t>(nt)) scratch.resize(static_cast<std::size_t>(nt));
+    for (int t = 0; t < nt; ++t) scratch[static_cast<std::size_t>(t)].reserve(n * w_pad, d, ld);
+    detail::parallel_for(exec, B * Hkv, [&](index_t bg, int worker) {
       Scratch& s = scratch[static_cast<std::size_t>(worker)];
-      const index_t b = bh / H, h = bh % H, g = h / n;
-      head_scores(q, k, b, h, g, w, w_pad, S, d, ld, s);
-      double e = 0;
-      for (index_t i = 0; i < w; ++i)
-        e += softmax_row(s.p.data() + i * ld, P + i + 1, P, ld, req.entropy);
-      ent[static_cast<std::size_t>(bh)] = e;
-      var[static_cast<std::size_t>(bh)] =
-          column_stats(s.p.data(), ld, w, P, indicator, req.variance, s,
-                       ind_heads.data() + bh * P);
+      const index_t b = bg / Hkv, g = bg % Hkv;
+      group_scores(q, k, b, g, n, w, w_pad, S, d, ld, s);
+      for (index_t r = 0; r < n; ++r) {
+        const index_t bh = b * H + g * n + r;
+        float* p = s.p.data() + r * w_pad * ld;
+        double e = 0;
+        for (index_t i = 0; i < w; ++i)
+          e += softmax_row(p + i * ld, P + i + 1, P, ld, req.entropy,
+                           s.rmax[static_cast<std::size_t>(r * w_pad + i)]);
+        ent[static_cast<std::size_t>(bh)] = e;
+        var[static_cast<std::size_t>(bh)] =
+            column_stats(p, ld, w, P, indicator, req.variance, s, ind_heads.data() + bh * P);
+      }
     });
     finish(exec, ind_heads, ent, var, B, Hkv, n, P, indicator.pool_kernel, out, stats);
   }

@@ -1,0 +1,295 @@
+// CUDA benchmarks of cake's kernels, each beside the baseline it is judged against:
+//   window_stats   Llama-3.1-8B heads (H 32, Hkv 8, d 128, w 32, bf16 K), S 32K / 128K;
+//                  baseline: a device-to-device copy of K (the bytes floor)
+//   select_k       8 rows x 128K keys; baseline: cub::DeviceSegmentedRadixSort + gather
+//   compact        kept K rows (bf16, d 128); baseline: cudaMemcpyAsync of the same bytes
+//   decode_scores  one decoding step of one layer
+// Times come from CUDA events around REPS back-to-back calls (UseManualTime).
+#include <benchmark/benchmark.h>
+
+#include <cake/cake.cuh>
+#include <cub/device/device_segmented_radix_sort.cuh>
+
+#include <cstdio>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using cake::index_t;
+
+constexpr int REPS = 20;
+
+void must(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+template <class T>
+struct DeviceArray {
+  T* p = nullptr;
+  std::size_t n = 0;
+  explicit DeviceArray(std::size_t count) : n(count) {
+    must(cudaMalloc(&p, std::max<std::size_t>(count, 1) * sizeof(T)), "cudaMalloc");
+  }
+  ~DeviceArray() { cudaFree(p); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  void upload(const std::vector<T>& h) {
+    must(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "upload");
+  }
+};
+
+template <class T>
+std::vector<T> random_vector(std::size_t n, float scale, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<T> v(n);
+  for (auto& x : v) x = static_cast<T>(d(rng));
+  return v;
+}
+
+// Runs f REPS times between two events per benchmark iteration; reports the mean.
+template <class F>
+void time_loop(benchmark::State& state, cudaStream_t s, F&& f) {
+  cudaEvent_t a, b;
+  must(cudaEventCreate(&a), "event");
+  must(cudaEventCreate(&b), "event");
+  f();  // warm-up (and first-launch costs)
+  must(cudaStreamSynchronize(s), "warm-up");
+  for (auto _ : state) {
+    must(cudaEventRecord(a, s), "record");
+    for (int r = 0; r < REPS; ++r) f();
+    must(cudaEventRecord(b, s), "record");
+    must(cudaEventSynchronize(b), "sync");
+    float ms = 0;
+    must(cudaEventElapsedTime(&ms, a, b), "elapsed");
+    state.SetIterationTime(ms / 1e3 / REPS);
+  }
+  must(cudaGetLastError(), "kernels");
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+}
+
+void set_bytes(benchmark::State& state, double bytes) {
+  state.counters["bytes_per_second"] =
+      benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// ---- window statistics -------------------------------------------------------------
+constexpr index_t H = 32, HKV = 8, D = 128, W = 32;
+
+void window_stats_cake(benchmark::State& state, bool with_lse, cake::cuda_math math) {
+  const index_t S = state.range(0);
+  cudaStream_t s;
+  must(cudaStreamCreate(&s), "stream");
+  DeviceArray<float> q(static_cast<std::size_t>(H * W * D)), ind(static_cast<std::size_t>(HKV * (S - W))),
+      st(2), lse(static_cast<std::size_t>(H * W));
+  DeviceArray<__nv_bfloat16> k(static_cast<std::size_t>(HKV * S * D));
+  q.upload(random_vector<float>(q.n, 1.0f, 1));
+  k.upload(random_vector<__nv_bfloat16>(k.n, 1.0f, 2));
+  lse.upload(std::vector<float>(lse.n, 10.0f));  // values only shape the work, not its cost
+  const std::size_t bytes = cake::window_stats_workspace_size(1, H, HKV, W, S, D, with_lse);
+  DeviceArray<char> ws(bytes);
+  const auto qv = cake::make_view<cake::device_space>(q.p, std::array<index_t, 4>{1, H, W, D});
+  const auto kv = cake::make_view<cake::device_space>(k.p, std::array<index_t, 4>{1, HKV, S, D});
+  const auto iv = cake::make_view<cake::device_space>(ind.p, std::array<index_t, 3>{1, HKV, S - W});
+  const auto sv = cake::make_view<cake::device_space>(st.p, std::array<index_t, 1>{2});
+  const auto lv = cake::make_view<cake::device_space>(lse.p, std::array<index_t, 3>{1, H, W});
+  const cake::MeanVarianceIndicator mv{};
+  time_loop(state, s, [&] {
+    if (with_lse)
+      cake::window_stats_lse(cake::cuda.on(s), qv, kv, lv, mv, iv, sv, {},
+                             cake::cuda_workspace{ws.p, bytes}, math);
+    else
+      cake::window_stats(cake::cuda.on(s), qv, kv, mv, iv, sv, {}, cake::cuda_workspace{ws.p, bytes},
+                         math);
+  });
+  set_bytes(state, static_cast<double>(k.n * sizeof(__nv_bfloat16)));
+  state.counters["flops"] = benchmark::Counter(2.0 * H * W * static_cast<double>(S) * D *
+                                                   (with_lse ? 1 : 2),
+                                               benchmark::Counter::kIsIterationInvariantRate);
+  cudaStreamDestroy(s);
+}
+
+void window_stats_copy_of_k(benchmark::State& state) {
+  const index_t S = state.range(0);
+  cudaStream_t s;
+  must(cudaStreamCreate(&s), "stream");
+  const std::size_t bytes = static_cast<std::size_t>(HKV * S * D) * sizeof(__nv_bfloat16);
+  DeviceArray<char> a(bytes), b(bytes);
+  time_loop(state, s, [&] { must(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, s), "copy"); });
+  set_bytes(state, 2.0 * static_cast<double>(bytes));  // read + write
+  cudaStreamDestroy(s);
+}
+
+// ---- top-k ---------------------------------------------------------------------------
+void select_k_cake(benchmark::State& state) {
+  const index_t rows = state.range(0), n = state.range(1), k = state.range(2);
+  cudaStream_t s;
+  must(cudaStreamCreate(&s), "stream");
+  DeviceArray<float> sc(static_cast<std::size_t>(rows * n));
+  DeviceArray<std::int32_t> out(static_cast<std::size_t>(rows * k));
+  sc.upload(random_vector<float>(sc.n, 1.0f, 3));
+  const std::size_t bytes = cake::select_k_workspace_size(rows, n, k);
+  DeviceArray<char> ws(bytes);
+  const auto sv = cake::make_view<cake::device_space>(sc.p, std::array<index_t, 2>{rows, n});
+  const auto ov = cake::make_view<cake::device_space>(out.p, std::array<index_t, 2>{rows, k});
+  time_loop(state, s, [&] {
+    cake::select_k(cake::cuda.on(s), sv, ov, cake::select_order::descending,
+                   cake::cuda_workspace{ws.p, bytes});
+  });
+  set_bytes(state, static_cast<double>(sc.n * sizeof(float)));
+  cudaStreamDestroy(s);
+}
+
+__global__ void iota_rows_kernel(std::int32_t* v, index_t n, index_t total) {
+  const index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e < total) v[e] = static_cast<std::int32_t>(e % n);
+}
+__global__ void gather_top_kernel(const std::int32_t* sorted, index_t n, index_t k, index_t rows,
+                                  std::int32_t* out) {
+  const index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e < rows * k) out[e] = sorted[(e / k) * n + e % k];
+}
+__global__ void offsets_kernel(int* o, int rows, int n) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r <= rows) o[r] = r * n;
+}
+
+void select_k_cub_segmented_sort(benchmark::State& state) {
+  const index_t rows = state.range(0), n = state.range(1), k = state.range(2);
+  cudaStream_t s;
+  must(cudaStreamCreate(&s), "stream");
+  const index_t total = rows * n;
+  DeviceArray<float> keys_in(static_cast<std::size_t>(total)), keys_out(static_cast<std::size_t>(total));
+  DeviceArray<std::int32_t> vals_in(static_cast<std::size_t>(total)), vals_out(static_cast<std::size_t>(total)),
+      out(static_cast<std::size_t>(rows * k));
+  DeviceArray<int> offsets(static_cast<std::size_t>(rows + 1));
+  keys_in.upload(random_vector<float>(keys_in.n, 1.0f, 3));
+  offsets_kernel<<<1, 256, 0, s>>>(offsets.p, static_cast<int>(rows), static_cast<int>(n));
+  std::size_t temp = 0;
+  must(cub::DeviceSegmentedRadixSort::SortPairsDescending(
+           nullptr, temp, keys_in.p, keys_out.p, vals_in.p, vals_out.p, static_cast<int>(total),
+           static_cast<int>(rows), offsets.p, offsets.p + 1, 0, 32, s),
+       "size");
+  DeviceArray<char> tmp(temp);
+  time_loop(state, s, [&] {
+    iota_rows_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, s>>>(vals_in.p, n, total);
+    std::size_t t = temp;
+    must(cub::DeviceSegmentedRadixSort::SortPairsDescending(
+             tmp.p, t, keys_in.p, keys_out.p, vals_in.p, vals_out.p, static_cast<int>(total),
+             static_cast<int>(rows), offsets.p, offsets.p + 1, 0, 32, s),
+         "sort");
+    gather_top_kernel<<<static_cast<unsigned>((rows * k + 255) / 256), 256, 0, s>>>(vals_out.p, n, k,
+                                                                                  rows, out.p);
+  });
+  set_bytes(state, static_cast<double>(total * sizeof(float)));
+  cudaStreamDestroy(s);
+}
+
+// ---- compaction ----------------------------------------------------------------------
+void compact_cake(benchmark::State& state) {
+  const index_t S = state.range(0), m = state.range(1);
+  cudaStream_t s;
+  must(cudaStreamCreate(&s), "stream");
+  DeviceArray<__nv_bfloat16> src(static_cast<std::size_t>(HKV * S * D)), dst(static_cast<std::size_t>(HKV * m * D));
+  std::vector<std::int64_t> keep(static_cast<std::size_t>(HKV * m));
+  std::mt19937 rng(5);
+  for (index_t g = 0; g < HKV; ++g)  // ascending, spread over the row like a real cut
+    for (index_t t = 0; t < m; ++t) keep[static_cast<std::size_t>(g * m + t)] = t * S / m;
+  DeviceArray<std::int64_t> dkeep(keep.size());
+  dkeep.upload(keep);
+  const auto sv = cake::make_view<cake::device_space>(src.p, std::array<index_t, 4>{1, HKV, S, D});
+  const auto kv = cake::make_view<cake::device_space>(dkeep.p, std::array<index_t, 3>{1, HKV, m});
+  const auto dv = cake::make_view<cake::device_space>(dst.p, std::array<index_t, 4>{1, HKV, m, D});
+  time_loop(state, s, [&] { cake::compact(cake::cuda.on(s), sv, kv, dv); });
+  set_bytes(state, 2.0 * static_cast<double>(dst.n * sizeof(__nv_bfloat16)));
+  cudaStreamDestroy(s);
+}
+
+void compact_memcpy(benchmark::State& state) {
+  const index_t m = state.range(1);
+  cudaStream_t s;
+  must(cudaStreamCreate(&s), "stream");
+  const std::size_t bytes = static_cast<std::size_t>(HKV * m * D) * sizeof(__nv_bfloat16);
+  DeviceArray<char> a(bytes), b(bytes);
+  time_loop(state, s, [&] { must(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, s), "copy"); });
+  set_bytes(state, 2.0 * static_cast<double>(bytes));
+  cudaStreamDestroy(s);
+}
+
+// ---- decoding ------------------------------------------------------------------------
+void decode_scores_cake(benchmark::State& state) {
+  const index_t held = state.range(0), c = held - W;
+  cudaStream_t s;
+  must(cudaStreamCreate(&s), "stream");
+  DeviceArray<float> q(static_cast<std::size_t>(H * D)), out(static_cast<std::size_t>(HKV * c));
+  DeviceArray<__nv_bfloat16> k(static_cast<std::size_t>(HKV * held * D));
+  q.upload(random_vector<float>(q.n, 1.0f, 6));
+  k.upload(random_vector<__nv_bfloat16>(k.n, 1.0f, 7));
+  const auto qv = cake::make_view<cake::device_space>(q.p, std::array<index_t, 3>{1, H, D});
+  const auto kv = cake::make_view<cake::device_space>(k.p, std::array<index_t, 4>{1, HKV, held, D});
+  const auto ov = cake::make_view<cake::device_space>(out.p, std::array<index_t, 3>{1, HKV, c});
+  time_loop(state, s, [&] {
+    cake::decode_scores(cake::cuda.on(s), qv, kv, cake::MeanVarianceIndicator{}, ov);
+  });
+  set_bytes(state, static_cast<double>(k.n * sizeof(__nv_bfloat16)));
+  cudaStreamDestroy(s);
+}
+
+void register_all() {
+  for (const index_t S : {32768, 131072}) {
+    const std::string a = "/S:" + std::to_string(S) + "/H:32/Hkv:8/d:128/w:32/bf16";
+    using M = cake::cuda_math;
+    benchmark::RegisterBenchmark(("window_stats/cake" + a).c_str(),
+                                 [](benchmark::State& st) { window_stats_cake(st, false, M::exact); })
+        ->Arg(S)->UseManualTime()->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(("window_stats/cake_lse" + a).c_str(),
+                                 [](benchmark::State& st) { window_stats_cake(st, true, M::exact); })
+        ->Arg(S)->UseManualTime()->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(("window_stats/cake_tc" + a).c_str(),
+                                 [](benchmark::State& st) { window_stats_cake(st, false, M::tensor_cores); })
+        ->Arg(S)->UseManualTime()->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(("window_stats/cake_tc_lse" + a).c_str(),
+                                 [](benchmark::State& st) { window_stats_cake(st, true, M::tensor_cores); })
+        ->Arg(S)->UseManualTime()->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(("window_stats/d2d_copy_of_K" + a).c_str(), window_stats_copy_of_k)
+        ->Arg(S)->UseManualTime()->Unit(benchmark::kMicrosecond);
+  }
+  for (const index_t k : {256, 1024, 2048}) {
+    const std::string a = "/rows:8/n:131072/k:" + std::to_string(k);
+    benchmark::RegisterBenchmark(("select_k/cake" + a).c_str(), select_k_cake)
+        ->Args({8, 131072, k})->UseManualTime()->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(("select_k/cub_segmented_sort" + a).c_str(), select_k_cub_segmented_sort)
+        ->Args({8, 131072, k})->UseManualTime()->Unit(benchmark::kMicrosecond);
+  }
+  for (const index_t m : {1056, 16384}) {
+    const std::string a = "/S:131072/m:" + std::to_string(m) + "/Hkv:8/d:128/bf16";
+    benchmark::RegisterBenchmark(("compact/cake" + a).c_str(), compact_cake)
+        ->Args({131072, m})->UseManualTime()->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(("compact/cudaMemcpyAsync" + a).c_str(), compact_memcpy)
+        ->Args({131072, m})->UseManualTime()->Unit(benchmark::kMicrosecond);
+  }
+  benchmark::RegisterBenchmark("decode_scores/cake/held:2080/H:32/Hkv:8/d:128/bf16", decode_scores_cake)
+      ->Arg(2080)->UseManualTime()->Unit(benchmark::kMicrosecond);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("no CUDA device: skipping the CUDA benchmarks\n");
+    return 0;
+  }
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,11 @@
+// Registration functions of the host suites, one per operation.
+#pragma once
+
+namespace cake_bench {
+void register_window_stats();
+void register_select_k();
+void register_compact();
+void register_allocate_budgets();
+void register_prefill();
+void register_decode();
+}  // namespace cake_bench

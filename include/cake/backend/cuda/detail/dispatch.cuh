@@ -51,7 +51,11 @@ inline int multiprocessor_count() {
 
 // Throws cake::cuda_error naming `where` (a kernel or runtime call) when code is an error.
 inline void check(cudaError_t code, const char* where) {
-  if (code != cudaSuccess) throw cuda_error(where, static_cast<int>(code), cudaGetErrorString(code));
+  if (code == cudaSuccess) return;
+  // A failed call also leaves the error as the thread's "last error": clear it, or the
+  // next check_launch() would report it against an innocent kernel.
+  (void)cudaGetLastError();
+  throw cuda_error(where, static_cast<int>(code), cudaGetErrorString(code));
 }
 
 // After a launch: configuration errors (bad grid, too much shared memory) surface here,
@@ -113,9 +117,12 @@ class scoped_workspace {
 };
 
 // Opt a kernel into more than 48 KiB of dynamic shared memory when it needs it.
+// The 48 KiB default limit applies to static plus dynamic shared memory together.
 template <class Kernel>
 void allow_shared_memory(Kernel kernel, std::size_t bytes, const char* name) {
-  if (bytes > 48 * 1024)
+  cudaFuncAttributes attr{};
+  check(cudaFuncGetAttributes(&attr, kernel), name);
+  if (attr.sharedSizeBytes + bytes > 48 * 1024)
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(bytes)),
           name);

@@ -218,28 +218,6 @@ void launch_attention_stats(const cuda_policy& exec, device_view<TA, 4> a, const
 }
 
 
-// The checks of the front-end cake::window_stats_from_attention, with its messages,
-// for the overload that takes a workspace.
-template <class VA, class VO, class VS>
-void validate_attention(const VA& a, const VO& io, const VS& so) {
-  const index_t B = a.extent(0), H = a.extent(1), w = a.extent(2), S = a.extent(3);
-  const index_t Hkv = io.extent(1);
-  CAKE_EXPECTS(Hkv >= 1 && H % Hkv == 0, "cake.attention.kv_heads",
-               "q_heads must be a multiple of kv_heads (indicator_out extent 1): q_heads = ", H,
-               ", kv_heads = ", Hkv);
-  CAKE_EXPECTS(w >= 2 && w <= S, "cake.attention.window", "window must be in [2, S = ", S,
-               "], got ", w);
-  CAKE_EXPECTS(inner_contiguous(a), "cake.attention.layout",
-               "attention must have unit stride along tokens, got stride ", a.stride(3));
-  CAKE_EXPECTS(io.extent(0) == B && io.extent(2) == S - w, "cake.indicator_out.shape",
-               "indicator_out must be (batch, kv_heads, S - window) = (", B, ", ", Hkv, ", ",
-               S - w, "), got (", io.extent(0), ", ", io.extent(1), ", ", io.extent(2), ")");
-  CAKE_EXPECTS(io.extent(2) <= 1 || io.stride(2) == 1, "cake.indicator_out.layout",
-               "indicator_out must have unit stride along tokens");
-  CAKE_EXPECTS(so.extent(0) >= 2, "cake.stats_out.shape",
-               "stats_out must hold 2 values (entropy, variance), got ", so.extent(0));
-}
-
 }  // namespace cuda_detail
 
 template <>
@@ -341,7 +319,7 @@ void window_stats_from_attention(const cuda_policy& exec, A&& attention, const I
   require_space<cuda_policy, decltype(io)>();
   require_space<cuda_policy, decltype(so)>();
   indicator.validate().throw_if_error();
-  cuda_detail::validate_attention(a, io, so);
+  validate_window_stats_from_attention(a, io, so).throw_if_error();
   window_stats_backend<cuda_policy>::run_from_attention(exec, a, indicator, io, so, request,
                                                         workspace);
 }

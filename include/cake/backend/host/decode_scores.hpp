@@ -10,50 +10,15 @@
 #include <limits>
 #include <vector>
 
+#include "../../detail/lanes.hpp"
 #include "../../detail/math.hpp"
 #include "../../detail/parallel.hpp"
 
 namespace cake {
 namespace detail::host_decode {
 
-inline constexpr index_t LANES = 16;  // independent partial sums: vectorises, same bits on every ISA
 inline constexpr index_t QB = 4;      // query heads scored together against one key row
 
-// Sum with LANES independent accumulators, then the lanes in order.
-CAKE_ALWAYS_INLINE float lane_sum(const float* CAKE_RESTRICT x, index_t n) {
-  float part[LANES] = {};
-  index_t j = 0;
-  for (; j + LANES <= n; j += LANES)
-    for (index_t l = 0; l < LANES; ++l) part[l] += x[j + l];
-  for (index_t l = 0; j < n; ++j, ++l) part[l] += x[j];
-  float s = 0;
-  for (index_t l = 0; l < LANES; ++l) s += part[l];
-  return s;
-}
-
-// Max of finite floats through their order-preserving integer image (integer max
-// vectorises without -ffast-math; max is exact, so the result is the same).
-CAKE_ALWAYS_INLINE std::int32_t ordered_int(float x) {
-  const std::int32_t v = std::bit_cast<std::int32_t>(x);
-  return v ^ ((v >> 31) & 0x7fffffff);
-}
-CAKE_ALWAYS_INLINE float row_max(const float* CAKE_RESTRICT x, index_t n) {
-  std::int32_t part[LANES];
-  for (index_t l = 0; l < LANES; ++l) part[l] = ordered_int(-std::numeric_limits<float>::max());
-  index_t j = 0;
-  for (; j + LANES <= n; j += LANES)
-    for (index_t l = 0; l < LANES; ++l) {
-      const std::int32_t v = ordered_int(x[j + l]);
-      part[l] = v > part[l] ? v : part[l];
-    }
-  std::int32_t m = part[0];
-  for (index_t l = 1; l < LANES; ++l) m = part[l] > m ? part[l] : m;
-  for (; j < n; ++j) {
-    const std::int32_t v = ordered_int(x[j]);
-    m = v > m ? v : m;
-  }
-  return std::bit_cast<float>(m ^ ((m >> 31) & 0x7fffffff));
-}
 
 // dots[r] = q[r] . k for QB query rows (q: QB x d, zero-padded rows allowed), each
 // with LANES partial sums added in a fixed order.
@@ -85,6 +50,8 @@ struct decode_scores_backend<host_policy> {
     const int kernel = indicator.pool_kernel, half = kernel / 2;
     const float sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
     using namespace detail::host_decode;
+    using detail::lane_sum;
+    using detail::row_max;
     const index_t grp_pad = (grp + QB - 1) / QB * QB;
     const int nt = detail::worker_count(exec, B * Hkv);
     // per worker: (grp, n_held) probabilities, (c + 2 * half) padded sums,

@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "../../detail/lanes.hpp"
 #include "../../detail/math.hpp"
 #include "../../detail/parallel.hpp"
 
@@ -27,7 +28,6 @@ inline constexpr index_t TJ = 256;  // keys per transposed K tile
 // Row pitch of the transposed tile: TJ plus one cache line, so that its d rows do
 // not all map to the same few L1 sets (a 1 KiB pitch made the transpose thrash L1).
 inline constexpr index_t KT_LD = TJ + 16;
-inline constexpr index_t LANES = 16;
 inline constexpr index_t COL_CHUNK = 2048;  // keys per column-reduction chunk (stays in L2)
 
 inline index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
@@ -64,44 +64,6 @@ CAKE_ALWAYS_INLINE void micro_tile(const float* CAKE_RESTRICT q, const float* CA
     for (index_t c = 0; c < CB; ++c) out[r * ld + c] = acc[r][c] / sqrt_d;
 }
 
-// Sum with LANES independent accumulators, so that it vectorises without
-// reassociation flags; the result does not depend on the target's vector width.
-CAKE_ALWAYS_INLINE float lane_sum(const float* CAKE_RESTRICT x, index_t n) {
-  float part[LANES] = {};
-  index_t j = 0;
-  for (; j + LANES <= n; j += LANES)
-    for (index_t l = 0; l < LANES; ++l) part[l] += x[j + l];
-  for (index_t l = 0; j < n; ++j, ++l) part[l] += x[j];
-  float s = 0;
-  for (index_t l = 0; l < LANES; ++l) s += part[l];
-  return s;
-}
-
-// Max of x[0..n) (finite values): taken on the order-preserving integer image of
-// the floats with LANES independent lanes, because integer max vectorises
-// without -ffast-math and float max does not. Max is exact, so the result does
-// not depend on the lane count or the target.
-CAKE_ALWAYS_INLINE std::int32_t ordered_int(float x) {
-  const std::int32_t v = std::bit_cast<std::int32_t>(x);
-  return v ^ ((v >> 31) & 0x7fffffff);
-}
-CAKE_ALWAYS_INLINE float row_max(const float* CAKE_RESTRICT x, index_t n) {
-  std::int32_t part[LANES];
-  for (index_t l = 0; l < LANES; ++l) part[l] = ordered_int(-std::numeric_limits<float>::max());
-  index_t j = 0;
-  for (; j + LANES <= n; j += LANES)
-    for (index_t l = 0; l < LANES; ++l) {
-      const std::int32_t v = ordered_int(x[j + l]);
-      part[l] = v > part[l] ? v : part[l];
-    }
-  std::int32_t m = part[0];
-  for (index_t l = 1; l < LANES; ++l) m = part[l] > m ? part[l] : m;
-  for (; j < n; ++j) {
-    const std::int32_t v = ordered_int(x[j]);
-    m = v > m ? v : m;
-  }
-  return std::bit_cast<float>(m ^ ((m >> 31) & 0x7fffffff));
-}
 
 // Row i of the window sees keys [0, S - w + i]; the rest is masked (probability 0).
 // Writes probabilities in place and returns sum over prefix keys of p ln(p + 1e-10).
@@ -267,6 +229,7 @@ struct window_stats_backend<host_policy> {
                   const Ind& indicator, host_view<float, 3> out, host_view<float, 1> stats,
                   StatsRequest req) {
     using namespace detail::host_stats;
+    using detail::LANES;
     const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
     const index_t Hkv = k.extent(1), S = k.extent(2), n = H / Hkv, P = S - w;
     const index_t w_pad = round_up(w, RB), ld = round_up(S, TJ);
@@ -310,6 +273,7 @@ struct window_stats_backend<host_policy> {
                                  host_view<float, 3> out, host_view<float, 1> stats,
                                  StatsRequest req) {
     using namespace detail::host_stats;
+    using detail::LANES;
     const index_t B = a.extent(0), H = a.extent(1), w = a.extent(2), S = a.extent(3);
     const index_t Hkv = out.extent(1), n = H / Hkv, P = S - w;
     std::vector<float> ind_heads(static_cast<std::size_t>(B * H * P));

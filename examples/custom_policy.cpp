@@ -44,8 +44,13 @@ static_assert(cake::BudgetPolicy<FloorThenProportional>);
 
 int main() {
   using cake::index_t;
-  cake::CacheConfig cfg{.layers = 3, .batch = 1, .q_heads = 4, .kv_heads = 2, .head_dim = 32,
-                        .window = 8, .cache_size = 40};
+  cake::CacheConfig cfg{.layers = 3,
+                        .batch = 1,
+                        .q_heads = 4,
+                        .kv_heads = 2,
+                        .head_dim = 32,
+                        .window = 8,
+                        .cache_size = 40};
   cake::KvCache<cake::CakePreference, FloorThenProportional, PeakIndicator> cache(
       cfg, cake::CakePreference{1.0f, 1.0f}, FloorThenProportional{8}, PeakIndicator{3});
 
@@ -53,7 +58,8 @@ int main() {
   std::mt19937 rng(3);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (index_t l = 0; l < cfg.layers; ++l) {
-    std::vector<float> q(static_cast<std::size_t>(4 * 8 * 32)), k(static_cast<std::size_t>(2 * S * 32)), v(k.size());
+    std::vector<float> q(static_cast<std::size_t>(4 * 8 * 32)),
+        k(static_cast<std::size_t>(2 * S * 32)), v(k.size());
     for (auto* t : {&q, &k, &v})
       for (auto& x : *t) x = normal(rng) * (1.0f + static_cast<float>(l));
     cache.prefill(l, cake::make_view(q.data(), std::array<index_t, 4>{1, 4, 8, 32}),

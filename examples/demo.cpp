@@ -52,32 +52,50 @@ Options parse(int argc, char** argv) {
       const std::string v = next();
       char* end = nullptr;
       const long long x = std::strtoll(v.c_str(), &end, 10);
-      if (end == v.c_str() || *end != '\0') usage((a + " expects an integer, got '" + v + "'").c_str());
+      if (end == v.c_str() || *end != '\0')
+        usage((a + " expects an integer, got '" + v + "'").c_str());
       return static_cast<index_t>(x);
     };
     auto real = [&]() -> float {
       const std::string v = next();
       char* end = nullptr;
       const float x = std::strtof(v.c_str(), &end);
-      if (end == v.c_str() || *end != '\0') usage((a + " expects a number, got '" + v + "'").c_str());
+      if (end == v.c_str() || *end != '\0')
+        usage((a + " expects a number, got '" + v + "'").c_str());
       return x;
     };
-    if (a == "--layers") o.layers = integer();
-    else if (a == "--heads") o.heads = integer();
-    else if (a == "--kv-heads") o.kv_heads = integer();
-    else if (a == "--head-dim") o.head_dim = integer();
-    else if (a == "--seq-len") o.seq_len = integer();
-    else if (a == "--batch") o.batch = integer();
-    else if (a == "--window") o.window = integer();
-    else if (a == "--cache-size") o.cache_size = integer();
-    else if (a == "--tau1") o.tau1 = real();
-    else if (a == "--tau2") o.tau2 = real();
-    else if (a == "--gamma") o.gamma = real();
-    else if (a == "--no-cascade") o.cascade = false;
-    else if (a == "--seed") o.seed = static_cast<unsigned>(integer());
-    else if (a == "--json") o.json = next();
-    else if (a == "--help" || a == "-h") usage("cake_demo: CAKE KV-cache eviction on a synthetic prompt");
-    else usage(("unknown argument " + a).c_str());
+    if (a == "--layers")
+      o.layers = integer();
+    else if (a == "--heads")
+      o.heads = integer();
+    else if (a == "--kv-heads")
+      o.kv_heads = integer();
+    else if (a == "--head-dim")
+      o.head_dim = integer();
+    else if (a == "--seq-len")
+      o.seq_len = integer();
+    else if (a == "--batch")
+      o.batch = integer();
+    else if (a == "--window")
+      o.window = integer();
+    else if (a == "--cache-size")
+      o.cache_size = integer();
+    else if (a == "--tau1")
+      o.tau1 = real();
+    else if (a == "--tau2")
+      o.tau2 = real();
+    else if (a == "--gamma")
+      o.gamma = real();
+    else if (a == "--no-cascade")
+      o.cascade = false;
+    else if (a == "--seed")
+      o.seed = static_cast<unsigned>(integer());
+    else if (a == "--json")
+      o.json = next();
+    else if (a == "--help" || a == "-h")
+      usage("cake_demo: CAKE KV-cache eviction on a synthetic prompt");
+    else
+      usage(("unknown argument " + a).c_str());
   }
   return o;
 }
@@ -127,7 +145,8 @@ LayerData synthesise(const Options& o, index_t layer) {
         const bool heavy = (rng.next() % 64) == 0;
         const float lift = sink ? 9.0f : heavy ? 5.0f : 0.0f;
         for (index_t x = 0; x < d; ++x) {
-          K[j * d + x] = rng.normal() * 0.7f + lift * topic[static_cast<std::size_t>(x)] * std::sqrt(static_cast<float>(d)) * 0.25f;
+          K[j * d + x] = rng.normal() * 0.7f + lift * topic[static_cast<std::size_t>(x)] *
+                                                   std::sqrt(static_cast<float>(d)) * 0.25f;
           V[j * d + x] = rng.normal();
         }
         for (index_t f = 0; f < pos_dims; ++f) {  // locality: rotary-like features
@@ -141,7 +160,9 @@ LayerData synthesise(const Options& o, index_t layer) {
         for (index_t i = 0; i < w; ++i) {
           const index_t p = S - w + i;
           for (index_t x = 0; x < d; ++x)
-            Q[i * d + x] = sharp * (rng.normal() * 0.7f + 2.0f * topic[static_cast<std::size_t>(x)] * std::sqrt(static_cast<float>(d)) * 0.25f);
+            Q[i * d + x] =
+                sharp * (rng.normal() * 0.7f + 2.0f * topic[static_cast<std::size_t>(x)] *
+                                                   std::sqrt(static_cast<float>(d)) * 0.25f);
           for (index_t f = 0; f < pos_dims; ++f) {
             const float ang = static_cast<float>(p) * 0.02f / static_cast<float>(f + 1);
             Q[i * d + 2 * f] = sharp * 2.0f * std::cos(ang);
@@ -169,12 +190,13 @@ int main(int argc, char** argv) {
   try {
     cake::KvCache<> cache(cfg, cake::CakePreference{o.tau1, o.tau2}, cake::ProportionalBudget{},
                           cake::MeanVarianceIndicator{o.gamma, 5});
-    std::printf("cake_demo: L=%lld H=%lld Hkv=%lld d=%lld S=%lld B=%lld w=%lld C=%lld "
-                "tau1=%.2f tau2=%.2f gamma=%.0f %s, %d host threads\n",
-                (long long)o.layers, (long long)o.heads, (long long)o.kv_heads,
-                (long long)o.head_dim, (long long)o.seq_len, (long long)o.batch,
-                (long long)o.window, (long long)o.cache_size, o.tau1, o.tau2, o.gamma,
-                o.cascade ? "cascading" : "one-shot", cake::detail::host_threads(cake::host));
+    std::printf(
+        "cake_demo: L=%lld H=%lld Hkv=%lld d=%lld S=%lld B=%lld w=%lld C=%lld "
+        "tau1=%.2f tau2=%.2f gamma=%.0f %s, %d host threads\n",
+        (long long)o.layers, (long long)o.heads, (long long)o.kv_heads, (long long)o.head_dim,
+        (long long)o.seq_len, (long long)o.batch, (long long)o.window, (long long)o.cache_size,
+        o.tau1, o.tau2, o.gamma, o.cascade ? "cascading" : "one-shot",
+        cake::detail::host_threads(cake::host));
     std::vector<double> ms(static_cast<std::size_t>(o.layers));
     double total_ms = 0;
     for (index_t l = 0; l < o.layers; ++l) {
@@ -182,14 +204,18 @@ int main(int argc, char** argv) {
       using A4 = std::array<index_t, 4>;
       const auto t0 = std::chrono::steady_clock::now();
       cache.prefill(l,
-                    cake::make_view(static_cast<const float*>(data.q.data()), A4{o.batch, o.heads, o.window, o.head_dim}),
-                    cake::make_view(static_cast<const float*>(data.k.data()), A4{o.batch, o.kv_heads, o.seq_len, o.head_dim}),
-                    cake::make_view(static_cast<const float*>(data.v.data()), A4{o.batch, o.kv_heads, o.seq_len, o.head_dim}));
+                    cake::make_view(static_cast<const float*>(data.q.data()),
+                                    A4{o.batch, o.heads, o.window, o.head_dim}),
+                    cake::make_view(static_cast<const float*>(data.k.data()),
+                                    A4{o.batch, o.kv_heads, o.seq_len, o.head_dim}),
+                    cake::make_view(static_cast<const float*>(data.v.data()),
+                                    A4{o.batch, o.kv_heads, o.seq_len, o.head_dim}));
       const auto t1 = std::chrono::steady_clock::now();
       ms[static_cast<std::size_t>(l)] = std::chrono::duration<double, std::milli>(t1 - t0).count();
       total_ms += ms[static_cast<std::size_t>(l)];
     }
-    const double full_bytes = 2.0 * static_cast<double>(o.batch * o.kv_heads * o.seq_len * o.head_dim) * sizeof(float);
+    const double full_bytes =
+        2.0 * static_cast<double>(o.batch * o.kv_heads * o.seq_len * o.head_dim) * sizeof(float);
     std::printf("%5s %14s %8s %12s %14s %9s\n", "layer", "preference", "budget", "tokens_kept",
                 "bytes_saved", "ms");
     double saved_total = 0;
@@ -200,13 +226,16 @@ int main(int argc, char** argv) {
                   (long long)cache.budget(l), (long long)cache.tokens_held(l), saved,
                   ms[static_cast<std::size_t>(l)]);
     }
-    std::printf("kept %lld of %lld tokens per (batch, kv-head) row over all layers (%.2f%%), "
-                "saved %.1f MiB of %.1f MiB\n",
-                (long long)cache.tokens_held(), (long long)(o.seq_len * o.layers),
-                100.0 * static_cast<double>(cache.tokens_held()) / static_cast<double>(o.seq_len * o.layers),
-                saved_total / 1048576.0, full_bytes * static_cast<double>(o.layers) / 1048576.0);
-    std::printf("total %.1f ms (statistics, allocation, selection, compaction; %.2f ms per layer)\n",
-                total_ms, total_ms / static_cast<double>(o.layers));
+    std::printf(
+        "kept %lld of %lld tokens per (batch, kv-head) row over all layers (%.2f%%), "
+        "saved %.1f MiB of %.1f MiB\n",
+        (long long)cache.tokens_held(), (long long)(o.seq_len * o.layers),
+        100.0 * static_cast<double>(cache.tokens_held()) /
+            static_cast<double>(o.seq_len * o.layers),
+        saved_total / 1048576.0, full_bytes * static_cast<double>(o.layers) / 1048576.0);
+    std::printf(
+        "total %.1f ms (statistics, allocation, selection, compaction; %.2f ms per layer)\n",
+        total_ms, total_ms / static_cast<double>(o.layers));
     if (!o.json.empty()) {
       std::ofstream f(o.json);
       if (!f) throw std::runtime_error("cannot write " + o.json);
@@ -215,7 +244,8 @@ int main(int argc, char** argv) {
       for (index_t l = 0; l < o.layers; ++l) {
         f << (l ? ", " : "") << "{\"layer\": " << l << ", \"preference\": " << cache.preference(l)
           << ", \"budget\": " << cache.budget(l) << ", \"tokens_kept\": " << cache.tokens_held(l)
-          << ", \"bytes_saved\": " << static_cast<long long>(full_bytes - static_cast<double>(cache.bytes_held(l)))
+          << ", \"bytes_saved\": "
+          << static_cast<long long>(full_bytes - static_cast<double>(cache.bytes_held(l)))
           << ", \"ms\": " << ms[static_cast<std::size_t>(l)] << "}";
       }
       f << "]}\n";

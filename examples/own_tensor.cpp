@@ -45,8 +45,13 @@ int main() {
   MyTensor v{vbuf.data(), DType::f32, {B, Hkv, S, d}, {S * Hkv * d, d, Hkv * d, 1}};
   MyTensor q{qbuf.data(), DType::f32, {B, H, w, d}, {w * H * d, d, H * d, 1}};
 
-  cake::CacheConfig cfg{.layers = 1, .batch = B, .q_heads = H, .kv_heads = Hkv, .head_dim = d,
-                        .window = w, .cache_size = 40};
+  cake::CacheConfig cfg{.layers = 1,
+                        .batch = B,
+                        .q_heads = H,
+                        .kv_heads = Hkv,
+                        .head_dim = d,
+                        .window = w,
+                        .cache_size = 40};
   cake::KvCache<> cache(cfg);
   cache.prefill(0, q, k, v);
   std::printf("held %lld of %lld tokens through the MyTensor adapter\n",

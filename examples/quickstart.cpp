@@ -12,7 +12,7 @@ int main() {
   cfg.layers = 4;
   cfg.batch = 1;
   cfg.q_heads = 8;
-  cfg.kv_heads = 2;     // GQA: 4 query heads per KV head
+  cfg.kv_heads = 2;  // GQA: 4 query heads per KV head
   cfg.head_dim = 64;
   cfg.window = 16;      // the last 16 tokens are always kept
   cfg.cache_size = 64;  // tokens per layer on average, window included
@@ -24,9 +24,11 @@ int main() {
                 w = cfg.window;
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> q(static_cast<std::size_t>(B * H * w * d));    // (batch, q_heads, window, head_dim)
-  std::vector<float> k(static_cast<std::size_t>(B * Hkv * S * d));  // (batch, kv_heads, tokens, head_dim)
-  std::vector<float> v(k.size());                                   // (batch, kv_heads, tokens, head_dim)
+  std::vector<float> q(
+      static_cast<std::size_t>(B * H * w * d));  // (batch, q_heads, window, head_dim)
+  std::vector<float> k(
+      static_cast<std::size_t>(B * Hkv * S * d));  // (batch, kv_heads, tokens, head_dim)
+  std::vector<float> v(k.size());                  // (batch, kv_heads, tokens, head_dim)
 
   for (index_t layer = 0; layer < cfg.layers; ++layer) {
     for (auto* t : {&q, &k, &v})
@@ -42,8 +44,8 @@ int main() {
                 (long long)cache.tokens_held(l), (long long)S);
 
   // Decoding: one new token per layer per step; the cache stays at budget + window.
-  std::vector<float> q1(static_cast<std::size_t>(B * H * d)), k1(static_cast<std::size_t>(B * Hkv * d)),
-      v1(k1.size());
+  std::vector<float> q1(static_cast<std::size_t>(B * H * d)),
+      k1(static_cast<std::size_t>(B * Hkv * d)), v1(k1.size());
   for (int step = 0; step < 8; ++step)
     for (index_t l = 0; l < cfg.layers; ++l) {
       for (auto* t : {&q1, &k1, &v1})

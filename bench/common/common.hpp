@@ -199,9 +199,9 @@ inline float naive_exp(float x) { return std::exp(x); }
 // The dot product is written with 8 independent partial sums so that it
 // vectorises: a fair baseline, not a crippled one.
 struct NaiveStats {
-  std::vector<float> kexp;  // (B, H, S, d): K repeated for every query head
-  std::vector<float> attn;  // (B, H, w, S)
-  std::vector<float> ind_h; // (B, H, S-w)
+  std::vector<float> kexp;   // (B, H, S, d): K repeated for every query head
+  std::vector<float> attn;   // (B, H, w, S)
+  std::vector<float> ind_h;  // (B, H, S-w)
 
   void run(const LayerInputs& in, float gamma, int kernel, std::vector<float>& ind,
            double stats[2]) {
@@ -298,9 +298,8 @@ inline void naive_topk_sort(const float* scores, index_t rows, index_t n, index_
     idx.resize(static_cast<std::size_t>(n));
     for (index_t j = 0; j < n; ++j) idx[static_cast<std::size_t>(j)] = j;
     const float* x = scores + r * n;
-    std::sort(idx.begin(), idx.end(), [x](index_t a, index_t b) {
-      return x[a] > x[b] || (x[a] == x[b] && a < b);
-    });
+    std::sort(idx.begin(), idx.end(),
+              [x](index_t a, index_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); });
     std::copy(idx.begin(), idx.begin() + k, out.begin() + r * k);
   }
 }

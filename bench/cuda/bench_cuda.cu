@@ -10,8 +10,8 @@
 #include <cake/cake.cuh>
 #include <cub/device/device_segmented_radix_sort.cuh>
 
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
@@ -87,8 +87,8 @@ void window_stats_cake(benchmark::State& state, bool with_lse, cake::cuda_math m
   const index_t S = state.range(0);
   cudaStream_t s;
   must(cudaStreamCreate(&s), "stream");
-  DeviceArray<float> q(static_cast<std::size_t>(H * W * D)), ind(static_cast<std::size_t>(HKV * (S - W))),
-      st(2), lse(static_cast<std::size_t>(H * W));
+  DeviceArray<float> q(static_cast<std::size_t>(H * W * D)),
+      ind(static_cast<std::size_t>(HKV * (S - W))), st(2), lse(static_cast<std::size_t>(H * W));
   DeviceArray<__nv_bfloat16> k(static_cast<std::size_t>(HKV * S * D));
   q.upload(random_vector<float>(q.n, 1.0f, 1));
   k.upload(random_vector<__nv_bfloat16>(k.n, 1.0f, 2));
@@ -106,13 +106,13 @@ void window_stats_cake(benchmark::State& state, bool with_lse, cake::cuda_math m
       cake::window_stats_lse(cake::cuda.on(s), qv, kv, lv, mv, iv, sv, {},
                              cake::cuda_workspace{ws.p, bytes}, math);
     else
-      cake::window_stats(cake::cuda.on(s), qv, kv, mv, iv, sv, {}, cake::cuda_workspace{ws.p, bytes},
-                         math);
+      cake::window_stats(cake::cuda.on(s), qv, kv, mv, iv, sv, {},
+                         cake::cuda_workspace{ws.p, bytes}, math);
   });
   set_bytes(state, static_cast<double>(k.n * sizeof(__nv_bfloat16)));
-  state.counters["flops"] = benchmark::Counter(2.0 * H * W * static_cast<double>(S) * D *
-                                                   (with_lse ? 1 : 2),
-                                               benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["flops"] =
+      benchmark::Counter(2.0 * H * W * static_cast<double>(S) * D * (with_lse ? 1 : 2),
+                         benchmark::Counter::kIsIterationInvariantRate);
   cudaStreamDestroy(s);
 }
 
@@ -122,7 +122,8 @@ void window_stats_copy_of_k(benchmark::State& state) {
   must(cudaStreamCreate(&s), "stream");
   const std::size_t bytes = static_cast<std::size_t>(HKV * S * D) * sizeof(__nv_bfloat16);
   DeviceArray<char> a(bytes), b(bytes);
-  time_loop(state, s, [&] { must(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, s), "copy"); });
+  time_loop(state, s,
+            [&] { must(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, s), "copy"); });
   set_bytes(state, 2.0 * static_cast<double>(bytes));  // read + write
   cudaStreamDestroy(s);
 }
@@ -166,9 +167,10 @@ void select_k_cub_segmented_sort(benchmark::State& state) {
   cudaStream_t s;
   must(cudaStreamCreate(&s), "stream");
   const index_t total = rows * n;
-  DeviceArray<float> keys_in(static_cast<std::size_t>(total)), keys_out(static_cast<std::size_t>(total));
-  DeviceArray<std::int32_t> vals_in(static_cast<std::size_t>(total)), vals_out(static_cast<std::size_t>(total)),
-      out(static_cast<std::size_t>(rows * k));
+  DeviceArray<float> keys_in(static_cast<std::size_t>(total)),
+      keys_out(static_cast<std::size_t>(total));
+  DeviceArray<std::int32_t> vals_in(static_cast<std::size_t>(total)),
+      vals_out(static_cast<std::size_t>(total)), out(static_cast<std::size_t>(rows * k));
   DeviceArray<int> offsets(static_cast<std::size_t>(rows + 1));
   keys_in.upload(random_vector<float>(keys_in.n, 1.0f, 3));
   offsets_kernel<<<1, 256, 0, s>>>(offsets.p, static_cast<int>(rows), static_cast<int>(n));
@@ -179,14 +181,15 @@ void select_k_cub_segmented_sort(benchmark::State& state) {
        "size");
   DeviceArray<char> tmp(temp);
   time_loop(state, s, [&] {
-    iota_rows_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, s>>>(vals_in.p, n, total);
+    iota_rows_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, s>>>(vals_in.p, n,
+                                                                                total);
     std::size_t t = temp;
     must(cub::DeviceSegmentedRadixSort::SortPairsDescending(
              tmp.p, t, keys_in.p, keys_out.p, vals_in.p, vals_out.p, static_cast<int>(total),
              static_cast<int>(rows), offsets.p, offsets.p + 1, 0, 32, s),
          "sort");
-    gather_top_kernel<<<static_cast<unsigned>((rows * k + 255) / 256), 256, 0, s>>>(vals_out.p, n, k,
-                                                                                  rows, out.p);
+    gather_top_kernel<<<static_cast<unsigned>((rows * k + 255) / 256), 256, 0, s>>>(vals_out.p, n,
+                                                                                    k, rows, out.p);
   });
   set_bytes(state, static_cast<double>(total * sizeof(float)));
   cudaStreamDestroy(s);
@@ -197,7 +200,8 @@ void compact_cake(benchmark::State& state) {
   const index_t S = state.range(0), m = state.range(1);
   cudaStream_t s;
   must(cudaStreamCreate(&s), "stream");
-  DeviceArray<__nv_bfloat16> src(static_cast<std::size_t>(HKV * S * D)), dst(static_cast<std::size_t>(HKV * m * D));
+  DeviceArray<__nv_bfloat16> src(static_cast<std::size_t>(HKV * S * D)),
+      dst(static_cast<std::size_t>(HKV * m * D));
   std::vector<std::int64_t> keep(static_cast<std::size_t>(HKV * m));
   std::mt19937 rng(5);
   for (index_t g = 0; g < HKV; ++g)  // ascending, spread over the row like a real cut
@@ -218,7 +222,8 @@ void compact_memcpy(benchmark::State& state) {
   must(cudaStreamCreate(&s), "stream");
   const std::size_t bytes = static_cast<std::size_t>(HKV * m * D) * sizeof(__nv_bfloat16);
   DeviceArray<char> a(bytes), b(bytes);
-  time_loop(state, s, [&] { must(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, s), "copy"); });
+  time_loop(state, s,
+            [&] { must(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, s), "copy"); });
   set_bytes(state, 2.0 * static_cast<double>(bytes));
   cudaStreamDestroy(s);
 }
@@ -246,37 +251,63 @@ void register_all() {
   for (const index_t S : {32768, 131072}) {
     const std::string a = "/S:" + std::to_string(S) + "/H:32/Hkv:8/d:128/w:32/bf16";
     using M = cake::cuda_math;
-    benchmark::RegisterBenchmark(("window_stats/cake" + a).c_str(),
-                                 [](benchmark::State& st) { window_stats_cake(st, false, M::exact); })
-        ->Arg(S)->UseManualTime()->Unit(benchmark::kMicrosecond);
-    benchmark::RegisterBenchmark(("window_stats/cake_lse" + a).c_str(),
-                                 [](benchmark::State& st) { window_stats_cake(st, true, M::exact); })
-        ->Arg(S)->UseManualTime()->Unit(benchmark::kMicrosecond);
-    benchmark::RegisterBenchmark(("window_stats/cake_tc" + a).c_str(),
-                                 [](benchmark::State& st) { window_stats_cake(st, false, M::tensor_cores); })
-        ->Arg(S)->UseManualTime()->Unit(benchmark::kMicrosecond);
-    benchmark::RegisterBenchmark(("window_stats/cake_tc_lse" + a).c_str(),
-                                 [](benchmark::State& st) { window_stats_cake(st, true, M::tensor_cores); })
-        ->Arg(S)->UseManualTime()->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(
+        ("window_stats/cake" + a).c_str(),
+        [](benchmark::State& st) { window_stats_cake(st, false, M::exact); })
+        ->Arg(S)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(
+        ("window_stats/cake_lse" + a).c_str(),
+        [](benchmark::State& st) { window_stats_cake(st, true, M::exact); })
+        ->Arg(S)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(
+        ("window_stats/cake_tc" + a).c_str(),
+        [](benchmark::State& st) { window_stats_cake(st, false, M::tensor_cores); })
+        ->Arg(S)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(
+        ("window_stats/cake_tc_lse" + a).c_str(),
+        [](benchmark::State& st) { window_stats_cake(st, true, M::tensor_cores); })
+        ->Arg(S)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark(("window_stats/d2d_copy_of_K" + a).c_str(), window_stats_copy_of_k)
-        ->Arg(S)->UseManualTime()->Unit(benchmark::kMicrosecond);
+        ->Arg(S)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
   }
   for (const index_t k : {256, 1024, 2048}) {
     const std::string a = "/rows:8/n:131072/k:" + std::to_string(k);
     benchmark::RegisterBenchmark(("select_k/cake" + a).c_str(), select_k_cake)
-        ->Args({8, 131072, k})->UseManualTime()->Unit(benchmark::kMicrosecond);
-    benchmark::RegisterBenchmark(("select_k/cub_segmented_sort" + a).c_str(), select_k_cub_segmented_sort)
-        ->Args({8, 131072, k})->UseManualTime()->Unit(benchmark::kMicrosecond);
+        ->Args({8, 131072, k})
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(("select_k/cub_segmented_sort" + a).c_str(),
+                                 select_k_cub_segmented_sort)
+        ->Args({8, 131072, k})
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
   }
   for (const index_t m : {1056, 16384}) {
     const std::string a = "/S:131072/m:" + std::to_string(m) + "/Hkv:8/d:128/bf16";
     benchmark::RegisterBenchmark(("compact/cake" + a).c_str(), compact_cake)
-        ->Args({131072, m})->UseManualTime()->Unit(benchmark::kMicrosecond);
+        ->Args({131072, m})
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark(("compact/cudaMemcpyAsync" + a).c_str(), compact_memcpy)
-        ->Args({131072, m})->UseManualTime()->Unit(benchmark::kMicrosecond);
+        ->Args({131072, m})
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
   }
-  benchmark::RegisterBenchmark("decode_scores/cake/held:2080/H:32/Hkv:8/d:128/bf16", decode_scores_cake)
-      ->Arg(2080)->UseManualTime()->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("decode_scores/cake/held:2080/H:32/Hkv:8/d:128/bf16",
+                               decode_scores_cake)
+      ->Arg(2080)
+      ->UseManualTime()
+      ->Unit(benchmark::kMicrosecond);
 }
 
 }  // namespace

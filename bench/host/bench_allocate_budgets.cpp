@@ -44,7 +44,8 @@ std::vector<index_t> naive_allocate(const std::vector<float>& prefs, index_t tot
   if (diff != 0 && !elig.empty()) {
     const index_t mag = diff > 0 ? diff : -diff, cnt = static_cast<index_t>(elig.size());
     for (std::size_t i = 0; i < elig.size(); ++i)
-      b[elig[i]] += (diff > 0 ? 1 : -1) * (mag / cnt + (static_cast<index_t>(i) < mag % cnt ? 1 : 0));
+      b[elig[i]] +=
+          (diff > 0 ? 1 : -1) * (mag / cnt + (static_cast<index_t>(i) < mag % cnt ? 1 : 0));
   }
   std::vector<index_t> fin;
   for (index_t x : b) fin.push_back(std::min(x, ceiling));
@@ -57,23 +58,29 @@ void add_case(index_t L) {
   std::vector<float> prefs(static_cast<std::size_t>(L));
   Rng g(static_cast<std::uint64_t>(L));
   for (auto& p : prefs) p = std::exp(2.0f * g.normal());
-  add(name("allocate_budgets", "cake", args), [=](benchmark::State& st) {
-    std::vector<index_t> out(static_cast<std::size_t>(L));
-    for (auto _ : st) {
-      cake::allocate_budgets(cake::ProportionalBudget{}, prefs, L, total, ceiling, out);
-      benchmark::DoNotOptimize(out.data());
-      benchmark::ClobberMemory();
-    }
-    st.SetItemsProcessed(st.iterations() * L);
-  })->MinTime(0.1)->Unit(benchmark::kMicrosecond);
-  add(name("allocate_budgets", "naive", args), [=](benchmark::State& st) {
-    for (auto _ : st) {
-      auto out = naive_allocate(prefs, total, ceiling);
-      benchmark::DoNotOptimize(out.data());
-      benchmark::ClobberMemory();
-    }
-    st.SetItemsProcessed(st.iterations() * L);
-  })->MinTime(0.1)->Unit(benchmark::kMicrosecond);
+  add(name("allocate_budgets", "cake", args),
+      [=](benchmark::State& st) {
+        std::vector<index_t> out(static_cast<std::size_t>(L));
+        for (auto _ : st) {
+          cake::allocate_budgets(cake::ProportionalBudget{}, prefs, L, total, ceiling, out);
+          benchmark::DoNotOptimize(out.data());
+          benchmark::ClobberMemory();
+        }
+        st.SetItemsProcessed(st.iterations() * L);
+      })
+      ->MinTime(0.1)
+      ->Unit(benchmark::kMicrosecond);
+  add(name("allocate_budgets", "naive", args),
+      [=](benchmark::State& st) {
+        for (auto _ : st) {
+          auto out = naive_allocate(prefs, total, ceiling);
+          benchmark::DoNotOptimize(out.data());
+          benchmark::ClobberMemory();
+        }
+        st.SetItemsProcessed(st.iterations() * L);
+      })
+      ->MinTime(0.1)
+      ->Unit(benchmark::kMicrosecond);
 }
 
 }  // namespace

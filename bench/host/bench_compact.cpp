@@ -35,55 +35,65 @@ void add_case(const Shape& sh, index_t B, index_t S, index_t m) {
   const std::string args = shape_args(sh, B, S) + "/m:" + std::to_string(m);
   const index_t rows = B * sh.kv_heads, d = sh.head_dim;
   const double bytes = 2.0 * static_cast<double>(rows * m * d) * sizeof(float);
-  add(name("compact", "cake", args), [=](benchmark::State& st) {
-    const LayerInputs& in = layer_inputs(sh, B, S);
-    const auto keep = keep_rows(rows, S, m, 5);
-    std::vector<float> dst(static_cast<std::size_t>(rows * m * d));
-    auto kv = cake::make_view(keep.data(), std::array<index_t, 3>{B, sh.kv_heads, m});
-    auto dv = cake::make_view(dst.data(), std::array<index_t, 4>{B, sh.kv_heads, m, d});
-    for (auto _ : st) {
-      cake::compact(cake::host, in.kv(), kv, dv);
-      benchmark::DoNotOptimize(dst.data());
-      benchmark::ClobberMemory();
-    }
-    set_bandwidth(st, bytes);
-  })->MinTime(0.2)->Unit(benchmark::kMicrosecond);
-  add(name("compact", "memcpy", args), [=](benchmark::State& st) {
-    const std::size_t n = static_cast<std::size_t>(rows * m * d);
-    std::vector<float> src(n, 1.0f), dst(n);
-    const int nt = threads();
-    for (auto _ : st) {
+  add(name("compact", "cake", args),
+      [=](benchmark::State& st) {
+        const LayerInputs& in = layer_inputs(sh, B, S);
+        const auto keep = keep_rows(rows, S, m, 5);
+        std::vector<float> dst(static_cast<std::size_t>(rows * m * d));
+        auto kv = cake::make_view(keep.data(), std::array<index_t, 3>{B, sh.kv_heads, m});
+        auto dv = cake::make_view(dst.data(), std::array<index_t, 4>{B, sh.kv_heads, m, d});
+        for (auto _ : st) {
+          cake::compact(cake::host, in.kv(), kv, dv);
+          benchmark::DoNotOptimize(dst.data());
+          benchmark::ClobberMemory();
+        }
+        set_bandwidth(st, bytes);
+      })
+      ->MinTime(0.2)
+      ->Unit(benchmark::kMicrosecond);
+  add(name("compact", "memcpy", args),
+      [=](benchmark::State& st) {
+        const std::size_t n = static_cast<std::size_t>(rows * m * d);
+        std::vector<float> src(n, 1.0f), dst(n);
+        const int nt = threads();
+        for (auto _ : st) {
 #pragma omp parallel for schedule(static) num_threads(nt)
-      for (int t = 0; t < nt; ++t) {
-        const std::size_t lo = n * static_cast<std::size_t>(t) / static_cast<std::size_t>(nt);
-        const std::size_t hi = n * static_cast<std::size_t>(t + 1) / static_cast<std::size_t>(nt);
-        std::memcpy(dst.data() + lo, src.data() + lo, (hi - lo) * sizeof(float));
-      }
-      benchmark::DoNotOptimize(dst.data());
-      benchmark::ClobberMemory();
-    }
-    set_bandwidth(st, bytes);
-  })->MinTime(0.2)->Unit(benchmark::kMicrosecond);
-  add(name("compact", "triad", args), [=](benchmark::State& st) {
-    const index_t n = static_cast<index_t>(bytes / (3.0 * sizeof(float)));
-    // unique_ptr rather than vector: GCC 12 warns falsely (free-nonheap-object) here.
-    std::unique_ptr<float[]> a(new float[static_cast<std::size_t>(n)]),
-        b(new float[static_cast<std::size_t>(n)]), c(new float[static_cast<std::size_t>(n)]);
-    std::fill(a.get(), a.get() + n, 0.0f);
-    std::fill(b.get(), b.get() + n, 1.0f);
-    std::fill(c.get(), c.get() + n, 2.0f);
-    const float s = 3.0f;
-    float* CAKE_RESTRICT pa = a.get();
-    const float* CAKE_RESTRICT pb = b.get();
-    const float* CAKE_RESTRICT pc = c.get();
-    for (auto _ : st) {
+          for (int t = 0; t < nt; ++t) {
+            const std::size_t lo = n * static_cast<std::size_t>(t) / static_cast<std::size_t>(nt);
+            const std::size_t hi =
+                n * static_cast<std::size_t>(t + 1) / static_cast<std::size_t>(nt);
+            std::memcpy(dst.data() + lo, src.data() + lo, (hi - lo) * sizeof(float));
+          }
+          benchmark::DoNotOptimize(dst.data());
+          benchmark::ClobberMemory();
+        }
+        set_bandwidth(st, bytes);
+      })
+      ->MinTime(0.2)
+      ->Unit(benchmark::kMicrosecond);
+  add(name("compact", "triad", args),
+      [=](benchmark::State& st) {
+        const index_t n = static_cast<index_t>(bytes / (3.0 * sizeof(float)));
+        // unique_ptr rather than vector: GCC 12 warns falsely (free-nonheap-object) here.
+        std::unique_ptr<float[]> a(new float[static_cast<std::size_t>(n)]),
+            b(new float[static_cast<std::size_t>(n)]), c(new float[static_cast<std::size_t>(n)]);
+        std::fill(a.get(), a.get() + n, 0.0f);
+        std::fill(b.get(), b.get() + n, 1.0f);
+        std::fill(c.get(), c.get() + n, 2.0f);
+        const float s = 3.0f;
+        float* CAKE_RESTRICT pa = a.get();
+        const float* CAKE_RESTRICT pb = b.get();
+        const float* CAKE_RESTRICT pc = c.get();
+        for (auto _ : st) {
 #pragma omp parallel for simd schedule(static)
-      for (index_t i = 0; i < n; ++i) pa[i] = pb[i] + s * pc[i];
-      benchmark::DoNotOptimize(pa);
-      benchmark::ClobberMemory();
-    }
-    set_bandwidth(st, bytes);
-  })->MinTime(0.2)->Unit(benchmark::kMicrosecond);
+          for (index_t i = 0; i < n; ++i) pa[i] = pb[i] + s * pc[i];
+          benchmark::DoNotOptimize(pa);
+          benchmark::ClobberMemory();
+        }
+        set_bandwidth(st, bytes);
+      })
+      ->MinTime(0.2)
+      ->Unit(benchmark::kMicrosecond);
 }
 
 }  // namespace

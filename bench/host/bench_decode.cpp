@@ -51,8 +51,10 @@ void naive_step(NaiveLayer& ly, const float* q, const float* kn, const float* vn
                 static_cast<std::size_t>(ly.held * d) * sizeof(float));
     std::memcpy(v2.data() + r * n * d, ly.v.data() + r * ly.held * d,
                 static_cast<std::size_t>(ly.held * d) * sizeof(float));
-    std::memcpy(k2.data() + (r * n + n - 1) * d, kn + r * d, static_cast<std::size_t>(d) * sizeof(float));
-    std::memcpy(v2.data() + (r * n + n - 1) * d, vn + r * d, static_cast<std::size_t>(d) * sizeof(float));
+    std::memcpy(k2.data() + (r * n + n - 1) * d, kn + r * d,
+                static_cast<std::size_t>(d) * sizeof(float));
+    std::memcpy(v2.data() + (r * n + n - 1) * d, vn + r * d,
+                static_cast<std::size_t>(d) * sizeof(float));
     // attention of each query head of the group over all held keys
     std::vector<float> a(static_cast<std::size_t>(grp * n)), sc(static_cast<std::size_t>(cand));
     const index_t b = r / Hkv, g = r % Hkv;
@@ -101,63 +103,72 @@ void naive_step(NaiveLayer& ly, const float* q, const float* kn, const float* vn
 }
 
 void add_case(const Shape& sh, index_t B, index_t C) {
-  const std::string args = std::string(sh.name) + "/B:" + std::to_string(B) + "/C:" + std::to_string(C);
+  const std::string args =
+      std::string(sh.name) + "/B:" + std::to_string(B) + "/C:" + std::to_string(C);
   const index_t S = 2 * C + 64;  // prompt longer than the cache, so prefill cuts
   const index_t H = sh.q_heads, Hkv = sh.kv_heads, d = sh.head_dim, L = sh.layers;
   auto counters = [=](benchmark::State& st) {
     st.SetItemsProcessed(st.iterations() * L);  // layers stepped
     // bytes the step must read at least: every held key once
-    st.SetBytesProcessed(st.iterations() * L * B * Hkv * C * d * static_cast<index_t>(sizeof(float)));
+    st.SetBytesProcessed(st.iterations() * L * B * Hkv * C * d *
+                         static_cast<index_t>(sizeof(float)));
   };
-  add(name("decode_step", "cake", args), [=](benchmark::State& st) {
-    const LayerInputs& in = layer_inputs(sh, B, S);
-    cake::CacheConfig cfg{};
-    cfg.layers = L;
-    cfg.batch = B;
-    cfg.q_heads = H;
-    cfg.kv_heads = Hkv;
-    cfg.head_dim = d;
-    cfg.window = window;
-    cfg.cache_size = C;
-    cake::KvCache<> cache(cfg);
-    for (index_t l = 0; l < L; ++l) cache.prefill(l, in.qv(), in.kv(), in.vv());
-    const DecodeTokens tok(sh, B);
-    index_t t = 0;
-    for (auto _ : st) {
-      for (index_t l = 0; l < L; ++l)
-        cache.decode(l, cake::make_view(tok.qp(t), std::array<index_t, 3>{B, H, d}),
-                     cake::make_view(tok.kp(t), std::array<index_t, 3>{B, Hkv, d}),
-                     cake::make_view(tok.vp(t), std::array<index_t, 3>{B, Hkv, d}));
-      ++t;
-      benchmark::DoNotOptimize(cache.tokens_held(L - 1));
-    }
-    counters(st);
-  })->MinTime(0.3)->Unit(benchmark::kMicrosecond);
-  add(name("decode_step", "naive", args), [=](benchmark::State& st) {
-    const LayerInputs& in = layer_inputs(sh, B, S);
-    std::vector<NaiveLayer> layers(static_cast<std::size_t>(L));
-    for (auto& ly : layers) {  // C tokens held per layer: the last C of the prompt
-      ly.rows = B * Hkv;
-      ly.held = C;
-      ly.d = d;
-      ly.k.resize(static_cast<std::size_t>(ly.rows * C * d));
-      ly.v.resize(ly.k.size());
-      for (index_t r = 0; r < ly.rows; ++r) {
-        std::memcpy(ly.k.data() + r * C * d, in.k.data() + (r * S + S - C) * d,
-                    static_cast<std::size_t>(C * d) * sizeof(float));
-        std::memcpy(ly.v.data() + r * C * d, in.v.data() + (r * S + S - C) * d,
-                    static_cast<std::size_t>(C * d) * sizeof(float));
-      }
-    }
-    const DecodeTokens tok(sh, B);
-    index_t t = 0;
-    for (auto _ : st) {
-      for (auto& ly : layers) naive_step(ly, tok.qp(t), tok.kp(t), tok.vp(t), H, Hkv, C - window);
-      ++t;
-      benchmark::DoNotOptimize(layers.back().k.data());
-    }
-    counters(st);
-  })->MinTime(0.3)->Unit(benchmark::kMicrosecond);
+  add(name("decode_step", "cake", args),
+      [=](benchmark::State& st) {
+        const LayerInputs& in = layer_inputs(sh, B, S);
+        cake::CacheConfig cfg{};
+        cfg.layers = L;
+        cfg.batch = B;
+        cfg.q_heads = H;
+        cfg.kv_heads = Hkv;
+        cfg.head_dim = d;
+        cfg.window = window;
+        cfg.cache_size = C;
+        cake::KvCache<> cache(cfg);
+        for (index_t l = 0; l < L; ++l) cache.prefill(l, in.qv(), in.kv(), in.vv());
+        const DecodeTokens tok(sh, B);
+        index_t t = 0;
+        for (auto _ : st) {
+          for (index_t l = 0; l < L; ++l)
+            cache.decode(l, cake::make_view(tok.qp(t), std::array<index_t, 3>{B, H, d}),
+                         cake::make_view(tok.kp(t), std::array<index_t, 3>{B, Hkv, d}),
+                         cake::make_view(tok.vp(t), std::array<index_t, 3>{B, Hkv, d}));
+          ++t;
+          benchmark::DoNotOptimize(cache.tokens_held(L - 1));
+        }
+        counters(st);
+      })
+      ->MinTime(0.3)
+      ->Unit(benchmark::kMicrosecond);
+  add(name("decode_step", "naive", args),
+      [=](benchmark::State& st) {
+        const LayerInputs& in = layer_inputs(sh, B, S);
+        std::vector<NaiveLayer> layers(static_cast<std::size_t>(L));
+        for (auto& ly : layers) {  // C tokens held per layer: the last C of the prompt
+          ly.rows = B * Hkv;
+          ly.held = C;
+          ly.d = d;
+          ly.k.resize(static_cast<std::size_t>(ly.rows * C * d));
+          ly.v.resize(ly.k.size());
+          for (index_t r = 0; r < ly.rows; ++r) {
+            std::memcpy(ly.k.data() + r * C * d, in.k.data() + (r * S + S - C) * d,
+                        static_cast<std::size_t>(C * d) * sizeof(float));
+            std::memcpy(ly.v.data() + r * C * d, in.v.data() + (r * S + S - C) * d,
+                        static_cast<std::size_t>(C * d) * sizeof(float));
+          }
+        }
+        const DecodeTokens tok(sh, B);
+        index_t t = 0;
+        for (auto _ : st) {
+          for (auto& ly : layers)
+            naive_step(ly, tok.qp(t), tok.kp(t), tok.vp(t), H, Hkv, C - window);
+          ++t;
+          benchmark::DoNotOptimize(layers.back().k.data());
+        }
+        counters(st);
+      })
+      ->MinTime(0.3)
+      ->Unit(benchmark::kMicrosecond);
 }
 
 }  // namespace

@@ -13,9 +13,8 @@ void stats_counters(benchmark::State& st, const LayerInputs& in) {
   const double flops = 2.0 * static_cast<double>(in.B * in.H * in.w * in.S * in.d);
   st.SetItemsProcessed(st.iterations() * in.B * in.H * in.w * in.S);  // attention weights
   st.SetBytesProcessed(static_cast<std::int64_t>(in.kv_bytes()) * st.iterations());  // K read
-  st.counters["GFLOPS"] =
-      benchmark::Counter(flops * 1e-9 * static_cast<double>(st.iterations()),
-                         benchmark::Counter::kIsRate);
+  st.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9 * static_cast<double>(st.iterations()),
+                                             benchmark::Counter::kIsRate);
 }
 
 void add_case(const Shape& sh, index_t B, index_t S) {

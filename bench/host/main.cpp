@@ -34,8 +34,7 @@ double memcpy_bandwidth() {
         const std::size_t hi = n * static_cast<std::size_t>(t + 1) / static_cast<std::size_t>(nt);
         std::memcpy(b.data() + lo, a.data() + lo, hi - lo);
       }
-      const double s =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       best = std::max(best, 2.0 * static_cast<double>(n) / s);
       benchmark::DoNotOptimize(b.data());
     }

@@ -44,28 +44,42 @@ int main(int argc, char** argv) {
         if (i + 1 >= argc) throw std::runtime_error(a + " needs a value");
         return argv[++i];
       };
-      if (a == "--model") model_path = next();
-      else if (a == "--prompt") prompt = next();
+      if (a == "--model")
+        model_path = next();
+      else if (a == "--prompt")
+        prompt = next();
       else if (a == "--prompt-file") {
         std::ifstream f(next());
         std::stringstream ss;
         ss << f.rdbuf();
         prompt = ss.str();
-      } else if (a == "--method") opt.method = next();
-      else if (a == "--cache-size") opt.cache_size = std::stoi(next());
-      else if (a == "--window") opt.window = std::stoi(next());
-      else if (a == "--max-new") max_new = std::stoi(next());
-      else if (a == "--tau1") opt.tau1 = std::stof(next());
-      else if (a == "--tau2") opt.tau2 = std::stof(next());
-      else if (a == "--gamma") opt.gamma = std::stof(next());
-      else if (a == "--raw") raw = true;
-      else if (a == "--cache-threads") cache_threads = std::stoi(next());
-      else if (a == "--tokens") show_tokens = true;
-      else if (a == "--dump-logits") dump_logits = next();
+      } else if (a == "--method")
+        opt.method = next();
+      else if (a == "--cache-size")
+        opt.cache_size = std::stoi(next());
+      else if (a == "--window")
+        opt.window = std::stoi(next());
+      else if (a == "--max-new")
+        max_new = std::stoi(next());
+      else if (a == "--tau1")
+        opt.tau1 = std::stof(next());
+      else if (a == "--tau2")
+        opt.tau2 = std::stof(next());
+      else if (a == "--gamma")
+        opt.gamma = std::stof(next());
+      else if (a == "--raw")
+        raw = true;
+      else if (a == "--cache-threads")
+        cache_threads = std::stoi(next());
+      else if (a == "--tokens")
+        show_tokens = true;
+      else if (a == "--dump-logits")
+        dump_logits = next();
       else if (a == "--help" || a == "-h") {
         usage();
         return 0;
-      } else throw std::runtime_error("unknown argument " + a);
+      } else
+        throw std::runtime_error("unknown argument " + a);
     }
     if (prompt.empty()) {
       usage();
@@ -73,7 +87,8 @@ int main(int argc, char** argv) {
     }
     if (!llm::known_method(opt.method)) throw std::runtime_error("unknown method " + opt.method);
     if (!std::ifstream(model_path)) {
-      std::fprintf(stderr, "cake_llm: model not found at %s\n  fetch it with: scripts/fetch-model\n",
+      std::fprintf(stderr,
+                   "cake_llm: model not found at %s\n  fetch it with: scripts/fetch-model\n",
                    model_path.c_str());
       return 3;
     }
@@ -83,14 +98,16 @@ int main(int argc, char** argv) {
     const llm::Model model = llm::Model::load(file);
     const llm::Tokenizer tok = llm::load_tokenizer(file);
     const auto& c = model.cfg;
-    std::printf("model: %s, %d layers, %d/%d heads, head_dim %d, context %d, rope base %g (loaded in %.2f s)\n",
-                file.get_string("general.name").c_str(), c.layers, c.heads, c.kv_heads, c.head_dim, c.context,
-                c.rope_base, seconds_since(t0));
+    std::printf(
+        "model: %s, %d layers, %d/%d heads, head_dim %d, context %d, rope base %g (loaded in %.2f "
+        "s)\n",
+        file.get_string("general.name").c_str(), c.layers, c.heads, c.kv_heads, c.head_dim,
+        c.context, c.rope_base, seconds_since(t0));
 
     const std::vector<int> ids = tok.encode(raw ? prompt : llm::chat_prompt(prompt));
     if (static_cast<int>(ids.size()) + max_new > c.context)
-      std::fprintf(stderr, "warning: %zu prompt + %d new tokens exceed the model's context of %d\n", ids.size(),
-                   max_new, c.context);
+      std::fprintf(stderr, "warning: %zu prompt + %d new tokens exceed the model's context of %d\n",
+                   ids.size(), max_new, c.context);
     if (show_tokens) {
       std::printf("tokens:");
       for (int id : ids) std::printf(" %d", id);
@@ -110,10 +127,13 @@ int main(int argc, char** argv) {
     store->prefill(rec);
     const double t_cache = seconds_since(t0);
     const std::int64_t held_after_prefill = store->tokens_held();
-    std::printf("prompt: %d tokens; prefill %.2f s (%.0f tok/s); %s cache %.3f s, holds %lld of %lld tokens (%.1f%%)\n",
-                rec.tokens, t_prefill, rec.tokens / t_prefill, opt.method.c_str(), t_cache,
-                static_cast<long long>(held_after_prefill), static_cast<long long>(rec.tokens) * c.layers,
-                100.0 * static_cast<double>(held_after_prefill) / (static_cast<double>(rec.tokens) * c.layers));
+    std::printf(
+        "prompt: %d tokens; prefill %.2f s (%.0f tok/s); %s cache %.3f s, holds %lld of %lld "
+        "tokens (%.1f%%)\n",
+        rec.tokens, t_prefill, rec.tokens / t_prefill, opt.method.c_str(), t_cache,
+        static_cast<long long>(held_after_prefill), static_cast<long long>(rec.tokens) * c.layers,
+        100.0 * static_cast<double>(held_after_prefill) /
+            (static_cast<double>(rec.tokens) * c.layers));
     t0 = std::chrono::steady_clock::now();
     const std::vector<int> stop{tok.id("<|im_end|>"), tok.id("<|endoftext|>")};
     const auto out = llm::generate(tf, rec, *store, max_new, stop);
@@ -122,8 +142,9 @@ int main(int argc, char** argv) {
     for (int id : out)
       if (std::find(stop.begin(), stop.end(), id) == stop.end()) text += tok.decode_token(id);
     std::printf("---\n%s\n---\n", text.c_str());
-    std::printf("generated %zu tokens in %.2f s (%.1f tok/s); cache holds %lld tokens\n", out.size(), t_dec,
-                static_cast<double>(out.size()) / std::max(t_dec, 1e-9), static_cast<long long>(store->tokens_held()));
+    std::printf("generated %zu tokens in %.2f s (%.1f tok/s); cache holds %lld tokens\n",
+                out.size(), t_dec, static_cast<double>(out.size()) / std::max(t_dec, 1e-9),
+                static_cast<long long>(store->tokens_held()));
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cake_llm: %s\n", e.what());

@@ -20,8 +20,21 @@
 namespace llm {
 
 enum class ggml_type : std::uint32_t {
-  f32 = 0, f16 = 1, q4_0 = 2, q4_1 = 3, q5_0 = 6, q5_1 = 7, q8_0 = 8, q8_1 = 9,
-  q2_k = 10, q3_k = 11, q4_k = 12, q5_k = 13, q6_k = 14, q8_k = 15, bf16 = 30,
+  f32 = 0,
+  f16 = 1,
+  q4_0 = 2,
+  q4_1 = 3,
+  q5_0 = 6,
+  q5_1 = 7,
+  q8_0 = 8,
+  q8_1 = 9,
+  q2_k = 10,
+  q3_k = 11,
+  q4_k = 12,
+  q5_k = 13,
+  q6_k = 14,
+  q8_k = 15,
+  bf16 = 30,
 };
 
 struct TypeTraits {
@@ -32,17 +45,28 @@ struct TypeTraits {
 
 inline TypeTraits type_traits(ggml_type t) {
   switch (t) {
-    case ggml_type::f32: return {"F32", 1, 4};
-    case ggml_type::f16: return {"F16", 1, 2};
-    case ggml_type::bf16: return {"BF16", 1, 2};
-    case ggml_type::q4_0: return {"Q4_0", 32, 18};
-    case ggml_type::q4_1: return {"Q4_1", 32, 20};
-    case ggml_type::q5_0: return {"Q5_0", 32, 22};
-    case ggml_type::q5_1: return {"Q5_1", 32, 24};
-    case ggml_type::q8_0: return {"Q8_0", 32, 34};
-    case ggml_type::q4_k: return {"Q4_K", 256, 144};
-    case ggml_type::q6_k: return {"Q6_K", 256, 210};
-    default: return {nullptr, 0, 0};
+    case ggml_type::f32:
+      return {"F32", 1, 4};
+    case ggml_type::f16:
+      return {"F16", 1, 2};
+    case ggml_type::bf16:
+      return {"BF16", 1, 2};
+    case ggml_type::q4_0:
+      return {"Q4_0", 32, 18};
+    case ggml_type::q4_1:
+      return {"Q4_1", 32, 20};
+    case ggml_type::q5_0:
+      return {"Q5_0", 32, 22};
+    case ggml_type::q5_1:
+      return {"Q5_1", 32, 24};
+    case ggml_type::q8_0:
+      return {"Q8_0", 32, 34};
+    case ggml_type::q4_k:
+      return {"Q4_K", 256, 144};
+    case ggml_type::q6_k:
+      return {"Q6_K", 256, 210};
+    default:
+      return {nullptr, 0, 0};
   }
 }
 
@@ -77,7 +101,8 @@ inline std::uint16_t float_to_fp16(float f) {
   const std::uint32_t sign = (x >> 16) & 0x8000u;
   const int exp = static_cast<int>((x >> 23) & 0xff) - 127 + 15;
   std::uint32_t mant = x & 0x7fffffu;
-  if (((x >> 23) & 0xff) == 0xff) return static_cast<std::uint16_t>(sign | 0x7c00u | (mant ? 0x200u : 0));
+  if (((x >> 23) & 0xff) == 0xff)
+    return static_cast<std::uint16_t>(sign | 0x7c00u | (mant ? 0x200u : 0));
   if (exp >= 31) return static_cast<std::uint16_t>(sign | 0x7c00u);
   if (exp <= 0) {
     if (exp < -10) return static_cast<std::uint16_t>(sign);
@@ -95,7 +120,9 @@ inline std::uint16_t float_to_fp16(float f) {
 }
 
 namespace detail {
-inline std::uint16_t rd16(const std::uint8_t* p) { return static_cast<std::uint16_t>(p[0] | (p[1] << 8)); }
+inline std::uint16_t rd16(const std::uint8_t* p) {
+  return static_cast<std::uint16_t>(p[0] | (p[1] << 8));
+}
 inline float rdh(const std::uint8_t* p) { return fp16_to_float(rd16(p)); }
 
 // Q4_K scales: 12 bytes hold eight 6-bit scales and eight 6-bit mins.
@@ -115,8 +142,12 @@ inline void dequantize(ggml_type t, const std::uint8_t* src, float* dst, std::si
   using detail::rd16;
   using detail::rdh;
   const TypeTraits tr = type_traits(t);
-  if (!tr.name) throw std::runtime_error("gguf: unsupported tensor type " + std::to_string(static_cast<unsigned>(t)));
-  if (n % tr.block) throw std::runtime_error(std::string("gguf: element count not a multiple of the ") + tr.name + " block");
+  if (!tr.name)
+    throw std::runtime_error("gguf: unsupported tensor type " +
+                             std::to_string(static_cast<unsigned>(t)));
+  if (n % tr.block)
+    throw std::runtime_error(std::string("gguf: element count not a multiple of the ") + tr.name +
+                             " block");
   const std::size_t nb = n / tr.block;
   switch (t) {
     case ggml_type::f32:
@@ -169,7 +200,8 @@ inline void dequantize(ggml_type t, const std::uint8_t* src, float* dst, std::si
     case ggml_type::q8_0:  // d (f16), 32 int8: x = q * d
       for (std::size_t b = 0; b < nb; ++b, src += 34, dst += 32) {
         const float d = rdh(src);
-        for (int j = 0; j < 32; ++j) dst[j] = static_cast<float>(static_cast<std::int8_t>(src[2 + j])) * d;
+        for (int j = 0; j < 32; ++j)
+          dst[j] = static_cast<float>(static_cast<std::int8_t>(src[2 + j])) * d;
       }
       return;
     case ggml_type::q4_k:  // d, dmin (f16), 12 bytes scales, 128 bytes nibbles
@@ -217,8 +249,19 @@ inline void dequantize(ggml_type t, const std::uint8_t* src, float* dst, std::si
 // ---- the file ----------------------------------------------------------------
 
 enum class gguf_kind : std::uint32_t {
-  u8 = 0, i8 = 1, u16 = 2, i16 = 3, u32 = 4, i32 = 5, f32 = 6, boolean = 7, string = 8,
-  array = 9, u64 = 10, i64 = 11, f64 = 12,
+  u8 = 0,
+  i8 = 1,
+  u16 = 2,
+  i16 = 3,
+  u32 = 4,
+  i32 = 5,
+  f32 = 6,
+  boolean = 7,
+  string = 8,
+  array = 9,
+  u64 = 10,
+  i64 = 11,
+  f64 = 12,
 };
 
 struct MetaValue {
@@ -284,7 +327,9 @@ class GgufFile {
     if (auto* i = std::get_if<std::int64_t>(&v.scalar)) return static_cast<double>(*i);
     throw std::runtime_error("gguf: " + key + " is not a number");
   }
-  double get_float(const std::string& key, double fallback) const { return has(key) ? get_float(key) : fallback; }
+  double get_float(const std::string& key, double fallback) const {
+    return has(key) ? get_float(key) : fallback;
+  }
   std::string get_string(const std::string& key) const {
     const auto& v = meta(key);
     if (auto* s = std::get_if<std::string>(&v.scalar)) return *s;
@@ -300,7 +345,9 @@ class GgufFile {
     if (auto* t = find(name)) return *t;
     throw std::runtime_error("gguf: missing tensor " + name);
   }
-  const std::uint8_t* data(const TensorInfo& t) const { return bytes_.data() + data_start_ + t.offset; }
+  const std::uint8_t* data(const TensorInfo& t) const {
+    return bytes_.data() + data_start_ + t.offset;
+  }
 
   // The tensor dequantised to float, dims[0] contiguous.
   std::vector<float> to_float(const TensorInfo& t) const {
@@ -318,7 +365,8 @@ class GgufFile {
   std::vector<TensorInfo> tensors_;
 
   void need(std::size_t n) const {
-    if (n > bytes_.size() || pos_ > bytes_.size() - n) throw std::runtime_error("gguf: truncated file");
+    if (n > bytes_.size() || pos_ > bytes_.size() - n)
+      throw std::runtime_error("gguf: truncated file");
   }
   template <class T>
   T rd() {
@@ -337,31 +385,46 @@ class GgufFile {
   }
   double rd_number(gguf_kind k, std::int64_t* as_int) {
     switch (k) {
-      case gguf_kind::u8: return static_cast<double>(*as_int = rd<std::uint8_t>());
-      case gguf_kind::i8: return static_cast<double>(*as_int = rd<std::int8_t>());
-      case gguf_kind::u16: return static_cast<double>(*as_int = rd<std::uint16_t>());
-      case gguf_kind::i16: return static_cast<double>(*as_int = rd<std::int16_t>());
-      case gguf_kind::u32: return static_cast<double>(*as_int = rd<std::uint32_t>());
-      case gguf_kind::i32: return static_cast<double>(*as_int = rd<std::int32_t>());
-      case gguf_kind::boolean: return static_cast<double>(*as_int = rd<std::uint8_t>() != 0);
-      case gguf_kind::u64: return static_cast<double>(*as_int = static_cast<std::int64_t>(rd<std::uint64_t>()));
-      case gguf_kind::i64: return static_cast<double>(*as_int = rd<std::int64_t>());
-      case gguf_kind::f32: return rd<float>();
-      case gguf_kind::f64: return rd<double>();
-      default: throw std::runtime_error("gguf: bad metadata type " + std::to_string(static_cast<unsigned>(k)));
+      case gguf_kind::u8:
+        return static_cast<double>(*as_int = rd<std::uint8_t>());
+      case gguf_kind::i8:
+        return static_cast<double>(*as_int = rd<std::int8_t>());
+      case gguf_kind::u16:
+        return static_cast<double>(*as_int = rd<std::uint16_t>());
+      case gguf_kind::i16:
+        return static_cast<double>(*as_int = rd<std::int16_t>());
+      case gguf_kind::u32:
+        return static_cast<double>(*as_int = rd<std::uint32_t>());
+      case gguf_kind::i32:
+        return static_cast<double>(*as_int = rd<std::int32_t>());
+      case gguf_kind::boolean:
+        return static_cast<double>(*as_int = rd<std::uint8_t>() != 0);
+      case gguf_kind::u64:
+        return static_cast<double>(*as_int = static_cast<std::int64_t>(rd<std::uint64_t>()));
+      case gguf_kind::i64:
+        return static_cast<double>(*as_int = rd<std::int64_t>());
+      case gguf_kind::f32:
+        return rd<float>();
+      case gguf_kind::f64:
+        return rd<double>();
+      default:
+        throw std::runtime_error("gguf: bad metadata type " +
+                                 std::to_string(static_cast<unsigned>(k)));
     }
   }
   static bool is_float(gguf_kind k) { return k == gguf_kind::f32 || k == gguf_kind::f64; }
 
   void parse() {
     need(4);
-    if (std::memcmp(bytes_.data(), "GGUF", 4) != 0) throw std::runtime_error("gguf: bad magic (not a GGUF file)");
+    if (std::memcmp(bytes_.data(), "GGUF", 4) != 0)
+      throw std::runtime_error("gguf: bad magic (not a GGUF file)");
     pos_ = 4;
     version_ = rd<std::uint32_t>();
     if (version_ < 2 || version_ > 3)
       throw std::runtime_error("gguf: unsupported version " + std::to_string(version_));
     const auto n_tensors = rd<std::uint64_t>(), n_kv = rd<std::uint64_t>();
-    if (n_tensors > bytes_.size() || n_kv > bytes_.size()) throw std::runtime_error("gguf: truncated file");
+    if (n_tensors > bytes_.size() || n_kv > bytes_.size())
+      throw std::runtime_error("gguf: truncated file");
     for (std::uint64_t i = 0; i < n_kv; ++i) {
       std::string key = rd_string();
       MetaValue v;
@@ -385,7 +448,10 @@ class GgufFile {
       } else {
         std::int64_t as_int = 0;
         const double d = rd_number(v.kind, &as_int);
-        if (is_float(v.kind)) v.scalar = d; else v.scalar = as_int;
+        if (is_float(v.kind))
+          v.scalar = d;
+        else
+          v.scalar = as_int;
       }
       meta_[std::move(key)] = std::move(v);
     }
@@ -393,7 +459,8 @@ class GgufFile {
       TensorInfo t;
       t.name = rd_string();
       const auto nd = rd<std::uint32_t>();
-      if (nd < 1 || nd > 4) throw std::runtime_error("gguf: tensor " + t.name + " has " + std::to_string(nd) + " dims");
+      if (nd < 1 || nd > 4)
+        throw std::runtime_error("gguf: tensor " + t.name + " has " + std::to_string(nd) + " dims");
       for (std::uint32_t j = 0; j < nd; ++j) t.dims.push_back(rd<std::uint64_t>());
       t.type = static_cast<ggml_type>(rd<std::uint32_t>());
       t.offset = rd<std::uint64_t>();
@@ -406,7 +473,8 @@ class GgufFile {
     for (const auto& t : tensors_) {
       const auto tr = type_traits(t.type);
       if (!tr.name) continue;  // reported when the tensor is read
-      if (t.elements() % tr.block) throw std::runtime_error("gguf: tensor " + t.name + " is not whole blocks");
+      if (t.elements() % tr.block)
+        throw std::runtime_error("gguf: tensor " + t.name + " is not whole blocks");
       if (data_start_ + t.offset + t.bytes() > bytes_.size())
         throw std::runtime_error("gguf: tensor " + t.name + " runs past the end of the file");
     }
@@ -418,10 +486,22 @@ class GgufFile {
 // Builds a GGUF v3 image in memory; tensors are given already encoded.
 class GgufWriter {
  public:
-  void add_u32(const std::string& k, std::uint32_t v) { kv(k, gguf_kind::u32); put(v); }
-  void add_f32(const std::string& k, float v) { kv(k, gguf_kind::f32); put(v); }
-  void add_bool(const std::string& k, bool v) { kv(k, gguf_kind::boolean); put(static_cast<std::uint8_t>(v)); }
-  void add_string(const std::string& k, const std::string& v) { kv(k, gguf_kind::string); str(meta_, v); }
+  void add_u32(const std::string& k, std::uint32_t v) {
+    kv(k, gguf_kind::u32);
+    put(v);
+  }
+  void add_f32(const std::string& k, float v) {
+    kv(k, gguf_kind::f32);
+    put(v);
+  }
+  void add_bool(const std::string& k, bool v) {
+    kv(k, gguf_kind::boolean);
+    put(static_cast<std::uint8_t>(v));
+  }
+  void add_string(const std::string& k, const std::string& v) {
+    kv(k, gguf_kind::string);
+    str(meta_, v);
+  }
   void add_strings(const std::string& k, const std::vector<std::string>& v) {
     kv(k, gguf_kind::array);
     put(static_cast<std::uint32_t>(gguf_kind::string));
@@ -446,7 +526,8 @@ class GgufWriter {
     data_.insert(data_.end(), data.begin(), data.end());
     ++n_tensors_;
   }
-  void add_f32_tensor(const std::string& name, std::vector<std::uint64_t> dims, const std::vector<float>& v) {
+  void add_f32_tensor(const std::string& name, std::vector<std::uint64_t> dims,
+                      const std::vector<float>& v) {
     std::vector<std::uint8_t> b(v.size() * 4);
     std::memcpy(b.data(), v.data(), b.size());
     add_tensor(name, std::move(dims), ggml_type::f32, b);
@@ -479,7 +560,9 @@ class GgufWriter {
     o.insert(o.end(), p, p + sizeof(T));
   }
   template <class T>
-  void put(T v) { append(meta_, v); }
+  void put(T v) {
+    append(meta_, v);
+  }
   static void str(std::vector<std::uint8_t>& o, const std::string& s) {
     append(o, static_cast<std::uint64_t>(s.size()));
     o.insert(o.end(), s.begin(), s.end());

@@ -13,8 +13,9 @@ namespace llm {
 
 // C (m x n, ldc) = alpha * A (m x k, lda) * op(B) + beta * C, row-major.
 // op(B) = B^T with B (n x k, ldb) when b_trans, else B (k x n, ldb).
-inline void gemm(bool b_trans, std::size_t m, std::size_t n, std::size_t k, float alpha, const float* A,
-                 std::size_t lda, const float* B, std::size_t ldb, float beta, float* C, std::size_t ldc) {
+inline void gemm(bool b_trans, std::size_t m, std::size_t n, std::size_t k, float alpha,
+                 const float* A, std::size_t lda, const float* B, std::size_t ldb, float beta,
+                 float* C, std::size_t ldc) {
   if (m == 0 || n == 0) return;
 #if defined(LLM_HAVE_CBLAS)
   cblas_sgemm(CblasRowMajor, CblasNoTrans, b_trans ? CblasTrans : CblasNoTrans, static_cast<int>(m),
@@ -22,7 +23,8 @@ inline void gemm(bool b_trans, std::size_t m, std::size_t n, std::size_t k, floa
               static_cast<int>(ldb), beta, C, static_cast<int>(ldc));
 #else
   for (std::size_t i = 0; i < m; ++i)
-    for (std::size_t j = 0; j < n; ++j) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
+    for (std::size_t j = 0; j < n; ++j)
+      C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
   constexpr std::size_t bm = 4, bn = 64, bk = 256;
   for (std::size_t k0 = 0; k0 < k; k0 += bk) {
     const std::size_t k1 = std::min(k, k0 + bk);
@@ -55,7 +57,8 @@ inline void gemm(bool b_trans, std::size_t m, std::size_t n, std::size_t k, floa
 }
 
 // Y (m x out) = X (m x in) * W^T, W (out x in) row-major: a linear layer.
-inline void linear(const float* X, std::size_t m, std::size_t in, const float* W, std::size_t out, float* Y) {
+inline void linear(const float* X, std::size_t m, std::size_t in, const float* W, std::size_t out,
+                   float* Y) {
   gemm(true, m, out, in, 1.0f, X, in, W, in, 0.0f, Y, out);
 }
 

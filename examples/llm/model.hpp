@@ -23,8 +23,8 @@ namespace llm {
 
 struct ModelConfig {
   int layers = 0, dim = 0, ffn = 0, heads = 0, kv_heads = 0, head_dim = 0, vocab = 0;
-  int context = 0;     // trained context length
-  int rope_dims = 0;   // rotated dimensions of each head (head_dim unless the file says less)
+  int context = 0;    // trained context length
+  int rope_dims = 0;  // rotated dimensions of each head (head_dim unless the file says less)
   double rope_base = 10000.0;
   float eps = 1e-5f;
   int q_dim() const { return heads * head_dim; }
@@ -46,7 +46,8 @@ struct Model {
 
   static Model load(const GgufFile& f) {
     const std::string arch = f.get_string("general.architecture");
-    if (arch != "llama") throw std::runtime_error("model: architecture '" + arch + "' is not llama");
+    if (arch != "llama")
+      throw std::runtime_error("model: architecture '" + arch + "' is not llama");
     Model m;
     ModelConfig& c = m.cfg;
     c.layers = static_cast<int>(f.get_int("llama.block_count"));
@@ -61,7 +62,8 @@ struct Model {
       throw std::runtime_error("model: inconsistent head counts");
     c.head_dim = c.dim / c.heads;
     c.rope_dims = static_cast<int>(f.get_int("llama.rope.dimension_count", c.head_dim));
-    if (c.rope_dims % 2 || c.rope_dims > c.head_dim) throw std::runtime_error("model: bad rope dimension count");
+    if (c.rope_dims % 2 || c.rope_dims > c.head_dim)
+      throw std::runtime_error("model: bad rope dimension count");
     const auto& emb = f.tensor("token_embd.weight");
     c.vocab = static_cast<int>(emb.dims.at(1));
     auto expect = [&](const std::string& name, std::uint64_t d0, std::uint64_t d1) {
@@ -72,8 +74,8 @@ struct Model {
       return f.to_float(t);
     };
     const auto D = static_cast<std::uint64_t>(c.dim), F = static_cast<std::uint64_t>(c.ffn),
-               Q = static_cast<std::uint64_t>(c.q_dim()), K = static_cast<std::uint64_t>(c.kv_dim()),
-               V = static_cast<std::uint64_t>(c.vocab);
+               Q = static_cast<std::uint64_t>(c.q_dim()),
+               K = static_cast<std::uint64_t>(c.kv_dim()), V = static_cast<std::uint64_t>(c.vocab);
     m.embed = expect("token_embd.weight", D, V);
     m.output_norm = expect("output_norm.weight", D, 1);
     if (f.find("output.weight")) m.output = expect("output.weight", D, V);
@@ -112,7 +114,8 @@ class Rope {
   Rope(int rope_dims, double base) : dims_(rope_dims), base_(base) {}
   void apply(float* x, int heads, int head_dim, std::int64_t pos) {
     grow(pos);
-    const float* cs = table_.data() + static_cast<std::size_t>(pos) * static_cast<std::size_t>(dims_);
+    const float* cs =
+        table_.data() + static_cast<std::size_t>(pos) * static_cast<std::size_t>(dims_);
     for (int h = 0; h < heads; ++h) {
       float* v = x + static_cast<std::ptrdiff_t>(h) * head_dim;
       for (int i = 0; i < dims_ / 2; ++i) {
@@ -136,7 +139,8 @@ class Rope {
       for (int i = 0; i < dims_ / 2; ++i) {
         const double theta = static_cast<double>(p) * std::pow(base_, -2.0 * i / dims_);
         table_[static_cast<std::size_t>(p * dims_ + 2 * i)] = static_cast<float>(std::cos(theta));
-        table_[static_cast<std::size_t>(p * dims_ + 2 * i + 1)] = static_cast<float>(std::sin(theta));
+        table_[static_cast<std::size_t>(p * dims_ + 2 * i + 1)] =
+            static_cast<float>(std::sin(theta));
       }
   }
 };
@@ -149,7 +153,7 @@ struct PrefillRecord {
   std::vector<std::vector<float>> q_tail;  // per layer: the last `tail` query rows
   std::vector<std::vector<float>> k, v;    // per layer: every key and value row
   int tail = 0;
-  std::vector<float> last_logits;          // (vocab) after the last prompt token
+  std::vector<float> last_logits;  // (vocab) after the last prompt token
 };
 
 // Keys and values a new token attends to: element (head g, token j, x) is at
@@ -228,7 +232,8 @@ class Transformer {
     for (int l = 0; l < c.layers; ++l) {
       const LayerWeights& w = m_.blocks[static_cast<std::size_t>(l)];
       std::vector<float> k(Sz * KD), v(Sz * KD);
-      for (std::size_t i = 0; i < Sz; ++i) rms_norm(&x[i * D], w.attn_norm.data(), &h[i * D], c.dim, c.eps);
+      for (std::size_t i = 0; i < Sz; ++i)
+        rms_norm(&x[i * D], w.attn_norm.data(), &h[i * D], c.dim, c.eps);
       linear(h.data(), Sz, D, w.wq.data(), QD, q.data());
       linear(h.data(), Sz, D, w.wk.data(), KD, k.data());
       linear(h.data(), Sz, D, w.wv.data(), KD, v.data());
@@ -240,7 +245,8 @@ class Transformer {
       linear(att.data(), Sz, QD, w.wo.data(), D, h.data());
       for (std::size_t i = 0; i < Sz * D; ++i) x[i] += h[i];
       feed_forward(w, x.data(), Sz, h.data(), g.data(), u.data());
-      rec.q_tail.emplace_back(q.end() - static_cast<std::ptrdiff_t>(static_cast<std::size_t>(rec.tail) * QD), q.end());
+      rec.q_tail.emplace_back(
+          q.end() - static_cast<std::ptrdiff_t>(static_cast<std::size_t>(rec.tail) * QD), q.end());
       rec.k.push_back(std::move(k));
       rec.v.push_back(std::move(v));
     }
@@ -258,11 +264,13 @@ class Transformer {
     const std::size_t n = tokens.size();
     const auto D = static_cast<std::size_t>(c.dim), QD = static_cast<std::size_t>(c.q_dim()),
                KD = static_cast<std::size_t>(c.kv_dim()), F = static_cast<std::size_t>(c.ffn);
-    std::vector<float> x(n * D), h(n * D), q(n * QD), k(n * KD), v(n * KD), att(n * QD), g(n * F), u(n * F);
+    std::vector<float> x(n * D), h(n * D), q(n * QD), k(n * KD), v(n * KD), att(n * QD), g(n * F),
+        u(n * F);
     embed(tokens, x.data());
     for (int l = 0; l < c.layers; ++l) {
       const LayerWeights& w = m_.blocks[static_cast<std::size_t>(l)];
-      for (std::size_t i = 0; i < n; ++i) rms_norm(&x[i * D], w.attn_norm.data(), &h[i * D], c.dim, c.eps);
+      for (std::size_t i = 0; i < n; ++i)
+        rms_norm(&x[i * D], w.attn_norm.data(), &h[i * D], c.dim, c.eps);
       linear(h.data(), n, D, w.wq.data(), QD, q.data());
       linear(h.data(), n, D, w.wk.data(), KD, k.data());
       linear(h.data(), n, D, w.wv.data(), KD, v.data());
@@ -287,16 +295,19 @@ class Transformer {
   void embed(const std::vector<int>& tokens, float* x) const {
     const auto D = static_cast<std::size_t>(m_.cfg.dim);
     for (std::size_t i = 0; i < tokens.size(); ++i) {
-      if (tokens[i] < 0 || tokens[i] >= m_.cfg.vocab) throw std::runtime_error("model: token id out of range");
+      if (tokens[i] < 0 || tokens[i] >= m_.cfg.vocab)
+        throw std::runtime_error("model: token id out of range");
       std::copy_n(&m_.embed[static_cast<std::size_t>(tokens[i]) * D], D, x + i * D);
     }
   }
 
   // x += down(silu(gate(norm x)) * up(norm x)) for n rows.
-  void feed_forward(const LayerWeights& w, float* x, std::size_t n, float* h, float* g, float* u) const {
+  void feed_forward(const LayerWeights& w, float* x, std::size_t n, float* h, float* g,
+                    float* u) const {
     const ModelConfig& c = m_.cfg;
     const auto D = static_cast<std::size_t>(c.dim), F = static_cast<std::size_t>(c.ffn);
-    for (std::size_t i = 0; i < n; ++i) rms_norm(&x[i * D], w.ffn_norm.data(), &h[i * D], c.dim, c.eps);
+    for (std::size_t i = 0; i < n; ++i)
+      rms_norm(&x[i * D], w.ffn_norm.data(), &h[i * D], c.dim, c.eps);
     linear(h, n, D, w.gate.data(), F, g);
     linear(h, n, D, w.up.data(), F, u);
     for (std::size_t i = 0; i < n * F; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
@@ -308,7 +319,8 @@ class Transformer {
     const ModelConfig& c = m_.cfg;
     const auto D = static_cast<std::size_t>(c.dim);
     std::vector<float> h(n * D);
-    for (std::size_t i = 0; i < n; ++i) rms_norm(&x[i * D], m_.output_norm.data(), &h[i * D], c.dim, c.eps);
+    for (std::size_t i = 0; i < n; ++i)
+      rms_norm(&x[i * D], m_.output_norm.data(), &h[i * D], c.dim, c.eps);
     linear(h.data(), n, D, m_.output_weights(), static_cast<std::size_t>(c.vocab), out);
   }
 
@@ -339,8 +351,8 @@ class Transformer {
           for (int j = 0; j < valid; ++j) row[j] *= inv;
           for (int j = valid; j < cols; ++j) row[j] = 0.0f;
         }
-        gemm(false, static_cast<std::size_t>(rows), static_cast<std::size_t>(d), ld, 1.0f, p.data(), ld,
-             v + static_cast<std::size_t>(g * d), KD, 0.0f,
+        gemm(false, static_cast<std::size_t>(rows), static_cast<std::size_t>(d), ld, 1.0f, p.data(),
+             ld, v + static_cast<std::size_t>(g * d), KD, 0.0f,
              out + static_cast<std::size_t>(i0) * QD + static_cast<std::size_t>(hd * d), QD);
       }
     }

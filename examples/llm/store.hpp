@@ -31,18 +31,21 @@ struct CacheOptions {
 template <class Cache>
 class CakeStore final : public KvStore {
  public:
-  CakeStore(const ModelConfig& c, cake::CacheConfig cfg, Cache cache) : c_(c), cfg_(cfg), cache_(std::move(cache)) {}
+  CakeStore(const ModelConfig& c, cake::CacheConfig cfg, Cache cache)
+      : c_(c), cfg_(cfg), cache_(std::move(cache)) {}
 
   void prefill(const PrefillRecord& rec) override {
     using cake::index_t;
     const index_t S = rec.tokens, H = c_.heads, Hkv = c_.kv_heads, d = c_.head_dim, w = cfg_.window;
-    if (rec.tail < w) throw std::runtime_error("store: the prefill kept fewer query rows than the window");
+    if (rec.tail < w)
+      throw std::runtime_error("store: the prefill kept fewer query rows than the window");
     const index_t QD = c_.q_dim(), KD = c_.kv_dim();
     for (int l = 0; l < c_.layers; ++l) {
       const auto L = static_cast<std::size_t>(l);
       // The record keeps (tokens, heads, d) rows: strided views, nothing copied.
       const float* qt = rec.q_tail[L].data() + static_cast<std::ptrdiff_t>(rec.tail - w) * QD;
-      auto q = cake::make_view(qt, std::array<index_t, 4>{1, H, w, d}, std::array<index_t, 4>{w * QD, d, QD, 1});
+      auto q = cake::make_view(qt, std::array<index_t, 4>{1, H, w, d},
+                               std::array<index_t, 4>{w * QD, d, QD, 1});
       auto k = cake::make_view(rec.k[L].data(), std::array<index_t, 4>{1, Hkv, S, d},
                                std::array<index_t, 4>{S * KD, d, KD, 1});
       auto v = cake::make_view(rec.v[L].data(), std::array<index_t, 4>{1, Hkv, S, d},
@@ -70,7 +73,9 @@ class CakeStore final : public KvStore {
     return s;
   }
 
-  std::int64_t tokens_held() const override { return static_cast<std::int64_t>(cache_.tokens_held()); }
+  std::int64_t tokens_held() const override {
+    return static_cast<std::int64_t>(cache_.tokens_held());
+  }
   const Cache& cache() const { return cache_; }
 
  private:
@@ -96,8 +101,10 @@ inline bool known_method(const std::string& m) {
 
 // A store for `method`, sized for a prompt of `prompt_tokens` tokens. The window is
 // shortened for prompts shorter than it (the library needs S >= window).
-inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOptions& o, int prompt_tokens) {
-  if (!known_method(o.method)) throw std::runtime_error("unknown method '" + o.method + "' (full, cake, snapkv, pyramidkv)");
+inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOptions& o,
+                                           int prompt_tokens) {
+  if (!known_method(o.method))
+    throw std::runtime_error("unknown method '" + o.method + "' (full, cake, snapkv, pyramidkv)");
   const int w = std::min(o.window, prompt_tokens);
   if (o.method == "full" || w < 2 || o.cache_size <= w) {
     if (o.method != "full" && o.cache_size <= w)
@@ -114,13 +121,16 @@ inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOpti
   cfg.cache_size = o.cache_size;
   cfg.cascade = true;
   if (o.method == "cake") {
-    using C = cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::MeanVarianceIndicator>;
+    using C =
+        cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::MeanVarianceIndicator>;
     return std::make_unique<CakeStore<C>>(
-        c, cfg, C(cfg, cake::CakePreference{o.tau1, o.tau2}, cake::ProportionalBudget{},
-                  cake::MeanVarianceIndicator{o.gamma, 5}));
+        c, cfg,
+        C(cfg, cake::CakePreference{o.tau1, o.tau2}, cake::ProportionalBudget{},
+          cake::MeanVarianceIndicator{o.gamma, 5}));
   }
   if (o.method == "snapkv") {
-    using C = cake::KvCache<cake::UniformPreference, cake::UniformBudget, cake::WindowMeanIndicator>;
+    using C =
+        cake::KvCache<cake::UniformPreference, cake::UniformBudget, cake::WindowMeanIndicator>;
     return std::make_unique<CakeStore<C>>(c, cfg, C(cfg));
   }
   using C = cake::KvCache<cake::UniformPreference, cake::PyramidBudget, cake::WindowMeanIndicator>;
@@ -129,33 +139,41 @@ inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOpti
 
 inline Tokenizer load_tokenizer(const GgufFile& f) {
   const std::string model = f.get_string("tokenizer.ggml.model");
-  if (model != "gpt2") throw std::runtime_error("tokenizer: model '" + model + "' is not byte-level BPE (gpt2)");
+  if (model != "gpt2")
+    throw std::runtime_error("tokenizer: model '" + model + "' is not byte-level BPE (gpt2)");
   std::vector<int> types;
   if (f.has("tokenizer.ggml.token_type"))
-    for (double t : f.meta("tokenizer.ggml.token_type").numbers) types.push_back(static_cast<int>(t));
-  return Tokenizer(f.meta("tokenizer.ggml.tokens").strings, f.meta("tokenizer.ggml.merges").strings, types);
+    for (double t : f.meta("tokenizer.ggml.token_type").numbers)
+      types.push_back(static_cast<int>(t));
+  return Tokenizer(f.meta("tokenizer.ggml.tokens").strings, f.meta("tokenizer.ggml.merges").strings,
+                   types);
 }
 
 // SmolLM2's chat template with its default system prompt.
 inline std::string chat_prompt(const std::string& user) {
-  return "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-         "<|im_start|>user\n" + user + "<|im_end|>\n<|im_start|>assistant\n";
+  return "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+         "Face<|im_end|>\n"
+         "<|im_start|>user\n" +
+         user + "<|im_end|>\n<|im_start|>assistant\n";
 }
 
 // The model file: --model, else $CAKE_MODEL, else where scripts/fetch-model caches it.
 inline std::string default_model_path() {
   if (const char* m = std::getenv("CAKE_MODEL"); m && *m) return m;
   std::string base;
-  if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) base = x;
-  else if (const char* h = std::getenv("HOME"); h && *h) base = std::string(h) + "/.cache";
-  else base = ".cache";
+  if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x)
+    base = x;
+  else if (const char* h = std::getenv("HOME"); h && *h)
+    base = std::string(h) + "/.cache";
+  else
+    base = ".cache";
   return base + "/cake/SmolLM2-135M-Instruct.Q4_1.gguf";
 }
 
 // Greedy decoding of up to max_new tokens after a prefill, into one store; stops
 // at an end-of-text token. The first token comes from the prefill's logits.
-inline std::vector<int> generate(Transformer& tf, const PrefillRecord& rec, KvStore& store, int max_new,
-                                 const std::vector<int>& stop = {}) {
+inline std::vector<int> generate(Transformer& tf, const PrefillRecord& rec, KvStore& store,
+                                 int max_new, const std::vector<int>& stop = {}) {
   std::vector<int> out;
   if (max_new <= 0) return out;
   const auto V = static_cast<std::size_t>(tf.config().vocab);

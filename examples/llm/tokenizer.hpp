@@ -91,7 +91,9 @@ inline std::vector<std::string> pretokenize(const std::string& text) {
   at.push_back(text.size());
   const std::size_t n = cps.size();
   std::vector<std::string> out;
-  auto emit = [&](std::size_t a, std::size_t b) { out.push_back(text.substr(at[a], at[b] - at[a])); };
+  auto emit = [&](std::size_t a, std::size_t b) {
+    out.push_back(text.substr(at[a], at[b] - at[a]));
+  };
   using namespace unicode;
   std::size_t i = 0;
   while (i < n) {
@@ -164,16 +166,20 @@ class Tokenizer {
     for (std::size_t i = 0; i < tokens_.size(); ++i) ids_.emplace(tokens_[i], static_cast<int>(i));
     for (std::size_t r = 0; r < merges.size(); ++r) {
       const auto sp = merges[r].find(' ', 1);
-      if (sp == std::string::npos) throw std::runtime_error("tokenizer: bad merge '" + merges[r] + "'");
-      ranks_.emplace(merges[r].substr(0, sp) + '\x01' + merges[r].substr(sp + 1), static_cast<int>(r));
+      if (sp == std::string::npos)
+        throw std::runtime_error("tokenizer: bad merge '" + merges[r] + "'");
+      ranks_.emplace(merges[r].substr(0, sp) + '\x01' + merges[r].substr(sp + 1),
+                     static_cast<int>(r));
     }
     for (std::size_t i = 0; i < types.size() && i < tokens_.size(); ++i)
       if (types[i] == 3 || types[i] == 4) specials_.emplace_back(tokens_[i], static_cast<int>(i));
     // GPT-2's byte alphabet: printable bytes map to themselves, the rest to U+0100...
     int extra = 0;
     for (int b = 0; b < 256; ++b) {
-      const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
-      const std::uint32_t cp = printable ? static_cast<std::uint32_t>(b) : static_cast<std::uint32_t>(256 + extra++);
+      const bool printable =
+          (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+      const std::uint32_t cp =
+          printable ? static_cast<std::uint32_t>(b) : static_cast<std::uint32_t>(256 + extra++);
       std::string u;
       append_utf8(u, cp);
       byte_to_unicode_[static_cast<std::size_t>(b)] = u;
@@ -219,8 +225,10 @@ class Tokenizer {
     for (std::size_t i = 0; i < t.size();) {
       const std::uint32_t cp = next_utf8(t, i);
       auto it = unicode_to_byte_.find(cp);
-      if (it != unicode_to_byte_.end()) out.push_back(static_cast<char>(it->second));
-      else append_utf8(out, cp);
+      if (it != unicode_to_byte_.end())
+        out.push_back(static_cast<char>(it->second));
+      else
+        append_utf8(out, cp);
     }
     return out;
   }

@@ -12,6 +12,6 @@
 
 #include "backend/cuda/compact.cuh"
 #include "backend/cuda/decode_scores.cuh"
+#include "backend/cuda/layer_store.cuh"  // KvCache<..., cuda_policy>
 #include "backend/cuda/select_k.cuh"
 #include "backend/cuda/window_stats.cuh"
-#include "backend/cuda/layer_store.cuh"  // KvCache<..., cuda_policy>

@@ -46,8 +46,7 @@ class logic_error : public error {
 class cuda_error : public error {
  public:
   cuda_error(const std::string& where, int code, const std::string& what)
-      : error("cake.cuda", detail_message(where, code, what)),
-        code_(code) {}
+      : error("cake.cuda", detail_message(where, code, what)), code_(code) {}
   int code() const noexcept { return code_; }
 
  private:
@@ -102,25 +101,25 @@ status make_logic_status(const char* id, const Parts&... parts) {
 }  // namespace cake
 
 // Inside a function returning cake::status: return a failed status when cond is false.
-#define CAKE_CHECK(cond, id, ...) \
-  do {                            \
+#define CAKE_CHECK(cond, id, ...)                                     \
+  do {                                                                \
     if (!(cond)) return ::cake::detail::make_status(id, __VA_ARGS__); \
   } while (0)
 
-#define CAKE_CHECK_STATE(cond, id, ...) \
-  do {                                  \
+#define CAKE_CHECK_STATE(cond, id, ...)                                     \
+  do {                                                                      \
     if (!(cond)) return ::cake::detail::make_logic_status(id, __VA_ARGS__); \
   } while (0)
 
 // Propagate a failed status.
-#define CAKE_TRY(expr)                     \
-  do {                                     \
-    ::cake::status cake_st_ = (expr);      \
-    if (!cake_st_.ok()) return cake_st_;   \
+#define CAKE_TRY(expr)                   \
+  do {                                   \
+    ::cake::status cake_st_ = (expr);    \
+    if (!cake_st_.ok()) return cake_st_; \
   } while (0)
 
 // In throwing code: throw cake::invalid_argument when cond is false.
-#define CAKE_EXPECTS(cond, id, ...)                                                    \
-  do {                                                                                 \
+#define CAKE_EXPECTS(cond, id, ...)                                                       \
+  do {                                                                                    \
     if (!(cond)) throw ::cake::invalid_argument(id, ::cake::detail::concat(__VA_ARGS__)); \
   } while (0)

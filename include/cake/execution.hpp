@@ -32,7 +32,9 @@ struct cuda_policy {
 inline constexpr cuda_policy cuda{};
 
 template <class E>
-concept execution_policy = requires { typename std::remove_cvref_t<E>::memory_space; };
+concept execution_policy = requires {
+  typename std::remove_cvref_t<E>::memory_space;
+};
 
 // A view is usable by policy E only if it lives in E's memory space. The check is a
 // static_assert with a sentence, not a template dump.

@@ -32,14 +32,14 @@
 namespace cake {
 
 struct CacheConfig {
-  index_t layers = 0;      // L
-  index_t batch = 1;       // B
-  index_t q_heads = 0;     // H
-  index_t kv_heads = 0;    // Hkv
-  index_t head_dim = 0;    // d
-  index_t window = 32;     // w: the last w tokens, always kept
+  index_t layers = 0;         // L
+  index_t batch = 1;          // B
+  index_t q_heads = 0;        // H
+  index_t kv_heads = 0;       // Hkv
+  index_t head_dim = 0;       // d
+  index_t window = 32;        // w: the last w tokens, always kept
   index_t cache_size = 1024;  // C: average tokens per layer, window included
-  bool cascade = true;     // cut layer by layer during prefill (the paper's point)
+  bool cascade = true;        // cut layer by layer during prefill (the paper's point)
   token_order order = token_order::position;
   bool check_finite = true;  // reject NaN/Inf in queries, keys and values
 
@@ -61,8 +61,7 @@ struct CacheConfig {
 };
 
 template <PreferencePolicy Pref = CakePreference, BudgetPolicy Budget = ProportionalBudget,
-          IndicatorPolicy Ind = MeanVarianceIndicator, class T = float,
-          class Exec = host_policy>
+          IndicatorPolicy Ind = MeanVarianceIndicator, class T = float, class Exec = host_policy>
 class KvCache {
   // Storage and data movement per backend (backend/host/layer_store.hpp, and the
   // CUDA one in cake.cuh); this class keeps the bookkeeping.
@@ -76,8 +75,8 @@ class KvCache {
   using budget_policy = Budget;
   using indicator_policy = Ind;
 
-  explicit KvCache(CacheConfig config, Pref preference = {}, Budget budget = {},
-                   Ind indicator = {}, Exec exec = {})
+  explicit KvCache(CacheConfig config, Pref preference = {}, Budget budget = {}, Ind indicator = {},
+                   Exec exec = {})
       : cfg_(config), pref_(preference), budget_(budget), ind_(indicator), exec_(exec) {
     cfg_.validate().throw_if_error();
     pref_.validate().throw_if_error();
@@ -133,8 +132,8 @@ class KvCache {
     CAKE_CHECK(S >= w, "cake.prefill.keys", "the prompt must hold at least window = ", w,
                " tokens, got S = ", S);
     CAKE_CHECK(v.extent(0) == B && v.extent(1) == Hkv && v.extent(2) == S && v.extent(3) == d,
-               "cake.prefill.values", "values must have the shape of keys (", B, ", ", Hkv, ", ",
-               S, ", ", d, "), got ", detail::shape_string(v));
+               "cake.prefill.values", "values must have the shape of keys (", B, ", ", Hkv, ", ", S,
+               ", ", d, "), got ", detail::shape_string(v));
     CAKE_CHECK(inner_contiguous(q), "cake.prefill.q_window",
                "q_window must have unit stride along head_dim, got ", q.stride(3));
     CAKE_CHECK(inner_contiguous(k), "cake.prefill.keys",
@@ -172,9 +171,8 @@ class KvCache {
     const LayerStats stats{st[0], st[1]};
     const double pref = pref_(stats);
     CAKE_EXPECTS(std::isfinite(pref) && pref >= 0, "cake.preference.value",
-                 "the preference policy must return a finite value >= 0, got ", pref,
-                 " for layer ", layer, " (entropy ", stats.entropy, ", variance ", stats.variance,
-                 ")");
+                 "the preference policy must return a finite value >= 0, got ", pref, " for layer ",
+                 layer, " (entropy ", stats.entropy, ", variance ", stats.variance, ")");
 
     // 2. Plan the new state without touching the current one: every allocation
     //    (new layers, permutations, bookkeeping) happens here.
@@ -183,7 +181,7 @@ class KvCache {
     std::vector<index_t> stage(m + 1, 0);
     std::vector<Layer> fresh;  // replacements, by layer
     std::vector<std::size_t> fresh_at;
-    std::vector<index_t> prefix_after(m + 1, -1);  // truncations of layers kept in place
+    std::vector<index_t> prefix_after(m + 1, -1);           // truncations of layers kept in place
     std::vector<typename Store::permutation> perms(m + 1);  // in-place reorders to position order
     const bool last = layer == L - 1;
     const bool want_position = cfg_.order == token_order::position;
@@ -197,8 +195,8 @@ class KvCache {
       fresh_at.push_back(m);
     } else if (cfg_.cascade) {
       allocate_budgets(budget_, prefs, L, cfg_.total_budget(), P, stage);
-      fresh.push_back(Store::select(exec_, sh, k, v, nullptr, ind_p, P, P,
-                                    std::min(stage[m], P), last && want_position));
+      fresh.push_back(Store::select(exec_, sh, k, v, nullptr, ind_p, P, P, std::min(stage[m], P),
+                                    last && want_position));
       fresh_at.push_back(m);
       for (std::size_t l = 0; l < m; ++l) {
         // Prefixes are in descending-indicator order: a smaller budget is a truncation.
@@ -212,16 +210,15 @@ class KvCache {
     } else {
       // One-shot: every layer is cut once, now; the last one straight from the caller.
       allocate_budgets(budget_, prefs, L, cfg_.total_budget(), P, stage);
-      fresh.push_back(Store::select(exec_, sh, k, v, nullptr, ind_p, P, P,
-                                    std::min(stage[m], P), want_position));
+      fresh.push_back(Store::select(exec_, sh, k, v, nullptr, ind_p, P, P, std::min(stage[m], P),
+                                    want_position));
       fresh_at.push_back(m);
       for (std::size_t l = 0; l < m; ++l) {
         const Layer& src = layers_[l];
         index_t ld = 0;
         const float* src_ind = Store::indicator(src, ld);
-        fresh.push_back(Store::select(exec_, sh, Store::keys(src, sh), Store::values(src, sh),
-                                      &src, src_ind, ld, P, std::min(stage[l], P),
-                                      want_position));
+        fresh.push_back(Store::select(exec_, sh, Store::keys(src, sh), Store::values(src, sh), &src,
+                                      src_ind, ld, P, std::min(stage[l], P), want_position));
         fresh_at.push_back(l);
       }
     }
@@ -258,8 +255,8 @@ class KvCache {
     auto v = as_view(v_new);
     check_spaces<decltype(q), decltype(k), decltype(v)>();
     CAKE_CHECK_STATE(next_layer_ == cfg_.layers, "cake.decode.state",
-                     "decode needs every layer prefilled first; ", next_layer_, " of ",
-                     cfg_.layers, " layers are");
+                     "decode needs every layer prefilled first; ", next_layer_, " of ", cfg_.layers,
+                     " layers are");
     CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.decode.layer", "layer must be in [0, ",
                cfg_.layers, "), got ", layer);
     const index_t B = cfg_.batch, H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim;
@@ -323,8 +320,9 @@ class KvCache {
   index_t peak_tokens_held() const noexcept { return peak_; }
   // Bytes of K and V held by a layer (all rows).
   std::size_t bytes_held(index_t layer) const {
-    return 2 * static_cast<std::size_t>(cfg_.batch * cfg_.kv_heads * tokens_held(layer) *
-                                        cfg_.head_dim) *
+    return 2 *
+           static_cast<std::size_t>(cfg_.batch * cfg_.kv_heads * tokens_held(layer) *
+                                    cfg_.head_dim) *
            sizeof(T);
   }
   std::size_t bytes_held() const {

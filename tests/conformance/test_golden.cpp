@@ -12,7 +12,8 @@
 TEST_CASE("golden cases from the reference implementation") {
   std::vector<std::string> dirs;
   for (const auto& e : std::filesystem::directory_iterator(CAKE_GOLDEN_DIR))
-    if (e.is_directory() && std::filesystem::exists(e.path() / "meta.json")) dirs.push_back(e.path().string());
+    if (e.is_directory() && std::filesystem::exists(e.path() / "meta.json"))
+      dirs.push_back(e.path().string());
   std::sort(dirs.begin(), dirs.end());
   REQUIRE(dirs.size() == 5);  // so that the test cannot pass vacuously
   for (const auto& dir : dirs) {

@@ -78,10 +78,10 @@ index_t first_mismatch(const std::vector<float>& a, const std::vector<float>& b,
   return -1;
 }
 
-#define CHECK_CLOSE_VEC(dev, host, rel, abs)                                              \
-  do {                                                                                    \
-    const index_t at_ = first_mismatch(dev, host, rel, abs);                              \
-    if (at_ >= 0)                                                                         \
+#define CHECK_CLOSE_VEC(dev, host, rel, abs)                                                   \
+  do {                                                                                         \
+    const index_t at_ = first_mismatch(dev, host, rel, abs);                                   \
+    if (at_ >= 0)                                                                              \
       FAIL_CHECK("mismatch at " << at_ << ": cuda " << (dev)[at_] << " host " << (host)[at_]); \
   } while (0)
 
@@ -147,7 +147,8 @@ void check_window_stats(const StatsShape& sh, const Ind& ind, cake::StatsRequest
   cake::window_stats(cake::host, hview(q, qe), hview(k, ke), ind, hview(ind_host, ie),
                      hview(st_host, std::array<index_t, 1>{2}), req);
 
-  DeviceBuffer<float> dq(q), dind(ind_host.size()), dst(2), dlse(static_cast<std::size_t>(B * H * w));
+  DeviceBuffer<float> dq(q), dind(ind_host.size()), dst(2),
+      dlse(static_cast<std::size_t>(B * H * w));
   DeviceBuffer<TK> dk(k);
   cake::window_stats(cake::cuda, dq.view(qe), dk.view(ke), ind, dind.view(ie),
                      dst.view(std::array<index_t, 1>{2}), req);
@@ -161,13 +162,15 @@ void check_window_stats(const StatsShape& sh, const Ind& ind, cake::StatsRequest
   DeviceBuffer<char> ws(bytes);
   cuda_ok(cudaMemset(dind.get(), 0, ind_host.size() * sizeof(float)), "memset");
   cake::window_stats(cake::cuda, dq.view(qe), dk.view(ke), ind, dind.view(ie),
-                     dst.view(std::array<index_t, 1>{2}), req, cake::cuda_workspace{ws.get(), bytes});
+                     dst.view(std::array<index_t, 1>{2}), req,
+                     cake::cuda_workspace{ws.get(), bytes});
   CHECK_CLOSE_VEC(dind.download(), ind_host, 1e-5, 1e-7);
 
   // One pass over K with the caller's log-sum-exp.
   dlse.upload(host_lse(q, kf, B, H, Hkv, w, S, d));
-  cake::window_stats_lse(cake::cuda, dq.view(qe), dk.view(ke), dlse.view(std::array<index_t, 3>{B, H, w}),
-                         ind, dind.view(ie), dst.view(std::array<index_t, 1>{2}), req);
+  cake::window_stats_lse(cake::cuda, dq.view(qe), dk.view(ke),
+                         dlse.view(std::array<index_t, 3>{B, H, w}), ind, dind.view(ie),
+                         dst.view(std::array<index_t, 1>{2}), req);
   CHECK_CLOSE_VEC(dind.download(), ind_host, 1e-5, 1e-7);
   const std::vector<float> st_lse = dst.download();
   CHECK(close(st_lse[0], st_host[0], 1e-5, 1e-6));
@@ -192,318 +195,325 @@ std::vector<std::string> golden_cases() {
 }  // namespace
 
 TEST_SUITE("gpu") {
+  TEST_CASE("window_stats on CUDA equals the host backend and the golden cases") {
+    for (const std::string& dir : golden_cases()) {
+      const auto meta = cake_tools::Json::parse(read_text(dir + "/meta.json"));
+      const index_t B = meta["batch"].as_int(), H = meta["q_heads"].as_int(),
+                    Hkv = meta["kv_heads"].as_int(), S = meta["seq_len"].as_int(),
+                    d = meta["head_dim"].as_int(), w = meta["window"].as_int(),
+                    L = meta["layers"].as_int(), P = S - w;
+      const cake::MeanVarianceIndicator ind{static_cast<float>(meta["gamma"].as_double()), 5};
+      for (index_t l = 0; l < L; ++l) {
+        CAPTURE(dir);
+        CAPTURE(l);
+        const std::string pre = dir + "/layer" + std::to_string(l);
+        std::vector<float> q = cake_tools::load_npy(pre + "_q_window.npy").as<float>();
+        std::vector<float> k = cake_tools::load_npy(pre + "_k.npy").as<float>();
+        const std::vector<float> golden = cake_tools::load_npy(pre + "_indicator.npy").as<float>();
+        const std::array<index_t, 4> qe{B, H, w, d}, ke{B, Hkv, S, d};
+        const std::array<index_t, 3> ie{B, Hkv, P};
+        std::vector<float> ind_host(static_cast<std::size_t>(B * Hkv * P)), st_host(2);
+        cake::window_stats(cake::host, hview(q, qe), hview(k, ke), ind, hview(ind_host, ie),
+                           hview(st_host, std::array<index_t, 1>{2}));
+        DeviceBuffer<float> dq(q), dk(k), dind(ind_host.size()), dst(2);
+        cake::window_stats(cake::cuda, dq.view(qe), dk.view(ke), ind, dind.view(ie),
+                           dst.view(std::array<index_t, 1>{2}));
+        const std::vector<float> ind_dev = dind.download(), st_dev = dst.download();
+        CHECK_CLOSE_VEC(ind_dev, ind_host, 1e-5, 1e-7);
+        CHECK_CLOSE_VEC(ind_dev, golden, 1e-4, 1e-7);
+        CHECK(close(st_dev[0], st_host[0], 1e-5, 1e-6));
+        CHECK(close(st_dev[1], st_host[1], 1e-5, 1e-9));
+        const auto& rec = meta["layer"][static_cast<std::size_t>(l)];
+        CHECK(close(st_dev[0], rec["entropy"].as_double(), 1e-4, 1e-6));
+        CHECK(close(st_dev[1], rec["variance"].as_double(), 1e-4, 1e-9));
 
-TEST_CASE("window_stats on CUDA equals the host backend and the golden cases") {
-  for (const std::string& dir : golden_cases()) {
-    const auto meta = cake_tools::Json::parse(read_text(dir + "/meta.json"));
-    const index_t B = meta["batch"].as_int(), H = meta["q_heads"].as_int(),
-                  Hkv = meta["kv_heads"].as_int(), S = meta["seq_len"].as_int(),
-                  d = meta["head_dim"].as_int(), w = meta["window"].as_int(),
-                  L = meta["layers"].as_int(), P = S - w;
-    const cake::MeanVarianceIndicator ind{static_cast<float>(meta["gamma"].as_double()), 5};
-    for (index_t l = 0; l < L; ++l) {
-      CAPTURE(dir);
-      CAPTURE(l);
-      const std::string pre = dir + "/layer" + std::to_string(l);
-      std::vector<float> q = cake_tools::load_npy(pre + "_q_window.npy").as<float>();
-      std::vector<float> k = cake_tools::load_npy(pre + "_k.npy").as<float>();
-      const std::vector<float> golden = cake_tools::load_npy(pre + "_indicator.npy").as<float>();
-      const std::array<index_t, 4> qe{B, H, w, d}, ke{B, Hkv, S, d};
-      const std::array<index_t, 3> ie{B, Hkv, P};
-      std::vector<float> ind_host(static_cast<std::size_t>(B * Hkv * P)), st_host(2);
-      cake::window_stats(cake::host, hview(q, qe), hview(k, ke), ind, hview(ind_host, ie),
-                         hview(st_host, std::array<index_t, 1>{2}));
-      DeviceBuffer<float> dq(q), dk(k), dind(ind_host.size()), dst(2);
-      cake::window_stats(cake::cuda, dq.view(qe), dk.view(ke), ind, dind.view(ie),
-                         dst.view(std::array<index_t, 1>{2}));
-      const std::vector<float> ind_dev = dind.download(), st_dev = dst.download();
-      CHECK_CLOSE_VEC(ind_dev, ind_host, 1e-5, 1e-7);
-      CHECK_CLOSE_VEC(ind_dev, golden, 1e-4, 1e-7);
-      CHECK(close(st_dev[0], st_host[0], 1e-5, 1e-6));
-      CHECK(close(st_dev[1], st_host[1], 1e-5, 1e-9));
-      const auto& rec = meta["layer"][static_cast<std::size_t>(l)];
-      CHECK(close(st_dev[0], rec["entropy"].as_double(), 1e-4, 1e-6));
-      CHECK(close(st_dev[1], rec["variance"].as_double(), 1e-4, 1e-9));
-
-      // The kept set of a one-shot cut: top-k of the indicator, in position order.
-      const index_t kept = meta["kept_counts"][static_cast<std::size_t>(l)].as_int();
-      std::vector<std::int64_t> sel_host(static_cast<std::size_t>(B * Hkv * kept));
-      cake::select_k(cake::host, hview(ind_host, std::array<index_t, 2>{B * Hkv, P}),
-                     hview(sel_host, std::array<index_t, 2>{B * Hkv, kept}),
-                     cake::select_order::position);
-      DeviceBuffer<float> dsc(ind_host);
-      DeviceBuffer<std::int64_t> dsel(sel_host.size());
-      cake::select_k(cake::cuda, dsc.view(std::array<index_t, 2>{B * Hkv, P}),
-                     dsel.view(std::array<index_t, 2>{B * Hkv, kept}), cake::select_order::position);
-      CHECK(dsel.download() == sel_host);
-      if (!meta["cascading"].as_bool() && S > meta["cache_size"].as_int() + w) {
-        const std::vector<std::int64_t> gkept =
-            cake_tools::load_npy(pre + "_kept.npy").as<std::int64_t>();
-        CHECK(dsel.download() == gkept);
-      }
-    }
-  }
-}
-
-TEST_CASE("window_stats on CUDA: shapes, key types, indicators") {
-  const std::vector<StatsShape> shapes = {
-      {1, 4, 4, 8, 100, 16},    // MHA
-      {2, 8, 2, 16, 300, 32},   // GQA, batch 2
-      {1, 8, 1, 24, 200, 128},  // group rows do not fit: row chunks straddle heads
-      {1, 2, 1, 5, 5, 8},       // no prefix keys (S == window)
-      {1, 4, 2, 2, 70, 7},      // odd head_dim, window 2
-      {1, 32, 8, 32, 1000, 128} // Llama-3.1-8B heads
-  };
-  std::uint32_t seed = 1;
-  for (const auto& sh : shapes) {
-    CAPTURE(sh.S);
-    CAPTURE(sh.d);
-    CAPTURE(sh.w);
-    // Plain calls, not SUBCASEs: doctest subcases inside a loop would run once.
-    const cake::MeanVarianceIndicator mv{200.0f, 5};
-    {
-      INFO("float keys");
-      check_window_stats<float>(sh, mv, {}, seed++);
-    }
-    {
-      INFO("half keys");
-      check_window_stats<__half>(sh, mv, {}, seed++);
-    }
-    {
-      INFO("bf16 keys");
-      check_window_stats<__nv_bfloat16>(sh, mv, {}, seed++);
-    }
-    {
-      INFO("window mean, no variance, pool 3");
-      check_window_stats<float>(sh, cake::WindowMeanIndicator{3}, {true, false}, seed++);
-    }
-    {
-      INFO("bf16 keys, no entropy, gamma 50, pool 1");
-      check_window_stats<__nv_bfloat16>(sh, cake::MeanVarianceIndicator{50.0f, 1}, {false, true},
-                                        seed++);
-    }
-  }
-}
-
-// The opt-in tensor-core mode (16-bit K): close to the host, at a looser tolerance.
-template <class TK>
-void check_window_stats_tc(const StatsShape& sh, std::uint32_t seed) {
-  const auto [B, H, Hkv, w, S, d] = sh;
-  const index_t P = S - w;
-  std::mt19937 rng(seed);
-  std::vector<float> q = normal(static_cast<std::size_t>(B * H * w * d), 1.5f, rng);
-  std::vector<TK> k = convert<TK>(normal(static_cast<std::size_t>(B * Hkv * S * d), 1.0f, rng));
-  const std::array<index_t, 4> qe{B, H, w, d}, ke{B, Hkv, S, d};
-  const std::array<index_t, 3> ie{B, Hkv, P};
-  const cake::MeanVarianceIndicator ind{};
-  std::vector<float> ind_host(static_cast<std::size_t>(B * Hkv * P)), st_host(2);
-  cake::window_stats(cake::host, hview(q, qe), hview(k, ke), ind, hview(ind_host, ie),
-                     hview(st_host, std::array<index_t, 1>{2}));
-  DeviceBuffer<float> dq(q), dind(ind_host.size()), dst(2);
-  DeviceBuffer<TK> dk(k);
-  cake::window_stats(cake::cuda, dq.view(qe), dk.view(ke), ind, dind.view(ie),
-                     dst.view(std::array<index_t, 1>{2}), {}, {}, cake::cuda_math::tensor_cores);
-  CHECK_CLOSE_VEC(dind.download(), ind_host, 2e-3, 1e-7);
-  const std::vector<float> st = dst.download();
-  CHECK(close(st[0], st_host[0], 1e-3, 1e-6));
-  CHECK(close(st[1], st_host[1], 2e-3, 1e-9));
-}
-
-TEST_CASE("window_stats on CUDA, tensor-core mode") {
-  SUBCASE("bf16, Llama heads") { check_window_stats_tc<__nv_bfloat16>({1, 32, 8, 32, 1000, 128}, 21); }
-  SUBCASE("half, row chunks") { check_window_stats_tc<__half>({1, 8, 1, 24, 300, 128}, 22); }
-  SUBCASE("bf16, small") { check_window_stats_tc<__nv_bfloat16>({2, 8, 2, 16, 300, 32}, 23); }
-}
-
-TEST_CASE("window_stats_from_attention on CUDA equals the host backend") {
-  const index_t B = 2, H = 8, Hkv = 2, w = 16, S = 400, P = S - w;
-  std::mt19937 rng(7);
-  std::vector<float> a = normal(static_cast<std::size_t>(B * H * w * S), 2.0f, rng);
-  for (index_t r = 0; r < B * H * w; ++r) {  // causal softmax rows
-    const index_t i = r % w;
-    float* row = &a[static_cast<std::size_t>(r * S)];
-    float m = -1e30f, s = 0;
-    for (index_t j = 0; j <= P + i; ++j) m = std::max(m, row[j]);
-    for (index_t j = 0; j < S; ++j) {
-      row[j] = j <= P + i ? std::exp(row[j] - m) : 0.0f;
-      s += row[j];
-    }
-    for (index_t j = 0; j < S; ++j) row[j] /= s;
-  }
-  const std::array<index_t, 4> ae{B, H, w, S};
-  const std::array<index_t, 3> ie{B, Hkv, P};
-  const cake::MeanVarianceIndicator ind{};
-  std::vector<float> ind_host(static_cast<std::size_t>(B * Hkv * P)), st_host(2);
-  cake::window_stats_from_attention(cake::host, hview(a, ae), ind, hview(ind_host, ie),
-                                    hview(st_host, std::array<index_t, 1>{2}));
-  DeviceBuffer<float> da(a), dind(ind_host.size()), dst(2);
-  cake::window_stats_from_attention(cake::cuda, da.view(ae), ind, dind.view(ie),
-                                    dst.view(std::array<index_t, 1>{2}));
-  CHECK_CLOSE_VEC(dind.download(), ind_host, 1e-5, 1e-7);
-  const std::vector<float> st = dst.download();
-  CHECK(close(st[0], st_host[0], 1e-5, 1e-6));
-  CHECK(close(st[1], st_host[1], 1e-5, 1e-9));
-  const std::size_t bytes = cake::window_stats_from_attention_workspace_size(B, Hkv, w, S);
-  DeviceBuffer<char> ws(bytes);
-  cake::window_stats_from_attention(cake::cuda, da.view(ae), ind, dind.view(ie),
-                                    dst.view(std::array<index_t, 1>{2}), {},
-                                    cake::cuda_workspace{ws.get(), bytes});
-  CHECK_CLOSE_VEC(dind.download(), ind_host, 1e-5, 1e-7);
-}
-
-TEST_CASE("select_k on CUDA returns exactly the host's indices, ties included") {
-  const std::vector<index_t> lengths = {1, 5, 1000, 4097, 20000, 131072, 400000};
-  std::mt19937 rng(11);
-  int variant = 0;
-  for (const index_t n : lengths) {
-    const index_t rows = n > 100000 ? 2 : 3;
-    // Few distinct values: many ties at the threshold.
-    std::vector<float> sc(static_cast<std::size_t>(rows * n));
-    std::uniform_int_distribution<int> level(-40, 40);
-    for (auto& x : sc) x = static_cast<float>(level(rng)) * 0.25f;
-    if (n >= 1000)  // and one row of distinct values
-      for (index_t j = 0; j < n; ++j) sc[static_cast<std::size_t>(j)] = std::sin(0.37f * j) * 1e3f;
-    DeviceBuffer<float> dsc(sc);
-    std::vector<index_t> ks = {0, 1, 7, n / 2, n, 4096, 4097};
-    for (const index_t k : ks) {
-      if (k > n) continue;
-      for (const auto order : {cake::select_order::descending, cake::select_order::position}) {
-        CAPTURE(n);
-        CAPTURE(k);
-        CAPTURE(static_cast<int>(order));
-        const std::array<index_t, 2> se{rows, n}, oe{rows, k};
-        if (++variant % 2 == 0) {
-          std::vector<std::int64_t> h(static_cast<std::size_t>(rows * k));
-          cake::select_k(cake::host, hview(sc, se), hview(h, oe), order);
-          DeviceBuffer<std::int64_t> d(h.size());
-          cake::select_k(cake::cuda, dsc.view(se), d.view(oe), order);
-          if (k > 0) CHECK(d.download() == h);
-        } else {
-          std::vector<int> h(static_cast<std::size_t>(rows * k));
-          cake::select_k(cake::host, hview(sc, se), hview(h, oe), order);
-          DeviceBuffer<int> d(h.size());
-          const std::size_t bytes = cake::select_k_workspace_size(rows, n, k, order);
-          DeviceBuffer<char> ws(bytes);
-          cake::select_k(cake::cuda, dsc.view(se), d.view(oe), order,
-                         cake::cuda_workspace{ws.get(), bytes});
-          if (k > 0) CHECK(d.download() == h);
+        // The kept set of a one-shot cut: top-k of the indicator, in position order.
+        const index_t kept = meta["kept_counts"][static_cast<std::size_t>(l)].as_int();
+        std::vector<std::int64_t> sel_host(static_cast<std::size_t>(B * Hkv * kept));
+        cake::select_k(cake::host, hview(ind_host, std::array<index_t, 2>{B * Hkv, P}),
+                       hview(sel_host, std::array<index_t, 2>{B * Hkv, kept}),
+                       cake::select_order::position);
+        DeviceBuffer<float> dsc(ind_host);
+        DeviceBuffer<std::int64_t> dsel(sel_host.size());
+        cake::select_k(cake::cuda, dsc.view(std::array<index_t, 2>{B * Hkv, P}),
+                       dsel.view(std::array<index_t, 2>{B * Hkv, kept}),
+                       cake::select_order::position);
+        CHECK(dsel.download() == sel_host);
+        if (!meta["cascading"].as_bool() && S > meta["cache_size"].as_int() + w) {
+          const std::vector<std::int64_t> gkept =
+              cake_tools::load_npy(pre + "_kept.npy").as<std::int64_t>();
+          CHECK(dsel.download() == gkept);
         }
       }
     }
   }
-}
 
-TEST_CASE("select_k on CUDA: strided rows") {
-  // Rows of 300 scores inside a pitch of 320: the kernel must honour the row stride.
-  const index_t rows = 4, n = 300, pitch = 320, k = 37;
-  std::mt19937 rng(3);
-  std::vector<float> buf = normal(static_cast<std::size_t>(rows * pitch), 1.0f, rng);
-  auto hv = cake::make_view(buf.data(), std::array<index_t, 2>{rows, n}, std::array<index_t, 2>{pitch, 1});
-  std::vector<std::int64_t> h(static_cast<std::size_t>(rows * k));
-  cake::select_k(cake::host, hv, hview(h, std::array<index_t, 2>{rows, k}));
-  DeviceBuffer<float> d(buf);
-  DeviceBuffer<std::int64_t> o(h.size());
-  auto dv = cake::make_view<cake::device_space>(d.get(), std::array<index_t, 2>{rows, n},
-                                                std::array<index_t, 2>{pitch, 1});
-  cake::select_k(cake::cuda, dv, o.view(std::array<index_t, 2>{rows, k}));
-  CHECK(o.download() == h);
-}
-
-template <class T>
-void check_compact(index_t d, bool in_place, std::uint32_t seed) {
-  const index_t B = 2, Hkv = 3, S = 50, m = 20;
-  std::mt19937 rng(seed);
-  std::vector<float> f = normal(static_cast<std::size_t>(B * Hkv * S * d), 1.0f, rng);
-  std::vector<T> src = convert<T>(f);
-  std::vector<std::int64_t> keep(static_cast<std::size_t>(B * Hkv * m));
-  for (index_t r = 0; r < B * Hkv; ++r) {
-    std::vector<std::int64_t> all(static_cast<std::size_t>(S));
-    std::iota(all.begin(), all.end(), 0);
-    std::shuffle(all.begin(), all.end(), rng);
-    all.resize(static_cast<std::size_t>(m));
-    if (in_place) std::sort(all.begin(), all.end());
-    std::copy(all.begin(), all.end(), keep.begin() + r * m);
+  TEST_CASE("window_stats on CUDA: shapes, key types, indicators") {
+    const std::vector<StatsShape> shapes = {
+        {1, 4, 4, 8, 100, 16},     // MHA
+        {2, 8, 2, 16, 300, 32},    // GQA, batch 2
+        {1, 8, 1, 24, 200, 128},   // group rows do not fit: row chunks straddle heads
+        {1, 2, 1, 5, 5, 8},        // no prefix keys (S == window)
+        {1, 4, 2, 2, 70, 7},       // odd head_dim, window 2
+        {1, 32, 8, 32, 1000, 128}  // Llama-3.1-8B heads
+    };
+    std::uint32_t seed = 1;
+    for (const auto& sh : shapes) {
+      CAPTURE(sh.S);
+      CAPTURE(sh.d);
+      CAPTURE(sh.w);
+      // Plain calls, not SUBCASEs: doctest subcases inside a loop would run once.
+      const cake::MeanVarianceIndicator mv{200.0f, 5};
+      {
+        INFO("float keys");
+        check_window_stats<float>(sh, mv, {}, seed++);
+      }
+      {
+        INFO("half keys");
+        check_window_stats<__half>(sh, mv, {}, seed++);
+      }
+      {
+        INFO("bf16 keys");
+        check_window_stats<__nv_bfloat16>(sh, mv, {}, seed++);
+      }
+      {
+        INFO("window mean, no variance, pool 3");
+        check_window_stats<float>(sh, cake::WindowMeanIndicator{3}, {true, false}, seed++);
+      }
+      {
+        INFO("bf16 keys, no entropy, gamma 50, pool 1");
+        check_window_stats<__nv_bfloat16>(sh, cake::MeanVarianceIndicator{50.0f, 1}, {false, true},
+                                          seed++);
+      }
+    }
   }
-  const std::array<index_t, 4> se{B, Hkv, S, d}, de{B, Hkv, m, d};
-  const std::array<index_t, 3> ke{B, Hkv, m};
-  std::vector<T> expect(static_cast<std::size_t>(B * Hkv * m * d));
-  cake::compact(cake::host, hview(src, se), hview(keep, ke), hview(expect, de));
-  DeviceBuffer<T> dsrc(src);
-  DeviceBuffer<std::int64_t> dkeep(keep);
-  std::vector<T> got;
-  if (in_place) {
-    // dst aliases src with the compacted strides of the source buffer: (B, Hkv, m, d)
-    // inside (B, Hkv, S, d), as KvCache compacts a layer in place.
-    auto dv = cake::make_view<cake::device_space>(dsrc.get(), de,
-                                                  std::array<index_t, 4>{Hkv * S * d, S * d, d, 1});
-    cake::compact(cake::cuda, dsrc.view(se), dkeep.view(ke), dv);
-    const std::vector<T> all = dsrc.download();
-    for (index_t r = 0; r < B * Hkv; ++r)
-      got.insert(got.end(), all.begin() + r * S * d, all.begin() + r * S * d + m * d);
-  } else {
-    DeviceBuffer<T> ddst(expect.size());
-    cake::compact(cake::cuda, dsrc.view(se), dkeep.view(ke), ddst.view(de));
-    got = ddst.download();
+
+  // The opt-in tensor-core mode (16-bit K): close to the host, at a looser tolerance.
+  template <class TK>
+  void check_window_stats_tc(const StatsShape& sh, std::uint32_t seed) {
+    const auto [B, H, Hkv, w, S, d] = sh;
+    const index_t P = S - w;
+    std::mt19937 rng(seed);
+    std::vector<float> q = normal(static_cast<std::size_t>(B * H * w * d), 1.5f, rng);
+    std::vector<TK> k = convert<TK>(normal(static_cast<std::size_t>(B * Hkv * S * d), 1.0f, rng));
+    const std::array<index_t, 4> qe{B, H, w, d}, ke{B, Hkv, S, d};
+    const std::array<index_t, 3> ie{B, Hkv, P};
+    const cake::MeanVarianceIndicator ind{};
+    std::vector<float> ind_host(static_cast<std::size_t>(B * Hkv * P)), st_host(2);
+    cake::window_stats(cake::host, hview(q, qe), hview(k, ke), ind, hview(ind_host, ie),
+                       hview(st_host, std::array<index_t, 1>{2}));
+    DeviceBuffer<float> dq(q), dind(ind_host.size()), dst(2);
+    DeviceBuffer<TK> dk(k);
+    cake::window_stats(cake::cuda, dq.view(qe), dk.view(ke), ind, dind.view(ie),
+                       dst.view(std::array<index_t, 1>{2}), {}, {}, cake::cuda_math::tensor_cores);
+    CHECK_CLOSE_VEC(dind.download(), ind_host, 2e-3, 1e-7);
+    const std::vector<float> st = dst.download();
+    CHECK(close(st[0], st_host[0], 1e-3, 1e-6));
+    CHECK(close(st[1], st_host[1], 2e-3, 1e-9));
   }
-  REQUIRE(got.size() == expect.size());
-  CHECK(std::memcmp(got.data(), expect.data(), got.size() * sizeof(T)) == 0);
-}
 
-TEST_CASE("compact on CUDA equals the host backend exactly") {
-  SUBCASE("bf16, 16-byte vectors") { check_compact<__nv_bfloat16>(128, false, 1); }
-  SUBCASE("float, 16-byte vectors") { check_compact<float>(64, false, 2); }
-  SUBCASE("float, head_dim 3 (element-wise)") { check_compact<float>(3, false, 3); }
-  SUBCASE("half, in place") { check_compact<__half>(128, true, 4); }
-  SUBCASE("float, head_dim 5, in place") { check_compact<float>(5, true, 5); }
-  SUBCASE("float, long rows in place") { check_compact<float>(2048, true, 6); }
-}
-
-template <class TK>
-void check_decode(index_t held, index_t c, const cake::MeanVarianceIndicator& ind,
-                  std::uint32_t seed) {
-  const index_t B = 2, H = 8, Hkv = 2, d = 32;
-  std::mt19937 rng(seed);
-  std::vector<float> q = normal(static_cast<std::size_t>(B * H * d), 1.0f, rng);
-  std::vector<TK> k = convert<TK>(normal(static_cast<std::size_t>(B * Hkv * held * d), 1.0f, rng));
-  const std::array<index_t, 3> qe{B, H, d}, oe{B, Hkv, c};
-  const std::array<index_t, 4> ke{B, Hkv, held, d};
-  std::vector<float> expect(static_cast<std::size_t>(B * Hkv * c));
-  cake::decode_scores(cake::host, hview(q, qe), hview(k, ke), ind, hview(expect, oe));
-  DeviceBuffer<float> dq(q), dout(expect.size());
-  DeviceBuffer<TK> dk(k);
-  cake::decode_scores(cake::cuda, dq.view(qe), dk.view(ke), ind, dout.view(oe));
-  CHECK_CLOSE_VEC(dout.download(), expect, 1e-5, 1e-9);
-}
-
-TEST_CASE("decode_scores on CUDA equals the host backend") {
-  SUBCASE("float keys") { check_decode<float>(300, 284, {200.0f, 5}, 1); }
-  SUBCASE("bf16 keys, pool 7") { check_decode<__nv_bfloat16>(1000, 968, {200.0f, 7}, 2); }
-  SUBCASE("no pooling") { check_decode<float>(129, 1, {200.0f, 1}, 3); }
-  SUBCASE("scores not cached in shared memory") { check_decode<float>(50000, 49968, {200.0f, 5}, 4); }
-}
-
-TEST_CASE("CUDA entry points check their input with the host's messages") {
-  DeviceBuffer<float> sc(100);
-  DeviceBuffer<int> out(20);
-  try {
-    cake::select_k(cake::cuda, sc.view(std::array<index_t, 2>{2, 50}),
-                   out.view(std::array<index_t, 2>{2, 60}));
-    FAIL("no exception");
-  } catch (const cake::invalid_argument& e) {
-    CHECK(e.id() == "cake.select_k.k");
+  TEST_CASE("window_stats on CUDA, tensor-core mode") {
+    SUBCASE("bf16, Llama heads") {
+      check_window_stats_tc<__nv_bfloat16>({1, 32, 8, 32, 1000, 128}, 21);
+    }
+    SUBCASE("half, row chunks") { check_window_stats_tc<__half>({1, 8, 1, 24, 300, 128}, 22); }
+    SUBCASE("bf16, small") { check_window_stats_tc<__nv_bfloat16>({2, 8, 2, 16, 300, 32}, 23); }
   }
-  DeviceBuffer<float> q(2 * 4 * 16), k(2 * 100 * 16), ind(2 * 96), st(2);
-  char small[1];
-  try {
-    cake::window_stats(cake::cuda, q.view(std::array<index_t, 4>{1, 2, 4, 16}),
-                       k.view(std::array<index_t, 4>{1, 2, 100, 16}), cake::MeanVarianceIndicator{},
-                       ind.view(std::array<index_t, 3>{1, 2, 96}), st.view(std::array<index_t, 1>{2}),
-                       {}, cake::cuda_workspace{small, 1});
-    FAIL("no exception");
-  } catch (const cake::invalid_argument& e) {
-    CHECK(e.id() == "cake.cuda.workspace");
+
+  TEST_CASE("window_stats_from_attention on CUDA equals the host backend") {
+    const index_t B = 2, H = 8, Hkv = 2, w = 16, S = 400, P = S - w;
+    std::mt19937 rng(7);
+    std::vector<float> a = normal(static_cast<std::size_t>(B * H * w * S), 2.0f, rng);
+    for (index_t r = 0; r < B * H * w; ++r) {  // causal softmax rows
+      const index_t i = r % w;
+      float* row = &a[static_cast<std::size_t>(r * S)];
+      float m = -1e30f, s = 0;
+      for (index_t j = 0; j <= P + i; ++j) m = std::max(m, row[j]);
+      for (index_t j = 0; j < S; ++j) {
+        row[j] = j <= P + i ? std::exp(row[j] - m) : 0.0f;
+        s += row[j];
+      }
+      for (index_t j = 0; j < S; ++j) row[j] /= s;
+    }
+    const std::array<index_t, 4> ae{B, H, w, S};
+    const std::array<index_t, 3> ie{B, Hkv, P};
+    const cake::MeanVarianceIndicator ind{};
+    std::vector<float> ind_host(static_cast<std::size_t>(B * Hkv * P)), st_host(2);
+    cake::window_stats_from_attention(cake::host, hview(a, ae), ind, hview(ind_host, ie),
+                                      hview(st_host, std::array<index_t, 1>{2}));
+    DeviceBuffer<float> da(a), dind(ind_host.size()), dst(2);
+    cake::window_stats_from_attention(cake::cuda, da.view(ae), ind, dind.view(ie),
+                                      dst.view(std::array<index_t, 1>{2}));
+    CHECK_CLOSE_VEC(dind.download(), ind_host, 1e-5, 1e-7);
+    const std::vector<float> st = dst.download();
+    CHECK(close(st[0], st_host[0], 1e-5, 1e-6));
+    CHECK(close(st[1], st_host[1], 1e-5, 1e-9));
+    const std::size_t bytes = cake::window_stats_from_attention_workspace_size(B, Hkv, w, S);
+    DeviceBuffer<char> ws(bytes);
+    cake::window_stats_from_attention(cake::cuda, da.view(ae), ind, dind.view(ie),
+                                      dst.view(std::array<index_t, 1>{2}), {},
+                                      cake::cuda_workspace{ws.get(), bytes});
+    CHECK_CLOSE_VEC(dind.download(), ind_host, 1e-5, 1e-7);
   }
-}
+
+  TEST_CASE("select_k on CUDA returns exactly the host's indices, ties included") {
+    const std::vector<index_t> lengths = {1, 5, 1000, 4097, 20000, 131072, 400000};
+    std::mt19937 rng(11);
+    int variant = 0;
+    for (const index_t n : lengths) {
+      const index_t rows = n > 100000 ? 2 : 3;
+      // Few distinct values: many ties at the threshold.
+      std::vector<float> sc(static_cast<std::size_t>(rows * n));
+      std::uniform_int_distribution<int> level(-40, 40);
+      for (auto& x : sc) x = static_cast<float>(level(rng)) * 0.25f;
+      if (n >= 1000)  // and one row of distinct values
+        for (index_t j = 0; j < n; ++j)
+          sc[static_cast<std::size_t>(j)] = std::sin(0.37f * j) * 1e3f;
+      DeviceBuffer<float> dsc(sc);
+      std::vector<index_t> ks = {0, 1, 7, n / 2, n, 4096, 4097};
+      for (const index_t k : ks) {
+        if (k > n) continue;
+        for (const auto order : {cake::select_order::descending, cake::select_order::position}) {
+          CAPTURE(n);
+          CAPTURE(k);
+          CAPTURE(static_cast<int>(order));
+          const std::array<index_t, 2> se{rows, n}, oe{rows, k};
+          if (++variant % 2 == 0) {
+            std::vector<std::int64_t> h(static_cast<std::size_t>(rows * k));
+            cake::select_k(cake::host, hview(sc, se), hview(h, oe), order);
+            DeviceBuffer<std::int64_t> d(h.size());
+            cake::select_k(cake::cuda, dsc.view(se), d.view(oe), order);
+            if (k > 0) CHECK(d.download() == h);
+          } else {
+            std::vector<int> h(static_cast<std::size_t>(rows * k));
+            cake::select_k(cake::host, hview(sc, se), hview(h, oe), order);
+            DeviceBuffer<int> d(h.size());
+            const std::size_t bytes = cake::select_k_workspace_size(rows, n, k, order);
+            DeviceBuffer<char> ws(bytes);
+            cake::select_k(cake::cuda, dsc.view(se), d.view(oe), order,
+                           cake::cuda_workspace{ws.get(), bytes});
+            if (k > 0) CHECK(d.download() == h);
+          }
+        }
+      }
+    }
+  }
+
+  TEST_CASE("select_k on CUDA: strided rows") {
+    // Rows of 300 scores inside a pitch of 320: the kernel must honour the row stride.
+    const index_t rows = 4, n = 300, pitch = 320, k = 37;
+    std::mt19937 rng(3);
+    std::vector<float> buf = normal(static_cast<std::size_t>(rows * pitch), 1.0f, rng);
+    auto hv = cake::make_view(buf.data(), std::array<index_t, 2>{rows, n},
+                              std::array<index_t, 2>{pitch, 1});
+    std::vector<std::int64_t> h(static_cast<std::size_t>(rows * k));
+    cake::select_k(cake::host, hv, hview(h, std::array<index_t, 2>{rows, k}));
+    DeviceBuffer<float> d(buf);
+    DeviceBuffer<std::int64_t> o(h.size());
+    auto dv = cake::make_view<cake::device_space>(d.get(), std::array<index_t, 2>{rows, n},
+                                                  std::array<index_t, 2>{pitch, 1});
+    cake::select_k(cake::cuda, dv, o.view(std::array<index_t, 2>{rows, k}));
+    CHECK(o.download() == h);
+  }
+
+  template <class T>
+  void check_compact(index_t d, bool in_place, std::uint32_t seed) {
+    const index_t B = 2, Hkv = 3, S = 50, m = 20;
+    std::mt19937 rng(seed);
+    std::vector<float> f = normal(static_cast<std::size_t>(B * Hkv * S * d), 1.0f, rng);
+    std::vector<T> src = convert<T>(f);
+    std::vector<std::int64_t> keep(static_cast<std::size_t>(B * Hkv * m));
+    for (index_t r = 0; r < B * Hkv; ++r) {
+      std::vector<std::int64_t> all(static_cast<std::size_t>(S));
+      std::iota(all.begin(), all.end(), 0);
+      std::shuffle(all.begin(), all.end(), rng);
+      all.resize(static_cast<std::size_t>(m));
+      if (in_place) std::sort(all.begin(), all.end());
+      std::copy(all.begin(), all.end(), keep.begin() + r * m);
+    }
+    const std::array<index_t, 4> se{B, Hkv, S, d}, de{B, Hkv, m, d};
+    const std::array<index_t, 3> ke{B, Hkv, m};
+    std::vector<T> expect(static_cast<std::size_t>(B * Hkv * m * d));
+    cake::compact(cake::host, hview(src, se), hview(keep, ke), hview(expect, de));
+    DeviceBuffer<T> dsrc(src);
+    DeviceBuffer<std::int64_t> dkeep(keep);
+    std::vector<T> got;
+    if (in_place) {
+      // dst aliases src with the compacted strides of the source buffer: (B, Hkv, m, d)
+      // inside (B, Hkv, S, d), as KvCache compacts a layer in place.
+      auto dv = cake::make_view<cake::device_space>(
+          dsrc.get(), de, std::array<index_t, 4>{Hkv * S * d, S * d, d, 1});
+      cake::compact(cake::cuda, dsrc.view(se), dkeep.view(ke), dv);
+      const std::vector<T> all = dsrc.download();
+      for (index_t r = 0; r < B * Hkv; ++r)
+        got.insert(got.end(), all.begin() + r * S * d, all.begin() + r * S * d + m * d);
+    } else {
+      DeviceBuffer<T> ddst(expect.size());
+      cake::compact(cake::cuda, dsrc.view(se), dkeep.view(ke), ddst.view(de));
+      got = ddst.download();
+    }
+    REQUIRE(got.size() == expect.size());
+    CHECK(std::memcmp(got.data(), expect.data(), got.size() * sizeof(T)) == 0);
+  }
+
+  TEST_CASE("compact on CUDA equals the host backend exactly") {
+    SUBCASE("bf16, 16-byte vectors") { check_compact<__nv_bfloat16>(128, false, 1); }
+    SUBCASE("float, 16-byte vectors") { check_compact<float>(64, false, 2); }
+    SUBCASE("float, head_dim 3 (element-wise)") { check_compact<float>(3, false, 3); }
+    SUBCASE("half, in place") { check_compact<__half>(128, true, 4); }
+    SUBCASE("float, head_dim 5, in place") { check_compact<float>(5, true, 5); }
+    SUBCASE("float, long rows in place") { check_compact<float>(2048, true, 6); }
+  }
+
+  template <class TK>
+  void check_decode(index_t held, index_t c, const cake::MeanVarianceIndicator& ind,
+                    std::uint32_t seed) {
+    const index_t B = 2, H = 8, Hkv = 2, d = 32;
+    std::mt19937 rng(seed);
+    std::vector<float> q = normal(static_cast<std::size_t>(B * H * d), 1.0f, rng);
+    std::vector<TK> k =
+        convert<TK>(normal(static_cast<std::size_t>(B * Hkv * held * d), 1.0f, rng));
+    const std::array<index_t, 3> qe{B, H, d}, oe{B, Hkv, c};
+    const std::array<index_t, 4> ke{B, Hkv, held, d};
+    std::vector<float> expect(static_cast<std::size_t>(B * Hkv * c));
+    cake::decode_scores(cake::host, hview(q, qe), hview(k, ke), ind, hview(expect, oe));
+    DeviceBuffer<float> dq(q), dout(expect.size());
+    DeviceBuffer<TK> dk(k);
+    cake::decode_scores(cake::cuda, dq.view(qe), dk.view(ke), ind, dout.view(oe));
+    CHECK_CLOSE_VEC(dout.download(), expect, 1e-5, 1e-9);
+  }
+
+  TEST_CASE("decode_scores on CUDA equals the host backend") {
+    SUBCASE("float keys") { check_decode<float>(300, 284, {200.0f, 5}, 1); }
+    SUBCASE("bf16 keys, pool 7") { check_decode<__nv_bfloat16>(1000, 968, {200.0f, 7}, 2); }
+    SUBCASE("no pooling") { check_decode<float>(129, 1, {200.0f, 1}, 3); }
+    SUBCASE("scores not cached in shared memory") {
+      check_decode<float>(50000, 49968, {200.0f, 5}, 4);
+    }
+  }
+
+  TEST_CASE("CUDA entry points check their input with the host's messages") {
+    DeviceBuffer<float> sc(100);
+    DeviceBuffer<int> out(20);
+    try {
+      cake::select_k(cake::cuda, sc.view(std::array<index_t, 2>{2, 50}),
+                     out.view(std::array<index_t, 2>{2, 60}));
+      FAIL("no exception");
+    } catch (const cake::invalid_argument& e) {
+      CHECK(e.id() == "cake.select_k.k");
+    }
+    DeviceBuffer<float> q(2 * 4 * 16), k(2 * 100 * 16), ind(2 * 96), st(2);
+    char small[1];
+    try {
+      cake::window_stats(cake::cuda, q.view(std::array<index_t, 4>{1, 2, 4, 16}),
+                         k.view(std::array<index_t, 4>{1, 2, 100, 16}),
+                         cake::MeanVarianceIndicator{}, ind.view(std::array<index_t, 3>{1, 2, 96}),
+                         st.view(std::array<index_t, 1>{2}), {}, cake::cuda_workspace{small, 1});
+      FAIL("no exception");
+    } catch (const cake::invalid_argument& e) {
+      CHECK(e.id() == "cake.cuda.workspace");
+    }
+  }
 
 }  // TEST_SUITE
 

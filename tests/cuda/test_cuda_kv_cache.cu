@@ -50,7 +50,8 @@ auto download(const V& v) {
       rem /= static_cast<std::size_t>(v.extent(r));
     }
     REQUIRE(cudaMemcpy(out.data() + o * static_cast<std::size_t>(inner),
-                       cake::detail::element_ptr(v, idx), static_cast<std::size_t>(inner) * sizeof(T),
+                       cake::detail::element_ptr(v, idx),
+                       static_cast<std::size_t>(inner) * sizeof(T),
                        cudaMemcpyDeviceToHost) == cudaSuccess);
   }
   return out;
@@ -73,7 +74,8 @@ auto flatten(const V& v) {
       rem /= static_cast<std::size_t>(v.extent(r));
     }
     const T* row = cake::detail::element_ptr(v, idx);
-    std::copy(row, row + inner, out.begin() + static_cast<std::ptrdiff_t>(o * static_cast<std::size_t>(inner)));
+    std::copy(row, row + inner,
+              out.begin() + static_cast<std::ptrdiff_t>(o * static_cast<std::size_t>(inner)));
   }
   return out;
 }
@@ -118,122 +120,149 @@ void require_same(const HostCache& h, const CudaCache& c, const std::string& whe
 }  // namespace
 
 TEST_SUITE("gpu") {
-TEST_CASE("KvCache on CUDA equals KvCache on the host on every golden case") {
-  int cases = 0;
-  for (const auto& entry : std::filesystem::directory_iterator(CAKE_GOLDEN_DIR)) {
-    if (!entry.is_directory()) continue;
-    const cake_tools::GoldenCase gc(entry.path().string());
-    ++cases;
-    for (auto order : {cake::token_order::reference, cake::token_order::position}) {
-      const std::string where =
-          gc.name + (order == cake::token_order::reference ? " (reference order)" : " (position order)");
-      HostCache host(gc.config(order), gc.preference(), {}, gc.indicator());
-      CudaCache dev(gc.config(order), gc.preference(), {}, gc.indicator(), cake::cuda.on(cudaStreamPerThread));
-      for (index_t l = 0; l < gc.L; ++l) {
-        const std::string p = "layer" + std::to_string(l);
-        auto q = gc.floats(p + "_q_window");
-        auto k = gc.floats(p + "_k");
-        auto v = gc.floats(p + "_v");
+  TEST_CASE("KvCache on CUDA equals KvCache on the host on every golden case") {
+    int cases = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(CAKE_GOLDEN_DIR)) {
+      if (!entry.is_directory()) continue;
+      const cake_tools::GoldenCase gc(entry.path().string());
+      ++cases;
+      for (auto order : {cake::token_order::reference, cake::token_order::position}) {
+        const std::string where =
+            gc.name +
+            (order == cake::token_order::reference ? " (reference order)" : " (position order)");
+        HostCache host(gc.config(order), gc.preference(), {}, gc.indicator());
+        CudaCache dev(gc.config(order), gc.preference(), {}, gc.indicator(),
+                      cake::cuda.on(cudaStreamPerThread));
+        for (index_t l = 0; l < gc.L; ++l) {
+          const std::string p = "layer" + std::to_string(l);
+          auto q = gc.floats(p + "_q_window");
+          auto k = gc.floats(p + "_k");
+          auto v = gc.floats(p + "_v");
+          Dev<float> dq(q), dk(k), dv(v);
+          const std::array<index_t, 4> qs{gc.B, gc.H, gc.w, gc.d}, ks{gc.B, gc.Hkv, gc.S, gc.d};
+          host.prefill(l, cake::make_view(static_cast<const float*>(q.data()), qs),
+                       cake::make_view(static_cast<const float*>(k.data()), ks),
+                       cake::make_view(static_cast<const float*>(v.data()), ks));
+          dev.prefill(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
+                      cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
+                      cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
+          require_same(host, dev, where + " after prefill of layer " + std::to_string(l));
+        }
+        for (index_t t = 0; t < gc.meta["decode_steps"].as_int(); ++t)
+          for (index_t l = 0; l < gc.L; ++l) {
+            const std::string p = "decode" + std::to_string(t) + "_layer" + std::to_string(l);
+            auto q = gc.floats(p + "_q");
+            auto k = gc.floats(p + "_k");
+            auto v = gc.floats(p + "_v");
+            Dev<float> dq(q), dk(k), dv(v);
+            const std::array<index_t, 3> qs{gc.B, gc.H, gc.d}, ks{gc.B, gc.Hkv, gc.d};
+            host.decode(l, cake::make_view(static_cast<const float*>(q.data()), qs),
+                        cake::make_view(static_cast<const float*>(k.data()), ks),
+                        cake::make_view(static_cast<const float*>(v.data()), ks));
+            dev.decode(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
+                       cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
+                       cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
+            if (order == cake::token_order::reference) {
+              // The reference's held positions, from the golden data.
+              auto want = gc.ints(p + "_held");
+              auto have = download(dev.positions(l));
+              std::vector<std::int64_t> sorted;
+              const index_t n = dev.tokens_held(l);
+              for (index_t r = 0; r < gc.B * gc.Hkv; ++r) {
+                std::vector<std::int64_t> row(have.begin() + r * n, have.begin() + (r + 1) * n);
+                std::sort(row.begin(), row.end());
+                sorted.insert(sorted.end(), row.begin(), row.end());
+              }
+              CHECK(sorted == want);
+            }
+          }
+        require_same(host, dev, where + " after decoding");
+      }
+    }
+    REQUIRE(cases == 5);
+  }
+
+  TEST_CASE("KvCache on CUDA: synthetic GQA workload, cascading and one-shot, bad input") {
+    const index_t L = 4, B = 2, H = 8, Hkv = 2, d = 64, w = 16, S = 700;
+    std::mt19937 rng(5);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (bool cascade : {true, false}) {
+      cake::CacheConfig cfg{.layers = L,
+                            .batch = B,
+                            .q_heads = H,
+                            .kv_heads = Hkv,
+                            .head_dim = d,
+                            .window = w,
+                            .cache_size = 80,
+                            .cascade = cascade};
+      HostCache host(cfg, cake::CakePreference{1.6f, 0.4f});
+      CudaCache dev(cfg, cake::CakePreference{1.6f, 0.4f}, {}, {}, cake::cuda);
+      for (index_t l = 0; l < L; ++l) {
+        std::vector<float> q(static_cast<std::size_t>(B * H * w * d)),
+            k(static_cast<std::size_t>(B * Hkv * S * d)), v(k.size());
+        for (auto* t : {&q, &k, &v})
+          for (auto& x : *t) x = normal(rng) * (1.0f + 0.3f * static_cast<float>(l));
+        for (index_t j = 0; j < 4; ++j)  // attention sinks
+          for (index_t x = 0; x < d; ++x) k[static_cast<std::size_t>(j * d + x)] += 2.0f;
         Dev<float> dq(q), dk(k), dv(v);
-        const std::array<index_t, 4> qs{gc.B, gc.H, gc.w, gc.d}, ks{gc.B, gc.Hkv, gc.S, gc.d};
+        const std::array<index_t, 4> qs{B, H, w, d}, ks{B, Hkv, S, d};
         host.prefill(l, cake::make_view(static_cast<const float*>(q.data()), qs),
                      cake::make_view(static_cast<const float*>(k.data()), ks),
                      cake::make_view(static_cast<const float*>(v.data()), ks));
         dev.prefill(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
                     cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
                     cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
-        require_same(host, dev, where + " after prefill of layer " + std::to_string(l));
       }
-      for (index_t t = 0; t < gc.meta["decode_steps"].as_int(); ++t)
-        for (index_t l = 0; l < gc.L; ++l) {
-          const std::string p = "decode" + std::to_string(t) + "_layer" + std::to_string(l);
-          auto q = gc.floats(p + "_q");
-          auto k = gc.floats(p + "_k");
-          auto v = gc.floats(p + "_v");
+      require_same(host, dev, cascade ? "cascading" : "one-shot");
+      for (int step = 0; step < 3; ++step)
+        for (index_t l = 0; l < L; ++l) {
+          std::vector<float> q(static_cast<std::size_t>(B * H * d)),
+              k(static_cast<std::size_t>(B * Hkv * d)), v(k.size());
+          for (auto* t : {&q, &k, &v})
+            for (auto& x : *t) x = normal(rng);
           Dev<float> dq(q), dk(k), dv(v);
-          const std::array<index_t, 3> qs{gc.B, gc.H, gc.d}, ks{gc.B, gc.Hkv, gc.d};
-          host.decode(l, cake::make_view(static_cast<const float*>(q.data()), qs),
-                      cake::make_view(static_cast<const float*>(k.data()), ks),
-                      cake::make_view(static_cast<const float*>(v.data()), ks));
-          dev.decode(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
-                     cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
-                     cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
-          if (order == cake::token_order::reference) {
-            // The reference's held positions, from the golden data.
-            auto want = gc.ints(p + "_held");
-            auto have = download(dev.positions(l));
-            std::vector<std::int64_t> sorted;
-            const index_t n = dev.tokens_held(l);
-            for (index_t r = 0; r < gc.B * gc.Hkv; ++r) {
-              std::vector<std::int64_t> row(have.begin() + r * n, have.begin() + (r + 1) * n);
-              std::sort(row.begin(), row.end());
-              sorted.insert(sorted.end(), row.begin(), row.end());
-            }
-            CHECK(sorted == want);
-          }
+          host.decode(
+              l,
+              cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 3>{B, H, d}),
+              cake::make_view(static_cast<const float*>(k.data()),
+                              std::array<index_t, 3>{B, Hkv, d}),
+              cake::make_view(static_cast<const float*>(v.data()),
+                              std::array<index_t, 3>{B, Hkv, d}));
+          dev.decode(l,
+                     cake::make_view<cake::device_space>(static_cast<const float*>(dq.p),
+                                                         std::array<index_t, 3>{B, H, d}),
+                     cake::make_view<cake::device_space>(static_cast<const float*>(dk.p),
+                                                         std::array<index_t, 3>{B, Hkv, d}),
+                     cake::make_view<cake::device_space>(static_cast<const float*>(dv.p),
+                                                         std::array<index_t, 3>{B, Hkv, d}));
         }
-      require_same(host, dev, where + " after decoding");
+      require_same(host, dev, cascade ? "cascading, decoded" : "one-shot, decoded");
     }
-  }
-  REQUIRE(cases == 5);
-}
-
-TEST_CASE("KvCache on CUDA: synthetic GQA workload, cascading and one-shot, bad input") {
-  const index_t L = 4, B = 2, H = 8, Hkv = 2, d = 64, w = 16, S = 700;
-  std::mt19937 rng(5);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (bool cascade : {true, false}) {
-    cake::CacheConfig cfg{.layers = L, .batch = B, .q_heads = H, .kv_heads = Hkv, .head_dim = d,
-                          .window = w, .cache_size = 80, .cascade = cascade};
-    HostCache host(cfg, cake::CakePreference{1.6f, 0.4f});
-    CudaCache dev(cfg, cake::CakePreference{1.6f, 0.4f}, {}, {}, cake::cuda);
-    for (index_t l = 0; l < L; ++l) {
-      std::vector<float> q(static_cast<std::size_t>(B * H * w * d)), k(static_cast<std::size_t>(B * Hkv * S * d)), v(k.size());
-      for (auto* t : {&q, &k, &v})
-        for (auto& x : *t) x = normal(rng) * (1.0f + 0.3f * static_cast<float>(l));
-      for (index_t j = 0; j < 4; ++j)  // attention sinks
-        for (index_t x = 0; x < d; ++x) k[static_cast<std::size_t>(j * d + x)] += 2.0f;
-      Dev<float> dq(q), dk(k), dv(v);
-      const std::array<index_t, 4> qs{B, H, w, d}, ks{B, Hkv, S, d};
-      host.prefill(l, cake::make_view(static_cast<const float*>(q.data()), qs),
-                   cake::make_view(static_cast<const float*>(k.data()), ks),
-                   cake::make_view(static_cast<const float*>(v.data()), ks));
-      dev.prefill(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
-                  cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
-                  cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
+    // A NaN in device keys is found and reported with its coordinates; nothing changes.
+    cake::CacheConfig cfg{.layers = 1,
+                          .batch = 1,
+                          .q_heads = 2,
+                          .kv_heads = 1,
+                          .head_dim = 8,
+                          .window = 4,
+                          .cache_size = 12};
+    CudaCache dev(cfg, {}, {}, {}, cake::cuda);
+    std::vector<float> q(2 * 4 * 8, 0.5f), k(40 * 8, 0.25f), v(40 * 8, 1.0f);
+    k[static_cast<std::size_t>(17 * 8 + 3)] = std::nanf("");
+    Dev<float> dq(q), dk(k), dv(v);
+    try {
+      dev.prefill(0,
+                  cake::make_view<cake::device_space>(static_cast<const float*>(dq.p),
+                                                      std::array<index_t, 4>{1, 2, 4, 8}),
+                  cake::make_view<cake::device_space>(static_cast<const float*>(dk.p),
+                                                      std::array<index_t, 4>{1, 1, 40, 8}),
+                  cake::make_view<cake::device_space>(static_cast<const float*>(dv.p),
+                                                      std::array<index_t, 4>{1, 1, 40, 8}));
+      FAIL("a NaN key was accepted");
+    } catch (const cake::invalid_argument& e) {
+      CHECK(std::string(e.what()).find("[cake.prefill.keys]") != std::string::npos);
+      CHECK(std::string(e.what()).find("(0, 0, 17, 3)") != std::string::npos);
     }
-    require_same(host, dev, cascade ? "cascading" : "one-shot");
-    for (int step = 0; step < 3; ++step)
-      for (index_t l = 0; l < L; ++l) {
-        std::vector<float> q(static_cast<std::size_t>(B * H * d)), k(static_cast<std::size_t>(B * Hkv * d)), v(k.size());
-        for (auto* t : {&q, &k, &v})
-          for (auto& x : *t) x = normal(rng);
-        Dev<float> dq(q), dk(k), dv(v);
-        host.decode(l, cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 3>{B, H, d}),
-                    cake::make_view(static_cast<const float*>(k.data()), std::array<index_t, 3>{B, Hkv, d}),
-                    cake::make_view(static_cast<const float*>(v.data()), std::array<index_t, 3>{B, Hkv, d}));
-        dev.decode(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), std::array<index_t, 3>{B, H, d}),
-                   cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), std::array<index_t, 3>{B, Hkv, d}),
-                   cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), std::array<index_t, 3>{B, Hkv, d}));
-      }
-    require_same(host, dev, cascade ? "cascading, decoded" : "one-shot, decoded");
+    CHECK(dev.layers_prefilled() == 0);
   }
-  // A NaN in device keys is found and reported with its coordinates; nothing changes.
-  cake::CacheConfig cfg{.layers = 1, .batch = 1, .q_heads = 2, .kv_heads = 1, .head_dim = 8,
-                        .window = 4, .cache_size = 12};
-  CudaCache dev(cfg, {}, {}, {}, cake::cuda);
-  std::vector<float> q(2 * 4 * 8, 0.5f), k(40 * 8, 0.25f), v(40 * 8, 1.0f);
-  k[static_cast<std::size_t>(17 * 8 + 3)] = std::nanf("");
-  Dev<float> dq(q), dk(k), dv(v);
-  try {
-    dev.prefill(0, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), std::array<index_t, 4>{1, 2, 4, 8}),
-                cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), std::array<index_t, 4>{1, 1, 40, 8}),
-                cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), std::array<index_t, 4>{1, 1, 40, 8}));
-    FAIL("a NaN key was accepted");
-  } catch (const cake::invalid_argument& e) {
-    CHECK(std::string(e.what()).find("[cake.prefill.keys]") != std::string::npos);
-    CHECK(std::string(e.what()).find("(0, 0, 17, 3)") != std::string::npos);
-  }
-  CHECK(dev.layers_prefilled() == 0);
-}
 }  // TEST_SUITE

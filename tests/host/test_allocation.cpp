@@ -14,24 +14,29 @@ using cake::index_t;
 
 namespace alloc_test {
 
-inline std::vector<index_t> proportional(const std::vector<float>& p, index_t total, index_t ceiling,
-                                         index_t num_layers = 0) {
+inline std::vector<index_t> proportional(const std::vector<float>& p, index_t total,
+                                         index_t ceiling, index_t num_layers = 0) {
   std::vector<index_t> out(p.size(), -99);
-  cake::allocate_budgets(cake::ProportionalBudget{}, p, num_layers ? num_layers : static_cast<index_t>(p.size()),
-                         total, ceiling, out);
+  cake::allocate_budgets(cake::ProportionalBudget{}, p,
+                         num_layers ? num_layers : static_cast<index_t>(p.size()), total, ceiling,
+                         out);
   return out;
 }
 
-inline index_t sum(const std::vector<index_t>& v) { return std::accumulate(v.begin(), v.end(), index_t{0}); }
+inline index_t sum(const std::vector<index_t>& v) {
+  return std::accumulate(v.begin(), v.end(), index_t{0});
+}
 
 // The spec's steps, written independently. `overshoot` reports whether step 2 or 3
 // pushed a layer above the ceiling (step 4 then drops tokens and the sum falls short of T).
-inline std::vector<index_t> spec_allocation(const std::vector<float>& p, index_t T, index_t R, bool& overshoot) {
+inline std::vector<index_t> spec_allocation(const std::vector<float>& p, index_t T, index_t R,
+                                            bool& overshoot) {
   const std::size_t m = p.size();
   std::vector<index_t> b(m);
   float s = 0;
   for (float x : p) s += x;
-  for (std::size_t l = 0; l < m; ++l) b[l] = s > 0 ? static_cast<index_t>(p[l] / s * static_cast<float>(T)) : 0;
+  for (std::size_t l = 0; l < m; ++l)
+    b[l] = s > 0 ? static_cast<index_t>(p[l] / s * static_cast<float>(T)) : 0;
   // step 2
   index_t excess = 0;
   for (auto& x : b)
@@ -57,7 +62,8 @@ inline std::vector<index_t> spec_allocation(const std::vector<float>& p, index_t
   if (diff != 0 && !elig.empty()) {
     const index_t cnt = static_cast<index_t>(elig.size()), mag = std::abs(diff);
     for (std::size_t i = 0; i < elig.size(); ++i)
-      b[elig[i]] += (diff > 0 ? 1 : -1) * (mag / cnt + (static_cast<index_t>(i) < mag % cnt ? 1 : 0));
+      b[elig[i]] +=
+          (diff > 0 ? 1 : -1) * (mag / cnt + (static_cast<index_t>(i) < mag % cnt ? 1 : 0));
   }
   overshoot = false;
   for (auto& x : b)
@@ -81,7 +87,8 @@ TEST_CASE("ProportionalBudget: hand-computed cases") {
     // prefs {1,1,1}, T=11: raw 3.67 -> 3,3,3 (sum 9), diff 2 -> {4,4,3}
     CHECK(proportional({1, 1, 1}, 11, 100) == std::vector<index_t>{4, 4, 3});
     // 7 equal layers, T=20: raw 2.857 -> 2 each (sum 14), diff 6 -> first 6 get one more
-    CHECK(proportional({1, 1, 1, 1, 1, 1, 1}, 20, 100) == std::vector<index_t>{3, 3, 3, 3, 3, 3, 2});
+    CHECK(proportional({1, 1, 1, 1, 1, 1, 1}, 20, 100) ==
+          std::vector<index_t>{3, 3, 3, 3, 3, 3, 2});
   }
   SUBCASE("ceiling: excess shared evenly") {
     // prefs {8,1,1}, T=30, R=10: raw 24,3,3; excess 14 -> {10, 3+7, 3+7}
@@ -134,11 +141,15 @@ TEST_CASE("ProportionalBudget: random preferences against the spec's steps, and 
     std::vector<float> p(static_cast<std::size_t>(m));
     const int k = kind(gen);
     for (auto& x : p) {
-      x = k == 0 ? uni(gen) : k == 1 ? wide(gen) : k == 2 ? 1000.0f * uni(gen) + 1.0f : (uni(gen) < 0.3f ? 0.0f : wide(gen));
+      x = k == 0   ? uni(gen)
+          : k == 1 ? wide(gen)
+          : k == 2 ? 1000.0f * uni(gen) + 1.0f
+                   : (uni(gen) < 0.3f ? 0.0f : wide(gen));
     }
     const index_t R = std::uniform_int_distribution<index_t>(1, 500)(gen);
     // Mostly T <= m * R, sometimes above.
-    const index_t T = std::uniform_int_distribution<index_t>(0, m * R + (it % 5 == 0 ? 3 * R : 0))(gen);
+    const index_t T =
+        std::uniform_int_distribution<index_t>(0, m * R + (it % 5 == 0 ? 3 * R : 0))(gen);
     CAPTURE(it);
     CAPTURE(m);
     CAPTURE(T);
@@ -201,9 +212,11 @@ TEST_CASE("UniformBudget and PyramidBudget") {
     CHECK(out == std::vector<index_t>{10, 10, 10, 10});
   }
   SUBCASE("pyramid: decreasing with depth, sums to T") {
-    // L=4, T=100, beta=20: avg 25, low 1.25, high 48.75 -> 48, 32, 17, 1 (sum 98) -> +1 to the first two
+    // L=4, T=100, beta=20: avg 25, low 1.25, high 48.75 -> 48, 32, 17, 1 (sum 98) -> +1 to the
+    // first two
     std::vector<index_t> out(4, -1);
-    cake::allocate_budgets(cake::PyramidBudget{}, std::vector<float>{1, 1, 1, 1}, 4, 100, 1000, out);
+    cake::allocate_budgets(cake::PyramidBudget{}, std::vector<float>{1, 1, 1, 1}, 4, 100, 1000,
+                           out);
     CHECK(out == std::vector<index_t>{49, 33, 17, 1});
     std::mt19937 gen(3);
     for (int it = 0; it < 300; ++it) {
@@ -222,7 +235,8 @@ TEST_CASE("UniformBudget and PyramidBudget") {
       // Independent of how many layers were seen: a prefix gives the same budgets.
       std::vector<index_t> first(static_cast<std::size_t>(L), -1);
       const std::size_t seen = static_cast<std::size_t>((L + 1) / 2);
-      cake::allocate_budgets(cake::PyramidBudget{beta}, std::span<const float>(prefs.data(), seen), L, T, T, first);
+      cake::allocate_budgets(cake::PyramidBudget{beta}, std::span<const float>(prefs.data(), seen),
+                             L, T, T, first);
       for (std::size_t l = 0; l < seen; ++l) REQUIRE(first[l] == b[l]);
     }
   }
@@ -247,8 +261,8 @@ TEST_CASE("allocate_budgets: errors") {
   };
   const std::vector<float> ok{1, 2, 3};
   SUBCASE("negative total") {
-    expect([&] { cake::allocate_budgets(cake::ProportionalBudget{}, ok, 3, -3, 10, out); }, "cake.budget.total",
-           {"got -3"});
+    expect([&] { cake::allocate_budgets(cake::ProportionalBudget{}, ok, 3, -3, 10, out); },
+           "cake.budget.total", {"got -3"});
   }
   SUBCASE("NaN preference") {
     const std::vector<float> bad{1, std::numeric_limits<float>::quiet_NaN(), 3};
@@ -265,15 +279,15 @@ TEST_CASE("allocate_budgets: errors") {
   }
   SUBCASE("too few outputs") {
     const std::vector<float> four{1, 2, 3, 4};
-    expect([&] { cake::allocate_budgets(cake::ProportionalBudget{}, four, 4, 30, 10, out); }, "cake.budget.out",
-           {">= 4", "got 3"});
+    expect([&] { cake::allocate_budgets(cake::ProportionalBudget{}, four, 4, 30, 10, out); },
+           "cake.budget.out", {">= 4", "got 3"});
   }
   SUBCASE("more preferences than layers, negative ceiling, bad beta") {
     expect([&] { cake::allocate_budgets(cake::ProportionalBudget{}, ok, 2, 30, 10, out); },
            "cake.budget.preferences", {"num_layers = 2", "got 3"});
-    expect([&] { cake::allocate_budgets(cake::ProportionalBudget{}, ok, 3, 30, -1, out); }, "cake.budget.ceiling",
-           {"got -1"});
-    expect([&] { cake::allocate_budgets(cake::PyramidBudget{0.5f}, ok, 3, 30, 10, out); }, "cake.budget.beta",
-           {"got 0.5"});
+    expect([&] { cake::allocate_budgets(cake::ProportionalBudget{}, ok, 3, 30, -1, out); },
+           "cake.budget.ceiling", {"got -1"});
+    expect([&] { cake::allocate_budgets(cake::PyramidBudget{0.5f}, ok, 3, 30, 10, out); },
+           "cake.budget.beta", {"got 0.5"});
   }
 }

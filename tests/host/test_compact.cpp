@@ -50,10 +50,12 @@ TEST_CASE("compact: gather into a separate buffer") {
                   expected(b, g, keep[static_cast<std::size_t>((b * G + g) * m + t)], x));
   SUBCASE("threads(1) and threads(2) agree") {
     std::vector<float> d1(dst.size()), d2(dst.size());
-    cake::compact(cake::host.threads(1), cake::make_view(src.data(), std::array<index_t, 4>{B, G, S, d}),
+    cake::compact(cake::host.threads(1),
+                  cake::make_view(src.data(), std::array<index_t, 4>{B, G, S, d}),
                   cake::make_view(keep.data(), std::array<index_t, 3>{B, G, m}),
                   cake::make_view(d1.data(), std::array<index_t, 4>{B, G, m, d}));
-    cake::compact(cake::host.threads(2), cake::make_view(src.data(), std::array<index_t, 4>{B, G, S, d}),
+    cake::compact(cake::host.threads(2),
+                  cake::make_view(src.data(), std::array<index_t, 4>{B, G, S, d}),
                   cake::make_view(keep.data(), std::array<index_t, 3>{B, G, m}),
                   cake::make_view(d2.data(), std::array<index_t, 4>{B, G, m, d}));
     CHECK(d1 == dst);
@@ -64,7 +66,7 @@ TEST_CASE("compact: gather into a separate buffer") {
 TEST_CASE("compact: in place with ascending keep") {
   const index_t B = 2, G = 2, S = 12, d = 3, m = 5;
   auto buf = make_src(B, G, S, d);
-  std::vector<index_t> keep{0, 2, 3, 9, 11,   1, 4, 5, 6, 7,   5, 6, 7, 8, 9,   0, 1, 2, 3, 4};
+  std::vector<index_t> keep{0, 2, 3, 9, 11, 1, 4, 5, 6, 7, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4};
   auto v = cake::make_view(buf.data(), std::array<index_t, 4>{B, G, S, d});
   // dst: the first m token rows of each (b, g) row of the same buffer.
   auto dst = cake::make_view(buf.data(), std::array<index_t, 4>{B, G, m, d},
@@ -74,7 +76,8 @@ TEST_CASE("compact: in place with ascending keep") {
     for (index_t g = 0; g < G; ++g) {
       for (index_t t = 0; t < m; ++t)
         for (index_t x = 0; x < d; ++x)
-          REQUIRE(dst(b, g, t, x) == expected(b, g, keep[static_cast<std::size_t>((b * G + g) * m + t)], x));
+          REQUIRE(dst(b, g, t, x) ==
+                  expected(b, g, keep[static_cast<std::size_t>((b * G + g) * m + t)], x));
       // Rows past m are untouched.
       for (index_t t = m; t < S; ++t) REQUIRE(v(b, g, t, 0) == expected(b, g, t, 0));
     }
@@ -84,12 +87,13 @@ TEST_CASE("compact: in place with non-ascending keep throws and leaves dst untou
   const index_t B = 1, G = 2, S = 10, d = 4, m = 3;
   auto buf = make_src(B, G, S, d);
   const auto before = buf;
-  std::vector<index_t> keep{1, 2, 3,   4, 3, 5};  // second row descends at t = 1
+  std::vector<index_t> keep{1, 2, 3, 4, 3, 5};  // second row descends at t = 1
   auto v = cake::make_view(buf.data(), std::array<index_t, 4>{B, G, S, d});
   auto dst = cake::make_view(buf.data(), std::array<index_t, 4>{B, G, m, d},
                              std::array<index_t, 4>{G * S * d, S * d, d, 1});
   try {
-    cake::compact(cake::host, v, cake::make_view(keep.data(), std::array<index_t, 3>{B, G, m}), dst);
+    cake::compact(cake::host, v, cake::make_view(keep.data(), std::array<index_t, 3>{B, G, m}),
+                  dst);
     FAIL("expected a throw");
   } catch (const cake::invalid_argument& e) {
     CHECK(e.id() == "cake.compact.keep");
@@ -99,9 +103,11 @@ TEST_CASE("compact: in place with non-ascending keep throws and leaves dst untou
   }
   CHECK(buf == before);  // the first row (valid) was not compacted either
   SUBCASE("repeated index in place also throws") {
-    std::vector<index_t> rep{1, 1, 3,   4, 5, 6};
-    CHECK_THROWS_AS(cake::compact(cake::host, v, cake::make_view(rep.data(), std::array<index_t, 3>{B, G, m}), dst),
-                    cake::invalid_argument);
+    std::vector<index_t> rep{1, 1, 3, 4, 5, 6};
+    CHECK_THROWS_AS(
+        cake::compact(cake::host, v, cake::make_view(rep.data(), std::array<index_t, 3>{B, G, m}),
+                      dst),
+        cake::invalid_argument);
     CHECK(buf == before);
   }
 }
@@ -127,10 +133,11 @@ TEST_CASE("compact: out-of-range index throws") {
   }
   SUBCASE("shape mismatch") {
     std::vector<index_t> keep{0, 1, 2};
-    CHECK_THROWS_WITH_AS(cake::compact(cake::host, cake::make_view(src.data(), std::array<index_t, 4>{B, G, S, d}),
-                                       cake::make_view(keep.data(), std::array<index_t, 3>{B, G, 3}),
-                                       cake::make_view(dst.data(), std::array<index_t, 4>{B, G, m, d})),
-                         doctest::Contains("[cake.compact.dst]"), cake::invalid_argument);
+    CHECK_THROWS_WITH_AS(
+        cake::compact(cake::host, cake::make_view(src.data(), std::array<index_t, 4>{B, G, S, d}),
+                      cake::make_view(keep.data(), std::array<index_t, 3>{B, G, 3}),
+                      cake::make_view(dst.data(), std::array<index_t, 4>{B, G, m, d})),
+        doctest::Contains("[cake.compact.dst]"), cake::invalid_argument);
   }
 }
 
@@ -142,8 +149,9 @@ TEST_CASE("compact: strided src ([B,S,G,d] memory seen as (B,G,S,d))") {
       for (index_t g = 0; g < G; ++g)
         for (index_t x = 0; x < d; ++x)
           bsgd[static_cast<std::size_t>(((b * S + s) * G + g) * d + x)] = expected(b, g, s, x);
-  auto src = cake::make_view(static_cast<const float*>(bsgd.data()), std::array<index_t, 4>{B, G, S, d},
-                             std::array<index_t, 4>{S * G * d, d, G * d, 1});
+  auto src =
+      cake::make_view(static_cast<const float*>(bsgd.data()), std::array<index_t, 4>{B, G, S, d},
+                      std::array<index_t, 4>{S * G * d, d, G * d, 1});
   std::vector<index_t> keep(static_cast<std::size_t>(B * G * m));
   for (std::size_t i = 0; i < keep.size(); ++i) keep[i] = static_cast<index_t>((i * 5) % S);
   // dst strided too: (B, G, m, d) inside a buffer with padding between token rows.
@@ -156,7 +164,9 @@ TEST_CASE("compact: strided src ([B,S,G,d] memory seen as (B,G,S,d))") {
     for (index_t g = 0; g < G; ++g)
       for (index_t t = 0; t < m; ++t) {
         for (index_t x = 0; x < d; ++x)
-          REQUIRE(dv(b, g, t, x) == expected(b, g, keep[static_cast<std::size_t>((b * G + g) * m + t)], x));
-        REQUIRE(dst[static_cast<std::size_t>(((b * G + g) * m + t) * ld + d)] == -1.0f);  // padding untouched
+          REQUIRE(dv(b, g, t, x) ==
+                  expected(b, g, keep[static_cast<std::size_t>((b * G + g) * m + t)], x));
+        REQUIRE(dst[static_cast<std::size_t>(((b * G + g) * m + t) * ld + d)] ==
+                -1.0f);  // padding untouched
       }
 }

@@ -94,7 +94,8 @@ Snapshot snapshot(const Cache& c) {
   return s;
 }
 
-inline void check_message(const cake::error& e, const std::string& id, std::initializer_list<std::string> parts) {
+inline void check_message(const cake::error& e, const std::string& id,
+                          std::initializer_list<std::string> parts) {
   const std::string msg = e.what();
   INFO("message: ", msg);
   CHECK(e.id() == id);
@@ -142,42 +143,49 @@ TEST_CASE("prefill: shape mismatches") {
   SUBCASE("keys batch") {
     T4 k{{3, Hkv, S, d}, 4};
     REQUIRE_THROWS_AS(f.cache.prefill(1, f.q.view(), k.view(), f.v.view()), cake::invalid_argument);
-    expect_throw<cake::invalid_argument>([&] { f.cache.prefill(1, f.q.view(), k.view(), f.v.view()); },
-                                         "cake.prefill.keys", {"(2, 2, S, 8)", "(3, 2, 40, 8)"});
+    expect_throw<cake::invalid_argument>(
+        [&] { f.cache.prefill(1, f.q.view(), k.view(), f.v.view()); }, "cake.prefill.keys",
+        {"(2, 2, S, 8)", "(3, 2, 40, 8)"});
     CHECK(f.cache.validate_prefill(1, f.q.view(), k.view(), f.v.view()).id == "cake.prefill.keys");
   }
   SUBCASE("keys kv_heads") {
     T4 k{{B, 4, S, d}, 4};
     REQUIRE_THROWS_AS(f.cache.prefill(1, f.q.view(), k.view(), f.v.view()), cake::invalid_argument);
-    expect_throw<cake::invalid_argument>([&] { f.cache.prefill(1, f.q.view(), k.view(), f.v.view()); },
-                                         "cake.prefill.keys", {"(2, 2, S, 8)", "(2, 4, 40, 8)"});
+    expect_throw<cake::invalid_argument>(
+        [&] { f.cache.prefill(1, f.q.view(), k.view(), f.v.view()); }, "cake.prefill.keys",
+        {"(2, 2, S, 8)", "(2, 4, 40, 8)"});
   }
   SUBCASE("keys head_dim") {
     T4 k{{B, Hkv, S, 6}, 4};
     REQUIRE_THROWS_AS(f.cache.prefill(1, f.q.view(), k.view(), f.v.view()), cake::invalid_argument);
-    expect_throw<cake::invalid_argument>([&] { f.cache.prefill(1, f.q.view(), k.view(), f.v.view()); },
-                                         "cake.prefill.keys", {"(2, 2, S, 8)", "(2, 2, 40, 6)"});
+    expect_throw<cake::invalid_argument>(
+        [&] { f.cache.prefill(1, f.q.view(), k.view(), f.v.view()); }, "cake.prefill.keys",
+        {"(2, 2, S, 8)", "(2, 2, 40, 6)"});
   }
   SUBCASE("q_window heads and head_dim") {
     T4 q{{B, 3, w, d}, 4};
     REQUIRE_THROWS_AS(f.cache.prefill(1, q.view(), f.k.view(), f.v.view()), cake::invalid_argument);
-    expect_throw<cake::invalid_argument>([&] { f.cache.prefill(1, q.view(), f.k.view(), f.v.view()); },
-                                         "cake.prefill.q_window", {"(2, 4, 4, 8)", "(2, 3, 4, 8)"});
+    expect_throw<cake::invalid_argument>(
+        [&] { f.cache.prefill(1, q.view(), f.k.view(), f.v.view()); }, "cake.prefill.q_window",
+        {"(2, 4, 4, 8)", "(2, 3, 4, 8)"});
     T4 q2{{B, H, w, 16}, 5};
-    expect_throw<cake::invalid_argument>([&] { f.cache.prefill(1, q2.view(), f.k.view(), f.v.view()); },
-                                         "cake.prefill.q_window", {"(2, 4, 4, 8)", "(2, 4, 4, 16)"});
+    expect_throw<cake::invalid_argument>(
+        [&] { f.cache.prefill(1, q2.view(), f.k.view(), f.v.view()); }, "cake.prefill.q_window",
+        {"(2, 4, 4, 8)", "(2, 4, 4, 16)"});
   }
   SUBCASE("values differ from keys") {
     T4 v{{B, Hkv, S - 1, d}, 4};
     REQUIRE_THROWS_AS(f.cache.prefill(1, f.q.view(), f.k.view(), v.view()), cake::invalid_argument);
-    expect_throw<cake::invalid_argument>([&] { f.cache.prefill(1, f.q.view(), f.k.view(), v.view()); },
-                                         "cake.prefill.values", {"(2, 2, 40, 8)", "(2, 2, 39, 8)"});
+    expect_throw<cake::invalid_argument>(
+        [&] { f.cache.prefill(1, f.q.view(), f.k.view(), v.view()); }, "cake.prefill.values",
+        {"(2, 2, 40, 8)", "(2, 2, 39, 8)"});
   }
   SUBCASE("S differs from layer 0") {
     T4 k{{B, Hkv, S + 5, d}, 4}, v{{B, Hkv, S + 5, d}, 5};
     REQUIRE_THROWS_AS(f.cache.prefill(1, f.q.view(), k.view(), v.view()), cake::invalid_argument);
-    expect_throw<cake::invalid_argument>([&] { f.cache.prefill(1, f.q.view(), k.view(), v.view()); },
-                                         "cake.prefill.keys", {"S = 40", "got 45"});
+    expect_throw<cake::invalid_argument>(
+        [&] { f.cache.prefill(1, f.q.view(), k.view(), v.view()); }, "cake.prefill.keys",
+        {"S = 40", "got 45"});
     const auto st = f.cache.validate_prefill(1, f.q.view(), k.view(), v.view());
     CHECK(st.id == "cake.prefill.keys");
     CHECK(!st.is_logic);
@@ -190,7 +198,8 @@ TEST_CASE("prefill: shape mismatches") {
 }
 
 TEST_CASE("config errors") {
-  auto expect_config = [](cake::CacheConfig c, const std::string& id, std::initializer_list<std::string> parts) {
+  auto expect_config = [](cake::CacheConfig c, const std::string& id,
+                          std::initializer_list<std::string> parts) {
     REQUIRE_THROWS_AS(cake::KvCache<>{c}, cake::invalid_argument);
     expect_throw<cake::invalid_argument>([&] { cake::KvCache<> cache(c); }, id, parts);
     CHECK(c.validate().id == id);
@@ -225,13 +234,22 @@ TEST_CASE("config errors") {
     expect_config(c, "cake.config.head_dim", {"got 0"});
   }
   SUBCASE("tau <= 0 and bad indicator in the cache's policies") {
-    REQUIRE_THROWS_AS(cake::KvCache<>(config(), cake::CakePreference{0.0f, 1.0f}), cake::invalid_argument);
-    expect_throw<cake::invalid_argument>([] { cake::KvCache<> c(config(), cake::CakePreference{-2.0f, 1.0f}); },
-                                         "cake.preference.tau1", {"> 0", "got -2"});
-    expect_throw<cake::invalid_argument>([] { cake::KvCache<> c(config(), cake::CakePreference{1.0f, 0.0f}); },
-                                         "cake.preference.tau2", {"> 0", "got 0"});
+    REQUIRE_THROWS_AS(cake::KvCache<>(config(), cake::CakePreference{0.0f, 1.0f}),
+                      cake::invalid_argument);
     expect_throw<cake::invalid_argument>(
-        [] { cake::KvCache<> c(config(), {}, {}, cake::MeanVarianceIndicator{200.0f, 4}); },
+        [] {
+          cake::KvCache<> c(config(), cake::CakePreference{-2.0f, 1.0f});
+        },
+        "cake.preference.tau1", {"> 0", "got -2"});
+    expect_throw<cake::invalid_argument>(
+        [] {
+          cake::KvCache<> c(config(), cake::CakePreference{1.0f, 0.0f});
+        },
+        "cake.preference.tau2", {"> 0", "got 0"});
+    expect_throw<cake::invalid_argument>(
+        [] {
+          cake::KvCache<> c(config(), {}, {}, cake::MeanVarianceIndicator{200.0f, 4});
+        },
         "cake.indicator.pool_kernel", {"odd", "got 4"});
     CHECK(cake::CacheConfig{}.validate().id == "cake.config.layers");
     CHECK(config().validate().ok());
@@ -243,8 +261,8 @@ TEST_CASE("prefill: window > S") {
   const Snapshot before = snapshot(c);
   T4 q{{B, H, w, d}, 1}, k{{B, Hkv, 3, d}, 2}, v{{B, Hkv, 3, d}, 3};
   REQUIRE_THROWS_AS(c.prefill(0, q.view(), k.view(), v.view()), cake::invalid_argument);
-  expect_throw<cake::invalid_argument>([&] { c.prefill(0, q.view(), k.view(), v.view()); }, "cake.prefill.keys",
-                                       {"window = 4", "S = 3"});
+  expect_throw<cake::invalid_argument>([&] { c.prefill(0, q.view(), k.view(), v.view()); },
+                                       "cake.prefill.keys", {"window = 4", "S = 3"});
   CHECK(c.validate_prefill(0, q.view(), k.view(), v.view()).id == "cake.prefill.keys");
   CHECK(snapshot(c) == before);
 }
@@ -258,23 +276,26 @@ TEST_CASE("prefill: NaN and Inf in q, k, v name the id and the coordinates") {
     T4 q = f.q;
     q.at(1, 2, 3, 4) = nan;
     REQUIRE_THROWS_AS(f.cache.prefill(1, q.view(), f.k.view(), f.v.view()), cake::invalid_argument);
-    expect_throw<cake::invalid_argument>([&] { f.cache.prefill(1, q.view(), f.k.view(), f.v.view()); },
-                                         "cake.prefill.q_window", {"nan", "(1, 2, 3, 4)"});
+    expect_throw<cake::invalid_argument>(
+        [&] { f.cache.prefill(1, q.view(), f.k.view(), f.v.view()); }, "cake.prefill.q_window",
+        {"nan", "(1, 2, 3, 4)"});
   }
   SUBCASE("Inf in keys") {
     T4 k = f.k;
     k.at(0, 1, 17, 5) = inf;
     REQUIRE_THROWS_AS(f.cache.prefill(1, f.q.view(), k.view(), f.v.view()), cake::invalid_argument);
-    expect_throw<cake::invalid_argument>([&] { f.cache.prefill(1, f.q.view(), k.view(), f.v.view()); },
-                                         "cake.prefill.keys", {"inf", "(0, 1, 17, 5)"});
+    expect_throw<cake::invalid_argument>(
+        [&] { f.cache.prefill(1, f.q.view(), k.view(), f.v.view()); }, "cake.prefill.keys",
+        {"inf", "(0, 1, 17, 5)"});
   }
   SUBCASE("-Inf and NaN in values: the first one is reported") {
     T4 v = f.v;
     v.at(1, 0, 39, 7) = nan;
     v.at(1, 0, 2, 0) = -inf;
     REQUIRE_THROWS_AS(f.cache.prefill(1, f.q.view(), f.k.view(), v.view()), cake::invalid_argument);
-    expect_throw<cake::invalid_argument>([&] { f.cache.prefill(1, f.q.view(), f.k.view(), v.view()); },
-                                         "cake.prefill.values", {"-inf", "(1, 0, 2, 0)"});
+    expect_throw<cake::invalid_argument>(
+        [&] { f.cache.prefill(1, f.q.view(), f.k.view(), v.view()); }, "cake.prefill.values",
+        {"-inf", "(1, 0, 2, 0)"});
     const auto st = f.cache.validate_prefill(1, f.q.view(), f.k.view(), v.view());
     CHECK(st.id == "cake.prefill.values");
   }
@@ -303,8 +324,8 @@ TEST_CASE("state errors are cake::logic_error") {
     const Snapshot before = snapshot(f.cache);
     T3 q{{B, H, d}, 7}, k{{B, Hkv, d}, 8}, v{{B, Hkv, d}, 9};
     REQUIRE_THROWS_AS(f.cache.decode(0, q.view(), k.view(), v.view()), cake::logic_error);
-    expect_throw<cake::logic_error>([&] { f.cache.decode(0, q.view(), k.view(), v.view()); }, "cake.decode.state",
-                                    {"1 of 3"});
+    expect_throw<cake::logic_error>([&] { f.cache.decode(0, q.view(), k.view(), v.view()); },
+                                    "cake.decode.state", {"1 of 3"});
     const auto st = f.cache.validate_decode(0, q.view(), k.view(), v.view());
     CHECK(st.id == "cake.decode.state");
     CHECK(st.is_logic);
@@ -322,8 +343,8 @@ TEST_CASE("prefill: wrong layout (non-unit head_dim stride)") {
   auto k = cake::make_view(wide.data(), std::array<index_t, 4>{B, Hkv, S, d},
                            std::array<index_t, 4>{Hkv * S * d * 2, S * d * 2, d * 2, 2});
   REQUIRE_THROWS_AS(f.cache.prefill(1, f.q.view(), k, f.v.view()), cake::invalid_argument);
-  expect_throw<cake::invalid_argument>([&] { f.cache.prefill(1, f.q.view(), k, f.v.view()); }, "cake.prefill.keys",
-                                       {"unit stride", "got 2"});
+  expect_throw<cake::invalid_argument>([&] { f.cache.prefill(1, f.q.view(), k, f.v.view()); },
+                                       "cake.prefill.keys", {"unit stride", "got 2"});
   auto q = cake::make_view(wide.data(), std::array<index_t, 4>{B, H, w, d},
                            std::array<index_t, 4>{H * w * d * 3, w * d * 3, d * 3, 3});
   expect_throw<cake::invalid_argument>([&] { f.cache.prefill(1, q, f.k.view(), f.v.view()); },
@@ -376,8 +397,8 @@ TEST_CASE("decode errors leave the cache unchanged") {
     std::vector<float> wide(static_cast<std::size_t>(B * Hkv * d * 2), 0.25f);
     auto bk = cake::make_view(wide.data(), std::array<index_t, 3>{B, Hkv, d},
                               std::array<index_t, 3>{Hkv * d * 2, d * 2, 2});
-    expect_throw<cake::invalid_argument>([&] { f.cache.decode(0, q.view(), bk, v.view()); }, "cake.decode.layout",
-                                         {"unit stride"});
+    expect_throw<cake::invalid_argument>([&] { f.cache.decode(0, q.view(), bk, v.view()); },
+                                         "cake.decode.layout", {"unit stride"});
   }
   CHECK(snapshot(f.cache) == before);
   CHECK(f.cache.validate_decode(0, q.view(), k.view(), v.view()).ok());
@@ -385,18 +406,20 @@ TEST_CASE("decode errors leave the cache unchanged") {
 
 TEST_CASE("queries with a bad layer index") {
   cake::KvCache<> c(config());
-  expect_throw<cake::invalid_argument>([&] { (void)c.tokens_held(3); }, "cake.layer", {"[0, 3)", "got 3"});
+  expect_throw<cake::invalid_argument>([&] { (void)c.tokens_held(3); }, "cake.layer",
+                                       {"[0, 3)", "got 3"});
   expect_throw<cake::invalid_argument>([&] { (void)c.positions(-1); }, "cake.layer", {"got -1"});
 }
 
 TEST_CASE("functional core errors") {
-  std::vector<float> q(static_cast<std::size_t>(1 * 4 * 4 * 8)), k(static_cast<std::size_t>(1 * 3 * 20 * 8)),
-      ind(static_cast<std::size_t>(3 * 16), 7.0f);
+  std::vector<float> q(static_cast<std::size_t>(1 * 4 * 4 * 8)),
+      k(static_cast<std::size_t>(1 * 3 * 20 * 8)), ind(static_cast<std::size_t>(3 * 16), 7.0f);
   std::array<float, 2> st{};
   SUBCASE("window_stats: heads not a multiple of kv_heads") {
     expect_throw<cake::invalid_argument>(
         [&] {
-          cake::window_stats(cake::host, cake::make_view(q.data(), std::array<index_t, 4>{1, 4, 4, 8}),
+          cake::window_stats(cake::host,
+                             cake::make_view(q.data(), std::array<index_t, 4>{1, 4, 4, 8}),
                              cake::make_view(k.data(), std::array<index_t, 4>{1, 3, 20, 8}),
                              cake::MeanVarianceIndicator{},
                              cake::make_view(ind.data(), std::array<index_t, 3>{1, 3, 16}),
@@ -407,7 +430,8 @@ TEST_CASE("functional core errors") {
   SUBCASE("window_stats: indicator_out shape") {
     expect_throw<cake::invalid_argument>(
         [&] {
-          cake::window_stats(cake::host, cake::make_view(q.data(), std::array<index_t, 4>{1, 4, 4, 8}),
+          cake::window_stats(cake::host,
+                             cake::make_view(q.data(), std::array<index_t, 4>{1, 4, 4, 8}),
                              cake::make_view(k.data(), std::array<index_t, 4>{1, 2, 20, 8}),
                              cake::MeanVarianceIndicator{},
                              cake::make_view(ind.data(), std::array<index_t, 3>{1, 2, 15}),
@@ -419,7 +443,8 @@ TEST_CASE("functional core errors") {
   SUBCASE("window_stats: bad indicator policy") {
     expect_throw<cake::invalid_argument>(
         [&] {
-          cake::window_stats(cake::host, cake::make_view(q.data(), std::array<index_t, 4>{1, 4, 4, 8}),
+          cake::window_stats(cake::host,
+                             cake::make_view(q.data(), std::array<index_t, 4>{1, 4, 4, 8}),
                              cake::make_view(k.data(), std::array<index_t, 4>{1, 2, 20, 8}),
                              cake::MeanVarianceIndicator{-1.0f, 5},
                              cake::make_view(ind.data(), std::array<index_t, 3>{1, 2, 16}),

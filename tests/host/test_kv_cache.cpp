@@ -21,11 +21,13 @@ struct Workload {
   cake::CacheConfig cfg;
   index_t S = 0;
   std::vector<std::vector<float>> q, k, v;  // per layer: (B,H,w,d), (B,Hkv,S,d), (B,Hkv,S,d)
-  std::vector<std::vector<std::vector<float>>> dq, dk, dv;  // [step][layer]: (B,H,d), (B,Hkv,d), (B,Hkv,d)
+  std::vector<std::vector<std::vector<float>>> dq, dk,
+      dv;  // [step][layer]: (B,H,d), (B,Hkv,d), (B,Hkv,d)
 
   auto qv(index_t l) const {
-    return cake::make_view(q[static_cast<std::size_t>(l)].data(),
-                           std::array<index_t, 4>{cfg.batch, cfg.q_heads, cfg.window, cfg.head_dim});
+    return cake::make_view(
+        q[static_cast<std::size_t>(l)].data(),
+        std::array<index_t, 4>{cfg.batch, cfg.q_heads, cfg.window, cfg.head_dim});
   }
   auto kv(index_t l) const {
     return cake::make_view(k[static_cast<std::size_t>(l)].data(),
@@ -50,26 +52,30 @@ struct Workload {
   // The key of token `pos` in row (b, g) of layer l, from the prompt or a decode step.
   const float* key_of(index_t l, index_t b, index_t g, index_t pos) const {
     if (pos < S)
-      return k[static_cast<std::size_t>(l)].data() + ((b * cfg.kv_heads + g) * S + pos) * cfg.head_dim;
+      return k[static_cast<std::size_t>(l)].data() +
+             ((b * cfg.kv_heads + g) * S + pos) * cfg.head_dim;
     return dk[static_cast<std::size_t>(pos - S)][static_cast<std::size_t>(l)].data() +
            (b * cfg.kv_heads + g) * cfg.head_dim;
   }
 };
 
-inline Workload make_workload(const cake::CacheConfig& cfg, index_t S, unsigned seed, int decode_steps = 0) {
+inline Workload make_workload(const cake::CacheConfig& cfg, index_t S, unsigned seed,
+                              int decode_steps = 0) {
   Workload wl;
   wl.cfg = cfg;
   wl.S = S;
   std::mt19937 gen(seed);
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  const index_t B = cfg.batch, H = cfg.q_heads, Hkv = cfg.kv_heads, d = cfg.head_dim, w = cfg.window;
+  const index_t B = cfg.batch, H = cfg.q_heads, Hkv = cfg.kv_heads, d = cfg.head_dim,
+                w = cfg.window;
   for (index_t l = 0; l < cfg.layers; ++l) {
     std::vector<float> u(static_cast<std::size_t>(d));
     for (auto& x : u) x = nd(gen);
     const float qscale = 0.5f + 0.5f * static_cast<float>(l);  // layers differ in sharpness
-    std::vector<float> q(static_cast<std::size_t>(B * H * w * d)), k(static_cast<std::size_t>(B * Hkv * S * d)),
-        v(k.size());
-    for (std::size_t i = 0; i < q.size(); ++i) q[i] = qscale * (nd(gen) + 0.7f * u[i % static_cast<std::size_t>(d)]);
+    std::vector<float> q(static_cast<std::size_t>(B * H * w * d)),
+        k(static_cast<std::size_t>(B * Hkv * S * d)), v(k.size());
+    for (std::size_t i = 0; i < q.size(); ++i)
+      q[i] = qscale * (nd(gen) + 0.7f * u[i % static_cast<std::size_t>(d)]);
     std::set<index_t> heavy;
     std::uniform_int_distribution<index_t> pick(0, S - 1);
     for (int h = 0; h < 4; ++h) heavy.insert(pick(gen));
@@ -88,7 +94,8 @@ inline Workload make_workload(const cake::CacheConfig& cfg, index_t S, unsigned 
   for (int t = 0; t < decode_steps; ++t) {
     std::vector<std::vector<float>> sq, sk, sv;
     for (index_t l = 0; l < cfg.layers; ++l) {
-      std::vector<float> q(static_cast<std::size_t>(B * H * d)), k(static_cast<std::size_t>(B * Hkv * d)), v(k.size());
+      std::vector<float> q(static_cast<std::size_t>(B * H * d)),
+          k(static_cast<std::size_t>(B * Hkv * d)), v(k.size());
       for (auto& x : q) x = nd(gen);
       for (auto& x : k) x = nd(gen);
       for (std::size_t i = 0; i < v.size(); ++i)
@@ -286,7 +293,8 @@ TEST_CASE("KvCache: cascading equals one-shot when no stage budget grows") {
   }
 }
 
-TEST_CASE("KvCache: cascading keeps memory within T + L*w (plus one layer in flight) at every stage") {
+TEST_CASE(
+    "KvCache: cascading keeps memory within T + L*w (plus one layer in flight) at every stage") {
   // Spec section 5: with cascading, memory never exceeds T + L*w tokens plus one
   // layer's uncut cache. peak_tokens_held() counts the layer being cut while the
   // older layers still exist (at most S tokens); what is held after each stage is
@@ -306,7 +314,8 @@ TEST_CASE("KvCache: cascading keeps memory within T + L*w (plus one layer in fli
       CHECK(c.peak_tokens_held() <= bound + S);
       CHECK(c.peak_tokens_held() >= c.tokens_held());
       for (index_t l = 0; l <= m; ++l)
-        CHECK(c.tokens_held(l) <= c.stage_budgets().back()[static_cast<std::size_t>(l)] + cfg.window);
+        CHECK(c.tokens_held(l) <=
+              c.stage_budgets().back()[static_cast<std::size_t>(l)] + cfg.window);
     });
     // One-shot holds every layer uncut until the last one: its peak is far larger.
     cfg.cascade = false;
@@ -421,7 +430,8 @@ TEST_CASE("KvCache: an uncut prompt (S <= C + w) keeps everything with budgets C
     for (std::size_t t = 0; t < 4; ++t) {
       decode_step(c, wl, t);
       for (index_t l = 0; l < cfg.layers; ++l)
-        CHECK(c.tokens_held(l) == std::min<index_t>(14 + static_cast<index_t>(t) + 1, cfg.cache_size));
+        CHECK(c.tokens_held(l) ==
+              std::min<index_t>(14 + static_cast<index_t>(t) + 1, cfg.cache_size));
       check_layer_contents(c, wl, 14 + static_cast<index_t>(t));
     }
   }
@@ -436,14 +446,17 @@ TEST_CASE("KvCache: bytes_held") {
   decode_step(c, wl, 0);
   std::size_t total = 0;
   for (index_t l = 0; l < cfg.layers; ++l) {
-    const auto want = static_cast<std::size_t>(2 * cfg.batch * cfg.kv_heads * c.tokens_held(l) * cfg.head_dim) * sizeof(float);
+    const auto want =
+        static_cast<std::size_t>(2 * cfg.batch * cfg.kv_heads * c.tokens_held(l) * cfg.head_dim) *
+        sizeof(float);
     CHECK(c.bytes_held(l) == want);
     total += want;
   }
   CHECK(c.bytes_held() == total);
   CHECK(total == static_cast<std::size_t>(2 * 2 * 2 * (48 + 4 * 4) * 8) * sizeof(float));
   // A double cache (fed double tensors: prefill compacts the caller's tensors directly).
-  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::MeanVarianceIndicator, double> cd(cfg);
+  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::MeanVarianceIndicator, double>
+      cd(cfg);
   for (index_t l = 0; l < cfg.layers; ++l) {
     const auto& fq = wl.q[static_cast<std::size_t>(l)];
     const auto& fk = wl.k[static_cast<std::size_t>(l)];
@@ -455,7 +468,8 @@ TEST_CASE("KvCache: bytes_held") {
   }
   CHECK(sum(cd.budgets()) == cd.total_budget());
   for (index_t l = 0; l < cfg.layers; ++l)
-    CHECK(cd.bytes_held(l) == static_cast<std::size_t>(2 * 2 * 2 * cd.tokens_held(l) * 8) * sizeof(double));
+    CHECK(cd.bytes_held(l) ==
+          static_cast<std::size_t>(2 * 2 * 2 * cd.tokens_held(l) * 8) * sizeof(double));
 }
 
 TEST_CASE("KvCache: reset() returns to the initial state") {
@@ -483,7 +497,8 @@ TEST_CASE("KvCache: reset() returns to the initial state") {
   // The same prompt again gives the same result.
   prefill_all(c, wl);
   CHECK(std::equal(budgets.begin(), budgets.end(), c.budgets().begin()));
-  for (index_t l = 0; l < cfg.layers; ++l) CHECK(row_positions(c, l, 1, 0) == first[static_cast<std::size_t>(l)]);
+  for (index_t l = 0; l < cfg.layers; ++l)
+    CHECK(row_positions(c, l, 1, 0) == first[static_cast<std::size_t>(l)]);
   // A different prompt length is fine after reset.
   c.reset();
   const auto wl2 = make_workload(cfg, 50, 81);
@@ -514,7 +529,8 @@ TEST_CASE("KvCache: policies swapped (UniformPreference, UniformBudget, WindowMe
 TEST_CASE("KvCache: results do not depend on the thread count") {
   const auto cfg = small_config(true);
   const auto wl = make_workload(cfg, 64, 100, 3);
-  cake::KvCache<> a(cfg, {}, {}, {}, cake::host.threads(1)), b(cfg, {}, {}, {}, cake::host.threads(2));
+  cake::KvCache<> a(cfg, {}, {}, {}, cake::host.threads(1)),
+      b(cfg, {}, {}, {}, cake::host.threads(2));
   prefill_all(a, wl);
   prefill_all(b, wl);
   for (std::size_t t = 0; t < 3; ++t) {
@@ -524,6 +540,7 @@ TEST_CASE("KvCache: results do not depend on the thread count") {
   for (index_t l = 0; l < cfg.layers; ++l) {
     CHECK(a.preference(l) == b.preference(l));
     for (index_t bb = 0; bb < cfg.batch; ++bb)
-      for (index_t g = 0; g < cfg.kv_heads; ++g) CHECK(row_positions(a, l, bb, g) == row_positions(b, l, bb, g));
+      for (index_t g = 0; g < cfg.kv_heads; ++g)
+        CHECK(row_positions(a, l, bb, g) == row_positions(b, l, bb, g));
   }
 }

@@ -77,7 +77,8 @@ static_assert(!cake::PreferencePolicy<int>);
 static_assert(cake::StatsRequest::for_preference<cake::UniformPreference>().entropy == false);
 static_assert(cake::StatsRequest::for_preference<cake::UniformPreference>().variance == false);
 static_assert(cake::StatsRequest::for_preference<cake::CakePreference>().entropy == true);
-static_assert(cake::StatsRequest::for_preference<policy_test::EntropyPreference>().variance == false);
+static_assert(cake::StatsRequest::for_preference<policy_test::EntropyPreference>().variance ==
+              false);
 
 TEST_CASE("CakePreference: E^(1/tau1) * V^(1/tau2)") {
   SUBCASE("E=4, V=9, tau1=tau2=2 -> 2*3 = 6") {
@@ -178,7 +179,9 @@ TEST_CASE("custom policies drive a KvCache") {
   cfg.head_dim = 4;
   cfg.window = 2;
   cfg.cache_size = 6;
-  cake::KvCache<policy_test::EntropyPreference, policy_test::LastLayerBudget, policy_test::VarianceIndicator> c(cfg);
+  cake::KvCache<policy_test::EntropyPreference, policy_test::LastLayerBudget,
+                policy_test::VarianceIndicator>
+      c(cfg);
   const index_t S = 20;
   std::vector<float> q(2 * 2 * 4), k(S * 4), v(S * 4);
   for (std::size_t i = 0; i < q.size(); ++i) q[i] = static_cast<float>((i * 7) % 5) - 2.0f;

@@ -58,7 +58,8 @@ inline void check_row(const std::vector<float>& x, index_t k) {
     }
     float max_unsel = -std::numeric_limits<float>::infinity();
     for (index_t j = 0; j < n; ++j)
-      if (!in[static_cast<std::size_t>(j)]) max_unsel = std::max(max_unsel, x[static_cast<std::size_t>(j)]);
+      if (!in[static_cast<std::size_t>(j)])
+        max_unsel = std::max(max_unsel, x[static_cast<std::size_t>(j)]);
     REQUIRE(min_sel >= max_unsel);
   }
 }
@@ -170,8 +171,10 @@ TEST_CASE("select_k: int32 and int64 outputs, several rows, threads") {
   std::vector<std::int64_t> o64t(static_cast<std::size_t>(rows * k));
   auto sv = cake::make_view(x.data(), std::array<index_t, 2>{rows, n});
   cake::select_k(cake::host, sv, cake::make_view(o32.data(), std::array<index_t, 2>{rows, k}));
-  cake::select_k(cake::host.threads(1), sv, cake::make_view(o64.data(), std::array<index_t, 2>{rows, k}));
-  cake::select_k(cake::host.threads(2), sv, cake::make_view(o64t.data(), std::array<index_t, 2>{rows, k}));
+  cake::select_k(cake::host.threads(1), sv,
+                 cake::make_view(o64.data(), std::array<index_t, 2>{rows, k}));
+  cake::select_k(cake::host.threads(2), sv,
+                 cake::make_view(o64t.data(), std::array<index_t, 2>{rows, k}));
   CHECK(o64 == o64t);
   for (index_t r = 0; r < rows; ++r) {
     std::vector<float> row(x.begin() + r * n, x.begin() + (r + 1) * n);
@@ -185,13 +188,17 @@ TEST_CASE("select_k: int32 and int64 outputs, several rows, threads") {
     // scores rows with a leading stride larger than n; out rows likewise.
     const index_t ld = n + 13, ldo = k + 3;
     std::vector<float> xs(static_cast<std::size_t>(rows * ld), 1e9f);
-    for (index_t r = 0; r < rows; ++r)
-      std::copy_n(x.begin() + r * n, n, xs.begin() + r * ld);
+    for (index_t r = 0; r < rows; ++r) std::copy_n(x.begin() + r * n, n, xs.begin() + r * ld);
     std::vector<std::int64_t> os(static_cast<std::size_t>(rows * ldo), -5);
-    cake::select_k(cake::host, cake::make_view(xs.data(), std::array<index_t, 2>{rows, n}, std::array<index_t, 2>{ld, 1}),
-                   cake::make_view(os.data(), std::array<index_t, 2>{rows, k}, std::array<index_t, 2>{ldo, 1}));
+    cake::select_k(
+        cake::host,
+        cake::make_view(xs.data(), std::array<index_t, 2>{rows, n}, std::array<index_t, 2>{ld, 1}),
+        cake::make_view(os.data(), std::array<index_t, 2>{rows, k},
+                        std::array<index_t, 2>{ldo, 1}));
     for (index_t r = 0; r < rows; ++r) {
-      for (index_t t = 0; t < k; ++t) CHECK(os[static_cast<std::size_t>(r * ldo + t)] == o64[static_cast<std::size_t>(r * k + t)]);
+      for (index_t t = 0; t < k; ++t)
+        CHECK(os[static_cast<std::size_t>(r * ldo + t)] ==
+              o64[static_cast<std::size_t>(r * k + t)]);
       for (index_t t = k; t < ldo; ++t) CHECK(os[static_cast<std::size_t>(r * ldo + t)] == -5);
     }
   }
@@ -215,13 +222,15 @@ TEST_CASE("select_k: errors") {
     CHECK(std::all_of(out.begin(), out.end(), [](index_t v) { return v == 0; }));
   }
   SUBCASE("rows mismatch") {
-    CHECK_THROWS_WITH_AS(cake::select_k(cake::host, cake::make_view(x.data(), std::array<index_t, 2>{2, 5}),
-                                        cake::make_view(out.data(), std::array<index_t, 2>{1, 3})),
-                         doctest::Contains("[cake.select_k.rows]"), cake::invalid_argument);
+    CHECK_THROWS_WITH_AS(
+        cake::select_k(cake::host, cake::make_view(x.data(), std::array<index_t, 2>{2, 5}),
+                       cake::make_view(out.data(), std::array<index_t, 2>{1, 3})),
+        doctest::Contains("[cake.select_k.rows]"), cake::invalid_argument);
   }
   SUBCASE("non-unit stride along a row") {
     CHECK_THROWS_WITH_AS(cake::select_k(cake::host,
-                                        cake::make_view(x.data(), std::array<index_t, 2>{1, 5}, std::array<index_t, 2>{10, 2}),
+                                        cake::make_view(x.data(), std::array<index_t, 2>{1, 5},
+                                                        std::array<index_t, 2>{10, 2}),
                                         cake::make_view(out.data(), std::array<index_t, 2>{1, 3})),
                          doctest::Contains("[cake.select_k.layout]"), cake::invalid_argument);
   }

@@ -18,7 +18,8 @@ namespace view_test {
 struct MyTensor {
   std::vector<float> data;
   std::array<index_t, 4> shape{};
-  MyTensor(std::array<index_t, 4> s) : data(static_cast<std::size_t>(s[0] * s[1] * s[2] * s[3])), shape(s) {}
+  MyTensor(std::array<index_t, 4> s)
+      : data(static_cast<std::size_t>(s[0] * s[1] * s[2] * s[3])), shape(s) {}
 };
 
 struct MyOutput {
@@ -75,13 +76,15 @@ TEST_CASE("make_view: explicit strides") {
   // (B=2, S=3, H=4) memory seen as (B, H, S).
   std::vector<float> buf(2 * 3 * 4);
   for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<float>(i);
-  auto v = cake::make_view(buf.data(), std::array<index_t, 3>{2, 4, 3}, std::array<index_t, 3>{12, 1, 4});
+  auto v = cake::make_view(buf.data(), std::array<index_t, 3>{2, 4, 3},
+                           std::array<index_t, 3>{12, 1, 4});
   CHECK(v.stride(0) == 12);
   CHECK(v.stride(1) == 1);
   CHECK(v.stride(2) == 4);
   for (index_t b = 0; b < 2; ++b)
     for (index_t h = 0; h < 4; ++h)
-      for (index_t s = 0; s < 3; ++s) CHECK(v(b, h, s) == buf[static_cast<std::size_t>(b * 12 + s * 4 + h)]);
+      for (index_t s = 0; s < 3; ++s)
+        CHECK(v(b, h, s) == buf[static_cast<std::size_t>(b * 12 + s * 4 + h)]);
   CHECK(!cake::inner_contiguous(v));  // innermost (S) stride is 4
   auto dv = cake::make_view<cake::device_space>(buf.data(), std::array<index_t, 1>{24});
   static_assert(std::is_same_v<cake::memory_space_of<decltype(dv)>, cake::device_space>);
@@ -117,15 +120,18 @@ TEST_CASE("tensor_traits: a user tensor type works in window_stats") {
   view_test::MyTensor q({B, H, w, d}), k({B, Hkv, S, d});
   q.data = view_test::random_floats(q.data.size(), 1);
   k.data = view_test::random_floats(k.data.size(), 2);
-  view_test::MyOutput ind{std::vector<float>(static_cast<std::size_t>(B * Hkv * (S - w))), {B, Hkv, S - w}};
+  view_test::MyOutput ind{std::vector<float>(static_cast<std::size_t>(B * Hkv * (S - w))),
+                          {B, Hkv, S - w}};
   std::array<float, 2> st{};
   cake::MeanVarianceIndicator mv{};
-  cake::window_stats(cake::host, q, k, mv, ind, cake::make_view(st.data(), std::array<index_t, 1>{2}));
+  cake::window_stats(cake::host, q, k, mv, ind,
+                     cake::make_view(st.data(), std::array<index_t, 1>{2}));
 
   // Same call through plain views.
   std::vector<float> ind2(ind.data.size());
   std::array<float, 2> st2{};
-  cake::window_stats(cake::host, cake::make_view(q.data.data(), q.shape), cake::make_view(k.data.data(), k.shape), mv,
+  cake::window_stats(cake::host, cake::make_view(q.data.data(), q.shape),
+                     cake::make_view(k.data.data(), k.shape), mv,
                      cake::make_view(ind2.data(), std::array<index_t, 3>{B, Hkv, S - w}),
                      cake::make_view(st2.data(), std::array<index_t, 1>{2}));
   CHECK(std::memcmp(ind.data.data(), ind2.data(), ind2.size() * sizeof(float)) == 0);
@@ -149,18 +155,23 @@ TEST_CASE("strided keys: [B,S,Hkv,d] seen as (B,Hkv,S,d) is bit-identical to the
         for (index_t x = 0; x < d; ++x)
           k_bshd[static_cast<std::size_t>(((b * S + s) * Hkv + g) * d + x)] =
               k_bhsd[static_cast<std::size_t>(((b * Hkv + g) * S + s) * d + x)];
-  auto qv = cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 4>{B, H, w, d});
-  auto kc = cake::make_view(static_cast<const float*>(k_bhsd.data()), std::array<index_t, 4>{B, Hkv, S, d});
-  auto ks = cake::make_view(static_cast<const float*>(k_bshd.data()), std::array<index_t, 4>{B, Hkv, S, d},
+  auto qv =
+      cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 4>{B, H, w, d});
+  auto kc = cake::make_view(static_cast<const float*>(k_bhsd.data()),
+                            std::array<index_t, 4>{B, Hkv, S, d});
+  auto ks = cake::make_view(static_cast<const float*>(k_bshd.data()),
+                            std::array<index_t, 4>{B, Hkv, S, d},
                             std::array<index_t, 4>{S * Hkv * d, d, Hkv * d, 1});
   for (index_t b = 0; b < B; ++b) CHECK(ks(b, 1, 33, 5) == kc(b, 1, 33, 5));
 
   std::vector<float> i1(static_cast<std::size_t>(B * Hkv * (S - w))), i2(i1.size());
   std::array<float, 2> s1{}, s2{};
   cake::MeanVarianceIndicator mv{};
-  cake::window_stats(cake::host, qv, kc, mv, cake::make_view(i1.data(), std::array<index_t, 3>{B, Hkv, S - w}),
+  cake::window_stats(cake::host, qv, kc, mv,
+                     cake::make_view(i1.data(), std::array<index_t, 3>{B, Hkv, S - w}),
                      cake::make_view(s1.data(), std::array<index_t, 1>{2}));
-  cake::window_stats(cake::host, qv, ks, mv, cake::make_view(i2.data(), std::array<index_t, 3>{B, Hkv, S - w}),
+  cake::window_stats(cake::host, qv, ks, mv,
+                     cake::make_view(i2.data(), std::array<index_t, 3>{B, Hkv, S - w}),
                      cake::make_view(s2.data(), std::array<index_t, 1>{2}));
   CHECK(std::memcmp(i1.data(), i2.data(), i1.size() * sizeof(float)) == 0);
   CHECK(std::memcmp(s1.data(), s2.data(), sizeof(s1)) == 0);

@@ -34,8 +34,8 @@ inline std::vector<float> random_floats(std::size_t n, unsigned seed, float scal
 }
 
 // Spec sections 1-3, written out loop by loop in double.
-inline Ref reference(const Shape& s, const std::vector<float>& q, const std::vector<float>& k, double gamma,
-                     int kernel, bool use_variance) {
+inline Ref reference(const Shape& s, const std::vector<float>& q, const std::vector<float>& k,
+                     double gamma, int kernel, bool use_variance) {
   const index_t n = s.H / s.Hkv, P = s.P();
   Ref r;
   r.attention.assign(static_cast<std::size_t>(s.B * s.H * s.w * s.S), 0.0);
@@ -54,14 +54,17 @@ inline Ref reference(const Shape& s, const std::vector<float>& q, const std::vec
           }
           double dot = 0;
           for (index_t x = 0; x < s.d; ++x)
-            dot += static_cast<double>(q[static_cast<std::size_t>(((b * s.H + h) * s.w + i) * s.d + x)]) *
-                   static_cast<double>(k[static_cast<std::size_t>(((b * s.Hkv + g) * s.S + j) * s.d + x)]);
+            dot += static_cast<double>(
+                       q[static_cast<std::size_t>(((b * s.H + h) * s.w + i) * s.d + x)]) *
+                   static_cast<double>(
+                       k[static_cast<std::size_t>(((b * s.Hkv + g) * s.S + j) * s.d + x)]);
           z[static_cast<std::size_t>(j)] = dot / std::sqrt(static_cast<double>(s.d));
           mx = std::max(mx, z[static_cast<std::size_t>(j)]);
         }
         double sum = 0;
         for (index_t j = 0; j < s.S; ++j) sum += std::exp(z[static_cast<std::size_t>(j)] - mx);
-        for (index_t j = 0; j < s.S; ++j) A[i * s.S + j] = std::exp(z[static_cast<std::size_t>(j)] - mx) / sum;
+        for (index_t j = 0; j < s.S; ++j)
+          A[i * s.S + j] = std::exp(z[static_cast<std::size_t>(j)] - mx) / sum;
       }
       for (index_t j = 0; j < P; ++j) {
         double mean = 0;
@@ -71,8 +74,10 @@ inline Ref reference(const Shape& s, const std::vector<float>& q, const std::vec
         for (index_t i = 0; i < s.w; ++i) var += (A[i * s.S + j] - mean) * (A[i * s.S + j] - mean);
         var /= static_cast<double>(s.w - 1);
         r.variance += var;
-        for (index_t i = 0; i < s.w; ++i) r.entropy -= A[i * s.S + j] * std::log(A[i * s.S + j] + 1e-10);
-        ind_heads[static_cast<std::size_t>((b * s.H + h) * P + j)] = mean + (use_variance ? gamma * var : 0.0);
+        for (index_t i = 0; i < s.w; ++i)
+          r.entropy -= A[i * s.S + j] * std::log(A[i * s.S + j] + 1e-10);
+        ind_heads[static_cast<std::size_t>((b * s.H + h) * P + j)] =
+            mean + (use_variance ? gamma * var : 0.0);
       }
     }
   r.indicator.assign(static_cast<std::size_t>(s.B * s.Hkv * P), 0.0);
@@ -88,7 +93,8 @@ inline Ref reference(const Shape& s, const std::vector<float>& q, const std::vec
             if (t >= 0 && t < P) pooled += src[t];
           acc += pooled / kernel;
         }
-        r.indicator[static_cast<std::size_t>((b * s.Hkv + g) * P + j)] = acc / static_cast<double>(n);
+        r.indicator[static_cast<std::size_t>((b * s.Hkv + g) * P + j)] =
+            acc / static_cast<double>(n);
       }
   return r;
 }
@@ -171,7 +177,8 @@ TEST_CASE("window_stats: pooling and GQA on a hand-checkable case") {
   // variance: 2 heads * 4 keys * 1/1800
   CHECK(o.stats[1] == doctest::Approx(8.0 / 1800.0).epsilon(1e-5));
   // entropy: 2 heads * 4 keys * (1/5 ln 5 + 1/6 ln 6)
-  CHECK(o.stats[0] == doctest::Approx(8.0 * (std::log(5.0) / 5.0 + std::log(6.0) / 6.0)).epsilon(1e-5));
+  CHECK(o.stats[0] ==
+        doctest::Approx(8.0 * (std::log(5.0) / 5.0 + std::log(6.0) / 6.0)).epsilon(1e-5));
 }
 
 TEST_CASE("window_stats vs the naive double reference (random, GQA)") {
@@ -180,7 +187,8 @@ TEST_CASE("window_stats vs the naive double reference (random, GQA)") {
     auto q = random_floats(static_cast<std::size_t>(s.B * s.H * s.w * s.d), 11, 1.5f);
     auto k = random_floats(static_cast<std::size_t>(s.B * s.Hkv * s.S * s.d), 12);
     check_against(run(s, q, k, cake::MeanVarianceIndicator{}), reference(s, q, k, 200.0, 5, true));
-    check_against(run(s, q, k, cake::MeanVarianceIndicator{0.5f, 3}), reference(s, q, k, 0.5, 3, true));
+    check_against(run(s, q, k, cake::MeanVarianceIndicator{0.5f, 3}),
+                  reference(s, q, k, 0.5, 3, true));
   }
   SUBCASE("B=1, H=4, Hkv=2, w=16, S=1000, d=128") {
     const Shape s{1, 4, 2, 16, 1000, 128};
@@ -215,11 +223,12 @@ TEST_CASE("window_stats_from_attention on the materialised attention equals wind
   const cake::MeanVarianceIndicator mv{};
   Out fa;
   fa.indicator.assign(static_cast<std::size_t>(s.B * s.Hkv * s.P()), -1.0f);
-  cake::window_stats_from_attention(cake::host,
-                                    cake::make_view(static_cast<const float*>(a.data()),
-                                                    std::array<index_t, 4>{s.B, s.H, s.w, s.S}),
-                                    mv, cake::make_view(fa.indicator.data(), std::array<index_t, 3>{s.B, s.Hkv, s.P()}),
-                                    cake::make_view(fa.stats.data(), std::array<index_t, 1>{2}));
+  cake::window_stats_from_attention(
+      cake::host,
+      cake::make_view(static_cast<const float*>(a.data()),
+                      std::array<index_t, 4>{s.B, s.H, s.w, s.S}),
+      mv, cake::make_view(fa.indicator.data(), std::array<index_t, 3>{s.B, s.Hkv, s.P()}),
+      cake::make_view(fa.stats.data(), std::array<index_t, 1>{2}));
   const auto ws = run(s, q, k, mv);
   for (std::size_t i = 0; i < ws.indicator.size(); ++i) {
     INFO("index ", i);
@@ -237,8 +246,10 @@ TEST_CASE("window_stats: bit-identical for threads(1) and threads(2)") {
   const auto o1 = run(s, q, k, cake::MeanVarianceIndicator{}, cake::host.threads(1));
   const auto o2 = run(s, q, k, cake::MeanVarianceIndicator{}, cake::host.threads(2));
   const auto o0 = run(s, q, k, cake::MeanVarianceIndicator{}, cake::host);
-  CHECK(std::memcmp(o1.indicator.data(), o2.indicator.data(), o1.indicator.size() * sizeof(float)) == 0);
-  CHECK(std::memcmp(o1.indicator.data(), o0.indicator.data(), o1.indicator.size() * sizeof(float)) == 0);
+  CHECK(std::memcmp(o1.indicator.data(), o2.indicator.data(),
+                    o1.indicator.size() * sizeof(float)) == 0);
+  CHECK(std::memcmp(o1.indicator.data(), o0.indicator.data(),
+                    o1.indicator.size() * sizeof(float)) == 0);
   CHECK(std::memcmp(o1.stats.data(), o2.stats.data(), sizeof(o1.stats)) == 0);
   CHECK(std::memcmp(o1.stats.data(), o0.stats.data(), sizeof(o1.stats)) == 0);
 }
@@ -252,7 +263,8 @@ TEST_CASE("WindowMeanIndicator gives the pooled mean") {
   // And it differs from mean + gamma * var (so the check above is not vacuous).
   const auto mv = run(s, q, k, cake::MeanVarianceIndicator{});
   index_t differ = 0;
-  for (std::size_t i = 0; i < ref.indicator.size(); ++i) differ += !close(mv.indicator[i], ref.indicator[i]);
+  for (std::size_t i = 0; i < ref.indicator.size(); ++i)
+    differ += !close(mv.indicator[i], ref.indicator[i]);
   CHECK(differ > 0);
 }
 
@@ -265,15 +277,19 @@ TEST_CASE("StatsRequest{false, false} gives the same indicator") {
     Out full, none;
     if (which == 0) {
       full = run(s, q, k, cake::MeanVarianceIndicator{});
-      none = run(s, q, k, cake::MeanVarianceIndicator{}, cake::host, cake::StatsRequest{false, false});
+      none =
+          run(s, q, k, cake::MeanVarianceIndicator{}, cake::host, cake::StatsRequest{false, false});
     } else {
       full = run(s, q, k, cake::WindowMeanIndicator{});
-      none = run(s, q, k, cake::WindowMeanIndicator{}, cake::host, cake::StatsRequest{false, false});
+      none =
+          run(s, q, k, cake::WindowMeanIndicator{}, cake::host, cake::StatsRequest{false, false});
     }
-    CHECK(std::memcmp(full.indicator.data(), none.indicator.data(), full.indicator.size() * sizeof(float)) == 0);
+    CHECK(std::memcmp(full.indicator.data(), none.indicator.data(),
+                      full.indicator.size() * sizeof(float)) == 0);
   }
   // With both requested, entropy and variance are the reference's.
   const auto ref = reference(s, q, k, 200.0, 5, true);
-  const auto o = run(s, q, k, cake::MeanVarianceIndicator{}, cake::host, cake::StatsRequest{true, true});
+  const auto o =
+      run(s, q, k, cake::MeanVarianceIndicator{}, cake::host, cake::StatsRequest{true, true});
   check_against(o, ref);
 }

@@ -22,7 +22,9 @@ struct Tiny {
   std::map<std::string, std::vector<double>> t;
 };
 
-std::vector<float> to_f(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
+std::vector<float> to_f(const std::vector<double>& v) {
+  return std::vector<float>(v.begin(), v.end());
+}
 
 // Random weights, rounded to float so that both sides see the same numbers.
 Tiny make_tiny(unsigned seed, bool tied) {
@@ -72,13 +74,18 @@ std::string write_tiny(const Tiny& m, const char* name) {
   for (const auto& [k, v] : m.t) {
     // Matrices are (rows, cols) here; GGUF lists the contiguous dimension first.
     std::vector<std::uint64_t> dims;
-    if (k.find("norm") != std::string::npos) dims = {v.size()};
-    else if (k == "token_embd.weight" || k == "output.weight") dims = {static_cast<std::uint64_t>(m.D), static_cast<std::uint64_t>(m.V)};
+    if (k.find("norm") != std::string::npos)
+      dims = {v.size()};
+    else if (k == "token_embd.weight" || k == "output.weight")
+      dims = {static_cast<std::uint64_t>(m.D), static_cast<std::uint64_t>(m.V)};
     else {
-      const auto rows = k.find("attn_q") != std::string::npos ? m.H * m.hd
-                        : (k.find("attn_k") != std::string::npos || k.find("attn_v") != std::string::npos) ? m.Hkv * m.hd
-                        : (k.find("ffn_gate") != std::string::npos || k.find("ffn_up") != std::string::npos) ? m.F
-                        : m.D;
+      const auto rows =
+          k.find("attn_q") != std::string::npos ? m.H * m.hd
+          : (k.find("attn_k") != std::string::npos || k.find("attn_v") != std::string::npos)
+              ? m.Hkv * m.hd
+          : (k.find("ffn_gate") != std::string::npos || k.find("ffn_up") != std::string::npos)
+              ? m.F
+              : m.D;
       dims = {v.size() / static_cast<std::size_t>(rows), static_cast<std::uint64_t>(rows)};
     }
     w.add_f32_tensor(k, dims, to_f(v));
@@ -115,7 +122,8 @@ std::vector<std::vector<double>> reference(const Tiny& m, const std::vector<int>
         const double th = static_cast<double>(pos) * std::pow(m.base, -2.0 * i / m.hd);
         double& a = v[h * static_cast<std::size_t>(m.hd) + 2 * static_cast<std::size_t>(i)];
         double& b = v[h * static_cast<std::size_t>(m.hd) + 2 * static_cast<std::size_t>(i) + 1];
-        const double na = a * std::cos(th) - b * std::sin(th), nb = a * std::sin(th) + b * std::cos(th);
+        const double na = a * std::cos(th) - b * std::sin(th),
+                     nb = a * std::sin(th) + b * std::cos(th);
         a = na;
         b = nb;
       }
@@ -143,17 +151,21 @@ std::vector<std::vector<double>> reference(const Tiny& m, const std::vector<int>
         double mx = -1e300, sum = 0;
         for (std::size_t j = 0; j <= s; ++j) {
           double dot = 0;
-          for (int e = 0; e < m.hd; ++e) dot += q[s][static_cast<std::size_t>(h * m.hd + e)] * k[j][static_cast<std::size_t>(g * m.hd + e)];
+          for (int e = 0; e < m.hd; ++e)
+            dot += q[s][static_cast<std::size_t>(h * m.hd + e)] *
+                   k[j][static_cast<std::size_t>(g * m.hd + e)];
           sc[j] = dot / std::sqrt(static_cast<double>(m.hd));
           mx = std::max(mx, sc[j]);
         }
         for (auto& e : sc) sum += (e = std::exp(e - mx));
         for (std::size_t j = 0; j <= s; ++j)
           for (int e = 0; e < m.hd; ++e)
-            o[static_cast<std::size_t>(h * m.hd + e)] += sc[j] / sum * v[j][static_cast<std::size_t>(g * m.hd + e)];
+            o[static_cast<std::size_t>(h * m.hd + e)] +=
+                sc[j] / sum * v[j][static_cast<std::size_t>(g * m.hd + e)];
       }
       const auto a = mv(m.t.at(p + "attn_output.weight"), o);
-      for (int i = 0; i < m.D; ++i) x[s][static_cast<std::size_t>(i)] += a[static_cast<std::size_t>(i)];
+      for (int i = 0; i < m.D; ++i)
+        x[s][static_cast<std::size_t>(i)] += a[static_cast<std::size_t>(i)];
     }
     for (std::size_t s = 0; s < S; ++s) {
       const auto h = norm(x[s], m.t.at(p + "ffn_norm.weight"));
@@ -161,7 +173,8 @@ std::vector<std::vector<double>> reference(const Tiny& m, const std::vector<int>
       const auto u = mv(m.t.at(p + "ffn_up.weight"), h);
       for (std::size_t i = 0; i < g.size(); ++i) g[i] = g[i] / (1.0 + std::exp(-g[i])) * u[i];
       const auto d = mv(m.t.at(p + "ffn_down.weight"), g);
-      for (int i = 0; i < m.D; ++i) x[s][static_cast<std::size_t>(i)] += d[static_cast<std::size_t>(i)];
+      for (int i = 0; i < m.D; ++i)
+        x[s][static_cast<std::size_t>(i)] += d[static_cast<std::size_t>(i)];
     }
   }
   std::vector<std::vector<double>> logits(S);
@@ -183,7 +196,8 @@ TEST_CASE("tiny model: prefill and decode logits match a double-precision refere
   for (bool tied : {false, true}) {
     CAPTURE(tied);
     const Tiny ref = make_tiny(tied ? 11u : 7u, tied);
-    const std::string path = write_tiny(ref, tied ? "cake_llm_tiny_tied.gguf" : "cake_llm_tiny.gguf");
+    const std::string path =
+        write_tiny(ref, tied ? "cake_llm_tiny_tied.gguf" : "cake_llm_tiny.gguf");
     const GgufFile file(path);
     std::remove(path.c_str());
     const Model model = Model::load(file);
@@ -220,11 +234,13 @@ TEST_CASE("tiny model: prefill and decode logits match a double-precision refere
     c.prefill(rec);
     tf.decode({20}, {12}, {&c}, alone);
     for (int i = 0; i < model.cfg.vocab; ++i)
-      CHECK(both[static_cast<std::size_t>(model.cfg.vocab + i)] == doctest::Approx(alone[static_cast<std::size_t>(i)]).epsilon(1e-5));
+      CHECK(both[static_cast<std::size_t>(model.cfg.vocab + i)] ==
+            doctest::Approx(alone[static_cast<std::size_t>(i)]).epsilon(1e-5));
   }
 }
 
-TEST_CASE("tiny model: a cache large enough to keep every token gives exactly the full-cache tokens") {
+TEST_CASE(
+    "tiny model: a cache large enough to keep every token gives exactly the full-cache tokens") {
   const Tiny ref = make_tiny(5u, false);
   const std::string path = write_tiny(ref, "cake_llm_tiny_cache.gguf");
   const GgufFile file(path);
@@ -262,7 +278,8 @@ TEST_CASE("tiny model: a cache large enough to keep every token gives exactly th
     CHECK(got.size() == static_cast<std::size_t>(max_new));
     CHECK(small->tokens_held() == 16 * model.cfg.layers);
     std::vector<float> logits;
-    tf.decode({got.back()}, {static_cast<std::int64_t>(rec.tokens + max_new)}, {small.get()}, logits);
+    tf.decode({got.back()}, {static_cast<std::int64_t>(rec.tokens + max_new)}, {small.get()},
+              logits);
     for (float x : logits) CHECK(std::isfinite(x));
   }
   CacheOptions bad;

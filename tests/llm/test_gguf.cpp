@@ -29,7 +29,8 @@ TEST_CASE("fp16 conversion: exact values, subnormals, infinities") {
   CHECK(fp16_to_float(0x0400) == std::ldexp(1.0f, -14));
   CHECK(std::isinf(fp16_to_float(0x7C00)));
   CHECK(std::isnan(fp16_to_float(0x7E00)));
-  for (float f : {0.0f, 1.0f, -0.5f, 3.140625f, 65504.0f, std::ldexp(1.0f, -24), -std::ldexp(3.0f, -20)})
+  for (float f :
+       {0.0f, 1.0f, -0.5f, 3.140625f, 65504.0f, std::ldexp(1.0f, -24), -std::ldexp(3.0f, -20)})
     CHECK(fp16_to_float(float_to_fp16(f)) == f);
 }
 
@@ -39,7 +40,9 @@ TEST_CASE("GGUF round trip: metadata of every kind and tensors of every supporte
   w.add_u32("llama.block_count", 7);
   w.add_f32("llama.rope.freq_base", 100000.0f);
   w.add_bool("tokenizer.ggml.add_bos_token", false);
-  w.add_strings("tokenizer.ggml.tokens", {"a", "b", "\xC4\xA0" "c"});
+  w.add_strings("tokenizer.ggml.tokens", {"a", "b",
+                                          "\xC4\xA0"
+                                          "c"});
   w.add_i32s("tokenizer.ggml.token_type", {1, 3, 1});
 
   // F32 and F16.
@@ -106,11 +109,13 @@ TEST_CASE("GGUF round trip: metadata of every kind and tensors of every supporte
         qlb = static_cast<std::uint8_t>(qlb | ((q & 0xF) << (k >= 2 ? 4 : 0)));
         auto& qhb = q6k[static_cast<std::size_t>(128 + 32 * h + l)];
         qhb = static_cast<std::uint8_t>(qhb | ((q >> 4) << (2 * k)));
-        q6v[static_cast<std::size_t>(e)] = d6 * static_cast<float>(sc6[static_cast<std::size_t>(8 * h + l / 16 + 2 * k)]) *
-                                           static_cast<float>(q - 32);
+        q6v[static_cast<std::size_t>(e)] =
+            d6 * static_cast<float>(sc6[static_cast<std::size_t>(8 * h + l / 16 + 2 * k)]) *
+            static_cast<float>(q - 32);
       }
   for (int s = 0; s < 16; ++s)
-    q6k[static_cast<std::size_t>(192 + s)] = static_cast<std::uint8_t>(static_cast<std::int8_t>(sc6[static_cast<std::size_t>(s)]));
+    q6k[static_cast<std::size_t>(192 + s)] =
+        static_cast<std::uint8_t>(static_cast<std::int8_t>(sc6[static_cast<std::size_t>(s)]));
   const std::uint16_t dh = float_to_fp16(d6);
   q6k[208] = static_cast<std::uint8_t>(dh & 0xff);
   q6k[209] = static_cast<std::uint8_t>(dh >> 8);
@@ -141,7 +146,8 @@ TEST_CASE("GGUF round trip: metadata of every kind and tensors of every supporte
       const int lo = (l + i) % 16, hi = (3 * l + i) % 16;
       q4k.push_back(static_cast<std::uint8_t>(lo | (hi << 4)));
       q4kv[static_cast<std::size_t>(64 * i + l)] = d4 * s4[2 * i] * lo - dmin4 * m4[2 * i];
-      q4kv[static_cast<std::size_t>(64 * i + 32 + l)] = d4 * s4[2 * i + 1] * hi - dmin4 * m4[2 * i + 1];
+      q4kv[static_cast<std::size_t>(64 * i + 32 + l)] =
+          d4 * s4[2 * i + 1] * hi - dmin4 * m4[2 * i + 1];
     }
   w.add_tensor("t.q4_k", {256}, ggml_type::q4_k, q4k);
 
@@ -157,7 +163,9 @@ TEST_CASE("GGUF round trip: metadata of every kind and tensors of every supporte
   CHECK(f.get_int("tokenizer.ggml.add_bos_token") == 0);
   CHECK(f.get_int("missing.key", 42) == 42);
   CHECK_THROWS(f.get_int("missing.key"));
-  CHECK(f.meta("tokenizer.ggml.tokens").strings == std::vector<std::string>{"a", "b", "\xC4\xA0" "c"});
+  CHECK(f.meta("tokenizer.ggml.tokens").strings == std::vector<std::string>{"a", "b",
+                                                                            "\xC4\xA0"
+                                                                            "c"});
   CHECK(f.meta("tokenizer.ggml.token_type").numbers == std::vector<double>{1, 3, 1});
   CHECK(f.tensors().size() == 7);
   CHECK(f.tensor("t.f32").dims == std::vector<std::uint64_t>{2, 2});
@@ -192,6 +200,8 @@ TEST_CASE("GGUF reader rejects malformed files") {
   CHECK_THROWS(GgufFile{std::string("/nonexistent/model.gguf")});
   std::vector<float> out(32);
   const std::vector<std::uint8_t> junk(64, 0);
-  CHECK_THROWS_WITH(dequantize(static_cast<ggml_type>(99), junk.data(), out.data(), 32), doctest::Contains("unsupported"));
-  CHECK_THROWS_WITH(dequantize(ggml_type::q8_0, junk.data(), out.data(), 31), doctest::Contains("multiple"));
+  CHECK_THROWS_WITH(dequantize(static_cast<ggml_type>(99), junk.data(), out.data(), 32),
+                    doctest::Contains("unsupported"));
+  CHECK_THROWS_WITH(dequantize(ggml_type::q8_0, junk.data(), out.data(), 31),
+                    doctest::Contains("multiple"));
 }

@@ -14,13 +14,16 @@ const std::string G = "\xC4\xA0", C = "\xC4\x8A";
 
 Tokenizer tiny() {
   std::vector<std::string> vocab{"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
-  for (const char* s : {"h", "e", "l", "o", "w", "r", "d", "1", "2", "'", "s", "!", "a", "t", "i"}) vocab.push_back(s);
-  for (const std::string& s : {G, C, std::string("he"), std::string("ll"), std::string("hell"), std::string("hello"),
-                               G + "w", G + "wo", std::string("or"), std::string("12"), std::string("'s"),
-                               G + G, std::string("it"), G + "a", G + "it"})
+  for (const char* s : {"h", "e", "l", "o", "w", "r", "d", "1", "2", "'", "s", "!", "a", "t", "i"})
     vocab.push_back(s);
-  const std::vector<std::string> merges{"h e", "l l", "he ll", "hell o", G + " w", G + "w o", "o r", "1 2",
-                                        "' s", G + " " + G, "i t", G + " a", G + " it"};
+  for (const std::string& s :
+       {G, C, std::string("he"), std::string("ll"), std::string("hell"), std::string("hello"),
+        G + "w", G + "wo", std::string("or"), std::string("12"), std::string("'s"), G + G,
+        std::string("it"), G + "a", G + "it"})
+    vocab.push_back(s);
+  const std::vector<std::string> merges{"h e",     "l l",    "he ll",  "hell o", G + " w",
+                                        G + "w o", "o r",    "1 2",    "' s",    G + " " + G,
+                                        "i t",     G + " a", G + " it"};
   std::vector<int> types(vocab.size(), 1);
   types[0] = types[1] = types[2] = 3;
   return Tokenizer(vocab, merges, types);

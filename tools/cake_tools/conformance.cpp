@@ -15,8 +15,8 @@ int main(int argc, char** argv) {
     try {
       cake_tools::GoldenCase gc(argv[i]);
       for (const auto& r : cake_tools::run_golden_case(gc)) {
-        std::printf("%-4s %-24s %-26s %s\n", r.pass ? "ok" : "FAIL", gc.name.c_str(), r.check.c_str(),
-                    r.detail.c_str());
+        std::printf("%-4s %-24s %-26s %s\n", r.pass ? "ok" : "FAIL", gc.name.c_str(),
+                    r.check.c_str(), r.detail.c_str());
         (r.pass ? passed : failed) += 1;
       }
     } catch (const std::exception& e) {

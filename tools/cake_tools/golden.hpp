@@ -150,7 +150,8 @@ std::vector<CheckResult> run_golden_case(const GoldenCase& gc, Exec exec = {}) {
                                   {p, lm["preference"].as_double()}};
       const char* names[3] = {"entropy", "variance", "preference"};
       for (int i = 0; i < 3; ++i) {
-        const double rel = std::abs(pairs[i][0] - pairs[i][1]) / std::max(1e-30, std::abs(pairs[i][1]));
+        const double rel =
+            std::abs(pairs[i][0] - pairs[i][1]) / std::max(1e-30, std::abs(pairs[i][1]));
         worst_pref = std::max(worst_pref, rel);
         if (rel > 1e-4 && pref.pass) {
           pref.pass = false;
@@ -176,7 +177,8 @@ std::vector<CheckResult> run_golden_case(const GoldenCase& gc, Exec exec = {}) {
       r.detail = "prompt fits (S <= C + w): no allocation, budgets are C - w";
     } else {
       std::vector<float> prefs;
-      for (const auto& lm : gc.meta["layer"].arr) prefs.push_back(static_cast<float>(lm["preference"].as_double()));
+      for (const auto& lm : gc.meta["layer"].arr)
+        prefs.push_back(static_cast<float>(lm["preference"].as_double()));
       std::vector<index_t> got(static_cast<std::size_t>(gc.L));
       cake::allocate_budgets(cake::ProportionalBudget{}, prefs, gc.L, gc.T, P, got);
       if (got != final_budgets) {
@@ -185,8 +187,8 @@ std::vector<CheckResult> run_golden_case(const GoldenCase& gc, Exec exec = {}) {
       }
       for (std::size_t m = 0; r.pass && m < stages.size(); ++m) {
         std::vector<index_t> st(m + 1);
-        cake::allocate_budgets(cake::ProportionalBudget{}, std::span<const float>(prefs).first(m + 1),
-                               gc.L, gc.T, P, st);
+        cake::allocate_budgets(cake::ProportionalBudget{},
+                               std::span<const float>(prefs).first(m + 1), gc.L, gc.T, P, st);
         if (st != stages[m]) {
           r.pass = false;
           r.detail = "stage " + std::to_string(m) + " budgets " + detail::join(st) + ", want " +
@@ -210,9 +212,12 @@ std::vector<CheckResult> run_golden_case(const GoldenCase& gc, Exec exec = {}) {
       auto q = gc.floats(p + "_q_window");
       auto k = gc.floats(p + "_k");
       auto v = gc.floats(p + "_v");
-      auto qv = cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 4>{gc.B, gc.H, gc.w, gc.d});
-      auto kv = cake::make_view(static_cast<const float*>(k.data()), std::array<index_t, 4>{gc.B, gc.Hkv, gc.S, gc.d});
-      auto vv = cake::make_view(static_cast<const float*>(v.data()), std::array<index_t, 4>{gc.B, gc.Hkv, gc.S, gc.d});
+      auto qv = cake::make_view(static_cast<const float*>(q.data()),
+                                std::array<index_t, 4>{gc.B, gc.H, gc.w, gc.d});
+      auto kv = cake::make_view(static_cast<const float*>(k.data()),
+                                std::array<index_t, 4>{gc.B, gc.Hkv, gc.S, gc.d});
+      auto vv = cake::make_view(static_cast<const float*>(v.data()),
+                                std::array<index_t, 4>{gc.B, gc.Hkv, gc.S, gc.d});
       ref.prefill(l, qv, kv, vv);
       pos.prefill(l, qv, kv, vv);
     }
@@ -232,7 +237,8 @@ std::vector<CheckResult> run_golden_case(const GoldenCase& gc, Exec exec = {}) {
           auto a = m < ref.stage_budgets().size() ? ref.stage_budgets()[m] : std::vector<index_t>{};
           auto b = m < stages.size() ? stages[m] : std::vector<index_t>{};
           if (a != b) {
-            stage_r.detail = "stage " + std::to_string(m) + ": " + detail::join(a) + ", want " + detail::join(b);
+            stage_r.detail =
+                "stage " + std::to_string(m) + ": " + detail::join(a) + ", want " + detail::join(b);
             break;
           }
         }
@@ -248,8 +254,9 @@ std::vector<CheckResult> run_golden_case(const GoldenCase& gc, Exec exec = {}) {
       auto have = detail::held_positions(ref, l, gc.w);
       if (have != want || ref.tokens_held(l) != kept_counts[static_cast<std::size_t>(l)] + gc.w) {
         kept.pass = false;
-        kept.detail = "layer " + std::to_string(l) + ": holds " + std::to_string(ref.tokens_held(l)) +
-                      " tokens, want " + std::to_string(kept_counts[static_cast<std::size_t>(l)] + gc.w);
+        kept.detail = "layer " + std::to_string(l) + ": holds " +
+                      std::to_string(ref.tokens_held(l)) + " tokens, want " +
+                      std::to_string(kept_counts[static_cast<std::size_t>(l)] + gc.w);
       }
       if (detail::held_positions(pos, l, 0) != detail::held_positions(ref, l, 0)) {
         orders.pass = false;
@@ -275,18 +282,27 @@ std::vector<CheckResult> run_golden_case(const GoldenCase& gc, Exec exec = {}) {
     CheckResult dec{"decode_held_positions"};
     const auto steps = gc.meta["decode_steps"].as_int();
     for (index_t t = 0; t < steps && dec.pass; ++t) {
-      const auto sizes = detail::json_ints(gc.meta["decode_cache_sizes"][static_cast<std::size_t>(t)]);
+      const auto sizes =
+          detail::json_ints(gc.meta["decode_cache_sizes"][static_cast<std::size_t>(t)]);
       for (index_t l = 0; l < gc.L && dec.pass; ++l) {
         const std::string p = "decode" + std::to_string(t) + "_layer" + std::to_string(l);
         auto q = gc.floats(p + "_q");
         auto k = gc.floats(p + "_k");
         auto v = gc.floats(p + "_v");
-        ref.decode(l, cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 3>{gc.B, gc.H, gc.d}),
-                   cake::make_view(static_cast<const float*>(k.data()), std::array<index_t, 3>{gc.B, gc.Hkv, gc.d}),
-                   cake::make_view(static_cast<const float*>(v.data()), std::array<index_t, 3>{gc.B, gc.Hkv, gc.d}));
-        pos.decode(l, cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 3>{gc.B, gc.H, gc.d}),
-                   cake::make_view(static_cast<const float*>(k.data()), std::array<index_t, 3>{gc.B, gc.Hkv, gc.d}),
-                   cake::make_view(static_cast<const float*>(v.data()), std::array<index_t, 3>{gc.B, gc.Hkv, gc.d}));
+        ref.decode(l,
+                   cake::make_view(static_cast<const float*>(q.data()),
+                                   std::array<index_t, 3>{gc.B, gc.H, gc.d}),
+                   cake::make_view(static_cast<const float*>(k.data()),
+                                   std::array<index_t, 3>{gc.B, gc.Hkv, gc.d}),
+                   cake::make_view(static_cast<const float*>(v.data()),
+                                   std::array<index_t, 3>{gc.B, gc.Hkv, gc.d}));
+        pos.decode(l,
+                   cake::make_view(static_cast<const float*>(q.data()),
+                                   std::array<index_t, 3>{gc.B, gc.H, gc.d}),
+                   cake::make_view(static_cast<const float*>(k.data()),
+                                   std::array<index_t, 3>{gc.B, gc.Hkv, gc.d}),
+                   cake::make_view(static_cast<const float*>(v.data()),
+                                   std::array<index_t, 3>{gc.B, gc.Hkv, gc.d}));
         auto want = gc.ints(p + "_held");
         auto have = detail::held_positions(ref, l, 0);
         if (have != want || ref.tokens_held(l) != sizes[static_cast<std::size_t>(l)] ||
@@ -300,7 +316,8 @@ std::vector<CheckResult> run_golden_case(const GoldenCase& gc, Exec exec = {}) {
         }
       }
     }
-    if (dec.pass) dec.detail = std::to_string(steps) + " steps x " + std::to_string(gc.L) + " layers equal";
+    if (dec.pass)
+      dec.detail = std::to_string(steps) + " steps x " + std::to_string(gc.L) + " layers equal";
     out.push_back(dec);
   }
   return out;

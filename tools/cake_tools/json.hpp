@@ -20,11 +20,13 @@ struct Json {
 
   const Json& operator[](const std::string& k) const {
     auto it = obj.find(k);
-    if (kind != Kind::object || it == obj.end()) throw std::runtime_error("json: missing key '" + k + "'");
+    if (kind != Kind::object || it == obj.end())
+      throw std::runtime_error("json: missing key '" + k + "'");
     return it->second;
   }
   const Json& operator[](std::size_t i) const {
-    if (kind != Kind::array || i >= arr.size()) throw std::runtime_error("json: index out of range");
+    if (kind != Kind::array || i >= arr.size())
+      throw std::runtime_error("json: index out of range");
     return arr[i];
   }
   bool has(const std::string& k) const { return kind == Kind::object && obj.count(k) != 0; }
@@ -52,10 +54,18 @@ struct Json {
       if (s[i] == '\\' && i + 1 < s.size()) {
         ++i;
         switch (s[i]) {
-          case 'n': out += '\n'; break;
-          case 't': out += '\t'; break;
-          case 'u': out += '?'; i += 4; break;
-          default: out += s[i];
+          case 'n':
+            out += '\n';
+            break;
+          case 't':
+            out += '\t';
+            break;
+          case 'u':
+            out += '?';
+            i += 4;
+            break;
+          default:
+            out += s[i];
         }
       } else {
         out += s[i];
@@ -74,7 +84,10 @@ struct Json {
       j.kind = Kind::object;
       ++i;
       skip(s, i);
-      if (s[i] == '}') { ++i; return j; }
+      if (s[i] == '}') {
+        ++i;
+        return j;
+      }
       while (true) {
         skip(s, i);
         std::string key = parse_string(s, i);
@@ -83,29 +96,47 @@ struct Json {
         ++i;
         j.obj[key] = parse_value(s, i);
         skip(s, i);
-        if (s[i] == ',') { ++i; continue; }
-        if (s[i] == '}') { ++i; break; }
+        if (s[i] == ',') {
+          ++i;
+          continue;
+        }
+        if (s[i] == '}') {
+          ++i;
+          break;
+        }
         throw std::runtime_error("json: expected ',' or '}'");
       }
     } else if (c == '[') {
       j.kind = Kind::array;
       ++i;
       skip(s, i);
-      if (s[i] == ']') { ++i; return j; }
+      if (s[i] == ']') {
+        ++i;
+        return j;
+      }
       while (true) {
         j.arr.push_back(parse_value(s, i));
         skip(s, i);
-        if (s[i] == ',') { ++i; continue; }
-        if (s[i] == ']') { ++i; break; }
+        if (s[i] == ',') {
+          ++i;
+          continue;
+        }
+        if (s[i] == ']') {
+          ++i;
+          break;
+        }
         throw std::runtime_error("json: expected ',' or ']'");
       }
     } else if (c == '"') {
       j.kind = Kind::string;
       j.str = parse_string(s, i);
     } else if (s.compare(i, 4, "true") == 0) {
-      j.kind = Kind::boolean; j.b = true; i += 4;
+      j.kind = Kind::boolean;
+      j.b = true;
+      i += 4;
     } else if (s.compare(i, 5, "false") == 0) {
-      j.kind = Kind::boolean; i += 5;
+      j.kind = Kind::boolean;
+      i += 5;
     } else if (s.compare(i, 4, "null") == 0) {
       i += 4;
     } else {

@@ -32,11 +32,16 @@ struct NpyArray {
         out[i] = static_cast<T>(s);
       }
     };
-    if (dtype == "<f4") copy(float{});
-    else if (dtype == "<f8") copy(double{});
-    else if (dtype == "<i8") copy(std::int64_t{});
-    else if (dtype == "<i4") copy(std::int32_t{});
-    else throw std::runtime_error("npy: unsupported dtype " + dtype);
+    if (dtype == "<f4")
+      copy(float{});
+    else if (dtype == "<f8")
+      copy(double{});
+    else if (dtype == "<i8")
+      copy(std::int64_t{});
+    else if (dtype == "<i4")
+      copy(std::int32_t{});
+    else
+      throw std::runtime_error("npy: unsupported dtype " + dtype);
     return out;
   }
 };
@@ -46,7 +51,8 @@ inline NpyArray load_npy(const std::string& path) {
   if (!f) throw std::runtime_error("npy: cannot open " + path);
   char magic[6];
   f.read(magic, 6);
-  if (!f || std::memcmp(magic, "\x93NUMPY", 6) != 0) throw std::runtime_error("npy: bad magic in " + path);
+  if (!f || std::memcmp(magic, "\x93NUMPY", 6) != 0)
+    throw std::runtime_error("npy: bad magic in " + path);
   unsigned char ver[2];
   f.read(reinterpret_cast<char*>(ver), 2);
   std::uint32_t hlen = 0;

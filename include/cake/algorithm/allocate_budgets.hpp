@@ -12,9 +12,8 @@ namespace cake {
 
 // preferences: (layers seen); budgets: (>= layers seen), written for those layers.
 template <BudgetPolicy Budget>
-void allocate_budgets(const Budget& policy, std::span<const float> preferences,
-                      index_t num_layers, index_t total, index_t ceiling,
-                      std::span<index_t> budgets) {
+void allocate_budgets(const Budget& policy, std::span<const float> preferences, index_t num_layers,
+                      index_t total, index_t ceiling, std::span<index_t> budgets) {
   policy.validate().throw_if_error();
   detail::validate_allocation(preferences, num_layers, total, ceiling, budgets).throw_if_error();
   policy(preferences, num_layers, total, ceiling, budgets);

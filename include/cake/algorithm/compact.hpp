@@ -25,8 +25,8 @@ status validate_compact(view<const T, 4, Space> src, view<const TI, 3, Space> ke
                         view<T, 4, Space> dst) {
   const index_t B = src.extent(0), Hkv = src.extent(1), d = src.extent(3);
   CAKE_CHECK(keep.extent(0) == B && keep.extent(1) == Hkv, "cake.compact.keep",
-             "keep must be (batch, kv_heads, m) with batch = ", B, ", kv_heads = ", Hkv,
-             ", got (", keep.extent(0), ", ", keep.extent(1), ", ", keep.extent(2), ")");
+             "keep must be (batch, kv_heads, m) with batch = ", B, ", kv_heads = ", Hkv, ", got (",
+             keep.extent(0), ", ", keep.extent(1), ", ", keep.extent(2), ")");
   CAKE_CHECK(dst.extent(0) == B && dst.extent(1) == Hkv && dst.extent(2) == keep.extent(2) &&
                  dst.extent(3) == d,
              "cake.compact.dst", "dst must be (", B, ", ", Hkv, ", ", keep.extent(2), ", ", d,

@@ -36,12 +36,12 @@ void decode_scores(const Exec& exec, Q&& q, K&& keys, const Ind& indicator, Out&
                kv.extent(0), ", ", Hkv, ", ", n, ", ", kv.extent(3), ")");
   CAKE_EXPECTS(Hkv >= 1 && H % Hkv == 0, "cake.decode.kv_heads",
                "q_heads must be a multiple of kv_heads: q_heads = ", H, ", kv_heads = ", Hkv);
-  CAKE_EXPECTS(so.extent(0) == B && so.extent(1) == Hkv && so.extent(2) <= n,
-               "cake.decode.scores", "scores must be (", B, ", ", Hkv, ", c <= ", n, "), got (",
-               so.extent(0), ", ", so.extent(1), ", ", so.extent(2), ")");
-  CAKE_EXPECTS(inner_contiguous(qv) && inner_contiguous(kv) &&
-                   (so.extent(2) <= 1 || so.stride(2) == 1),
-               "cake.decode.layout", "q, keys and scores must have unit innermost stride");
+  CAKE_EXPECTS(so.extent(0) == B && so.extent(1) == Hkv && so.extent(2) <= n, "cake.decode.scores",
+               "scores must be (", B, ", ", Hkv, ", c <= ", n, "), got (", so.extent(0), ", ",
+               so.extent(1), ", ", so.extent(2), ")");
+  CAKE_EXPECTS(
+      inner_contiguous(qv) && inner_contiguous(kv) && (so.extent(2) <= 1 || so.stride(2) == 1),
+      "cake.decode.layout", "q, keys and scores must have unit innermost stride");
   decode_scores_backend<Exec>::run(exec, qv, kv, indicator, so);
 }
 

@@ -35,8 +35,7 @@ struct window_stats_backend {
 
 template <class TQ, class TK, class Space>
 status validate_window_stats(view<TQ, 4, Space> q_window, view<TK, 4, Space> keys,
-                             view<float, 3, Space> indicator_out,
-                             view<float, 1, Space> stats_out) {
+                             view<float, 3, Space> indicator_out, view<float, 1, Space> stats_out) {
   const index_t B = q_window.extent(0), H = q_window.extent(1), w = q_window.extent(2),
                 d = q_window.extent(3);
   const index_t Hkv = keys.extent(1), S = keys.extent(2);
@@ -49,8 +48,8 @@ status validate_window_stats(view<TQ, 4, Space> q_window, view<TK, 4, Space> key
              ", ", w, ", ", d, ")");
   CAKE_CHECK(Hkv >= 1 && H % Hkv == 0, "cake.keys.kv_heads",
              "q_heads must be a multiple of kv_heads: q_heads = ", H, ", kv_heads = ", Hkv);
-  CAKE_CHECK(w >= 2 && w <= S, "cake.q_window.window", "window must be in [2, S = ", S,
-             "], got ", w);
+  CAKE_CHECK(w >= 2 && w <= S, "cake.q_window.window", "window must be in [2, S = ", S, "], got ",
+             w);
   CAKE_CHECK(inner_contiguous(q_window), "cake.q_window.layout",
              "q_window must have unit stride along head_dim, got stride ", q_window.stride(3));
   CAKE_CHECK(inner_contiguous(keys), "cake.keys.layout",
@@ -97,19 +96,19 @@ status validate_window_stats_from_attention(const VA& a, const VO& io, const VS&
   const index_t B = a.extent(0), H = a.extent(1), w = a.extent(2), S = a.extent(3);
   const index_t Hkv = io.extent(1);
   CAKE_CHECK(Hkv >= 1 && H % Hkv == 0, "cake.attention.kv_heads",
-               "q_heads must be a multiple of kv_heads (indicator_out extent 1): q_heads = ", H,
-               ", kv_heads = ", Hkv);
-  CAKE_CHECK(w >= 2 && w <= S, "cake.attention.window", "window must be in [2, S = ", S,
-               "], got ", w);
+             "q_heads must be a multiple of kv_heads (indicator_out extent 1): q_heads = ", H,
+             ", kv_heads = ", Hkv);
+  CAKE_CHECK(w >= 2 && w <= S, "cake.attention.window", "window must be in [2, S = ", S, "], got ",
+             w);
   CAKE_CHECK(inner_contiguous(a), "cake.attention.layout",
-               "attention must have unit stride along tokens, got stride ", a.stride(3));
+             "attention must have unit stride along tokens, got stride ", a.stride(3));
   CAKE_CHECK(io.extent(0) == B && io.extent(2) == S - w, "cake.indicator_out.shape",
-               "indicator_out must be (batch, kv_heads, S - window) = (", B, ", ", Hkv, ", ",
-               S - w, "), got (", io.extent(0), ", ", io.extent(1), ", ", io.extent(2), ")");
+             "indicator_out must be (batch, kv_heads, S - window) = (", B, ", ", Hkv, ", ", S - w,
+             "), got (", io.extent(0), ", ", io.extent(1), ", ", io.extent(2), ")");
   CAKE_CHECK(io.extent(2) <= 1 || io.stride(2) == 1, "cake.indicator_out.layout",
-               "indicator_out must have unit stride along tokens");
+             "indicator_out must have unit stride along tokens");
   CAKE_CHECK(so.extent(0) >= 2, "cake.stats_out.shape",
-               "stats_out must hold 2 values (entropy, variance), got ", so.extent(0));
+             "stats_out must hold 2 values (entropy, variance), got ", so.extent(0));
   return status::success();
 }
 

@@ -27,12 +27,11 @@ concept PreferencePolicy = std::is_trivially_copyable_v<P> && requires(const P p
 // budgets[0..m]. num_layers is the model's layer count (a pyramid needs it),
 // total the budget T of all layers, ceiling the per-layer cap R = S - w.
 template <class P>
-concept BudgetPolicy =
-    std::is_trivially_copyable_v<P> &&
+concept BudgetPolicy = std::is_trivially_copyable_v<P> &&
     requires(const P p, std::span<const float> prefs, index_t n, std::span<index_t> out) {
-      { p(prefs, n, n, n, out) } -> std::same_as<void>;
-      { p.validate() } -> std::same_as<status>;
-    };
+  { p(prefs, n, n, n, out) } -> std::same_as<void>;
+  { p.validate() } -> std::same_as<status>;
+};
 
 // Which tokens a layer keeps (spec section 3): a per-key score from the mean and
 // unbiased variance of its attention over the window rows, then an average pool

@@ -42,7 +42,7 @@ struct has_tensor_traits<T, std::void_t<decltype(tensor_traits<T>::view(std::dec
 // Anything cake can read as a tensor: an mdspan, or a type with a tensor_traits adapter.
 template <class T>
 concept tensor_like = detail::is_mdspan<std::remove_cvref_t<T>>::value ||
-                      detail::has_tensor_traits<std::remove_cvref_t<T>>::value;
+    detail::has_tensor_traits<std::remove_cvref_t<T>>::value;
 
 // Converts an mdspan or an adapted tensor to the canonical cake::view.
 template <class X>

@@ -39,7 +39,8 @@ struct space_accessor {
   CAKE_HOST_DEVICE constexpr reference access(data_handle_type p, std::size_t i) const noexcept {
     return p[i];
   }
-  CAKE_HOST_DEVICE constexpr data_handle_type offset(data_handle_type p, std::size_t i) const noexcept {
+  CAKE_HOST_DEVICE constexpr data_handle_type offset(data_handle_type p,
+                                                     std::size_t i) const noexcept {
     return p + i;
   }
 };

@@ -5,8 +5,13 @@
 
 int main() {
   using cake::index_t;
-  cake::CacheConfig cfg{.layers = 2, .batch = 1, .q_heads = 2, .kv_heads = 1, .head_dim = 8,
-                        .window = 4, .cache_size = 12};
+  cake::CacheConfig cfg{.layers = 2,
+                        .batch = 1,
+                        .q_heads = 2,
+                        .kv_heads = 1,
+                        .head_dim = 8,
+                        .window = 4,
+                        .cache_size = 12};
   cake::KvCache<> cache(cfg);
   const index_t S = 64;
   std::vector<float> q(2 * 4 * 8), k(S * 8), v(S * 8);

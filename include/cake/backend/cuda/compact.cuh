@@ -15,8 +15,8 @@ namespace cake {
 namespace cuda_detail {
 
 template <class V, class T, class TI>
-void launch_compact_as(const CompactParams<TI>& base, index_t B, index_t Hkv, index_t m,
-                       index_t d, bool in_place, cudaStream_t stream) {
+void launch_compact_as(const CompactParams<TI>& base, index_t B, index_t Hkv, index_t m, index_t d,
+                       bool in_place, cudaStream_t stream) {
   CompactParams<TI> p = base;
   p.vecs = static_cast<int>(d * static_cast<index_t>(sizeof(T)) / static_cast<index_t>(sizeof(V)));
   if (in_place) {
@@ -25,8 +25,9 @@ void launch_compact_as(const CompactParams<TI>& base, index_t B, index_t Hkv, in
     check_launch("compact_in_place_kernel");
   } else {
     const std::int64_t total = B * Hkv * m * p.vecs;
-    compact_kernel<V, TI><<<grid_dim(total, tuning::compact_threads), tuning::compact_threads, 0,
-                            stream>>>(p, total);
+    compact_kernel<V, TI>
+        <<<grid_dim(total, tuning::compact_threads), tuning::compact_threads, 0, stream>>>(p,
+                                                                                           total);
     check_launch("compact_kernel");
   }
 }
@@ -49,9 +50,9 @@ void launch_compact(const cuda_policy& exec, device_view<const T, 4> src,
   const bool in_place = static_cast<const void*>(p.src) == static_cast<const void*>(p.dst);
   const auto aligned16 = [](std::int64_t x) { return x % 16 == 0; };
   const bool vec16 = aligned16(d * E) && aligned16(reinterpret_cast<std::intptr_t>(p.src)) &&
-                     aligned16(reinterpret_cast<std::intptr_t>(p.dst)) &&
-                     aligned16(p.s_b) && aligned16(p.s_g) && aligned16(p.s_t) &&
-                     aligned16(p.d_b) && aligned16(p.d_g) && aligned16(p.d_t);
+                     aligned16(reinterpret_cast<std::intptr_t>(p.dst)) && aligned16(p.s_b) &&
+                     aligned16(p.s_g) && aligned16(p.s_t) && aligned16(p.d_b) && aligned16(p.d_g) &&
+                     aligned16(p.d_t);
   const cudaStream_t stream = stream_of(exec);
   if (vec16)
     launch_compact_as<uint4, T>(p, B, Hkv, m, d, in_place, stream);

@@ -21,8 +21,8 @@ struct decode_scores_backend<cuda_policy> {
     if (B * Hkv == 0 || c == 0) return;
     const int half = indicator.pool_kernel / 2;
     CAKE_EXPECTS(half < cuda_detail::tuning::decode_threads, "cake.indicator.pool_kernel",
-                 "the CUDA decode scores support pool_kernel < ", 2 * cuda_detail::tuning::decode_threads,
-                 ", got ", indicator.pool_kernel);
+                 "the CUDA decode scores support pool_kernel < ",
+                 2 * cuda_detail::tuning::decode_threads, ", got ", indicator.pool_kernel);
     cuda_detail::DecodeParams<Q, K> p{};
     p.q = q.data_handle(), p.q_b = q.stride(0), p.q_h = q.stride(1);
     p.k = k.data_handle(), p.k_b = k.stride(0), p.k_g = k.stride(1), p.k_j = k.stride(2);

@@ -60,15 +60,20 @@ class device_buffer {
 template <class T>
 struct DeviceLayer {
   index_t rows = 0, d = 0, cap = 0, held = 0;
-  device_buffer<T> k, v;        // (rows, cap, d)
-  device_buffer<index_t> pos;   // (rows, cap)
-  device_buffer<float> ind;     // (rows, cap), prefill only
+  device_buffer<T> k, v;       // (rows, cap, d)
+  device_buffer<index_t> pos;  // (rows, cap)
+  device_buffer<float> ind;    // (rows, cap), prefill only
   bool by_indicator = false;
 
   DeviceLayer() = default;
   DeviceLayer(index_t rows_, index_t d_, index_t cap_, bool with_indicator, cudaStream_t s)
-      : rows(rows_), d(d_), cap(cap_), k(rows_ * cap_ * d_, s), v(rows_ * cap_ * d_, s),
-        pos(rows_ * cap_, s), ind(with_indicator ? rows_ * cap_ : 0, s) {}
+      : rows(rows_),
+        d(d_),
+        cap(cap_),
+        k(rows_ * cap_ * d_, s),
+        v(rows_ * cap_ * d_, s),
+        pos(rows_ * cap_, s),
+        ind(with_indicator ? rows_ * cap_ : 0, s) {}
 
   template <class U>
   device_view<U, 4> tokens_view(U* base, index_t B, index_t Hkv, index_t n) const {
@@ -113,8 +118,8 @@ __global__ void iota_rows_kernel(I* pos, index_t rows, index_t cap, index_t n) {
 // sel[r, keep + t] = first + t for t < w: the window (or the last w held tokens)
 // always follows the selected prefix.
 template <class I>
-__global__ void append_window_kernel(I* sel, index_t rows, index_t n, index_t keep,
-                                            index_t w, index_t first) {
+__global__ void append_window_kernel(I* sel, index_t rows, index_t n, index_t keep, index_t w,
+                                     index_t first) {
   const long long total = rows * w;
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<long long>(gridDim.x) * blockDim.x)
@@ -123,10 +128,9 @@ __global__ void append_window_kernel(I* sel, index_t rows, index_t n, index_t ke
 
 // out_pos[r, t] = src_pos ? src_pos[r, sel[r, t]] : sel[r, t]; out_ind likewise for t < keep.
 template <class I>
-__global__ void gather_meta_kernel(I* out_pos, float* out_ind, index_t out_cap,
-                                          const index_t* sel, index_t rows, index_t n,
-                                          index_t keep, const index_t* src_pos, index_t src_cap,
-                                          const float* ind, index_t ind_ld) {
+__global__ void gather_meta_kernel(I* out_pos, float* out_ind, index_t out_cap, const index_t* sel,
+                                   index_t rows, index_t n, index_t keep, const index_t* src_pos,
+                                   index_t src_cap, const float* ind, index_t ind_ld) {
   const long long total = rows * n;
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
@@ -159,10 +163,9 @@ __global__ void move_window_kernel(T* k, T* v, index_t* pos, index_t cap, index_
 
 // Writes the new token (k, v: (batch, kv_heads, head_dim), any strides) into slot `slot`.
 template <class T, class U>
-__global__ void append_token_kernel(T* k, T* v, index_t* pos, index_t cap, index_t d,
-                                    index_t Hkv, index_t slot, const U* ks, index_t kb,
-                                    index_t kg, const U* vs, index_t vb, index_t vg,
-                                    index_t position) {
+__global__ void append_token_kernel(T* k, T* v, index_t* pos, index_t cap, index_t d, index_t Hkv,
+                                    index_t slot, const U* ks, index_t kb, index_t kg, const U* vs,
+                                    index_t vb, index_t vg, index_t position) {
   const index_t r = blockIdx.x, b = r / Hkv, g = r % Hkv;
   for (index_t x = threadIdx.x; x < d; x += blockDim.x) {
     k[(r * cap + slot) * d + x] = static_cast<T>(ks[b * kb + g * kg + x]);
@@ -172,7 +175,8 @@ __global__ void append_token_kernel(T* k, T* v, index_t* pos, index_t cap, index
 }
 
 inline unsigned small_grid(long long work) {
-  return static_cast<unsigned>(std::max<long long>(1, std::min<long long>((work + 255) / 256, 4096)));
+  return static_cast<unsigned>(
+      std::max<long long>(1, std::min<long long>((work + 255) / 256, 4096)));
 }
 
 }  // namespace cuda_detail
@@ -212,7 +216,8 @@ struct layer_store<T, cuda_policy> {
   }
 
   template <class V>
-  static status check_finite(const cuda_policy& exec, const V& v, const char* id, const char* name) {
+  static status check_finite(const cuda_policy& exec, const V& v, const char* id,
+                             const char* name) {
     constexpr std::size_t R = V::rank();
     long long e[4] = {1, 1, 1, 1}, s[4] = {0, 0, 0, 0};
     for (std::size_t r = 0; r < R; ++r) {
@@ -222,18 +227,17 @@ struct layer_store<T, cuda_policy> {
     if (e[0] * e[1] * e[2] * e[3] == 0) return status::success();
     buffer<unsigned long long> first(1, stream(exec));
     const unsigned long long none = ~0ull;
-    cuda_detail::check(cudaMemcpyAsync(first.data(), &none, sizeof(none), cudaMemcpyHostToDevice,
-                                       stream(exec)),
-                       "cudaMemcpyAsync (finite check)");
+    cuda_detail::check(
+        cudaMemcpyAsync(first.data(), &none, sizeof(none), cudaMemcpyHostToDevice, stream(exec)),
+        "cudaMemcpyAsync (finite check)");
     cuda_detail::find_non_finite_kernel<<<cuda_detail::small_grid(e[0] * e[1] * e[2] * e[3]), 256,
-                                          0, stream(exec)>>>(v.data_handle(), e[0], e[1], e[2],
-                                                             e[3], s[0], s[1], s[2], s[3],
-                                                             first.data());
+                                          0, stream(exec)>>>(
+        v.data_handle(), e[0], e[1], e[2], e[3], s[0], s[1], s[2], s[3], first.data());
     cuda_detail::check_launch("find_non_finite_kernel");
     unsigned long long at = none;
-    cuda_detail::check(cudaMemcpyAsync(&at, first.data(), sizeof(at), cudaMemcpyDeviceToHost,
-                                       stream(exec)),
-                       "cudaMemcpyAsync (finite check)");
+    cuda_detail::check(
+        cudaMemcpyAsync(&at, first.data(), sizeof(at), cudaMemcpyDeviceToHost, stream(exec)),
+        "cudaMemcpyAsync (finite check)");
     cuda_detail::check(cudaStreamSynchronize(stream(exec)), "find_non_finite_kernel");
     if (at == none) return status::success();
     std::array<index_t, R> idx{};
@@ -247,8 +251,8 @@ struct layer_store<T, cuda_policy> {
                        "cudaMemcpy (finite check)");
     std::string coords;
     for (std::size_t r = 0; r < R; ++r) coords.append(r ? ", " : "").append(std::to_string(idx[r]));
-    return make_status(id, name, " must be finite, found ", static_cast<float>(bad), " at (", coords,
-                       ")");
+    return make_status(id, name, " must be finite, found ", static_cast<float>(bad), " at (",
+                       coords, ")");
   }
 
   template <class KV, class VV>
@@ -376,26 +380,24 @@ struct layer_store<T, cuda_policy> {
   }
 
   // Runs after truncate(): gathers the layer into its planned position order.
-  static void permute(const cuda_policy& exec, layer& ly, const LayerShape& sh,
-                      permutation& perm) {
+  static void permute(const cuda_policy& exec, layer& ly, const LayerShape& sh, permutation& perm) {
     auto keep_v = make_view<device_space>(static_cast<const index_t*>(perm.keep.data()),
                                           std::array<index_t, 3>{sh.batch, sh.kv_heads, perm.n});
     layer& out = perm.target;
-    compact(exec, keys(ly, sh), keep_v, out.tokens_view(out.k.data(), sh.batch, sh.kv_heads, perm.n));
+    compact(exec, keys(ly, sh), keep_v,
+            out.tokens_view(out.k.data(), sh.batch, sh.kv_heads, perm.n));
     compact(exec, values(ly, sh), keep_v,
             out.tokens_view(out.v.data(), sh.batch, sh.kv_heads, perm.n));
-    cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(ly.rows * perm.n), 256, 0,
-                                      stream(exec)>>>(out.pos.data(), nullptr, out.cap,
-                                                      perm.keep.data(), ly.rows, perm.n, 0,
-                                                      ly.pos.data(), ly.cap, nullptr, 0);
+    cuda_detail::
+        gather_meta_kernel<<<cuda_detail::small_grid(ly.rows * perm.n), 256, 0, stream(exec)>>>(
+            out.pos.data(), nullptr, out.cap, perm.keep.data(), ly.rows, perm.n, 0, ly.pos.data(),
+            ly.cap, nullptr, 0);
     cuda_detail::check_launch("gather_meta_kernel");
     out.held = perm.n;
     ly = std::move(out);
   }
 
-  static void finish_prefill(layer& ly) noexcept {
-    ly.ind = buffer<float>();
-  }
+  static void finish_prefill(layer& ly) noexcept { ly.ind = buffer<float>(); }
 
   template <class Ind, class QV, class KV, class VV>
   static void decode(const cuda_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
@@ -412,22 +414,22 @@ struct layer_store<T, cuda_policy> {
       layer grown(rows, d, cap, false, s);
       const std::size_t row = static_cast<std::size_t>(ly.held * d) * sizeof(T);
       if (ly.held > 0) {
-        cuda_detail::check(cudaMemcpy2DAsync(grown.k.data(), static_cast<std::size_t>(cap * d) * sizeof(T),
-                                             ly.k.data(), static_cast<std::size_t>(ly.cap * d) * sizeof(T),
-                                             row, static_cast<std::size_t>(rows),
-                                             cudaMemcpyDeviceToDevice, s),
-                           "cudaMemcpy2DAsync (KvCache regrow)");
-        cuda_detail::check(cudaMemcpy2DAsync(grown.v.data(), static_cast<std::size_t>(cap * d) * sizeof(T),
-                                             ly.v.data(), static_cast<std::size_t>(ly.cap * d) * sizeof(T),
-                                             row, static_cast<std::size_t>(rows),
-                                             cudaMemcpyDeviceToDevice, s),
-                           "cudaMemcpy2DAsync (KvCache regrow)");
-        cuda_detail::check(cudaMemcpy2DAsync(grown.pos.data(), static_cast<std::size_t>(cap) * sizeof(index_t),
-                                             ly.pos.data(), static_cast<std::size_t>(ly.cap) * sizeof(index_t),
-                                             static_cast<std::size_t>(ly.held) * sizeof(index_t),
-                                             static_cast<std::size_t>(rows),
-                                             cudaMemcpyDeviceToDevice, s),
-                           "cudaMemcpy2DAsync (KvCache regrow)");
+        cuda_detail::check(
+            cudaMemcpy2DAsync(grown.k.data(), static_cast<std::size_t>(cap * d) * sizeof(T),
+                              ly.k.data(), static_cast<std::size_t>(ly.cap * d) * sizeof(T), row,
+                              static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
+            "cudaMemcpy2DAsync (KvCache regrow)");
+        cuda_detail::check(
+            cudaMemcpy2DAsync(grown.v.data(), static_cast<std::size_t>(cap * d) * sizeof(T),
+                              ly.v.data(), static_cast<std::size_t>(ly.cap * d) * sizeof(T), row,
+                              static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
+            "cudaMemcpy2DAsync (KvCache regrow)");
+        cuda_detail::check(
+            cudaMemcpy2DAsync(grown.pos.data(), static_cast<std::size_t>(cap) * sizeof(index_t),
+                              ly.pos.data(), static_cast<std::size_t>(ly.cap) * sizeof(index_t),
+                              static_cast<std::size_t>(ly.held) * sizeof(index_t),
+                              static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
+            "cudaMemcpy2DAsync (KvCache regrow)");
       }
       grown.held = ly.held;
       grown.by_indicator = ly.by_indicator;
@@ -461,13 +463,12 @@ struct layer_store<T, cuda_policy> {
     compact(exec, keys(ly, sh), keep_v, next.tokens_view(next.k.data(), B, Hkv, n));
     compact(exec, values(ly, sh), keep_v, next.tokens_view(next.v.data(), B, Hkv, n));
     cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, s>>>(
-        next.pos.data(), nullptr, next.cap, sel.data(), rows, n, 0, ly.pos.data(), ly.cap,
-        nullptr, 0);
+        next.pos.data(), nullptr, next.cap, sel.data(), rows, n, 0, ly.pos.data(), ly.cap, nullptr,
+        0);
     cuda_detail::check_launch("gather_meta_kernel");
     next.held = n;
     ly = std::move(next);
   }
-
 };
 
 }  // namespace detail

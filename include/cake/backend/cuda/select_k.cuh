@@ -49,9 +49,9 @@ inline SelectPlan plan_select(index_t rows, index_t n, index_t k, select_order o
   pl.block_sort = desc && k <= tuning::select_block_sort_max;
   pl.device_sort = desc && !pl.block_sort;
   if (pl.device_sort) {
-    CAKE_EXPECTS(rows * k <= INT_MAX, "cake.select_k.k",
-                 "descending order with k > ", tuning::select_block_sort_max,
-                 " on CUDA needs rows * k <= ", INT_MAX, ", got ", rows * k);
+    CAKE_EXPECTS(rows * k <= INT_MAX, "cake.select_k.k", "descending order with k > ",
+                 tuning::select_block_sort_max, " on CUDA needs rows * k <= ", INT_MAX, ", got ",
+                 rows * k);
     const int items = static_cast<int>(rows * k);
     check(cub::DeviceSegmentedRadixSort::SortKeysDescending(
               nullptr, pl.sort_temp, static_cast<const std::uint64_t*>(nullptr),

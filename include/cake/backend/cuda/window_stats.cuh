@@ -50,7 +50,8 @@ inline StatsBuffers carve_stats(workspace_carver& c, const StatsPlan& pl, index_
     s.lse = c.take<float>(static_cast<std::size_t>(B * H * w));
   }
   s.raw = c.take<float>(static_cast<std::size_t>(std::max<index_t>(B * Hkv * P, 1)));
-  s.partial = c.take<float2>(static_cast<std::size_t>(std::max<index_t>(B * Hkv * pl.tiles_prefix, 1)));
+  s.partial =
+      c.take<float2>(static_cast<std::size_t>(std::max<index_t>(B * Hkv * pl.tiles_prefix, 1)));
   return s;
 }
 
@@ -91,7 +92,8 @@ inline StatsPlan plan_stats(index_t B, index_t H, index_t Hkv, index_t w, index_
 }
 
 template <class K>
-inline constexpr bool tensor_core_key = std::is_same_v<K, __half> || std::is_same_v<K, __nv_bfloat16>;
+inline constexpr bool tensor_core_key =
+    std::is_same_v<K, __half> || std::is_same_v<K, __nv_bfloat16>;
 
 template <class TQ, class TK, class Ind>
 void launch_window_stats(const cuda_policy& exec, device_view<TQ, 4> q, device_view<TK, 4> k,
@@ -141,10 +143,12 @@ void launch_window_stats(const cuda_policy& exec, device_view<TQ, 4> q, device_v
     if (lse == nullptr) {
       auto* norm = &row_normaliser_kernel<Q, K, TC>;
       allow_shared_memory(norm, pl.smem_norm, "row_normaliser_kernel");
-      norm<<<dim3(static_cast<unsigned>(p.splits), bg), threads, pl.smem_norm, stream>>>(p, buf.part);
+      norm<<<dim3(static_cast<unsigned>(p.splits), bg), threads, pl.smem_norm, stream>>>(p,
+                                                                                         buf.part);
       check_launch("row_normaliser_kernel");
       const int rows = static_cast<int>(B * H * w);
-      lse_combine_kernel<<<grid_dim(rows, 256), 256, 0, stream>>>(buf.part, rows, p.splits, buf.lse);
+      lse_combine_kernel<<<grid_dim(rows, 256), 256, 0, stream>>>(buf.part, rows, p.splits,
+                                                                  buf.lse);
       check_launch("lse_combine_kernel");
     }
     auto* stats_k = &window_stats_kernel<Q, K, TC, Ind>;
@@ -164,14 +168,15 @@ void launch_window_stats(const cuda_policy& exec, device_view<TQ, 4> q, device_v
       run_kernels(std::false_type{});
     }
     partials = stats_blocks * static_cast<int>(bg);
-    const float inv = 1.0f / (static_cast<float>(indicator.pool_kernel) * static_cast<float>(group));
+    const float inv =
+        1.0f / (static_cast<float>(indicator.pool_kernel) * static_cast<float>(group));
     pool_groups_kernel<<<dim3(grid_dim(P, tuning::column_threads), bg), tuning::column_threads, 0,
                          stream>>>(buf.raw, p.Hkv, p.P, indicator.pool_kernel, inv,
                                    out.data_handle(), out.stride(0), out.stride(1));
     check_launch("pool_groups_kernel");
   }
-  layer_stats_kernel<<<1, tuning::column_threads, 0, stream>>>(buf.partial, partials,
-                                                               stats.data_handle(), stats.stride(0));
+  layer_stats_kernel<<<1, tuning::column_threads, 0, stream>>>(
+      buf.partial, partials, stats.data_handle(), stats.stride(0));
   check_launch("layer_stats_kernel");
 }
 
@@ -206,17 +211,17 @@ void launch_attention_stats(const cuda_policy& exec, device_view<TA, 4> a, const
         req.variance, raw, partial);
     check_launch("attention_stats_kernel");
     partials = static_cast<int>(tiles * bg);
-    const float inv = 1.0f / (static_cast<float>(indicator.pool_kernel) * static_cast<float>(group));
+    const float inv =
+        1.0f / (static_cast<float>(indicator.pool_kernel) * static_cast<float>(group));
     pool_groups_kernel<<<dim3(tiles, bg), tuning::column_threads, 0, stream>>>(
         raw, static_cast<int>(Hkv), static_cast<int>(P), indicator.pool_kernel, inv,
         out.data_handle(), out.stride(0), out.stride(1));
     check_launch("pool_groups_kernel");
   }
-  layer_stats_kernel<<<1, tuning::column_threads, 0, stream>>>(partial, partials,
-                                                               stats.data_handle(), stats.stride(0));
+  layer_stats_kernel<<<1, tuning::column_threads, 0, stream>>>(
+      partial, partials, stats.data_handle(), stats.stride(0));
   check_launch("layer_stats_kernel");
 }
-
 
 }  // namespace cuda_detail
 
@@ -299,11 +304,10 @@ void window_stats_lse(const cuda_policy& exec, Q&& q_window, K&& keys, L&& lse,
   validate_window_stats<const typename decltype(q)::element_type,
                         const typename decltype(k)::element_type, device_space>(q, k, io, so)
       .throw_if_error();
-  CAKE_EXPECTS(l.extent(0) == q.extent(0) && l.extent(1) == q.extent(1) &&
-                   l.extent(2) == q.extent(2),
-               "cake.lse.shape", "lse must be (batch, q_heads, window) = (", q.extent(0), ", ",
-               q.extent(1), ", ", q.extent(2), "), got (", l.extent(0), ", ", l.extent(1), ", ",
-               l.extent(2), ")");
+  CAKE_EXPECTS(
+      l.extent(0) == q.extent(0) && l.extent(1) == q.extent(1) && l.extent(2) == q.extent(2),
+      "cake.lse.shape", "lse must be (batch, q_heads, window) = (", q.extent(0), ", ", q.extent(1),
+      ", ", q.extent(2), "), got (", l.extent(0), ", ", l.extent(1), ", ", l.extent(2), ")");
   cuda_detail::launch_window_stats(exec, q, k, l.data_handle(), l.stride(0), l.stride(1),
                                    l.stride(2), indicator, io, so, request, workspace, math);
 }

@@ -15,8 +15,8 @@ struct compact_backend<host_policy> {
     const index_t B = src.extent(0), Hkv = src.extent(1), S = src.extent(2), d = src.extent(3);
     const index_t m = keep.extent(2);
     // Range and aliasing checks before anything is written (strong guarantee).
-    const bool aliased = static_cast<const void*>(src.data_handle()) ==
-                         static_cast<const void*>(dst.data_handle());
+    const bool aliased =
+        static_cast<const void*>(src.data_handle()) == static_cast<const void*>(dst.data_handle());
     for (index_t b = 0; b < B; ++b)
       for (index_t g = 0; g < Hkv; ++g)
         for (index_t t = 0; t < m; ++t) {

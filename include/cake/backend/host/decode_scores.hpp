@@ -2,12 +2,12 @@
 // group's query heads share each key row while it is in cache.
 #pragma once
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
-#include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../../detail/lanes.hpp"
@@ -17,8 +17,7 @@
 namespace cake {
 namespace detail::host_decode {
 
-inline constexpr index_t QB = 4;      // query heads scored together against one key row
-
+inline constexpr index_t QB = 4;  // query heads scored together against one key row
 
 // dots[r] = q[r] . k for QB query rows (q: QB x d, zero-padded rows allowed), each
 // with LANES partial sums added in a fixed order.
@@ -86,7 +85,8 @@ struct decode_scores_backend<host_policy> {
         for (index_t r0 = 0; r0 < grp; r0 += QB) {
           float dots[QB];
           dot_rows(qg + r0 * d, kp, d, dots);
-          for (index_t r = r0; r < std::min(grp, r0 + QB); ++r) p[r * n_held + j] = dots[r - r0] / sqrt_d;
+          for (index_t r = r0; r < std::min(grp, r0 + QB); ++r)
+            p[r * n_held + j] = dots[r - r0] / sqrt_d;
         }
       }
       float* a = acc[static_cast<std::size_t>(worker)].data();

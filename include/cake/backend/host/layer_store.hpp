@@ -43,7 +43,9 @@ struct HostLayer {
 
   HostLayer() = default;
   HostLayer(index_t rows_, index_t d_, index_t cap_, bool with_indicator)
-      : rows(rows_), d(d_), cap(cap_),
+      : rows(rows_),
+        d(d_),
+        cap(cap_),
         k(static_cast<std::size_t>(rows_ * cap_ * d_)),
         v(static_cast<std::size_t>(rows_ * cap_ * d_)),
         pos(static_cast<std::size_t>(rows_ * cap_)),
@@ -163,21 +165,20 @@ struct layer_store<T, host_policy> {
   // ind is (rows, P) with row stride ind_ld.
   template <class KV, class VV>
   static layer select(const host_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
-                      const layer* src, const float* ind, index_t ind_ld, index_t P,
-                      index_t keep, bool position_order) {
+                      const layer* src, const float* ind, index_t ind_ld, index_t P, index_t keep,
+                      bool position_order) {
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
     const index_t rows = sh.rows(), n = keep + w;
     std::vector<index_t> sel(static_cast<std::size_t>(rows * n));
-    select_k(exec,
-             make_view(ind, std::array<index_t, 2>{rows, P}, std::array<index_t, 2>{ind_ld, 1}),
-             make_view(sel.data(), std::array<index_t, 2>{rows, keep},
-                       std::array<index_t, 2>{n, 1}),
-             position_order ? select_order::position : select_order::descending);
+    select_k(
+        exec, make_view(ind, std::array<index_t, 2>{rows, P}, std::array<index_t, 2>{ind_ld, 1}),
+        make_view(sel.data(), std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
+        position_order ? select_order::position : select_order::descending);
     for (index_t r = 0; r < rows; ++r)
       for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(r * n + keep + t)] = P + t;
     layer out(rows, d, n + 1, !position_order);
-    auto keep_v = make_view(static_cast<const index_t*>(sel.data()),
-                            std::array<index_t, 3>{B, Hkv, n});
+    auto keep_v =
+        make_view(static_cast<const index_t*>(sel.data()), std::array<index_t, 3>{B, Hkv, n});
     compact(exec, k, keep_v, out.tokens_view(out.k.data(), B, Hkv, n));
     compact(exec, v, keep_v, out.tokens_view(out.v.data(), B, Hkv, n));
     for (index_t r = 0; r < rows; ++r)
@@ -228,8 +229,8 @@ struct layer_store<T, host_policy> {
 
   // Per row, the order of the first `prefix` prefix tokens sorted by position:
   // perm[r * prefix + t] = current slot of the token that goes to slot t.
-  static permutation position_permutation(const host_policy&, const layer& ly,
-                                          const LayerShape&, index_t prefix) {
+  static permutation position_permutation(const host_policy&, const layer& ly, const LayerShape&,
+                                          index_t prefix) {
     permutation perm(static_cast<std::size_t>(ly.rows * prefix));
     for (index_t r = 0; r < ly.rows; ++r) {
       index_t* s = perm.data() + r * prefix;
@@ -251,7 +252,8 @@ struct layer_store<T, host_policy> {
       index_t* pr = perm.data() + r * prefix;
       index_t* pos = ly.pos.data() + r * ly.cap;
       auto move_token = [&](index_t to, index_t from) {
-        std::memcpy(ly.key_row(r, to), ly.key_row(r, from), static_cast<std::size_t>(d) * sizeof(T));
+        std::memcpy(ly.key_row(r, to), ly.key_row(r, from),
+                    static_cast<std::size_t>(d) * sizeof(T));
         std::memcpy(ly.value_row(r, to), ly.value_row(r, from),
                     static_cast<std::size_t>(d) * sizeof(T));
         pos[to] = pos[from];
@@ -315,13 +317,15 @@ struct layer_store<T, host_policy> {
 
     decode_scores(exec, q, keys(ly, sh), indicator,
                   make_view(scores.data(), std::array<index_t, 3>{B, Hkv, cand}));
-    select_k(exec,
-             make_view(static_cast<const float*>(scores.data()), std::array<index_t, 2>{rows, cand}),
-             make_view(sel.data(), std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
-             reference ? select_order::descending : select_order::position);
+    select_k(
+        exec,
+        make_view(static_cast<const float*>(scores.data()), std::array<index_t, 2>{rows, cand}),
+        make_view(sel.data(), std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
+        reference ? select_order::descending : select_order::position);
     for (index_t r = 0; r < rows; ++r)
       for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(r * n + keep + t)] = cand + t;
-    auto keep_v = make_view(static_cast<const index_t*>(sel.data()), std::array<index_t, 3>{B, Hkv, n});
+    auto keep_v =
+        make_view(static_cast<const index_t*>(sel.data()), std::array<index_t, 3>{B, Hkv, n});
     // Reference order is a permutation: gather into the spare layer. Position order
     // is ascending: compaction in place moves only the rows after the evicted token.
     layer& dst = reference ? next : ly;

@@ -87,7 +87,8 @@ void radix_select_row(const float* x, index_t n, index_t k, TI* out, SelectScrat
     s.cand.swap(s.next);
   }
   // Candidates are in index order: the lowest indices win ties.
-  for (index_t t = 0; t < need; ++t) out[written++] = static_cast<TI>(s.cand[static_cast<std::size_t>(t)]);
+  for (index_t t = 0; t < need; ++t)
+    out[written++] = static_cast<TI>(s.cand[static_cast<std::size_t>(t)]);
 }
 
 template <class TI>

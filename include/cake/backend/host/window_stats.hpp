@@ -10,8 +10,8 @@
 
 #include <algorithm>
 #include <bit>
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -33,12 +33,12 @@ inline constexpr index_t COL_CHUNK = 2048;  // keys per column-reduction chunk (
 inline index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
 
 struct Scratch {
-  std::vector<float> q;    // (rows, d)       window queries of one GQA group, as float
-  std::vector<float> kt;   // (d, TJ)         one key tile, transposed
-  std::vector<float> p;    // (rows, ld)      scores, then probabilities
-  std::vector<float> col;  // (COL_CHUNK)     column means
-  std::vector<float> m2;   // (COL_CHUNK)     column sums of squared deviations
-  std::vector<float> rmax; // (rows)          maximum score of each row over its valid keys
+  std::vector<float> q;     // (rows, d)       window queries of one GQA group, as float
+  std::vector<float> kt;    // (d, TJ)         one key tile, transposed
+  std::vector<float> p;     // (rows, ld)      scores, then probabilities
+  std::vector<float> col;   // (COL_CHUNK)     column means
+  std::vector<float> m2;    // (COL_CHUNK)     column sums of squared deviations
+  std::vector<float> rmax;  // (rows)          maximum score of each row over its valid keys
   void reserve(index_t rows, index_t d, index_t ld) {
     q.assign(static_cast<std::size_t>(rows * d), 0.0f);
     kt.assign(static_cast<std::size_t>(d * KT_LD), 0.0f);
@@ -63,7 +63,6 @@ CAKE_ALWAYS_INLINE void micro_tile(const float* CAKE_RESTRICT q, const float* CA
   for (index_t r = 0; r < RB; ++r)
     for (index_t c = 0; c < CB; ++c) out[r * ld + c] = acc[r][c] / sqrt_d;
 }
-
 
 // Row i of the window sees keys [0, S - w + i]; the rest is masked (probability 0).
 // Writes probabilities in place and returns sum over prefix keys of p ln(p + 1e-10).

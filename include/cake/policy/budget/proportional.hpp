@@ -68,8 +68,8 @@ inline status validate_allocation(std::span<const float> prefs, index_t num_laye
   CAKE_CHECK(!prefs.empty() && static_cast<index_t>(prefs.size()) <= num_layers,
              "cake.budget.preferences", "preferences must hold 1..num_layers = ", num_layers,
              " values, got ", prefs.size());
-  CAKE_CHECK(out.size() >= prefs.size(), "cake.budget.out", "budgets must hold >= ",
-             prefs.size(), " values, got ", out.size());
+  CAKE_CHECK(out.size() >= prefs.size(), "cake.budget.out", "budgets must hold >= ", prefs.size(),
+             " values, got ", out.size());
   CAKE_CHECK(total >= 0, "cake.budget.total", "total budget must be >= 0, got ", total);
   CAKE_CHECK(ceiling >= 0, "cake.budget.ceiling", "ceiling must be >= 0, got ", ceiling);
   for (std::size_t l = 0; l < prefs.size(); ++l)

@@ -12,8 +12,8 @@ namespace cake {
 struct PyramidBudget {
   float beta = 20.0f;  // the top layer's budget is total / (beta * L)
 
-  void operator()(std::span<const float> prefs, index_t num_layers, index_t total,
-                  index_t ceiling, std::span<index_t> out) const {
+  void operator()(std::span<const float> prefs, index_t num_layers, index_t total, index_t ceiling,
+                  std::span<index_t> out) const {
     const double L = static_cast<double>(num_layers);
     const double avg = static_cast<double>(total) / L;
     const double low = avg / beta;

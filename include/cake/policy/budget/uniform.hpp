@@ -8,8 +8,8 @@
 namespace cake {
 
 struct UniformBudget {
-  void operator()(std::span<const float> prefs, index_t num_layers, index_t total,
-                  index_t ceiling, std::span<index_t> out) const {
+  void operator()(std::span<const float> prefs, index_t num_layers, index_t total, index_t ceiling,
+                  std::span<index_t> out) const {
     std::vector<index_t> all(static_cast<std::size_t>(num_layers));
     for (index_t l = 0; l < num_layers; ++l)
       all[static_cast<std::size_t>(l)] = total / num_layers + (l < total % num_layers ? 1 : 0);

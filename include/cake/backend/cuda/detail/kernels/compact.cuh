@@ -11,13 +11,13 @@ namespace cake::cuda_detail {
 
 template <class TI>
 struct CompactParams {
-  const char* src;        // (batch, kv_heads, tokens, head_dim), strides in bytes below
+  const char* src;  // (batch, kv_heads, tokens, head_dim), strides in bytes below
   std::int64_t s_b, s_g, s_t;
-  char* dst;              // (batch, kv_heads, m, head_dim)
+  char* dst;  // (batch, kv_heads, m, head_dim)
   std::int64_t d_b, d_g, d_t;
-  const TI* keep;         // (batch, kv_heads, m), strides in elements
+  const TI* keep;  // (batch, kv_heads, m), strides in elements
   std::int64_t k_b, k_g, k_t;
-  int Hkv, S, m, vecs;    // vecs: V units per row
+  int Hkv, S, m, vecs;  // vecs: V units per row
 };
 
 // Out of place: one thread per V unit of every kept row; consecutive threads read

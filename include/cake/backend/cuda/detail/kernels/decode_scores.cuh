@@ -16,14 +16,14 @@ namespace cake::cuda_detail {
 
 template <class TQ, class TK>
 struct DecodeParams {
-  const TQ* q;            // (batch, q_heads, head_dim)
+  const TQ* q;  // (batch, q_heads, head_dim)
   std::int64_t q_b, q_h;
-  const TK* k;            // (batch, kv_heads, held, head_dim)
+  const TK* k;  // (batch, kv_heads, held, head_dim)
   std::int64_t k_b, k_g, k_j;
-  float* out;             // (batch, kv_heads, candidates)
+  float* out;  // (batch, kv_heads, candidates)
   std::int64_t o_b, o_g;
   int Hkv, group, held, c, d;
-  bool cache_scores;      // the held keys' scores of one head fit in shared memory
+  bool cache_scores;  // the held keys' scores of one head fit in shared memory
   float sqrt_d;
 };
 
@@ -36,9 +36,9 @@ __global__ void __launch_bounds__(tuning::decode_threads)
   __shared__ float bcast;
   extern __shared__ float smem[];
   const int half = indicator.pool_kernel / 2;
-  float* qs = smem;                 // (head_dim)
-  float* carry = qs + p.d;          // (half) raw sums just left of the current chunk
-  float* sc = carry + half;         // (held) scores of the current head, when cached
+  float* qs = smem;          // (head_dim)
+  float* carry = qs + p.d;   // (half) raw sums just left of the current chunk
+  float* sc = carry + half;  // (held) scores of the current head, when cached
   const int bg = blockIdx.x, b = bg / p.Hkv, g = bg % p.Hkv;
   const TK* krow = p.k + b * p.k_b + g * p.k_g;
   float* out = p.out + b * p.o_b + g * p.o_g;
@@ -84,7 +84,8 @@ __global__ void __launch_bounds__(tuning::decode_threads)
   // Pool in place, a chunk at a time; the raw sums just left of a chunk are kept in
   // `carry` before the previous chunk overwrites them.
   for (int t = threadIdx.x; t < half; t += THREADS) carry[t] = 0.0f;  // zero padding
-  const float inv = 1.0f / (static_cast<float>(indicator.pool_kernel) * static_cast<float>(p.group));
+  const float inv =
+      1.0f / (static_cast<float>(indicator.pool_kernel) * static_cast<float>(p.group));
   for (int c0 = 0; c0 < p.c; c0 += THREADS) {
     __syncthreads();
     const int j = c0 + static_cast<int>(threadIdx.x);

@@ -35,16 +35,16 @@ namespace cake::cuda_detail {
 
 template <class TI>
 struct SelectParams {
-  const float* scores;   // (rows, n), unit stride along n
+  const float* scores;  // (rows, n), unit stride along n
   std::int64_t s_row;
-  TI* out;               // (rows, k), unit stride along k
+  TI* out;  // (rows, k), unit stride along k
   std::int64_t o_row;
-  std::uint64_t* keys;   // (rows, k) composite keys for the device-wide sort, or null
-  int* offsets;          // (rows + 1) segment offsets for that sort, or null
+  std::uint64_t* keys;  // (rows, k) composite keys for the device-wide sort, or null
+  int* offsets;         // (rows + 1) segment offsets for that sort, or null
   int n, k;
-  int slice;             // keys per block of a row's cluster
-  int idx_bits;          // bits of an index (n <= 2^idx_bits)
-  bool cached;           // the slice lives in shared memory
+  int slice;     // keys per block of a row's cluster
+  int idx_bits;  // bits of an index (n <= 2^idx_bits)
+  bool cached;   // the slice lives in shared memory
 };
 
 // (key, index) as one integer whose descending order is (score desc, index asc).
@@ -89,8 +89,7 @@ __device__ __forceinline__ T* cluster_peer(T* p, int rank) {
 }
 
 template <class TI, int CLUSTER, int SORT_ITEMS>
-__global__ void __launch_bounds__(tuning::select_threads)
-    select_k_kernel(SelectParams<TI> p) {
+__global__ void __launch_bounds__(tuning::select_threads) select_k_kernel(SelectParams<TI> p) {
   constexpr int THREADS = tuning::select_threads;
   constexpr int BINS = tuning::select_bins;
   constexpr int WARPS = THREADS / 32;
@@ -99,9 +98,9 @@ __global__ void __launch_bounds__(tuning::select_threads)
   struct NoSort {
     struct TempStorage {};
   };
-  using Sort = std::conditional_t<(SORT_ITEMS > 0),
-                                  cub::BlockRadixSort<std::uint64_t, THREADS, (SORT_ITEMS > 0 ? SORT_ITEMS : 1)>,
-                                  NoSort>;
+  using Sort = std::conditional_t<
+      (SORT_ITEMS > 0),
+      cub::BlockRadixSort<std::uint64_t, THREADS, (SORT_ITEMS > 0 ? SORT_ITEMS : 1)>, NoSort>;
   __shared__ union {
     typename Scan::TempStorage scan;
     typename Sort::TempStorage sort;

@@ -17,8 +17,8 @@
 // it) skips the first two: then K is read once.
 #pragma once
 
-#include <cub/block/block_reduce.cuh>
 #include <mma.h>
+#include <cub/block/block_reduce.cuh>
 
 #include <cstdint>
 
@@ -31,19 +31,19 @@ namespace cake::cuda_detail {
 // head_dim has unit stride (checked by the front-end).
 template <class TQ, class TK>
 struct StatsParams {
-  const TQ* q;                    // (batch, q_heads, window, head_dim)
+  const TQ* q;  // (batch, q_heads, window, head_dim)
   std::int64_t q_b, q_h, q_i;
-  const TK* k;                    // (batch, kv_heads, tokens, head_dim)
+  const TK* k;  // (batch, kv_heads, tokens, head_dim)
   std::int64_t k_b, k_g, k_j;
-  const float* lse;               // (batch, q_heads, window) caller's log-sum-exp, or null
+  const float* lse;  // (batch, q_heads, window) caller's log-sum-exp, or null
   std::int64_t l_b, l_h, l_i;
   int H, Hkv, group, w, S, P, d;
-  int ld;                         // shared-memory row pitch of K and Q tiles, in elements
-                                  // (SIMT: odd, no bank conflicts; tensor cores: d + 8)
-  int ss_ld;                      // row pitch of the score tile (SIMT: TILE_N + 1; wmma: TILE_N + 4)
-  bool k_vec16;                   // K rows are 16-byte aligned: tensor-core path loads uint4
-  int rows_per_chunk;             // window rows of the group scored per step (all when they fit)
-  int splits;                     // key splits of the row-normaliser pass
+  int ld;              // shared-memory row pitch of K and Q tiles, in elements
+                       // (SIMT: odd, no bank conflicts; tensor cores: d + 8)
+  int ss_ld;           // row pitch of the score tile (SIMT: TILE_N + 1; wmma: TILE_N + 4)
+  bool k_vec16;        // K rows are 16-byte aligned: tensor-core path loads uint4
+  int rows_per_chunk;  // window rows of the group scored per step (all when they fit)
+  int splits;          // key splits of the row-normaliser pass
   float sqrt_d;
 };
 
@@ -57,8 +57,8 @@ __host__ __device__ constexpr std::int64_t stats_rows_alloc(int rows) {
 __host__ __device__ constexpr std::int64_t stats_tile_bytes(bool tc, int ld, int ss_ld, int rows,
                                                             std::int64_t extra, int k_bytes) {
   const std::int64_t ra = stats_rows_alloc(rows);
-  const std::int64_t kq = tc ? (tuning::stats_tile_n + 3 * ra) * ld * k_bytes
-                             : (tuning::stats_tile_n + ra) * ld * 4;
+  const std::int64_t kq =
+      tc ? (tuning::stats_tile_n + 3 * ra) * ld * k_bytes : (tuning::stats_tile_n + ra) * ld * 4;
   return kq + (ra * ss_ld + extra) * 4;
 }
 
@@ -100,7 +100,8 @@ __device__ void load_key_tile(const StatsParams<TQ, TK>& p, int b, int g, int j0
   for (int e = threadIdx.x; e < TILE_N * p.d; e += blockDim.x) {
     const int row = e / p.d, x = e - row * p.d;
     const int j = j0 + row;
-    Ks[row * p.ld + x] = j < limit ? to_float(base[static_cast<std::int64_t>(j) * p.k_j + x]) : 0.0f;
+    Ks[row * p.ld + x] =
+        j < limit ? to_float(base[static_cast<std::int64_t>(j) * p.k_j + x]) : 0.0f;
   }
 }
 
@@ -176,7 +177,8 @@ __device__ void load_key_tile_tc(const StatsParams<TQ, TK>& p, int b, int g, int
       const int row = e / per_row, v = e - row * per_row;
       const int j = j0 + row;
       uint4 val = make_uint4(0, 0, 0, 0);
-      if (j < limit) val = reinterpret_cast<const uint4*>(base + static_cast<std::int64_t>(j) * p.k_j)[v];
+      if (j < limit)
+        val = reinterpret_cast<const uint4*>(base + static_cast<std::int64_t>(j) * p.k_j)[v];
       *reinterpret_cast<uint4*>(Kh + row * p.ld + v * V) = val;
     }
   } else {
@@ -328,7 +330,7 @@ __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1
 
 // One thread per window row: lse = max + ln(sum) over the splits (static: see layer_stats_kernel).
 static __global__ void lse_combine_kernel(const float2* __restrict__ part, int rows, int splits,
-                                   float* __restrict__ lse) {
+                                          float* __restrict__ lse) {
   const int r = blockIdx.x * blockDim.x + threadIdx.x;
   if (r >= rows) return;
   float m = -INFINITY, l = 0.0f;
@@ -355,8 +357,9 @@ struct ColumnMoments {
     const int tot = count + n;
     const float delta = seg_mean - mean;
     mean += delta * (static_cast<float>(n) / static_cast<float>(tot));
-    m2 += seg_m2 + delta * delta * (static_cast<float>(count) * static_cast<float>(n) /
-                                    static_cast<float>(tot));
+    m2 +=
+        seg_m2 + delta * delta *
+                     (static_cast<float>(count) * static_cast<float>(n) / static_cast<float>(tot));
     count = tot;
   }
 };
@@ -477,7 +480,8 @@ __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1
   __syncthreads();
   const float var_total = Reduce(red).Sum(var_sum);
   if (threadIdx.x == 0)
-    partial[static_cast<std::int64_t>(bg) * gridDim.x + blockIdx.x] = make_float2(-ent_total, var_total);
+    partial[static_cast<std::int64_t>(bg) * gridDim.x + blockIdx.x] =
+        make_float2(-ent_total, var_total);
 }
 
 // grid (ceil(P / THREADS), batch * kv_heads). From attention weights
@@ -522,14 +526,15 @@ __global__ void __launch_bounds__(tuning::column_threads)
   __syncthreads();
   const float var_total = Reduce(red).Sum(var_sum);
   if (threadIdx.x == 0)
-    partial[static_cast<std::int64_t>(bg) * gridDim.x + blockIdx.x] = make_float2(-ent_total, var_total);
+    partial[static_cast<std::int64_t>(bg) * gridDim.x + blockIdx.x] =
+        make_float2(-ent_total, var_total);
 }
 
 // grid (ceil(P / THREADS), batch * kv_heads): out(b, g, j) = sum of raw over the
 // kernel window centred on j (zeros outside), / (kernel * group), in the host's order.
 static __global__ void pool_groups_kernel(const float* __restrict__ raw, int Hkv, int P, int kernel,
-                                   float inv, float* __restrict__ out, std::int64_t o_b,
-                                   std::int64_t o_g) {
+                                          float inv, float* __restrict__ out, std::int64_t o_b,
+                                          std::int64_t o_g) {
   const int bg = blockIdx.y, b = bg / Hkv, g = bg % Hkv;
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= P) return;

@@ -5,9 +5,11 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "../../algorithm/compact.hpp"
@@ -105,32 +107,57 @@ struct layer_store<T, host_policy> {
     std::copy_n(b.data(), n, out);
   }
 
-  // A status naming the first non-finite element of v; the common all-finite case
-  // is one branch-free pass per innermost row.
+  // True when p[0..n) holds no NaN or Inf. For float the test reads the exponent
+  // bits with integer operations, which vectorise (std::isfinite does not).
+  template <class U>
+  static bool all_finite(const U* p, index_t n) {
+    if constexpr (std::is_same_v<std::remove_const_t<U>, float>) {
+      std::uint32_t bad = 0;
+      for (index_t x = 0; x < n; ++x)
+        bad |= static_cast<std::uint32_t>((std::bit_cast<std::uint32_t>(p[x]) & 0x7f800000u) ==
+                                          0x7f800000u);
+      return bad == 0;
+    } else {
+      bool bad = false;
+      for (index_t x = 0; x < n; ++x) bad |= !std::isfinite(static_cast<double>(p[x]));
+      return !bad;
+    }
+  }
+
+  // A status naming the first non-finite element of v. The all-finite case is one
+  // streaming pass: whole (token, head_dim) slabs at once when they are contiguous.
   template <class V>
   static status check_finite(const host_policy&, const V& v, const char* id, const char* name) {
     constexpr std::size_t R = V::rank();
-    const index_t inner = v.extent(R - 1);
+    index_t inner = v.extent(R - 1);
+    std::size_t lead = R - 1;  // dimensions walked one by one
+    if (R >= 2 && v.stride(R - 1) == 1 && v.stride(R - 2) == inner) {
+      inner *= v.extent(R - 2);
+      lead = R - 2;
+    }
     index_t outer = 1;
-    for (std::size_t r = 0; r + 1 < R; ++r) outer *= v.extent(r);
+    for (std::size_t r = 0; r < lead; ++r) outer *= v.extent(r);
     for (index_t o = 0; o < outer; ++o) {
       std::array<index_t, R> idx{};
       index_t rem = o;
-      for (std::size_t r = R - 1; r-- > 0;) {
+      for (std::size_t r = lead; r-- > 0;) {
         idx[r] = rem % v.extent(r);
         rem /= v.extent(r);
       }
-      const auto* row = element_ptr(v, idx);
-      bool bad = false;
-      for (index_t x = 0; x < inner; ++x) bad |= !std::isfinite(static_cast<float>(row[x]));
-      if (!bad) continue;
+      const auto* run = element_ptr(v, idx);
+      if (all_finite(run, inner)) continue;
       for (index_t x = 0; x < inner; ++x)
-        if (!std::isfinite(static_cast<float>(row[x]))) {
-          idx[R - 1] = x;
+        if (!std::isfinite(static_cast<double>(run[x]))) {
+          // Unflatten x over the dimensions the run covered.
+          index_t rest = x;
+          for (std::size_t r = R; r-- > lead;) {
+            idx[r] = rest % v.extent(r);
+            rest /= v.extent(r);
+          }
           std::string coords;
           for (std::size_t r = 0; r < R; ++r)
             coords.append(r ? ", " : "").append(std::to_string(idx[r]));
-          return make_status(id, name, " must be finite, found ", static_cast<float>(row[x]),
+          return make_status(id, name, " must be finite, found ", static_cast<float>(run[x]),
                              " at (", coords, ")");
         }
     }

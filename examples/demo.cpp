@@ -6,6 +6,7 @@
 // that changes with depth, so that layers differ in preference. Prints per layer
 // the preference, budget, tokens kept and bytes saved; --json writes the same.
 #include <cake/cake.hpp>
+#include <eval/synthetic.hpp>
 
 #include <chrono>
 #include <cmath>
@@ -100,78 +101,19 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
-// Small, fast, seedable generator (splitmix64) with an approximately normal draw.
-struct Rng {
-  std::uint64_t s;
-  std::uint64_t next() {
-    std::uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  float uniform() { return static_cast<float>(next() >> 40) * (1.0f / 16777216.0f); }
-  float normal() {  // Irwin-Hall with 4 terms, rescaled to unit variance
-    return (uniform() + uniform() + uniform() + uniform() - 2.0f) * 1.7320508f;
-  }
-};
-
-// One layer of the synthetic prompt.
-struct LayerData {
-  std::vector<float> q;  // (batch, heads, window, head_dim)
-  std::vector<float> k;  // (batch, kv_heads, seq_len, head_dim)
-  std::vector<float> v;  // (batch, kv_heads, seq_len, head_dim)
-};
-
-LayerData synthesise(const Options& o, index_t layer) {
-  const index_t B = o.batch, H = o.heads, Hkv = o.kv_heads, d = o.head_dim, S = o.seq_len,
-                w = o.window, n = H / Hkv;
-  LayerData L;
-  L.q.resize(static_cast<std::size_t>(B * H * w * d));
-  L.k.resize(static_cast<std::size_t>(B * Hkv * S * d));
-  L.v.resize(L.k.size());
-  Rng rng{o.seed * 1000003ull + static_cast<std::uint64_t>(layer)};
-  // Depth changes how peaked attention is: early layers diffuse, middle ones sharp.
-  const float sharp = 0.6f + 1.4f * std::fabs(std::sin(0.37f * static_cast<float>(layer) + 0.3f));
-  const index_t pos_dims = std::min<index_t>(8, d / 2);  // dims carrying a locality signal
-  for (index_t b = 0; b < B; ++b)
-    for (index_t g = 0; g < Hkv; ++g) {
-      // A shared "topic" direction: sinks and heavy hitters align with it.
-      std::vector<float> topic(static_cast<std::size_t>(d));
-      for (auto& x : topic) x = rng.normal() / std::sqrt(static_cast<float>(d));
-      float* K = L.k.data() + (b * Hkv + g) * S * d;
-      float* V = L.v.data() + (b * Hkv + g) * S * d;
-      for (index_t j = 0; j < S; ++j) {
-        const bool sink = j < 4;
-        const bool heavy = (rng.next() % 64) == 0;
-        const float lift = sink ? 9.0f : heavy ? 5.0f : 0.0f;
-        for (index_t x = 0; x < d; ++x) {
-          K[j * d + x] = rng.normal() * 0.7f + lift * topic[static_cast<std::size_t>(x)] *
-                                                   std::sqrt(static_cast<float>(d)) * 0.25f;
-          V[j * d + x] = rng.normal();
-        }
-        for (index_t f = 0; f < pos_dims; ++f) {  // locality: rotary-like features
-          const float ang = static_cast<float>(j) * 0.02f / static_cast<float>(f + 1);
-          K[j * d + 2 * f] = 2.0f * std::cos(ang);
-          K[j * d + 2 * f + 1] = 2.0f * std::sin(ang);
-        }
-      }
-      for (index_t r = 0; r < n; ++r) {
-        float* Q = L.q.data() + ((b * H + g * n + r) * w) * d;
-        for (index_t i = 0; i < w; ++i) {
-          const index_t p = S - w + i;
-          for (index_t x = 0; x < d; ++x)
-            Q[i * d + x] =
-                sharp * (rng.normal() * 0.7f + 2.0f * topic[static_cast<std::size_t>(x)] *
-                                                   std::sqrt(static_cast<float>(d)) * 0.25f);
-          for (index_t f = 0; f < pos_dims; ++f) {
-            const float ang = static_cast<float>(p) * 0.02f / static_cast<float>(f + 1);
-            Q[i * d + 2 * f] = sharp * 2.0f * std::cos(ang);
-            Q[i * d + 2 * f + 1] = sharp * 2.0f * std::sin(ang);
-          }
-        }
-      }
-    }
-  return L;
+// The synthetic prompt, shared with cake_eval (tools/eval/synthetic.hpp).
+cake_eval::SyntheticOptions workload(const Options& o) {
+  cake_eval::SyntheticOptions w;
+  w.layers = o.layers;
+  w.heads = o.heads;
+  w.kv_heads = o.kv_heads;
+  w.head_dim = o.head_dim;
+  w.seq_len = o.seq_len;
+  w.batch = o.batch;
+  w.window = o.window;
+  w.queries = 0;  // the demo needs no held-out queries
+  w.seed = o.seed;
+  return w;
 }
 
 }  // namespace
@@ -200,11 +142,12 @@ int main(int argc, char** argv) {
     std::vector<double> ms(static_cast<std::size_t>(o.layers));
     double total_ms = 0;
     for (index_t l = 0; l < o.layers; ++l) {
-      const LayerData data = synthesise(o, l);  // not timed: the engine's prefill made these
+      // Not timed: the engine's prefill made these.
+      const cake_eval::LayerInput data = cake_eval::synthesise(workload(o), l);
       using A4 = std::array<index_t, 4>;
       const auto t0 = std::chrono::steady_clock::now();
       cache.prefill(l,
-                    cake::make_view(static_cast<const float*>(data.q.data()),
+                    cake::make_view(static_cast<const float*>(data.q_window.data()),
                                     A4{o.batch, o.heads, o.window, o.head_dim}),
                     cake::make_view(static_cast<const float*>(data.k.data()),
                                     A4{o.batch, o.kv_heads, o.seq_len, o.head_dim}),

@@ -38,11 +38,12 @@ concept execution_policy = requires {
 
 // A view is usable by policy E only if it lives in E's memory space. The check is a
 // static_assert with a sentence, not a template dump.
-template <class E, class V>
+template <class E, class... V>
 constexpr void require_space() {
-  static_assert(std::is_same_v<typename std::remove_cvref_t<E>::memory_space, memory_space_of<V>>,
-                "cake: a tensor's memory space does not match the execution policy: host views "
-                "go with cake::host, device views (cake::device_view) with cake::cuda.");
+  static_assert(
+      (std::is_same_v<typename std::remove_cvref_t<E>::memory_space, memory_space_of<V>> && ...),
+      "cake: a tensor's memory space does not match the execution policy: host views "
+      "go with cake::host, device views (cake::device_view) with cake::cuda.");
 }
 
 }  // namespace cake

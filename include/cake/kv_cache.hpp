@@ -112,7 +112,7 @@ class KvCache {
     auto q = as_view(q_window);
     auto k = as_view(keys);
     auto v = as_view(values);
-    check_spaces<decltype(q), decltype(k), decltype(v)>();
+    require_space<Exec, decltype(q), decltype(k), decltype(v)>();
     CAKE_CHECK_STATE(next_layer_ < cfg_.layers, "cake.prefill.layer", "all ", cfg_.layers,
                      " layers are already prefilled; call reset() before a new prompt");
     CAKE_CHECK_STATE(layer == next_layer_, "cake.prefill.layer",
@@ -253,7 +253,7 @@ class KvCache {
     auto q = as_view(q_new);
     auto k = as_view(k_new);
     auto v = as_view(v_new);
-    check_spaces<decltype(q), decltype(k), decltype(v)>();
+    require_space<Exec, decltype(q), decltype(k), decltype(v)>();
     CAKE_CHECK_STATE(next_layer_ == cfg_.layers, "cake.decode.state",
                      "decode needs every layer prefilled first; ", next_layer_, " of ", cfg_.layers,
                      " layers are");
@@ -344,13 +344,6 @@ class KvCache {
   }
 
  private:
-  template <class QV, class KV, class VV>
-  static constexpr void check_spaces() {
-    require_space<Exec, QV>();
-    require_space<Exec, KV>();
-    require_space<Exec, VV>();
-  }
-
   // The cache stores what it is given: a cache of T takes keys and values of T.
   template <class KV, class VV>
   static constexpr void check_value_type() {

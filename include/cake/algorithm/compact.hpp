@@ -46,9 +46,7 @@ void compact(const Exec& exec, Src&& src, Keep&& keep, Dst&& dst) {
   using Space = typename std::remove_cvref_t<Exec>::memory_space;
   auto s0 = as_view(src);
   auto k0 = as_view(keep);
-  require_space<Exec, decltype(s0)>();
-  require_space<Exec, decltype(k0)>();
-  require_space<Exec, decltype(d)>();
+  require_space<Exec, decltype(s0), decltype(k0), decltype(d)>();
   using TI = std::remove_const_t<typename decltype(k0)::element_type>;
   static_assert(std::is_same_v<std::remove_const_t<typename decltype(s0)::element_type>, T>,
                 "cake::compact: src and dst must have the same element type");

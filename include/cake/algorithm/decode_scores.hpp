@@ -25,9 +25,7 @@ void decode_scores(const Exec& exec, Q&& q, K&& keys, const Ind& indicator, Out&
   auto qv = as_view(q);
   auto kv = as_view(keys);
   auto so = as_view(scores);
-  require_space<Exec, decltype(qv)>();
-  require_space<Exec, decltype(kv)>();
-  require_space<Exec, decltype(so)>();
+  require_space<Exec, decltype(qv), decltype(kv), decltype(so)>();
   indicator.validate().throw_if_error();
   const index_t B = qv.extent(0), H = qv.extent(1), d = qv.extent(2);
   const index_t Hkv = kv.extent(1), n = kv.extent(2);

@@ -42,8 +42,7 @@ void select_k(const Exec& exec, Scores&& scores, Out&& out,
               select_order order = select_order::descending) {
   auto s = as_view(scores);
   auto o = as_view(out);
-  require_space<Exec, decltype(s)>();
-  require_space<Exec, decltype(o)>();
+  require_space<Exec, decltype(s), decltype(o)>();
   static_assert(std::is_same_v<std::remove_const_t<typename decltype(s)::element_type>, float>,
                 "cake::select_k: scores must be float");
   static_assert(std::is_integral_v<typename decltype(o)::element_type>,

@@ -66,6 +66,20 @@ status validate_window_stats(view<TQ, 4, Space> q_window, view<TK, 4, Space> key
   return status::success();
 }
 
+namespace detail {
+// The checks every window_stats entry point makes (both backends, with or without a
+// workspace or log-sum-exp): memory spaces, the indicator's hyperparameters, shapes.
+template <class Exec, class Ind, class QV, class KV, class IOV, class SOV>
+void check_window_stats_args(const Ind& indicator, const QV& q, const KV& k, const IOV& io,
+                             const SOV& so) {
+  require_space<Exec, QV, KV, IOV, SOV>();
+  indicator.validate().throw_if_error();
+  validate_window_stats<const typename QV::element_type, const typename KV::element_type,
+                        typename Exec::memory_space>(q, k, io, so)
+      .throw_if_error();
+}
+}  // namespace detail
+
 // q_window:      (batch, q_heads, window, head_dim), rotary embedding applied
 // keys:          (batch, kv_heads, tokens, head_dim), any strides with unit head_dim stride
 // indicator_out: (batch, kv_heads, tokens - window)
@@ -78,15 +92,7 @@ void window_stats(const Exec& exec, Q&& q_window, K&& keys, const Ind& indicator
   auto k = as_view(keys);
   auto io = as_view(indicator_out);
   auto so = as_view(stats_out);
-  require_space<Exec, decltype(q)>();
-  require_space<Exec, decltype(k)>();
-  require_space<Exec, decltype(io)>();
-  require_space<Exec, decltype(so)>();
-  using Space = typename Exec::memory_space;
-  indicator.validate().throw_if_error();
-  validate_window_stats<const typename decltype(q)::element_type,
-                        const typename decltype(k)::element_type, Space>(q, k, io, so)
-      .throw_if_error();
+  detail::check_window_stats_args<Exec>(indicator, q, k, io, so);
   window_stats_backend<Exec>::run(exec, q, k, indicator, io, so, request);
 }
 
@@ -121,9 +127,7 @@ void window_stats_from_attention(const Exec& exec, A&& attention, const Ind& ind
   auto a = as_view(attention);
   auto io = as_view(indicator_out);
   auto so = as_view(stats_out);
-  require_space<Exec, decltype(a)>();
-  require_space<Exec, decltype(io)>();
-  require_space<Exec, decltype(so)>();
+  require_space<Exec, decltype(a), decltype(io), decltype(so)>();
   indicator.validate().throw_if_error();
   validate_window_stats_from_attention(a, io, so).throw_if_error();
   window_stats_backend<Exec>::run_from_attention(exec, a, indicator, io, so, request);

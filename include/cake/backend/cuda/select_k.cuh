@@ -165,8 +165,7 @@ void select_k(const cuda_policy& exec, Scores&& scores, Out&& out, select_order 
               cuda_workspace workspace) {
   auto s = as_view(scores);
   auto o = as_view(out);
-  require_space<cuda_policy, decltype(s)>();
-  require_space<cuda_policy, decltype(o)>();
+  require_space<cuda_policy, decltype(s), decltype(o)>();
   static_assert(std::is_same_v<std::remove_const_t<typename decltype(s)::element_type>, float>,
                 "cake::select_k: scores must be float");
   static_assert(std::is_integral_v<typename decltype(o)::element_type>,

@@ -267,14 +267,7 @@ void window_stats(const cuda_policy& exec, Q&& q_window, K&& keys, const Ind& in
   auto k = as_view(keys);
   auto io = as_view(indicator_out);
   auto so = as_view(stats_out);
-  require_space<cuda_policy, decltype(q)>();
-  require_space<cuda_policy, decltype(k)>();
-  require_space<cuda_policy, decltype(io)>();
-  require_space<cuda_policy, decltype(so)>();
-  indicator.validate().throw_if_error();
-  validate_window_stats<const typename decltype(q)::element_type,
-                        const typename decltype(k)::element_type, device_space>(q, k, io, so)
-      .throw_if_error();
+  detail::check_window_stats_args<cuda_policy>(indicator, q, k, io, so);
   window_stats_backend<cuda_policy>::run(exec, q, k, indicator, io, so, request, workspace, math);
 }
 
@@ -293,17 +286,10 @@ void window_stats_lse(const cuda_policy& exec, Q&& q_window, K&& keys, L&& lse,
   auto l = as_view(lse);
   auto io = as_view(indicator_out);
   auto so = as_view(stats_out);
-  require_space<cuda_policy, decltype(q)>();
-  require_space<cuda_policy, decltype(k)>();
   require_space<cuda_policy, decltype(l)>();
-  require_space<cuda_policy, decltype(io)>();
-  require_space<cuda_policy, decltype(so)>();
   static_assert(std::is_same_v<std::remove_const_t<typename decltype(l)::element_type>, float>,
                 "cake::window_stats_lse: lse must be float");
-  indicator.validate().throw_if_error();
-  validate_window_stats<const typename decltype(q)::element_type,
-                        const typename decltype(k)::element_type, device_space>(q, k, io, so)
-      .throw_if_error();
+  detail::check_window_stats_args<cuda_policy>(indicator, q, k, io, so);
   CAKE_EXPECTS(
       l.extent(0) == q.extent(0) && l.extent(1) == q.extent(1) && l.extent(2) == q.extent(2),
       "cake.lse.shape", "lse must be (batch, q_heads, window) = (", q.extent(0), ", ", q.extent(1),
@@ -319,9 +305,7 @@ void window_stats_from_attention(const cuda_policy& exec, A&& attention, const I
   auto a = as_view(attention);
   auto io = as_view(indicator_out);
   auto so = as_view(stats_out);
-  require_space<cuda_policy, decltype(a)>();
-  require_space<cuda_policy, decltype(io)>();
-  require_space<cuda_policy, decltype(so)>();
+  require_space<cuda_policy, decltype(a), decltype(io), decltype(so)>();
   indicator.validate().throw_if_error();
   validate_window_stats_from_attention(a, io, so).throw_if_error();
   window_stats_backend<cuda_policy>::run_from_attention(exec, a, indicator, io, so, request,

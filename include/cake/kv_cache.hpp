@@ -27,6 +27,7 @@
 #include "core/concepts.hpp"
 #include "policy/budget/proportional.hpp"
 #include "policy/indicator/mean_variance.hpp"
+#include "policy/indicator/window_mean.hpp"
 #include "policy/preference/cake.hpp"
 
 namespace cake {
@@ -159,16 +160,11 @@ class KvCache {
     const index_t rows = B * Hkv, S = k.extent(2), P = S - w;
     const auto m = static_cast<std::size_t>(layer);
 
-    // 1. Statistics and preference of this layer.
-    auto ind = Store::template make_buffer<float>(exec_, rows * P);  // (batch, kv_heads, S - w)
-    auto st_dev = Store::template make_buffer<float>(exec_, 2);
-    window_stats(exec_, q, k, ind_,
-                 make_view<Space>(Store::data(ind), std::array<index_t, 3>{B, Hkv, P}),
-                 make_view<Space>(Store::data(st_dev), std::array<index_t, 1>{2}),
-                 StatsRequest::for_preference<Pref>());
-    std::array<float, 2> st{};
-    Store::read(exec_, st_dev, st.data(), 2);  // the only value the host needs per layer
-    const LayerStats stats{st[0], st[1]};
+    // 1. Statistics, preference and token scores of this layer.
+    const index_t ind_cols = accumulates ? S : P;
+    auto ind = Store::template make_buffer<float>(exec_, rows * ind_cols);  // (batch, kv_heads, ind_cols)
+    const LayerStats stats = score_layer(q, k, ind, ind_cols);
+    const detail::token_scores scores{Store::data(ind), ind_cols, ind_cols};
     const double pref = pref_(stats);
     CAKE_EXPECTS(std::isfinite(pref) && pref >= 0, "cake.preference.value",
                  "the preference policy must return a finite value >= 0, got ", pref, " for layer ",
@@ -187,16 +183,17 @@ class KvCache {
     const bool want_position = cfg_.order == token_order::position;
 
     const detail::LayerShape sh = shape();
-    const float* ind_p = Store::data(ind);
     if (S <= cfg_.cache_size + w) {
       // The prompt already fits: nothing is cut, every budget is C - w (spec section 5).
       std::fill(stage.begin(), stage.end(), cfg_.cache_size - w);
-      fresh.push_back(Store::copy_all(exec_, sh, k, v, nullptr, P));
+      fresh.push_back(
+          Store::copy_all(exec_, sh, k, v, accumulates ? scores : detail::token_scores{}));
       fresh_at.push_back(m);
     } else if (cfg_.cascade) {
       allocate_budgets(budget_, prefs, L, cfg_.total_budget(), P, stage);
-      fresh.push_back(Store::select(exec_, sh, k, v, nullptr, ind_p, P, P, std::min(stage[m], P),
-                                    last && want_position));
+      const bool pos_order = last && want_position;
+      fresh.push_back(Store::select(exec_, sh, k, v, nullptr, scores, P, std::min(stage[m], P),
+                                    pos_order, accumulates || !pos_order));
       fresh_at.push_back(m);
       for (std::size_t l = 0; l < m; ++l) {
         // Prefixes are in descending-indicator order: a smaller budget is a truncation.
@@ -205,20 +202,20 @@ class KvCache {
           perms[l] = Store::position_permutation(exec_, layers_[l], sh, prefix_after[l]);
       }
     } else if (!last) {
-      fresh.push_back(Store::copy_all(exec_, sh, k, v, ind_p, P));
+      fresh.push_back(Store::copy_all(exec_, sh, k, v, scores));
       fresh_at.push_back(m);
     } else {
       // One-shot: every layer is cut once, now; the last one straight from the caller.
       allocate_budgets(budget_, prefs, L, cfg_.total_budget(), P, stage);
-      fresh.push_back(Store::select(exec_, sh, k, v, nullptr, ind_p, P, P, std::min(stage[m], P),
-                                    want_position));
+      const bool keep_scores = accumulates || !want_position;
+      fresh.push_back(Store::select(exec_, sh, k, v, nullptr, scores, P, std::min(stage[m], P),
+                                    want_position, keep_scores));
       fresh_at.push_back(m);
       for (std::size_t l = 0; l < m; ++l) {
         const Layer& src = layers_[l];
-        index_t ld = 0;
-        const float* src_ind = Store::indicator(src, ld);
         fresh.push_back(Store::select(exec_, sh, Store::keys(src, sh), Store::values(src, sh), &src,
-                                      src_ind, ld, P, std::min(stage[l], P), want_position));
+                                      Store::scores(src), P, std::min(stage[l], P), want_position,
+                                      keep_scores));
         fresh_at.push_back(l);
       }
     }
@@ -241,7 +238,7 @@ class KvCache {
     prompt_ = S;
     next_layer_ = layer + 1;
     if (last)
-      for (auto& ly : layers_) Store::finish_prefill(ly);
+      for (auto& ly : layers_) Store::finish_prefill(ly, accumulates);
     peak_ = std::max(peak_, transient);
   }
 
@@ -344,6 +341,73 @@ class KvCache {
   }
 
  private:
+  static constexpr indicator_source source = indicator_source_of<Ind>;
+  static constexpr bool accumulates = source == indicator_source::accumulated;
+  static constexpr bool wants_stats = Pref::needs_entropy || Pref::needs_variance;
+
+  // The layer's statistics (for the preference) and its tokens' scores (for the
+  // selection) into ind: (batch, kv_heads, ind_cols), ind_cols = S for an
+  // accumulating indicator (every token, the window included), else S - w.
+  template <class QV, class KV, class Buf>
+  LayerStats score_layer(const QV& q, const KV& k, Buf& ind, index_t ind_cols) const {
+    const index_t B = cfg_.batch, H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim,
+                  w = cfg_.window;
+    const index_t rows = B * Hkv, S = k.extent(2), P = S - w;
+    float* out = Store::data(ind);
+    const auto out_view = [&](index_t cols) {  // (batch, kv_heads, cols) inside ind
+      return make_view<Space>(out, std::array<index_t, 3>{B, Hkv, cols},
+                              std::array<index_t, 3>{Hkv * ind_cols, ind_cols, 1});
+    };
+    // Window statistics: the indicator itself for a window indicator; for any other,
+    // only when the preference reads them (then the cheapest indicator fills a scratch).
+    LayerStats stats{};
+    if (source == indicator_source::window || wants_stats) {
+      auto st_dev = Store::template make_buffer<float>(exec_, 2);
+      const auto st_view = make_view<Space>(Store::data(st_dev), std::array<index_t, 1>{2});
+      if constexpr (source == indicator_source::window) {
+        window_stats(exec_, q, k, ind_, out_view(P), st_view, StatsRequest::for_preference<Pref>());
+      } else {
+        auto scratch = Store::template make_buffer<float>(exec_, rows * P);
+        window_stats(exec_, q, k, WindowMeanIndicator{1},
+                     make_view<Space>(Store::data(scratch), std::array<index_t, 3>{B, Hkv, P}),
+                     st_view, StatsRequest::for_preference<Pref>());
+      }
+      std::array<float, 2> st{};
+      Store::read(exec_, st_dev, st.data(), 2);  // the only value the host needs per layer
+      stats = {st[0], st[1]};
+    }
+    // Window row i of every head: (batch, q_heads, head_dim).
+    const auto query_row = [&](index_t i) {
+      return make_view<Space>(q.data_handle() + i * static_cast<index_t>(q.stride(2)),
+                              std::array<index_t, 3>{B, H, d},
+                              std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
+                                                     static_cast<index_t>(q.stride(1)), 1});
+    };
+    if constexpr (source == indicator_source::position) {
+      Store::position_scores(exec_, ind_, out, ind_cols, rows, P);
+    } else if constexpr (source == indicator_source::last_query) {
+      // The last window row sees every key: the decode-time scoring, unmasked.
+      decode_scores(exec_, query_row(w - 1), k, ind_, out_view(P));
+    } else if constexpr (accumulates) {
+      // Row i sees keys [0, P + i]: its attention, summed over the window rows.
+      auto row = Store::template make_buffer<float>(exec_, rows * S);
+      Store::fill(exec_, ind, 0.0f);
+      for (index_t i = 0; i < w; ++i) {
+        const index_t seen = P + i + 1;
+        decode_scores(exec_, query_row(i),
+                      make_view<Space>(k.data_handle(), std::array<index_t, 4>{B, Hkv, seen, d},
+                                       std::array<index_t, 4>{static_cast<index_t>(k.stride(0)),
+                                                              static_cast<index_t>(k.stride(1)),
+                                                              static_cast<index_t>(k.stride(2)), 1}),
+                      ind_,
+                      make_view<Space>(Store::data(row), std::array<index_t, 3>{B, Hkv, seen},
+                                       std::array<index_t, 3>{Hkv * S, S, 1}));
+        Store::accumulate(exec_, out, ind_cols, Store::data(row), S, rows, seen);
+      }
+    }
+    return stats;
+  }
+
   // The cache stores what it is given: a cache of T takes keys and values of T.
   template <class KV, class VV>
   static constexpr void check_value_type() {

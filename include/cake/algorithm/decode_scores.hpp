@@ -20,7 +20,7 @@ struct decode_scores_backend {
 // q:      (batch, q_heads, head_dim)             the new token's query
 // keys:   (batch, kv_heads, held, head_dim)      every held key, the new one included
 // scores: (batch, kv_heads, candidates)          candidates = the first held tokens in cache order
-template <class Exec, tensor_like Q, tensor_like K, IndicatorPolicy Ind, tensor_like Out>
+template <class Exec, tensor_like Q, tensor_like K, AttentionIndicator Ind, tensor_like Out>
 void decode_scores(const Exec& exec, Q&& q, K&& keys, const Ind& indicator, Out&& scores) {
   auto qv = as_view(q);
   auto kv = as_view(keys);

@@ -84,7 +84,7 @@ void check_window_stats_args(const Ind& indicator, const QV& q, const KV& k, con
 // keys:          (batch, kv_heads, tokens, head_dim), any strides with unit head_dim stride
 // indicator_out: (batch, kv_heads, tokens - window)
 // stats_out:     (2) = {entropy, variance} of the layer, summed over batch and heads
-template <class Exec, tensor_like Q, tensor_like K, IndicatorPolicy Ind, tensor_like IO,
+template <class Exec, tensor_like Q, tensor_like K, AttentionIndicator Ind, tensor_like IO,
           tensor_like SO>
 void window_stats(const Exec& exec, Q&& q_window, K&& keys, const Ind& indicator,
                   IO&& indicator_out, SO&& stats_out, StatsRequest request = {}) {
@@ -121,7 +121,7 @@ status validate_window_stats_from_attention(const VA& a, const VO& io, const VS&
 // attention: (batch, q_heads, window, tokens), softmax rows as the model computed
 // them (causal mask inside the window already applied). kv_heads comes from
 // indicator_out's extent 1.
-template <class Exec, tensor_like A, IndicatorPolicy Ind, tensor_like IO, tensor_like SO>
+template <class Exec, tensor_like A, AttentionIndicator Ind, tensor_like IO, tensor_like SO>
 void window_stats_from_attention(const Exec& exec, A&& attention, const Ind& indicator,
                                  IO&& indicator_out, SO&& stats_out, StatsRequest request = {}) {
   auto a = as_view(attention);

@@ -26,6 +26,8 @@ concept PreferencePolicy = std::is_trivially_copyable_v<P> && requires(const P p
 // Called with the preferences of the layers seen so far (layers 0..m); writes
 // budgets[0..m]. num_layers is the model's layer count (a pyramid needs it),
 // total the budget T of all layers, ceiling the per-layer cap R = S - w.
+// A budget policy with a static member `headwise = true` also slices each layer's
+// budget across its KV heads (see policy/budget/headwise.hpp).
 template <class P>
 concept BudgetPolicy = std::is_trivially_copyable_v<P> &&
     requires(const P p, std::span<const float> prefs, index_t n, std::span<index_t> out) {
@@ -33,16 +35,42 @@ concept BudgetPolicy = std::is_trivially_copyable_v<P> &&
   { p.validate() } -> std::same_as<status>;
 };
 
-// Which tokens a layer keeps (spec section 3): a per-key score from the mean and
-// unbiased variance of its attention over the window rows, then an average pool
-// along the keys (pool_kernel, odd; 1 = none) and the mean over each GQA group.
-// score() runs on the host and in CUDA epilogues alike, hence CAKE_HOST_DEVICE.
+// An indicator that scores tokens from their attention (spec section 3): a per-key
+// score from the mean and unbiased variance of its attention over the rows the
+// source names, then an average pool along the keys (pool_kernel, odd; 1 = none)
+// and the mean over each GQA group. score() runs on the host and in CUDA epilogues
+// alike, hence CAKE_HOST_DEVICE. The functional core (window_stats, decode_scores)
+// takes these.
 template <class P>
-concept IndicatorPolicy = std::is_trivially_copyable_v<P> && requires(const P p, float x) {
+concept AttentionIndicator = std::is_trivially_copyable_v<P> && requires(const P p, float x) {
   { p.score(x, x) } -> std::convertible_to<float>;
   { p.pool_kernel } -> std::convertible_to<int>;
   { P::needs_variance } -> std::convertible_to<bool>;
   { p.validate() } -> std::same_as<status>;
 };
+
+// An indicator that scores a token from its position alone (StreamingLLM's sinks
+// plus recency); the cache then needs no attention to choose what to keep.
+template <class P>
+concept PositionIndicator = std::is_trivially_copyable_v<P> && requires(const P p, index_t j) {
+  { p.score_position(j) } -> std::convertible_to<float>;
+  { p.validate() } -> std::same_as<status>;
+};
+
+// Which tokens a layer keeps: higher score, kept first.
+template <class P>
+concept IndicatorPolicy = AttentionIndicator<P> || PositionIndicator<P>;
+
+// The source an indicator scores from (types.hpp): `position` for a position
+// indicator, else its static member `source`, else `window`.
+template <IndicatorPolicy P>
+inline constexpr indicator_source indicator_source_of = [] {
+  if constexpr (PositionIndicator<P>)
+    return indicator_source::position;
+  else if constexpr (requires { P::source; })
+    return static_cast<indicator_source>(P::source);
+  else
+    return indicator_source::window;
+}();
 
 }  // namespace cake

@@ -25,4 +25,15 @@ enum class token_order {
               // indicator, then the window; reproduces its decoding bit for bit
 };
 
+// What an indicator policy scores tokens from (its static member `source`; an
+// indicator without one is a `window` indicator).
+enum class indicator_source {
+  window,       // mean and variance of the window rows' attention (CAKE, SnapKV);
+                // while decoding, the new query's attention alone (spec section 7)
+  last_query,   // the last window query's attention (TOVA); while decoding, the new query's
+  accumulated,  // attention summed over every query seen (H2O): the window rows at
+                // prefill, then each decoded query; the sums are kept per held token
+  position,     // the token's position alone, no attention (StreamingLLM)
+};
+
 }  // namespace cake

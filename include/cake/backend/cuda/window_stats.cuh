@@ -259,7 +259,7 @@ inline std::size_t window_stats_from_attention_workspace_size(index_t batch, ind
 
 // The allocation-free call: as cake::window_stats, with a workspace of at least
 // window_stats_workspace_size(...) bytes (an empty one allocates, stream-ordered).
-template <tensor_like Q, tensor_like K, IndicatorPolicy Ind, tensor_like IO, tensor_like SO>
+template <tensor_like Q, tensor_like K, AttentionIndicator Ind, tensor_like IO, tensor_like SO>
 void window_stats(const cuda_policy& exec, Q&& q_window, K&& keys, const Ind& indicator,
                   IO&& indicator_out, SO&& stats_out, StatsRequest request,
                   cuda_workspace workspace, cuda_math math = cuda_math::exact) {
@@ -275,7 +275,7 @@ void window_stats(const cuda_policy& exec, Q&& q_window, K&& keys, const Ind& in
 // lse(b, h, i) = ln sum_j exp(q_window[b,h,i] . keys[b,h/n,j] / sqrt(head_dim)) over the
 // keys row i sees (causal inside the window). Then K is read once.
 // lse: (batch, q_heads, window) float.
-template <tensor_like Q, tensor_like K, tensor_like L, IndicatorPolicy Ind, tensor_like IO,
+template <tensor_like Q, tensor_like K, tensor_like L, AttentionIndicator Ind, tensor_like IO,
           tensor_like SO>
 void window_stats_lse(const cuda_policy& exec, Q&& q_window, K&& keys, L&& lse,
                       const Ind& indicator, IO&& indicator_out, SO&& stats_out,
@@ -298,7 +298,7 @@ void window_stats_lse(const cuda_policy& exec, Q&& q_window, K&& keys, L&& lse,
                                    l.stride(2), indicator, io, so, request, workspace, math);
 }
 
-template <tensor_like A, IndicatorPolicy Ind, tensor_like IO, tensor_like SO>
+template <tensor_like A, AttentionIndicator Ind, tensor_like IO, tensor_like SO>
 void window_stats_from_attention(const cuda_policy& exec, A&& attention, const Ind& indicator,
                                  IO&& indicator_out, SO&& stats_out, StatsRequest request,
                                  cuda_workspace workspace) {

@@ -24,6 +24,13 @@ struct LayerShape {
   index_t rows() const { return batch * kv_heads; }
 };
 
+// Per-token scores in the backend's memory space: (rows, cols) with row stride ld.
+// The first cols tokens of each row have a score; p == nullptr: none.
+struct token_scores {
+  const float* p = nullptr;
+  index_t ld = 0, cols = 0;
+};
+
 template <class T, class Exec>
 struct layer_store {
   static_assert(sizeof(Exec) == 0,
@@ -34,13 +41,15 @@ struct layer_store {
 // One layer on the host. Each (batch, kv-head) row has room for `cap` tokens; the
 // first `held` are live. During prefill a cut layer keeps its prefix in
 // descending-indicator order (a later, smaller budget is then a truncation),
-// followed by the window in position order.
+// followed by the window in position order. `ind`, when the layer has one, holds
+// each slot's score and travels with its token through every move: the prefix
+// indicator during prefill, and an accumulating indicator's sums for good.
 template <class T>
 struct HostLayer {
   index_t rows = 0, d = 0, cap = 0, held = 0;
   std::vector<T> k, v;        // (rows, cap, d)
   std::vector<index_t> pos;   // (rows, cap) token positions
-  std::vector<float> ind;     // (rows, cap) indicator of held prefix tokens, prefill only
+  std::vector<float> ind;     // (rows, cap) score of each held token, or empty
   bool by_indicator = false;  // prefix in descending-indicator order
 
   HostLayer() = default;
@@ -101,6 +110,10 @@ struct layer_store<T, host_policy> {
   template <class U>
   static U* data(buffer<U>& b) {
     return b.data();
+  }
+  template <class U>
+  static void fill(const host_policy&, buffer<U>& b, U value) {
+    std::fill(b.begin(), b.end(), value);
   }
   // Copies n floats of a buffer to the host (here: already there).
   static void read(const host_policy&, const buffer<float>& b, float* out, index_t n) {
@@ -165,13 +178,13 @@ struct layer_store<T, host_policy> {
   }
 
   // A layer holding all S tokens in position order (an uncut prompt, or one-shot
-  // mode before the last layer), with room for one decoded token; ind, when given,
-  // is (rows, P) and travels with the tokens.
+  // mode before the last layer), with room for one decoded token; scores, when
+  // given, travel with the tokens (the first sc.cols slots of each row).
   template <class KV, class VV>
   static layer copy_all(const host_policy&, const LayerShape& sh, const KV& k, const VV& v,
-                        const float* ind, index_t P) {
+                        token_scores sc) {
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, S = k.extent(2);
-    layer out(sh.rows(), d, S + 1, ind != nullptr);
+    layer out(sh.rows(), d, S + 1, sc.p != nullptr);
     for (index_t b = 0; b < B; ++b)
       for (index_t g = 0; g < Hkv; ++g) {
         const index_t r = b * Hkv + g;
@@ -180,20 +193,23 @@ struct layer_store<T, host_policy> {
           std::copy_n(&v(b, g, t, 0), d, out.value_row(r, t));
           out.pos[static_cast<std::size_t>(r * out.cap + t)] = t;
         }
-        if (ind) std::copy_n(ind + r * P, P, out.ind.data() + r * out.cap);
+        if (sc.p) std::copy_n(sc.p + r * sc.ld, sc.cols, out.ind.data() + r * out.cap);
       }
     out.held = S;
     return out;
   }
 
-  // A layer holding, per row, the `keep` prefix tokens of highest indicator and the
+  // A layer holding, per row, the `keep` prefix tokens of highest score and the
   // window (the last w of the P + w source tokens). The source is the caller's
   // tensors (src == nullptr: positions 0..S-1) or a stored layer (positions from it);
-  // ind is (rows, P) with row stride ind_ld.
+  // sc scores its first sc.cols >= P tokens. The new layer keeps the scores of its
+  // tokens (those that have one) when keep_scores.
   template <class KV, class VV>
   static layer select(const host_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
-                      const layer* src, const float* ind, index_t ind_ld, index_t P, index_t keep,
-                      bool position_order) {
+                      const layer* src, token_scores sc, index_t P, index_t keep,
+                      bool position_order, bool keep_scores) {
+    const float* ind = sc.p;
+    const index_t ind_ld = sc.ld;
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
     const index_t rows = sh.rows(), n = keep + w;
     std::vector<index_t> sel(static_cast<std::size_t>(rows * n));
@@ -203,7 +219,7 @@ struct layer_store<T, host_policy> {
         position_order ? select_order::position : select_order::descending);
     for (index_t r = 0; r < rows; ++r)
       for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(r * n + keep + t)] = P + t;
-    layer out(rows, d, n + 1, !position_order);
+    layer out(rows, d, n + 1, keep_scores);
     auto keep_v =
         make_view(static_cast<const index_t*>(sel.data()), std::array<index_t, 3>{B, Hkv, n});
     compact(exec, k, keep_v, out.tokens_view(out.k.data(), B, Hkv, n));
@@ -213,7 +229,7 @@ struct layer_store<T, host_policy> {
         const index_t j = sel[static_cast<std::size_t>(r * n + t)];
         out.pos[static_cast<std::size_t>(r * out.cap + t)] =
             src ? src->pos[static_cast<std::size_t>(r * src->cap + j)] : j;
-        if (!position_order && t < keep)
+        if (keep_scores && j < sc.cols)
           out.ind[static_cast<std::size_t>(r * out.cap + t)] = ind[r * ind_ld + j];
       }
     out.by_indicator = !position_order;
@@ -231,10 +247,26 @@ struct layer_store<T, host_policy> {
   static host_view<const index_t, 3> positions(const layer& ly, const LayerShape& sh) {
     return ly.positions_view(sh.batch, sh.kv_heads, ly.held);
   }
-  // (rows, held) indicator of a stored layer's tokens, row stride returned in ld.
-  static const float* indicator(const layer& ly, index_t& ld) {
-    ld = ly.cap;
-    return ly.ind.data();
+  // The scores a stored layer keeps for its held tokens.
+  static token_scores scores(const layer& ly) { return {ly.ind.data(), ly.cap, ly.held}; }
+
+  // out[r, t] = indicator.score_position(t) for t < cols: a position indicator's
+  // prefill scores, positions 0..cols-1 in every row.
+  template <class Ind>
+  static void position_scores(const host_policy&, const Ind& indicator, float* out, index_t ld,
+                              index_t rows, index_t cols) {
+    for (index_t t = 0; t < cols; ++t) out[t] = indicator.score_position(t);
+    for (index_t r = 1; r < rows; ++r) std::copy_n(out, cols, out + r * ld);
+  }
+
+  // dst[r, t] += src[r, t] for t < cols: an accumulating indicator's sums.
+  static void accumulate(const host_policy&, float* dst, index_t dst_ld, const float* src,
+                         index_t src_ld, index_t rows, index_t cols) {
+    for (index_t r = 0; r < rows; ++r) {
+      float* CAKE_RESTRICT d = dst + r * dst_ld;
+      const float* CAKE_RESTRICT s = src + r * src_ld;
+      for (index_t t = 0; t < cols; ++t) d[t] += s[t];
+    }
   }
 
   // Keep the first `prefix` prefix tokens (the highest-indicator ones, since the
@@ -250,6 +282,10 @@ struct layer_store<T, host_policy> {
                    static_cast<std::size_t>(w * ly.d) * sizeof(T));
       index_t* p = ly.pos.data() + r * ly.cap;
       std::memmove(p + prefix, p + old_prefix, static_cast<std::size_t>(w) * sizeof(index_t));
+      if (!ly.ind.empty()) {
+        float* sc = ly.ind.data() + r * ly.cap;
+        std::memmove(sc + prefix, sc + old_prefix, static_cast<std::size_t>(w) * sizeof(float));
+      }
     }
     ly.held = prefix + w;
   }
@@ -278,12 +314,14 @@ struct layer_store<T, host_policy> {
     for (index_t r = 0; r < ly.rows; ++r) {
       index_t* pr = perm.data() + r * prefix;
       index_t* pos = ly.pos.data() + r * ly.cap;
+      float* sc = ly.ind.empty() ? nullptr : ly.ind.data() + r * ly.cap;
       auto move_token = [&](index_t to, index_t from) {
         std::memcpy(ly.key_row(r, to), ly.key_row(r, from),
                     static_cast<std::size_t>(d) * sizeof(T));
         std::memcpy(ly.value_row(r, to), ly.value_row(r, from),
                     static_cast<std::size_t>(d) * sizeof(T));
         pos[to] = pos[from];
+        if (sc) sc[to] = sc[from];
       };
       for (index_t start = 0; start < prefix; ++start) {
         if (pr[start] == start || pr[start] < 0) continue;
@@ -302,21 +340,27 @@ struct layer_store<T, host_policy> {
     ly.by_indicator = false;
   }
 
-  // Prefill is over: the indicator of held tokens is no longer needed.
-  static void finish_prefill(layer& ly) noexcept {
+  // Prefill is over: the prefix indicator is no longer needed, unless the scores
+  // accumulate while decoding.
+  static void finish_prefill(layer& ly, bool keep_scores) noexcept {
+    if (keep_scores) return;
     ly.ind.clear();
     ly.ind.shrink_to_fit();
   }
 
   // One decoding step of one layer: append the token at `position`, then, if the
-  // layer holds more than budget + w, score the candidates (all but the last w)
-  // with the new query alone and keep the top `budget` (spec section 7). Reference
-  // order writes the kept prefix by descending score; position order compacts in
-  // place. Everything that can throw happens before the first write.
+  // layer holds more than budget + w, score the candidates (all but the last w) and
+  // keep the top `budget` (spec section 7). Attention indicators score with the new
+  // query alone; an accumulating one adds the new query's attention to every held
+  // token's sum first and ranks by the sums; a position indicator ranks by position.
+  // Reference order writes the kept prefix by descending score; position order
+  // compacts in place. Everything that can throw happens before the first write.
   template <class Ind, class QV, class KV, class VV>
   static void decode(const host_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
                      const KV& k, const VV& v, index_t position, index_t budget,
                      const Ind& indicator, bool reference) {
+    constexpr indicator_source source = indicator_source_of<Ind>;
+    constexpr bool accumulates = source == indicator_source::accumulated;
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
     const index_t rows = sh.rows(), held = ly.held + 1;
     const bool evict = held > budget + w;
@@ -324,10 +368,12 @@ struct layer_store<T, host_policy> {
 
     layer grown;
     if (held > ly.cap) grown = regrow(ly, std::max(held, std::min(2 * ly.cap, budget + w + 1)));
-    std::vector<float> scores(evict ? static_cast<std::size_t>(rows * cand) : 0);
+    // Scores of the candidates, or (accumulating) the new query's attention to every
+    // held token: (rows, held) either way.
+    std::vector<float> scores(evict || accumulates ? static_cast<std::size_t>(rows * held) : 0);
     std::vector<index_t> sel(evict ? static_cast<std::size_t>(rows * n) : 0);
     layer next;
-    if (evict && reference) next = layer(ly.rows, d, std::max(ly.cap, held), false);
+    if (evict && reference) next = layer(ly.rows, d, std::max(ly.cap, held), accumulates);
     if (held > ly.cap) ly = std::move(grown);
 
     for (index_t b = 0; b < B; ++b)
@@ -338,17 +384,34 @@ struct layer_store<T, host_policy> {
           ly.value_row(r, held - 1)[x] = static_cast<T>(v(b, g, x));
         }
         ly.pos[static_cast<std::size_t>(r * ly.cap + held - 1)] = position;
+        if constexpr (accumulates) ly.ind[static_cast<std::size_t>(r * ly.cap + held - 1)] = 0.0f;
       }
     ly.held = held;
-    if (!evict) return;
 
-    decode_scores(exec, q, keys(ly, sh), indicator,
-                  make_view(scores.data(), std::array<index_t, 3>{B, Hkv, cand}));
-    select_k(
-        exec,
-        make_view(static_cast<const float*>(scores.data()), std::array<index_t, 2>{rows, cand}),
-        make_view(sel.data(), std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
-        reference ? select_order::descending : select_order::position);
+    const float* ranked = scores.data();  // (rows, cand) with row stride ranked_ld
+    index_t ranked_ld = cand;
+    if constexpr (accumulates) {
+      decode_scores(exec, q, keys(ly, sh), indicator,
+                    make_view(scores.data(), std::array<index_t, 3>{B, Hkv, held}));
+      accumulate(exec, ly.ind.data(), ly.cap, scores.data(), held, rows, held);
+      ranked = ly.ind.data();
+      ranked_ld = ly.cap;
+    }
+    if (!evict) return;
+    if constexpr (source == indicator_source::position) {
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t t = 0; t < cand; ++t)
+          scores[static_cast<std::size_t>(r * cand + t)] =
+              indicator.score_position(ly.pos[static_cast<std::size_t>(r * ly.cap + t)]);
+    } else if constexpr (!accumulates) {
+      decode_scores(exec, q, keys(ly, sh), indicator,
+                    make_view(scores.data(), std::array<index_t, 3>{B, Hkv, cand}));
+    }
+    select_k(exec,
+             make_view(ranked, std::array<index_t, 2>{rows, cand},
+                       std::array<index_t, 2>{ranked_ld, 1}),
+             make_view(sel.data(), std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
+             reference ? select_order::descending : select_order::position);
     for (index_t r = 0; r < rows; ++r)
       for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(r * n + keep + t)] = cand + t;
     auto keep_v =
@@ -359,9 +422,15 @@ struct layer_store<T, host_policy> {
     compact(exec, keys(ly, sh), keep_v, dst.tokens_view(dst.k.data(), B, Hkv, n));
     compact(exec, values(ly, sh), keep_v, dst.tokens_view(dst.v.data(), B, Hkv, n));
     for (index_t r = 0; r < rows; ++r) {
+      const index_t* rs = sel.data() + r * n;
       const index_t* src = ly.pos.data() + r * ly.cap;
       index_t* out = dst.pos.data() + r * dst.cap;
-      for (index_t t = 0; t < n; ++t) out[t] = src[sel[static_cast<std::size_t>(r * n + t)]];
+      for (index_t t = 0; t < n; ++t) out[t] = src[rs[t]];
+      if constexpr (accumulates) {
+        const float* ssc = ly.ind.data() + r * ly.cap;
+        float* osc = dst.ind.data() + r * dst.cap;
+        for (index_t t = 0; t < n; ++t) osc[t] = ssc[rs[t]];
+      }
     }
     dst.held = n;
     if (reference) ly = std::move(next);
@@ -370,11 +439,13 @@ struct layer_store<T, host_policy> {
  private:
   // A copy of ly with a larger capacity.
   static layer regrow(const layer& ly, index_t cap) {
-    layer out(ly.rows, ly.d, cap, false);
+    layer out(ly.rows, ly.d, cap, !ly.ind.empty());
     for (index_t r = 0; r < ly.rows; ++r) {
       std::copy_n(ly.k.data() + r * ly.cap * ly.d, ly.held * ly.d, out.k.data() + r * cap * ly.d);
       std::copy_n(ly.v.data() + r * ly.cap * ly.d, ly.held * ly.d, out.v.data() + r * cap * ly.d);
       std::copy_n(ly.pos.data() + r * ly.cap, ly.held, out.pos.data() + r * cap);
+      if (!ly.ind.empty())
+        std::copy_n(ly.ind.data() + r * ly.cap, ly.held, out.ind.data() + r * cap);
     }
     out.held = ly.held;
     out.by_indicator = ly.by_indicator;

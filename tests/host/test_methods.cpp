@@ -1,0 +1,326 @@
+// The baseline methods as policies (issue: StreamingLLM, TOVA, H2O): hand-computed
+// cases on one-head, head_dim-1 prompts (attention = softmax(q * k), so every
+// expected set below was worked out from the numbers in the test), and property
+// checks on the shared synthetic workload.
+#include "kv_workload.hpp"
+
+#include <cmath>
+
+namespace methods_test {
+
+using kv_test::row_positions;
+
+// One layer, one head, head_dim 1: q_window (1,1,w,1), keys and values (1,1,S,1).
+struct Tiny {
+  std::vector<float> q, k, v;
+  index_t w;
+  auto qv() const { return cake::make_view(q.data(), std::array<index_t, 4>{1, 1, w, 1}); }
+  auto kv() const {
+    return cake::make_view(k.data(), std::array<index_t, 4>{1, 1, static_cast<index_t>(k.size()), 1});
+  }
+  auto vv() const {
+    return cake::make_view(v.data(), std::array<index_t, 4>{1, 1, static_cast<index_t>(v.size()), 1});
+  }
+};
+
+inline Tiny tiny(std::vector<float> q, std::vector<float> k) {
+  Tiny t{std::move(q), std::move(k), {}, 0};
+  t.w = static_cast<index_t>(t.q.size());
+  for (std::size_t j = 0; j < t.k.size(); ++j) t.v.push_back(static_cast<float>(j));
+  return t;
+}
+
+inline cake::CacheConfig tiny_config(index_t w, index_t C, cake::token_order order) {
+  cake::CacheConfig c;
+  c.layers = 1;
+  c.q_heads = c.kv_heads = c.head_dim = 1;
+  c.window = w;
+  c.cache_size = C;
+  c.order = order;
+  return c;
+}
+
+// Decodes one token (q, k scalars) at layer 0 of a head_dim-1 cache; v = position.
+template <class Cache>
+void decode1(Cache& c, float q, float k, index_t position) {
+  const float v = static_cast<float>(position);
+  c.decode(0, cake::make_view(&q, std::array<index_t, 3>{1, 1, 1}),
+           cake::make_view(&k, std::array<index_t, 3>{1, 1, 1}),
+           cake::make_view(&v, std::array<index_t, 3>{1, 1, 1}));
+}
+
+template <class Cache>
+std::vector<index_t> kept(const Cache& c, index_t l = 0, index_t b = 0, index_t g = 0) {
+  auto p = row_positions(c, l, b, g);
+  std::sort(p.begin(), p.end());
+  return p;
+}
+
+using Streaming = cake::KvCache<cake::UniformPreference, cake::UniformBudget,
+                                cake::SinkRecencyIndicator>;
+using Tova =
+    cake::KvCache<cake::UniformPreference, cake::UniformBudget, cake::LastQueryIndicator>;
+using H2o =
+    cake::KvCache<cake::UniformPreference, cake::UniformBudget, cake::AccumulatedIndicator>;
+using SnapKv =
+    cake::KvCache<cake::UniformPreference, cake::UniformBudget, cake::WindowMeanIndicator>;
+
+constexpr cake::token_order both_orders[] = {cake::token_order::position,
+                                             cake::token_order::reference};
+
+}  // namespace methods_test
+
+using namespace methods_test;
+
+static_assert(cake::PositionIndicator<cake::SinkRecencyIndicator>);
+static_assert(cake::IndicatorPolicy<cake::SinkRecencyIndicator>);
+static_assert(!cake::AttentionIndicator<cake::SinkRecencyIndicator>);
+static_assert(cake::AttentionIndicator<cake::LastQueryIndicator>);
+static_assert(cake::AttentionIndicator<cake::AccumulatedIndicator>);
+static_assert(cake::indicator_source_of<cake::MeanVarianceIndicator> ==
+              cake::indicator_source::window);
+static_assert(cake::indicator_source_of<cake::SinkRecencyIndicator> ==
+              cake::indicator_source::position);
+static_assert(cake::indicator_source_of<cake::LastQueryIndicator> ==
+              cake::indicator_source::last_query);
+static_assert(cake::indicator_source_of<cake::AccumulatedIndicator> ==
+              cake::indicator_source::accumulated);
+
+TEST_CASE("SinkRecencyIndicator (StreamingLLM): sinks, then recency") {
+  const cake::SinkRecencyIndicator s{3};
+  CHECK(s.score_position(0) == s.score_position(2));
+  CHECK(s.score_position(2) > s.score_position(1000000));
+  CHECK(s.score_position(3) == 3.0f);
+  CHECK(s.score_position(10) > s.score_position(9));
+  CHECK(cake::SinkRecencyIndicator{-1}.validate().id == std::string("cake.indicator.sinks"));
+  CHECK(cake::SinkRecencyIndicator{0}.validate().ok());
+}
+
+TEST_CASE("StreamingLLM: the first `sinks` tokens plus the most recent, also while decoding") {
+  // 2 layers, T = (10 - 4) * 2 = 12, uniform: 6 prefix tokens per layer.
+  for (bool cascade : {true, false})
+    for (auto order : both_orders) {
+      CAPTURE(cascade);
+      CAPTURE(static_cast<int>(order));
+      cake::CacheConfig cfg;
+      cfg.layers = 2;
+      cfg.q_heads = 2;
+      cfg.kv_heads = 1;
+      cfg.head_dim = 4;
+      cfg.window = 4;
+      cfg.cache_size = 10;
+      cfg.cascade = cascade;
+      cfg.order = order;
+      const auto wl = kv_test::make_workload(cfg, 32, 7, 3);
+      Streaming c(cfg, {}, {}, cake::SinkRecencyIndicator{2});
+      kv_test::prefill_all(c, wl);
+      for (index_t l = 0; l < 2; ++l) {
+        CHECK(c.budget(l) == 6);
+        // No attention pass: the preference reads no statistics and the indicator none.
+        CHECK(c.stats(l).entropy == 0.0);
+        CHECK(c.stats(l).variance == 0.0);
+        CHECK(kept(c, l) == std::vector<index_t>{0, 1, 24, 25, 26, 27, 28, 29, 30, 31});
+      }
+      kv_test::check_layer_contents(c, wl, 31, order == cake::token_order::position);
+      for (std::size_t t = 0; t < 3; ++t) {
+        kv_test::decode_step(c, wl, t);
+        const auto tt = static_cast<index_t>(t);
+        std::vector<index_t> want{0, 1};
+        for (index_t p = 25 + tt; p <= 32 + tt; ++p) want.push_back(p);
+        for (index_t l = 0; l < 2; ++l) CHECK(kept(c, l) == want);
+      }
+    }
+  // More sinks than budget: the sinks fill it, lowest positions first.
+  cake::CacheConfig cfg = tiny_config(2, 5, cake::token_order::position);
+  const auto t = tiny({0.0f, 0.0f}, std::vector<float>(12, 0.0f));
+  Streaming c(cfg, {}, {}, cake::SinkRecencyIndicator{8});
+  c.prefill(0, t.qv(), t.kv(), t.vv());
+  CHECK(kept(c) == std::vector<index_t>{0, 1, 2, 10, 11});
+}
+
+TEST_CASE("TOVA: the last window query's attention at prefill, the new query's while decoding") {
+  // k = {3, -3, 2, -2, 1, -1, 0, 0.5 | 0.2, 0.1}, window queries {-4, 1}, budget 4 - 2 = 2.
+  // Last row (q = 1): attention ~ e^k, largest at k = 3 (token 0) and k = 2 (token 2).
+  // The window mean is dominated by row 0 (q = -4: 0.98 on token 1) and row 1's 0.56 on
+  // token 0, so SnapKV keeps {0, 1} where TOVA keeps {0, 2}.
+  const auto t = tiny({-4.0f, 1.0f}, {3, -3, 2, -2, 1, -1, 0, 0.5f, 0.2f, 0.1f});
+  for (auto order : both_orders) {
+    CAPTURE(static_cast<int>(order));
+    const auto cfg = tiny_config(2, 4, order);
+    Tova tova(cfg);
+    tova.prefill(0, t.qv(), t.kv(), t.vv());
+    CHECK(kept(tova) == std::vector<index_t>{0, 2, 8, 9});
+    SnapKv snap(cfg, {}, {}, cake::WindowMeanIndicator{1});
+    snap.prefill(0, t.qv(), t.kv(), t.vv());
+    CHECK(kept(snap) == std::vector<index_t>{0, 1, 8, 9});
+    // Decode token 10 (k = 5) with q = -1: candidates {0, 2, 8} score ~ e^{-k}:
+    // e^-3 < e^-2 < e^-0.2, so token 0 goes.
+    decode1(tova, -1.0f, 5.0f, 10);
+    CHECK(kept(tova) == std::vector<index_t>{2, 8, 9, 10});
+    CHECK(tova.values(0)(0, 0, 0, 0) == static_cast<float>(tova.positions(0)(0, 0, 0)));
+  }
+}
+
+TEST_CASE("H2O: attention accumulated over the window rows, then over every decoded query") {
+  // k = {1, -0.5, 0.3, -1, 0.8 | 2, -2}, window queries {1.5, -1}, budget 2.
+  // Row 0 sees tokens 0..5, row 1 tokens 0..6. Sums (softmax worked out by hand):
+  //   {0.1760, 0.1383, 0.1071, 0.2095, 0.1435 | 0.6762, 0.5494} -> prefix keeps {0, 3}.
+  // Decode (q, k) = (0.5, 0), (-1, 1), (2, -0.5): held after each step
+  //   {0, 5, 6, 7}, {5, 6, 7, 8}, {5, 6, 8, 9}.
+  // Token 0 leaves at step 1 only because tokens 5 and 6 carry their window-row sums
+  // (without them it would be {0, 6, 7, 8}).
+  const auto t = tiny({1.5f, -1.0f}, {1.0f, -0.5f, 0.3f, -1.0f, 0.8f, 2.0f, -2.0f});
+  const std::vector<std::vector<index_t>> want{{0, 5, 6, 7}, {5, 6, 7, 8}, {5, 6, 8, 9}};
+  const float dq[] = {0.5f, -1.0f, 2.0f}, dk[] = {0.0f, 1.0f, -0.5f};
+  for (auto order : both_orders) {
+    CAPTURE(static_cast<int>(order));
+    H2o c(tiny_config(2, 4, order));
+    c.prefill(0, t.qv(), t.kv(), t.vv());
+    CHECK(kept(c) == std::vector<index_t>{0, 3, 5, 6});
+    for (int s = 0; s < 3; ++s) {
+      CAPTURE(s);
+      decode1(c, dq[s], dk[s], 7 + s);
+      CHECK(kept(c) == want[static_cast<std::size_t>(s)]);
+      auto p = c.positions(0);
+      for (index_t j = 0; j < p.extent(2); ++j)
+        CHECK(c.values(0)(0, 0, j, 0) == static_cast<float>(p(0, 0, j)));
+    }
+  }
+}
+
+namespace methods_test {
+
+// H2O in double on one (batch, kv-head) row of the synthetic workload: window-row
+// sums with the causal mask, then each decode query's attention added (GQA: mean over
+// the group's query heads), evicting the lowest sum among all but the last w.
+inline std::vector<std::vector<index_t>> h2o_reference(const kv_test::Workload& wl, index_t l,
+                                                       index_t b, index_t g, index_t budget,
+                                                       int steps) {
+  const auto& cfg = wl.cfg;
+  const index_t S = wl.S, w = cfg.window, P = S - w, d = cfg.head_dim,
+                n = cfg.q_heads / cfg.kv_heads;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  std::vector<double> acc;  // by position
+  auto add_attention = [&](const std::vector<index_t>& held, auto query_of) {
+    for (index_t r = 0; r < n; ++r) {
+      const float* q = query_of(g * n + r);
+      std::vector<double> s;
+      double mx = -1e300;
+      for (index_t j : held) {
+        const float* k = wl.key_of(l, b, g, j);
+        double dot = 0;
+        for (index_t x = 0; x < d; ++x) dot += static_cast<double>(q[x]) * k[x];
+        s.push_back(dot * scale);
+        mx = std::max(mx, dot * scale);
+      }
+      double sum = 0;
+      for (auto& e : s) sum += (e = std::exp(e - mx));
+      for (std::size_t i = 0; i < held.size(); ++i)
+        acc[static_cast<std::size_t>(held[i])] += s[i] / sum / static_cast<double>(n);
+    }
+  };
+  acc.assign(static_cast<std::size_t>(S + steps), 0.0);
+  const auto& qw = wl.q[static_cast<std::size_t>(l)];
+  for (index_t i = 0; i < w; ++i) {
+    std::vector<index_t> seen(static_cast<std::size_t>(P + i + 1));
+    std::iota(seen.begin(), seen.end(), index_t{0});
+    add_attention(seen, [&](index_t h) {
+      return qw.data() + ((b * cfg.q_heads + h) * w + i) * d;
+    });
+  }
+  std::vector<index_t> prefix(static_cast<std::size_t>(P));
+  std::iota(prefix.begin(), prefix.end(), index_t{0});
+  std::stable_sort(prefix.begin(), prefix.end(), [&](index_t a, index_t c) {
+    return acc[static_cast<std::size_t>(a)] > acc[static_cast<std::size_t>(c)];
+  });
+  prefix.resize(static_cast<std::size_t>(std::min(budget, P)));
+  std::sort(prefix.begin(), prefix.end());
+  std::vector<index_t> held = prefix;
+  for (index_t t = P; t < S; ++t) held.push_back(t);
+  std::vector<std::vector<index_t>> out{held};
+  for (int t = 0; t < steps; ++t) {
+    held.push_back(S + t);
+    const auto& dq = wl.dq[static_cast<std::size_t>(t)][static_cast<std::size_t>(l)];
+    add_attention(held, [&](index_t h) { return dq.data() + (b * cfg.q_heads + h) * d; });
+    if (static_cast<index_t>(held.size()) > budget + w) {
+      const index_t cand = static_cast<index_t>(held.size()) - w;
+      std::vector<index_t> slots(static_cast<std::size_t>(cand));
+      std::iota(slots.begin(), slots.end(), index_t{0});
+      std::stable_sort(slots.begin(), slots.end(), [&](index_t a, index_t c) {
+        return acc[static_cast<std::size_t>(held[static_cast<std::size_t>(a)])] >
+               acc[static_cast<std::size_t>(held[static_cast<std::size_t>(c)])];
+      });
+      slots.resize(static_cast<std::size_t>(budget));
+      std::sort(slots.begin(), slots.end());
+      std::vector<index_t> next;
+      for (index_t s : slots) next.push_back(held[static_cast<std::size_t>(s)]);
+      for (index_t s = cand; s < static_cast<index_t>(held.size()); ++s)
+        next.push_back(held[static_cast<std::size_t>(s)]);
+      held = next;
+    }
+    auto sorted = held;
+    std::sort(sorted.begin(), sorted.end());
+    out.push_back(sorted);
+  }
+  return out;
+}
+
+}  // namespace methods_test
+
+TEST_CASE("H2O on a GQA workload equals a float64 model of H2O, cascading and one-shot") {
+  const int steps = 6;
+  for (bool cascade : {true, false}) {
+    CAPTURE(cascade);
+    const auto cfg = kv_test::small_config(cascade);
+    const auto wl = kv_test::make_workload(cfg, 48, 90 + cascade, steps);
+    H2o c(cfg);
+    kv_test::prefill_all(c, wl);
+    kv_test::check_layer_contents(c, wl, 47);
+    for (int t = 0; t <= steps; ++t) {
+      CAPTURE(t);
+      if (t > 0) kv_test::decode_step(c, wl, static_cast<std::size_t>(t - 1));
+      for (index_t l = 0; l < cfg.layers; ++l)
+        for (index_t b = 0; b < cfg.batch; ++b)
+          for (index_t g = 0; g < cfg.kv_heads; ++g) {
+            CAPTURE(l);
+            CAPTURE(b);
+            CAPTURE(g);
+            const auto ref = h2o_reference(wl, l, b, g, c.budget(l), steps);
+            CHECK(kept(c, l, b, g) == ref[static_cast<std::size_t>(t)]);
+          }
+    }
+  }
+}
+
+TEST_CASE("TOVA, H2O and StreamingLLM compose with CAKE's layer budgets") {
+  // The preference still reads the window statistics when the indicator does not.
+  const auto cfg = kv_test::small_config(true);
+  const auto wl = kv_test::make_workload(cfg, 64, 5, 2);
+  cake::KvCache<> ref(cfg);
+  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::LastQueryIndicator> tova(cfg);
+  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::AccumulatedIndicator> h2o(cfg);
+  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::SinkRecencyIndicator> stream(
+      cfg);
+  kv_test::prefill_all(ref, wl);
+  kv_test::prefill_all(tova, wl);
+  kv_test::prefill_all(h2o, wl);
+  kv_test::prefill_all(stream, wl);
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    CAPTURE(l);
+    CHECK(tova.budget(l) == ref.budget(l));
+    CHECK(h2o.budget(l) == ref.budget(l));
+    CHECK(stream.budget(l) == ref.budget(l));
+    CHECK(tova.stats(l).entropy == doctest::Approx(ref.stats(l).entropy).epsilon(1e-6));
+    CHECK(stream.stats(l).variance == doctest::Approx(ref.stats(l).variance).epsilon(1e-6));
+  }
+  kv_test::check_layer_contents(tova, wl, 63);
+  kv_test::check_layer_contents(h2o, wl, 63);
+  kv_test::check_layer_contents(stream, wl, 63);
+  for (std::size_t t = 0; t < 2; ++t) {
+    kv_test::decode_step(tova, wl, t);
+    kv_test::decode_step(h2o, wl, t);
+    kv_test::decode_step(stream, wl, t);
+  }
+  kv_test::check_layer_contents(h2o, wl, 65);
+  kv_test::check_layer_contents(stream, wl, 65);
+}

@@ -84,7 +84,8 @@ using HostCache = cake::KvCache<>;
 using CudaCache = cake::KvCache<cake::CakePreference, cake::ProportionalBudget,
                                 cake::MeanVarianceIndicator, float, cake::cuda_policy>;
 
-void require_same(const HostCache& h, const CudaCache& c, const std::string& where) {
+template <class HostC, class CudaC>
+void require_same(const HostC& h, const CudaC& c, const std::string& where) {
   INFO(where);
   REQUIRE(std::vector<index_t>(h.budgets().begin(), h.budgets().end()) ==
           std::vector<index_t>(c.budgets().begin(), c.budgets().end()));
@@ -115,6 +116,54 @@ void require_same(const HostCache& h, const CudaCache& c, const std::string& whe
     if (h.config().order == cake::token_order::position)  // here the order itself is defined
       CHECK(flatten(h.positions(l)) == download(c.positions(l)));
   }
+}
+
+// Prefills both caches with the same random GQA layers (4 attention-sink keys in
+// each), compares them, decodes 3 steps in every layer and compares again.
+template <class HostC, class CudaC>
+void run_synthetic(HostC& host, CudaC& dev, unsigned seed, const std::string& where) {
+  const auto& cfg = host.config();
+  const index_t L = cfg.layers, B = cfg.batch, H = cfg.q_heads, Hkv = cfg.kv_heads,
+                d = cfg.head_dim, w = cfg.window, S = 700;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (index_t l = 0; l < L; ++l) {
+    std::vector<float> q(static_cast<std::size_t>(B * H * w * d)),
+        k(static_cast<std::size_t>(B * Hkv * S * d)), v(k.size());
+    for (auto* t : {&q, &k, &v})
+      for (auto& x : *t) x = normal(rng) * (1.0f + 0.3f * static_cast<float>(l));
+    for (index_t j = 0; j < 4; ++j)  // attention sinks
+      for (index_t x = 0; x < d; ++x) k[static_cast<std::size_t>(j * d + x)] += 2.0f;
+    Dev<float> dq(q), dk(k), dv(v);
+    const std::array<index_t, 4> qs{B, H, w, d}, ks{B, Hkv, S, d};
+    host.prefill(l, cake::make_view(static_cast<const float*>(q.data()), qs),
+                 cake::make_view(static_cast<const float*>(k.data()), ks),
+                 cake::make_view(static_cast<const float*>(v.data()), ks));
+    dev.prefill(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
+                cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
+                cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
+  }
+  require_same(host, dev, where);
+  for (int step = 0; step < 3; ++step)
+    for (index_t l = 0; l < L; ++l) {
+      std::vector<float> q(static_cast<std::size_t>(B * H * d)),
+          k(static_cast<std::size_t>(B * Hkv * d)), v(k.size());
+      for (auto* t : {&q, &k, &v})
+        for (auto& x : *t) x = normal(rng);
+      Dev<float> dq(q), dk(k), dv(v);
+      host.decode(
+          l, cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 3>{B, H, d}),
+          cake::make_view(static_cast<const float*>(k.data()), std::array<index_t, 3>{B, Hkv, d}),
+          cake::make_view(static_cast<const float*>(v.data()), std::array<index_t, 3>{B, Hkv, d}));
+      dev.decode(l,
+                 cake::make_view<cake::device_space>(static_cast<const float*>(dq.p),
+                                                     std::array<index_t, 3>{B, H, d}),
+                 cake::make_view<cake::device_space>(static_cast<const float*>(dk.p),
+                                                     std::array<index_t, 3>{B, Hkv, d}),
+                 cake::make_view<cake::device_space>(static_cast<const float*>(dv.p),
+                                                     std::array<index_t, 3>{B, Hkv, d}));
+    }
+  require_same(host, dev, where + ", decoded");
 }
 
 }  // namespace
@@ -183,9 +232,7 @@ TEST_SUITE("gpu") {
   }
 
   TEST_CASE("KvCache on CUDA: synthetic GQA workload, cascading and one-shot, bad input") {
-    const index_t L = 4, B = 2, H = 8, Hkv = 2, d = 64, w = 16, S = 700;
-    std::mt19937 rng(5);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
+    const index_t L = 4, B = 2, H = 8, Hkv = 2, d = 64, w = 16;
     for (bool cascade : {true, false}) {
       cake::CacheConfig cfg{.layers = L,
                             .batch = B,
@@ -197,46 +244,7 @@ TEST_SUITE("gpu") {
                             .cascade = cascade};
       HostCache host(cfg, cake::CakePreference{1.6f, 0.4f});
       CudaCache dev(cfg, cake::CakePreference{1.6f, 0.4f}, {}, {}, cake::cuda);
-      for (index_t l = 0; l < L; ++l) {
-        std::vector<float> q(static_cast<std::size_t>(B * H * w * d)),
-            k(static_cast<std::size_t>(B * Hkv * S * d)), v(k.size());
-        for (auto* t : {&q, &k, &v})
-          for (auto& x : *t) x = normal(rng) * (1.0f + 0.3f * static_cast<float>(l));
-        for (index_t j = 0; j < 4; ++j)  // attention sinks
-          for (index_t x = 0; x < d; ++x) k[static_cast<std::size_t>(j * d + x)] += 2.0f;
-        Dev<float> dq(q), dk(k), dv(v);
-        const std::array<index_t, 4> qs{B, H, w, d}, ks{B, Hkv, S, d};
-        host.prefill(l, cake::make_view(static_cast<const float*>(q.data()), qs),
-                     cake::make_view(static_cast<const float*>(k.data()), ks),
-                     cake::make_view(static_cast<const float*>(v.data()), ks));
-        dev.prefill(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
-                    cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
-                    cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
-      }
-      require_same(host, dev, cascade ? "cascading" : "one-shot");
-      for (int step = 0; step < 3; ++step)
-        for (index_t l = 0; l < L; ++l) {
-          std::vector<float> q(static_cast<std::size_t>(B * H * d)),
-              k(static_cast<std::size_t>(B * Hkv * d)), v(k.size());
-          for (auto* t : {&q, &k, &v})
-            for (auto& x : *t) x = normal(rng);
-          Dev<float> dq(q), dk(k), dv(v);
-          host.decode(
-              l,
-              cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 3>{B, H, d}),
-              cake::make_view(static_cast<const float*>(k.data()),
-                              std::array<index_t, 3>{B, Hkv, d}),
-              cake::make_view(static_cast<const float*>(v.data()),
-                              std::array<index_t, 3>{B, Hkv, d}));
-          dev.decode(l,
-                     cake::make_view<cake::device_space>(static_cast<const float*>(dq.p),
-                                                         std::array<index_t, 3>{B, H, d}),
-                     cake::make_view<cake::device_space>(static_cast<const float*>(dk.p),
-                                                         std::array<index_t, 3>{B, Hkv, d}),
-                     cake::make_view<cake::device_space>(static_cast<const float*>(dv.p),
-                                                         std::array<index_t, 3>{B, Hkv, d}));
-        }
-      require_same(host, dev, cascade ? "cascading, decoded" : "one-shot, decoded");
+      run_synthetic(host, dev, 5, cascade ? "cascading" : "one-shot");
     }
     // A NaN in device keys is found and reported with its coordinates; nothing changes.
     cake::CacheConfig cfg{.layers = 1,
@@ -264,5 +272,34 @@ TEST_SUITE("gpu") {
       CHECK(std::string(e.what()).find("(0, 0, 17, 3)") != std::string::npos);
     }
     CHECK(dev.layers_prefilled() == 0);
+  }
+  TEST_CASE("KvCache on CUDA equals the host for StreamingLLM, TOVA and H2O, with CAKE budgets") {
+    for (bool cascade : {true, false})
+      for (auto order : {cake::token_order::position, cake::token_order::reference}) {
+        const cake::CacheConfig cfg{.layers = 3,
+                                    .batch = 2,
+                                    .q_heads = 8,
+                                    .kv_heads = 2,
+                                    .head_dim = 64,
+                                    .window = 16,
+                                    .cache_size = 80,
+                                    .cascade = cascade,
+                                    .order = order};
+        const std::string where =
+            std::string(cascade ? "cascading" : "one-shot") +
+            (order == cake::token_order::position ? ", position order" : ", reference order");
+        auto both = [&]<class Pref, class Ind>(const char* name, Ind ind) {
+          cake::KvCache<Pref, cake::ProportionalBudget, Ind> host(cfg, {}, {}, ind);
+          cake::KvCache<Pref, cake::ProportionalBudget, Ind, float, cake::cuda_policy> dev(
+              cfg, {}, {}, ind, cake::cuda);
+          run_synthetic(host, dev, 11, std::string(name) + ", " + where);
+        };
+        both.template operator()<cake::UniformPreference>("streamingllm",
+                                                          cake::SinkRecencyIndicator{4});
+        both.template operator()<cake::UniformPreference>("tova", cake::LastQueryIndicator{});
+        both.template operator()<cake::UniformPreference>("h2o", cake::AccumulatedIndicator{});
+        both.template operator()<cake::CakePreference>("cake x tova", cake::LastQueryIndicator{});
+        both.template operator()<cake::CakePreference>("cake x h2o", cake::AccumulatedIndicator{});
+      }
   }
 }  // TEST_SUITE

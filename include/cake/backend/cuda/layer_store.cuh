@@ -126,26 +126,58 @@ __global__ void append_window_kernel(I* sel, index_t rows, index_t n, index_t ke
     sel[(i / w) * n + keep + i % w] = first + i % w;
 }
 
-// out_pos[r, t] = src_pos ? src_pos[r, sel[r, t]] : sel[r, t]; out_ind likewise for t < keep.
+// out_pos[r, t] = src_pos ? src_pos[r, sel[r, t]] : sel[r, t]; out_ind[r, t] likewise
+// from ind for the tokens that have a score (source slot < ind_cols).
 template <class I>
 __global__ void gather_meta_kernel(I* out_pos, float* out_ind, index_t out_cap, const index_t* sel,
-                                   index_t rows, index_t n, index_t keep, const index_t* src_pos,
-                                   index_t src_cap, const float* ind, index_t ind_ld) {
+                                   index_t rows, index_t n, const index_t* src_pos, index_t src_cap,
+                                   const float* ind, index_t ind_ld, index_t ind_cols) {
   const long long total = rows * n;
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
     const index_t r = i / n, t = i % n, j = sel[i];
     out_pos[r * out_cap + t] = src_pos ? src_pos[r * src_cap + j] : j;
-    if (out_ind && t < keep) out_ind[r * out_cap + t] = ind[r * ind_ld + j];
+    if (out_ind && j < ind_cols) out_ind[r * out_cap + t] = ind[r * ind_ld + j];
   }
+}
+
+// out[r, t] = pos ? indicator.score_position(pos[r, t]) : indicator.score_position(t).
+template <class Ind>
+__global__ void position_scores_kernel(Ind indicator, const index_t* pos, index_t pos_ld,
+                                       float* out, index_t out_ld, index_t rows, index_t cols) {
+  const long long total = rows * cols;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const index_t r = i / cols, t = i % cols;
+    out[r * out_ld + t] = indicator.score_position(pos ? pos[r * pos_ld + t] : t);
+  }
+}
+
+// dst[r, t] += src[r, t].
+template <class U>
+__global__ void accumulate_kernel(U* dst, index_t dst_ld, const U* src, index_t src_ld,
+                                  index_t rows, index_t cols) {
+  const long long total = rows * cols;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const index_t r = i / cols, t = i % cols;
+    dst[r * dst_ld + t] += src[r * src_ld + t];
+  }
+}
+
+template <class U>
+__global__ void fill_kernel(U* p, index_t n, U value) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x)
+    p[i] = value;
 }
 
 // Moves each row's w window tokens from slot `from` down to slot `to` (to < from).
 // One block per row, token by token in ascending order: a destination can only
 // overlap a source that was already read.
 template <class T>
-__global__ void move_window_kernel(T* k, T* v, index_t* pos, index_t cap, index_t d, index_t w,
-                                   index_t from, index_t to) {
+__global__ void move_window_kernel(T* k, T* v, index_t* pos, float* sc, index_t cap, index_t d,
+                                   index_t w, index_t from, index_t to) {
   const index_t r = blockIdx.x;
   for (index_t t = 0; t < w; ++t) {
     T* ks = k + (r * cap + from + t) * d;
@@ -156,7 +188,10 @@ __global__ void move_window_kernel(T* k, T* v, index_t* pos, index_t cap, index_
       kd[x] = ks[x];
       vd[x] = vs[x];
     }
-    if (threadIdx.x == 0) pos[r * cap + to + t] = pos[r * cap + from + t];
+    if (threadIdx.x == 0) {
+      pos[r * cap + to + t] = pos[r * cap + from + t];
+      if (sc) sc[r * cap + to + t] = sc[r * cap + from + t];
+    }
     __syncthreads();
   }
 }
@@ -208,6 +243,13 @@ struct layer_store<T, cuda_policy> {
   static U* data(const buffer<U>& b) {
     return b.data();
   }
+  template <class U>
+  static void fill(const cuda_policy& exec, buffer<U>& b, U value) {
+    if (b.size() == 0) return;
+    cuda_detail::fill_kernel<U>
+        <<<cuda_detail::small_grid(b.size()), 256, 0, stream(exec)>>>(b.data(), b.size(), value);
+    cuda_detail::check_launch("fill_kernel");
+  }
   static void read(const cuda_policy& exec, const buffer<float>& b, float* out, index_t n) {
     cuda_detail::check(cudaMemcpyAsync(out, b.data(), static_cast<std::size_t>(n) * sizeof(float),
                                        cudaMemcpyDeviceToHost, stream(exec)),
@@ -257,9 +299,9 @@ struct layer_store<T, cuda_policy> {
 
   template <class KV, class VV>
   static layer copy_all(const cuda_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
-                        const float* ind, index_t P) {
+                        token_scores sc) {
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, S = k.extent(2);
-    layer out(sh.rows(), d, S + 1, ind != nullptr, stream(exec));
+    layer out(sh.rows(), d, S + 1, sc.p != nullptr, stream(exec));
     for (index_t b = 0; b < B; ++b)
       for (index_t g = 0; g < Hkv; ++g) {
         const index_t r = b * Hkv + g;
@@ -275,11 +317,11 @@ struct layer_store<T, cuda_policy> {
                               static_cast<std::size_t>(S), cudaMemcpyDeviceToDevice, stream(exec)),
             "cudaMemcpy2DAsync (KvCache values)");
       }
-    if (ind && P > 0)
+    if (sc.p && sc.cols > 0)
       cuda_detail::check(
-          cudaMemcpy2DAsync(out.ind.data(), static_cast<std::size_t>(out.cap) * sizeof(float), ind,
-                            static_cast<std::size_t>(P) * sizeof(float),
-                            static_cast<std::size_t>(P) * sizeof(float),
+          cudaMemcpy2DAsync(out.ind.data(), static_cast<std::size_t>(out.cap) * sizeof(float), sc.p,
+                            static_cast<std::size_t>(sc.ld) * sizeof(float),
+                            static_cast<std::size_t>(sc.cols) * sizeof(float),
                             static_cast<std::size_t>(sh.rows()), cudaMemcpyDeviceToDevice,
                             stream(exec)),
           "cudaMemcpy2DAsync (KvCache indicator)");
@@ -292,8 +334,10 @@ struct layer_store<T, cuda_policy> {
 
   template <class KV, class VV>
   static layer select(const cuda_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
-                      const layer* src, const float* ind, index_t ind_ld, index_t P, index_t keep,
-                      bool position_order) {
+                      const layer* src, token_scores sc, index_t P, index_t keep,
+                      bool position_order, bool keep_scores) {
+    const float* ind = sc.p;
+    const index_t ind_ld = sc.ld;
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
     const index_t rows = sh.rows(), n = keep + w;
     buffer<index_t> sel(rows * n, stream(exec));
@@ -306,14 +350,14 @@ struct layer_store<T, cuda_policy> {
     cuda_detail::append_window_kernel<<<cuda_detail::small_grid(rows * w), 256, 0, stream(exec)>>>(
         sel.data(), rows, n, keep, w, P);
     cuda_detail::check_launch("append_window_kernel");
-    layer out(rows, d, n + 1, !position_order, stream(exec));
+    layer out(rows, d, n + 1, keep_scores, stream(exec));
     auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
                                           std::array<index_t, 3>{B, Hkv, n});
     compact(exec, k, keep_v, out.tokens_view(out.k.data(), B, Hkv, n));
     compact(exec, v, keep_v, out.tokens_view(out.v.data(), B, Hkv, n));
     cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, stream(exec)>>>(
-        out.pos.data(), position_order ? nullptr : out.ind.data(), out.cap, sel.data(), rows, n,
-        keep, src ? src->pos.data() : nullptr, src ? src->cap : 0, ind, ind_ld);
+        out.pos.data(), keep_scores ? out.ind.data() : nullptr, out.cap, sel.data(), rows, n,
+        src ? src->pos.data() : nullptr, src ? src->cap : 0, ind, ind_ld, sc.cols);
     cuda_detail::check_launch("gather_meta_kernel");
     out.by_indicator = !position_order;
     out.held = n;
@@ -332,16 +376,33 @@ struct layer_store<T, cuda_policy> {
                                    std::array<index_t, 3>{sh.batch, sh.kv_heads, ly.held},
                                    std::array<index_t, 3>{sh.kv_heads * c, c, 1});
   }
-  static const float* indicator(const layer& ly, index_t& ld) {
-    ld = ly.cap;
-    return ly.ind.data();
+  static token_scores scores(const layer& ly) { return {ly.ind.data(), ly.cap, ly.held}; }
+
+  template <class Ind>
+  static void position_scores(const cuda_policy& exec, const Ind& indicator, float* out, index_t ld,
+                              index_t rows, index_t cols) {
+    if (rows * cols == 0) return;
+    cuda_detail::
+        position_scores_kernel<<<cuda_detail::small_grid(rows * cols), 256, 0, stream(exec)>>>(
+            indicator, nullptr, 0, out, ld, rows, cols);
+    cuda_detail::check_launch("position_scores_kernel");
+  }
+
+  static void accumulate(const cuda_policy& exec, float* dst, index_t dst_ld, const float* src,
+                         index_t src_ld, index_t rows, index_t cols) {
+    if (rows * cols == 0) return;
+    cuda_detail::accumulate_kernel<float>
+        <<<cuda_detail::small_grid(rows * cols), 256, 0, stream(exec)>>>(dst, dst_ld, src, src_ld,
+                                                                         rows, cols);
+    cuda_detail::check_launch("accumulate_kernel");
   }
 
   static void truncate(const cuda_policy& exec, layer& ly, const LayerShape& sh, index_t prefix) {
     const index_t w = sh.window, old_prefix = ly.held - w;
     if (prefix == old_prefix) return;
     cuda_detail::move_window_kernel<T><<<static_cast<unsigned>(ly.rows), 128, 0, stream(exec)>>>(
-        ly.k.data(), ly.v.data(), ly.pos.data(), ly.cap, ly.d, w, old_prefix, prefix);
+        ly.k.data(), ly.v.data(), ly.pos.data(), ly.ind.size() ? ly.ind.data() : nullptr, ly.cap,
+        ly.d, w, old_prefix, prefix);
     cuda_detail::check_launch("move_window_kernel");
     ly.held = prefix + w;
   }
@@ -374,7 +435,7 @@ struct layer_store<T, cuda_policy> {
                                        cudaMemcpyHostToDevice, s),
                        "cudaMemcpyAsync (permutation)");
     cuda_detail::check(cudaStreamSynchronize(s), "position_permutation");
-    perm.target = layer(rows, ly.d, n + 1, false, s);
+    perm.target = layer(rows, ly.d, n + 1, ly.ind.size() > 0, s);
     perm.n = n;
     return perm;
   }
@@ -390,19 +451,24 @@ struct layer_store<T, cuda_policy> {
             out.tokens_view(out.v.data(), sh.batch, sh.kv_heads, perm.n));
     cuda_detail::
         gather_meta_kernel<<<cuda_detail::small_grid(ly.rows * perm.n), 256, 0, stream(exec)>>>(
-            out.pos.data(), nullptr, out.cap, perm.keep.data(), ly.rows, perm.n, 0, ly.pos.data(),
-            ly.cap, nullptr, 0);
+            out.pos.data(), out.ind.size() ? out.ind.data() : nullptr, out.cap, perm.keep.data(),
+            ly.rows, perm.n, ly.pos.data(), ly.cap, ly.ind.data(), ly.cap, ly.held);
     cuda_detail::check_launch("gather_meta_kernel");
     out.held = perm.n;
     ly = std::move(out);
   }
 
-  static void finish_prefill(layer& ly) noexcept { ly.ind = buffer<float>(); }
+  static void finish_prefill(layer& ly, bool keep_scores) noexcept {
+    if (!keep_scores) ly.ind = buffer<float>();
+  }
 
+  // One decoding step; the host store's decode() says what it does.
   template <class Ind, class QV, class KV, class VV>
   static void decode(const cuda_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
                      const KV& k, const VV& v, index_t position, index_t budget,
                      const Ind& indicator, bool reference) {
+    constexpr indicator_source source = indicator_source_of<Ind>;
+    constexpr bool accumulates = source == indicator_source::accumulated;
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
     const index_t rows = sh.rows(), held = ly.held + 1;
     const bool evict = held > budget + w;
@@ -411,7 +477,7 @@ struct layer_store<T, cuda_policy> {
 
     if (held > ly.cap) {
       const index_t cap = std::max(held, std::min(2 * ly.cap, budget + w + 1));
-      layer grown(rows, d, cap, false, s);
+      layer grown(rows, d, cap, ly.ind.size() > 0, s);
       const std::size_t row = static_cast<std::size_t>(ly.held * d) * sizeof(T);
       if (ly.held > 0) {
         cuda_detail::check(
@@ -430,6 +496,13 @@ struct layer_store<T, cuda_policy> {
                               static_cast<std::size_t>(ly.held) * sizeof(index_t),
                               static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
             "cudaMemcpy2DAsync (KvCache regrow)");
+        if (ly.ind.size() > 0)
+          cuda_detail::check(
+              cudaMemcpy2DAsync(grown.ind.data(), static_cast<std::size_t>(cap) * sizeof(float),
+                                ly.ind.data(), static_cast<std::size_t>(ly.cap) * sizeof(float),
+                                static_cast<std::size_t>(ly.held) * sizeof(float),
+                                static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
+              "cudaMemcpy2DAsync (KvCache regrow)");
       }
       grown.held = ly.held;
       grown.by_indicator = ly.by_indicator;
@@ -440,15 +513,37 @@ struct layer_store<T, cuda_policy> {
         k.stride(0), k.stride(1), v.data_handle(), v.stride(0), v.stride(1), position);
     cuda_detail::check_launch("append_token_kernel");
     ly.held = held;
-    if (!evict) return;
 
-    buffer<float> scores(rows * cand, s);
+    // (rows, held): the candidates' scores, or (accumulating) the new query's
+    // attention to every held token.
+    buffer<float> scores(evict || accumulates ? rows * held : 0, s);
+    const float* ranked = scores.data();
+    index_t ranked_ld = cand;
+    if constexpr (accumulates) {
+      // The new token's sum starts at zero; then every held token gains its attention.
+      cuda_detail::check(cudaMemset2DAsync(ly.ind.data() + (held - 1),
+                                           static_cast<std::size_t>(ly.cap) * sizeof(float), 0,
+                                           sizeof(float), static_cast<std::size_t>(rows), s),
+                         "cudaMemset2DAsync (accumulated scores)");
+      decode_scores(exec, q, keys(ly, sh), indicator,
+                    make_view<device_space>(scores.data(), std::array<index_t, 3>{B, Hkv, held}));
+      accumulate(exec, ly.ind.data(), ly.cap, scores.data(), held, rows, held);
+      ranked = ly.ind.data();
+      ranked_ld = ly.cap;
+    }
+    if (!evict) return;
+    if constexpr (source == indicator_source::position) {
+      cuda_detail::position_scores_kernel<<<cuda_detail::small_grid(rows * cand), 256, 0, s>>>(
+          indicator, ly.pos.data(), ly.cap, scores.data(), cand, rows, cand);
+      cuda_detail::check_launch("position_scores_kernel");
+    } else if constexpr (!accumulates) {
+      decode_scores(exec, q, keys(ly, sh), indicator,
+                    make_view<device_space>(scores.data(), std::array<index_t, 3>{B, Hkv, cand}));
+    }
     buffer<index_t> sel(rows * n, s);
-    decode_scores(exec, q, keys(ly, sh), indicator,
-                  make_view<device_space>(scores.data(), std::array<index_t, 3>{B, Hkv, cand}));
     select_k(exec,
-             make_view<device_space>(static_cast<const float*>(scores.data()),
-                                     std::array<index_t, 2>{rows, cand}),
+             make_view<device_space>(ranked, std::array<index_t, 2>{rows, cand},
+                                     std::array<index_t, 2>{ranked_ld, 1}),
              make_view<device_space>(sel.data(), std::array<index_t, 2>{rows, keep},
                                      std::array<index_t, 2>{n, 1}),
              reference ? select_order::descending : select_order::position);
@@ -457,14 +552,14 @@ struct layer_store<T, cuda_policy> {
     cuda_detail::check_launch("append_window_kernel");
     // The kept tokens are gathered into a fresh layer: in reference order they are a
     // permutation, and on the device an in-place gather would race across blocks.
-    layer next(rows, d, ly.cap, false, s);
+    layer next(rows, d, ly.cap, accumulates, s);
     auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
                                           std::array<index_t, 3>{B, Hkv, n});
     compact(exec, keys(ly, sh), keep_v, next.tokens_view(next.k.data(), B, Hkv, n));
     compact(exec, values(ly, sh), keep_v, next.tokens_view(next.v.data(), B, Hkv, n));
     cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, s>>>(
-        next.pos.data(), nullptr, next.cap, sel.data(), rows, n, 0, ly.pos.data(), ly.cap, nullptr,
-        0);
+        next.pos.data(), accumulates ? next.ind.data() : nullptr, next.cap, sel.data(), rows, n,
+        ly.pos.data(), ly.cap, ly.ind.data(), ly.cap, held);
     cuda_detail::check_launch("gather_meta_kernel");
     next.held = n;
     ly = std::move(next);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "algorithm/allocate_budgets.hpp"
+#include "algorithm/allocate_heads.hpp"
 #include "algorithm/compact.hpp"
 #include "algorithm/decode_scores.hpp"
 #include "algorithm/select_k.hpp"
@@ -16,6 +17,7 @@
 #include "error.hpp"
 #include "execution.hpp"
 #include "kv_cache.hpp"
+#include "policy/budget/headwise.hpp"
 #include "policy/budget/proportional.hpp"
 #include "policy/budget/pyramid.hpp"
 #include "policy/budget/uniform.hpp"

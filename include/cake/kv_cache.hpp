@@ -19,12 +19,14 @@
 #include <vector>
 
 #include "algorithm/allocate_budgets.hpp"
+#include "algorithm/allocate_heads.hpp"
 #include "algorithm/compact.hpp"
 #include "algorithm/decode_scores.hpp"
 #include "algorithm/select_k.hpp"
 #include "algorithm/window_stats.hpp"
 #include "backend/host/layer_store.hpp"
 #include "core/concepts.hpp"
+#include "policy/budget/headwise.hpp"
 #include "policy/budget/proportional.hpp"
 #include "policy/indicator/mean_variance.hpp"
 #include "policy/indicator/window_mean.hpp"
@@ -162,7 +164,8 @@ class KvCache {
 
     // 1. Statistics, preference and token scores of this layer.
     const index_t ind_cols = accumulates ? S : P;
-    auto ind = Store::template make_buffer<float>(exec_, rows * ind_cols);  // (batch, kv_heads, ind_cols)
+    auto ind =
+        Store::template make_buffer<float>(exec_, rows * ind_cols);  // (batch, kv_heads, ind_cols)
     const LayerStats stats = score_layer(q, k, ind, ind_cols);
     const detail::token_scores scores{Store::data(ind), ind_cols, ind_cols};
     const double pref = pref_(stats);
@@ -178,6 +181,7 @@ class KvCache {
     std::vector<Layer> fresh;  // replacements, by layer
     std::vector<std::size_t> fresh_at;
     std::vector<index_t> prefix_after(m + 1, -1);           // truncations of layers kept in place
+    std::vector<std::vector<index_t>> rows_after(m + 1);    // the same per row (head-wise)
     std::vector<typename Store::permutation> perms(m + 1);  // in-place reorders to position order
     const bool last = layer == L - 1;
     const bool want_position = cfg_.order == token_order::position;
@@ -192,14 +196,32 @@ class KvCache {
     } else if (cfg_.cascade) {
       allocate_budgets(budget_, prefs, L, cfg_.total_budget(), P, stage);
       const bool pos_order = last && want_position;
-      fresh.push_back(Store::select(exec_, sh, k, v, nullptr, scores, P, std::min(stage[m], P),
-                                    pos_order, accumulates || !pos_order));
+      if constexpr (headwise) {
+        const auto keep = head_lengths(scores, {}, P, std::min(stage[m], P));
+        fresh.push_back(Store::select_rows(exec_, sh, k, v, nullptr, scores, P, keep, pos_order,
+                                           accumulates || !pos_order));
+      } else {
+        fresh.push_back(Store::select(exec_, sh, k, v, nullptr, scores, P, std::min(stage[m], P),
+                                      pos_order, accumulates || !pos_order));
+      }
       fresh_at.push_back(m);
       for (std::size_t l = 0; l < m; ++l) {
-        // Prefixes are in descending-indicator order: a smaller budget is a truncation.
-        prefix_after[l] = std::min(stage[l], layers_[l].held - w);
-        if (last && want_position && layers_[l].by_indicator)
-          perms[l] = Store::position_permutation(exec_, layers_[l], sh, prefix_after[l]);
+        // Prefixes are in descending-indicator order: a smaller budget is a truncation
+        // (head-wise: of each row, to the length the head allocation gives it now).
+        const Layer& ly = layers_[l];
+        if constexpr (headwise) {
+          if (ly.len.empty()) continue;  // an uncut layer is never re-cut
+          std::vector<index_t> avail(static_cast<std::size_t>(rows));
+          for (index_t r = 0; r < rows; ++r) avail[static_cast<std::size_t>(r)] = ly.row_len(r) - w;
+          rows_after[l] = head_lengths(Store::scores(ly), avail, ly.held - w, stage[l]);
+          if (last && want_position && ly.by_indicator)
+            perms[l] =
+                Store::position_permutation(exec_, ly, sh, std::span<const index_t>(rows_after[l]));
+        } else {
+          prefix_after[l] = std::min(stage[l], ly.held - w);
+          if (last && want_position && ly.by_indicator)
+            perms[l] = Store::position_permutation(exec_, ly, sh, prefix_after[l]);
+        }
       }
     } else if (!last) {
       fresh.push_back(Store::copy_all(exec_, sh, k, v, scores));
@@ -208,24 +230,39 @@ class KvCache {
       // One-shot: every layer is cut once, now; the last one straight from the caller.
       allocate_budgets(budget_, prefs, L, cfg_.total_budget(), P, stage);
       const bool keep_scores = accumulates || !want_position;
-      fresh.push_back(Store::select(exec_, sh, k, v, nullptr, scores, P, std::min(stage[m], P),
-                                    want_position, keep_scores));
+      if constexpr (headwise) {
+        const auto keep = head_lengths(scores, {}, P, std::min(stage[m], P));
+        fresh.push_back(Store::select_rows(exec_, sh, k, v, nullptr, scores, P, keep, want_position,
+                                           keep_scores));
+      } else {
+        fresh.push_back(Store::select(exec_, sh, k, v, nullptr, scores, P, std::min(stage[m], P),
+                                      want_position, keep_scores));
+      }
       fresh_at.push_back(m);
       for (std::size_t l = 0; l < m; ++l) {
         const Layer& src = layers_[l];
-        fresh.push_back(Store::select(exec_, sh, Store::keys(src, sh), Store::values(src, sh), &src,
-                                      Store::scores(src), P, std::min(stage[l], P), want_position,
-                                      keep_scores));
+        if constexpr (headwise) {
+          const auto keep = head_lengths(Store::scores(src), {}, P, std::min(stage[l], P));
+          fresh.push_back(Store::select_rows(exec_, sh, Store::keys(src, sh),
+                                             Store::values(src, sh), &src, Store::scores(src), P,
+                                             keep, want_position, keep_scores));
+        } else {
+          fresh.push_back(Store::select(exec_, sh, Store::keys(src, sh), Store::values(src, sh),
+                                        &src, Store::scores(src), P, std::min(stage[l], P),
+                                        want_position, keep_scores));
+        }
         fresh_at.push_back(l);
       }
     }
     // Tokens stored at once while the new layers exist beside the old ones.
     index_t transient = tokens_held();
-    for (const auto& f : fresh) transient += f.held;
+    for (const auto& f : fresh) transient += f.total() / rows;
 
     // 3. Commit: nothing below allocates or throws.
     for (std::size_t l = 0; l < m; ++l) {
       if (prefix_after[l] >= 0) Store::truncate(exec_, layers_[l], sh, prefix_after[l]);
+      if constexpr (headwise)
+        if (!rows_after[l].empty()) Store::truncate_rows(exec_, layers_[l], sh, rows_after[l]);
       if (!perms[l].empty()) Store::permute(exec_, layers_[l], sh, perms[l]);
     }
     for (std::size_t i = 0; i < fresh.size(); ++i) layers_[fresh_at[i]] = std::move(fresh[i]);
@@ -306,20 +343,32 @@ class KvCache {
   const std::vector<std::vector<index_t>>& stage_budgets() const noexcept { return stages_; }
   double preference(index_t layer) const { return prefs_.at(checked(layer)); }
   LayerStats stats(index_t layer) const { return stats_.at(checked(layer)); }
-  // Tokens held by each (batch, kv-head) row of a layer, the window included.
-  index_t tokens_held(index_t layer) const { return layers_.at(checked(layer)).held; }
+  // Tokens held by each (batch, kv-head) row of a layer, the window included; with
+  // head-wise allocation rows differ and this is their mean (exact: the heads of a
+  // batch entry share the layer's budget), row_lengths() has each.
+  index_t tokens_held(index_t layer) const {
+    const auto& ly = layers_.at(checked(layer));
+    return ly.total() / (cfg_.batch * cfg_.kv_heads);
+  }
   index_t tokens_held() const noexcept {
     index_t s = 0;
-    for (const auto& ly : layers_) s += ly.held;
+    for (const auto& ly : layers_) s += ly.total() / (cfg_.batch * cfg_.kv_heads);
     return s;
+  }
+  // (batch * kv_heads) tokens held by each row of a layer, row-major. keys(l),
+  // values(l) and positions(l) have the longest as their extent 2; a shorter row's
+  // slots past its length are padding: position -1, zero keys and values.
+  std::vector<index_t> row_lengths(index_t layer) const {
+    const auto& ly = layers_.at(checked(layer));
+    std::vector<index_t> out(static_cast<std::size_t>(cfg_.batch * cfg_.kv_heads));
+    for (std::size_t r = 0; r < out.size(); ++r) out[r] = ly.row_len(static_cast<index_t>(r));
+    return out;
   }
   // Largest tokens_held() seen at the end of any prefill or decode call.
   index_t peak_tokens_held() const noexcept { return peak_; }
-  // Bytes of K and V held by a layer (all rows).
+  // Bytes of K and V held by a layer (all rows; padding not counted).
   std::size_t bytes_held(index_t layer) const {
-    return 2 *
-           static_cast<std::size_t>(cfg_.batch * cfg_.kv_heads * tokens_held(layer) *
-                                    cfg_.head_dim) *
+    return 2 * static_cast<std::size_t>(layers_.at(checked(layer)).total() * cfg_.head_dim) *
            sizeof(T);
   }
   std::size_t bytes_held() const {
@@ -344,6 +393,24 @@ class KvCache {
   static constexpr indicator_source source = indicator_source_of<Ind>;
   static constexpr bool accumulates = source == indicator_source::accumulated;
   static constexpr bool wants_stats = Pref::needs_entropy || Pref::needs_variance;
+  static constexpr bool headwise = is_headwise_budget<Budget>;
+  static_assert(!headwise || std::is_same_v<Exec, host_policy>,
+                "cake::KvCache: head-wise allocation (HeadwiseBudget) has no CUDA storage yet; "
+                "use it with cake::host_policy");
+
+  // Head-wise allocation of a layer budget over its rows: how many of its scored
+  // tokens each row keeps. sc: (rows, cols) scores; avail: tokens scored per row
+  // (empty: cols).
+  std::vector<index_t> head_lengths(detail::token_scores sc, std::span<const index_t> avail,
+                                    index_t cols, index_t budget) const {
+    const index_t B = cfg_.batch, Hkv = cfg_.kv_heads;
+    std::vector<index_t> out(static_cast<std::size_t>(B * Hkv));
+    auto lv = make_view(out.data(), std::array<index_t, 2>{B, Hkv});
+    detail::allocate_heads_rows(make_view(sc.p, std::array<index_t, 3>{B, Hkv, cols},
+                                          std::array<index_t, 3>{Hkv * sc.ld, sc.ld, 1}),
+                                avail, budget, budget_.head_floor(budget), lv);
+    return out;
+  }
 
   // The layer's statistics (for the preference) and its tokens' scores (for the
   // selection) into ind: (batch, kv_heads, ind_cols), ind_cols = S for an
@@ -394,14 +461,15 @@ class KvCache {
       Store::fill(exec_, ind, 0.0f);
       for (index_t i = 0; i < w; ++i) {
         const index_t seen = P + i + 1;
-        decode_scores(exec_, query_row(i),
-                      make_view<Space>(k.data_handle(), std::array<index_t, 4>{B, Hkv, seen, d},
-                                       std::array<index_t, 4>{static_cast<index_t>(k.stride(0)),
-                                                              static_cast<index_t>(k.stride(1)),
-                                                              static_cast<index_t>(k.stride(2)), 1}),
-                      ind_,
-                      make_view<Space>(Store::data(row), std::array<index_t, 3>{B, Hkv, seen},
-                                       std::array<index_t, 3>{Hkv * S, S, 1}));
+        decode_scores(
+            exec_, query_row(i),
+            make_view<Space>(k.data_handle(), std::array<index_t, 4>{B, Hkv, seen, d},
+                             std::array<index_t, 4>{static_cast<index_t>(k.stride(0)),
+                                                    static_cast<index_t>(k.stride(1)),
+                                                    static_cast<index_t>(k.stride(2)), 1}),
+            ind_,
+            make_view<Space>(Store::data(row), std::array<index_t, 3>{B, Hkv, seen},
+                             std::array<index_t, 3>{Hkv * S, S, 1}));
         Store::accumulate(exec_, out, ind_cols, Store::data(row), S, rows, seen);
       }
     }

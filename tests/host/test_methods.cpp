@@ -16,10 +16,12 @@ struct Tiny {
   index_t w;
   auto qv() const { return cake::make_view(q.data(), std::array<index_t, 4>{1, 1, w, 1}); }
   auto kv() const {
-    return cake::make_view(k.data(), std::array<index_t, 4>{1, 1, static_cast<index_t>(k.size()), 1});
+    return cake::make_view(k.data(),
+                           std::array<index_t, 4>{1, 1, static_cast<index_t>(k.size()), 1});
   }
   auto vv() const {
-    return cake::make_view(v.data(), std::array<index_t, 4>{1, 1, static_cast<index_t>(v.size()), 1});
+    return cake::make_view(v.data(),
+                           std::array<index_t, 4>{1, 1, static_cast<index_t>(v.size()), 1});
   }
 };
 
@@ -56,12 +58,10 @@ std::vector<index_t> kept(const Cache& c, index_t l = 0, index_t b = 0, index_t 
   return p;
 }
 
-using Streaming = cake::KvCache<cake::UniformPreference, cake::UniformBudget,
-                                cake::SinkRecencyIndicator>;
-using Tova =
-    cake::KvCache<cake::UniformPreference, cake::UniformBudget, cake::LastQueryIndicator>;
-using H2o =
-    cake::KvCache<cake::UniformPreference, cake::UniformBudget, cake::AccumulatedIndicator>;
+using Streaming =
+    cake::KvCache<cake::UniformPreference, cake::UniformBudget, cake::SinkRecencyIndicator>;
+using Tova = cake::KvCache<cake::UniformPreference, cake::UniformBudget, cake::LastQueryIndicator>;
+using H2o = cake::KvCache<cake::UniformPreference, cake::UniformBudget, cake::AccumulatedIndicator>;
 using SnapKv =
     cake::KvCache<cake::UniformPreference, cake::UniformBudget, cake::WindowMeanIndicator>;
 
@@ -224,9 +224,7 @@ inline std::vector<std::vector<index_t>> h2o_reference(const kv_test::Workload& 
   for (index_t i = 0; i < w; ++i) {
     std::vector<index_t> seen(static_cast<std::size_t>(P + i + 1));
     std::iota(seen.begin(), seen.end(), index_t{0});
-    add_attention(seen, [&](index_t h) {
-      return qw.data() + ((b * cfg.q_heads + h) * w + i) * d;
-    });
+    add_attention(seen, [&](index_t h) { return qw.data() + ((b * cfg.q_heads + h) * w + i) * d; });
   }
   std::vector<index_t> prefix(static_cast<std::size_t>(P));
   std::iota(prefix.begin(), prefix.end(), index_t{0});
@@ -298,7 +296,8 @@ TEST_CASE("TOVA, H2O and StreamingLLM compose with CAKE's layer budgets") {
   const auto wl = kv_test::make_workload(cfg, 64, 5, 2);
   cake::KvCache<> ref(cfg);
   cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::LastQueryIndicator> tova(cfg);
-  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::AccumulatedIndicator> h2o(cfg);
+  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::AccumulatedIndicator> h2o(
+      cfg);
   cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::SinkRecencyIndicator> stream(
       cfg);
   kv_test::prefill_all(ref, wl);
@@ -323,4 +322,216 @@ TEST_CASE("TOVA, H2O and StreamingLLM compose with CAKE's layer budgets") {
   }
   kv_test::check_layer_contents(h2o, wl, 65);
   kv_test::check_layer_contents(stream, wl, 65);
+}
+
+// ---- head-wise allocation (Ada-KV) -----------------------------------------------
+
+TEST_CASE("allocate_heads: per-head floor, then the best remaining tokens of any head") {
+  // Batch 0: row 0 has one strong token, row 1 many, row 2 none; batch 1 reversed.
+  const std::vector<float> s{9,    1,    1,    1,    1,    8,    7,    6,    5,    0,
+                             0.5f, 0.4f, 0.3f, 0.2f, 0.1f, 0.5f, 0.4f, 0.3f, 0.2f, 0.1f,
+                             8,    7,    6,    5,    0,    9,    1,    1,    1,    1};
+  const auto sv = cake::make_view(s.data(), std::array<index_t, 3>{2, 3, 5});
+  std::vector<index_t> len(6);
+  const auto lv = cake::make_view(len.data(), std::array<index_t, 2>{2, 3});
+  // budget 2 per row: 6 tokens per batch entry. Floor 1: {9}, {8}, {0.5}; then 7, 6, 5.
+  cake::allocate_heads(cake::host, sv, 2, 1, lv);
+  CHECK(len == std::vector<index_t>{1, 4, 1, 1, 4, 1});
+  // No floor: 9, 8, 7, 6, 5, then the tie at 1 goes to row 0's lowest token.
+  cake::allocate_heads(cake::host, sv, 2, 0, lv);
+  CHECK(len == std::vector<index_t>{2, 4, 0, 0, 4, 2});
+  // Floor = budget: uniform.
+  cake::allocate_heads(cake::host, sv, 2, 2, lv);
+  CHECK(len == std::vector<index_t>{2, 2, 2, 2, 2, 2});
+  // Everything fits.
+  cake::allocate_heads(cake::host, sv, 5, 0, lv);
+  CHECK(len == std::vector<index_t>{5, 5, 5, 5, 5, 5});
+  CHECK_THROWS_WITH_AS(cake::allocate_heads(cake::host, sv, 6, 0, lv),
+                       doctest::Contains("[cake.heads.budget]"), cake::invalid_argument);
+  CHECK_THROWS_WITH_AS(cake::allocate_heads(cake::host, sv, 2, 3, lv),
+                       doctest::Contains("[cake.heads.floor]"), cake::invalid_argument);
+  CHECK(cake::HeadwiseBudget<>{{}, 1.5f}.validate().id == std::string("cake.budget.min_share"));
+  CHECK(cake::HeadwiseBudget<>{}.head_floor(10) == 2);
+}
+
+namespace methods_test {
+using AdaSnapKv = cake::KvCache<cake::UniformPreference, cake::HeadwiseBudget<cake::UniformBudget>,
+                                cake::WindowMeanIndicator>;
+using CakeAda = cake::KvCache<cake::CakePreference, cake::HeadwiseBudget<cake::ProportionalBudget>,
+                              cake::MeanVarianceIndicator>;
+
+// Row lengths, padding and contents of a head-wise layer.
+template <class Cache>
+void check_ragged(const Cache& c, const kv_test::Workload& wl, index_t last) {
+  const auto& cfg = wl.cfg;
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    CAPTURE(l);
+    const auto len = c.row_lengths(l);
+    auto pos = c.positions(l);
+    auto keys = c.keys(l);
+    auto vals = c.values(l);
+    index_t longest = 0;
+    for (index_t b = 0; b < cfg.batch; ++b) {
+      index_t sum = 0;
+      for (index_t g = 0; g < cfg.kv_heads; ++g) {
+        const index_t n = len[static_cast<std::size_t>(b * cfg.kv_heads + g)];
+        sum += n;
+        longest = std::max(longest, n);
+        CHECK(n >= cfg.window);
+      }
+      // The heads of a batch entry share the layer's budget exactly.
+      CHECK(sum == cfg.kv_heads * (c.budget(l) + cfg.window));
+    }
+    REQUIRE(pos.extent(2) == longest);
+    CHECK(c.tokens_held(l) == c.budget(l) + cfg.window);
+    for (index_t b = 0; b < cfg.batch; ++b)
+      for (index_t g = 0; g < cfg.kv_heads; ++g) {
+        const index_t n = len[static_cast<std::size_t>(b * cfg.kv_heads + g)];
+        std::set<index_t> seen;
+        for (index_t t = 0; t < longest; ++t) {
+          if (t >= n) {  // padding
+            CHECK(pos(b, g, t) == -1);
+            CHECK(keys(b, g, t, 0) == 0.0f);
+            CHECK(vals(b, g, t, 0) == 0.0f);
+            continue;
+          }
+          CHECK(seen.insert(pos(b, g, t)).second);
+          CHECK(vals(b, g, t, 0) == static_cast<float>(pos(b, g, t)));
+          CHECK(keys(b, g, t, 1) == wl.key_of(l, b, g, pos(b, g, t))[1]);
+        }
+        for (index_t t = last - cfg.window + 1; t <= last; ++t) CHECK(seen.count(t) == 1);
+      }
+  }
+}
+}  // namespace methods_test
+
+TEST_CASE("Head-wise (Ada-KV) by hand: a head with one strong token lends its budget") {
+  // B = 1, two KV heads (one query head each), head_dim 1, S = 8, w = 2, C = 5: budget
+  // 3 per row, 6 per batch entry. Queries 1. Head 0: keys {4, 0, 0, 0, 0, 0 | 0, 0}:
+  // token 0 takes ~0.9 of the attention, every other ~0.016. Head 1: keys
+  // {1, .9, .8, .7, .6, .5 | 0, 0}: 0.12-0.2 each.
+  cake::CacheConfig cfg = tiny_config(2, 5, cake::token_order::position);
+  cfg.q_heads = cfg.kv_heads = 2;
+  const std::vector<float> q{1, 1, 1, 1};  // (1, 2, 2, 1)
+  const std::vector<float> k{4, 0, 0, 0, 0, 0, 0, 0, 1, 0.9f, 0.8f, 0.7f, 0.6f, 0.5f, 0, 0};
+  std::vector<float> v(16);
+  for (std::size_t i = 0; i < 16; ++i) v[i] = static_cast<float>(i % 8);
+  const auto qv = cake::make_view(q.data(), std::array<index_t, 4>{1, 2, 2, 1});
+  const auto kv = cake::make_view(k.data(), std::array<index_t, 4>{1, 2, 8, 1});
+  const auto vv = cake::make_view(v.data(), std::array<index_t, 4>{1, 2, 8, 1});
+  const auto run = [&](float share) {
+    AdaSnapKv c(cfg, {}, cake::HeadwiseBudget<cake::UniformBudget>{{}, share},
+                cake::WindowMeanIndicator{1});
+    c.prefill(0, qv, kv, vv);
+    return std::pair{c.row_lengths(0), std::pair{kept(c, 0, 0, 0), kept(c, 0, 0, 1)}};
+  };
+  // Floor 0 (and floor(0.34 * 3) = 1): head 0 keeps token 0, head 1 tokens 0..4.
+  for (float share : {0.0f, 0.34f}) {
+    CAPTURE(share);
+    const auto [len, sets] = run(share);
+    CHECK(len == std::vector<index_t>{3, 7});
+    CHECK(sets.first == std::vector<index_t>{-1, -1, -1, -1, 0, 6, 7});
+    CHECK(sets.second == std::vector<index_t>{0, 1, 2, 3, 4, 6, 7});
+  }
+  // Floor 2: head 0 keeps {0, 1} (a tie among its weak tokens: lowest first), head 1 {0..3}.
+  const auto [len, sets] = run(0.67f);
+  CHECK(len == std::vector<index_t>{4, 6});
+  CHECK(sets.first == std::vector<index_t>{-1, -1, 0, 1, 6, 7});
+  CHECK(sets.second == std::vector<index_t>{0, 1, 2, 3, 6, 7});
+  // Floor = budget: SnapKV's uniform rows.
+  const auto [ulen, usets] = run(1.0f);
+  CHECK(ulen == std::vector<index_t>{5, 5});
+}
+
+TEST_CASE("Head-wise on a GQA workload: one-shot equals the functional core; padding; decode") {
+  for (bool cascade : {false, true})
+    for (auto order : both_orders) {
+      CAPTURE(cascade);
+      CAPTURE(static_cast<int>(order));
+      auto cfg = kv_test::small_config(cascade);
+      cfg.order = order;
+      const int steps = 5;
+      const auto wl = kv_test::make_workload(cfg, 64, 300 + cascade, steps);
+      const cake::HeadwiseBudget<cake::UniformBudget> hb{{}, 0.25f};
+      AdaSnapKv c(cfg, {}, hb, cake::WindowMeanIndicator{3});
+      kv_test::prefill_all(c, wl);
+      check_ragged(c, wl, 63);
+      // Uniform layer budgets never change across stages, so cascading cuts each layer
+      // once, like one-shot: both equal window_stats -> allocate_heads -> each row's top-k.
+      const index_t B = cfg.batch, Hkv = cfg.kv_heads, w = cfg.window, P = 64 - w;
+      bool differs = false;
+      for (index_t l = 0; l < cfg.layers; ++l) {
+        std::vector<float> ind(static_cast<std::size_t>(B * Hkv * P)), st(2);
+        cake::window_stats(cake::host, wl.qv(l), wl.kv(l), cake::WindowMeanIndicator{3},
+                           cake::make_view(ind.data(), std::array<index_t, 3>{B, Hkv, P}),
+                           cake::make_view(st.data(), std::array<index_t, 1>{2}));
+        std::vector<index_t> len(static_cast<std::size_t>(B * Hkv));
+        const index_t b_l = c.budget(l);
+        cake::allocate_heads(cake::host,
+                             cake::make_view(static_cast<const float*>(ind.data()),
+                                             std::array<index_t, 3>{B, Hkv, P}),
+                             b_l, hb.head_floor(b_l),
+                             cake::make_view(len.data(), std::array<index_t, 2>{B, Hkv}));
+        const auto got = c.row_lengths(l);
+        for (index_t r = 0; r < B * Hkv; ++r) {
+          const index_t n = len[static_cast<std::size_t>(r)];
+          CHECK(got[static_cast<std::size_t>(r)] == n + w);
+          differs |= n != b_l;
+          std::vector<index_t> top(static_cast<std::size_t>(n));
+          cake::select_k(cake::host,
+                         cake::make_view(static_cast<const float*>(ind.data()) + r * P,
+                                         std::array<index_t, 2>{1, P}),
+                         cake::make_view(top.data(), std::array<index_t, 2>{1, n}),
+                         cake::select_order::position);
+          for (index_t t = P; t < 64; ++t) top.push_back(t);
+          auto have = kept(c, l, r / Hkv, r % Hkv);
+          have.erase(std::remove(have.begin(), have.end(), index_t{-1}), have.end());
+          CHECK(have == top);
+        }
+      }
+      CHECK(differs);  // the heads really did get different budgets
+      // Decoding: every row keeps its length, admits the new token, evicts one.
+      std::vector<std::vector<index_t>> len0;
+      for (index_t l = 0; l < cfg.layers; ++l) len0.push_back(c.row_lengths(l));
+      for (int t = 0; t < steps; ++t) {
+        kv_test::decode_step(c, wl, static_cast<std::size_t>(t));
+        for (index_t l = 0; l < cfg.layers; ++l)
+          CHECK(c.row_lengths(l) == len0[static_cast<std::size_t>(l)]);
+        check_ragged(c, wl, 64 + t);
+      }
+    }
+}
+
+TEST_CASE("CAKE x head-wise: CAKE's layer budgets, Ada-KV's head budgets, cascading bounded") {
+  const auto cfg = kv_test::small_config(true);
+  const auto wl = kv_test::make_workload(cfg, 64, 17, 3);
+  cake::KvCache<> cake_only(cfg);
+  CakeAda both(cfg);
+  kv_test::prefill_all(cake_only, wl);
+  kv_test::prefill_all(both, wl, [&](index_t l) {
+    // Every stage leaves each earlier layer at its new budget, row lengths summing to it.
+    for (index_t m = 0; m <= l; ++m)
+      for (index_t b = 0; b < cfg.batch; ++b) {
+        const auto len = both.row_lengths(m);
+        index_t s = 0;
+        for (index_t g = 0; g < cfg.kv_heads; ++g)
+          s += len[static_cast<std::size_t>(b * cfg.kv_heads + g)];
+        CHECK(s ==
+              cfg.kv_heads *
+                  (both.stage_budgets()[static_cast<std::size_t>(l)][static_cast<std::size_t>(m)] +
+                   cfg.window));
+      }
+  });
+  CHECK(std::vector<index_t>(both.budgets().begin(), both.budgets().end()) ==
+        std::vector<index_t>(cake_only.budgets().begin(), cake_only.budgets().end()));
+  CHECK(both.tokens_held() == cake_only.tokens_held());
+  CHECK(both.bytes_held() == cake_only.bytes_held());
+  check_ragged(both, wl, 63);
+  for (std::size_t t = 0; t < 3; ++t) kv_test::decode_step(both, wl, t);
+  check_ragged(both, wl, 66);
+  // min_share = 1 is CAKE itself.
+  cake::KvCache<cake::CakePreference, cake::HeadwiseBudget<>, cake::MeanVarianceIndicator> full(
+      cfg, {}, cake::HeadwiseBudget<>{{}, 1.0f});
+  kv_test::prefill_all(full, wl);
+  CHECK(kv_test::same_kept(full, cake_only, cfg));
 }

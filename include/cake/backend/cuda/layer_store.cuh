@@ -65,6 +65,9 @@ struct DeviceLayer {
   device_buffer<float> ind;    // (rows, cap), prefill only
   bool by_indicator = false;
 
+  index_t row_len(index_t) const { return held; }  // rows are never ragged here
+  index_t total() const { return rows * held; }
+
   DeviceLayer() = default;
   DeviceLayer(index_t rows_, index_t d_, index_t cap_, bool with_indicator, cudaStream_t s)
       : rows(rows_),

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <span>
 #include <type_traits>
 #include <vector>
 
@@ -47,10 +48,23 @@ struct layer_store {
 template <class T>
 struct HostLayer {
   index_t rows = 0, d = 0, cap = 0, held = 0;
-  std::vector<T> k, v;        // (rows, cap, d)
-  std::vector<index_t> pos;   // (rows, cap) token positions
-  std::vector<float> ind;     // (rows, cap) score of each held token, or empty
+  std::vector<T> k, v;       // (rows, cap, d)
+  std::vector<index_t> pos;  // (rows, cap) token positions
+  std::vector<float> ind;    // (rows, cap) score of each held token, or empty
+  // (rows) tokens of each row when rows differ (head-wise allocation), else empty.
+  // Then `held` is the longest row; row r's slots [len[r], held) are padding:
+  // position -1, zero keys and values.
+  std::vector<index_t> len;
   bool by_indicator = false;  // prefix in descending-indicator order
+
+  index_t row_len(index_t r) const { return len.empty() ? held : len[static_cast<std::size_t>(r)]; }
+  // Tokens held by all rows together.
+  index_t total() const {
+    if (len.empty()) return rows * held;
+    index_t s = 0;
+    for (index_t x : len) s += x;
+    return s;
+  }
 
   HostLayer() = default;
   HostLayer(index_t rows_, index_t d_, index_t cap_, bool with_indicator)
@@ -237,6 +251,60 @@ struct layer_store<T, host_policy> {
     return out;
   }
 
+  // select() with a prefix length per row (head-wise allocation): row r keeps its
+  // keep[r] best prefix tokens and the window; rows shorter than the longest are
+  // padded. Row by row: each row is its own top-k.
+  template <class KV, class VV>
+  static layer select_rows(const host_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
+                           const layer* src, token_scores sc, index_t P,
+                           std::span<const index_t> keep, bool position_order, bool keep_scores) {
+    const index_t Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window, rows = sh.rows();
+    const index_t longest = *std::max_element(keep.begin(), keep.end()) + w;
+    layer out(rows, d, longest + 1, keep_scores);
+    out.len.resize(static_cast<std::size_t>(rows));
+    std::vector<index_t> sel(static_cast<std::size_t>(longest));
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t b = r / Hkv, g = r % Hkv, kr = keep[static_cast<std::size_t>(r)], n = kr + w;
+      select_k(exec,
+               make_view(sc.p + r * sc.ld, std::array<index_t, 2>{1, P},
+                         std::array<index_t, 2>{sc.ld, 1}),
+               make_view(sel.data(), std::array<index_t, 2>{1, kr}),
+               position_order ? select_order::position : select_order::descending);
+      for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(kr + t)] = P + t;
+      for (index_t t = 0; t < n; ++t) {
+        const index_t j = sel[static_cast<std::size_t>(t)];
+        std::copy_n(&k(b, g, j, 0), d, out.key_row(r, t));
+        std::copy_n(&v(b, g, j, 0), d, out.value_row(r, t));
+        out.pos[static_cast<std::size_t>(r * out.cap + t)] =
+            src ? src->pos[static_cast<std::size_t>(r * src->cap + j)] : j;
+        if (keep_scores && j < sc.cols)
+          out.ind[static_cast<std::size_t>(r * out.cap + t)] = sc.p[r * sc.ld + j];
+      }
+      out.len[static_cast<std::size_t>(r)] = n;
+      pad_row(out, r, n, longest);
+    }
+    out.by_indicator = !position_order;
+    out.held = longest;
+    return out;
+  }
+
+  // truncate() with a prefix length per row; the layer becomes (or stays) ragged.
+  // The layer must be ragged already (made by select_rows), so nothing allocates.
+  static void truncate_rows(const host_policy&, layer& ly, const LayerShape& sh,
+                            std::span<const index_t> prefix) noexcept {
+    const index_t w = sh.window;
+    index_t longest = 0;
+    for (index_t r = 0; r < ly.rows; ++r) {
+      index_t& len = ly.len[static_cast<std::size_t>(r)];
+      const index_t p = prefix[static_cast<std::size_t>(r)];
+      if (p != len - w) move_window(ly, r, len - w, p, w);
+      pad_row(ly, r, p + w, len);
+      len = p + w;
+      longest = std::max(longest, len);
+    }
+    ly.held = longest;
+  }
+
   // A stored layer's tokens as the source of select(): (batch, kv_heads, held, head_dim).
   static host_view<const T, 4> keys(const layer& ly, const LayerShape& sh) {
     return ly.tokens_view(static_cast<const T*>(ly.k.data()), sh.batch, sh.kv_heads, ly.held);
@@ -275,31 +343,29 @@ struct layer_store<T, host_policy> {
                        index_t prefix) noexcept {
     const index_t w = sh.window, old_prefix = ly.held - w;
     if (prefix == old_prefix) return;
-    for (index_t r = 0; r < ly.rows; ++r) {
-      std::memmove(ly.key_row(r, prefix), ly.key_row(r, old_prefix),
-                   static_cast<std::size_t>(w * ly.d) * sizeof(T));
-      std::memmove(ly.value_row(r, prefix), ly.value_row(r, old_prefix),
-                   static_cast<std::size_t>(w * ly.d) * sizeof(T));
-      index_t* p = ly.pos.data() + r * ly.cap;
-      std::memmove(p + prefix, p + old_prefix, static_cast<std::size_t>(w) * sizeof(index_t));
-      if (!ly.ind.empty()) {
-        float* sc = ly.ind.data() + r * ly.cap;
-        std::memmove(sc + prefix, sc + old_prefix, static_cast<std::size_t>(w) * sizeof(float));
-      }
-    }
+    for (index_t r = 0; r < ly.rows; ++r) move_window(ly, r, old_prefix, prefix, w);
     ly.held = prefix + w;
   }
 
   // Per row, the order of the first `prefix` prefix tokens sorted by position:
   // perm[r * prefix + t] = current slot of the token that goes to slot t.
+  static permutation position_permutation(const host_policy& exec, const layer& ly,
+                                          const LayerShape& sh, index_t prefix) {
+    return position_permutation(exec, ly, sh,
+                                std::vector<index_t>(static_cast<std::size_t>(ly.rows), prefix));
+  }
+  // Ragged rows: row r sorts its first prefix[r] slots; its entries past them up to
+  // the longest prefix are the identity, which permute() leaves alone.
   static permutation position_permutation(const host_policy&, const layer& ly, const LayerShape&,
-                                          index_t prefix) {
-    permutation perm(static_cast<std::size_t>(ly.rows * prefix));
+                                          std::span<const index_t> prefix) {
+    const index_t longest = prefix.empty() ? 0 : *std::max_element(prefix.begin(), prefix.end());
+    permutation perm(static_cast<std::size_t>(ly.rows * longest));
     for (index_t r = 0; r < ly.rows; ++r) {
-      index_t* s = perm.data() + r * prefix;
-      std::iota(s, s + prefix, index_t{0});
+      index_t* s = perm.data() + r * longest;
+      std::iota(s, s + longest, index_t{0});
       const index_t* p = ly.pos.data() + r * ly.cap;
-      std::sort(s, s + prefix, [p](index_t a, index_t b) { return p[a] < p[b]; });
+      std::sort(s, s + prefix[static_cast<std::size_t>(r)],
+                [p](index_t a, index_t b) { return p[a] < p[b]; });
     }
     return perm;
   }
@@ -359,6 +425,7 @@ struct layer_store<T, host_policy> {
   static void decode(const host_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
                      const KV& k, const VV& v, index_t position, index_t budget,
                      const Ind& indicator, bool reference) {
+    if (!ly.len.empty()) return decode_rows(exec, ly, sh, q, k, v, position, indicator, reference);
     constexpr indicator_source source = indicator_source_of<Ind>;
     constexpr bool accumulates = source == indicator_source::accumulated;
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
@@ -407,11 +474,11 @@ struct layer_store<T, host_policy> {
       decode_scores(exec, q, keys(ly, sh), indicator,
                     make_view(scores.data(), std::array<index_t, 3>{B, Hkv, cand}));
     }
-    select_k(exec,
-             make_view(ranked, std::array<index_t, 2>{rows, cand},
-                       std::array<index_t, 2>{ranked_ld, 1}),
-             make_view(sel.data(), std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
-             reference ? select_order::descending : select_order::position);
+    select_k(
+        exec,
+        make_view(ranked, std::array<index_t, 2>{rows, cand}, std::array<index_t, 2>{ranked_ld, 1}),
+        make_view(sel.data(), std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
+        reference ? select_order::descending : select_order::position);
     for (index_t r = 0; r < rows; ++r)
       for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(r * n + keep + t)] = cand + t;
     auto keep_v =
@@ -437,6 +504,110 @@ struct layer_store<T, host_policy> {
   }
 
  private:
+  // decode() on a ragged layer (head-wise allocation): every row keeps its length, so
+  // each appends the new token and evicts one of its candidates, row by row.
+  template <class Ind, class QV, class KV, class VV>
+  static void decode_rows(const host_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
+                          const KV& k, const VV& v, index_t position, const Ind& indicator,
+                          bool reference) {
+    constexpr indicator_source source = indicator_source_of<Ind>;
+    constexpr bool accumulates = source == indicator_source::accumulated;
+    const index_t Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window, rows = sh.rows();
+    const index_t grp = q.extent(1) / Hkv;
+    index_t longest = 0;
+    for (index_t x : ly.len) longest = std::max(longest, x + 1);
+    layer grown;
+    if (longest > ly.cap) grown = regrow(ly, longest);
+    std::vector<float> scores(static_cast<std::size_t>(longest));
+    std::vector<index_t> sel(static_cast<std::size_t>(longest));
+    // One row's tokens in their new order, when reference order permutes them.
+    std::vector<T> tk(reference ? static_cast<std::size_t>(longest * d) : 0), tv(tk.size());
+    std::vector<index_t> tp(reference ? static_cast<std::size_t>(longest) : 0);
+    std::vector<float> ts(reference && accumulates ? tp.size() : 0);
+    if (longest > ly.cap) ly = std::move(grown);
+
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t b = r / Hkv, g = r % Hkv;
+      const index_t n = ly.len[static_cast<std::size_t>(r)] + 1, cand = n - w, keep = cand - 1;
+      index_t* pos = ly.pos.data() + r * ly.cap;
+      float* sc = accumulates ? ly.ind.data() + r * ly.cap : nullptr;
+      for (index_t x = 0; x < d; ++x) {
+        ly.key_row(r, n - 1)[x] = static_cast<T>(k(b, g, x));
+        ly.value_row(r, n - 1)[x] = static_cast<T>(v(b, g, x));
+      }
+      pos[n - 1] = position;
+      const auto qv = make_view(&q(b, g * grp, 0), std::array<index_t, 3>{1, grp, d},
+                                std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
+                                                       static_cast<index_t>(q.stride(1)), 1});
+      const auto kv =
+          make_view(static_cast<const T*>(ly.key_row(r, 0)), std::array<index_t, 4>{1, 1, n, d},
+                    std::array<index_t, 4>{n * d, n * d, d, 1});
+      const float* ranked = scores.data();
+      if constexpr (accumulates) {
+        sc[n - 1] = 0.0f;
+        decode_scores(exec, qv, kv, indicator,
+                      make_view(scores.data(), std::array<index_t, 3>{1, 1, n}));
+        for (index_t t = 0; t < n; ++t) sc[t] += scores[static_cast<std::size_t>(t)];
+        ranked = sc;
+      } else if constexpr (source == indicator_source::position) {
+        for (index_t t = 0; t < cand; ++t)
+          scores[static_cast<std::size_t>(t)] = indicator.score_position(pos[t]);
+      } else {
+        decode_scores(exec, qv, kv, indicator,
+                      make_view(scores.data(), std::array<index_t, 3>{1, 1, cand}));
+      }
+      select_k(exec, make_view(ranked, std::array<index_t, 2>{1, cand}),
+               make_view(sel.data(), std::array<index_t, 2>{1, keep}),
+               reference ? select_order::descending : select_order::position);
+      for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(keep + t)] = cand + t;
+      const auto move = [&](T* dk, T* dv, index_t* dp, float* ds, index_t to, index_t from) {
+        std::memmove(dk + to * d, ly.key_row(r, from), static_cast<std::size_t>(d) * sizeof(T));
+        std::memmove(dv + to * d, ly.value_row(r, from), static_cast<std::size_t>(d) * sizeof(T));
+        dp[to] = pos[from];
+        if (ds) ds[to] = sc[from];
+      };
+      // Position order is ascending (sel[t] >= t): in place. Reference order permutes:
+      // through the row buffer.
+      if (!reference) {
+        for (index_t t = 0; t < n - 1; ++t)
+          move(ly.key_row(r, 0), ly.value_row(r, 0), pos, sc, t, sel[static_cast<std::size_t>(t)]);
+      } else {
+        for (index_t t = 0; t < n - 1; ++t)
+          move(tk.data(), tv.data(), tp.data(), accumulates ? ts.data() : nullptr, t,
+               sel[static_cast<std::size_t>(t)]);
+        std::copy_n(tk.data(), (n - 1) * d, ly.key_row(r, 0));
+        std::copy_n(tv.data(), (n - 1) * d, ly.value_row(r, 0));
+        std::copy_n(tp.data(), n - 1, pos);
+        if constexpr (accumulates) std::copy_n(ts.data(), n - 1, sc);
+      }
+      pad_row(ly, r, n - 1, n);
+    }
+  }
+
+  // Row r's w window tokens from slot `from` to slot `to`, scores included.
+  static void move_window(layer& ly, index_t r, index_t from, index_t to, index_t w) noexcept {
+    std::memmove(ly.key_row(r, to), ly.key_row(r, from),
+                 static_cast<std::size_t>(w * ly.d) * sizeof(T));
+    std::memmove(ly.value_row(r, to), ly.value_row(r, from),
+                 static_cast<std::size_t>(w * ly.d) * sizeof(T));
+    index_t* p = ly.pos.data() + r * ly.cap;
+    std::memmove(p + to, p + from, static_cast<std::size_t>(w) * sizeof(index_t));
+    if (!ly.ind.empty()) {
+      float* sc = ly.ind.data() + r * ly.cap;
+      std::memmove(sc + to, sc + from, static_cast<std::size_t>(w) * sizeof(float));
+    }
+  }
+
+  // Slots [from, to) of row r become padding.
+  static void pad_row(layer& ly, index_t r, index_t from, index_t to) noexcept {
+    if (from >= to) return;
+    std::fill(ly.key_row(r, from), ly.key_row(r, to), T{});
+    std::fill(ly.value_row(r, from), ly.value_row(r, to), T{});
+    std::fill(ly.pos.data() + r * ly.cap + from, ly.pos.data() + r * ly.cap + to, index_t{-1});
+    if (!ly.ind.empty())
+      std::fill(ly.ind.data() + r * ly.cap + from, ly.ind.data() + r * ly.cap + to, 0.0f);
+  }
+
   // A copy of ly with a larger capacity.
   static layer regrow(const layer& ly, index_t cap) {
     layer out(ly.rows, ly.d, cap, !ly.ind.empty());
@@ -448,6 +619,7 @@ struct layer_store<T, host_policy> {
         std::copy_n(ly.ind.data() + r * ly.cap, ly.held, out.ind.data() + r * cap);
     }
     out.held = ly.held;
+    out.len = ly.len;
     out.by_indicator = ly.by_indicator;
     return out;
   }

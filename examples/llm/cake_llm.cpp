@@ -15,7 +15,8 @@ void usage() {
   std::printf(
       "usage: cake_llm [--model FILE] (--prompt TEXT | --prompt-file FILE) [options]\n"
       "  --model FILE       GGUF model (default $CAKE_MODEL or the scripts/fetch-model cache)\n"
-      "  --method M         cake | snapkv | pyramidkv | full (default cake)\n"
+      "  --method M         cake | snapkv | pyramidkv | streamingllm | h2o | tova | ada_snapkv |\n"
+      "                     cake_adakv | full (default cake)\n"
       "  --cache-size N     tokens per layer on average, window included (default 256)\n"
       "  --window N         observation window, always kept (default 32)\n"
       "  --max-new N        tokens to generate (default 64)\n"

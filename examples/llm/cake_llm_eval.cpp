@@ -93,8 +93,13 @@ std::string json_escape(const std::string& s) {
 void write_svg(const std::string& path, const std::vector<std::string>& methods,
                const std::vector<int>& caches, std::map<std::pair<std::string, int>, Cell>& cells,
                const Cell& full, int ctx_max) {
-  const int W = 920, Hh = 380, pw = 380, ph = 250, top = 60, lefts[2] = {70, 520};
-  const char* colors[] = {"#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"};
+  // The legend takes one row per 5 entries below the panels.
+  const int legend_rows = static_cast<int>(methods.size() + 1 + 4) / 5;
+  const int W = 920, Hh = 356 + 22 * legend_rows, pw = 380, ph = 250, top = 60,
+            lefts[2] = {70, 520};
+  const char* colors[] = {"#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e",
+                          "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"};
+  constexpr std::size_t n_colors = sizeof(colors) / sizeof(colors[0]);
   std::ofstream f(path);
   f << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << Hh
     << "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" "
@@ -139,20 +144,20 @@ void write_svg(const std::string& path, const std::vector<std::string>& methods,
                                 : (e.steps ? static_cast<double>(e.agree) / e.steps : 0);
         pts += std::to_string(X(p, c)) + "," + std::to_string(Y(v)) + " ";
         f << "<circle cx=\"" << X(p, c) << "\" cy=\"" << Y(v) << "\" r=\"3\" fill=\""
-          << colors[m % 5] << "\"/>\n";
+          << colors[m % n_colors] << "\"/>\n";
       }
-      f << "<polyline points=\"" << pts << "\" fill=\"none\" stroke=\"" << colors[m % 5]
+      f << "<polyline points=\"" << pts << "\" fill=\"none\" stroke=\"" << colors[m % n_colors]
         << "\" stroke-width=\"2\"/>\n";
     }
   }
-  int lx = 200;
   for (std::size_t m = 0; m <= methods.size(); ++m) {
     const bool is_full = m == methods.size();
-    f << "<line x1=\"" << lx << "\" x2=\"" << lx + 24 << "\" y1=\"" << Hh - 18 << "\" y2=\""
-      << Hh - 18 << "\" stroke=\"" << (is_full ? "#000" : colors[m % 5]) << "\" stroke-width=\"2\""
+    const int lx = 120 + static_cast<int>(m % 5) * 150;
+    const int ly = top + ph + 58 + static_cast<int>(m / 5) * 22;
+    f << "<line x1=\"" << lx << "\" x2=\"" << lx + 24 << "\" y1=\"" << ly << "\" y2=\"" << ly
+      << "\" stroke=\"" << (is_full ? "#000" : colors[m % n_colors]) << "\" stroke-width=\"2\""
       << (is_full ? " stroke-dasharray=\"5,4\"" : "") << "/><text x=\"" << lx + 30 << "\" y=\""
-      << Hh - 14 << "\">" << (is_full ? std::string("full cache") : methods[m]) << "</text>\n";
-    lx += 130;
+      << ly + 4 << "\">" << (is_full ? std::string("full cache") : methods[m]) << "</text>\n";
   }
   f << "</svg>\n";
 }
@@ -161,7 +166,9 @@ void write_svg(const std::string& path, const std::vector<std::string>& methods,
 
 int main(int argc, char** argv) {
   std::string model_path = llm::default_model_path(), json_path, svg_path;
-  std::vector<std::string> methods{"cake", "snapkv", "pyramidkv"};
+  std::vector<std::string> methods;  // every method of store.hpp but the full cache
+  for (const auto& m : llm::method_names())
+    if (m != "full") methods.push_back(m);
   std::vector<int> contexts{512, 1024, 2048}, caches{64, 128, 256, 512, 1024};
   std::vector<double> depths{0.1, 0.5, 0.9};
   int steps = 16, cache_threads = 1;
@@ -209,7 +216,7 @@ int main(int argc, char** argv) {
         std::printf(
             "usage: cake_llm_eval [--model FILE] [--contexts 512,1024,2048|max] [--depths "
             "0.1,0.5,0.9]\n"
-            "       [--cache-sizes 64,128,256,512,1024] [--methods cake,snapkv,pyramidkv] [--steps "
+            "       [--cache-sizes 64,128,256,512,1024] [--methods cake,snapkv,...] [--steps "
             "16]\n"
             "       [--window 32] [--tau1 X --tau2 X --gamma X] [--seed N] [--json FILE] [--svg "
             "FILE]\n"
@@ -341,14 +348,14 @@ int main(int argc, char** argv) {
       }
 
     // The table.
-    std::printf("\n%-10s %6s %9s %14s %11s\n", "method", "cache", "% of ctx", "needle found",
+    std::printf("\n%-13s %6s %9s %14s %11s\n", "method", "cache", "% of ctx", "needle found",
                 "agreement");
-    std::printf("%-10s %6s %8s%% %9d/%-4d %10.1f%%\n", "full", "all", "100", full.found,
+    std::printf("%-13s %6s %8s%% %9d/%-4d %10.1f%%\n", "full", "all", "100", full.found,
                 full.needles, 100.0);
     for (const auto& m : methods)
       for (int c : caches) {
         const Cell& e = cells[{m, c}];
-        std::printf("%-10s %6d %8.1f%% %9d/%-4d %10.1f%%\n", m.c_str(), c, e.pct / std::max(e.n, 1),
+        std::printf("%-13s %6d %8.1f%% %9d/%-4d %10.1f%%\n", m.c_str(), c, e.pct / std::max(e.n, 1),
                     e.found, e.needles, 100.0 * e.agree / std::max(e.steps, 1));
       }
     std::printf("\n(contexts");

@@ -163,6 +163,9 @@ struct AttendSpan {
   const float* v = nullptr;
   std::ptrdiff_t k_head_stride = 0, k_token_stride = 0, v_head_stride = 0, v_token_stride = 0;
   std::int64_t tokens = 0;
+  // Tokens of each KV head when they differ (a head-wise cache pads its rows to the
+  // longest: head g attends to its first head_tokens[g] only); empty: `tokens` each.
+  std::vector<std::int64_t> head_tokens;
 };
 
 class KvStore {
@@ -366,9 +369,11 @@ class Transformer {
     std::vector<float> p(static_cast<std::size_t>(s.tokens));
     for (int hd = 0; hd < c.heads; ++hd) {
       const int g = hd / group;
+      const std::int64_t n =
+          s.head_tokens.empty() ? s.tokens : s.head_tokens[static_cast<std::size_t>(g)];
       const float* qh = q + static_cast<std::ptrdiff_t>(hd) * d;
       float mx = -INFINITY;
-      for (std::int64_t j = 0; j < s.tokens; ++j) {
+      for (std::int64_t j = 0; j < n; ++j) {
         const float* kr = s.k + g * s.k_head_stride + j * s.k_token_stride;
         float dot = 0.0f;
         for (int x = 0; x < d; ++x) dot += qh[x] * kr[x];
@@ -376,10 +381,13 @@ class Transformer {
         mx = std::max(mx, dot * scale);
       }
       float sum = 0.0f;
-      for (auto& e : p) sum += (e = std::exp(e - mx));
+      for (std::int64_t j = 0; j < n; ++j) {
+        float& e = p[static_cast<std::size_t>(j)];
+        sum += (e = std::exp(e - mx));
+      }
       float* o = out + static_cast<std::ptrdiff_t>(hd) * d;
       std::fill(o, o + d, 0.0f);
-      for (std::int64_t j = 0; j < s.tokens; ++j) {
+      for (std::int64_t j = 0; j < n; ++j) {
         const float* vr = s.v + g * s.v_head_stride + j * s.v_token_stride;
         const float a = p[static_cast<std::size_t>(j)] / sum;
         for (int x = 0; x < d; ++x) o[x] += a * vr[x];

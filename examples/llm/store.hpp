@@ -1,8 +1,13 @@
 // KV stores backed by cake::KvCache, and the engine's method names:
-//   full       every token (FullStore)
-//   cake       KvCache<CakePreference, ProportionalBudget, MeanVarianceIndicator>
-//   snapkv     KvCache<UniformPreference, UniformBudget, WindowMeanIndicator>
-//   pyramidkv  KvCache<UniformPreference, PyramidBudget, WindowMeanIndicator>
+//   full          every token (FullStore)
+//   cake          cake::methods::Cake       (CakePreference, ProportionalBudget,
+//   MeanVarianceIndicator) snapkv        cake::methods::SnapKv     (uniform budgets, window-mean
+//   indicator) pyramidkv     cake::methods::PyramidKv  (pyramid budgets, window-mean indicator)
+//   streamingllm  cake::methods::StreamingLlm  (4 attention sinks + recent tokens)
+//   h2o           cake::methods::H2o        (accumulated attention)
+//   tova          cake::methods::Tova       (the last query's attention)
+//   ada_snapkv    cake::methods::AdaSnapKv  (SnapKV with head-wise budgets)
+//   cake_adakv    cake::methods::CakeAdaKv  (CAKE's layer budgets x head-wise budgets)
 #pragma once
 
 #include <cake/cake.hpp>
@@ -70,6 +75,8 @@ class CakeStore final : public KvStore {
     s.v_head_stride = static_cast<std::ptrdiff_t>(V.stride(1));
     s.v_token_stride = static_cast<std::ptrdiff_t>(V.stride(2));
     s.tokens = static_cast<std::int64_t>(K.extent(2));
+    if constexpr (cake::is_headwise_budget<typename Cache::budget_policy>)
+      for (index_t n : cache_.row_lengths(l)) s.head_tokens.push_back(n);
     return s;
   }
 
@@ -95,16 +102,27 @@ inline void set_cache_threads(int n) {
 #endif
 }
 
+inline const std::vector<std::string>& method_names() {
+  static const std::vector<std::string> names{"full",      "cake",         "snapkv",
+                                              "pyramidkv", "streamingllm", "h2o",
+                                              "tova",      "ada_snapkv",   "cake_adakv"};
+  return names;
+}
+
 inline bool known_method(const std::string& m) {
-  return m == "full" || m == "cake" || m == "snapkv" || m == "pyramidkv";
+  const auto& n = method_names();
+  return std::find(n.begin(), n.end(), m) != n.end();
 }
 
 // A store for `method`, sized for a prompt of `prompt_tokens` tokens. The window is
 // shortened for prompts shorter than it (the library needs S >= window).
 inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOptions& o,
                                            int prompt_tokens) {
-  if (!known_method(o.method))
-    throw std::runtime_error("unknown method '" + o.method + "' (full, cake, snapkv, pyramidkv)");
+  if (!known_method(o.method)) {
+    std::string all;
+    for (const auto& n : method_names()) all += (all.empty() ? "" : ", ") + n;
+    throw std::runtime_error("unknown method '" + o.method + "' (" + all + ")");
+  }
   const int w = std::min(o.window, prompt_tokens);
   if (o.method == "full" || w < 2 || o.cache_size <= w) {
     if (o.method != "full" && o.cache_size <= w)
@@ -120,21 +138,20 @@ inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOpti
   cfg.window = w;
   cfg.cache_size = o.cache_size;
   cfg.cascade = true;
-  if (o.method == "cake") {
-    using C =
-        cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::MeanVarianceIndicator>;
-    return std::make_unique<CakeStore<C>>(
-        c, cfg,
-        C(cfg, cake::CakePreference{o.tau1, o.tau2}, cake::ProportionalBudget{},
-          cake::MeanVarianceIndicator{o.gamma, 5}));
-  }
-  if (o.method == "snapkv") {
-    using C =
-        cake::KvCache<cake::UniformPreference, cake::UniformBudget, cake::WindowMeanIndicator>;
-    return std::make_unique<CakeStore<C>>(c, cfg, C(cfg));
-  }
-  using C = cake::KvCache<cake::UniformPreference, cake::PyramidBudget, cake::WindowMeanIndicator>;
-  return std::make_unique<CakeStore<C>>(c, cfg, C(cfg));
+  namespace m = cake::methods;
+  const auto store = [&]<class C>(C cache) -> std::unique_ptr<KvStore> {
+    return std::make_unique<CakeStore<C>>(c, cfg, std::move(cache));
+  };
+  const cake::CakePreference pref{o.tau1, o.tau2};
+  const cake::MeanVarianceIndicator ind{o.gamma, 5};
+  if (o.method == "cake") return store(m::Cake<>(cfg, pref, {}, ind));
+  if (o.method == "snapkv") return store(m::SnapKv<>(cfg));
+  if (o.method == "pyramidkv") return store(m::PyramidKv<>(cfg));
+  if (o.method == "streamingllm") return store(m::StreamingLlm<>(cfg));
+  if (o.method == "h2o") return store(m::H2o<>(cfg));
+  if (o.method == "tova") return store(m::Tova<>(cfg));
+  if (o.method == "ada_snapkv") return store(m::AdaSnapKv<>(cfg));
+  return store(m::CakeAdaKv<>(cfg, pref, {}, ind));
 }
 
 inline Tokenizer load_tokenizer(const GgufFile& f) {

@@ -17,6 +17,7 @@
 #include "error.hpp"
 #include "execution.hpp"
 #include "kv_cache.hpp"
+#include "methods.hpp"
 #include "policy/budget/headwise.hpp"
 #include "policy/budget/proportional.hpp"
 #include "policy/budget/pyramid.hpp"

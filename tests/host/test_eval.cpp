@@ -37,6 +37,21 @@ TEST_CASE("eval: attention output and relative L2 error, d = 1, by hand") {
   CHECK(cake_eval::mean_rel_l2_error(full, full, 1) == 0.0);
 }
 
+TEST_CASE("eval: row lengths keep a head-wise cache's padding out of attention") {
+  // Two KV heads (one query head each), q = 0: uniform weights over the tokens a row
+  // holds. Row 0 holds 1 of its 2 slots (the second is padding: value 100), row 1 both.
+  const std::vector<float> q(2, 0.0f);
+  const std::vector<float> k(4, 0.0f);
+  const std::vector<float> v{4.0f, 100.0f, 2.0f, 6.0f};
+  const auto o = cake_eval::attention_output(v4(q, {1, 2, 1, 1}), v4(k, {1, 2, 2, 1}),
+                                             v4(v, {1, 2, 2, 1}), {1, 2});
+  CHECK(o[0] == 4.0);                   // not (4 + 100) / 2
+  CHECK(o[1] == doctest::Approx(4.0));  // (2 + 6) / 2
+  CHECK_THROWS_AS(cake_eval::attention_output(v4(q, {1, 2, 1, 1}), v4(k, {1, 2, 2, 1}),
+                                              v4(v, {1, 2, 2, 1}), {1}),
+                  std::invalid_argument);
+}
+
 TEST_CASE("eval: d = 2, uniform attention, and the mean over rows") {
   // q = 0: every key weighs the same. V = (3,0), (0,3), (0,0): full output (1,1);
   // holding the first two gives (1.5,1.5): error ||(.5,.5)|| / ||(1,1)|| = 0.5.

@@ -258,7 +258,8 @@ TEST_CASE(
   const auto want = generate(tf, rec, full, max_new);
   REQUIRE(want.size() == static_cast<std::size_t>(max_new));
 
-  for (const char* method : {"cake", "snapkv", "pyramidkv"}) {
+  for (const std::string& method : method_names()) {
+    if (method == "full") continue;
     CAPTURE(method);
     CacheOptions o;
     o.method = method;
@@ -283,8 +284,9 @@ TEST_CASE(
     for (float x : logits) CHECK(std::isfinite(x));
   }
   CacheOptions bad;
-  bad.method = "h2o";
-  CHECK_THROWS(make_store(model.cfg, bad, 40));
+  bad.method = "quest";  // not (yet) a method
+  CHECK_THROWS_WITH(make_store(model.cfg, bad, 40),
+                    doctest::Contains("unknown method 'quest' (full, cake, snapkv"));
   bad.method = "cake";
   bad.cache_size = 8;  // not above the window
   CHECK_THROWS(make_store(model.cfg, bad, 40));

@@ -31,11 +31,15 @@ using cview4 = cake::host_view<const float, 4>;
 
 // q: (B, H, nq, d); k, v: (B, Hkv, N, d). Returns (B, H, nq, d) row-major, in double.
 // Scores and softmax are computed in double so that the measure adds no noise of
-// its own; N = 0 gives zeros.
+// its own; N = 0 gives zeros. lengths, when not empty, is (B * Hkv): row (b, g)
+// attends to its first lengths[b * Hkv + g] tokens only (a head-wise cache's rows).
 template <class QV, class KV, class VV>
-std::vector<double> attention_output(const QV& q, const KV& k, const VV& v) {
+std::vector<double> attention_output(const QV& q, const KV& k, const VV& v,
+                                     const std::vector<index_t>& lengths = {}) {
   const index_t B = q.extent(0), H = q.extent(1), nq = q.extent(2), d = q.extent(3);
   const index_t Hkv = k.extent(1), N = k.extent(2);
+  if (!lengths.empty() && static_cast<index_t>(lengths.size()) != B * Hkv)
+    throw std::invalid_argument("cake_eval: attention_output: lengths must be (B * Hkv)");
   if (k.extent(0) != B || v.extent(0) != B || v.extent(1) != Hkv || v.extent(2) != N ||
       k.extent(3) != d || v.extent(3) != d || Hkv < 1 || H % Hkv != 0)
     throw std::invalid_argument("cake_eval: attention_output: q, k, v shapes do not match");
@@ -49,11 +53,14 @@ std::vector<double> attention_output(const QV& q, const KV& k, const VV& v) {
   for (index_t b = 0; b < B; ++b)
     for (index_t h = 0; h < H; ++h) {
       const index_t g = h / n;
+      const index_t N_row =
+          lengths.empty() ? N : std::min(N, lengths[static_cast<std::size_t>(b * Hkv + g)]);
+      s.resize(static_cast<std::size_t>(N_row));
       for (index_t i = 0; i < nq; ++i) {
-        if (N == 0) continue;
+        if (N_row == 0) continue;
         const auto* qp = &q(b, h, i, 0);
         double mx = -std::numeric_limits<double>::infinity();
-        for (index_t t = 0; t < N; ++t) {
+        for (index_t t = 0; t < N_row; ++t) {
           const auto* kp = &k(b, g, t, 0);
           double dot = 0.0;
           for (index_t x = 0; x < d; ++x)
@@ -67,7 +74,7 @@ std::vector<double> attention_output(const QV& q, const KV& k, const VV& v) {
           den += e;
         }
         double* o = out.data() + ((b * H + h) * nq + i) * d;
-        for (index_t t = 0; t < N; ++t) {
+        for (index_t t = 0; t < N_row; ++t) {
           const double a = s[static_cast<std::size_t>(t)] / den;
           const auto* vp = &v(b, g, t, 0);
           for (index_t x = 0; x < d; ++x) o[x] += a * static_cast<double>(vp[x * vs]);
@@ -128,6 +135,7 @@ struct CacheRunner {
   virtual cview4 values(index_t layer) const = 0;
   virtual index_t tokens_held(index_t layer) const = 0;
   virtual index_t tokens_held() const = 0;
+  virtual std::vector<index_t> row_lengths(index_t layer) const = 0;
 };
 
 template <class Cache>
@@ -140,6 +148,7 @@ struct CacheRunnerOf final : CacheRunner {
   cview4 values(index_t l) const override { return cache.values(l); }
   index_t tokens_held(index_t l) const override { return cache.tokens_held(l); }
   index_t tokens_held() const override { return cache.tokens_held(); }
+  std::vector<index_t> row_lengths(index_t l) const override { return cache.row_lengths(l); }
 };
 
 struct Method {
@@ -148,39 +157,52 @@ struct Method {
   std::function<std::unique_ptr<CacheRunner>(const cake::CacheConfig&, const Workload&)> make;
 };
 
-// The methods the library expresses today, all at the same cache size C.
+// Every method of cake/methods.hpp (and the ablation), all at the same cache size C.
+// CAKE's hyperparameters come from the workload; the others use their defaults.
 inline std::vector<Method> default_methods() {
   using namespace cake;
-  std::vector<Method> m;
-  m.push_back(
-      {"cake", "CakePreference{tau1,tau2} + ProportionalBudget + MeanVarianceIndicator{gamma}",
-       [](const CacheConfig& c, const Workload& w) -> std::unique_ptr<CacheRunner> {
-         return std::make_unique<
-             CacheRunnerOf<KvCache<CakePreference, ProportionalBudget, MeanVarianceIndicator>>>(
-             c, CakePreference{w.tau1, w.tau2}, ProportionalBudget{},
-             MeanVarianceIndicator{w.gamma, 5});
-       }});
-  m.push_back({"snapkv", "UniformPreference + UniformBudget + WindowMeanIndicator",
-               [](const CacheConfig& c, const Workload&) -> std::unique_ptr<CacheRunner> {
-                 return std::make_unique<
-                     CacheRunnerOf<KvCache<UniformPreference, UniformBudget, WindowMeanIndicator>>>(
-                     c);
-               }});
-  m.push_back({"pyramidkv", "UniformPreference + PyramidBudget{beta=20} + WindowMeanIndicator",
-               [](const CacheConfig& c, const Workload&) -> std::unique_ptr<CacheRunner> {
-                 return std::make_unique<
-                     CacheRunnerOf<KvCache<UniformPreference, PyramidBudget, WindowMeanIndicator>>>(
-                     c);
-               }});
-  m.push_back(
+  namespace m = cake::methods;
+  const auto make = []<class Cache>(auto... policies) {
+    return [=](const CacheConfig& c, const Workload& w) -> std::unique_ptr<CacheRunner> {
+      (void)w;
+      return std::make_unique<CacheRunnerOf<Cache>>(c, policies(w)...);
+    };
+  };
+  const auto cake_pref = [](const Workload& w) { return CakePreference{w.tau1, w.tau2}; };
+  const auto cake_ind = [](const Workload& w) { return MeanVarianceIndicator{w.gamma, 5}; };
+  const auto uniform_pref = [](const Workload&) { return UniformPreference{}; };
+  const auto proportional = [](const Workload&) { return ProportionalBudget{}; };
+  const auto uniform = [](const Workload&) { return UniformBudget{}; };
+  const auto headwise_prop = [](const Workload&) { return HeadwiseBudget<ProportionalBudget>{}; };
+  std::vector<Method> out;
+  out.push_back({"cake",
+                 "CakePreference{tau1,tau2} + ProportionalBudget + MeanVarianceIndicator{gamma}",
+                 make.template operator()<m::Cake<>>(cake_pref, proportional, cake_ind)});
+  out.push_back({"snapkv", "UniformPreference + UniformBudget + WindowMeanIndicator",
+                 make.template operator()<m::SnapKv<>>()});
+  out.push_back({"pyramidkv", "UniformPreference + PyramidBudget{beta=20} + WindowMeanIndicator",
+                 make.template operator()<m::PyramidKv<>>()});
+  out.push_back({"streamingllm",
+                 "UniformPreference + UniformBudget + SinkRecencyIndicator{sinks=4}",
+                 make.template operator()<m::StreamingLlm<>>()});
+  out.push_back({"h2o", "UniformPreference + UniformBudget + AccumulatedIndicator",
+                 make.template operator()<m::H2o<>>()});
+  out.push_back({"tova", "UniformPreference + UniformBudget + LastQueryIndicator",
+                 make.template operator()<m::Tova<>>()});
+  out.push_back({"ada_snapkv",
+                 "UniformPreference + HeadwiseBudget<UniformBudget>{min_share=0.2} + "
+                 "WindowMeanIndicator",
+                 make.template operator()<m::AdaSnapKv<>>()});
+  out.push_back({"cake_adakv",
+                 "CakePreference{tau1,tau2} + HeadwiseBudget<ProportionalBudget>{min_share=0.2} + "
+                 "MeanVarianceIndicator{gamma}",
+                 make.template operator()<m::CakeAdaKv<>>(cake_pref, headwise_prop, cake_ind)});
+  out.push_back(
       {"cake_uniform_budget",
        "UniformPreference + UniformBudget + MeanVarianceIndicator{gamma} (ablation)",
-       [](const CacheConfig& c, const Workload& w) -> std::unique_ptr<CacheRunner> {
-         return std::make_unique<
-             CacheRunnerOf<KvCache<UniformPreference, UniformBudget, MeanVarianceIndicator>>>(
-             c, UniformPreference{}, UniformBudget{}, MeanVarianceIndicator{w.gamma, 5});
-       }});
-  return m;
+       make.template operator()<KvCache<UniformPreference, UniformBudget, MeanVarianceIndicator>>(
+           uniform_pref, uniform, cake_ind)});
+  return out;
 }
 
 // The cache sizes of the issue, less those the workload cannot distinguish from
@@ -273,7 +295,7 @@ inline Result evaluate(const Workload& wl, const std::vector<index_t>& sizes,
       for (index_t l = 0; l < L; ++l) {
         const cview4 qh = cake::make_view(
             static_cast<const float*>(q_held[static_cast<std::size_t>(l)].data()), A4{B, H, nq, d});
-        const auto out = attention_output(qh, run.keys(l), run.values(l));
+        const auto out = attention_output(qh, run.keys(l), run.values(l), run.row_lengths(l));
         const double e = mean_rel_l2_error(out, full[static_cast<std::size_t>(l)], d);
         cell.layer_error.push_back(e);
         cell.layer_tokens.push_back(run.tokens_held(l));

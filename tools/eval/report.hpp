@@ -110,10 +110,11 @@ inline void write_json(std::ostream& f, const std::vector<Result>& results) {
 // One panel per workload, stacked; x = log2(C), y = mean relative L2 error from 0.
 inline void write_svg(std::ostream& f, const std::vector<Result>& results) {
   using detail::xml;
-  static const char* colors[] = {"#d62728", "#1f77b4", "#2ca02c", "#ff7f0e",
-                                 "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"};
+  static const char* colors[] = {"#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd",
+                                 "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"};
   // Dashes keep coinciding lines (e.g. snapkv and cake_uniform_budget) both visible.
-  static const char* dashes[] = {"none", "none", "none", "7,4", "2,3", "9,3,2,3", "none", "7,4"};
+  static const char* dashes[] = {"none",    "none", "none", "7,4", "2,3",
+                                 "9,3,2,3", "none", "7,4",  "2,3", "none"};
   const double W = 720, PH = 380;  // panel size
   const double ml = 70, mr = 190, mt = 40, mb = 50;
   const double H = PH * static_cast<double>(std::max<std::size_t>(results.size(), 1));

@@ -6,6 +6,8 @@
 //                                           and cut at once, so memory stays bounded
 //   decode(layer, q, k, v)                  append one token, evict one if over budget
 //   keys(l) / values(l) / positions(l)      what is held, (batch, kv_heads, held, ...)
+//   row_lengths(l)                          tokens of each row (they differ only with
+//                                           head-wise budgets: rows are then padded)
 //   budget(l), tokens_held(l), bytes_held(l), preference(l), stage_budgets()
 //
 // Every call validates its input first and leaves the cache unchanged when it throws.
@@ -394,21 +396,19 @@ class KvCache {
   static constexpr bool accumulates = source == indicator_source::accumulated;
   static constexpr bool wants_stats = Pref::needs_entropy || Pref::needs_variance;
   static constexpr bool headwise = is_headwise_budget<Budget>;
-  static_assert(!headwise || std::is_same_v<Exec, host_policy>,
-                "cake::KvCache: head-wise allocation (HeadwiseBudget) has no CUDA storage yet; "
-                "use it with cake::host_policy");
 
   // Head-wise allocation of a layer budget over its rows: how many of its scored
-  // tokens each row keeps. sc: (rows, cols) scores; avail: tokens scored per row
-  // (empty: cols).
+  // tokens each row keeps. sc: (rows, cols) scores in the backend's memory; avail:
+  // tokens scored per row (empty: cols).
   std::vector<index_t> head_lengths(detail::token_scores sc, std::span<const index_t> avail,
                                     index_t cols, index_t budget) const {
     const index_t B = cfg_.batch, Hkv = cfg_.kv_heads;
+    // The lengths are decided on the host: the scores come to it (a copy on the host).
+    const std::vector<float> h = Store::download(exec_, sc, B * Hkv, cols);
     std::vector<index_t> out(static_cast<std::size_t>(B * Hkv));
     auto lv = make_view(out.data(), std::array<index_t, 2>{B, Hkv});
-    detail::allocate_heads_rows(make_view(sc.p, std::array<index_t, 3>{B, Hkv, cols},
-                                          std::array<index_t, 3>{Hkv * sc.ld, sc.ld, 1}),
-                                avail, budget, budget_.head_floor(budget), lv);
+    detail::allocate_heads_rows(make_view(h.data(), std::array<index_t, 3>{B, Hkv, cols}), avail,
+                                budget, budget_.head_floor(budget), lv);
     return out;
   }
 

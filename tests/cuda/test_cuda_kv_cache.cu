@@ -97,8 +97,11 @@ void require_same(const HostC& h, const CudaC& c, const std::string& where) {
     // Each row's held tokens, as (position, key row, value row) sorted by position: in
     // the reference order, decode scores that differ in the last bits between the
     // backends may order near-equal tokens differently, never hold different ones.
-    const index_t rows = h.config().batch * h.config().kv_heads, n = h.tokens_held(l),
+    // n: the stored extent (the longest row when head-wise rows differ; padding
+    // slots, position -1 and zeros, compare like tokens).
+    const index_t rows = h.config().batch * h.config().kv_heads, n = h.positions(l).extent(2),
                   d = h.config().head_dim;
+    REQUIRE(h.row_lengths(l) == c.row_lengths(l));
     auto tokens = [&](std::vector<index_t> pos, std::vector<float> k, std::vector<float> v) {
       std::vector<std::tuple<index_t, std::vector<float>, std::vector<float>>> out;
       for (index_t r = 0; r < rows; ++r)
@@ -273,7 +276,7 @@ TEST_SUITE("gpu") {
     }
     CHECK(dev.layers_prefilled() == 0);
   }
-  TEST_CASE("KvCache on CUDA equals the host for StreamingLLM, TOVA and H2O, with CAKE budgets") {
+  TEST_CASE("KvCache on CUDA equals the host for StreamingLLM, TOVA, H2O and head-wise budgets") {
     for (bool cascade : {true, false})
       for (auto order : {cake::token_order::position, cake::token_order::reference}) {
         const cake::CacheConfig cfg{.layers = 3,
@@ -288,10 +291,12 @@ TEST_SUITE("gpu") {
         const std::string where =
             std::string(cascade ? "cascading" : "one-shot") +
             (order == cake::token_order::position ? ", position order" : ", reference order");
-        auto both = [&]<class Pref, class Ind>(const char* name, Ind ind) {
-          cake::KvCache<Pref, cake::ProportionalBudget, Ind> host(cfg, {}, {}, ind);
-          cake::KvCache<Pref, cake::ProportionalBudget, Ind, float, cake::cuda_policy> dev(
-              cfg, {}, {}, ind, cake::cuda);
+        auto both = [&]<class Pref, class Budget = cake::ProportionalBudget>(const char* name,
+                                                                             auto ind) {
+          using Ind = decltype(ind);
+          cake::KvCache<Pref, Budget, Ind> host(cfg, {}, {}, ind);
+          cake::KvCache<Pref, Budget, Ind, float, cake::cuda_policy> dev(cfg, {}, {}, ind,
+                                                                         cake::cuda);
           run_synthetic(host, dev, 11, std::string(name) + ", " + where);
         };
         both.template operator()<cake::UniformPreference>("streamingllm",
@@ -300,6 +305,14 @@ TEST_SUITE("gpu") {
         both.template operator()<cake::UniformPreference>("h2o", cake::AccumulatedIndicator{});
         both.template operator()<cake::CakePreference>("cake x tova", cake::LastQueryIndicator{});
         both.template operator()<cake::CakePreference>("cake x h2o", cake::AccumulatedIndicator{});
+        // Head-wise rows (ragged, padded): Ada-SnapKV and CAKE x Ada-KV, also with H2O sums.
+        both.template
+        operator()<cake::UniformPreference, cake::HeadwiseBudget<cake::UniformBudget>>(
+            "ada_snapkv", cake::WindowMeanIndicator{});
+        both.template operator()<cake::CakePreference, cake::HeadwiseBudget<>>(
+            "cake_adakv", cake::MeanVarianceIndicator{});
+        both.template operator()<cake::UniformPreference, cake::HeadwiseBudget<>>(
+            "h2o x head-wise", cake::AccumulatedIndicator{});
       }
   }
 }  // TEST_SUITE

@@ -293,3 +293,30 @@ TEST_CASE("StatsRequest{false, false} gives the same indicator") {
       run(s, q, k, cake::MeanVarianceIndicator{}, cake::host, cake::StatsRequest{true, true});
   check_against(o, ref);
 }
+
+TEST_CASE("release_host_scratch frees the calling thread's scratch; results unchanged") {
+  const index_t B = 1, H = 4, Hkv = 2, w = 4, S = 300, d = 16;
+  std::vector<float> q(static_cast<std::size_t>(B * H * w * d)),
+      k(static_cast<std::size_t>(B * Hkv * S * d));
+  for (std::size_t i = 0; i < q.size(); ++i) q[i] = std::sin(0.37f * static_cast<float>(i));
+  for (std::size_t i = 0; i < k.size(); ++i) k[i] = std::cos(0.11f * static_cast<float>(i));
+  std::vector<float> a(static_cast<std::size_t>(B * Hkv * (S - w))), b(a.size()), st(2);
+  const auto run = [&](std::vector<float>& out) {
+    cake::window_stats(
+        cake::host.threads(1),
+        cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 4>{B, H, w, d}),
+        cake::make_view(static_cast<const float*>(k.data()), std::array<index_t, 4>{B, Hkv, S, d}),
+        cake::MeanVarianceIndicator{},
+        cake::make_view(out.data(), std::array<index_t, 3>{B, Hkv, S - w}),
+        cake::make_view(st.data(), std::array<index_t, 1>{2}));
+  };
+  run(a);
+  auto& scratch = cake::detail::host_stats::thread_scratch();
+  CHECK(scratch.ind_heads.capacity() >= static_cast<std::size_t>(B * H * (S - w)));
+  CHECK(!scratch.workers.empty());
+  cake::release_host_scratch();
+  CHECK(scratch.ind_heads.capacity() == 0);
+  CHECK(scratch.workers.empty());
+  run(b);
+  CHECK(a == b);
+}

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <span>
 #include <vector>
 
 #include "../host/layer_store.hpp"
@@ -62,11 +63,20 @@ struct DeviceLayer {
   index_t rows = 0, d = 0, cap = 0, held = 0;
   device_buffer<T> k, v;       // (rows, cap, d)
   device_buffer<index_t> pos;  // (rows, cap)
-  device_buffer<float> ind;    // (rows, cap), prefill only
+  device_buffer<float> ind;    // (rows, cap) score of each held token, or empty
+  // (rows) tokens of each row when rows differ (head-wise allocation), else empty;
+  // kept on the host, where the lengths are decided. Slots past a row's length are
+  // padding, as on the host: position -1, zero keys and values.
+  std::vector<index_t> len;
   bool by_indicator = false;
 
-  index_t row_len(index_t) const { return held; }  // rows are never ragged here
-  index_t total() const { return rows * held; }
+  index_t row_len(index_t r) const { return len.empty() ? held : len[static_cast<std::size_t>(r)]; }
+  index_t total() const {
+    if (len.empty()) return rows * held;
+    index_t s = 0;
+    for (index_t x : len) s += x;
+    return s;
+  }
 
   DeviceLayer() = default;
   DeviceLayer(index_t rows_, index_t d_, index_t cap_, bool with_indicator, cudaStream_t s)
@@ -165,6 +175,23 @@ __global__ void accumulate_kernel(U* dst, index_t dst_ld, const U* src, index_t 
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
     const index_t r = i / cols, t = i % cols;
     dst[r * dst_ld + t] += src[r * src_ld + t];
+  }
+}
+
+// Slots [from, to) of one row become padding: zero keys and values, position -1,
+// score 0 (sc may be null).
+template <class T>
+__global__ void pad_slots_kernel(T* k, T* v, index_t* pos, float* sc, index_t d, index_t from,
+                                 index_t to) {
+  const long long total = (to - from) * d;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    k[from * d + i] = T{};
+    v[from * d + i] = T{};
+    if (i % d == 0) {
+      pos[from + i / d] = -1;
+      if (sc) sc[from + i / d] = 0.0f;
+    }
   }
 }
 
@@ -457,6 +484,8 @@ struct layer_store<T, cuda_policy> {
             out.pos.data(), out.ind.size() ? out.ind.data() : nullptr, out.cap, perm.keep.data(),
             ly.rows, perm.n, ly.pos.data(), ly.cap, ly.ind.data(), ly.cap, ly.held);
     cuda_detail::check_launch("gather_meta_kernel");
+    if (!out.len.empty())  // ragged rows: clear what the padding slots gathered
+      for (index_t r = 0; r < out.rows; ++r) pad_row(exec, out, r, out.row_len(r), perm.n);
     out.held = perm.n;
     ly = std::move(out);
   }
@@ -470,6 +499,7 @@ struct layer_store<T, cuda_policy> {
   static void decode(const cuda_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
                      const KV& k, const VV& v, index_t position, index_t budget,
                      const Ind& indicator, bool reference) {
+    if (!ly.len.empty()) return decode_rows(exec, ly, sh, q, k, v, position, indicator, reference);
     constexpr indicator_source source = indicator_source_of<Ind>;
     constexpr bool accumulates = source == indicator_source::accumulated;
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
@@ -478,39 +508,7 @@ struct layer_store<T, cuda_policy> {
     const index_t cand = held - w, keep = std::min(budget, cand), n = keep + w;
     const cudaStream_t s = stream(exec);
 
-    if (held > ly.cap) {
-      const index_t cap = std::max(held, std::min(2 * ly.cap, budget + w + 1));
-      layer grown(rows, d, cap, ly.ind.size() > 0, s);
-      const std::size_t row = static_cast<std::size_t>(ly.held * d) * sizeof(T);
-      if (ly.held > 0) {
-        cuda_detail::check(
-            cudaMemcpy2DAsync(grown.k.data(), static_cast<std::size_t>(cap * d) * sizeof(T),
-                              ly.k.data(), static_cast<std::size_t>(ly.cap * d) * sizeof(T), row,
-                              static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
-            "cudaMemcpy2DAsync (KvCache regrow)");
-        cuda_detail::check(
-            cudaMemcpy2DAsync(grown.v.data(), static_cast<std::size_t>(cap * d) * sizeof(T),
-                              ly.v.data(), static_cast<std::size_t>(ly.cap * d) * sizeof(T), row,
-                              static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
-            "cudaMemcpy2DAsync (KvCache regrow)");
-        cuda_detail::check(
-            cudaMemcpy2DAsync(grown.pos.data(), static_cast<std::size_t>(cap) * sizeof(index_t),
-                              ly.pos.data(), static_cast<std::size_t>(ly.cap) * sizeof(index_t),
-                              static_cast<std::size_t>(ly.held) * sizeof(index_t),
-                              static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
-            "cudaMemcpy2DAsync (KvCache regrow)");
-        if (ly.ind.size() > 0)
-          cuda_detail::check(
-              cudaMemcpy2DAsync(grown.ind.data(), static_cast<std::size_t>(cap) * sizeof(float),
-                                ly.ind.data(), static_cast<std::size_t>(ly.cap) * sizeof(float),
-                                static_cast<std::size_t>(ly.held) * sizeof(float),
-                                static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
-              "cudaMemcpy2DAsync (KvCache regrow)");
-      }
-      grown.held = ly.held;
-      grown.by_indicator = ly.by_indicator;
-      ly = std::move(grown);
-    }
+    if (held > ly.cap) ly = regrow(exec, ly, std::max(held, std::min(2 * ly.cap, budget + w + 1)));
     cuda_detail::append_token_kernel<T><<<static_cast<unsigned>(rows), 128, 0, s>>>(
         ly.k.data(), ly.v.data(), ly.pos.data(), ly.cap, d, Hkv, held - 1, k.data_handle(),
         k.stride(0), k.stride(1), v.data_handle(), v.stride(0), v.stride(1), position);
@@ -565,6 +563,258 @@ struct layer_store<T, cuda_policy> {
         ly.pos.data(), ly.cap, ly.ind.data(), ly.cap, held);
     cuda_detail::check_launch("gather_meta_kernel");
     next.held = n;
+    ly = std::move(next);
+  }
+
+  // ---- ragged layers (head-wise allocation): the host store's counterparts, row
+  // by row with the same kernels as the uniform path ------------------------------
+
+  // Scores as a dense host array (rows, cols): head-wise lengths are decided on the host.
+  static std::vector<float> download(const cuda_policy& exec, token_scores sc, index_t rows,
+                                     index_t cols) {
+    std::vector<float> out(static_cast<std::size_t>(rows * cols));
+    if (rows * cols == 0) return out;
+    cuda_detail::check(
+        cudaMemcpy2DAsync(out.data(), static_cast<std::size_t>(cols) * sizeof(float), sc.p,
+                          static_cast<std::size_t>(sc.ld) * sizeof(float),
+                          static_cast<std::size_t>(cols) * sizeof(float),
+                          static_cast<std::size_t>(rows), cudaMemcpyDeviceToHost, stream(exec)),
+        "cudaMemcpy2DAsync (head-wise scores)");
+    cuda_detail::check(cudaStreamSynchronize(stream(exec)), "head-wise allocation");
+    return out;
+  }
+
+  template <class KV, class VV>
+  static layer select_rows(const cuda_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
+                           const layer* src, token_scores sc, index_t P,
+                           std::span<const index_t> keep, bool position_order, bool keep_scores) {
+    const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
+    const index_t rows = sh.rows();
+    const index_t longest = *std::max_element(keep.begin(), keep.end()) + w;
+    const cudaStream_t s = stream(exec);
+    buffer<index_t> sel(rows * longest, s);
+    layer out(rows, d, longest + 1, keep_scores, s);
+    out.len.resize(static_cast<std::size_t>(rows));
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t kr = keep[static_cast<std::size_t>(r)];
+      index_t* row = sel.data() + r * longest;
+      select_k(exec,
+               make_view<device_space>(sc.p + r * sc.ld, std::array<index_t, 2>{1, P},
+                                       std::array<index_t, 2>{sc.ld, 1}),
+               make_view<device_space>(row, std::array<index_t, 2>{1, kr}),
+               position_order ? select_order::position : select_order::descending);
+      cuda_detail::append_window_kernel<<<1, 256, 0, s>>>(row, 1, longest, kr, w, P);
+      cuda_detail::check_launch("append_window_kernel");
+      // Padding gathers a real token (the last), then is cleared below.
+      if (kr + w < longest) {
+        cuda_detail::fill_kernel<index_t>
+            <<<1, 256, 0, s>>>(row + kr + w, longest - kr - w, P + w - 1);
+        cuda_detail::check_launch("fill_kernel");
+      }
+      out.len[static_cast<std::size_t>(r)] = kr + w;
+    }
+    auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
+                                          std::array<index_t, 3>{B, Hkv, longest});
+    compact(exec, k, keep_v, out.tokens_view(out.k.data(), B, Hkv, longest));
+    compact(exec, v, keep_v, out.tokens_view(out.v.data(), B, Hkv, longest));
+    cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * longest), 256, 0, s>>>(
+        out.pos.data(), keep_scores ? out.ind.data() : nullptr, out.cap, sel.data(), rows, longest,
+        src ? src->pos.data() : nullptr, src ? src->cap : 0, sc.p, sc.ld, sc.cols);
+    cuda_detail::check_launch("gather_meta_kernel");
+    for (index_t r = 0; r < rows; ++r) pad_row(exec, out, r, out.row_len(r), longest);
+    out.by_indicator = !position_order;
+    out.held = longest;
+    return out;
+  }
+
+  // The layer must be ragged already (made by select_rows): nothing allocates.
+  static void truncate_rows(const cuda_policy& exec, layer& ly, const LayerShape& sh,
+                            std::span<const index_t> prefix) {
+    const index_t w = sh.window;
+    index_t longest = 0;
+    for (index_t r = 0; r < ly.rows; ++r) {
+      index_t& len = ly.len[static_cast<std::size_t>(r)];
+      const index_t p = prefix[static_cast<std::size_t>(r)];
+      if (p != len - w) {
+        // move_window_kernel moves row blockIdx.x: one block, pointers at row r.
+        cuda_detail::move_window_kernel<T><<<1, 128, 0, stream(exec)>>>(
+            ly.k.data() + r * ly.cap * ly.d, ly.v.data() + r * ly.cap * ly.d,
+            ly.pos.data() + r * ly.cap, ly.ind.size() ? ly.ind.data() + r * ly.cap : nullptr,
+            ly.cap, ly.d, w, len - w, p);
+        cuda_detail::check_launch("move_window_kernel");
+      }
+      pad_row(exec, ly, r, p + w, len);
+      len = p + w;
+      longest = std::max(longest, len);
+    }
+    ly.held = longest;
+  }
+
+  // Row r sorts its first prefix[r] slots by position; the window follows; padding
+  // gathers the row's last token and is cleared by permute().
+  static permutation position_permutation(const cuda_policy& exec, const layer& ly,
+                                          const LayerShape& sh, std::span<const index_t> prefix) {
+    const cudaStream_t s = stream(exec);
+    const index_t rows = ly.rows, w = sh.window;
+    std::vector<index_t> pos(static_cast<std::size_t>(rows * ly.cap));
+    cuda_detail::check(cudaMemcpyAsync(pos.data(), ly.pos.data(), pos.size() * sizeof(index_t),
+                                       cudaMemcpyDeviceToHost, s),
+                       "cudaMemcpyAsync (positions)");
+    cuda_detail::check(cudaStreamSynchronize(s), "position_permutation");
+    index_t n = 0;
+    for (index_t p : prefix) n = std::max(n, p + w);
+    std::vector<index_t> keep(static_cast<std::size_t>(rows * n));
+    permutation perm;
+    perm.target = layer(rows, ly.d, n + 1, ly.ind.size() > 0, s);
+    perm.target.len.resize(static_cast<std::size_t>(rows));
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t pr = prefix[static_cast<std::size_t>(r)];
+      index_t* kr = keep.data() + r * n;
+      std::iota(kr, kr + pr, index_t{0});
+      const index_t* p = pos.data() + r * ly.cap;
+      std::sort(kr, kr + pr, [p](index_t a, index_t b) { return p[a] < p[b]; });
+      for (index_t t = pr; t < n; ++t) kr[t] = std::min(t, pr + w - 1);
+      perm.target.len[static_cast<std::size_t>(r)] = pr + w;
+    }
+    perm.keep = buffer<index_t>(rows * n, s);
+    cuda_detail::check(cudaMemcpyAsync(perm.keep.data(), keep.data(), keep.size() * sizeof(index_t),
+                                       cudaMemcpyHostToDevice, s),
+                       "cudaMemcpyAsync (permutation)");
+    cuda_detail::check(cudaStreamSynchronize(s), "position_permutation");
+    perm.n = n;
+    return perm;
+  }
+
+ private:
+  // A copy of ly with a larger capacity (every slot up to ly.held, scores and row
+  // lengths included).
+  static layer regrow(const cuda_policy& exec, const layer& ly, index_t cap) {
+    const cudaStream_t s = stream(exec);
+    const index_t rows = ly.rows, d = ly.d;
+    layer grown(rows, d, cap, ly.ind.size() > 0, s);
+    const std::size_t row = static_cast<std::size_t>(ly.held * d) * sizeof(T);
+    if (ly.held > 0) {
+      cuda_detail::check(
+          cudaMemcpy2DAsync(grown.k.data(), static_cast<std::size_t>(cap * d) * sizeof(T),
+                            ly.k.data(), static_cast<std::size_t>(ly.cap * d) * sizeof(T), row,
+                            static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
+          "cudaMemcpy2DAsync (KvCache regrow)");
+      cuda_detail::check(
+          cudaMemcpy2DAsync(grown.v.data(), static_cast<std::size_t>(cap * d) * sizeof(T),
+                            ly.v.data(), static_cast<std::size_t>(ly.cap * d) * sizeof(T), row,
+                            static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
+          "cudaMemcpy2DAsync (KvCache regrow)");
+      cuda_detail::check(
+          cudaMemcpy2DAsync(grown.pos.data(), static_cast<std::size_t>(cap) * sizeof(index_t),
+                            ly.pos.data(), static_cast<std::size_t>(ly.cap) * sizeof(index_t),
+                            static_cast<std::size_t>(ly.held) * sizeof(index_t),
+                            static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
+          "cudaMemcpy2DAsync (KvCache regrow)");
+      if (ly.ind.size() > 0)
+        cuda_detail::check(
+            cudaMemcpy2DAsync(grown.ind.data(), static_cast<std::size_t>(cap) * sizeof(float),
+                              ly.ind.data(), static_cast<std::size_t>(ly.cap) * sizeof(float),
+                              static_cast<std::size_t>(ly.held) * sizeof(float),
+                              static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
+            "cudaMemcpy2DAsync (KvCache regrow)");
+    }
+    grown.held = ly.held;
+    grown.len = ly.len;
+    grown.by_indicator = ly.by_indicator;
+    return grown;
+  }
+
+  // Slots [from, to) of row r become padding.
+  static void pad_row(const cuda_policy& exec, layer& ly, index_t r, index_t from, index_t to) {
+    if (from >= to) return;
+    const index_t off = r * ly.cap;
+    cuda_detail::pad_slots_kernel<T>
+        <<<cuda_detail::small_grid((to - from) * ly.d), 256, 0, stream(exec)>>>(
+            ly.k.data() + off * ly.d, ly.v.data() + off * ly.d, ly.pos.data() + off,
+            ly.ind.size() ? ly.ind.data() + off : nullptr, ly.d, from, to);
+    cuda_detail::check_launch("pad_slots_kernel");
+  }
+
+  // decode() on a ragged layer: every row keeps its length, appends the new token and
+  // evicts one candidate, row by row; the kept tokens are gathered into a fresh layer.
+  template <class Ind, class QV, class KV, class VV>
+  static void decode_rows(const cuda_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
+                          const KV& k, const VV& v, index_t position, const Ind& indicator,
+                          bool reference) {
+    constexpr indicator_source source = indicator_source_of<Ind>;
+    constexpr bool accumulates = source == indicator_source::accumulated;
+    const index_t Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window, rows = sh.rows();
+    const index_t grp = q.extent(1) / Hkv;
+    const cudaStream_t s = stream(exec);
+    index_t longest = 0;
+    for (index_t x : ly.len) longest = std::max(longest, x + 1);
+    if (longest > ly.cap) ly = regrow(exec, ly, longest);
+    buffer<float> scores(longest, s);
+    buffer<index_t> sel(longest, s);
+    layer next(rows, d, ly.cap, accumulates, s);
+    next.len = ly.len;
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t b = r / Hkv, g = r % Hkv;
+      const index_t n = ly.row_len(r) + 1, cand = n - w, keep = cand - 1;
+      T* kr = ly.k.data() + r * ly.cap * d;
+      T* vr = ly.v.data() + r * ly.cap * d;
+      index_t* pr = ly.pos.data() + r * ly.cap;
+      float* sr = accumulates ? ly.ind.data() + r * ly.cap : nullptr;
+      // append_token_kernel writes row blockIdx.x = 0 of the pointers it is given.
+      cuda_detail::append_token_kernel<T><<<1, 128, 0, s>>>(
+          kr, vr, pr, ly.cap, d, Hkv, n - 1, k.data_handle() + b * k.stride(0) + g * k.stride(1),
+          k.stride(0), k.stride(1), v.data_handle() + b * v.stride(0) + g * v.stride(1),
+          v.stride(0), v.stride(1), position);
+      cuda_detail::check_launch("append_token_kernel");
+      const auto qv =
+          make_view<device_space>(q.data_handle() + b * q.stride(0) + g * grp * q.stride(1),
+                                  std::array<index_t, 3>{1, grp, d},
+                                  std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
+                                                         static_cast<index_t>(q.stride(1)), 1});
+      const auto kv =
+          make_view<device_space>(static_cast<const T*>(kr), std::array<index_t, 4>{1, 1, n, d},
+                                  std::array<index_t, 4>{n * d, n * d, d, 1});
+      const float* ranked = scores.data();
+      if constexpr (accumulates) {
+        cuda_detail::check(cudaMemsetAsync(sr + n - 1, 0, sizeof(float), s),
+                           "cudaMemsetAsync (accumulated scores)");
+        decode_scores(exec, qv, kv, indicator,
+                      make_view<device_space>(scores.data(), std::array<index_t, 3>{1, 1, n}));
+        accumulate(exec, sr, n, scores.data(), n, 1, n);
+        ranked = sr;
+      } else if constexpr (source == indicator_source::position) {
+        cuda_detail::position_scores_kernel<<<cuda_detail::small_grid(cand), 256, 0, s>>>(
+            indicator, pr, cand, scores.data(), cand, 1, cand);
+        cuda_detail::check_launch("position_scores_kernel");
+      } else {
+        decode_scores(exec, qv, kv, indicator,
+                      make_view<device_space>(scores.data(), std::array<index_t, 3>{1, 1, cand}));
+      }
+      select_k(exec, make_view<device_space>(ranked, std::array<index_t, 2>{1, cand}),
+               make_view<device_space>(sel.data(), std::array<index_t, 2>{1, keep}),
+               reference ? select_order::descending : select_order::position);
+      cuda_detail::append_window_kernel<<<1, 256, 0, s>>>(sel.data(), 1, n - 1, keep, w, cand);
+      cuda_detail::check_launch("append_window_kernel");
+      const auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
+                                                  std::array<index_t, 3>{1, 1, n - 1});
+      const auto row_out = [&](T* base) {
+        return make_view<device_space>(base + r * next.cap * d,
+                                       std::array<index_t, 4>{1, 1, n - 1, d},
+                                       std::array<index_t, 4>{next.cap * d, next.cap * d, d, 1});
+      };
+      compact(exec, kv, keep_v, row_out(next.k.data()));
+      compact(exec,
+              make_view<device_space>(static_cast<const T*>(vr), std::array<index_t, 4>{1, 1, n, d},
+                                      std::array<index_t, 4>{n * d, n * d, d, 1}),
+              keep_v, row_out(next.v.data()));
+      cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(n - 1), 256, 0, s>>>(
+          next.pos.data() + r * next.cap, accumulates ? next.ind.data() + r * next.cap : nullptr,
+          next.cap, sel.data(), 1, n - 1, pr, ly.cap, sr, ly.cap, n);
+      cuda_detail::check_launch("gather_meta_kernel");
+      pad_row(exec, next, r, n - 1, ly.held);
+    }
+    next.held = ly.held;
+    next.by_indicator = ly.by_indicator;
     ly = std::move(next);
   }
 };

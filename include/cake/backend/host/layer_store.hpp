@@ -315,6 +315,14 @@ struct layer_store<T, host_policy> {
   static host_view<const index_t, 3> positions(const layer& ly, const LayerShape& sh) {
     return ly.positions_view(sh.batch, sh.kv_heads, ly.held);
   }
+  // Scores as a dense host array (rows, cols).
+  static std::vector<float> download(const host_policy&, token_scores sc, index_t rows,
+                                     index_t cols) {
+    std::vector<float> out(static_cast<std::size_t>(rows * cols));
+    for (index_t r = 0; r < rows; ++r) std::copy_n(sc.p + r * sc.ld, cols, out.data() + r * cols);
+    return out;
+  }
+
   // The scores a stored layer keeps for its held tokens.
   static token_scores scores(const layer& ly) { return {ly.ind.data(), ly.cap, ly.held}; }
 

@@ -6,6 +6,8 @@
 // prefill_all: every layer through cake::KvCache::prefill.
 //   cake:     cascading (each layer cut as soon as it is scored; the paper's mode)
 //   one_shot: cascade = false (every layer held uncut until the last is scored)
+// prefill_method: every layer through each cake::methods cache, cascading; CAKE's
+//   row of the same run is the baseline (what each method costs next to CAKE).
 #include "common/common.hpp"
 #include "host/suites.hpp"
 
@@ -125,6 +127,46 @@ void add_all_case(const Shape& sh, index_t B, index_t S, index_t C) {
   }
 }
 
+template <class Cache>
+void add_method_case(const char* method, const Shape& sh, index_t B, index_t S, index_t C) {
+  const std::string args = shape_args(sh, B, S) + "/C:" + std::to_string(C);
+  add(name("prefill_method", method, args), [=](benchmark::State& st) {
+    const LayerInputs& in = layer_inputs(sh, B, S);
+    const auto qs = layer_queries(sh, B);
+    cake::CacheConfig cfg{};
+    cfg.layers = sh.layers;
+    cfg.batch = B;
+    cfg.q_heads = sh.q_heads;
+    cfg.kv_heads = sh.kv_heads;
+    cfg.head_dim = sh.head_dim;
+    cfg.window = window;
+    cfg.cache_size = C;
+    Cache cache(cfg);
+    for (auto _ : st) {
+      cache.reset();
+      for (index_t l = 0; l < sh.layers; ++l)
+        cache.prefill(l,
+                      cake::make_view(qs[static_cast<std::size_t>(l)].data(),
+                                      std::array<index_t, 4>{B, sh.q_heads, window, sh.head_dim}),
+                      in.kv(), in.vv());
+      benchmark::DoNotOptimize(cache.tokens_held(sh.layers - 1));
+    }
+    st.SetItemsProcessed(st.iterations() * sh.layers * B * sh.kv_heads * S);
+  })->MinTime(0.3);
+}
+
+void add_methods(const Shape& sh, index_t B, index_t S, index_t C) {
+  namespace m = cake::methods;
+  add_method_case<m::Cake<>>("cake", sh, B, S, C);
+  add_method_case<m::SnapKv<>>("snapkv", sh, B, S, C);
+  add_method_case<m::PyramidKv<>>("pyramidkv", sh, B, S, C);
+  add_method_case<m::StreamingLlm<>>("streamingllm", sh, B, S, C);
+  add_method_case<m::H2o<>>("h2o", sh, B, S, C);
+  add_method_case<m::Tova<>>("tova", sh, B, S, C);
+  add_method_case<m::AdaSnapKv<>>("ada_snapkv", sh, B, S, C);
+  add_method_case<m::CakeAdaKv<>>("cake_adakv", sh, B, S, C);
+}
+
 }  // namespace
 
 void register_prefill() {
@@ -136,6 +178,7 @@ void register_prefill() {
     for (const Shape& sh : all_shapes)
       for (index_t B : {1, 4})
         for (index_t S : {4096, 16384, 32768}) add_all_case(sh, B, S, 1024);
+    for (const Shape& sh : all_shapes) add_methods(sh, 1, 4096, 256);
     return;
   }
   add_layer_case(llama, 1, 4096, 1024);
@@ -146,6 +189,7 @@ void register_prefill() {
   add_layer_case(small, 1, 4096, 1024);
   add_all_case(llama, 1, 4096, 1024);
   add_all_case(small, 1, 4096, 1024);
+  add_methods(small, 1, 4096, 256);
 }
 
 }  // namespace cake_bench

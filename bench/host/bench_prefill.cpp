@@ -94,34 +94,44 @@ std::vector<std::vector<float>> layer_queries(const Shape& sh, index_t B) {
   return qs;
 }
 
+cake::CacheConfig cache_config(const Shape& sh, index_t B, index_t C, bool cascade) {
+  cake::CacheConfig cfg{};
+  cfg.layers = sh.layers;
+  cfg.batch = B;
+  cfg.q_heads = sh.q_heads;
+  cfg.kv_heads = sh.kv_heads;
+  cfg.head_dim = sh.head_dim;
+  cfg.window = window;
+  cfg.cache_size = C;
+  cfg.cascade = cascade;
+  return cfg;
+}
+
+// Every layer of one prompt through cache.prefill, from a fresh cache, per iteration.
+template <class Cache>
+void prefill_every_layer(benchmark::State& st, Cache& cache, const Shape& sh, index_t B,
+                         index_t S) {
+  const LayerInputs& in = layer_inputs(sh, B, S);
+  const auto qs = layer_queries(sh, B);
+  for (auto _ : st) {
+    cache.reset();
+    for (index_t l = 0; l < sh.layers; ++l)
+      cache.prefill(l,
+                    cake::make_view(qs[static_cast<std::size_t>(l)].data(),
+                                    std::array<index_t, 4>{B, sh.q_heads, window, sh.head_dim}),
+                    in.kv(), in.vv());
+    benchmark::DoNotOptimize(cache.tokens_held(sh.layers - 1));
+  }
+  st.SetItemsProcessed(st.iterations() * sh.layers * B * sh.kv_heads * S);
+  st.SetBytesProcessed(static_cast<std::int64_t>(2 * in.kv_bytes()) * sh.layers * st.iterations());
+}
+
 void add_all_case(const Shape& sh, index_t B, index_t S, index_t C) {
   const std::string args = shape_args(sh, B, S) + "/C:" + std::to_string(C);
   for (bool cascade : {true, false}) {
     add(name("prefill_all", cascade ? "cake" : "one_shot", args), [=](benchmark::State& st) {
-      const LayerInputs& in = layer_inputs(sh, B, S);
-      const auto qs = layer_queries(sh, B);
-      cake::CacheConfig cfg{};
-      cfg.layers = sh.layers;
-      cfg.batch = B;
-      cfg.q_heads = sh.q_heads;
-      cfg.kv_heads = sh.kv_heads;
-      cfg.head_dim = sh.head_dim;
-      cfg.window = window;
-      cfg.cache_size = C;
-      cfg.cascade = cascade;
-      cake::KvCache<> cache(cfg);
-      for (auto _ : st) {
-        cache.reset();
-        for (index_t l = 0; l < sh.layers; ++l)
-          cache.prefill(l,
-                        cake::make_view(qs[static_cast<std::size_t>(l)].data(),
-                                        std::array<index_t, 4>{B, sh.q_heads, window, sh.head_dim}),
-                        in.kv(), in.vv());
-        benchmark::DoNotOptimize(cache.tokens_held(sh.layers - 1));
-      }
-      st.SetItemsProcessed(st.iterations() * sh.layers * B * sh.kv_heads * S);
-      st.SetBytesProcessed(static_cast<std::int64_t>(2 * in.kv_bytes()) * sh.layers *
-                           st.iterations());
+      cake::KvCache<> cache(cache_config(sh, B, C, cascade));
+      prefill_every_layer(st, cache, sh, B, S);
       st.counters["peak_tokens"] = static_cast<double>(cache.peak_tokens_held());
     })->MinTime(0.5);
   }
@@ -131,27 +141,8 @@ template <class Cache>
 void add_method_case(const char* method, const Shape& sh, index_t B, index_t S, index_t C) {
   const std::string args = shape_args(sh, B, S) + "/C:" + std::to_string(C);
   add(name("prefill_method", method, args), [=](benchmark::State& st) {
-    const LayerInputs& in = layer_inputs(sh, B, S);
-    const auto qs = layer_queries(sh, B);
-    cake::CacheConfig cfg{};
-    cfg.layers = sh.layers;
-    cfg.batch = B;
-    cfg.q_heads = sh.q_heads;
-    cfg.kv_heads = sh.kv_heads;
-    cfg.head_dim = sh.head_dim;
-    cfg.window = window;
-    cfg.cache_size = C;
-    Cache cache(cfg);
-    for (auto _ : st) {
-      cache.reset();
-      for (index_t l = 0; l < sh.layers; ++l)
-        cache.prefill(l,
-                      cake::make_view(qs[static_cast<std::size_t>(l)].data(),
-                                      std::array<index_t, 4>{B, sh.q_heads, window, sh.head_dim}),
-                      in.kv(), in.vv());
-      benchmark::DoNotOptimize(cache.tokens_held(sh.layers - 1));
-    }
-    st.SetItemsProcessed(st.iterations() * sh.layers * B * sh.kv_heads * S);
+    Cache cache(cache_config(sh, B, C, true));
+    prefill_every_layer(st, cache, sh, B, S);
   })->MinTime(0.3);
 }
 

@@ -121,6 +121,20 @@ void require_same(const HostC& h, const CudaC& c, const std::string& where) {
   }
 }
 
+// Layer l of the same prompt into a host cache and a CUDA cache (the latter from
+// device copies). qs: (batch, q_heads, window, head_dim); ks: (batch, kv_heads, S, head_dim).
+template <class HostC, class CudaC>
+void prefill_both(HostC& host, CudaC& dev, index_t l, const std::vector<float>& q,
+                  const std::vector<float>& k, const std::vector<float>& v,
+                  const std::array<index_t, 4>& qs, const std::array<index_t, 4>& ks) {
+  Dev<float> dq(q), dk(k), dv(v);
+  host.prefill(l, cake::make_view(q.data(), qs), cake::make_view(k.data(), ks),
+               cake::make_view(v.data(), ks));
+  dev.prefill(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
+              cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
+              cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
+}
+
 // Prefills both caches with the same random GQA layers (4 attention-sink keys in
 // each), compares them, decodes 3 steps in every layer and compares again.
 template <class HostC, class CudaC>
@@ -137,14 +151,7 @@ void run_synthetic(HostC& host, CudaC& dev, unsigned seed, const std::string& wh
       for (auto& x : *t) x = normal(rng) * (1.0f + 0.3f * static_cast<float>(l));
     for (index_t j = 0; j < 4; ++j)  // attention sinks
       for (index_t x = 0; x < d; ++x) k[static_cast<std::size_t>(j * d + x)] += 2.0f;
-    Dev<float> dq(q), dk(k), dv(v);
-    const std::array<index_t, 4> qs{B, H, w, d}, ks{B, Hkv, S, d};
-    host.prefill(l, cake::make_view(static_cast<const float*>(q.data()), qs),
-                 cake::make_view(static_cast<const float*>(k.data()), ks),
-                 cake::make_view(static_cast<const float*>(v.data()), ks));
-    dev.prefill(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
-                cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
-                cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
+    prefill_both(host, dev, l, q, k, v, {B, H, w, d}, {B, Hkv, S, d});
   }
   require_same(host, dev, where);
   for (int step = 0; step < 3; ++step)
@@ -190,14 +197,7 @@ TEST_SUITE("gpu") {
           auto q = gc.floats(p + "_q_window");
           auto k = gc.floats(p + "_k");
           auto v = gc.floats(p + "_v");
-          Dev<float> dq(q), dk(k), dv(v);
-          const std::array<index_t, 4> qs{gc.B, gc.H, gc.w, gc.d}, ks{gc.B, gc.Hkv, gc.S, gc.d};
-          host.prefill(l, cake::make_view(static_cast<const float*>(q.data()), qs),
-                       cake::make_view(static_cast<const float*>(k.data()), ks),
-                       cake::make_view(static_cast<const float*>(v.data()), ks));
-          dev.prefill(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
-                      cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
-                      cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
+          prefill_both(host, dev, l, q, k, v, {gc.B, gc.H, gc.w, gc.d}, {gc.B, gc.Hkv, gc.S, gc.d});
           require_same(host, dev, where + " after prefill of layer " + std::to_string(l));
         }
         for (index_t t = 0; t < gc.meta["decode_steps"].as_int(); ++t)

@@ -535,3 +535,54 @@ TEST_CASE("CAKE x head-wise: CAKE's layer budgets, Ada-KV's head budgets, cascad
   kv_test::prefill_all(full, wl);
   CHECK(kv_test::same_kept(full, cake_only, cfg));
 }
+
+TEST_CASE("Every method: prompts of exactly w tokens, just uncut, just cut; then decoding") {
+  namespace m = cake::methods;
+  const auto run = [&]<class Cache>(const std::string& name) {
+    for (index_t S : {index_t{4}, index_t{20}, index_t{21}, index_t{40}})
+      for (bool cascade : {true, false}) {
+        CAPTURE(name);
+        CAPTURE(S);
+        CAPTURE(cascade);
+        auto cfg = kv_test::small_config(cascade);  // w = 4, C = 16: uncut up to S = 20
+        const auto wl = kv_test::make_workload(cfg, S, 7 + static_cast<unsigned>(S), 3);
+        Cache c(cfg);
+        kv_test::prefill_all(c, wl);
+        for (index_t l = 0; l < cfg.layers; ++l) {
+          // An uncut prompt (S <= C + w) is held whole (spec section 5).
+          CHECK(c.tokens_held(l) ==
+                (S <= cfg.cache_size + cfg.window ? S : c.budget(l) + cfg.window));
+          index_t rows_total = 0;
+          for (index_t n : c.row_lengths(l)) rows_total += n;
+          CHECK(rows_total == c.tokens_held(l) * cfg.batch * cfg.kv_heads);
+        }
+        for (std::size_t t = 0; t < 3; ++t) {
+          kv_test::decode_step(c, wl, t);
+          for (index_t l = 0; l < cfg.layers; ++l) {
+            // Every step ends at the budget (an uncut prompt is cut at the first step).
+            CHECK(c.tokens_held(l) ==
+                  std::min(S + static_cast<index_t>(t) + 1, c.budget(l) + cfg.window));
+            auto pos = c.positions(l);
+            const auto len = c.row_lengths(l);
+            for (index_t r = 0; r < cfg.batch * cfg.kv_heads; ++r) {
+              std::set<index_t> held;
+              for (index_t j = 0; j < len[static_cast<std::size_t>(r)]; ++j)
+                held.insert(pos(r / cfg.kv_heads, r % cfg.kv_heads, j));
+              CHECK(static_cast<index_t>(held.size()) == len[static_cast<std::size_t>(r)]);
+              for (index_t p = S + static_cast<index_t>(t) - cfg.window + 1;
+                   p <= S + static_cast<index_t>(t); ++p)
+                CHECK(held.count(p) == 1);  // the window is always there
+            }
+          }
+        }
+      }
+  };
+  run.template operator()<m::Cake<>>("cake");
+  run.template operator()<m::SnapKv<>>("snapkv");
+  run.template operator()<m::PyramidKv<>>("pyramidkv");
+  run.template operator()<m::StreamingLlm<>>("streamingllm");
+  run.template operator()<m::H2o<>>("h2o");
+  run.template operator()<m::Tova<>>("tova");
+  run.template operator()<m::AdaSnapKv<>>("ada_snapkv");
+  run.template operator()<m::CakeAdaKv<>>("cake_adakv");
+}

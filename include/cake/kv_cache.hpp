@@ -346,8 +346,9 @@ class KvCache {
   double preference(index_t layer) const { return prefs_.at(checked(layer)); }
   LayerStats stats(index_t layer) const { return stats_.at(checked(layer)); }
   // Tokens held by each (batch, kv-head) row of a layer, the window included; with
-  // head-wise allocation rows differ and this is their mean (exact: the heads of a
-  // batch entry share the layer's budget), row_lengths() has each.
+  // head-wise allocation rows differ and this is their mean, rounded down (exact
+  // when the heads of each batch entry fill the layer's budget, which they do unless
+  // a cascade stage raised it), row_lengths() has each.
   index_t tokens_held(index_t layer) const {
     const auto& ly = layers_.at(checked(layer));
     return ly.total() / (cfg_.batch * cfg_.kv_heads);

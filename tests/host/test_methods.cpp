@@ -320,6 +320,7 @@ TEST_CASE("TOVA, H2O and StreamingLLM compose with CAKE's layer budgets") {
     kv_test::decode_step(h2o, wl, t);
     kv_test::decode_step(stream, wl, t);
   }
+  kv_test::check_layer_contents(tova, wl, 65);
   kv_test::check_layer_contents(h2o, wl, 65);
   kv_test::check_layer_contents(stream, wl, 65);
 }
@@ -352,6 +353,8 @@ TEST_CASE("allocate_heads: per-head floor, then the best remaining tokens of any
                        doctest::Contains("[cake.heads.floor]"), cake::invalid_argument);
   CHECK(cake::HeadwiseBudget<>{{}, 1.5f}.validate().id == std::string("cake.budget.min_share"));
   CHECK(cake::HeadwiseBudget<>{}.head_floor(10) == 2);
+  CHECK(cake::HeadwiseBudget<>{{}, 0.7f}.head_floor(10) == 7);  // not 6: 0.7f is 0.69999998
+  CHECK(cake::HeadwiseBudget<>{{}, 0.9f}.head_floor(10) == 9);
 }
 
 namespace methods_test {
@@ -585,4 +588,118 @@ TEST_CASE("Every method: prompts of exactly w tokens, just uncut, just cut; then
   run.template operator()<m::Tova<>>("tova");
   run.template operator()<m::AdaSnapKv<>>("ada_snapkv");
   run.template operator()<m::CakeAdaKv<>>("cake_adakv");
+}
+
+namespace methods_test {
+// Sorted positions of row (b, g), padding dropped.
+template <class Cache>
+std::vector<index_t> kept_tokens(const Cache& c, index_t l, index_t b, index_t g) {
+  auto p = kept(c, l, b, g);
+  p.erase(std::remove(p.begin(), p.end(), index_t{-1}), p.end());
+  return p;
+}
+}  // namespace methods_test
+
+TEST_CASE("Head-wise with min_share = 1: the ragged path equals the uniform one, token for token") {
+  // Every row gets the same length, but the cache still stores the layer as ragged and
+  // decodes it row by row: the positions, in their stored order, must match.
+  const auto run = [&]<class Pref, class Ind>(Ind ind) {
+    for (bool cascade : {false, true})
+      for (auto order : both_orders) {
+        CAPTURE(cascade);
+        CAPTURE(static_cast<int>(order));
+        auto cfg = kv_test::small_config(cascade);
+        cfg.order = order;
+        const auto wl = kv_test::make_workload(cfg, 64, 9, 8);
+        cake::KvCache<Pref, cake::HeadwiseBudget<>, Ind> a(cfg, {}, {{}, 1.0f}, ind);
+        cake::KvCache<Pref, cake::ProportionalBudget, Ind> b(cfg, {}, {}, ind);
+        kv_test::prefill_all(a, wl);
+        kv_test::prefill_all(b, wl);
+        for (int t = 0; t <= 8; ++t) {
+          CAPTURE(t);
+          if (t > 0) {
+            kv_test::decode_step(a, wl, static_cast<std::size_t>(t - 1));
+            kv_test::decode_step(b, wl, static_cast<std::size_t>(t - 1));
+          }
+          for (index_t l = 0; l < cfg.layers; ++l) {
+            REQUIRE(a.positions(l).extent(2) == b.positions(l).extent(2));
+            for (index_t bb = 0; bb < cfg.batch; ++bb)
+              for (index_t g = 0; g < cfg.kv_heads; ++g)
+                CHECK(row_positions(a, l, bb, g) == row_positions(b, l, bb, g));
+          }
+        }
+      }
+  };
+  run.template operator()<cake::CakePreference>(cake::MeanVarianceIndicator{});
+  run.template operator()<cake::UniformPreference>(cake::WindowMeanIndicator{});
+  run.template operator()<cake::CakePreference>(cake::AccumulatedIndicator{});
+  run.template operator()<cake::UniformPreference>(cake::LastQueryIndicator{});
+  run.template operator()<cake::UniformPreference>(cake::SinkRecencyIndicator{3});
+}
+
+TEST_CASE("H2O x head-wise equals the float64 H2O model row by row, with each row's budget") {
+  using H2oHeads = cake::KvCache<cake::UniformPreference, cake::HeadwiseBudget<cake::UniformBudget>,
+                                 cake::AccumulatedIndicator>;
+  const int steps = 6;
+  for (bool cascade : {false, true})
+    for (auto order : both_orders) {
+      CAPTURE(cascade);
+      CAPTURE(static_cast<int>(order));
+      auto cfg = kv_test::small_config(cascade);
+      cfg.order = order;
+      const auto wl = kv_test::make_workload(cfg, 48, 77, steps);
+      H2oHeads c(cfg);
+      kv_test::prefill_all(c, wl);
+      std::vector<std::vector<index_t>> len0;
+      for (index_t l = 0; l < cfg.layers; ++l) len0.push_back(c.row_lengths(l));
+      for (int t = 0; t <= steps; ++t) {
+        if (t > 0) kv_test::decode_step(c, wl, static_cast<std::size_t>(t - 1));
+        for (index_t l = 0; l < cfg.layers; ++l)
+          for (index_t b = 0; b < cfg.batch; ++b)
+            for (index_t g = 0; g < cfg.kv_heads; ++g) {
+              CAPTURE(t);
+              CAPTURE(l);
+              CAPTURE(b);
+              CAPTURE(g);
+              const index_t n =
+                  len0[static_cast<std::size_t>(l)][static_cast<std::size_t>(b * cfg.kv_heads + g)];
+              const auto ref = h2o_reference(wl, l, b, g, n - cfg.window, steps);
+              CHECK(kept_tokens(c, l, b, g) == ref[static_cast<std::size_t>(t)]);
+            }
+      }
+    }
+}
+
+TEST_CASE("CAKE x head-wise: position and reference order keep the same tokens") {
+  for (unsigned seed : {1u, 2u, 3u}) {
+    CAPTURE(seed);
+    auto cfg = kv_test::small_config(true);
+    const auto wl = kv_test::make_workload(cfg, 64, seed, 4);
+    // Pool kernel 1: decode-time pooling runs in cache order, which differs between the
+    // two orders by design (spec section 7); without it the kept sets must agree.
+    const cake::MeanVarianceIndicator ind{200.0f, 1};
+    cfg.order = cake::token_order::position;
+    CakeAda a(cfg, {}, {}, ind);
+    cfg.order = cake::token_order::reference;
+    CakeAda b(cfg, {}, {}, ind);
+    kv_test::prefill_all(a, wl);
+    kv_test::prefill_all(b, wl);
+    for (int t = 0; t <= 4; ++t) {
+      if (t > 0) {
+        kv_test::decode_step(a, wl, static_cast<std::size_t>(t - 1));
+        kv_test::decode_step(b, wl, static_cast<std::size_t>(t - 1));
+      }
+      for (index_t l = 0; l < cfg.layers; ++l) {
+        REQUIRE(a.row_lengths(l) == b.row_lengths(l));
+        auto p = a.positions(l);
+        const auto len = a.row_lengths(l);
+        for (index_t bb = 0; bb < cfg.batch; ++bb)
+          for (index_t g = 0; g < cfg.kv_heads; ++g) {
+            CHECK(kept_tokens(a, l, bb, g) == kept_tokens(b, l, bb, g));
+            for (index_t j = 1; j < len[static_cast<std::size_t>(bb * cfg.kv_heads + g)]; ++j)
+              CHECK(p(bb, g, j) > p(bb, g, j - 1));  // position order within the row
+          }
+      }
+    }
+  }
 }

@@ -1,8 +1,9 @@
 // CUDA storage of KvCache layers: KvCache<Pref, Budget, Ind, T, cake::cuda_policy>
 // keeps its layers in device memory and moves them with the CUDA algorithms
 // (select_k, compact, decode_scores) plus the small kernels below. The host only
-// sees the two layer statistics per prefill (to compute the budgets) and, at the
-// end of a cascading prefill in position order, the positions it sorts.
+// sees the two layer statistics per prefill (to compute the budgets), the layer's
+// scores when budgets are head-wise (the head lengths are decided on the host) and,
+// at the end of a cascading prefill in position order, the positions it sorts.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -86,7 +87,12 @@ struct DeviceLayer {
         k(rows_ * cap_ * d_, s),
         v(rows_ * cap_ * d_, s),
         pos(rows_ * cap_, s),
-        ind(with_indicator ? rows_ * cap_ : 0, s) {}
+        ind(with_indicator ? rows_ * cap_ : 0, s) {
+    // Slots whose token has no score read 0, as on the host.
+    if (ind.size() > 0)
+      check(cudaMemsetAsync(ind.data(), 0, static_cast<std::size_t>(ind.size()) * sizeof(float), s),
+            "cudaMemsetAsync (KvCache scores)");
+  }
 
   template <class U>
   device_view<U, 4> tokens_view(U* base, index_t B, index_t Hkv, index_t n) const {
@@ -494,7 +500,10 @@ struct layer_store<T, cuda_policy> {
     if (!keep_scores) ly.ind = buffer<float>();
   }
 
-  // One decoding step; the host store's decode() says what it does.
+  // One decoding step; the host store's decode() says what it does. As there,
+  // everything that can fail runs before a visible write: every buffer is allocated
+  // first, the new token waits in the spare slot past `held`, new sums go to a
+  // scratch buffer, and the kept tokens are gathered into a fresh layer.
   template <class Ind, class QV, class KV, class VV>
   static void decode(const cuda_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
                      const KV& k, const VV& v, index_t position, index_t budget,
@@ -509,39 +518,60 @@ struct layer_store<T, cuda_policy> {
     const cudaStream_t s = stream(exec);
 
     if (held > ly.cap) ly = regrow(exec, ly, std::max(held, std::min(2 * ly.cap, budget + w + 1)));
+    // (rows, held): the candidates' scores, or (accumulating) the new query's
+    // attention to every held token; sums: the updated sums, (rows, held).
+    buffer<float> scores(evict || accumulates ? rows * held : 0, s);
+    buffer<float> sums(accumulates ? rows * held : 0, s);
+    buffer<index_t> sel(evict ? rows * n : 0, s);
+    layer next;
+    if (evict) next = layer(rows, d, ly.cap, accumulates, s);
+
     cuda_detail::append_token_kernel<T><<<static_cast<unsigned>(rows), 128, 0, s>>>(
         ly.k.data(), ly.v.data(), ly.pos.data(), ly.cap, d, Hkv, held - 1, k.data_handle(),
         k.stride(0), k.stride(1), v.data_handle(), v.stride(0), v.stride(1), position);
     cuda_detail::check_launch("append_token_kernel");
-    ly.held = held;
+    const auto all_keys = ly.tokens_view(static_cast<const T*>(ly.k.data()), B, Hkv, held);
+    const auto all_values = ly.tokens_view(static_cast<const T*>(ly.v.data()), B, Hkv, held);
 
-    // (rows, held): the candidates' scores, or (accumulating) the new query's
-    // attention to every held token.
-    buffer<float> scores(evict || accumulates ? rows * held : 0, s);
     const float* ranked = scores.data();
     index_t ranked_ld = cand;
     if constexpr (accumulates) {
-      // The new token's sum starts at zero; then every held token gains its attention.
-      cuda_detail::check(cudaMemset2DAsync(ly.ind.data() + (held - 1),
-                                           static_cast<std::size_t>(ly.cap) * sizeof(float), 0,
+      // sums = the held sums, 0 for the new token, plus every token's new attention.
+      cuda_detail::check(
+          cudaMemcpy2DAsync(sums.data(), static_cast<std::size_t>(held) * sizeof(float),
+                            ly.ind.data(), static_cast<std::size_t>(ly.cap) * sizeof(float),
+                            static_cast<std::size_t>(held - 1) * sizeof(float),
+                            static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
+          "cudaMemcpy2DAsync (accumulated scores)");
+      cuda_detail::check(cudaMemset2DAsync(sums.data() + (held - 1),
+                                           static_cast<std::size_t>(held) * sizeof(float), 0,
                                            sizeof(float), static_cast<std::size_t>(rows), s),
                          "cudaMemset2DAsync (accumulated scores)");
-      decode_scores(exec, q, keys(ly, sh), indicator,
+      decode_scores(exec, q, all_keys, indicator,
                     make_view<device_space>(scores.data(), std::array<index_t, 3>{B, Hkv, held}));
-      accumulate(exec, ly.ind.data(), ly.cap, scores.data(), held, rows, held);
-      ranked = ly.ind.data();
-      ranked_ld = ly.cap;
+      accumulate(exec, sums.data(), held, scores.data(), held, rows, held);
+      ranked = sums.data();
+      ranked_ld = held;
     }
-    if (!evict) return;
+    if (!evict) {
+      if constexpr (accumulates)
+        cuda_detail::check(
+            cudaMemcpy2DAsync(ly.ind.data(), static_cast<std::size_t>(ly.cap) * sizeof(float),
+                              sums.data(), static_cast<std::size_t>(held) * sizeof(float),
+                              static_cast<std::size_t>(held) * sizeof(float),
+                              static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
+            "cudaMemcpy2DAsync (accumulated scores)");
+      ly.held = held;
+      return;
+    }
     if constexpr (source == indicator_source::position) {
       cuda_detail::position_scores_kernel<<<cuda_detail::small_grid(rows * cand), 256, 0, s>>>(
           indicator, ly.pos.data(), ly.cap, scores.data(), cand, rows, cand);
       cuda_detail::check_launch("position_scores_kernel");
     } else if constexpr (!accumulates) {
-      decode_scores(exec, q, keys(ly, sh), indicator,
+      decode_scores(exec, q, all_keys, indicator,
                     make_view<device_space>(scores.data(), std::array<index_t, 3>{B, Hkv, cand}));
     }
-    buffer<index_t> sel(rows * n, s);
     select_k(exec,
              make_view<device_space>(ranked, std::array<index_t, 2>{rows, cand},
                                      std::array<index_t, 2>{ranked_ld, 1}),
@@ -551,16 +581,15 @@ struct layer_store<T, cuda_policy> {
     cuda_detail::append_window_kernel<<<cuda_detail::small_grid(rows * w), 256, 0, s>>>(
         sel.data(), rows, n, keep, w, cand);
     cuda_detail::check_launch("append_window_kernel");
-    // The kept tokens are gathered into a fresh layer: in reference order they are a
+    // The kept tokens are gathered into the fresh layer: in reference order they are a
     // permutation, and on the device an in-place gather would race across blocks.
-    layer next(rows, d, ly.cap, accumulates, s);
     auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
                                           std::array<index_t, 3>{B, Hkv, n});
-    compact(exec, keys(ly, sh), keep_v, next.tokens_view(next.k.data(), B, Hkv, n));
-    compact(exec, values(ly, sh), keep_v, next.tokens_view(next.v.data(), B, Hkv, n));
+    compact(exec, all_keys, keep_v, next.tokens_view(next.k.data(), B, Hkv, n));
+    compact(exec, all_values, keep_v, next.tokens_view(next.v.data(), B, Hkv, n));
     cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, s>>>(
         next.pos.data(), accumulates ? next.ind.data() : nullptr, next.cap, sel.data(), rows, n,
-        ly.pos.data(), ly.cap, ly.ind.data(), ly.cap, held);
+        ly.pos.data(), ly.cap, sums.data(), held, held);
     cuda_detail::check_launch("gather_meta_kernel");
     next.held = n;
     ly = std::move(next);
@@ -736,7 +765,9 @@ struct layer_store<T, cuda_policy> {
   }
 
   // decode() on a ragged layer: every row keeps its length, appends the new token and
-  // evicts one candidate, row by row; the kept tokens are gathered into a fresh layer.
+  // evicts one candidate, row by row; the kept tokens and their sums are gathered into
+  // a fresh layer, so the layer changes only at the end. The new token waits in each
+  // row's first padding slot, cleared again if anything fails.
   template <class Ind, class QV, class KV, class VV>
   static void decode_rows(const cuda_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
                           const KV& k, const VV& v, index_t position, const Ind& indicator,
@@ -750,68 +781,85 @@ struct layer_store<T, cuda_policy> {
     for (index_t x : ly.len) longest = std::max(longest, x + 1);
     if (longest > ly.cap) ly = regrow(exec, ly, longest);
     buffer<float> scores(longest, s);
+    buffer<float> sums(accumulates ? longest : 0, s);  // one row's updated sums
     buffer<index_t> sel(longest, s);
     layer next(rows, d, ly.cap, accumulates, s);
     next.len = ly.len;
-    for (index_t r = 0; r < rows; ++r) {
-      const index_t b = r / Hkv, g = r % Hkv;
-      const index_t n = ly.row_len(r) + 1, cand = n - w, keep = cand - 1;
-      T* kr = ly.k.data() + r * ly.cap * d;
-      T* vr = ly.v.data() + r * ly.cap * d;
-      index_t* pr = ly.pos.data() + r * ly.cap;
-      float* sr = accumulates ? ly.ind.data() + r * ly.cap : nullptr;
-      // append_token_kernel writes row blockIdx.x = 0 of the pointers it is given.
-      cuda_detail::append_token_kernel<T><<<1, 128, 0, s>>>(
-          kr, vr, pr, ly.cap, d, Hkv, n - 1, k.data_handle() + b * k.stride(0) + g * k.stride(1),
-          k.stride(0), k.stride(1), v.data_handle() + b * v.stride(0) + g * v.stride(1),
-          v.stride(0), v.stride(1), position);
-      cuda_detail::check_launch("append_token_kernel");
-      const auto qv =
-          make_view<device_space>(q.data_handle() + b * q.stride(0) + g * grp * q.stride(1),
-                                  std::array<index_t, 3>{1, grp, d},
-                                  std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
-                                                         static_cast<index_t>(q.stride(1)), 1});
-      const auto kv =
-          make_view<device_space>(static_cast<const T*>(kr), std::array<index_t, 4>{1, 1, n, d},
-                                  std::array<index_t, 4>{n * d, n * d, d, 1});
-      const float* ranked = scores.data();
-      if constexpr (accumulates) {
-        cuda_detail::check(cudaMemsetAsync(sr + n - 1, 0, sizeof(float), s),
-                           "cudaMemsetAsync (accumulated scores)");
-        decode_scores(exec, qv, kv, indicator,
-                      make_view<device_space>(scores.data(), std::array<index_t, 3>{1, 1, n}));
-        accumulate(exec, sr, n, scores.data(), n, 1, n);
-        ranked = sr;
-      } else if constexpr (source == indicator_source::position) {
-        cuda_detail::position_scores_kernel<<<cuda_detail::small_grid(cand), 256, 0, s>>>(
-            indicator, pr, cand, scores.data(), cand, 1, cand);
-        cuda_detail::check_launch("position_scores_kernel");
-      } else {
-        decode_scores(exec, qv, kv, indicator,
-                      make_view<device_space>(scores.data(), std::array<index_t, 3>{1, 1, cand}));
+    index_t written = 0;  // rows whose first padding slot holds the new token
+    try {
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t b = r / Hkv, g = r % Hkv;
+        const index_t n = ly.row_len(r) + 1, cand = n - w, keep = cand - 1;
+        T* kr = ly.k.data() + r * ly.cap * d;
+        T* vr = ly.v.data() + r * ly.cap * d;
+        index_t* pr = ly.pos.data() + r * ly.cap;
+        const float* sr = accumulates ? ly.ind.data() + r * ly.cap : nullptr;
+        // append_token_kernel writes row blockIdx.x = 0 of the pointers it is given.
+        cuda_detail::append_token_kernel<T><<<1, 128, 0, s>>>(
+            kr, vr, pr, ly.cap, d, Hkv, n - 1, k.data_handle() + b * k.stride(0) + g * k.stride(1),
+            k.stride(0), k.stride(1), v.data_handle() + b * v.stride(0) + g * v.stride(1),
+            v.stride(0), v.stride(1), position);
+        written = r + 1;
+        cuda_detail::check_launch("append_token_kernel");
+        const auto qv =
+            make_view<device_space>(q.data_handle() + b * q.stride(0) + g * grp * q.stride(1),
+                                    std::array<index_t, 3>{1, grp, d},
+                                    std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
+                                                           static_cast<index_t>(q.stride(1)), 1});
+        const auto kv =
+            make_view<device_space>(static_cast<const T*>(kr), std::array<index_t, 4>{1, 1, n, d},
+                                    std::array<index_t, 4>{n * d, n * d, d, 1});
+        const float* ranked = scores.data();
+        if constexpr (accumulates) {
+          cuda_detail::check(
+              cudaMemcpyAsync(sums.data(), sr, static_cast<std::size_t>(n - 1) * sizeof(float),
+                              cudaMemcpyDeviceToDevice, s),
+              "cudaMemcpyAsync (accumulated scores)");
+          cuda_detail::check(cudaMemsetAsync(sums.data() + n - 1, 0, sizeof(float), s),
+                             "cudaMemsetAsync (accumulated scores)");
+          decode_scores(exec, qv, kv, indicator,
+                        make_view<device_space>(scores.data(), std::array<index_t, 3>{1, 1, n}));
+          accumulate(exec, sums.data(), n, scores.data(), n, 1, n);
+          ranked = sums.data();
+        } else if constexpr (source == indicator_source::position) {
+          cuda_detail::position_scores_kernel<<<cuda_detail::small_grid(cand), 256, 0, s>>>(
+              indicator, pr, cand, scores.data(), cand, 1, cand);
+          cuda_detail::check_launch("position_scores_kernel");
+        } else {
+          decode_scores(exec, qv, kv, indicator,
+                        make_view<device_space>(scores.data(), std::array<index_t, 3>{1, 1, cand}));
+        }
+        select_k(exec, make_view<device_space>(ranked, std::array<index_t, 2>{1, cand}),
+                 make_view<device_space>(sel.data(), std::array<index_t, 2>{1, keep}),
+                 reference ? select_order::descending : select_order::position);
+        cuda_detail::append_window_kernel<<<1, 256, 0, s>>>(sel.data(), 1, n - 1, keep, w, cand);
+        cuda_detail::check_launch("append_window_kernel");
+        const auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
+                                                    std::array<index_t, 3>{1, 1, n - 1});
+        const auto row_out = [&](T* base) {
+          return make_view<device_space>(base + r * next.cap * d,
+                                         std::array<index_t, 4>{1, 1, n - 1, d},
+                                         std::array<index_t, 4>{next.cap * d, next.cap * d, d, 1});
+        };
+        compact(exec, kv, keep_v, row_out(next.k.data()));
+        compact(
+            exec,
+            make_view<device_space>(static_cast<const T*>(vr), std::array<index_t, 4>{1, 1, n, d},
+                                    std::array<index_t, 4>{n * d, n * d, d, 1}),
+            keep_v, row_out(next.v.data()));
+        cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(n - 1), 256, 0, s>>>(
+            next.pos.data() + r * next.cap, accumulates ? next.ind.data() + r * next.cap : nullptr,
+            next.cap, sel.data(), 1, n - 1, pr, ly.cap, sums.data(), longest, n);
+        cuda_detail::check_launch("gather_meta_kernel");
+        pad_row(exec, next, r, n - 1, ly.held);
       }
-      select_k(exec, make_view<device_space>(ranked, std::array<index_t, 2>{1, cand}),
-               make_view<device_space>(sel.data(), std::array<index_t, 2>{1, keep}),
-               reference ? select_order::descending : select_order::position);
-      cuda_detail::append_window_kernel<<<1, 256, 0, s>>>(sel.data(), 1, n - 1, keep, w, cand);
-      cuda_detail::check_launch("append_window_kernel");
-      const auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
-                                                  std::array<index_t, 3>{1, 1, n - 1});
-      const auto row_out = [&](T* base) {
-        return make_view<device_space>(base + r * next.cap * d,
-                                       std::array<index_t, 4>{1, 1, n - 1, d},
-                                       std::array<index_t, 4>{next.cap * d, next.cap * d, d, 1});
-      };
-      compact(exec, kv, keep_v, row_out(next.k.data()));
-      compact(exec,
-              make_view<device_space>(static_cast<const T*>(vr), std::array<index_t, 4>{1, 1, n, d},
-                                      std::array<index_t, 4>{n * d, n * d, d, 1}),
-              keep_v, row_out(next.v.data()));
-      cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(n - 1), 256, 0, s>>>(
-          next.pos.data() + r * next.cap, accumulates ? next.ind.data() + r * next.cap : nullptr,
-          next.cap, sel.data(), 1, n - 1, pr, ly.cap, sr, ly.cap, n);
-      cuda_detail::check_launch("gather_meta_kernel");
-      pad_row(exec, next, r, n - 1, ly.held);
+    } catch (...) {
+      try {
+        for (index_t r = 0; r < written; ++r)
+          pad_row(exec, ly, r, ly.row_len(r), ly.row_len(r) + 1);
+      } catch (...) {  // the first failure is the one to report
+      }
+      throw;
     }
     next.held = ly.held;
     next.by_indicator = ly.by_indicator;

@@ -46,6 +46,7 @@ struct decode_scores_backend<host_policy> {
                   const Ind& indicator, host_view<float, 3> out) {
     const index_t B = q.extent(0), H = q.extent(1), d = q.extent(2);
     const index_t Hkv = k.extent(1), n_held = k.extent(2), grp = H / Hkv, c = out.extent(2);
+    if (B * Hkv == 0 || c == 0) return;  // nothing to score
     const int kernel = indicator.pool_kernel, half = kernel / 2;
     const float sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
     using namespace detail::host_decode;

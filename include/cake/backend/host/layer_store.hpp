@@ -428,7 +428,9 @@ struct layer_store<T, host_policy> {
   // query alone; an accumulating one adds the new query's attention to every held
   // token's sum first and ranks by the sums; a position indicator ranks by position.
   // Reference order writes the kept prefix by descending score; position order
-  // compacts in place. Everything that can throw happens before the first write.
+  // compacts in place. Everything that can throw (allocation, scoring, selection)
+  // runs before the first visible write: the new token waits in the spare slot past
+  // `held` and new sums in a scratch buffer until the commit.
   template <class Ind, class QV, class KV, class VV>
   static void decode(const host_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
                      const KV& k, const VV& v, index_t position, index_t budget,
@@ -444,12 +446,13 @@ struct layer_store<T, host_policy> {
     layer grown;
     if (held > ly.cap) grown = regrow(ly, std::max(held, std::min(2 * ly.cap, budget + w + 1)));
     // Scores of the candidates, or (accumulating) the new query's attention to every
-    // held token: (rows, held) either way.
+    // held token: (rows, held) either way; sums: the updated sums, (rows, held).
     std::vector<float> scores(evict || accumulates ? static_cast<std::size_t>(rows * held) : 0);
+    std::vector<float> sums(accumulates ? static_cast<std::size_t>(rows * held) : 0);
     std::vector<index_t> sel(evict ? static_cast<std::size_t>(rows * n) : 0);
     layer next;
     if (evict && reference) next = layer(ly.rows, d, std::max(ly.cap, held), accumulates);
-    if (held > ly.cap) ly = std::move(grown);
+    if (held > ly.cap) ly = std::move(grown);  // the same tokens with more room
 
     for (index_t b = 0; b < B; ++b)
       for (index_t g = 0; g < Hkv; ++g) {
@@ -459,27 +462,37 @@ struct layer_store<T, host_policy> {
           ly.value_row(r, held - 1)[x] = static_cast<T>(v(b, g, x));
         }
         ly.pos[static_cast<std::size_t>(r * ly.cap + held - 1)] = position;
-        if constexpr (accumulates) ly.ind[static_cast<std::size_t>(r * ly.cap + held - 1)] = 0.0f;
       }
-    ly.held = held;
+    const auto all_keys = ly.tokens_view(static_cast<const T*>(ly.k.data()), B, Hkv, held);
 
     const float* ranked = scores.data();  // (rows, cand) with row stride ranked_ld
     index_t ranked_ld = cand;
     if constexpr (accumulates) {
-      decode_scores(exec, q, keys(ly, sh), indicator,
+      decode_scores(exec, q, all_keys, indicator,
                     make_view(scores.data(), std::array<index_t, 3>{B, Hkv, held}));
-      accumulate(exec, ly.ind.data(), ly.cap, scores.data(), held, rows, held);
-      ranked = ly.ind.data();
-      ranked_ld = ly.cap;
+      for (index_t r = 0; r < rows; ++r) {
+        float* sr = sums.data() + r * held;
+        std::copy_n(ly.ind.data() + r * ly.cap, held - 1, sr);
+        sr[held - 1] = 0.0f;
+      }
+      accumulate(exec, sums.data(), held, scores.data(), held, rows, held);
+      ranked = sums.data();
+      ranked_ld = held;
     }
-    if (!evict) return;
+    if (!evict) {
+      if constexpr (accumulates)
+        for (index_t r = 0; r < rows; ++r)
+          std::copy_n(sums.data() + r * held, held, ly.ind.data() + r * ly.cap);
+      ly.held = held;
+      return;
+    }
     if constexpr (source == indicator_source::position) {
       for (index_t r = 0; r < rows; ++r)
         for (index_t t = 0; t < cand; ++t)
           scores[static_cast<std::size_t>(r * cand + t)] =
               indicator.score_position(ly.pos[static_cast<std::size_t>(r * ly.cap + t)]);
     } else if constexpr (!accumulates) {
-      decode_scores(exec, q, keys(ly, sh), indicator,
+      decode_scores(exec, q, all_keys, indicator,
                     make_view(scores.data(), std::array<index_t, 3>{B, Hkv, cand}));
     }
     select_k(
@@ -487,8 +500,10 @@ struct layer_store<T, host_policy> {
         make_view(ranked, std::array<index_t, 2>{rows, cand}, std::array<index_t, 2>{ranked_ld, 1}),
         make_view(sel.data(), std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
         reference ? select_order::descending : select_order::position);
+    // Commit: nothing below allocates or throws.
     for (index_t r = 0; r < rows; ++r)
       for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(r * n + keep + t)] = cand + t;
+    ly.held = held;
     auto keep_v =
         make_view(static_cast<const index_t*>(sel.data()), std::array<index_t, 3>{B, Hkv, n});
     // Reference order is a permutation: gather into the spare layer. Position order
@@ -502,7 +517,7 @@ struct layer_store<T, host_policy> {
       index_t* out = dst.pos.data() + r * dst.cap;
       for (index_t t = 0; t < n; ++t) out[t] = src[rs[t]];
       if constexpr (accumulates) {
-        const float* ssc = ly.ind.data() + r * ly.cap;
+        const float* ssc = sums.data() + r * held;
         float* osc = dst.ind.data() + r * dst.cap;
         for (index_t t = 0; t < n; ++t) osc[t] = ssc[rs[t]];
       }
@@ -513,7 +528,9 @@ struct layer_store<T, host_policy> {
 
  private:
   // decode() on a ragged layer (head-wise allocation): every row keeps its length, so
-  // each appends the new token and evicts one of its candidates, row by row.
+  // each appends the new token and evicts one of its candidates. All rows are scored
+  // and selected first (the new token waits in each row's first padding slot, cleared
+  // again if anything throws); then every row is rewritten.
   template <class Ind, class QV, class KV, class VV>
   static void decode_rows(const host_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
                           const KV& k, const VV& v, index_t position, const Ind& indicator,
@@ -526,68 +543,85 @@ struct layer_store<T, host_policy> {
     for (index_t x : ly.len) longest = std::max(longest, x + 1);
     layer grown;
     if (longest > ly.cap) grown = regrow(ly, longest);
-    std::vector<float> scores(static_cast<std::size_t>(longest));
-    std::vector<index_t> sel(static_cast<std::size_t>(longest));
+    const auto L = static_cast<std::size_t>(longest);
+    std::vector<float> scores(L);
+    std::vector<index_t> sel(static_cast<std::size_t>(rows) * L);  // (rows, longest)
+    std::vector<float> sums(accumulates ? sel.size() : 0);         // (rows, longest)
     // One row's tokens in their new order, when reference order permutes them.
-    std::vector<T> tk(reference ? static_cast<std::size_t>(longest * d) : 0), tv(tk.size());
-    std::vector<index_t> tp(reference ? static_cast<std::size_t>(longest) : 0);
-    std::vector<float> ts(reference && accumulates ? tp.size() : 0);
+    std::vector<T> tk(reference ? L * static_cast<std::size_t>(d) : 0), tv(tk.size());
+    std::vector<index_t> tp(reference ? L : 0);
     if (longest > ly.cap) ly = std::move(grown);
 
+    index_t written = 0;  // rows whose first padding slot holds the new token
+    try {
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t b = r / Hkv, g = r % Hkv;
+        const index_t n = ly.row_len(r) + 1, cand = n - w, keep = cand - 1;
+        for (index_t x = 0; x < d; ++x) {
+          ly.key_row(r, n - 1)[x] = static_cast<T>(k(b, g, x));
+          ly.value_row(r, n - 1)[x] = static_cast<T>(v(b, g, x));
+        }
+        ly.pos[static_cast<std::size_t>(r * ly.cap + n - 1)] = position;
+        written = r + 1;
+        const auto qv = make_view(&q(b, g * grp, 0), std::array<index_t, 3>{1, grp, d},
+                                  std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
+                                                         static_cast<index_t>(q.stride(1)), 1});
+        const auto kv =
+            make_view(static_cast<const T*>(ly.key_row(r, 0)), std::array<index_t, 4>{1, 1, n, d},
+                      std::array<index_t, 4>{n * d, n * d, d, 1});
+        const float* ranked = scores.data();
+        if constexpr (accumulates) {
+          float* sr = sums.data() + r * longest;
+          decode_scores(exec, qv, kv, indicator,
+                        make_view(scores.data(), std::array<index_t, 3>{1, 1, n}));
+          const float* old = ly.ind.data() + r * ly.cap;
+          for (index_t t = 0; t < n; ++t)
+            sr[t] = (t < n - 1 ? old[t] : 0.0f) + scores[static_cast<std::size_t>(t)];
+          ranked = sr;
+        } else if constexpr (source == indicator_source::position) {
+          for (index_t t = 0; t < cand; ++t)
+            scores[static_cast<std::size_t>(t)] =
+                indicator.score_position(ly.pos[static_cast<std::size_t>(r * ly.cap + t)]);
+        } else {
+          decode_scores(exec, qv, kv, indicator,
+                        make_view(scores.data(), std::array<index_t, 3>{1, 1, cand}));
+        }
+        index_t* rs = sel.data() + r * longest;
+        select_k(exec, make_view(ranked, std::array<index_t, 2>{1, cand}),
+                 make_view(rs, std::array<index_t, 2>{1, keep}),
+                 reference ? select_order::descending : select_order::position);
+        for (index_t t = 0; t < w; ++t) rs[keep + t] = cand + t;
+      }
+    } catch (...) {
+      for (index_t r = 0; r < written; ++r) pad_row(ly, r, ly.row_len(r), ly.row_len(r) + 1);
+      throw;
+    }
+
+    // Commit: nothing below allocates or throws.
     for (index_t r = 0; r < rows; ++r) {
-      const index_t b = r / Hkv, g = r % Hkv;
-      const index_t n = ly.len[static_cast<std::size_t>(r)] + 1, cand = n - w, keep = cand - 1;
+      const index_t n = ly.row_len(r) + 1;
+      const index_t* rs = sel.data() + r * longest;
       index_t* pos = ly.pos.data() + r * ly.cap;
       float* sc = accumulates ? ly.ind.data() + r * ly.cap : nullptr;
-      for (index_t x = 0; x < d; ++x) {
-        ly.key_row(r, n - 1)[x] = static_cast<T>(k(b, g, x));
-        ly.value_row(r, n - 1)[x] = static_cast<T>(v(b, g, x));
-      }
-      pos[n - 1] = position;
-      const auto qv = make_view(&q(b, g * grp, 0), std::array<index_t, 3>{1, grp, d},
-                                std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
-                                                       static_cast<index_t>(q.stride(1)), 1});
-      const auto kv =
-          make_view(static_cast<const T*>(ly.key_row(r, 0)), std::array<index_t, 4>{1, 1, n, d},
-                    std::array<index_t, 4>{n * d, n * d, d, 1});
-      const float* ranked = scores.data();
-      if constexpr (accumulates) {
-        sc[n - 1] = 0.0f;
-        decode_scores(exec, qv, kv, indicator,
-                      make_view(scores.data(), std::array<index_t, 3>{1, 1, n}));
-        for (index_t t = 0; t < n; ++t) sc[t] += scores[static_cast<std::size_t>(t)];
-        ranked = sc;
-      } else if constexpr (source == indicator_source::position) {
-        for (index_t t = 0; t < cand; ++t)
-          scores[static_cast<std::size_t>(t)] = indicator.score_position(pos[t]);
-      } else {
-        decode_scores(exec, qv, kv, indicator,
-                      make_view(scores.data(), std::array<index_t, 3>{1, 1, cand}));
-      }
-      select_k(exec, make_view(ranked, std::array<index_t, 2>{1, cand}),
-               make_view(sel.data(), std::array<index_t, 2>{1, keep}),
-               reference ? select_order::descending : select_order::position);
-      for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(keep + t)] = cand + t;
-      const auto move = [&](T* dk, T* dv, index_t* dp, float* ds, index_t to, index_t from) {
+      const float* sr = accumulates ? sums.data() + r * longest : nullptr;
+      const auto move = [&](T* dk, T* dv, index_t* dp, index_t to, index_t from) {
         std::memmove(dk + to * d, ly.key_row(r, from), static_cast<std::size_t>(d) * sizeof(T));
         std::memmove(dv + to * d, ly.value_row(r, from), static_cast<std::size_t>(d) * sizeof(T));
         dp[to] = pos[from];
-        if (ds) ds[to] = sc[from];
       };
-      // Position order is ascending (sel[t] >= t): in place. Reference order permutes:
-      // through the row buffer.
+      // Position order is ascending (rs[t] >= t): in place. Reference order permutes:
+      // through the row buffer. The sums come from the scratch either way.
       if (!reference) {
         for (index_t t = 0; t < n - 1; ++t)
-          move(ly.key_row(r, 0), ly.value_row(r, 0), pos, sc, t, sel[static_cast<std::size_t>(t)]);
+          move(ly.key_row(r, 0), ly.value_row(r, 0), pos, t, rs[t]);
       } else {
-        for (index_t t = 0; t < n - 1; ++t)
-          move(tk.data(), tv.data(), tp.data(), accumulates ? ts.data() : nullptr, t,
-               sel[static_cast<std::size_t>(t)]);
+        for (index_t t = 0; t < n - 1; ++t) move(tk.data(), tv.data(), tp.data(), t, rs[t]);
         std::copy_n(tk.data(), (n - 1) * d, ly.key_row(r, 0));
         std::copy_n(tv.data(), (n - 1) * d, ly.value_row(r, 0));
         std::copy_n(tp.data(), n - 1, pos);
-        if constexpr (accumulates) std::copy_n(ts.data(), n - 1, sc);
       }
+      if (sc)
+        for (index_t t = 0; t < n - 1; ++t) sc[t] = sr[rs[t]];
       pad_row(ly, r, n - 1, n);
     }
   }

@@ -27,10 +27,10 @@ struct HeadwiseBudget {
                   std::span<index_t> out) const {
     layer(prefs, num_layers, total, ceiling, out);
   }
-  // The per-head floor for a layer budget b.
+  // The per-head floor for a layer budget b. In float, so that min_share = 0.7f of 10 is 7 (0.7f
+  // widened to double is 0.69999998..., whose product with 10 floors to 6).
   index_t head_floor(index_t b) const {
-    return static_cast<index_t>(
-        std::floor(static_cast<double>(min_share) * static_cast<double>(b)));
+    return static_cast<index_t>(std::floor(min_share * static_cast<float>(b)));
   }
   status validate() const {
     CAKE_TRY(layer.validate());

@@ -138,10 +138,11 @@ void prefill_both(HostC& host, CudaC& dev, index_t l, const std::vector<float>& 
 // Prefills both caches with the same random GQA layers (4 attention-sink keys in
 // each), compares them, decodes 3 steps in every layer and compares again.
 template <class HostC, class CudaC>
-void run_synthetic(HostC& host, CudaC& dev, unsigned seed, const std::string& where) {
+void run_synthetic(HostC& host, CudaC& dev, unsigned seed, const std::string& where,
+                   index_t S = 700) {
   const auto& cfg = host.config();
   const index_t L = cfg.layers, B = cfg.batch, H = cfg.q_heads, Hkv = cfg.kv_heads,
-                d = cfg.head_dim, w = cfg.window, S = 700;
+                d = cfg.head_dim, w = cfg.window;
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (index_t l = 0; l < L; ++l) {
@@ -291,13 +292,13 @@ TEST_SUITE("gpu") {
         const std::string where =
             std::string(cascade ? "cascading" : "one-shot") +
             (order == cake::token_order::position ? ", position order" : ", reference order");
-        auto both = [&]<class Pref, class Budget = cake::ProportionalBudget>(const char* name,
-                                                                             auto ind) {
+        auto both = [&]<class Pref, class Budget = cake::ProportionalBudget>(
+            const char* name, auto ind, index_t S = 700) {
           using Ind = decltype(ind);
           cake::KvCache<Pref, Budget, Ind> host(cfg, {}, {}, ind);
           cake::KvCache<Pref, Budget, Ind, float, cake::cuda_policy> dev(cfg, {}, {}, ind,
                                                                          cake::cuda);
-          run_synthetic(host, dev, 11, std::string(name) + ", " + where);
+          run_synthetic(host, dev, 11, std::string(name) + ", " + where, S);
         };
         both.template operator()<cake::UniformPreference>("streamingllm",
                                                           cake::SinkRecencyIndicator{4});
@@ -313,6 +314,9 @@ TEST_SUITE("gpu") {
             "cake_adakv", cake::MeanVarianceIndicator{});
         both.template operator()<cake::UniformPreference, cake::HeadwiseBudget<>>(
             "h2o x head-wise", cake::AccumulatedIndicator{});
+        // An uncut prompt (S <= C + w): decoding regrows the layer, sums included.
+        both.template operator()<cake::UniformPreference>("h2o, uncut",
+                                                          cake::AccumulatedIndicator{}, 60);
       }
   }
 }  // TEST_SUITE

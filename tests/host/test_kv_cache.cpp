@@ -10,7 +10,6 @@
 
 using cake::index_t;
 
-
 using namespace kv_test;
 
 TEST_CASE("KvCache: budgets sum to T and each <= S - w after prefill (cascade and one-shot)") {

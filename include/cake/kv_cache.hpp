@@ -457,22 +457,7 @@ class KvCache {
       // The last window row sees every key: the decode-time scoring, unmasked.
       decode_scores(exec_, query_row(w - 1), k, ind_, out_view(P));
     } else if constexpr (accumulates) {
-      // Row i sees keys [0, P + i]: its attention, summed over the window rows.
-      auto row = Store::template make_buffer<float>(exec_, rows * S);
-      Store::fill(exec_, ind, 0.0f);
-      for (index_t i = 0; i < w; ++i) {
-        const index_t seen = P + i + 1;
-        decode_scores(
-            exec_, query_row(i),
-            make_view<Space>(k.data_handle(), std::array<index_t, 4>{B, Hkv, seen, d},
-                             std::array<index_t, 4>{static_cast<index_t>(k.stride(0)),
-                                                    static_cast<index_t>(k.stride(1)),
-                                                    static_cast<index_t>(k.stride(2)), 1}),
-            ind_,
-            make_view<Space>(Store::data(row), std::array<index_t, 3>{B, Hkv, seen},
-                             std::array<index_t, 3>{Hkv * S, S, 1}));
-        Store::accumulate(exec_, out, ind_cols, Store::data(row), S, rows, seen);
-      }
+      Store::attention_sums(exec_, q, k, out, ind_cols);
     }
     return stats;
   }

@@ -444,18 +444,17 @@ class KvCache {
       Store::read(exec_, st_dev, st.data(), 2);  // the only value the host needs per layer
       stats = {st[0], st[1]};
     }
-    // Window row i of every head: (batch, q_heads, head_dim).
-    const auto query_row = [&](index_t i) {
-      return make_view<Space>(q.data_handle() + i * static_cast<index_t>(q.stride(2)),
-                              std::array<index_t, 3>{B, H, d},
-                              std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
-                                                     static_cast<index_t>(q.stride(1)), 1});
-    };
     if constexpr (source == indicator_source::position) {
       Store::position_scores(exec_, ind_, out, ind_cols, rows, P);
     } else if constexpr (source == indicator_source::last_query) {
       // The last window row sees every key: the decode-time scoring, unmasked.
-      decode_scores(exec_, query_row(w - 1), k, ind_, out_view(P));
+      // (batch, q_heads, head_dim): window row w - 1 of every head.
+      const auto last =
+          make_view<Space>(q.data_handle() + (w - 1) * static_cast<index_t>(q.stride(2)),
+                           std::array<index_t, 3>{B, H, d},
+                           std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
+                                                  static_cast<index_t>(q.stride(1)), 1});
+      decode_scores(exec_, last, k, ind_, out_view(P));
     } else if constexpr (accumulates) {
       Store::attention_sums(exec_, q, k, out, ind_cols);
     }

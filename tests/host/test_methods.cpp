@@ -265,6 +265,31 @@ inline std::vector<std::vector<index_t>> h2o_reference(const kv_test::Workload& 
 
 }  // namespace methods_test
 
+namespace methods_test {
+// Decodes `steps` tokens into a prefilled H2O cache and checks, before and after each
+// step, every row's kept tokens against h2o_reference with that row's prefix budget
+// (budget_of(l, row) = tokens it holds outside the window).
+template <class Cache, class BudgetOf>
+void check_against_h2o_model(Cache& c, const kv_test::Workload& wl, int steps, BudgetOf budget_of) {
+  const auto& cfg = wl.cfg;
+  for (int t = 0; t <= steps; ++t) {
+    CAPTURE(t);
+    if (t > 0) kv_test::decode_step(c, wl, static_cast<std::size_t>(t - 1));
+    for (index_t l = 0; l < cfg.layers; ++l)
+      for (index_t b = 0; b < cfg.batch; ++b)
+        for (index_t g = 0; g < cfg.kv_heads; ++g) {
+          CAPTURE(l);
+          CAPTURE(b);
+          CAPTURE(g);
+          const auto ref = h2o_reference(wl, l, b, g, budget_of(l, b * cfg.kv_heads + g), steps);
+          auto got = kept(c, l, b, g);
+          got.erase(std::remove(got.begin(), got.end(), index_t{-1}), got.end());  // padding
+          CHECK(got == ref[static_cast<std::size_t>(t)]);
+        }
+  }
+}
+}  // namespace methods_test
+
 TEST_CASE("H2O on a GQA workload equals a float64 model of H2O, cascading and one-shot") {
   const int steps = 6;
   for (bool cascade : {true, false}) {
@@ -274,19 +299,7 @@ TEST_CASE("H2O on a GQA workload equals a float64 model of H2O, cascading and on
     H2o c(cfg);
     kv_test::prefill_all(c, wl);
     kv_test::check_layer_contents(c, wl, 47);
-    for (int t = 0; t <= steps; ++t) {
-      CAPTURE(t);
-      if (t > 0) kv_test::decode_step(c, wl, static_cast<std::size_t>(t - 1));
-      for (index_t l = 0; l < cfg.layers; ++l)
-        for (index_t b = 0; b < cfg.batch; ++b)
-          for (index_t g = 0; g < cfg.kv_heads; ++g) {
-            CAPTURE(l);
-            CAPTURE(b);
-            CAPTURE(g);
-            const auto ref = h2o_reference(wl, l, b, g, c.budget(l), steps);
-            CHECK(kept(c, l, b, g) == ref[static_cast<std::size_t>(t)]);
-          }
-    }
+    check_against_h2o_model(c, wl, steps, [&](index_t l, index_t) { return c.budget(l); });
   }
 }
 
@@ -652,21 +665,9 @@ TEST_CASE("H2O x head-wise equals the float64 H2O model row by row, with each ro
       kv_test::prefill_all(c, wl);
       std::vector<std::vector<index_t>> len0;
       for (index_t l = 0; l < cfg.layers; ++l) len0.push_back(c.row_lengths(l));
-      for (int t = 0; t <= steps; ++t) {
-        if (t > 0) kv_test::decode_step(c, wl, static_cast<std::size_t>(t - 1));
-        for (index_t l = 0; l < cfg.layers; ++l)
-          for (index_t b = 0; b < cfg.batch; ++b)
-            for (index_t g = 0; g < cfg.kv_heads; ++g) {
-              CAPTURE(t);
-              CAPTURE(l);
-              CAPTURE(b);
-              CAPTURE(g);
-              const index_t n =
-                  len0[static_cast<std::size_t>(l)][static_cast<std::size_t>(b * cfg.kv_heads + g)];
-              const auto ref = h2o_reference(wl, l, b, g, n - cfg.window, steps);
-              CHECK(kept_tokens(c, l, b, g) == ref[static_cast<std::size_t>(t)]);
-            }
-      }
+      check_against_h2o_model(c, wl, steps, [&](index_t l, index_t r) {
+        return len0[static_cast<std::size_t>(l)][static_cast<std::size_t>(r)] - cfg.window;
+      });
     }
 }
 

@@ -465,10 +465,12 @@ TEST_SUITE("gpu") {
     SUBCASE("float, long rows in place") { check_compact<float>(2048, true, 6); }
   }
 
+  // with_workspace: the allocation-free overload, with exactly the queried bytes.
   template <class TK>
   void check_decode(index_t held, index_t c, const cake::MeanVarianceIndicator& ind,
-                    std::uint32_t seed) {
-    const index_t B = 2, H = 8, Hkv = 2, d = 32;
+                    std::uint32_t seed, index_t H = 8, index_t Hkv = 2, index_t d = 32,
+                    bool with_workspace = false) {
+    const index_t B = 2;
     std::mt19937 rng(seed);
     std::vector<float> q = normal(static_cast<std::size_t>(B * H * d), 1.0f, rng);
     std::vector<TK> k =
@@ -479,6 +481,22 @@ TEST_SUITE("gpu") {
     cake::decode_scores(cake::host, hview(q, qe), hview(k, ke), ind, hview(expect, oe));
     DeviceBuffer<float> dq(q), dout(expect.size());
     DeviceBuffer<TK> dk(k);
+    if (with_workspace) {
+      const std::size_t bytes = cake::decode_scores_workspace_size(B, H, Hkv, held);
+      REQUIRE(bytes >= static_cast<std::size_t>(B * H * held) * sizeof(float));
+      DeviceBuffer<char> ws(bytes);
+      cake::decode_scores(cake::cuda, dq.view(qe), dk.view(ke), ind, dout.view(oe),
+                          cake::cuda_workspace{ws.get(), bytes});
+      CHECK_CLOSE_VEC(dout.download(), expect, 1e-5, 1e-9);
+      // One byte short is refused before any launch, naming the workspace.
+      DeviceBuffer<float> untouched(std::vector<float>(expect.size(), -1.0f));
+      CHECK_THROWS_WITH_AS(
+          cake::decode_scores(cake::cuda, dq.view(qe), dk.view(ke), ind, untouched.view(oe),
+                              cake::cuda_workspace{ws.get(), bytes - 1}),
+          doctest::Contains("workspace"), cake::invalid_argument);
+      CHECK(untouched.download() == std::vector<float>(expect.size(), -1.0f));
+      return;
+    }
     cake::decode_scores(cake::cuda, dq.view(qe), dk.view(ke), ind, dout.view(oe));
     CHECK_CLOSE_VEC(dout.download(), expect, 1e-5, 1e-9);
   }
@@ -487,8 +505,17 @@ TEST_SUITE("gpu") {
     SUBCASE("float keys") { check_decode<float>(300, 284, {200.0f, 5}, 1); }
     SUBCASE("bf16 keys, pool 7") { check_decode<__nv_bfloat16>(1000, 968, {200.0f, 7}, 2); }
     SUBCASE("no pooling") { check_decode<float>(129, 1, {200.0f, 1}, 3); }
-    SUBCASE("scores not cached in shared memory") {
+    SUBCASE("long row: hundreds of key tiles") {
       check_decode<float>(50000, 49968, {200.0f, 5}, 4);
+    }
+    SUBCASE("fewer keys than one tile") { check_decode<__half>(37, 5, {200.0f, 3}, 5); }
+    // 10 query heads per KV head: more heads than warps in the finishing block.
+    SUBCASE("group of 10, bf16 rows of 72 bytes (no 16-byte loads)") {
+      check_decode<__nv_bfloat16>(777, 745, {200.0f, 5}, 6, 20, 2, 36);
+    }
+    SUBCASE("head_dim 256, group 1") { check_decode<float>(130, 98, {200.0f, 7}, 7, 4, 4, 256); }
+    SUBCASE("caller's workspace") {
+      check_decode<__nv_bfloat16>(2080, 2048, {200.0f, 5}, 8, 32, 8, 128, true);
     }
   }
 

@@ -17,15 +17,12 @@ struct decode_scores_backend {
                 "cake::cuda)");
 };
 
-// q:      (batch, q_heads, head_dim)             the new token's query
-// keys:   (batch, kv_heads, held, head_dim)      every held key, the new one included
-// scores: (batch, kv_heads, candidates)          candidates = the first held tokens in cache order
-template <class Exec, tensor_like Q, tensor_like K, AttentionIndicator Ind, tensor_like Out>
-void decode_scores(const Exec& exec, Q&& q, K&& keys, const Ind& indicator, Out&& scores) {
-  auto qv = as_view(q);
-  auto kv = as_view(keys);
-  auto so = as_view(scores);
-  require_space<Exec, decltype(qv), decltype(kv), decltype(so)>();
+namespace detail {
+
+// The checks every backend's decode_scores runs first.
+template <class Exec, class Ind, class QV, class KV, class SO>
+void check_decode_scores_args(const Ind& indicator, const QV& qv, const KV& kv, const SO& so) {
+  require_space<Exec, QV, KV, SO>();
   indicator.validate().throw_if_error();
   const index_t B = qv.extent(0), H = qv.extent(1), d = qv.extent(2);
   const index_t Hkv = kv.extent(1), n = kv.extent(2);
@@ -40,6 +37,19 @@ void decode_scores(const Exec& exec, Q&& q, K&& keys, const Ind& indicator, Out&
   CAKE_EXPECTS(
       inner_contiguous(qv) && inner_contiguous(kv) && (so.extent(2) <= 1 || so.stride(2) == 1),
       "cake.decode.layout", "q, keys and scores must have unit innermost stride");
+}
+
+}  // namespace detail
+
+// q:      (batch, q_heads, head_dim)             the new token's query
+// keys:   (batch, kv_heads, held, head_dim)      every held key, the new one included
+// scores: (batch, kv_heads, candidates)          candidates = the first held tokens in cache order
+template <class Exec, tensor_like Q, tensor_like K, AttentionIndicator Ind, tensor_like Out>
+void decode_scores(const Exec& exec, Q&& q, K&& keys, const Ind& indicator, Out&& scores) {
+  auto qv = as_view(q);
+  auto kv = as_view(keys);
+  auto so = as_view(scores);
+  detail::check_decode_scores_args<Exec>(indicator, qv, kv, so);
   decode_scores_backend<Exec>::run(exec, qv, kv, indicator, so);
 }
 

@@ -1,4 +1,6 @@
-// CUDA backend of cake::decode_scores.
+// CUDA backend of cake::decode_scores, plus for cake::cuda:
+//   decode_scores_workspace_size(batch, q_heads, kv_heads, held)  bytes of scratch
+//   decode_scores(exec, q, keys, indicator, scores, workspace)    the allocation-free call
 #pragma once
 
 #include <cmath>
@@ -8,38 +10,98 @@
 #include "detail/kernels/decode_scores.cuh"
 
 namespace cake {
+namespace cuda_detail {
+
+struct DecodePlan {
+  int tiles = 0;
+  std::size_t workspace = 0;
+};
+
+inline DecodePlan plan_decode(index_t B, index_t H, index_t held) {
+  DecodePlan pl;
+  pl.tiles = static_cast<int>((held + tuning::decode_tile - 1) / tuning::decode_tile);
+  workspace_carver c;
+  c.take<float>(static_cast<std::size_t>(B * H * held));       // logits
+  c.take<float2>(static_cast<std::size_t>(B * H * pl.tiles));  // per-tile normalisers
+  pl.workspace = c.bytes();
+  return pl;
+}
+
+template <class TQ, class TK, class Ind>
+void launch_decode_scores(const cuda_policy& exec, device_view<TQ, 3> q, device_view<TK, 4> k,
+                          const Ind& indicator, device_view<float, 3> out, cuda_workspace given) {
+  using Q = std::remove_const_t<TQ>;
+  using K = std::remove_const_t<TK>;
+  const index_t B = q.extent(0), H = q.extent(1), d = q.extent(2);
+  const index_t Hkv = k.extent(1), held = k.extent(2), c = out.extent(2);
+  if (B * Hkv == 0 || c == 0) return;
+  const int half = indicator.pool_kernel / 2;
+  CAKE_EXPECTS(half < tuning::decode_threads, "cake.indicator.pool_kernel",
+               "the CUDA decode scores support pool_kernel < ", 2 * tuning::decode_threads,
+               ", got ", indicator.pool_kernel);
+  const DecodePlan pl = plan_decode(B, H, held);
+  const cudaStream_t stream = stream_of(exec);
+  scoped_workspace ws(given, pl.workspace, stream, "decode_scores");
+  workspace_carver carve(ws.get());
+
+  DecodeParams<Q, K> p{};
+  p.q = q.data_handle(), p.q_b = q.stride(0), p.q_h = q.stride(1);
+  p.k = k.data_handle(), p.k_b = k.stride(0), p.k_g = k.stride(1), p.k_j = k.stride(2);
+  p.out = out.data_handle(), p.o_b = out.stride(0), p.o_g = out.stride(1);
+  p.logits = carve.take<float>(static_cast<std::size_t>(B * H * held));
+  p.part = carve.take<float2>(static_cast<std::size_t>(B * H * pl.tiles));
+  p.Hkv = static_cast<int>(Hkv), p.group = static_cast<int>(H / Hkv);
+  p.held = static_cast<int>(held), p.c = static_cast<int>(c), p.d = static_cast<int>(d);
+  p.tiles = pl.tiles;
+  p.ld = static_cast<int>(d | 1);
+  const auto aligned = [](std::int64_t elements) {
+    return (elements * static_cast<std::int64_t>(sizeof(K))) % 16 == 0;
+  };
+  p.k_vec16 = reinterpret_cast<std::uintptr_t>(p.k) % 16 == 0 && aligned(k.stride(0)) &&
+              aligned(k.stride(1)) && aligned(k.stride(2)) && aligned(d);
+  p.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
+
+  const auto smem = static_cast<std::size_t>(decode_logits_smem(p.group, p.d, p.ld));
+  auto* logits_kernel = &decode_logits_kernel<Q, K>;
+  allow_shared_memory(logits_kernel, smem, "decode_logits_kernel");
+  logits_kernel<<<dim3(static_cast<unsigned>(pl.tiles), static_cast<unsigned>(B * Hkv)),
+                  tuning::decode_threads, smem, stream>>>(p);
+  check_launch("decode_logits_kernel");
+  decode_finish_kernel<Q, K, Ind>
+      <<<static_cast<unsigned>(B * Hkv), tuning::decode_threads,
+         static_cast<std::size_t>(half) * sizeof(float), stream>>>(p, indicator);
+  check_launch("decode_finish_kernel");
+}
+
+}  // namespace cuda_detail
 
 template <>
 struct decode_scores_backend<cuda_policy> {
   template <class TQ, class TK, class Ind>
   static void run(const cuda_policy& exec, device_view<TQ, 3> q, device_view<TK, 4> k,
-                  const Ind& indicator, device_view<float, 3> out) {
-    using Q = std::remove_const_t<TQ>;
-    using K = std::remove_const_t<TK>;
-    const index_t B = q.extent(0), H = q.extent(1), d = q.extent(2);
-    const index_t Hkv = k.extent(1), held = k.extent(2), c = out.extent(2);
-    if (B * Hkv == 0 || c == 0) return;
-    const int half = indicator.pool_kernel / 2;
-    CAKE_EXPECTS(half < cuda_detail::tuning::decode_threads, "cake.indicator.pool_kernel",
-                 "the CUDA decode scores support pool_kernel < ",
-                 2 * cuda_detail::tuning::decode_threads, ", got ", indicator.pool_kernel);
-    cuda_detail::DecodeParams<Q, K> p{};
-    p.q = q.data_handle(), p.q_b = q.stride(0), p.q_h = q.stride(1);
-    p.k = k.data_handle(), p.k_b = k.stride(0), p.k_g = k.stride(1), p.k_j = k.stride(2);
-    p.out = out.data_handle(), p.o_b = out.stride(0), p.o_g = out.stride(1);
-    p.Hkv = static_cast<int>(Hkv), p.group = static_cast<int>(H / Hkv);
-    p.held = static_cast<int>(held), p.c = static_cast<int>(c), p.d = static_cast<int>(d);
-    p.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
-    std::size_t smem = static_cast<std::size_t>(d + half) * sizeof(float);
-    const std::size_t with_cache = smem + static_cast<std::size_t>(held) * sizeof(float);
-    p.cache_scores = with_cache <= 160 * 1024;
-    if (p.cache_scores) smem = with_cache;
-    auto* kernel = &cuda_detail::decode_scores_kernel<Q, K, Ind>;
-    cuda_detail::allow_shared_memory(kernel, smem, "decode_scores_kernel");
-    kernel<<<static_cast<unsigned>(B * Hkv), cuda_detail::tuning::decode_threads, smem,
-             cuda_detail::stream_of(exec)>>>(p, indicator);
-    cuda_detail::check_launch("decode_scores_kernel");
+                  const Ind& indicator, device_view<float, 3> out, cuda_workspace ws = {}) {
+    cuda_detail::launch_decode_scores(exec, q, k, indicator, out, ws);
   }
 };
+
+// Bytes of scratch cake::decode_scores on cake::cuda needs: the group's logits of
+// every held key and one normaliser per tile of keys.
+inline std::size_t decode_scores_workspace_size(index_t batch, index_t q_heads, index_t kv_heads,
+                                                index_t held) {
+  if (batch * kv_heads == 0) return 0;
+  return cuda_detail::plan_decode(batch, q_heads, held).workspace;
+}
+
+// The allocation-free call: as cake::decode_scores, with a workspace of at least
+// decode_scores_workspace_size(...) bytes (an empty one allocates, stream-ordered).
+template <tensor_like Q, tensor_like K, AttentionIndicator Ind, tensor_like Out>
+void decode_scores(const cuda_policy& exec, Q&& q, K&& keys, const Ind& indicator, Out&& scores,
+                   cuda_workspace workspace) {
+  auto qv = as_view(q);
+  auto kv = as_view(keys);
+  auto so = as_view(scores);
+  detail::check_decode_scores_args<cuda_policy>(indicator, qv, kv, so);
+  decode_scores_backend<cuda_policy>::run(exec, qv, kv, indicator, so, workspace);
+}
 
 }  // namespace cake

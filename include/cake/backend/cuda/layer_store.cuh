@@ -434,6 +434,9 @@ struct layer_store<T, cuda_policy> {
     const index_t Hkv = k.extent(1), S = k.extent(2), P = S - w, rows = B * Hkv;
     const cudaStream_t s = stream(exec);
     buffer<float> row(rows * S, s);
+    // One workspace for every window row (the longest row's size): one allocation.
+    const std::size_t ws_bytes = decode_scores_workspace_size(B, H, Hkv, S);
+    buffer<char> ws(static_cast<index_t>(ws_bytes), s);
     cuda_detail::check(cudaMemset2DAsync(out, static_cast<std::size_t>(ld) * sizeof(float), 0,
                                          static_cast<std::size_t>(S) * sizeof(float),
                                          static_cast<std::size_t>(rows), s),
@@ -452,7 +455,8 @@ struct layer_store<T, cuda_policy> {
                                                          static_cast<index_t>(k.stride(2)), 1}),
           WindowMeanIndicator{1},
           make_view<device_space>(row.data(), std::array<index_t, 3>{B, Hkv, seen},
-                                  std::array<index_t, 3>{Hkv * S, S, 1}));
+                                  std::array<index_t, 3>{Hkv * S, S, 1}),
+          cuda_workspace{ws.data(), ws_bytes});
       accumulate(exec, out, ld, row.data(), S, rows, seen);
     }
   }

@@ -33,7 +33,10 @@ inline constexpr int select_block_sort_max = select_threads * select_sort_items;
 // compaction: 16-byte vectors, 256 threads.
 inline constexpr int compact_threads = 256;
 
-// decode scores: one block per (batch, kv-head) row, a warp per key.
+// decode scores: a block scores a tile of 64 keys against every query head of the
+// group (64 x group pairs over 256 threads); a few thousand held keys make tens of
+// tiles per (batch, kv-head) row, enough blocks to fill the GPU at batch 1.
 inline constexpr int decode_threads = 256;
+inline constexpr int decode_tile = 64;
 
 }  // namespace cake::cuda_detail::tuning

@@ -1,8 +1,19 @@
-// Kernel of cake::decode_scores on CUDA (spec section 7): the new token's attention
+// Kernels of cake::decode_scores on CUDA (spec section 7): the new token's attention
 // over every held key (softmax in float32, no mask), the indicator policy's score
 // with no variance, summed over the GQA group, then the average pool in cache order.
-// One block per (batch, kv-head); decoding budgets are small (a few thousand keys),
-// so a block walks the whole row, once per query head of the group.
+//
+//   decode_logits_kernel   grid (key tiles, batch * kv_heads): a tile of keys is read
+//                          once (16-byte loads when aligned) into shared memory and
+//                          scored against every query head of the group (GQA reuse);
+//                          the logits go to the workspace with each tile's softmax
+//                          normaliser (max, sum of exp) per head
+//   decode_finish_kernel   grid (batch * kv_heads): merges the tiles' normalisers,
+//                          turns logits into probabilities, the indicator's score
+//                          summed over the group in head order, then the pool
+//
+// The keys are spread over many blocks, so that one step reads K at memory speed
+// even with a handful of (batch, kv-head) rows; the finishing pass only touches
+// (group, held) floats per row.
 #pragma once
 
 #include <cub/block/block_reduce.cuh>
@@ -22,61 +33,125 @@ struct DecodeParams {
   std::int64_t k_b, k_g, k_j;
   float* out;  // (batch, kv_heads, candidates)
   std::int64_t o_b, o_g;
-  int Hkv, group, held, c, d;
-  bool cache_scores;  // the held keys' scores of one head fit in shared memory
+  float* logits;  // (batch * kv_heads, group, held) workspace
+  float2* part;   // (batch * kv_heads, group, tiles) workspace: per-tile (max, sum of exp)
+  int Hkv, group, held, c, d, tiles;
+  int ld;        // shared-memory pitch of a key row, in floats (odd: no bank conflicts)
+  bool k_vec16;  // key rows are 16-byte aligned: loaded as uint4
   float sqrt_d;
+};
+
+// Shared-memory bytes of decode_logits_kernel: the group's queries, the key tile as
+// float and the tile's logits.
+__host__ __device__ constexpr std::int64_t decode_logits_smem(int group, int d, int ld) {
+  return (static_cast<std::int64_t>(group) * d +
+          static_cast<std::int64_t>(tuning::decode_tile) * ld +
+          static_cast<std::int64_t>(group) * tuning::decode_tile) *
+         4;
+}
+
+template <class TQ, class TK>
+__global__ void __launch_bounds__(tuning::decode_threads)
+    decode_logits_kernel(DecodeParams<TQ, TK> p) {
+  constexpr int THREADS = tuning::decode_threads;
+  constexpr int TILE = tuning::decode_tile;
+  static_assert(TILE % 32 == 0, "a warp's (key, head) pairs share one head");
+  extern __shared__ float dsm[];
+  float* qs = dsm;                 // (group, d)
+  float* ks = qs + p.group * p.d;  // (TILE, ld)
+  float* ls = ks + TILE * p.ld;    // (group, TILE) this tile's logits
+  const int tile = blockIdx.x, bg = blockIdx.y, b = bg / p.Hkv, g = bg % p.Hkv;
+  const int j0 = tile * TILE, n = min(TILE, p.held - j0);
+
+  for (int e = threadIdx.x; e < p.group * p.d; e += THREADS) {
+    const int r = e / p.d, x = e - r * p.d;
+    qs[e] = to_float(p.q[b * p.q_b + static_cast<std::int64_t>(g * p.group + r) * p.q_h + x]);
+  }
+  const TK* base = p.k + b * p.k_b + g * p.k_g + static_cast<std::int64_t>(j0) * p.k_j;
+  if (p.k_vec16) {
+    constexpr int V = 16 / sizeof(TK);
+    const int per_row = p.d / V;
+    for (int e = threadIdx.x; e < n * per_row; e += THREADS) {
+      const int row = e / per_row, v = e - row * per_row;
+      const uint4 val =
+          reinterpret_cast<const uint4*>(base + static_cast<std::int64_t>(row) * p.k_j)[v];
+      const TK* el = reinterpret_cast<const TK*>(&val);
+#pragma unroll
+      for (int t = 0; t < V; ++t) ks[row * p.ld + v * V + t] = to_float(el[t]);
+    }
+  } else {
+    for (int e = threadIdx.x; e < n * p.d; e += THREADS) {
+      const int row = e / p.d, x = e - row * p.d;
+      ks[row * p.ld + x] = to_float(base[static_cast<std::int64_t>(row) * p.k_j + x]);
+    }
+  }
+  __syncthreads();
+
+  // (key, head) pairs, key fastest: a warp reads 32 distinct key rows (odd pitch) and
+  // one broadcast query row.
+  for (int e = threadIdx.x; e < p.group * TILE; e += THREADS) {
+    const int r = e / TILE, jj = e - r * TILE;
+    if (jj >= n) continue;
+    const float* qr = qs + r * p.d;
+    const float* kr = ks + jj * p.ld;
+    float s = 0.0f;
+    for (int x = 0; x < p.d; ++x) s += qr[x] * kr[x];
+    s /= p.sqrt_d;
+    ls[r * TILE + jj] = s;
+    p.logits[(static_cast<std::int64_t>(bg) * p.group + r) * p.held + j0 + jj] = s;
+  }
+  __syncthreads();
+
+  // A warp per head: the tile's softmax normaliser.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int r = warp; r < p.group; r += THREADS / 32) {
+    float m = -INFINITY;
+    for (int jj = lane; jj < n; jj += 32) m = fmaxf(m, ls[r * TILE + jj]);
+    m = warp_max(m);
+    float l = 0.0f;
+    for (int jj = lane; jj < n; jj += 32) l += expf(ls[r * TILE + jj] - m);
+    l = warp_sum(l);
+    if (lane == 0)
+      p.part[(static_cast<std::int64_t>(bg) * p.group + r) * p.tiles + tile] = make_float2(m, l);
+  }
+}
+
+// The (max, sum of exp) merge as a reduction operator.
+struct NormaliserMerge {
+  __device__ float2 operator()(float2 a, float2 b) const {
+    merge_normaliser(a.x, a.y, b.x, b.y);
+    return a;
+  }
 };
 
 template <class TQ, class TK, class Ind>
 __global__ void __launch_bounds__(tuning::decode_threads)
-    decode_scores_kernel(DecodeParams<TQ, TK> p, Ind indicator) {
+    decode_finish_kernel(DecodeParams<TQ, TK> p, Ind indicator) {
   constexpr int THREADS = tuning::decode_threads;
-  using Reduce = cub::BlockReduce<float, THREADS>;
+  using Reduce = cub::BlockReduce<float2, THREADS>;
   __shared__ typename Reduce::TempStorage red;
-  __shared__ float bcast;
-  extern __shared__ float smem[];
+  __shared__ float2 bcast;
+  extern __shared__ float carry[];  // (half) raw sums just left of the current chunk
   const int half = indicator.pool_kernel / 2;
-  float* qs = smem;          // (head_dim)
-  float* carry = qs + p.d;   // (half) raw sums just left of the current chunk
-  float* sc = carry + half;  // (held) scores of the current head, when cached
   const int bg = blockIdx.x, b = bg / p.Hkv, g = bg % p.Hkv;
-  const TK* krow = p.k + b * p.k_b + g * p.k_g;
   float* out = p.out + b * p.o_b + g * p.o_g;
 
-  const auto score_of = [&](int j) {
-    const TK* kr = krow + static_cast<std::int64_t>(j) * p.k_j;
-    float s = 0.0f;
-    for (int x = 0; x < p.d; ++x) s += qs[x] * to_float(kr[x]);  // the host's order
-    return s / p.sqrt_d;
-  };
-
   for (int r = 0; r < p.group; ++r) {
-    __syncthreads();
-    const TQ* qr = p.q + b * p.q_b + static_cast<std::int64_t>(g * p.group + r) * p.q_h;
-    for (int x = threadIdx.x; x < p.d; x += THREADS) qs[x] = to_float(qr[x]);
-    __syncthreads();
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < p.held; j += THREADS) {
-      const float s = score_of(j);
-      if (p.cache_scores) sc[j] = s;
-      m = fmaxf(m, s);
+    const std::int64_t head = static_cast<std::int64_t>(bg) * p.group + r;
+    float2 ml = make_float2(-INFINITY, 0.0f);
+    for (int t = threadIdx.x; t < p.tiles; t += THREADS) {
+      const float2 v = p.part[head * p.tiles + t];
+      merge_normaliser(ml.x, ml.y, v.x, v.y);
     }
-    m = Reduce(red).Reduce(m, [](float a, float c) { return fmaxf(a, c); });
-    if (threadIdx.x == 0) bcast = m;
+    ml = Reduce(red).Reduce(ml, NormaliserMerge{});
+    if (threadIdx.x == 0) bcast = ml;
     __syncthreads();
-    m = bcast;
-    float sum = 0.0f;
-    for (int j = threadIdx.x; j < p.held; j += THREADS)
-      sum += expf((p.cache_scores ? sc[j] : score_of(j)) - m);
-    __syncthreads();
-    sum = Reduce(red).Sum(sum);
-    if (threadIdx.x == 0) bcast = sum;
-    __syncthreads();
-    sum = bcast;
+    ml = bcast;
+    __syncthreads();  // `red` and `bcast` are reused by the next head
+    const float* lg = p.logits + head * p.held;
     // Thread j owns out[j] across heads: the group sum accumulates in head order.
     for (int j = threadIdx.x; j < p.c; j += THREADS) {
-      const float pr = expf((p.cache_scores ? sc[j] : score_of(j)) - m);
-      const float v = indicator.score(pr / sum, 0.0f);
+      const float v = indicator.score(expf(lg[j] - ml.x) / ml.y, 0.0f);
       out[j] = r == 0 ? v : out[j] + v;
     }
   }

@@ -24,6 +24,7 @@ struct SelectPlan {
   bool cached = false;
   bool block_sort = false;   // descending, sorted inside the kernel
   bool device_sort = false;  // descending, sorted by cub::DeviceSegmentedRadixSort
+  int sort_items = 1;        // keys per thread of the in-kernel sort (k <= threads: one)
   int idx_bits = 1;
   std::size_t smem = 0;
   std::size_t sort_temp = 0;
@@ -40,13 +41,16 @@ inline SelectPlan plan_select(index_t rows, index_t n, index_t k, select_order o
   SelectPlan pl;
   // Long rows are spread over a cluster of 8 SMs (portable cluster size) on sm_90+.
   pl.cluster = (clusters && n > 16384) ? 8 : 1;
+  // Slices start on 16-byte boundaries (4 keys), so that aligned rows load as float4.
   pl.slice = static_cast<int>((n + pl.cluster - 1) / pl.cluster);
+  if (pl.cluster > 1) pl.slice = (pl.slice + 3) / 4 * 4;
   pl.cached = static_cast<std::size_t>(pl.slice) * sizeof(unsigned) <= select_cache_budget;
   pl.smem = (tuning::select_bins + (pl.cached ? static_cast<std::size_t>(pl.slice) : 0)) *
             sizeof(unsigned);
   pl.idx_bits = std::max(1, static_cast<int>(std::bit_width(static_cast<std::uint64_t>(n))));
   const bool desc = order == select_order::descending && k > 1;
   pl.block_sort = desc && k <= tuning::select_block_sort_max;
+  pl.sort_items = k <= tuning::select_threads ? 1 : tuning::select_sort_items;
   pl.device_sort = desc && !pl.block_sort;
   if (pl.device_sort) {
     CAKE_EXPECTS(rows * k <= INT_MAX, "cake.select_k.k", "descending order with k > ",
@@ -111,6 +115,8 @@ void launch_select_k(const cuda_policy& exec, device_view<const float, 2> scores
   p.slice = pl.slice;
   p.idx_bits = pl.idx_bits;
   p.cached = pl.cached;
+  p.vec4 = reinterpret_cast<std::uintptr_t>(p.scores) % 16 == 0 && p.s_row % 4 == 0 &&
+           (pl.cluster == 1 || pl.slice % 4 == 0);
   std::uint64_t* sorted = nullptr;
   void* sort_temp = nullptr;
   if (pl.device_sort) {
@@ -120,12 +126,18 @@ void launch_select_k(const cuda_policy& exec, device_view<const float, 2> scores
     sort_temp = c.take<char>(pl.sort_temp);
   }
   constexpr int SORT = tuning::select_sort_items;
+  const auto launch = [&]<int CLUSTER>() {
+    if (!pl.block_sort)
+      launch_select_kernel<TI, CLUSTER, 0>(p, rows, pl.smem, stream);
+    else if (pl.sort_items == 1)
+      launch_select_kernel<TI, CLUSTER, 1>(p, rows, pl.smem, stream);
+    else
+      launch_select_kernel<TI, CLUSTER, SORT>(p, rows, pl.smem, stream);
+  };
   if (pl.cluster > 1)
-    pl.block_sort ? launch_select_kernel<TI, 8, SORT>(p, rows, pl.smem, stream)
-                  : launch_select_kernel<TI, 8, 0>(p, rows, pl.smem, stream);
+    launch.template operator()<8>();
   else
-    pl.block_sort ? launch_select_kernel<TI, 1, SORT>(p, rows, pl.smem, stream)
-                  : launch_select_kernel<TI, 1, 0>(p, rows, pl.smem, stream);
+    launch.template operator()<1>();
   if (pl.device_sort) {
     std::size_t temp = pl.sort_temp;
     const int items = static_cast<int>(rows * k);

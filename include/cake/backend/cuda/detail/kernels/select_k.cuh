@@ -45,6 +45,7 @@ struct SelectParams {
   int slice;     // keys per block of a row's cluster
   int idx_bits;  // bits of an index (n <= 2^idx_bits)
   bool cached;   // the slice lives in shared memory
+  bool vec4;     // every slice starts 16-byte aligned: the cache is filled with float4 loads
 };
 
 // (key, index) as one integer whose descending order is (score desc, index asc).
@@ -108,7 +109,7 @@ __global__ void __launch_bounds__(tuning::select_threads) select_k_kernel(Select
   __shared__ unsigned warp_gt[WARPS], warp_eq[WARPS];
   __shared__ unsigned block_count[2];  // this block's (above T, equal to T), read by peers
   __shared__ unsigned found_digit, found_need;
-  extern __shared__ unsigned dyn[];
+  extern __shared__ __align__(16) unsigned dyn[];
   unsigned* hist = dyn;          // (BINS)
   unsigned* cache = dyn + BINS;  // (slice) ordered bits, when cached
 
@@ -121,8 +122,24 @@ __global__ void __launch_bounds__(tuning::select_threads) select_k_kernel(Select
     if (threadIdx.x == 0 && row == static_cast<int>(gridDim.x / CLUSTER) - 1)
       p.offsets[row + 1] = (row + 1) * p.k;
   }
-  if (p.cached)
-    for (int j = lo + threadIdx.x; j < hi; j += THREADS) cache[j - lo] = ordered_bits_dev(x[j]);
+  if (p.cached) {
+    // 16-byte loads when the slice is aligned (the launcher checks the row and the
+    // slice), unrolled so that each thread has several loads in flight.
+    int j = lo;
+    if (p.vec4) {
+      const int n4 = (hi - lo) / 4;
+      const float4* x4 = reinterpret_cast<const float4*>(x + lo);
+      uint4* c4 = reinterpret_cast<uint4*>(cache);
+#pragma unroll 4
+      for (int i = threadIdx.x; i < n4; i += THREADS) {
+        const float4 v = x4[i];
+        c4[i] = make_uint4(ordered_bits_dev(v.x), ordered_bits_dev(v.y), ordered_bits_dev(v.z),
+                           ordered_bits_dev(v.w));
+      }
+      j = lo + 4 * n4;
+    }
+    for (j += threadIdx.x; j < hi; j += THREADS) cache[j - lo] = ordered_bits_dev(x[j]);
+  }
   const auto bits_at = [&](int j) -> std::uint32_t {
     return p.cached ? cache[j - lo] : ordered_bits_dev(x[j]);
   };

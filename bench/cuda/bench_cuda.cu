@@ -3,7 +3,7 @@
 //                  baseline: a device-to-device copy of K (the bytes floor)
 //   select_k       8 rows x 128K keys; baseline: cub::DeviceSegmentedRadixSort + gather
 //   compact        kept K rows (bf16, d 128); baseline: cudaMemcpyAsync of the same bytes
-//   decode_scores  one decoding step of one layer
+//   decode_scores  one decoding step of one layer; baseline: a device-to-device copy of K
 // Times come from CUDA events around REPS back-to-back calls (UseManualTime).
 #include <benchmark/benchmark.h>
 
@@ -129,20 +129,21 @@ void window_stats_copy_of_k(benchmark::State& state) {
 }
 
 // ---- top-k ---------------------------------------------------------------------------
-void select_k_cake(benchmark::State& state) {
+// order: descending (the reference's order, sorted in the kernel) or position (the
+// winners in index order, no sort): the two apart show what the sort costs.
+void select_k_cake(benchmark::State& state, cake::select_order order) {
   const index_t rows = state.range(0), n = state.range(1), k = state.range(2);
   cudaStream_t s;
   must(cudaStreamCreate(&s), "stream");
   DeviceArray<float> sc(static_cast<std::size_t>(rows * n));
   DeviceArray<std::int32_t> out(static_cast<std::size_t>(rows * k));
   sc.upload(random_vector<float>(sc.n, 1.0f, 3));
-  const std::size_t bytes = cake::select_k_workspace_size(rows, n, k);
+  const std::size_t bytes = cake::select_k_workspace_size(rows, n, k, order);
   DeviceArray<char> ws(bytes);
   const auto sv = cake::make_view<cake::device_space>(sc.p, std::array<index_t, 2>{rows, n});
   const auto ov = cake::make_view<cake::device_space>(out.p, std::array<index_t, 2>{rows, k});
   time_loop(state, s, [&] {
-    cake::select_k(cake::cuda.on(s), sv, ov, cake::select_order::descending,
-                   cake::cuda_workspace{ws.p, bytes});
+    cake::select_k(cake::cuda.on(s), sv, ov, order, cake::cuda_workspace{ws.p, bytes});
   });
   set_bytes(state, static_cast<double>(sc.n * sizeof(float)));
   cudaStreamDestroy(s);
@@ -240,11 +241,114 @@ void decode_scores_cake(benchmark::State& state) {
   const auto qv = cake::make_view<cake::device_space>(q.p, std::array<index_t, 3>{1, H, D});
   const auto kv = cake::make_view<cake::device_space>(k.p, std::array<index_t, 4>{1, HKV, held, D});
   const auto ov = cake::make_view<cake::device_space>(out.p, std::array<index_t, 3>{1, HKV, c});
+  const std::size_t bytes = cake::decode_scores_workspace_size(1, H, HKV, held);
+  DeviceArray<char> ws(bytes);
   time_loop(state, s, [&] {
-    cake::decode_scores(cake::cuda.on(s), qv, kv, cake::MeanVarianceIndicator{}, ov);
+    cake::decode_scores(cake::cuda.on(s), qv, kv, cake::MeanVarianceIndicator{}, ov,
+                        cake::cuda_workspace{ws.p, bytes});
   });
   set_bytes(state, static_cast<double>(k.n * sizeof(__nv_bfloat16)));
   cudaStreamDestroy(s);
+}
+
+// The bytes floor of a decoding step's scoring: the held keys copied once.
+void decode_copy_of_k(benchmark::State& state) {
+  const index_t held = state.range(0);
+  cudaStream_t s;
+  must(cudaStreamCreate(&s), "stream");
+  const std::size_t bytes = static_cast<std::size_t>(HKV * held * D) * sizeof(__nv_bfloat16);
+  DeviceArray<char> a(bytes), b(bytes);
+  time_loop(state, s,
+            [&] { must(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, s), "copy"); });
+  set_bytes(state, 2.0 * static_cast<double>(bytes));  // read + write
+  cudaStreamDestroy(s);
+}
+
+// ---- KvCache end to end ----------------------------------------------------------------
+// Every layer of one prompt through KvCache<..., cake::cuda_policy>::prefill (cascading,
+// float K/V, exact statistics), from a fresh cache per iteration, next to the same
+// layers' window statistics alone: the ratio is what selection, compaction, the budget
+// syncs and the allocations add to the statistics CAKE cannot do without.
+constexpr index_t LAYERS = 32;
+using CudaCache = cake::KvCache<cake::CakePreference, cake::ProportionalBudget,
+                                cake::MeanVarianceIndicator, float, cake::cuda_policy>;
+
+struct PromptOnDevice {
+  DeviceArray<float> q, k, v;  // q: (layers, 1, H, W, D); k, v: (1, HKV, S, D), every layer
+  explicit PromptOnDevice(index_t S)
+      : q(static_cast<std::size_t>(LAYERS * H * W * D)),
+        k(static_cast<std::size_t>(HKV * S * D)),
+        v(static_cast<std::size_t>(HKV * S * D)) {
+    q.upload(random_vector<float>(q.n, 1.0f, 11));
+    k.upload(random_vector<float>(k.n, 1.0f, 12));
+    v.upload(random_vector<float>(v.n, 1.0f, 13));
+  }
+  auto qv(index_t l) const {
+    return cake::make_view<cake::device_space>(static_cast<const float*>(q.p) + l * H * W * D,
+                                               std::array<index_t, 4>{1, H, W, D});
+  }
+  auto kv(index_t S) const {
+    return cake::make_view<cake::device_space>(static_cast<const float*>(k.p),
+                                               std::array<index_t, 4>{1, HKV, S, D});
+  }
+  auto vv(index_t S) const {
+    return cake::make_view<cake::device_space>(static_cast<const float*>(v.p),
+                                               std::array<index_t, 4>{1, HKV, S, D});
+  }
+};
+
+cake::CacheConfig llama_config(index_t C) {
+  cake::CacheConfig cfg{};
+  cfg.layers = LAYERS, cfg.batch = 1, cfg.q_heads = H, cfg.kv_heads = HKV, cfg.head_dim = D;
+  cfg.window = W, cfg.cache_size = C, cfg.cascade = true;
+  cfg.check_finite = false;  // engines that guarantee finite inputs skip the scan
+  return cfg;
+}
+
+void kv_cache_prefill_cake(benchmark::State& state) {
+  const index_t S = state.range(0), C = state.range(1);
+  const PromptOnDevice in(S);
+  CudaCache cache(llama_config(C), {}, {}, {}, cake::cuda.on(cudaStreamPerThread));
+  time_loop(state, cudaStreamPerThread, [&] {
+    cache.reset();
+    for (index_t l = 0; l < LAYERS; ++l) cache.prefill(l, in.qv(l), in.kv(S), in.vv(S));
+  });
+  state.counters["peak_tokens"] = static_cast<double>(cache.peak_tokens_held());
+}
+
+void kv_cache_prefill_stats_only(benchmark::State& state) {
+  const index_t S = state.range(0);
+  const PromptOnDevice in(S);
+  const cudaStream_t s = cudaStreamPerThread;
+  DeviceArray<float> ind(static_cast<std::size_t>(HKV * (S - W))), st(2);
+  const std::size_t bytes = cake::window_stats_workspace_size(1, H, HKV, W, S, D);
+  DeviceArray<char> ws(bytes);
+  const auto iv = cake::make_view<cake::device_space>(ind.p, std::array<index_t, 3>{1, HKV, S - W});
+  const auto sv = cake::make_view<cake::device_space>(st.p, std::array<index_t, 1>{2});
+  time_loop(state, s, [&] {
+    for (index_t l = 0; l < LAYERS; ++l)
+      cake::window_stats(cake::cuda.on(s), in.qv(l), in.kv(S), cake::MeanVarianceIndicator{}, iv,
+                         sv, {}, cake::cuda_workspace{ws.p, bytes});
+  });
+}
+
+// One decoding step of every layer after a prefill of S tokens into a cache of C.
+void kv_cache_decode_cake(benchmark::State& state) {
+  const index_t S = state.range(0), C = state.range(1);
+  const PromptOnDevice in(S);
+  CudaCache cache(llama_config(C), {}, {}, {}, cake::cuda.on(cudaStreamPerThread));
+  for (index_t l = 0; l < LAYERS; ++l) cache.prefill(l, in.qv(l), in.kv(S), in.vv(S));
+  DeviceArray<float> q(static_cast<std::size_t>(H * D)), kv(static_cast<std::size_t>(HKV * D));
+  q.upload(random_vector<float>(q.n, 1.0f, 14));
+  kv.upload(random_vector<float>(kv.n, 1.0f, 15));
+  const auto qv = cake::make_view<cake::device_space>(static_cast<const float*>(q.p),
+                                                      std::array<index_t, 3>{1, H, D});
+  const auto nv = cake::make_view<cake::device_space>(static_cast<const float*>(kv.p),
+                                                      std::array<index_t, 3>{1, HKV, D});
+  time_loop(state, cudaStreamPerThread, [&] {
+    for (index_t l = 0; l < LAYERS; ++l) cache.decode(l, qv, nv, nv);
+  });
+  state.counters["held_per_layer"] = static_cast<double>(cache.tokens_held(0));
 }
 
 void register_all() {
@@ -282,7 +386,15 @@ void register_all() {
   }
   for (const index_t k : {256, 1024, 2048}) {
     const std::string a = "/rows:8/n:131072/k:" + std::to_string(k);
-    benchmark::RegisterBenchmark(("select_k/cake" + a).c_str(), select_k_cake)
+    benchmark::RegisterBenchmark(
+        ("select_k/cake" + a).c_str(),
+        [](benchmark::State& st) { select_k_cake(st, cake::select_order::descending); })
+        ->Args({8, 131072, k})
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(
+        ("select_k/cake_position_order" + a).c_str(),
+        [](benchmark::State& st) { select_k_cake(st, cake::select_order::position); })
         ->Args({8, 131072, k})
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
@@ -303,11 +415,38 @@ void register_all() {
         ->UseManualTime()
         ->Unit(benchmark::kMicrosecond);
   }
-  benchmark::RegisterBenchmark("decode_scores/cake/held:2080/H:32/Hkv:8/d:128/bf16",
-                               decode_scores_cake)
-      ->Arg(2080)
+  for (const index_t S : {8192, 32768}) {
+    const std::string a = "/layers:32/S:" + std::to_string(S) + "/H:32/Hkv:8/d:128/float";
+    benchmark::RegisterBenchmark(("kv_cache_prefill/cake" + a + "/C:2048").c_str(),
+                                 kv_cache_prefill_cake)
+        ->Args({S, 2048})
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(3);
+    benchmark::RegisterBenchmark(("kv_cache_prefill/window_stats_only" + a).c_str(),
+                                 kv_cache_prefill_stats_only)
+        ->Args({S, 2048})
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(3);
+  }
+  benchmark::RegisterBenchmark(
+      "kv_cache_decode/cake/layers:32/S:8192/C:2048/H:32/Hkv:8/d:128/float", kv_cache_decode_cake)
+      ->Args({8192, 2048})
       ->UseManualTime()
-      ->Unit(benchmark::kMicrosecond);
+      ->Unit(benchmark::kMicrosecond)
+      ->Iterations(5);
+  for (const index_t held : {2080, 16416}) {
+    const std::string a = "/held:" + std::to_string(held) + "/H:32/Hkv:8/d:128/bf16";
+    benchmark::RegisterBenchmark(("decode_scores/cake" + a).c_str(), decode_scores_cake)
+        ->Arg(held)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(("decode_scores/d2d_copy_of_K" + a).c_str(), decode_copy_of_k)
+        ->Arg(held)
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+  }
 }
 
 }  // namespace

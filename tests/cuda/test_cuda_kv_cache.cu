@@ -80,6 +80,27 @@ auto flatten(const V& v) {
   return out;
 }
 
+// Elements as float (the CUDA cache may store 16-bit K/V; the host one compares in float).
+template <class T>
+std::vector<float> as_floats(const std::vector<T>& v) {
+  std::vector<float> o(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) o[i] = static_cast<float>(v[i]);
+  return o;
+}
+
+// The values a cache storing T holds for x (identity for float).
+template <class T>
+void round_to(std::vector<float>& v) {
+  for (auto& x : v) x = static_cast<float>(static_cast<T>(x));
+}
+
+template <class T>
+std::vector<T> to_elements(const std::vector<float>& v) {
+  std::vector<T> o(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) o[i] = static_cast<T>(v[i]);
+  return o;
+}
+
 using HostCache = cake::KvCache<>;
 using CudaCache = cake::KvCache<cake::CakePreference, cake::ProportionalBudget,
                                 cake::MeanVarianceIndicator, float, cake::cuda_policy>;
@@ -115,24 +136,29 @@ void require_same(const HostC& h, const CudaC& c, const std::string& where) {
       return out;
     };
     CHECK(tokens(flatten(h.positions(l)), flatten(h.keys(l)), flatten(h.values(l))) ==
-          tokens(download(c.positions(l)), download(c.keys(l)), download(c.values(l))));
+          tokens(download(c.positions(l)), as_floats(download(c.keys(l))),
+                 as_floats(download(c.values(l)))));
     if (h.config().order == cake::token_order::position)  // here the order itself is defined
       CHECK(flatten(h.positions(l)) == download(c.positions(l)));
   }
 }
 
 // Layer l of the same prompt into a host cache and a CUDA cache (the latter from
-// device copies). qs: (batch, q_heads, window, head_dim); ks: (batch, kv_heads, S, head_dim).
+// device copies, K and V in the CUDA cache's element type TD: k and v must already
+// hold values TD represents). qs: (batch, q_heads, window, head_dim);
+// ks: (batch, kv_heads, S, head_dim).
 template <class HostC, class CudaC>
 void prefill_both(HostC& host, CudaC& dev, index_t l, const std::vector<float>& q,
                   const std::vector<float>& k, const std::vector<float>& v,
                   const std::array<index_t, 4>& qs, const std::array<index_t, 4>& ks) {
-  Dev<float> dq(q), dk(k), dv(v);
+  using TD = typename CudaC::value_type;
+  Dev<float> dq(q);
+  Dev<TD> dk(to_elements<TD>(k)), dv(to_elements<TD>(v));
   host.prefill(l, cake::make_view(q.data(), qs), cake::make_view(k.data(), ks),
                cake::make_view(v.data(), ks));
   dev.prefill(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
-              cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
-              cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
+              cake::make_view<cake::device_space>(static_cast<const TD*>(dk.p), ks),
+              cake::make_view<cake::device_space>(static_cast<const TD*>(dv.p), ks));
 }
 
 // Prefills both caches with the same random GQA layers (4 attention-sink keys in
@@ -140,6 +166,7 @@ void prefill_both(HostC& host, CudaC& dev, index_t l, const std::vector<float>& 
 template <class HostC, class CudaC>
 void run_synthetic(HostC& host, CudaC& dev, unsigned seed, const std::string& where,
                    index_t S = 700) {
+  using TD = typename CudaC::value_type;
   const auto& cfg = host.config();
   const index_t L = cfg.layers, B = cfg.batch, H = cfg.q_heads, Hkv = cfg.kv_heads,
                 d = cfg.head_dim, w = cfg.window;
@@ -152,6 +179,8 @@ void run_synthetic(HostC& host, CudaC& dev, unsigned seed, const std::string& wh
       for (auto& x : *t) x = normal(rng) * (1.0f + 0.3f * static_cast<float>(l));
     for (index_t j = 0; j < 4; ++j)  // attention sinks
       for (index_t x = 0; x < d; ++x) k[static_cast<std::size_t>(j * d + x)] += 2.0f;
+    round_to<TD>(k);
+    round_to<TD>(v);
     prefill_both(host, dev, l, q, k, v, {B, H, w, d}, {B, Hkv, S, d});
   }
   require_same(host, dev, where);
@@ -161,7 +190,10 @@ void run_synthetic(HostC& host, CudaC& dev, unsigned seed, const std::string& wh
           k(static_cast<std::size_t>(B * Hkv * d)), v(k.size());
       for (auto* t : {&q, &k, &v})
         for (auto& x : *t) x = normal(rng);
-      Dev<float> dq(q), dk(k), dv(v);
+      round_to<TD>(k);
+      round_to<TD>(v);
+      Dev<float> dq(q);
+      Dev<TD> dk(to_elements<TD>(k)), dv(to_elements<TD>(v));
       host.decode(
           l, cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 3>{B, H, d}),
           cake::make_view(static_cast<const float*>(k.data()), std::array<index_t, 3>{B, Hkv, d}),
@@ -169,9 +201,9 @@ void run_synthetic(HostC& host, CudaC& dev, unsigned seed, const std::string& wh
       dev.decode(l,
                  cake::make_view<cake::device_space>(static_cast<const float*>(dq.p),
                                                      std::array<index_t, 3>{B, H, d}),
-                 cake::make_view<cake::device_space>(static_cast<const float*>(dk.p),
+                 cake::make_view<cake::device_space>(static_cast<const TD*>(dk.p),
                                                      std::array<index_t, 3>{B, Hkv, d}),
-                 cake::make_view<cake::device_space>(static_cast<const float*>(dv.p),
+                 cake::make_view<cake::device_space>(static_cast<const TD*>(dv.p),
                                                      std::array<index_t, 3>{B, Hkv, d}));
     }
   require_same(host, dev, where + ", decoded");
@@ -276,6 +308,37 @@ TEST_SUITE("gpu") {
       CHECK(std::string(e.what()).find("(0, 0, 17, 3)") != std::string::npos);
     }
     CHECK(dev.layers_prefilled() == 0);
+  }
+  TEST_CASE(
+      "KvCache on CUDA with bf16 and fp16 storage equals a float host cache of the same values") {
+    // Engines keep K/V in 16 bits: the CUDA cache stores them as given and scores them
+    // in float, so a host cache fed the same (rounded) values keeps the same tokens.
+    for (bool cascade : {true, false})
+      for (auto order : {cake::token_order::position, cake::token_order::reference}) {
+        const cake::CacheConfig cfg{.layers = 3,
+                                    .batch = 2,
+                                    .q_heads = 8,
+                                    .kv_heads = 2,
+                                    .head_dim = 64,
+                                    .window = 16,
+                                    .cache_size = 80,
+                                    .cascade = cascade,
+                                    .order = order};
+        const std::string where =
+            std::string(cascade ? "cascading" : "one-shot") +
+            (order == cake::token_order::position ? ", position order" : ", reference order");
+        HostCache hb(cfg, cake::CakePreference{1.6f, 0.4f});
+        cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::MeanVarianceIndicator,
+                      __nv_bfloat16, cake::cuda_policy>
+            db(cfg, cake::CakePreference{1.6f, 0.4f}, {}, {}, cake::cuda);
+        run_synthetic(hb, db, 21, "bf16, " + where);
+        cake::KvCache<cake::UniformPreference, cake::ProportionalBudget, cake::AccumulatedIndicator>
+            hh(cfg);
+        cake::KvCache<cake::UniformPreference, cake::ProportionalBudget, cake::AccumulatedIndicator,
+                      __half, cake::cuda_policy>
+            dh(cfg, {}, {}, {}, cake::cuda);
+        run_synthetic(hh, dh, 22, "fp16 h2o, " + where);
+      }
   }
   TEST_CASE("KvCache on CUDA equals the host for StreamingLLM, TOVA, H2O and head-wise budgets") {
     for (bool cascade : {true, false})

@@ -18,16 +18,27 @@ struct host_policy {
 };
 inline constexpr host_policy host{};
 
+// How the CUDA window statistics compute Q . K: in float on the SIMT cores (exact:
+// agrees with the host backend to 1e-5, the same kept tokens) or on tensor cores
+// (16-bit K, head_dim % 16 == 0, sm_80+; about 1e-4 .. 1e-3, so tokens whose scores
+// nearly tie may be kept differently from the host). Other K types stay exact.
+enum class cuda_math { exact, tensor_cores };
+
 // The CUDA policy is declared here so that host code can name it in templates;
 // its algorithms live in cake.cuh. The stream is kept as an opaque handle so
 // this header needs no CUDA headers.
+//   cake::cuda.on(stream)                              exact statistics
+//   cake::cuda.on(stream).with(cuda_math::tensor_cores)  every call under it, a
+//                                                        KvCache's too, on tensor cores
 struct cuda_policy {
   using memory_space = device_space;
   void* stream = nullptr;  // cudaStream_t
+  cuda_math math = cuda_math::exact;
   template <class Stream>
-  cuda_policy on(Stream s) const noexcept {
-    return cuda_policy{reinterpret_cast<void*>(s)};
+  constexpr cuda_policy on(Stream s) const noexcept {
+    return cuda_policy{reinterpret_cast<void*>(s), math};
   }
+  constexpr cuda_policy with(cuda_math m) const noexcept { return cuda_policy{stream, m}; }
 };
 inline constexpr cuda_policy cuda{};
 

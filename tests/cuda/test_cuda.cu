@@ -306,10 +306,23 @@ TEST_SUITE("gpu") {
     DeviceBuffer<TK> dk(k);
     cake::window_stats(cake::cuda, dq.view(qe), dk.view(ke), ind, dind.view(ie),
                        dst.view(std::array<index_t, 1>{2}), {}, {}, cake::cuda_math::tensor_cores);
-    CHECK_CLOSE_VEC(dind.download(), ind_host, 2e-3, 1e-7);
+    const std::vector<float> tc = dind.download();
+    CHECK_CLOSE_VEC(tc, ind_host, 2e-3, 1e-7);
     const std::vector<float> st = dst.download();
     CHECK(close(st[0], st_host[0], 1e-3, 1e-6));
     CHECK(close(st[1], st_host[1], 2e-3, 1e-9));
+    // The policy's math is the default of every call under it: bit for bit the explicit
+    // tensor-core result, and not the exact one (which rounds differently).
+    DeviceBuffer<float> dind2(ind_host.size()), dst2(2);
+    cake::window_stats(cake::cuda.with(cake::cuda_math::tensor_cores), dq.view(qe), dk.view(ke),
+                       ind, dind2.view(ie), dst2.view(std::array<index_t, 1>{2}));
+    CHECK(dind2.download() == tc);
+    cake::window_stats(cake::cuda.with(cake::cuda_math::tensor_cores), dq.view(qe), dk.view(ke),
+                       ind, dind2.view(ie), dst2.view(std::array<index_t, 1>{2}), {}, {},
+                       cake::cuda_math::exact);  // a call's own math wins over the policy's
+    const std::vector<float> exact = dind2.download();
+    CHECK(exact != tc);
+    CHECK_CLOSE_VEC(exact, ind_host, 1e-5, 1e-7);
   }
 
   TEST_CASE("window_stats on CUDA, tensor-core mode") {

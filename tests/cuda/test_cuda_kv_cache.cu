@@ -7,7 +7,9 @@
 #include <cake/cake.cuh>
 #include <cake_tools/golden.hpp>
 
+#include <algorithm>
 #include <filesystem>
+#include <iterator>
 #include <random>
 #include <string>
 #include <tuple>
@@ -339,6 +341,55 @@ TEST_SUITE("gpu") {
             dh(cfg, {}, {}, {}, cake::cuda);
         run_synthetic(hh, dh, 22, "fp16 h2o, " + where);
       }
+  }
+  TEST_CASE("KvCache on CUDA with tensor-core statistics stays close to the host") {
+    // cake::cuda.with(tensor_cores): scores agree to ~1e-3, so budgets may move by one
+    // token and near-tied tokens may swap; everything else must hold.
+    const index_t L = 4, B = 1, H = 32, Hkv = 8, d = 128, w = 32, S = 1500;
+    const cake::CacheConfig cfg{.layers = L,
+                                .batch = B,
+                                .q_heads = H,
+                                .kv_heads = Hkv,
+                                .head_dim = d,
+                                .window = w,
+                                .cache_size = 256};
+    HostCache host(cfg);
+    cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::MeanVarianceIndicator,
+                  __nv_bfloat16, cake::cuda_policy>
+        dev(cfg, {}, {}, {}, cake::cuda.with(cake::cuda_math::tensor_cores));
+    std::mt19937 rng(31);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (index_t l = 0; l < L; ++l) {
+      std::vector<float> q(static_cast<std::size_t>(B * H * w * d)),
+          k(static_cast<std::size_t>(B * Hkv * S * d)), v(k.size());
+      for (auto* t : {&q, &k, &v})
+        for (auto& x : *t) x = normal(rng) * (1.0f + 0.3f * static_cast<float>(l));
+      round_to<__nv_bfloat16>(k);
+      round_to<__nv_bfloat16>(v);
+      prefill_both(host, dev, l, q, k, v, {B, H, w, d}, {B, Hkv, S, d});
+    }
+    index_t sum_host = 0, sum_dev = 0;
+    for (index_t l = 0; l < L; ++l) {
+      INFO("layer " << l);
+      const index_t bh = host.budgets()[static_cast<std::size_t>(l)],
+                    bd = dev.budgets()[static_cast<std::size_t>(l)];
+      sum_host += bh;
+      sum_dev += bd;
+      CHECK(std::abs(bh - bd) <= 1);
+      CHECK(dev.preference(l) == doctest::Approx(host.preference(l)).epsilon(5e-3));
+      // Per row, at least 95% of the host's kept positions are kept on the device.
+      const std::vector<index_t> ph = flatten(host.positions(l)), pd = download(dev.positions(l));
+      const index_t nh = host.positions(l).extent(2), nd = dev.positions(l).extent(2);
+      for (index_t r = 0; r < B * Hkv; ++r) {
+        std::vector<index_t> a(ph.begin() + r * nh, ph.begin() + (r + 1) * nh),
+            b(pd.begin() + r * nd, pd.begin() + (r + 1) * nd), both;
+        std::sort(a.begin(), a.end());
+        std::sort(b.begin(), b.end());
+        std::set_intersection(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(both));
+        CHECK(static_cast<double>(both.size()) >= 0.95 * static_cast<double>(nh));
+      }
+    }
+    CHECK(sum_host == sum_dev);
   }
   TEST_CASE("KvCache on CUDA equals the host for StreamingLLM, TOVA, H2O and head-wise budgets") {
     for (bool cascade : {true, false})

@@ -9,14 +9,17 @@
 //   window_stats_from_attention(exec, ..., request, workspace)
 // Nothing is synchronised: the layer's (entropy, variance) land in a device view.
 //
-// cuda_math::exact (default) computes Q . K in float on the SIMT cores and agrees with
-// the host backend to 1e-5; cuda_math::tensor_cores (16-bit K, head_dim % 16 == 0)
-// uses wmma with Q split in three 16-bit planes: several times faster, agrees to about
-// 1e-4 .. 1e-3 (tensor-core accumulation does not round like IEEE float additions).
+// The math is the policy's (cake::cuda.with(cuda_math::tensor_cores)) unless a call
+// names one. cuda_math::exact (default) computes Q . K in float on the SIMT cores and
+// agrees with the host backend to 1e-5; cuda_math::tensor_cores (16-bit K,
+// head_dim % 16 == 0) uses wmma with Q split in three 16-bit planes: several times
+// faster, agrees to about 1e-4 .. 1e-3 (tensor-core accumulation does not round like
+// IEEE float additions).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include "../../algorithm/window_stats.hpp"
 #include "detail/dispatch.cuh"
@@ -230,9 +233,10 @@ struct window_stats_backend<cuda_policy> {
   template <class TQ, class TK, class Ind>
   static void run(const cuda_policy& exec, device_view<TQ, 4> q, device_view<TK, 4> k,
                   const Ind& indicator, device_view<float, 3> out, device_view<float, 1> stats,
-                  StatsRequest req, cuda_workspace ws = {}, cuda_math math = cuda_math::exact) {
+                  StatsRequest req, cuda_workspace ws = {},
+                  std::optional<cuda_math> math = std::nullopt) {
     cuda_detail::launch_window_stats(exec, q, k, nullptr, 0, 0, 0, indicator, out, stats, req, ws,
-                                     math);
+                                     math.value_or(exec.math));
   }
   template <class TA, class Ind>
   static void run_from_attention(const cuda_policy& exec, device_view<TA, 4> a,
@@ -262,7 +266,7 @@ inline std::size_t window_stats_from_attention_workspace_size(index_t batch, ind
 template <tensor_like Q, tensor_like K, AttentionIndicator Ind, tensor_like IO, tensor_like SO>
 void window_stats(const cuda_policy& exec, Q&& q_window, K&& keys, const Ind& indicator,
                   IO&& indicator_out, SO&& stats_out, StatsRequest request,
-                  cuda_workspace workspace, cuda_math math = cuda_math::exact) {
+                  cuda_workspace workspace, std::optional<cuda_math> math = std::nullopt) {
   auto q = as_view(q_window);
   auto k = as_view(keys);
   auto io = as_view(indicator_out);
@@ -280,7 +284,7 @@ template <tensor_like Q, tensor_like K, tensor_like L, AttentionIndicator Ind, t
 void window_stats_lse(const cuda_policy& exec, Q&& q_window, K&& keys, L&& lse,
                       const Ind& indicator, IO&& indicator_out, SO&& stats_out,
                       StatsRequest request = {}, cuda_workspace workspace = {},
-                      cuda_math math = cuda_math::exact) {
+                      std::optional<cuda_math> math = std::nullopt) {
   auto q = as_view(q_window);
   auto k = as_view(keys);
   auto l = as_view(lse);
@@ -295,7 +299,8 @@ void window_stats_lse(const cuda_policy& exec, Q&& q_window, K&& keys, L&& lse,
       "cake.lse.shape", "lse must be (batch, q_heads, window) = (", q.extent(0), ", ", q.extent(1),
       ", ", q.extent(2), "), got (", l.extent(0), ", ", l.extent(1), ", ", l.extent(2), ")");
   cuda_detail::launch_window_stats(exec, q, k, l.data_handle(), l.stride(0), l.stride(1),
-                                   l.stride(2), indicator, io, so, request, workspace, math);
+                                   l.stride(2), indicator, io, so, request, workspace,
+                                   math.value_or(exec.math));
 }
 
 template <tensor_like A, AttentionIndicator Ind, tensor_like IO, tensor_like SO>

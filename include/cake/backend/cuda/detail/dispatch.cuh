@@ -23,10 +23,6 @@ struct cuda_workspace {
   std::size_t bytes = 0;
 };
 
-// How the CUDA window statistics compute Q . K: float on the SIMT cores (agrees with
-// the host backend to 1e-5) or tensor cores (16-bit K, sm_80+; about 1e-4 .. 1e-3).
-enum class cuda_math { exact, tensor_cores };
-
 namespace cuda_detail {
 
 inline cudaStream_t stream_of(const cuda_policy& exec) noexcept {

@@ -30,15 +30,25 @@ enum class cuda_math { exact, tensor_cores };
 //   cake::cuda.on(stream)                              exact statistics
 //   cake::cuda.on(stream).with(cuda_math::tensor_cores)  every call under it, a
 //                                                        KvCache's too, on tensor cores
+//   cake::cuda.on(stream).from(pool)                   cake's device allocations (scratch,
+//                                                        a KvCache's layers) from the
+//                                                        engine's cudaMemPool_t
 struct cuda_policy {
   using memory_space = device_space;
   void* stream = nullptr;  // cudaStream_t
   cuda_math math = cuda_math::exact;
+  // cudaMemPool_t, or null: free functions allocate from the device's current pool and
+  // a KvCache from a pool of its own.
+  void* pool = nullptr;
   template <class Stream>
   constexpr cuda_policy on(Stream s) const noexcept {
-    return cuda_policy{reinterpret_cast<void*>(s), math};
+    return cuda_policy{reinterpret_cast<void*>(s), math, pool};
   }
-  constexpr cuda_policy with(cuda_math m) const noexcept { return cuda_policy{stream, m}; }
+  constexpr cuda_policy with(cuda_math m) const noexcept { return cuda_policy{stream, m, pool}; }
+  template <class Pool>
+  constexpr cuda_policy from(Pool p) const noexcept {
+    return cuda_policy{stream, math, reinterpret_cast<void*>(p)};
+  }
 };
 inline constexpr cuda_policy cuda{};
 

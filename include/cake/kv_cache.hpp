@@ -82,7 +82,7 @@ class KvCache {
 
   explicit KvCache(CacheConfig config, Pref preference = {}, Budget budget = {}, Ind indicator = {},
                    Exec exec = {})
-      : cfg_(config), pref_(preference), budget_(budget), ind_(indicator), exec_(exec) {
+      : cfg_(config), pref_(preference), budget_(budget), ind_(indicator), exec_(res_.adopt(exec)) {
     cfg_.validate().throw_if_error();
     pref_.validate().throw_if_error();
     budget_.validate().throw_if_error();
@@ -276,8 +276,10 @@ class KvCache {
     }
     prompt_ = S;
     next_layer_ = layer + 1;
-    if (last)
+    if (last) {
       for (auto& ly : layers_) Store::finish_prefill(ly, accumulates);
+      res_.after_prefill();
+    }
     peak_ = std::max(peak_, transient);
   }
 
@@ -484,6 +486,9 @@ class KvCache {
   Pref pref_;
   Budget budget_;
   Ind ind_;
+  // Before exec_ (which may name its memory pool) and before the layers (allocated
+  // from it, so freed first).
+  typename Store::resources res_;
   Exec exec_;
   std::vector<Layer> layers_;
   std::vector<float> prefs_;

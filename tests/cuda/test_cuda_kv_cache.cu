@@ -342,6 +342,71 @@ TEST_SUITE("gpu") {
         run_synthetic(hh, dh, 22, "fp16 h2o, " + where);
       }
   }
+  TEST_CASE("KvCache on CUDA allocates from its own memory pool, or from the engine's") {
+    const cake::CacheConfig cfg{.layers = 2,
+                                .batch = 1,
+                                .q_heads = 4,
+                                .kv_heads = 2,
+                                .head_dim = 32,
+                                .window = 8,
+                                .cache_size = 64};
+    const index_t S = 500;
+    std::mt19937 rng(41);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> q(static_cast<std::size_t>(4 * 8 * 32)),
+        k(static_cast<std::size_t>(2 * S * 32));
+    for (auto* t : {&q, &k})
+      for (auto& x : *t) x = normal(rng);
+    Dev<float> dq(q), dk(k);
+    const auto prefill = [&](auto& cache) {
+      for (index_t l = 0; l < 2; ++l)
+        cache.prefill(l,
+                      cake::make_view<cake::device_space>(static_cast<const float*>(dq.p),
+                                                          std::array<index_t, 4>{1, 4, 8, 32}),
+                      cake::make_view<cake::device_space>(static_cast<const float*>(dk.p),
+                                                          std::array<index_t, 4>{1, 2, S, 32}),
+                      cake::make_view<cake::device_space>(static_cast<const float*>(dk.p),
+                                                          std::array<index_t, 4>{1, 2, S, 32}));
+      REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+    };
+    const auto used = [](cudaMemPool_t pool) {
+      REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+      std::uint64_t bytes = 0;
+      REQUIRE(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemCurrent, &bytes) == cudaSuccess);
+      return bytes;
+    };
+    int dev = 0;
+    REQUIRE(cudaGetDevice(&dev) == cudaSuccess);
+    cudaMemPool_t device_pool = nullptr;
+    REQUIRE(cudaDeviceGetDefaultMemPool(&device_pool, dev) == cudaSuccess);
+    SUBCASE("the engine's pool: the layers live there until the cache goes") {
+      cudaMemPoolProps props{};
+      props.allocType = cudaMemAllocationTypePinned;
+      props.location.type = cudaMemLocationTypeDevice;
+      props.location.id = dev;
+      cudaMemPool_t pool = nullptr;
+      REQUIRE(cudaMemPoolCreate(&pool, &props) == cudaSuccess);
+      {
+        CudaCache cache(cfg, {}, {}, {}, cake::cuda.from(pool));
+        prefill(cache);
+        CHECK(used(pool) >= static_cast<std::uint64_t>(cache.bytes_held()));
+      }
+      CHECK(used(pool) == 0);
+      REQUIRE(cudaMemPoolDestroy(pool) == cudaSuccess);
+    }
+    SUBCASE("no pool named: a pool of the cache's own, not the device's") {
+      const std::uint64_t before = used(device_pool);
+      CudaCache cache(cfg, {}, {}, {}, cake::cuda);
+      prefill(cache);
+      CHECK(cache.bytes_held() > 0);
+      CHECK(used(device_pool) == before);
+      // Moved, the cache keeps its pool (and its layers) alive.
+      CudaCache moved(std::move(cache));
+      CHECK(moved.tokens_held(1) > 0);
+      CHECK(download(moved.positions(1)).size() ==
+            static_cast<std::size_t>(2 * moved.positions(1).extent(2)));
+    }
+  }
   TEST_CASE("KvCache on CUDA with tensor-core statistics stays close to the host") {
     // cake::cuda.with(tensor_cores): scores agree to ~1e-3, so budgets may move by one
     // token and near-tied tokens may swap; everything else must hold.

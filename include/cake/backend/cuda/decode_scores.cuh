@@ -41,7 +41,7 @@ void launch_decode_scores(const cuda_policy& exec, device_view<TQ, 3> q, device_
                ", got ", indicator.pool_kernel);
   const DecodePlan pl = plan_decode(B, H, held);
   const cudaStream_t stream = stream_of(exec);
-  scoped_workspace ws(given, pl.workspace, stream, "decode_scores");
+  scoped_workspace ws(given, pl.workspace, exec, "decode_scores");
   workspace_carver carve(ws.get());
 
   DecodeParams<Q, K> p{};

@@ -9,8 +9,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <numeric>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "../../policy/indicator/window_mean.hpp"
@@ -23,16 +25,16 @@
 namespace cake {
 namespace cuda_detail {
 
-// A stream-ordered device allocation owned by one object (move-only).
+// A stream-ordered device allocation owned by one object (move-only), from the
+// policy's memory pool.
 template <class U>
 class device_buffer {
  public:
   device_buffer() = default;
-  device_buffer(index_t n, cudaStream_t stream) : n_(n), stream_(stream) {
+  device_buffer(index_t n, const cuda_policy& exec) : n_(n), stream_(stream_of(exec)) {
     if (n > 0)
-      check(cudaMallocAsync(reinterpret_cast<void**>(&p_), static_cast<std::size_t>(n) * sizeof(U),
-                            stream),
-            "cudaMallocAsync (KvCache layer)");
+      p_ = static_cast<U*>(allocate_async(exec, static_cast<std::size_t>(n) * sizeof(U),
+                                          "cudaMallocAsync (KvCache layer)"));
   }
   device_buffer(device_buffer&& o) noexcept { swap(o); }
   device_buffer& operator=(device_buffer&& o) noexcept {
@@ -59,6 +61,52 @@ class device_buffer {
   cudaStream_t stream_ = nullptr;
 };
 
+// The memory pool a KvCache allocates from when the engine names none: its layers
+// and every prefill's and decoding step's scratch. Freed memory stays reserved
+// (release threshold: unlimited), so the per-layer host syncs of a prefill do not
+// hand it back to the driver only for the next layer to map it again; after the
+// last layer's prefill the pool is trimmed to what the layers hold. Move-only;
+// destroyed with the cache (the driver frees it once the stream-ordered frees of
+// the cache's buffers have run).
+class cache_pool {
+ public:
+  cache_pool() = default;
+  cache_pool(cache_pool&& o) noexcept : pool_(std::exchange(o.pool_, nullptr)) {}
+  cache_pool& operator=(cache_pool&& o) noexcept {
+    std::swap(pool_, o.pool_);
+    return *this;
+  }
+  cache_pool(const cache_pool&) = delete;
+  cache_pool& operator=(const cache_pool&) = delete;
+  ~cache_pool() {
+    if (pool_) (void)cudaMemPoolDestroy(pool_);
+  }
+
+  // The policy the cache runs with: the engine's pool when it names one, else ours.
+  cuda_policy adopt(const cuda_policy& exec) {
+    if (exec.pool != nullptr) return exec;
+    int dev = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice (KvCache memory pool)");
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = dev;
+    check(cudaMemPoolCreate(&pool_, &props), "cudaMemPoolCreate (KvCache memory pool)");
+    std::uint64_t keep = UINT64_MAX;
+    check(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &keep),
+          "cudaMemPoolSetAttribute (KvCache memory pool)");
+    return exec.from(pool_);
+  }
+  // Hands back the prefill's scratch (only memory no live allocation uses). Called
+  // after the prefill committed: a failure here loses nothing, so it is not reported.
+  void after_prefill() noexcept {
+    if (pool_) (void)cudaMemPoolTrimTo(pool_, 0);
+  }
+
+ private:
+  cudaMemPool_t pool_ = nullptr;
+};
+
 // One layer on the device; the same layout as HostLayer.
 template <class T>
 struct DeviceLayer {
@@ -81,17 +129,18 @@ struct DeviceLayer {
   }
 
   DeviceLayer() = default;
-  DeviceLayer(index_t rows_, index_t d_, index_t cap_, bool with_indicator, cudaStream_t s)
+  DeviceLayer(index_t rows_, index_t d_, index_t cap_, bool with_indicator, const cuda_policy& exec)
       : rows(rows_),
         d(d_),
         cap(cap_),
-        k(rows_ * cap_ * d_, s),
-        v(rows_ * cap_ * d_, s),
-        pos(rows_ * cap_, s),
-        ind(with_indicator ? rows_ * cap_ : 0, s) {
+        k(rows_ * cap_ * d_, exec),
+        v(rows_ * cap_ * d_, exec),
+        pos(rows_ * cap_, exec),
+        ind(with_indicator ? rows_ * cap_ : 0, exec) {
     // Slots whose token has no score read 0, as on the host.
     if (ind.size() > 0)
-      check(cudaMemsetAsync(ind.data(), 0, static_cast<std::size_t>(ind.size()) * sizeof(float), s),
+      check(cudaMemsetAsync(ind.data(), 0, static_cast<std::size_t>(ind.size()) * sizeof(float),
+                            stream_of(exec)),
             "cudaMemsetAsync (KvCache scores)");
   }
 
@@ -261,6 +310,7 @@ struct layer_store<T, cuda_policy> {
   using space = device_space;
   template <class U>
   using buffer = cuda_detail::device_buffer<U>;
+  using resources = cuda_detail::cache_pool;
   // The reorder to position order is a gather into a layer allocated while
   // planning, so that committing it allocates nothing.
   struct permutation {
@@ -274,7 +324,7 @@ struct layer_store<T, cuda_policy> {
 
   template <class U>
   static buffer<U> make_buffer(const cuda_policy& exec, index_t n) {
-    return buffer<U>(n, stream(exec));
+    return buffer<U>(n, exec);
   }
   template <class U>
   static U* data(const buffer<U>& b) {
@@ -304,7 +354,7 @@ struct layer_store<T, cuda_policy> {
       s[4 - R + r] = v.stride(r);
     }
     if (e[0] * e[1] * e[2] * e[3] == 0) return status::success();
-    buffer<unsigned long long> first(1, stream(exec));
+    buffer<unsigned long long> first(1, exec);
     const unsigned long long none = ~0ull;
     cuda_detail::check(
         cudaMemcpyAsync(first.data(), &none, sizeof(none), cudaMemcpyHostToDevice, stream(exec)),
@@ -338,7 +388,7 @@ struct layer_store<T, cuda_policy> {
   static layer copy_all(const cuda_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
                         token_scores sc) {
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, S = k.extent(2);
-    layer out(sh.rows(), d, S + 1, sc.p != nullptr, stream(exec));
+    layer out(sh.rows(), d, S + 1, sc.p != nullptr, exec);
     for (index_t b = 0; b < B; ++b)
       for (index_t g = 0; g < Hkv; ++g) {
         const index_t r = b * Hkv + g;
@@ -377,7 +427,7 @@ struct layer_store<T, cuda_policy> {
     const index_t ind_ld = sc.ld;
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
     const index_t rows = sh.rows(), n = keep + w;
-    buffer<index_t> sel(rows * n, stream(exec));
+    buffer<index_t> sel(rows * n, exec);
     select_k(exec,
              make_view<device_space>(ind, std::array<index_t, 2>{rows, P},
                                      std::array<index_t, 2>{ind_ld, 1}),
@@ -387,7 +437,7 @@ struct layer_store<T, cuda_policy> {
     cuda_detail::append_window_kernel<<<cuda_detail::small_grid(rows * w), 256, 0, stream(exec)>>>(
         sel.data(), rows, n, keep, w, P);
     cuda_detail::check_launch("append_window_kernel");
-    layer out(rows, d, n + 1, keep_scores, stream(exec));
+    layer out(rows, d, n + 1, keep_scores, exec);
     auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
                                           std::array<index_t, 3>{B, Hkv, n});
     compact(exec, k, keep_v, out.tokens_view(out.k.data(), B, Hkv, n));
@@ -433,10 +483,10 @@ struct layer_store<T, cuda_policy> {
     const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
     const index_t Hkv = k.extent(1), S = k.extent(2), P = S - w, rows = B * Hkv;
     const cudaStream_t s = stream(exec);
-    buffer<float> row(rows * S, s);
+    buffer<float> row(rows * S, exec);
     // One workspace for every window row (the longest row's size): one allocation.
     const std::size_t ws_bytes = decode_scores_workspace_size(B, H, Hkv, S);
-    buffer<char> ws(static_cast<index_t>(ws_bytes), s);
+    buffer<char> ws(static_cast<index_t>(ws_bytes), exec);
     cuda_detail::check(cudaMemset2DAsync(out, static_cast<std::size_t>(ld) * sizeof(float), 0,
                                          static_cast<std::size_t>(S) * sizeof(float),
                                          static_cast<std::size_t>(rows), s),
@@ -503,12 +553,12 @@ struct layer_store<T, cuda_policy> {
       for (index_t t = 0; t < win; ++t) kr[prefix + t] = prefix + t;
     }
     permutation perm;
-    perm.keep = buffer<index_t>(rows * n, s);
+    perm.keep = buffer<index_t>(rows * n, exec);
     cuda_detail::check(cudaMemcpyAsync(perm.keep.data(), keep.data(), keep.size() * sizeof(index_t),
                                        cudaMemcpyHostToDevice, s),
                        "cudaMemcpyAsync (permutation)");
     cuda_detail::check(cudaStreamSynchronize(s), "position_permutation");
-    perm.target = layer(rows, ly.d, n + 1, ly.ind.size() > 0, s);
+    perm.target = layer(rows, ly.d, n + 1, ly.ind.size() > 0, exec);
     perm.n = n;
     return perm;
   }
@@ -557,11 +607,11 @@ struct layer_store<T, cuda_policy> {
     if (held > ly.cap) ly = regrow(exec, ly, std::max(held, std::min(2 * ly.cap, budget + w + 1)));
     // (rows, held): the candidates' scores, or (accumulating) the new query's
     // attention to every held token; sums: the updated sums, (rows, held).
-    buffer<float> scores(evict || accumulates ? rows * held : 0, s);
-    buffer<float> sums(accumulates ? rows * held : 0, s);
-    buffer<index_t> sel(evict ? rows * n : 0, s);
+    buffer<float> scores(evict || accumulates ? rows * held : 0, exec);
+    buffer<float> sums(accumulates ? rows * held : 0, exec);
+    buffer<index_t> sel(evict ? rows * n : 0, exec);
     layer next;
-    if (evict) next = layer(rows, d, ly.cap, accumulates, s);
+    if (evict) next = layer(rows, d, ly.cap, accumulates, exec);
 
     cuda_detail::append_token_kernel<T><<<static_cast<unsigned>(rows), 128, 0, s>>>(
         ly.k.data(), ly.v.data(), ly.pos.data(), ly.cap, d, Hkv, held - 1, k.data_handle(),
@@ -658,8 +708,8 @@ struct layer_store<T, cuda_policy> {
     const index_t rows = sh.rows();
     const index_t longest = *std::max_element(keep.begin(), keep.end()) + w;
     const cudaStream_t s = stream(exec);
-    buffer<index_t> sel(rows * longest, s);
-    layer out(rows, d, longest + 1, keep_scores, s);
+    buffer<index_t> sel(rows * longest, exec);
+    layer out(rows, d, longest + 1, keep_scores, exec);
     out.len.resize(static_cast<std::size_t>(rows));
     for (index_t r = 0; r < rows; ++r) {
       const index_t kr = keep[static_cast<std::size_t>(r)];
@@ -731,7 +781,7 @@ struct layer_store<T, cuda_policy> {
     for (index_t p : prefix) n = std::max(n, p + w);
     std::vector<index_t> keep(static_cast<std::size_t>(rows * n));
     permutation perm;
-    perm.target = layer(rows, ly.d, n + 1, ly.ind.size() > 0, s);
+    perm.target = layer(rows, ly.d, n + 1, ly.ind.size() > 0, exec);
     perm.target.len.resize(static_cast<std::size_t>(rows));
     for (index_t r = 0; r < rows; ++r) {
       const index_t pr = prefix[static_cast<std::size_t>(r)];
@@ -742,7 +792,7 @@ struct layer_store<T, cuda_policy> {
       for (index_t t = pr; t < n; ++t) kr[t] = std::min(t, pr + w - 1);
       perm.target.len[static_cast<std::size_t>(r)] = pr + w;
     }
-    perm.keep = buffer<index_t>(rows * n, s);
+    perm.keep = buffer<index_t>(rows * n, exec);
     cuda_detail::check(cudaMemcpyAsync(perm.keep.data(), keep.data(), keep.size() * sizeof(index_t),
                                        cudaMemcpyHostToDevice, s),
                        "cudaMemcpyAsync (permutation)");
@@ -757,7 +807,7 @@ struct layer_store<T, cuda_policy> {
   static layer regrow(const cuda_policy& exec, const layer& ly, index_t cap) {
     const cudaStream_t s = stream(exec);
     const index_t rows = ly.rows, d = ly.d;
-    layer grown(rows, d, cap, ly.ind.size() > 0, s);
+    layer grown(rows, d, cap, ly.ind.size() > 0, exec);
     const std::size_t row = static_cast<std::size_t>(ly.held * d) * sizeof(T);
     if (ly.held > 0) {
       cuda_detail::check(
@@ -817,10 +867,10 @@ struct layer_store<T, cuda_policy> {
     index_t longest = 0;
     for (index_t x : ly.len) longest = std::max(longest, x + 1);
     if (longest > ly.cap) ly = regrow(exec, ly, longest);
-    buffer<float> scores(longest, s);
-    buffer<float> sums(accumulates ? longest : 0, s);  // one row's updated sums
-    buffer<index_t> sel(longest, s);
-    layer next(rows, d, ly.cap, accumulates, s);
+    buffer<float> scores(longest, exec);
+    buffer<float> sums(accumulates ? longest : 0, exec);  // one row's updated sums
+    buffer<index_t> sel(longest, exec);
+    layer next(rows, d, ly.cap, accumulates, exec);
     next.len = ly.len;
     index_t written = 0;  // rows whose first padding slot holds the new token
     try {

@@ -102,7 +102,7 @@ void launch_select_k(const cuda_policy& exec, device_view<const float, 2> scores
                "rows on CUDA must hold fewer than 2^31 keys, got ", n);
   const SelectPlan pl = plan_select(rows, n, k, order, device_has_clusters());
   const cudaStream_t stream = stream_of(exec);
-  scoped_workspace ws(given, pl.workspace, stream, "select_k");
+  scoped_workspace ws(given, pl.workspace, exec, "select_k");
   workspace_carver c(ws.get());
 
   SelectParams<TI> p{};

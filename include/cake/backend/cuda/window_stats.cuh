@@ -113,7 +113,7 @@ void launch_window_stats(const cuda_policy& exec, device_view<TQ, 4> q, device_v
                   device_compute_major() >= 8;
   const StatsPlan pl = plan_stats(B, H, Hkv, w, S, d, lse != nullptr, tc, sizeof(K));
   const cudaStream_t stream = stream_of(exec);
-  scoped_workspace ws(given, pl.workspace, stream, "window_stats");
+  scoped_workspace ws(given, pl.workspace, exec, "window_stats");
   workspace_carver c(ws.get());
   const StatsBuffers buf = carve_stats(c, pl, B, H, Hkv, w, P, lse != nullptr);
 
@@ -199,7 +199,7 @@ void launch_attention_stats(const cuda_policy& exec, device_view<TA, 4> a, const
   const index_t B = a.extent(0), H = a.extent(1), w = a.extent(2), S = a.extent(3);
   const index_t Hkv = out.extent(1), P = S - w, group = H / Hkv;
   const cudaStream_t stream = stream_of(exec);
-  scoped_workspace ws(given, attention_stats_workspace(B, Hkv, P), stream,
+  scoped_workspace ws(given, attention_stats_workspace(B, Hkv, P), exec,
                       "window_stats_from_attention");
   workspace_carver c(ws.get());
   float* raw = c.take<float>(static_cast<std::size_t>(std::max<index_t>(B * Hkv * P, 1)));

@@ -117,6 +117,12 @@ struct layer_store<T, host_policy> {
   template <class U>
   using buffer = std::vector<U>;
   using permutation = std::vector<index_t>;
+  // What a cache owns besides its layers: nothing on the host (its scratch is the
+  // calling thread's, see cake::release_host_scratch).
+  struct resources {
+    host_policy adopt(const host_policy& exec) { return exec; }
+    void after_prefill() noexcept {}
+  };
 
   template <class U>
   static buffer<U> make_buffer(const host_policy&, index_t n) {

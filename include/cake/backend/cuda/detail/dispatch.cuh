@@ -17,7 +17,7 @@ namespace cake {
 // A caller-owned device buffer for the algorithms that need scratch memory.
 // Query the size with the matching *_workspace_size function, allocate once,
 // reuse across layers and steps: no allocation happens in the hot path.
-// An empty workspace asks the launcher to allocate (stream-ordered, cudaMallocAsync).
+// An empty workspace asks the launcher to allocate (stream-ordered, from the policy's pool).
 struct cuda_workspace {
   void* data = nullptr;
   std::size_t bytes = 0;
@@ -84,12 +84,27 @@ class workspace_carver {
   std::size_t offset_ = 0;
 };
 
+// Stream-ordered allocation on the policy's stream, from its memory pool when it
+// names one (cake::cuda.from(pool), or the pool a KvCache owns), else from the
+// device's current pool.
+inline void* allocate_async(const cuda_policy& exec, std::size_t bytes, const char* what) {
+  void* p = nullptr;
+  if (exec.pool != nullptr)
+    check(
+        cudaMallocFromPoolAsync(&p, bytes, static_cast<cudaMemPool_t>(exec.pool), stream_of(exec)),
+        what);
+  else
+    check(cudaMallocAsync(&p, bytes, stream_of(exec)), what);
+  return p;
+}
+
 // The workspace of one call: the caller's when large enough, otherwise a
 // stream-ordered allocation freed (stream-ordered) when the call returns.
 class scoped_workspace {
  public:
-  scoped_workspace(cuda_workspace given, std::size_t need, cudaStream_t stream, const char* where)
-      : stream_(stream) {
+  scoped_workspace(cuda_workspace given, std::size_t need, const cuda_policy& exec,
+                   const char* where)
+      : stream_(stream_of(exec)) {
     if (need == 0) return;
     if (given.data != nullptr) {
       CAKE_EXPECTS(given.bytes >= need, "cake.cuda.workspace", where, ": workspace of ",
@@ -97,7 +112,7 @@ class scoped_workspace {
       ptr_ = given.data;
       return;
     }
-    check(cudaMallocAsync(&ptr_, need, stream_), "cudaMallocAsync (workspace)");
+    ptr_ = allocate_async(exec, need, "cudaMallocAsync (workspace)");
     owned_ = true;
   }
   ~scoped_workspace() {

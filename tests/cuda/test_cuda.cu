@@ -412,21 +412,36 @@ TEST_SUITE("gpu") {
     }
   }
 
-  TEST_CASE("select_k on CUDA: strided rows") {
-    // Rows of 300 scores inside a pitch of 320: the kernel must honour the row stride.
-    const index_t rows = 4, n = 300, pitch = 320, k = 37;
-    std::mt19937 rng(3);
-    std::vector<float> buf = normal(static_cast<std::size_t>(rows * pitch), 1.0f, rng);
-    auto hv = cake::make_view(buf.data(), std::array<index_t, 2>{rows, n},
+  // Rows of n scores inside a pitch, starting `offset` floats into the buffer: the
+  // kernel must honour the row stride, and its 16-byte loads (aligned rows) must
+  // cover the scalar tail of each slice; an offset of 1 float turns them off.
+  void check_select_strided(index_t rows, index_t n, index_t pitch, index_t offset, index_t k,
+                            cake::select_order order, std::uint32_t seed) {
+    CAPTURE(n);
+    CAPTURE(pitch);
+    CAPTURE(offset);
+    std::mt19937 rng(seed);
+    std::vector<float> buf = normal(static_cast<std::size_t>(offset + rows * pitch), 1.0f, rng);
+    auto hv = cake::make_view(buf.data() + offset, std::array<index_t, 2>{rows, n},
                               std::array<index_t, 2>{pitch, 1});
     std::vector<std::int64_t> h(static_cast<std::size_t>(rows * k));
-    cake::select_k(cake::host, hv, hview(h, std::array<index_t, 2>{rows, k}));
+    cake::select_k(cake::host, hv, hview(h, std::array<index_t, 2>{rows, k}), order);
     DeviceBuffer<float> d(buf);
     DeviceBuffer<std::int64_t> o(h.size());
-    auto dv = cake::make_view<cake::device_space>(d.get(), std::array<index_t, 2>{rows, n},
+    auto dv = cake::make_view<cake::device_space>(d.get() + offset, std::array<index_t, 2>{rows, n},
                                                   std::array<index_t, 2>{pitch, 1});
-    cake::select_k(cake::cuda, dv, o.view(std::array<index_t, 2>{rows, k}));
+    cake::select_k(cake::cuda, dv, o.view(std::array<index_t, 2>{rows, k}), order);
     CHECK(o.download() == h);
+  }
+
+  TEST_CASE("select_k on CUDA: strided rows") {
+    using O = cake::select_order;
+    check_select_strided(4, 300, 320, 0, 37, O::descending, 3);
+    check_select_strided(3, 1001, 1004, 0, 100, O::descending, 4);     // one block, tail of 1
+    check_select_strided(3, 1001, 1004, 1, 100, O::position, 5);       // unaligned rows
+    check_select_strided(2, 20003, 20004, 0, 1500, O::descending, 6);  // cluster, tail of 3
+    check_select_strided(2, 20003, 20004, 1, 1500, O::position, 7);
+    check_select_strided(1, 20003, 20003, 0, 2000, O::descending, 8);  // one row, odd stride
   }
 
   template <class T>

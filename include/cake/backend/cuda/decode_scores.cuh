@@ -39,6 +39,14 @@ void launch_decode_scores(const cuda_policy& exec, device_view<TQ, 3> q, device_
   CAKE_EXPECTS(half < tuning::decode_threads, "cake.indicator.pool_kernel",
                "the CUDA decode scores support pool_kernel < ", 2 * tuning::decode_threads,
                ", got ", indicator.pool_kernel);
+  CAKE_EXPECTS(B * Hkv <= 65535, "cake.decode.keys",
+               "the CUDA decode scores support batch * kv_heads <= 65535, got ", B * Hkv);
+  // The group's queries and a tile of keys, as float, must fit one block's shared memory.
+  CAKE_EXPECTS(decode_logits_smem(static_cast<int>(H / Hkv), static_cast<int>(d),
+                                  static_cast<int>(d | 1)) <= 200 * 1024,
+               "cake.decode.keys", "the CUDA decode scores need (q_heads / kv_heads) * head_dim",
+               " small enough for shared memory (about 200 KiB with a tile of ",
+               tuning::decode_tile, " keys), got ", H / Hkv, " * ", d);
   const DecodePlan pl = plan_decode(B, H, held);
   const cudaStream_t stream = stream_of(exec);
   scoped_workspace ws(given, pl.workspace, exec, "decode_scores");
@@ -64,12 +72,16 @@ void launch_decode_scores(const cuda_policy& exec, device_view<TQ, 3> q, device_
   const auto smem = static_cast<std::size_t>(decode_logits_smem(p.group, p.d, p.ld));
   auto* logits_kernel = &decode_logits_kernel<Q, K>;
   allow_shared_memory(logits_kernel, smem, "decode_logits_kernel");
-  logits_kernel<<<dim3(static_cast<unsigned>(pl.tiles), static_cast<unsigned>(B * Hkv)),
-                  tuning::decode_threads, smem, stream>>>(p);
+  const auto rows = static_cast<unsigned>(B * Hkv);
+  logits_kernel<<<dim3(static_cast<unsigned>(pl.tiles), rows), tuning::decode_threads, smem,
+                  stream>>>(p);
   check_launch("decode_logits_kernel");
-  decode_finish_kernel<Q, K, Ind>
-      <<<static_cast<unsigned>(B * Hkv), tuning::decode_threads,
-         static_cast<std::size_t>(half) * sizeof(float), stream>>>(p, indicator);
+  const auto finish_smem =
+      static_cast<std::size_t>(2 * p.group + tuning::decode_chunk + 2 * half) * sizeof(float);
+  auto* finish_kernel = &decode_finish_kernel<Q, K, Ind>;
+  allow_shared_memory(finish_kernel, finish_smem, "decode_finish_kernel");
+  finish_kernel<<<dim3(grid_dim(c, tuning::decode_chunk), rows), tuning::decode_threads,
+                  finish_smem, stream>>>(p, indicator);
   check_launch("decode_finish_kernel");
 }
 

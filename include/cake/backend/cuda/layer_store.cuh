@@ -610,6 +610,12 @@ struct layer_store<T, cuda_policy> {
     buffer<float> scores(evict || accumulates ? rows * held : 0, exec);
     buffer<float> sums(accumulates ? rows * held : 0, exec);
     buffer<index_t> sel(evict ? rows * n : 0, exec);
+    constexpr bool attends = source != indicator_source::position;
+    const std::size_t ws_bytes = attends && (evict || accumulates)
+                                     ? decode_scores_workspace_size(B, q.extent(1), Hkv, held)
+                                     : 0;
+    buffer<char> ws(static_cast<index_t>(ws_bytes), exec);
+    const cuda_workspace dws{ws.data(), ws_bytes};
     layer next;
     if (evict) next = layer(rows, d, ly.cap, accumulates, exec);
 
@@ -635,7 +641,8 @@ struct layer_store<T, cuda_policy> {
                                            sizeof(float), static_cast<std::size_t>(rows), s),
                          "cudaMemset2DAsync (accumulated scores)");
       decode_scores(exec, q, all_keys, indicator,
-                    make_view<device_space>(scores.data(), std::array<index_t, 3>{B, Hkv, held}));
+                    make_view<device_space>(scores.data(), std::array<index_t, 3>{B, Hkv, held}),
+                    dws);
       accumulate(exec, sums.data(), held, scores.data(), held, rows, held);
       ranked = sums.data();
       ranked_ld = held;
@@ -657,7 +664,8 @@ struct layer_store<T, cuda_policy> {
       cuda_detail::check_launch("position_scores_kernel");
     } else if constexpr (!accumulates) {
       decode_scores(exec, q, all_keys, indicator,
-                    make_view<device_space>(scores.data(), std::array<index_t, 3>{B, Hkv, cand}));
+                    make_view<device_space>(scores.data(), std::array<index_t, 3>{B, Hkv, cand}),
+                    dws);
     }
     select_k(exec,
              make_view<device_space>(ranked, std::array<index_t, 2>{rows, cand},
@@ -870,6 +878,10 @@ struct layer_store<T, cuda_policy> {
     buffer<float> scores(longest, exec);
     buffer<float> sums(accumulates ? longest : 0, exec);  // one row's updated sums
     buffer<index_t> sel(longest, exec);
+    const std::size_t ws_bytes =
+        source != indicator_source::position ? decode_scores_workspace_size(1, grp, 1, longest) : 0;
+    buffer<char> ws(static_cast<index_t>(ws_bytes), exec);  // every row's decode scores
+    const cuda_workspace dws{ws.data(), ws_bytes};
     layer next(rows, d, ly.cap, accumulates, exec);
     next.len = ly.len;
     index_t written = 0;  // rows whose first padding slot holds the new token
@@ -905,7 +917,8 @@ struct layer_store<T, cuda_policy> {
           cuda_detail::check(cudaMemsetAsync(sums.data() + n - 1, 0, sizeof(float), s),
                              "cudaMemsetAsync (accumulated scores)");
           decode_scores(exec, qv, kv, indicator,
-                        make_view<device_space>(scores.data(), std::array<index_t, 3>{1, 1, n}));
+                        make_view<device_space>(scores.data(), std::array<index_t, 3>{1, 1, n}),
+                        dws);
           accumulate(exec, sums.data(), n, scores.data(), n, 1, n);
           ranked = sums.data();
         } else if constexpr (source == indicator_source::position) {
@@ -914,7 +927,8 @@ struct layer_store<T, cuda_policy> {
           cuda_detail::check_launch("position_scores_kernel");
         } else {
           decode_scores(exec, qv, kv, indicator,
-                        make_view<device_space>(scores.data(), std::array<index_t, 3>{1, 1, cand}));
+                        make_view<device_space>(scores.data(), std::array<index_t, 3>{1, 1, cand}),
+                        dws);
         }
         select_k(exec, make_view<device_space>(ranked, std::array<index_t, 2>{1, cand}),
                  make_view<device_space>(sel.data(), std::array<index_t, 2>{1, keep}),

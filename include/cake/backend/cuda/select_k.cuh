@@ -115,8 +115,8 @@ void launch_select_k(const cuda_policy& exec, device_view<const float, 2> scores
   p.slice = pl.slice;
   p.idx_bits = pl.idx_bits;
   p.cached = pl.cached;
-  p.vec4 = reinterpret_cast<std::uintptr_t>(p.scores) % 16 == 0 && p.s_row % 4 == 0 &&
-           (pl.cluster == 1 || pl.slice % 4 == 0);
+  p.vec4 = reinterpret_cast<std::uintptr_t>(p.scores) % 16 == 0 &&
+           (rows == 1 || p.s_row % 4 == 0) && (pl.cluster == 1 || pl.slice % 4 == 0);
   std::uint64_t* sorted = nullptr;
   void* sort_temp = nullptr;
   if (pl.device_sort) {

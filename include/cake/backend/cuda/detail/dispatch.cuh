@@ -109,6 +109,9 @@ class scoped_workspace {
     if (given.data != nullptr) {
       CAKE_EXPECTS(given.bytes >= need, "cake.cuda.workspace", where, ": workspace of ",
                    given.bytes, " bytes is too small, need ", need);
+      CAKE_EXPECTS(reinterpret_cast<std::uintptr_t>(given.data) % workspace_alignment == 0,
+                   "cake.cuda.workspace", where, ": workspace must be ", workspace_alignment,
+                   "-byte aligned (cudaMalloc's alignment), got address ", given.data);
       ptr_ = given.data;
       return;
     }

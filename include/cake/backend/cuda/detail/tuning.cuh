@@ -38,5 +38,8 @@ inline constexpr int compact_threads = 256;
 // tiles per (batch, kv-head) row, enough blocks to fill the GPU at batch 1.
 inline constexpr int decode_threads = 256;
 inline constexpr int decode_tile = 64;
+// The finishing pass pools 1024 candidates per block (4 per thread), so that a long
+// row still spreads over several SMs.
+inline constexpr int decode_chunk = 1024;
 
 }  // namespace cake::cuda_detail::tuning

@@ -7,16 +7,15 @@
 //                          scored against every query head of the group (GQA reuse);
 //                          the logits go to the workspace with each tile's softmax
 //                          normaliser (max, sum of exp) per head
-//   decode_finish_kernel   grid (batch * kv_heads): merges the tiles' normalisers,
-//                          turns logits into probabilities, the indicator's score
-//                          summed over the group in head order, then the pool
+//   decode_finish_kernel   grid (candidate chunks, batch * kv_heads): merges the
+//                          tiles' normalisers, turns logits into probabilities, the
+//                          indicator's score summed over the group in head order,
+//                          then the pool
 //
 // The keys are spread over many blocks, so that one step reads K at memory speed
 // even with a handful of (batch, kv-head) rows; the finishing pass only touches
 // (group, held) floats per row.
 #pragma once
-
-#include <cub/block/block_reduce.cuh>
 
 #include <cstdint>
 
@@ -116,66 +115,58 @@ __global__ void __launch_bounds__(tuning::decode_threads)
   }
 }
 
-// The (max, sum of exp) merge as a reduction operator.
-struct NormaliserMerge {
-  __device__ float2 operator()(float2 a, float2 b) const {
-    merge_normaliser(a.x, a.y, b.x, b.y);
-    return a;
-  }
-};
-
+// grid (candidate chunks, batch * kv_heads). Every block first merges the tiles'
+// normalisers of the group's heads (a warp per head), then computes the group sums
+// of its chunk plus `half` candidates on either side (the pool's reach) into shared
+// memory, then pools them: blocks are independent, and the logits are read with
+// every head's term summed in a register (head order, as the host).
 template <class TQ, class TK, class Ind>
 __global__ void __launch_bounds__(tuning::decode_threads)
     decode_finish_kernel(DecodeParams<TQ, TK> p, Ind indicator) {
   constexpr int THREADS = tuning::decode_threads;
-  using Reduce = cub::BlockReduce<float2, THREADS>;
-  __shared__ typename Reduce::TempStorage red;
-  __shared__ float2 bcast;
-  extern __shared__ float carry[];  // (half) raw sums just left of the current chunk
+  constexpr int CHUNK = tuning::decode_chunk;
+  extern __shared__ float fsm[];
   const int half = indicator.pool_kernel / 2;
-  const int bg = blockIdx.x, b = bg / p.Hkv, g = bg % p.Hkv;
-  float* out = p.out + b * p.o_b + g * p.o_g;
-
-  for (int r = 0; r < p.group; ++r) {
-    const std::int64_t head = static_cast<std::int64_t>(bg) * p.group + r;
-    float2 ml = make_float2(-INFINITY, 0.0f);
-    for (int t = threadIdx.x; t < p.tiles; t += THREADS) {
-      const float2 v = p.part[head * p.tiles + t];
-      merge_normaliser(ml.x, ml.y, v.x, v.y);
+  float2* ml = reinterpret_cast<float2*>(fsm);  // (group) merged (max, sum of exp)
+  float* raw = fsm + 2 * p.group;               // (CHUNK + 2 * half) group sums
+  const int bg = blockIdx.y, b = bg / p.Hkv, g = bg % p.Hkv;
+  const int c0 = blockIdx.x * CHUNK;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int r = warp; r < p.group; r += THREADS / 32) {
+    const float2* part = p.part + (static_cast<std::int64_t>(bg) * p.group + r) * p.tiles;
+    float m = -INFINITY, l = 0.0f;
+    for (int t = lane; t < p.tiles; t += 32) merge_normaliser(m, l, part[t].x, part[t].y);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+      const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
+      merge_normaliser(m, l, m2, l2);
     }
-    ml = Reduce(red).Reduce(ml, NormaliserMerge{});
-    if (threadIdx.x == 0) bcast = ml;
-    __syncthreads();
-    ml = bcast;
-    __syncthreads();  // `red` and `bcast` are reused by the next head
-    const float* lg = p.logits + head * p.held;
-    // Thread j owns out[j] across heads: the group sum accumulates in head order.
-    for (int j = threadIdx.x; j < p.c; j += THREADS) {
-      const float v = indicator.score(expf(lg[j] - ml.x) / ml.y, 0.0f);
-      out[j] = r == 0 ? v : out[j] + v;
-    }
+    if (lane == 0) ml[r] = make_float2(m, l);
   }
   __syncthreads();
-  // Pool in place, a chunk at a time; the raw sums just left of a chunk are kept in
-  // `carry` before the previous chunk overwrites them.
-  for (int t = threadIdx.x; t < half; t += THREADS) carry[t] = 0.0f;  // zero padding
+  const float* __restrict__ lg = p.logits + static_cast<std::int64_t>(bg) * p.group * p.held;
+  const int span = CHUNK + 2 * half;
+  for (int e = threadIdx.x; e < span; e += THREADS) {
+    const int j = c0 - half + e;
+    float v = 0.0f;  // zero padding outside [0, c)
+    if (j >= 0 && j < p.c)
+      for (int r = 0; r < p.group; ++r) {
+        const float2 n = ml[r];
+        v += indicator.score(expf(lg[static_cast<std::int64_t>(r) * p.held + j] - n.x) / n.y, 0.0f);
+      }
+    raw[e] = v;
+  }
+  __syncthreads();
   const float inv =
       1.0f / (static_cast<float>(indicator.pool_kernel) * static_cast<float>(p.group));
-  for (int c0 = 0; c0 < p.c; c0 += THREADS) {
-    __syncthreads();
-    const int j = c0 + static_cast<int>(threadIdx.x);
+  float* out = p.out + b * p.o_b + g * p.o_g;
+  for (int e = threadIdx.x; e < CHUNK; e += THREADS) {
+    const int j = c0 + e;
+    if (j >= p.c) break;
     float acc = 0.0f;
-    if (j < p.c)
-      for (int t = 0; t < indicator.pool_kernel; ++t) {
-        const int jj = j - half + t;
-        acc += jj < 0 ? 0.0f : jj < c0 ? carry[jj - (c0 - half)] : jj < p.c ? out[jj] : 0.0f;
-      }
-    float next_carry = 0.0f;
-    const int tail = c0 + THREADS - half + static_cast<int>(threadIdx.x);
-    if (static_cast<int>(threadIdx.x) < half && tail >= 0 && tail < p.c) next_carry = out[tail];
-    __syncthreads();
-    if (j < p.c) out[j] = acc * inv;
-    if (static_cast<int>(threadIdx.x) < half) carry[threadIdx.x] = next_carry;
+    for (int t = 0; t < indicator.pool_kernel; ++t) acc += raw[e + t];
+    out[j] = acc * inv;
   }
 }
 

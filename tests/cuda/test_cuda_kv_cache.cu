@@ -163,6 +163,24 @@ void prefill_both(HostC& host, CudaC& dev, index_t l, const std::vector<float>& 
               cake::make_view<cake::device_space>(static_cast<const TD*>(dv.p), ks));
 }
 
+// 3 layers of a small GQA model (8 query / 2 KV heads, d 64, w 16) into 80 tokens.
+cake::CacheConfig small_gqa_config(bool cascade, cake::token_order order) {
+  return cake::CacheConfig{.layers = 3,
+                           .batch = 2,
+                           .q_heads = 8,
+                           .kv_heads = 2,
+                           .head_dim = 64,
+                           .window = 16,
+                           .cache_size = 80,
+                           .cascade = cascade,
+                           .order = order};
+}
+
+std::string mode_name(bool cascade, cake::token_order order) {
+  return std::string(cascade ? "cascading" : "one-shot") +
+         (order == cake::token_order::position ? ", position order" : ", reference order");
+}
+
 // Prefills both caches with the same random GQA layers (4 attention-sink keys in
 // each), compares them, decodes 3 steps in every layer and compares again.
 template <class HostC, class CudaC>
@@ -317,18 +335,8 @@ TEST_SUITE("gpu") {
     // in float, so a host cache fed the same (rounded) values keeps the same tokens.
     for (bool cascade : {true, false})
       for (auto order : {cake::token_order::position, cake::token_order::reference}) {
-        const cake::CacheConfig cfg{.layers = 3,
-                                    .batch = 2,
-                                    .q_heads = 8,
-                                    .kv_heads = 2,
-                                    .head_dim = 64,
-                                    .window = 16,
-                                    .cache_size = 80,
-                                    .cascade = cascade,
-                                    .order = order};
-        const std::string where =
-            std::string(cascade ? "cascading" : "one-shot") +
-            (order == cake::token_order::position ? ", position order" : ", reference order");
+        const cake::CacheConfig cfg = small_gqa_config(cascade, order);
+        const std::string where = mode_name(cascade, order);
         HostCache hb(cfg, cake::CakePreference{1.6f, 0.4f});
         cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::MeanVarianceIndicator,
                       __nv_bfloat16, cake::cuda_policy>
@@ -459,18 +467,8 @@ TEST_SUITE("gpu") {
   TEST_CASE("KvCache on CUDA equals the host for StreamingLLM, TOVA, H2O and head-wise budgets") {
     for (bool cascade : {true, false})
       for (auto order : {cake::token_order::position, cake::token_order::reference}) {
-        const cake::CacheConfig cfg{.layers = 3,
-                                    .batch = 2,
-                                    .q_heads = 8,
-                                    .kv_heads = 2,
-                                    .head_dim = 64,
-                                    .window = 16,
-                                    .cache_size = 80,
-                                    .cascade = cascade,
-                                    .order = order};
-        const std::string where =
-            std::string(cascade ? "cascading" : "one-shot") +
-            (order == cake::token_order::position ? ", position order" : ", reference order");
+        const cake::CacheConfig cfg = small_gqa_config(cascade, order);
+        const std::string where = mode_name(cascade, order);
         auto both = [&]<class Pref, class Budget = cake::ProportionalBudget>(
             const char* name, auto ind, index_t S = 700) {
           using Ind = decltype(ind);

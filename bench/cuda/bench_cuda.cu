@@ -87,14 +87,18 @@ void set_bytes(benchmark::State& state, double bytes) {
 // ---- window statistics -------------------------------------------------------------
 constexpr index_t H = 32, HKV = 8, D = 128, W = 32;
 
+// Q float (two bf16 planes on the tensor cores) or bf16 like K (one plane), as an
+// engine running a bf16 model has it.
+template <class TQ>
 void window_stats_cake(benchmark::State& state, bool with_lse, cake::cuda_math math) {
   const index_t S = state.range(0);
   cudaStream_t s;
   must(cudaStreamCreate(&s), "stream");
-  DeviceArray<float> q(static_cast<std::size_t>(H * W * D)),
-      ind(static_cast<std::size_t>(HKV * (S - W))), st(2), lse(static_cast<std::size_t>(H * W));
+  DeviceArray<TQ> q(static_cast<std::size_t>(H * W * D));
+  DeviceArray<float> ind(static_cast<std::size_t>(HKV * (S - W))), st(2),
+      lse(static_cast<std::size_t>(H * W));
   DeviceArray<__nv_bfloat16> k(static_cast<std::size_t>(HKV * S * D));
-  q.upload(random_vector<float>(q.n, 1.0f, 1));
+  q.upload(random_vector<TQ>(q.n, 1.0f, 1));
   k.upload(random_vector<__nv_bfloat16>(k.n, 1.0f, 2));
   lse.upload(std::vector<float>(lse.n, 10.0f));  // values only shape the work, not its cost
   const std::size_t bytes = cake::window_stats_workspace_size(1, H, HKV, W, S, D, with_lse);
@@ -350,30 +354,23 @@ void register_all() {
   for (const index_t S : {32768, 131072}) {
     const std::string a = "/S:" + std::to_string(S) + "/H:32/Hkv:8/d:128/w:32/bf16";
     using M = cake::cuda_math;
-    benchmark::RegisterBenchmark(
-        ("window_stats/cake" + a).c_str(),
-        [](benchmark::State& st) { window_stats_cake(st, false, M::exact); })
-        ->Arg(S)
-        ->UseManualTime()
-        ->Unit(benchmark::kMicrosecond);
-    benchmark::RegisterBenchmark(
-        ("window_stats/cake_lse" + a).c_str(),
-        [](benchmark::State& st) { window_stats_cake(st, true, M::exact); })
-        ->Arg(S)
-        ->UseManualTime()
-        ->Unit(benchmark::kMicrosecond);
-    benchmark::RegisterBenchmark(
-        ("window_stats/cake_tc" + a).c_str(),
-        [](benchmark::State& st) { window_stats_cake(st, false, M::tensor_cores); })
-        ->Arg(S)
-        ->UseManualTime()
-        ->Unit(benchmark::kMicrosecond);
-    benchmark::RegisterBenchmark(
-        ("window_stats/cake_tc_lse" + a).c_str(),
-        [](benchmark::State& st) { window_stats_cake(st, true, M::tensor_cores); })
-        ->Arg(S)
-        ->UseManualTime()
-        ->Unit(benchmark::kMicrosecond);
+    using bf16 = __nv_bfloat16;
+    const auto add = [&](const char* name, void (*f)(benchmark::State&)) {
+      benchmark::RegisterBenchmark(("window_stats/" + std::string(name) + a).c_str(), f)
+          ->Arg(S)
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond);
+    };
+    add("cake", [](benchmark::State& st) { window_stats_cake<float>(st, false, M::exact); });
+    add("cake_lse", [](benchmark::State& st) { window_stats_cake<float>(st, true, M::exact); });
+    add("cake_tc",
+        [](benchmark::State& st) { window_stats_cake<float>(st, false, M::tensor_cores); });
+    add("cake_tc_lse",
+        [](benchmark::State& st) { window_stats_cake<float>(st, true, M::tensor_cores); });
+    add("cake_tc_bf16q",
+        [](benchmark::State& st) { window_stats_cake<bf16>(st, false, M::tensor_cores); });
+    add("cake_tc_bf16q_lse",
+        [](benchmark::State& st) { window_stats_cake<bf16>(st, true, M::tensor_cores); });
     benchmark::RegisterBenchmark(("window_stats/d2d_copy_of_K" + a).c_str(), copy_of_k)
         ->Arg(S)
         ->UseManualTime()

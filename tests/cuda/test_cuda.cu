@@ -289,48 +289,100 @@ TEST_SUITE("gpu") {
   }
 
   // The opt-in tensor-core mode (16-bit K): close to the host, at a looser tolerance.
-  template <class TK>
-  void check_window_stats_tc(const StatsShape& sh, std::uint32_t seed) {
+  // Q of type TQ (K's type: one plane, exact products; float: two planes). Shapes the
+  // tensor-core kernels do not take (expect_tc false) must give the exact result.
+  template <class TQ, class TK>
+  void check_window_stats_tc(const StatsShape& sh, std::uint32_t seed, bool expect_tc = true) {
     const auto [B, H, Hkv, w, S, d] = sh;
     const index_t P = S - w;
     std::mt19937 rng(seed);
-    std::vector<float> q = normal(static_cast<std::size_t>(B * H * w * d), 1.5f, rng);
-    std::vector<TK> k = convert<TK>(normal(static_cast<std::size_t>(B * Hkv * S * d), 1.0f, rng));
+    const std::vector<TQ> qt =
+        convert<TQ>(normal(static_cast<std::size_t>(B * H * w * d), 1.5f, rng));
+    const std::vector<TK> k =
+        convert<TK>(normal(static_cast<std::size_t>(B * Hkv * S * d), 1.0f, rng));
+    std::vector<float> q(qt.size()), kf(k.size());  // the host sees the same values
+    for (std::size_t i = 0; i < q.size(); ++i) q[i] = static_cast<float>(qt[i]);
+    for (std::size_t i = 0; i < k.size(); ++i) kf[i] = static_cast<float>(k[i]);
     const std::array<index_t, 4> qe{B, H, w, d}, ke{B, Hkv, S, d};
     const std::array<index_t, 3> ie{B, Hkv, P};
+    const std::array<index_t, 1> se{2};
     const cake::MeanVarianceIndicator ind{};
     std::vector<float> ind_host(static_cast<std::size_t>(B * Hkv * P)), st_host(2);
-    cake::window_stats(cake::host, hview(q, qe), hview(k, ke), ind, hview(ind_host, ie),
-                       hview(st_host, std::array<index_t, 1>{2}));
-    DeviceBuffer<float> dq(q), dind(ind_host.size()), dst(2);
+    cake::window_stats(cake::host, hview(q, qe), hview(kf, ke), ind, hview(ind_host, ie),
+                       hview(st_host, se));
+    DeviceBuffer<TQ> dq(qt);
+    DeviceBuffer<float> dind(ind_host.size()), dst(2);
     DeviceBuffer<TK> dk(k);
-    cake::window_stats(cake::cuda, dq.view(qe), dk.view(ke), ind, dind.view(ie),
-                       dst.view(std::array<index_t, 1>{2}), {}, {}, cake::cuda_math::tensor_cores);
+    cake::window_stats(cake::cuda, dq.view(qe), dk.view(ke), ind, dind.view(ie), dst.view(se), {},
+                       {}, cake::cuda_math::tensor_cores);
     const std::vector<float> tc = dind.download();
     CHECK_CLOSE_VEC(tc, ind_host, 2e-3, 1e-7);
     const std::vector<float> st = dst.download();
     CHECK(close(st[0], st_host[0], 1e-3, 1e-6));
     CHECK(close(st[1], st_host[1], 2e-3, 1e-9));
     // The policy's math is the default of every call under it: bit for bit the explicit
-    // tensor-core result, and not the exact one (which rounds differently).
+    // tensor-core result, and (where the tensor cores take the shape) not the exact one.
     DeviceBuffer<float> dind2(ind_host.size()), dst2(2);
     cake::window_stats(cake::cuda.with(cake::cuda_math::tensor_cores), dq.view(qe), dk.view(ke),
-                       ind, dind2.view(ie), dst2.view(std::array<index_t, 1>{2}));
+                       ind, dind2.view(ie), dst2.view(se));
     CHECK(dind2.download() == tc);
     cake::window_stats(cake::cuda.with(cake::cuda_math::tensor_cores), dq.view(qe), dk.view(ke),
-                       ind, dind2.view(ie), dst2.view(std::array<index_t, 1>{2}), {}, {},
+                       ind, dind2.view(ie), dst2.view(se), {}, {},
                        cake::cuda_math::exact);  // a call's own math wins over the policy's
     const std::vector<float> exact = dind2.download();
-    CHECK(exact != tc);
+    if (expect_tc)
+      CHECK(exact != tc);
+    else
+      CHECK(exact == tc);
     CHECK_CLOSE_VEC(exact, ind_host, 1e-5, 1e-7);
+
+    // One pass over K with the caller's log-sum-exp, into a caller's workspace; then
+    // another indicator with only the entropy asked for.
+    DeviceBuffer<float> dlse(host_lse(q, kf, B, H, Hkv, w, S, d));
+    const std::size_t bytes = cake::window_stats_workspace_size(B, H, Hkv, w, S, d, true);
+    DeviceBuffer<char> ws(bytes);
+    cake::window_stats_lse(cake::cuda.with(cake::cuda_math::tensor_cores), dq.view(qe), dk.view(ke),
+                           dlse.view(std::array<index_t, 3>{B, H, w}), ind, dind2.view(ie),
+                           dst2.view(se), {}, cake::cuda_workspace{ws.get(), bytes});
+    CHECK_CLOSE_VEC(dind2.download(), ind_host, 2e-3, 1e-7);
+    const std::vector<float> st_lse = dst2.download();
+    CHECK(close(st_lse[0], st_host[0], 1e-3, 1e-6));
+    CHECK(close(st_lse[1], st_host[1], 2e-3, 1e-9));
+    const cake::WindowMeanIndicator mean3{3};
+    cake::window_stats(cake::host, hview(q, qe), hview(kf, ke), mean3, hview(ind_host, ie),
+                       hview(st_host, se), {true, false});
+    cake::window_stats(cake::cuda.with(cake::cuda_math::tensor_cores), dq.view(qe), dk.view(ke),
+                       mean3, dind2.view(ie), dst2.view(se), {true, false});
+    CHECK_CLOSE_VEC(dind2.download(), ind_host, 2e-3, 1e-7);
+    CHECK(close(dst2.download()[0], st_host[0], 1e-3, 1e-6));
   }
 
   TEST_CASE("window_stats on CUDA, tensor-core mode") {
+    using bf16 = __nv_bfloat16;
     SUBCASE("bf16, Llama heads") {
-      check_window_stats_tc<__nv_bfloat16>({1, 32, 8, 32, 1000, 128}, 21);
+      check_window_stats_tc<float, bf16>({1, 32, 8, 32, 1000, 128}, 21);
     }
-    SUBCASE("half, row chunks") { check_window_stats_tc<__half>({1, 8, 1, 24, 300, 128}, 22); }
-    SUBCASE("bf16, small") { check_window_stats_tc<__nv_bfloat16>({2, 8, 2, 16, 300, 32}, 23); }
+    SUBCASE("bf16 Q and K, Llama heads: one plane") {
+      check_window_stats_tc<bf16, bf16>({1, 32, 8, 32, 1000, 128}, 24);
+    }
+    SUBCASE("half, group 8, window 24") {
+      check_window_stats_tc<float, __half>({1, 8, 1, 24, 300, 128}, 22);
+    }
+    SUBCASE("bf16, small, batch 2") {
+      check_window_stats_tc<float, bf16>({2, 8, 2, 16, 300, 32}, 23);
+    }
+    SUBCASE("half, window 48, head_dim 80 (a half chunk), group 7") {
+      check_window_stats_tc<float, __half>({1, 14, 2, 48, 700, 80}, 25);
+    }
+    SUBCASE("bf16, head_dim 256, window 64, batch 2") {
+      check_window_stats_tc<float, bf16>({2, 4, 2, 64, 500, 256}, 26);
+    }
+    SUBCASE("bf16, MHA, window 8, key tails") {
+      check_window_stats_tc<float, bf16>({1, 4, 4, 8, 333, 64}, 27);
+    }
+    SUBCASE("group 16: not for the tensor cores, the exact kernels run") {
+      check_window_stats_tc<float, bf16>({1, 16, 1, 8, 200, 64}, 28, false);
+    }
   }
 
   TEST_CASE("window_stats_from_attention on CUDA equals the host backend") {

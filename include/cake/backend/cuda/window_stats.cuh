@@ -10,11 +10,13 @@
 // Nothing is synchronised: the layer's (entropy, variance) land in a device view.
 //
 // The math is the policy's (cake::cuda.with(cuda_math::tensor_cores)) unless a call
-// names one. cuda_math::exact (default) computes Q . K in float on the SIMT cores and
-// agrees with the host backend to 1e-5; cuda_math::tensor_cores (16-bit K,
-// head_dim % 16 == 0) uses wmma with Q split in three 16-bit planes: several times
-// faster, agrees to about 1e-4 .. 1e-3 (tensor-core accumulation does not round like
-// IEEE float additions).
+// names one. cuda_math::exact (default) computes Q . K in float on the SIMT cores in
+// the host's order and agrees with the host backend to 1e-5. cuda_math::tensor_cores
+// (16-bit K with 16-byte aligned rows, head_dim % 16 == 0 and <= 256, window <= 64,
+// q_heads / kv_heads <= 8; other shapes use the exact kernels) runs mma.sync with Q in
+// K's type (exact when Q has that type, else split in two planes): far faster, agrees
+// with the host to about 1e-4 .. 1e-3 (tensor-core sums do not round like sequential
+// float additions).
 #pragma once
 
 #include <algorithm>
@@ -24,14 +26,15 @@
 #include "../../algorithm/window_stats.hpp"
 #include "detail/dispatch.cuh"
 #include "detail/kernels/window_stats.cuh"
+#include "detail/kernels/window_stats_mma.cuh"
 
 namespace cake {
 namespace cuda_detail {
 
 // How a window-statistics call is cut into blocks; a pure function of the shapes,
-// so that the size query and the call agree.
+// so that the size query and the call agree (the workspace does not depend on `tc`).
 struct StatsPlan {
-  bool tc = false;
+  bool tc = false;  // the tensor-core kernels (window_stats_mma.cuh)
   int ld = 0, ss_ld = 0, rows = 0, splits = 1, tiles_all = 0, tiles_prefix = 0;
   std::size_t smem_norm = 0, smem_stats = 0;
   std::size_t workspace = 0;
@@ -58,36 +61,60 @@ inline StatsBuffers carve_stats(workspace_carver& c, const StatsPlan& pl, index_
   return s;
 }
 
+// Shared memory of the tensor-core kernels: the group's queries as fragments (`planes`
+// planes of K's type) and, for the statistics kernel, the rows' log-sum-exp.
+inline std::size_t mma_stats_smem(index_t group, index_t w, index_t d, int planes) {
+  return static_cast<std::size_t>(mma::query_pieces(static_cast<int>(group), planes,
+                                                    static_cast<int>(w), static_cast<int>(d))) *
+             sizeof(mma::Piece) +
+         static_cast<std::size_t>(group * w) * sizeof(float);
+}
+
+// Shapes the tensor-core kernels take (K's type, alignment and the device are the
+// caller's to check): head_dim a multiple of 16 up to 256, window up to 64, at most
+// tuning::mma_max_group query heads per KV head, queries within the shared memory.
+inline bool mma_stats_fits(index_t group, index_t w, index_t d, int planes) {
+  return d % 16 == 0 && d <= 256 && w <= 64 && group <= tuning::mma_max_group &&
+         mma_stats_smem(group, w, d, planes) <= static_cast<std::size_t>(tuning::stats_smem_budget);
+}
+
 inline StatsPlan plan_stats(index_t B, index_t H, index_t Hkv, index_t w, index_t S, index_t d,
-                            bool have_lse, bool tc = false, int k_bytes = 4) {
+                            bool have_lse, bool tc = false, int planes = 1) {
   constexpr int TILE_N = tuning::stats_tile_n;
   StatsPlan pl;
-  const index_t gw = (H / Hkv) * w, P = S - w;
+  const index_t group = H / Hkv, gw = group * w, P = S - w;
   pl.tc = tc;
-  pl.ld = static_cast<int>(tc ? d + 8 : (d % 2 == 0 ? d + 1 : d));
-  pl.ss_ld = tc ? TILE_N + 4 : TILE_N + 1;
-  const auto bytes = [&](index_t rows, index_t extra) {
-    return static_cast<std::size_t>(
-        stats_tile_bytes(tc, pl.ld, pl.ss_ld, static_cast<int>(rows), extra, k_bytes));
-  };
-  const std::size_t budget = static_cast<std::size_t>(tuning::stats_smem_budget);
-  // All the group's window rows at once when they fit (Q read once per block),
-  // otherwise chunks of 64 rows.
-  index_t rows = gw;
-  const index_t extra = std::max(2 * gw, gw + (H / Hkv) * TILE_N);  // either pass's scalars
-  if (bytes(rows, extra) > budget) rows = 64;
-  CAKE_EXPECTS(bytes(rows, extra) <= budget, "cake.keys.head_dim",
-               "the CUDA window statistics need at most ", budget,
-               " bytes of shared memory per block; head_dim = ", d,
-               " and q_heads / kv_heads * window = ", gw, " need ", bytes(rows, extra));
-  pl.rows = static_cast<int>(rows);
   pl.tiles_all = static_cast<int>((S + TILE_N - 1) / TILE_N);
   pl.tiles_prefix = static_cast<int>((P + TILE_N - 1) / TILE_N);
-  // Upper bound of the splits (the launch uses one wave: min(this, SMs / (B * Hkv))).
+  // Upper bound of the normaliser's key splits (the launch uses one wave: fewer when the
+  // GPU is smaller); at least 8, the tensor-core normaliser's streams per block.
   const index_t want = (tuning::stats_target_blocks + B * Hkv - 1) / (B * Hkv);
-  pl.splits = static_cast<int>(std::clamp<index_t>(want, 1, std::max(pl.tiles_all, 1)));
-  pl.smem_norm = bytes(rows, 2 * gw);
-  pl.smem_stats = bytes(rows, gw + (H / Hkv) * TILE_N);  // lse rows + per-head scores
+  pl.splits = static_cast<int>(
+      std::max<index_t>(std::clamp<index_t>(want, 1, std::max(pl.tiles_all, 1)), 8));
+  if (tc) {
+    pl.smem_norm = mma_stats_smem(group, w, d, planes) - static_cast<std::size_t>(gw * 4);
+    pl.smem_stats = mma_stats_smem(group, w, d, planes);
+  } else {
+    pl.ld = static_cast<int>(d % 2 == 0 ? d + 1 : d);
+    pl.ss_ld = TILE_N + 1;
+    const auto bytes = [&](index_t rows, index_t extra) {
+      return static_cast<std::size_t>(
+          stats_tile_bytes(pl.ld, pl.ss_ld, static_cast<int>(rows), extra));
+    };
+    const std::size_t budget = static_cast<std::size_t>(tuning::stats_smem_budget);
+    // All the group's window rows at once when they fit (Q read once per block),
+    // otherwise chunks of 64 rows.
+    index_t rows = gw;
+    const index_t extra = std::max(2 * gw, gw + group * TILE_N);  // either pass's scalars
+    if (bytes(rows, extra) > budget) rows = 64;
+    CAKE_EXPECTS(bytes(rows, extra) <= budget, "cake.keys.head_dim",
+                 "the CUDA window statistics need at most ", budget,
+                 " bytes of shared memory per block; head_dim = ", d,
+                 " and q_heads / kv_heads * window = ", gw, " need ", bytes(rows, extra));
+    pl.rows = static_cast<int>(rows);
+    pl.smem_norm = bytes(rows, 2 * gw);
+    pl.smem_stats = bytes(rows, gw + group * TILE_N);  // lse rows + per-head scores
+  }
   workspace_carver c;
   carve_stats(c, pl, B, H, Hkv, w, P, have_lse);
   pl.workspace = c.bytes();
@@ -97,6 +124,47 @@ inline StatsPlan plan_stats(index_t B, index_t H, index_t Hkv, index_t w, index_
 template <class K>
 inline constexpr bool tensor_core_key =
     std::is_same_v<K, __half> || std::is_same_v<K, __nv_bfloat16>;
+
+// The tensor-core kernels of one call (rows = batch * kv_heads); returns the statistics
+// kernel's blocks per row. Both launch one wave of resident blocks at most.
+template <class Shape, class Q, class K, class Ind>
+int launch_mma_stats(const StatsParams<Q, K>& p, unsigned rows, int planes, const StatsPlan& pl,
+                     const StatsBuffers& buf, bool have_lse, const Ind& indicator, StatsRequest req,
+                     cudaStream_t stream) {
+  // Blocks per row for one wave: resident blocks on all SMs shared by the rows.
+  const int sms = std::max(1, multiprocessor_count()), row_count = static_cast<int>(rows);
+  if (!have_lse) {
+    auto* norm = &mma_row_normaliser_kernel<Q, K, Shape>;
+    allow_shared_memory(norm, pl.smem_norm, "mma_row_normaliser_kernel");
+    const int per_block = std::max(1, tuning::mma_max_group / p.group);  // key streams
+    const int threads = 32 * p.group * per_block;
+    const int chunks = (p.S + Shape::NK * 8 - 1) / (Shape::NK * 8);
+    const int wave =
+        resident_blocks(norm, threads, pl.smem_norm, "mma_row_normaliser_kernel") * sms / row_count;
+    const int blocks = std::clamp(std::min((chunks + per_block - 1) / per_block, wave), 1,
+                                  std::max(1, pl.splits / per_block));
+    norm<<<dim3(static_cast<unsigned>(blocks), rows), threads, pl.smem_norm, stream>>>(
+        p, planes, per_block, buf.part);
+    check_launch("mma_row_normaliser_kernel");
+    const int lse_rows = static_cast<int>(rows) * p.group * p.w;
+    lse_combine_kernel<<<grid_dim(lse_rows, 256), 256, 0, stream>>>(buf.part, lse_rows,
+                                                                    blocks * per_block, buf.lse);
+    check_launch("lse_combine_kernel");
+  }
+  auto* stats = &mma_window_stats_kernel<Q, K, Shape, Ind>;
+  allow_shared_memory(stats, pl.smem_stats, "mma_window_stats_kernel");
+  constexpr int warps = tuning::mma_threads / 32, keys_per_warp = Shape::MT * 16;
+  const int chunks = (p.P + keys_per_warp - 1) / keys_per_warp;
+  const int wave =
+      resident_blocks(stats, tuning::mma_threads, pl.smem_stats, "mma_window_stats_kernel") * sms /
+      row_count;
+  const int blocks = std::clamp(std::min((chunks + warps - 1) / warps, wave), 1,
+                                std::max(1, pl.tiles_prefix));  // partial holds tiles_prefix
+  stats<<<dim3(static_cast<unsigned>(blocks), rows), tuning::mma_threads, pl.smem_stats, stream>>>(
+      p, planes, buf.lse, indicator, req.entropy, req.variance, buf.raw, buf.partial);
+  check_launch("mma_window_stats_kernel");
+  return blocks;
+}
 
 template <class TQ, class TK, class Ind>
 void launch_window_stats(const cuda_policy& exec, device_view<TQ, 4> q, device_view<TK, 4> k,
@@ -108,10 +176,16 @@ void launch_window_stats(const cuda_policy& exec, device_view<TQ, 4> q, device_v
   using K = std::remove_const_t<TK>;
   const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
   const index_t Hkv = k.extent(1), S = k.extent(2), P = S - w, group = H / Hkv;
-  // Tensor cores when asked for and possible (16-bit K, head_dim a multiple of 16).
-  const bool tc = tensor_core_key<K> && math == cuda_math::tensor_cores && d % 16 == 0 &&
-                  device_compute_major() >= 8;
-  const StatsPlan pl = plan_stats(B, H, Hkv, w, S, d, lse != nullptr, tc, sizeof(K));
+  // Tensor cores when asked for and possible: 16-bit K with 16-byte aligned rows, a
+  // shape the kernels take, sm_80+. Q in K's type needs one plane, anything else two.
+  const int planes = std::is_same_v<Q, K> ? 1 : 2;
+  const bool k_vec16 = reinterpret_cast<std::uintptr_t>(k.data_handle()) % 16 == 0 &&
+                       (k.stride(0) * static_cast<index_t>(sizeof(K))) % 16 == 0 &&
+                       (k.stride(1) * static_cast<index_t>(sizeof(K))) % 16 == 0 &&
+                       (k.stride(2) * static_cast<index_t>(sizeof(K))) % 16 == 0;
+  const bool tc = tensor_core_key<K> && math == cuda_math::tensor_cores && k_vec16 &&
+                  mma_stats_fits(group, w, d, planes) && device_compute_major() >= 8;
+  const StatsPlan pl = plan_stats(B, H, Hkv, w, S, d, lse != nullptr, tc, planes);
   const cudaStream_t stream = stream_of(exec);
   scoped_workspace ws(given, pl.workspace, exec, "window_stats");
   workspace_carver c(ws.get());
@@ -127,50 +201,47 @@ void launch_window_stats(const cuda_policy& exec, device_view<TQ, 4> q, device_v
   p.w = static_cast<int>(w), p.S = static_cast<int>(S), p.P = static_cast<int>(P);
   p.d = static_cast<int>(d), p.ld = pl.ld, p.ss_ld = pl.ss_ld;
   p.rows_per_chunk = pl.rows, p.splits = pl.splits;
-  p.k_vec16 = reinterpret_cast<std::uintptr_t>(p.k) % 16 == 0 &&
-              (k.stride(0) * static_cast<index_t>(sizeof(K))) % 16 == 0 &&
-              (k.stride(1) * static_cast<index_t>(sizeof(K))) % 16 == 0 &&
-              (k.stride(2) * static_cast<index_t>(sizeof(K))) % 16 == 0 &&
-              (d * static_cast<index_t>(sizeof(K))) % 16 == 0;
   p.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
   const unsigned bg = static_cast<unsigned>(B * Hkv);
-  const int threads = tuning::stats_threads;
-  // One wave: a stats block needs most of an SM's shared memory, so blocks in flight
-  // = SMs; the workspace was sized for the upper bounds in the plan.
   const int sms = std::max(1, multiprocessor_count());
-  p.splits = std::clamp(sms / static_cast<int>(bg), 1, pl.splits);
-  const int stats_blocks = std::clamp(sms / static_cast<int>(bg), 1, std::max(pl.tiles_prefix, 1));
 
-  const auto run_kernels = [&](auto tc_tag) {
-    constexpr bool TC = decltype(tc_tag)::value;
-    if (lse == nullptr) {
-      auto* norm = &row_normaliser_kernel<Q, K, TC>;
-      allow_shared_memory(norm, pl.smem_norm, "row_normaliser_kernel");
-      norm<<<dim3(static_cast<unsigned>(p.splits), bg), threads, pl.smem_norm, stream>>>(p,
-                                                                                         buf.part);
-      check_launch("row_normaliser_kernel");
-      const int rows = static_cast<int>(B * H * w);
-      lse_combine_kernel<<<grid_dim(rows, 256), 256, 0, stream>>>(buf.part, rows, p.splits,
-                                                                  buf.lse);
-      check_launch("lse_combine_kernel");
-    }
-    auto* stats_k = &window_stats_kernel<Q, K, TC, Ind>;
-    allow_shared_memory(stats_k, pl.smem_stats, "window_stats_kernel");
-    stats_k<<<dim3(static_cast<unsigned>(stats_blocks), bg), threads, pl.smem_stats, stream>>>(
-        p, buf.lse, indicator, req.entropy, req.variance, buf.raw, buf.partial);
-    check_launch("window_stats_kernel");
-  };
-  int partials = 0;
+  int stats_blocks = 0;
   if (P > 0) {
     if constexpr (tensor_core_key<K>) {
-      if (tc)
-        run_kernels(std::true_type{});
-      else
-        run_kernels(std::false_type{});
-    } else {
-      run_kernels(std::false_type{});
+      if (tc) {
+        const auto run = [&](auto shape) {
+          return launch_mma_stats<decltype(shape)>(p, bg, planes, pl, buf, lse != nullptr,
+                                                   indicator, req, stream);
+        };
+        if (w <= 32)
+          stats_blocks = d <= 128 ? run(MmaShape<32, 128>{}) : run(MmaShape<32, 256>{});
+        else
+          stats_blocks = d <= 128 ? run(MmaShape<64, 128>{}) : run(MmaShape<64, 256>{});
+      }
     }
-    partials = stats_blocks * static_cast<int>(bg);
+    if (!tc) {
+      // The exact kernels: a stats block needs most of an SM's shared memory, so blocks in
+      // flight = SMs; the workspace was sized for the upper bounds in the plan.
+      const int threads = tuning::stats_threads;
+      p.splits = std::clamp(sms / static_cast<int>(bg), 1, pl.splits);
+      stats_blocks = std::clamp(sms / static_cast<int>(bg), 1, std::max(pl.tiles_prefix, 1));
+      if (lse == nullptr) {
+        auto* norm = &row_normaliser_kernel<Q, K>;
+        allow_shared_memory(norm, pl.smem_norm, "row_normaliser_kernel");
+        norm<<<dim3(static_cast<unsigned>(p.splits), bg), threads, pl.smem_norm, stream>>>(
+            p, buf.part);
+        check_launch("row_normaliser_kernel");
+        const int rows = static_cast<int>(B * H * w);
+        lse_combine_kernel<<<grid_dim(rows, 256), 256, 0, stream>>>(buf.part, rows, p.splits,
+                                                                    buf.lse);
+        check_launch("lse_combine_kernel");
+      }
+      auto* stats_k = &window_stats_kernel<Q, K, Ind>;
+      allow_shared_memory(stats_k, pl.smem_stats, "window_stats_kernel");
+      stats_k<<<dim3(static_cast<unsigned>(stats_blocks), bg), threads, pl.smem_stats, stream>>>(
+          p, buf.lse, indicator, req.entropy, req.variance, buf.raw, buf.partial);
+      check_launch("window_stats_kernel");
+    }
     const float inv =
         1.0f / (static_cast<float>(indicator.pool_kernel) * static_cast<float>(group));
     pool_groups_kernel<<<dim3(grid_dim(P, tuning::column_threads), bg), tuning::column_threads, 0,
@@ -179,7 +250,7 @@ void launch_window_stats(const cuda_policy& exec, device_view<TQ, 4> q, device_v
     check_launch("pool_groups_kernel");
   }
   layer_stats_kernel<<<1, tuning::column_threads, 0, stream>>>(
-      buf.partial, partials, stats.data_handle(), stats.stride(0));
+      buf.partial, stats_blocks * static_cast<int>(bg), stats.data_handle(), stats.stride(0));
   check_launch("layer_stats_kernel");
 }
 

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -141,6 +142,15 @@ void allow_shared_memory(Kernel kernel, std::size_t bytes, const char* name) {
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(bytes)),
           name);
+}
+
+// Blocks of `kernel` one SM holds at once with this block size and dynamic shared
+// memory (at least 1).
+template <class Kernel>
+int resident_blocks(Kernel kernel, int threads, std::size_t smem, const char* name) {
+  int n = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem), name);
+  return std::max(n, 1);
 }
 
 inline unsigned grid_dim(std::int64_t work, std::int64_t per_block) {

@@ -18,6 +18,12 @@ inline constexpr int stats_smem_budget = 160 * 1024;
 // min(this, SMs / (B * kv_heads)) splits, and as many persistent statistics blocks.
 inline constexpr int stats_target_blocks = 512;
 
+// tensor-core window statistics (cuda_math::tensor_cores): 8 warps per block, each
+// working on its own keys (no barrier after the queries are loaded); the row
+// normaliser's block is group * max(1, 8 / group) warps (group <= 8).
+inline constexpr int mma_threads = 256;
+inline constexpr int mma_max_group = 8;
+
 // from-attention statistics and the pooling epilogue: one thread per key.
 inline constexpr int column_threads = 256;
 

@@ -14,10 +14,11 @@
 //                           deterministic) into stats_out, on the device
 //
 // A caller that already has each row's log-sum-exp (the attention kernel computed
-// it) skips the first two: then K is read once.
+// it) skips the first two: then K is read once. These are the exact kernels (float
+// products on the SIMT cores, in the host's order); window_stats_mma.cuh has the
+// tensor-core ones.
 #pragma once
 
-#include <mma.h>
 #include <cub/block/block_reduce.cuh>
 
 #include <cstdint>
@@ -38,10 +39,9 @@ struct StatsParams {
   const float* lse;  // (batch, q_heads, window) caller's log-sum-exp, or null
   std::int64_t l_b, l_h, l_i;
   int H, Hkv, group, w, S, P, d;
-  int ld;              // shared-memory row pitch of K and Q tiles, in elements
-                       // (SIMT: odd, no bank conflicts; tensor cores: d + 8)
-  int ss_ld;           // row pitch of the score tile (SIMT: TILE_N + 1; wmma: TILE_N + 4)
-  bool k_vec16;        // K rows are 16-byte aligned: tensor-core path loads uint4
+  int ld;              // shared-memory row pitch of K and Q tiles, in elements (odd:
+                       // no bank conflicts)
+  int ss_ld;           // row pitch of the score tile (TILE_N + 1)
   int rows_per_chunk;  // window rows of the group scored per step (all when they fit)
   int splits;          // key splits of the row-normaliser pass
   float sqrt_d;
@@ -53,40 +53,28 @@ __host__ __device__ constexpr std::int64_t stats_rows_alloc(int rows) {
   return (rows + step - 1) / step * step;
 }
 // Shared-memory bytes of the tile machinery (K tile, query rows, score tile) plus
-// `extra` floats. Tensor-core mode keeps K and three split planes of Q in 16-bit.
-__host__ __device__ constexpr std::int64_t stats_tile_bytes(bool tc, int ld, int ss_ld, int rows,
-                                                            std::int64_t extra, int k_bytes) {
+// `extra` floats.
+__host__ __device__ constexpr std::int64_t stats_tile_bytes(int ld, int ss_ld, int rows,
+                                                            std::int64_t extra) {
   const std::int64_t ra = stats_rows_alloc(rows);
-  const std::int64_t kq =
-      tc ? (tuning::stats_tile_n + 3 * ra) * ld * k_bytes : (tuning::stats_tile_n + ra) * ld * 4;
-  return kq + (ra * ss_ld + extra) * 4;
+  return ((tuning::stats_tile_n + ra) * ld + ra * ss_ld + extra) * 4;
 }
 
 // Where each piece lives in a stats block's dynamic shared memory.
-template <bool TC, class TK>
 struct TileLayout {
-  float* Ks = nullptr;  // SIMT: (TILE_N, ld) keys as float
-  float* Qs = nullptr;  // SIMT: (rows, ld) queries as float
-  TK* Kh = nullptr;     // wmma: (TILE_N, ld) keys as stored
-  TK* Qh = nullptr;     // wmma: (3, rows, ld) queries split hi + mid + lo
+  float* Ks = nullptr;  // (TILE_N, ld) keys as float
+  float* Qs = nullptr;  // (rows, ld) queries as float
   float* Ss = nullptr;  // (rows, ss_ld) scores, then probabilities
   float* extra = nullptr;
 };
 
-template <bool TC, class TQ, class TK>
-__device__ TileLayout<TC, TK> tile_layout(const StatsParams<TQ, TK>& p, unsigned char* base) {
-  constexpr int TILE_N = tuning::stats_tile_n;
+template <class TQ, class TK>
+__device__ TileLayout tile_layout(const StatsParams<TQ, TK>& p, unsigned char* base) {
   const int ra = static_cast<int>(stats_rows_alloc(p.rows_per_chunk));
-  TileLayout<TC, TK> t;
-  if constexpr (TC) {
-    t.Kh = reinterpret_cast<TK*>(base);
-    t.Qh = t.Kh + TILE_N * p.ld;
-    t.Ss = reinterpret_cast<float*>(t.Qh + 3 * ra * p.ld);
-  } else {
-    t.Ks = reinterpret_cast<float*>(base);
-    t.Qs = t.Ks + TILE_N * p.ld;
-    t.Ss = t.Qs + ra * p.ld;
-  }
+  TileLayout t;
+  t.Ks = reinterpret_cast<float*>(base);
+  t.Qs = t.Ks + tuning::stats_tile_n * p.ld;
+  t.Ss = t.Qs + ra * p.ld;
   t.extra = t.Ss + ra * p.ss_ld;
   return t;
 }
@@ -158,131 +146,16 @@ __device__ void score_tile(const StatsParams<TQ, TK>& p, const float* Ks, const 
   }
 }
 
-// ---- tensor-core scores (opt-in, 16-bit K) -------------------------------------------
-// K stays in its 16-bit type; each query is split into three 16-bit planes
-// (hi + mid + lo, about 24 significant bits together), so Q . K is three wmma products
-// with float accumulation. Tensor-core accumulation does not round like the SIMT
-// path, so the results agree with the host to about 1e-4 .. 1e-3, not 1e-5: the mode is
-// opt-in (cuda_math::tensor_cores).
-
-template <class TQ, class TK>
-__device__ void load_key_tile_tc(const StatsParams<TQ, TK>& p, int b, int g, int j0, int limit,
-                                 TK* Kh) {
-  constexpr int TILE_N = tuning::stats_tile_n;
-  const TK* base = p.k + b * p.k_b + g * p.k_g;
-  if (p.k_vec16) {
-    constexpr int V = 16 / sizeof(TK);
-    const int per_row = p.d / V;
-    for (int e = threadIdx.x; e < TILE_N * per_row; e += blockDim.x) {
-      const int row = e / per_row, v = e - row * per_row;
-      const int j = j0 + row;
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (j < limit)
-        val = reinterpret_cast<const uint4*>(base + static_cast<std::int64_t>(j) * p.k_j)[v];
-      *reinterpret_cast<uint4*>(Kh + row * p.ld + v * V) = val;
-    }
-  } else {
-    for (int e = threadIdx.x; e < TILE_N * p.d; e += blockDim.x) {
-      const int row = e / p.d, x = e - row * p.d;
-      const int j = j0 + row;
-      Kh[row * p.ld + x] = j < limit ? base[static_cast<std::int64_t>(j) * p.k_j + x] : TK(0.0f);
-    }
-  }
-}
-
-template <class TQ, class TK>
-__device__ void load_query_rows_tc(const StatsParams<TQ, TK>& p, int b, int g, int rho0, int count,
-                                   TK* Qh) {
-  const int gw = p.group * p.w;
-  const int rows = (count + 15) / 16 * 16;  // whole wmma tiles, zero past the group
-  const int plane = static_cast<int>(stats_rows_alloc(p.rows_per_chunk)) * p.ld;
-  for (int e = threadIdx.x; e < rows * p.d; e += blockDim.x) {
-    const int rr = e / p.d, x = e - rr * p.d;
-    const int rho = rho0 + rr;
-    float v = 0.0f;
-    if (rho < gw) {
-      const int h = g * p.group + rho / p.w, i = rho % p.w;
-      v = to_float(p.q[b * p.q_b + h * p.q_h + i * p.q_i + x]);
-    }
-    const TK hi = TK(v);
-    const float r1 = v - to_float(hi);
-    const TK mid = TK(r1);
-    const TK lo = TK(r1 - to_float(mid));
-    Qh[rr * p.ld + x] = hi;
-    Qh[plane + rr * p.ld + x] = mid;
-    Qh[2 * plane + rr * p.ld + x] = lo;
-  }
-}
-
-template <class TQ, class TK>
-__device__ void score_tile_tc(const StatsParams<TQ, TK>& p, const TK* Kh, const TK* Qh, float* Ss,
-                              int rows) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  // bf16 wmma needs sm_80; the launcher picks this path on sm_80+ only.
-  (void)p, (void)Kh, (void)Qh, (void)Ss, (void)rows;
-  __trap();
-#else
-  namespace wmma = nvcuda::wmma;
-  constexpr int TILE_N = tuning::stats_tile_n;
-  const int plane = static_cast<int>(stats_rows_alloc(p.rows_per_chunk)) * p.ld;
-  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int row_tiles = (rows + 15) / 16, tiles = row_tiles * (TILE_N / 16);
-  const float inv = 1.0f / p.sqrt_d;
-  for (int t = warp; t < tiles; t += warps) {
-    const int rt = t / (TILE_N / 16), ct = t % (TILE_N / 16);
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.0f);
-    for (int kk = 0; kk < p.d; kk += 16) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, TK, wmma::col_major> kb;
-      wmma::load_matrix_sync(kb, Kh + ct * 16 * p.ld + kk, p.ld);
-#pragma unroll
-      for (int s = 2; s >= 0; --s) {  // smallest plane first
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, TK, wmma::row_major> qa;
-        wmma::load_matrix_sync(qa, Qh + s * plane + rt * 16 * p.ld + kk, p.ld);
-        wmma::mma_sync(acc, qa, kb, acc);
-      }
-    }
-    for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= inv;
-    wmma::store_matrix_sync(Ss + rt * 16 * p.ss_ld + ct * 16, acc, p.ss_ld, wmma::mem_row_major);
-  }
-#endif
-}
-
-// The two modes behind one interface for the kernels below.
-template <bool TC, class TQ, class TK>
-__device__ void load_keys(const StatsParams<TQ, TK>& p, const TileLayout<TC, TK>& t, int b, int g,
-                          int j0, int limit) {
-  if constexpr (TC)
-    load_key_tile_tc(p, b, g, j0, limit, t.Kh);
-  else
-    load_key_tile(p, b, g, j0, limit, t.Ks);
-}
-template <bool TC, class TQ, class TK>
-__device__ void load_queries(const StatsParams<TQ, TK>& p, const TileLayout<TC, TK>& t, int b,
-                             int g, int rho0, int count) {
-  if constexpr (TC)
-    load_query_rows_tc(p, b, g, rho0, count, t.Qh);
-  else
-    load_query_rows(p, b, g, rho0, count, t.Qs);
-}
-template <bool TC, class TQ, class TK>
-__device__ void score_chunk(const StatsParams<TQ, TK>& p, const TileLayout<TC, TK>& t, int rows) {
-  if constexpr (TC)
-    score_tile_tc(p, t.Kh, t.Qh, t.Ss, rows);
-  else
-    score_tile(p, t.Ks, t.Qs, t.Ss, rows);
-}
-
 // grid (splits, batch * kv_heads). Split s handles key tiles s, s + splits, ...
 // part: (batch, kv_heads, group * window, splits) partial (max, sum of exp).
-template <class TQ, class TK, bool TC>
+template <class TQ, class TK>
 __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1 block / SM
     row_normaliser_kernel(StatsParams<TQ, TK> p, float2* __restrict__ part) {
   constexpr int TILE_N = tuning::stats_tile_n;
   extern __shared__ __align__(128) unsigned char stats_smem[];
   const int bg = blockIdx.y, b = bg / p.Hkv, g = bg % p.Hkv;
   const int gw = p.group * p.w, R = p.rows_per_chunk;
-  const TileLayout<TC, TK> lay = tile_layout<TC>(p, stats_smem);
+  const TileLayout lay = tile_layout(p, stats_smem);
   float* Ss = lay.Ss;
   float* run_m = lay.extra;  // (group * window)
   float* run_l = run_m + gw;
@@ -291,21 +164,21 @@ __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1
     run_l[r] = 0.0f;
   }
   const bool resident = R >= gw;
-  if (resident) load_queries(p, lay, b, g, 0, gw);
+  if (resident) load_query_rows(p, b, g, 0, gw, lay.Qs);
   const int tiles = (p.S + TILE_N - 1) / TILE_N;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   for (int t = blockIdx.x; t < tiles; t += p.splits) {
     const int j0 = t * TILE_N;
     __syncthreads();  // the previous tile's readers are done with Ks / Ss
-    load_keys(p, lay, b, g, j0, p.S);
+    load_key_tile(p, b, g, j0, p.S, lay.Ks);
     for (int rho0 = 0; rho0 < gw; rho0 += R) {
       const int rows = min(R, gw - rho0);
       if (!resident) {
         __syncthreads();
-        load_queries(p, lay, b, g, rho0, rows);
+        load_query_rows(p, b, g, rho0, rows, lay.Qs);
       }
       __syncthreads();
-      score_chunk(p, lay, rows);
+      score_tile(p, lay.Ks, lay.Qs, Ss, rows);
       __syncthreads();
       // A warp per row: this tile's normaliser, merged into the row's running one.
       for (int rr = warp; rr < rows; rr += warps) {
@@ -368,7 +241,7 @@ struct ColumnMoments {
 // x, x + blocks, ... so that the group's queries are loaded (and split) once per block.
 // raw: (batch, kv_heads, P) indicator summed over the group's heads, before pooling;
 // partial: (batch * kv_heads, blocks) per-block (entropy, variance).
-template <class TQ, class TK, bool TC, class Ind>
+template <class TQ, class TK, class Ind>
 __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1 block / SM
     window_stats_kernel(StatsParams<TQ, TK> p, const float* __restrict__ lse_ws, Ind indicator,
                         bool want_entropy, bool want_variance, float* __restrict__ raw,
@@ -377,7 +250,7 @@ __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1
   extern __shared__ __align__(128) unsigned char stats_smem[];
   const int bg = blockIdx.y, b = bg / p.Hkv, g = bg % p.Hkv;
   const int gw = p.group * p.w, R = p.rows_per_chunk;
-  const TileLayout<TC, TK> lay = tile_layout<TC>(p, stats_smem);
+  const TileLayout lay = tile_layout(p, stats_smem);
   float* Ss = lay.Ss;
   float* lse_s = lay.extra;        // (group * window)
   float* head_score = lse_s + gw;  // (group, TILE_N) per-head indicator of the tile's keys
@@ -387,7 +260,7 @@ __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1
                        : lse_ws[static_cast<std::int64_t>(bg) * gw + rho];
   }
   const bool resident = R >= gw;
-  if (resident) load_queries(p, lay, b, g, 0, gw);
+  if (resident) load_query_rows(p, b, g, 0, gw, lay.Qs);
 
   const bool need_var = want_variance || Ind::needs_variance;
   const int col = threadIdx.x;  // column owner in the reduction phase, if < TILE_N
@@ -399,17 +272,17 @@ __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1
     const int j0 = t * TILE_N, j = j0 + col;
     const bool col_valid = col < TILE_N && j < p.P;
     __syncthreads();  // the previous tile's readers are done with the K tile and Ss
-    load_keys(p, lay, b, g, j0, p.P);
+    load_key_tile(p, b, g, j0, p.P, lay.Ks);
     ColumnMoments mom;
     float group_score = 0.0f;
     for (int rho0 = 0; rho0 < gw; rho0 += R) {
       const int rows = min(R, gw - rho0);
       if (!resident) {
         __syncthreads();
-        load_queries(p, lay, b, g, rho0, rows);
+        load_query_rows(p, b, g, rho0, rows, lay.Qs);
       }
       __syncthreads();
-      score_chunk(p, lay, rows);
+      score_tile(p, lay.Ks, lay.Qs, Ss, rows);
       __syncthreads();
       // Scores -> probabilities (only prefix keys are needed here: every window row
       // sees them all) and the entropy terms.

@@ -163,6 +163,9 @@ __global__ void __launch_bounds__(tuning::select_threads) select_k_kernel(Select
         const std::uint32_t u = bits_at(j);
         if (pass == 0 || (u >> (shift + width)) == prefix) bin = (u >> shift) & mask;
       }
+      // After the first pass few keys still match the prefix: most warps have none and
+      // skip the (slow) match.
+      if (!__any_sync(0xffffffffu, bin != 0xffffffffu)) continue;
       const unsigned peers = __match_any_sync(0xffffffffu, bin);
       if (bin != 0xffffffffu && (threadIdx.x & 31) == static_cast<unsigned>(__ffs(peers) - 1))
         atomicAdd(&hist[bin], static_cast<unsigned>(__popc(peers)));

@@ -380,6 +380,9 @@ TEST_SUITE("gpu") {
     SUBCASE("bf16, MHA, window 8, key tails") {
       check_window_stats_tc<float, bf16>({1, 4, 4, 8, 333, 64}, 27);
     }
+    SUBCASE("half Q, bf16 K, head_dim 144 (window <= 32 over 128), group 3") {
+      check_window_stats_tc<__half, bf16>({1, 6, 2, 32, 400, 144}, 29);
+    }
     SUBCASE("group 16: not for the tensor cores, the exact kernels run") {
       check_window_stats_tc<float, bf16>({1, 16, 1, 8, 200, 64}, 28, false);
     }

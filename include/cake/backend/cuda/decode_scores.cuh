@@ -6,26 +6,12 @@
 #include <cmath>
 
 #include "../../algorithm/decode_scores.hpp"
+#include "detail/decode_plan.cuh"
 #include "detail/dispatch.cuh"
 #include "detail/kernels/decode_scores.cuh"
 
 namespace cake {
 namespace cuda_detail {
-
-struct DecodePlan {
-  int tiles = 0;
-  std::size_t workspace = 0;
-};
-
-inline DecodePlan plan_decode(index_t B, index_t H, index_t held) {
-  DecodePlan pl;
-  pl.tiles = static_cast<int>((held + tuning::decode_tile - 1) / tuning::decode_tile);
-  workspace_carver c;
-  c.take<float>(static_cast<std::size_t>(B * H * held));       // logits
-  c.take<float2>(static_cast<std::size_t>(B * H * pl.tiles));  // per-tile normalisers
-  pl.workspace = c.bytes();
-  return pl;
-}
 
 template <class TQ, class TK, class Ind>
 void launch_decode_scores(const cuda_policy& exec, device_view<TQ, 3> q, device_view<TK, 4> k,
@@ -41,33 +27,21 @@ void launch_decode_scores(const cuda_policy& exec, device_view<TQ, 3> q, device_
                ", got ", indicator.pool_kernel);
   CAKE_EXPECTS(B * Hkv <= 65535, "cake.decode.keys",
                "the CUDA decode scores support batch * kv_heads <= 65535, got ", B * Hkv);
-  // The group's queries and a tile of keys, as float, must fit one block's shared memory.
-  CAKE_EXPECTS(decode_logits_smem(static_cast<int>(H / Hkv), static_cast<int>(d),
-                                  static_cast<int>(d | 1)) <= 200 * 1024,
-               "cake.decode.keys", "the CUDA decode scores need (q_heads / kv_heads) * head_dim",
-               " small enough for shared memory (about 200 KiB with a tile of ",
-               tuning::decode_tile, " keys), got ", H / Hkv, " * ", d);
+  // The group's queries and a tile of keys, as float, must fit one block's shared memory
+  // on this device.
+  const std::size_t smem_budget = shared_memory_budget(200 * 1024, 4096);
+  CAKE_EXPECTS(
+      static_cast<std::size_t>(decode_logits_smem(static_cast<int>(H / Hkv), static_cast<int>(d),
+                                                  static_cast<int>(d | 1))) <= smem_budget,
+      "cake.decode.keys", "the CUDA decode scores need (q_heads / kv_heads) * head_dim",
+      " small enough for shared memory (", smem_budget, " bytes here with a tile of ",
+      tuning::decode_tile, " keys), got ", H / Hkv, " * ", d);
   const DecodePlan pl = plan_decode(B, H, held);
   const cudaStream_t stream = stream_of(exec);
   scoped_workspace ws(given, pl.workspace, exec, "decode_scores");
   workspace_carver carve(ws.get());
 
-  DecodeParams<Q, K> p{};
-  p.q = q.data_handle(), p.q_b = q.stride(0), p.q_h = q.stride(1);
-  p.k = k.data_handle(), p.k_b = k.stride(0), p.k_g = k.stride(1), p.k_j = k.stride(2);
-  p.out = out.data_handle(), p.o_b = out.stride(0), p.o_g = out.stride(1);
-  p.logits = carve.take<float>(static_cast<std::size_t>(B * H * held));
-  p.part = carve.take<float2>(static_cast<std::size_t>(B * H * pl.tiles));
-  p.Hkv = static_cast<int>(Hkv), p.group = static_cast<int>(H / Hkv);
-  p.held = static_cast<int>(held), p.c = static_cast<int>(c), p.d = static_cast<int>(d);
-  p.tiles = pl.tiles;
-  p.ld = static_cast<int>(d | 1);
-  const auto aligned = [](std::int64_t elements) {
-    return (elements * static_cast<std::int64_t>(sizeof(K))) % 16 == 0;
-  };
-  p.k_vec16 = reinterpret_cast<std::uintptr_t>(p.k) % 16 == 0 && aligned(k.stride(0)) &&
-              aligned(k.stride(1)) && aligned(k.stride(2)) && aligned(d);
-  p.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
+  const DecodeParams<Q, K> p = decode_params(q, k, out, carve, pl);
 
   const auto smem = static_cast<std::size_t>(decode_logits_smem(p.group, p.d, p.ld));
   auto* logits_kernel = &decode_logits_kernel<Q, K>;
@@ -76,8 +50,7 @@ void launch_decode_scores(const cuda_policy& exec, device_view<TQ, 3> q, device_
   logits_kernel<<<dim3(static_cast<unsigned>(pl.tiles), rows), tuning::decode_threads, smem,
                   stream>>>(p);
   check_launch("decode_logits_kernel");
-  const auto finish_smem =
-      static_cast<std::size_t>(2 * p.group + tuning::decode_chunk + 2 * half) * sizeof(float);
+  const auto finish_smem = static_cast<std::size_t>(decode_finish_smem(p.group, half));
   auto* finish_kernel = &decode_finish_kernel<Q, K, Ind>;
   allow_shared_memory(finish_kernel, finish_smem, "decode_finish_kernel");
   finish_kernel<<<dim3(grid_dim(c, tuning::decode_chunk), rows), tuning::decode_threads,

@@ -14,44 +14,14 @@
 #include "../../algorithm/select_k.hpp"
 #include "detail/dispatch.cuh"
 #include "detail/kernels/select_k.cuh"
+#include "detail/select_plan.cuh"
 
 namespace cake {
 namespace cuda_detail {
 
-struct SelectPlan {
-  int cluster = 1;
-  int slice = 0;
-  bool cached = false;
-  bool block_sort = false;   // descending, sorted inside the kernel
-  bool device_sort = false;  // descending, sorted by cub::DeviceSegmentedRadixSort
-  int sort_items = 1;        // keys per thread of the in-kernel sort (k <= threads: one)
-  int idx_bits = 1;
-  std::size_t smem = 0;
-  std::size_t sort_temp = 0;
-  std::size_t workspace = 0;
-};
-
-inline bool device_has_clusters() { return device_compute_major() >= 9; }
-
-// Shared memory a select block may use for its slice (H100/H200: 227 KiB per block).
-inline constexpr std::size_t select_cache_budget = 160 * 1024;
-
-inline SelectPlan plan_select(index_t rows, index_t n, index_t k, select_order order,
-                              bool clusters) {
-  SelectPlan pl;
-  // Long rows are spread over a cluster of 8 SMs (portable cluster size) on sm_90+.
-  pl.cluster = (clusters && n > 16384) ? 8 : 1;
-  // Slices start on 16-byte boundaries (4 keys), so that aligned rows load as float4.
-  pl.slice = static_cast<int>((n + pl.cluster - 1) / pl.cluster);
-  if (pl.cluster > 1) pl.slice = (pl.slice + 3) / 4 * 4;
-  pl.cached = static_cast<std::size_t>(pl.slice) * sizeof(unsigned) <= select_cache_budget;
-  pl.smem = (tuning::select_bins + (pl.cached ? static_cast<std::size_t>(pl.slice) : 0)) *
-            sizeof(unsigned);
-  pl.idx_bits = std::max(1, static_cast<int>(std::bit_width(static_cast<std::uint64_t>(n))));
-  const bool desc = order == select_order::descending && k > 1;
-  pl.block_sort = desc && k <= tuning::select_block_sort_max;
-  pl.sort_items = k <= tuning::select_threads ? 1 : tuning::select_sort_items;
-  pl.device_sort = desc && !pl.block_sort;
+inline SelectPlan plan_select(index_t rows, index_t n, index_t k, select_order order, bool clusters,
+                              std::size_t cache_budget = select_cache_cap) {
+  SelectPlan pl = plan_select_blocks(n, k, order, clusters, cache_budget);
   if (pl.device_sort) {
     CAKE_EXPECTS(rows * k <= INT_MAX, "cake.select_k.k", "descending order with k > ",
                  tuning::select_block_sort_max, " on CUDA needs rows * k <= ", INT_MAX, ", got ",
@@ -100,23 +70,13 @@ void launch_select_k(const cuda_policy& exec, device_view<const float, 2> scores
   if (rows == 0 || k == 0) return;
   CAKE_EXPECTS(n < (index_t{1} << 31), "cake.select_k.n",
                "rows on CUDA must hold fewer than 2^31 keys, got ", n);
-  const SelectPlan pl = plan_select(rows, n, k, order, device_has_clusters());
+  const SelectPlan pl =
+      plan_select(rows, n, k, order, device_has_clusters(), select_cache_budget_here());
   const cudaStream_t stream = stream_of(exec);
   scoped_workspace ws(given, pl.workspace, exec, "select_k");
   workspace_carver c(ws.get());
 
-  SelectParams<TI> p{};
-  p.scores = scores.data_handle();
-  p.s_row = scores.stride(0);
-  p.out = out.data_handle();
-  p.o_row = out.stride(0);
-  p.n = static_cast<int>(n);
-  p.k = static_cast<int>(k);
-  p.slice = pl.slice;
-  p.idx_bits = pl.idx_bits;
-  p.cached = pl.cached;
-  p.vec4 = reinterpret_cast<std::uintptr_t>(p.scores) % 16 == 0 &&
-           (rows == 1 || p.s_row % 4 == 0) && (pl.cluster == 1 || pl.slice % 4 == 0);
+  SelectParams<TI> p = select_params(scores, out, pl);
   std::uint64_t* sorted = nullptr;
   void* sort_temp = nullptr;
   if (pl.device_sort) {

@@ -27,103 +27,21 @@
 #include "detail/dispatch.cuh"
 #include "detail/kernels/window_stats.cuh"
 #include "detail/kernels/window_stats_mma.cuh"
+#include "detail/window_stats_plan.cuh"
 
 namespace cake {
 namespace cuda_detail {
 
-// How a window-statistics call is cut into blocks; a pure function of the shapes,
-// so that the size query and the call agree (the workspace does not depend on `tc`).
-struct StatsPlan {
-  bool tc = false;  // the tensor-core kernels (window_stats_mma.cuh)
-  int ld = 0, ss_ld = 0, rows = 0, splits = 1, tiles_all = 0, tiles_prefix = 0;
-  std::size_t smem_norm = 0, smem_stats = 0;
-  std::size_t workspace = 0;
-};
-
-// Workspace pieces, in carving order.
-struct StatsBuffers {
-  float2* part = nullptr;     // (batch, kv_heads, group * window, splits)
-  float* lse = nullptr;       // (batch, q_heads, window)
-  float* raw = nullptr;       // (batch, kv_heads, P)
-  float2* partial = nullptr;  // (batch, kv_heads, tiles of P) per-block (entropy, variance)
-};
-
-inline StatsBuffers carve_stats(workspace_carver& c, const StatsPlan& pl, index_t B, index_t H,
-                                index_t Hkv, index_t w, index_t P, bool have_lse) {
-  StatsBuffers s;
-  if (!have_lse) {
-    s.part = c.take<float2>(static_cast<std::size_t>(B * H * w * pl.splits));
-    s.lse = c.take<float>(static_cast<std::size_t>(B * H * w));
-  }
-  s.raw = c.take<float>(static_cast<std::size_t>(std::max<index_t>(B * Hkv * P, 1)));
-  s.partial =
-      c.take<float2>(static_cast<std::size_t>(std::max<index_t>(B * Hkv * pl.tiles_prefix, 1)));
-  return s;
+// Whether the tensor-core kernels were compiled for sm_80+ (a build whose only target
+// is older, e.g. compute_75 PTX JIT-compiled on a newer GPU, has no bf16 mma.sync: it
+// takes the exact kernels instead of trapping).
+template <class Q, class K, class Ind>
+bool mma_compiled_for_sm80() {
+  cudaFuncAttributes attr{};
+  check(cudaFuncGetAttributes(&attr, &mma_window_stats_kernel<Q, K, MmaShape<32, 128>, Ind>),
+        "mma_window_stats_kernel");
+  return attr.ptxVersion >= 80;
 }
-
-// Shared memory of the tensor-core kernels: the group's queries as fragments (`planes`
-// planes of K's type) and, for the statistics kernel, the rows' log-sum-exp.
-inline std::size_t mma_stats_smem(index_t group, index_t w, index_t d, int planes) {
-  return static_cast<std::size_t>(mma::query_pieces(static_cast<int>(group), planes,
-                                                    static_cast<int>(w), static_cast<int>(d))) *
-             sizeof(mma::Piece) +
-         static_cast<std::size_t>(group * w) * sizeof(float);
-}
-
-// Shapes the tensor-core kernels take (K's type, alignment and the device are the
-// caller's to check): head_dim a multiple of 16 up to 256, window up to 64, at most
-// tuning::mma_max_group query heads per KV head, queries within the shared memory.
-inline bool mma_stats_fits(index_t group, index_t w, index_t d, int planes) {
-  return d % 16 == 0 && d <= 256 && w <= 64 && group <= tuning::mma_max_group &&
-         mma_stats_smem(group, w, d, planes) <= static_cast<std::size_t>(tuning::stats_smem_budget);
-}
-
-inline StatsPlan plan_stats(index_t B, index_t H, index_t Hkv, index_t w, index_t S, index_t d,
-                            bool have_lse, bool tc = false, int planes = 1) {
-  constexpr int TILE_N = tuning::stats_tile_n;
-  StatsPlan pl;
-  const index_t group = H / Hkv, gw = group * w, P = S - w;
-  pl.tc = tc;
-  pl.tiles_all = static_cast<int>((S + TILE_N - 1) / TILE_N);
-  pl.tiles_prefix = static_cast<int>((P + TILE_N - 1) / TILE_N);
-  // Upper bound of the normaliser's key splits (the launch uses one wave: fewer when the
-  // GPU is smaller); at least 8, the tensor-core normaliser's streams per block.
-  const index_t want = (tuning::stats_target_blocks + B * Hkv - 1) / (B * Hkv);
-  pl.splits = static_cast<int>(
-      std::max<index_t>(std::clamp<index_t>(want, 1, std::max(pl.tiles_all, 1)), 8));
-  if (tc) {
-    pl.smem_norm = mma_stats_smem(group, w, d, planes) - static_cast<std::size_t>(gw * 4);
-    pl.smem_stats = mma_stats_smem(group, w, d, planes);
-  } else {
-    pl.ld = static_cast<int>(d % 2 == 0 ? d + 1 : d);
-    pl.ss_ld = TILE_N + 1;
-    const auto bytes = [&](index_t rows, index_t extra) {
-      return static_cast<std::size_t>(
-          stats_tile_bytes(pl.ld, pl.ss_ld, static_cast<int>(rows), extra));
-    };
-    const std::size_t budget = static_cast<std::size_t>(tuning::stats_smem_budget);
-    // All the group's window rows at once when they fit (Q read once per block),
-    // otherwise chunks of 64 rows.
-    index_t rows = gw;
-    const index_t extra = std::max(2 * gw, gw + group * TILE_N);  // either pass's scalars
-    if (bytes(rows, extra) > budget) rows = 64;
-    CAKE_EXPECTS(bytes(rows, extra) <= budget, "cake.keys.head_dim",
-                 "the CUDA window statistics need at most ", budget,
-                 " bytes of shared memory per block; head_dim = ", d,
-                 " and q_heads / kv_heads * window = ", gw, " need ", bytes(rows, extra));
-    pl.rows = static_cast<int>(rows);
-    pl.smem_norm = bytes(rows, 2 * gw);
-    pl.smem_stats = bytes(rows, gw + group * TILE_N);  // lse rows + per-head scores
-  }
-  workspace_carver c;
-  carve_stats(c, pl, B, H, Hkv, w, P, have_lse);
-  pl.workspace = c.bytes();
-  return pl;
-}
-
-template <class K>
-inline constexpr bool tensor_core_key =
-    std::is_same_v<K, __half> || std::is_same_v<K, __nv_bfloat16>;
 
 // The tensor-core kernels of one call (rows = batch * kv_heads); returns the statistics
 // kernel's blocks per row. Both launch one wave of resident blocks at most.
@@ -131,39 +49,28 @@ template <class Shape, class Q, class K, class Ind>
 int launch_mma_stats(const StatsParams<Q, K>& p, unsigned rows, int planes, const StatsPlan& pl,
                      const StatsBuffers& buf, bool have_lse, const Ind& indicator, StatsRequest req,
                      cudaStream_t stream) {
-  // Blocks per row for one wave: resident blocks on all SMs shared by the rows.
-  const int sms = std::max(1, multiprocessor_count()), row_count = static_cast<int>(rows);
+  auto* norm = &mma_row_normaliser_kernel<Q, K, Shape>;
+  auto* stats = &mma_window_stats_kernel<Q, K, Shape, Ind>;
+  const int norm_threads = mma_norm_threads(p.group);
+  if (!have_lse) allow_shared_memory(norm, pl.smem_norm, "mma_row_normaliser_kernel");
+  allow_shared_memory(stats, pl.smem_stats, "mma_window_stats_kernel");
+  const MmaStatsGrid gr = mma_stats_grid<Shape>(
+      p, static_cast<int>(rows), std::max(1, multiprocessor_count()),
+      have_lse ? 1 : resident_blocks(norm, norm_threads, pl.smem_norm, "mma_row_normaliser_kernel"),
+      resident_blocks(stats, tuning::mma_threads, pl.smem_stats, "mma_window_stats_kernel"), pl);
   if (!have_lse) {
-    auto* norm = &mma_row_normaliser_kernel<Q, K, Shape>;
-    allow_shared_memory(norm, pl.smem_norm, "mma_row_normaliser_kernel");
-    const int per_block = std::max(1, tuning::mma_max_group / p.group);  // key streams
-    const int threads = 32 * p.group * per_block;
-    const int chunks = (p.S + Shape::NK * 8 - 1) / (Shape::NK * 8);
-    const int wave =
-        resident_blocks(norm, threads, pl.smem_norm, "mma_row_normaliser_kernel") * sms / row_count;
-    const int blocks = std::clamp(std::min((chunks + per_block - 1) / per_block, wave), 1,
-                                  std::max(1, pl.splits / per_block));
-    norm<<<dim3(static_cast<unsigned>(blocks), rows), threads, pl.smem_norm, stream>>>(
-        p, planes, per_block, buf.part);
+    norm<<<dim3(static_cast<unsigned>(gr.norm_blocks), rows), norm_threads, pl.smem_norm, stream>>>(
+        p, planes, gr.streams_per_block, buf.part);
     check_launch("mma_row_normaliser_kernel");
     const int lse_rows = static_cast<int>(rows) * p.group * p.w;
     lse_combine_kernel<<<grid_dim(lse_rows, 256), 256, 0, stream>>>(buf.part, lse_rows,
-                                                                    blocks * per_block, buf.lse);
+                                                                    gr.streams(), buf.lse);
     check_launch("lse_combine_kernel");
   }
-  auto* stats = &mma_window_stats_kernel<Q, K, Shape, Ind>;
-  allow_shared_memory(stats, pl.smem_stats, "mma_window_stats_kernel");
-  constexpr int warps = tuning::mma_threads / 32, keys_per_warp = Shape::MT * 16;
-  const int chunks = (p.P + keys_per_warp - 1) / keys_per_warp;
-  const int wave =
-      resident_blocks(stats, tuning::mma_threads, pl.smem_stats, "mma_window_stats_kernel") * sms /
-      row_count;
-  const int blocks = std::clamp(std::min((chunks + warps - 1) / warps, wave), 1,
-                                std::max(1, pl.tiles_prefix));  // partial holds tiles_prefix
-  stats<<<dim3(static_cast<unsigned>(blocks), rows), tuning::mma_threads, pl.smem_stats, stream>>>(
-      p, planes, buf.lse, indicator, req.entropy, req.variance, buf.raw, buf.partial);
+  stats<<<dim3(static_cast<unsigned>(gr.stats_blocks), rows), tuning::mma_threads, pl.smem_stats,
+          stream>>>(p, planes, buf.lse, indicator, req.entropy, req.variance, buf.raw, buf.partial);
   check_launch("mma_window_stats_kernel");
-  return blocks;
+  return gr.stats_blocks;
 }
 
 template <class TQ, class TK, class Ind>
@@ -179,29 +86,19 @@ void launch_window_stats(const cuda_policy& exec, device_view<TQ, 4> q, device_v
   // Tensor cores when asked for and possible: 16-bit K with 16-byte aligned rows, a
   // shape the kernels take, sm_80+. Q in K's type needs one plane, anything else two.
   const int planes = std::is_same_v<Q, K> ? 1 : 2;
-  const bool k_vec16 = reinterpret_cast<std::uintptr_t>(k.data_handle()) % 16 == 0 &&
-                       (k.stride(0) * static_cast<index_t>(sizeof(K))) % 16 == 0 &&
-                       (k.stride(1) * static_cast<index_t>(sizeof(K))) % 16 == 0 &&
-                       (k.stride(2) * static_cast<index_t>(sizeof(K))) % 16 == 0;
-  const bool tc = tensor_core_key<K> && math == cuda_math::tensor_cores && k_vec16 &&
-                  mma_stats_fits(group, w, d, planes) && device_compute_major() >= 8;
-  const StatsPlan pl = plan_stats(B, H, Hkv, w, S, d, lse != nullptr, tc, planes);
+  const std::size_t budget = stats_smem_budget_here();
+  bool tc = false;
+  if constexpr (tensor_core_key<K>)
+    tc = math == cuda_math::tensor_cores && rows_16_byte_aligned(k) &&
+         mma_stats_fits(group, w, d, planes, budget) && device_compute_major() >= 8 &&
+         mma_compiled_for_sm80<Q, K, Ind>();
+  const StatsPlan pl = plan_stats(B, H, Hkv, w, S, d, lse != nullptr, tc, planes, budget);
   const cudaStream_t stream = stream_of(exec);
   scoped_workspace ws(given, pl.workspace, exec, "window_stats");
   workspace_carver c(ws.get());
   const StatsBuffers buf = carve_stats(c, pl, B, H, Hkv, w, P, lse != nullptr);
 
-  StatsParams<Q, K> p{};
-  p.q = q.data_handle();
-  p.q_b = q.stride(0), p.q_h = q.stride(1), p.q_i = q.stride(2);
-  p.k = k.data_handle();
-  p.k_b = k.stride(0), p.k_g = k.stride(1), p.k_j = k.stride(2);
-  p.lse = lse, p.l_b = l_b, p.l_h = l_h, p.l_i = l_i;
-  p.H = static_cast<int>(H), p.Hkv = static_cast<int>(Hkv), p.group = static_cast<int>(group);
-  p.w = static_cast<int>(w), p.S = static_cast<int>(S), p.P = static_cast<int>(P);
-  p.d = static_cast<int>(d), p.ld = pl.ld, p.ss_ld = pl.ss_ld;
-  p.rows_per_chunk = pl.rows, p.splits = pl.splits;
-  p.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
+  StatsParams<Q, K> p = stats_params(q, k, lse, l_b, l_h, l_i, pl);
   const unsigned bg = static_cast<unsigned>(B * Hkv);
   const int sms = std::max(1, multiprocessor_count());
 

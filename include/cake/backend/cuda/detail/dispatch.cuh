@@ -40,6 +40,18 @@ inline int device_compute_major() {
   return major;
 }
 
+// Dynamic shared memory one block may use on the current device: the opt-in maximum
+// (227 KiB on H100/H200, 163 KiB on A100, 99 KiB on sm_86/89/120) less `reserve`
+// bytes for the kernel's static shared memory, and at most `cap`.
+inline std::size_t shared_memory_budget(std::size_t cap, std::size_t reserve) {
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    optin = 48 * 1024;  // every device allows this much
+  const auto avail = static_cast<std::size_t>(optin);
+  return std::min(cap, avail > reserve ? avail - reserve : 0);
+}
+
 inline int multiprocessor_count() {
   int dev = 0, n = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 1;

@@ -7,6 +7,17 @@
 
 #include <cstdint>
 
+// A kernel's dynamic shared memory, `name` aligned to `align` bytes. Under
+// CAKE_CUDA_EMULATION (tests/cuda/emulation: kernels run as host threads, so that CI
+// without a GPU executes them) the emulator hands out the block's buffer.
+#ifdef CAKE_CUDA_EMULATION
+#define CAKE_DYNAMIC_SHARED(align, name) unsigned char* name = ::cake_emulation::dynamic_shared()
+#else
+#define CAKE_DYNAMIC_SHARED(align, name) \
+  extern __shared__ __align__(align)     \
+  unsigned char name[]
+#endif
+
 namespace cake::cuda_detail {
 
 // K and Q may be float, __half or __nv_bfloat16; every kernel accumulates in float.

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "../block/common.cuh"
 #include "../tuning.cuh"
@@ -49,13 +50,20 @@ __host__ __device__ constexpr std::int64_t decode_logits_smem(int group, int d, 
          4;
 }
 
+// Shared-memory bytes of decode_finish_kernel: the group's merged normalisers and the
+// group sums of a chunk plus the pool's reach on either side.
+__host__ __device__ constexpr std::int64_t decode_finish_smem(int group, int half) {
+  return (2 * static_cast<std::int64_t>(group) + tuning::decode_chunk + 2 * half) * 4;
+}
+
 template <class TQ, class TK>
 __global__ void __launch_bounds__(tuning::decode_threads)
     decode_logits_kernel(DecodeParams<TQ, TK> p) {
   constexpr int THREADS = tuning::decode_threads;
   constexpr int TILE = tuning::decode_tile;
   static_assert(TILE % 32 == 0, "a warp's (key, head) pairs share one head");
-  extern __shared__ float dsm[];
+  CAKE_DYNAMIC_SHARED(16, dsm_bytes);
+  float* dsm = reinterpret_cast<float*>(dsm_bytes);
   float* qs = dsm;                 // (group, d)
   float* ks = qs + p.group * p.d;  // (TILE, ld)
   float* ls = ks + TILE * p.ld;    // (group, TILE) this tile's logits
@@ -74,7 +82,8 @@ __global__ void __launch_bounds__(tuning::decode_threads)
       const int row = e / per_row, v = e - row * per_row;
       const uint4 val =
           reinterpret_cast<const uint4*>(base + static_cast<std::int64_t>(row) * p.k_j)[v];
-      const TK* el = reinterpret_cast<const TK*>(&val);
+      TK el[V];  // copied, not pointer-cast: reading a uint4 through TK* breaks aliasing
+      memcpy(static_cast<void*>(el), &val, sizeof val);
 #pragma unroll
       for (int t = 0; t < V; ++t) ks[row * p.ld + v * V + t] = to_float(el[t]);
     }
@@ -125,7 +134,8 @@ __global__ void __launch_bounds__(tuning::decode_threads)
     decode_finish_kernel(DecodeParams<TQ, TK> p, Ind indicator) {
   constexpr int THREADS = tuning::decode_threads;
   constexpr int CHUNK = tuning::decode_chunk;
-  extern __shared__ float fsm[];
+  CAKE_DYNAMIC_SHARED(16, fsm_bytes);
+  float* fsm = reinterpret_cast<float*>(fsm_bytes);
   const int half = indicator.pool_kernel / 2;
   float2* ml = reinterpret_cast<float2*>(fsm);  // (group) merged (max, sum of exp)
   float* raw = fsm + 2 * p.group;               // (CHUNK + 2 * half) group sums

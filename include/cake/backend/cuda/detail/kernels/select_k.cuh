@@ -16,16 +16,20 @@
 // cub::DeviceSegmentedRadixSort.
 #pragma once
 
+#ifndef CAKE_CUDA_EMULATION  // the emulator brings its own block primitives, no clusters
 #include <cooperative_groups.h>
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
+#endif
 
 #include <cstdint>
 
 #include "../block/common.cuh"
 #include "../tuning.cuh"
 
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#if defined(CAKE_CUDA_EMULATION)
+#define CAKE_CUDA_CLUSTERS 0
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 #define CAKE_CUDA_CLUSTERS 1
 #else
 #define CAKE_CUDA_CLUSTERS 0
@@ -109,7 +113,8 @@ __global__ void __launch_bounds__(tuning::select_threads) select_k_kernel(Select
   __shared__ unsigned warp_gt[WARPS], warp_eq[WARPS];
   __shared__ unsigned block_count[2];  // this block's (above T, equal to T), read by peers
   __shared__ unsigned found_digit, found_need;
-  extern __shared__ __align__(16) unsigned dyn[];
+  CAKE_DYNAMIC_SHARED(16, dyn_bytes);
+  unsigned* dyn = reinterpret_cast<unsigned*>(dyn_bytes);
   unsigned* hist = dyn;          // (BINS)
   unsigned* cache = dyn + BINS;  // (slice) ordered bits, when cached
 

@@ -19,7 +19,9 @@
 // tensor-core ones.
 #pragma once
 
+#ifndef CAKE_CUDA_EMULATION  // the emulator brings its own BlockReduce
 #include <cub/block/block_reduce.cuh>
+#endif
 
 #include <cstdint>
 
@@ -152,7 +154,7 @@ template <class TQ, class TK>
 __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1 block / SM
     row_normaliser_kernel(StatsParams<TQ, TK> p, float2* __restrict__ part) {
   constexpr int TILE_N = tuning::stats_tile_n;
-  extern __shared__ __align__(128) unsigned char stats_smem[];
+  CAKE_DYNAMIC_SHARED(128, stats_smem);
   const int bg = blockIdx.y, b = bg / p.Hkv, g = bg % p.Hkv;
   const int gw = p.group * p.w, R = p.rows_per_chunk;
   const TileLayout lay = tile_layout(p, stats_smem);
@@ -247,7 +249,7 @@ __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1
                         bool want_entropy, bool want_variance, float* __restrict__ raw,
                         float2* __restrict__ partial) {
   constexpr int TILE_N = tuning::stats_tile_n;
-  extern __shared__ __align__(128) unsigned char stats_smem[];
+  CAKE_DYNAMIC_SHARED(128, stats_smem);
   const int bg = blockIdx.y, b = bg / p.Hkv, g = bg % p.Hkv;
   const int gw = p.group * p.w, R = p.rows_per_chunk;
   const TileLayout lay = tile_layout(p, stats_smem);

@@ -17,7 +17,9 @@
 // (about 16 significant bits of q; one plane, exact, when Q already has K's type).
 #pragma once
 
+#ifndef CAKE_CUDA_EMULATION  // the emulator brings its own BlockReduce
 #include <cub/block/block_reduce.cuh>
+#endif
 
 #include <cstdint>
 #include <type_traits>
@@ -39,7 +41,9 @@ __device__ __forceinline__ std::uint32_t bits16(__nv_bfloat16 x) { return __bflo
 template <class TK>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const std::uint32_t (&a)[4],
                                           const std::uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(CAKE_CUDA_EMULATION)
+  ::cake_emulation::mma_16816<std::is_same_v<TK, __nv_bfloat16>>(d, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (std::is_same_v<TK, __nv_bfloat16>)
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
@@ -72,7 +76,9 @@ __device__ __forceinline__ mma::Piece load_piece(const TK* row, int c, int t, bo
 }
 
 // The group's window queries into shared memory as pieces (mma_layout.hpp), split in
-// `planes` planes of K's type; rows past the window are zero.
+// `planes` planes of K's type; rows past the window are zero. With half K a query
+// element beyond half's range (|q| > 65504, far above what attention queries reach)
+// becomes infinite: such inputs need cuda_math::exact.
 template <class TQ, class TK>
 __device__ void load_query_pieces(const StatsParams<TQ, TK>& p, int b, int g, int planes,
                                   mma::Piece* qf) {
@@ -150,7 +156,7 @@ __global__ void __launch_bounds__(tuning::mma_threads, 1)
     mma_row_normaliser_kernel(StatsParams<TQ, TK> p, int planes, int streams_per_block,
                               float2* __restrict__ part) {
   constexpr int DC = Shape::DC, MQ = Shape::MQ, NK = Shape::NK, KC = NK * 8;
-  extern __shared__ __align__(16) unsigned char mma_smem[];
+  CAKE_DYNAMIC_SHARED(16, mma_smem);
   auto* qf = reinterpret_cast<mma::Piece*>(mma_smem);
   const int bg = blockIdx.y, b = bg / p.Hkv, g = bg % p.Hkv;
   load_query_pieces(p, b, g, planes, qf);
@@ -275,7 +281,7 @@ __global__ void __launch_bounds__(tuning::mma_threads, 1)
                             Ind indicator, bool want_entropy, bool want_variance,
                             float* __restrict__ raw, float2* __restrict__ partial) {
   constexpr int DC = Shape::DC, MT = Shape::MT, NT = Shape::NT, KC = MT * 16;
-  extern __shared__ __align__(16) unsigned char mma_smem[];
+  CAKE_DYNAMIC_SHARED(16, mma_smem);
   auto* qf = reinterpret_cast<mma::Piece*>(mma_smem);
   float* lse2 = reinterpret_cast<float*>(qf + mma::query_pieces(p.group, planes, p.w, p.d));
   const int bg = blockIdx.y, b = bg / p.Hkv, g = bg % p.Hkv;

@@ -3,6 +3,7 @@
 // under the emulator, with the launcher's plan and parameters, against the host backend.
 #include <cake/cake.hpp>
 
+#include "data.hpp"
 #include "emulator.hpp"
 
 #include <doctest/doctest.h>
@@ -18,14 +19,7 @@ namespace {
 using cake::index_t;
 namespace cd = cake::cuda_detail;
 namespace emu = cake_emulation;
-
-template <class T>
-std::vector<T> random_values(std::size_t n, float scale, std::mt19937& rng) {
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<T> v(n);
-  for (auto& x : v) x = static_cast<T>(dist(rng));
-  return v;
-}
+using cake_emulation_tests::random_values;
 
 // (batch, q_heads, kv_heads, held keys, candidates, head_dim); K of type K.
 template <class K, class Ind>

@@ -1,10 +1,11 @@
-// The tensor-core window statistics (cuda_math::tensor_cores) run here on the CPU,
+// The window statistics on CUDA (exact and tensor-core kernels) run here on the CPU,
 // from their real source, under tests/cuda/emulation/emulator.hpp: the plan, the grid
 // and the kernels the launcher uses (row normaliser, lse combine, statistics, pooling,
 // layer sums) against the host backend. This is what CI checks of those kernels on a
 // machine without a GPU; the GPU tests (label gpu) check the same on the hardware.
 #include <cake/cake.hpp>
 
+#include "data.hpp"
 #include "emulator.hpp"
 
 #include <doctest/doctest.h>
@@ -21,6 +22,7 @@ namespace {
 using cake::index_t;
 namespace cd = cake::cuda_detail;
 namespace emu = cake_emulation;
+using cake_emulation_tests::random_values;
 
 struct Shape {
   index_t B, H, Hkv, w, S, d;
@@ -32,14 +34,6 @@ struct Options {
   bool lse_strided = false;  // ... laid out (batch, window, q_heads)
   cake::StatsRequest request{};
 };
-
-template <class T>
-std::vector<T> random_values(std::size_t n, float scale, std::mt19937& rng) {
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<T> v(n);
-  for (auto& x : v) x = static_cast<T>(dist(rng));
-  return v;
-}
 
 template <class T>
 std::vector<float> as_float(const std::vector<T>& v) {
@@ -105,10 +99,13 @@ void check(const Shape& sh, const Ind& indicator, const Options& opt, std::uint3
                                          kf, (b * Hkv + h / group) * S, P + i, d));
   }
 
+  // Sh = void: the exact kernels (float products in the host's order); else the
+  // tensor-core kernels of that register shape.
+  constexpr bool exact = std::is_void_v<Sh>;
   const int planes = std::is_same_v<Q, K> ? 1 : 2;
   const std::size_t budget = static_cast<std::size_t>(cd::tuning::stats_smem_budget);
-  REQUIRE(cd::mma_stats_fits(group, w, d, planes, budget));
-  const cd::StatsPlan pl = cd::plan_stats(B, H, Hkv, w, S, d, opt.lse, true, planes, budget);
+  if constexpr (!exact) REQUIRE(cd::mma_stats_fits(group, w, d, planes, budget));
+  const cd::StatsPlan pl = cd::plan_stats(B, H, Hkv, w, S, d, opt.lse, !exact, planes, budget);
   std::vector<unsigned char> workspace(pl.workspace + 256);
   void* base = workspace.data() + (256 - reinterpret_cast<std::uintptr_t>(workspace.data()) % 256);
   cd::workspace_carver carver(base);
@@ -116,47 +113,86 @@ void check(const Shape& sh, const Ind& indicator, const Options& opt, std::uint3
 
   const auto qv = cake::make_view<cake::device_space>(q.data(), qe);
   const auto kv = cake::make_view<cake::device_space>(k.data(), ke);
-  REQUIRE(cd::rows_16_byte_aligned(kv));
-  const cd::StatsParams<Q, K> p =
+  cd::StatsParams<Q, K> p =
       cd::stats_params(qv, kv, opt.lse ? lse.data() : nullptr, l_b, l_h, l_i, pl);
   const int rows = static_cast<int>(B * Hkv);
-  // One resident block per SM, as on an H200 for these kernels.
-  const cd::MmaStatsGrid gr = cd::mma_stats_grid<Sh>(p, rows, opt.sms, 1, 1, pl);
   const auto urows = static_cast<unsigned>(rows);
-  if (!opt.lse) {
-    emu::launch({static_cast<unsigned>(gr.norm_blocks), urows, 1},
-                {static_cast<unsigned>(cd::mma_norm_threads(p.group)), 1, 1}, pl.smem_norm, [&] {
-                  cd::mma_row_normaliser_kernel<Q, K, Sh>(p, planes, gr.streams_per_block,
-                                                          buf.part);
-                });
+  int stats_blocks = 0;
+  const auto normaliser_done = [&](int splits) {
     const int lse_rows = rows * p.group * p.w;
     emu::launch({static_cast<unsigned>((lse_rows + 255) / 256), 1, 1}, {256, 1, 1}, 0,
-                [&] { cd::lse_combine_kernel(buf.part, lse_rows, gr.streams(), buf.lse); });
+                [&] { cd::lse_combine_kernel(buf.part, lse_rows, splits, buf.lse); });
+  };
+  if constexpr (exact) {
+    const cd::ExactStatsGrid gr = cd::exact_stats_grid(rows, opt.sms, pl);
+    p.splits = gr.splits;
+    stats_blocks = gr.stats_blocks;
+    const unsigned threads = cd::tuning::stats_threads;
+    if (!opt.lse) {
+      emu::launch({static_cast<unsigned>(gr.splits), urows, 1}, {threads, 1, 1}, pl.smem_norm,
+                  [&] { cd::row_normaliser_kernel<Q, K>(p, buf.part); });
+      normaliser_done(gr.splits);
+    }
+    emu::launch({static_cast<unsigned>(stats_blocks), urows, 1}, {threads, 1, 1}, pl.smem_stats,
+                [&] {
+                  cd::window_stats_kernel<Q, K, Ind>(p, buf.lse, indicator, opt.request.entropy,
+                                                     opt.request.variance, buf.raw, buf.partial);
+                });
+  } else {
+    REQUIRE(cd::rows_16_byte_aligned(kv));
+    // One resident block per SM, as on an H200 for these kernels.
+    const cd::MmaStatsGrid gr = cd::mma_stats_grid<Sh>(p, rows, opt.sms, 1, 1, pl);
+    stats_blocks = gr.stats_blocks;
+    if (!opt.lse) {
+      emu::launch({static_cast<unsigned>(gr.norm_blocks), urows, 1},
+                  {static_cast<unsigned>(cd::mma_norm_threads(p.group)), 1, 1}, pl.smem_norm, [&] {
+                    cd::mma_row_normaliser_kernel<Q, K, Sh>(p, planes, gr.streams_per_block,
+                                                            buf.part);
+                  });
+      normaliser_done(gr.streams());
+    }
+    emu::launch({static_cast<unsigned>(stats_blocks), urows, 1},
+                {static_cast<unsigned>(cd::tuning::mma_threads), 1, 1}, pl.smem_stats, [&] {
+                  cd::mma_window_stats_kernel<Q, K, Sh, Ind>(
+                      p, planes, buf.lse, indicator, opt.request.entropy, opt.request.variance,
+                      buf.raw, buf.partial);
+                });
   }
-  emu::launch({static_cast<unsigned>(gr.stats_blocks), urows, 1},
-              {static_cast<unsigned>(cd::tuning::mma_threads), 1, 1}, pl.smem_stats, [&] {
-                cd::mma_window_stats_kernel<Q, K, Sh, Ind>(
-                    p, planes, buf.lse, indicator, opt.request.entropy, opt.request.variance,
-                    buf.raw, buf.partial);
-              });
   std::vector<float> ind(ind_host.size(), NAN), st(2, NAN);
   const float inv = 1.0f / (static_cast<float>(indicator.pool_kernel) * static_cast<float>(group));
   emu::launch({static_cast<unsigned>((P + 255) / 256), urows, 1}, {256, 1, 1}, 0, [&] {
     cd::pool_groups_kernel(buf.raw, p.Hkv, p.P, indicator.pool_kernel, inv, ind.data(), Hkv * P, P);
   });
   emu::launch({1, 1, 1}, {static_cast<unsigned>(cd::tuning::column_threads), 1, 1}, 0,
-              [&] { cd::layer_stats_kernel(buf.partial, gr.stats_blocks * rows, st.data(), 1); });
+              [&] { cd::layer_stats_kernel(buf.partial, stats_blocks * rows, st.data(), 1); });
 
+  // Exact kernels: the host's products in the host's order (only exp / log may differ
+  // in the last bit); tensor cores: two planes of Q, other sums.
+  const double rel = exact ? 1e-5 : 2e-4;
   int wrong = 0;
   for (std::size_t i = 0; i < ind.size(); ++i)
-    if (!close(ind[i], ind_host[i], 2e-4, 1e-8) && wrong++ < 3)
+    if (!close(ind[i], ind_host[i], rel, 1e-8) && wrong++ < 3)
       FAIL_CHECK("indicator " << i << ": emulated " << ind[i] << ", host " << ind_host[i]);
   CHECK(wrong == 0);
-  if (opt.request.entropy) CHECK(close(st[0], st_host[0], 1e-4, 1e-6));
-  if (opt.request.variance || Ind::needs_variance) CHECK(close(st[1], st_host[1], 2e-4, 1e-9));
+  if (opt.request.entropy) CHECK(close(st[0], st_host[0], exact ? 1e-5 : 1e-4, 1e-6));
+  if (opt.request.variance || Ind::needs_variance)
+    CHECK(close(st[1], st_host[1], exact ? 1e-5 : 2e-4, 1e-9));
 }
 
 }  // namespace
+
+TEST_CASE("exact window statistics on CUDA, emulated on the CPU, equal the host backend") {
+  const cake::MeanVarianceIndicator mv{200.0f, 5};
+  SUBCASE("bf16 K, group 4, row normaliser, float4 query rows") {
+    check<void, float, __nv_bfloat16>({1, 8, 2, 32, 150, 128}, mv, {}, 11);
+  }
+  SUBCASE("float K, odd head_dim 7 (the scalar tail), the caller's log-sum-exp") {
+    check<void, float, float>({2, 4, 2, 5, 90, 7}, cake::WindowMeanIndicator{3}, {2, true}, 12);
+  }
+  SUBCASE("group rows beyond shared memory: row chunks straddle heads") {
+    check<void, float, __half>({1, 8, 1, 24, 100, 128}, mv, {1}, 13);
+  }
+}
 
 TEST_CASE("tensor-core window statistics, emulated on the CPU, equal the host backend") {
   using bf16 = __nv_bfloat16;

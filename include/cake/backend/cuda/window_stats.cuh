@@ -120,8 +120,9 @@ void launch_window_stats(const cuda_policy& exec, device_view<TQ, 4> q, device_v
       // The exact kernels: a stats block needs most of an SM's shared memory, so blocks in
       // flight = SMs; the workspace was sized for the upper bounds in the plan.
       const int threads = tuning::stats_threads;
-      p.splits = std::clamp(sms / static_cast<int>(bg), 1, pl.splits);
-      stats_blocks = std::clamp(sms / static_cast<int>(bg), 1, std::max(pl.tiles_prefix, 1));
+      const ExactStatsGrid gr = exact_stats_grid(static_cast<int>(bg), sms, pl);
+      p.splits = gr.splits;
+      stats_blocks = gr.stats_blocks;
       if (lse == nullptr) {
         auto* norm = &row_normaliser_kernel<Q, K>;
         allow_shared_memory(norm, pl.smem_norm, "row_normaliser_kernel");

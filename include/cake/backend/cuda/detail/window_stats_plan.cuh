@@ -25,7 +25,7 @@ namespace cake::cuda_detail {
 // so that the size query and the call agree (the workspace does not depend on `tc`).
 struct StatsPlan {
   bool tc = false;  // the tensor-core kernels (window_stats_mma.cuh)
-  int ld = 0, ss_ld = 0, rows = 0, splits = 1, tiles_all = 0, tiles_prefix = 0;
+  int ld = 0, ldq = 0, ss_ld = 0, rows = 0, splits = 1, tiles_all = 0, tiles_prefix = 0;
   std::size_t smem_norm = 0, smem_stats = 0;
   std::size_t workspace = 0;
 };
@@ -96,10 +96,11 @@ inline StatsPlan plan_stats(
     pl.smem_stats = mma_stats_smem(group, w, d, planes);
   } else {
     pl.ld = static_cast<int>(d % 2 == 0 ? d + 1 : d);
+    pl.ldq = stats_query_pitch(static_cast<int>(d));
     pl.ss_ld = TILE_N + 1;
     const auto bytes = [&](index_t rows, index_t extra) {
       return static_cast<std::size_t>(
-          stats_tile_bytes(pl.ld, pl.ss_ld, static_cast<int>(rows), extra));
+          stats_tile_bytes(pl.ld, pl.ldq, pl.ss_ld, static_cast<int>(rows), extra));
     };
     // All the group's window rows at once when they fit (Q read once per block),
     // otherwise chunks of 64 rows.
@@ -134,7 +135,7 @@ StatsParams<std::remove_const_t<TQ>, std::remove_const_t<TK>> stats_params(
   p.lse = lse, p.l_b = l_b, p.l_h = l_h, p.l_i = l_i;
   p.H = static_cast<int>(H), p.Hkv = static_cast<int>(Hkv), p.group = static_cast<int>(H / Hkv);
   p.w = static_cast<int>(w), p.S = static_cast<int>(S), p.P = static_cast<int>(S - w);
-  p.d = static_cast<int>(q.extent(3)), p.ld = pl.ld, p.ss_ld = pl.ss_ld;
+  p.d = static_cast<int>(q.extent(3)), p.ld = pl.ld, p.ldq = pl.ldq, p.ss_ld = pl.ss_ld;
   p.rows_per_chunk = pl.rows, p.splits = pl.splits;
   p.sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(q.extent(3))));
   return p;
@@ -182,6 +183,19 @@ MmaStatsGrid mma_stats_grid(const StatsParams<Q, K>& p, int rows, int sms, int n
   gr.stats_blocks =
       std::clamp(std::min((prefix_chunks + warps - 1) / warps, stats_resident * sms / rows), 1,
                  std::max(1, pl.tiles_prefix));
+  return gr;
+}
+
+// Blocks per row of the exact kernels: a statistics block needs most of an SM's shared
+// memory, so one wave is about as many blocks as SMs, shared by the rows; within the
+// workspace the plan sized.
+struct ExactStatsGrid {
+  int splits = 1, stats_blocks = 1;
+};
+inline ExactStatsGrid exact_stats_grid(int rows, int sms, const StatsPlan& pl) {
+  ExactStatsGrid gr;
+  gr.splits = std::clamp(sms / rows, 1, pl.splits);
+  gr.stats_blocks = std::clamp(sms / rows, 1, std::max(pl.tiles_prefix, 1));
   return gr;
 }
 

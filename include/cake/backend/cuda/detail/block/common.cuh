@@ -45,7 +45,9 @@ __device__ __forceinline__ std::uint32_t ordered_bits_dev(float x) {
 }
 
 // Merge two (max, sum of exp(x - max)) pairs of a softmax normaliser; either may be empty
-// (max = -inf, sum = 0), e.g. a tile whose keys are all masked for this row.
+// (max = -inf, sum = 0), e.g. a tile whose keys are all masked for this row. BASE2: the
+// pairs are (max, sum of 2^(x - max)) of base-2 scores.
+template <bool BASE2 = false>
 __device__ __forceinline__ void merge_normaliser(float& m, float& l, float m2, float l2) {
   if (l2 == 0.0f) return;
   if (l == 0.0f) {
@@ -54,7 +56,10 @@ __device__ __forceinline__ void merge_normaliser(float& m, float& l, float m2, f
     return;
   }
   const float mm = fmaxf(m, m2);
-  l = l * expf(m - mm) + l2 * expf(m2 - mm);
+  if constexpr (BASE2)
+    l = l * exp2f(m - mm) + l2 * exp2f(m2 - mm);
+  else
+    l = l * expf(m - mm) + l2 * expf(m2 - mm);
   m = mm;
 }
 

@@ -41,8 +41,10 @@ struct StatsParams {
   const float* lse;  // (batch, q_heads, window) caller's log-sum-exp, or null
   std::int64_t l_b, l_h, l_i;
   int H, Hkv, group, w, S, P, d;
-  int ld;              // shared-memory row pitch of K and Q tiles, in elements (odd:
-                       // no bank conflicts)
+  int ld;              // shared-memory row pitch of the K tile, in elements (odd: no
+                       // bank conflicts when lanes read different keys)
+  int ldq;             // row pitch of the query rows: head_dim rounded up to 4 (16-byte
+                       // rows, read as float4 broadcasts)
   int ss_ld;           // row pitch of the score tile (TILE_N + 1)
   int rows_per_chunk;  // window rows of the group scored per step (all when they fit)
   int splits;          // key splits of the row-normaliser pass
@@ -56,16 +58,17 @@ __host__ __device__ constexpr std::int64_t stats_rows_alloc(int rows) {
 }
 // Shared-memory bytes of the tile machinery (K tile, query rows, score tile) plus
 // `extra` floats.
-__host__ __device__ constexpr std::int64_t stats_tile_bytes(int ld, int ss_ld, int rows,
+__host__ __device__ constexpr std::int64_t stats_tile_bytes(int ld, int ldq, int ss_ld, int rows,
                                                             std::int64_t extra) {
   const std::int64_t ra = stats_rows_alloc(rows);
-  return ((tuning::stats_tile_n + ra) * ld + ra * ss_ld + extra) * 4;
+  return (tuning::stats_tile_n * ld + ra * ldq + ra * ss_ld + extra) * 4;
 }
+__host__ __device__ constexpr int stats_query_pitch(int head_dim) { return (head_dim + 3) / 4 * 4; }
 
 // Where each piece lives in a stats block's dynamic shared memory.
 struct TileLayout {
   float* Ks = nullptr;  // (TILE_N, ld) keys as float
-  float* Qs = nullptr;  // (rows, ld) queries as float
+  float* Qs = nullptr;  // (rows, ldq) queries as float, 16-byte rows
   float* Ss = nullptr;  // (rows, ss_ld) scores, then probabilities
   float* extra = nullptr;
 };
@@ -76,7 +79,7 @@ __device__ TileLayout tile_layout(const StatsParams<TQ, TK>& p, unsigned char* b
   TileLayout t;
   t.Ks = reinterpret_cast<float*>(base);
   t.Qs = t.Ks + tuning::stats_tile_n * p.ld;
-  t.Ss = t.Qs + ra * p.ld;
+  t.Ss = t.Qs + ra * p.ldq;  // Ks is 64 * ld floats: Qs stays 16-byte aligned
   t.extra = t.Ss + ra * p.ss_ld;
   return t;
 }
@@ -108,14 +111,15 @@ __device__ void load_query_rows(const StatsParams<TQ, TK>& p, int b, int g, int 
       const int h = g * p.group + rho / p.w, i = rho % p.w;
       v = to_float(p.q[b * p.q_b + h * p.q_h + i * p.q_i + x]);
     }
-    Qs[rr * p.ld + x] = v;
+    Qs[rr * p.ldq + x] = v;
   }
 }
 
 // Ss[r][c] = Qs[r] . Ks[c] / sqrt(d) for `rows` rows and TILE_N keys. Each thread owns
-// ROWS rows x 2 keys (c, c + 32): the warp shares its rows (shared-memory broadcast)
-// and reads 32 distinct K rows (odd pitch: conflict-free). Accumulation runs over
-// head_dim in order, as the host backend's does.
+// ROWS rows x 2 keys (c, c + 32): the warp shares its rows (shared-memory broadcasts,
+// four head_dim elements per float4) and reads 32 distinct K rows (odd pitch:
+// conflict-free), 16 loads per 64 FMAs. Each sum runs over head_dim in order, one fmaf
+// per element, as the host backend's does.
 template <class TQ, class TK>
 __device__ void score_tile(const StatsParams<TQ, TK>& p, const float* Ks, const float* Qs,
                            float* Ss, int rows) {
@@ -126,16 +130,27 @@ __device__ void score_tile(const StatsParams<TQ, TK>& p, const float* Ks, const 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const float* k0 = Ks + lane * p.ld;
   const float* k1 = Ks + (lane + 32) * p.ld;
+  const int d4 = p.d & ~3;
   for (int rb = warp * ROWS; rb < rows; rb += STEP) {
     float acc0[ROWS], acc1[ROWS];
 #pragma unroll
     for (int t = 0; t < ROWS; ++t) acc0[t] = acc1[t] = 0.0f;
-    const float* qr = Qs + rb * p.ld;
-    for (int x = 0; x < p.d; ++x) {
+    const float* qr = Qs + rb * p.ldq;
+    for (int x = 0; x < d4; x += 4) {
+      const float a0 = k0[x], a1 = k0[x + 1], a2 = k0[x + 2], a3 = k0[x + 3];
+      const float c0 = k1[x], c1 = k1[x + 1], c2 = k1[x + 2], c3 = k1[x + 3];
+#pragma unroll
+      for (int t = 0; t < ROWS; ++t) {
+        const float4 q = *reinterpret_cast<const float4*>(qr + t * p.ldq + x);
+        acc0[t] = fmaf(q.w, a3, fmaf(q.z, a2, fmaf(q.y, a1, fmaf(q.x, a0, acc0[t]))));
+        acc1[t] = fmaf(q.w, c3, fmaf(q.z, c2, fmaf(q.y, c1, fmaf(q.x, c0, acc1[t]))));
+      }
+    }
+    for (int x = d4; x < p.d; ++x) {
       const float a = k0[x], c = k1[x];
 #pragma unroll
       for (int t = 0; t < ROWS; ++t) {
-        const float qv = qr[t * p.ld + x];
+        const float qv = qr[t * p.ldq + x];
         acc0[t] = fmaf(qv, a, acc0[t]);
         acc1[t] = fmaf(qv, c, acc1[t]);
       }

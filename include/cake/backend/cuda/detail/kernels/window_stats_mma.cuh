@@ -75,6 +75,17 @@ __device__ __forceinline__ mma::Piece load_piece(const TK* row, int c, int t, bo
   return p;
 }
 
+// All of head_dim of one row as lane quad member t's pieces (zero when !valid).
+template <int DC, class TK>
+__device__ __forceinline__ void load_row_pieces(const TK* row, bool valid, int head_dim, int t,
+                                                mma::Piece (&out)[DC]) {
+  const int cc = mma::chunks_of(head_dim);
+  const bool half_last = mma::last_chunk_half(head_dim);
+#pragma unroll
+  for (int c = 0; c < DC; ++c)
+    out[c] = valid && c < cc ? load_piece(row, c, t, half_last && c == cc - 1) : mma::Piece{};
+}
+
 // The group's window queries into shared memory as pieces (mma_layout.hpp), split in
 // `planes` planes of K's type; rows past the window are zero. With half K a query
 // element beyond half's range (|q| > 65504, far above what attention queries reach)
@@ -133,19 +144,6 @@ __device__ __forceinline__ float entropy_term(float p, float s2) {
   return p >= 1e-6f ? fmaf(p, s2 * kLn2, 1e-10f) : p * logf(p + 1e-10f);
 }
 
-// (max, sum of 2^(x - max)) pairs in base 2; either may be empty (sum 0).
-__device__ __forceinline__ void merge_normaliser2(float& m, float& l, float m2, float l2) {
-  if (l2 == 0.0f) return;
-  if (l == 0.0f) {
-    m = m2;
-    l = l2;
-    return;
-  }
-  const float mm = fmaxf(m, m2);
-  l = l * exp2f(m - mm) + l2 * exp2f(m2 - mm);
-  m = mm;
-}
-
 // grid (blocks, batch * kv_heads); block = group * streams_per_block warps. Warp
 // (stream, r) scores head r's window rows against key chunks stream, stream + streams, ...
 // of all S keys (row i sees keys [0, P + i]), keeping a running base-2 normaliser per
@@ -186,10 +184,7 @@ __global__ void __launch_bounds__(tuning::mma_threads, 1)
     for (int nk = 0; nk < NK; ++nk) {
       const int j = j0 + nk * 8 + gq;
       const TK* row = kbase + static_cast<std::int64_t>(j) * p.k_j;
-#pragma unroll
-      for (int c = 0; c < DC; ++c)
-        kb[nk][c] =
-            j < p.S && c < cc ? load_piece(row, c, t, half_last && c == cc - 1) : mma::Piece{};
+      load_row_pieces(row, j < p.S, p.d, t, kb[nk]);
     }
     float acc[MQ][NK][4] = {};
     for (int pl = planes - 1; pl >= 0; --pl) {  // the small plane first
@@ -258,7 +253,7 @@ __global__ void __launch_bounds__(tuning::mma_threads, 1)
       for (int o = 1; o <= 2; o <<= 1) {
         const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
         const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
-        merge_normaliser2(m, l, m2, l2);
+        merge_normaliser<true>(m, l, m2, l2);
       }
       const int i = mt * 16 + hf * 8 + gq;
       if (t == 0 && i < p.w)
@@ -314,10 +309,7 @@ __global__ void __launch_bounds__(tuning::mma_threads, 1)
       for (int hf = 0; hf < 2; ++hf) {
         const int j = j0 + mt * 16 + hf * 8 + gq;
         const TK* row = kbase + static_cast<std::int64_t>(j) * p.k_j;
-#pragma unroll
-        for (int c = 0; c < DC; ++c)
-          a[mt][hf][c] =
-              j < p.P && c < cc ? load_piece(row, c, t, half_last && c == cc - 1) : mma::Piece{};
+        load_row_pieces(row, j < p.P, p.d, t, a[mt][hf]);
       }
     float group_score[MT][2] = {};
     float ent_step = 0.0f, var_step = 0.0f;

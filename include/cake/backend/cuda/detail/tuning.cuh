@@ -5,13 +5,14 @@
 namespace cake::cuda_detail::tuning {
 
 // window statistics: a block scores TILE_N keys against the window queries of one
-// GQA group. 64 keys x 256 threads gives each thread 8 query rows x 1 key per step,
+// GQA group. 64 keys x 256 threads gives each thread 8 query rows x 2 keys per step,
 // and one K tile is reused by every query head of the group (GQA reuse).
 inline constexpr int stats_tile_n = 64;
 inline constexpr int stats_threads = 256;
 inline constexpr int stats_rows_per_thread = 8;
-// Dynamic shared memory a stats block may use (H100/H200 allow 227 KiB per block);
-// when the group's queries do not fit, they are streamed in row chunks.
+// Dynamic shared memory a stats block may use at most (H100/H200 allow 227 KiB per
+// block; a device that allows less gets less, see shared_memory_budget); when the
+// group's queries do not fit, the exact kernels stream them in row chunks.
 inline constexpr int stats_smem_budget = 160 * 1024;
 // Upper bound of the key splits of the row-normaliser pass (split-K over the keys, as
 // flash-decoding does), which sizes its workspace; a launch uses one wave of blocks,

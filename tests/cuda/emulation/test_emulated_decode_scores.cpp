@@ -42,7 +42,7 @@ void check(index_t B, index_t H, index_t Hkv, index_t held, index_t c, index_t d
 
   std::vector<float> out(host.size(), NAN);
   const cd::DecodePlan pl = cd::plan_decode(B, H, held);
-  std::vector<unsigned char> workspace(pl.workspace + 256);
+  std::vector<unsigned char> workspace(pl.workspace + 256, 0xFF);  // NaN until written
   cd::workspace_carver carve(workspace.data() +
                              (256 - reinterpret_cast<std::uintptr_t>(workspace.data()) % 256));
   const auto p = cd::decode_params(cake::make_view<cake::device_space>(q.data(), qe),

@@ -33,7 +33,7 @@ std::vector<float> scores_with_ties(index_t rows, index_t n, index_t stride, int
 }
 
 void check(index_t rows, index_t n, index_t stride, index_t k, cake::select_order order, int levels,
-           std::size_t cache_budget, std::uint32_t seed) {
+           std::size_t cache_budget, bool vec4, std::uint32_t seed) {
   CAPTURE(n);
   CAPTURE(stride);
   CAPTURE(k);
@@ -51,6 +51,7 @@ void check(index_t rows, index_t n, index_t stride, index_t k, cake::select_orde
   REQUIRE_FALSE(pl.device_sort);
   const auto ds = cake::make_view<cake::device_space>(sp, se, strides);
   const auto p = cd::select_params(ds, cake::make_view<cake::device_space>(out.data(), oe), pl);
+  REQUIRE(p.vec4 == vec4);
   const auto run = [&]<int SORT>() {
     emu::launch({static_cast<unsigned>(rows), 1, 1},
                 {static_cast<unsigned>(cd::tuning::select_threads), 1, 1}, pl.smem,
@@ -71,16 +72,18 @@ TEST_CASE("select_k on CUDA, emulated on the CPU, returns the host's indices") {
   using O = cake::select_order;
   const std::size_t cached = cd::select_cache_cap, uncached = 0;
   SUBCASE("cached rows, float4 loads, descending, ties at the threshold") {
-    check(3, 2000, 2000, 300, O::descending, 40, cached, 1);
+    check(3, 2000, 2000, 300, O::descending, 40, cached, true, 1);
   }
   SUBCASE("position order, rows not 16-byte aligned (element loads)") {
-    check(2, 1500, 1501, 700, O::position, 25, cached, 2);
+    check(2, 1500, 1501, 700, O::position, 25, cached, false, 2);
   }
   SUBCASE("uncached slices (keys read from global memory each pass), k = n") {
-    check(2, 900, 904, 900, O::descending, 1000, uncached, 3);
+    check(2, 900, 904, 900, O::descending, 1000, uncached, true, 3);
   }
   SUBCASE("k above the block size: four sort items per thread") {
-    check(1, 3000, 3000, 1500, O::descending, 3000, cached, 4);
+    check(1, 3000, 3000, 1500, O::descending, 3000, cached, true, 4);
   }
-  SUBCASE("k = 1 and every score equal") { check(2, 600, 600, 1, O::descending, 1, cached, 5); }
+  SUBCASE("k = 1 and every score equal") {
+    check(2, 600, 600, 1, O::descending, 1, cached, true, 5);
+  }
 }

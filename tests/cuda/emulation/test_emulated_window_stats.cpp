@@ -29,9 +29,11 @@ struct Shape {
 };
 
 struct Options {
-  int sms = 3;               // a small GPU: warps loop over several key chunks
+  int sms = 40;              // enough for several blocks per row, few enough to loop
+  bool multi_block = false;  // require more than one block per row in every kernel
   bool lse = false;          // the caller passes each row's log-sum-exp
   bool lse_strided = false;  // ... laid out (batch, window, q_heads)
+  bool chunked = false;      // the exact kernels must stream the queries in row chunks
   cake::StatsRequest request{};
 };
 
@@ -106,7 +108,10 @@ void check(const Shape& sh, const Ind& indicator, const Options& opt, std::uint3
   const std::size_t budget = static_cast<std::size_t>(cd::tuning::stats_smem_budget);
   if constexpr (!exact) REQUIRE(cd::mma_stats_fits(group, w, d, planes, budget));
   const cd::StatsPlan pl = cd::plan_stats(B, H, Hkv, w, S, d, opt.lse, !exact, planes, budget);
-  std::vector<unsigned char> workspace(pl.workspace + 256);
+  if constexpr (exact)
+    if (opt.chunked) REQUIRE(pl.rows < group * w);  // row chunks, not resident queries
+  // Scratch starts as NaN, as nothing may be read before it is written.
+  std::vector<unsigned char> workspace(pl.workspace + 256, 0xFF);
   void* base = workspace.data() + (256 - reinterpret_cast<std::uintptr_t>(workspace.data()) % 256);
   cd::workspace_carver carver(base);
   const cd::StatsBuffers buf = cd::carve_stats(carver, pl, B, H, Hkv, w, P, opt.lse);
@@ -127,6 +132,10 @@ void check(const Shape& sh, const Ind& indicator, const Options& opt, std::uint3
     const cd::ExactStatsGrid gr = cd::exact_stats_grid(rows, opt.sms, pl);
     p.splits = gr.splits;
     stats_blocks = gr.stats_blocks;
+    if (opt.multi_block) {
+      REQUIRE(gr.splits > 1);
+      REQUIRE(stats_blocks > 1);
+    }
     const unsigned threads = cd::tuning::stats_threads;
     if (!opt.lse) {
       emu::launch({static_cast<unsigned>(gr.splits), urows, 1}, {threads, 1, 1}, pl.smem_norm,
@@ -143,6 +152,10 @@ void check(const Shape& sh, const Ind& indicator, const Options& opt, std::uint3
     // One resident block per SM, as on an H200 for these kernels.
     const cd::MmaStatsGrid gr = cd::mma_stats_grid<Sh>(p, rows, opt.sms, 1, 1, pl);
     stats_blocks = gr.stats_blocks;
+    if (opt.multi_block) {
+      REQUIRE(stats_blocks > 1);
+      if (!opt.lse) REQUIRE(gr.norm_blocks > 1);
+    }
     if (!opt.lse) {
       emu::launch({static_cast<unsigned>(gr.norm_blocks), urows, 1},
                   {static_cast<unsigned>(cd::mma_norm_threads(p.group)), 1, 1}, pl.smem_norm, [&] {
@@ -184,13 +197,19 @@ void check(const Shape& sh, const Ind& indicator, const Options& opt, std::uint3
 TEST_CASE("exact window statistics on CUDA, emulated on the CPU, equal the host backend") {
   const cake::MeanVarianceIndicator mv{200.0f, 5};
   SUBCASE("bf16 K, group 4, row normaliser, float4 query rows") {
-    check<void, float, __nv_bfloat16>({1, 8, 2, 32, 150, 128}, mv, {}, 11);
+    Options o;
+    o.multi_block = true;  // split-K normaliser, several statistics blocks
+    check<void, float, __nv_bfloat16>({1, 8, 2, 32, 150, 128}, mv, o, 11);
   }
   SUBCASE("float K, odd head_dim 7 (the scalar tail), the caller's log-sum-exp") {
-    check<void, float, float>({2, 4, 2, 5, 90, 7}, cake::WindowMeanIndicator{3}, {2, true}, 12);
+    Options o;
+    o.sms = 2, o.lse = true;
+    check<void, float, float>({2, 4, 2, 5, 90, 7}, cake::WindowMeanIndicator{3}, o, 12);
   }
   SUBCASE("group rows beyond shared memory: row chunks straddle heads") {
-    check<void, float, __half>({1, 8, 1, 24, 100, 128}, mv, {1}, 13);
+    Options o;
+    o.sms = 1, o.chunked = true;
+    check<void, float, __half>({1, 8, 1, 24, 100, 128}, mv, o, 13);
   }
 }
 
@@ -198,14 +217,20 @@ TEST_CASE("tensor-core window statistics, emulated on the CPU, equal the host ba
   using bf16 = __nv_bfloat16;
   using cd::MmaShape;
   const cake::MeanVarianceIndicator mv{200.0f, 5};
-  SUBCASE("Llama-like group 4, float Q in two planes, row normaliser") {
-    check<MmaShape<32, 128>, float, bf16>({1, 8, 2, 32, 200, 128}, mv, {}, 1);
+  SUBCASE("Llama-like group 4, float Q in two planes, row normaliser, several blocks") {
+    Options o;
+    o.multi_block = true;
+    check<MmaShape<32, 128>, float, bf16>({1, 8, 2, 32, 600, 128}, mv, o, 1);
   }
   SUBCASE("bf16 Q (one plane), the caller's log-sum-exp laid out (B, w, H), one SM") {
-    check<MmaShape<32, 128>, bf16, bf16>({1, 8, 2, 32, 170, 128}, mv, {1, true, true}, 2);
+    Options o;
+    o.sms = 1, o.lse = true, o.lse_strided = true;
+    check<MmaShape<32, 128>, bf16, bf16>({1, 8, 2, 32, 170, 128}, mv, o, 2);
   }
   SUBCASE("half K, window 48, head_dim 80 (a half chunk), group 3") {
-    check<MmaShape<64, 128>, float, __half>({1, 6, 2, 48, 150, 80}, mv, {1}, 3);
+    Options o;
+    o.sms = 1;
+    check<MmaShape<64, 128>, float, __half>({1, 6, 2, 48, 150, 80}, mv, o, 3);
   }
   SUBCASE("MHA, half Q and bf16 K, head_dim 144, window 8, batch 2, entropy only") {
     Options o;

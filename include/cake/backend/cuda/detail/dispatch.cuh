@@ -46,8 +46,10 @@ inline int device_compute_major() {
 inline std::size_t shared_memory_budget(std::size_t cap, std::size_t reserve) {
   int dev = 0, optin = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    optin = 48 * 1024;  // every device allows this much
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    (void)cudaGetLastError();  // not to be blamed on the next kernel
+    optin = 48 * 1024;         // every device allows this much
+  }
   const auto avail = static_cast<std::size_t>(optin);
   return std::min(cap, avail > reserve ? avail - reserve : 0);
 }

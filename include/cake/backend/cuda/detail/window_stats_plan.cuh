@@ -194,7 +194,7 @@ struct ExactStatsGrid {
 };
 inline ExactStatsGrid exact_stats_grid(int rows, int sms, const StatsPlan& pl) {
   ExactStatsGrid gr;
-  gr.splits = std::clamp(sms / rows, 1, pl.splits);
+  gr.splits = std::clamp(sms / rows, 1, std::min(pl.splits, std::max(pl.tiles_all, 1)));
   gr.stats_blocks = std::clamp(sms / rows, 1, std::max(pl.tiles_prefix, 1));
   return gr;
 }

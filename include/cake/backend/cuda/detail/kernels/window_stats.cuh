@@ -163,6 +163,17 @@ __device__ void score_tile(const StatsParams<TQ, TK>& p, const float* Ks, const 
   }
 }
 
+// The block's sums of a and b (two cub::BlockReduce passes on one storage), valid in
+// thread 0 only.
+template <int THREADS, class T>
+__device__ __forceinline__ void block_sum_pair(T& a, T& b) {
+  using Reduce = cub::BlockReduce<T, THREADS>;
+  __shared__ typename Reduce::TempStorage red;
+  a = Reduce(red).Sum(a);
+  __syncthreads();  // the storage is reused
+  b = Reduce(red).Sum(b);
+}
+
 // grid (splits, batch * kv_heads). Split s handles key tiles s, s + splits, ...
 // part: (batch, kv_heads, group * window, splits) partial (max, sum of exp).
 template <class TQ, class TK>
@@ -255,7 +266,7 @@ struct ColumnMoments {
 };
 
 // grid (blocks, batch * kv_heads), persistent: block x handles prefix key tiles
-// x, x + blocks, ... so that the group's queries are loaded (and split) once per block.
+// x, x + blocks, ... so that the group's queries are loaded once per block.
 // raw: (batch, kv_heads, P) indicator summed over the group's heads, before pooling;
 // partial: (batch * kv_heads, blocks) per-block (entropy, variance).
 template <class TQ, class TK, class Ind>
@@ -364,14 +375,9 @@ __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1
     if (col_valid) raw[static_cast<std::int64_t>(bg) * p.P + j] = group_score;
   }
 
-  using Reduce = cub::BlockReduce<float, tuning::stats_threads>;
-  __shared__ typename Reduce::TempStorage red;
-  const float ent_total = Reduce(red).Sum(ent);
-  __syncthreads();
-  const float var_total = Reduce(red).Sum(var_sum);
+  block_sum_pair<tuning::stats_threads>(ent, var_sum);
   if (threadIdx.x == 0)
-    partial[static_cast<std::int64_t>(bg) * gridDim.x + blockIdx.x] =
-        make_float2(-ent_total, var_total);
+    partial[static_cast<std::int64_t>(bg) * gridDim.x + blockIdx.x] = make_float2(-ent, var_sum);
 }
 
 // grid (ceil(P / THREADS), batch * kv_heads). From attention weights
@@ -410,14 +416,9 @@ __global__ void __launch_bounds__(tuning::column_threads)
     }
     raw[static_cast<std::int64_t>(bg) * P + j] = group_score;
   }
-  using Reduce = cub::BlockReduce<float, tuning::column_threads>;
-  __shared__ typename Reduce::TempStorage red;
-  const float ent_total = Reduce(red).Sum(ent);
-  __syncthreads();
-  const float var_total = Reduce(red).Sum(var_sum);
+  block_sum_pair<tuning::column_threads>(ent, var_sum);
   if (threadIdx.x == 0)
-    partial[static_cast<std::int64_t>(bg) * gridDim.x + blockIdx.x] =
-        make_float2(-ent_total, var_total);
+    partial[static_cast<std::int64_t>(bg) * gridDim.x + blockIdx.x] = make_float2(-ent, var_sum);
 }
 
 // grid (ceil(P / THREADS), batch * kv_heads): out(b, g, j) = sum of raw over the
@@ -449,14 +450,10 @@ static __global__ void __launch_bounds__(tuning::column_threads)
     e += partial[i].x;
     v += partial[i].y;
   }
-  using Reduce = cub::BlockReduce<double, tuning::column_threads>;
-  __shared__ typename Reduce::TempStorage red;
-  const double et = Reduce(red).Sum(e);
-  __syncthreads();
-  const double vt = Reduce(red).Sum(v);
+  block_sum_pair<tuning::column_threads>(e, v);
   if (threadIdx.x == 0) {
-    stats[0] = static_cast<float>(et);
-    stats[stride] = static_cast<float>(vt);
+    stats[0] = static_cast<float>(e);
+    stats[stride] = static_cast<float>(v);
   }
 }
 

@@ -17,10 +17,6 @@
 // (about 16 significant bits of q; one plane, exact, when Q already has K's type).
 #pragma once
 
-#ifndef CAKE_CUDA_EMULATION  // the emulator brings its own BlockReduce
-#include <cub/block/block_reduce.cuh>
-#endif
-
 #include <cstdint>
 #include <type_traits>
 
@@ -398,14 +394,10 @@ __global__ void __launch_bounds__(tuning::mma_threads, 1)
         }
   }
 
-  using Reduce = cub::BlockReduce<double, tuning::mma_threads>;
-  __shared__ typename Reduce::TempStorage red;
-  const double ent_total = Reduce(red).Sum(ent);
-  __syncthreads();
-  const double var_total = Reduce(red).Sum(var_sum);
+  block_sum_pair<tuning::mma_threads>(ent, var_sum);
   if (threadIdx.x == 0)
     partial[static_cast<std::int64_t>(bg) * gridDim.x + blockIdx.x] =
-        make_float2(static_cast<float>(-ent_total), static_cast<float>(var_total));
+        make_float2(static_cast<float>(-ent), static_cast<float>(var_sum));
 }
 
 }  // namespace cake::cuda_detail

@@ -11,6 +11,7 @@
 #include "algorithm/window_stats.hpp"
 #include "config.hpp"
 #include "core/concepts.hpp"
+#include "core/paged.hpp"
 #include "core/tensor_traits.hpp"
 #include "core/types.hpp"
 #include "core/view.hpp"

@@ -1,12 +1,35 @@
 // cake::compact: gather the kept token rows of K or V.
-//   dst(b, g, t, :) = src(b, g, keep(b, g, t), :)
-// In place (dst aliasing src) is allowed when every row of keep is strictly
-// ascending, since then no row is overwritten before it is read.
+//
+// Dense:  dst(b, g, t, :) = src(b, g, keep(b, g, t), :)
+//   In place (dst aliasing src) is allowed when every row of keep is strictly
+//   ascending, since then keep(b, g, t) >= t: the row read at step t lies at or after
+//   the row written, and every row written before it lies before it, so nothing is
+//   overwritten before it is read.
+//
+// Paged (an engine's block pool, core/paged.hpp), always in place:
+//   token t of row (s, h) <- token keep(s, h, t) of the same row, t < keep_lens(s, h)
+//   The same argument holds through the block table: it maps the tokens of a sequence
+//   one to one onto distinct slots (ids are unique, validate_block_table), so the
+//   ascending walk of each row reads every slot before any write reaches it, and rows
+//   of different sequences or heads never share a slot. paged_plan (core/paged.hpp)
+//   says, per sequence, the new length and how many trailing blocks are free.
+//
+// Bad indices (out of range, or not strictly ascending where the gather is in place)
+// are an error `[cake.compact.keep]` naming the row, the position and the value, and
+// nothing is written, on every backend. Host-resident indices are checked by the call,
+// which throws. On CUDA the indices live on the device, and checking them at the call
+// would cost a synchronisation: pass a cake::cuda_index_guard (cake.cuh) and the call
+// checks them on the device before its gather, writes nothing if any is bad, and the
+// guard's throw_if_error() throws the same error when the engine chooses to
+// synchronise. Without a guard CUDA trusts its indices (the cache passes select_k's
+// output); an out-of-range one is skipped, never dereferenced.
 #pragma once
 
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
+#include "../core/paged.hpp"
 #include "../core/tensor_traits.hpp"
 #include "../error.hpp"
 #include "../execution.hpp"
@@ -20,10 +43,29 @@ struct compact_backend {
                 "cake::cuda)");
 };
 
+namespace detail {
+// keep(b, g, t) for t < len must lie in [0, bound) and, when `ascending`, increase
+// strictly. Runs on host-resident indices only.
+template <class TI>
+status check_keep_row(host_view<const TI, 3> keep, index_t b, index_t g, index_t len,
+                      index_t bound, bool ascending, const char* bound_name) {
+  for (index_t t = 0; t < len; ++t) {
+    const auto j = static_cast<long long>(keep(b, g, t));
+    CAKE_CHECK(j >= 0 && j < bound, "cake.compact.keep", "keep(", b, ", ", g, ", ", t,
+               ") must be in [0, ", bound_name, bound, "), got ", j);
+    CAKE_CHECK(!ascending || t == 0 || j > static_cast<long long>(keep(b, g, t - 1)),
+               "cake.compact.keep",
+               "in-place compaction needs strictly ascending keep rows; keep(", b, ", ", g, ", ",
+               t, ") = ", j, " follows ", static_cast<long long>(keep(b, g, t - 1)));
+  }
+  return status::success();
+}
+}  // namespace detail
+
 template <class T, class TI, class Space>
 status validate_compact(view<const T, 4, Space> src, view<const TI, 3, Space> keep,
                         view<T, 4, Space> dst) {
-  const index_t B = src.extent(0), Hkv = src.extent(1), d = src.extent(3);
+  const index_t B = src.extent(0), Hkv = src.extent(1), S = src.extent(2), d = src.extent(3);
   CAKE_CHECK(keep.extent(0) == B && keep.extent(1) == Hkv, "cake.compact.keep",
              "keep must be (batch, kv_heads, m) with batch = ", B, ", kv_heads = ", Hkv, ", got (",
              keep.extent(0), ", ", keep.extent(1), ", ", keep.extent(2), ")");
@@ -34,6 +76,48 @@ status validate_compact(view<const T, 4, Space> src, view<const TI, 3, Space> ke
              dst.extent(3), ")");
   CAKE_CHECK(inner_contiguous(src) && inner_contiguous(dst), "cake.compact.layout",
              "src and dst must have unit stride along head_dim");
+  if constexpr (std::is_same_v<Space, host_space>) {
+    const bool aliased =
+        static_cast<const void*>(src.data_handle()) == static_cast<const void*>(dst.data_handle());
+    for (index_t b = 0; b < B; ++b)
+      for (index_t g = 0; g < Hkv; ++g)
+        CAKE_TRY(detail::check_keep_row(keep, b, g, keep.extent(2), S, aliased, ""));
+  }
+  return status::success();
+}
+
+// Paged: pool (num_blocks, kv_heads, block_size, head_dim); keep (num_seqs, kv_heads, m),
+// row (s, h) read up to keep_lens(s, h) <= m; keep_lens (num_seqs, kv_heads).
+// Device-resident tables and indices are checked for shape only (see the header).
+template <class T, class TI, class Space>
+status validate_compact(view<T, 4, Space> pool, const block_table<Space>& table,
+                        view<const TI, 3, Space> keep,
+                        view<const std::int32_t, 2, Space> keep_lens) {
+  const index_t N = pool.extent(0), Hkv = pool.extent(1), bs = pool.extent(2);
+  const index_t n = table.num_seqs(), m = keep.extent(2);
+  CAKE_CHECK(bs >= 1, "cake.compact.pool", "pool must be (num_blocks, kv_heads, block_size >= 1, ",
+             "head_dim), got block_size = ", bs);
+  CAKE_CHECK(inner_contiguous(pool), "cake.compact.layout",
+             "pool must have unit stride along head_dim");
+  CAKE_CHECK(table.indptr.extent(0) == n + 1, "cake.compact.indptr",
+             "indptr must have num_seqs + 1 = ", n + 1, " entries, got ", table.indptr.extent(0));
+  CAKE_CHECK(keep.extent(0) == n && keep.extent(1) == Hkv, "cake.compact.keep",
+             "keep must be (num_seqs = ", n, ", kv_heads = ", Hkv, ", m), got (", keep.extent(0),
+             ", ", keep.extent(1), ", ", m, ")");
+  CAKE_CHECK(keep_lens.extent(0) == n && keep_lens.extent(1) == Hkv, "cake.compact.keep_lens",
+             "keep_lens must be (num_seqs = ", n, ", kv_heads = ", Hkv, "), got (",
+             keep_lens.extent(0), ", ", keep_lens.extent(1), ")");
+  if constexpr (std::is_same_v<Space, host_space>) {
+    CAKE_TRY(validate_block_table(table, N, bs));
+    for (index_t s = 0; s < n; ++s)
+      for (index_t h = 0; h < Hkv; ++h) {
+        const index_t len = keep_lens(s, h), S = table.seq_lens(s);
+        CAKE_CHECK(len >= 0 && len <= m && len <= S, "cake.compact.keep_lens", "keep_lens(", s,
+                   ", ", h, ") must be in [0, min(m = ", m, ", seq_lens(", s, ") = ", S,
+                   ")], got ", len);
+        CAKE_TRY(detail::check_keep_row(keep, s, h, len, S, true, "seq_lens = "));
+      }
+  }
   return status::success();
 }
 
@@ -54,6 +138,31 @@ void compact(const Exec& exec, Src&& src, Keep&& keep, Dst&& dst) {
   view<const TI, 3, Space> k(k0.data_handle(), k0.mapping());
   validate_compact(s, k, d).throw_if_error();
   compact_backend<Exec>::run(exec, s, k, d);
+}
+
+// Paged, in place: pool (num_blocks, kv_heads, block_size, head_dim) of one layer's K or
+// V; table: the sequences' blocks and current lengths; keep (num_seqs, kv_heads, m)
+// ascending token indices, row (s, h) read up to keep_lens(s, h). Call it for K and for
+// V with the same table and indices, then paged_plan for the new lengths and the
+// blocks to free.
+template <class Exec, tensor_like Pool, class Space, tensor_like Keep, tensor_like Lens>
+void compact(const Exec& exec, Pool&& pool, const block_table<Space>& table, Keep&& keep,
+             Lens&& keep_lens) {
+  auto p = as_view(pool);
+  auto k0 = as_view(keep);
+  auto l0 = as_view(keep_lens);
+  require_space<Exec, decltype(p), decltype(k0), decltype(l0), decltype(table.ids)>();
+  using T = typename decltype(p)::element_type;
+  static_assert(!std::is_const_v<T>, "cake::compact: the pool is written in place; pass a "
+                                     "non-const view");
+  using TI = std::remove_const_t<typename decltype(k0)::element_type>;
+  static_assert(std::is_same_v<std::remove_const_t<typename decltype(l0)::element_type>,
+                               std::int32_t>,
+                "cake::compact: keep_lens must hold std::int32_t");
+  view<const TI, 3, Space> k(k0.data_handle(), k0.mapping());
+  view<const std::int32_t, 2, Space> l(l0.data_handle(), l0.mapping());
+  validate_compact(p, table, k, l).throw_if_error();
+  compact_backend<Exec>::run_paged(exec, p, table, k, l);
 }
 
 }  // namespace cake

@@ -1,18 +1,80 @@
 // CUDA backend of cake::compact: 16-byte vectorised row gathers when the layout
 // allows (head_dim * sizeof(T) a multiple of 16, 16-byte aligned rows), element-wise
-// otherwise. In place (dst == src) needs strictly ascending keep rows, as on the
-// host; the device cannot check that (or index ranges) without a synchronisation,
-// so out-of-range indices are skipped rather than reported.
+// otherwise. In place (dst == src, and always for a paged pool) needs strictly
+// ascending keep rows, as on the host.
+//
+// Checking device-resident indices at the call would need a synchronisation, so the
+// checks are opt-in and stream-ordered: give the call a cake::cuda_index_guard and a
+// check kernel runs before the gather (one small launch, no sync); if any index is
+// bad the gather writes nothing, and guard.throw_if_error() (which synchronises the
+// stream, when the engine chooses) throws the error the host backend would have
+// thrown. Without a guard the indices are trusted: out-of-range ones are skipped,
+// never dereferenced. Paged block tables are checked on the host copy the engine
+// keeps (cake::validate_block_table): the device checks lengths and indices only.
 #pragma once
 
 #include <cstdint>
 
 #include "../../algorithm/compact.hpp"
 #include "detail/dispatch.cuh"
-#include "detail/kernels/compact.cuh"
+#include "detail/compact_plan.cuh"
 
 namespace cake {
+
+// A device-side error record for cake::compact's indices, reused across calls. Once it
+// holds an error, every later guarded call writes nothing until throw_if_error() (or
+// status()) reads and clears it. Not thread-safe: one guard per stream.
+class cuda_index_guard {
+ public:
+  cuda_index_guard() {
+    cuda_detail::check(cudaMalloc(&rec_, sizeof(cuda_detail::IndexGuardRecord)),
+                       "cudaMalloc (cuda_index_guard)");
+    reset(nullptr);
+    cuda_detail::check(cudaStreamSynchronize(nullptr), "cuda_index_guard");
+  }
+  ~cuda_index_guard() { (void)cudaFree(rec_); }
+  cuda_index_guard(const cuda_index_guard&) = delete;
+  cuda_index_guard& operator=(const cuda_index_guard&) = delete;
+
+  // Synchronises the stream of the last guarded call, reads the record and clears it.
+  status check_status() {
+    cuda_detail::IndexGuardRecord r{};
+    cuda_detail::check(cudaMemcpyAsync(&r, rec_, sizeof r, cudaMemcpyDeviceToHost, stream_),
+                       "cudaMemcpyAsync (cuda_index_guard)");
+    cuda_detail::check(cudaStreamSynchronize(stream_), "cuda_index_guard");
+    status st = cuda_detail::guard_status(r);
+    if (!st.ok()) reset(stream_);
+    return st;
+  }
+  void throw_if_error() { check_status().throw_if_error(); }
+
+  // For the launchers: the record, used on `stream` from now on.
+  cuda_detail::IndexGuardRecord* use_on(cudaStream_t stream) noexcept {
+    stream_ = stream;
+    return rec_;
+  }
+
+ private:
+  void reset(cudaStream_t stream) {
+    cuda_detail::check(cudaMemsetAsync(rec_, 0, sizeof(cuda_detail::IndexGuardRecord), stream),
+                       "cudaMemsetAsync (cuda_index_guard)");
+    cuda_detail::check(cudaMemsetAsync(&rec_->first, 0xFF, sizeof rec_->first, stream),
+                       "cudaMemsetAsync (cuda_index_guard)");
+  }
+  cuda_detail::IndexGuardRecord* rec_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+};
+
 namespace cuda_detail {
+
+template <class TI>
+void launch_compact_check(const KeepRows<TI>& k, std::int64_t rows, IndexGuardRecord* guard,
+                          cudaStream_t stream) {
+  if (guard == nullptr || rows * k.m == 0) return;
+  const unsigned grid = std::min<unsigned>(grid_dim(rows * k.m, tuning::compact_threads), 1024u);
+  compact_check_kernel<TI><<<grid, tuning::compact_threads, 0, stream>>>(k, rows, guard);
+  check_launch("compact_check_kernel");
+}
 
 template <class V, class T, class TI>
 void launch_compact_as(const CompactParams<TI>& base, index_t B, index_t Hkv, index_t m, index_t d,
@@ -34,30 +96,40 @@ void launch_compact_as(const CompactParams<TI>& base, index_t B, index_t Hkv, in
 
 template <class T, class TI>
 void launch_compact(const cuda_policy& exec, device_view<const T, 4> src,
-                    device_view<const TI, 3> keep, device_view<T, 4> dst) {
-  const index_t B = src.extent(0), Hkv = src.extent(1), S = src.extent(2), d = src.extent(3);
+                    device_view<const TI, 3> keep, device_view<T, 4> dst,
+                    IndexGuardRecord* guard) {
+  const index_t B = src.extent(0), Hkv = src.extent(1), d = src.extent(3);
   const index_t m = keep.extent(2);
   if (B * Hkv * m * d == 0) return;
-  constexpr std::int64_t E = sizeof(T);
-  CompactParams<TI> p{};
-  p.src = reinterpret_cast<const char*>(src.data_handle());
-  p.s_b = src.stride(0) * E, p.s_g = src.stride(1) * E, p.s_t = src.stride(2) * E;
-  p.dst = reinterpret_cast<char*>(dst.data_handle());
-  p.d_b = dst.stride(0) * E, p.d_g = dst.stride(1) * E, p.d_t = dst.stride(2) * E;
-  p.keep = keep.data_handle();
-  p.k_b = keep.stride(0), p.k_g = keep.stride(1), p.k_t = keep.stride(2);
-  p.Hkv = static_cast<int>(Hkv), p.S = static_cast<int>(S), p.m = static_cast<int>(m);
-  const bool in_place = static_cast<const void*>(p.src) == static_cast<const void*>(p.dst);
-  const auto aligned16 = [](std::int64_t x) { return x % 16 == 0; };
-  const bool vec16 = aligned16(d * E) && aligned16(reinterpret_cast<std::intptr_t>(p.src)) &&
-                     aligned16(reinterpret_cast<std::intptr_t>(p.dst)) && aligned16(p.s_b) &&
-                     aligned16(p.s_g) && aligned16(p.s_t) && aligned16(p.d_b) && aligned16(p.d_g) &&
-                     aligned16(p.d_t);
+  const CompactParams<TI> p = compact_params(src, keep, dst, guard);
+  const bool in_place = p.keep.ascending;
+  const bool vec16 = compact_vec16<T>(p, d);
   const cudaStream_t stream = stream_of(exec);
+  launch_compact_check(p.keep, B * Hkv, guard, stream);
   if (vec16)
     launch_compact_as<uint4, T>(p, B, Hkv, m, d, in_place, stream);
   else
     launch_compact_as<T, T>(p, B, Hkv, m, d, in_place, stream);
+}
+
+template <class T, class TI>
+void launch_compact_paged(const cuda_policy& exec, device_view<T, 4> pool,
+                          const block_table<device_space>& table, device_view<const TI, 3> keep,
+                          device_view<const std::int32_t, 2> keep_lens, IndexGuardRecord* guard) {
+  const index_t rows = table.num_seqs() * pool.extent(1), d = pool.extent(3);
+  if (rows * keep.extent(2) * d == 0) return;
+  PagedCompactParams<TI> p = paged_params(pool, table, keep, keep_lens, guard);
+  const cudaStream_t stream = stream_of(exec);
+  launch_compact_check(p.keep, rows, guard, stream);
+  const bool vec16 = paged_vec16<T>(p, d);
+  p.vecs = static_cast<int>(vec16 ? d * static_cast<index_t>(sizeof(T)) / 16 : d);
+  if (vec16)
+    compact_paged_kernel<uint4, TI, 4>
+        <<<static_cast<unsigned>(rows), tuning::compact_threads, 0, stream>>>(p);
+  else
+    compact_paged_kernel<T, TI, 4>
+        <<<static_cast<unsigned>(rows), tuning::compact_threads, 0, stream>>>(p);
+  check_launch("compact_paged_kernel");
 }
 
 }  // namespace cuda_detail
@@ -66,9 +138,48 @@ template <>
 struct compact_backend<cuda_policy> {
   template <class T, class TI>
   static void run(const cuda_policy& exec, device_view<const T, 4> src,
-                  device_view<const TI, 3> keep, device_view<T, 4> dst) {
-    cuda_detail::launch_compact(exec, src, keep, dst);
+                  device_view<const TI, 3> keep, device_view<T, 4> dst,
+                  cuda_detail::IndexGuardRecord* guard = nullptr) {
+    cuda_detail::launch_compact(exec, src, keep, dst, guard);
+  }
+  template <class T, class TI>
+  static void run_paged(const cuda_policy& exec, device_view<T, 4> pool,
+                        const block_table<device_space>& table, device_view<const TI, 3> keep,
+                        device_view<const std::int32_t, 2> keep_lens,
+                        cuda_detail::IndexGuardRecord* guard = nullptr) {
+    cuda_detail::launch_compact_paged(exec, pool, table, keep, keep_lens, guard);
   }
 };
+
+// Guarded compactions: the indices are checked on the device before the gather, which
+// writes nothing if one is bad; guard.throw_if_error() reports it (see above).
+template <tensor_like Src, tensor_like Keep, tensor_like Dst>
+void compact(const cuda_policy& exec, Src&& src, Keep&& keep, Dst&& dst, cuda_index_guard& guard) {
+  auto d = as_view(dst);
+  using T = typename decltype(d)::element_type;
+  auto s0 = as_view(src);
+  auto k0 = as_view(keep);
+  require_space<cuda_policy, decltype(s0), decltype(k0), decltype(d)>();
+  using TI = std::remove_const_t<typename decltype(k0)::element_type>;
+  device_view<const T, 4> s(s0.data_handle(), s0.mapping());
+  device_view<const TI, 3> k(k0.data_handle(), k0.mapping());
+  validate_compact(s, k, d).throw_if_error();
+  compact_backend<cuda_policy>::run(exec, s, k, d, guard.use_on(cuda_detail::stream_of(exec)));
+}
+
+template <tensor_like Pool, tensor_like Keep, tensor_like Lens>
+void compact(const cuda_policy& exec, Pool&& pool, const block_table<device_space>& table,
+             Keep&& keep, Lens&& keep_lens, cuda_index_guard& guard) {
+  auto p = as_view(pool);
+  auto k0 = as_view(keep);
+  auto l0 = as_view(keep_lens);
+  require_space<cuda_policy, decltype(p), decltype(k0), decltype(l0)>();
+  using TI = std::remove_const_t<typename decltype(k0)::element_type>;
+  device_view<const TI, 3> k(k0.data_handle(), k0.mapping());
+  device_view<const std::int32_t, 2> l(l0.data_handle(), l0.mapping());
+  validate_compact(p, table, k, l).throw_if_error();
+  compact_backend<cuda_policy>::run_paged(exec, p, table, k, l,
+                                          guard.use_on(cuda_detail::stream_of(exec)));
+}
 
 }  // namespace cake

@@ -1,0 +1,241 @@
+// Paged compaction: an engine's block pool compacted in place equals the dense
+// compaction of each row; block accounting; bad tables and indices rejected with
+// nothing changed.
+#include <doctest/doctest.h>
+
+#include <cake/cake.hpp>
+
+#include <set>
+#include <string>
+#include <vector>
+
+#include "host/paged_case.hpp"
+
+using cake::index_t;
+using paged_case::Case;
+
+namespace {
+
+void compact_case(Case& c, const cake::host_policy& exec = cake::host) {
+  cake::compact(exec, c.pool_view(c.pool.data()), c.table(), c.keep_view(), c.lens_view());
+}
+
+// Runs the compaction expecting cake::invalid_argument with `id` and `snippet`, and
+// checks the pool did not change.
+void expect_rejected(Case& c, const std::string& id, const std::string& snippet) {
+  const std::vector<float> before = c.pool;
+  try {
+    compact_case(c);
+    FAIL("expected a throw");
+  } catch (const cake::invalid_argument& e) {
+    CHECK(e.id() == id);
+    const std::string msg = e.what();
+    CHECK_MESSAGE(msg.find(snippet) != std::string::npos, msg);
+  }
+  CHECK(c.pool == before);
+}
+
+}  // namespace
+
+TEST_CASE("paged compact equals dense compact (both layouts, block sizes 1 .. 32, ragged heads)") {
+  std::uint32_t seed = 0;
+  for (const auto& sh : paged_case::shapes())
+    for (int rep = 0; rep < 4; ++rep) {
+      CAPTURE(sh.num_seqs);
+      CAPTURE(sh.Hkv);
+      CAPTURE(sh.bs);
+      CAPTURE(sh.d);
+      CAPTURE(sh.nhd);
+      CAPTURE(seed);
+      Case c = paged_case::make(sh, ++seed);
+      compact_case(c);
+      REQUIRE(c.pool == c.expected);
+    }
+}
+
+TEST_CASE("paged compact: overlapping moves (every row shifted by 1 .. 40 tokens)") {
+  for (index_t shift : {1, 2, 15, 16, 17, 40})
+    for (const auto& sh : paged_case::shapes()) {
+      CAPTURE(shift);
+      CAPTURE(sh.bs);
+      Case c = paged_case::make(sh, static_cast<std::uint32_t>(100 + shift), shift);
+      compact_case(c);
+      REQUIRE(c.pool == c.expected);
+    }
+}
+
+TEST_CASE("paged compact: identity keep moves nothing; threads(1) and threads(2) agree") {
+  Case c = paged_case::make({4, 3, 16, 8, 60, true}, 7);
+  SUBCASE("identity") {
+    for (index_t s = 0; s < c.num_seqs; ++s)
+      for (index_t h = 0; h < c.Hkv; ++h) {
+        const auto len = c.seq_lens[static_cast<std::size_t>(s)];
+        c.keep_lens[static_cast<std::size_t>(s * c.Hkv + h)] = std::min<std::int32_t>(
+            len, static_cast<std::int32_t>(c.m));
+        for (index_t t = 0; t < c.m; ++t)
+          c.keep[static_cast<std::size_t>((s * c.Hkv + h) * c.m + t)] = t;
+      }
+    const auto before = c.pool;
+    compact_case(c);
+    CHECK(c.pool == before);
+  }
+  SUBCASE("thread counts") {
+    Case c1 = c, c2 = c;
+    compact_case(c1, cake::host.threads(1));
+    compact_case(c2, cake::host.threads(2));
+    CHECK(c1.pool == c.expected);
+    CHECK(c2.pool == c.expected);
+  }
+}
+
+TEST_CASE("paged_plan: new lengths, freed blocks, nothing leaked or both freed and held") {
+  std::uint32_t seed = 50;
+  for (const auto& sh : paged_case::shapes()) {
+    const Case c = paged_case::make(sh, ++seed);
+    std::vector<std::int32_t> new_lens(static_cast<std::size_t>(c.num_seqs)), freed(new_lens.size());
+    cake::paged_plan(c.table(), c.lens_view(), c.bs,
+                     cake::make_view(new_lens.data(), std::array<index_t, 1>{c.num_seqs}),
+                     cake::make_view(freed.data(), std::array<index_t, 1>{c.num_seqs}));
+    std::multiset<std::int32_t> held, released;
+    for (index_t s = 0; s < c.num_seqs; ++s) {
+      const auto i = static_cast<std::size_t>(s);
+      std::int32_t longest = 0;
+      for (index_t h = 0; h < c.Hkv; ++h)
+        longest = std::max(longest, c.keep_lens[static_cast<std::size_t>(s * c.Hkv + h)]);
+      CHECK(new_lens[i] == longest);  // set by the longest head
+      const std::int32_t have = c.indptr[i + 1] - c.indptr[i];
+      const std::int32_t kept = have - freed[i];
+      // Exactly the blocks the longest head needs, no fewer, no more.
+      CHECK(static_cast<index_t>(kept) * c.bs >= new_lens[i]);
+      CHECK((kept == 0 || static_cast<index_t>(kept - 1) * c.bs < new_lens[i]));
+      CHECK(freed[i] >= 0);
+      for (std::int32_t e = c.indptr[i]; e < c.indptr[i] + kept; ++e)
+        held.insert(c.ids[static_cast<std::size_t>(e)]);
+      for (std::int32_t e = c.indptr[i] + kept; e < c.indptr[i + 1]; ++e)
+        released.insert(c.ids[static_cast<std::size_t>(e)]);
+    }
+    // No block both held and freed, none counted twice, none lost.
+    for (std::int32_t b : released) CHECK(held.count(b) == 0);
+    std::set<std::int32_t> all(held.begin(), held.end());
+    all.insert(released.begin(), released.end());
+    CHECK(all.size() == held.size() + released.size());
+    CHECK(static_cast<std::int32_t>(held.size() + released.size()) == c.indptr.back());
+    // Every held slot the compaction wrote lies in a held block.
+  }
+  SUBCASE("a head with zero tokens and a sequence emptied entirely") {
+    // Two sequences of 5 and 3 tokens in blocks of 2; sequence 1 keeps nothing.
+    const std::vector<std::int32_t> indptr{0, 3, 5}, ids{4, 0, 2, 1, 3}, lens{5, 3};
+    const std::vector<std::int32_t> keep_lens{3, 0, 0, 0};  // (2 seqs, 2 heads)
+    std::vector<std::int32_t> new_lens(2), freed(2);
+    cake::paged_plan(cake::make_block_table(indptr.data(), ids.data(), lens.data(), 2),
+                     cake::make_view(keep_lens.data(), std::array<index_t, 2>{2, 2}), 2,
+                     cake::make_view(new_lens.data(), std::array<index_t, 1>{2}),
+                     cake::make_view(freed.data(), std::array<index_t, 1>{2}));
+    CHECK(new_lens == std::vector<std::int32_t>{3, 0});
+    CHECK(freed == std::vector<std::int32_t>{1, 2});
+  }
+  SUBCASE("kept lengths above the sequence length are rejected") {
+    const std::vector<std::int32_t> indptr{0, 1}, ids{0}, lens{2}, keep_lens{3};
+    std::vector<std::int32_t> new_lens(1, -5), freed(1, -5);
+    CHECK_THROWS_WITH_AS(
+        cake::paged_plan(cake::make_block_table(indptr.data(), ids.data(), lens.data(), 1),
+                         cake::make_view(keep_lens.data(), std::array<index_t, 2>{1, 1}), 2,
+                         cake::make_view(new_lens.data(), std::array<index_t, 1>{1}),
+                         cake::make_view(freed.data(), std::array<index_t, 1>{1})),
+        doctest::Contains("keep_lens(0, 0) must be in [0, seq_lens(0) = 2], got 3"),
+        cake::invalid_argument);
+    CHECK(new_lens[0] == -5);
+  }
+}
+
+TEST_CASE("paged compact rejects bad block tables and indices, changing nothing") {
+  // Sequence 0: 5 tokens in blocks (3, 1, 4) of 2; sequence 1: 3 tokens in (0, 5).
+  // Pool of 7 blocks; block 6 unused.
+  const auto base = [] {
+    Case c;
+    c.num_seqs = 2, c.Hkv = 2, c.bs = 2, c.d = 3, c.N = 7, c.m = 3, c.nhd = true;
+    c.indptr = {0, 3, 5};
+    c.ids = {3, 1, 4, 0, 5};
+    c.seq_lens = {5, 3};
+    c.keep_lens = {3, 2, 1, 3};
+    c.keep = {0, 2, 4, 1, 3, 9, 2, 9, 9, 0, 1, 2};
+    c.pool.resize(static_cast<std::size_t>(c.N * c.bs * c.Hkv * c.d));
+    for (std::size_t i = 0; i < c.pool.size(); ++i) c.pool[i] = static_cast<float>(i);
+    return c;
+  };
+  SUBCASE("the valid base case compacts") {
+    Case c = base();
+    const auto before = c.pool;
+    compact_case(c);
+    // Row (0, 0) keeps tokens 0, 2, 4: token 1 (block 3, slot 1) now holds token 2
+    // (block 1, slot 0).
+    CHECK(c.pool[static_cast<std::size_t>(c.offset(0, 0, 1))] ==
+          before[static_cast<std::size_t>(c.offset(0, 0, 2))]);
+    CHECK(c.pool[static_cast<std::size_t>(c.offset(0, 0, 2))] ==
+          before[static_cast<std::size_t>(c.offset(0, 0, 4))]);
+    CHECK(c.pool != before);
+  }
+  SUBCASE("block id out of range") {
+    Case c = base();
+    c.ids[3] = 7;
+    expect_rejected(c, "cake.compact.ids",
+                    "ids(3) (sequence 1) must be a block of the pool, in [0, 7), got 7");
+    c.ids[3] = -1;
+    expect_rejected(c, "cake.compact.ids", "got -1");
+  }
+  SUBCASE("block duplicated within a sequence") {
+    Case c = base();
+    c.ids[2] = 3;
+    expect_rejected(c, "cake.compact.ids", "block 3 appears twice in the table: ids(0) and ids(2)");
+  }
+  SUBCASE("block duplicated across sequences") {
+    Case c = base();
+    c.ids[4] = 1;
+    expect_rejected(c, "cake.compact.ids",
+                    "block 1 appears twice in the table: ids(1) and ids(4) (sequence 1)");
+  }
+  SUBCASE("table too short for the sequence length") {
+    Case c = base();
+    c.seq_lens[1] = 5;  // 5 tokens need 3 blocks of 2, the table has 2
+    expect_rejected(c, "cake.compact.ids",
+                    "the block table of sequence 1 is too short: seq_lens(1) = 5 tokens need 3 "
+                    "blocks of 2, got 2");
+  }
+  SUBCASE("indptr decreasing or past ids") {
+    Case c = base();
+    c.indptr = {0, 3, 2};
+    expect_rejected(c, "cake.compact.indptr", "indptr(2) = 2 follows indptr(1) = 3");
+    c.indptr = {0, 3, 6};
+    expect_rejected(c, "cake.compact.indptr", "indptr(2) = 6 exceeds the 5 entries of ids");
+  }
+  SUBCASE("kept indices not ascending") {
+    Case c = base();
+    c.keep[1] = 0;  // row (0, 0): 0, 0, 4
+    expect_rejected(c, "cake.compact.keep",
+                    "strictly ascending keep rows; keep(0, 0, 1) = 0 follows 0");
+  }
+  SUBCASE("kept index past the sequence") {
+    Case c = base();
+    c.keep[10] = 3;  // row (1, 1) = 0, 3: sequence 1 holds 3 tokens
+    expect_rejected(c, "cake.compact.keep", "keep(1, 1, 1) must be in [0, seq_lens = 3), got 3");
+  }
+  SUBCASE("kept length above m or the sequence") {
+    Case c = base();
+    c.keep_lens[0] = 4;
+    expect_rejected(c, "cake.compact.keep_lens",
+                    "keep_lens(0, 0) must be in [0, min(m = 3, seq_lens(0) = 5)], got 4");
+    c.keep_lens[0] = 3, c.keep_lens[2] = 4;
+    expect_rejected(c, "cake.compact.keep_lens", "keep_lens(1, 0)");
+  }
+  SUBCASE("shapes") {
+    Case c = base();
+    const std::vector<float> before = c.pool;
+    CHECK_THROWS_WITH_AS(
+        cake::compact(cake::host, c.pool_view(c.pool.data()), c.table(),
+                      cake::make_view(c.keep.data(), std::array<index_t, 3>{2, 1, 6}),
+                      cake::make_view(c.keep_lens.data(), std::array<index_t, 2>{2, 1})),
+        doctest::Contains("[cake.compact.keep] keep must be (num_seqs = 2, kv_heads = 2, m)"),
+        cake::invalid_argument);
+    CHECK(c.pool == before);
+  }
+}

@@ -1,8 +1,13 @@
 // compact: gather the kept token rows of one layer's K (B, Hkv, S, d) into
 // (B, Hkv, m, d), m = cache size (kept prefix + window), indices ascending.
-//   cake:   cake::compact
-//   memcpy: a contiguous memcpy of the same bytes over the same threads (the ceiling)
-//   triad:  a STREAM triad a = b + s*c moving the same number of bytes
+//   cake:     cake::compact, dense, out of place
+//   in_place: cake::compact, dense, in place (dst = the first m rows of src)
+//   paged:    cake::compact on a paged pool (vLLM layout [blocks, 16, Hkv, d], each
+//             sequence's blocks scattered over the pool), in place, the same rows kept
+//   memcpy:   a contiguous memcpy of the same bytes over the same threads (the ceiling)
+//   triad:    a STREAM triad a = b + s*c moving the same number of bytes
+// The in-place cases move the same rows at every iteration (the indices stay valid and
+// ascending), so their bytes per iteration are the dense case's.
 #include "common/common.hpp"
 #include "host/suites.hpp"
 
@@ -45,6 +50,55 @@ void add_case(const Shape& sh, index_t B, index_t S, index_t m) {
         for (auto _ : st) {
           cake::compact(cake::host, in.kv(), kv, dv);
           benchmark::DoNotOptimize(dst.data());
+          benchmark::ClobberMemory();
+        }
+        set_bandwidth(st, bytes);
+      })
+      ->MinTime(0.2)
+      ->Unit(benchmark::kMicrosecond);
+  add(name("compact", "in_place", args),
+      [=](benchmark::State& st) {
+        std::vector<float> buf = layer_inputs(sh, B, S).k;
+        const auto keep = keep_rows(rows, S, m, 5);
+        auto kv = cake::make_view(keep.data(), std::array<index_t, 3>{B, sh.kv_heads, m});
+        auto src = cake::make_view(buf.data(), std::array<index_t, 4>{B, sh.kv_heads, S, d});
+        auto dv = cake::make_view(buf.data(), std::array<index_t, 4>{B, sh.kv_heads, m, d},
+                                  std::array<index_t, 4>{sh.kv_heads * S * d, S * d, d, 1});
+        for (auto _ : st) {
+          cake::compact(cake::host, src, kv, dv);
+          benchmark::DoNotOptimize(buf.data());
+          benchmark::ClobberMemory();
+        }
+        set_bandwidth(st, bytes);
+      })
+      ->MinTime(0.2)
+      ->Unit(benchmark::kMicrosecond);
+  add(name("compact", "paged", args + "/block:16"),
+      [=](benchmark::State& st) {
+        constexpr index_t bs = 16;
+        const index_t Hkv = sh.kv_heads, per_seq = (S + bs - 1) / bs, N = B * per_seq;
+        // Every sequence's blocks at random places of the pool, as after a while of
+        // continuous batching.
+        std::vector<std::int32_t> ids(static_cast<std::size_t>(N)), indptr, lens;
+        for (index_t i = 0; i < N; ++i) ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+        Rng g(11);
+        for (index_t i = N - 1; i > 0; --i)
+          std::swap(ids[static_cast<std::size_t>(i)],
+                    ids[static_cast<std::size_t>(g.next() % static_cast<std::uint64_t>(i + 1))]);
+        for (index_t b = 0; b <= B; ++b) indptr.push_back(static_cast<std::int32_t>(b * per_seq));
+        lens.assign(static_cast<std::size_t>(B), static_cast<std::int32_t>(S));
+        std::vector<float> pool(static_cast<std::size_t>(N * bs * Hkv * d), 1.0f);
+        const auto keep = keep_rows(rows, S, m, 5);
+        const std::vector<std::int32_t> keep_lens(static_cast<std::size_t>(rows),
+                                                  static_cast<std::int32_t>(m));
+        const auto table = cake::make_block_table(indptr.data(), ids.data(), lens.data(), B);
+        auto pv = cake::make_view(pool.data(), std::array<index_t, 4>{N, Hkv, bs, d},
+                                  std::array<index_t, 4>{bs * Hkv * d, d, Hkv * d, 1});
+        auto kv = cake::make_view(keep.data(), std::array<index_t, 3>{B, Hkv, m});
+        auto lv = cake::make_view(keep_lens.data(), std::array<index_t, 2>{B, Hkv});
+        for (auto _ : st) {
+          cake::compact(cake::host, pv, table, kv, lv);
+          benchmark::DoNotOptimize(pool.data());
           benchmark::ClobberMemory();
         }
         set_bandwidth(st, bytes);

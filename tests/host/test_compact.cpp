@@ -170,3 +170,34 @@ TEST_CASE("compact: strided src ([B,S,G,d] memory seen as (B,G,S,d))") {
                 -1.0f);  // padding untouched
       }
 }
+
+TEST_CASE("validate_compact reports bad host indices without throwing or writing") {
+  // The checks live in the front-end, shared by every backend reading host memory
+  // (they used to run inside the host backend only, so validate_compact passed them).
+  const index_t B = 1, G = 2, S = 5, d = 2, m = 2;
+  auto buf = make_src(B, G, S, d);
+  const auto before = buf;
+  const auto src = cake::make_view(static_cast<const float*>(buf.data()),
+                                   std::array<index_t, 4>{B, G, S, d});
+  std::vector<float> out(static_cast<std::size_t>(B * G * m * d), -1.0f);
+  const auto dst = cake::make_view(out.data(), std::array<index_t, 4>{B, G, m, d});
+  std::vector<std::int32_t> keep{0, 4, 2, 5};
+  const auto kv = cake::make_view(static_cast<const std::int32_t*>(keep.data()),
+                                  std::array<index_t, 3>{B, G, m});
+  cake::status st = cake::validate_compact(src, kv, dst);
+  CHECK_FALSE(st.ok());
+  CHECK(st.message == "[cake.compact.keep] keep(0, 1, 1) must be in [0, 5), got 5");
+  keep[3] = 4;
+  CHECK(cake::validate_compact(src, kv, dst).ok());
+  SUBCASE("in place: the aliasing view must ascend") {
+    keep = {3, 1, 0, 1};
+    const auto self = cake::make_view(buf.data(), std::array<index_t, 4>{B, G, m, d},
+                                      std::array<index_t, 4>{G * S * d, S * d, d, 1});
+    st = cake::validate_compact(src, kv, self);
+    CHECK(st.message ==
+          "[cake.compact.keep] in-place compaction needs strictly ascending keep rows; "
+          "keep(0, 0, 1) = 1 follows 3");
+    CHECK(buf == before);
+  }
+  CHECK(out == std::vector<float>(out.size(), -1.0f));
+}

@@ -443,6 +443,67 @@ void register_all() {
 
 }  // namespace
 
+// ---- paged compaction ----------------------------------------------------------------
+// cake::compact on a paged pool in vLLM's layout [blocks, 16, Hkv, d] (bf16), one
+// sequence of S tokens whose blocks lie at random places of the pool, in place, the
+// same kept rows as compact/cake; next to it the same with a cuda_index_guard (its
+// check kernel), compact/cake and compact/cudaMemcpyAsync of the same arguments.
+namespace {
+
+void compact_paged(benchmark::State& state, bool guarded) {
+  const index_t S = state.range(0), m = state.range(1), bs = 16, N = (S + bs - 1) / bs;
+  cudaStream_t s;
+  must(cudaStreamCreate(&s), "stream");
+  DeviceArray<__nv_bfloat16> pool(static_cast<std::size_t>(N * bs * HKV * D));
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(N));
+  for (index_t i = 0; i < N; ++i) ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+  std::shuffle(ids.begin(), ids.end(), std::mt19937(7));  // <algorithm> comes with cake
+  const std::vector<std::int32_t> indptr{0, static_cast<std::int32_t>(N)},
+      lens{static_cast<std::int32_t>(S)}, keep_lens(HKV, static_cast<std::int32_t>(m));
+  std::vector<std::int64_t> keep(static_cast<std::size_t>(HKV * m));
+  for (index_t g = 0; g < HKV; ++g)
+    for (index_t t = 0; t < m; ++t) keep[static_cast<std::size_t>(g * m + t)] = t * S / m;
+  DeviceArray<std::int32_t> dptr(2), dids(ids.size()), dlens(1), dkl(keep_lens.size());
+  DeviceArray<std::int64_t> dkeep(keep.size());
+  dptr.upload(indptr), dids.upload(ids), dlens.upload(lens), dkl.upload(keep_lens);
+  dkeep.upload(keep);
+  const auto table = cake::make_block_table<cake::device_space>(
+      static_cast<const std::int32_t*>(dptr.p), static_cast<const std::int32_t*>(dids.p),
+      static_cast<const std::int32_t*>(dlens.p), 1, N);
+  const auto pv = cake::make_view<cake::device_space>(
+      pool.p, std::array<index_t, 4>{N, HKV, bs, D}, std::array<index_t, 4>{bs * HKV * D, D, HKV * D, 1});
+  const auto kv = cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(dkeep.p),
+                                                      std::array<index_t, 3>{1, HKV, m});
+  const auto lv = cake::make_view<cake::device_space>(static_cast<const std::int32_t*>(dkl.p),
+                                                      std::array<index_t, 2>{1, HKV});
+  cake::cuda_index_guard guard;
+  if (guarded)
+    time_loop(state, s, [&] { cake::compact(cake::cuda.on(s), pv, table, kv, lv, guard); });
+  else
+    time_loop(state, s, [&] { cake::compact(cake::cuda.on(s), pv, table, kv, lv); });
+  if (guarded) guard.throw_if_error();
+  set_bytes(state, 2.0 * static_cast<double>(HKV * m * D) * sizeof(__nv_bfloat16));
+  cudaStreamDestroy(s);
+}
+
+void register_paged() {
+  for (const index_t m : {1056, 16384}) {
+    const std::string a = "/S:131072/m:" + std::to_string(m) + "/Hkv:8/d:128/bf16";
+    benchmark::RegisterBenchmark(("compact/paged" + a + "/block:16").c_str(),
+                                 [](benchmark::State& st) { compact_paged(st, false); })
+        ->Args({131072, m})
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(("compact/paged_guarded" + a + "/block:16").c_str(),
+                                 [](benchmark::State& st) { compact_paged(st, true); })
+        ->Args({131072, m})
+        ->UseManualTime()
+        ->Unit(benchmark::kMicrosecond);
+  }
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -450,6 +511,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   register_all();
+  register_paged();
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

@@ -239,3 +239,38 @@ TEST_CASE("paged compact rejects bad block tables and indices, changing nothing"
     CHECK(c.pool == before);
   }
 }
+
+TEST_CASE("paged compact: strided keep and keep_lens views; a pool strided along head_dim is rejected") {
+  Case c = paged_case::make({3, 2, 4, 6, 25, false}, 77);
+  // keep inside a wider (num_seqs, Hkv, m + 3) buffer, keep_lens transposed in memory.
+  const index_t ld = c.m + 3;
+  std::vector<std::int64_t> wide(static_cast<std::size_t>(c.num_seqs * c.Hkv * ld), -9);
+  std::vector<std::int32_t> lens_t(static_cast<std::size_t>(c.num_seqs * c.Hkv));
+  for (index_t s = 0; s < c.num_seqs; ++s)
+    for (index_t h = 0; h < c.Hkv; ++h) {
+      for (index_t t = 0; t < c.m; ++t)
+        wide[static_cast<std::size_t>((s * c.Hkv + h) * ld + t)] =
+            c.keep[static_cast<std::size_t>((s * c.Hkv + h) * c.m + t)];
+      lens_t[static_cast<std::size_t>(h * c.num_seqs + s)] =
+          c.keep_lens[static_cast<std::size_t>(s * c.Hkv + h)];
+    }
+  cake::compact(cake::host, c.pool_view(c.pool.data()), c.table(),
+                cake::make_view(wide.data(), std::array<index_t, 3>{c.num_seqs, c.Hkv, c.m},
+                                std::array<index_t, 3>{c.Hkv * ld, ld, 1}),
+                cake::make_view(lens_t.data(), std::array<index_t, 2>{c.num_seqs, c.Hkv},
+                                std::array<index_t, 2>{1, c.num_seqs}));
+  CHECK(c.pool == c.expected);
+  SUBCASE("head_dim not contiguous") {
+    const auto before = c.pool;
+    auto st = c.strides();
+    st[3] = 2;
+    CHECK_THROWS_WITH_AS(
+        cake::compact(cake::host,
+                      cake::make_view(c.pool.data(), std::array<index_t, 4>{c.N, c.Hkv, c.bs, 3},
+                                      st),
+                      c.table(), c.keep_view(), c.lens_view()),
+        doctest::Contains("[cake.compact.layout] pool must have unit stride along head_dim"),
+        cake::invalid_argument);
+    CHECK(c.pool == before);
+  }
+}

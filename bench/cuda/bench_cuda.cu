@@ -470,8 +470,9 @@ void compact_paged(benchmark::State& state, bool guarded) {
   const auto table = cake::make_block_table<cake::device_space>(
       static_cast<const std::int32_t*>(dptr.p), static_cast<const std::int32_t*>(dids.p),
       static_cast<const std::int32_t*>(dlens.p), 1, N);
-  const auto pv = cake::make_view<cake::device_space>(
-      pool.p, std::array<index_t, 4>{N, HKV, bs, D}, std::array<index_t, 4>{bs * HKV * D, D, HKV * D, 1});
+  const auto pv =
+      cake::make_view<cake::device_space>(pool.p, std::array<index_t, 4>{N, HKV, bs, D},
+                                          std::array<index_t, 4>{bs * HKV * D, D, HKV * D, 1});
   const auto kv = cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(dkeep.p),
                                                       std::array<index_t, 3>{1, HKV, m});
   const auto lv = cake::make_view<cake::device_space>(static_cast<const std::int32_t*>(dkl.p),

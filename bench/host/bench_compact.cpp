@@ -80,7 +80,8 @@ void add_case(const Shape& sh, index_t B, index_t S, index_t m) {
         // Every sequence's blocks at random places of the pool, as after a while of
         // continuous batching.
         std::vector<std::int32_t> ids(static_cast<std::size_t>(N)), indptr, lens;
-        for (index_t i = 0; i < N; ++i) ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+        for (index_t i = 0; i < N; ++i)
+          ids[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
         Rng g(11);
         for (index_t i = N - 1; i > 0; --i)
           std::swap(ids[static_cast<std::size_t>(i)],

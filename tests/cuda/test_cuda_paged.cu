@@ -53,13 +53,13 @@ std::vector<T> compact_on_device(const paged_case::Case& c, cake::cuda_index_gua
   Dev<T> pool(convert<T>(c.pool));
   Dev<std::int32_t> indptr(c.indptr), ids(c.ids), lens(c.seq_lens), keep_lens(c.keep_lens);
   Dev<std::int64_t> keep(c.keep);
-  const auto table = cake::make_block_table<cake::device_space>(
-      indptr.p, ids.p, lens.p, c.num_seqs, static_cast<index_t>(c.ids.size()));
+  const auto table = cake::make_block_table<cake::device_space>(indptr.p, ids.p, lens.p, c.num_seqs,
+                                                                static_cast<index_t>(c.ids.size()));
   const auto pv = c.pool_view<cake::device_space>(pool.p);
   const auto kv = cake::make_view<cake::device_space>(
       static_cast<const std::int64_t*>(keep.p), std::array<index_t, 3>{c.num_seqs, c.Hkv, c.m});
-  const auto lv = cake::make_view<cake::device_space>(
-      static_cast<const std::int32_t*>(keep_lens.p), std::array<index_t, 2>{c.num_seqs, c.Hkv});
+  const auto lv = cake::make_view<cake::device_space>(static_cast<const std::int32_t*>(keep_lens.p),
+                                                      std::array<index_t, 2>{c.num_seqs, c.Hkv});
   if (guard)
     cake::compact(cake::cuda, pv, table, kv, lv, *guard);
   else
@@ -101,8 +101,7 @@ TEST_CASE("compact on CUDA with a guard: bad indices throw the host's error, not
     paged_case::Case c = paged_case::make({3, 2, 4, 8, 30, true}, 5);
     index_t row = c.num_seqs * c.Hkv - 1;
     while (c.keep_lens[static_cast<std::size_t>(row)] < 1) --row;
-    c.keep[static_cast<std::size_t>(row * c.m)] =
-        c.seq_lens[static_cast<std::size_t>(row / c.Hkv)];
+    c.keep[static_cast<std::size_t>(row * c.m)] = c.seq_lens[static_cast<std::size_t>(row / c.Hkv)];
     std::string host;
     try {
       std::vector<float> p = c.pool;
@@ -125,11 +124,10 @@ TEST_CASE("compact on CUDA with a guard: bad indices throw the host's error, not
     const std::vector<std::int32_t> keep{1, 4};
     Dev<float> ds(src), dd(std::vector<float>(4, -1.0f));
     Dev<std::int32_t> dk(keep);
-    cake::compact(cake::cuda,
-                  cake::make_view<cake::device_space>(ds.p, std::array<index_t, 4>{1, 1, 4, 2}),
-                  cake::make_view<cake::device_space>(dk.p, std::array<index_t, 3>{1, 1, 2}),
-                  cake::make_view<cake::device_space>(dd.p, std::array<index_t, 4>{1, 1, 2, 2}),
-                  guard);
+    cake::compact(
+        cake::cuda, cake::make_view<cake::device_space>(ds.p, std::array<index_t, 4>{1, 1, 4, 2}),
+        cake::make_view<cake::device_space>(dk.p, std::array<index_t, 3>{1, 1, 2}),
+        cake::make_view<cake::device_space>(dd.p, std::array<index_t, 4>{1, 1, 2, 2}), guard);
     CHECK(dd.download() == std::vector<float>(4, -1.0f));
     CHECK_THROWS_WITH_AS(guard.throw_if_error(),
                          "[cake.compact.keep] keep(0, 0, 1) must be in [0, 4), got 4",

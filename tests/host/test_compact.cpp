@@ -177,8 +177,8 @@ TEST_CASE("validate_compact reports bad host indices without throwing or writing
   const index_t B = 1, G = 2, S = 5, d = 2, m = 2;
   auto buf = make_src(B, G, S, d);
   const auto before = buf;
-  const auto src = cake::make_view(static_cast<const float*>(buf.data()),
-                                   std::array<index_t, 4>{B, G, S, d});
+  const auto src =
+      cake::make_view(static_cast<const float*>(buf.data()), std::array<index_t, 4>{B, G, S, d});
   std::vector<float> out(static_cast<std::size_t>(B * G * m * d), -1.0f);
   const auto dst = cake::make_view(out.data(), std::array<index_t, 4>{B, G, m, d});
   std::vector<std::int32_t> keep{0, 4, 2, 5};

@@ -70,8 +70,8 @@ TEST_CASE("paged compact: identity keep moves nothing; threads(1) and threads(2)
     for (index_t s = 0; s < c.num_seqs; ++s)
       for (index_t h = 0; h < c.Hkv; ++h) {
         const auto len = c.seq_lens[static_cast<std::size_t>(s)];
-        c.keep_lens[static_cast<std::size_t>(s * c.Hkv + h)] = std::min<std::int32_t>(
-            len, static_cast<std::int32_t>(c.m));
+        c.keep_lens[static_cast<std::size_t>(s * c.Hkv + h)] =
+            std::min<std::int32_t>(len, static_cast<std::int32_t>(c.m));
         for (index_t t = 0; t < c.m; ++t)
           c.keep[static_cast<std::size_t>((s * c.Hkv + h) * c.m + t)] = t;
       }
@@ -92,7 +92,8 @@ TEST_CASE("paged_plan: new lengths, freed blocks, nothing leaked or both freed a
   std::uint32_t seed = 50;
   for (const auto& sh : paged_case::shapes()) {
     const Case c = paged_case::make(sh, ++seed);
-    std::vector<std::int32_t> new_lens(static_cast<std::size_t>(c.num_seqs)), freed(new_lens.size());
+    std::vector<std::int32_t> new_lens(static_cast<std::size_t>(c.num_seqs)),
+        freed(new_lens.size());
     cake::paged_plan(c.table(), c.lens_view(), c.bs,
                      cake::make_view(new_lens.data(), std::array<index_t, 1>{c.num_seqs}),
                      cake::make_view(freed.data(), std::array<index_t, 1>{c.num_seqs}));
@@ -240,7 +241,8 @@ TEST_CASE("paged compact rejects bad block tables and indices, changing nothing"
   }
 }
 
-TEST_CASE("paged compact: strided keep and keep_lens views; a pool strided along head_dim is rejected") {
+TEST_CASE(
+    "paged compact: strided keep and keep_lens views; a pool strided along head_dim is rejected") {
   Case c = paged_case::make({3, 2, 4, 6, 25, false}, 77);
   // keep inside a wider (num_seqs, Hkv, m + 3) buffer, keep_lens transposed in memory.
   const index_t ld = c.m + 3;
@@ -265,10 +267,10 @@ TEST_CASE("paged compact: strided keep and keep_lens views; a pool strided along
     auto st = c.strides();
     st[3] = 2;
     CHECK_THROWS_WITH_AS(
-        cake::compact(cake::host,
-                      cake::make_view(c.pool.data(), std::array<index_t, 4>{c.N, c.Hkv, c.bs, 3},
-                                      st),
-                      c.table(), c.keep_view(), c.lens_view()),
+        cake::compact(
+            cake::host,
+            cake::make_view(c.pool.data(), std::array<index_t, 4>{c.N, c.Hkv, c.bs, 3}, st),
+            c.table(), c.keep_view(), c.lens_view()),
         doctest::Contains("[cake.compact.layout] pool must have unit stride along head_dim"),
         cake::invalid_argument);
     CHECK(c.pool == before);

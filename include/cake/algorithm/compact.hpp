@@ -47,16 +47,16 @@ namespace detail {
 // keep(b, g, t) for t < len must lie in [0, bound) and, when `ascending`, increase
 // strictly. Runs on host-resident indices only.
 template <class TI>
-status check_keep_row(host_view<const TI, 3> keep, index_t b, index_t g, index_t len,
-                      index_t bound, bool ascending, const char* bound_name) {
+status check_keep_row(host_view<const TI, 3> keep, index_t b, index_t g, index_t len, index_t bound,
+                      bool ascending, const char* bound_name) {
   for (index_t t = 0; t < len; ++t) {
     const auto j = static_cast<long long>(keep(b, g, t));
     CAKE_CHECK(j >= 0 && j < bound, "cake.compact.keep", "keep(", b, ", ", g, ", ", t,
                ") must be in [0, ", bound_name, bound, "), got ", j);
     CAKE_CHECK(!ascending || t == 0 || j > static_cast<long long>(keep(b, g, t - 1)),
-               "cake.compact.keep",
-               "in-place compaction needs strictly ascending keep rows; keep(", b, ", ", g, ", ",
-               t, ") = ", j, " follows ", static_cast<long long>(keep(b, g, t - 1)));
+               "cake.compact.keep", "in-place compaction needs strictly ascending keep rows; keep(",
+               b, ", ", g, ", ", t, ") = ", j, " follows ",
+               static_cast<long long>(keep(b, g, t - 1)));
   }
   return status::success();
 }
@@ -113,8 +113,8 @@ status validate_compact(view<T, 4, Space> pool, const block_table<Space>& table,
       for (index_t h = 0; h < Hkv; ++h) {
         const index_t len = keep_lens(s, h), S = table.seq_lens(s);
         CAKE_CHECK(len >= 0 && len <= m && len <= S, "cake.compact.keep_lens", "keep_lens(", s,
-                   ", ", h, ") must be in [0, min(m = ", m, ", seq_lens(", s, ") = ", S,
-                   ")], got ", len);
+                   ", ", h, ") must be in [0, min(m = ", m, ", seq_lens(", s, ") = ", S, ")], got ",
+                   len);
         CAKE_TRY(detail::check_keep_row(keep, s, h, len, S, true, "seq_lens = "));
       }
   }
@@ -153,12 +153,13 @@ void compact(const Exec& exec, Pool&& pool, const block_table<Space>& table, Kee
   auto l0 = as_view(keep_lens);
   require_space<Exec, decltype(p), decltype(k0), decltype(l0), decltype(table.ids)>();
   using T = typename decltype(p)::element_type;
-  static_assert(!std::is_const_v<T>, "cake::compact: the pool is written in place; pass a "
-                                     "non-const view");
+  static_assert(!std::is_const_v<T>,
+                "cake::compact: the pool is written in place; pass a "
+                "non-const view");
   using TI = std::remove_const_t<typename decltype(k0)::element_type>;
-  static_assert(std::is_same_v<std::remove_const_t<typename decltype(l0)::element_type>,
-                               std::int32_t>,
-                "cake::compact: keep_lens must hold std::int32_t");
+  static_assert(
+      std::is_same_v<std::remove_const_t<typename decltype(l0)::element_type>, std::int32_t>,
+      "cake::compact: keep_lens must hold std::int32_t");
   view<const TI, 3, Space> k(k0.data_handle(), k0.mapping());
   view<const std::int32_t, 2, Space> l(l0.data_handle(), l0.mapping());
   validate_compact(p, table, k, l).throw_if_error();

@@ -45,8 +45,7 @@ block_table<Space> make_block_table(const std::int32_t* indptr, const std::int32
           make_view<Space>(ids, std::array<index_t, 1>{num_ids}),
           make_view<Space>(seq_lens, std::array<index_t, 1>{num_seqs})};
 }
-inline block_table<host_space> make_block_table(const std::int32_t* indptr,
-                                                const std::int32_t* ids,
+inline block_table<host_space> make_block_table(const std::int32_t* indptr, const std::int32_t* ids,
                                                 const std::int32_t* seq_lens, index_t num_seqs) {
   return make_block_table<host_space>(indptr, ids, seq_lens, num_seqs, indptr[num_seqs]);
 }
@@ -67,16 +66,16 @@ inline status validate_block_table(const block_table<host_space>& t, index_t num
     CAKE_CHECK(t.indptr(s + 1) >= t.indptr(s), "cake.compact.indptr",
                "indptr must not decrease: indptr(", s + 1, ") = ", t.indptr(s + 1),
                " follows indptr(", s, ") = ", t.indptr(s));
-  CAKE_CHECK(t.indptr(n) <= t.ids.extent(0), "cake.compact.indptr", "indptr(", n, ") = ",
-             t.indptr(n), " exceeds the ", t.ids.extent(0), " entries of ids");
+  CAKE_CHECK(t.indptr(n) <= t.ids.extent(0), "cake.compact.indptr", "indptr(", n,
+             ") = ", t.indptr(n), " exceeds the ", t.ids.extent(0), " entries of ids");
   std::vector<index_t> owner(static_cast<std::size_t>(num_blocks > 0 ? num_blocks : 0), -1);
   for (index_t s = 0; s < n; ++s) {
     const index_t len = t.seq_lens(s), have = t.indptr(s + 1) - t.indptr(s);
     CAKE_CHECK(len >= 0, "cake.compact.seq_lens", "seq_lens(", s, ") must be >= 0, got ", len);
     const index_t need = (len + block_size - 1) / block_size;
     CAKE_CHECK(have >= need, "cake.compact.ids", "the block table of sequence ", s,
-               " is too short: seq_lens(", s, ") = ", len, " tokens need ", need,
-               " blocks of ", block_size, ", got ", have);
+               " is too short: seq_lens(", s, ") = ", len, " tokens need ", need, " blocks of ",
+               block_size, ", got ", have);
     for (index_t e = t.indptr(s); e < t.indptr(s + 1); ++e) {
       const index_t id = t.ids(e);
       CAKE_CHECK(id >= 0 && id < num_blocks, "cake.compact.ids", "ids(", e, ") (sequence ", s,
@@ -116,22 +115,22 @@ inline status validate_paged_plan(const block_table<host_space>& t,
              " and ", freed.extent(0));
   for (index_t s = 0; s < n; ++s)
     for (index_t h = 0; h < keep_lens.extent(1); ++h)
-      CAKE_CHECK(keep_lens(s, h) >= 0 && keep_lens(s, h) <= t.seq_lens(s),
-                 "cake.compact.keep_lens", "keep_lens(", s, ", ", h, ") must be in [0, seq_lens(",
-                 s, ") = ", t.seq_lens(s), "], got ", keep_lens(s, h));
+      CAKE_CHECK(keep_lens(s, h) >= 0 && keep_lens(s, h) <= t.seq_lens(s), "cake.compact.keep_lens",
+                 "keep_lens(", s, ", ", h, ") must be in [0, seq_lens(", s, ") = ", t.seq_lens(s),
+                 "], got ", keep_lens(s, h));
   for (index_t s = 0; s < n; ++s)
     CAKE_CHECK(static_cast<index_t>(t.indptr(s + 1) - t.indptr(s)) * block_size >= t.seq_lens(s),
-               "cake.compact.ids", "the block table of sequence ", s, " is too short: ",
-               t.indptr(s + 1) - t.indptr(s), " blocks of ", block_size,
+               "cake.compact.ids", "the block table of sequence ", s,
+               " is too short: ", t.indptr(s + 1) - t.indptr(s), " blocks of ", block_size,
                " cannot hold seq_lens(", s, ") = ", t.seq_lens(s), " tokens");
   return status::success();
 }
 
 // Fills new_lens and freed as described above. The table must be valid
 // (validate_block_table); throws cake::invalid_argument on bad lengths, before writing.
-inline void paged_plan(const block_table<host_space>& t,
-                       host_view<const std::int32_t, 2> keep_lens, index_t block_size,
-                       host_view<std::int32_t, 1> new_lens, host_view<std::int32_t, 1> freed) {
+inline void paged_plan(const block_table<host_space>& t, host_view<const std::int32_t, 2> keep_lens,
+                       index_t block_size, host_view<std::int32_t, 1> new_lens,
+                       host_view<std::int32_t, 1> freed) {
   validate_paged_plan(t, keep_lens, block_size, new_lens, freed).throw_if_error();
   for (index_t s = 0; s < t.num_seqs(); ++s) {
     std::int32_t longest = 0;

@@ -37,7 +37,9 @@ namespace emu = cake_emulation;
 
 constexpr unsigned threads = cd::tuning::compact_threads;
 
-unsigned blocks_for(std::int64_t work) { return static_cast<unsigned>((work + threads - 1) / threads); }
+unsigned blocks_for(std::int64_t work) {
+  return static_cast<unsigned>((work + threads - 1) / threads);
+}
 
 cd::IndexGuardRecord fresh_guard() {
   cd::IndexGuardRecord r{};
@@ -49,7 +51,8 @@ template <class TI>
 void run_check(const cd::KeepRows<TI>& k, std::int64_t rows, cd::IndexGuardRecord* guard) {
   if (guard == nullptr || rows * k.m == 0) return;
   const unsigned grid = std::min<unsigned>(blocks_for(rows * k.m), 1024u);
-  emu::launch({grid, 1, 1}, {threads, 1, 1}, 0, [&] { cd::compact_check_kernel<TI>(k, rows, guard); });
+  emu::launch({grid, 1, 1}, {threads, 1, 1}, 0,
+              [&] { cd::compact_check_kernel<TI>(k, rows, guard); });
 }
 
 // The dense launcher's sequence: check (when guarded), then the gather it picks.
@@ -60,7 +63,8 @@ void emulate_dense(cake::device_view<const T, 4> src, cake::device_view<const TI
   cd::CompactParams<TI> p = cd::compact_params(src, keep, dst, guard);
   run_check(p.keep, B * Hkv, guard);
   const auto gather = [&]<class V>() {
-    p.vecs = static_cast<int>(d * static_cast<index_t>(sizeof(T)) / static_cast<index_t>(sizeof(V)));
+    p.vecs =
+        static_cast<int>(d * static_cast<index_t>(sizeof(T)) / static_cast<index_t>(sizeof(V)));
     if (p.keep.ascending) {
       emu::launch({static_cast<unsigned>(B * Hkv), 1, 1}, {threads, 1, 1}, 0,
                   [&] { cd::compact_in_place_kernel<V, TI, 4>(p); });
@@ -97,18 +101,19 @@ void emulate_paged(cake::device_view<T, 4> pool, const cake::block_table<cake::d
 
 template <class Space>
 cake::block_table<Space> table_of(const paged_case::Case& c) {
-  return cake::make_block_table<Space>(c.indptr.data(), c.ids.data(), c.seq_lens.data(),
-                                       c.num_seqs, static_cast<index_t>(c.ids.size()));
+  return cake::make_block_table<Space>(c.indptr.data(), c.ids.data(), c.seq_lens.data(), c.num_seqs,
+                                       static_cast<index_t>(c.ids.size()));
 }
 
 void paged_case_on_device(paged_case::Case& c, cd::IndexGuardRecord* guard) {
   const bool vec16 = c.d % 4 == 0;  // float rows of 16 bytes, and so every stride
-  emulate_paged(c.pool_view<cake::device_space>(c.pool.data()), table_of<cake::device_space>(c),
-                cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(c.keep.data()),
-                                                    std::array<index_t, 3>{c.num_seqs, c.Hkv, c.m}),
-                cake::make_view<cake::device_space>(static_cast<const std::int32_t*>(c.keep_lens.data()),
-                                                    std::array<index_t, 2>{c.num_seqs, c.Hkv}),
-                guard, vec16);
+  emulate_paged(
+      c.pool_view<cake::device_space>(c.pool.data()), table_of<cake::device_space>(c),
+      cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(c.keep.data()),
+                                          std::array<index_t, 3>{c.num_seqs, c.Hkv, c.m}),
+      cake::make_view<cake::device_space>(static_cast<const std::int32_t*>(c.keep_lens.data()),
+                                          std::array<index_t, 2>{c.num_seqs, c.Hkv}),
+      guard, vec16);
 }
 
 // The host's message for the same bad input.
@@ -167,27 +172,30 @@ TEST_CASE("CUDA compact with a guard: bad indices reported as on the host, nothi
     }
     CHECK(host == "[cake.compact.keep] keep(0, 1, 1) must be in [0, 6), got 6");
     cd::IndexGuardRecord g = fresh_guard();
-    emulate_dense(cake::make_view<cake::device_space>(static_cast<const float*>(src.data()), se),
-                  cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(keep.data()), ke),
-                  cake::make_view<cake::device_space>(dst.data(), de), &g);
+    emulate_dense(
+        cake::make_view<cake::device_space>(static_cast<const float*>(src.data()), se),
+        cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(keep.data()), ke),
+        cake::make_view<cake::device_space>(dst.data(), de), &g);
     CHECK(dst == std::vector<float>(dst.size(), -1.0f));
     const cake::status st = cd::guard_status(g);
     CHECK(st.message == host);
     SUBCASE("the guard is sticky: a later valid call writes nothing either") {
       const std::vector<std::int64_t> good{0, 1, 2, 3};
-      emulate_dense(cake::make_view<cake::device_space>(static_cast<const float*>(src.data()), se),
-                    cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(good.data()), ke),
-                    cake::make_view<cake::device_space>(dst.data(), de), &g);
+      emulate_dense(
+          cake::make_view<cake::device_space>(static_cast<const float*>(src.data()), se),
+          cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(good.data()), ke),
+          cake::make_view<cake::device_space>(dst.data(), de), &g);
       CHECK(dst == std::vector<float>(dst.size(), -1.0f));
       CHECK(cd::guard_status(g).message == host);
     }
     SUBCASE("unguarded, the bad index is skipped and the rest written") {
-      emulate_dense(cake::make_view<cake::device_space>(static_cast<const float*>(src.data()), se),
-                    cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(keep.data()), ke),
-                    cake::make_view<cake::device_space>(dst.data(), de),
-                    static_cast<cd::IndexGuardRecord*>(nullptr));
-      CHECK(dst[0] == 0.0f);   // row (0, 0) token 0 <- 0
-      CHECK(dst[12] == -1.0f); // row (0, 1) token 1: skipped
+      emulate_dense(
+          cake::make_view<cake::device_space>(static_cast<const float*>(src.data()), se),
+          cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(keep.data()), ke),
+          cake::make_view<cake::device_space>(dst.data(), de),
+          static_cast<cd::IndexGuardRecord*>(nullptr));
+      CHECK(dst[0] == 0.0f);    // row (0, 0) token 0 <- 0
+      CHECK(dst[12] == -1.0f);  // row (0, 1) token 1: skipped
     }
   }
   SUBCASE("dense in place, not ascending") {
@@ -207,9 +215,10 @@ TEST_CASE("CUDA compact with a guard: bad indices reported as on the host, nothi
     }
     CHECK(host.find("keep(1, 0, 2) = 4 follows 4") != std::string::npos);
     cd::IndexGuardRecord g = fresh_guard();
-    emulate_dense(cake::make_view<cake::device_space>(static_cast<const float*>(buf.data()), se),
-                  cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(keep.data()), ke),
-                  cake::make_view<cake::device_space>(buf.data(), de, ds), &g);
+    emulate_dense(
+        cake::make_view<cake::device_space>(static_cast<const float*>(buf.data()), se),
+        cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(keep.data()), ke),
+        cake::make_view<cake::device_space>(buf.data(), de, ds), &g);
     CHECK(buf == before);
     CHECK(cd::guard_status(g).message == host);
   }
@@ -225,7 +234,8 @@ TEST_CASE("CUDA compact with a guard: bad indices reported as on the host, nothi
       const index_t s = row / c.Hkv;
       if (kind == 0) c.keep[at] = c.seq_lens[static_cast<std::size_t>(s)];
       if (kind == 1) c.keep[at] = c.keep[at - 1];
-      if (kind == 2) c.keep_lens[static_cast<std::size_t>(row)] = static_cast<std::int32_t>(c.m + 1);
+      if (kind == 2)
+        c.keep_lens[static_cast<std::size_t>(row)] = static_cast<std::int32_t>(c.m + 1);
       const std::string host = host_error(c);
       REQUIRE(host != "no error");
       const auto before = c.pool;

@@ -16,8 +16,8 @@
 #include <cstdint>
 
 #include "../../algorithm/compact.hpp"
-#include "detail/dispatch.cuh"
 #include "detail/compact_plan.cuh"
+#include "detail/dispatch.cuh"
 
 namespace cake {
 
@@ -96,8 +96,7 @@ void launch_compact_as(const CompactParams<TI>& base, index_t B, index_t Hkv, in
 
 template <class T, class TI>
 void launch_compact(const cuda_policy& exec, device_view<const T, 4> src,
-                    device_view<const TI, 3> keep, device_view<T, 4> dst,
-                    IndexGuardRecord* guard) {
+                    device_view<const TI, 3> keep, device_view<T, 4> dst, IndexGuardRecord* guard) {
   const index_t B = src.extent(0), Hkv = src.extent(1), d = src.extent(3);
   const index_t m = keep.extent(2);
   if (B * Hkv * m * d == 0) return;

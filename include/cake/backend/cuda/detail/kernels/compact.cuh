@@ -19,7 +19,7 @@ namespace cake::cuda_detail {
 // meet them: row by row, a row's length before its indices, then by position.
 struct IndexGuardRecord {
   static constexpr unsigned long long none = ~0ull;
-  unsigned long long first;  // key(row, u, kind) of the first bad entry, `none` if none
+  unsigned long long first;          // key(row, u, kind) of the first bad entry, `none` if none
   long long value, previous, bound;  // filled by the first gather that sees `first` set
   int sealed;                        // 1 once filled: later calls neither check nor write
   int heads, m, paged;
@@ -50,9 +50,7 @@ struct KeepRows {
   CAKE_HOST_DEVICE int len(long long row) const {
     return lens ? lens[(row / heads) * l_b + (row % heads) * l_g] : m;
   }
-  CAKE_HOST_DEVICE long long bound(long long row) const {
-    return bounds ? bounds[row / heads] : S;
-  }
+  CAKE_HOST_DEVICE long long bound(long long row) const { return bounds ? bounds[row / heads] : S; }
 };
 
 // One thread per (row, position): the first bad entry, by atomicMin on its key. Skips
@@ -62,8 +60,8 @@ __global__ void __launch_bounds__(tuning::compact_threads)
     compact_check_kernel(KeepRows<TI> k, std::int64_t rows, IndexGuardRecord* guard) {
   if (guard->sealed) return;
   const std::int64_t total = rows * k.m;
-  for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       e < total; e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+  for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t row = e / k.m;
     const int t = static_cast<int>(e - row * k.m);
     const int len = k.len(row);
@@ -120,9 +118,8 @@ inline status guard_status(const IndexGuardRecord& r) {
     return detail::make_status("cake.compact.keep",
                                "in-place compaction needs strictly ascending keep rows; keep(", b,
                                ", ", g, ", ", t, ") = ", r.value, " follows ", r.previous);
-  return detail::make_status("cake.compact.keep", "keep(", b, ", ", g, ", ", t,
-                             ") must be in [0, ", r.paged ? "seq_lens = " : "", r.bound,
-                             "), got ", r.value);
+  return detail::make_status("cake.compact.keep", "keep(", b, ", ", g, ", ", t, ") must be in [0, ",
+                             r.paged ? "seq_lens = " : "", r.bound, "), got ", r.value);
 }
 
 template <class TI>

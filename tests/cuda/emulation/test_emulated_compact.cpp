@@ -147,8 +147,8 @@ TEST_CASE("paged compact on CUDA, emulated on the CPU, equals the dense compacti
       REQUIRE(c.pool == c.expected);
     }
   }
-  SUBCASE("a row longer than one sweep of the block (head_dim 2048, block size 1)") {
-    paged_case::Case c = paged_case::make({2, 1, 1, 2048, 6, false}, 11, 1);
+  SUBCASE("a row longer than one sweep of the block (1025 uint4 per row, block size 1)") {
+    paged_case::Case c = paged_case::make({2, 1, 1, 4100, 6, false}, 11, 1);
     paged_case_on_device(c, nullptr);
     REQUIRE(c.pool == c.expected);
   }

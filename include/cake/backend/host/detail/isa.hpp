@@ -17,6 +17,7 @@
 // x86 GCC/Clang host compilation: the only setting where the target regions exist.
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(__CUDACC__)
 #define CAKE_HOST_X86_DISPATCH 1
+#include <cpuid.h>
 #else
 #define CAKE_HOST_X86_DISPATCH 0
 #endif
@@ -42,8 +43,10 @@ inline bool host_isa_supported(host_isa i) noexcept {
   if (i == host_isa::portable) return true;
 #if CAKE_HOST_X86_DISPATCH
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
+  // F16C from CPUID leaf 1 (ECX bit 29): not every compiler's __builtin_cpu_supports knows it.
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  const bool f16c = __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & (1u << 29)) != 0;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
   if (i == host_isa::avx2) return avx2;
   if (i == host_isa::avx512)
     return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

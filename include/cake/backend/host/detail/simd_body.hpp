@@ -272,6 +272,7 @@ CAKE_ALWAYS_INLINE void reduce8(const V* acc, float* out) {
   // Halves, then 128-bit quarters, then within quarters: 15 shuffles and adds for all 8
   // (the zero-masked forms: GCC 12 warns that the plain ones read an undefined vector).
   __m512 u[4];
+#pragma GCC unroll 4
   for (int a = 0; a < 4; ++a) {
     const __m512 x = reinterpret_cast<__m512>(acc[2 * a]), y = reinterpret_cast<__m512>(acc[2 * a + 1]);
     u[a] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, x, y, 0x44), _mm512_maskz_shuffle_f32x4(0xffff, x, y, 0xee));
@@ -282,21 +283,24 @@ CAKE_ALWAYS_INLINE void reduce8(const V* acc, float* out) {
                                   _mm512_maskz_shuffle_f32x4(0xffff, u[2], u[3], 0xdd));  // acc 4..7
   const __m512 x = _mm512_add_ps(_mm512_maskz_shuffle_ps(0xffff, w0, w1, 0x88), _mm512_maskz_shuffle_ps(0xffff, w0, w1, 0xdd));
   const __m512 y = _mm512_add_ps(_mm512_maskz_shuffle_ps(0xffff, x, x, 0x88), _mm512_maskz_shuffle_ps(0xffff, x, x, 0xdd));
-  alignas(64) float t[16];
-  _mm512_store_ps(t, y);
+  const V yv = reinterpret_cast<V>(y);
+#pragma GCC unroll 4
   for (int a = 0; a < 4; ++a) {
-    out[a] = t[4 * a];
-    out[a + 4] = t[4 * a + 1];
+    out[a] = yv[4 * a];
+    out[a + 4] = yv[4 * a + 1];
   }
 #else
+#pragma GCC unroll 8
   for (int a = 0; a < 8; ++a) out[a] = hsum(acc[a]);
 #endif
 }
 
 // Decode logits: out[r * ld + j] = scale * (q[r] . k[j]) for r < rows (a multiple of
 // 4), j < n; q: (rows, d) row-major, k: n rows of pitch k_ld; d a multiple of VW.
-// Along head_dim, four query rows against two keys at a time (8 accumulators), so
-// each key row is read once for the whole GQA group.
+// Along head_dim, four query rows against KB keys at a time (4 * KB accumulators:
+// 16 with AVX-512's 32 registers, 8 with AVX2's 16), so each key row is read once
+// for the whole GQA group.
+inline constexpr int KB = VW == 16 ? 4 : 2;
 template <class T>
 CAKE_ALWAYS_INLINE void decode_dots_t(const float* CAKE_RESTRICT q, index_t rows, index_t d,
                                       const T* CAKE_RESTRICT k, index_t k_ld, index_t n,
@@ -304,26 +308,29 @@ CAKE_ALWAYS_INLINE void decode_dots_t(const float* CAKE_RESTRICT q, index_t rows
   for (index_t r0 = 0; r0 < rows; r0 += 4) {
     const float* qr = q + r0 * d;
     index_t j = 0;
-    for (; j + 2 <= n; j += 2) {
-      const T* k0 = k + j * k_ld;
-      const T* k1 = k0 + k_ld;
-      V acc[8];
-      for (int a = 0; a < 8; ++a) acc[a] = splat(0.0f);
+    for (; j + KB <= n; j += KB) {
+      const T* kj = k + j * k_ld;
+      V acc[4 * KB];  // acc[4 * key + row]
+#pragma GCC unroll 16
+      for (int a = 0; a < 4 * KB; ++a) acc[a] = splat(0.0f);
       for (index_t x = 0; x < d; x += VW) {
-        const V a0 = load_key(k0 + x), a1 = load_key(k1 + x);
+        V kv[KB], qv[4];
 #pragma GCC unroll 4
-        for (int r = 0; r < 4; ++r) {
-          const V qv = load(qr + r * d + x);
-          acc[2 * r] = fma(qv, a0, acc[2 * r]);
-          acc[2 * r + 1] = fma(qv, a1, acc[2 * r + 1]);
-        }
+        for (int t = 0; t < KB; ++t) kv[t] = load_key(kj + t * k_ld + x);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) qv[r] = load(qr + r * d + x);
+#pragma GCC unroll 4
+        for (int t = 0; t < KB; ++t)
+#pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) acc[4 * t + r] = fma(qv[r], kv[t], acc[4 * t + r]);
       }
-      float t[8];
-      reduce8(acc, t);
-      for (int r = 0; r < 4; ++r) {
-        out[(r0 + r) * ld + j] = t[2 * r] * scale;
-        out[(r0 + r) * ld + j + 1] = t[2 * r + 1] * scale;
-      }
+      float sums[4 * KB];
+#pragma GCC unroll 2
+      for (int a = 0; a < 4 * KB; a += 8) reduce8(acc + a, sums + a);
+#pragma GCC unroll 4
+      for (int t = 0; t < KB; ++t)
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) out[(r0 + r) * ld + j + t] = sums[4 * t + r] * scale;
     }
     for (; j < n; ++j) {
       const T* k0 = k + j * k_ld;
@@ -335,7 +342,6 @@ CAKE_ALWAYS_INLINE void decode_dots_t(const float* CAKE_RESTRICT q, index_t rows
     }
   }
 }
-
 inline void decode_dots(const float* CAKE_RESTRICT q, index_t rows, index_t d,
                         const float* CAKE_RESTRICT k, index_t k_ld, index_t n, float scale,
                         float* CAKE_RESTRICT out, index_t ld) {

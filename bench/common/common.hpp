@@ -53,6 +53,11 @@ inline int threads() {
 // (read + write) per second; measured once, at start-up.
 double memcpy_bandwidth();
 
+// Single-precision FMA peak of the benchmark's threads on this machine (independent
+// fused multiply-adds on the widest vectors the CPU has), in FLOP per second;
+// measured once, at start-up.
+double fma_peak_flops();
+
 // ---------------------------------------------------------------- random data
 
 // splitmix64: fast, seedable, identical on every platform.

@@ -2,6 +2,10 @@
 // window queries and all keys.
 //   cake:  cake::window_stats (blocked, never materialises the attention)
 //   naive: repeat K per query head, materialise [B,H,w,S] scores, softmax, then stats
+//   portable, avx2: cake forced onto that kernel path (cake::force_host_isa); "cake"
+//          is the path picked at run time (AVX-512 where the CPU has it). The portable
+//          path is the blocked implementation before runtime dispatch, compiled here
+//          with -march=native (a build without it runs it at SSE2 width).
 #include "common/common.hpp"
 #include "host/suites.hpp"
 
@@ -15,24 +19,46 @@ void stats_counters(benchmark::State& st, const LayerInputs& in) {
   st.SetBytesProcessed(static_cast<std::int64_t>(in.kv_bytes()) * st.iterations());  // K read
   st.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9 * static_cast<double>(st.iterations()),
                                              benchmark::Counter::kIsRate);
+  // The score products' share of the threads' measured FMA peak (fma_peak_flops).
+  st.counters["fma_peak_fraction"] = benchmark::Counter(
+      flops / fma_peak_flops() * static_cast<double>(st.iterations()), benchmark::Counter::kIsRate);
+}
+
+void run_cake(benchmark::State& st, const LayerInputs& in, index_t B, index_t S) {
+  std::vector<float> ind(static_cast<std::size_t>(B * in.Hkv * (S - in.w)));
+  std::array<float, 2> stats{};
+  const cake::MeanVarianceIndicator indicator{};
+  for (auto _ : st) {
+    cake::window_stats(cake::host, in.qv(), in.kv(), indicator,
+                       cake::make_view(ind.data(), std::array<index_t, 3>{B, in.Hkv, S - in.w}),
+                       cake::make_view(stats.data(), std::array<index_t, 1>{2}));
+    benchmark::DoNotOptimize(ind.data());
+    benchmark::ClobberMemory();
+  }
+  stats_counters(st, in);
+}
+
+// cake on a forced kernel path (restored afterwards).
+void add_forced(const Shape& sh, index_t B, index_t S, cake::host_isa isa) {
+  if (!cake::host_isa_supported(isa) || isa == cake::host_isa_best()) return;
+  add(name("window_stats", cake::host_isa_name(isa), shape_args(sh, B, S)),
+      [sh, B, S, isa](benchmark::State& st) {
+        const LayerInputs& in = layer_inputs(sh, B, S);
+        const cake::host_isa saved = cake::active_host_isa();
+        cake::force_host_isa(isa);
+        run_cake(st, in, B, S);
+        cake::force_host_isa(saved);
+      })
+      ->MinTime(0.3);
 }
 
 void add_case(const Shape& sh, index_t B, index_t S) {
   const std::string args = shape_args(sh, B, S);
   add(name("window_stats", "cake", args), [sh, B, S](benchmark::State& st) {
-    const LayerInputs& in = layer_inputs(sh, B, S);
-    std::vector<float> ind(static_cast<std::size_t>(B * in.Hkv * (S - in.w)));
-    std::array<float, 2> stats{};
-    const cake::MeanVarianceIndicator indicator{};
-    for (auto _ : st) {
-      cake::window_stats(cake::host, in.qv(), in.kv(), indicator,
-                         cake::make_view(ind.data(), std::array<index_t, 3>{B, in.Hkv, S - in.w}),
-                         cake::make_view(stats.data(), std::array<index_t, 1>{2}));
-      benchmark::DoNotOptimize(ind.data());
-      benchmark::ClobberMemory();
-    }
-    stats_counters(st, in);
+    run_cake(st, layer_inputs(sh, B, S), B, S);
   })->MinTime(0.3);
+  add_forced(sh, B, S, cake::host_isa::portable);
+  add_forced(sh, B, S, cake::host_isa::avx2);
   add(name("window_stats", "naive", args), [sh, B, S](benchmark::State& st) {
     const LayerInputs& in = layer_inputs(sh, B, S);
     NaiveStats naive;

@@ -8,4 +8,5 @@ void register_compact();
 void register_allocate_budgets();
 void register_prefill();
 void register_decode();
+void register_decode_scores();
 }  // namespace cake_bench

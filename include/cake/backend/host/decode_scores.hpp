@@ -13,6 +13,7 @@
 #include "../../detail/lanes.hpp"
 #include "../../detail/math.hpp"
 #include "../../detail/parallel.hpp"
+#include "detail/simd.hpp"
 
 namespace cake {
 namespace detail::host_decode {
@@ -54,6 +55,62 @@ struct decode_scores_backend<host_policy> {
     using detail::row_max;
     const index_t grp_pad = (grp + QB - 1) / QB * QB;
     const int nt = detail::worker_count(exec, B * Hkv);
+    // The SIMD path (picked at run time) for float or half keys with head_dim a whole number
+    // of vectors: logits along head_dim with the group's queries sharing each key
+    // row, exponentials and their sums vectorised over the keys.
+    const detail::simd::kernels* kk = detail::simd::active_kernels();
+    using TKe = std::remove_cv_t<TK>;
+#if CAKE_SIMD_HAS_HALF
+    constexpr bool simd_keys = std::is_same_v<TKe, float> || std::is_same_v<TKe, _Float16>;
+#else
+    constexpr bool simd_keys = std::is_same_v<TKe, float>;
+#endif
+    if constexpr (simd_keys) {
+      if (kk && d % kk->vw == 0 && (n_held <= 1 || k.stride(2) >= d)) {
+        const index_t ld = (n_held + 15) / 16 * 16;  // rows padded to whole vectors
+        std::vector<std::vector<float>> prob(static_cast<std::size_t>(nt)), acc(prob.size()),
+            qbuf(prob.size());
+        for (std::size_t t = 0; t < prob.size(); ++t) {
+          prob[t].resize(static_cast<std::size_t>(grp_pad * ld));
+          acc[t].resize(static_cast<std::size_t>(c + 2 * half));
+          qbuf[t].assign(static_cast<std::size_t>(grp_pad * d), 0.0f);
+        }
+        const float inv_sqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+        detail::parallel_for(exec, B * Hkv, [&](index_t row, int worker) {
+          const index_t b = row / Hkv, g = row % Hkv;
+          float* p = prob[static_cast<std::size_t>(worker)].data();  // (grp_pad, ld)
+          float* qg = qbuf[static_cast<std::size_t>(worker)].data();  // (grp_pad, d)
+          for (index_t r = 0; r < grp; ++r) {
+            const auto* qr = &q(b, g * grp + r, 0);
+            for (index_t x = 0; x < d; ++x) qg[r * d + x] = static_cast<float>(qr[x]);
+          }
+          const index_t k_ld = n_held > 1 ? k.stride(2) : d;
+          if constexpr (std::is_same_v<TKe, float>)
+            kk->decode_dots(qg, grp_pad, d, &k(b, g, 0, 0), k_ld, n_held, inv_sqrt_d, p, ld);
+#if CAKE_SIMD_HAS_HALF
+          else
+            kk->decode_dots_h(qg, grp_pad, d, &k(b, g, 0, 0), k_ld, n_held, inv_sqrt_d, p, ld);
+#endif
+          float* a = acc[static_cast<std::size_t>(worker)].data();
+          std::fill(a, a + c + 2 * half, 0.0f);
+          for (index_t r = 0; r < grp; ++r) {
+            float* pr = p + r * ld;
+            float m, sum, unused[2];
+            kk->tile_softmax(pr, n_held, ld, 0, &m, &sum, &unused[0], &unused[1]);
+            const float inv = 1.0f / sum;
+            for (index_t j = 0; j < c; ++j) a[half + j] += indicator.score(pr[j] * inv, 0.0f);
+          }
+          const float inv = 1.0f / (static_cast<float>(kernel) * static_cast<float>(grp));
+          float* o = &out(b, g, 0);
+          for (index_t j = 0; j < c; ++j) {
+            float s = 0;
+            for (int t = 0; t < kernel; ++t) s += a[j + t];
+            o[j] = s * inv;
+          }
+        });
+        return;
+      }
+    }
     // per worker: (grp, n_held) probabilities, (c + 2 * half) padded sums,
     // (grp_pad, d) the group's queries as float (rows past grp are zero)
     std::vector<std::vector<float>> prob(static_cast<std::size_t>(nt)), acc(prob.size()),

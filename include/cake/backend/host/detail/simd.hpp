@@ -1,0 +1,112 @@
+// cake: the host SIMD micro-kernels (simd_body.hpp) compiled for AVX2 + FMA and for
+// AVX-512 inside target regions, whatever flags the including file was compiled
+// with, and the table the backends pick them from at run time (isa.hpp).
+#pragma once
+
+#include <cstdint>
+
+#include "../../../config.hpp"
+#include "isa.hpp"
+
+#if CAKE_HOST_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
+// IEEE half keys (_Float16) converted by F16C inside the kernels, where the compiler has the type.
+#if defined(__FLT16_MAX__)
+#define CAKE_SIMD_HAS_HALF 1
+#else
+#define CAKE_SIMD_HAS_HALF 0
+#endif
+
+namespace cake::detail::simd {
+
+// The micro-kernels of one instruction set (see simd_body.hpp for each contract).
+struct kernels {
+  index_t vw;  // floats per vector
+  void (*score_tile)(const float*, index_t, index_t, const float*, index_t, index_t, float, float*,
+                     index_t);
+  void (*transpose_tile)(const float*, index_t, index_t, index_t, float*, index_t);
+  void (*tile_softmax)(float*, index_t, index_t, index_t, float*, float*, float*, float*);
+  void (*head_columns)(const float*, index_t, index_t, const float*, index_t, bool, float*, float*,
+                       float*, double*);
+  void (*decode_dots)(const float*, index_t, index_t, const float*, index_t, index_t, float, float*,
+                      index_t);
+#if CAKE_SIMD_HAS_HALF
+  void (*transpose_tile_h)(const _Float16*, index_t, index_t, index_t, float*, index_t);
+  void (*decode_dots_h)(const float*, index_t, index_t, const _Float16*, index_t, index_t, float,
+                        float*, index_t);
+#endif
+};
+
+}  // namespace cake::detail::simd
+
+#if CAKE_HOST_X86_DISPATCH
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#define CAKE_SIMD_NS avx2
+#define CAKE_SIMD_VW 8
+#include "simd_body.hpp"
+#undef CAKE_SIMD_NS
+#undef CAKE_SIMD_VW
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#endif
+#define CAKE_SIMD_NS avx512
+#define CAKE_SIMD_VW 16
+#include "simd_body.hpp"
+#undef CAKE_SIMD_NS
+#undef CAKE_SIMD_VW
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#endif  // CAKE_HOST_X86_DISPATCH
+
+namespace cake::detail::simd {
+
+// The kernels of the active path (active_host_isa()), or nullptr on the portable one.
+inline const kernels* active_kernels() noexcept {
+#if CAKE_HOST_X86_DISPATCH
+  static constexpr kernels k2{avx2::VW, &avx2::score_tile, &avx2::transpose_tile,
+                              &avx2::tile_softmax,
+                              &avx2::head_columns, &avx2::decode_dots
+#if CAKE_SIMD_HAS_HALF
+                              , &avx2::transpose_tile_h, &avx2::decode_dots_h
+#endif
+  };
+  static constexpr kernels k512{avx512::VW, &avx512::score_tile,
+                                &avx512::transpose_tile, &avx512::tile_softmax,
+                                &avx512::head_columns, &avx512::decode_dots
+#if CAKE_SIMD_HAS_HALF
+                                , &avx512::transpose_tile_h, &avx512::decode_dots_h
+#endif
+  };
+  switch (active_host_isa()) {
+    case host_isa::avx512: return &k512;
+    case host_isa::avx2: return &k2;
+    default: return nullptr;
+  }
+#else
+  return nullptr;
+#endif
+}
+
+}  // namespace cake::detail::simd

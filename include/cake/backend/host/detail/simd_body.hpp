@@ -1,0 +1,358 @@
+// cake: the host SIMD micro-kernels, written once over GCC vector types and
+// compiled once per instruction set. No include guard: simd.hpp includes this file
+// inside each target region with CAKE_SIMD_NS (the namespace) and CAKE_SIMD_VW
+// (floats per vector: 8 for AVX2, 16 for AVX-512) defined. Every function here has
+// plain pointer arguments, so nothing vector-typed crosses the region's boundary.
+
+namespace cake::detail::simd::CAKE_SIMD_NS {
+
+inline constexpr index_t VW = CAKE_SIMD_VW;
+typedef float V __attribute__((vector_size(VW * 4)));
+typedef std::int32_t VI __attribute__((vector_size(VW * 4)));
+typedef float VU __attribute__((vector_size(VW * 4), aligned(4), may_alias));  // unaligned
+
+CAKE_ALWAYS_INLINE V load(const float* p) { return *reinterpret_cast<const VU*>(p); }
+CAKE_ALWAYS_INLINE void store(float* p, V v) { *reinterpret_cast<VU*>(p) = v; }
+CAKE_ALWAYS_INLINE V iota() {
+  V v;
+  for (index_t l = 0; l < VW; ++l) v[l] = static_cast<float>(l);
+  return v;
+}
+#if CAKE_SIMD_VW == 16
+CAKE_ALWAYS_INLINE V splat(float x) { return reinterpret_cast<V>(_mm512_set1_ps(x)); }
+CAKE_ALWAYS_INLINE V fma(V a, V b, V c) {
+  return reinterpret_cast<V>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a),
+                                             reinterpret_cast<__m512>(b),
+                                             reinterpret_cast<__m512>(c)));
+}
+#else
+CAKE_ALWAYS_INLINE V splat(float x) { return reinterpret_cast<V>(_mm256_set1_ps(x)); }
+CAKE_ALWAYS_INLINE V fma(V a, V b, V c) {
+  return reinterpret_cast<V>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a),
+                                             reinterpret_cast<__m256>(b),
+                                             reinterpret_cast<__m256>(c)));
+}
+#endif
+// A vector of keys as float, from float or (F16C) IEEE half storage.
+CAKE_ALWAYS_INLINE V load_key(const float* p) { return load(p); }
+#if CAKE_SIMD_HAS_HALF
+CAKE_ALWAYS_INLINE V load_key(const _Float16* p) {
+#if CAKE_SIMD_VW == 16
+  return reinterpret_cast<V>(_mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#else
+  return reinterpret_cast<V>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#endif
+}
+#endif
+CAKE_ALWAYS_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+#if CAKE_SIMD_HAS_HALF
+CAKE_ALWAYS_INLINE __m256 load8(const _Float16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
+CAKE_ALWAYS_INLINE V vmax(V a, V b) { return a > b ? a : b; }
+CAKE_ALWAYS_INLINE V vmin(V a, V b) { return a < b ? a : b; }
+CAKE_ALWAYS_INLINE float hsum(V v) {
+  float s = 0;
+  for (index_t l = 0; l < VW; ++l) s += v[l];
+  return s;
+}
+CAKE_ALWAYS_INLINE float hmax(V v) {
+  float m = v[0];
+  for (index_t l = 1; l < VW; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+// exp_approx and log_approx of math.hpp, lane-wise (the same polynomials; here
+// with fused multiply-adds, so within an ulp of the scalar versions, not equal).
+CAKE_ALWAYS_INLINE V exp_v(V x) {
+  const VI under = x < splat(-87.3f);
+  x = vmin(x, splat(88.3f));
+  x = vmax(x, splat(-87.3f));
+  const V magic = splat(12582912.0f);
+  const V n = fma(x, splat(1.44269504088896341f), magic) - magic;
+  V r = fma(n, splat(-0.693359375f), x);
+  r = fma(n, splat(2.12194440e-4f), r);
+  const V z = r * r;
+  V y = splat(1.9875691500e-4f);
+  y = fma(y, r, splat(1.3981999507e-3f));
+  y = fma(y, r, splat(8.3334519073e-3f));
+  y = fma(y, r, splat(4.1665795894e-2f));
+  y = fma(y, r, splat(1.6666665459e-1f));
+  y = fma(y, r, splat(5.0000001201e-1f));
+  y = fma(y, z, r + splat(1.0f));
+  const VI e = __builtin_convertvector(n, VI) + 127;
+  y = y * reinterpret_cast<V>(e << 23);
+  return under ? splat(0.0f) : y;
+}
+
+CAKE_ALWAYS_INLINE V log_v(V x) {
+  const VI bits = reinterpret_cast<VI>(x);
+  VI e = ((bits >> 23) & 0xff) - 126;
+  V m = reinterpret_cast<V>((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
+  const VI small = m < splat(0.707106781186547524f);
+  e = small ? e - 1 : e;
+  m = small ? m + m - splat(1.0f) : m - splat(1.0f);
+  const V z = m * m;
+  V y = splat(7.0376836292e-2f);
+  y = fma(y, m, splat(-1.1514610310e-1f));
+  y = fma(y, m, splat(1.1676998740e-1f));
+  y = fma(y, m, splat(-1.2420140846e-1f));
+  y = fma(y, m, splat(1.4249322787e-1f));
+  y = fma(y, m, splat(-1.6668057665e-1f));
+  y = fma(y, m, splat(2.0000714765e-1f));
+  y = fma(y, m, splat(-2.4999993993e-1f));
+  y = fma(y, m, splat(3.3333331174e-1f));
+  y = y * m * z;
+  const V fe = __builtin_convertvector(e, V);
+  y = fma(fe, splat(-2.12194440e-4f), y);
+  y = fma(splat(-0.5f), z, y);
+  return fma(fe, splat(0.693359375f), m + y);
+}
+
+// Rows of a score micro-tile: 8 with 32 registers (AVX-512), 4 with 16 (AVX2);
+// two vectors of keys each, so the accumulators fill most of the register file.
+inline constexpr index_t RB = VW == 16 ? 8 : 4;
+inline constexpr index_t CB = 2 * VW;
+
+// out[r][c] = scale * (q[r] . kt[:, c]) for r < rows (a multiple of 8), c < cols (a
+// multiple of 32). q: (rows, d) row-major; kt: (d, kt_ld), K transposed.
+inline void score_tile(const float* CAKE_RESTRICT q, index_t rows, index_t d,
+                       const float* CAKE_RESTRICT kt, index_t kt_ld, index_t cols, float scale,
+                       float* CAKE_RESTRICT out, index_t ld) {
+  for (index_t c0 = 0; c0 < cols; c0 += CB)
+    for (index_t r0 = 0; r0 < rows; r0 += RB) {
+      V acc0[RB], acc1[RB];
+#pragma GCC unroll 8
+      for (index_t r = 0; r < RB; ++r) acc0[r] = acc1[r] = splat(0.0f);
+      const float* qr = q + r0 * d;
+      const float* kc = kt + c0;
+      for (index_t x = 0; x < d; ++x) {
+        const V k0 = load(kc + x * kt_ld), k1 = load(kc + x * kt_ld + VW);
+#pragma GCC unroll 8
+        for (index_t r = 0; r < RB; ++r) {
+          const V qb = splat(qr[r * d + x]);
+          acc0[r] = fma(qb, k0, acc0[r]);
+          acc1[r] = fma(qb, k1, acc1[r]);
+        }
+      }
+      const V sc = splat(scale);
+#pragma GCC unroll 8
+      for (index_t r = 0; r < RB; ++r) {
+        store(out + (r0 + r) * ld + c0, acc0[r] * sc);
+        store(out + (r0 + r) * ld + c0 + VW, acc1[r] * sc);
+      }
+    }
+}
+
+// kt[x * kt_ld + j] = k[j * k_ld + x] for j < tj, x < d: a key tile transposed, in
+// 8 x 8 blocks held in registers (AVX; both paths have it), the edges one by one.
+template <class T>
+CAKE_ALWAYS_INLINE void transpose_tile_t(const T* CAKE_RESTRICT k, index_t k_ld, index_t tj,
+                                         index_t d, float* CAKE_RESTRICT kt, index_t kt_ld) {
+  const index_t tj8 = tj / 8 * 8, d8 = d / 8 * 8;
+  for (index_t j = 0; j < tj8; j += 8) {
+    for (index_t x = 0; x < d8; x += 8) {
+      const T* src = k + j * k_ld + x;
+      const __m256 r0 = load8(src), r1 = load8(src + k_ld), r2 = load8(src + 2 * k_ld),
+                   r3 = load8(src + 3 * k_ld), r4 = load8(src + 4 * k_ld),
+                   r5 = load8(src + 5 * k_ld), r6 = load8(src + 6 * k_ld),
+                   r7 = load8(src + 7 * k_ld);
+      const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
+                   t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
+                   t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                   t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee),
+                   u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee),
+                   u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee),
+                   u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+      float* dst = kt + x * kt_ld + j;
+      _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(dst + kt_ld, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(dst + 2 * kt_ld, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(dst + 3 * kt_ld, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(dst + 4 * kt_ld, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(dst + 5 * kt_ld, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(dst + 6 * kt_ld, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(dst + 7 * kt_ld, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+    for (index_t x = d8; x < d; ++x)
+      for (index_t jj = j; jj < j + 8; ++jj) kt[x * kt_ld + jj] = static_cast<float>(k[jj * k_ld + x]);
+  }
+  for (index_t j = tj8; j < tj; ++j)
+    for (index_t x = 0; x < d; ++x) kt[x * kt_ld + j] = static_cast<float>(k[j * k_ld + x]);
+}
+inline void transpose_tile(const float* CAKE_RESTRICT k, index_t k_ld, index_t tj, index_t d,
+                           float* CAKE_RESTRICT kt, index_t kt_ld) {
+  transpose_tile_t(k, k_ld, tj, d, kt, kt_ld);
+}
+#if CAKE_SIMD_HAS_HALF
+inline void transpose_tile_h(const _Float16* CAKE_RESTRICT k, index_t k_ld, index_t tj, index_t d,
+                             float* CAKE_RESTRICT kt, index_t kt_ld) {
+  transpose_tile_t(k, k_ld, tj, d, kt, kt_ld);
+}
+#endif
+
+// One row's piece of a score tile: keys [0, cnt) are visible (cnt >= 1), keys
+// [cnt, cols) masked; cols a multiple of VW. Writes e = exp(s - m) (0 where masked)
+// in place, with m the piece's maximum; returns m, the sum of e, and over the first
+// `prefix` keys the sums of e and of e * s (what the row's entropy needs: with
+// p = e * c, ln p = s - (the row's max + ln of its sum); see group_simd).
+inline void tile_softmax(float* CAKE_RESTRICT row, index_t cnt, index_t cols, index_t prefix,
+                         float* m_out, float* sum_out, float* ep_out, float* es_out) {
+  const V lane = iota();
+  V mv = splat(-3.0e38f);
+  index_t j = 0;
+  for (; j + VW <= cnt; j += VW) mv = vmax(mv, load(row + j));
+  if (j < cnt) {
+    const V v = load(row + j);
+    mv = vmax(mv, (lane < splat(static_cast<float>(cnt - j))) ? v : splat(-3.0e38f));
+  }
+  const float m = hmax(mv);
+  const V ms = splat(m);
+  V sv = splat(0.0f), pv = splat(0.0f), qv = splat(0.0f);
+  for (j = 0; j < cols; j += VW) {
+    const V x = load(row + j);
+    V e = exp_v(x - ms);
+    if (j + VW > cnt) e = (lane < splat(static_cast<float>(cnt - j))) ? e : splat(0.0f);
+    store(row + j, e);
+    sv += e;
+    if (j < prefix) {
+      const V ep = (lane < splat(static_cast<float>(prefix - j))) ? e : splat(0.0f);
+      pv += ep;
+      qv = fma(ep, x, qv);
+    }
+  }
+  *m_out = m;
+  *sum_out = hsum(sv);
+  *ep_out = hsum(pv);
+  *es_out = hsum(qv);
+}
+
+// Column statistics of one head over n prefix keys of a tile: rows i < w of p
+// (pitch ld) hold e values that become probabilities times c[i]. Writes the mean
+// and (if var) the unbiased variance over the rows of each key to mean[0..n) and
+// m2[0..n) (and up to the next multiple of VW, which the caller ignores); adds the
+// variances to *var_sum. tmp: w * VW floats.
+inline void head_columns(const float* CAKE_RESTRICT p, index_t ld, index_t w,
+                         const float* CAKE_RESTRICT c, index_t n, bool var,
+                         float* CAKE_RESTRICT mean, float* CAKE_RESTRICT m2,
+                         float* CAKE_RESTRICT tmp, double* var_sum) {
+  const V lane = iota();
+  const V inv_w = splat(1.0f / static_cast<float>(w));
+  const V inv_w1 = splat(1.0f / static_cast<float>(w - 1));
+  V vv = splat(0.0f);
+  for (index_t j = 0; j < n; j += VW) {
+    V s = splat(0.0f);
+    for (index_t i = 0; i < w; ++i) {
+      const V pv = load(p + i * ld + j) * splat(c[i]);
+      store(tmp + i * VW, pv);
+      s += pv;
+    }
+    const V mu = s * inv_w;
+    store(mean + j, mu);
+    if (var) {
+      V q = splat(0.0f);
+      for (index_t i = 0; i < w; ++i) {
+        const V dv = load(tmp + i * VW) - mu;
+        q = fma(dv, dv, q);
+      }
+      q = q * inv_w1;
+      store(m2 + j, q);
+      vv += (lane < splat(static_cast<float>(n - j))) ? q : splat(0.0f);
+    }
+  }
+  *var_sum += static_cast<double>(hsum(vv));
+}
+
+// Sums of 8 vectors' lanes: out[a] = sum of acc[a].
+CAKE_ALWAYS_INLINE void reduce8(const V* acc, float* out) {
+#if CAKE_SIMD_VW == 16
+  // Halves, then 128-bit quarters, then within quarters: 15 shuffles and adds for all 8
+  // (the zero-masked forms: GCC 12 warns that the plain ones read an undefined vector).
+  __m512 u[4];
+#pragma GCC unroll 4
+  for (int a = 0; a < 4; ++a) {
+    const __m512 x = reinterpret_cast<__m512>(acc[2 * a]), y = reinterpret_cast<__m512>(acc[2 * a + 1]);
+    u[a] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, x, y, 0x44), _mm512_maskz_shuffle_f32x4(0xffff, x, y, 0xee));
+  }
+  const __m512 w0 = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, u[0], u[1], 0x88),
+                                  _mm512_maskz_shuffle_f32x4(0xffff, u[0], u[1], 0xdd));  // acc 0..3 by quarter
+  const __m512 w1 = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, u[2], u[3], 0x88),
+                                  _mm512_maskz_shuffle_f32x4(0xffff, u[2], u[3], 0xdd));  // acc 4..7
+  const __m512 x = _mm512_add_ps(_mm512_maskz_shuffle_ps(0xffff, w0, w1, 0x88), _mm512_maskz_shuffle_ps(0xffff, w0, w1, 0xdd));
+  const __m512 y = _mm512_add_ps(_mm512_maskz_shuffle_ps(0xffff, x, x, 0x88), _mm512_maskz_shuffle_ps(0xffff, x, x, 0xdd));
+  const V yv = reinterpret_cast<V>(y);
+#pragma GCC unroll 4
+  for (int a = 0; a < 4; ++a) {
+    out[a] = yv[4 * a];
+    out[a + 4] = yv[4 * a + 1];
+  }
+#else
+#pragma GCC unroll 8
+  for (int a = 0; a < 8; ++a) out[a] = hsum(acc[a]);
+#endif
+}
+
+// Decode logits: out[r * ld + j] = scale * (q[r] . k[j]) for r < rows (a multiple of
+// 4), j < n; q: (rows, d) row-major, k: n rows of pitch k_ld; d a multiple of VW.
+// Along head_dim, four query rows against KB keys at a time (4 * KB accumulators:
+// 16 with AVX-512's 32 registers, 8 with AVX2's 16), so each key row is read once
+// for the whole GQA group.
+inline constexpr int KB = VW == 16 ? 4 : 2;
+template <class T>
+CAKE_ALWAYS_INLINE void decode_dots_t(const float* CAKE_RESTRICT q, index_t rows, index_t d,
+                                      const T* CAKE_RESTRICT k, index_t k_ld, index_t n,
+                                      float scale, float* CAKE_RESTRICT out, index_t ld) {
+  for (index_t r0 = 0; r0 < rows; r0 += 4) {
+    const float* qr = q + r0 * d;
+    index_t j = 0;
+    for (; j + KB <= n; j += KB) {
+      const T* kj = k + j * k_ld;
+      V acc[4 * KB];  // acc[4 * key + row]
+#pragma GCC unroll 16
+      for (int a = 0; a < 4 * KB; ++a) acc[a] = splat(0.0f);
+      for (index_t x = 0; x < d; x += VW) {
+        V kv[KB], qv[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < KB; ++t) kv[t] = load_key(kj + t * k_ld + x);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) qv[r] = load(qr + r * d + x);
+#pragma GCC unroll 4
+        for (int t = 0; t < KB; ++t)
+#pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) acc[4 * t + r] = fma(qv[r], kv[t], acc[4 * t + r]);
+      }
+      float sums[4 * KB];
+#pragma GCC unroll 2
+      for (int a = 0; a < 4 * KB; a += 8) reduce8(acc + a, sums + a);
+#pragma GCC unroll 4
+      for (int t = 0; t < KB; ++t)
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) out[(r0 + r) * ld + j + t] = sums[4 * t + r] * scale;
+    }
+    for (; j < n; ++j) {
+      const T* k0 = k + j * k_ld;
+      for (int r = 0; r < 4; ++r) {
+        V acc = splat(0.0f);
+        for (index_t x = 0; x < d; x += VW) acc = fma(load(qr + r * d + x), load_key(k0 + x), acc);
+        out[(r0 + r) * ld + j] = hsum(acc) * scale;
+      }
+    }
+  }
+}
+inline void decode_dots(const float* CAKE_RESTRICT q, index_t rows, index_t d,
+                        const float* CAKE_RESTRICT k, index_t k_ld, index_t n, float scale,
+                        float* CAKE_RESTRICT out, index_t ld) {
+  decode_dots_t(q, rows, d, k, k_ld, n, scale, out, ld);
+}
+#if CAKE_SIMD_HAS_HALF
+inline void decode_dots_h(const float* CAKE_RESTRICT q, index_t rows, index_t d,
+                          const _Float16* CAKE_RESTRICT k, index_t k_ld, index_t n, float scale,
+                          float* CAKE_RESTRICT out, index_t ld) {
+  decode_dots_t(q, rows, d, k, k_ld, n, scale, out, ld);
+}
+#endif
+
+}  // namespace cake::detail::simd::CAKE_SIMD_NS

@@ -1,0 +1,220 @@
+// Runtime instruction-set dispatch of the host kernels: every path this CPU can run
+// keeps the same tokens as the portable path on randomized inputs, with indicators
+// and layer statistics within stated tolerances; forcing a path works and an
+// unsupported one is refused.
+#include <doctest/doctest.h>
+
+#include <cake/cake.hpp>
+
+#include <array>
+#include <cmath>
+#include <random>
+#include <vector>
+
+using cake::index_t;
+
+namespace dispatch_test {
+
+// Restores the path that was active when the test started.
+struct IsaGuard {
+  cake::host_isa saved = cake::active_host_isa();
+  ~IsaGuard() { cake::force_host_isa(saved); }
+};
+
+std::vector<cake::host_isa> simd_paths() {
+  std::vector<cake::host_isa> v;
+  for (cake::host_isa i : {cake::host_isa::avx2, cake::host_isa::avx512})
+    if (cake::host_isa_supported(i)) v.push_back(i);
+  return v;
+}
+
+template <class T>
+std::vector<T> random_values(std::size_t n, unsigned seed, float scale) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<T> v(n);
+  for (auto& x : v) x = static_cast<T>(dist(gen));
+  return v;
+}
+
+struct Shape {
+  index_t B, H, Hkv, w, S, d;
+};
+
+struct Result {
+  std::vector<float> indicator;  // (B, Hkv, S - w)
+  std::array<float, 2> stats{};
+  std::vector<std::int32_t> kept;  // (B * Hkv, c): select_k of the indicator
+};
+
+template <class T>
+Result run(const Shape& s, const std::vector<T>& q, const std::vector<T>& k, index_t c,
+           cake::StatsRequest req = {}) {
+  Result r;
+  const index_t P = s.S - s.w;
+  r.indicator.assign(static_cast<std::size_t>(s.B * s.Hkv * P), -1.0f);
+  cake::window_stats(cake::host, cake::make_view(q.data(), std::array<index_t, 4>{s.B, s.H, s.w, s.d}),
+                     cake::make_view(k.data(), std::array<index_t, 4>{s.B, s.Hkv, s.S, s.d}),
+                     cake::MeanVarianceIndicator{},
+                     cake::make_view(r.indicator.data(), std::array<index_t, 3>{s.B, s.Hkv, P}),
+                     cake::make_view(r.stats.data(), std::array<index_t, 1>{2}), req);
+  r.kept.assign(static_cast<std::size_t>(s.B * s.Hkv * c), -1);
+  cake::select_k(cake::host,
+                 cake::make_view(static_cast<const float*>(r.indicator.data()),
+                                 std::array<index_t, 2>{s.B * s.Hkv, P}),
+                 cake::make_view(r.kept.data(), std::array<index_t, 2>{s.B * s.Hkv, c}),
+                 cake::select_order::position);
+  return r;
+}
+
+// Indicator tolerance: relative 1e-5 of the value plus 1e-5 of the row's largest
+// value (tiny scores carry the absolute error of the large ones they are normalised by).
+void check_same(const Result& got, const Result& want, index_t rows, index_t P) {
+  index_t bad = 0, first = -1;
+  for (index_t r = 0; r < rows; ++r) {
+    float mx = 0;
+    for (index_t j = 0; j < P; ++j) mx = std::max(mx, std::abs(want.indicator[r * P + j]));
+    for (index_t j = 0; j < P; ++j) {
+      const float a = got.indicator[r * P + j], b = want.indicator[r * P + j];
+      if (!(std::abs(a - b) <= 1e-5f * std::abs(b) + 1e-5f * mx)) {
+        if (first < 0) first = r * P + j;
+        ++bad;
+      }
+    }
+  }
+  INFO("first indicator mismatch at flat index ", first);
+  CHECK(bad == 0);
+  CHECK(got.stats[0] == doctest::Approx(want.stats[0]).epsilon(1e-5));
+  CHECK(got.stats[1] == doctest::Approx(want.stats[1]).epsilon(1e-5));
+  CHECK(got.kept == want.kept);
+}
+
+}  // namespace dispatch_test
+
+using namespace dispatch_test;
+
+TEST_CASE("host ISA: forcing a path; an unsupported path is refused") {
+  IsaGuard guard;
+  cake::force_host_isa(cake::host_isa::portable);
+  CHECK(cake::active_host_isa() == cake::host_isa::portable);
+  CHECK(cake::host_isa_supported(cake::host_isa_best()));
+  for (cake::host_isa i : {cake::host_isa::avx2, cake::host_isa::avx512}) {
+    if (cake::host_isa_supported(i)) {
+      cake::force_host_isa(i);
+      CHECK(cake::active_host_isa() == i);
+    } else {
+      CHECK_THROWS_AS(cake::force_host_isa(i), cake::invalid_argument);
+      CHECK(cake::active_host_isa() != i);
+    }
+  }
+}
+
+TEST_CASE("window_stats: every SIMD path keeps the portable path's tokens (randomized)") {
+  IsaGuard guard;
+  const Shape shapes[] = {
+      {1, 32, 8, 32, 1500, 128},  // Llama-3.1-8B heads
+      {2, 8, 2, 13, 517, 72},     // window not a multiple of 8, S not of 32, d of 8
+      {1, 3, 3, 5, 97, 7},        // MHA, d below one vector
+      {1, 4, 1, 40, 300, 64},     // window beyond a key tile's last row block
+  };
+  unsigned seed = 100;
+  for (const Shape& s : shapes) {
+    for (float scale : {0.5f, 2.5f}) {  // flat and peaked attention
+      const auto q = random_values<float>(static_cast<std::size_t>(s.B * s.H * s.w * s.d), ++seed,
+                                          scale);
+      const auto k = random_values<float>(static_cast<std::size_t>(s.B * s.Hkv * s.S * s.d),
+                                          ++seed, 1.0f);
+      const index_t P = s.S - s.w, c = P / 4;
+      cake::force_host_isa(cake::host_isa::portable);
+      const Result want = run(s, q, k, c);
+      for (cake::host_isa isa : simd_paths()) {
+        CAPTURE(cake::host_isa_name(isa));
+        CAPTURE(s.S);
+        CAPTURE(scale);
+        cake::force_host_isa(isa);
+        check_same(run(s, q, k, c), want, s.B * s.Hkv, P);
+        // the statistics a preference policy may skip leave the indicator as it was
+        const Result lean = run(s, q, k, c, cake::StatsRequest{false, false});
+        CHECK(lean.kept == want.kept);
+      }
+    }
+  }
+}
+
+#if defined(__FLT16_MAX__)  // the compiler has _Float16
+TEST_CASE("window_stats: 16-bit queries and keys take every path with float accumulation") {
+  IsaGuard guard;
+  const Shape s{1, 8, 2, 16, 700, 64};
+  const auto q = random_values<_Float16>(static_cast<std::size_t>(s.B * s.H * s.w * s.d), 7, 1.5f);
+  const auto k = random_values<_Float16>(static_cast<std::size_t>(s.B * s.Hkv * s.S * s.d), 8, 1.0f);
+  std::vector<float> qf(q.begin(), q.end()), kf(k.begin(), k.end());
+  const index_t P = s.S - s.w, c = 128;
+  cake::force_host_isa(cake::host_isa::portable);
+  const Result want = run(s, qf, kf, c);  // the same values, as float
+  for (cake::host_isa isa : simd_paths()) {
+    CAPTURE(cake::host_isa_name(isa));
+    cake::force_host_isa(isa);
+    check_same(run(s, q, k, c), want, s.B * s.Hkv, P);
+  }
+}
+#endif
+
+namespace dispatch_test {
+
+struct DecodeResult {
+  std::vector<float> scores;       // (B, Hkv, c)
+  std::vector<std::int32_t> kept;  // (B * Hkv, c - 1): all candidates but the lowest
+};
+
+template <class T>
+DecodeResult decode(index_t B, index_t H, index_t Hkv, index_t n, index_t d, index_t c,
+                    const std::vector<float>& q, const std::vector<T>& k) {
+  DecodeResult r;
+  r.scores.assign(static_cast<std::size_t>(B * Hkv * c), -1.0f);
+  cake::decode_scores(cake::host, cake::make_view(q.data(), std::array<index_t, 3>{B, H, d}),
+                      cake::make_view(k.data(), std::array<index_t, 4>{B, Hkv, n, d}),
+                      cake::MeanVarianceIndicator{},
+                      cake::make_view(r.scores.data(), std::array<index_t, 3>{B, Hkv, c}));
+  r.kept.assign(static_cast<std::size_t>(B * Hkv * (c - 1)), -1);
+  cake::select_k(cake::host,
+                 cake::make_view(static_cast<const float*>(r.scores.data()),
+                                 std::array<index_t, 2>{B * Hkv, c}),
+                 cake::make_view(r.kept.data(), std::array<index_t, 2>{B * Hkv, c - 1}),
+                 cake::select_order::position);
+  return r;
+}
+
+template <class T>
+void check_decode_paths(index_t B, index_t H, index_t Hkv, index_t n, index_t d, unsigned seed) {
+  const index_t c = n - 3;
+  const auto q = random_values<float>(static_cast<std::size_t>(B * H * d), seed, 1.5f);
+  const auto k = random_values<T>(static_cast<std::size_t>(B * Hkv * n * d), seed + 1, 1.0f);
+  const std::vector<float> kf(k.begin(), k.end());
+  cake::force_host_isa(cake::host_isa::portable);
+  const DecodeResult want = decode(B, H, Hkv, n, d, c, q, kf);  // the same keys, as float
+  for (cake::host_isa isa : simd_paths()) {
+    CAPTURE(cake::host_isa_name(isa));
+    CAPTURE(n);
+    CAPTURE(d);
+    cake::force_host_isa(isa);
+    const DecodeResult got = decode(B, H, Hkv, n, d, c, q, k);
+    index_t bad = 0;
+    for (std::size_t i = 0; i < want.scores.size(); ++i)
+      if (!(std::abs(got.scores[i] - want.scores[i]) <= 1e-5f * std::abs(want.scores[i]) + 1e-9f))
+        ++bad;
+    CHECK(bad == 0);
+    CHECK(got.kept == want.kept);
+  }
+}
+
+}  // namespace dispatch_test
+
+TEST_CASE("decode_scores: every SIMD path keeps the portable path's tokens (randomized)") {
+  IsaGuard guard;
+  check_decode_paths<float>(1, 32, 8, 1057, 128, 201);  // Llama-3.1-8B heads, odd held count
+  check_decode_paths<float>(2, 6, 2, 300, 64, 203);     // group of 3 (padded to 4), B = 2
+  check_decode_paths<float>(1, 4, 4, 50, 40, 205);      // head_dim not a whole vector: portable
+#if defined(__FLT16_MAX__)
+  check_decode_paths<_Float16>(1, 8, 2, 513, 128, 207);  // half keys through F16C
+#endif
+}

@@ -151,7 +151,7 @@ inline void dequantize(ggml_type t, const std::uint8_t* src, float* dst, std::si
   const std::size_t nb = n / tr.block;
   switch (t) {
     case ggml_type::f32:
-      std::memcpy(dst, src, n * 4);
+      if (n) std::memcpy(dst, src, n * 4);  // an empty tensor's buffers may be null
       return;
     case ggml_type::f16:
       for (std::size_t i = 0; i < n; ++i) dst[i] = fp16_to_float(rd16(src + 2 * i));
@@ -466,16 +466,31 @@ class GgufFile {
       t.offset = rd<std::uint64_t>();
       tensors_.push_back(std::move(t));
     }
-    std::size_t align = 32;
-    if (has("general.alignment")) align = static_cast<std::size_t>(get_int("general.alignment"));
-    if (align == 0) throw std::runtime_error("gguf: alignment 0");
-    data_start_ = (pos_ + align - 1) / align * align;
+    std::int64_t align = 32;
+    if (has("general.alignment")) align = get_int("general.alignment");
+    // Bounded by the file, so the arithmetic below cannot wrap.
+    if (align <= 0 || static_cast<std::uint64_t>(align) > bytes_.size())
+      throw std::runtime_error("gguf: bad alignment " + std::to_string(align));
+    const auto a = static_cast<std::size_t>(align);
+    data_start_ = (pos_ + a - 1) / a * a;
     for (const auto& t : tensors_) {
+      // Element counts that wrap 64 bits, or offsets past the file, are refused
+      // before any sum that could wrap (a wrapped sum passed the range check).
+      std::uint64_t n = 1;
+      for (auto d : t.dims) {
+        if (d != 0 && n > UINT64_MAX / d)
+          throw std::runtime_error("gguf: tensor " + t.name + " has too many elements");
+        n *= d;
+      }
+      const std::size_t room = data_start_ <= bytes_.size() ? bytes_.size() - data_start_ : 0;
+      if (t.offset > room)
+        throw std::runtime_error("gguf: tensor " + t.name + " starts past the end of the file");
       const auto tr = type_traits(t.type);
       if (!tr.name) continue;  // reported when the tensor is read
       if (t.elements() % tr.block)
         throw std::runtime_error("gguf: tensor " + t.name + " is not whole blocks");
-      if (data_start_ + t.offset + t.bytes() > bytes_.size())
+      if (t.bytes() > room - t.offset ||
+          (tr.bytes > tr.block && t.elements() / tr.block > room / tr.bytes))
         throw std::runtime_error("gguf: tensor " + t.name + " runs past the end of the file");
     }
   }

@@ -37,7 +37,7 @@ struct Json {
 
   static Json parse(const std::string& text) {
     std::size_t i = 0;
-    Json j = parse_value(text, i);
+    Json j = parse_value(text, i, 0);
     skip(text, i);
     if (i != text.size()) throw std::runtime_error("json: trailing characters");
     return j;
@@ -47,7 +47,11 @@ struct Json {
   static void skip(const std::string& s, std::size_t& i) {
     while (i < s.size() && (s[i] == ' ' || s[i] == '\n' || s[i] == '\r' || s[i] == '\t')) ++i;
   }
+  // s[i], or '\0' past the end: a truncated document then fails the next check
+  // instead of reading out of bounds.
+  static char peek(const std::string& s, std::size_t i) { return i < s.size() ? s[i] : '\0'; }
   static std::string parse_string(const std::string& s, std::size_t& i) {
+    if (peek(s, i) != '"') throw std::runtime_error("json: expected a string");
     std::string out;
     ++i;  // opening quote
     while (i < s.size() && s[i] != '"') {
@@ -61,6 +65,7 @@ struct Json {
             out += '\t';
             break;
           case 'u':
+            if (s.size() - i < 5) throw std::runtime_error("json: truncated \\u escape");
             out += '?';
             i += 4;
             break;
@@ -72,19 +77,22 @@ struct Json {
       }
       ++i;
     }
+    if (i >= s.size()) throw std::runtime_error("json: unterminated string");
     ++i;
     return out;
   }
-  static Json parse_value(const std::string& s, std::size_t& i) {
+  static Json parse_value(const std::string& s, std::size_t& i, int depth) {
     skip(s, i);
     if (i >= s.size()) throw std::runtime_error("json: unexpected end");
+    // Bounded recursion: a deeply nested document must not overflow the stack.
+    if (depth > 256) throw std::runtime_error("json: nested too deeply");
     Json j;
     const char c = s[i];
     if (c == '{') {
       j.kind = Kind::object;
       ++i;
       skip(s, i);
-      if (s[i] == '}') {
+      if (peek(s, i) == '}') {
         ++i;
         return j;
       }
@@ -92,15 +100,15 @@ struct Json {
         skip(s, i);
         std::string key = parse_string(s, i);
         skip(s, i);
-        if (s[i] != ':') throw std::runtime_error("json: expected ':'");
+        if (peek(s, i) != ':') throw std::runtime_error("json: expected ':'");
         ++i;
-        j.obj[key] = parse_value(s, i);
+        j.obj[key] = parse_value(s, i, depth + 1);
         skip(s, i);
-        if (s[i] == ',') {
+        if (peek(s, i) == ',') {
           ++i;
           continue;
         }
-        if (s[i] == '}') {
+        if (peek(s, i) == '}') {
           ++i;
           break;
         }
@@ -110,18 +118,18 @@ struct Json {
       j.kind = Kind::array;
       ++i;
       skip(s, i);
-      if (s[i] == ']') {
+      if (peek(s, i) == ']') {
         ++i;
         return j;
       }
       while (true) {
-        j.arr.push_back(parse_value(s, i));
+        j.arr.push_back(parse_value(s, i, depth + 1));
         skip(s, i);
-        if (s[i] == ',') {
+        if (peek(s, i) == ',') {
           ++i;
           continue;
         }
-        if (s[i] == ']') {
+        if (peek(s, i) == ']') {
           ++i;
           break;
         }

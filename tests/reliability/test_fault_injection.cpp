@@ -1,0 +1,311 @@
+// Fault injection: this executable replaces the global operator new / delete with
+// a counting version that throws std::bad_alloc on the n-th allocation once armed.
+// For n = 1, 2, ... through every allocation of a call (each layer's prefill,
+// cascading and one-shot, uniform and head-wise budgets, every indicator source;
+// decode steps with and without eviction, growth and ragged rows), it checks the
+// strong guarantee: the failed call leaves every public observer of the cache
+// equal to its value before the call, and the same call without injection then
+// succeeds and leaves the cache equal to an uninjected reference. The host
+// scratch is released before every attempt so that its allocations are injected
+// too; with OpenMP, an allocation inside a parallel region would terminate.
+#include <doctest/doctest.h>
+
+#include <cake/cake.hpp>
+#include <cake/methods.hpp>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <new>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace fi {
+std::atomic<bool> armed{false};
+std::atomic<long> count{0}, fail_at{0};
+long injected = 0;  // faults injected over the whole run
+
+void* allocate(std::size_t n, std::size_t align) {
+  if (armed.load(std::memory_order_relaxed) && ++count == fail_at.load()) throw std::bad_alloc();
+  if (n == 0) n = 1;
+  void* p = align > alignof(std::max_align_t) ? std::aligned_alloc(align, (n + align - 1) / align * align)
+                                              : std::malloc(n);
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+}  // namespace fi
+
+void* operator new(std::size_t n) { return fi::allocate(n, 0); }
+void* operator new[](std::size_t n) { return fi::allocate(n, 0); }
+void* operator new(std::size_t n, std::align_val_t a) {
+  return fi::allocate(n, static_cast<std::size_t>(a));
+}
+void* operator new[](std::size_t n, std::align_val_t a) {
+  return fi::allocate(n, static_cast<std::size_t>(a));
+}
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  try {
+    return fi::allocate(n, 0);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept {
+  try {
+    return fi::allocate(n, 0);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+
+namespace {
+
+using cake::index_t;
+
+// Every public observer of a cache, by value.
+struct Snapshot {
+  index_t prefilled = 0, prompt = 0, tokens = 0, peak = 0;
+  std::size_t bytes = 0;
+  std::vector<index_t> budgets;
+  std::vector<std::vector<index_t>> stages, lengths, positions;
+  std::vector<std::size_t> layer_bytes;
+  std::vector<index_t> layer_tokens;
+  std::vector<double> prefs;
+  std::vector<std::vector<float>> keys, values;
+  bool operator==(const Snapshot&) const = default;
+};
+
+template <class Cache>
+Snapshot snapshot(const Cache& c) {
+  Snapshot s;
+  s.prefilled = c.layers_prefilled();
+  s.prompt = c.prompt_length();
+  s.tokens = c.tokens_held();
+  s.peak = c.peak_tokens_held();
+  s.bytes = c.bytes_held();
+  s.budgets.assign(c.budgets().begin(), c.budgets().end());
+  s.stages = c.stage_budgets();
+  for (index_t l = 0; l < c.num_layers(); ++l) {
+    s.lengths.push_back(c.row_lengths(l));
+    s.layer_bytes.push_back(c.bytes_held(l));
+    s.layer_tokens.push_back(c.tokens_held(l));
+    if (l < c.layers_prefilled()) s.prefs.push_back(c.preference(l));
+    auto p = c.positions(l);
+    auto k = c.keys(l);
+    auto v = c.values(l);
+    std::vector<index_t> pv;
+    std::vector<float> kv, vv;
+    for (index_t b = 0; b < k.extent(0); ++b)
+      for (index_t g = 0; g < k.extent(1); ++g)
+        for (index_t t = 0; t < k.extent(2); ++t) {
+          pv.push_back(p(b, g, t));
+          for (index_t x = 0; x < k.extent(3); ++x) {
+            kv.push_back(k(b, g, t, x));
+            vv.push_back(v(b, g, t, x));
+          }
+        }
+    s.positions.push_back(std::move(pv));
+    s.keys.push_back(std::move(kv));
+    s.values.push_back(std::move(vv));
+  }
+  return s;
+}
+
+struct Data {
+  cake::CacheConfig cfg;
+  index_t S;
+  std::vector<std::vector<float>> q, k, v;     // per layer
+  std::vector<std::vector<float>> dq, dk, dv;  // per decode step (every layer the same token)
+  Data(cake::CacheConfig c, index_t s, int steps) : cfg(c), S(s) {
+    std::mt19937 rng(7);
+    std::normal_distribution<float> nd;
+    auto fill = [&](std::size_t n) {
+      std::vector<float> x(n);
+      for (auto& e : x) e = nd(rng);
+      return x;
+    };
+    const auto B = static_cast<std::size_t>(c.batch), H = static_cast<std::size_t>(c.q_heads),
+               Hkv = static_cast<std::size_t>(c.kv_heads), d = static_cast<std::size_t>(c.head_dim),
+               w = static_cast<std::size_t>(c.window), n = static_cast<std::size_t>(s);
+    for (index_t l = 0; l < c.layers; ++l) {
+      q.push_back(fill(B * H * w * d));
+      k.push_back(fill(B * Hkv * n * d));
+      v.push_back(fill(B * Hkv * n * d));
+    }
+    for (int t = 0; t < steps; ++t) {
+      dq.push_back(fill(B * H * d));
+      dk.push_back(fill(B * Hkv * d));
+      dv.push_back(fill(B * Hkv * d));
+    }
+  }
+  template <class Cache>
+  void prefill(Cache& c, index_t l) const {
+    const index_t B = cfg.batch, H = cfg.q_heads, Hkv = cfg.kv_heads, d = cfg.head_dim,
+                  w = cfg.window;
+    const auto i = static_cast<std::size_t>(l);
+    c.prefill(l, cake::make_view(q[i].data(), std::array<index_t, 4>{B, H, w, d}),
+              cake::make_view(k[i].data(), std::array<index_t, 4>{B, Hkv, S, d}),
+              cake::make_view(v[i].data(), std::array<index_t, 4>{B, Hkv, S, d}));
+  }
+  template <class Cache>
+  void decode(Cache& c, index_t l, int t) const {
+    const index_t B = cfg.batch, H = cfg.q_heads, Hkv = cfg.kv_heads, d = cfg.head_dim;
+    const auto i = static_cast<std::size_t>(t);
+    c.decode(l, cake::make_view(dq[i].data(), std::array<index_t, 3>{B, H, d}),
+             cake::make_view(dk[i].data(), std::array<index_t, 3>{B, Hkv, d}),
+             cake::make_view(dv[i].data(), std::array<index_t, 3>{B, Hkv, d}));
+  }
+};
+
+// Injects a fault at every allocation of `call` on caches made by `make`, one
+// allocation at a time; returns the number of faults injected.
+template <class Make, class Call>
+long inject_all(const std::string& what, Make make, Call call) {
+  auto reference = make();
+  call(reference);
+  const Snapshot want = snapshot(reference);
+  long faults = 0;
+  for (long n = 1;; ++n) {
+    auto c = make();
+    const Snapshot before = snapshot(c);
+    cake::release_host_scratch();  // its allocations are part of the call's
+    bool failed = false;
+    fi::count = 0;
+    fi::fail_at = n;
+    fi::armed = true;
+    try {
+      call(c);
+    } catch (const std::bad_alloc&) {
+      failed = true;
+    }
+    fi::armed = false;
+    if (!failed) {
+      CHECK_MESSAGE(snapshot(c) == want, what << ": the call with no fault left to inject");
+      break;
+    }
+    ++faults;
+    const bool unchanged = snapshot(c) == before;
+    CHECK_MESSAGE(unchanged, what << ": allocation " << n << " failed and the cache changed");
+    if (!unchanged) break;  // a half-committed cache: retrying it proves nothing
+    // The same call again, without injection, succeeds and gives the reference.
+    call(c);
+    const bool same = snapshot(c) == want;
+    CHECK_MESSAGE(same, what << ": after the failure at allocation " << n
+                             << ", the retried call differs from the reference");
+    if (!same) break;
+    REQUIRE(n < 100000);
+  }
+  fi::injected += faults;
+  MESSAGE(what << ": " << faults << " allocation failures injected");
+  return faults;
+}
+
+// Every layer's prefill and several decode steps of one cache type.
+template <class Cache, class... Policies>
+long run_method(const std::string& name, cake::CacheConfig cfg, index_t S, Policies... pol) {
+  const int steps = 6;
+  const Data data(cfg, S, steps);
+  long faults = 0;
+  for (index_t m = 0; m < cfg.layers; ++m) {
+    const auto make = [&] {
+      Cache c(cfg, pol...);
+      for (index_t l = 0; l < m; ++l) data.prefill(c, l);
+      return c;
+    };
+    const std::string what = name + " prefill layer " + std::to_string(m);
+    faults += inject_all(what, make, [&](Cache& c) { data.prefill(c, m); });
+  }
+  for (int t = 0; t < steps; t += 2) {  // steps 0, 2, 4: with and without eviction or growth
+    for (index_t l : {index_t{0}, cfg.layers - 1}) {
+      const auto make = [&] {
+        Cache c(cfg, pol...);
+        for (index_t x = 0; x < cfg.layers; ++x) data.prefill(c, x);
+        for (int u = 0; u < t; ++u)
+          for (index_t x = 0; x < cfg.layers; ++x) data.decode(c, x, u);
+        return c;
+      };
+      const std::string what = name + " decode step " + std::to_string(t) + " layer " + std::to_string(l);
+      faults += inject_all(what, make, [&](Cache& c) { data.decode(c, l, t); });
+    }
+  }
+  return faults;
+}
+
+cake::CacheConfig config(bool cascade, cake::token_order order) {
+  cake::CacheConfig cfg{.layers = 3, .batch = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 8,
+                        .window = 4, .cache_size = 12};
+  cfg.cascade = cascade;
+  cfg.order = order;
+  return cfg;
+}
+
+}  // namespace
+
+TEST_CASE("fault injection: every allocation of prefill and decode fails cleanly (strong guarantee)") {
+  namespace m = cake::methods;
+  using cake::token_order;
+  long total = 0;
+  const index_t S = 40, S_fits = 14;  // S_fits <= C + w: nothing is cut
+  SUBCASE("cake, cascading, position order") {
+    total += run_method<m::Cake<>>("cake cascade", config(true, token_order::position), S);
+  }
+  SUBCASE("cake, one-shot, reference order") {
+    total += run_method<m::Cake<>>("cake one-shot", config(false, token_order::reference), S);
+  }
+  SUBCASE("cake, prompt that fits") {
+    total += run_method<m::Cake<>>("cake uncut", config(true, token_order::position), S_fits);
+  }
+  SUBCASE("CAKE x Ada-KV (head-wise), cascading and one-shot") {
+    total += run_method<m::CakeAdaKv<>>("cake_adakv cascade", config(true, token_order::position), S);
+    total += run_method<m::AdaSnapKv<>>("ada_snapkv one-shot reference",
+                                        config(false, token_order::reference), S);
+  }
+  SUBCASE("H2O, cascading and one-shot") {
+    total += run_method<m::H2o<>>("h2o cascade", config(true, token_order::position), S);
+    total += run_method<m::H2o<>>("h2o one-shot reference", config(false, token_order::reference), S);
+  }
+  SUBCASE("StreamingLLM, TOVA, PyramidKV") {
+    total += run_method<m::StreamingLlm<>>("streamingllm", config(true, token_order::position), S);
+    total += run_method<m::Tova<>>("tova", config(true, token_order::reference), S);
+    total += run_method<m::PyramidKv<>>("pyramidkv one-shot", config(false, token_order::position), S);
+  }
+  CHECK(total > 0);
+  std::printf("fault injection: %ld allocation failures injected in this subcase (%ld so far)\n",
+              total, fi::injected);
+}
+
+// A cache copied from another (copy construction: what an engine does to fork a
+// sequence) must keep the guarantee too.
+//
+// OPEN (library, not fixed here): KvCache::reset() reserves L entries in stats_ and
+// stages_ so that prefill's commit step can push_back without allocating, but the
+// implicit copy constructor copies those vectors with capacity == size. On a copy,
+// the commit's stats_.push_back / stages_.push_back allocate after layers_ and
+// prefs_ were already replaced; a bad_alloc there leaves the cache half committed
+// (prefs_ with m + 1 entries, stats_ and next_layer_ still at m), and the retried
+// prefill then throws [cake.budget.out]. Fix: reserve in the planning step (before
+// the commit), or give KvCache a copy constructor that reserves again.
+TEST_CASE("fault injection: a copied cache keeps the strong guarantee" * doctest::may_fail()) {
+  const auto cfg = config(true, cake::token_order::position);
+  const index_t S = 40;
+  const Data data(cfg, S, 2);
+  using Cache = cake::methods::Cake<>;
+  for (index_t m = 1; m < cfg.layers; ++m) {
+    Cache base(cfg);
+    for (index_t l = 0; l < m; ++l) data.prefill(base, l);
+    const auto make = [&] { return Cache(base); };
+    const std::string what = "copied cake prefill layer " + std::to_string(m);
+    inject_all(what, make, [&](Cache& c) { data.prefill(c, m); });
+  }
+}

@@ -1,6 +1,9 @@
 // A Llama-architecture transformer read from GGUF: RMSNorm, rotary embedding in
-// GGUF's layout, grouped-query attention, SwiGLU. Weights are dequantised to float
-// once at load; the projections are matrix products (BLAS when available).
+// GGUF's layout, grouped-query attention, SwiGLU. Each projection is held twice:
+// dequantised to float for the prefill, whose matrix products over the whole
+// prompt go through sgemm (BLAS when available), and in the file's own block
+// format for decoding, whose matrix-vector products dequantise in registers
+// (kernels.hpp) so that a step reads every weight once at its stored width.
 //
 // The KV cache is pluggable (KvStore): the full cache keeps every token, a
 // cake::KvCache-backed store (store.hpp) evicts. The prompt's own attention is
@@ -17,6 +20,7 @@
 #include <vector>
 
 #include "gguf.hpp"
+#include "kernels.hpp"
 #include "matmul.hpp"
 
 namespace llm {
@@ -33,6 +37,7 @@ struct ModelConfig {
 
 struct LayerWeights {
   std::vector<float> attn_norm, wq, wk, wv, wo, ffn_norm, gate, up, down;
+  QWeight qq, qk, qv, qo, qgate, qup, qdown;  // the same projections as stored in the file
 };
 
 struct Model {
@@ -41,6 +46,7 @@ struct Model {
   std::vector<float> output_norm;  // (dim)
   std::vector<float> output;       // (vocab, dim); empty when tied to embed
   std::vector<LayerWeights> blocks;
+  QWeight qoutput;  // (vocab, dim): output.weight, or token_embd.weight when tied
 
   const float* output_weights() const { return output.empty() ? embed.data() : output.data(); }
 
@@ -73,12 +79,17 @@ struct Model {
         throw std::runtime_error("model: tensor " + name + " has an unexpected shape");
       return f.to_float(t);
     };
+    auto stored = [&](const std::string& name) {
+      const auto& t = f.tensor(name);
+      return QWeight::from(t.type, f.data(t), t.dims[1], t.dims[0]);
+    };
     const auto D = static_cast<std::uint64_t>(c.dim), F = static_cast<std::uint64_t>(c.ffn),
                Q = static_cast<std::uint64_t>(c.q_dim()),
                K = static_cast<std::uint64_t>(c.kv_dim()), V = static_cast<std::uint64_t>(c.vocab);
     m.embed = expect("token_embd.weight", D, V);
     m.output_norm = expect("output_norm.weight", D, 1);
     if (f.find("output.weight")) m.output = expect("output.weight", D, V);
+    m.qoutput = stored(f.find("output.weight") ? "output.weight" : "token_embd.weight");
     for (int l = 0; l < c.layers; ++l) {
       const std::string p = "blk." + std::to_string(l) + ".";
       LayerWeights w;
@@ -91,6 +102,13 @@ struct Model {
       w.gate = expect(p + "ffn_gate.weight", D, F);
       w.up = expect(p + "ffn_up.weight", D, F);
       w.down = expect(p + "ffn_down.weight", F, D);
+      w.qq = stored(p + "attn_q.weight");
+      w.qk = stored(p + "attn_k.weight");
+      w.qv = stored(p + "attn_v.weight");
+      w.qo = stored(p + "attn_output.weight");
+      w.qgate = stored(p + "ffn_gate.weight");
+      w.qup = stored(p + "ffn_up.weight");
+      w.qdown = stored(p + "ffn_down.weight");
       m.blocks.push_back(std::move(w));
     }
     return m;
@@ -274,16 +292,16 @@ class Transformer {
       const LayerWeights& w = m_.blocks[static_cast<std::size_t>(l)];
       for (std::size_t i = 0; i < n; ++i)
         rms_norm(&x[i * D], w.attn_norm.data(), &h[i * D], c.dim, c.eps);
-      linear(h.data(), n, D, w.wq.data(), QD, q.data());
-      linear(h.data(), n, D, w.wk.data(), KD, k.data());
-      linear(h.data(), n, D, w.wv.data(), KD, v.data());
+      project(w.wq, w.qq, h.data(), n, q.data());
+      project(w.wk, w.qk, h.data(), n, k.data());
+      project(w.wv, w.qv, h.data(), n, v.data());
       for (std::size_t i = 0; i < n; ++i) {
         rope_.apply(&q[i * QD], c.heads, c.head_dim, positions[i]);
         rope_.apply(&k[i * KD], c.kv_heads, c.head_dim, positions[i]);
         const AttendSpan span = stores[i]->append(l, &q[i * QD], &k[i * KD], &v[i * KD]);
         attend_one(&q[i * QD], span, &att[i * QD]);
       }
-      linear(att.data(), n, QD, w.wo.data(), D, h.data());
+      project(w.wo, w.qo, att.data(), n, h.data());
       for (std::size_t i = 0; i < n * D; ++i) x[i] += h[i];
       feed_forward(w, x.data(), n, h.data(), g.data(), u.data());
     }
@@ -294,6 +312,19 @@ class Transformer {
  private:
   const Model& m_;
   Rope rope_;
+
+  // Up to this many rows (sequences decoded together) a projection reads the stored
+  // blocks (memory-bound); more rows reuse each weight enough for sgemm on floats.
+  static constexpr std::size_t fused_rows = 8;
+
+  // Y (n, out) = X (n, in) W^T through whichever copy of W suits n.
+  static void project(const std::vector<float>& w, const QWeight& qw, const float* X,
+                      std::size_t n, float* Y) {
+    if (n <= fused_rows)
+      kernels::qmatvec(qw, X, n, Y);
+    else
+      linear(X, n, qw.cols, w.data(), qw.rows, Y);
+  }
 
   void embed(const std::vector<int>& tokens, float* x) const {
     const auto D = static_cast<std::size_t>(m_.cfg.dim);
@@ -311,10 +342,10 @@ class Transformer {
     const auto D = static_cast<std::size_t>(c.dim), F = static_cast<std::size_t>(c.ffn);
     for (std::size_t i = 0; i < n; ++i)
       rms_norm(&x[i * D], w.ffn_norm.data(), &h[i * D], c.dim, c.eps);
-    linear(h, n, D, w.gate.data(), F, g);
-    linear(h, n, D, w.up.data(), F, u);
-    for (std::size_t i = 0; i < n * F; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-    linear(g, n, F, w.down.data(), D, h);
+    project(w.gate, w.qgate, h, n, g);
+    project(w.up, w.qup, h, n, u);
+    silu_gate(g, u, n * F);
+    project(w.down, w.qdown, g, n, h);
     for (std::size_t i = 0; i < n * D; ++i) x[i] += h[i];
   }
 
@@ -324,7 +355,18 @@ class Transformer {
     std::vector<float> h(n * D);
     for (std::size_t i = 0; i < n; ++i)
       rms_norm(&x[i * D], m_.output_norm.data(), &h[i * D], c.dim, c.eps);
-    linear(h.data(), n, D, m_.output_weights(), static_cast<std::size_t>(c.vocab), out);
+    if (n <= fused_rows)
+      kernels::qmatvec(m_.qoutput, h.data(), n, out);
+    else
+      linear(h.data(), n, D, m_.output_weights(), static_cast<std::size_t>(c.vocab), out);
+  }
+
+  // g = silu(g) * u = g / (1 + e^-g) * u.
+  static void silu_gate(float* g, const float* u, std::size_t n) {
+    std::vector<float> e(n);
+    for (std::size_t i = 0; i < n; ++i) e[i] = -g[i];
+    kernels::exp_inplace(e.data(), n);
+    for (std::size_t i = 0; i < n; ++i) g[i] = g[i] / (1.0f + e[i]) * u[i];
   }
 
   // Full causal attention over the prompt, query blocks of 128 rows.
@@ -348,8 +390,10 @@ class Transformer {
           const int valid = i0 + r + 1;  // keys 0..i0+r
           float mx = row[0];
           for (int j = 1; j < valid; ++j) mx = std::max(mx, row[j]);
+          for (int j = 0; j < valid; ++j) row[j] -= mx;
+          kernels::exp_inplace(row, static_cast<std::size_t>(valid));
           float sum = 0.0f;
-          for (int j = 0; j < valid; ++j) sum += (row[j] = std::exp(row[j] - mx));
+          for (int j = 0; j < valid; ++j) sum += row[j];
           const float inv = 1.0f / sum;
           for (int j = 0; j < valid; ++j) row[j] *= inv;
           for (int j = valid; j < cols; ++j) row[j] = 0.0f;
@@ -371,27 +415,9 @@ class Transformer {
       const int g = hd / group;
       const std::int64_t n =
           s.head_tokens.empty() ? s.tokens : s.head_tokens[static_cast<std::size_t>(g)];
-      const float* qh = q + static_cast<std::ptrdiff_t>(hd) * d;
-      float mx = -INFINITY;
-      for (std::int64_t j = 0; j < n; ++j) {
-        const float* kr = s.k + g * s.k_head_stride + j * s.k_token_stride;
-        float dot = 0.0f;
-        for (int x = 0; x < d; ++x) dot += qh[x] * kr[x];
-        p[static_cast<std::size_t>(j)] = dot * scale;
-        mx = std::max(mx, dot * scale);
-      }
-      float sum = 0.0f;
-      for (std::int64_t j = 0; j < n; ++j) {
-        float& e = p[static_cast<std::size_t>(j)];
-        sum += (e = std::exp(e - mx));
-      }
-      float* o = out + static_cast<std::ptrdiff_t>(hd) * d;
-      std::fill(o, o + d, 0.0f);
-      for (std::int64_t j = 0; j < n; ++j) {
-        const float* vr = s.v + g * s.v_head_stride + j * s.v_token_stride;
-        const float a = p[static_cast<std::size_t>(j)] / sum;
-        for (int x = 0; x < d; ++x) o[x] += a * vr[x];
-      }
+      kernels::attend(q + static_cast<std::ptrdiff_t>(hd) * d, s.k + g * s.k_head_stride,
+                      s.k_token_stride, s.v + g * s.v_head_stride, s.v_token_stride, n, d, scale,
+                      p.data(), out + static_cast<std::ptrdiff_t>(hd) * d);
     }
   }
 };

@@ -3,9 +3,10 @@
 // portable and needs no -march=native), plain loops elsewhere.
 //
 //  * qmatvec: Y (n, rows) = X (n, cols) W^T with W kept in the file's block format
-//    (Q4_1, Q8_0 or F32): each block is dequantised in registers, exactly as
-//    gguf.hpp's dequantize rounds it (q * d, then + m), and used for all n rows
-//    of X, so a decoding step reads each weight once, at 5 bits (Q4_1).
+//    (Q4_1, Q8_0 or F32): each block is decoded in registers once for all n rows
+//    of X, so a decoding step reads each weight once, at 5 bits (Q4_1). Q8_0 and
+//    F32 blocks are the values dequantize() gives; Q4_1 is summed as
+//    d * (q . x) + m * sum(x), the same product rounded differently.
 //  * dot, axpy: attention of one query row over a cache.
 //  * exp_inplace: e^x over a row for the softmax and SiLU, within 2 ulp of
 //    std::exp on [-87, 88.3] (tested), 0 below, clamped to e^88.37 above.
@@ -233,12 +234,59 @@ LLM_AVX2 void qmatvec_avx2_t(const QWeight& W, const float* X, std::size_t n, fl
   }
 }
 
+// Q4_1 rows as d * (q . x) + m * sum(x) per block: the offset m meets each block
+// of x once as a precomputed sum, and d once per block, instead of being applied
+// to all 32 weights. Mathematically the same product; the rounding differs from
+// dequantising first by a few ulp of each block's sum.
+LLM_AVX2 inline void qmatvec_q4_1_avx2(const QWeight& W, const float* X, std::size_t n, float* Y,
+                                       std::size_t r0, std::size_t r1) {
+  const std::size_t nb = W.cols / 32;
+  std::vector<float> xs(n * nb);  // (n, blocks): sum of each block of x
+  for (std::size_t i = 0; i < n; ++i)
+    for (std::size_t b = 0; b < nb; ++b) {
+      const float* x = X + i * W.cols + b * 32;
+      xs[i * nb + b] = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)),
+                                          _mm256_add_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24))));
+    }
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (std::size_t r = r0; r < r1; ++r) {
+    const std::uint8_t* row = W.data.data() + r * W.row_bytes;
+    for (std::size_t i0 = 0; i0 < n; i0 += 4) {
+      const std::size_t m = std::min<std::size_t>(4, n - i0);
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                       _mm256_setzero_ps()};
+      float off[4] = {0, 0, 0, 0};
+      for (std::size_t b = 0; b < nb; ++b) {
+        const std::uint8_t* blk = row + b * 20;
+        const __m256 d = _mm256_set1_ps(half(blk));
+        const float mb = half(blk + 2);
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+        const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        const __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        for (std::size_t i = 0; i < m; ++i) {
+          const float* x = X + (i0 + i) * W.cols + b * 32;
+          __m256 t = _mm256_mul_ps(q0, _mm256_loadu_ps(x));
+          t = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x + 8), t);
+          t = _mm256_fmadd_ps(q2, _mm256_loadu_ps(x + 16), t);
+          t = _mm256_fmadd_ps(q3, _mm256_loadu_ps(x + 24), t);
+          acc[i] = _mm256_fmadd_ps(d, t, acc[i]);
+          off[i] += mb * xs[(i0 + i) * nb + b];
+        }
+      }
+      for (std::size_t i = 0; i < m; ++i) Y[(i0 + i) * W.rows + r] = hsum(acc[i]) + off[i];
+    }
+  }
+}
+
 inline void qmatvec_avx2(const QWeight& W, const float* X, std::size_t n, float* Y,
                          std::size_t r0, std::size_t r1) {
   if (W.cols % 32) return qmatvec_portable(W, X, n, Y, r0, r1);
   switch (W.type) {
     case ggml_type::q4_1:
-      return qmatvec_avx2_t<block_q4_1>(W, X, n, Y, r0, r1, 20);
+      return qmatvec_q4_1_avx2(W, X, n, Y, r0, r1);
     case ggml_type::q8_0:
       return qmatvec_avx2_t<block_q8_0>(W, X, n, Y, r0, r1, 34);
     default:

@@ -16,13 +16,16 @@ void usage() {
       "usage: cake_llm [--model FILE] (--prompt TEXT | --prompt-file FILE) [options]\n"
       "  --model FILE       GGUF model (default $CAKE_MODEL or the scripts/fetch-model cache)\n"
       "  --method M         cake | snapkv | pyramidkv | streamingllm | h2o | tova | ada_snapkv |\n"
-      "                     cake_adakv | full (default cake)\n"
+      "                     cake_adakv | cake_tova | cake_h2o | cake_adakv_tova | full\n"
+      "                     (default cake)\n"
       "  --cache-size N     tokens per layer on average, window included (default 256)\n"
       "  --window N         observation window, always kept (default 32)\n"
       "  --max-new N        tokens to generate (default 64)\n"
       "  --tau1 X --tau2 X  CAKE preference temperatures (default 1, 1)\n"
       "  --gamma X          CAKE variance weight (default 200)\n"
       "  --cache-threads N  OpenMP threads for the cache's kernels (default 1)\n"
+      "  --bench N          time a prompt of N tokens of filler text (no --prompt needed) and\n"
+      "                     --max-new decoded tokens that ignore end-of-text: prints tok/s\n"
       "  --raw              feed the prompt as is (default: SmolLM2's chat template)\n"
       "  --tokens           print the prompt's token ids\n"
       "  --dump-logits FILE write the logits after the prompt, one per line\n");
@@ -35,7 +38,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 int main(int argc, char** argv) {
   std::string model_path = llm::default_model_path(), prompt;
   llm::CacheOptions opt;
-  int max_new = 64, cache_threads = 1;
+  int max_new = 64, cache_threads = 1, bench = 0;
   bool raw = false, show_tokens = false;
   std::string dump_logits;
   try {
@@ -72,6 +75,8 @@ int main(int argc, char** argv) {
         raw = true;
       else if (a == "--cache-threads")
         cache_threads = std::stoi(next());
+      else if (a == "--bench")
+        bench = std::stoi(next());
       else if (a == "--tokens")
         show_tokens = true;
       else if (a == "--dump-logits")
@@ -82,7 +87,7 @@ int main(int argc, char** argv) {
       } else
         throw std::runtime_error("unknown argument " + a);
     }
-    if (prompt.empty()) {
+    if (prompt.empty() && bench <= 0) {
       usage();
       return 2;
     }
@@ -105,7 +110,16 @@ int main(int argc, char** argv) {
         file.get_string("general.name").c_str(), c.layers, c.heads, c.kv_heads, c.head_dim,
         c.context, c.rope_base, seconds_since(t0));
 
-    const std::vector<int> ids = tok.encode(raw ? prompt : llm::chat_prompt(prompt));
+    std::vector<int> ids;
+    if (bench > 0) {  // filler text, repeated to exactly `bench` tokens
+      const std::vector<int> unit = tok.encode(
+          "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
+          "again. A river runs past old stone houses where people talk about the weather. ");
+      while (static_cast<int>(ids.size()) < bench)
+        ids.push_back(unit[ids.size() % unit.size()]);
+    } else {
+      ids = tok.encode(raw ? prompt : llm::chat_prompt(prompt));
+    }
     if (static_cast<int>(ids.size()) + max_new > c.context)
       std::fprintf(stderr, "warning: %zu prompt + %d new tokens exceed the model's context of %d\n",
                    ids.size(), max_new, c.context);
@@ -136,7 +150,8 @@ int main(int argc, char** argv) {
         100.0 * static_cast<double>(held_after_prefill) /
             (static_cast<double>(rec.tokens) * c.layers));
     t0 = std::chrono::steady_clock::now();
-    const std::vector<int> stop{tok.id("<|im_end|>"), tok.id("<|endoftext|>")};
+    std::vector<int> stop{tok.id("<|im_end|>"), tok.id("<|endoftext|>")};
+    if (bench > 0) stop.clear();
     const auto out = llm::generate(tf, rec, *store, max_new, stop);
     const double t_dec = seconds_since(t0);
     std::string text;

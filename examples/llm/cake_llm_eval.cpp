@@ -1,14 +1,21 @@
-// cake_llm_eval: CAKE vs SnapKV vs PyramidKV (and the full cache) on a real model.
+// cake_llm_eval: every cache method of store.hpp against the full cache on a real model.
 //
-//  * Needle in a haystack: a 5-digit pass key hidden at several depths of filler
-//    text, for several context lengths (up to the model's own limit). A method
-//    scores when its greedy answer contains the key.
+//  * Needle in a haystack: a 5-digit pass key hidden at a depth of filler text
+//    (several filler texts, a fresh key per prompt), for several context lengths
+//    up to the model's own limit. A method scores when its greedy answer contains
+//    the key.
 //  * Agreement: over a greedy continuation of the full cache (teacher-forced), the
 //    fraction of steps whose next token under the compressed cache is the same.
 //    The first answer token comes from the prefill, which every method shares, so
 //    only decoded steps count.
+// Cache sizes are tokens per layer (64 .. 1024) and shares of the prompt (2% ..
+// 20%). Every (context, method, cache) cell gets a 95% Wilson interval; agreement
+// steps of one prompt are not independent, so its interval is optimistic.
 // Each prompt is prefilled once; every method and cache size is filled from that
 // record and all of them decode together, one batched step per token.
+//
+// The default is the full run (4 contexts x 110 prompts, hours on 2 cores);
+// --quick is a few-minute run for everyday use.
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -16,8 +23,10 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
+#include "stats.hpp"
 #include "store.hpp"
 
 namespace {
@@ -34,12 +43,22 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-const char* kFiller =
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+// Filler texts: prompt i of a context uses filler (i / depths) % 4, so each depth
+// sees every filler.
+const char* const kFillers[] = {
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ",
+    "A river runs past old stone houses. People talk about the weather, the markets and the "
+    "harvest. Evening comes slowly in the valley. ",
+    "The committee met on Tuesday to review the budget for the new library. Several members "
+    "asked for more details about the heating costs. ",
+    "Waves break on the shore while gulls circle above the harbour. Fishing boats return before "
+    "the storm, and the lighthouse keeper lights the lamp. ",
+};
+constexpr int kNumFillers = sizeof(kFillers) / sizeof(kFillers[0]);
 
 // The chat prompt with the needle at `depth` of the filler, at most `target` tokens.
 std::vector<int> haystack(const llm::Tokenizer& tok, int target, double depth,
-                          const std::string& key) {
+                          const std::string& key, const std::string& filler) {
   const std::string intro =
       "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize "
       "it. "
@@ -53,12 +72,12 @@ std::vector<int> haystack(const llm::Tokenizer& tok, int target, double depth,
     std::string body;
     for (int i = 0; i < n; ++i) {
       if (i == at) body += needle;
-      body += kFiller;
+      body += filler;
     }
     if (at >= n) body += needle;
     return tok.encode(llm::chat_prompt(intro + body + question) + answer);
   };
-  const int per = static_cast<int>(tok.encode(kFiller).size());
+  const int per = static_cast<int>(tok.encode(filler).size());
   const int base = static_cast<int>(build(0).size());
   int n = std::max(0, (target - base) / per);
   auto ids = build(n);
@@ -66,15 +85,25 @@ std::vector<int> haystack(const llm::Tokenizer& tok, int target, double depth,
   return ids;
 }
 
-struct Config {
-  std::string method;
-  int cache = 0;
+// A cache size: tokens per layer, or a share of the prompt (percent > 0).
+struct CacheSpec {
+  int tokens = 0;
+  double percent = 0;
+  std::string label() const {
+    if (percent <= 0) return std::to_string(tokens);
+    std::ostringstream o;
+    o << percent << "%";
+    return o.str();
+  }
+  int size_for(int prompt, int window) const {
+    if (percent <= 0) return tokens;
+    return std::max(window + 1, static_cast<int>(percent / 100.0 * prompt + 0.5));
+  }
 };
 
-struct Cell {  // accumulated over prompts
-  int needles = 0, found = 0, steps = 0, agree = 0;
-  double pct = 0.0;  // cache as % of context, summed
-  int n = 0;
+struct Cell {  // one (context, method, cache) over its prompts
+  long long needles = 0, found = 0, steps = 0, agree = 0;
+  double tokens = 0;  // cache size summed over prompts
 };
 
 std::string json_escape(const std::string& s) {
@@ -90,13 +119,22 @@ std::string json_escape(const std::string& s) {
   return o;
 }
 
-void write_svg(const std::string& path, const std::vector<std::string>& methods,
-               const std::vector<int>& caches, std::map<std::pair<std::string, int>, Cell>& cells,
-               const Cell& full, int ctx_max) {
-  // The legend takes one row per 5 entries below the panels.
+using CellKey = std::tuple<int, std::string, std::string>;  // context, method, cache label
+
+// Panels: rows = (needle, agreement), columns = contexts; x = absolute cache sizes
+// (log scale), y = 0..100%, 95% Wilson intervals as error bars.
+void write_svg(const std::string& path, const std::string& model,
+               const std::vector<std::string>& methods, const std::vector<CacheSpec>& caches,
+               const std::vector<int>& contexts, std::map<CellKey, Cell>& cells,
+               std::map<int, Cell>& full) {
+  std::vector<int> xs;
+  for (const auto& c : caches)
+    if (c.percent <= 0) xs.push_back(c.tokens);
+  if (xs.empty()) return;
+  const int nc = static_cast<int>(contexts.size());
+  const int pw = 250, ph = 190, gap = 60, left = 70, top = 60;
   const int legend_rows = static_cast<int>(methods.size() + 1 + 4) / 5;
-  const int W = 920, Hh = 356 + 22 * legend_rows, pw = 380, ph = 250, top = 60,
-            lefts[2] = {70, 520};
+  const int W = left + nc * (pw + gap), Hh = top + 2 * (ph + 70) + 22 * legend_rows + 20;
   const char* colors[] = {"#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e",
                           "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"};
   constexpr std::size_t n_colors = sizeof(colors) / sizeof(colors[0]);
@@ -104,62 +142,98 @@ void write_svg(const std::string& path, const std::vector<std::string>& methods,
   f << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << Hh
     << "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" "
        "fill=\"white\"/>\n";
-  f << "<text x=\"" << W / 2
-    << "\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">SmolLM2-135M-Instruct, contexts up to "
-    << ctx_max << " tokens: quality vs KV cache size per layer</text>\n";
-  const double lx0 = std::log2(static_cast<double>(caches.front())),
-               lx1 = std::log2(static_cast<double>(caches.back()));
-  auto X = [&](int panel, int c) {
-    const double t = lx1 > lx0 ? (std::log2(static_cast<double>(c)) - lx0) / (lx1 - lx0) : 0.5;
-    return lefts[panel] + t * pw;
-  };
-  auto Y = [&](double v) { return top + (1.0 - v) * ph; };
-  const char* titles[2] = {"needle retrieval accuracy",
-                           "greedy next-token agreement with full cache"};
-  for (int p = 0; p < 2; ++p) {
-    f << "<text x=\"" << lefts[p] + pw / 2 << "\" y=\"" << top - 12 << "\" text-anchor=\"middle\">"
-      << titles[p] << "</text>\n";
-    f << "<rect x=\"" << lefts[p] << "\" y=\"" << top << "\" width=\"" << pw << "\" height=\"" << ph
-      << "\" fill=\"none\" stroke=\"#444\"/>\n";
-    for (int i = 0; i <= 4; ++i) {
-      const double v = i / 4.0;
-      f << "<line x1=\"" << lefts[p] << "\" x2=\"" << lefts[p] + pw << "\" y1=\"" << Y(v)
-        << "\" y2=\"" << Y(v) << "\" stroke=\"#ddd\"/><text x=\"" << lefts[p] - 6 << "\" y=\""
-        << Y(v) + 4 << "\" text-anchor=\"end\">" << static_cast<int>(v * 100) << "%</text>\n";
-    }
-    for (int c : caches)
-      f << "<text x=\"" << X(p, c) << "\" y=\"" << top + ph + 16 << "\" text-anchor=\"middle\">"
-        << c << "</text>\n";
-    f << "<text x=\"" << lefts[p] + pw / 2 << "\" y=\"" << top + ph + 34
-      << "\" text-anchor=\"middle\">cache size (tokens per layer, log scale)</text>\n";
-    const double fv =
-        p == 0 ? (full.needles ? static_cast<double>(full.found) / full.needles : 0) : 1.0;
-    f << "<line x1=\"" << lefts[p] << "\" x2=\"" << lefts[p] + pw << "\" y1=\"" << Y(fv)
-      << "\" y2=\"" << Y(fv) << "\" stroke=\"#000\" stroke-dasharray=\"5,4\"/>\n";
-    for (std::size_t m = 0; m < methods.size(); ++m) {
-      std::string pts;
-      for (int c : caches) {
-        const Cell& e = cells[{methods[m], c}];
-        const double v = p == 0 ? (e.needles ? static_cast<double>(e.found) / e.needles : 0)
-                                : (e.steps ? static_cast<double>(e.agree) / e.steps : 0);
-        pts += std::to_string(X(p, c)) + "," + std::to_string(Y(v)) + " ";
-        f << "<circle cx=\"" << X(p, c) << "\" cy=\"" << Y(v) << "\" r=\"3\" fill=\""
-          << colors[m % n_colors] << "\"/>\n";
+  f << "<text x=\"" << W / 2 << "\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">" << model
+    << ": quality vs KV cache size per layer (95% Wilson intervals)</text>\n";
+  const double lx0 = std::log2(static_cast<double>(xs.front())),
+               lx1 = std::log2(static_cast<double>(xs.back()));
+  for (int row = 0; row < 2; ++row)
+    for (int ci = 0; ci < nc; ++ci) {
+      const int ctx = contexts[static_cast<std::size_t>(ci)];
+      const double x0 = left + ci * (pw + gap), y0 = top + row * (ph + 70);
+      auto X = [&](int c, std::size_t m) {
+        const double t = lx1 > lx0 ? (std::log2(static_cast<double>(c)) - lx0) / (lx1 - lx0) : 0.5;
+        // methods side by side so that their bars do not hide each other
+        return x0 + 10 + t * (pw - 20) + (static_cast<double>(m) - methods.size() / 2.0) * 2.0;
+      };
+      auto Y = [&](double v) { return y0 + (1.0 - v) * ph; };
+      f << "<text x=\"" << x0 + pw / 2 << "\" y=\"" << y0 - 10 << "\" text-anchor=\"middle\">"
+        << (row == 0 ? "needle found" : "agreement with full cache") << ", context " << ctx
+        << "</text>\n<rect x=\"" << x0 << "\" y=\"" << y0 << "\" width=\"" << pw << "\" height=\""
+        << ph << "\" fill=\"none\" stroke=\"#444\"/>\n";
+      for (int i = 0; i <= 4; ++i) {
+        const double v = i / 4.0;
+        f << "<line x1=\"" << x0 << "\" x2=\"" << x0 + pw << "\" y1=\"" << Y(v) << "\" y2=\""
+          << Y(v) << "\" stroke=\"#ddd\"/><text x=\"" << x0 - 6 << "\" y=\"" << Y(v) + 4
+          << "\" text-anchor=\"end\">" << static_cast<int>(v * 100) << "%</text>\n";
       }
-      f << "<polyline points=\"" << pts << "\" fill=\"none\" stroke=\"" << colors[m % n_colors]
-        << "\" stroke-width=\"2\"/>\n";
+      for (int c : xs)
+        f << "<text x=\"" << X(c, methods.size() / 2) << "\" y=\"" << y0 + ph + 16
+          << "\" text-anchor=\"middle\">" << c << "</text>\n";
+      f << "<text x=\"" << x0 + pw / 2 << "\" y=\"" << y0 + ph + 32
+        << "\" text-anchor=\"middle\">cache (tokens per layer)</text>\n";
+      const Cell& fu = full[ctx];
+      const double fv = row == 0 ? (fu.needles ? static_cast<double>(fu.found) / fu.needles : 0) : 1.0;
+      f << "<line x1=\"" << x0 << "\" x2=\"" << x0 + pw << "\" y1=\"" << Y(fv) << "\" y2=\""
+        << Y(fv) << "\" stroke=\"#000\" stroke-dasharray=\"5,4\"/>\n";
+      for (std::size_t m = 0; m < methods.size(); ++m) {
+        const char* col = colors[m % n_colors];
+        std::string pts;
+        for (int c : xs) {
+          const Cell& e = cells[{ctx, methods[m], std::to_string(c)}];
+          const long long k = row == 0 ? e.found : e.agree, n = row == 0 ? e.needles : e.steps;
+          if (n == 0) continue;
+          const double v = static_cast<double>(k) / n;
+          const auto [lo, hi] = llm::wilson(k, n);
+          pts += std::to_string(X(c, m)) + "," + std::to_string(Y(v)) + " ";
+          f << "<line x1=\"" << X(c, m) << "\" x2=\"" << X(c, m) << "\" y1=\"" << Y(lo)
+            << "\" y2=\"" << Y(hi) << "\" stroke=\"" << col << "\" stroke-width=\"1\"/>"
+            << "<circle cx=\"" << X(c, m) << "\" cy=\"" << Y(v) << "\" r=\"2.5\" fill=\"" << col
+            << "\"/>\n";
+        }
+        f << "<polyline points=\"" << pts << "\" fill=\"none\" stroke=\"" << col
+          << "\" stroke-width=\"1.5\" opacity=\"0.8\"/>\n";
+      }
     }
-  }
   for (std::size_t m = 0; m <= methods.size(); ++m) {
     const bool is_full = m == methods.size();
-    const int lx = 120 + static_cast<int>(m % 5) * 150;
-    const int ly = top + ph + 58 + static_cast<int>(m / 5) * 22;
+    const int lx = left + static_cast<int>(m % 5) * 150;
+    const int ly = top + 2 * (ph + 70) + static_cast<int>(m / 5) * 22;
     f << "<line x1=\"" << lx << "\" x2=\"" << lx + 24 << "\" y1=\"" << ly << "\" y2=\"" << ly
       << "\" stroke=\"" << (is_full ? "#000" : colors[m % n_colors]) << "\" stroke-width=\"2\""
       << (is_full ? " stroke-dasharray=\"5,4\"" : "") << "/><text x=\"" << lx + 30 << "\" y=\""
       << ly + 4 << "\">" << (is_full ? std::string("full cache") : methods[m]) << "</text>\n";
   }
   f << "</svg>\n";
+}
+
+std::string pct(double x) {
+  char b[16];
+  std::snprintf(b, sizeof b, "%.1f", 100.0 * x);
+  return b;
+}
+
+// "k/n [lo, hi]" in percent.
+std::string interval(long long k, long long n) {
+  if (n == 0) return "-";
+  const auto [lo, hi] = llm::wilson(k, n);
+  return std::to_string(k) + "/" + std::to_string(n) + " [" + pct(lo) + ", " + pct(hi) + "]";
+}
+
+// The methods of one (context, cache) column whose interval lies above every other
+// method's, or the tie of those overlapping the best.
+std::string leaders(const std::vector<std::string>& methods,
+                    const std::vector<std::pair<long long, long long>>& kn) {
+  std::size_t best = 0;
+  for (std::size_t m = 1; m < methods.size(); ++m)
+    if (kn[m].first * kn[best].second > kn[best].first * kn[m].second) best = m;
+  if (kn[best].second == 0) return "-";
+  const auto b = llm::wilson(kn[best].first, kn[best].second);
+  std::string tied;
+  for (std::size_t m = 0; m < methods.size(); ++m)
+    if (m != best && kn[m].second > 0 && !llm::apart(b, llm::wilson(kn[m].first, kn[m].second)))
+      tied += (tied.empty() ? "" : ", ") + methods[m];
+  return tied.empty() ? methods[best] + " (apart from all)"
+                      : methods[best] + " (tied with " + tied + ")";
 }
 
 }  // namespace
@@ -169,32 +243,52 @@ int main(int argc, char** argv) {
   std::vector<std::string> methods;  // every method of store.hpp but the full cache
   for (const auto& m : llm::method_names())
     if (m != "full") methods.push_back(m);
-  std::vector<int> contexts{512, 1024, 2048}, caches{64, 128, 256, 512, 1024};
-  std::vector<double> depths{0.1, 0.5, 0.9};
-  int steps = 16, cache_threads = 1;
+  // The full run; --quick replaces these before the other flags apply.
+  std::vector<int> contexts{1024, 2048, 4096, 8192};
+  std::vector<CacheSpec> caches{{64, 0},  {128, 0}, {256, 0}, {512, 0}, {1024, 0},
+                                {0, 2.0}, {0, 5.0}, {0, 10.0}, {0, 20.0}};
+  std::vector<double> depths;
+  for (int i = 0; i <= 10; ++i) depths.push_back(i / 10.0);
+  int trials = 110, steps = 21, cache_threads = 1;
   unsigned seed = 1234;
+  bool quick = false;
   llm::CacheOptions base;
   try {
+    for (int i = 1; i < argc; ++i)
+      if (std::string(argv[i]) == "--quick") {
+        quick = true;
+        contexts = {512, 1024, 2048};
+        caches = {{64, 0}, {128, 0}, {256, 0}, {512, 0}, {1024, 0}, {0, 5.0}, {0, 20.0}};
+        depths = {0.1, 0.5, 0.9};
+        trials = 3;
+        steps = 16;
+      }
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
       auto next = [&]() -> std::string {
         if (i + 1 >= argc) throw std::runtime_error(a + " needs a value");
         return argv[++i];
       };
-      if (a == "--model")
+      if (a == "--quick")
+        continue;
+      else if (a == "--model")
         model_path = next();
       else if (a == "--methods")
         methods = split(next());
       else if (a == "--contexts") {
         contexts.clear();
         for (auto& s : split(next())) contexts.push_back(std::stoi(s));
-      } else if (a == "--cache-sizes") {
-        caches.clear();
-        for (auto& s : split(next())) caches.push_back(std::stoi(s));
+      } else if (a == "--cache-sizes" || a == "--cache-shares") {
+        const bool share = a == "--cache-shares";
+        std::erase_if(caches, [&](const CacheSpec& c) { return (c.percent > 0) == share; });
+        for (auto& s : split(next()))
+          caches.push_back(share ? CacheSpec{0, std::stod(s)} : CacheSpec{std::stoi(s), 0});
       } else if (a == "--depths") {
         depths.clear();
         for (auto& s : split(next())) depths.push_back(std::stod(s));
-      } else if (a == "--steps")
+      } else if (a == "--trials")
+        trials = std::stoi(next());
+      else if (a == "--steps")
         steps = std::stoi(next());
       else if (a == "--seed")
         seed = static_cast<unsigned>(std::stoul(next()));
@@ -214,19 +308,24 @@ int main(int argc, char** argv) {
         svg_path = next();
       else if (a == "--help" || a == "-h") {
         std::printf(
-            "usage: cake_llm_eval [--model FILE] [--contexts 512,1024,2048|max] [--depths "
-            "0.1,0.5,0.9]\n"
-            "       [--cache-sizes 64,128,256,512,1024] [--methods cake,snapkv,...] [--steps "
-            "16]\n"
-            "       [--window 32] [--tau1 X --tau2 X --gamma X] [--seed N] [--json FILE] [--svg "
-            "FILE]\n"
-            "contexts above the model's trained length (read from the file) are clamped to it.\n");
+            "usage: cake_llm_eval [--quick] [--model FILE] [--contexts 1024,2048,4096,8192]\n"
+            "       [--depths 0,0.1,...,1] [--trials 110] [--steps 21]\n"
+            "       [--cache-sizes 64,128,256,512,1024] [--cache-shares 2,5,10,20]\n"
+            "       [--methods cake,snapkv,...] [--window 32] [--tau1 X --tau2 X --gamma X]\n"
+            "       [--seed N] [--json FILE] [--svg FILE]\n"
+            "The default is the full run: 110 prompts per context (each depth with every filler\n"
+            "text), 20 agreement steps each; it takes hours on 2 cores. --quick: contexts\n"
+            "512,1024,2048, depths 10/50/90%%, 3 prompts per context, caches 64..1024, 5%%, 20%%,\n"
+            "15 steps: minutes. Flags after --quick override it. Contexts above the model's\n"
+            "trained length (read from the file) are clamped to it.\n");
         return 0;
       } else
         throw std::runtime_error("unknown argument " + a);
     }
     for (const auto& m : methods)
       if (!llm::known_method(m) || m == "full") throw std::runtime_error("bad method " + m);
+    if (depths.empty() || trials < 1 || steps < 2 || caches.empty())
+      throw std::runtime_error("need depths, --trials >= 1, --steps >= 2 and a cache size");
     if (!std::ifstream(model_path)) {
       std::fprintf(stderr,
                    "cake_llm_eval: model not found at %s\n  fetch it with: scripts/fetch-model\n",
@@ -241,43 +340,58 @@ int main(int argc, char** argv) {
     const auto& mc = model.cfg;
     const int limit = mc.context - steps - 1;
     for (auto& c : contexts) c = std::min(c, limit);
+    const std::string model_name = file.get_string("general.name");
     std::printf("model %s: %d layers, %d/%d heads, context limit %d tokens (from the file)\n",
-                file.get_string("general.name").c_str(), mc.layers, mc.heads, mc.kv_heads,
-                mc.context);
+                model_name.c_str(), mc.layers, mc.heads, mc.kv_heads, mc.context);
+    std::printf(
+        "%s run: %zu contexts x %d prompts, %zu methods x %zu cache sizes, %d agreement steps per "
+        "prompt%s\n",
+        quick ? "quick" : "full", contexts.size(), trials, methods.size(), caches.size(), steps - 1,
+        quick ? "" : "; this takes hours on 2 cores (--quick: minutes)");
+    std::fflush(stdout);
     llm::Transformer tf(model);
     const auto V = static_cast<std::size_t>(mc.vocab);
 
-    std::vector<Config> configs;
-    for (const auto& m : methods)
-      for (int c : caches) configs.push_back({m, c});
-    std::map<std::pair<std::string, int>, Cell> cells;
-    Cell full;
+    std::map<CellKey, Cell> cells;
+    std::map<int, Cell> full;  // per context
+    std::map<int, std::pair<double, int>> spent;  // per context: seconds, prompts
     std::ostringstream runs;  // JSON records per prompt
     std::mt19937 rng(seed);
     double t_prefill = 0, t_fill = 0, t_decode = 0;
+    const int total = static_cast<int>(contexts.size()) * trials;
+    int done = 0;
+    const int im_end = tok.id("<|im_end|>"), eot = tok.id("<|endoftext|>");
 
     for (int ctx : contexts)
-      for (double depth : depths) {
+      for (int trial = 0; trial < trials; ++trial) {
+        const auto t_prompt = std::chrono::steady_clock::now();
+        const double depth = depths[static_cast<std::size_t>(trial) % depths.size()];
+        const int filler = static_cast<int>(trial / depths.size()) % kNumFillers;
         const std::string key = std::to_string(10000 + rng() % 90000);
-        const auto ids = haystack(tok, ctx, depth, key);
+        const auto ids = haystack(tok, ctx, depth, key, kFillers[filler]);
         const int S = static_cast<int>(ids.size());
         auto t0 = std::chrono::steady_clock::now();
         const auto rec = tf.prefill(ids, base.window);
         const double tp = seconds_since(t0);
         t_prefill += tp;
 
-        // Sequences: 0 = full; then per config a free-running and a teacher-forced one.
+        // Sequences: 0 = full; then per (method, cache) a free-running and a
+        // teacher-forced one.
         t0 = std::chrono::steady_clock::now();
         std::vector<std::unique_ptr<llm::KvStore>> stores;
+        std::vector<std::pair<std::string, CacheSpec>> configs;
+        std::vector<int> sizes;
         llm::CacheOptions fo = base;
         fo.method = "full";
         stores.push_back(llm::make_store(mc, fo, S));
-        for (const auto& cf : configs)
-          for (int twice = 0; twice < 2; ++twice) {
+        for (const auto& m : methods)
+          for (const auto& cs : caches) {
+            configs.push_back({m, cs});
             llm::CacheOptions o = base;
-            o.method = cf.method;
-            o.cache_size = cf.cache;
-            stores.push_back(llm::make_store(mc, o, S));
+            o.method = m;
+            o.cache_size = cs.size_for(S, std::min(base.window, S));
+            sizes.push_back(o.cache_size);
+            for (int twice = 0; twice < 2; ++twice) stores.push_back(llm::make_store(mc, o, S));
           }
         for (auto& s : stores) s->prefill(rec);
         t_fill += seconds_since(t0);
@@ -308,88 +422,128 @@ int main(int argc, char** argv) {
         auto answer = [&](const std::vector<int>& g) {
           std::string s;
           for (int id : g) {
-            if (id == tok.id("<|im_end|>") || id == tok.id("<|endoftext|>")) break;
+            if (id == im_end || id == eot) break;
             s += tok.decode_token(id);
           }
           return s;
         };
         const std::string full_answer = answer(gen[0]);
         const bool full_ok = full_answer.find(key) != std::string::npos;
-        full.needles++;
-        full.found += full_ok;
-        std::printf(
-            "context %5d (target %d) depth %3.0f%%: key %s, full cache answers \"%s\" %s  [prefill "
-            "%.1f s, decode %.1f s]\n",
-            S, ctx, depth * 100, key.c_str(), full_answer.c_str(), full_ok ? "ok" : "MISS", tp, td);
+        full[ctx].needles++;
+        full[ctx].found += full_ok;
         runs << (runs.tellp() > 0 ? ",\n" : "") << "    {\"context\": " << S
-             << ", \"depth\": " << depth << ", \"key\": \"" << key << "\", \"full_answer\": \""
-             << json_escape(full_answer) << "\", \"full_found\": " << (full_ok ? "true" : "false")
-             << ", \"methods\": [";
+             << ", \"depth\": " << depth << ", \"filler\": " << filler << ", \"key\": \"" << key
+             << "\", \"full_answer\": \"" << json_escape(full_answer)
+             << "\", \"full_found\": " << (full_ok ? "true" : "false") << ", \"found\": [";
         for (std::size_t c = 0; c < configs.size(); ++c) {
           const std::size_t fi = 1 + 2 * c, ti = fi + 1;
-          const std::string ans = answer(gen[fi]);
-          const bool ok = ans.find(key) != std::string::npos;
-          Cell& e = cells[{configs[c].method, configs[c].cache}];
+          const bool ok = answer(gen[fi]).find(key) != std::string::npos;
+          Cell& e = cells[{ctx, configs[c].first, configs[c].second.label()}];
           e.needles++;
           e.found += ok;
           e.steps += steps - 1;
           e.agree += agree[ti];
-          e.pct += 100.0 * std::min(configs[c].cache, S) / S;
-          e.n++;
-          runs << (c ? ", " : "") << "{\"method\": \"" << configs[c].method
-               << "\", \"cache_size\": " << configs[c].cache
-               << ", \"found\": " << (ok ? "true" : "false")
-               << ", \"agreement\": " << static_cast<double>(agree[ti]) / (steps - 1)
-               << ", \"tokens_held\": " << stores[fi]->tokens_held() << ", \"answer\": \""
-               << json_escape(ans) << "\"}";
+          e.tokens += sizes[c];
+          runs << (c ? "," : "") << (ok ? 1 : 0);
         }
         runs << "]}";
+        auto& sp = spent[ctx];
+        sp.first += seconds_since(t_prompt);
+        sp.second++;
+        ++done;
+        // Remaining time: this context's mean per prompt; later contexts scaled from
+        // it by length^1.5 (prefill grows faster than linearly, decoding slower).
+        double eta = 0;
+        for (int c2 : contexts) {
+          const int left = c2 == ctx ? trials - trial - 1 : (c2 > ctx ? trials : 0);
+          eta += left * sp.first / sp.second * std::pow(static_cast<double>(c2) / ctx, 1.5);
+        }
+        std::printf(
+            "[%d/%d] context %5d depth %3.0f%% filler %d key %s: full cache \"%s\" %s  [prefill "
+            "%.1f s, decode %.1f s; elapsed %.0f s, about %.0f s left]\n",
+            done, total, S, depth * 100, filler, key.c_str(), full_answer.c_str(),
+            full_ok ? "ok" : "MISS", tp, td, seconds_since(t_all), eta);
         std::fflush(stdout);
       }
 
-    // The table.
-    std::printf("\n%-13s %6s %9s %14s %11s\n", "method", "cache", "% of ctx", "needle found",
-                "agreement");
-    std::printf("%-13s %6s %8s%% %9d/%-4d %10.1f%%\n", "full", "all", "100", full.found,
-                full.needles, 100.0);
-    for (const auto& m : methods)
-      for (int c : caches) {
-        const Cell& e = cells[{m, c}];
-        std::printf("%-13s %6d %8.1f%% %9d/%-4d %10.1f%%\n", m.c_str(), c, e.pct / std::max(e.n, 1),
-                    e.found, e.needles, 100.0 * e.agree / std::max(e.steps, 1));
+    // The tables, one per context.
+    for (int ctx : contexts) {
+      const Cell& fu = full[ctx];
+      std::printf("\ncontext %d: %lld prompts, %lld agreement steps per cell\n", ctx, fu.needles,
+                  fu.needles * (steps - 1));
+      std::printf("%-13s %6s %7s  %-26s %-30s\n", "method", "cache", "% ctx", "needle found [95% CI]",
+                  "agreement % [95% CI]");
+      std::printf("%-13s %6s %7s  %-26s %-30s\n", "full", "all", "100", interval(fu.found, fu.needles).c_str(),
+                  "100");
+      for (const auto& m : methods)
+        for (const auto& cs : caches) {
+          const Cell& e = cells[{ctx, m, cs.label()}];
+          if (e.needles == 0) continue;
+          const auto [lo, hi] = llm::wilson(e.agree, e.steps);
+          const std::string ag = pct(static_cast<double>(e.agree) / e.steps) + " [" + pct(lo) +
+                                 ", " + pct(hi) + "]";
+          std::printf("%-13s %6s %6.1f%%  %-26s %-30s\n", m.c_str(), cs.label().c_str(),
+                      100.0 * std::min(e.tokens / e.needles, static_cast<double>(ctx)) / ctx,
+                      interval(e.found, e.needles).c_str(), ag.c_str());
+        }
+    }
+    std::printf("\nbest per column (\"apart from all\": its 95%% interval misses every other's):\n");
+    for (int ctx : contexts)
+      for (const auto& cs : caches) {
+        std::vector<std::pair<long long, long long>> nd, ag;
+        for (const auto& m : methods) {
+          const Cell& e = cells[{ctx, m, cs.label()}];
+          nd.push_back({e.found, e.needles});
+          ag.push_back({e.agree, e.steps});
+        }
+        std::printf("  context %5d cache %5s: needle %s; agreement %s\n", ctx, cs.label().c_str(),
+                    leaders(methods, nd).c_str(), leaders(methods, ag).c_str());
       }
-    std::printf("\n(contexts");
-    for (int c : contexts) std::printf(" %d", c);
-    std::printf(", depths");
+    std::printf("\n(depths");
     for (double d : depths) std::printf(" %.0f%%", d * 100);
-    std::printf("; agreement over %d decoded steps per prompt; window %d)\n", steps - 1,
-                base.window);
+    std::printf("; %d filler texts; agreement over %d decoded steps per prompt; window %d)\n",
+                std::min<int>(kNumFillers, (trials + static_cast<int>(depths.size()) - 1) /
+                                               static_cast<int>(depths.size())),
+                steps - 1, base.window);
     std::printf("time: prefill %.1f s, filling caches %.1f s, decoding %.1f s, total %.1f s\n",
                 t_prefill, t_fill, t_decode, seconds_since(t_all));
 
     if (!json_path.empty()) {
       std::ofstream f(json_path);
-      f << "{\n  \"model\": \"" << json_escape(file.get_string("general.name"))
-        << "\",\n  \"window\": " << base.window << ",\n  \"steps\": " << steps - 1
-        << ",\n  \"full\": {\"found\": " << full.found << ", \"needles\": " << full.needles
-        << "},\n  \"summary\": [";
-      bool first_row = true;
+      f << "{\n  \"model\": \"" << json_escape(model_name) << "\",\n  \"quick\": "
+        << (quick ? "true" : "false") << ",\n  \"window\": " << base.window
+        << ",\n  \"steps\": " << steps - 1 << ",\n  \"configs\": [";
+      bool first_cfg = true;
       for (const auto& m : methods)
-        for (int c : caches) {
-          const Cell& e = cells[{m, c}];
-          f << (first_row ? "\n" : ",\n") << "    {\"method\": \"" << m
-            << "\", \"cache_size\": " << c
-            << ", \"percent_of_context\": " << e.pct / std::max(e.n, 1)
-            << ", \"found\": " << e.found << ", \"needles\": " << e.needles
-            << ", \"agreement\": " << static_cast<double>(e.agree) / std::max(e.steps, 1) << "}";
-          first_row = false;
+        for (const auto& cs : caches) {
+          f << (first_cfg ? "" : ", ") << "[\"" << m << "\", \"" << cs.label() << "\"]";
+          first_cfg = false;
         }
+      f << "],\n  \"summary\": [";
+      bool first_row = true;
+      for (int ctx : contexts) {
+        const Cell& fu = full[ctx];
+        for (const auto& m : methods)
+          for (const auto& cs : caches) {
+            const Cell& e = cells[{ctx, m, cs.label()}];
+            if (e.needles == 0) continue;
+            const auto [nlo, nhi] = llm::wilson(e.found, e.needles);
+            const auto [alo, ahi] = llm::wilson(e.agree, e.steps);
+            f << (first_row ? "\n" : ",\n") << "    {\"context\": " << ctx << ", \"method\": \""
+              << m << "\", \"cache\": \"" << cs.label()
+              << "\", \"mean_cache_tokens\": " << e.tokens / e.needles
+              << ", \"found\": " << e.found << ", \"needles\": " << e.needles
+              << ", \"found_ci95\": [" << nlo << ", " << nhi << "], \"agree\": " << e.agree
+              << ", \"steps\": " << e.steps << ", \"agreement_ci95\": [" << alo << ", " << ahi
+              << "], \"full_found\": " << fu.found << "}";
+            first_row = false;
+          }
+      }
       f << "\n  ],\n  \"runs\": [\n" << runs.str() << "\n  ]\n}\n";
       std::printf("wrote %s\n", json_path.c_str());
     }
     if (!svg_path.empty()) {
-      write_svg(svg_path, methods, caches, cells, full,
-                *std::max_element(contexts.begin(), contexts.end()));
+      write_svg(svg_path, model_name, methods, caches, contexts, cells, full);
       std::printf("wrote %s\n", svg_path.c_str());
     }
     return 0;

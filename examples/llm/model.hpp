@@ -1,6 +1,9 @@
 // A Llama-architecture transformer read from GGUF: RMSNorm, rotary embedding in
-// GGUF's layout, grouped-query attention, SwiGLU. Weights are dequantised to float
-// once at load; the projections are matrix products (BLAS when available).
+// GGUF's layout, grouped-query attention, SwiGLU. Each projection is held twice:
+// dequantised to float for the prefill, whose matrix products over the whole
+// prompt go through sgemm (BLAS when available), and in the file's own block
+// format for decoding, whose matrix-vector products dequantise in registers
+// (kernels.hpp) so that a step reads every weight once at its stored width.
 //
 // The KV cache is pluggable (KvStore): the full cache keeps every token, a
 // cake::KvCache-backed store (store.hpp) evicts. The prompt's own attention is
@@ -17,6 +20,7 @@
 #include <vector>
 
 #include "gguf.hpp"
+#include "kernels.hpp"
 #include "matmul.hpp"
 
 namespace llm {
@@ -32,7 +36,12 @@ struct ModelConfig {
 };
 
 struct LayerWeights {
-  std::vector<float> attn_norm, wq, wk, wv, wo, ffn_norm, gate, up, down;
+  std::vector<float> attn_norm, ffn_norm;
+  // Floats for sgemm: wqkv (q_dim + 2 kv_dim, dim) = wq, wk, wv stacked; wgu (2 ffn,
+  // dim) = gate, up stacked (one product each over the prompt); wo (dim, q_dim);
+  // down (dim, ffn).
+  std::vector<float> wqkv, wo, wgu, down;
+  QWeight qq, qk, qv, qo, qgate, qup, qdown;  // the same projections as stored in the file
 };
 
 struct Model {
@@ -41,6 +50,7 @@ struct Model {
   std::vector<float> output_norm;  // (dim)
   std::vector<float> output;       // (vocab, dim); empty when tied to embed
   std::vector<LayerWeights> blocks;
+  QWeight qoutput;  // (vocab, dim): output.weight, or token_embd.weight when tied
 
   const float* output_weights() const { return output.empty() ? embed.data() : output.data(); }
 
@@ -73,24 +83,40 @@ struct Model {
         throw std::runtime_error("model: tensor " + name + " has an unexpected shape");
       return f.to_float(t);
     };
+    auto stored = [&](const std::string& name) {
+      const auto& t = f.tensor(name);
+      return QWeight::from(t.type, f.data(t), t.dims[1], t.dims[0]);
+    };
     const auto D = static_cast<std::uint64_t>(c.dim), F = static_cast<std::uint64_t>(c.ffn),
                Q = static_cast<std::uint64_t>(c.q_dim()),
                K = static_cast<std::uint64_t>(c.kv_dim()), V = static_cast<std::uint64_t>(c.vocab);
     m.embed = expect("token_embd.weight", D, V);
     m.output_norm = expect("output_norm.weight", D, 1);
     if (f.find("output.weight")) m.output = expect("output.weight", D, V);
+    m.qoutput = stored(f.find("output.weight") ? "output.weight" : "token_embd.weight");
     for (int l = 0; l < c.layers; ++l) {
       const std::string p = "blk." + std::to_string(l) + ".";
       LayerWeights w;
       w.attn_norm = expect(p + "attn_norm.weight", D, 1);
-      w.wq = expect(p + "attn_q.weight", D, Q);
-      w.wk = expect(p + "attn_k.weight", D, K);
-      w.wv = expect(p + "attn_v.weight", D, K);
+      auto stack = [](std::vector<float> a, const std::vector<float>& b,
+                      const std::vector<float>& c = {}) {
+        a.insert(a.end(), b.begin(), b.end());
+        a.insert(a.end(), c.begin(), c.end());
+        return a;
+      };
+      w.wqkv = stack(expect(p + "attn_q.weight", D, Q), expect(p + "attn_k.weight", D, K),
+                     expect(p + "attn_v.weight", D, K));
       w.wo = expect(p + "attn_output.weight", Q, D);
       w.ffn_norm = expect(p + "ffn_norm.weight", D, 1);
-      w.gate = expect(p + "ffn_gate.weight", D, F);
-      w.up = expect(p + "ffn_up.weight", D, F);
+      w.wgu = stack(expect(p + "ffn_gate.weight", D, F), expect(p + "ffn_up.weight", D, F));
       w.down = expect(p + "ffn_down.weight", F, D);
+      w.qq = stored(p + "attn_q.weight");
+      w.qk = stored(p + "attn_k.weight");
+      w.qv = stored(p + "attn_v.weight");
+      w.qo = stored(p + "attn_output.weight");
+      w.qgate = stored(p + "ffn_gate.weight");
+      w.qup = stored(p + "ffn_up.weight");
+      w.qdown = stored(p + "ffn_down.weight");
       m.blocks.push_back(std::move(w));
     }
     return m;
@@ -230,24 +256,30 @@ class Transformer {
     PrefillRecord rec;
     rec.tokens = S;
     rec.tail = std::min(tail, S);
-    std::vector<float> x(Sz * D), h(Sz * D), q(Sz * QD), att(Sz * QD), g(Sz * F), u(Sz * F);
+    const std::size_t QKV = QD + 2 * KD;
+    std::vector<float> x(Sz * D), h(Sz * D), qkv(Sz * QKV), q(Sz * QD), att(Sz * QD),
+        gu(Sz * 2 * F);
     embed(tokens, x.data());
     for (int l = 0; l < c.layers; ++l) {
       const LayerWeights& w = m_.blocks[static_cast<std::size_t>(l)];
       std::vector<float> k(Sz * KD), v(Sz * KD);
       for (std::size_t i = 0; i < Sz; ++i)
         rms_norm(&x[i * D], w.attn_norm.data(), &h[i * D], c.dim, c.eps);
-      linear(h.data(), Sz, D, w.wq.data(), QD, q.data());
-      linear(h.data(), Sz, D, w.wk.data(), KD, k.data());
-      linear(h.data(), Sz, D, w.wv.data(), KD, v.data());
+      linear(h.data(), Sz, D, w.wqkv.data(), QKV, qkv.data());  // (S, q | k | v)
       for (int i = 0; i < S; ++i) {
-        rope_.apply(&q[static_cast<std::size_t>(i) * QD], c.heads, c.head_dim, i);
-        rope_.apply(&k[static_cast<std::size_t>(i) * KD], c.kv_heads, c.head_dim, i);
+        const float* row = &qkv[static_cast<std::size_t>(i) * QKV];
+        float* qi = &q[static_cast<std::size_t>(i) * QD];
+        float* ki = &k[static_cast<std::size_t>(i) * KD];
+        std::copy_n(row, QD, qi);
+        std::copy_n(row + QD, KD, ki);
+        std::copy_n(row + QD + KD, KD, &v[static_cast<std::size_t>(i) * KD]);
+        rope_.apply(qi, c.heads, c.head_dim, i);
+        rope_.apply(ki, c.kv_heads, c.head_dim, i);
       }
       causal_attention(q.data(), k.data(), v.data(), S, att.data());
       linear(att.data(), Sz, QD, w.wo.data(), D, h.data());
       for (std::size_t i = 0; i < Sz * D; ++i) x[i] += h[i];
-      feed_forward(w, x.data(), Sz, h.data(), g.data(), u.data());
+      feed_forward(w, x.data(), Sz, h.data(), gu.data());
       rec.q_tail.emplace_back(
           q.end() - static_cast<std::ptrdiff_t>(static_cast<std::size_t>(rec.tail) * QD), q.end());
       rec.k.push_back(std::move(k));
@@ -267,25 +299,25 @@ class Transformer {
     const std::size_t n = tokens.size();
     const auto D = static_cast<std::size_t>(c.dim), QD = static_cast<std::size_t>(c.q_dim()),
                KD = static_cast<std::size_t>(c.kv_dim()), F = static_cast<std::size_t>(c.ffn);
-    std::vector<float> x(n * D), h(n * D), q(n * QD), k(n * KD), v(n * KD), att(n * QD), g(n * F),
-        u(n * F);
+    std::vector<float> x(n * D), h(n * D), q(n * QD), k(n * KD), v(n * KD), att(n * QD),
+        gu(n * 2 * F);
     embed(tokens, x.data());
     for (int l = 0; l < c.layers; ++l) {
       const LayerWeights& w = m_.blocks[static_cast<std::size_t>(l)];
       for (std::size_t i = 0; i < n; ++i)
         rms_norm(&x[i * D], w.attn_norm.data(), &h[i * D], c.dim, c.eps);
-      linear(h.data(), n, D, w.wq.data(), QD, q.data());
-      linear(h.data(), n, D, w.wk.data(), KD, k.data());
-      linear(h.data(), n, D, w.wv.data(), KD, v.data());
+      project(w.wqkv, 0, w.qq, h.data(), n, q.data());
+      project(w.wqkv, QD, w.qk, h.data(), n, k.data());
+      project(w.wqkv, QD + KD, w.qv, h.data(), n, v.data());
       for (std::size_t i = 0; i < n; ++i) {
         rope_.apply(&q[i * QD], c.heads, c.head_dim, positions[i]);
         rope_.apply(&k[i * KD], c.kv_heads, c.head_dim, positions[i]);
         const AttendSpan span = stores[i]->append(l, &q[i * QD], &k[i * KD], &v[i * KD]);
         attend_one(&q[i * QD], span, &att[i * QD]);
       }
-      linear(att.data(), n, QD, w.wo.data(), D, h.data());
+      project(w.wo, 0, w.qo, att.data(), n, h.data());
       for (std::size_t i = 0; i < n * D; ++i) x[i] += h[i];
-      feed_forward(w, x.data(), n, h.data(), g.data(), u.data());
+      feed_forward(w, x.data(), n, h.data(), gu.data());
     }
     out_logits.resize(n * static_cast<std::size_t>(c.vocab));
     logits(x.data(), n, out_logits.data());
@@ -294,6 +326,20 @@ class Transformer {
  private:
   const Model& m_;
   Rope rope_;
+
+  // Up to this many rows (sequences decoded together) a projection reads the stored
+  // blocks (memory-bound); more rows reuse each weight enough for sgemm on floats.
+  static constexpr std::size_t fused_rows = 8;
+
+  // Y (n, out) = X (n, in) W^T through whichever copy of W suits n; the float copy
+  // is rows [row0, row0 + out) of a stacked matrix.
+  static void project(const std::vector<float>& w, std::size_t row0, const QWeight& qw,
+                      const float* X, std::size_t n, float* Y) {
+    if (n <= fused_rows)
+      kernels::qmatvec(qw, X, n, Y);
+    else
+      linear(X, n, qw.cols, w.data() + row0 * qw.cols, qw.rows, Y);
+  }
 
   void embed(const std::vector<int>& tokens, float* x) const {
     const auto D = static_cast<std::size_t>(m_.cfg.dim);
@@ -304,17 +350,23 @@ class Transformer {
     }
   }
 
-  // x += down(silu(gate(norm x)) * up(norm x)) for n rows.
-  void feed_forward(const LayerWeights& w, float* x, std::size_t n, float* h, float* g,
-                    float* u) const {
+  // x += down(silu(gate(norm x)) * up(norm x)) for n rows; gu: (n, 2 ffn) scratch.
+  void feed_forward(const LayerWeights& w, float* x, std::size_t n, float* h, float* gu) const {
     const ModelConfig& c = m_.cfg;
     const auto D = static_cast<std::size_t>(c.dim), F = static_cast<std::size_t>(c.ffn);
     for (std::size_t i = 0; i < n; ++i)
       rms_norm(&x[i * D], w.ffn_norm.data(), &h[i * D], c.dim, c.eps);
-    linear(h, n, D, w.gate.data(), F, g);
-    linear(h, n, D, w.up.data(), F, u);
-    for (std::size_t i = 0; i < n * F; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-    linear(g, n, F, w.down.data(), D, h);
+    float* g = gu;  // (n, ffn), then (n, ffn) of up after it when fused
+    if (n <= fused_rows) {
+      kernels::qmatvec(w.qgate, h, n, g);
+      kernels::qmatvec(w.qup, h, n, g + n * F);
+      silu_gate(g, g + n * F, n * F);
+      kernels::qmatvec(w.qdown, g, n, h);
+    } else {
+      linear(h, n, D, w.wgu.data(), 2 * F, gu);  // rows (gate | up)
+      for (std::size_t i = 0; i < n; ++i) silu_gate(gu + i * 2 * F, gu + i * 2 * F + F, F);
+      gemm(true, n, D, F, 1.0f, gu, 2 * F, w.down.data(), F, 0.0f, h, D);
+    }
     for (std::size_t i = 0; i < n * D; ++i) x[i] += h[i];
   }
 
@@ -324,40 +376,61 @@ class Transformer {
     std::vector<float> h(n * D);
     for (std::size_t i = 0; i < n; ++i)
       rms_norm(&x[i * D], m_.output_norm.data(), &h[i * D], c.dim, c.eps);
-    linear(h.data(), n, D, m_.output_weights(), static_cast<std::size_t>(c.vocab), out);
+    if (n <= fused_rows)
+      kernels::qmatvec(m_.qoutput, h.data(), n, out);
+    else
+      linear(h.data(), n, D, m_.output_weights(), static_cast<std::size_t>(c.vocab), out);
   }
 
-  // Full causal attention over the prompt, query blocks of 128 rows.
+  // g = silu(g) * u = g / (1 + e^-g) * u.
+  static void silu_gate(float* g, const float* u, std::size_t n) {
+    std::vector<float> e(n);
+    for (std::size_t i = 0; i < n; ++i) e[i] = -g[i];
+    kernels::exp_inplace(e.data(), n);
+    for (std::size_t i = 0; i < n; ++i) g[i] = g[i] / (1.0f + e[i]) * u[i];
+  }
+
+  // Full causal attention over the prompt. The query heads sharing a KV head go
+  // through one product: their rows are gathered as (token, head of the group), so
+  // that a block of 64 tokens is 64 * group rows against that head's keys.
   void causal_attention(const float* q, const float* k, const float* v, int S, float* out) const {
     const ModelConfig& c = m_.cfg;
-    const int d = c.head_dim, group = c.heads / c.kv_heads;
-    const auto QD = static_cast<std::size_t>(c.q_dim()), KD = static_cast<std::size_t>(c.kv_dim());
+    const int d = c.head_dim, G = c.heads / c.kv_heads;
+    const auto QD = static_cast<std::size_t>(c.q_dim()), KD = static_cast<std::size_t>(c.kv_dim()),
+               Sz = static_cast<std::size_t>(S), Gz = static_cast<std::size_t>(G),
+               dz = static_cast<std::size_t>(d);
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    constexpr int block = 128;
-    std::vector<float> p(static_cast<std::size_t>(block) * static_cast<std::size_t>(S));
-    for (int hd = 0; hd < c.heads; ++hd) {
-      const int g = hd / group;
+    constexpr int block = 64;
+    std::vector<float> qg(Sz * Gz * dz), og(Sz * Gz * dz);  // (S, group, d) of one KV head
+    std::vector<float> p(static_cast<std::size_t>(block) * Gz * Sz);
+    for (int g = 0; g < c.kv_heads; ++g) {
+      const std::size_t col = static_cast<std::size_t>(g) * Gz * dz;  // first head of the group
+      for (std::size_t t = 0; t < Sz; ++t)
+        std::copy_n(q + t * QD + col, Gz * dz, &qg[t * Gz * dz]);
       for (int i0 = 0; i0 < S; i0 += block) {
-        const int i1 = std::min(S, i0 + block), rows = i1 - i0, cols = i1;
-        const auto ld = static_cast<std::size_t>(cols);
-        gemm(true, static_cast<std::size_t>(rows), ld, static_cast<std::size_t>(d), scale,
-             q + static_cast<std::size_t>(i0) * QD + static_cast<std::size_t>(hd * d), QD,
-             k + static_cast<std::size_t>(g * d), KD, 0.0f, p.data(), ld);
-        for (int r = 0; r < rows; ++r) {
-          float* row = &p[static_cast<std::size_t>(r) * ld];
-          const int valid = i0 + r + 1;  // keys 0..i0+r
+        const int i1 = std::min(S, i0 + block), cols = i1;
+        const auto rows = static_cast<std::size_t>(i1 - i0) * Gz, ld = static_cast<std::size_t>(cols);
+        const std::size_t at = static_cast<std::size_t>(i0) * Gz * dz;
+        gemm(true, rows, ld, dz, scale, &qg[at], dz, k + static_cast<std::size_t>(g) * dz, KD, 0.0f,
+             p.data(), ld);
+        for (std::size_t r = 0; r < rows; ++r) {
+          float* row = &p[r * ld];
+          const int valid = i0 + static_cast<int>(r / Gz) + 1;  // keys 0..token
           float mx = row[0];
           for (int j = 1; j < valid; ++j) mx = std::max(mx, row[j]);
+          for (int j = 0; j < valid; ++j) row[j] -= mx;
+          kernels::exp_inplace(row, static_cast<std::size_t>(valid));
           float sum = 0.0f;
-          for (int j = 0; j < valid; ++j) sum += (row[j] = std::exp(row[j] - mx));
+          for (int j = 0; j < valid; ++j) sum += row[j];
           const float inv = 1.0f / sum;
           for (int j = 0; j < valid; ++j) row[j] *= inv;
           for (int j = valid; j < cols; ++j) row[j] = 0.0f;
         }
-        gemm(false, static_cast<std::size_t>(rows), static_cast<std::size_t>(d), ld, 1.0f, p.data(),
-             ld, v + static_cast<std::size_t>(g * d), KD, 0.0f,
-             out + static_cast<std::size_t>(i0) * QD + static_cast<std::size_t>(hd * d), QD);
+        gemm(false, rows, dz, ld, 1.0f, p.data(), ld, v + static_cast<std::size_t>(g) * dz, KD,
+             0.0f, &og[at], dz);
       }
+      for (std::size_t t = 0; t < Sz; ++t)
+        std::copy_n(&og[t * Gz * dz], Gz * dz, out + t * QD + col);
     }
   }
 
@@ -371,27 +444,9 @@ class Transformer {
       const int g = hd / group;
       const std::int64_t n =
           s.head_tokens.empty() ? s.tokens : s.head_tokens[static_cast<std::size_t>(g)];
-      const float* qh = q + static_cast<std::ptrdiff_t>(hd) * d;
-      float mx = -INFINITY;
-      for (std::int64_t j = 0; j < n; ++j) {
-        const float* kr = s.k + g * s.k_head_stride + j * s.k_token_stride;
-        float dot = 0.0f;
-        for (int x = 0; x < d; ++x) dot += qh[x] * kr[x];
-        p[static_cast<std::size_t>(j)] = dot * scale;
-        mx = std::max(mx, dot * scale);
-      }
-      float sum = 0.0f;
-      for (std::int64_t j = 0; j < n; ++j) {
-        float& e = p[static_cast<std::size_t>(j)];
-        sum += (e = std::exp(e - mx));
-      }
-      float* o = out + static_cast<std::ptrdiff_t>(hd) * d;
-      std::fill(o, o + d, 0.0f);
-      for (std::int64_t j = 0; j < n; ++j) {
-        const float* vr = s.v + g * s.v_head_stride + j * s.v_token_stride;
-        const float a = p[static_cast<std::size_t>(j)] / sum;
-        for (int x = 0; x < d; ++x) o[x] += a * vr[x];
-      }
+      kernels::attend(q + static_cast<std::ptrdiff_t>(hd) * d, s.k + g * s.k_head_stride,
+                      s.k_token_stride, s.v + g * s.v_head_stride, s.v_token_stride, n, d, scale,
+                      p.data(), out + static_cast<std::ptrdiff_t>(hd) * d);
     }
   }
 };

@@ -8,6 +8,12 @@
 //   tova          cake::methods::Tova       (the last query's attention)
 //   ada_snapkv    cake::methods::AdaSnapKv  (SnapKV with head-wise budgets)
 //   cake_adakv    cake::methods::CakeAdaKv  (CAKE's layer budgets x head-wise budgets)
+//   cake_tova     CAKE's layer budgets (CakePreference, ProportionalBudget) with TOVA's
+//                 last-query indicator
+//   cake_h2o      CAKE's layer budgets with H2O's accumulated-attention indicator
+//   cake_adakv_tova  CAKE's layer budgets x head-wise budgets, TOVA's indicator
+// The last three are compositions of the library's policies that no published
+// method uses.
 #pragma once
 
 #include <cake/cake.hpp>
@@ -105,7 +111,8 @@ inline void set_cache_threads(int n) {
 inline const std::vector<std::string>& method_names() {
   static const std::vector<std::string> names{"full",      "cake",         "snapkv",
                                               "pyramidkv", "streamingllm", "h2o",
-                                              "tova",      "ada_snapkv",   "cake_adakv"};
+                                              "tova",      "ada_snapkv",   "cake_adakv",
+                                              "cake_tova", "cake_h2o",     "cake_adakv_tova"};
   return names;
 }
 
@@ -151,7 +158,15 @@ inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOpti
   if (o.method == "h2o") return store(m::H2o<>(cfg));
   if (o.method == "tova") return store(m::Tova<>(cfg));
   if (o.method == "ada_snapkv") return store(m::AdaSnapKv<>(cfg));
-  return store(m::CakeAdaKv<>(cfg, pref, {}, ind));
+  if (o.method == "cake_adakv") return store(m::CakeAdaKv<>(cfg, pref, {}, ind));
+  if (o.method == "cake_tova")
+    return store(cake::KvCache<cake::CakePreference, cake::ProportionalBudget,
+                               cake::LastQueryIndicator>(cfg, pref));
+  if (o.method == "cake_h2o")
+    return store(cake::KvCache<cake::CakePreference, cake::ProportionalBudget,
+                               cake::AccumulatedIndicator>(cfg, pref));
+  return store(cake::KvCache<cake::CakePreference, cake::HeadwiseBudget<cake::ProportionalBudget>,
+                             cake::LastQueryIndicator>(cfg, pref));
 }
 
 inline Tokenizer load_tokenizer(const GgufFile& f) {

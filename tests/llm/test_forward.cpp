@@ -2,7 +2,10 @@
 // reference written here from the definitions, and the cache methods on it.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <map>
 #include <cstdio>
 #include <filesystem>
 #include <random>
@@ -18,8 +21,9 @@ namespace {
 struct Tiny {
   int L = 2, D = 16, H = 4, Hkv = 2, hd = 4, F = 24, V = 37;
   double base = 10000.0, eps = 1e-5;
-  std::vector<std::vector<double>> w;  // by name index, see names
   std::map<std::string, std::vector<double>> t;
+  // Tensors written in a block format (quantise()); the rest are written as F32.
+  std::map<std::string, std::pair<ggml_type, std::vector<std::uint8_t>>> raw;
 };
 
 std::vector<float> to_f(const std::vector<double>& v) {
@@ -27,8 +31,7 @@ std::vector<float> to_f(const std::vector<double>& v) {
 }
 
 // Random weights, rounded to float so that both sides see the same numbers.
-Tiny make_tiny(unsigned seed, bool tied) {
-  Tiny m;
+Tiny make_tiny(unsigned seed, bool tied, Tiny m = {}) {
   std::mt19937 rng(seed);
   std::normal_distribution<double> n(0.0, 1.0);
   auto mat = [&](int rows, int cols, double scale) {
@@ -57,6 +60,50 @@ Tiny make_tiny(unsigned seed, bool tied) {
     m.t[p + "ffn_down.weight"] = mat(m.D, m.F, 0.3);
   }
   return m;
+}
+
+// SmolLM2's file formats: embeddings in Q8_0, projections in Q4_1 (blocks of 32
+// along each row). The reference then uses the dequantised values, so that both
+// sides see the same numbers.
+void quantise(Tiny& m) {
+  for (auto& [name, v] : m.t) {
+    if (name.find("norm") != std::string::npos) continue;
+    const bool q8 = name == "token_embd.weight" || name == "output.weight";
+    const ggml_type type = q8 ? ggml_type::q8_0 : ggml_type::q4_1;
+    std::vector<std::uint8_t> bytes;
+    auto put16 = [&](float f) {
+      const std::uint16_t h = float_to_fp16(f);
+      bytes.push_back(static_cast<std::uint8_t>(h & 0xff));
+      bytes.push_back(static_cast<std::uint8_t>(h >> 8));
+    };
+    REQUIRE(v.size() % 32 == 0);
+    for (std::size_t b = 0; b < v.size(); b += 32) {
+      const auto first = v.begin() + static_cast<std::ptrdiff_t>(b);
+      const auto [lo, hi] = std::minmax_element(first, first + 32);
+      if (q8) {
+        const double amax = std::max(std::abs(*lo), std::abs(*hi));
+        const float d = fp16_to_float(float_to_fp16(static_cast<float>(amax / 127)));
+        put16(d);
+        for (int j = 0; j < 32; ++j)
+          bytes.push_back(static_cast<std::uint8_t>(static_cast<std::int8_t>(
+              std::clamp(std::lround(first[j] / d), -127L, 127L))));
+      } else {
+        const float d = fp16_to_float(float_to_fp16(static_cast<float>((*hi - *lo) / 15)));
+        const float mn = fp16_to_float(float_to_fp16(static_cast<float>(*lo)));
+        put16(d);
+        put16(mn);
+        auto q = [&](int j) {
+          return static_cast<std::uint8_t>(std::clamp(std::lround((first[j] - mn) / d), 0L, 15L));
+        };
+        for (int j = 0; j < 16; ++j)
+          bytes.push_back(static_cast<std::uint8_t>(q(j) | (q(j + 16) << 4)));
+      }
+    }
+    std::vector<float> back(v.size());
+    dequantize(type, bytes.data(), back.data(), v.size());
+    v.assign(back.begin(), back.end());
+    m.raw[name] = {type, std::move(bytes)};
+  }
 }
 
 std::string write_tiny(const Tiny& m, const char* name) {
@@ -88,7 +135,10 @@ std::string write_tiny(const Tiny& m, const char* name) {
               : m.D;
       dims = {v.size() / static_cast<std::size_t>(rows), static_cast<std::uint64_t>(rows)};
     }
-    w.add_f32_tensor(k, dims, to_f(v));
+    if (const auto r = m.raw.find(k); r != m.raw.end())
+      w.add_tensor(k, dims, r->second.first, r->second.second);
+    else
+      w.add_f32_tensor(k, dims, to_f(v));
   }
   const std::string path = (std::filesystem::temp_directory_path() / name).string();
   w.write(path);
@@ -183,11 +233,16 @@ std::vector<std::vector<double>> reference(const Tiny& m, const std::vector<int>
   return logits;
 }
 
-void check_close(const float* got, const std::vector<double>& want) {
+// Worst |got - want| / (1 + |want|) over the logits.
+double worst_error(const float* got, const std::vector<double>& want) {
   double worst = 0;
   for (std::size_t i = 0; i < want.size(); ++i)
     worst = std::max(worst, std::abs(got[i] - want[i]) / (1.0 + std::abs(want[i])));
-  CHECK(worst < 2e-4);
+  return worst;
+}
+
+void check_close(const float* got, const std::vector<double>& want) {
+  CHECK(worst_error(got, want) < 2e-4);
 }
 
 }  // namespace
@@ -290,4 +345,148 @@ TEST_CASE(
   bad.method = "cake";
   bad.cache_size = 8;  // not above the window
   CHECK_THROWS(make_store(model.cfg, bad, 40));
+}
+
+TEST_CASE(
+    "quantised tiny model (Q8_0 embeddings, Q4_1 projections): prefill and decode on every path "
+    "match a double-precision reference") {
+  Tiny shape;
+  shape.D = 64;
+  shape.H = 4;
+  shape.Hkv = 2;
+  shape.hd = 16;
+  shape.F = 96;
+  shape.V = 64;
+  Tiny ref = make_tiny(21u, true, shape);
+  quantise(ref);
+  const std::string path = write_tiny(ref, "cake_llm_tiny_q.gguf");
+  const GgufFile file(path);
+  std::remove(path.c_str());
+  const Model model = Model::load(file);
+  CHECK(model.qoutput.type == ggml_type::q8_0);
+  CHECK(model.blocks[0].qq.type == ggml_type::q4_1);
+  CHECK(model.blocks[1].qdown.type == ggml_type::q4_1);
+  CHECK(model.blocks[1].qdown.cols == 96);
+
+  std::mt19937 rng(9);
+  std::vector<int> ids(150);  // two query blocks of the prefill
+  for (auto& x : ids) x = static_cast<int>(rng() % 64);
+  for (bool portable : {false, true}) {
+    CAPTURE(portable);
+    kernels::portable_only() = portable;
+    Transformer tf(model);
+    auto seq = ids;
+    const auto rec = tf.prefill(seq, 8);
+    // Logits reach ~10 here; float sums over 64..96 terms stay well within 1e-4.
+    const double tol = 1e-4;
+    CHECK(worst_error(rec.last_logits.data(), reference(ref, seq).back()) < tol);
+
+    // One sequence: the fused block-format products. Twelve sequences: sgemm on floats.
+    FullStore one(model.cfg);
+    one.prefill(rec);
+    std::vector<FullStore> many(12, FullStore(model.cfg));
+    std::vector<KvStore*> ptrs;
+    for (auto& st : many) {
+      st.prefill(rec);
+      ptrs.push_back(&st);
+    }
+    std::vector<float> logits, batch;
+    for (int next : {5, 63, 17}) {
+      const auto pos = static_cast<std::int64_t>(seq.size());
+      tf.decode({next}, {pos}, {&one}, logits);
+      tf.decode(std::vector<int>(12, next), std::vector<std::int64_t>(12, pos), ptrs, batch);
+      seq.push_back(next);
+      const auto want = reference(ref, seq).back();
+      CHECK(worst_error(logits.data(), want) < tol);
+      CHECK(worst_error(batch.data() + 11 * 64, want) < tol);
+    }
+  }
+  kernels::portable_only() = false;
+}
+
+TEST_CASE("kernels: block-format matrix-vector products, exp and attention against double") {
+  std::mt19937 rng(4);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (bool portable : {false, true}) {
+    CAPTURE(portable);
+    kernels::portable_only() = portable;
+    for (ggml_type type : {ggml_type::q4_1, ggml_type::q8_0, ggml_type::f32}) {
+      CAPTURE(static_cast<int>(type));
+      const std::size_t rows = 7, cols = 96;
+      std::vector<float> w(rows * cols);
+      for (auto& x : w) x = nd(rng);
+      Tiny m;  // quantise() works on named matrices
+      m.t["blk.0.attn_q.weight"].assign(w.begin(), w.end());
+      std::vector<std::uint8_t> bytes;
+      if (type == ggml_type::f32) {
+        bytes.resize(w.size() * 4);
+        std::memcpy(bytes.data(), w.data(), bytes.size());
+      } else {
+        if (type == ggml_type::q8_0) m.t["token_embd.weight"] = m.t["blk.0.attn_q.weight"];
+        quantise(m);
+        const auto& e = m.raw[type == ggml_type::q8_0 ? "token_embd.weight" : "blk.0.attn_q.weight"];
+        REQUIRE(e.first == type);
+        bytes = e.second;
+        dequantize(type, bytes.data(), w.data(), w.size());
+      }
+      const QWeight q = QWeight::from(type, bytes.data(), rows, cols);
+      CHECK(q.type == type);
+      for (std::size_t n : {1u, 3u, 4u, 6u}) {
+        std::vector<float> x(n * cols), y(n * rows, -1.0f);
+        for (auto& v : x) v = nd(rng);
+        kernels::qmatvec(q, x.data(), n, y.data());
+        for (std::size_t i = 0; i < n; ++i)
+          for (std::size_t r = 0; r < rows; ++r) {
+            double want = 0;
+            for (std::size_t c = 0; c < cols; ++c)
+              want += static_cast<double>(w[r * cols + c]) * x[i * cols + c];
+            CHECK(y[i * rows + r] == doctest::Approx(want).epsilon(1e-5).scale(10));
+          }
+      }
+    }
+
+    // exp within 2 ulp (relative 2.4e-7) of the exact value, 0 far below the range.
+    std::vector<float> xs;
+    for (float v = -87.0f; v < 88.3f; v += 0.173f) xs.push_back(v);
+    xs.push_back(0.0f);
+    xs.push_back(-200.0f);
+    auto ex = xs;
+    kernels::exp_inplace(ex.data(), ex.size());  // 1020 values: vector body and a tail
+    for (std::size_t i = 0; i + 1 < xs.size(); ++i) {
+      const double want = std::exp(static_cast<double>(xs[i]));
+      CHECK(std::abs(ex[i] - want) <= 2.4e-7 * want);
+    }
+    CHECK(ex.back() == 0.0f);
+
+    // One head over 37 keys at a token stride of 3 heads, d = 64 and d = 20.
+    for (int d : {64, 20}) {
+      CAPTURE(d);
+      const std::int64_t n = 37;
+      const std::ptrdiff_t stride = 3 * d;
+      std::vector<float> qv(static_cast<std::size_t>(d)), k(static_cast<std::size_t>(n * stride)),
+          v(k.size()), p(static_cast<std::size_t>(n)), out(static_cast<std::size_t>(d));
+      for (auto& x : qv) x = nd(rng);
+      for (auto& x : k) x = nd(rng);
+      for (auto& x : v) x = nd(rng);
+      const float scale = 0.125f;
+      kernels::attend(qv.data(), k.data() + d, stride, v.data() + d, stride, n, d, scale, p.data(),
+                      out.data());
+      std::vector<double> sc(static_cast<std::size_t>(n));
+      double mx = -1e300, sum = 0;
+      for (std::int64_t j = 0; j < n; ++j) {
+        double s = 0;
+        for (int e = 0; e < d; ++e) s += static_cast<double>(qv[static_cast<std::size_t>(e)]) * k[static_cast<std::size_t>(j * stride + d + e)];
+        sc[static_cast<std::size_t>(j)] = s * scale;
+        mx = std::max(mx, s * scale);
+      }
+      for (auto& e : sc) sum += (e = std::exp(e - mx));
+      for (int e = 0; e < d; ++e) {
+        double want = 0;
+        for (std::int64_t j = 0; j < n; ++j)
+          want += sc[static_cast<std::size_t>(j)] / sum * v[static_cast<std::size_t>(j * stride + d + e)];
+        CHECK(out[static_cast<std::size_t>(e)] == doctest::Approx(want).epsilon(1e-5).scale(1));
+      }
+    }
+  }
+  kernels::portable_only() = false;
 }

@@ -17,6 +17,7 @@
 #include "../../algorithm/decode_scores.hpp"
 #include "../../algorithm/select_k.hpp"
 #include "../../algorithm/window_stats.hpp"
+#include "../../detail/prefill_plan.hpp"
 
 namespace cake::detail {
 
@@ -57,6 +58,7 @@ struct HostLayer {
   // position -1, zero keys and values.
   std::vector<index_t> len;
   bool by_indicator = false;  // prefix in descending-indicator order
+  bool cut = false;           // made by a selection (else it holds the whole prompt)
 
   index_t row_len(index_t r) const { return len.empty() ? held : len[static_cast<std::size_t>(r)]; }
   // Tokens held by all rows together.
@@ -103,6 +105,18 @@ std::string shape_string(const V& v) {
   return s + ")";
 }
 
+// A tensor with the id and name its errors carry.
+template <class V>
+struct named_view {
+  const V& v;
+  const char* id;
+  const char* name;
+};
+template <class V>
+named_view<V> named(const V& v, const char* id, const char* name) {
+  return {v, id, name};
+}
+
 template <class V, std::size_t R>
 auto element_ptr(const V& v, const std::array<index_t, R>& idx) {
   index_t off = 0;
@@ -117,6 +131,11 @@ struct layer_store<T, host_policy> {
   template <class U>
   using buffer = std::vector<U>;
   using permutation = std::vector<index_t>;
+  // The truncations of a prefill's commit: (layer, prefix tokens each row keeps).
+  struct truncation {
+    std::vector<std::size_t> layers;
+    std::vector<std::vector<index_t>> prefix;
+  };
   // What a cache owns besides its layers: nothing on the host (its scratch is the
   // calling thread's, see cake::release_host_scratch).
   struct resources {
@@ -160,6 +179,12 @@ struct layer_store<T, host_policy> {
 
   // A status naming the first non-finite element of v. The all-finite case is one
   // streaming pass: whole (token, head_dim) slabs at once when they are contiguous.
+  template <class... V>
+  static status check_finite(const host_policy& exec, const named_view<V>&... t) {
+    status st;
+    (void)((st = check_finite(exec, t.v, t.id, t.name)).ok() && ...);
+    return st;
+  }
   template <class V>
   static status check_finite(const host_policy&, const V& v, const char* id, const char* name) {
     constexpr std::size_t R = V::rank();
@@ -254,6 +279,7 @@ struct layer_store<T, host_policy> {
           out.ind[static_cast<std::size_t>(r * out.cap + t)] = ind[r * ind_ld + j];
       }
     out.by_indicator = !position_order;
+    out.cut = true;
     out.held = n;
     return out;
   }
@@ -291,25 +317,9 @@ struct layer_store<T, host_policy> {
       pad_row(out, r, n, longest);
     }
     out.by_indicator = !position_order;
+    out.cut = true;
     out.held = longest;
     return out;
-  }
-
-  // truncate() with a prefix length per row; the layer becomes (or stays) ragged.
-  // The layer must be ragged already (made by select_rows), so nothing allocates.
-  static void truncate_rows(const host_policy&, layer& ly, const LayerShape& sh,
-                            std::span<const index_t> prefix) noexcept {
-    const index_t w = sh.window;
-    index_t longest = 0;
-    for (index_t r = 0; r < ly.rows; ++r) {
-      index_t& len = ly.len[static_cast<std::size_t>(r)];
-      const index_t p = prefix[static_cast<std::size_t>(r)];
-      if (p != len - w) move_window(ly, r, len - w, p, w);
-      pad_row(ly, r, p + w, len);
-      len = p + w;
-      longest = std::max(longest, len);
-    }
-    ly.held = longest;
   }
 
   // A stored layer's tokens as the source of select(): (batch, kv_heads, held, head_dim).
@@ -396,14 +406,41 @@ struct layer_store<T, host_policy> {
     }
   }
 
-  // Keep the first `prefix` prefix tokens (the highest-indicator ones, since the
-  // prefix is in descending order) and the window: only the window rows move.
-  static void truncate(const host_policy&, layer& ly, const LayerShape& sh,
-                       index_t prefix) noexcept {
-    const index_t w = sh.window, old_prefix = ly.held - w;
-    if (prefix == old_prefix) return;
-    for (index_t r = 0; r < ly.rows; ++r) move_window(ly, r, old_prefix, prefix, w);
-    ly.held = prefix + w;
+  // Row r of each layer the plan truncates keeps its first prefix[r] prefix tokens
+  // (the highest-indicator ones: the prefix is in descending order) and its window.
+  // Permutations run after, on the truncated layers.
+  static truncation prepare_truncate(const host_policy&, std::span<const layer> layers,
+                                     const LayerShape&, std::span<const layer_plan> plan,
+                                     std::span<const permutation>) {
+    truncation tr;
+    for (std::size_t l = 0; l < plan.size() && l < layers.size(); ++l) {
+      if (plan[l].action != layer_action::truncate) continue;
+      std::vector<index_t> p(static_cast<std::size_t>(layers[l].rows));
+      for (index_t r = 0; r < layers[l].rows; ++r)
+        p[static_cast<std::size_t>(r)] = row_prefix(plan[l], r);
+      tr.layers.push_back(l);
+      tr.prefix.push_back(std::move(p));
+    }
+    return tr;
+  }
+  // Only the window rows move; a ragged row's freed slots become padding.
+  static void truncate(const host_policy&, std::span<layer> layers, const LayerShape& sh,
+                       truncation& tr) noexcept {
+    const index_t w = sh.window;
+    for (std::size_t i = 0; i < tr.layers.size(); ++i) {
+      layer& ly = layers[tr.layers[i]];
+      index_t longest = 0;
+      for (index_t r = 0; r < ly.rows; ++r) {
+        const index_t len = ly.row_len(r), p = tr.prefix[i][static_cast<std::size_t>(r)];
+        if (p != len - w) move_window(ly, r, len - w, p, w);
+        if (!ly.len.empty()) {
+          pad_row(ly, r, p + w, len);
+          ly.len[static_cast<std::size_t>(r)] = p + w;
+        }
+        longest = std::max(longest, p + w);
+      }
+      ly.held = longest;
+    }
   }
 
   // Per row, the order of the first `prefix` prefix tokens sorted by position:
@@ -714,6 +751,7 @@ struct layer_store<T, host_policy> {
     out.held = ly.held;
     out.len = ly.len;
     out.by_indicator = ly.by_indicator;
+    out.cut = ly.cut;
     return out;
   }
 };

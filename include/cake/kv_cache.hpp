@@ -196,11 +196,7 @@ class KvCache {
           fresh[l] = select(sh, Store::keys(layers_[l], sh), Store::values(layers_[l], sh),
                             &layers_[l], Store::scores(layers_[l]), P, lp);
       } else if (lp.action == detail::layer_action::truncate && lp.to_position) {
-        if constexpr (headwise)
-          perms[l] = Store::position_permutation(exec_, layers_[l], sh,
-                                                 std::span<const index_t>(lp.row_prefix));
-        else
-          perms[l] = Store::position_permutation(exec_, layers_[l], sh, lp.prefix);
+        perms[l] = Store::position_permutation(exec_, layers_[l], sh, prefixes(lp));
       }
       transient += fresh[l].total() / rows;
     }
@@ -250,8 +246,9 @@ class KvCache {
     check_decode(layer, q, k, v).throw_if_error();
     check_value_type<decltype(k), decltype(v)>();
     const auto l = static_cast<std::size_t>(layer);
+    // Rows cut head-wise keep their lengths; others grow to budget + w.
     Store::decode(exec_, layers_[l], shape(), q, k, v, prompt_ + steps_[l], budgets_[l], ind_,
-                  cfg_.order == token_order::reference);
+                  cfg_.order == token_order::reference, headwise && layers_[l].cut);
     ++steps_[l];
     peak_ = std::max(peak_, tokens_held());
   }
@@ -482,16 +479,16 @@ class KvCache {
     return status::success();
   }
 
-  // A select the plan asked for, uniform or head-wise.
+  // The prefix tokens every row keeps in a layer's plan: rows are the general case.
+  std::vector<index_t> prefixes(const detail::layer_plan& lp) const {
+    if (!lp.row_prefix.empty()) return lp.row_prefix;
+    return std::vector<index_t>(static_cast<std::size_t>(cfg_.batch * cfg_.kv_heads), lp.prefix);
+  }
   template <class KV, class VV>
   Layer select(const detail::LayerShape& sh, const KV& k, const VV& v, const Layer* src,
                detail::token_scores sc, index_t P, const detail::layer_plan& lp) const {
-    if constexpr (headwise)
-      return Store::select_rows(exec_, sh, k, v, src, sc, P, lp.row_prefix, lp.to_position,
-                                lp.keep_scores);
-    else
-      return Store::select(exec_, sh, k, v, src, sc, P, lp.prefix, lp.to_position,
-                           lp.keep_scores);
+    return Store::select(exec_, sh, k, v, src, sc, P, prefixes(lp), lp.to_position,
+                         lp.keep_scores);
   }
 
   detail::LayerShape shape() const {

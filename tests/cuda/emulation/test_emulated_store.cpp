@@ -150,3 +150,23 @@ TEST_CASE("emulated evict_in_place_kernel: an ascending gather in place equals t
     }
   }
 }
+
+TEST_CASE("emulated window_slots_kernel: the window after each row's selection, then padding") {
+  const index_t rows = 3, n = 9, w = 3, first = 20;
+  const std::vector<index_t> keeps{6, 2, 4};
+  for (bool ragged : {true, false}) {
+    CAPTURE(ragged);
+    std::vector<index_t> sel(static_cast<std::size_t>(rows * n), -7);  // -7: selected, untouched
+    emu::launch({1, 1, 1}, {32, 1, 1}, 0, [&] {
+      cd::window_slots_kernel<index_t>(sel.data(), rows, n, ragged ? keeps.data() : nullptr, 6,
+                                       w, first);
+    });
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t kr = ragged ? keeps[static_cast<std::size_t>(r)] : 6;
+      for (index_t t = 0; t < n; ++t) {
+        const index_t want = t < kr ? -7 : first + std::min(t - kr, w - 1);
+        CHECK(sel[static_cast<std::size_t>(r * n + t)] == want);
+      }
+    }
+  }
+}

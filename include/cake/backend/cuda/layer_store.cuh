@@ -35,19 +35,18 @@ struct DeviceLayer {
   device_buffer<T> k, v;       // (rows, cap, d)
   device_buffer<index_t> pos;  // (rows, cap)
   device_buffer<float> ind;    // (rows, cap) score of each held token, or empty
-  // (rows) tokens of each row when rows differ (head-wise allocation), else empty;
-  // kept on the host, where the lengths are decided. Slots past a row's length are
-  // padding, as on the host: position -1, zero keys and values.
+  // (rows) tokens of each row, kept on the host, where lengths are decided; `held` is
+  // the longest. Rows differ only with head-wise budgets; slots past a row's length
+  // are then padding, as on the host: position -1, zero keys and values.
   std::vector<index_t> len;
   bool by_indicator = false;
   bool cut = false;
 
-  index_t row_len(index_t r) const { return len.empty() ? held : len[static_cast<std::size_t>(r)]; }
-  index_t total() const {
-    if (len.empty()) return rows * held;
-    index_t s = 0;
-    for (index_t x : len) s += x;
-    return s;
+  index_t row_len(index_t r) const { return len[static_cast<std::size_t>(r)]; }
+  index_t total() const { return std::accumulate(len.begin(), len.end(), index_t{0}); }
+  void set_length(index_t n) {
+    held = n;
+    std::fill(len.begin(), len.end(), n);
   }
 
   DeviceLayer() = default;
@@ -58,7 +57,8 @@ struct DeviceLayer {
         k(rows_ * cap_ * d_, exec),
         v(rows_ * cap_ * d_, exec),
         pos(rows_ * cap_, exec),
-        ind(with_indicator ? rows_ * cap_ : 0, exec) {
+        ind(with_indicator ? rows_ * cap_ : 0, exec),
+        len(static_cast<std::size_t>(rows_), 0) {
     // Slots whose token has no score read 0, as on the host.
     if (ind.size() > 0)
       check(cudaMemsetAsync(ind.data(), 0, static_cast<std::size_t>(ind.size()) * sizeof(float),
@@ -178,40 +178,60 @@ struct layer_store<T, cuda_policy> {
     cuda_detail::iota_rows_kernel<<<cuda_detail::small_grid(sh.rows() * S), 256, 0, stream(exec)>>>(
         out.pos.data(), sh.rows(), out.cap, S);
     cuda_detail::check_launch("iota_rows_kernel");
-    out.held = S;
+    out.set_length(S);
     return out;
   }
 
+  // The host store's select(): equal rows take one top-k for all of them; ragged
+  // rows (head-wise) one each, their window and padding placed by one kernel.
   template <class KV, class VV>
   static layer select(const cuda_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
-                      const layer* src, token_scores sc, index_t P, index_t keep,
+                      const layer* src, token_scores sc, index_t P, std::span<const index_t> keep,
                       bool position_order, bool keep_scores) {
-    const float* ind = sc.p;
-    const index_t ind_ld = sc.ld;
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
-    const index_t rows = sh.rows(), n = keep + w;
-    buffer<index_t> sel(rows * n, exec);
-    select_k(exec,
-             make_view<device_space>(ind, std::array<index_t, 2>{rows, P},
-                                     std::array<index_t, 2>{ind_ld, 1}),
-             make_view<device_space>(sel.data(), std::array<index_t, 2>{rows, keep},
-                                     std::array<index_t, 2>{n, 1}),
-             position_order ? select_order::position : select_order::descending);
-    cuda_detail::append_window_kernel<<<cuda_detail::small_grid(rows * w), 256, 0, stream(exec)>>>(
-        sel.data(), rows, n, keep, w, P);
-    cuda_detail::check_launch("append_window_kernel");
+    const index_t rows = sh.rows(), most = *std::max_element(keep.begin(), keep.end()), n = most + w;
+    const bool ragged = *std::min_element(keep.begin(), keep.end()) != most;
+    const cudaStream_t s = stream(exec);
+    const auto order = position_order ? select_order::position : select_order::descending;
+    buffer<index_t> sel(rows * n, exec);  // (rows, n)
+    buffer<index_t> keeps(ragged ? rows : 0, exec);
     layer out(rows, d, n + 1, keep_scores, exec);
+    const auto top = [&](index_t r0, index_t nr, index_t kr) {
+      select_k(exec,
+               make_view<device_space>(sc.p + r0 * sc.ld, std::array<index_t, 2>{nr, P},
+                                       std::array<index_t, 2>{sc.ld, 1}),
+               make_view<device_space>(sel.data() + r0 * n, std::array<index_t, 2>{nr, kr},
+                                       std::array<index_t, 2>{n, 1}),
+               order);
+    };
+    if (!ragged) {
+      top(0, rows, most);
+    } else {
+      for (index_t r = 0; r < rows; ++r) top(r, 1, keep[static_cast<std::size_t>(r)]);
+      cuda_detail::check(cudaMemcpyAsync(keeps.data(), keep.data(),
+                                         static_cast<std::size_t>(rows) * sizeof(index_t),
+                                         cudaMemcpyHostToDevice, s),
+                         "cudaMemcpyAsync (head-wise lengths)");
+    }
+    cuda_detail::window_slots_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, s>>>(
+        sel.data(), rows, n, ragged ? keeps.data() : nullptr, most, w, P);
+    cuda_detail::check_launch("window_slots_kernel");
     auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
                                           std::array<index_t, 3>{B, Hkv, n});
     compact(exec, k, keep_v, out.tokens_view(out.k.data(), B, Hkv, n));
     compact(exec, v, keep_v, out.tokens_view(out.v.data(), B, Hkv, n));
-    cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, stream(exec)>>>(
+    cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, s>>>(
         out.pos.data(), keep_scores ? out.ind.data() : nullptr, out.cap, sel.data(), rows, n,
-        src ? src->pos.data() : nullptr, src ? src->cap : 0, ind, ind_ld, sc.cols);
+        src ? src->pos.data() : nullptr, src ? src->cap : 0, sc.p, sc.ld, sc.cols);
     cuda_detail::check_launch("gather_meta_kernel");
+    for (index_t r = 0; r < rows; ++r) {
+      out.len[static_cast<std::size_t>(r)] = keep[static_cast<std::size_t>(r)] + w;
+      pad_row(exec, out, r, out.row_len(r), n);
+    }
     out.by_indicator = !position_order;
     out.cut = true;
     out.held = n;
+    if (ragged) cuda_detail::check(cudaStreamSynchronize(s), "select");  // keep's upload
     return out;
   }
 
@@ -297,16 +317,16 @@ struct layer_store<T, cuda_policy> {
       const layer& ly = layers[l];
       index_t longest = 0;
       std::vector<index_t> len;
+      for (index_t r = 0; r < ly.rows; ++r) longest = std::max(longest, row_prefix(plan[l], r) + w);
       for (index_t r = 0; r < ly.rows; ++r) {
         const index_t p = row_prefix(plan[l], r), old = ly.row_len(r);
-        if (p + w != old) {
+        if (p + w != old) {  // freed slots below the new longest row become padding
           const index_t off = r * ly.cap;
           tr.host_jobs.push_back({ly.k.data() + off * ly.d, ly.v.data() + off * ly.d,
                                   ly.pos.data() + off, ly.ind.size() ? ly.ind.data() + off : nullptr,
-                                  old - w, p, ly.len.empty() ? p + w : old});
+                                  old - w, p, std::max(p + w, std::min(old, longest))});
         }
-        if (!ly.len.empty()) len.push_back(p + w);
-        longest = std::max(longest, p + w);
+        len.push_back(p + w);
       }
       tr.layers.push_back(l);
       tr.held.push_back(longest);
@@ -335,7 +355,7 @@ struct layer_store<T, cuda_policy> {
     for (std::size_t i = 0; i < tr.layers.size(); ++i) {
       layer& ly = layers[tr.layers[i]];
       ly.held = tr.held[i];
-      if (!ly.len.empty()) ly.len.swap(tr.len[i]);
+      ly.len.swap(tr.len[i]);
     }
   }
 
@@ -343,11 +363,6 @@ struct layer_store<T, cuda_policy> {
   // gathered into a new layer while planning (positions read back to the host, a few
   // KiB): the new order of each row's first prefix[r] slots, then its window from
   // its current slots; a ragged row's padding gathers its last token, then is cleared.
-  static permutation position_permutation(const cuda_policy& exec, const layer& ly,
-                                          const LayerShape& sh, index_t prefix) {
-    return position_permutation(exec, ly, sh,
-                                std::vector<index_t>(static_cast<std::size_t>(ly.rows), prefix));
-  }
   static permutation position_permutation(const cuda_policy& exec, const layer& ly,
                                           const LayerShape& sh, std::span<const index_t> prefix) {
     const cudaStream_t s = stream(exec);
@@ -369,7 +384,7 @@ struct layer_store<T, cuda_policy> {
       const index_t* p = pos.data() + r * ly.cap;
       std::sort(kr, kr + pr, [p](index_t a, index_t b) { return p[a] < p[b]; });
       for (index_t t = pr; t < n; ++t) kr[t] = old + std::min(t - pr, w - 1);
-      if (!ly.len.empty()) perm.target.len.push_back(pr + w);
+      perm.target.len[static_cast<std::size_t>(r)] = pr + w;
     }
     buffer<index_t> dkeep(rows * n, exec);
     cuda_detail::check(cudaMemcpyAsync(dkeep.data(), keep.data(), keep.size() * sizeof(index_t),
@@ -384,8 +399,7 @@ struct layer_store<T, cuda_policy> {
         out.pos.data(), out.ind.size() ? out.ind.data() : nullptr, out.cap, dkeep.data(), rows, n,
         ly.pos.data(), ly.cap, ly.ind.data(), ly.cap, ly.held);
     cuda_detail::check_launch("gather_meta_kernel");
-    if (!out.len.empty())
-      for (index_t r = 0; r < rows; ++r) pad_row(exec, out, r, out.row_len(r), n);
+    for (index_t r = 0; r < rows; ++r) pad_row(exec, out, r, out.row_len(r), n);
     out.held = n;
     out.cut = true;
     // The host copy of keep must outlive the upload before it goes.
@@ -413,8 +427,9 @@ struct layer_store<T, cuda_policy> {
   template <class Ind, class QV, class KV, class VV>
   static void decode(const cuda_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
                      const KV& k, const VV& v, index_t position, index_t budget,
-                     const Ind& indicator, bool reference) {
-    if (!ly.len.empty()) return decode_rows(exec, ly, sh, q, k, v, position, indicator, reference);
+                     const Ind& indicator, bool reference, bool keep_lengths) {
+    if (keep_lengths || !uniform(ly))
+      return decode_rows(exec, ly, sh, q, k, v, position, indicator, reference);
     constexpr indicator_source source = indicator_source_of<Ind>;
     constexpr bool accumulates = source == indicator_source::accumulated;
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
@@ -474,7 +489,7 @@ struct layer_store<T, cuda_policy> {
                               static_cast<std::size_t>(held) * sizeof(float),
                               static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
             "cudaMemcpy2DAsync (accumulated scores)");
-      ly.held = held;
+      ly.set_length(held);
       return;
     }
     if constexpr (source == indicator_source::position) {
@@ -492,9 +507,9 @@ struct layer_store<T, cuda_policy> {
              make_view<device_space>(sel.data(), std::array<index_t, 2>{rows, keep},
                                      std::array<index_t, 2>{n, 1}),
              reference ? select_order::descending : select_order::position);
-    cuda_detail::append_window_kernel<<<cuda_detail::small_grid(rows * w), 256, 0, s>>>(
-        sel.data(), rows, n, keep, w, cand);
-    cuda_detail::check_launch("append_window_kernel");
+    cuda_detail::window_slots_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, s>>>(
+        sel.data(), rows, n, nullptr, keep, w, cand);
+    cuda_detail::check_launch("window_slots_kernel");
     if (!reference) {
       // A failed launch runs nothing: the layer is unchanged (the new token sits past
       // `held`). After it, only `held` changes.
@@ -502,7 +517,7 @@ struct layer_store<T, cuda_policy> {
           ly.k.data(), ly.v.data(), ly.pos.data(), accumulates ? ly.ind.data() : nullptr,
           accumulates ? sums.data() : nullptr, held, ly.cap, d, sel.data(), n);
       cuda_detail::check_launch("evict_in_place_kernel");
-      ly.held = n;
+      ly.set_length(n);
       return;
     }
     auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
@@ -513,7 +528,7 @@ struct layer_store<T, cuda_policy> {
         next.pos.data(), accumulates ? next.ind.data() : nullptr, next.cap, sel.data(), rows, n,
         ly.pos.data(), ly.cap, sums.data(), held, held);
     cuda_detail::check_launch("gather_meta_kernel");
-    next.held = n;
+    next.set_length(n);
     ly = std::move(next);
   }
 
@@ -535,51 +550,11 @@ struct layer_store<T, cuda_policy> {
     return out;
   }
 
-  template <class KV, class VV>
-  static layer select_rows(const cuda_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
-                           const layer* src, token_scores sc, index_t P,
-                           std::span<const index_t> keep, bool position_order, bool keep_scores) {
-    const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
-    const index_t rows = sh.rows();
-    const index_t longest = *std::max_element(keep.begin(), keep.end()) + w;
-    const cudaStream_t s = stream(exec);
-    buffer<index_t> sel(rows * longest, exec);
-    layer out(rows, d, longest + 1, keep_scores, exec);
-    out.len.resize(static_cast<std::size_t>(rows));
-    for (index_t r = 0; r < rows; ++r) {
-      const index_t kr = keep[static_cast<std::size_t>(r)];
-      index_t* row = sel.data() + r * longest;
-      select_k(exec,
-               make_view<device_space>(sc.p + r * sc.ld, std::array<index_t, 2>{1, P},
-                                       std::array<index_t, 2>{sc.ld, 1}),
-               make_view<device_space>(row, std::array<index_t, 2>{1, kr}),
-               position_order ? select_order::position : select_order::descending);
-      cuda_detail::append_window_kernel<<<1, 256, 0, s>>>(row, 1, longest, kr, w, P);
-      cuda_detail::check_launch("append_window_kernel");
-      // Padding gathers a real token (the last), then is cleared below.
-      if (kr + w < longest) {
-        cuda_detail::fill_kernel<index_t>
-            <<<1, 256, 0, s>>>(row + kr + w, longest - kr - w, P + w - 1);
-        cuda_detail::check_launch("fill_kernel");
-      }
-      out.len[static_cast<std::size_t>(r)] = kr + w;
-    }
-    auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
-                                          std::array<index_t, 3>{B, Hkv, longest});
-    compact(exec, k, keep_v, out.tokens_view(out.k.data(), B, Hkv, longest));
-    compact(exec, v, keep_v, out.tokens_view(out.v.data(), B, Hkv, longest));
-    cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * longest), 256, 0, s>>>(
-        out.pos.data(), keep_scores ? out.ind.data() : nullptr, out.cap, sel.data(), rows, longest,
-        src ? src->pos.data() : nullptr, src ? src->cap : 0, sc.p, sc.ld, sc.cols);
-    cuda_detail::check_launch("gather_meta_kernel");
-    for (index_t r = 0; r < rows; ++r) pad_row(exec, out, r, out.row_len(r), longest);
-    out.by_indicator = !position_order;
-    out.cut = true;
-    out.held = longest;
-    return out;
+ private:
+  static bool uniform(const layer& ly) {
+    return std::all_of(ly.len.begin(), ly.len.end(), [&](index_t x) { return x == ly.held; });
   }
 
- private:
   template <class V>
   static void launch_find(const cuda_policy& exec, const V& v, unsigned long long* first) {
     constexpr std::size_t R = V::rank();
@@ -738,8 +713,9 @@ struct layer_store<T, cuda_policy> {
         select_k(exec, make_view<device_space>(ranked, std::array<index_t, 2>{1, cand}),
                  make_view<device_space>(sel.data(), std::array<index_t, 2>{1, keep}),
                  reference ? select_order::descending : select_order::position);
-        cuda_detail::append_window_kernel<<<1, 256, 0, s>>>(sel.data(), 1, n - 1, keep, w, cand);
-        cuda_detail::check_launch("append_window_kernel");
+        cuda_detail::window_slots_kernel<<<1, 256, 0, s>>>(sel.data(), 1, n - 1, nullptr, keep, w,
+                                                           cand);
+        cuda_detail::check_launch("window_slots_kernel");
         const auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
                                                     std::array<index_t, 3>{1, 1, n - 1});
         const auto row_out = [&](T* base) {

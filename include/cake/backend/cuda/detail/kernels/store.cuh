@@ -41,15 +41,18 @@ __global__ void iota_rows_kernel(I* pos, index_t rows, index_t cap, index_t n) {
     pos[(i / n) * cap + i % n] = i % n;
 }
 
-// sel[r, keep + t] = first + t for t < w: the window (or the last w held tokens)
-// always follows the selected prefix.
+// sel[r, t] for t in [k_r, n): the window (first + t - k_r, t - k_r < w) after each
+// row's k_r selected tokens, then padding that repeats the window's last token;
+// k_r = keeps ? keeps[r] : keep.
 template <class I>
-__global__ void append_window_kernel(I* sel, index_t rows, index_t n, index_t keep, index_t w,
-                                     index_t first) {
-  const long long total = rows * w;
+__global__ void window_slots_kernel(I* sel, index_t rows, index_t n, const index_t* keeps,
+                                    index_t keep, index_t w, index_t first) {
+  const long long total = rows * n;
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(gridDim.x) * blockDim.x)
-    sel[(i / w) * n + keep + i % w] = first + i % w;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const index_t r = i / n, t = i % n, kr = keeps ? keeps[r] : keep;
+    if (t >= kr) sel[i] = first + (t - kr < w ? t - kr : w - 1);
+  }
 }
 
 // out_pos[r, t] = src_pos ? src_pos[r, sel[r, t]] : sel[r, t]; out_ind[r, t] likewise

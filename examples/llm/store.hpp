@@ -1,19 +1,22 @@
+// clang-format off
 // KV stores backed by cake::KvCache, and the engine's method names:
 //   full          every token (FullStore)
-//   cake          cake::methods::Cake       (CakePreference, ProportionalBudget,
-//   MeanVarianceIndicator) snapkv        cake::methods::SnapKv     (uniform budgets, window-mean
-//   indicator) pyramidkv     cake::methods::PyramidKv  (pyramid budgets, window-mean indicator)
+//   cake          cake::methods::Cake          (CakePreference, ProportionalBudget,
+//                                               MeanVarianceIndicator)
+//   snapkv        cake::methods::SnapKv        (uniform budgets, window-mean indicator)
+//   pyramidkv     cake::methods::PyramidKv     (pyramid budgets, window-mean indicator)
 //   streamingllm  cake::methods::StreamingLlm  (4 attention sinks + recent tokens)
-//   h2o           cake::methods::H2o        (accumulated attention)
-//   tova          cake::methods::Tova       (the last query's attention)
-//   ada_snapkv    cake::methods::AdaSnapKv  (SnapKV with head-wise budgets)
-//   cake_adakv    cake::methods::CakeAdaKv  (CAKE's layer budgets x head-wise budgets)
+//   h2o           cake::methods::H2o           (accumulated attention)
+//   tova          cake::methods::Tova          (the last query's attention)
+//   ada_snapkv    cake::methods::AdaSnapKv     (SnapKV with head-wise budgets)
+//   cake_adakv    cake::methods::CakeAdaKv     (CAKE's layer budgets x head-wise budgets)
 //   cake_tova     CAKE's layer budgets (CakePreference, ProportionalBudget) with TOVA's
 //                 last-query indicator
 //   cake_h2o      CAKE's layer budgets with H2O's accumulated-attention indicator
 //   cake_adakv_tova  CAKE's layer budgets x head-wise budgets, TOVA's indicator
 // The last three are compositions of the library's policies that no published
 // method uses.
+// clang-format on
 #pragma once
 
 #include <cake/cake.hpp>

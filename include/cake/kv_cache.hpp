@@ -4,13 +4,17 @@
 //   prefill(layer, q_window, keys, values)  layers 0..L-1 in order; with cascading
 //                                           every layer seen so far is re-budgeted
 //                                           and cut at once, so memory stays bounded
-//   decode(layer, q, k, v)                  append one token, evict one if over budget
+//   decode(layer, q, k, v)                  append one token; a layer holding more than
+//                                           budget + w evicts its lowest-scored
+//                                           candidate (head-wise: every row evicts one)
 //   keys(l) / values(l) / positions(l)      what is held, (batch, kv_heads, held, ...)
 //   row_lengths(l)                          tokens of each row (they differ only with
 //                                           head-wise budgets: rows are then padded)
 //   budget(l), tokens_held(l), bytes_held(l), preference(l), stage_budgets()
 //
 // Every call validates its input first and leaves the cache unchanged when it throws.
+// prefill is plan then commit: detail/prefill_plan.hpp decides budgets and per-layer
+// actions on the host, everything the plan needs is allocated, then it is committed.
 #pragma once
 
 #include <algorithm>
@@ -28,6 +32,7 @@
 #include "algorithm/window_stats.hpp"
 #include "backend/host/layer_store.hpp"
 #include "core/concepts.hpp"
+#include "detail/prefill_plan.hpp"
 #include "policy/budget/headwise.hpp"
 #include "policy/budget/proportional.hpp"
 #include "policy/indicator/mean_variance.hpp"
@@ -46,7 +51,10 @@ struct CacheConfig {
   index_t cache_size = 1024;  // C: average tokens per layer, window included
   bool cascade = true;        // cut layer by layer during prefill (the paper's point)
   token_order order = token_order::position;
-  bool check_finite = true;  // reject NaN/Inf in queries, keys and values
+  // Reject NaN/Inf in queries, keys and values: on the host one streaming pass; on
+  // CUDA one kernel per tensor and one flag read per call (a stream sync per call:
+  // engines that guarantee finite inputs turn it off).
+  bool check_finite = true;
 
   // T = (C - w) * L: the prefix budget of all layers together.
   index_t total_budget() const { return (cache_size - window) * layers; }
@@ -114,53 +122,18 @@ class KvCache {
   // keys, values: (batch, kv_heads, S, head_dim)  the layer's whole prompt
   template <tensor_like Q, tensor_like K, tensor_like V>
   status validate_prefill(index_t layer, Q&& q_window, K&& keys, V&& values) const {
-    auto q = as_view(q_window);
-    auto k = as_view(keys);
-    auto v = as_view(values);
-    require_space<Exec, decltype(q), decltype(k), decltype(v)>();
-    CAKE_CHECK_STATE(next_layer_ < cfg_.layers, "cake.prefill.layer", "all ", cfg_.layers,
-                     " layers are already prefilled; call reset() before a new prompt");
-    CAKE_CHECK_STATE(layer == next_layer_, "cake.prefill.layer",
-                     "layers must be prefilled in order: expected layer ", next_layer_, ", got ",
-                     layer);
-    const index_t B = cfg_.batch, H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim,
-                  w = cfg_.window;
-    CAKE_CHECK(q.extent(0) == B && q.extent(1) == H && q.extent(2) == w && q.extent(3) == d,
-               "cake.prefill.q_window", "q_window must be (batch, q_heads, window, head_dim) = (",
-               B, ", ", H, ", ", w, ", ", d, "), got ", detail::shape_string(q));
-    const index_t S = k.extent(2);
-    CAKE_CHECK(k.extent(0) == B && k.extent(1) == Hkv && k.extent(3) == d, "cake.prefill.keys",
-               "keys must be (batch, kv_heads, S, head_dim) = (", B, ", ", Hkv, ", S, ", d,
-               "), got ", detail::shape_string(k));
-    CAKE_CHECK(prompt_ < 0 || S == prompt_, "cake.prefill.keys",
-               "every layer must have the prompt length of layer 0, S = ", prompt_, ", got ", S);
-    CAKE_CHECK(S >= w, "cake.prefill.keys", "the prompt must hold at least window = ", w,
-               " tokens, got S = ", S);
-    CAKE_CHECK(v.extent(0) == B && v.extent(1) == Hkv && v.extent(2) == S && v.extent(3) == d,
-               "cake.prefill.values", "values must have the shape of keys (", B, ", ", Hkv, ", ", S,
-               ", ", d, "), got ", detail::shape_string(v));
-    CAKE_CHECK(inner_contiguous(q), "cake.prefill.q_window",
-               "q_window must have unit stride along head_dim, got ", q.stride(3));
-    CAKE_CHECK(inner_contiguous(k), "cake.prefill.keys",
-               "keys must have unit stride along head_dim, got ", k.stride(3));
-    CAKE_CHECK(inner_contiguous(v), "cake.prefill.values",
-               "values must have unit stride along head_dim, got ", v.stride(3));
-    if (cfg_.check_finite) {
-      CAKE_TRY(Store::check_finite(exec_, q, "cake.prefill.q_window", "q_window"));
-      CAKE_TRY(Store::check_finite(exec_, k, "cake.prefill.keys", "keys"));
-      CAKE_TRY(Store::check_finite(exec_, v, "cake.prefill.values", "values"));
-    }
-    return status::success();
+    return check_prefill(layer, as_view(q_window), as_view(keys), as_view(values));
   }
 
   template <tensor_like Q, tensor_like K, tensor_like V>
   void prefill(index_t layer, Q&& q_window, K&& keys, V&& values) {
-    validate_prefill(layer, q_window, keys, values).throw_if_error();
-    auto q = as_view(q_window);
-    auto k = as_view(keys);
-    auto v = as_view(values);
+    // Each adapter runs once: the views are checked and used as they are.
+    const auto q = as_view(q_window);
+    const auto k = as_view(keys);
+    const auto v = as_view(values);
+    check_prefill(layer, q, k, v).throw_if_error();
     check_value_type<decltype(k), decltype(v)>();
-    const index_t B = cfg_.batch, Hkv = cfg_.kv_heads, w = cfg_.window, L = cfg_.layers;
+    const index_t B = cfg_.batch, Hkv = cfg_.kv_heads, w = cfg_.window;
     const index_t rows = B * Hkv, S = k.extent(2), P = S - w;
     const auto m = static_cast<std::size_t>(layer);
 
@@ -175,108 +148,79 @@ class KvCache {
                  "the preference policy must return a finite value >= 0, got ", pref, " for layer ",
                  layer, " (entropy ", stats.entropy, ", variance ", stats.variance, ")");
 
-    // 2. Plan the new state without touching the current one: every allocation
-    //    (new layers, permutations, bookkeeping) happens here.
+    // 2. Plan: budgets and what happens to every layer (detail/prefill_plan.hpp).
     std::vector<float> prefs = prefs_;
     prefs.push_back(static_cast<float>(pref));
-    std::vector<index_t> stage(m + 1, 0);
-    std::vector<Layer> fresh;  // replacements, by layer
-    std::vector<std::size_t> fresh_at;
-    std::vector<index_t> prefix_after(m + 1, -1);           // truncations of layers kept in place
-    std::vector<std::vector<index_t>> rows_after(m + 1);    // the same per row (head-wise)
-    std::vector<typename Store::permutation> perms(m + 1);  // in-place reorders to position order
-    const bool last = layer == L - 1;
-    const bool want_position = cfg_.order == token_order::position;
+    std::vector<detail::layer_state> state(m);
+    for (std::size_t l = 0; l < m; ++l)
+      state[l] = {layers_[l].held, layers_[l].cut, layers_[l].by_indicator};
+    const detail::prefill_request rq{layer,
+                                     cfg_.layers,
+                                     S,
+                                     w,
+                                     cfg_.cache_size,
+                                     cfg_.total_budget(),
+                                     cfg_.cascade,
+                                     cfg_.order == token_order::position,
+                                     accumulates};
+    // Head-wise: the new layer's rows from its scores; a cut layer's from the scores it
+    // keeps, each row limited to what it holds; an uncut (one-shot) layer's from all.
+    const auto row_lengths = [&](index_t l, index_t budget) -> std::vector<index_t> {
+      if constexpr (headwise) {
+        if (static_cast<std::size_t>(l) == m) return head_lengths(scores, {}, P, budget);
+        const Layer& ly = layers_[static_cast<std::size_t>(l)];
+        if (!ly.cut) return head_lengths(Store::scores(ly), {}, P, budget);
+        std::vector<index_t> avail(static_cast<std::size_t>(rows));
+        for (index_t r = 0; r < rows; ++r) avail[static_cast<std::size_t>(r)] = ly.row_len(r) - w;
+        return head_lengths(Store::scores(ly), avail, ly.held - w, budget);
+      } else {
+        return {};
+      }
+    };
+    const detail::prefill_plan plan =
+        detail::plan_prefill(budget_, rq, prefs, state, row_lengths);
 
+    // 3. Allocate: the new layers, and the reorders of layers kept in place.
     const detail::LayerShape sh = shape();
-    if (S <= cfg_.cache_size + w) {
-      // The prompt already fits: nothing is cut, every budget is C - w (spec section 5).
-      std::fill(stage.begin(), stage.end(), cfg_.cache_size - w);
-      fresh.push_back(
-          Store::copy_all(exec_, sh, k, v, accumulates ? scores : detail::token_scores{}));
-      fresh_at.push_back(m);
-    } else if (cfg_.cascade) {
-      allocate_budgets(budget_, prefs, L, cfg_.total_budget(), P, stage);
-      const bool pos_order = last && want_position;
-      if constexpr (headwise) {
-        const auto keep = head_lengths(scores, {}, P, std::min(stage[m], P));
-        fresh.push_back(Store::select_rows(exec_, sh, k, v, nullptr, scores, P, keep, pos_order,
-                                           accumulates || !pos_order));
-      } else {
-        fresh.push_back(Store::select(exec_, sh, k, v, nullptr, scores, P, std::min(stage[m], P),
-                                      pos_order, accumulates || !pos_order));
+    std::vector<Layer> fresh(m + 1);
+    std::vector<typename Store::permutation> perms(m + 1);
+    index_t transient = tokens_held();  // tokens stored while new layers exist beside old
+    for (std::size_t l = 0; l <= m; ++l) {
+      const detail::layer_plan& lp = plan.layers[l];
+      if (lp.action == detail::layer_action::copy_all) {
+        fresh[l] = Store::copy_all(exec_, sh, k, v, lp.keep_scores ? scores : detail::token_scores{});
+      } else if (lp.action == detail::layer_action::select) {
+        if (l == m)
+          fresh[l] = select(sh, k, v, nullptr, scores, P, lp);
+        else
+          fresh[l] = select(sh, Store::keys(layers_[l], sh), Store::values(layers_[l], sh),
+                            &layers_[l], Store::scores(layers_[l]), P, lp);
+      } else if (lp.action == detail::layer_action::truncate && lp.to_position) {
+        perms[l] = Store::position_permutation(exec_, layers_[l], sh, prefixes(lp));
       }
-      fresh_at.push_back(m);
-      for (std::size_t l = 0; l < m; ++l) {
-        // Prefixes are in descending-indicator order: a smaller budget is a truncation
-        // (head-wise: of each row, to the length the head allocation gives it now).
-        const Layer& ly = layers_[l];
-        if constexpr (headwise) {
-          if (ly.len.empty()) continue;  // an uncut layer is never re-cut
-          std::vector<index_t> avail(static_cast<std::size_t>(rows));
-          for (index_t r = 0; r < rows; ++r) avail[static_cast<std::size_t>(r)] = ly.row_len(r) - w;
-          rows_after[l] = head_lengths(Store::scores(ly), avail, ly.held - w, stage[l]);
-          if (last && want_position && ly.by_indicator)
-            perms[l] =
-                Store::position_permutation(exec_, ly, sh, std::span<const index_t>(rows_after[l]));
-        } else {
-          prefix_after[l] = std::min(stage[l], ly.held - w);
-          if (last && want_position && ly.by_indicator)
-            perms[l] = Store::position_permutation(exec_, ly, sh, prefix_after[l]);
-        }
-      }
-    } else if (!last) {
-      fresh.push_back(Store::copy_all(exec_, sh, k, v, scores));
-      fresh_at.push_back(m);
-    } else {
-      // One-shot: every layer is cut once, now; the last one straight from the caller.
-      allocate_budgets(budget_, prefs, L, cfg_.total_budget(), P, stage);
-      const bool keep_scores = accumulates || !want_position;
-      if constexpr (headwise) {
-        const auto keep = head_lengths(scores, {}, P, std::min(stage[m], P));
-        fresh.push_back(Store::select_rows(exec_, sh, k, v, nullptr, scores, P, keep, want_position,
-                                           keep_scores));
-      } else {
-        fresh.push_back(Store::select(exec_, sh, k, v, nullptr, scores, P, std::min(stage[m], P),
-                                      want_position, keep_scores));
-      }
-      fresh_at.push_back(m);
-      for (std::size_t l = 0; l < m; ++l) {
-        const Layer& src = layers_[l];
-        if constexpr (headwise) {
-          const auto keep = head_lengths(Store::scores(src), {}, P, std::min(stage[l], P));
-          fresh.push_back(Store::select_rows(exec_, sh, Store::keys(src, sh),
-                                             Store::values(src, sh), &src, Store::scores(src), P,
-                                             keep, want_position, keep_scores));
-        } else {
-          fresh.push_back(Store::select(exec_, sh, Store::keys(src, sh), Store::values(src, sh),
-                                        &src, Store::scores(src), P, std::min(stage[l], P),
-                                        want_position, keep_scores));
-        }
-        fresh_at.push_back(l);
-      }
+      transient += fresh[l].total() / rows;
     }
-    // Tokens stored at once while the new layers exist beside the old ones.
-    index_t transient = tokens_held();
-    for (const auto& f : fresh) transient += f.total() / rows;
 
-    // 3. Commit: nothing below allocates or throws.
-    for (std::size_t l = 0; l < m; ++l) {
-      if (prefix_after[l] >= 0) Store::truncate(exec_, layers_[l], sh, prefix_after[l]);
-      if constexpr (headwise)
-        if (!rows_after[l].empty()) Store::truncate_rows(exec_, layers_[l], sh, rows_after[l]);
+    auto cut = Store::prepare_truncate(exec_, std::span<const Layer>(layers_), sh,
+                                       std::span<const detail::layer_plan>(plan.layers),
+                                       std::span<const typename Store::permutation>(perms));
+
+    // 4. Commit. Only the truncation may fail, and then before it changes anything
+    //    (host: it cannot; CUDA: one launch); nothing after it allocates or throws.
+    Store::truncate(exec_, std::span<Layer>(layers_), sh, cut);
+    for (std::size_t l = 0; l < m; ++l)
       if (!perms[l].empty()) Store::permute(exec_, layers_[l], sh, perms[l]);
-    }
-    for (std::size_t i = 0; i < fresh.size(); ++i) layers_[fresh_at[i]] = std::move(fresh[i]);
+    for (std::size_t l = 0; l <= m; ++l)
+      if (plan.layers[l].action == detail::layer_action::copy_all ||
+          plan.layers[l].action == detail::layer_action::select)
+        layers_[l] = std::move(fresh[l]);
     prefs_ = std::move(prefs);
     stats_.push_back(stats);  // capacity reserved in reset()
-    if (cfg_.cascade || last || S <= cfg_.cache_size + w) {
-      for (std::size_t l = 0; l <= m; ++l) budgets_[l] = stage[l];
-      if (cfg_.cascade) stages_.push_back(std::move(stage));  // capacity reserved in reset()
-    }
+    if (plan.record_budgets) std::copy(plan.budgets.begin(), plan.budgets.end(), budgets_.begin());
+    if (plan.record_stage) stages_.push_back(plan.budgets);  // capacity reserved in reset()
     prompt_ = S;
     next_layer_ = layer + 1;
-    if (last) {
+    if (next_layer_ == cfg_.layers) {
       for (auto& ly : layers_) Store::finish_prefill(ly, accumulates);
       res_.after_prefill();
     }
@@ -288,45 +232,23 @@ class KvCache {
   // q: (batch, q_heads, head_dim); k, v: (batch, kv_heads, head_dim), the new token.
   template <tensor_like Q, tensor_like K, tensor_like V>
   status validate_decode(index_t layer, Q&& q_new, K&& k_new, V&& v_new) const {
-    auto q = as_view(q_new);
-    auto k = as_view(k_new);
-    auto v = as_view(v_new);
-    require_space<Exec, decltype(q), decltype(k), decltype(v)>();
-    CAKE_CHECK_STATE(next_layer_ == cfg_.layers, "cake.decode.state",
-                     "decode needs every layer prefilled first; ", next_layer_, " of ", cfg_.layers,
-                     " layers are");
-    CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.decode.layer", "layer must be in [0, ",
-               cfg_.layers, "), got ", layer);
-    const index_t B = cfg_.batch, H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim;
-    CAKE_CHECK(q.extent(0) == B && q.extent(1) == H && q.extent(2) == d, "cake.decode.q",
-               "q must be (batch, q_heads, head_dim) = (", B, ", ", H, ", ", d, "), got ",
-               detail::shape_string(q));
-    CAKE_CHECK(k.extent(0) == B && k.extent(1) == Hkv && k.extent(2) == d, "cake.decode.k",
-               "k must be (batch, kv_heads, head_dim) = (", B, ", ", Hkv, ", ", d, "), got ",
-               detail::shape_string(k));
-    CAKE_CHECK(v.extent(0) == B && v.extent(1) == Hkv && v.extent(2) == d, "cake.decode.v",
-               "v must be (batch, kv_heads, head_dim) = (", B, ", ", Hkv, ", ", d, "), got ",
-               detail::shape_string(v));
-    CAKE_CHECK(inner_contiguous(q) && inner_contiguous(k) && inner_contiguous(v),
-               "cake.decode.layout", "q, k and v must have unit stride along head_dim");
-    if (cfg_.check_finite) {
-      CAKE_TRY(Store::check_finite(exec_, q, "cake.decode.q", "q"));
-      CAKE_TRY(Store::check_finite(exec_, k, "cake.decode.k", "k"));
-      CAKE_TRY(Store::check_finite(exec_, v, "cake.decode.v", "v"));
-    }
-    return status::success();
+    return check_decode(layer, as_view(q_new), as_view(k_new), as_view(v_new));
   }
 
+  // Appends the token to the layer; when the layer then holds more than its budget
+  // plus the window (head-wise: in every row, always), the lowest-scored candidate
+  // outside the window is evicted, so the layer holds at most budget + w tokens.
   template <tensor_like Q, tensor_like K, tensor_like V>
   void decode(index_t layer, Q&& q_new, K&& k_new, V&& v_new) {
-    validate_decode(layer, q_new, k_new, v_new).throw_if_error();
-    auto q = as_view(q_new);
-    auto k = as_view(k_new);
-    auto v = as_view(v_new);
+    const auto q = as_view(q_new);
+    const auto k = as_view(k_new);
+    const auto v = as_view(v_new);
+    check_decode(layer, q, k, v).throw_if_error();
     check_value_type<decltype(k), decltype(v)>();
     const auto l = static_cast<std::size_t>(layer);
+    // Rows cut head-wise keep their lengths; others grow to budget + w.
     Store::decode(exec_, layers_[l], shape(), q, k, v, prompt_ + steps_[l], budgets_[l], ind_,
-                  cfg_.order == token_order::reference);
+                  cfg_.order == token_order::reference, headwise && layers_[l].cut);
     ++steps_[l];
     peak_ = std::max(peak_, tokens_held());
   }
@@ -343,10 +265,12 @@ class KvCache {
   // The budget recorded for each layer (prefix tokens outside the window).
   std::span<const index_t> budgets() const noexcept { return budgets_; }
   index_t budget(index_t layer) const { return budgets_.at(checked(layer)); }
+  // A layer not yet prefilled has budget 0, holds no tokens and empty views.
   // Recomputed budgets of layers 0..m after each cascade stage m.
   const std::vector<std::vector<index_t>>& stage_budgets() const noexcept { return stages_; }
-  double preference(index_t layer) const { return prefs_.at(checked(layer)); }
-  LayerStats stats(index_t layer) const { return stats_.at(checked(layer)); }
+  // Of a prefilled layer (the preference and statistics exist from its prefill on).
+  double preference(index_t layer) const { return prefs_[prefilled(layer)]; }
+  LayerStats stats(index_t layer) const { return stats_[prefilled(layer)]; }
   // Tokens held by each (batch, kv-head) row of a layer, the window included; with
   // head-wise allocation rows differ and this is their mean, rounded down (exact
   // when the heads of each batch entry fill the layer's budget, which they do unless
@@ -476,6 +400,95 @@ class KvCache {
     CAKE_EXPECTS(layer >= 0 && layer < cfg_.layers, "cake.layer", "layer must be in [0, ",
                  cfg_.layers, "), got ", layer);
     return static_cast<std::size_t>(layer);
+  }
+  std::size_t prefilled(index_t layer) const {
+    const std::size_t l = checked(layer);
+    if (layer >= next_layer_)
+      throw logic_error("cake.layer",
+                        detail::concat("layer ", layer, " is not prefilled yet (", next_layer_,
+                                       " of ", cfg_.layers, " layers are)"));
+    return l;
+  }
+
+  template <class QV, class KV, class VV>
+  status check_prefill(index_t layer, const QV& q, const KV& k, const VV& v) const {
+    static_assert(QV::rank() == 4 && KV::rank() == 4 && VV::rank() == 4,
+                  "cake::KvCache::prefill: q_window, keys and values are rank 4: "
+                  "(batch, heads, tokens, head_dim)");
+    require_space<Exec, QV, KV, VV>();
+    CAKE_CHECK_STATE(next_layer_ < cfg_.layers, "cake.prefill.layer", "all ", cfg_.layers,
+                     " layers are already prefilled; call reset() before a new prompt");
+    CAKE_CHECK_STATE(layer == next_layer_, "cake.prefill.layer",
+                     "layers must be prefilled in order: expected layer ", next_layer_, ", got ",
+                     layer);
+    const index_t B = cfg_.batch, H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim,
+                  w = cfg_.window;
+    CAKE_CHECK(q.extent(0) == B && q.extent(1) == H && q.extent(2) == w && q.extent(3) == d,
+               "cake.prefill.q_window", "q_window must be (batch, q_heads, window, head_dim) = (",
+               B, ", ", H, ", ", w, ", ", d, "), got ", detail::shape_string(q));
+    const index_t S = k.extent(2);
+    CAKE_CHECK(k.extent(0) == B && k.extent(1) == Hkv && k.extent(3) == d, "cake.prefill.keys",
+               "keys must be (batch, kv_heads, S, head_dim) = (", B, ", ", Hkv, ", S, ", d,
+               "), got ", detail::shape_string(k));
+    CAKE_CHECK(prompt_ < 0 || S == prompt_, "cake.prefill.keys",
+               "every layer must have the prompt length of layer 0, S = ", prompt_, ", got ", S);
+    CAKE_CHECK(S >= w, "cake.prefill.keys", "the prompt must hold at least window = ", w,
+               " tokens, got S = ", S);
+    CAKE_CHECK(v.extent(0) == B && v.extent(1) == Hkv && v.extent(2) == S && v.extent(3) == d,
+               "cake.prefill.values", "values must have the shape of keys (", B, ", ", Hkv, ", ", S,
+               ", ", d, "), got ", detail::shape_string(v));
+    CAKE_CHECK(inner_contiguous(q), "cake.prefill.q_window",
+               "q_window must have unit stride along head_dim, got ", q.stride(3));
+    CAKE_CHECK(inner_contiguous(k), "cake.prefill.keys",
+               "keys must have unit stride along head_dim, got ", k.stride(3));
+    CAKE_CHECK(inner_contiguous(v), "cake.prefill.values",
+               "values must have unit stride along head_dim, got ", v.stride(3));
+    if (cfg_.check_finite)
+      return Store::check_finite(exec_, detail::named(q, "cake.prefill.q_window", "q_window"),
+                                 detail::named(k, "cake.prefill.keys", "keys"),
+                                 detail::named(v, "cake.prefill.values", "values"));
+    return status::success();
+  }
+
+  template <class QV, class KV, class VV>
+  status check_decode(index_t layer, const QV& q, const KV& k, const VV& v) const {
+    static_assert(QV::rank() == 3 && KV::rank() == 3 && VV::rank() == 3,
+                  "cake::KvCache::decode: q, k and v are rank 3: (batch, heads, head_dim)");
+    require_space<Exec, QV, KV, VV>();
+    CAKE_CHECK_STATE(next_layer_ == cfg_.layers, "cake.decode.state",
+                     "decode needs every layer prefilled first; ", next_layer_, " of ", cfg_.layers,
+                     " layers are");
+    CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.decode.layer", "layer must be in [0, ",
+               cfg_.layers, "), got ", layer);
+    const index_t B = cfg_.batch, H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim;
+    CAKE_CHECK(q.extent(0) == B && q.extent(1) == H && q.extent(2) == d, "cake.decode.q",
+               "q must be (batch, q_heads, head_dim) = (", B, ", ", H, ", ", d, "), got ",
+               detail::shape_string(q));
+    CAKE_CHECK(k.extent(0) == B && k.extent(1) == Hkv && k.extent(2) == d, "cake.decode.k",
+               "k must be (batch, kv_heads, head_dim) = (", B, ", ", Hkv, ", ", d, "), got ",
+               detail::shape_string(k));
+    CAKE_CHECK(v.extent(0) == B && v.extent(1) == Hkv && v.extent(2) == d, "cake.decode.v",
+               "v must be (batch, kv_heads, head_dim) = (", B, ", ", Hkv, ", ", d, "), got ",
+               detail::shape_string(v));
+    CAKE_CHECK(inner_contiguous(q) && inner_contiguous(k) && inner_contiguous(v),
+               "cake.decode.layout", "q, k and v must have unit stride along head_dim");
+    if (cfg_.check_finite)
+      return Store::check_finite(exec_, detail::named(q, "cake.decode.q", "q"),
+                                 detail::named(k, "cake.decode.k", "k"),
+                                 detail::named(v, "cake.decode.v", "v"));
+    return status::success();
+  }
+
+  // The prefix tokens every row keeps in a layer's plan: rows are the general case.
+  std::vector<index_t> prefixes(const detail::layer_plan& lp) const {
+    if (!lp.row_prefix.empty()) return lp.row_prefix;
+    return std::vector<index_t>(static_cast<std::size_t>(cfg_.batch * cfg_.kv_heads), lp.prefix);
+  }
+  template <class KV, class VV>
+  Layer select(const detail::LayerShape& sh, const KV& k, const VV& v, const Layer* src,
+               detail::token_scores sc, index_t P, const detail::layer_plan& lp) const {
+    return Store::select(exec_, sh, k, v, src, sc, P, prefixes(lp), lp.to_position,
+                         lp.keep_scores);
   }
 
   detail::LayerShape shape() const {

@@ -453,3 +453,52 @@ TEST_CASE("functional core errors") {
         "cake.indicator.gamma", {"got -1"});
   }
 }
+
+TEST_CASE("prefill: a budget policy's output out of range is an error, the cache unchanged") {
+  T4 q{{B, H, w, d}, 1}, k{{B, Hkv, S, d}, 2}, v{{B, Hkv, S, d}, 3};
+  const index_t P = S - w;
+  // A stand-in for a buggy user policy: fair shares, except that from layer 1 on
+  // the newest layer gets `newest`.
+  struct LaterRogue {
+    index_t newest = 0;
+    void operator()(std::span<const float> prefs, index_t layers, index_t total, index_t,
+                    std::span<index_t> out) const {
+      for (std::size_t l = 0; l < prefs.size(); ++l) out[l] = total / layers;
+      if (prefs.size() > 1) out[prefs.size() - 1] = newest;
+    }
+    cake::status validate() const { return cake::status::success(); }
+  };
+  const auto check = [&](index_t newest, std::initializer_list<std::string> parts) {
+    cake::KvCache<cake::CakePreference, LaterRogue> c(config(), {}, LaterRogue{newest});
+    c.prefill(0, q.view(), k.view(), v.view());
+    const Snapshot before = snapshot(c);
+    expect_throw<cake::invalid_argument>([&] { c.prefill(1, q.view(), k.view(), v.view()); },
+                                         "cake.budget.output", parts);
+    CHECK(snapshot(c) == before);
+  };
+  SUBCASE("negative") { check(-5, {"budget policy", "[0, ceiling = 36]", "got -5 for layer 1"}); }
+  SUBCASE("over the ceiling S - w") { check(P + 3, {"got 39 for layer 1"}); }
+  SUBCASE("sum over the total") {
+    // Layer 0 gets T / L = 12, layer 1 the ceiling 36: 48 > T = 36.
+    check(P, {"total budget T = 36", "got 48"});
+  }
+}
+
+TEST_CASE("stats() and preference() of a layer not prefilled yet are cake errors") {
+  Fixture f;  // layer 0 of 3 prefilled
+  CHECK(f.cache.stats(0).entropy > 0);
+  CHECK(f.cache.preference(0) > 0);
+  expect_throw<cake::logic_error>([&] { (void)f.cache.stats(1); }, "cake.layer",
+                                  {"layer 1 is not prefilled", "1 of 3"});
+  expect_throw<cake::logic_error>([&] { (void)f.cache.preference(2); }, "cake.layer",
+                                  {"layer 2 is not prefilled"});
+  expect_throw<cake::invalid_argument>([&] { (void)f.cache.stats(3); }, "cake.layer",
+                                       {"[0, 3)", "got 3"});
+  expect_throw<cake::invalid_argument>([&] { (void)f.cache.budget(-1); }, "cake.layer",
+                                       {"got -1"});
+  expect_throw<cake::invalid_argument>([&] { (void)f.cache.keys(3); }, "cake.layer", {"got 3"});
+  // Layers not prefilled yet hold nothing (documented, not an error).
+  CHECK(f.cache.tokens_held(1) == 0);
+  CHECK(f.cache.budget(2) == 0);
+  CHECK(f.cache.keys(2).extent(2) == 0);
+}

@@ -344,3 +344,76 @@ TEST_CASE("KvCache: results do not depend on the thread count") {
         CHECK(row_positions(a, l, bb, g) == row_positions(b, l, bb, g));
   }
 }
+
+namespace kv_test {
+// Engine tensors with adapters of each shape: a counting one taking T&, a read-only
+// one taking const T&, and one taking only T& (not readable when const).
+struct Counted {
+  std::vector<float>* data;
+  std::array<index_t, 4> shape;
+  static inline int views = 0;
+};
+struct ReadOnly {
+  const std::vector<float>* data;
+  std::array<index_t, 4> shape;
+};
+struct MutableOnly {
+  std::vector<float>* data;
+  std::array<index_t, 4> shape;
+};
+}  // namespace kv_test
+
+template <>
+struct cake::tensor_traits<kv_test::Counted> {
+  static constexpr std::size_t rank = 4;
+  static auto view(kv_test::Counted& t) {
+    ++kv_test::Counted::views;
+    return cake::make_view(t.data->data(), t.shape);
+  }
+};
+template <>
+struct cake::tensor_traits<kv_test::ReadOnly> {
+  static constexpr std::size_t rank = 4;
+  static auto view(const kv_test::ReadOnly& t) { return cake::make_view(t.data->data(), t.shape); }
+};
+template <>
+struct cake::tensor_traits<kv_test::MutableOnly> {
+  static auto view(kv_test::MutableOnly& t) { return cake::make_view(t.data->data(), t.shape); }
+};
+
+TEST_CASE("tensor adapters: T& or const T& adapters are found, each runs once per call") {
+  // Detection follows the adapter's parameter: a const tensor needs view(const T&).
+  CHECK(cake::tensor_like<kv_test::ReadOnly>);
+  CHECK(cake::tensor_like<const kv_test::ReadOnly>);
+  CHECK(cake::tensor_like<const kv_test::ReadOnly&>);
+  CHECK(cake::tensor_like<kv_test::MutableOnly&>);
+  CHECK(!cake::tensor_like<const kv_test::MutableOnly>);
+  CHECK(!cake::tensor_like<const kv_test::MutableOnly&>);
+
+  cake::CacheConfig cfg;
+  cfg.layers = 2;
+  cfg.batch = 1;
+  cfg.q_heads = 2;
+  cfg.kv_heads = 1;
+  cfg.head_dim = 8;
+  cfg.window = 4;
+  cfg.cache_size = 12;
+  const index_t S = 30;
+  const Workload wl = make_workload(cfg, S, 5);
+  auto q = wl.q[0], k = wl.k[0], v = wl.v[0];
+  kv_test::Counted cq{&q, {1, 2, 4, 8}}, ck{&k, {1, 1, S, 8}}, cv{&v, {1, 1, S, 8}};
+  cake::KvCache<> a(cfg), b(cfg);
+  kv_test::Counted::views = 0;
+  a.prefill(0, cq, ck, cv);
+  CHECK(kv_test::Counted::views == 3);  // once per tensor, validation included
+  CHECK(a.validate_prefill(1, cq, ck, cv).ok());
+  CHECK(kv_test::Counted::views == 6);
+
+  // Const tensors through the const adapter hold the same tokens as plain views.
+  const kv_test::ReadOnly rq{&q, {1, 2, 4, 8}}, rk{&k, {1, 1, S, 8}}, rv{&v, {1, 1, S, 8}};
+  b.prefill(0, rq, rk, rv);
+  REQUIRE(a.tokens_held(0) == b.tokens_held(0));
+  const auto pa = a.positions(0), pb = b.positions(0);
+  for (index_t t = 0; t < pa.extent(2); ++t) CHECK(pa(0, 0, t) == pb(0, 0, t));
+
+}

@@ -1,6 +1,7 @@
 // CUDA storage of KvCache layers: KvCache<Pref, Budget, Ind, T, cake::cuda_policy>
-// keeps its layers in device memory and moves them with the CUDA algorithms
-// (select_k, compact, decode_scores) plus the small kernels below. The host only
+// keeps its layers in device memory (device_memory.cuh) and moves them with the CUDA
+// algorithms (select_k, compact, decode_scores) plus the store kernels
+// (detail/kernels/store.cuh). The host only
 // sees the two layer statistics per prefill (to compute the budgets), the layer's
 // scores when budgets are head-wise (the head lengths are decided on the host) and,
 // at the end of a cascading prefill in position order, the positions it sorts.
@@ -20,92 +21,12 @@
 #include "compact.cuh"
 #include "decode_scores.cuh"
 #include "detail/dispatch.cuh"
+#include "detail/kernels/store.cuh"
+#include "device_memory.cuh"
 #include "select_k.cuh"
 
 namespace cake {
 namespace cuda_detail {
-
-// A stream-ordered device allocation owned by one object (move-only), from the
-// policy's memory pool.
-template <class U>
-class device_buffer {
- public:
-  device_buffer() = default;
-  device_buffer(index_t n, const cuda_policy& exec) : n_(n), stream_(stream_of(exec)) {
-    if (n > 0)
-      p_ = static_cast<U*>(allocate_async(exec, static_cast<std::size_t>(n) * sizeof(U),
-                                          "cudaMallocAsync (KvCache layer)"));
-  }
-  device_buffer(device_buffer&& o) noexcept { swap(o); }
-  device_buffer& operator=(device_buffer&& o) noexcept {
-    device_buffer tmp(std::move(o));
-    swap(tmp);
-    return *this;
-  }
-  device_buffer(const device_buffer&) = delete;
-  device_buffer& operator=(const device_buffer&) = delete;
-  ~device_buffer() {
-    if (p_) (void)cudaFreeAsync(p_, stream_);
-  }
-  U* data() const noexcept { return p_; }
-  index_t size() const noexcept { return n_; }
-  void swap(device_buffer& o) noexcept {
-    std::swap(p_, o.p_);
-    std::swap(n_, o.n_);
-    std::swap(stream_, o.stream_);
-  }
-
- private:
-  U* p_ = nullptr;
-  index_t n_ = 0;
-  cudaStream_t stream_ = nullptr;
-};
-
-// The memory pool a KvCache allocates from when the engine names none: its layers
-// and every prefill's and decoding step's scratch. Freed memory stays reserved
-// (release threshold: unlimited), so the per-layer host syncs of a prefill do not
-// hand it back to the driver only for the next layer to map it again; after the
-// last layer's prefill the pool is trimmed to what the layers hold. Move-only;
-// destroyed with the cache (the driver frees it once the stream-ordered frees of
-// the cache's buffers have run).
-class cache_pool {
- public:
-  cache_pool() = default;
-  cache_pool(cache_pool&& o) noexcept : pool_(std::exchange(o.pool_, nullptr)) {}
-  cache_pool& operator=(cache_pool&& o) noexcept {
-    std::swap(pool_, o.pool_);
-    return *this;
-  }
-  cache_pool(const cache_pool&) = delete;
-  cache_pool& operator=(const cache_pool&) = delete;
-  ~cache_pool() {
-    if (pool_) (void)cudaMemPoolDestroy(pool_);
-  }
-
-  // The policy the cache runs with: the engine's pool when it names one, else ours.
-  cuda_policy adopt(const cuda_policy& exec) {
-    if (exec.pool != nullptr) return exec;
-    int dev = 0;
-    check(cudaGetDevice(&dev), "cudaGetDevice (KvCache memory pool)");
-    cudaMemPoolProps props{};
-    props.allocType = cudaMemAllocationTypePinned;
-    props.location.type = cudaMemLocationTypeDevice;
-    props.location.id = dev;
-    check(cudaMemPoolCreate(&pool_, &props), "cudaMemPoolCreate (KvCache memory pool)");
-    std::uint64_t keep = UINT64_MAX;
-    check(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &keep),
-          "cudaMemPoolSetAttribute (KvCache memory pool)");
-    return exec.from(pool_);
-  }
-  // Hands back the prefill's scratch (only memory no live allocation uses). Called
-  // after the prefill committed: a failure here loses nothing, so it is not reported.
-  void after_prefill() noexcept {
-    if (pool_) (void)cudaMemPoolTrimTo(pool_, 0);
-  }
-
- private:
-  cudaMemPool_t pool_ = nullptr;
-};
 
 // One layer on the device; the same layout as HostLayer.
 template <class T>
@@ -114,18 +35,18 @@ struct DeviceLayer {
   device_buffer<T> k, v;       // (rows, cap, d)
   device_buffer<index_t> pos;  // (rows, cap)
   device_buffer<float> ind;    // (rows, cap) score of each held token, or empty
-  // (rows) tokens of each row when rows differ (head-wise allocation), else empty;
-  // kept on the host, where the lengths are decided. Slots past a row's length are
-  // padding, as on the host: position -1, zero keys and values.
+  // (rows) tokens of each row, kept on the host, where lengths are decided; `held` is
+  // the longest. Rows differ only with head-wise budgets; slots past a row's length
+  // are then padding, as on the host: position -1, zero keys and values.
   std::vector<index_t> len;
   bool by_indicator = false;
+  bool cut = false;
 
-  index_t row_len(index_t r) const { return len.empty() ? held : len[static_cast<std::size_t>(r)]; }
-  index_t total() const {
-    if (len.empty()) return rows * held;
-    index_t s = 0;
-    for (index_t x : len) s += x;
-    return s;
+  index_t row_len(index_t r) const { return len[static_cast<std::size_t>(r)]; }
+  index_t total() const { return std::accumulate(len.begin(), len.end(), index_t{0}); }
+  void set_length(index_t n) {
+    held = n;
+    std::fill(len.begin(), len.end(), n);
   }
 
   DeviceLayer() = default;
@@ -136,7 +57,8 @@ struct DeviceLayer {
         k(rows_ * cap_ * d_, exec),
         v(rows_ * cap_ * d_, exec),
         pos(rows_ * cap_, exec),
-        ind(with_indicator ? rows_ * cap_ : 0, exec) {
+        ind(with_indicator ? rows_ * cap_ : 0, exec),
+        len(static_cast<std::size_t>(rows_), 0) {
     // Slots whose token has no score read 0, as on the host.
     if (ind.size() > 0)
       check(cudaMemsetAsync(ind.data(), 0, static_cast<std::size_t>(ind.size()) * sizeof(float),
@@ -152,154 +74,6 @@ struct DeviceLayer {
   }
 };
 
-// ---- small kernels -------------------------------------------------------------
-
-// First non-finite element (flat index in logical row-major order) of a rank-4
-// strided tensor (lower ranks pass extent 1); *first starts at INT64_MAX.
-template <class U>
-__global__ void find_non_finite_kernel(const U* p, long long e0, long long e1, long long e2,
-                                       long long e3, long long s0, long long s1, long long s2,
-                                       long long s3, unsigned long long* first) {
-  const long long total = e0 * e1 * e2 * e3;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    long long r = i;
-    const long long i3 = r % e3;
-    r /= e3;
-    const long long i2 = r % e2;
-    r /= e2;
-    const long long i1 = r % e1;
-    const long long i0 = r / e1;
-    const float x = static_cast<float>(p[i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3]);
-    if (!isfinite(x)) atomicMin(first, static_cast<unsigned long long>(i));
-  }
-}
-
-// pos[r, t] = t for t < n.
-template <class I>
-__global__ void iota_rows_kernel(I* pos, index_t rows, index_t cap, index_t n) {
-  const long long total = rows * n;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(gridDim.x) * blockDim.x)
-    pos[(i / n) * cap + i % n] = i % n;
-}
-
-// sel[r, keep + t] = first + t for t < w: the window (or the last w held tokens)
-// always follows the selected prefix.
-template <class I>
-__global__ void append_window_kernel(I* sel, index_t rows, index_t n, index_t keep, index_t w,
-                                     index_t first) {
-  const long long total = rows * w;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(gridDim.x) * blockDim.x)
-    sel[(i / w) * n + keep + i % w] = first + i % w;
-}
-
-// out_pos[r, t] = src_pos ? src_pos[r, sel[r, t]] : sel[r, t]; out_ind[r, t] likewise
-// from ind for the tokens that have a score (source slot < ind_cols).
-template <class I>
-__global__ void gather_meta_kernel(I* out_pos, float* out_ind, index_t out_cap, const index_t* sel,
-                                   index_t rows, index_t n, const index_t* src_pos, index_t src_cap,
-                                   const float* ind, index_t ind_ld, index_t ind_cols) {
-  const long long total = rows * n;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const index_t r = i / n, t = i % n, j = sel[i];
-    out_pos[r * out_cap + t] = src_pos ? src_pos[r * src_cap + j] : j;
-    if (out_ind && j < ind_cols) out_ind[r * out_cap + t] = ind[r * ind_ld + j];
-  }
-}
-
-// out[r, t] = pos ? indicator.score_position(pos[r, t]) : indicator.score_position(t).
-template <class Ind>
-__global__ void position_scores_kernel(Ind indicator, const index_t* pos, index_t pos_ld,
-                                       float* out, index_t out_ld, index_t rows, index_t cols) {
-  const long long total = rows * cols;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const index_t r = i / cols, t = i % cols;
-    out[r * out_ld + t] = indicator.score_position(pos ? pos[r * pos_ld + t] : t);
-  }
-}
-
-// dst[r, t] += src[r, t].
-template <class U>
-__global__ void accumulate_kernel(U* dst, index_t dst_ld, const U* src, index_t src_ld,
-                                  index_t rows, index_t cols) {
-  const long long total = rows * cols;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const index_t r = i / cols, t = i % cols;
-    dst[r * dst_ld + t] += src[r * src_ld + t];
-  }
-}
-
-// Slots [from, to) of one row become padding: zero keys and values, position -1,
-// score 0 (sc may be null).
-template <class T>
-__global__ void pad_slots_kernel(T* k, T* v, index_t* pos, float* sc, index_t d, index_t from,
-                                 index_t to) {
-  const long long total = (to - from) * d;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    k[from * d + i] = T{};
-    v[from * d + i] = T{};
-    if (i % d == 0) {
-      pos[from + i / d] = -1;
-      if (sc) sc[from + i / d] = 0.0f;
-    }
-  }
-}
-
-template <class U>
-__global__ void fill_kernel(U* p, index_t n, U value) {
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<long long>(gridDim.x) * blockDim.x)
-    p[i] = value;
-}
-
-// Moves each row's w window tokens from slot `from` down to slot `to` (to < from).
-// One block per row, token by token in ascending order: a destination can only
-// overlap a source that was already read.
-template <class T>
-__global__ void move_window_kernel(T* k, T* v, index_t* pos, float* sc, index_t cap, index_t d,
-                                   index_t w, index_t from, index_t to) {
-  const index_t r = blockIdx.x;
-  for (index_t t = 0; t < w; ++t) {
-    T* ks = k + (r * cap + from + t) * d;
-    T* vs = v + (r * cap + from + t) * d;
-    T* kd = k + (r * cap + to + t) * d;
-    T* vd = v + (r * cap + to + t) * d;
-    for (index_t x = threadIdx.x; x < d; x += blockDim.x) {
-      kd[x] = ks[x];
-      vd[x] = vs[x];
-    }
-    if (threadIdx.x == 0) {
-      pos[r * cap + to + t] = pos[r * cap + from + t];
-      if (sc) sc[r * cap + to + t] = sc[r * cap + from + t];
-    }
-    __syncthreads();
-  }
-}
-
-// Writes the new token (k, v: (batch, kv_heads, head_dim), any strides) into slot `slot`.
-template <class T, class U>
-__global__ void append_token_kernel(T* k, T* v, index_t* pos, index_t cap, index_t d, index_t Hkv,
-                                    index_t slot, const U* ks, index_t kb, index_t kg, const U* vs,
-                                    index_t vb, index_t vg, index_t position) {
-  const index_t r = blockIdx.x, b = r / Hkv, g = r % Hkv;
-  for (index_t x = threadIdx.x; x < d; x += blockDim.x) {
-    k[(r * cap + slot) * d + x] = static_cast<T>(ks[b * kb + g * kg + x]);
-    v[(r * cap + slot) * d + x] = static_cast<T>(vs[b * vb + g * vg + x]);
-  }
-  if (threadIdx.x == 0) pos[r * cap + slot] = position;
-}
-
-inline unsigned small_grid(long long work) {
-  return static_cast<unsigned>(
-      std::max<long long>(1, std::min<long long>((work + 255) / 256, 4096)));
-}
-
 }  // namespace cuda_detail
 
 namespace detail {
@@ -311,13 +85,20 @@ struct layer_store<T, cuda_policy> {
   template <class U>
   using buffer = cuda_detail::device_buffer<U>;
   using resources = cuda_detail::cache_pool;
-  // The reorder to position order is a gather into a layer allocated while
-  // planning, so that committing it allocates nothing.
+  // The reorder to position order, truncation included: gathered while planning
+  // into a layer of its own, so that committing it is a swap.
   struct permutation {
-    buffer<index_t> keep;  // (rows, prefix + w) slots in their new order
     layer target;
-    index_t n = 0;
-    bool empty() const noexcept { return n == 0; }
+    bool done = false;
+    bool empty() const noexcept { return !done; }
+  };
+  // Every truncation of a prefill's commit: one launch of truncate_rows_kernel.
+  struct truncation {
+    buffer<cuda_detail::truncate_job<T>> jobs;
+    std::vector<cuda_detail::truncate_job<T>> host_jobs;
+    std::vector<std::size_t> layers;               // which layers change
+    std::vector<index_t> held;                     // their new longest row
+    std::vector<std::vector<index_t>> len;         // their new row lengths (ragged)
   };
 
   static cudaStream_t stream(const cuda_policy& e) { return cuda_detail::stream_of(e); }
@@ -344,44 +125,26 @@ struct layer_store<T, cuda_policy> {
     cuda_detail::check(cudaStreamSynchronize(stream(exec)), "window_stats (layer statistics)");
   }
 
-  template <class V>
-  static status check_finite(const cuda_policy& exec, const V& v, const char* id,
-                             const char* name) {
-    constexpr std::size_t R = V::rank();
-    long long e[4] = {1, 1, 1, 1}, s[4] = {0, 0, 0, 0};
-    for (std::size_t r = 0; r < R; ++r) {
-      e[4 - R + r] = v.extent(r);
-      s[4 - R + r] = v.stride(r);
-    }
-    if (e[0] * e[1] * e[2] * e[3] == 0) return status::success();
-    buffer<unsigned long long> first(1, exec);
-    const unsigned long long none = ~0ull;
-    cuda_detail::check(
-        cudaMemcpyAsync(first.data(), &none, sizeof(none), cudaMemcpyHostToDevice, stream(exec)),
-        "cudaMemcpyAsync (finite check)");
-    cuda_detail::find_non_finite_kernel<<<cuda_detail::small_grid(e[0] * e[1] * e[2] * e[3]), 256,
-                                          0, stream(exec)>>>(
-        v.data_handle(), e[0], e[1], e[2], e[3], s[0], s[1], s[2], s[3], first.data());
-    cuda_detail::check_launch("find_non_finite_kernel");
-    unsigned long long at = none;
-    cuda_detail::check(
-        cudaMemcpyAsync(&at, first.data(), sizeof(at), cudaMemcpyDeviceToHost, stream(exec)),
-        "cudaMemcpyAsync (finite check)");
+  // Each tensor scanned by one kernel into its own slot; one flag read (one sync)
+  // for all of them. Only when one holds a NaN or Inf is its value read back.
+  template <class... V>
+  static status check_finite(const cuda_policy& exec, const named_view<V>&... t) {
+    constexpr std::size_t N = sizeof...(V);
+    buffer<unsigned long long> first(static_cast<index_t>(N), exec);
+    cuda_detail::check(cudaMemsetAsync(first.data(), 0xff, N * sizeof(unsigned long long),
+                                       stream(exec)),
+                       "cudaMemsetAsync (finite check)");
+    std::size_t i = 0;
+    (launch_find(exec, t.v, first.data() + i++), ...);
+    std::array<unsigned long long, N> at{};
+    cuda_detail::check(cudaMemcpyAsync(at.data(), first.data(), N * sizeof(unsigned long long),
+                                       cudaMemcpyDeviceToHost, stream(exec)),
+                       "cudaMemcpyAsync (finite check)");
     cuda_detail::check(cudaStreamSynchronize(stream(exec)), "find_non_finite_kernel");
-    if (at == none) return status::success();
-    std::array<index_t, R> idx{};
-    auto rem = static_cast<long long>(at);
-    for (std::size_t r = R; r-- > 0;) {
-      idx[r] = rem % v.extent(r);
-      rem /= v.extent(r);
-    }
-    std::remove_const_t<typename V::element_type> bad{};
-    cuda_detail::check(cudaMemcpy(&bad, element_ptr(v, idx), sizeof(bad), cudaMemcpyDeviceToHost),
-                       "cudaMemcpy (finite check)");
-    std::string coords;
-    for (std::size_t r = 0; r < R; ++r) coords.append(r ? ", " : "").append(std::to_string(idx[r]));
-    return make_status(id, name, " must be finite, found ", static_cast<float>(bad), " at (",
-                       coords, ")");
+    status st;
+    i = 0;
+    (void)((st = report_non_finite(t, at[i++])).ok() && ...);
+    return st;
   }
 
   template <class KV, class VV>
@@ -415,39 +178,60 @@ struct layer_store<T, cuda_policy> {
     cuda_detail::iota_rows_kernel<<<cuda_detail::small_grid(sh.rows() * S), 256, 0, stream(exec)>>>(
         out.pos.data(), sh.rows(), out.cap, S);
     cuda_detail::check_launch("iota_rows_kernel");
-    out.held = S;
+    out.set_length(S);
     return out;
   }
 
+  // The host store's select(): equal rows take one top-k for all of them; ragged
+  // rows (head-wise) one each, their window and padding placed by one kernel.
   template <class KV, class VV>
   static layer select(const cuda_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
-                      const layer* src, token_scores sc, index_t P, index_t keep,
+                      const layer* src, token_scores sc, index_t P, std::span<const index_t> keep,
                       bool position_order, bool keep_scores) {
-    const float* ind = sc.p;
-    const index_t ind_ld = sc.ld;
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
-    const index_t rows = sh.rows(), n = keep + w;
-    buffer<index_t> sel(rows * n, exec);
-    select_k(exec,
-             make_view<device_space>(ind, std::array<index_t, 2>{rows, P},
-                                     std::array<index_t, 2>{ind_ld, 1}),
-             make_view<device_space>(sel.data(), std::array<index_t, 2>{rows, keep},
-                                     std::array<index_t, 2>{n, 1}),
-             position_order ? select_order::position : select_order::descending);
-    cuda_detail::append_window_kernel<<<cuda_detail::small_grid(rows * w), 256, 0, stream(exec)>>>(
-        sel.data(), rows, n, keep, w, P);
-    cuda_detail::check_launch("append_window_kernel");
+    const index_t rows = sh.rows(), most = *std::max_element(keep.begin(), keep.end()), n = most + w;
+    const bool ragged = *std::min_element(keep.begin(), keep.end()) != most;
+    const cudaStream_t s = stream(exec);
+    const auto order = position_order ? select_order::position : select_order::descending;
+    buffer<index_t> sel(rows * n, exec);  // (rows, n)
+    buffer<index_t> keeps(ragged ? rows : 0, exec);
     layer out(rows, d, n + 1, keep_scores, exec);
+    const auto top = [&](index_t r0, index_t nr, index_t kr) {
+      select_k(exec,
+               make_view<device_space>(sc.p + r0 * sc.ld, std::array<index_t, 2>{nr, P},
+                                       std::array<index_t, 2>{sc.ld, 1}),
+               make_view<device_space>(sel.data() + r0 * n, std::array<index_t, 2>{nr, kr},
+                                       std::array<index_t, 2>{n, 1}),
+               order);
+    };
+    if (!ragged) {
+      top(0, rows, most);
+    } else {
+      for (index_t r = 0; r < rows; ++r) top(r, 1, keep[static_cast<std::size_t>(r)]);
+      cuda_detail::check(cudaMemcpyAsync(keeps.data(), keep.data(),
+                                         static_cast<std::size_t>(rows) * sizeof(index_t),
+                                         cudaMemcpyHostToDevice, s),
+                         "cudaMemcpyAsync (head-wise lengths)");
+    }
+    cuda_detail::window_slots_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, s>>>(
+        sel.data(), rows, n, ragged ? keeps.data() : nullptr, most, w, P);
+    cuda_detail::check_launch("window_slots_kernel");
     auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
                                           std::array<index_t, 3>{B, Hkv, n});
     compact(exec, k, keep_v, out.tokens_view(out.k.data(), B, Hkv, n));
     compact(exec, v, keep_v, out.tokens_view(out.v.data(), B, Hkv, n));
-    cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, stream(exec)>>>(
+    cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, s>>>(
         out.pos.data(), keep_scores ? out.ind.data() : nullptr, out.cap, sel.data(), rows, n,
-        src ? src->pos.data() : nullptr, src ? src->cap : 0, ind, ind_ld, sc.cols);
+        src ? src->pos.data() : nullptr, src ? src->cap : 0, sc.p, sc.ld, sc.cols);
     cuda_detail::check_launch("gather_meta_kernel");
+    for (index_t r = 0; r < rows; ++r) {
+      out.len[static_cast<std::size_t>(r)] = keep[static_cast<std::size_t>(r)] + w;
+      pad_row(exec, out, r, out.row_len(r), n);
+    }
     out.by_indicator = !position_order;
+    out.cut = true;
     out.held = n;
+    if (ragged) cuda_detail::check(cudaStreamSynchronize(s), "select");  // keep's upload
     return out;
   }
 
@@ -520,67 +304,114 @@ struct layer_store<T, cuda_policy> {
     cuda_detail::check_launch("accumulate_kernel");
   }
 
-  static void truncate(const cuda_policy& exec, layer& ly, const LayerShape& sh, index_t prefix) {
-    const index_t w = sh.window, old_prefix = ly.held - w;
-    if (prefix == old_prefix) return;
-    cuda_detail::move_window_kernel<T><<<static_cast<unsigned>(ly.rows), 128, 0, stream(exec)>>>(
-        ly.k.data(), ly.v.data(), ly.pos.data(), ly.ind.size() ? ly.ind.data() : nullptr, ly.cap,
-        ly.d, w, old_prefix, prefix);
-    cuda_detail::check_launch("move_window_kernel");
-    ly.held = prefix + w;
+  // The truncations a prefill plan asks for (row r of layer l keeps prefix[r]
+  // prefix tokens), as jobs on the device; layers that a permutation replaces are
+  // left out (their target holds them truncated already).
+  static truncation prepare_truncate(const cuda_policy& exec, std::span<const layer> layers,
+                                     const LayerShape& sh, std::span<const layer_plan> plan,
+                                     std::span<const permutation> perms) {
+    const index_t w = sh.window;
+    truncation tr;
+    for (std::size_t l = 0; l < plan.size() && l < layers.size(); ++l) {
+      if (plan[l].action != layer_action::truncate || !perms[l].empty()) continue;
+      const layer& ly = layers[l];
+      index_t longest = 0;
+      std::vector<index_t> len;
+      for (index_t r = 0; r < ly.rows; ++r) longest = std::max(longest, row_prefix(plan[l], r) + w);
+      for (index_t r = 0; r < ly.rows; ++r) {
+        const index_t p = row_prefix(plan[l], r), old = ly.row_len(r);
+        if (p + w != old) {  // freed slots below the new longest row become padding
+          const index_t off = r * ly.cap;
+          tr.host_jobs.push_back({ly.k.data() + off * ly.d, ly.v.data() + off * ly.d,
+                                  ly.pos.data() + off, ly.ind.size() ? ly.ind.data() + off : nullptr,
+                                  old - w, p, std::max(p + w, std::min(old, longest))});
+        }
+        len.push_back(p + w);
+      }
+      tr.layers.push_back(l);
+      tr.held.push_back(longest);
+      tr.len.push_back(std::move(len));
+    }
+    tr.jobs = buffer<cuda_detail::truncate_job<T>>(static_cast<index_t>(tr.host_jobs.size()), exec);
+    if (!tr.host_jobs.empty())
+      cuda_detail::check(cudaMemcpyAsync(tr.jobs.data(), tr.host_jobs.data(),
+                                         tr.host_jobs.size() * sizeof(tr.host_jobs[0]),
+                                         cudaMemcpyHostToDevice, stream(exec)),
+                         "cudaMemcpyAsync (truncation jobs)");
+    return tr;
   }
 
-  // Planned while the layer still holds its old prefix: the new order of the first
-  // `prefix` tokens by position (read back to the host, a few KiB), followed by the
-  // window at its post-truncation slots, and the layer it will be gathered into.
+  // The one step of a prefill's commit that can fail: a single launch. A launch that
+  // fails runs nothing, so it throws with every layer as it was; after it, only
+  // host bookkeeping changes.
+  static void truncate(const cuda_policy& exec, std::span<layer> layers, const LayerShape& sh,
+                       truncation& tr) {
+    if (!tr.host_jobs.empty()) {
+      cuda_detail::truncate_rows_kernel<T>
+          <<<static_cast<unsigned>(tr.host_jobs.size()), 128, 0, stream(exec)>>>(
+              tr.jobs.data(), layers.empty() ? 0 : layers[0].d, sh.window);
+      cuda_detail::check_launch("truncate_rows_kernel");
+    }
+    for (std::size_t i = 0; i < tr.layers.size(); ++i) {
+      layer& ly = layers[tr.layers[i]];
+      ly.held = tr.held[i];
+      ly.len.swap(tr.len[i]);
+    }
+  }
+
+  // The layer truncated to prefix[r] per row and its prefix sorted by position,
+  // gathered into a new layer while planning (positions read back to the host, a few
+  // KiB): the new order of each row's first prefix[r] slots, then its window from
+  // its current slots; a ragged row's padding gathers its last token, then is cleared.
   static permutation position_permutation(const cuda_policy& exec, const layer& ly,
-                                          const LayerShape& sh, index_t prefix) {
+                                          const LayerShape& sh, std::span<const index_t> prefix) {
     const cudaStream_t s = stream(exec);
-    const index_t rows = ly.rows;
+    const index_t rows = ly.rows, w = sh.window;
     std::vector<index_t> pos(static_cast<std::size_t>(rows * ly.cap));
     cuda_detail::check(cudaMemcpyAsync(pos.data(), ly.pos.data(), pos.size() * sizeof(index_t),
                                        cudaMemcpyDeviceToHost, s),
                        "cudaMemcpyAsync (positions)");
     cuda_detail::check(cudaStreamSynchronize(s), "position_permutation");
-    const index_t win = sh.window;
-    const index_t n = prefix + win;
+    index_t n = 0;
+    for (index_t p : prefix) n = std::max(n, p + w);
     std::vector<index_t> keep(static_cast<std::size_t>(rows * n));
-    for (index_t r = 0; r < rows; ++r) {
-      index_t* kr = keep.data() + r * n;
-      std::iota(kr, kr + prefix, index_t{0});
-      const index_t* p = pos.data() + r * ly.cap;
-      std::sort(kr, kr + prefix, [p](index_t a, index_t b) { return p[a] < p[b]; });
-      for (index_t t = 0; t < win; ++t) kr[prefix + t] = prefix + t;
-    }
     permutation perm;
-    perm.keep = buffer<index_t>(rows * n, exec);
-    cuda_detail::check(cudaMemcpyAsync(perm.keep.data(), keep.data(), keep.size() * sizeof(index_t),
+    perm.target = layer(rows, ly.d, n + 1, ly.ind.size() > 0, exec);
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t pr = prefix[static_cast<std::size_t>(r)], old = ly.row_len(r) - w;
+      index_t* kr = keep.data() + r * n;
+      std::iota(kr, kr + pr, index_t{0});
+      const index_t* p = pos.data() + r * ly.cap;
+      std::sort(kr, kr + pr, [p](index_t a, index_t b) { return p[a] < p[b]; });
+      for (index_t t = pr; t < n; ++t) kr[t] = old + std::min(t - pr, w - 1);
+      perm.target.len[static_cast<std::size_t>(r)] = pr + w;
+    }
+    buffer<index_t> dkeep(rows * n, exec);
+    cuda_detail::check(cudaMemcpyAsync(dkeep.data(), keep.data(), keep.size() * sizeof(index_t),
                                        cudaMemcpyHostToDevice, s),
                        "cudaMemcpyAsync (permutation)");
+    auto keep_v = make_view<device_space>(static_cast<const index_t*>(dkeep.data()),
+                                          std::array<index_t, 3>{sh.batch, sh.kv_heads, n});
+    layer& out = perm.target;
+    compact(exec, keys(ly, sh), keep_v, out.tokens_view(out.k.data(), sh.batch, sh.kv_heads, n));
+    compact(exec, values(ly, sh), keep_v, out.tokens_view(out.v.data(), sh.batch, sh.kv_heads, n));
+    cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, s>>>(
+        out.pos.data(), out.ind.size() ? out.ind.data() : nullptr, out.cap, dkeep.data(), rows, n,
+        ly.pos.data(), ly.cap, ly.ind.data(), ly.cap, ly.held);
+    cuda_detail::check_launch("gather_meta_kernel");
+    for (index_t r = 0; r < rows; ++r) pad_row(exec, out, r, out.row_len(r), n);
+    out.held = n;
+    out.cut = true;
+    // The host copy of keep must outlive the upload before it goes.
     cuda_detail::check(cudaStreamSynchronize(s), "position_permutation");
-    perm.target = layer(rows, ly.d, n + 1, ly.ind.size() > 0, exec);
-    perm.n = n;
+    perm.done = true;
     return perm;
   }
 
-  // Runs after truncate(): gathers the layer into its planned position order.
-  static void permute(const cuda_policy& exec, layer& ly, const LayerShape& sh, permutation& perm) {
-    auto keep_v = make_view<device_space>(static_cast<const index_t*>(perm.keep.data()),
-                                          std::array<index_t, 3>{sh.batch, sh.kv_heads, perm.n});
-    layer& out = perm.target;
-    compact(exec, keys(ly, sh), keep_v,
-            out.tokens_view(out.k.data(), sh.batch, sh.kv_heads, perm.n));
-    compact(exec, values(ly, sh), keep_v,
-            out.tokens_view(out.v.data(), sh.batch, sh.kv_heads, perm.n));
-    cuda_detail::
-        gather_meta_kernel<<<cuda_detail::small_grid(ly.rows * perm.n), 256, 0, stream(exec)>>>(
-            out.pos.data(), out.ind.size() ? out.ind.data() : nullptr, out.cap, perm.keep.data(),
-            ly.rows, perm.n, ly.pos.data(), ly.cap, ly.ind.data(), ly.cap, ly.held);
-    cuda_detail::check_launch("gather_meta_kernel");
-    if (!out.len.empty())  // ragged rows: clear what the padding slots gathered
-      for (index_t r = 0; r < out.rows; ++r) pad_row(exec, out, r, out.row_len(r), perm.n);
-    out.held = perm.n;
-    ly = std::move(out);
+  // Commits a planned permutation: the layer becomes its gathered copy.
+  static void permute(const cuda_policy&, layer& ly, const LayerShape&,
+                      permutation& perm) noexcept {
+    ly = std::move(perm.target);
   }
 
   static void finish_prefill(layer& ly, bool keep_scores) noexcept {
@@ -589,13 +420,16 @@ struct layer_store<T, cuda_policy> {
 
   // One decoding step; the host store's decode() says what it does. As there,
   // everything that can fail runs before a visible write: every buffer is allocated
-  // first, the new token waits in the spare slot past `held`, new sums go to a
-  // scratch buffer, and the kept tokens are gathered into a fresh layer.
+  // first, the new token waits in the spare slot past `held` and new sums go to a
+  // scratch buffer. Position order then evicts in place, in one launch
+  // (evict_in_place_kernel: the kept slots are ascending); reference order permutes
+  // the kept tokens, so they are gathered into a fresh layer.
   template <class Ind, class QV, class KV, class VV>
   static void decode(const cuda_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
                      const KV& k, const VV& v, index_t position, index_t budget,
-                     const Ind& indicator, bool reference) {
-    if (!ly.len.empty()) return decode_rows(exec, ly, sh, q, k, v, position, indicator, reference);
+                     const Ind& indicator, bool reference, bool keep_lengths) {
+    if (keep_lengths || !uniform(ly))
+      return decode_rows(exec, ly, sh, q, k, v, position, indicator, reference);
     constexpr indicator_source source = indicator_source_of<Ind>;
     constexpr bool accumulates = source == indicator_source::accumulated;
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
@@ -617,7 +451,7 @@ struct layer_store<T, cuda_policy> {
     buffer<char> ws(static_cast<index_t>(ws_bytes), exec);
     const cuda_workspace dws{ws.data(), ws_bytes};
     layer next;
-    if (evict) next = layer(rows, d, ly.cap, accumulates, exec);
+    if (evict && reference) next = layer(rows, d, ly.cap, accumulates, exec);
 
     cuda_detail::append_token_kernel<T><<<static_cast<unsigned>(rows), 128, 0, s>>>(
         ly.k.data(), ly.v.data(), ly.pos.data(), ly.cap, d, Hkv, held - 1, k.data_handle(),
@@ -655,7 +489,7 @@ struct layer_store<T, cuda_policy> {
                               static_cast<std::size_t>(held) * sizeof(float),
                               static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, s),
             "cudaMemcpy2DAsync (accumulated scores)");
-      ly.held = held;
+      ly.set_length(held);
       return;
     }
     if constexpr (source == indicator_source::position) {
@@ -673,11 +507,19 @@ struct layer_store<T, cuda_policy> {
              make_view<device_space>(sel.data(), std::array<index_t, 2>{rows, keep},
                                      std::array<index_t, 2>{n, 1}),
              reference ? select_order::descending : select_order::position);
-    cuda_detail::append_window_kernel<<<cuda_detail::small_grid(rows * w), 256, 0, s>>>(
-        sel.data(), rows, n, keep, w, cand);
-    cuda_detail::check_launch("append_window_kernel");
-    // The kept tokens are gathered into the fresh layer: in reference order they are a
-    // permutation, and on the device an in-place gather would race across blocks.
+    cuda_detail::window_slots_kernel<<<cuda_detail::small_grid(rows * n), 256, 0, s>>>(
+        sel.data(), rows, n, nullptr, keep, w, cand);
+    cuda_detail::check_launch("window_slots_kernel");
+    if (!reference) {
+      // A failed launch runs nothing: the layer is unchanged (the new token sits past
+      // `held`). After it, only `held` changes.
+      cuda_detail::evict_in_place_kernel<T, 4><<<static_cast<unsigned>(rows), 256, 0, s>>>(
+          ly.k.data(), ly.v.data(), ly.pos.data(), accumulates ? ly.ind.data() : nullptr,
+          accumulates ? sums.data() : nullptr, held, ly.cap, d, sel.data(), n);
+      cuda_detail::check_launch("evict_in_place_kernel");
+      ly.set_length(n);
+      return;
+    }
     auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
                                           std::array<index_t, 3>{B, Hkv, n});
     compact(exec, all_keys, keep_v, next.tokens_view(next.k.data(), B, Hkv, n));
@@ -686,7 +528,7 @@ struct layer_store<T, cuda_policy> {
         next.pos.data(), accumulates ? next.ind.data() : nullptr, next.cap, sel.data(), rows, n,
         ly.pos.data(), ly.cap, sums.data(), held, held);
     cuda_detail::check_launch("gather_meta_kernel");
-    next.held = n;
+    next.set_length(n);
     ly = std::move(next);
   }
 
@@ -708,108 +550,45 @@ struct layer_store<T, cuda_policy> {
     return out;
   }
 
-  template <class KV, class VV>
-  static layer select_rows(const cuda_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
-                           const layer* src, token_scores sc, index_t P,
-                           std::span<const index_t> keep, bool position_order, bool keep_scores) {
-    const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
-    const index_t rows = sh.rows();
-    const index_t longest = *std::max_element(keep.begin(), keep.end()) + w;
-    const cudaStream_t s = stream(exec);
-    buffer<index_t> sel(rows * longest, exec);
-    layer out(rows, d, longest + 1, keep_scores, exec);
-    out.len.resize(static_cast<std::size_t>(rows));
-    for (index_t r = 0; r < rows; ++r) {
-      const index_t kr = keep[static_cast<std::size_t>(r)];
-      index_t* row = sel.data() + r * longest;
-      select_k(exec,
-               make_view<device_space>(sc.p + r * sc.ld, std::array<index_t, 2>{1, P},
-                                       std::array<index_t, 2>{sc.ld, 1}),
-               make_view<device_space>(row, std::array<index_t, 2>{1, kr}),
-               position_order ? select_order::position : select_order::descending);
-      cuda_detail::append_window_kernel<<<1, 256, 0, s>>>(row, 1, longest, kr, w, P);
-      cuda_detail::check_launch("append_window_kernel");
-      // Padding gathers a real token (the last), then is cleared below.
-      if (kr + w < longest) {
-        cuda_detail::fill_kernel<index_t>
-            <<<1, 256, 0, s>>>(row + kr + w, longest - kr - w, P + w - 1);
-        cuda_detail::check_launch("fill_kernel");
-      }
-      out.len[static_cast<std::size_t>(r)] = kr + w;
-    }
-    auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
-                                          std::array<index_t, 3>{B, Hkv, longest});
-    compact(exec, k, keep_v, out.tokens_view(out.k.data(), B, Hkv, longest));
-    compact(exec, v, keep_v, out.tokens_view(out.v.data(), B, Hkv, longest));
-    cuda_detail::gather_meta_kernel<<<cuda_detail::small_grid(rows * longest), 256, 0, s>>>(
-        out.pos.data(), keep_scores ? out.ind.data() : nullptr, out.cap, sel.data(), rows, longest,
-        src ? src->pos.data() : nullptr, src ? src->cap : 0, sc.p, sc.ld, sc.cols);
-    cuda_detail::check_launch("gather_meta_kernel");
-    for (index_t r = 0; r < rows; ++r) pad_row(exec, out, r, out.row_len(r), longest);
-    out.by_indicator = !position_order;
-    out.held = longest;
-    return out;
-  }
-
-  // The layer must be ragged already (made by select_rows): nothing allocates.
-  static void truncate_rows(const cuda_policy& exec, layer& ly, const LayerShape& sh,
-                            std::span<const index_t> prefix) {
-    const index_t w = sh.window;
-    index_t longest = 0;
-    for (index_t r = 0; r < ly.rows; ++r) {
-      index_t& len = ly.len[static_cast<std::size_t>(r)];
-      const index_t p = prefix[static_cast<std::size_t>(r)];
-      if (p != len - w) {
-        // move_window_kernel moves row blockIdx.x: one block, pointers at row r.
-        cuda_detail::move_window_kernel<T><<<1, 128, 0, stream(exec)>>>(
-            ly.k.data() + r * ly.cap * ly.d, ly.v.data() + r * ly.cap * ly.d,
-            ly.pos.data() + r * ly.cap, ly.ind.size() ? ly.ind.data() + r * ly.cap : nullptr,
-            ly.cap, ly.d, w, len - w, p);
-        cuda_detail::check_launch("move_window_kernel");
-      }
-      pad_row(exec, ly, r, p + w, len);
-      len = p + w;
-      longest = std::max(longest, len);
-    }
-    ly.held = longest;
-  }
-
-  // Row r sorts its first prefix[r] slots by position; the window follows; padding
-  // gathers the row's last token and is cleared by permute().
-  static permutation position_permutation(const cuda_policy& exec, const layer& ly,
-                                          const LayerShape& sh, std::span<const index_t> prefix) {
-    const cudaStream_t s = stream(exec);
-    const index_t rows = ly.rows, w = sh.window;
-    std::vector<index_t> pos(static_cast<std::size_t>(rows * ly.cap));
-    cuda_detail::check(cudaMemcpyAsync(pos.data(), ly.pos.data(), pos.size() * sizeof(index_t),
-                                       cudaMemcpyDeviceToHost, s),
-                       "cudaMemcpyAsync (positions)");
-    cuda_detail::check(cudaStreamSynchronize(s), "position_permutation");
-    index_t n = 0;
-    for (index_t p : prefix) n = std::max(n, p + w);
-    std::vector<index_t> keep(static_cast<std::size_t>(rows * n));
-    permutation perm;
-    perm.target = layer(rows, ly.d, n + 1, ly.ind.size() > 0, exec);
-    perm.target.len.resize(static_cast<std::size_t>(rows));
-    for (index_t r = 0; r < rows; ++r) {
-      const index_t pr = prefix[static_cast<std::size_t>(r)];
-      index_t* kr = keep.data() + r * n;
-      std::iota(kr, kr + pr, index_t{0});
-      const index_t* p = pos.data() + r * ly.cap;
-      std::sort(kr, kr + pr, [p](index_t a, index_t b) { return p[a] < p[b]; });
-      for (index_t t = pr; t < n; ++t) kr[t] = std::min(t, pr + w - 1);
-      perm.target.len[static_cast<std::size_t>(r)] = pr + w;
-    }
-    perm.keep = buffer<index_t>(rows * n, exec);
-    cuda_detail::check(cudaMemcpyAsync(perm.keep.data(), keep.data(), keep.size() * sizeof(index_t),
-                                       cudaMemcpyHostToDevice, s),
-                       "cudaMemcpyAsync (permutation)");
-    cuda_detail::check(cudaStreamSynchronize(s), "position_permutation");
-    perm.n = n;
-    return perm;
-  }
-
  private:
+  static bool uniform(const layer& ly) {
+    return std::all_of(ly.len.begin(), ly.len.end(), [&](index_t x) { return x == ly.held; });
+  }
+
+  template <class V>
+  static void launch_find(const cuda_policy& exec, const V& v, unsigned long long* first) {
+    constexpr std::size_t R = V::rank();
+    long long e[4] = {1, 1, 1, 1}, s[4] = {0, 0, 0, 0};
+    for (std::size_t r = 0; r < R; ++r) {
+      e[4 - R + r] = v.extent(r);
+      s[4 - R + r] = v.stride(r);
+    }
+    const long long n = e[0] * e[1] * e[2] * e[3];
+    if (n == 0) return;
+    cuda_detail::find_non_finite_kernel<<<cuda_detail::small_grid(n), 256, 0, stream(exec)>>>(
+        v.data_handle(), e[0], e[1], e[2], e[3], s[0], s[1], s[2], s[3], first);
+    cuda_detail::check_launch("find_non_finite_kernel");
+  }
+  // A status naming the first non-finite element, flat index `at` (~0: none).
+  template <class V>
+  static status report_non_finite(const named_view<V>& t, unsigned long long at) {
+    if (at == ~0ull) return status::success();
+    constexpr std::size_t R = V::rank();
+    std::array<index_t, R> idx{};
+    auto rem = static_cast<long long>(at);
+    for (std::size_t r = R; r-- > 0;) {
+      idx[r] = rem % t.v.extent(r);
+      rem /= t.v.extent(r);
+    }
+    std::remove_const_t<typename V::element_type> bad{};
+    cuda_detail::check(cudaMemcpy(&bad, element_ptr(t.v, idx), sizeof(bad), cudaMemcpyDeviceToHost),
+                       "cudaMemcpy (finite check)");
+    std::string coords;
+    for (std::size_t r = 0; r < R; ++r) coords.append(r ? ", " : "").append(std::to_string(idx[r]));
+    return make_status(t.id, t.name, " must be finite, found ", static_cast<float>(bad), " at (",
+                       coords, ")");
+  }
+
   // A copy of ly with a larger capacity (every slot up to ly.held, scores and row
   // lengths included).
   static layer regrow(const cuda_policy& exec, const layer& ly, index_t cap) {
@@ -845,6 +624,7 @@ struct layer_store<T, cuda_policy> {
     grown.held = ly.held;
     grown.len = ly.len;
     grown.by_indicator = ly.by_indicator;
+    grown.cut = ly.cut;
     return grown;
   }
 
@@ -933,8 +713,9 @@ struct layer_store<T, cuda_policy> {
         select_k(exec, make_view<device_space>(ranked, std::array<index_t, 2>{1, cand}),
                  make_view<device_space>(sel.data(), std::array<index_t, 2>{1, keep}),
                  reference ? select_order::descending : select_order::position);
-        cuda_detail::append_window_kernel<<<1, 256, 0, s>>>(sel.data(), 1, n - 1, keep, w, cand);
-        cuda_detail::check_launch("append_window_kernel");
+        cuda_detail::window_slots_kernel<<<1, 256, 0, s>>>(sel.data(), 1, n - 1, nullptr, keep, w,
+                                                           cand);
+        cuda_detail::check_launch("window_slots_kernel");
         const auto keep_v = make_view<device_space>(static_cast<const index_t*>(sel.data()),
                                                     std::array<index_t, 3>{1, 1, n - 1});
         const auto row_out = [&](T* base) {

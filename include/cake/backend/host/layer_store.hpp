@@ -17,6 +17,7 @@
 #include "../../algorithm/decode_scores.hpp"
 #include "../../algorithm/select_k.hpp"
 #include "../../algorithm/window_stats.hpp"
+#include "../../detail/prefill_plan.hpp"
 
 namespace cake::detail {
 
@@ -52,19 +53,20 @@ struct HostLayer {
   std::vector<T> k, v;       // (rows, cap, d)
   std::vector<index_t> pos;  // (rows, cap) token positions
   std::vector<float> ind;    // (rows, cap) score of each held token, or empty
-  // (rows) tokens of each row when rows differ (head-wise allocation), else empty.
-  // Then `held` is the longest row; row r's slots [len[r], held) are padding:
-  // position -1, zero keys and values.
+  // (rows) tokens of each row; `held` is the longest. Rows differ only with head-wise
+  // budgets: row r's slots [len[r], held) are then padding: position -1, zero keys
+  // and values.
   std::vector<index_t> len;
   bool by_indicator = false;  // prefix in descending-indicator order
+  bool cut = false;           // made by a selection (else it holds the whole prompt)
 
-  index_t row_len(index_t r) const { return len.empty() ? held : len[static_cast<std::size_t>(r)]; }
+  index_t row_len(index_t r) const { return len[static_cast<std::size_t>(r)]; }
   // Tokens held by all rows together.
-  index_t total() const {
-    if (len.empty()) return rows * held;
-    index_t s = 0;
-    for (index_t x : len) s += x;
-    return s;
+  index_t total() const { return std::accumulate(len.begin(), len.end(), index_t{0}); }
+  // Every row holds n tokens.
+  void set_length(index_t n) {
+    held = n;
+    std::fill(len.begin(), len.end(), n);
   }
 
   HostLayer() = default;
@@ -75,7 +77,8 @@ struct HostLayer {
         k(static_cast<std::size_t>(rows_ * cap_ * d_)),
         v(static_cast<std::size_t>(rows_ * cap_ * d_)),
         pos(static_cast<std::size_t>(rows_ * cap_)),
-        ind(with_indicator ? static_cast<std::size_t>(rows_ * cap_) : 0) {}
+        ind(with_indicator ? static_cast<std::size_t>(rows_ * cap_) : 0),
+        len(static_cast<std::size_t>(rows_), 0) {}
 
   T* key_row(index_t r, index_t t) { return k.data() + (r * cap + t) * d; }
   T* value_row(index_t r, index_t t) { return v.data() + (r * cap + t) * d; }
@@ -103,6 +106,18 @@ std::string shape_string(const V& v) {
   return s + ")";
 }
 
+// A tensor with the id and name its errors carry.
+template <class V>
+struct named_view {
+  const V& v;
+  const char* id;
+  const char* name;
+};
+template <class V>
+named_view<V> named(const V& v, const char* id, const char* name) {
+  return {v, id, name};
+}
+
 template <class V, std::size_t R>
 auto element_ptr(const V& v, const std::array<index_t, R>& idx) {
   index_t off = 0;
@@ -117,6 +132,11 @@ struct layer_store<T, host_policy> {
   template <class U>
   using buffer = std::vector<U>;
   using permutation = std::vector<index_t>;
+  // The truncations of a prefill's commit: (layer, prefix tokens each row keeps).
+  struct truncation {
+    std::vector<std::size_t> layers;
+    std::vector<std::vector<index_t>> prefix;
+  };
   // What a cache owns besides its layers: nothing on the host (its scratch is the
   // calling thread's, see cake::release_host_scratch).
   struct resources {
@@ -160,6 +180,12 @@ struct layer_store<T, host_policy> {
 
   // A status naming the first non-finite element of v. The all-finite case is one
   // streaming pass: whole (token, head_dim) slabs at once when they are contiguous.
+  template <class... V>
+  static status check_finite(const host_policy& exec, const named_view<V>&... t) {
+    status st;
+    (void)((st = check_finite(exec, t.v, t.id, t.name)).ok() && ...);
+    return st;
+  }
   template <class V>
   static status check_finite(const host_policy&, const V& v, const char* id, const char* name) {
     constexpr std::size_t R = V::rank();
@@ -216,100 +242,57 @@ struct layer_store<T, host_policy> {
         }
         if (sc.p) std::copy_n(sc.p + r * sc.ld, sc.cols, out.ind.data() + r * out.cap);
       }
-    out.held = S;
+    out.set_length(S);
     return out;
   }
 
-  // A layer holding, per row, the `keep` prefix tokens of highest score and the
-  // window (the last w of the P + w source tokens). The source is the caller's
-  // tensors (src == nullptr: positions 0..S-1) or a stored layer (positions from it);
-  // sc scores its first sc.cols >= P tokens. The new layer keeps the scores of its
-  // tokens (those that have one) when keep_scores.
+  // A layer holding, per row r, the keep[r] prefix tokens of highest score and the
+  // window (the last w of the P + w source tokens); rows shorter than the longest are
+  // padded. The source is the caller's tensors (src == nullptr: positions 0..S-1) or
+  // a stored layer (positions from it); sc scores its first sc.cols >= P tokens. The
+  // new layer keeps the scores of its tokens (those that have one) when keep_scores.
+  // One top-k for all rows: of the longest keep in descending order when rows differ
+  // (the first keep[r] of it are row r's top keep[r]), then one gather.
   template <class KV, class VV>
   static layer select(const host_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
-                      const layer* src, token_scores sc, index_t P, index_t keep,
+                      const layer* src, token_scores sc, index_t P, std::span<const index_t> keep,
                       bool position_order, bool keep_scores) {
-    const float* ind = sc.p;
-    const index_t ind_ld = sc.ld;
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
-    const index_t rows = sh.rows(), n = keep + w;
-    std::vector<index_t> sel(static_cast<std::size_t>(rows * n));
+    const index_t rows = sh.rows(), most = *std::max_element(keep.begin(), keep.end()), n = most + w;
+    const bool ragged = *std::min_element(keep.begin(), keep.end()) != most;
+    std::vector<index_t> sel(static_cast<std::size_t>(rows * n));  // (rows, n)
     select_k(
-        exec, make_view(ind, std::array<index_t, 2>{rows, P}, std::array<index_t, 2>{ind_ld, 1}),
-        make_view(sel.data(), std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
-        position_order ? select_order::position : select_order::descending);
-    for (index_t r = 0; r < rows; ++r)
-      for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(r * n + keep + t)] = P + t;
+        exec, make_view(sc.p, std::array<index_t, 2>{rows, P}, std::array<index_t, 2>{sc.ld, 1}),
+        make_view(sel.data(), std::array<index_t, 2>{rows, most}, std::array<index_t, 2>{n, 1}),
+        position_order && !ragged ? select_order::position : select_order::descending);
+    for (index_t r = 0; r < rows; ++r) {
+      index_t* s = sel.data() + r * n;
+      const index_t kr = keep[static_cast<std::size_t>(r)];
+      if (position_order && ragged) std::sort(s, s + kr);
+      // The window, then padding that gathers the last token (cleared below).
+      for (index_t t = kr; t < n; ++t) s[t] = P + std::min(t - kr, w - 1);
+    }
     layer out(rows, d, n + 1, keep_scores);
     auto keep_v =
         make_view(static_cast<const index_t*>(sel.data()), std::array<index_t, 3>{B, Hkv, n});
     compact(exec, k, keep_v, out.tokens_view(out.k.data(), B, Hkv, n));
     compact(exec, v, keep_v, out.tokens_view(out.v.data(), B, Hkv, n));
-    for (index_t r = 0; r < rows; ++r)
+    for (index_t r = 0; r < rows; ++r) {
       for (index_t t = 0; t < n; ++t) {
         const index_t j = sel[static_cast<std::size_t>(r * n + t)];
         out.pos[static_cast<std::size_t>(r * out.cap + t)] =
             src ? src->pos[static_cast<std::size_t>(r * src->cap + j)] : j;
         if (keep_scores && j < sc.cols)
-          out.ind[static_cast<std::size_t>(r * out.cap + t)] = ind[r * ind_ld + j];
-      }
-    out.by_indicator = !position_order;
-    out.held = n;
-    return out;
-  }
-
-  // select() with a prefix length per row (head-wise allocation): row r keeps its
-  // keep[r] best prefix tokens and the window; rows shorter than the longest are
-  // padded. Row by row: each row is its own top-k.
-  template <class KV, class VV>
-  static layer select_rows(const host_policy& exec, const LayerShape& sh, const KV& k, const VV& v,
-                           const layer* src, token_scores sc, index_t P,
-                           std::span<const index_t> keep, bool position_order, bool keep_scores) {
-    const index_t Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window, rows = sh.rows();
-    const index_t longest = *std::max_element(keep.begin(), keep.end()) + w;
-    layer out(rows, d, longest + 1, keep_scores);
-    out.len.resize(static_cast<std::size_t>(rows));
-    std::vector<index_t> sel(static_cast<std::size_t>(longest));
-    for (index_t r = 0; r < rows; ++r) {
-      const index_t b = r / Hkv, g = r % Hkv, kr = keep[static_cast<std::size_t>(r)], n = kr + w;
-      select_k(exec,
-               make_view(sc.p + r * sc.ld, std::array<index_t, 2>{1, P},
-                         std::array<index_t, 2>{sc.ld, 1}),
-               make_view(sel.data(), std::array<index_t, 2>{1, kr}),
-               position_order ? select_order::position : select_order::descending);
-      for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(kr + t)] = P + t;
-      for (index_t t = 0; t < n; ++t) {
-        const index_t j = sel[static_cast<std::size_t>(t)];
-        std::copy_n(&k(b, g, j, 0), d, out.key_row(r, t));
-        std::copy_n(&v(b, g, j, 0), d, out.value_row(r, t));
-        out.pos[static_cast<std::size_t>(r * out.cap + t)] =
-            src ? src->pos[static_cast<std::size_t>(r * src->cap + j)] : j;
-        if (keep_scores && j < sc.cols)
           out.ind[static_cast<std::size_t>(r * out.cap + t)] = sc.p[r * sc.ld + j];
       }
-      out.len[static_cast<std::size_t>(r)] = n;
-      pad_row(out, r, n, longest);
+      const index_t len = keep[static_cast<std::size_t>(r)] + w;
+      pad_row(out, r, len, n);
+      out.len[static_cast<std::size_t>(r)] = len;
     }
     out.by_indicator = !position_order;
-    out.held = longest;
+    out.cut = true;
+    out.held = n;
     return out;
-  }
-
-  // truncate() with a prefix length per row; the layer becomes (or stays) ragged.
-  // The layer must be ragged already (made by select_rows), so nothing allocates.
-  static void truncate_rows(const host_policy&, layer& ly, const LayerShape& sh,
-                            std::span<const index_t> prefix) noexcept {
-    const index_t w = sh.window;
-    index_t longest = 0;
-    for (index_t r = 0; r < ly.rows; ++r) {
-      index_t& len = ly.len[static_cast<std::size_t>(r)];
-      const index_t p = prefix[static_cast<std::size_t>(r)];
-      if (p != len - w) move_window(ly, r, len - w, p, w);
-      pad_row(ly, r, p + w, len);
-      len = p + w;
-      longest = std::max(longest, len);
-    }
-    ly.held = longest;
   }
 
   // A stored layer's tokens as the source of select(): (batch, kv_heads, held, head_dim).
@@ -396,25 +379,45 @@ struct layer_store<T, host_policy> {
     }
   }
 
-  // Keep the first `prefix` prefix tokens (the highest-indicator ones, since the
-  // prefix is in descending order) and the window: only the window rows move.
-  static void truncate(const host_policy&, layer& ly, const LayerShape& sh,
-                       index_t prefix) noexcept {
-    const index_t w = sh.window, old_prefix = ly.held - w;
-    if (prefix == old_prefix) return;
-    for (index_t r = 0; r < ly.rows; ++r) move_window(ly, r, old_prefix, prefix, w);
-    ly.held = prefix + w;
+  // Row r of each layer the plan truncates keeps its first prefix[r] prefix tokens
+  // (the highest-indicator ones: the prefix is in descending order) and its window.
+  // Permutations run after, on the truncated layers.
+  static truncation prepare_truncate(const host_policy&, std::span<const layer> layers,
+                                     const LayerShape&, std::span<const layer_plan> plan,
+                                     std::span<const permutation>) {
+    truncation tr;
+    for (std::size_t l = 0; l < plan.size() && l < layers.size(); ++l) {
+      if (plan[l].action != layer_action::truncate) continue;
+      std::vector<index_t> p(static_cast<std::size_t>(layers[l].rows));
+      for (index_t r = 0; r < layers[l].rows; ++r)
+        p[static_cast<std::size_t>(r)] = row_prefix(plan[l], r);
+      tr.layers.push_back(l);
+      tr.prefix.push_back(std::move(p));
+    }
+    return tr;
+  }
+  // Only the window rows move; freed slots below the new longest row become padding.
+  static void truncate(const host_policy&, std::span<layer> layers, const LayerShape& sh,
+                       truncation& tr) noexcept {
+    const index_t w = sh.window;
+    for (std::size_t i = 0; i < tr.layers.size(); ++i) {
+      layer& ly = layers[tr.layers[i]];
+      const std::vector<index_t>& prefix = tr.prefix[i];
+      const index_t longest = *std::max_element(prefix.begin(), prefix.end()) + w;
+      for (index_t r = 0; r < ly.rows; ++r) {
+        const index_t len = ly.row_len(r), p = prefix[static_cast<std::size_t>(r)];
+        if (p != len - w) move_window(ly, r, len - w, p, w);
+        pad_row(ly, r, p + w, std::min(len, longest));
+        ly.len[static_cast<std::size_t>(r)] = p + w;
+      }
+      ly.held = longest;
+    }
   }
 
-  // Per row, the order of the first `prefix` prefix tokens sorted by position:
-  // perm[r * prefix + t] = current slot of the token that goes to slot t.
-  static permutation position_permutation(const host_policy& exec, const layer& ly,
-                                          const LayerShape& sh, index_t prefix) {
-    return position_permutation(exec, ly, sh,
-                                std::vector<index_t>(static_cast<std::size_t>(ly.rows), prefix));
-  }
-  // Ragged rows: row r sorts its first prefix[r] slots; its entries past them up to
-  // the longest prefix are the identity, which permute() leaves alone.
+  // Per row, the order of its first prefix[r] prefix tokens sorted by position:
+  // perm[r * longest + t] = current slot of the token that goes to slot t; entries
+  // past prefix[r] up to the longest prefix are the identity, which permute() leaves
+  // alone. Applied after the truncation to prefix[r].
   static permutation position_permutation(const host_policy&, const layer& ly, const LayerShape&,
                                           std::span<const index_t> prefix) {
     const index_t longest = prefix.empty() ? 0 : *std::max_element(prefix.begin(), prefix.end());
@@ -485,8 +488,9 @@ struct layer_store<T, host_policy> {
   template <class Ind, class QV, class KV, class VV>
   static void decode(const host_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
                      const KV& k, const VV& v, index_t position, index_t budget,
-                     const Ind& indicator, bool reference) {
-    if (!ly.len.empty()) return decode_rows(exec, ly, sh, q, k, v, position, indicator, reference);
+                     const Ind& indicator, bool reference, bool keep_lengths) {
+    if (keep_lengths || !uniform(ly))
+      return decode_rows(exec, ly, sh, q, k, v, position, indicator, reference);
     constexpr indicator_source source = indicator_source_of<Ind>;
     constexpr bool accumulates = source == indicator_source::accumulated;
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
@@ -534,7 +538,7 @@ struct layer_store<T, host_policy> {
       if constexpr (accumulates)
         for (index_t r = 0; r < rows; ++r)
           std::copy_n(sums.data() + r * held, held, ly.ind.data() + r * ly.cap);
-      ly.held = held;
+      ly.set_length(held);
       return;
     }
     if constexpr (source == indicator_source::position) {
@@ -554,7 +558,7 @@ struct layer_store<T, host_policy> {
     // Commit: nothing below allocates or throws.
     for (index_t r = 0; r < rows; ++r)
       for (index_t t = 0; t < w; ++t) sel[static_cast<std::size_t>(r * n + keep + t)] = cand + t;
-    ly.held = held;
+    ly.set_length(held);
     auto keep_v =
         make_view(static_cast<const index_t*>(sel.data()), std::array<index_t, 3>{B, Hkv, n});
     // Reference order is a permutation: gather into the spare layer. Position order
@@ -573,13 +577,17 @@ struct layer_store<T, host_policy> {
         for (index_t t = 0; t < n; ++t) osc[t] = ssc[rs[t]];
       }
     }
-    dst.held = n;
+    dst.set_length(n);
     if (reference) ly = std::move(next);
   }
 
  private:
-  // decode() on a ragged layer (head-wise allocation): every row keeps its length, so
-  // each appends the new token and evicts one of its candidates. All rows are scored
+  static bool uniform(const layer& ly) {
+    return std::all_of(ly.len.begin(), ly.len.end(), [&](index_t x) { return x == ly.held; });
+  }
+
+  // decode() row by row, for ragged rows or when every row keeps its length
+  // (head-wise allocation): each appends the new token and evicts one of its candidates. All rows are scored
   // and selected first (the new token waits in each row's first padding slot, cleared
   // again if anything throws); then every row is rewritten.
   template <class Ind, class QV, class KV, class VV>
@@ -714,6 +722,7 @@ struct layer_store<T, host_policy> {
     out.held = ly.held;
     out.len = ly.len;
     out.by_indicator = ly.by_indicator;
+    out.cut = ly.cut;
     return out;
   }
 };

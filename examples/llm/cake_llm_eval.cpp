@@ -232,6 +232,10 @@ std::string leaders(const std::vector<std::string>& methods,
   for (std::size_t m = 0; m < methods.size(); ++m)
     if (m != best && kn[m].second > 0 && !llm::apart(b, llm::wilson(kn[m].first, kn[m].second)))
       tied += (tied.empty() ? "" : ", ") + methods[m];
+  std::size_t n_tied = 0;
+  for (std::size_t m = 0; m < methods.size(); ++m)
+    n_tied += m != best && kn[m].second > 0 && !llm::apart(b, llm::wilson(kn[m].first, kn[m].second));
+  if (methods.size() > 1 && n_tied + 1 == methods.size()) return "all tied";
   return tied.empty() ? methods[best] + " (apart from all)"
                       : methods[best] + " (tied with " + tied + ")";
 }
@@ -486,6 +490,35 @@ int main(int argc, char** argv) {
                       100.0 * std::min(e.tokens / e.needles, static_cast<double>(ctx)) / ctx,
                       interval(e.found, e.needles).c_str(), ag.c_str());
         }
+    }
+    if (contexts.size() > 1) {  // every context together: one row per method, one column per cache
+      std::printf("\nall contexts pooled (%lld prompts); needle found %% [95%% CI] / agreement %%:\n",
+                  static_cast<long long>(contexts.size()) * trials);
+      std::printf("%-16s", "method");
+      for (const auto& cs : caches) std::printf(" %-22s", cs.label().c_str());
+      std::printf("\n");
+      for (const auto& m : methods) {
+        std::printf("%-16s", m.c_str());
+        for (const auto& cs : caches) {
+          Cell p;
+          for (int ctx : contexts) {
+            const Cell& e = cells[{ctx, m, cs.label()}];
+            p.found += e.found;
+            p.needles += e.needles;
+            p.agree += e.agree;
+            p.steps += e.steps;
+          }
+          if (p.needles == 0) {
+            std::printf(" %-22s", "-");
+            continue;
+          }
+          const auto [lo, hi] = llm::wilson(p.found, p.needles);
+          const std::string v = pct(static_cast<double>(p.found) / p.needles) + " [" + pct(lo) +
+                                "," + pct(hi) + "]/" + pct(static_cast<double>(p.agree) / p.steps);
+          std::printf(" %-22s", v.c_str());
+        }
+        std::printf("\n");
+      }
     }
     std::printf("\nbest per column (\"apart from all\": its 95%% interval misses every other's):\n");
     for (int ctx : contexts)

@@ -14,7 +14,7 @@
 // Each prompt is prefilled once; every method and cache size is filled from that
 // record and all of them decode together, one batched step per token.
 //
-// The default is the full run (4 contexts x 110 prompts, hours on 2 cores);
+// The default is the full run (4 contexts x 110 prompts: many hours on 2 cores);
 // --quick is a few-minute run for everyday use.
 #include <chrono>
 #include <cstdio>
@@ -318,7 +318,7 @@ int main(int argc, char** argv) {
             "       [--methods cake,snapkv,...] [--window 32] [--tau1 X --tau2 X --gamma X]\n"
             "       [--seed N] [--json FILE] [--svg FILE]\n"
             "The default is the full run: 110 prompts per context (each depth with every filler\n"
-            "text), 20 agreement steps each; it takes hours on 2 cores. --quick: contexts\n"
+            "text), 20 agreement steps each; it takes many hours on 2 cores. --quick: contexts\n"
             "512,1024,2048, depths 10/50/90%%, 3 prompts per context, caches 64..1024, 5%%, 20%%,\n"
             "15 steps: minutes. Flags after --quick override it. Contexts above the model's\n"
             "trained length (read from the file) are clamped to it.\n");
@@ -351,7 +351,7 @@ int main(int argc, char** argv) {
         "%s run: %zu contexts x %d prompts, %zu methods x %zu cache sizes, %d agreement steps per "
         "prompt%s\n",
         quick ? "quick" : "full", contexts.size(), trials, methods.size(), caches.size(), steps - 1,
-        quick ? "" : "; this takes hours on 2 cores (--quick: minutes)");
+        quick ? "" : "; this takes many hours on 2 cores (--quick: minutes)");
     std::fflush(stdout);
     llm::Transformer tf(model);
     const auto V = static_cast<std::size_t>(mc.vocab);

@@ -14,7 +14,7 @@
 // Each prompt is prefilled once; every method and cache size is filled from that
 // record and all of them decode together, one batched step per token.
 //
-// The default is the full run (4 contexts x 110 prompts, hours on 2 cores);
+// The default is the full run (4 contexts x 110 prompts: many hours on 2 cores);
 // --quick is a few-minute run for everyday use.
 #include <chrono>
 #include <cstdio>
@@ -232,6 +232,10 @@ std::string leaders(const std::vector<std::string>& methods,
   for (std::size_t m = 0; m < methods.size(); ++m)
     if (m != best && kn[m].second > 0 && !llm::apart(b, llm::wilson(kn[m].first, kn[m].second)))
       tied += (tied.empty() ? "" : ", ") + methods[m];
+  std::size_t n_tied = 0;
+  for (std::size_t m = 0; m < methods.size(); ++m)
+    n_tied += m != best && kn[m].second > 0 && !llm::apart(b, llm::wilson(kn[m].first, kn[m].second));
+  if (methods.size() > 1 && n_tied + 1 == methods.size()) return "all tied";
   return tied.empty() ? methods[best] + " (apart from all)"
                       : methods[best] + " (tied with " + tied + ")";
 }
@@ -314,7 +318,7 @@ int main(int argc, char** argv) {
             "       [--methods cake,snapkv,...] [--window 32] [--tau1 X --tau2 X --gamma X]\n"
             "       [--seed N] [--json FILE] [--svg FILE]\n"
             "The default is the full run: 110 prompts per context (each depth with every filler\n"
-            "text), 20 agreement steps each; it takes hours on 2 cores. --quick: contexts\n"
+            "text), 20 agreement steps each; it takes many hours on 2 cores. --quick: contexts\n"
             "512,1024,2048, depths 10/50/90%%, 3 prompts per context, caches 64..1024, 5%%, 20%%,\n"
             "15 steps: minutes. Flags after --quick override it. Contexts above the model's\n"
             "trained length (read from the file) are clamped to it.\n");
@@ -347,7 +351,7 @@ int main(int argc, char** argv) {
         "%s run: %zu contexts x %d prompts, %zu methods x %zu cache sizes, %d agreement steps per "
         "prompt%s\n",
         quick ? "quick" : "full", contexts.size(), trials, methods.size(), caches.size(), steps - 1,
-        quick ? "" : "; this takes hours on 2 cores (--quick: minutes)");
+        quick ? "" : "; this takes many hours on 2 cores (--quick: minutes)");
     std::fflush(stdout);
     llm::Transformer tf(model);
     const auto V = static_cast<std::size_t>(mc.vocab);
@@ -486,6 +490,35 @@ int main(int argc, char** argv) {
                       100.0 * std::min(e.tokens / e.needles, static_cast<double>(ctx)) / ctx,
                       interval(e.found, e.needles).c_str(), ag.c_str());
         }
+    }
+    if (contexts.size() > 1) {  // every context together: one row per method, one column per cache
+      std::printf("\nall contexts pooled (%lld prompts); needle found %% [95%% CI] / agreement %%:\n",
+                  static_cast<long long>(contexts.size()) * trials);
+      std::printf("%-16s", "method");
+      for (const auto& cs : caches) std::printf(" %-22s", cs.label().c_str());
+      std::printf("\n");
+      for (const auto& m : methods) {
+        std::printf("%-16s", m.c_str());
+        for (const auto& cs : caches) {
+          Cell p;
+          for (int ctx : contexts) {
+            const Cell& e = cells[{ctx, m, cs.label()}];
+            p.found += e.found;
+            p.needles += e.needles;
+            p.agree += e.agree;
+            p.steps += e.steps;
+          }
+          if (p.needles == 0) {
+            std::printf(" %-22s", "-");
+            continue;
+          }
+          const auto [lo, hi] = llm::wilson(p.found, p.needles);
+          const std::string v = pct(static_cast<double>(p.found) / p.needles) + " [" + pct(lo) +
+                                "," + pct(hi) + "]/" + pct(static_cast<double>(p.agree) / p.steps);
+          std::printf(" %-22s", v.c_str());
+        }
+        std::printf("\n");
+      }
     }
     std::printf("\nbest per column (\"apart from all\": its 95%% interval misses every other's):\n");
     for (int ctx : contexts)

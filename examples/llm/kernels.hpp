@@ -21,6 +21,7 @@
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define LLM_X86_DISPATCH 1
 #define LLM_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -66,8 +67,12 @@ inline bool& portable_only() {
 
 inline bool have_avx2() {
 #if defined(LLM_X86_DISPATCH)
-  static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                        __builtin_cpu_supports("f16c");
+  // F16C from CPUID leaf 1 (ECX bit 29): not every compiler's __builtin_cpu_supports knows it.
+  static const bool v = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+    return f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return v && !portable_only();
 #else
   return false;

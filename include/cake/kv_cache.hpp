@@ -177,8 +177,7 @@ class KvCache {
         return {};
       }
     };
-    const detail::prefill_plan plan =
-        detail::plan_prefill(budget_, rq, prefs, state, row_lengths);
+    const detail::prefill_plan plan = detail::plan_prefill(budget_, rq, prefs, state, row_lengths);
 
     // 3. Allocate: the new layers, and the reorders of layers kept in place.
     const detail::LayerShape sh = shape();
@@ -188,7 +187,8 @@ class KvCache {
     for (std::size_t l = 0; l <= m; ++l) {
       const detail::layer_plan& lp = plan.layers[l];
       if (lp.action == detail::layer_action::copy_all) {
-        fresh[l] = Store::copy_all(exec_, sh, k, v, lp.keep_scores ? scores : detail::token_scores{});
+        fresh[l] =
+            Store::copy_all(exec_, sh, k, v, lp.keep_scores ? scores : detail::token_scores{});
       } else if (lp.action == detail::layer_action::select) {
         if (l == m)
           fresh[l] = select(sh, k, v, nullptr, scores, P, lp);
@@ -323,6 +323,10 @@ class KvCache {
   static constexpr bool accumulates = source == indicator_source::accumulated;
   static constexpr bool wants_stats = Pref::needs_entropy || Pref::needs_variance;
   static constexpr bool headwise = is_headwise_budget<Budget>;
+  static_assert(
+      !requires { requires Budget::headwise; } || headwise,
+      "cake::KvCache: a budget policy with headwise = true must model "
+      "HeadwiseBudgetPolicy (a head_floor(budget) member)");
 
   // Head-wise allocation of a layer budget over its rows: how many of its scored
   // tokens each row keeps. sc: (rows, cols) scores in the backend's memory; avail:
@@ -383,6 +387,8 @@ class KvCache {
       decode_scores(exec_, last, k, ind_, out_view(P));
     } else if constexpr (accumulates) {
       Store::attention_sums(exec_, q, k, out, ind_cols);
+    } else if constexpr (source == indicator_source::custom) {
+      ind_.prefill_scores(exec_, q, k, out_view(P));
     }
     return stats;
   }
@@ -487,8 +493,7 @@ class KvCache {
   template <class KV, class VV>
   Layer select(const detail::LayerShape& sh, const KV& k, const VV& v, const Layer* src,
                detail::token_scores sc, index_t P, const detail::layer_plan& lp) const {
-    return Store::select(exec_, sh, k, v, src, sc, P, prefixes(lp), lp.to_position,
-                         lp.keep_scores);
+    return Store::select(exec_, sh, k, v, src, sc, P, prefixes(lp), lp.to_position, lp.keep_scores);
   }
 
   detail::LayerShape shape() const {

@@ -56,8 +56,8 @@ TEST_CASE("plan: a prompt that fits is copied whole with budgets C - w") {
   const std::vector<float> prefs{1.0f, 2.0f};
   const auto st = cut_layers({});
   std::vector<cake::detail::layer_state> one{{C, false, false}};
-  const auto plan = cake::detail::plan_prefill(cake::ProportionalBudget{}, request(1, true, C + w),
-                                               prefs, one);
+  const auto plan =
+      cake::detail::plan_prefill(cake::ProportionalBudget{}, request(1, true, C + w), prefs, one);
   CHECK(plan.budgets == std::vector<index_t>{C - w, C - w});
   CHECK(plan.layers[0].action == layer_action::keep);
   CHECK(plan.layers[1].action == layer_action::copy_all);
@@ -71,7 +71,8 @@ TEST_CASE("plan: cascading cuts the new layer and truncates the earlier ones") {
   const std::vector<float> prefs{1.0f, 1.0f, 2.0f};
   // Stage 1 gave layers 0 and 1 half the total each (T / 2 = 32).
   const auto state = cut_layers({T / 2, T / 2});
-  const auto plan = cake::detail::plan_prefill(cake::ProportionalBudget{}, request(2), prefs, state);
+  const auto plan =
+      cake::detail::plan_prefill(cake::ProportionalBudget{}, request(2), prefs, state);
   REQUIRE(plan.budgets.size() == 3);
   // Proportional to 1 : 1 : 2 of T = 64.
   CHECK(plan.budgets == std::vector<index_t>{16, 16, 32});
@@ -121,7 +122,8 @@ TEST_CASE("plan: a truncation never grows a layer past what it holds") {
   // Layer 0 kept 10 of its budget; the new stage would give it 32.
   const std::vector<float> prefs{1.0f, 1.0f};
   const auto state = cut_layers({10});
-  const auto plan = cake::detail::plan_prefill(cake::ProportionalBudget{}, request(1), prefs, state);
+  const auto plan =
+      cake::detail::plan_prefill(cake::ProportionalBudget{}, request(1), prefs, state);
   CHECK(plan.budgets[0] == 32);
   CHECK(plan.layers[0].prefix == 10);
 }
@@ -138,8 +140,8 @@ TEST_CASE("plan: one-shot copies layers whole, then selects every layer at the l
 
   const std::vector<float> all{1.0f, 1.0f, 1.0f, 1.0f};
   std::vector<cake::detail::layer_state> whole(3, {S, false, false});
-  const auto p3 = cake::detail::plan_prefill(cake::ProportionalBudget{}, request(3, false), all,
-                                             whole);
+  const auto p3 =
+      cake::detail::plan_prefill(cake::ProportionalBudget{}, request(3, false), all, whole);
   for (const auto& lp : p3.layers) {
     CHECK(lp.action == layer_action::select);
     CHECK(lp.prefix == 16);
@@ -188,8 +190,8 @@ TEST_CASE("plan: a budget policy's output is checked (each in [0, S - w], sum <=
   SUBCASE("over the ceiling") { expect({5, P + 1}, "got 97 for layer 1"); }
   SUBCASE("sum over the total") { expect({P, P}, "got 192"); }
   SUBCASE("within bounds passes") {
-    const auto plan = cake::detail::plan_prefill(FixedBudget{T / 2, T / 2}, request(1), prefs,
-                                                 state);
+    const auto plan =
+        cake::detail::plan_prefill(FixedBudget{T / 2, T / 2}, request(1), prefs, state);
     CHECK(plan.budgets == std::vector<index_t>{T / 2, T / 2});
   }
 }

@@ -494,8 +494,7 @@ TEST_CASE("stats() and preference() of a layer not prefilled yet are cake errors
                                   {"layer 2 is not prefilled"});
   expect_throw<cake::invalid_argument>([&] { (void)f.cache.stats(3); }, "cake.layer",
                                        {"[0, 3)", "got 3"});
-  expect_throw<cake::invalid_argument>([&] { (void)f.cache.budget(-1); }, "cake.layer",
-                                       {"got -1"});
+  expect_throw<cake::invalid_argument>([&] { (void)f.cache.budget(-1); }, "cake.layer", {"got -1"});
   expect_throw<cake::invalid_argument>([&] { (void)f.cache.keys(3); }, "cake.layer", {"got 3"});
   // Layers not prefilled yet hold nothing (documented, not an error).
   CHECK(f.cache.tokens_held(1) == 0);

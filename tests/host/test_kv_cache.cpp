@@ -415,5 +415,4 @@ TEST_CASE("tensor adapters: T& or const T& adapters are found, each runs once pe
   REQUIRE(a.tokens_held(0) == b.tokens_held(0));
   const auto pa = a.positions(0), pb = b.positions(0);
   for (index_t t = 0; t < pa.extent(2); ++t) CHECK(pa(0, 0, t) == pb(0, 0, t));
-
 }

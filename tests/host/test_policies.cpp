@@ -198,3 +198,68 @@ TEST_CASE("custom policies drive a KvCache") {
   CHECK(c.tokens_held(1) == 10);
   CHECK(c.preference(0) == doctest::Approx(c.stats(0).entropy));
 }
+
+namespace policy_test {
+// A source of its own: keeps the oldest tokens (score -position), at prefill and
+// while decoding, whatever the queries say.
+struct OldestFirst {
+  template <class Exec, class Q, class K, class O>
+  void prefill_scores(const Exec&, const Q&, const K&, const O& out) const {
+    for (index_t b = 0; b < out.extent(0); ++b)
+      for (index_t g = 0; g < out.extent(1); ++g)
+        for (index_t t = 0; t < out.extent(2); ++t) out(b, g, t) = -static_cast<float>(t);
+  }
+  template <class Exec, class Q, class K, class O>
+  void decode_scores(const Exec& e, const Q& q, const K& k, const O& out) const {
+    prefill_scores(e, q, k, out);  // slot order is position order in a position-order cache
+  }
+  cake::status validate() const { return cake::status::success(); }
+};
+// A budget that says it is head-wise but cannot split a layer: not a HeadwiseBudgetPolicy.
+struct HalfHeadwise {
+  static constexpr bool headwise = true;
+  void operator()(std::span<const float>, index_t, index_t, index_t, std::span<index_t>) const {}
+  cake::status validate() const { return cake::status::success(); }
+};
+}  // namespace policy_test
+
+static_assert(cake::SourceIndicator<policy_test::OldestFirst>);
+static_assert(cake::IndicatorPolicy<policy_test::OldestFirst>);
+static_assert(cake::indicator_source_of<policy_test::OldestFirst> ==
+              cake::indicator_source::custom);
+static_assert(!cake::SourceIndicator<cake::MeanVarianceIndicator>);
+static_assert(cake::HeadwiseBudgetPolicy<cake::HeadwiseBudget<>>);
+static_assert(!cake::HeadwiseBudgetPolicy<cake::ProportionalBudget>);
+static_assert(cake::BudgetPolicy<policy_test::HalfHeadwise>);
+static_assert(!cake::HeadwiseBudgetPolicy<policy_test::HalfHeadwise>);
+
+TEST_CASE("policies: a source indicator's hooks choose the tokens at prefill and decode") {
+  cake::CacheConfig cfg;
+  cfg.layers = 1;
+  cfg.batch = 1;
+  cfg.q_heads = 2;
+  cfg.kv_heads = 1;
+  cfg.head_dim = 4;
+  cfg.window = 2;
+  cfg.cache_size = 6;
+  cake::KvCache<cake::UniformPreference, cake::UniformBudget, policy_test::OldestFirst> c(cfg);
+  const index_t S = 20;
+  std::vector<float> q(2 * 2 * 4, 0.5f), k(S * 4), v(S * 4);
+  for (std::size_t i = 0; i < k.size(); ++i) k[i] = static_cast<float>((i * 5) % 11) * 0.2f;
+  c.prefill(0, cake::make_view(q.data(), std::array<index_t, 4>{1, 2, 2, 4}),
+            cake::make_view(k.data(), std::array<index_t, 4>{1, 1, S, 4}),
+            cake::make_view(k.data(), std::array<index_t, 4>{1, 1, S, 4}));
+  // Budget 4: positions 0..3, then the window 18, 19.
+  auto pos = c.positions(0);
+  REQUIRE(pos.extent(2) == 6);
+  const std::vector<index_t> want{0, 1, 2, 3, 18, 19};
+  for (index_t t = 0; t < 6; ++t) CHECK(pos(0, 0, t) == want[static_cast<std::size_t>(t)]);
+  // A decoding step evicts the youngest candidate (18), keeping 0..3 and the window.
+  std::vector<float> dq(2 * 4, 1.0f), dk(4, 0.1f);
+  c.decode(0, cake::make_view(dq.data(), std::array<index_t, 3>{1, 2, 4}),
+           cake::make_view(dk.data(), std::array<index_t, 3>{1, 1, 4}),
+           cake::make_view(dk.data(), std::array<index_t, 3>{1, 1, 4}));
+  pos = c.positions(0);
+  const std::vector<index_t> after{0, 1, 2, 3, 19, 20};
+  for (index_t t = 0; t < 6; ++t) CHECK(pos(0, 0, t) == after[static_cast<std::size_t>(t)]);
+}

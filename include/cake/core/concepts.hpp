@@ -8,7 +8,9 @@
 #include <type_traits>
 
 #include "../error.hpp"
+#include "../execution.hpp"
 #include "types.hpp"
+#include "view.hpp"
 
 namespace cake {
 
@@ -57,15 +59,45 @@ concept PositionIndicator = std::is_trivially_copyable_v<P> && requires(const P 
   { p.validate() } -> std::same_as<status>;
 };
 
+// An indicator that is a source of its own: it scores tokens itself, on the backend
+// the cache runs on (views in that backend's memory), through two hooks:
+//   prefill_scores(exec, q_window, keys, out)  q_window (batch, q_heads, w, head_dim),
+//                                              keys (batch, kv_heads, S, head_dim),
+//                                              out (batch, kv_heads, S - w): the prefix
+//   decode_scores(exec, q, keys, out)          q (batch, q_heads, head_dim), keys
+//                                              (batch, kv_heads, held, head_dim), out
+//                                              (batch, kv_heads, c): the first c held
+// Higher scores are kept. The cache needs nothing else (examples/custom_source.cpp);
+// the check below is the host, float form of the hooks.
+template <class P>
+concept SourceIndicator = std::is_trivially_copyable_v<P> &&
+    requires(const P p, host_view<const float, 4> q4, host_view<const float, 3> q3,
+             host_view<const float, 4> k, host_view<float, 3> out) {
+  p.prefill_scores(host_policy{}, q4, k, out);
+  p.decode_scores(host_policy{}, q3, k, out);
+  { p.validate() } -> std::same_as<status>;
+};
+
 // Which tokens a layer keeps: higher score, kept first.
 template <class P>
-concept IndicatorPolicy = AttentionIndicator<P> || PositionIndicator<P>;
+concept IndicatorPolicy = AttentionIndicator<P> || PositionIndicator<P> || SourceIndicator<P>;
 
-// The source an indicator scores from (types.hpp): `position` for a position
-// indicator, else its static member `source`, else `window`.
+// What head-wise budgets need of a budget policy: it says so (`headwise = true`) and
+// gives the floor of tokens every head keeps of a layer budget b; the cache then
+// splits each layer's budget across its rows from their scores (allocate_heads).
+template <class P>
+concept HeadwiseBudgetPolicy = BudgetPolicy<P> && requires(const P p, index_t b) {
+  requires P::headwise;
+  { p.head_floor(b) } -> std::convertible_to<index_t>;
+};
+
+// The source an indicator scores from (types.hpp): `custom` for a source indicator,
+// `position` for a position indicator, else its static member `source`, else `window`.
 template <IndicatorPolicy P>
 inline constexpr indicator_source indicator_source_of = [] {
-  if constexpr (PositionIndicator<P>)
+  if constexpr (SourceIndicator<P>)
+    return indicator_source::custom;
+  else if constexpr (PositionIndicator<P>)
     return indicator_source::position;
   else if constexpr (requires { P::source; })
     return static_cast<indicator_source>(P::source);

@@ -34,6 +34,8 @@ enum class indicator_source {
   accumulated,  // attention summed over every query seen (H2O): the window rows at
                 // prefill, then each decoded query; the sums are kept per held token
   position,     // the token's position alone, no attention (StreamingLLM)
+  custom,       // the indicator's own hooks, prefill_scores and decode_scores (a
+                // SourceIndicator, core/concepts.hpp)
 };
 
 }  // namespace cake

@@ -28,8 +28,8 @@ struct layer_plan {
   layer_action action = layer_action::keep;
   index_t prefix = 0;               // select / truncate: prefix tokens every row keeps
   std::vector<index_t> row_prefix;  // head-wise: the same per (batch, kv-head) row
-  bool to_position = false;  // select: write in position order; truncate: then reorder
-  bool keep_scores = false;  // copy_all / select: the new layer keeps its tokens' scores
+  bool to_position = false;         // select: write in position order; truncate: then reorder
+  bool keep_scores = false;         // copy_all / select: the new layer keeps its tokens' scores
 };
 
 // Prefix tokens row r keeps.
@@ -57,10 +57,10 @@ struct prefill_request {
 };
 
 struct prefill_plan {
-  std::vector<index_t> budgets;   // (m + 1) budgets of layers 0..m after this call
+  std::vector<index_t> budgets;    // (m + 1) budgets of layers 0..m after this call
   std::vector<layer_plan> layers;  // (m + 1) what happens to each
-  bool record_budgets = false;    // the budgets become the layers' budgets
-  bool record_stage = false;      // ... and a cascade stage
+  bool record_budgets = false;     // the budgets become the layers' budgets
+  bool record_stage = false;       // ... and a cascade stage
 };
 
 // Head-wise lengths: (layer, layer budget) -> (rows) prefix tokens of each row. The

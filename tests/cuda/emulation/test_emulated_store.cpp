@@ -35,8 +35,13 @@ struct Rows {
   std::vector<float> k, v, ind;
   std::vector<index_t> pos;
   Rows(index_t r, index_t c, index_t dd, std::uint32_t seed)
-      : rows(r), cap(c), d(dd), k(static_cast<std::size_t>(r * c * dd)), v(k.size()),
-        ind(static_cast<std::size_t>(r * c)), pos(ind.size()) {
+      : rows(r),
+        cap(c),
+        d(dd),
+        k(static_cast<std::size_t>(r * c * dd)),
+        v(k.size()),
+        ind(static_cast<std::size_t>(r * c)),
+        pos(ind.size()) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd;
     for (auto& x : k) x = nd(rng);
@@ -124,10 +129,9 @@ TEST_CASE("emulated evict_in_place_kernel: an ascending gather in place equals t
       for (std::size_t i = 0; i < sums.size(); ++i) sums[i] = 0.5f * static_cast<float>(i);
 
       emu::launch({static_cast<unsigned>(rows), 1, 1}, {256, 1, 1}, 0, [&] {
-        cd::evict_in_place_kernel<float, 4>(dev.k.data(), dev.v.data(), dev.pos.data(),
-                                            with_sums ? dev.ind.data() : nullptr,
-                                            with_sums ? sums.data() : nullptr, held, cap, d,
-                                            keep.data(), n);
+        cd::evict_in_place_kernel<float, 4>(
+            dev.k.data(), dev.v.data(), dev.pos.data(), with_sums ? dev.ind.data() : nullptr,
+            with_sums ? sums.data() : nullptr, held, cap, d, keep.data(), n);
       });
       for (index_t r = 0; r < rows; ++r)
         for (index_t t = 0; t < n; ++t) {
@@ -158,8 +162,8 @@ TEST_CASE("emulated window_slots_kernel: the window after each row's selection, 
     CAPTURE(ragged);
     std::vector<index_t> sel(static_cast<std::size_t>(rows * n), -7);  // -7: selected, untouched
     emu::launch({1, 1, 1}, {32, 1, 1}, 0, [&] {
-      cd::window_slots_kernel<index_t>(sel.data(), rows, n, ragged ? keeps.data() : nullptr, 6,
-                                       w, first);
+      cd::window_slots_kernel<index_t>(sel.data(), rows, n, ragged ? keeps.data() : nullptr, 6, w,
+                                       first);
     });
     for (index_t r = 0; r < rows; ++r) {
       const index_t kr = ragged ? keeps[static_cast<std::size_t>(r)] : 6;

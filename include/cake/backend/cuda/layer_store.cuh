@@ -96,9 +96,9 @@ struct layer_store<T, cuda_policy> {
   struct truncation {
     buffer<cuda_detail::truncate_job<T>> jobs;
     std::vector<cuda_detail::truncate_job<T>> host_jobs;
-    std::vector<std::size_t> layers;               // which layers change
-    std::vector<index_t> held;                     // their new longest row
-    std::vector<std::vector<index_t>> len;         // their new row lengths (ragged)
+    std::vector<std::size_t> layers;        // which layers change
+    std::vector<index_t> held;              // their new longest row
+    std::vector<std::vector<index_t>> len;  // their new row lengths (ragged)
   };
 
   static cudaStream_t stream(const cuda_policy& e) { return cuda_detail::stream_of(e); }
@@ -131,9 +131,9 @@ struct layer_store<T, cuda_policy> {
   static status check_finite(const cuda_policy& exec, const named_view<V>&... t) {
     constexpr std::size_t N = sizeof...(V);
     buffer<unsigned long long> first(static_cast<index_t>(N), exec);
-    cuda_detail::check(cudaMemsetAsync(first.data(), 0xff, N * sizeof(unsigned long long),
-                                       stream(exec)),
-                       "cudaMemsetAsync (finite check)");
+    cuda_detail::check(
+        cudaMemsetAsync(first.data(), 0xff, N * sizeof(unsigned long long), stream(exec)),
+        "cudaMemsetAsync (finite check)");
     std::size_t i = 0;
     (launch_find(exec, t.v, first.data() + i++), ...);
     std::array<unsigned long long, N> at{};
@@ -189,7 +189,8 @@ struct layer_store<T, cuda_policy> {
                       const layer* src, token_scores sc, index_t P, std::span<const index_t> keep,
                       bool position_order, bool keep_scores) {
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
-    const index_t rows = sh.rows(), most = *std::max_element(keep.begin(), keep.end()), n = most + w;
+    const index_t rows = sh.rows(), most = *std::max_element(keep.begin(), keep.end()),
+                  n = most + w;
     const bool ragged = *std::min_element(keep.begin(), keep.end()) != most;
     const cudaStream_t s = stream(exec);
     const auto order = position_order ? select_order::position : select_order::descending;
@@ -323,8 +324,9 @@ struct layer_store<T, cuda_policy> {
         if (p + w != old) {  // freed slots below the new longest row become padding
           const index_t off = r * ly.cap;
           tr.host_jobs.push_back({ly.k.data() + off * ly.d, ly.v.data() + off * ly.d,
-                                  ly.pos.data() + off, ly.ind.size() ? ly.ind.data() + off : nullptr,
-                                  old - w, p, std::max(p + w, std::min(old, longest))});
+                                  ly.pos.data() + off,
+                                  ly.ind.size() ? ly.ind.data() + off : nullptr, old - w, p,
+                                  std::max(p + w, std::min(old, longest))});
         }
         len.push_back(p + w);
       }
@@ -444,7 +446,8 @@ struct layer_store<T, cuda_policy> {
     buffer<float> scores(evict || accumulates ? rows * held : 0, exec);
     buffer<float> sums(accumulates ? rows * held : 0, exec);
     buffer<index_t> sel(evict ? rows * n : 0, exec);
-    constexpr bool attends = source != indicator_source::position;
+    constexpr bool attends =
+        source != indicator_source::position && source != indicator_source::custom;
     const std::size_t ws_bytes = attends && (evict || accumulates)
                                      ? decode_scores_workspace_size(B, q.extent(1), Hkv, held)
                                      : 0;
@@ -497,9 +500,9 @@ struct layer_store<T, cuda_policy> {
           indicator, ly.pos.data(), ly.cap, scores.data(), cand, rows, cand);
       cuda_detail::check_launch("position_scores_kernel");
     } else if constexpr (!accumulates) {
-      decode_scores(exec, q, all_keys, indicator,
-                    make_view<device_space>(scores.data(), std::array<index_t, 3>{B, Hkv, cand}),
-                    dws);
+      candidate_scores(exec, q, all_keys, indicator,
+                       make_view<device_space>(scores.data(), std::array<index_t, 3>{B, Hkv, cand}),
+                       dws);
     }
     select_k(exec,
              make_view<device_space>(ranked, std::array<index_t, 2>{rows, cand},
@@ -659,7 +662,9 @@ struct layer_store<T, cuda_policy> {
     buffer<float> sums(accumulates ? longest : 0, exec);  // one row's updated sums
     buffer<index_t> sel(longest, exec);
     const std::size_t ws_bytes =
-        source != indicator_source::position ? decode_scores_workspace_size(1, grp, 1, longest) : 0;
+        source != indicator_source::position && source != indicator_source::custom
+            ? decode_scores_workspace_size(1, grp, 1, longest)
+            : 0;
     buffer<char> ws(static_cast<index_t>(ws_bytes), exec);  // every row's decode scores
     const cuda_workspace dws{ws.data(), ws_bytes};
     layer next(rows, d, ly.cap, accumulates, exec);
@@ -706,9 +711,9 @@ struct layer_store<T, cuda_policy> {
               indicator, pr, cand, scores.data(), cand, 1, cand);
           cuda_detail::check_launch("position_scores_kernel");
         } else {
-          decode_scores(exec, qv, kv, indicator,
-                        make_view<device_space>(scores.data(), std::array<index_t, 3>{1, 1, cand}),
-                        dws);
+          candidate_scores(
+              exec, qv, kv, indicator,
+              make_view<device_space>(scores.data(), std::array<index_t, 3>{1, 1, cand}), dws);
         }
         select_k(exec, make_view<device_space>(ranked, std::array<index_t, 2>{1, cand}),
                  make_view<device_space>(sel.data(), std::array<index_t, 2>{1, keep}),

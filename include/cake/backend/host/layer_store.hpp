@@ -11,6 +11,7 @@
 #include <numeric>
 #include <span>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../../algorithm/compact.hpp"
@@ -116,6 +117,17 @@ struct named_view {
 template <class V>
 named_view<V> named(const V& v, const char* id, const char* name) {
   return {v, id, name};
+}
+
+// A decoding step's scores of the first out.extent(2) held tokens, as the indicator
+// asks: its own hook (a source indicator), else the new query's attention.
+template <class Exec, class QV, class KV, class Ind, class Out, class... Ws>
+void candidate_scores(const Exec& exec, const QV& q, const KV& keys, const Ind& indicator,
+                      const Out& out, Ws&&... ws) {
+  if constexpr (SourceIndicator<Ind>)
+    indicator.decode_scores(exec, q, keys, out);
+  else
+    decode_scores(exec, q, keys, indicator, out, std::forward<Ws>(ws)...);
 }
 
 template <class V, std::size_t R>
@@ -258,7 +270,8 @@ struct layer_store<T, host_policy> {
                       const layer* src, token_scores sc, index_t P, std::span<const index_t> keep,
                       bool position_order, bool keep_scores) {
     const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window;
-    const index_t rows = sh.rows(), most = *std::max_element(keep.begin(), keep.end()), n = most + w;
+    const index_t rows = sh.rows(), most = *std::max_element(keep.begin(), keep.end()),
+                  n = most + w;
     const bool ragged = *std::min_element(keep.begin(), keep.end()) != most;
     std::vector<index_t> sel(static_cast<std::size_t>(rows * n));  // (rows, n)
     select_k(
@@ -547,8 +560,8 @@ struct layer_store<T, host_policy> {
           scores[static_cast<std::size_t>(r * cand + t)] =
               indicator.score_position(ly.pos[static_cast<std::size_t>(r * ly.cap + t)]);
     } else if constexpr (!accumulates) {
-      decode_scores(exec, q, all_keys, indicator,
-                    make_view(scores.data(), std::array<index_t, 3>{B, Hkv, cand}));
+      candidate_scores(exec, q, all_keys, indicator,
+                       make_view(scores.data(), std::array<index_t, 3>{B, Hkv, cand}));
     }
     select_k(
         exec,
@@ -587,8 +600,8 @@ struct layer_store<T, host_policy> {
   }
 
   // decode() row by row, for ragged rows or when every row keeps its length
-  // (head-wise allocation): each appends the new token and evicts one of its candidates. All rows are scored
-  // and selected first (the new token waits in each row's first padding slot, cleared
+  // (head-wise allocation): each appends the new token and evicts one of its candidates. All rows
+  // are scored and selected first (the new token waits in each row's first padding slot, cleared
   // again if anything throws); then every row is rewritten.
   template <class Ind, class QV, class KV, class VV>
   static void decode_rows(const host_policy& exec, layer& ly, const LayerShape& sh, const QV& q,
@@ -642,8 +655,8 @@ struct layer_store<T, host_policy> {
             scores[static_cast<std::size_t>(t)] =
                 indicator.score_position(ly.pos[static_cast<std::size_t>(r * ly.cap + t)]);
         } else {
-          decode_scores(exec, qv, kv, indicator,
-                        make_view(scores.data(), std::array<index_t, 3>{1, 1, cand}));
+          candidate_scores(exec, qv, kv, indicator,
+                           make_view(scores.data(), std::array<index_t, 3>{1, 1, cand}));
         }
         index_t* rs = sel.data() + r * longest;
         select_k(exec, make_view(ranked, std::array<index_t, 2>{1, cand}),

@@ -40,10 +40,10 @@ struct HeadwiseBudget {
   }
 };
 
+static_assert(HeadwiseBudgetPolicy<HeadwiseBudget<>>);
+
 // Whether a budget policy slices each layer across its heads.
 template <class B>
-inline constexpr bool is_headwise_budget = requires {
-  requires B::headwise;
-};
+inline constexpr bool is_headwise_budget = HeadwiseBudgetPolicy<B>;
 
 }  // namespace cake

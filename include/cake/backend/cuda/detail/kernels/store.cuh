@@ -166,8 +166,8 @@ __global__ void truncate_rows_kernel(const truncate_job<T>* jobs, index_t d, ind
 // before any of it is written, and every later read lies past the chunk.
 template <class T, int ITEMS>
 __global__ void evict_in_place_kernel(T* k, T* v, index_t* pos, float* ind, const float* sums,
-                                      index_t sums_ld, index_t cap, index_t d,
-                                      const index_t* keep, index_t n) {
+                                      index_t sums_ld, index_t cap, index_t d, const index_t* keep,
+                                      index_t n) {
   const index_t r = blockIdx.x;
   const index_t* kr = keep + r * n;
   T* kb = k + r * cap * d;

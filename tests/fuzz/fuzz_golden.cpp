@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -14,8 +15,9 @@
 #include "cake_tools/golden.hpp"
 
 namespace {
-std::string scratch_dir() {
-  static const std::string dir = [] {
+const std::string& scratch_dir() {
+  // Never destroyed: the exit handler below still needs it.
+  static const std::string* dir = [] {
     // A memory file system where there is one: the readers take paths, and a
     // disk-backed /tmp costs an order of magnitude in executions.
     const std::filesystem::path base = std::filesystem::is_directory("/dev/shm")
@@ -23,9 +25,13 @@ std::string scratch_dir() {
                                            : std::filesystem::temp_directory_path();
     auto p = base / ("cake_fuzz_golden_" + std::to_string(::getpid()));
     std::filesystem::create_directories(p);
-    return p.string();
+    std::atexit([] {  // libFuzzer exits through exit() when its time is up
+      std::error_code ec;
+      std::filesystem::remove_all(*dir, ec);
+    });
+    return new std::string(p.string());
   }();
-  return dir;
+  return *dir;
 }
 void write_file(const std::string& path, const std::uint8_t* data, std::size_t size) {
   std::ofstream o(path, std::ios::binary | std::ios::trunc);

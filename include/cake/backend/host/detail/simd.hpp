@@ -13,7 +13,7 @@
 #endif
 
 // IEEE half keys (_Float16) converted by F16C inside the kernels, where the compiler has the type.
-#if defined(__FLT16_MAX__)
+#if CAKE_HOST_X86_DISPATCH && defined(__FLT16_MAX__)
 #define CAKE_SIMD_HAS_HALF 1
 #else
 #define CAKE_SIMD_HAS_HALF 0

@@ -270,3 +270,21 @@ TEST_CASE("window_stats and decode_scores read keys through strided views on eve
     }
   }
 }
+
+TEST_CASE("release_host_scratch frees decode_scores' buffers too; results unchanged") {
+  IsaGuard guard;
+  if (simd_paths().empty()) return;  // the portable path keeps no decode buffers
+  cake::force_host_isa(simd_paths().back());
+  const index_t B = 1, H = 8, Hkv = 2, n = 200, d = 64, c = 150;
+  const auto q = random_values<float>(static_cast<std::size_t>(B * H * d), 401, 1.0f);
+  const auto k = random_values<float>(static_cast<std::size_t>(B * Hkv * n * d), 402, 1.0f);
+  const DecodeResult a = decode(B, H, Hkv, n, d, c, q, k);
+  auto& ds = cake::detail::simd::decode_scratch();
+  CHECK(!ds.prob.empty());
+  cake::release_host_scratch();
+  CHECK(ds.prob.empty());
+  CHECK(ds.acc.empty());
+  CHECK(ds.qbuf.empty());
+  const DecodeResult b = decode(B, H, Hkv, n, d, c, q, k);
+  CHECK(a.scores == b.scores);
+}

@@ -72,8 +72,8 @@ struct decode_scores_backend<host_policy> {
         // fresh buffers would show); what is read is written first, but for the
         // padding lanes past n_held, which the softmax masks out. Bound to references
         // here: inside the parallel region the thread_local would be the worker's own.
-        static thread_local std::vector<std::vector<float>> prob_tl, acc_tl, qbuf_tl;
-        std::vector<std::vector<float>>&prob = prob_tl, &acc = acc_tl, &qbuf = qbuf_tl;
+        detail::simd::DecodeScratch& ds = detail::simd::decode_scratch();
+        std::vector<std::vector<float>>&prob = ds.prob, &acc = ds.acc, &qbuf = ds.qbuf;
         if (prob.size() < static_cast<std::size_t>(nt)) {
           prob.resize(static_cast<std::size_t>(nt));
           acc.resize(prob.size());

@@ -218,3 +218,73 @@ TEST_CASE("decode_scores: every SIMD path keeps the portable path's tokens (rand
   check_decode_paths<_Float16>(1, 8, 2, 513, 128, 207);  // half keys through F16C
 #endif
 }
+
+TEST_CASE("window_stats and decode_scores read keys through strided views on every path") {
+  IsaGuard guard;
+  // keys in a buffer of capacity 1.5 S rows per head and a row pitch of d + 8, as a
+  // cache with spare capacity holds them; the same values packed are the reference
+  const Shape s{1, 8, 2, 16, 300, 64};
+  const index_t pitch = s.d + 8, cap = s.S + s.S / 2, P = s.S - s.w, c = 64;
+  const auto q = random_values<float>(static_cast<std::size_t>(s.B * s.H * s.w * s.d), 301, 1.5f);
+  const auto k = random_values<float>(static_cast<std::size_t>(s.B * s.Hkv * s.S * s.d), 302, 1.0f);
+  std::vector<float> big(static_cast<std::size_t>(s.B * s.Hkv * cap * pitch), 1e30f);
+  for (index_t g = 0; g < s.B * s.Hkv; ++g)
+    for (index_t j = 0; j < s.S; ++j)
+      for (index_t x = 0; x < s.d; ++x)
+        big[static_cast<std::size_t>((g * cap + j) * pitch + x)] =
+            k[static_cast<std::size_t>((g * s.S + j) * s.d + x)];
+  const auto kview = cake::make_view(static_cast<const float*>(big.data()),
+                                     std::array<index_t, 4>{s.B, s.Hkv, s.S, s.d},
+                                     std::array<index_t, 4>{s.Hkv * cap * pitch, cap * pitch, pitch, 1});
+  cake::force_host_isa(cake::host_isa::portable);
+  const Result want = run(s, q, k, c);
+  std::vector<float> qd(static_cast<std::size_t>(s.B * s.H * s.d));
+  for (std::size_t i = 0; i < qd.size(); ++i) qd[i] = q[i * static_cast<std::size_t>(s.w)];
+  std::vector<float> dwant(static_cast<std::size_t>(s.B * s.Hkv * P));
+  const auto qdv = cake::make_view(static_cast<const float*>(qd.data()), std::array<index_t, 3>{s.B, s.H, s.d});
+  cake::decode_scores(cake::host, qdv, cake::make_view(k.data(), std::array<index_t, 4>{s.B, s.Hkv, s.S, s.d}),
+                      cake::MeanVarianceIndicator{},
+                      cake::make_view(dwant.data(), std::array<index_t, 3>{s.B, s.Hkv, P}));
+  for (cake::host_isa isa : simd_paths()) {
+    CAPTURE(cake::host_isa_name(isa));
+    cake::force_host_isa(isa);
+    Result got;
+    got.indicator.assign(static_cast<std::size_t>(s.B * s.Hkv * P), -1.0f);
+    cake::window_stats(cake::host, cake::make_view(q.data(), std::array<index_t, 4>{s.B, s.H, s.w, s.d}),
+                       kview, cake::MeanVarianceIndicator{},
+                       cake::make_view(got.indicator.data(), std::array<index_t, 3>{s.B, s.Hkv, P}),
+                       cake::make_view(got.stats.data(), std::array<index_t, 1>{2}));
+    got.kept.assign(static_cast<std::size_t>(s.B * s.Hkv * c), -1);
+    cake::select_k(cake::host,
+                   cake::make_view(static_cast<const float*>(got.indicator.data()),
+                                   std::array<index_t, 2>{s.B * s.Hkv, P}),
+                   cake::make_view(got.kept.data(), std::array<index_t, 2>{s.B * s.Hkv, c}),
+                   cake::select_order::position);
+    check_same(got, want, s.B * s.Hkv, P);
+    std::vector<float> dgot(dwant.size(), -1.0f);
+    cake::decode_scores(cake::host, qdv, kview, cake::MeanVarianceIndicator{},
+                        cake::make_view(dgot.data(), std::array<index_t, 3>{s.B, s.Hkv, P}));
+    for (std::size_t i = 0; i < dwant.size(); ++i) {
+      INFO("decode score ", i);
+      REQUIRE(std::abs(dgot[i] - dwant[i]) <= 1e-5f * std::abs(dwant[i]) + 1e-9f);
+    }
+  }
+}
+
+TEST_CASE("release_host_scratch frees decode_scores' buffers too; results unchanged") {
+  IsaGuard guard;
+  if (simd_paths().empty()) return;  // the portable path keeps no decode buffers
+  cake::force_host_isa(simd_paths().back());
+  const index_t B = 1, H = 8, Hkv = 2, n = 200, d = 64, c = 150;
+  const auto q = random_values<float>(static_cast<std::size_t>(B * H * d), 401, 1.0f);
+  const auto k = random_values<float>(static_cast<std::size_t>(B * Hkv * n * d), 402, 1.0f);
+  const DecodeResult a = decode(B, H, Hkv, n, d, c, q, k);
+  auto& ds = cake::detail::simd::decode_scratch();
+  CHECK(!ds.prob.empty());
+  cake::release_host_scratch();
+  CHECK(ds.prob.empty());
+  CHECK(ds.acc.empty());
+  CHECK(ds.qbuf.empty());
+  const DecodeResult b = decode(B, H, Hkv, n, d, c, q, k);
+  CHECK(a.scores == b.scores);
+}

@@ -68,9 +68,18 @@ struct decode_scores_backend<host_policy> {
     if constexpr (simd_keys) {
       if (kk && d % kk->vw == 0 && (n_held <= 1 || k.stride(2) >= d)) {
         const index_t ld = (n_held + 15) / 16 * 16;  // rows padded to whole vectors
-        std::vector<std::vector<float>> prob(static_cast<std::size_t>(nt)), acc(prob.size()),
-            qbuf(prob.size());
-        for (std::size_t t = 0; t < prob.size(); ++t) {
+        // Kept per calling thread between steps (a step is ~100 us: page faults on
+        // fresh buffers would show); what is read is written first, but for the
+        // padding lanes past n_held, which the softmax masks out. Bound to references
+        // here: inside the parallel region the thread_local would be the worker's own.
+        detail::simd::DecodeScratch& ds = detail::simd::decode_scratch();
+        std::vector<std::vector<float>>&prob = ds.prob, &acc = ds.acc, &qbuf = ds.qbuf;
+        if (prob.size() < static_cast<std::size_t>(nt)) {
+          prob.resize(static_cast<std::size_t>(nt));
+          acc.resize(prob.size());
+          qbuf.resize(prob.size());
+        }
+        for (std::size_t t = 0; t < static_cast<std::size_t>(nt); ++t) {
           prob[t].resize(static_cast<std::size_t>(grp_pad * ld));
           acc[t].resize(static_cast<std::size_t>(c + 2 * half));
           qbuf[t].assign(static_cast<std::size_t>(grp_pad * d), 0.0f);

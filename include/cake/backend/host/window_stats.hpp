@@ -343,12 +343,17 @@ void pool_groups(const host_policy& exec, const std::vector<float>& ind_heads, i
 
 // Frees the scratch the host window_stats keeps for the calling thread between calls
 // (about (n * w per worker thread + B * H) * S floats for the largest call so far,
-// n query heads per KV head: 80 MiB for a 128K Llama-3.1-8B layer on one thread).
+// n query heads per KV head: 80 MiB for a 128K Llama-3.1-8B layer on one thread),
+// and decode_scores' (about group rows * held floats per worker thread).
 // The next call allocates it again.
 inline void release_host_scratch() noexcept {
   detail::host_stats::ThreadScratch& s = detail::host_stats::thread_scratch();
   std::vector<float>().swap(s.ind_heads);
   std::vector<detail::host_stats::Scratch>().swap(s.workers);
+  detail::simd::DecodeScratch& ds = detail::simd::decode_scratch();
+  std::vector<std::vector<float>>().swap(ds.prob);
+  std::vector<std::vector<float>>().swap(ds.acc);
+  std::vector<std::vector<float>>().swap(ds.qbuf);
 }
 
 template <>

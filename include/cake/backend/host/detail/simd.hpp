@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "../../../config.hpp"
 #include "isa.hpp"
@@ -13,7 +14,7 @@
 #endif
 
 // IEEE half keys (_Float16) converted by F16C inside the kernels, where the compiler has the type.
-#if defined(__FLT16_MAX__)
+#if CAKE_HOST_X86_DISPATCH && defined(__FLT16_MAX__)
 #define CAKE_SIMD_HAS_HALF 1
 #else
 #define CAKE_SIMD_HAS_HALF 0
@@ -81,6 +82,17 @@ struct kernels {
 #endif  // CAKE_HOST_X86_DISPATCH
 
 namespace cake::detail::simd {
+
+// decode_scores' buffers on the SIMD path, kept per calling thread between steps:
+// per worker the (group rows, held) logits, the padded pooled sums and the group's
+// queries as float. Freed by cake::release_host_scratch().
+struct DecodeScratch {
+  std::vector<std::vector<float>> prob, acc, qbuf;
+};
+inline DecodeScratch& decode_scratch() {
+  static thread_local DecodeScratch s;
+  return s;
+}
 
 // The kernels of the active path (active_host_isa()), or nullptr on the portable one.
 inline const kernels* active_kernels() noexcept {

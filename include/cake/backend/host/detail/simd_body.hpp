@@ -316,7 +316,11 @@ CAKE_ALWAYS_INLINE void decode_dots_t(const float* CAKE_RESTRICT q, index_t rows
       for (index_t x = 0; x < d; x += VW) {
         V kv[KB], qv[4];
 #pragma GCC unroll 4
-        for (int t = 0; t < KB; ++t) kv[t] = load_key(kj + t * k_ld + x);
+        for (int t = 0; t < KB; ++t) {
+          kv[t] = load_key(kj + t * k_ld + x);
+          // the same line of the rows four blocks on: streams from L3 or memory
+          __builtin_prefetch(kj + (t + 4 * KB) * k_ld + x);
+        }
 #pragma GCC unroll 4
         for (int r = 0; r < 4; ++r) qv[r] = load(qr + r * d + x);
 #pragma GCC unroll 4

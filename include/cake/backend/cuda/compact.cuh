@@ -23,14 +23,19 @@ namespace cake {
 
 // A device-side error record for cake::compact's indices, reused across calls. Once it
 // holds an error, every later guarded call writes nothing until throw_if_error() (or
-// status()) reads and clears it. Not thread-safe: one guard per stream.
+// check_status()) reads and clears it. Not thread-safe: one guard per stream.
 class cuda_index_guard {
  public:
   cuda_index_guard() {
     cuda_detail::check(cudaMalloc(&rec_, sizeof(cuda_detail::IndexGuardRecord)),
                        "cudaMalloc (cuda_index_guard)");
-    reset(nullptr);
-    cuda_detail::check(cudaStreamSynchronize(nullptr), "cuda_index_guard");
+    try {
+      reset(nullptr);
+      cuda_detail::check(cudaStreamSynchronize(nullptr), "cuda_index_guard");
+    } catch (...) {
+      (void)cudaFree(rec_);
+      throw;
+    }
   }
   ~cuda_index_guard() { (void)cudaFree(rec_); }
   cuda_index_guard(const cuda_index_guard&) = delete;

@@ -276,3 +276,20 @@ TEST_CASE(
     CHECK(c.pool == before);
   }
 }
+
+TEST_CASE("validate_block_table rejects block_size < 1 and num_blocks < 0 (no division by zero)") {
+  const std::vector<std::int32_t> indptr{0, 1}, ids{0}, lens{3};
+  const auto t = cake::make_block_table(indptr.data(), ids.data(), lens.data(), 1);
+  for (index_t bs : {0, -2}) {
+    const cake::status st = cake::validate_block_table(t, 4, bs);
+    CHECK(st.id == "cake.compact.block_size");
+    CHECK_MESSAGE(st.message.find("block_size must be >= 1, got " + std::to_string(bs)) !=
+                      std::string::npos,
+                  st.message);
+  }
+  const cake::status st = cake::validate_block_table(t, -1, 4);
+  CHECK(st.id == "cake.compact.num_blocks");
+  CHECK_MESSAGE(st.message.find("num_blocks must be >= 0, got -1") != std::string::npos,
+                st.message);
+  CHECK(cake::validate_block_table(t, 4, 4).ok());
+}

@@ -59,6 +59,10 @@ inline block_table<host_space> make_block_table(const std::int32_t* indptr, cons
 inline status validate_block_table(const block_table<host_space>& t, index_t num_blocks,
                                    index_t block_size) {
   const index_t n = t.num_seqs();
+  CAKE_CHECK(block_size >= 1, "cake.compact.block_size", "block_size must be >= 1, got ",
+             block_size);
+  CAKE_CHECK(num_blocks >= 0, "cake.compact.num_blocks", "num_blocks must be >= 0, got ",
+             num_blocks);
   CAKE_CHECK(t.indptr.extent(0) == n + 1, "cake.compact.indptr",
              "indptr must have num_seqs + 1 = ", n + 1, " entries, got ", t.indptr.extent(0));
   CAKE_CHECK(t.indptr(0) == 0, "cake.compact.indptr", "indptr(0) must be 0, got ", t.indptr(0));
@@ -68,7 +72,7 @@ inline status validate_block_table(const block_table<host_space>& t, index_t num
                " follows indptr(", s, ") = ", t.indptr(s));
   CAKE_CHECK(t.indptr(n) <= t.ids.extent(0), "cake.compact.indptr", "indptr(", n,
              ") = ", t.indptr(n), " exceeds the ", t.ids.extent(0), " entries of ids");
-  std::vector<index_t> owner(static_cast<std::size_t>(num_blocks > 0 ? num_blocks : 0), -1);
+  std::vector<index_t> owner(static_cast<std::size_t>(num_blocks), -1);
   for (index_t s = 0; s < n; ++s) {
     const index_t len = t.seq_lens(s), have = t.indptr(s + 1) - t.indptr(s);
     CAKE_CHECK(len >= 0, "cake.compact.seq_lens", "seq_lens(", s, ") must be >= 0, got ", len);

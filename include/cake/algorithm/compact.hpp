@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "../core/paged.hpp"
 #include "../core/tensor_traits.hpp"
@@ -60,6 +61,20 @@ status check_keep_row(host_view<const TI, 3> keep, index_t b, index_t g, index_t
   }
   return status::success();
 }
+
+// The bytes [lo, hi) a strided view can touch; lo == hi when it is empty. Pointer
+// arithmetic only, so it serves device views as well.
+template <class V>
+std::pair<std::uintptr_t, std::uintptr_t> byte_span(const V& v) {
+  using E = typename V::element_type;
+  const auto lo = reinterpret_cast<std::uintptr_t>(v.data_handle());
+  std::int64_t last = 0;
+  for (std::size_t r = 0; r < V::rank(); ++r) {
+    if (v.extent(r) == 0) return {lo, lo};
+    last += static_cast<std::int64_t>(v.extent(r) - 1) * static_cast<std::int64_t>(v.stride(r));
+  }
+  return {lo, lo + static_cast<std::uintptr_t>(last + 1) * sizeof(E)};
+}
 }  // namespace detail
 
 template <class T, class TI, class Space>
@@ -76,9 +91,23 @@ status validate_compact(view<const T, 4, Space> src, view<const TI, 3, Space> ke
              dst.extent(3), ")");
   CAKE_CHECK(inner_contiguous(src) && inner_contiguous(dst), "cake.compact.layout",
              "src and dst must have unit stride along head_dim");
+  // In place is safe only when each dst row is the first m token rows of the same src
+  // row (same start, same strides): then the ascending walk of a row reads before it
+  // writes, and rows never meet. Any other overlap lets one row's writes reach another
+  // row's unread tokens (and races across threads or CUDA blocks).
+  const auto [s_lo, s_hi] = detail::byte_span(src);
+  const auto [d_lo, d_hi] = detail::byte_span(dst);
+  const bool aliased = s_lo < d_hi && d_lo < s_hi;
+  CAKE_CHECK(!aliased || (s_lo == d_lo && src.stride(0) == dst.stride(0) &&
+                          src.stride(1) == dst.stride(1) && src.stride(2) == dst.stride(2)),
+             "cake.compact.layout",
+             "dst overlaps src, so it must be src's first m tokens of each row (same data "
+             "pointer and strides); src strides (",
+             src.stride(0), ", ", src.stride(1), ", ", src.stride(2), ", ", src.stride(3),
+             "), dst strides (", dst.stride(0), ", ", dst.stride(1), ", ", dst.stride(2), ", ",
+             dst.stride(3), "), dst starts ", static_cast<std::int64_t>(d_lo - s_lo),
+             " bytes after src");
   if constexpr (std::is_same_v<Space, host_space>) {
-    const bool aliased =
-        static_cast<const void*>(src.data_handle()) == static_cast<const void*>(dst.data_handle());
     for (index_t b = 0; b < B; ++b)
       for (index_t g = 0; g < Hkv; ++g)
         CAKE_TRY(detail::check_keep_row(keep, b, g, keep.extent(2), S, aliased, ""));

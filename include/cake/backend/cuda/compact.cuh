@@ -75,10 +75,20 @@ namespace cuda_detail {
 template <class TI>
 void launch_compact_check(const KeepRows<TI>& k, std::int64_t rows, IndexGuardRecord* guard,
                           cudaStream_t stream) {
-  if (guard == nullptr || rows * k.m == 0) return;
-  const unsigned grid = std::min<unsigned>(grid_dim(rows * k.m, tuning::compact_threads), 1024u);
+  if (guard == nullptr || rows == 0) return;
+  const unsigned grid =
+      std::min<unsigned>(grid_dim(check_work(rows, k.m), tuning::compact_threads), 1024u);
   compact_check_kernel<TI><<<grid, tuning::compact_threads, 0, stream>>>(k, rows, guard);
   check_launch("compact_check_kernel");
+}
+
+// A guarded call with no gather to run still seals what its check recorded.
+template <class TI>
+void launch_compact_seal(const KeepRows<TI>& k, IndexGuardRecord* guard, int paged,
+                         cudaStream_t stream) {
+  if (guard == nullptr) return;
+  compact_seal_kernel<TI><<<1, 32, 0, stream>>>(k, guard, paged);
+  check_launch("compact_seal_kernel");
 }
 
 template <class V, class T, class TI>
@@ -104,12 +114,14 @@ void launch_compact(const cuda_policy& exec, device_view<const T, 4> src,
                     device_view<const TI, 3> keep, device_view<T, 4> dst, IndexGuardRecord* guard) {
   const index_t B = src.extent(0), Hkv = src.extent(1), d = src.extent(3);
   const index_t m = keep.extent(2);
-  if (B * Hkv * m * d == 0) return;
+  if (B * Hkv == 0) return;
   const CompactParams<TI> p = compact_params(src, keep, dst, guard);
   const bool in_place = p.keep.ascending;
   const bool vec16 = compact_vec16<T>(p, d);
   const cudaStream_t stream = stream_of(exec);
+  // The indices are checked even when there is nothing to move (head_dim = 0).
   launch_compact_check(p.keep, B * Hkv, guard, stream);
+  if (m * d == 0) return launch_compact_seal(p.keep, guard, 0, stream);
   if (vec16)
     launch_compact_as<uint4, T>(p, B, Hkv, m, d, in_place, stream);
   else
@@ -121,10 +133,12 @@ void launch_compact_paged(const cuda_policy& exec, device_view<T, 4> pool,
                           const block_table<device_space>& table, device_view<const TI, 3> keep,
                           device_view<const std::int32_t, 2> keep_lens, IndexGuardRecord* guard) {
   const index_t rows = table.num_seqs() * pool.extent(1), d = pool.extent(3);
-  if (rows * keep.extent(2) * d == 0) return;
+  if (rows == 0) return;
   PagedCompactParams<TI> p = paged_params(pool, table, keep, keep_lens, guard);
   const cudaStream_t stream = stream_of(exec);
+  // The lengths are checked even when there is nothing to move (m = 0 or head_dim = 0).
   launch_compact_check(p.keep, rows, guard, stream);
+  if (keep.extent(2) * d == 0) return launch_compact_seal(p.keep, guard, 1, stream);
   const bool vec16 = paged_vec16<T>(p, d);
   p.vecs = static_cast<int>(vec16 ? d * static_cast<index_t>(sizeof(T)) / 16 : d);
   if (vec16)

@@ -53,17 +53,24 @@ struct KeepRows {
   CAKE_HOST_DEVICE long long bound(long long row) const { return bounds ? bounds[row / heads] : S; }
 };
 
+// Threads the check kernel covers: one per (row, position), and at least one per row,
+// so that a row's length is checked even when m = 0.
+CAKE_HOST_DEVICE inline std::int64_t check_work(std::int64_t rows, int m) {
+  return rows * (m > 0 ? m : 1);
+}
+
 // One thread per (row, position): the first bad entry, by atomicMin on its key. Skips
 // everything once the record is sealed (an earlier call's error stays the one reported).
 template <class TI>
 __global__ void __launch_bounds__(tuning::compact_threads)
     compact_check_kernel(KeepRows<TI> k, std::int64_t rows, IndexGuardRecord* guard) {
   if (guard->sealed) return;
-  const std::int64_t total = rows * k.m;
+  const int per = k.m > 0 ? k.m : 1;
+  const std::int64_t total = check_work(rows, k.m);
   for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t row = e / k.m;
-    const int t = static_cast<int>(e - row * k.m);
+    const std::int64_t row = e / per;
+    const int t = static_cast<int>(e - row * per);
     const int len = k.len(row);
     const long long bound = k.bound(row);
     if (len < 0 || len > k.m || len > bound) {
@@ -100,6 +107,14 @@ __device__ bool guard_tripped(IndexGuardRecord* guard, const KeepRows<TI>& k, in
     guard->sealed = 1;
   }
   return true;
+}
+
+// When a guarded call has nothing to gather (m = 0 or head_dim = 0), one warp (thread 0
+// of it) seals
+// what the check kernel recorded, as a gather would have.
+template <class TI>
+__global__ void compact_seal_kernel(KeepRows<TI> k, IndexGuardRecord* guard, int paged) {
+  (void)guard_tripped(guard, k, paged);
 }
 
 // The host's message for a filled record (the same words as algorithm/compact.hpp's).

@@ -293,3 +293,40 @@ TEST_CASE("validate_block_table rejects block_size < 1 and num_blocks < 0 (no di
                 st.message);
   CHECK(cake::validate_block_table(t, 4, 4).ok());
 }
+
+TEST_CASE("paged compact: a shorter head's slots up to the sequence's new length are zero K/V") {
+  // One sequence of 5 tokens in blocks (2, 0, 1) of 2; head 0 keeps 4 tokens, head 1
+  // keeps 1, so new_lens = 4 and head 1's slots 1 .. 3 are padding, read by paged
+  // attention (one length per sequence) and so zero, as the dense cache pads heads.
+  Case c;
+  c.num_seqs = 1, c.Hkv = 2, c.bs = 2, c.d = 2, c.N = 4, c.m = 4, c.nhd = false;
+  c.indptr = {0, 3};
+  c.ids = {2, 0, 1};
+  c.seq_lens = {5};
+  c.keep_lens = {4, 1};
+  c.keep = {0, 1, 3, 4, 2, 9, 9, 9};
+  c.pool.resize(static_cast<std::size_t>(c.N * c.Hkv * c.bs * c.d));
+  for (std::size_t i = 0; i < c.pool.size(); ++i) c.pool[i] = static_cast<float>(i + 1);
+  const auto before = c.pool;
+  compact_case(c);
+  const auto at = [&](const std::vector<float>& p, index_t h, index_t t) {
+    return p[static_cast<std::size_t>(c.offset(0, h, t))];
+  };
+  CHECK(at(c.pool, 0, 2) == at(before, 0, 3));
+  CHECK(at(c.pool, 0, 3) == at(before, 0, 4));
+  CHECK(at(c.pool, 1, 0) == at(before, 1, 2));
+  for (index_t t = 1; t < 4; ++t)
+    for (index_t x = 0; x < c.d; ++x) {
+      CAPTURE(t);
+      CHECK(c.pool[static_cast<std::size_t>(c.offset(0, 1, t) + x)] == 0.0f);
+    }
+  // Past the new length nothing is touched: slot 4 (block 1, slot 0) of both heads.
+  CHECK(at(c.pool, 0, 4) == at(before, 0, 4));
+  CHECK(at(c.pool, 1, 4) == at(before, 1, 4));
+  // The unused block 3 is untouched.
+  for (index_t h = 0; h < c.Hkv; ++h)
+    for (index_t x = 0; x < c.bs * c.d; ++x) {
+      const auto i = static_cast<std::size_t>(3 * c.Hkv * c.bs * c.d + h * c.bs * c.d + x);
+      CHECK(c.pool[i] == before[i]);
+    }
+}

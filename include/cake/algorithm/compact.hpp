@@ -8,6 +8,7 @@
 //
 // Paged (an engine's block pool, core/paged.hpp), always in place:
 //   token t of row (s, h) <- token keep(s, h, t) of the same row, t < keep_lens(s, h)
+//   token t of row (s, h) <- zero K/V, keep_lens(s, h) <= t < max over h' of keep_lens(s, h')
 //   The same argument holds through the block table: it maps the tokens of a sequence
 //   one to one onto distinct slots (ids are unique, validate_block_table), so the
 //   ascending walk of each row reads every slot before any write reaches it, and rows

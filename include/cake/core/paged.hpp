@@ -100,8 +100,10 @@ inline status validate_block_table(const block_table<host_space>& t, index_t num
 // token slots in its first ceil(new_lens(s) / block_size) blocks, and its last
 //   freed(s) = (indptr(s + 1) - indptr(s)) - ceil(new_lens(s) / block_size)
 // table entries name blocks it no longer needs (the engine returns them to its free
-// list and shortens the table). A head with fewer tokens than new_lens(s) leaves its
-// slots [keep_lens(s, h), new_lens(s)) as they were: padding its attention must mask.
+// list and shortens the table). A head with fewer tokens than new_lens(s) has its
+// slots [keep_lens(s, h), new_lens(s)) set to zero K/V by the compaction: paged
+// attention reads new_lens(s) slots of every head, and zero K/V is the dense cache's
+// (and the reference's) head-wise padding.
 inline status validate_paged_plan(const block_table<host_space>& t,
                                   host_view<const std::int32_t, 2> keep_lens, index_t block_size,
                                   host_view<std::int32_t, 1> new_lens,

@@ -240,7 +240,8 @@ struct PagedCompactParams {
   IndexGuardRecord* guard;
 };
 
-// Paged, in place: one block per (sequence, kv-head) row. Token t of the row is slot
+// Paged, in place: one block per (sequence, kv-head) row, then its padding slots
+// zeroed (see below). Token t of the row is slot
 // t % block_size of block ids[indptr[s] + t / block_size]. Unguarded, an index past
 // the sequence, a table entry past the sequence's blocks or a block id outside the
 // pool is skipped, never dereferenced.
@@ -259,7 +260,7 @@ __global__ void __launch_bounds__(tuning::compact_threads)
     if (id < 0 || id >= p.num_blocks) return nullptr;
     return reinterpret_cast<V*>(p.pool + id * p.p_n + h * p.p_h + (t % p.block_size) * p.p_t);
   };
-  const int count = min(p.keep.len(row), p.keep.m);
+  const int count = max(0, min(p.keep.len(row), p.keep.m));
   gather_in_place<V, ITEMS>(
       count, p.vecs,
       [&](int t) -> const V* {
@@ -268,6 +269,18 @@ __global__ void __launch_bounds__(tuning::compact_threads)
         return slot(j);
       },
       [&](int t) { return slot(t); });
+  // Padding [count, new_lens(s)) of a head shorter than the sequence's longest is zero
+  // K/V, as the dense cache pads heads: paged attention reads new_lens(s) slots of every
+  // head. The gather's last barrier orders these writes after all of the row's reads.
+  int longest = 0;
+  for (int g = 0; g < p.keep.heads; ++g)
+    longest = max(longest, min(p.keep.len(static_cast<long long>(s) * p.keep.heads + g), p.keep.m));
+  longest = static_cast<int>(min(static_cast<long long>(longest), len_s));
+  const int pad = (longest - count) * p.vecs;
+  for (int u = static_cast<int>(threadIdx.x); u < pad; u += static_cast<int>(blockDim.x)) {
+    V* to = slot(count + u / p.vecs);
+    if (to != nullptr) to[u % p.vecs] = V{};
+  }
 }
 
 }  // namespace cake::cuda_detail

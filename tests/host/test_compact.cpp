@@ -202,7 +202,8 @@ TEST_CASE("validate_compact reports bad host indices without throwing or writing
   CHECK(out == std::vector<float>(out.size(), -1.0f));
 }
 
-TEST_CASE("compact: dst overlapping src other than as its row prefix is rejected, nothing written") {
+TEST_CASE(
+    "compact: dst overlapping src other than as its row prefix is rejected, nothing written") {
   const index_t B = 1, G = 2, S = 4, d = 3;
   auto buf = make_src(B, G, S, d);
   const auto before = buf;
@@ -213,8 +214,8 @@ TEST_CASE("compact: dst overlapping src other than as its row prefix is rejected
     std::vector<index_t> keep{2, 3, 0, 1};
     auto dst = cake::make_view(buf.data(), std::array<index_t, 4>{B, G, 2, d});
     CHECK_THROWS_WITH_AS(
-        cake::compact(cake::host, src, cake::make_view(keep.data(), std::array<index_t, 3>{B, G, 2}),
-                      dst),
+        cake::compact(cake::host, src,
+                      cake::make_view(keep.data(), std::array<index_t, 3>{B, G, 2}), dst),
         doctest::Contains("[cake.compact.layout] dst overlaps src, so it must be src's first m "
                           "tokens of each row (same data pointer and strides); src strides (24, "
                           "12, 3, 1), dst strides (12, 6, 3, 1)"),
@@ -226,8 +227,8 @@ TEST_CASE("compact: dst overlapping src other than as its row prefix is rejected
     auto dst = cake::make_view(buf.data() + d, std::array<index_t, 4>{B, G, 3, d},
                                std::array<index_t, 4>{G * S * d, S * d, d, 1});
     CHECK_THROWS_WITH_AS(
-        cake::compact(cake::host, src, cake::make_view(keep.data(), std::array<index_t, 3>{B, G, 3}),
-                      dst),
+        cake::compact(cake::host, src,
+                      cake::make_view(keep.data(), std::array<index_t, 3>{B, G, 3}), dst),
         doctest::Contains("dst starts 12 bytes after src"), cake::invalid_argument);
     CHECK(buf == before);
     // The same rule holds for device views (checked from pointers alone, nothing read).

@@ -283,9 +283,9 @@ TEST_CASE("validate_block_table rejects block_size < 1 and num_blocks < 0 (no di
   for (index_t bs : {0, -2}) {
     const cake::status st = cake::validate_block_table(t, 4, bs);
     CHECK(st.id == "cake.compact.block_size");
-    CHECK_MESSAGE(st.message.find("block_size must be >= 1, got " + std::to_string(bs)) !=
-                      std::string::npos,
-                  st.message);
+    CHECK_MESSAGE(
+        st.message.find("block_size must be >= 1, got " + std::to_string(bs)) != std::string::npos,
+        st.message);
   }
   const cake::status st = cake::validate_block_table(t, -1, 4);
   CHECK(st.id == "cake.compact.num_blocks");
@@ -329,4 +329,85 @@ TEST_CASE("paged compact: a shorter head's slots up to the sequence's new length
       const auto i = static_cast<std::size_t>(3 * c.Hkv * c.bs * c.d + h * c.bs * c.d + x);
       CHECK(c.pool[i] == before[i]);
     }
+}
+
+TEST_CASE("paged compact of K and V in one call: planned and validated before either moves") {
+  Case k = paged_case::make({4, 3, 16, 8, 60, true}, 91);
+  Case v = paged_case::make({4, 3, 16, 8, 60, true}, 91);
+  for (float& x : v.pool) x = -x;  // V differs from K; same table and indices
+  for (float& x : v.expected) x = -x;
+  const index_t n = k.num_seqs;
+  std::vector<std::int32_t> new_lens(static_cast<std::size_t>(n), -7), freed(new_lens);
+  const auto out = [&](std::vector<std::int32_t>& x, index_t len) {
+    return cake::make_view(x.data(), std::array<index_t, 1>{len});
+  };
+  const auto k_before = k.pool, v_before = v.pool;
+  const auto expect_unchanged = [&] {
+    CHECK(k.pool == k_before);
+    CHECK(v.pool == v_before);
+    CHECK(new_lens == std::vector<std::int32_t>(static_cast<std::size_t>(n), -7));
+  };
+  SUBCASE("valid: both compacted, the plan as paged_plan's with the pools' block_size") {
+    cake::compact(cake::host, k.pool_view(k.pool.data()), v.pool_view(v.pool.data()), k.table(),
+                  k.keep_view(), k.lens_view(), out(new_lens, n), out(freed, n));
+    CHECK(k.pool == k.expected);
+    CHECK(v.pool == v.expected);
+    std::vector<std::int32_t> nl(static_cast<std::size_t>(n)), fr(nl);
+    cake::paged_plan(k.table(), k.lens_view(), k.bs, out(nl, n), out(fr, n));
+    CHECK(new_lens == nl);
+    CHECK(freed == fr);
+  }
+  SUBCASE("V's pool has another block_size: rejected, K not compacted") {
+    // The same memory seen as blocks of 8: two separate calls would compact K first.
+    CHECK_THROWS_WITH_AS(
+        cake::compact(cake::host, k.pool_view(k.pool.data()),
+                      cake::make_view(v.pool.data(), std::array<index_t, 4>{2 * v.N, v.Hkv, 8, v.d},
+                                      std::array<index_t, 4>{8 * v.Hkv * v.d, v.d, v.Hkv * v.d, 1}),
+                      k.table(), k.keep_view(), k.lens_view(), out(new_lens, n), out(freed, n)),
+        doctest::Contains(("[cake.compact.pool] k_pool and v_pool must have the same (num_blocks, "
+                           "kv_heads, block_size, head_dim), got (" +
+                           std::to_string(k.N) + ", 3, 16, 8) and (" + std::to_string(2 * k.N) +
+                           ", 3, 8, 8)")
+                              .c_str()),
+        cake::invalid_argument);
+    expect_unchanged();
+  }
+  SUBCASE("V's pool strided along head_dim: rejected, K not compacted") {
+    std::vector<float> wide(v.pool.size() * 2);
+    const auto wide_before = wide;
+    auto st = v.strides();
+    for (auto& x : st) x *= 2;
+    CHECK_THROWS_WITH_AS(
+        cake::compact(cake::host, k.pool_view(k.pool.data()),
+                      cake::make_view(wide.data(), v.extents(), st), k.table(), k.keep_view(),
+                      k.lens_view()),
+        doctest::Contains("[cake.compact.layout] v_pool must have unit stride along head_dim"),
+        cake::invalid_argument);
+    expect_unchanged();
+    CHECK(wide == wide_before);
+  }
+  SUBCASE("K and V the same pool: rejected") {
+    CHECK_THROWS_WITH_AS(
+        cake::compact(cake::host, k.pool_view(k.pool.data()), k.pool_view(k.pool.data()), k.table(),
+                      k.keep_view(), k.lens_view()),
+        doctest::Contains("k_pool and v_pool must not overlap"), cake::invalid_argument);
+    expect_unchanged();
+  }
+  SUBCASE("plan outputs of the wrong length: rejected before anything moves") {
+    CHECK_THROWS_WITH_AS(
+        cake::compact(cake::host, k.pool_view(k.pool.data()), v.pool_view(v.pool.data()), k.table(),
+                      k.keep_view(), k.lens_view(), out(new_lens, n - 1), out(freed, n)),
+        doctest::Contains("[cake.compact.new_lens] new_lens and freed must have num_seqs"),
+        cake::invalid_argument);
+    expect_unchanged();
+  }
+  SUBCASE("a bad index: rejected, neither pool moves") {
+    k.keep[1] = k.keep[0];
+    k.keep_lens[0] = std::max<std::int32_t>(k.keep_lens[0], 2);
+    CHECK_THROWS_AS(
+        cake::compact(cake::host, k.pool_view(k.pool.data()), v.pool_view(v.pool.data()), k.table(),
+                      k.keep_view(), k.lens_view(), out(new_lens, n), out(freed, n)),
+        cake::invalid_argument);
+    expect_unchanged();
+  }
 }

@@ -172,9 +172,8 @@ void compact(const Exec& exec, Src&& src, Keep&& keep, Dst&& dst) {
 
 // Paged, in place: pool (num_blocks, kv_heads, block_size, head_dim) of one layer's K or
 // V; table: the sequences' blocks and current lengths; keep (num_seqs, kv_heads, m)
-// ascending token indices, row (s, h) read up to keep_lens(s, h). Call it for K and for
-// V with the same table and indices, then paged_plan for the new lengths and the
-// blocks to free.
+// ascending token indices, row (s, h) read up to keep_lens(s, h). For a layer's K and V
+// prefer the call below that takes both: two calls leave K compacted when V's throws.
 template <class Exec, tensor_like Pool, class Space, tensor_like Keep, tensor_like Lens>
 void compact(const Exec& exec, Pool&& pool, const block_table<Space>& table, Keep&& keep,
              Lens&& keep_lens) {
@@ -194,6 +193,73 @@ void compact(const Exec& exec, Pool&& pool, const block_table<Space>& table, Kee
   view<const std::int32_t, 2, Space> l(l0.data_handle(), l0.mapping());
   validate_compact(p, table, k, l).throw_if_error();
   compact_backend<Exec>::run_paged(exec, p, table, k, l);
+}
+
+namespace detail {
+// K and V pools of one layer: the same (num_blocks, kv_heads, block_size, head_dim), and
+// disjoint (compacting one block twice would move its tokens twice).
+template <class KP, class VP>
+status check_kv_pools(const KP& k, const VP& v) {
+  CAKE_CHECK(k.extent(0) == v.extent(0) && k.extent(1) == v.extent(1) &&
+                 k.extent(2) == v.extent(2) && k.extent(3) == v.extent(3),
+             "cake.compact.pool", "k_pool and v_pool must have the same (num_blocks, kv_heads, ",
+             "block_size, head_dim), got (", k.extent(0), ", ", k.extent(1), ", ", k.extent(2),
+             ", ", k.extent(3), ") and (", v.extent(0), ", ", v.extent(1), ", ", v.extent(2), ", ",
+             v.extent(3), ")");
+  CAKE_CHECK(inner_contiguous(v), "cake.compact.layout",
+             "v_pool must have unit stride along head_dim");
+  const auto [k_lo, k_hi] = byte_span(k);
+  const auto [v_lo, v_hi] = byte_span(v);
+  CAKE_CHECK(!(k_lo < v_hi && v_lo < k_hi), "cake.compact.pool",
+             "k_pool and v_pool must not overlap");
+  return status::success();
+}
+}  // namespace detail
+
+// Paged, in place, a layer's K and V together: every check (both pools, the table, the
+// indices) passes before either pool moves, so bad input leaves both unchanged. The
+// pools must have equal extents; block_size is their extent(2).
+template <class Exec, tensor_like KPool, tensor_like VPool, class Space, tensor_like Keep,
+          tensor_like Lens>
+void compact(const Exec& exec, KPool&& k_pool, VPool&& v_pool, const block_table<Space>& table,
+             Keep&& keep, Lens&& keep_lens) {
+  auto kp = as_view(k_pool);
+  auto vp = as_view(v_pool);
+  auto k0 = as_view(keep);
+  auto l0 = as_view(keep_lens);
+  require_space<Exec, decltype(kp), decltype(vp), decltype(k0), decltype(l0),
+                decltype(table.ids)>();
+  using T = typename decltype(kp)::element_type;
+  static_assert(!std::is_const_v<T> && std::is_same_v<typename decltype(vp)::element_type, T>,
+                "cake::compact: k_pool and v_pool are written in place; pass non-const views of "
+                "one element type");
+  using TI = std::remove_const_t<typename decltype(k0)::element_type>;
+  static_assert(
+      std::is_same_v<std::remove_const_t<typename decltype(l0)::element_type>, std::int32_t>,
+      "cake::compact: keep_lens must hold std::int32_t");
+  view<const TI, 3, Space> k(k0.data_handle(), k0.mapping());
+  view<const std::int32_t, 2, Space> l(l0.data_handle(), l0.mapping());
+  view<T, 4, Space> v(vp.data_handle(), vp.mapping());
+  validate_compact(kp, table, k, l).throw_if_error();
+  detail::check_kv_pools(kp, v).throw_if_error();
+  compact_backend<Exec>::run_paged(exec, kp, table, k, l);
+  compact_backend<Exec>::run_paged(exec, v, table, k, l);
+}
+
+// As above, and the plan (paged_plan, block_size from the pools): new_lens and freed
+// (num_seqs) are validated with everything else before anything is written. The table
+// and keep_lens are read on the host, so this form takes host-resident ones; on CUDA,
+// plan with paged_plan on the host copies the engine keeps.
+template <class Exec, tensor_like KPool, tensor_like VPool, tensor_like Keep, tensor_like Lens>
+void compact(const Exec& exec, KPool&& k_pool, VPool&& v_pool, const block_table<host_space>& table,
+             Keep&& keep, Lens&& keep_lens, host_view<std::int32_t, 1> new_lens,
+             host_view<std::int32_t, 1> freed) {
+  auto kp = as_view(k_pool);
+  auto l0 = as_view(keep_lens);
+  host_view<const std::int32_t, 2> l(l0.data_handle(), l0.mapping());
+  validate_paged_plan(table, l, kp.extent(2), new_lens, freed).throw_if_error();
+  compact(exec, kp, v_pool, table, keep, keep_lens);  // validates everything before moving
+  paged_plan(table, l, kp.extent(2), new_lens, freed);
 }
 
 }  // namespace cake

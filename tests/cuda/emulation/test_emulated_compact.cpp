@@ -299,3 +299,23 @@ TEST_CASE("CUDA compact with a guard checks lengths and indices even when nothin
     CHECK(cd::guard_status(g).message == host);
   }
 }
+
+TEST_CASE("CUDA guard: an error recorded by the check but never sealed is still an error") {
+  // The check kernel ran and recorded keep(0, 1, 1) = 6 >= S, then the gather's launch
+  // failed (not run here): the record is set but not sealed.
+  const index_t B = 1, G = 2, S = 6, m = 2;
+  const std::vector<std::int64_t> keep{0, 3, 5, 6};
+  cd::CompactParams<std::int64_t> p{};
+  p.keep.keep = keep.data();
+  p.keep.k_b = G * m, p.keep.k_g = m, p.keep.k_t = 1;
+  p.keep.heads = static_cast<int>(G), p.keep.S = static_cast<int>(S);
+  p.keep.m = static_cast<int>(m);
+  cd::IndexGuardRecord g = fresh_guard();
+  run_check(p.keep, B * G, &g);
+  REQUIRE(g.first != cd::IndexGuardRecord::none);
+  REQUIRE(g.sealed == 0);
+  const cake::status st = cd::guard_status(g);
+  CHECK_FALSE(st.ok());
+  CHECK(st.id == "cake.compact.keep");
+  CHECK(st.message.find("did not run") != std::string::npos);
+}

@@ -119,7 +119,14 @@ __global__ void compact_seal_kernel(KeepRows<TI> k, IndexGuardRecord* guard, int
 
 // The host's message for a filled record (the same words as algorithm/compact.hpp's).
 inline status guard_status(const IndexGuardRecord& r) {
-  if (r.first == IndexGuardRecord::none || !r.sealed) return status::success();
+  if (r.first == IndexGuardRecord::none) return status::success();
+  // Set but not sealed: the check found a bad entry and the kernel that fills in its
+  // values never ran (its launch failed). Still an error, or the guard would report
+  // success while every later guarded call writes nothing.
+  if (!r.sealed)
+    return detail::make_status("cake.compact.keep",
+                               "a bad index or length was found, but the compaction that reports "
+                               "it did not run (a failed launch); nothing was written");
   const unsigned long long pos = r.first >> 2;
   const int kind = static_cast<int>(r.first & 3u);
   const long long row = static_cast<long long>(pos / static_cast<unsigned long long>(r.m + 1));

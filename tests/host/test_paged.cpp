@@ -147,6 +147,20 @@ TEST_CASE("paged_plan: new lengths, freed blocks, nothing leaked or both freed a
         cake::invalid_argument);
     CHECK(new_lens[0] == -5);
   }
+  SUBCASE("a decreasing indptr is rejected (it gave negative freed counts)") {
+    // Sequence 1 would own indptr(2) - indptr(1) = -1 blocks.
+    const std::vector<std::int32_t> indptr{0, 3, 2}, ids{0, 1, 2}, lens{0, 0}, keep_lens{0, 0};
+    std::vector<std::int32_t> new_lens(2, -5), freed(2, -5);
+    CHECK_THROWS_WITH_AS(
+        cake::paged_plan(cake::make_block_table(indptr.data(), ids.data(), lens.data(), 2, 3),
+                         cake::make_view(keep_lens.data(), std::array<index_t, 2>{2, 1}), 2,
+                         cake::make_view(new_lens.data(), std::array<index_t, 1>{2}),
+                         cake::make_view(freed.data(), std::array<index_t, 1>{2})),
+        doctest::Contains("[cake.compact.indptr] indptr must not decrease: indptr(2) = 2 follows "
+                          "indptr(1) = 3"),
+        cake::invalid_argument);
+    CHECK(freed == std::vector<std::int32_t>{-5, -5});
+  }
 }
 
 TEST_CASE("paged compact rejects bad block tables and indices, changing nothing") {

@@ -119,6 +119,10 @@ inline status validate_paged_plan(const block_table<host_space>& t,
   CAKE_CHECK(new_lens.extent(0) == n && freed.extent(0) == n, "cake.compact.new_lens",
              "new_lens and freed must have num_seqs = ", n, " entries, got ", new_lens.extent(0),
              " and ", freed.extent(0));
+  for (index_t s = 0; s < n; ++s)  // a decreasing indptr would give negative block counts
+    CAKE_CHECK(t.indptr(s + 1) >= t.indptr(s), "cake.compact.indptr",
+               "indptr must not decrease: indptr(", s + 1, ") = ", t.indptr(s + 1),
+               " follows indptr(", s, ") = ", t.indptr(s));
   for (index_t s = 0; s < n; ++s)
     for (index_t h = 0; h < keep_lens.extent(1); ++h)
       CAKE_CHECK(keep_lens(s, h) >= 0 && keep_lens(s, h) <= t.seq_lens(s), "cake.compact.keep_lens",

@@ -151,10 +151,11 @@ status validate_compact(view<T, 4, Space> pool, const block_table<Space>& table,
   return status::success();
 }
 
-// src: (batch, kv_heads, tokens, head_dim); keep: (batch, kv_heads, m) indices into tokens;
-// dst: (batch, kv_heads, m, head_dim).
-template <class Exec, tensor_like Src, tensor_like Keep, tensor_like Dst>
-void compact(const Exec& exec, Src&& src, Keep&& keep, Dst&& dst) {
+namespace detail {
+// The front-ends' bodies; `guard` is empty, or the CUDA guard record handed to the
+// backend (backend/cuda/compact.cuh), so guarded and plain calls share every check.
+template <class Exec, tensor_like Src, tensor_like Keep, tensor_like Dst, class... Guard>
+void compact_dense(const Exec& exec, Src&& src, Keep&& keep, Dst&& dst, Guard... guard) {
   auto d = as_view(dst);
   using T = typename decltype(d)::element_type;
   using Space = typename std::remove_cvref_t<Exec>::memory_space;
@@ -167,16 +168,13 @@ void compact(const Exec& exec, Src&& src, Keep&& keep, Dst&& dst) {
   view<const T, 4, Space> s(s0.data_handle(), s0.mapping());
   view<const TI, 3, Space> k(k0.data_handle(), k0.mapping());
   validate_compact(s, k, d).throw_if_error();
-  compact_backend<Exec>::run(exec, s, k, d);
+  compact_backend<Exec>::run(exec, s, k, d, guard...);
 }
 
-// Paged, in place: pool (num_blocks, kv_heads, block_size, head_dim) of one layer's K or
-// V; table: the sequences' blocks and current lengths; keep (num_seqs, kv_heads, m)
-// ascending token indices, row (s, h) read up to keep_lens(s, h). For a layer's K and V
-// prefer the call below that takes both: two calls leave K compacted when V's throws.
-template <class Exec, tensor_like Pool, class Space, tensor_like Keep, tensor_like Lens>
-void compact(const Exec& exec, Pool&& pool, const block_table<Space>& table, Keep&& keep,
-             Lens&& keep_lens) {
+template <class Exec, tensor_like Pool, class Space, tensor_like Keep, tensor_like Lens,
+          class... Guard>
+void compact_paged(const Exec& exec, Pool&& pool, const block_table<Space>& table, Keep&& keep,
+                   Lens&& keep_lens, Guard... guard) {
   auto p = as_view(pool);
   auto k0 = as_view(keep);
   auto l0 = as_view(keep_lens);
@@ -192,10 +190,9 @@ void compact(const Exec& exec, Pool&& pool, const block_table<Space>& table, Kee
   view<const TI, 3, Space> k(k0.data_handle(), k0.mapping());
   view<const std::int32_t, 2, Space> l(l0.data_handle(), l0.mapping());
   validate_compact(p, table, k, l).throw_if_error();
-  compact_backend<Exec>::run_paged(exec, p, table, k, l);
+  compact_backend<Exec>::run_paged(exec, p, table, k, l, guard...);
 }
 
-namespace detail {
 // K and V pools of one layer: the same (num_blocks, kv_heads, block_size, head_dim), and
 // disjoint (compacting one block twice would move its tokens twice).
 template <class KP, class VP>
@@ -214,15 +211,12 @@ status check_kv_pools(const KP& k, const VP& v) {
              "k_pool and v_pool must not overlap");
   return status::success();
 }
-}  // namespace detail
 
-// Paged, in place, a layer's K and V together: every check (both pools, the table, the
-// indices) passes before either pool moves, so bad input leaves both unchanged. The
-// pools must have equal extents; block_size is their extent(2).
 template <class Exec, tensor_like KPool, tensor_like VPool, class Space, tensor_like Keep,
-          tensor_like Lens>
-void compact(const Exec& exec, KPool&& k_pool, VPool&& v_pool, const block_table<Space>& table,
-             Keep&& keep, Lens&& keep_lens) {
+          tensor_like Lens, class... Guard>
+void compact_paged_kv(const Exec& exec, KPool&& k_pool, VPool&& v_pool,
+                      const block_table<Space>& table, Keep&& keep, Lens&& keep_lens,
+                      Guard... guard) {
   auto kp = as_view(k_pool);
   auto vp = as_view(v_pool);
   auto k0 = as_view(keep);
@@ -241,9 +235,37 @@ void compact(const Exec& exec, KPool&& k_pool, VPool&& v_pool, const block_table
   view<const std::int32_t, 2, Space> l(l0.data_handle(), l0.mapping());
   view<T, 4, Space> v(vp.data_handle(), vp.mapping());
   validate_compact(kp, table, k, l).throw_if_error();
-  detail::check_kv_pools(kp, v).throw_if_error();
-  compact_backend<Exec>::run_paged(exec, kp, table, k, l);
-  compact_backend<Exec>::run_paged(exec, v, table, k, l);
+  check_kv_pools(kp, v).throw_if_error();
+  compact_backend<Exec>::run_paged(exec, kp, table, k, l, guard...);
+  compact_backend<Exec>::run_paged(exec, v, table, k, l, guard...);
+}
+}  // namespace detail
+
+// src: (batch, kv_heads, tokens, head_dim); keep: (batch, kv_heads, m) indices into tokens;
+// dst: (batch, kv_heads, m, head_dim).
+template <class Exec, tensor_like Src, tensor_like Keep, tensor_like Dst>
+void compact(const Exec& exec, Src&& src, Keep&& keep, Dst&& dst) {
+  detail::compact_dense(exec, src, keep, dst);
+}
+
+// Paged, in place: pool (num_blocks, kv_heads, block_size, head_dim) of one layer's K or
+// V; table: the sequences' blocks and current lengths; keep (num_seqs, kv_heads, m)
+// ascending token indices, row (s, h) read up to keep_lens(s, h). For a layer's K and V
+// prefer the call below that takes both: two calls leave K compacted when V's throws.
+template <class Exec, tensor_like Pool, class Space, tensor_like Keep, tensor_like Lens>
+void compact(const Exec& exec, Pool&& pool, const block_table<Space>& table, Keep&& keep,
+             Lens&& keep_lens) {
+  detail::compact_paged(exec, pool, table, keep, keep_lens);
+}
+
+// Paged, in place, a layer's K and V together: every check (both pools, the table, the
+// indices) passes before either pool moves, so bad input leaves both unchanged. The
+// pools must have equal extents; block_size is their extent(2).
+template <class Exec, tensor_like KPool, tensor_like VPool, class Space, tensor_like Keep,
+          tensor_like Lens>
+void compact(const Exec& exec, KPool&& k_pool, VPool&& v_pool, const block_table<Space>& table,
+             Keep&& keep, Lens&& keep_lens) {
+  detail::compact_paged_kv(exec, k_pool, v_pool, table, keep, keep_lens);
 }
 
 // As above, and the plan (paged_plan, block_size from the pools): new_lens and freed

@@ -170,34 +170,28 @@ struct compact_backend<cuda_policy> {
 };
 
 // Guarded compactions: the indices are checked on the device before the gather, which
-// writes nothing if one is bad; guard.throw_if_error() reports it (see above).
+// writes nothing if one is bad; guard.throw_if_error() reports it (see above). The same
+// front-ends as the plain calls (algorithm/compact.hpp), with the guard's record.
 template <tensor_like Src, tensor_like Keep, tensor_like Dst>
 void compact(const cuda_policy& exec, Src&& src, Keep&& keep, Dst&& dst, cuda_index_guard& guard) {
-  auto d = as_view(dst);
-  using T = typename decltype(d)::element_type;
-  auto s0 = as_view(src);
-  auto k0 = as_view(keep);
-  require_space<cuda_policy, decltype(s0), decltype(k0), decltype(d)>();
-  using TI = std::remove_const_t<typename decltype(k0)::element_type>;
-  device_view<const T, 4> s(s0.data_handle(), s0.mapping());
-  device_view<const TI, 3> k(k0.data_handle(), k0.mapping());
-  validate_compact(s, k, d).throw_if_error();
-  compact_backend<cuda_policy>::run(exec, s, k, d, guard.use_on(cuda_detail::stream_of(exec)));
+  detail::compact_dense(exec, src, keep, dst, guard.use_on(cuda_detail::stream_of(exec)));
 }
 
 template <tensor_like Pool, tensor_like Keep, tensor_like Lens>
 void compact(const cuda_policy& exec, Pool&& pool, const block_table<device_space>& table,
              Keep&& keep, Lens&& keep_lens, cuda_index_guard& guard) {
-  auto p = as_view(pool);
-  auto k0 = as_view(keep);
-  auto l0 = as_view(keep_lens);
-  require_space<cuda_policy, decltype(p), decltype(k0), decltype(l0)>();
-  using TI = std::remove_const_t<typename decltype(k0)::element_type>;
-  device_view<const TI, 3> k(k0.data_handle(), k0.mapping());
-  device_view<const std::int32_t, 2> l(l0.data_handle(), l0.mapping());
-  validate_compact(p, table, k, l).throw_if_error();
-  compact_backend<cuda_policy>::run_paged(exec, p, table, k, l,
-                                          guard.use_on(cuda_detail::stream_of(exec)));
+  detail::compact_paged(exec, pool, table, keep, keep_lens,
+                        guard.use_on(cuda_detail::stream_of(exec)));
+}
+
+// A layer's K and V, guarded: both pools checked before either moves (the host-side
+// checks), then each pool's gather behind the same device check.
+template <tensor_like KPool, tensor_like VPool, tensor_like Keep, tensor_like Lens>
+void compact(const cuda_policy& exec, KPool&& k_pool, VPool&& v_pool,
+             const block_table<device_space>& table, Keep&& keep, Lens&& keep_lens,
+             cuda_index_guard& guard) {
+  detail::compact_paged_kv(exec, k_pool, v_pool, table, keep, keep_lens,
+                           guard.use_on(cuda_detail::stream_of(exec)));
 }
 
 }  // namespace cake

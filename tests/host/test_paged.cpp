@@ -425,3 +425,17 @@ TEST_CASE("paged compact of K and V in one call: planned and validated before ei
     expect_unchanged();
   }
 }
+
+TEST_CASE("validate_block_table needs memory in the table's size, not the pool's") {
+  // A pool of 2^40 blocks: a check sized by the pool (one owner per block) cannot run.
+  const std::vector<std::int32_t> indptr{0, 2, 3}, ids{7, 1 << 30, 5}, lens{5, 1};
+  const auto t = cake::make_block_table(indptr.data(), ids.data(), lens.data(), 2);
+  const index_t huge = index_t{1} << 40;
+  CHECK(cake::validate_block_table(t, huge, 4).ok());
+  const std::vector<std::int32_t> dup{7, 5, 7};
+  const cake::status st = cake::validate_block_table(
+      cake::make_block_table(indptr.data(), dup.data(), lens.data(), 2), huge, 4);
+  CHECK(st.message ==
+        "[cake.compact.ids] block 7 appears twice in the table: ids(0) and ids(2) "
+        "(sequence 1)");
+}

@@ -17,8 +17,10 @@
 // when every row is full, or after dropping each row's unused tail.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../error.hpp"
@@ -72,7 +74,6 @@ inline status validate_block_table(const block_table<host_space>& t, index_t num
                " follows indptr(", s, ") = ", t.indptr(s));
   CAKE_CHECK(t.indptr(n) <= t.ids.extent(0), "cake.compact.indptr", "indptr(", n,
              ") = ", t.indptr(n), " exceeds the ", t.ids.extent(0), " entries of ids");
-  std::vector<index_t> owner(static_cast<std::size_t>(num_blocks), -1);
   for (index_t s = 0; s < n; ++s) {
     const index_t len = t.seq_lens(s), have = t.indptr(s + 1) - t.indptr(s);
     CAKE_CHECK(len >= 0, "cake.compact.seq_lens", "seq_lens(", s, ") must be >= 0, got ", len);
@@ -84,12 +85,23 @@ inline status validate_block_table(const block_table<host_space>& t, index_t num
       const index_t id = t.ids(e);
       CAKE_CHECK(id >= 0 && id < num_blocks, "cake.compact.ids", "ids(", e, ") (sequence ", s,
                  ") must be a block of the pool, in [0, ", num_blocks, "), got ", id);
-      index_t& first = owner[static_cast<std::size_t>(id)];
-      CAKE_CHECK(first < 0, "cake.compact.ids", "block ", id, " appears twice in the table: ids(",
-                 first, ") and ids(", e, ") (sequence ", s, ")");
-      first = e;
     }
   }
+  // Duplicates by sorting the table's (id, entry) pairs: memory in the table's size, not
+  // the pool's (a pool has far more blocks than one batch's table names).
+  const index_t used = t.indptr(n);
+  std::vector<std::pair<std::int32_t, index_t>> by_id(static_cast<std::size_t>(used));
+  for (index_t e = 0; e < used; ++e) by_id[static_cast<std::size_t>(e)] = {t.ids(e), e};
+  std::sort(by_id.begin(), by_id.end());
+  for (std::size_t i = 1; i < by_id.size(); ++i)
+    if (by_id[i].first == by_id[i - 1].first) {
+      const index_t e = by_id[i].second;
+      index_t s = 0;  // the sequence of the later entry
+      while (t.indptr(s + 1) <= e) ++s;
+      CAKE_CHECK(false, "cake.compact.ids", "block ", by_id[i].first,
+                 " appears twice in the table: ids(", by_id[i - 1].second, ") and ids(", e,
+                 ") (sequence ", s, ")");
+    }
   return status::success();
 }
 

@@ -134,3 +134,36 @@ TEST_CASE("compact on CUDA with a guard: bad indices throw the host's error, not
                          cake::invalid_argument);
   }
 }
+
+TEST_CASE("paged compact of K and V in one CUDA call, guarded and not, equals the host's") {
+  paged_case::Case c = paged_case::make({4, 3, 16, 8, 60, true}, 93);
+  std::vector<float> v_host = c.pool;
+  for (float& x : v_host) x = -x;
+  std::vector<float> k_host = c.pool;
+  cake::compact(cake::host, c.pool_view(k_host.data()), c.pool_view(v_host.data()), c.table(),
+                c.keep_view(), c.lens_view());
+  for (int guarded = 0; guarded < 2; ++guarded) {
+    CAPTURE(guarded);
+    std::vector<float> v0 = c.pool;
+    for (float& x : v0) x = -x;
+    Dev<float> k_pool(c.pool), v_pool(v0);
+    Dev<std::int32_t> indptr(c.indptr), ids(c.ids), lens(c.seq_lens), keep_lens(c.keep_lens);
+    Dev<std::int64_t> keep(c.keep);
+    const auto table = cake::make_block_table<cake::device_space>(
+        indptr.p, ids.p, lens.p, c.num_seqs, static_cast<index_t>(c.ids.size()));
+    const auto kv = cake::make_view<cake::device_space>(
+        static_cast<const std::int64_t*>(keep.p), std::array<index_t, 3>{c.num_seqs, c.Hkv, c.m});
+    const auto lv = cake::make_view<cake::device_space>(
+        static_cast<const std::int32_t*>(keep_lens.p), std::array<index_t, 2>{c.num_seqs, c.Hkv});
+    cake::cuda_index_guard guard;
+    if (guarded)
+      cake::compact(cake::cuda, c.pool_view<cake::device_space>(k_pool.p),
+                    c.pool_view<cake::device_space>(v_pool.p), table, kv, lv, guard);
+    else
+      cake::compact(cake::cuda, c.pool_view<cake::device_space>(k_pool.p),
+                    c.pool_view<cake::device_space>(v_pool.p), table, kv, lv);
+    CHECK(k_pool.download() == k_host);
+    CHECK(v_pool.download() == v_host);
+    CHECK_NOTHROW(guard.throw_if_error());
+  }
+}

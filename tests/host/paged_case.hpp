@@ -128,6 +128,16 @@ inline Case make(const Shape& sh, std::uint32_t seed, index_t shift = 0) {
       for (index_t t = 0; t < k; ++t)
         std::copy_n(out.begin() + t * sh.d, sh.d, c.expected.begin() + c.offset(s, h, t));
     }
+  // A head shorter than the sequence's longest kept head is padded with zero K/V up to
+  // it, as the dense cache pads heads: paged attention reads new_lens(s) slots of every head.
+  for (index_t s = 0; s < sh.num_seqs; ++s) {
+    index_t longest = 0;
+    for (index_t h = 0; h < sh.Hkv; ++h)
+      longest = std::max<index_t>(longest, c.keep_lens[static_cast<std::size_t>(s * sh.Hkv + h)]);
+    for (index_t h = 0; h < sh.Hkv; ++h)
+      for (index_t t = c.keep_lens[static_cast<std::size_t>(s * sh.Hkv + h)]; t < longest; ++t)
+        std::fill_n(c.expected.begin() + c.offset(s, h, t), sh.d, 0.0f);
+  }
   return c;
 }
 

@@ -201,3 +201,60 @@ TEST_CASE("validate_compact reports bad host indices without throwing or writing
   }
   CHECK(out == std::vector<float>(out.size(), -1.0f));
 }
+
+TEST_CASE(
+    "compact: dst overlapping src other than as its row prefix is rejected, nothing written") {
+  const index_t B = 1, G = 2, S = 4, d = 3;
+  auto buf = make_src(B, G, S, d);
+  const auto before = buf;
+  auto src = cake::make_view(buf.data(), std::array<index_t, 4>{B, G, S, d});
+  SUBCASE("same start, dst contiguous (1, 2, 2, d): row 1 of dst is tokens 2, 3 of src row 0") {
+    // Each row ascends, and the base pointers are equal, yet dst row (0, 1) overwrites
+    // the src tokens row (0, 0) reads.
+    std::vector<index_t> keep{2, 3, 0, 1};
+    auto dst = cake::make_view(buf.data(), std::array<index_t, 4>{B, G, 2, d});
+    CHECK_THROWS_WITH_AS(
+        cake::compact(cake::host, src,
+                      cake::make_view(keep.data(), std::array<index_t, 3>{B, G, 2}), dst),
+        doctest::Contains("[cake.compact.layout] dst overlaps src, so it must be src's first m "
+                          "tokens of each row (same data pointer and strides); src strides (24, "
+                          "12, 3, 1), dst strides (12, 6, 3, 1)"),
+        cake::invalid_argument);
+    CHECK(buf == before);
+  }
+  SUBCASE("dst one token after src, same strides") {
+    std::vector<index_t> keep{0, 1, 2, 0, 1, 2};
+    auto dst = cake::make_view(buf.data() + d, std::array<index_t, 4>{B, G, 3, d},
+                               std::array<index_t, 4>{G * S * d, S * d, d, 1});
+    CHECK_THROWS_WITH_AS(
+        cake::compact(cake::host, src,
+                      cake::make_view(keep.data(), std::array<index_t, 3>{B, G, 3}), dst),
+        doctest::Contains("dst starts 12 bytes after src"), cake::invalid_argument);
+    CHECK(buf == before);
+    // The same rule holds for device views (checked from pointers alone, nothing read).
+    const cake::status st = cake::validate_compact(
+        cake::make_view<cake::device_space>(static_cast<const float*>(buf.data()),
+                                            std::array<index_t, 4>{B, G, S, d}),
+        cake::make_view<cake::device_space>(static_cast<const index_t*>(keep.data()),
+                                            std::array<index_t, 3>{B, G, 3}),
+        cake::make_view<cake::device_space>(buf.data() + d, std::array<index_t, 4>{B, G, 3, d},
+                                            std::array<index_t, 4>{G * S * d, S * d, d, 1}));
+    CHECK(st.id == "cake.compact.layout");
+  }
+  SUBCASE("the row prefix (same start and strides) and disjoint buffers still pass") {
+    std::vector<index_t> keep{1, 3, 0, 2};
+    auto dst = cake::make_view(buf.data(), std::array<index_t, 4>{B, G, 2, d},
+                               std::array<index_t, 4>{G * S * d, S * d, d, 1});
+    cake::compact(cake::host, src, cake::make_view(keep.data(), std::array<index_t, 3>{B, G, 2}),
+                  dst);
+    for (index_t x = 0; x < d; ++x) {
+      CHECK(buf[static_cast<std::size_t>(1 * d + x)] == expected(0, 0, 3, x));
+      CHECK(buf[static_cast<std::size_t>((S + 1) * d + x)] == expected(0, 1, 2, x));
+    }
+    std::vector<float> out(static_cast<std::size_t>(B * G * 2 * d));
+    cake::compact(cake::host, cake::make_view(before.data(), std::array<index_t, 4>{B, G, S, d}),
+                  cake::make_view(keep.data(), std::array<index_t, 3>{B, G, 2}),
+                  cake::make_view(out.data(), std::array<index_t, 4>{B, G, 2, d}));
+    CHECK(out[0] == expected(0, 0, 1, 0));
+  }
+}

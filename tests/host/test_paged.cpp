@@ -147,6 +147,20 @@ TEST_CASE("paged_plan: new lengths, freed blocks, nothing leaked or both freed a
         cake::invalid_argument);
     CHECK(new_lens[0] == -5);
   }
+  SUBCASE("a decreasing indptr is rejected (it gave negative freed counts)") {
+    // Sequence 1 would own indptr(2) - indptr(1) = -1 blocks.
+    const std::vector<std::int32_t> indptr{0, 3, 2}, ids{0, 1, 2}, lens{0, 0}, keep_lens{0, 0};
+    std::vector<std::int32_t> new_lens(2, -5), freed(2, -5);
+    CHECK_THROWS_WITH_AS(
+        cake::paged_plan(cake::make_block_table(indptr.data(), ids.data(), lens.data(), 2, 3),
+                         cake::make_view(keep_lens.data(), std::array<index_t, 2>{2, 1}), 2,
+                         cake::make_view(new_lens.data(), std::array<index_t, 1>{2}),
+                         cake::make_view(freed.data(), std::array<index_t, 1>{2})),
+        doctest::Contains("[cake.compact.indptr] indptr must not decrease: indptr(2) = 2 follows "
+                          "indptr(1) = 3"),
+        cake::invalid_argument);
+    CHECK(freed == std::vector<std::int32_t>{-5, -5});
+  }
 }
 
 TEST_CASE("paged compact rejects bad block tables and indices, changing nothing") {
@@ -275,4 +289,153 @@ TEST_CASE(
         cake::invalid_argument);
     CHECK(c.pool == before);
   }
+}
+
+TEST_CASE("validate_block_table rejects block_size < 1 and num_blocks < 0 (no division by zero)") {
+  const std::vector<std::int32_t> indptr{0, 1}, ids{0}, lens{3};
+  const auto t = cake::make_block_table(indptr.data(), ids.data(), lens.data(), 1);
+  for (index_t bs : {0, -2}) {
+    const cake::status st = cake::validate_block_table(t, 4, bs);
+    CHECK(st.id == "cake.compact.block_size");
+    CHECK_MESSAGE(
+        st.message.find("block_size must be >= 1, got " + std::to_string(bs)) != std::string::npos,
+        st.message);
+  }
+  const cake::status st = cake::validate_block_table(t, -1, 4);
+  CHECK(st.id == "cake.compact.num_blocks");
+  CHECK_MESSAGE(st.message.find("num_blocks must be >= 0, got -1") != std::string::npos,
+                st.message);
+  CHECK(cake::validate_block_table(t, 4, 4).ok());
+}
+
+TEST_CASE("paged compact: a shorter head's slots up to the sequence's new length are zero K/V") {
+  // One sequence of 5 tokens in blocks (2, 0, 1) of 2; head 0 keeps 4 tokens, head 1
+  // keeps 1, so new_lens = 4 and head 1's slots 1 .. 3 are padding, read by paged
+  // attention (one length per sequence) and so zero, as the dense cache pads heads.
+  Case c;
+  c.num_seqs = 1, c.Hkv = 2, c.bs = 2, c.d = 2, c.N = 4, c.m = 4, c.nhd = false;
+  c.indptr = {0, 3};
+  c.ids = {2, 0, 1};
+  c.seq_lens = {5};
+  c.keep_lens = {4, 1};
+  c.keep = {0, 1, 3, 4, 2, 9, 9, 9};
+  c.pool.resize(static_cast<std::size_t>(c.N * c.Hkv * c.bs * c.d));
+  for (std::size_t i = 0; i < c.pool.size(); ++i) c.pool[i] = static_cast<float>(i + 1);
+  const auto before = c.pool;
+  compact_case(c);
+  const auto at = [&](const std::vector<float>& p, index_t h, index_t t) {
+    return p[static_cast<std::size_t>(c.offset(0, h, t))];
+  };
+  CHECK(at(c.pool, 0, 2) == at(before, 0, 3));
+  CHECK(at(c.pool, 0, 3) == at(before, 0, 4));
+  CHECK(at(c.pool, 1, 0) == at(before, 1, 2));
+  for (index_t t = 1; t < 4; ++t)
+    for (index_t x = 0; x < c.d; ++x) {
+      CAPTURE(t);
+      CHECK(c.pool[static_cast<std::size_t>(c.offset(0, 1, t) + x)] == 0.0f);
+    }
+  // Past the new length nothing is touched: slot 4 (block 1, slot 0) of both heads.
+  CHECK(at(c.pool, 0, 4) == at(before, 0, 4));
+  CHECK(at(c.pool, 1, 4) == at(before, 1, 4));
+  // The unused block 3 is untouched.
+  for (index_t h = 0; h < c.Hkv; ++h)
+    for (index_t x = 0; x < c.bs * c.d; ++x) {
+      const auto i = static_cast<std::size_t>(3 * c.Hkv * c.bs * c.d + h * c.bs * c.d + x);
+      CHECK(c.pool[i] == before[i]);
+    }
+}
+
+TEST_CASE("paged compact of K and V in one call: planned and validated before either moves") {
+  Case k = paged_case::make({4, 3, 16, 8, 60, true}, 91);
+  Case v = paged_case::make({4, 3, 16, 8, 60, true}, 91);
+  for (float& x : v.pool) x = -x;  // V differs from K; same table and indices
+  for (float& x : v.expected) x = -x;
+  const index_t n = k.num_seqs;
+  std::vector<std::int32_t> new_lens(static_cast<std::size_t>(n), -7), freed(new_lens);
+  const auto out = [&](std::vector<std::int32_t>& x, index_t len) {
+    return cake::make_view(x.data(), std::array<index_t, 1>{len});
+  };
+  const auto k_before = k.pool, v_before = v.pool;
+  const auto expect_unchanged = [&] {
+    CHECK(k.pool == k_before);
+    CHECK(v.pool == v_before);
+    CHECK(new_lens == std::vector<std::int32_t>(static_cast<std::size_t>(n), -7));
+  };
+  SUBCASE("valid: both compacted, the plan as paged_plan's with the pools' block_size") {
+    cake::compact(cake::host, k.pool_view(k.pool.data()), v.pool_view(v.pool.data()), k.table(),
+                  k.keep_view(), k.lens_view(), out(new_lens, n), out(freed, n));
+    CHECK(k.pool == k.expected);
+    CHECK(v.pool == v.expected);
+    std::vector<std::int32_t> nl(static_cast<std::size_t>(n)), fr(nl);
+    cake::paged_plan(k.table(), k.lens_view(), k.bs, out(nl, n), out(fr, n));
+    CHECK(new_lens == nl);
+    CHECK(freed == fr);
+  }
+  SUBCASE("V's pool has another block_size: rejected, K not compacted") {
+    // The same memory seen as blocks of 8: two separate calls would compact K first.
+    CHECK_THROWS_WITH_AS(
+        cake::compact(cake::host, k.pool_view(k.pool.data()),
+                      cake::make_view(v.pool.data(), std::array<index_t, 4>{2 * v.N, v.Hkv, 8, v.d},
+                                      std::array<index_t, 4>{8 * v.Hkv * v.d, v.d, v.Hkv * v.d, 1}),
+                      k.table(), k.keep_view(), k.lens_view(), out(new_lens, n), out(freed, n)),
+        doctest::Contains(("[cake.compact.pool] k_pool and v_pool must have the same (num_blocks, "
+                           "kv_heads, block_size, head_dim), got (" +
+                           std::to_string(k.N) + ", 3, 16, 8) and (" + std::to_string(2 * k.N) +
+                           ", 3, 8, 8)")
+                              .c_str()),
+        cake::invalid_argument);
+    expect_unchanged();
+  }
+  SUBCASE("V's pool strided along head_dim: rejected, K not compacted") {
+    std::vector<float> wide(v.pool.size() * 2);
+    const auto wide_before = wide;
+    auto st = v.strides();
+    for (auto& x : st) x *= 2;
+    CHECK_THROWS_WITH_AS(
+        cake::compact(cake::host, k.pool_view(k.pool.data()),
+                      cake::make_view(wide.data(), v.extents(), st), k.table(), k.keep_view(),
+                      k.lens_view()),
+        doctest::Contains("[cake.compact.layout] v_pool must have unit stride along head_dim"),
+        cake::invalid_argument);
+    expect_unchanged();
+    CHECK(wide == wide_before);
+  }
+  SUBCASE("K and V the same pool: rejected") {
+    CHECK_THROWS_WITH_AS(
+        cake::compact(cake::host, k.pool_view(k.pool.data()), k.pool_view(k.pool.data()), k.table(),
+                      k.keep_view(), k.lens_view()),
+        doctest::Contains("k_pool and v_pool must not overlap"), cake::invalid_argument);
+    expect_unchanged();
+  }
+  SUBCASE("plan outputs of the wrong length: rejected before anything moves") {
+    CHECK_THROWS_WITH_AS(
+        cake::compact(cake::host, k.pool_view(k.pool.data()), v.pool_view(v.pool.data()), k.table(),
+                      k.keep_view(), k.lens_view(), out(new_lens, n - 1), out(freed, n)),
+        doctest::Contains("[cake.compact.new_lens] new_lens and freed must have num_seqs"),
+        cake::invalid_argument);
+    expect_unchanged();
+  }
+  SUBCASE("a bad index: rejected, neither pool moves") {
+    k.keep[1] = k.keep[0];
+    k.keep_lens[0] = std::max<std::int32_t>(k.keep_lens[0], 2);
+    CHECK_THROWS_AS(
+        cake::compact(cake::host, k.pool_view(k.pool.data()), v.pool_view(v.pool.data()), k.table(),
+                      k.keep_view(), k.lens_view(), out(new_lens, n), out(freed, n)),
+        cake::invalid_argument);
+    expect_unchanged();
+  }
+}
+
+TEST_CASE("validate_block_table needs memory in the table's size, not the pool's") {
+  // A pool of 2^40 blocks: a check sized by the pool (one owner per block) cannot run.
+  const std::vector<std::int32_t> indptr{0, 2, 3}, ids{7, 1 << 30, 5}, lens{5, 1};
+  const auto t = cake::make_block_table(indptr.data(), ids.data(), lens.data(), 2);
+  const index_t huge = index_t{1} << 40;
+  CHECK(cake::validate_block_table(t, huge, 4).ok());
+  const std::vector<std::int32_t> dup{7, 5, 7};
+  const cake::status st = cake::validate_block_table(
+      cake::make_block_table(indptr.data(), dup.data(), lens.data(), 2), huge, 4);
+  CHECK(st.message ==
+        "[cake.compact.ids] block 7 appears twice in the table: ids(0) and ids(2) "
+        "(sequence 1)");
 }

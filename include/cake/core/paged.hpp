@@ -17,8 +17,10 @@
 // when every row is full, or after dropping each row's unused tail.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../error.hpp"
@@ -59,6 +61,10 @@ inline block_table<host_space> make_block_table(const std::int32_t* indptr, cons
 inline status validate_block_table(const block_table<host_space>& t, index_t num_blocks,
                                    index_t block_size) {
   const index_t n = t.num_seqs();
+  CAKE_CHECK(block_size >= 1, "cake.compact.block_size", "block_size must be >= 1, got ",
+             block_size);
+  CAKE_CHECK(num_blocks >= 0, "cake.compact.num_blocks", "num_blocks must be >= 0, got ",
+             num_blocks);
   CAKE_CHECK(t.indptr.extent(0) == n + 1, "cake.compact.indptr",
              "indptr must have num_seqs + 1 = ", n + 1, " entries, got ", t.indptr.extent(0));
   CAKE_CHECK(t.indptr(0) == 0, "cake.compact.indptr", "indptr(0) must be 0, got ", t.indptr(0));
@@ -68,7 +74,6 @@ inline status validate_block_table(const block_table<host_space>& t, index_t num
                " follows indptr(", s, ") = ", t.indptr(s));
   CAKE_CHECK(t.indptr(n) <= t.ids.extent(0), "cake.compact.indptr", "indptr(", n,
              ") = ", t.indptr(n), " exceeds the ", t.ids.extent(0), " entries of ids");
-  std::vector<index_t> owner(static_cast<std::size_t>(num_blocks > 0 ? num_blocks : 0), -1);
   for (index_t s = 0; s < n; ++s) {
     const index_t len = t.seq_lens(s), have = t.indptr(s + 1) - t.indptr(s);
     CAKE_CHECK(len >= 0, "cake.compact.seq_lens", "seq_lens(", s, ") must be >= 0, got ", len);
@@ -80,12 +85,23 @@ inline status validate_block_table(const block_table<host_space>& t, index_t num
       const index_t id = t.ids(e);
       CAKE_CHECK(id >= 0 && id < num_blocks, "cake.compact.ids", "ids(", e, ") (sequence ", s,
                  ") must be a block of the pool, in [0, ", num_blocks, "), got ", id);
-      index_t& first = owner[static_cast<std::size_t>(id)];
-      CAKE_CHECK(first < 0, "cake.compact.ids", "block ", id, " appears twice in the table: ids(",
-                 first, ") and ids(", e, ") (sequence ", s, ")");
-      first = e;
     }
   }
+  // Duplicates by sorting the table's (id, entry) pairs: memory in the table's size, not
+  // the pool's (a pool has far more blocks than one batch's table names).
+  const index_t used = t.indptr(n);
+  std::vector<std::pair<std::int32_t, index_t>> by_id(static_cast<std::size_t>(used));
+  for (index_t e = 0; e < used; ++e) by_id[static_cast<std::size_t>(e)] = {t.ids(e), e};
+  std::sort(by_id.begin(), by_id.end());
+  for (std::size_t i = 1; i < by_id.size(); ++i)
+    if (by_id[i].first == by_id[i - 1].first) {
+      const index_t e = by_id[i].second;
+      index_t s = 0;  // the sequence of the later entry
+      while (t.indptr(s + 1) <= e) ++s;
+      CAKE_CHECK(false, "cake.compact.ids", "block ", by_id[i].first,
+                 " appears twice in the table: ids(", by_id[i - 1].second, ") and ids(", e,
+                 ") (sequence ", s, ")");
+    }
   return status::success();
 }
 
@@ -96,8 +112,10 @@ inline status validate_block_table(const block_table<host_space>& t, index_t num
 // token slots in its first ceil(new_lens(s) / block_size) blocks, and its last
 //   freed(s) = (indptr(s + 1) - indptr(s)) - ceil(new_lens(s) / block_size)
 // table entries name blocks it no longer needs (the engine returns them to its free
-// list and shortens the table). A head with fewer tokens than new_lens(s) leaves its
-// slots [keep_lens(s, h), new_lens(s)) as they were: padding its attention must mask.
+// list and shortens the table). A head with fewer tokens than new_lens(s) has its
+// slots [keep_lens(s, h), new_lens(s)) set to zero K/V by the compaction: paged
+// attention reads new_lens(s) slots of every head, and zero K/V is the dense cache's
+// (and the reference's) head-wise padding.
 inline status validate_paged_plan(const block_table<host_space>& t,
                                   host_view<const std::int32_t, 2> keep_lens, index_t block_size,
                                   host_view<std::int32_t, 1> new_lens,
@@ -113,6 +131,10 @@ inline status validate_paged_plan(const block_table<host_space>& t,
   CAKE_CHECK(new_lens.extent(0) == n && freed.extent(0) == n, "cake.compact.new_lens",
              "new_lens and freed must have num_seqs = ", n, " entries, got ", new_lens.extent(0),
              " and ", freed.extent(0));
+  for (index_t s = 0; s < n; ++s)  // a decreasing indptr would give negative block counts
+    CAKE_CHECK(t.indptr(s + 1) >= t.indptr(s), "cake.compact.indptr",
+               "indptr must not decrease: indptr(", s + 1, ") = ", t.indptr(s + 1),
+               " follows indptr(", s, ") = ", t.indptr(s));
   for (index_t s = 0; s < n; ++s)
     for (index_t h = 0; h < keep_lens.extent(1); ++h)
       CAKE_CHECK(keep_lens(s, h) >= 0 && keep_lens(s, h) <= t.seq_lens(s), "cake.compact.keep_lens",

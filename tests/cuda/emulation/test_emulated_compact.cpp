@@ -49,10 +49,16 @@ cd::IndexGuardRecord fresh_guard() {
 
 template <class TI>
 void run_check(const cd::KeepRows<TI>& k, std::int64_t rows, cd::IndexGuardRecord* guard) {
-  if (guard == nullptr || rows * k.m == 0) return;
-  const unsigned grid = std::min<unsigned>(blocks_for(rows * k.m), 1024u);
+  if (guard == nullptr || rows == 0) return;
+  const unsigned grid = std::min<unsigned>(blocks_for(cd::check_work(rows, k.m)), 1024u);
   emu::launch({grid, 1, 1}, {threads, 1, 1}, 0,
               [&] { cd::compact_check_kernel<TI>(k, rows, guard); });
+}
+
+template <class TI>
+void run_seal(const cd::KeepRows<TI>& k, cd::IndexGuardRecord* guard, int paged) {
+  if (guard == nullptr) return;
+  emu::launch({1, 1, 1}, {32, 1, 1}, 0, [&] { cd::compact_seal_kernel<TI>(k, guard, paged); });
 }
 
 // The dense launcher's sequence: check (when guarded), then the gather it picks.
@@ -61,7 +67,9 @@ void emulate_dense(cake::device_view<const T, 4> src, cake::device_view<const TI
                    cake::device_view<T, 4> dst, cd::IndexGuardRecord* guard) {
   const index_t B = src.extent(0), Hkv = src.extent(1), d = src.extent(3), m = keep.extent(2);
   cd::CompactParams<TI> p = cd::compact_params(src, keep, dst, guard);
+  if (B * Hkv == 0) return;
   run_check(p.keep, B * Hkv, guard);
+  if (m * d == 0) return run_seal(p.keep, guard, 0);
   const auto gather = [&]<class V>() {
     p.vecs =
         static_cast<int>(d * static_cast<index_t>(sizeof(T)) / static_cast<index_t>(sizeof(V)));
@@ -87,7 +95,9 @@ void emulate_paged(cake::device_view<T, 4> pool, const cake::block_table<cake::d
                    bool expect_vec16) {
   const index_t rows = table.num_seqs() * pool.extent(1), d = pool.extent(3);
   cd::PagedCompactParams<TI> p = cd::paged_params(pool, table, keep, lens, guard);
+  if (rows == 0) return;
   run_check(p.keep, rows, guard);
+  if (keep.extent(2) * d == 0) return run_seal(p.keep, guard, 1);
   const bool vec16 = cd::paged_vec16<T>(p, d);
   REQUIRE(vec16 == expect_vec16);
   p.vecs = static_cast<int>(vec16 ? d * static_cast<index_t>(sizeof(T)) / 16 : d);
@@ -245,4 +255,67 @@ TEST_CASE("CUDA compact with a guard: bad indices reported as on the host, nothi
       CHECK(cd::guard_status(g).message == host);
     }
   }
+}
+
+TEST_CASE("CUDA compact with a guard checks lengths and indices even when nothing moves") {
+  SUBCASE("paged, m = 0 and keep_lens(0, 1) = 3: the host's error, not success") {
+    paged_case::Case c;
+    c.num_seqs = 1, c.Hkv = 2, c.bs = 2, c.d = 4, c.N = 2, c.m = 0, c.nhd = false;
+    c.indptr = {0, 2};
+    c.ids = {1, 0};
+    c.seq_lens = {4};
+    c.keep_lens = {0, 3};
+    c.pool.resize(static_cast<std::size_t>(c.N * c.Hkv * c.bs * c.d));
+    std::iota(c.pool.begin(), c.pool.end(), 0.0f);
+    const std::string host = host_error(c);
+    CHECK(host ==
+          "[cake.compact.keep_lens] keep_lens(0, 1) must be in [0, min(m = 0, seq_lens(0) = 4)], "
+          "got 3");
+    const auto before = c.pool;
+    cd::IndexGuardRecord g = fresh_guard();
+    paged_case_on_device(c, &g);
+    CHECK(c.pool == before);
+    CHECK(cd::guard_status(g).message == host);
+  }
+  SUBCASE("dense, head_dim = 0 and an index out of range") {
+    const index_t B = 1, G = 1, S = 3, m = 2;
+    std::vector<float> src(1), dst(1);
+    const std::vector<std::int64_t> keep{0, 3};
+    const std::array<index_t, 4> se{B, G, S, 0}, de{B, G, m, 0};
+    const std::array<index_t, 3> ke{B, G, m};
+    std::string host;
+    try {
+      cake::compact(cake::host, cake::make_view(static_cast<const float*>(src.data()), se),
+                    cake::make_view(keep.data(), ke), cake::make_view(dst.data(), de));
+    } catch (const cake::invalid_argument& e) {
+      host = e.what();
+    }
+    CHECK(host == "[cake.compact.keep] keep(0, 0, 1) must be in [0, 3), got 3");
+    cd::IndexGuardRecord g = fresh_guard();
+    emulate_dense(
+        cake::make_view<cake::device_space>(static_cast<const float*>(src.data()), se),
+        cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(keep.data()), ke),
+        cake::make_view<cake::device_space>(dst.data(), de), &g);
+    CHECK(cd::guard_status(g).message == host);
+  }
+}
+
+TEST_CASE("CUDA guard: an error recorded by the check but never sealed is still an error") {
+  // The check kernel ran and recorded keep(0, 1, 1) = 6 >= S, then the gather's launch
+  // failed (not run here): the record is set but not sealed.
+  const index_t B = 1, G = 2, S = 6, m = 2;
+  const std::vector<std::int64_t> keep{0, 3, 5, 6};
+  cd::CompactParams<std::int64_t> p{};
+  p.keep.keep = keep.data();
+  p.keep.k_b = G * m, p.keep.k_g = m, p.keep.k_t = 1;
+  p.keep.heads = static_cast<int>(G), p.keep.S = static_cast<int>(S);
+  p.keep.m = static_cast<int>(m);
+  cd::IndexGuardRecord g = fresh_guard();
+  run_check(p.keep, B * G, &g);
+  REQUIRE(g.first != cd::IndexGuardRecord::none);
+  REQUIRE(g.sealed == 0);
+  const cake::status st = cd::guard_status(g);
+  CHECK_FALSE(st.ok());
+  CHECK(st.id == "cake.compact.keep");
+  CHECK(st.message.find("did not run") != std::string::npos);
 }

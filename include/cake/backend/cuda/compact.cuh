@@ -23,14 +23,19 @@ namespace cake {
 
 // A device-side error record for cake::compact's indices, reused across calls. Once it
 // holds an error, every later guarded call writes nothing until throw_if_error() (or
-// status()) reads and clears it. Not thread-safe: one guard per stream.
+// check_status()) reads and clears it. Not thread-safe: one guard per stream.
 class cuda_index_guard {
  public:
   cuda_index_guard() {
     cuda_detail::check(cudaMalloc(&rec_, sizeof(cuda_detail::IndexGuardRecord)),
                        "cudaMalloc (cuda_index_guard)");
-    reset(nullptr);
-    cuda_detail::check(cudaStreamSynchronize(nullptr), "cuda_index_guard");
+    try {
+      reset(nullptr);
+      cuda_detail::check(cudaStreamSynchronize(nullptr), "cuda_index_guard");
+    } catch (...) {
+      (void)cudaFree(rec_);
+      throw;
+    }
   }
   ~cuda_index_guard() { (void)cudaFree(rec_); }
   cuda_index_guard(const cuda_index_guard&) = delete;
@@ -70,10 +75,20 @@ namespace cuda_detail {
 template <class TI>
 void launch_compact_check(const KeepRows<TI>& k, std::int64_t rows, IndexGuardRecord* guard,
                           cudaStream_t stream) {
-  if (guard == nullptr || rows * k.m == 0) return;
-  const unsigned grid = std::min<unsigned>(grid_dim(rows * k.m, tuning::compact_threads), 1024u);
+  if (guard == nullptr || rows == 0) return;
+  const unsigned grid =
+      std::min<unsigned>(grid_dim(check_work(rows, k.m), tuning::compact_threads), 1024u);
   compact_check_kernel<TI><<<grid, tuning::compact_threads, 0, stream>>>(k, rows, guard);
   check_launch("compact_check_kernel");
+}
+
+// A guarded call with no gather to run still seals what its check recorded.
+template <class TI>
+void launch_compact_seal(const KeepRows<TI>& k, IndexGuardRecord* guard, int paged,
+                         cudaStream_t stream) {
+  if (guard == nullptr) return;
+  compact_seal_kernel<TI><<<1, 32, 0, stream>>>(k, guard, paged);
+  check_launch("compact_seal_kernel");
 }
 
 template <class V, class T, class TI>
@@ -99,12 +114,14 @@ void launch_compact(const cuda_policy& exec, device_view<const T, 4> src,
                     device_view<const TI, 3> keep, device_view<T, 4> dst, IndexGuardRecord* guard) {
   const index_t B = src.extent(0), Hkv = src.extent(1), d = src.extent(3);
   const index_t m = keep.extent(2);
-  if (B * Hkv * m * d == 0) return;
+  if (B * Hkv == 0) return;
   const CompactParams<TI> p = compact_params(src, keep, dst, guard);
   const bool in_place = p.keep.ascending;
   const bool vec16 = compact_vec16<T>(p, d);
   const cudaStream_t stream = stream_of(exec);
+  // The indices are checked even when there is nothing to move (head_dim = 0).
   launch_compact_check(p.keep, B * Hkv, guard, stream);
+  if (m * d == 0) return launch_compact_seal(p.keep, guard, 0, stream);
   if (vec16)
     launch_compact_as<uint4, T>(p, B, Hkv, m, d, in_place, stream);
   else
@@ -116,10 +133,12 @@ void launch_compact_paged(const cuda_policy& exec, device_view<T, 4> pool,
                           const block_table<device_space>& table, device_view<const TI, 3> keep,
                           device_view<const std::int32_t, 2> keep_lens, IndexGuardRecord* guard) {
   const index_t rows = table.num_seqs() * pool.extent(1), d = pool.extent(3);
-  if (rows * keep.extent(2) * d == 0) return;
+  if (rows == 0) return;
   PagedCompactParams<TI> p = paged_params(pool, table, keep, keep_lens, guard);
   const cudaStream_t stream = stream_of(exec);
+  // The lengths are checked even when there is nothing to move (m = 0 or head_dim = 0).
   launch_compact_check(p.keep, rows, guard, stream);
+  if (keep.extent(2) * d == 0) return launch_compact_seal(p.keep, guard, 1, stream);
   const bool vec16 = paged_vec16<T>(p, d);
   p.vecs = static_cast<int>(vec16 ? d * static_cast<index_t>(sizeof(T)) / 16 : d);
   if (vec16)
@@ -151,34 +170,28 @@ struct compact_backend<cuda_policy> {
 };
 
 // Guarded compactions: the indices are checked on the device before the gather, which
-// writes nothing if one is bad; guard.throw_if_error() reports it (see above).
+// writes nothing if one is bad; guard.throw_if_error() reports it (see above). The same
+// front-ends as the plain calls (algorithm/compact.hpp), with the guard's record.
 template <tensor_like Src, tensor_like Keep, tensor_like Dst>
 void compact(const cuda_policy& exec, Src&& src, Keep&& keep, Dst&& dst, cuda_index_guard& guard) {
-  auto d = as_view(dst);
-  using T = typename decltype(d)::element_type;
-  auto s0 = as_view(src);
-  auto k0 = as_view(keep);
-  require_space<cuda_policy, decltype(s0), decltype(k0), decltype(d)>();
-  using TI = std::remove_const_t<typename decltype(k0)::element_type>;
-  device_view<const T, 4> s(s0.data_handle(), s0.mapping());
-  device_view<const TI, 3> k(k0.data_handle(), k0.mapping());
-  validate_compact(s, k, d).throw_if_error();
-  compact_backend<cuda_policy>::run(exec, s, k, d, guard.use_on(cuda_detail::stream_of(exec)));
+  detail::compact_dense(exec, src, keep, dst, guard.use_on(cuda_detail::stream_of(exec)));
 }
 
 template <tensor_like Pool, tensor_like Keep, tensor_like Lens>
 void compact(const cuda_policy& exec, Pool&& pool, const block_table<device_space>& table,
              Keep&& keep, Lens&& keep_lens, cuda_index_guard& guard) {
-  auto p = as_view(pool);
-  auto k0 = as_view(keep);
-  auto l0 = as_view(keep_lens);
-  require_space<cuda_policy, decltype(p), decltype(k0), decltype(l0)>();
-  using TI = std::remove_const_t<typename decltype(k0)::element_type>;
-  device_view<const TI, 3> k(k0.data_handle(), k0.mapping());
-  device_view<const std::int32_t, 2> l(l0.data_handle(), l0.mapping());
-  validate_compact(p, table, k, l).throw_if_error();
-  compact_backend<cuda_policy>::run_paged(exec, p, table, k, l,
-                                          guard.use_on(cuda_detail::stream_of(exec)));
+  detail::compact_paged(exec, pool, table, keep, keep_lens,
+                        guard.use_on(cuda_detail::stream_of(exec)));
+}
+
+// A layer's K and V, guarded: both pools checked before either moves (the host-side
+// checks), then each pool's gather behind the same device check.
+template <tensor_like KPool, tensor_like VPool, tensor_like Keep, tensor_like Lens>
+void compact(const cuda_policy& exec, KPool&& k_pool, VPool&& v_pool,
+             const block_table<device_space>& table, Keep&& keep, Lens&& keep_lens,
+             cuda_index_guard& guard) {
+  detail::compact_paged_kv(exec, k_pool, v_pool, table, keep, keep_lens,
+                           guard.use_on(cuda_detail::stream_of(exec)));
 }
 
 }  // namespace cake

@@ -37,7 +37,8 @@ struct compact_backend<host_policy> {
     });
   }
 
-  // One task per (sequence, kv-head) row, walking it in ascending order: rows share no
+  // One task per (sequence, kv-head) row, walking it in ascending order, then zeroing
+  // its padding slots [keep_lens(s, h), new_lens(s)): rows share no
   // slot (distinct heads, or distinct blocks), and within a row the read slot is never
   // one written earlier (keep ascending, see algorithm/compact.hpp).
   template <class T, class TI>
@@ -65,6 +66,13 @@ struct compact_backend<host_policy> {
         const auto j = static_cast<index_t>(keep(s, h, t));
         if (j != t) std::memcpy(slot(t), slot(j), row_bytes);
       }
+      // Paged attention reads new_lens(s) = the longest head's length for every head:
+      // a shorter head is padded with zero K/V, as the dense cache pads heads. Only this
+      // row's slots, after its own reads.
+      index_t longest = 0;
+      for (index_t g = 0; g < Hkv; ++g)
+        longest = keep_lens(s, g) > longest ? static_cast<index_t>(keep_lens(s, g)) : longest;
+      for (index_t t = len; t < longest; ++t) std::memset(slot(t), 0, row_bytes);
     });
   }
 };

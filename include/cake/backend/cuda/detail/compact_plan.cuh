@@ -27,6 +27,7 @@ CompactParams<TI> compact_params(device_view<const T, 4> src, device_view<const 
   p.keep.k_b = keep.stride(0), p.keep.k_g = keep.stride(1), p.keep.k_t = keep.stride(2);
   p.keep.heads = static_cast<int>(src.extent(1)), p.keep.S = static_cast<int>(src.extent(2));
   p.keep.m = static_cast<int>(keep.extent(2));
+  // validate_compact admits an overlap only as the row prefix (same start and strides).
   p.keep.ascending = static_cast<const void*>(p.src) == static_cast<const void*>(p.dst);
   p.guard = guard;
   return p;

@@ -53,17 +53,24 @@ struct KeepRows {
   CAKE_HOST_DEVICE long long bound(long long row) const { return bounds ? bounds[row / heads] : S; }
 };
 
+// Threads the check kernel covers: one per (row, position), and at least one per row,
+// so that a row's length is checked even when m = 0.
+CAKE_HOST_DEVICE inline std::int64_t check_work(std::int64_t rows, int m) {
+  return rows * (m > 0 ? m : 1);
+}
+
 // One thread per (row, position): the first bad entry, by atomicMin on its key. Skips
 // everything once the record is sealed (an earlier call's error stays the one reported).
 template <class TI>
 __global__ void __launch_bounds__(tuning::compact_threads)
     compact_check_kernel(KeepRows<TI> k, std::int64_t rows, IndexGuardRecord* guard) {
   if (guard->sealed) return;
-  const std::int64_t total = rows * k.m;
+  const int per = k.m > 0 ? k.m : 1;
+  const std::int64_t total = check_work(rows, k.m);
   for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t row = e / k.m;
-    const int t = static_cast<int>(e - row * k.m);
+    const std::int64_t row = e / per;
+    const int t = static_cast<int>(e - row * per);
     const int len = k.len(row);
     const long long bound = k.bound(row);
     if (len < 0 || len > k.m || len > bound) {
@@ -102,9 +109,24 @@ __device__ bool guard_tripped(IndexGuardRecord* guard, const KeepRows<TI>& k, in
   return true;
 }
 
+// When a guarded call has nothing to gather (m = 0 or head_dim = 0), one warp (thread 0
+// of it) seals
+// what the check kernel recorded, as a gather would have.
+template <class TI>
+__global__ void compact_seal_kernel(KeepRows<TI> k, IndexGuardRecord* guard, int paged) {
+  (void)guard_tripped(guard, k, paged);
+}
+
 // The host's message for a filled record (the same words as algorithm/compact.hpp's).
 inline status guard_status(const IndexGuardRecord& r) {
-  if (r.first == IndexGuardRecord::none || !r.sealed) return status::success();
+  if (r.first == IndexGuardRecord::none) return status::success();
+  // Set but not sealed: the check found a bad entry and the kernel that fills in its
+  // values never ran (its launch failed). Still an error, or the guard would report
+  // success while every later guarded call writes nothing.
+  if (!r.sealed)
+    return detail::make_status("cake.compact.keep",
+                               "a bad index or length was found, but the compaction that reports "
+                               "it did not run (a failed launch); nothing was written");
   const unsigned long long pos = r.first >> 2;
   const int kind = static_cast<int>(r.first & 3u);
   const long long row = static_cast<long long>(pos / static_cast<unsigned long long>(r.m + 1));
@@ -225,7 +247,8 @@ struct PagedCompactParams {
   IndexGuardRecord* guard;
 };
 
-// Paged, in place: one block per (sequence, kv-head) row. Token t of the row is slot
+// Paged, in place: one block per (sequence, kv-head) row, then its padding slots
+// zeroed (see below). Token t of the row is slot
 // t % block_size of block ids[indptr[s] + t / block_size]. Unguarded, an index past
 // the sequence, a table entry past the sequence's blocks or a block id outside the
 // pool is skipped, never dereferenced.
@@ -244,7 +267,7 @@ __global__ void __launch_bounds__(tuning::compact_threads)
     if (id < 0 || id >= p.num_blocks) return nullptr;
     return reinterpret_cast<V*>(p.pool + id * p.p_n + h * p.p_h + (t % p.block_size) * p.p_t);
   };
-  const int count = min(p.keep.len(row), p.keep.m);
+  const int count = max(0, min(p.keep.len(row), p.keep.m));
   gather_in_place<V, ITEMS>(
       count, p.vecs,
       [&](int t) -> const V* {
@@ -253,6 +276,18 @@ __global__ void __launch_bounds__(tuning::compact_threads)
         return slot(j);
       },
       [&](int t) { return slot(t); });
+  // Padding [count, new_lens(s)) of a head shorter than the sequence's longest is zero
+  // K/V, as the dense cache pads heads: paged attention reads new_lens(s) slots of every
+  // head. The gather's last barrier orders these writes after all of the row's reads.
+  int longest = 0;
+  for (int g = 0; g < p.keep.heads; ++g)
+    longest = max(longest, min(p.keep.len(static_cast<long long>(s) * p.keep.heads + g), p.keep.m));
+  longest = static_cast<int>(min(static_cast<long long>(longest), len_s));
+  const int pad = (longest - count) * p.vecs;
+  for (int u = static_cast<int>(threadIdx.x); u < pad; u += static_cast<int>(blockDim.x)) {
+    V* to = slot(count + u / p.vecs);
+    if (to != nullptr) to[u % p.vecs] = V{};
+  }
 }
 
 }  // namespace cake::cuda_detail

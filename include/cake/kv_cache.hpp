@@ -201,6 +201,19 @@ class KvCache {
       transient += fresh[l].total() / rows;
     }
 
+    // The new bookkeeping, built before the first write so the commit only moves it
+    // in: a copied cache's vectors have no spare capacity to push_back into.
+    std::vector<LayerStats> stats_next;
+    stats_next.reserve(static_cast<std::size_t>(cfg_.layers));
+    stats_next = stats_;
+    stats_next.push_back(stats);
+    std::vector<std::vector<index_t>> stages_next;
+    if (plan.record_stage) {
+      stages_next.reserve(static_cast<std::size_t>(cfg_.layers));
+      stages_next = stages_;
+      stages_next.push_back(plan.budgets);
+    }
+
     auto cut = Store::prepare_truncate(exec_, std::span<const Layer>(layers_), sh,
                                        std::span<const detail::layer_plan>(plan.layers),
                                        std::span<const typename Store::permutation>(perms));
@@ -215,9 +228,9 @@ class KvCache {
           plan.layers[l].action == detail::layer_action::select)
         layers_[l] = std::move(fresh[l]);
     prefs_ = std::move(prefs);
-    stats_.push_back(stats);  // capacity reserved in reset()
+    stats_ = std::move(stats_next);
     if (plan.record_budgets) std::copy(plan.budgets.begin(), plan.budgets.end(), budgets_.begin());
-    if (plan.record_stage) stages_.push_back(plan.budgets);  // capacity reserved in reset()
+    if (plan.record_stage) stages_ = std::move(stages_next);
     prompt_ = S;
     next_layer_ = layer + 1;
     if (next_layer_ == cfg_.layers) {

@@ -485,8 +485,7 @@ struct layer_store<T, host_policy> {
   // accumulate while decoding.
   static void finish_prefill(layer& ly, bool keep_scores) noexcept {
     if (keep_scores) return;
-    ly.ind.clear();
-    ly.ind.shrink_to_fit();
+    std::vector<float>().swap(ly.ind);  // frees without allocating
   }
 
   // One decoding step of one layer: append the token at `position`, then, if the

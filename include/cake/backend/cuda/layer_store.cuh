@@ -532,6 +532,8 @@ struct layer_store<T, cuda_policy> {
         ly.pos.data(), ly.cap, sums.data(), held, held);
     cuda_detail::check_launch("gather_meta_kernel");
     next.set_length(n);
+    next.by_indicator = ly.by_indicator;
+    next.cut = ly.cut;  // a replacement keeps what the layer is (head-wise decode reads it)
     ly = std::move(next);
   }
 
@@ -750,6 +752,7 @@ struct layer_store<T, cuda_policy> {
     }
     next.held = ly.held;
     next.by_indicator = ly.by_indicator;
+    next.cut = ly.cut;  // else the next step would take the uniform path and grow the rows
     ly = std::move(next);
   }
 };

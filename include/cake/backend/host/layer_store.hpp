@@ -590,7 +590,11 @@ struct layer_store<T, host_policy> {
       }
     }
     dst.set_length(n);
-    if (reference) ly = std::move(next);
+    if (reference) {
+      next.by_indicator = ly.by_indicator;
+      next.cut = ly.cut;  // a replacement keeps what the layer is (head-wise decode reads it)
+      ly = std::move(next);
+    }
   }
 
  private:

@@ -142,7 +142,9 @@ class KvCache {
     auto ind =
         Store::template make_buffer<float>(exec_, rows * ind_cols);  // (batch, kv_heads, ind_cols)
     const LayerStats stats = score_layer(q, k, ind, ind_cols);
-    const detail::token_scores scores{Store::data(ind), ind_cols, ind_cols};
+    // ld >= 1: a prompt of exactly the window has no scores (P = 0), and a view over
+    // them still needs the positive strides layout_stride requires.
+    const detail::token_scores scores{Store::data(ind), std::max<index_t>(ind_cols, 1), ind_cols};
     const double pref = pref_(stats);
     CAKE_EXPECTS(std::isfinite(pref) && pref >= 0, "cake.preference.value",
                  "the preference policy must return a finite value >= 0, got ", pref, " for layer ",
@@ -365,9 +367,11 @@ class KvCache {
                   w = cfg_.window;
     const index_t rows = B * Hkv, S = k.extent(2), P = S - w;
     float* out = Store::data(ind);
+    // Strides >= 1 even when ind_cols = 0 (S == w): layout_stride requires them.
+    const index_t ld = std::max<index_t>(ind_cols, 1);
     const auto out_view = [&](index_t cols) {  // (batch, kv_heads, cols) inside ind
       return make_view<Space>(out, std::array<index_t, 3>{B, Hkv, cols},
-                              std::array<index_t, 3>{Hkv * ind_cols, ind_cols, 1});
+                              std::array<index_t, 3>{Hkv * ld, ld, 1});
     };
     // Window statistics: the indicator itself for a window indicator; for any other,
     // only when the preference reads them (then the cheapest indicator fills a scratch).

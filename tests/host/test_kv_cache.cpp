@@ -480,3 +480,51 @@ TEST_CASE("KvCache: head-wise rows keep their lengths over many decode steps (on
     }
   }
 }
+
+// S == w: no prefix (P = 0), so every score view is empty; the Debug/sanitize build
+// checks layout_stride's precondition (strides >= 1) on each of them.
+template <class Cache>
+void prompt_of_the_window(const cake::CacheConfig& cfg) {
+  const int steps = 5;
+  const auto wl = make_workload(cfg, cfg.window, 110, steps);
+  Cache c(cfg);
+  prefill_all(c, wl);
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    CHECK(c.tokens_held(l) == cfg.window);
+    const auto p = row_positions(c, l, 0, 0);
+    CHECK(p.front() == 0);
+    CHECK(p.back() == cfg.window - 1);
+  }
+  for (int t = 0; t < steps; ++t) decode_step(c, wl, static_cast<std::size_t>(t));
+  for (index_t l = 0; l < cfg.layers; ++l)
+    for (index_t b = 0; b < cfg.batch; ++b)
+      for (index_t g = 0; g < cfg.kv_heads; ++g) {
+        // Each held token is decoded or prompt, and the newest is held.
+        const auto p = row_positions(c, l, b, g);
+        CHECK(std::count(p.begin(), p.end(), cfg.window + steps - 1) == 1);
+        CHECK(static_cast<index_t>(p.size()) <= c.budget(l) + cfg.window);
+      }
+  check_layer_contents(c, wl, cfg.window + steps - 1);
+}
+
+TEST_CASE("KvCache: a prompt of exactly the window (S == w) prefills and decodes") {
+  auto cfg = small_config(true);
+  SUBCASE("uniform, mean-variance") { prompt_of_the_window<cake::KvCache<>>(cfg); }
+  SUBCASE("uniform, accumulated") {
+    prompt_of_the_window<cake::KvCache<cake::UniformPreference, cake::ProportionalBudget,
+                                       cake::AccumulatedIndicator>>(cfg);
+  }
+  SUBCASE("uniform, last query") {
+    prompt_of_the_window<cake::KvCache<cake::UniformPreference, cake::ProportionalBudget,
+                                       cake::LastQueryIndicator>>(cfg);
+  }
+  SUBCASE("head-wise: rows hold only their window, selections of zero tokens") {
+    prompt_of_the_window<
+        cake::KvCache<cake::CakePreference, cake::HeadwiseBudget<cake::ProportionalBudget>>>(cfg);
+    cfg.batch = 1;
+    cfg.kv_heads = 1;
+    cfg.order = cake::token_order::reference;
+    prompt_of_the_window<
+        cake::KvCache<cake::CakePreference, cake::HeadwiseBudget<cake::ProportionalBudget>>>(cfg);
+  }
+}

@@ -466,9 +466,12 @@ class KvCache {
                "keys must have unit stride along head_dim, got ", k.stride(3));
     CAKE_CHECK(inner_contiguous(v), "cake.prefill.values",
                "values must have unit stride along head_dim, got ", v.stride(3));
+    // Queries and keys also bounded so that attention scores fit in float
+    // (detail::score_bound); values only finite.
+    const float bound = detail::score_bound(cfg_.head_dim);
     if (cfg_.check_finite)
-      return Store::check_finite(exec_, detail::named(q, "cake.prefill.q_window", "q_window"),
-                                 detail::named(k, "cake.prefill.keys", "keys"),
+      return Store::check_finite(exec_, detail::named(q, "cake.prefill.q_window", "q_window", bound),
+                                 detail::named(k, "cake.prefill.keys", "keys", bound),
                                  detail::named(v, "cake.prefill.values", "values"));
     return status::success();
   }
@@ -495,9 +498,12 @@ class KvCache {
                detail::shape_string(v));
     CAKE_CHECK(inner_contiguous(q) && inner_contiguous(k) && inner_contiguous(v),
                "cake.decode.layout", "q, k and v must have unit stride along head_dim");
+    // Queries and keys also bounded so that attention scores fit in float
+    // (detail::score_bound); values only finite.
+    const float bound = detail::score_bound(cfg_.head_dim);
     if (cfg_.check_finite)
-      return Store::check_finite(exec_, detail::named(q, "cake.decode.q", "q"),
-                                 detail::named(k, "cake.decode.k", "k"),
+      return Store::check_finite(exec_, detail::named(q, "cake.decode.q", "q", bound),
+                                 detail::named(k, "cake.decode.k", "k", bound),
                                  detail::named(v, "cake.decode.v", "v"));
     return status::success();
   }

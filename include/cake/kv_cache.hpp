@@ -142,7 +142,9 @@ class KvCache {
     auto ind =
         Store::template make_buffer<float>(exec_, rows * ind_cols);  // (batch, kv_heads, ind_cols)
     const LayerStats stats = score_layer(q, k, ind, ind_cols);
-    const detail::token_scores scores{Store::data(ind), ind_cols, ind_cols};
+    // ld >= 1: a prompt of exactly the window has no scores (P = 0), and a view over
+    // them still needs the positive strides layout_stride requires.
+    const detail::token_scores scores{Store::data(ind), std::max<index_t>(ind_cols, 1), ind_cols};
     const double pref = pref_(stats);
     CAKE_EXPECTS(std::isfinite(pref) && pref >= 0, "cake.preference.value",
                  "the preference policy must return a finite value >= 0, got ", pref, " for layer ",
@@ -201,6 +203,19 @@ class KvCache {
       transient += fresh[l].total() / rows;
     }
 
+    // The new bookkeeping, built before the first write so the commit only moves it
+    // in: a copied cache's vectors have no spare capacity to push_back into.
+    std::vector<LayerStats> stats_next;
+    stats_next.reserve(static_cast<std::size_t>(cfg_.layers));
+    stats_next = stats_;
+    stats_next.push_back(stats);
+    std::vector<std::vector<index_t>> stages_next;
+    if (plan.record_stage) {
+      stages_next.reserve(static_cast<std::size_t>(cfg_.layers));
+      stages_next = stages_;
+      stages_next.push_back(plan.budgets);
+    }
+
     auto cut = Store::prepare_truncate(exec_, std::span<const Layer>(layers_), sh,
                                        std::span<const detail::layer_plan>(plan.layers),
                                        std::span<const typename Store::permutation>(perms));
@@ -215,9 +230,9 @@ class KvCache {
           plan.layers[l].action == detail::layer_action::select)
         layers_[l] = std::move(fresh[l]);
     prefs_ = std::move(prefs);
-    stats_.push_back(stats);  // capacity reserved in reset()
+    stats_ = std::move(stats_next);
     if (plan.record_budgets) std::copy(plan.budgets.begin(), plan.budgets.end(), budgets_.begin());
-    if (plan.record_stage) stages_.push_back(plan.budgets);  // capacity reserved in reset()
+    if (plan.record_stage) stages_ = std::move(stages_next);
     prompt_ = S;
     next_layer_ = layer + 1;
     if (next_layer_ == cfg_.layers) {
@@ -352,9 +367,11 @@ class KvCache {
                   w = cfg_.window;
     const index_t rows = B * Hkv, S = k.extent(2), P = S - w;
     float* out = Store::data(ind);
+    // Strides >= 1 even when ind_cols = 0 (S == w): layout_stride requires them.
+    const index_t ld = std::max<index_t>(ind_cols, 1);
     const auto out_view = [&](index_t cols) {  // (batch, kv_heads, cols) inside ind
       return make_view<Space>(out, std::array<index_t, 3>{B, Hkv, cols},
-                              std::array<index_t, 3>{Hkv * ind_cols, ind_cols, 1});
+                              std::array<index_t, 3>{Hkv * ld, ld, 1});
     };
     // Window statistics: the indicator itself for a window indicator; for any other,
     // only when the preference reads them (then the cheapest indicator fills a scratch).
@@ -449,9 +466,12 @@ class KvCache {
                "keys must have unit stride along head_dim, got ", k.stride(3));
     CAKE_CHECK(inner_contiguous(v), "cake.prefill.values",
                "values must have unit stride along head_dim, got ", v.stride(3));
+    // Queries and keys also bounded so that attention scores fit in float
+    // (detail::score_bound); values only finite.
+    const float bound = detail::score_bound(cfg_.head_dim);
     if (cfg_.check_finite)
-      return Store::check_finite(exec_, detail::named(q, "cake.prefill.q_window", "q_window"),
-                                 detail::named(k, "cake.prefill.keys", "keys"),
+      return Store::check_finite(exec_, detail::named(q, "cake.prefill.q_window", "q_window", bound),
+                                 detail::named(k, "cake.prefill.keys", "keys", bound),
                                  detail::named(v, "cake.prefill.values", "values"));
     return status::success();
   }
@@ -478,9 +498,12 @@ class KvCache {
                detail::shape_string(v));
     CAKE_CHECK(inner_contiguous(q) && inner_contiguous(k) && inner_contiguous(v),
                "cake.decode.layout", "q, k and v must have unit stride along head_dim");
+    // Queries and keys also bounded so that attention scores fit in float
+    // (detail::score_bound); values only finite.
+    const float bound = detail::score_bound(cfg_.head_dim);
     if (cfg_.check_finite)
-      return Store::check_finite(exec_, detail::named(q, "cake.decode.q", "q"),
-                                 detail::named(k, "cake.decode.k", "k"),
+      return Store::check_finite(exec_, detail::named(q, "cake.decode.q", "q", bound),
+                                 detail::named(k, "cake.decode.k", "k", bound),
                                  detail::named(v, "cake.decode.v", "v"));
     return status::success();
   }

@@ -501,3 +501,60 @@ TEST_CASE("stats() and preference() of a layer not prefilled yet are cake errors
   CHECK(f.cache.budget(2) == 0);
   CHECK(f.cache.keys(2).extent(2) == 0);
 }
+
+TEST_CASE("finite queries and keys whose attention scores would overflow float are rejected") {
+  // d = 8: the bound is sqrt(FLT_MAX / (2 d)) = 4.6e18 (detail::score_bound).
+  const float bound = cake::detail::score_bound(d);
+  CHECK(bound == doctest::Approx(std::sqrt(3.4028234663852886e38 / 16.0)).epsilon(1e-6));
+  const float above = std::nextafter(bound, std::numeric_limits<float>::infinity());
+  SUBCASE("prefill: q = 3e38 and one huge key; each named, the cache unchanged") {
+    Fixture f;
+    const Snapshot before = snapshot(f.cache);
+    T4 q = f.q, k = f.k;
+    for (auto& x : q.data) x = 3e38f;
+    k.at(0, 0, 3, 0) = 3e38f;
+    expect_throw<cake::invalid_argument>(
+        [&] { f.cache.prefill(1, q.view(), k.view(), f.v.view()); }, "cake.prefill.q_window",
+        {"finite with |x| <= ", "attention scores fit in float", "found 3.0", "e+38 at (0, 0, 0, 0)"});
+    expect_throw<cake::invalid_argument>(
+        [&] { f.cache.prefill(1, f.q.view(), k.view(), f.v.view()); }, "cake.prefill.keys",
+        {"attention scores fit in float", "found 3.0", "e+38 at (0, 0, 3, 0)"});
+    k = f.k;
+    k.at(1, 1, 9, 7) = -above;  // just past the bound, negative
+    expect_throw<cake::invalid_argument>(
+        [&] { f.cache.prefill(1, f.q.view(), k.view(), f.v.view()); }, "cake.prefill.keys",
+        {"(1, 1, 9, 7)"});
+    CHECK(snapshot(f.cache) == before);
+  }
+  SUBCASE("values only need to be finite: they never enter a score") {
+    Fixture f;
+    T4 v = f.v;
+    v.at(0, 0, 3, 0) = 3e38f;
+    f.cache.prefill(1, f.q.view(), f.k.view(), v.view());
+    CHECK(f.cache.layers_prefilled() == 2);
+  }
+  SUBCASE("queries and keys at the bound pass, with finite statistics") {
+    cake::KvCache<> c{config()};
+    T4 q{{B, H, w, d}, 1}, k{{B, Hkv, S, d}, 2}, v{{B, Hkv, S, d}, 3};
+    // The largest scores possible: every element at +-bound, aligned.
+    for (std::size_t i = 0; i < q.data.size(); ++i) q.data[i] = bound;
+    for (std::size_t i = 0; i < k.data.size(); ++i) k.data[i] = (i / d) % 3 ? bound : -bound;
+    for (index_t l = 0; l < L; ++l) c.prefill(l, q.view(), k.view(), v.view());
+    for (index_t l = 0; l < L; ++l) {
+      CHECK(std::isfinite(c.stats(l).entropy));
+      CHECK(std::isfinite(c.stats(l).variance));
+      CHECK(std::isfinite(c.preference(l)));
+    }
+    T3 dq{{B, H, d}, 7}, dk{{B, Hkv, d}, 8}, dv{{B, Hkv, d}, 9};
+    for (auto& x : dq.data) x = bound;
+    for (auto& x : dk.data) x = bound;
+    for (int t = 0; t < 3; ++t)
+      for (index_t l = 0; l < L; ++l) c.decode(l, dq.view(), dk.view(), dv.view());
+    CHECK(c.tokens_held(0) == c.budget(0) + w);
+    const Snapshot before = snapshot(c);
+    dk.at(1, 0, 2) = above;
+    expect_throw<cake::invalid_argument>([&] { c.decode(0, dq.view(), dk.view(), dv.view()); },
+                                         "cake.decode.k", {"attention scores fit", "(1, 0, 2)"});
+    CHECK(snapshot(c) == before);
+  }
+}

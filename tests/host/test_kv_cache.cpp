@@ -416,3 +416,115 @@ TEST_CASE("tensor adapters: T& or const T& adapters are found, each runs once pe
   const auto pa = a.positions(0), pb = b.positions(0);
   for (index_t t = 0; t < pa.extent(2); ++t) CHECK(pa(0, 0, t) == pb(0, 0, t));
 }
+
+TEST_CASE("KvCache: a copy prefills and decodes like the original; its commit needs no growth") {
+  for (bool cascade : {true, false}) {
+    CAPTURE(cascade);
+    const auto cfg = small_config(cascade);
+    const int steps = 6;
+    const auto wl = make_workload(cfg, 64, 70 + cascade, steps);
+    cake::KvCache<> a(cfg);
+    a.prefill(0, wl.qv(0), wl.kv(0), wl.vv(0));
+    cake::KvCache<> b = a;  // vectors copied with capacity == size
+    for (index_t l = 1; l < cfg.layers; ++l) {
+      a.prefill(l, wl.qv(l), wl.kv(l), wl.vv(l));
+      b.prefill(l, wl.qv(l), wl.kv(l), wl.vv(l));
+      // The commit moves in bookkeeping prepared before the first write, sized for
+      // every layer: nothing is appended to a copied vector's exhausted capacity.
+      if (cascade) CHECK(b.stage_budgets().capacity() >= static_cast<std::size_t>(cfg.layers));
+    }
+    REQUIRE(b.prefilled());
+    CHECK(b.stage_budgets() == a.stage_budgets());
+    CHECK(std::equal(a.budgets().begin(), a.budgets().end(), b.budgets().begin()));
+    for (int t = 0; t < steps; ++t) {
+      decode_step(a, wl, static_cast<std::size_t>(t));
+      decode_step(b, wl, static_cast<std::size_t>(t));
+    }
+    for (index_t l = 0; l < cfg.layers; ++l) {
+      CHECK(a.preference(l) == b.preference(l));
+      REQUIRE(a.tokens_held(l) == b.tokens_held(l));
+      for (index_t x = 0; x < cfg.batch; ++x)
+        for (index_t g = 0; g < cfg.kv_heads; ++g) {
+          CHECK(row_positions(a, l, x, g) == row_positions(b, l, x, g));
+          for (index_t t = 0; t < a.tokens_held(l); ++t)
+            for (index_t e = 0; e < cfg.head_dim; ++e)
+              REQUIRE(a.keys(l)(x, g, t, e) == b.keys(l)(x, g, t, e));
+        }
+    }
+    check_layer_contents(b, wl, 64 + steps - 1);
+  }
+}
+
+TEST_CASE("KvCache: head-wise rows keep their lengths over many decode steps (one row)") {
+  for (auto order : {cake::token_order::position, cake::token_order::reference}) {
+    CAPTURE(static_cast<int>(order));
+    auto cfg = small_config(true);
+    cfg.batch = 1;
+    cfg.kv_heads = 1;
+    cfg.order = order;
+    const int steps = 8;
+    const auto wl = make_workload(cfg, 64, 90, steps);
+    cake::KvCache<cake::CakePreference, cake::HeadwiseBudget<cake::ProportionalBudget>> c(cfg);
+    prefill_all(c, wl);
+    std::vector<std::vector<index_t>> lengths;
+    for (index_t l = 0; l < cfg.layers; ++l) lengths.push_back(c.row_lengths(l));
+    for (int t = 0; t < steps; ++t) {
+      CAPTURE(t);
+      decode_step(c, wl, static_cast<std::size_t>(t));
+      for (index_t l = 0; l < cfg.layers; ++l) {
+        CHECK(c.row_lengths(l) == lengths[static_cast<std::size_t>(l)]);
+        CHECK(c.row_lengths(l)[0] <= c.budget(l) + cfg.window);
+        const auto p = row_positions(c, l, 0, 0);
+        CHECK(std::count(p.begin(), p.end(), 64 + t) == 1);
+      }
+    }
+  }
+}
+
+// S == w: no prefix (P = 0), so every score view is empty; the Debug/sanitize build
+// checks layout_stride's precondition (strides >= 1) on each of them.
+template <class Cache>
+void prompt_of_the_window(const cake::CacheConfig& cfg) {
+  const int steps = 5;
+  const auto wl = make_workload(cfg, cfg.window, 110, steps);
+  Cache c(cfg);
+  prefill_all(c, wl);
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    CHECK(c.tokens_held(l) == cfg.window);
+    const auto p = row_positions(c, l, 0, 0);
+    CHECK(p.front() == 0);
+    CHECK(p.back() == cfg.window - 1);
+  }
+  for (int t = 0; t < steps; ++t) decode_step(c, wl, static_cast<std::size_t>(t));
+  for (index_t l = 0; l < cfg.layers; ++l)
+    for (index_t b = 0; b < cfg.batch; ++b)
+      for (index_t g = 0; g < cfg.kv_heads; ++g) {
+        // Each held token is decoded or prompt, and the newest is held.
+        const auto p = row_positions(c, l, b, g);
+        CHECK(std::count(p.begin(), p.end(), cfg.window + steps - 1) == 1);
+        CHECK(static_cast<index_t>(p.size()) <= c.budget(l) + cfg.window);
+      }
+  check_layer_contents(c, wl, cfg.window + steps - 1);
+}
+
+TEST_CASE("KvCache: a prompt of exactly the window (S == w) prefills and decodes") {
+  auto cfg = small_config(true);
+  SUBCASE("uniform, mean-variance") { prompt_of_the_window<cake::KvCache<>>(cfg); }
+  SUBCASE("uniform, accumulated") {
+    prompt_of_the_window<cake::KvCache<cake::UniformPreference, cake::ProportionalBudget,
+                                       cake::AccumulatedIndicator>>(cfg);
+  }
+  SUBCASE("uniform, last query") {
+    prompt_of_the_window<cake::KvCache<cake::UniformPreference, cake::ProportionalBudget,
+                                       cake::LastQueryIndicator>>(cfg);
+  }
+  SUBCASE("head-wise: rows hold only their window, selections of zero tokens") {
+    prompt_of_the_window<
+        cake::KvCache<cake::CakePreference, cake::HeadwiseBudget<cake::ProportionalBudget>>>(cfg);
+    cfg.batch = 1;
+    cfg.kv_heads = 1;
+    cfg.order = cake::token_order::reference;
+    prompt_of_the_window<
+        cake::KvCache<cake::CakePreference, cake::HeadwiseBudget<cake::ProportionalBudget>>>(cfg);
+  }
+}

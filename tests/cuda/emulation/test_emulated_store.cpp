@@ -20,6 +20,7 @@ inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v)
 using std::isfinite;  // CUDA's, in the kernels
 #include <cake/backend/cuda/detail/kernels/store.cuh>
 
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -173,4 +174,32 @@ TEST_CASE("emulated window_slots_kernel: the window after each row's selection, 
       }
     }
   }
+}
+
+TEST_CASE("emulated find_non_finite_kernel: first element past the bound, NaN and Inf included") {
+  // (2, 3, 5, 4) strided with a padded token stride (6): the padding is never read.
+  const long long e[4] = {2, 3, 5, 4}, s[4] = {90, 30, 6, 1};
+  std::vector<float> t(180, 1.0f);
+  for (std::size_t i = 0; i < t.size(); ++i)
+    if (i % 6 >= 4) t[i] = std::numeric_limits<float>::quiet_NaN();  // padding
+  const auto at = [&](long long a, long long b, long long c, long long x) -> float& {
+    return t[static_cast<std::size_t>(a * s[0] + b * s[1] + c * s[2] + x * s[3])];
+  };
+  const auto first = [&](float bound) {
+    unsigned long long f = ~0ull;
+    emu::launch({2, 1, 1}, {64, 1, 1}, 0, [&] {
+      cd::find_non_finite_kernel<float>(t.data(), e[0], e[1], e[2], e[3], s[0], s[1], s[2], s[3],
+                                        bound, &f);
+    });
+    return f;
+  };
+  CHECK(first(2.0f) == ~0ull);
+  at(1, 2, 3, 1) = -3.0f;                 // flat (((1 * 3 + 2) * 5 + 3) * 4 + 1) = 113
+  CHECK(first(2.0f) == 113);
+  CHECK(first(3.0f) == ~0ull);            // at the bound passes
+  at(0, 1, 0, 2) = std::numeric_limits<float>::infinity();  // flat 22
+  CHECK(first(3.0f) == 22);
+  CHECK(first(std::numeric_limits<float>::max()) == 22);
+  at(0, 0, 4, 3) = std::numeric_limits<float>::quiet_NaN();  // flat 19
+  CHECK(first(std::numeric_limits<float>::max()) == 19);
 }

@@ -126,7 +126,8 @@ struct layer_store<T, cuda_policy> {
   }
 
   // Each tensor scanned by one kernel into its own slot; one flag read (one sync)
-  // for all of them. Only when one holds a NaN or Inf is its value read back.
+  // for all of them. Only when one holds a NaN, an Inf or (queries, keys) a value
+  // past detail::score_bound is its value read back.
   template <class... V>
   static status check_finite(const cuda_policy& exec, const named_view<V>&... t) {
     constexpr std::size_t N = sizeof...(V);
@@ -135,7 +136,7 @@ struct layer_store<T, cuda_policy> {
         cudaMemsetAsync(first.data(), 0xff, N * sizeof(unsigned long long), stream(exec)),
         "cudaMemsetAsync (finite check)");
     std::size_t i = 0;
-    (launch_find(exec, t.v, first.data() + i++), ...);
+    (launch_find(exec, t.v, t.bound, first.data() + i++), ...);
     std::array<unsigned long long, N> at{};
     cuda_detail::check(cudaMemcpyAsync(at.data(), first.data(), N * sizeof(unsigned long long),
                                        cudaMemcpyDeviceToHost, stream(exec)),
@@ -532,6 +533,8 @@ struct layer_store<T, cuda_policy> {
         ly.pos.data(), ly.cap, sums.data(), held, held);
     cuda_detail::check_launch("gather_meta_kernel");
     next.set_length(n);
+    next.by_indicator = ly.by_indicator;
+    next.cut = ly.cut;  // a replacement keeps what the layer is (head-wise decode reads it)
     ly = std::move(next);
   }
 
@@ -559,7 +562,8 @@ struct layer_store<T, cuda_policy> {
   }
 
   template <class V>
-  static void launch_find(const cuda_policy& exec, const V& v, unsigned long long* first) {
+  static void launch_find(const cuda_policy& exec, const V& v, float bound,
+                          unsigned long long* first) {
     constexpr std::size_t R = V::rank();
     long long e[4] = {1, 1, 1, 1}, s[4] = {0, 0, 0, 0};
     for (std::size_t r = 0; r < R; ++r) {
@@ -569,7 +573,7 @@ struct layer_store<T, cuda_policy> {
     const long long n = e[0] * e[1] * e[2] * e[3];
     if (n == 0) return;
     cuda_detail::find_non_finite_kernel<<<cuda_detail::small_grid(n), 256, 0, stream(exec)>>>(
-        v.data_handle(), e[0], e[1], e[2], e[3], s[0], s[1], s[2], s[3], first);
+        v.data_handle(), e[0], e[1], e[2], e[3], s[0], s[1], s[2], s[3], bound, first);
     cuda_detail::check_launch("find_non_finite_kernel");
   }
   // A status naming the first non-finite element, flat index `at` (~0: none).
@@ -588,8 +592,7 @@ struct layer_store<T, cuda_policy> {
                        "cudaMemcpy (finite check)");
     std::string coords;
     for (std::size_t r = 0; r < R; ++r) coords.append(r ? ", " : "").append(std::to_string(idx[r]));
-    return make_status(t.id, t.name, " must be finite, found ", static_cast<float>(bad), " at (",
-                       coords, ")");
+    return out_of_bound_status(t, static_cast<float>(bad), coords);
   }
 
   // A copy of ly with a larger capacity (every slot up to ly.held, scores and row
@@ -750,6 +753,7 @@ struct layer_store<T, cuda_policy> {
     }
     next.held = ly.held;
     next.by_indicator = ly.by_indicator;
+    next.cut = ly.cut;  // else the next step would take the uniform path and grow the rows
     ly = std::move(next);
   }
 };

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -107,16 +108,37 @@ std::string shape_string(const V& v) {
   return s + ")";
 }
 
-// A tensor with the id and name its errors carry.
+// The largest |x| a query or key element may have so that attention scores fit in
+// float: each of the d products of q . k is then at most FLT_MAX / (2 d), so the
+// score (and every partial sum) is at most FLT_MAX / 2, and softmax's difference of
+// two scores (a score minus its row's max) is finite too. Without it, finite inputs
+// near 3e38 make a row's max +inf and softmax exp(inf - inf) = NaN. The factor 2
+// also absorbs the rounding of the d-term sum.
+inline float score_bound(index_t head_dim) {
+  return static_cast<float>(std::sqrt(static_cast<double>(FLT_MAX) / (2.0 * head_dim)));
+}
+
+// A tensor with the id and name its errors carry, and the largest |x| its elements
+// may have (FLT_MAX: finite is enough; score_bound(d) for queries and keys).
 template <class V>
 struct named_view {
   const V& v;
   const char* id;
   const char* name;
+  float bound = FLT_MAX;
 };
 template <class V>
-named_view<V> named(const V& v, const char* id, const char* name) {
-  return {v, id, name};
+named_view<V> named(const V& v, const char* id, const char* name, float bound = FLT_MAX) {
+  return {v, id, name, bound};
+}
+// The message of an element outside what t admits.
+template <class V>
+status out_of_bound_status(const named_view<V>& t, float found, const std::string& coords) {
+  if (t.bound < FLT_MAX)
+    return make_status(t.id, t.name, " must be finite with |x| <= ", t.bound,
+                       " so that attention scores fit in float, found ", found, " at (", coords,
+                       ")");
+  return make_status(t.id, t.name, " must be finite, found ", found, " at (", coords, ")");
 }
 
 // A decoding step's scores of the first out.extent(2) held tokens, as the indicator
@@ -176,18 +198,25 @@ struct layer_store<T, host_policy> {
   // True when p[0..n) holds no NaN or Inf. For float the test reads the exponent
   // bits with integer operations, which vectorise (std::isfinite does not).
   template <class U>
-  static bool all_finite(const U* p, index_t n) {
+  static bool all_finite(const U* p, index_t n, float bound) {
     if constexpr (std::is_same_v<std::remove_const_t<U>, float>) {
+      // |x| <= bound as bits (sign cleared): ordered like the magnitudes, with Inf
+      // and NaN above every finite bound; one compare, so the loop vectorises.
+      const std::uint32_t lim = std::bit_cast<std::uint32_t>(bound);
       std::uint32_t bad = 0;
       for (index_t x = 0; x < n; ++x)
-        bad |= static_cast<std::uint32_t>((std::bit_cast<std::uint32_t>(p[x]) & 0x7f800000u) ==
-                                          0x7f800000u);
+        bad |= static_cast<std::uint32_t>((std::bit_cast<std::uint32_t>(p[x]) & 0x7fffffffu) > lim);
       return bad == 0;
     } else {
       bool bad = false;
-      for (index_t x = 0; x < n; ++x) bad |= !std::isfinite(static_cast<double>(p[x]));
+      for (index_t x = 0; x < n; ++x) bad |= !within(p[x], bound);
       return !bad;
     }
+  }
+  template <class U>
+  static bool within(U x, float bound) {
+    const auto a = static_cast<double>(x);
+    return std::isfinite(a) && std::fabs(a) <= static_cast<double>(bound);
   }
 
   // A status naming the first non-finite element of v. The all-finite case is one
@@ -195,11 +224,12 @@ struct layer_store<T, host_policy> {
   template <class... V>
   static status check_finite(const host_policy& exec, const named_view<V>&... t) {
     status st;
-    (void)((st = check_finite(exec, t.v, t.id, t.name)).ok() && ...);
+    (void)((st = check_finite(exec, t)).ok() && ...);
     return st;
   }
   template <class V>
-  static status check_finite(const host_policy&, const V& v, const char* id, const char* name) {
+  static status check_finite(const host_policy&, const named_view<V>& t) {
+    const V& v = t.v;
     constexpr std::size_t R = V::rank();
     index_t inner = v.extent(R - 1);
     std::size_t lead = R - 1;  // dimensions walked one by one
@@ -217,9 +247,9 @@ struct layer_store<T, host_policy> {
         rem /= v.extent(r);
       }
       const auto* run = element_ptr(v, idx);
-      if (all_finite(run, inner)) continue;
+      if (all_finite(run, inner, t.bound)) continue;
       for (index_t x = 0; x < inner; ++x)
-        if (!std::isfinite(static_cast<double>(run[x]))) {
+        if (!within(run[x], t.bound)) {
           // Unflatten x over the dimensions the run covered.
           index_t rest = x;
           for (std::size_t r = R; r-- > lead;) {
@@ -229,8 +259,7 @@ struct layer_store<T, host_policy> {
           std::string coords;
           for (std::size_t r = 0; r < R; ++r)
             coords.append(r ? ", " : "").append(std::to_string(idx[r]));
-          return make_status(id, name, " must be finite, found ", static_cast<float>(run[x]),
-                             " at (", coords, ")");
+          return out_of_bound_status(t, static_cast<float>(run[x]), coords);
         }
     }
     return status::success();
@@ -485,8 +514,7 @@ struct layer_store<T, host_policy> {
   // accumulate while decoding.
   static void finish_prefill(layer& ly, bool keep_scores) noexcept {
     if (keep_scores) return;
-    ly.ind.clear();
-    ly.ind.shrink_to_fit();
+    std::vector<float>().swap(ly.ind);  // frees without allocating
   }
 
   // One decoding step of one layer: append the token at `position`, then, if the
@@ -591,7 +619,11 @@ struct layer_store<T, host_policy> {
       }
     }
     dst.set_length(n);
-    if (reference) ly = std::move(next);
+    if (reference) {
+      next.by_indicator = ly.by_indicator;
+      next.cut = ly.cut;  // a replacement keeps what the layer is (head-wise decode reads it)
+      ly = std::move(next);
+    }
   }
 
  private:

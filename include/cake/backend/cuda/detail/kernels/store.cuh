@@ -11,12 +11,13 @@
 
 namespace cake::cuda_detail {
 
-// First non-finite element (flat index in logical row-major order) of a rank-4
-// strided tensor (lower ranks pass extent 1); *first starts at ~0 (none found).
+// First element that is not finite or exceeds `bound` in magnitude (flat index in
+// logical row-major order) of a rank-4 strided tensor (lower ranks pass extent 1);
+// *first starts at ~0 (none found).
 template <class U>
 __global__ void find_non_finite_kernel(const U* p, long long e0, long long e1, long long e2,
                                        long long e3, long long s0, long long s1, long long s2,
-                                       long long s3, unsigned long long* first) {
+                                       long long s3, float bound, unsigned long long* first) {
   const long long total = e0 * e1 * e2 * e3;
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
@@ -28,7 +29,8 @@ __global__ void find_non_finite_kernel(const U* p, long long e0, long long e1, l
     const long long i1 = r % e1;
     const long long i0 = r / e1;
     const float x = static_cast<float>(p[i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3]);
-    if (!isfinite(x)) atomicMin(first, static_cast<unsigned long long>(i));
+    const float a = x < 0.0f ? -x : x;
+    if (!(a <= bound)) atomicMin(first, static_cast<unsigned long long>(i));  // NaN too
   }
 }
 

@@ -470,7 +470,8 @@ class KvCache {
     // (detail::score_bound); values only finite.
     const float bound = detail::score_bound(cfg_.head_dim);
     if (cfg_.check_finite)
-      return Store::check_finite(exec_, detail::named(q, "cake.prefill.q_window", "q_window", bound),
+      return Store::check_finite(exec_,
+                                 detail::named(q, "cake.prefill.q_window", "q_window", bound),
                                  detail::named(k, "cake.prefill.keys", "keys", bound),
                                  detail::named(v, "cake.prefill.values", "values"));
     return status::success();

@@ -515,7 +515,8 @@ TEST_CASE("finite queries and keys whose attention scores would overflow float a
     k.at(0, 0, 3, 0) = 3e38f;
     expect_throw<cake::invalid_argument>(
         [&] { f.cache.prefill(1, q.view(), k.view(), f.v.view()); }, "cake.prefill.q_window",
-        {"finite with |x| <= ", "attention scores fit in float", "found 3.0", "e+38 at (0, 0, 0, 0)"});
+        {"finite with |x| <= ", "attention scores fit in float", "found 3.0",
+         "e+38 at (0, 0, 0, 0)"});
     expect_throw<cake::invalid_argument>(
         [&] { f.cache.prefill(1, f.q.view(), k.view(), f.v.view()); }, "cake.prefill.keys",
         {"attention scores fit in float", "found 3.0", "e+38 at (0, 0, 3, 0)"});

@@ -515,8 +515,9 @@ TEST_CASE("KvCache: a prompt of exactly the window (S == w) prefills and decodes
                                        cake::AccumulatedIndicator>>(cfg);
   }
   SUBCASE("uniform, last query") {
-    prompt_of_the_window<cake::KvCache<cake::UniformPreference, cake::ProportionalBudget,
-                                       cake::LastQueryIndicator>>(cfg);
+    prompt_of_the_window<
+        cake::KvCache<cake::UniformPreference, cake::ProportionalBudget, cake::LastQueryIndicator>>(
+        cfg);
   }
   SUBCASE("head-wise: rows hold only their window, selections of zero tokens") {
     prompt_of_the_window<

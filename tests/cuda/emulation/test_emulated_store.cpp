@@ -194,9 +194,9 @@ TEST_CASE("emulated find_non_finite_kernel: first element past the bound, NaN an
     return f;
   };
   CHECK(first(2.0f) == ~0ull);
-  at(1, 2, 3, 1) = -3.0f;                 // flat (((1 * 3 + 2) * 5 + 3) * 4 + 1) = 113
+  at(1, 2, 3, 1) = -3.0f;  // flat (((1 * 3 + 2) * 5 + 3) * 4 + 1) = 113
   CHECK(first(2.0f) == 113);
-  CHECK(first(3.0f) == ~0ull);            // at the bound passes
+  CHECK(first(3.0f) == ~0ull);                              // at the bound passes
   at(0, 1, 0, 2) = std::numeric_limits<float>::infinity();  // flat 22
   CHECK(first(3.0f) == 22);
   CHECK(first(std::numeric_limits<float>::max()) == 22);

@@ -503,9 +503,9 @@ TEST_CASE("stats() and preference() of a layer not prefilled yet are cake errors
 }
 
 TEST_CASE("finite queries and keys whose attention scores would overflow float are rejected") {
-  // d = 8: the bound is sqrt(FLT_MAX / (2 d)) = 4.6e18 (detail::score_bound).
+  // d = 8: the bound is sqrt(FLT_MAX / (1024 d)) = 2.0e17 (detail::score_bound).
   const float bound = cake::detail::score_bound(d);
-  CHECK(bound == doctest::Approx(std::sqrt(3.4028234663852886e38 / 16.0)).epsilon(1e-6));
+  CHECK(bound == doctest::Approx(std::sqrt(3.4028234663852886e38 / 8192.0)).epsilon(1e-6));
   const float above = std::nextafter(bound, std::numeric_limits<float>::infinity());
   SUBCASE("prefill: q = 3e38 and one huge key; each named, the cache unchanged") {
     Fixture f;

@@ -296,15 +296,11 @@ TEST_CASE("fault injection: every allocation of prefill and decode fails cleanly
 // A cache copied from another (copy construction: what an engine does to fork a
 // sequence) must keep the guarantee too.
 //
-// OPEN (library, not fixed here): KvCache::reset() reserves L entries in stats_ and
-// stages_ so that prefill's commit step can push_back without allocating, but the
-// implicit copy constructor copies those vectors with capacity == size. On a copy,
-// the commit's stats_.push_back / stages_.push_back allocate after layers_ and
-// prefs_ were already replaced; a bad_alloc there leaves the cache half committed
-// (prefs_ with m + 1 entries, stats_ and next_layer_ still at m), and the retried
-// prefill then throws [cake.budget.out]. Fix: reserve in the planning step (before
-// the commit), or give KvCache a copy constructor that reserves again.
-TEST_CASE("fault injection: a copied cache keeps the strong guarantee" * doctest::may_fail()) {
+// Finding 8 (fixed): reset() reserved L entries in stats_ and stages_ so that the
+// commit could push_back without allocating, but a copy has capacity == size, so on a
+// copy the commit allocated after the layers were replaced and a bad_alloc left the
+// cache half committed. The bookkeeping is now built before the first write.
+TEST_CASE("fault injection: a copied cache keeps the strong guarantee") {
   const auto cfg = config(true, cake::token_order::position);
   const index_t S = 40;
   const Data data(cfg, S, 2);

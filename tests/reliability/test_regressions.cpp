@@ -144,28 +144,12 @@ TEST_CASE("regression: .npy readers refuse what they cannot hold") {
                        doctest::Contains("dtype"), std::runtime_error);
 }
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_UNDEFINED__)
-constexpr bool kSanitized = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(undefined_behavior_sanitizer)
-constexpr bool kSanitized = true;
-#else
-constexpr bool kSanitized = false;
-#endif
-#else
-constexpr bool kSanitized = false;
-#endif
-
-// OPEN (not fixed here: library code). Finite keys and queries whose dot products
-// overflow float make a score row's maximum +inf; the softmax then evaluates
-// exp_approx(inf - inf) = exp_approx(NaN), which casts NaN to int (undefined
-// behaviour, detail/math.hpp) and yields garbage statistics. check_finite passes
-// (every input is finite), so no cake::error is thrown. Found by fuzz_kv_cache with
-// values of 3e38. Expected: the call throws cake::error naming the overflow (or the
-// scores are computed without overflowing). Skipped under the sanitizers, where the
-// undefined cast aborts the whole executable.
-TEST_CASE("regression (open): finite inputs whose attention scores overflow float are refused" *
-          doctest::may_fail() * doctest::skip(kSanitized)) {
+// Finding 7 (fixed): finite keys and queries whose dot products overflow float made a
+// score row's maximum +inf; the softmax then evaluated exp_approx(inf - inf), casting
+// NaN to int (undefined behaviour) and giving garbage statistics with no error. Found
+// by fuzz_kv_cache with values of 3e38. The finite check now also bounds |q| and |k|
+// (detail::score_bound), so the call throws cake::error and nothing changes.
+TEST_CASE("regression: finite inputs whose attention scores overflow float are refused") {
   cake::CacheConfig cfg{.layers = 1, .batch = 1, .q_heads = 1, .kv_heads = 1, .head_dim = 4,
                         .window = 2, .cache_size = 4};
   const cake::index_t S = 12;
@@ -195,18 +179,13 @@ bool survives(F f) {
   return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
-// OPEN (library, not fixed here): a prompt of exactly the window (S = w, accepted by
-// validate_prefill) leaves no prefix, P = 0. KvCache::score_layer then builds the
-// (batch, kv_heads, P) indicator view over an empty buffer with strides
-// (Hkv * P, P, 1) = (0, 0, 1), which violates layout_stride's precondition (every
-// stride > 0): builds without NDEBUG (the sanitize preset's Debug) abort on CCCL's
-// assertion, and Release relies on undefined behaviour. The same holds for the
-// row-major views of zero-length selections (select_k's output (1, keep = 0) in
-// select_rows / decode_rows for a head-wise row holding only its window). Found by
-// the differential test under the sanitize preset. In Release (assertions off) this
-// test passes; in Debug it fails and is allowed to.
-TEST_CASE("regression (open): a prompt of exactly the window prefills without tripping a precondition" *
-          doctest::may_fail()) {
+// Finding 6 (fixed): a prompt of exactly the window (S = w, accepted by
+// validate_prefill) leaves no prefix, P = 0, and KvCache::score_layer built the
+// (batch, kv_heads, P) indicator view with strides (0, 0, 1), which violates
+// layout_stride's precondition (every stride > 0): Debug builds aborted on CCCL's
+// assertion. Found by the differential test under the sanitize preset. Run in a child
+// process so that such an abort fails this check instead of the whole suite.
+TEST_CASE("regression: a prompt of exactly the window prefills without tripping a precondition") {
   const bool ok = survives([] {
     cake::CacheConfig cfg{.layers = 2, .batch = 1, .q_heads = 2, .kv_heads = 1, .head_dim = 4,
                           .window = 4, .cache_size = 8};

@@ -42,7 +42,10 @@ struct DeviceLayer {
   bool by_indicator = false;
   bool cut = false;
 
-  index_t row_len(index_t r) const { return len[static_cast<std::size_t>(r)]; }
+  // A layer not prefilled yet has no rows: it holds nothing.
+  index_t row_len(index_t r) const {
+    return len.empty() ? 0 : len[static_cast<std::size_t>(r)];
+  }
   index_t total() const { return std::accumulate(len.begin(), len.end(), index_t{0}); }
   void set_length(index_t n) {
     held = n;

@@ -45,7 +45,7 @@ struct Scratch {
   std::vector<float> tsum;  // (tiles, rows)   SIMD path: sum of exp(score - tile max), then
                             //                 the tile's scale exp(tile max - max) / sum
   std::vector<float> tep;   // (tiles, rows)   SIMD path: that sum over the prefix keys only
-  std::vector<float> tes;   // (tiles, rows)   SIMD path: sum of exp(score - tile max) * score
+  std::vector<float> tes;   // (tiles, rows)   SIMD path: sum of e * (score - tile max), e = exp(score - tile max)
                             //                 over the prefix keys
   std::vector<float> tmp;   // (w, 16)         SIMD path: one key vector's probabilities
   void reserve(index_t rows, index_t d, index_t ld) {
@@ -218,7 +218,9 @@ void group_scores(const QV& q, const KV& k, index_t b, index_t g, index_t n, ind
 // kept; then per row the global max M and sum L, so that p = e * scale(row, tile);
 // then per head one pass of column statistics over the prefix keys. The entropy
 // needs no logarithm per key: ln p = score - M - ln L, so the row's sum of p ln p is
-// sum p * score - (M + ln L) * sum p over the prefix, from the tile sums. That drops
+// sum p * (score - M) - ln L * sum p over the prefix, from the tile sums (each tile's
+// taken relative to its own max m_t: score - M = (score - m_t) + (m_t - M), so huge
+// scores never cancel). That drops
 // the reference's 1e-10 inside ln(p + 1e-10), which moves the entropy by at most
 // 1e-10 per (head, row, key): 1.7e-3 of about 9.5e3 for a 16K Llama layer.
 // Two passes over the scores instead of the portable path's several; the same
@@ -283,15 +285,18 @@ void group_simd(const simd::kernels& kk, const QV& q, const KV& k, index_t b, in
       for (index_t t = 0; t < tiles; ++t) m = std::max(m, static_cast<double>(s.tmax[t * R + row]));
       for (index_t t = 0; t < tiles; ++t)
         if (s.tsum[t * R + row] > 0) l += s.tsum[t * R + row] * std::exp(s.tmax[t * R + row] - m);
-      double sp = 0, sps = 0;  // sum p and sum p * score over the prefix
+      double sp = 0, sps = 0;  // sum p and sum p * (score - M) over the prefix
       for (index_t t = 0; t < tiles; ++t) {
         float& c = s.tsum[t * R + row];
         const double ct = c > 0 ? std::exp(s.tmax[t * R + row] - m) / l : 0.0;
-        sp += ct * s.tep[t * R + row];
-        sps += ct * s.tes[t * R + row];
+        if (ct > 0) {
+          const double tm = static_cast<double>(s.tmax[t * R + row]) - m;
+          sp += ct * s.tep[t * R + row];
+          sps += ct * (s.tes[t * R + row] + tm * s.tep[t * R + row]);
+        }
         c = static_cast<float>(ct);
       }
-      e_head -= sps - (m + std::log(l)) * sp;
+      e_head -= sps - std::log(l) * sp;
     }
     ent[r] = req.entropy ? e_head : 0.0;
   }

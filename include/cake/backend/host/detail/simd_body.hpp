@@ -197,8 +197,9 @@ inline void transpose_tile_h(const _Float16* CAKE_RESTRICT k, index_t k_ld, inde
 // One row's piece of a score tile: keys [0, cnt) are visible (cnt >= 1), keys
 // [cnt, cols) masked; cols a multiple of VW. Writes e = exp(s - m) (0 where masked)
 // in place, with m the piece's maximum; returns m, the sum of e, and over the first
-// `prefix` keys the sums of e and of e * s (what the row's entropy needs: with
-// p = e * c, ln p = s - (the row's max + ln of its sum); see group_simd).
+// `prefix` keys the sums of e and of e * (s - m) (what the row's entropy needs: with
+// p = e * c, ln p = s - (the row's max + ln of its sum); see group_simd). Relative
+// to m, so that huge scores do not cancel each other in the entropy.
 inline void tile_softmax(float* CAKE_RESTRICT row, index_t cnt, index_t cols, index_t prefix,
                          float* m_out, float* sum_out, float* ep_out, float* es_out) {
   const V lane = iota();
@@ -213,8 +214,8 @@ inline void tile_softmax(float* CAKE_RESTRICT row, index_t cnt, index_t cols, in
   const V ms = splat(m);
   V sv = splat(0.0f), pv = splat(0.0f), qv = splat(0.0f);
   for (j = 0; j < cols; j += VW) {
-    const V x = load(row + j);
-    V e = exp_v(x - ms);
+    const V x = load(row + j) - ms;
+    V e = exp_v(x);
     if (j + VW > cnt) e = (lane < splat(static_cast<float>(cnt - j))) ? e : splat(0.0f);
     store(row + j, e);
     sv += e;

@@ -43,9 +43,7 @@ struct DeviceLayer {
   bool cut = false;
 
   // A layer not prefilled yet has no rows: it holds nothing.
-  index_t row_len(index_t r) const {
-    return len.empty() ? 0 : len[static_cast<std::size_t>(r)];
-  }
+  index_t row_len(index_t r) const { return len.empty() ? 0 : len[static_cast<std::size_t>(r)]; }
   index_t total() const { return std::accumulate(len.begin(), len.end(), index_t{0}); }
   void set_length(index_t n) {
     held = n;

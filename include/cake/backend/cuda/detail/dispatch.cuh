@@ -8,10 +8,12 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "../../../error.hpp"
 #include "../../../execution.hpp"
+#include "device_cache.hpp"
 
 namespace cake {
 
@@ -30,35 +32,48 @@ inline cudaStream_t stream_of(const cuda_policy& exec) noexcept {
   return reinterpret_cast<cudaStream_t>(exec.stream);
 }
 
+// The current device's ordinal, or nullopt (and the runtime's error cleared, not to be
+// blamed on the next kernel) when there is none.
+inline std::optional<int> current_device() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) return dev;
+  (void)cudaGetLastError();
+  return std::nullopt;
+}
+
+// One attribute of the current device, read once per device (device_cache.hpp), or
+// nullopt when there is no device or the runtime cannot say.
+template <cudaDeviceAttr Attr>
+std::optional<int> device_attribute() {
+  static per_device<int> memo;
+  const std::optional<int> dev = current_device();
+  if (!dev) return std::nullopt;
+  return memo.get(*dev, [](int d) -> std::optional<int> {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, Attr, d) == cudaSuccess) return v;
+    (void)cudaGetLastError();
+    return std::nullopt;
+  });
+}
+
 // Compute capability major of the current device (0 when it cannot be read): picks
 // the paths that need sm_80 (bf16 tensor cores) or sm_90 (thread block clusters).
 inline int device_compute_major() {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-    return 0;
-  return major;
+  return device_attribute<cudaDevAttrComputeCapabilityMajor>().value_or(0);
 }
 
 // Dynamic shared memory one block may use on the current device: the opt-in maximum
 // (227 KiB on H100/H200, 163 KiB on A100, 99 KiB on sm_86/89/120) less `reserve`
-// bytes for the kernel's static shared memory, and at most `cap`.
+// bytes for the kernel's static shared memory, and at most `cap`. 48 KiB, which
+// every device allows, when the device cannot be asked.
 inline std::size_t shared_memory_budget(std::size_t cap, std::size_t reserve) {
-  int dev = 0, optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
-    (void)cudaGetLastError();  // not to be blamed on the next kernel
-    optin = 48 * 1024;         // every device allows this much
-  }
-  const auto avail = static_cast<std::size_t>(optin);
+  const auto avail = static_cast<std::size_t>(
+      device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>().value_or(48 * 1024));
   return std::min(cap, avail > reserve ? avail - reserve : 0);
 }
 
 inline int multiprocessor_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 1;
-  return n;
+  return device_attribute<cudaDevAttrMultiProcessorCount>().value_or(1);
 }
 
 // Throws cake::cuda_error naming `where` (a kernel or runtime call) when code is an error.
@@ -146,25 +161,46 @@ class scoped_workspace {
   bool owned_ = false;
 };
 
+// A kernel's static shared memory on the current device (its cubin differs by
+// architecture, so per device), read once.
+template <class Kernel>
+std::size_t static_shared_memory(Kernel kernel, const char* name) {
+  const auto query = [&] {
+    cudaFuncAttributes attr{};
+    check(cudaFuncGetAttributes(&attr, kernel), name);
+    return attr.sharedSizeBytes;
+  };
+  static per_key<kernel_key, std::size_t> memo;
+  const std::optional<int> dev = current_device();
+  if (!dev) return query();  // throws, naming the kernel
+  return memo.get(kernel_key{reinterpret_cast<const void*>(kernel), *dev}, query);
+}
+
 // Opt a kernel into more than 48 KiB of dynamic shared memory when it needs it.
 // The 48 KiB default limit applies to static plus dynamic shared memory together.
+// The raise itself is not memoised: cudaDeviceReset forgets it, and it costs no
+// round trip to the device.
 template <class Kernel>
 void allow_shared_memory(Kernel kernel, std::size_t bytes, const char* name) {
-  cudaFuncAttributes attr{};
-  check(cudaFuncGetAttributes(&attr, kernel), name);
-  if (attr.sharedSizeBytes + bytes > 48 * 1024)
+  if (static_shared_memory(kernel, name) + bytes > 48 * 1024)
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(bytes)),
           name);
 }
 
 // Blocks of `kernel` one SM holds at once with this block size and dynamic shared
-// memory (at least 1).
+// memory (at least 1), computed once per kernel, shape and device.
 template <class Kernel>
 int resident_blocks(Kernel kernel, int threads, std::size_t smem, const char* name) {
-  int n = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem), name);
-  return std::max(n, 1);
+  const auto query = [&] {
+    int n = 0;
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem), name);
+    return std::max(n, 1);
+  };
+  static per_key<occupancy_key, int> memo;
+  const std::optional<int> dev = current_device();
+  if (!dev) return query();
+  return memo.get(occupancy_key{reinterpret_cast<const void*>(kernel), threads, smem, *dev}, query);
 }
 
 inline unsigned grid_dim(std::int64_t work, std::int64_t per_block) {

@@ -21,44 +21,11 @@
 #include <string>
 #include <vector>
 
+#include "device_buffer.cuh"
+
 namespace {
 
-using cake::index_t;
-
-void cuda_ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) FAIL(what << ": " << cudaGetErrorString(e));
-}
-
-// Device memory for a test, freed at scope exit.
-template <class T>
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(std::size_t n) : n_(n) {
-    cuda_ok(cudaMalloc(&ptr_, std::max<std::size_t>(n, 1) * sizeof(T)), "cudaMalloc");
-  }
-  explicit DeviceBuffer(const std::vector<T>& h) : DeviceBuffer(h.size()) { upload(h); }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void upload(const std::vector<T>& h) {
-    cuda_ok(cudaMemcpy(ptr_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "upload");
-  }
-  std::vector<T> download() const {
-    std::vector<T> h(n_);
-    cuda_ok(cudaDeviceSynchronize(), "kernel");
-    cuda_ok(cudaMemcpy(h.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost), "download");
-    return h;
-  }
-  T* get() const { return ptr_; }
-  template <std::size_t R>
-  cake::device_view<T, R> view(const std::array<index_t, R>& ext) const {
-    return cake::make_view<cake::device_space>(ptr_, ext);
-  }
-
- private:
-  T* ptr_ = nullptr;
-  std::size_t n_;
-};
+using namespace cake_cuda_test;
 
 template <class T, std::size_t R>
 cake::host_view<T, R> hview(std::vector<T>& v, const std::array<index_t, R>& ext) {
@@ -84,13 +51,6 @@ index_t first_mismatch(const std::vector<float>& a, const std::vector<float>& b,
     if (at_ >= 0)                                                                              \
       FAIL_CHECK("mismatch at " << at_ << ": cuda " << (dev)[at_] << " host " << (host)[at_]); \
   } while (0)
-
-template <class T>
-std::vector<T> convert(const std::vector<float>& v) {
-  std::vector<T> o(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) o[i] = static_cast<T>(v[i]);
-  return o;
-}
 
 std::vector<float> normal(std::size_t n, float scale, std::mt19937& rng) {
   std::normal_distribution<float> dist(0.0f, scale);

@@ -15,92 +15,16 @@
 #include <tuple>
 #include <vector>
 
+#include "device_buffer.cuh"
+
 namespace {
 
-using cake::index_t;
-
-template <class T>
-struct Dev {
-  T* p = nullptr;
-  std::size_t n = 0;
-  explicit Dev(const std::vector<T>& h) : n(h.size()) {
-    REQUIRE(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)) == cudaSuccess);
-    REQUIRE(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess);
-  }
-  ~Dev() { cudaFree(p); }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-};
-
-template <class V>
-auto download(const V& v) {
-  using T = std::remove_const_t<typename V::element_type>;
-  constexpr std::size_t R = V::rank();
-  // Copy a strided device view into a dense host vector, row by innermost row.
-  std::size_t total = 1;
-  for (std::size_t r = 0; r < R; ++r) total *= static_cast<std::size_t>(v.extent(r));
-  std::vector<T> out(total);
-  if (total == 0) return out;
-  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-  const index_t inner = v.extent(R - 1);
-  std::size_t rows = total / static_cast<std::size_t>(inner);
-  for (std::size_t o = 0; o < rows; ++o) {
-    std::array<index_t, R> idx{};
-    std::size_t rem = o;
-    for (std::size_t r = R - 1; r-- > 0;) {
-      idx[r] = static_cast<index_t>(rem % static_cast<std::size_t>(v.extent(r)));
-      rem /= static_cast<std::size_t>(v.extent(r));
-    }
-    REQUIRE(cudaMemcpy(out.data() + o * static_cast<std::size_t>(inner),
-                       cake::detail::element_ptr(v, idx),
-                       static_cast<std::size_t>(inner) * sizeof(T),
-                       cudaMemcpyDeviceToHost) == cudaSuccess);
-  }
-  return out;
-}
-
-template <class V>
-auto flatten(const V& v) {
-  using T = std::remove_const_t<typename V::element_type>;
-  constexpr std::size_t R = V::rank();
-  std::size_t total = 1;
-  for (std::size_t r = 0; r < R; ++r) total *= static_cast<std::size_t>(v.extent(r));
-  std::vector<T> out(total);
-  if (total == 0) return out;
-  const index_t inner = v.extent(R - 1);
-  for (std::size_t o = 0; o < total / static_cast<std::size_t>(inner); ++o) {
-    std::array<index_t, R> idx{};
-    std::size_t rem = o;
-    for (std::size_t r = R - 1; r-- > 0;) {
-      idx[r] = static_cast<index_t>(rem % static_cast<std::size_t>(v.extent(r)));
-      rem /= static_cast<std::size_t>(v.extent(r));
-    }
-    const T* row = cake::detail::element_ptr(v, idx);
-    std::copy(row, row + inner,
-              out.begin() + static_cast<std::ptrdiff_t>(o * static_cast<std::size_t>(inner)));
-  }
-  return out;
-}
-
-// Elements as float (the CUDA cache may store 16-bit K/V; the host one compares in float).
-template <class T>
-std::vector<float> as_floats(const std::vector<T>& v) {
-  std::vector<float> o(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) o[i] = static_cast<float>(v[i]);
-  return o;
-}
+using namespace cake_cuda_test;
 
 // The values a cache storing T holds for x (identity for float).
 template <class T>
 void round_to(std::vector<float>& v) {
   for (auto& x : v) x = static_cast<float>(static_cast<T>(x));
-}
-
-template <class T>
-std::vector<T> to_elements(const std::vector<float>& v) {
-  std::vector<T> o(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) o[i] = static_cast<T>(v[i]);
-  return o;
 }
 
 using HostCache = cake::KvCache<>;
@@ -138,8 +62,8 @@ void require_same(const HostC& h, const CudaC& c, const std::string& where) {
       return out;
     };
     CHECK(tokens(flatten(h.positions(l)), flatten(h.keys(l)), flatten(h.values(l))) ==
-          tokens(download(c.positions(l)), as_floats(download(c.keys(l))),
-                 as_floats(download(c.values(l)))));
+          tokens(download(c.positions(l)), convert<float>(download(c.keys(l))),
+                 convert<float>(download(c.values(l)))));
     if (h.config().order == cake::token_order::position)  // here the order itself is defined
       CHECK(flatten(h.positions(l)) == download(c.positions(l)));
   }
@@ -154,13 +78,11 @@ void prefill_both(HostC& host, CudaC& dev, index_t l, const std::vector<float>& 
                   const std::vector<float>& k, const std::vector<float>& v,
                   const std::array<index_t, 4>& qs, const std::array<index_t, 4>& ks) {
   using TD = typename CudaC::value_type;
-  Dev<float> dq(q);
-  Dev<TD> dk(to_elements<TD>(k)), dv(to_elements<TD>(v));
+  DeviceBuffer<float> dq(q);
+  DeviceBuffer<TD> dk(convert<TD>(k)), dv(convert<TD>(v));
   host.prefill(l, cake::make_view(q.data(), qs), cake::make_view(k.data(), ks),
                cake::make_view(v.data(), ks));
-  dev.prefill(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
-              cake::make_view<cake::device_space>(static_cast<const TD*>(dk.p), ks),
-              cake::make_view<cake::device_space>(static_cast<const TD*>(dv.p), ks));
+  dev.prefill(l, dq.const_view(qs), dk.const_view(ks), dv.const_view(ks));
 }
 
 // 3 layers of a small GQA model (8 query / 2 KV heads, d 64, w 16) into 80 tokens.
@@ -212,19 +134,15 @@ void run_synthetic(HostC& host, CudaC& dev, unsigned seed, const std::string& wh
         for (auto& x : *t) x = normal(rng);
       round_to<TD>(k);
       round_to<TD>(v);
-      Dev<float> dq(q);
-      Dev<TD> dk(to_elements<TD>(k)), dv(to_elements<TD>(v));
+      DeviceBuffer<float> dq(q);
+      DeviceBuffer<TD> dk(convert<TD>(k)), dv(convert<TD>(v));
       host.decode(
           l, cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 3>{B, H, d}),
           cake::make_view(static_cast<const float*>(k.data()), std::array<index_t, 3>{B, Hkv, d}),
           cake::make_view(static_cast<const float*>(v.data()), std::array<index_t, 3>{B, Hkv, d}));
-      dev.decode(l,
-                 cake::make_view<cake::device_space>(static_cast<const float*>(dq.p),
-                                                     std::array<index_t, 3>{B, H, d}),
-                 cake::make_view<cake::device_space>(static_cast<const TD*>(dk.p),
-                                                     std::array<index_t, 3>{B, Hkv, d}),
-                 cake::make_view<cake::device_space>(static_cast<const TD*>(dv.p),
-                                                     std::array<index_t, 3>{B, Hkv, d}));
+      dev.decode(l, dq.const_view(std::array<index_t, 3>{B, H, d}),
+                 dk.const_view(std::array<index_t, 3>{B, Hkv, d}),
+                 dv.const_view(std::array<index_t, 3>{B, Hkv, d}));
     }
   require_same(host, dev, where + ", decoded");
 }
@@ -259,14 +177,12 @@ TEST_SUITE("gpu") {
             auto q = gc.floats(p + "_q");
             auto k = gc.floats(p + "_k");
             auto v = gc.floats(p + "_v");
-            Dev<float> dq(q), dk(k), dv(v);
+            DeviceBuffer<float> dq(q), dk(k), dv(v);
             const std::array<index_t, 3> qs{gc.B, gc.H, gc.d}, ks{gc.B, gc.Hkv, gc.d};
             host.decode(l, cake::make_view(static_cast<const float*>(q.data()), qs),
                         cake::make_view(static_cast<const float*>(k.data()), ks),
                         cake::make_view(static_cast<const float*>(v.data()), ks));
-            dev.decode(l, cake::make_view<cake::device_space>(static_cast<const float*>(dq.p), qs),
-                       cake::make_view<cake::device_space>(static_cast<const float*>(dk.p), ks),
-                       cake::make_view<cake::device_space>(static_cast<const float*>(dv.p), ks));
+            dev.decode(l, dq.const_view(qs), dk.const_view(ks), dv.const_view(ks));
             if (order == cake::token_order::reference) {
               // The reference's held positions, from the golden data.
               auto want = gc.ints(p + "_held");
@@ -313,15 +229,11 @@ TEST_SUITE("gpu") {
     CudaCache dev(cfg, {}, {}, {}, cake::cuda);
     std::vector<float> q(2 * 4 * 8, 0.5f), k(40 * 8, 0.25f), v(40 * 8, 1.0f);
     k[static_cast<std::size_t>(17 * 8 + 3)] = std::nanf("");
-    Dev<float> dq(q), dk(k), dv(v);
+    DeviceBuffer<float> dq(q), dk(k), dv(v);
     try {
-      dev.prefill(0,
-                  cake::make_view<cake::device_space>(static_cast<const float*>(dq.p),
-                                                      std::array<index_t, 4>{1, 2, 4, 8}),
-                  cake::make_view<cake::device_space>(static_cast<const float*>(dk.p),
-                                                      std::array<index_t, 4>{1, 1, 40, 8}),
-                  cake::make_view<cake::device_space>(static_cast<const float*>(dv.p),
-                                                      std::array<index_t, 4>{1, 1, 40, 8}));
+      dev.prefill(0, dq.const_view(std::array<index_t, 4>{1, 2, 4, 8}),
+                  dk.const_view(std::array<index_t, 4>{1, 1, 40, 8}),
+                  dv.const_view(std::array<index_t, 4>{1, 1, 40, 8}));
       FAIL("a NaN key was accepted");
     } catch (const cake::invalid_argument& e) {
       CHECK(std::string(e.what()).find("[cake.prefill.keys]") != std::string::npos);
@@ -365,16 +277,12 @@ TEST_SUITE("gpu") {
         k(static_cast<std::size_t>(2 * S * 32));
     for (auto* t : {&q, &k})
       for (auto& x : *t) x = normal(rng);
-    Dev<float> dq(q), dk(k);
+    DeviceBuffer<float> dq(q), dk(k);
     const auto prefill = [&](auto& cache) {
       for (index_t l = 0; l < 2; ++l)
-        cache.prefill(l,
-                      cake::make_view<cake::device_space>(static_cast<const float*>(dq.p),
-                                                          std::array<index_t, 4>{1, 4, 8, 32}),
-                      cake::make_view<cake::device_space>(static_cast<const float*>(dk.p),
-                                                          std::array<index_t, 4>{1, 2, S, 32}),
-                      cake::make_view<cake::device_space>(static_cast<const float*>(dk.p),
-                                                          std::array<index_t, 4>{1, 2, S, 32}));
+        cache.prefill(l, dq.const_view(std::array<index_t, 4>{1, 4, 8, 32}),
+                      dk.const_view(std::array<index_t, 4>{1, 2, S, 32}),
+                      dk.const_view(std::array<index_t, 4>{1, 2, S, 32}));
       REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
     };
     const auto used = [](cudaMemPool_t pool) {

@@ -16,54 +16,46 @@
 #include <vector>
 
 #include "../host/paged_case.hpp"
+#include "device_buffer.cuh"
 
 namespace {
 
-using cake::index_t;
+using namespace cake_cuda_test;
 
-template <class T>
-struct Dev {
-  T* p = nullptr;
-  std::size_t n = 0;
-  explicit Dev(const std::vector<T>& h) : n(h.size()) {
-    REQUIRE(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)) == cudaSuccess);
-    REQUIRE(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess);
+// c's block table, keep and keep_lens on the device.
+struct DeviceTable {
+  DeviceBuffer<std::int32_t> indptr, ids, lens, keep_lens;
+  DeviceBuffer<std::int64_t> keep;
+  const paged_case::Case& c;
+  explicit DeviceTable(const paged_case::Case& cs)
+      : indptr(cs.indptr),
+        ids(cs.ids),
+        lens(cs.seq_lens),
+        keep_lens(cs.keep_lens),
+        keep(cs.keep),
+        c(cs) {}
+  auto table() const {
+    return cake::make_block_table<cake::device_space>(
+        indptr.get(), ids.get(), lens.get(), c.num_seqs, static_cast<index_t>(c.ids.size()));
   }
-  ~Dev() { cudaFree(p); }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-  std::vector<T> download() const {
-    std::vector<T> h(n);
-    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-    REQUIRE(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess);
-    return h;
+  auto keep_view() const {  // (num_seqs, kv_heads, m)
+    return keep.const_view(std::array<index_t, 3>{c.num_seqs, c.Hkv, c.m});
+  }
+  auto lens_view() const {  // (num_seqs, kv_heads)
+    return keep_lens.const_view(std::array<index_t, 2>{c.num_seqs, c.Hkv});
   }
 };
-
-template <class T>
-std::vector<T> convert(const std::vector<float>& v) {
-  std::vector<T> o(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) o[i] = static_cast<T>(v[i]);
-  return o;
-}
 
 // Compacts c's pool on the device (type T, guarded or not) and returns the pool.
 template <class T>
 std::vector<T> compact_on_device(const paged_case::Case& c, cake::cuda_index_guard* guard) {
-  Dev<T> pool(convert<T>(c.pool));
-  Dev<std::int32_t> indptr(c.indptr), ids(c.ids), lens(c.seq_lens), keep_lens(c.keep_lens);
-  Dev<std::int64_t> keep(c.keep);
-  const auto table = cake::make_block_table<cake::device_space>(indptr.p, ids.p, lens.p, c.num_seqs,
-                                                                static_cast<index_t>(c.ids.size()));
-  const auto pv = c.pool_view<cake::device_space>(pool.p);
-  const auto kv = cake::make_view<cake::device_space>(
-      static_cast<const std::int64_t*>(keep.p), std::array<index_t, 3>{c.num_seqs, c.Hkv, c.m});
-  const auto lv = cake::make_view<cake::device_space>(static_cast<const std::int32_t*>(keep_lens.p),
-                                                      std::array<index_t, 2>{c.num_seqs, c.Hkv});
+  DeviceBuffer<T> pool(convert<T>(c.pool));
+  const DeviceTable t(c);
+  const auto pv = c.pool_view<cake::device_space>(pool.get());
   if (guard)
-    cake::compact(cake::cuda, pv, table, kv, lv, *guard);
+    cake::compact(cake::cuda, pv, t.table(), t.keep_view(), t.lens_view(), *guard);
   else
-    cake::compact(cake::cuda, pv, table, kv, lv);
+    cake::compact(cake::cuda, pv, t.table(), t.keep_view(), t.lens_view());
   return pool.download();
 }
 
@@ -122,12 +114,11 @@ TEST_CASE("compact on CUDA with a guard: bad indices throw the host's error, not
   SUBCASE("dense, out of range") {
     const std::vector<float> src{0, 1, 2, 3, 4, 5, 6, 7};  // (1, 1, 4, 2)
     const std::vector<std::int32_t> keep{1, 4};
-    Dev<float> ds(src), dd(std::vector<float>(4, -1.0f));
-    Dev<std::int32_t> dk(keep);
-    cake::compact(
-        cake::cuda, cake::make_view<cake::device_space>(ds.p, std::array<index_t, 4>{1, 1, 4, 2}),
-        cake::make_view<cake::device_space>(dk.p, std::array<index_t, 3>{1, 1, 2}),
-        cake::make_view<cake::device_space>(dd.p, std::array<index_t, 4>{1, 1, 2, 2}), guard);
+    DeviceBuffer<float> ds(src), dd(std::vector<float>(4, -1.0f));
+    DeviceBuffer<std::int32_t> dk(keep);
+    cake::compact(cake::cuda, ds.view(std::array<index_t, 4>{1, 1, 4, 2}),
+                  dk.view(std::array<index_t, 3>{1, 1, 2}),
+                  dd.view(std::array<index_t, 4>{1, 1, 2, 2}), guard);
     CHECK(dd.download() == std::vector<float>(4, -1.0f));
     CHECK_THROWS_WITH_AS(guard.throw_if_error(),
                          "[cake.compact.keep] keep(0, 0, 1) must be in [0, 4), got 4",
@@ -146,22 +137,15 @@ TEST_CASE("paged compact of K and V in one CUDA call, guarded and not, equals th
     CAPTURE(guarded);
     std::vector<float> v0 = c.pool;
     for (float& x : v0) x = -x;
-    Dev<float> k_pool(c.pool), v_pool(v0);
-    Dev<std::int32_t> indptr(c.indptr), ids(c.ids), lens(c.seq_lens), keep_lens(c.keep_lens);
-    Dev<std::int64_t> keep(c.keep);
-    const auto table = cake::make_block_table<cake::device_space>(
-        indptr.p, ids.p, lens.p, c.num_seqs, static_cast<index_t>(c.ids.size()));
-    const auto kv = cake::make_view<cake::device_space>(
-        static_cast<const std::int64_t*>(keep.p), std::array<index_t, 3>{c.num_seqs, c.Hkv, c.m});
-    const auto lv = cake::make_view<cake::device_space>(
-        static_cast<const std::int32_t*>(keep_lens.p), std::array<index_t, 2>{c.num_seqs, c.Hkv});
+    DeviceBuffer<float> k_pool(c.pool), v_pool(v0);
+    const DeviceTable t(c);
+    const auto kp = c.pool_view<cake::device_space>(k_pool.get());
+    const auto vp = c.pool_view<cake::device_space>(v_pool.get());
     cake::cuda_index_guard guard;
     if (guarded)
-      cake::compact(cake::cuda, c.pool_view<cake::device_space>(k_pool.p),
-                    c.pool_view<cake::device_space>(v_pool.p), table, kv, lv, guard);
+      cake::compact(cake::cuda, kp, vp, t.table(), t.keep_view(), t.lens_view(), guard);
     else
-      cake::compact(cake::cuda, c.pool_view<cake::device_space>(k_pool.p),
-                    c.pool_view<cake::device_space>(v_pool.p), table, kv, lv);
+      cake::compact(cake::cuda, kp, vp, t.table(), t.keep_view(), t.lens_view());
     CHECK(k_pool.download() == k_host);
     CHECK(v_pool.download() == v_host);
     CHECK_NOTHROW(guard.throw_if_error());

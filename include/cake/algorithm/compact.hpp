@@ -171,6 +171,18 @@ void compact_dense(const Exec& exec, Src&& src, Keep&& keep, Dst&& dst, Guard...
   compact_backend<Exec>::run(exec, s, k, d, guard...);
 }
 
+// A paged call's keep (num_seqs, kv_heads, m) and keep_lens (num_seqs, kv_heads) as
+// const views, keep_lens required to hold std::int32_t.
+template <class Space, class KeepView, class LensView>
+auto paged_keep(const KeepView& keep, const LensView& keep_lens) {
+  using TI = std::remove_const_t<typename KeepView::element_type>;
+  static_assert(std::is_same_v<std::remove_const_t<typename LensView::element_type>, std::int32_t>,
+                "cake::compact: keep_lens must hold std::int32_t");
+  return std::pair{
+      view<const TI, 3, Space>(keep.data_handle(), keep.mapping()),
+      view<const std::int32_t, 2, Space>(keep_lens.data_handle(), keep_lens.mapping())};
+}
+
 template <class Exec, tensor_like Pool, class Space, tensor_like Keep, tensor_like Lens,
           class... Guard>
 void compact_paged(const Exec& exec, Pool&& pool, const block_table<Space>& table, Keep&& keep,
@@ -183,12 +195,7 @@ void compact_paged(const Exec& exec, Pool&& pool, const block_table<Space>& tabl
   static_assert(!std::is_const_v<T>,
                 "cake::compact: the pool is written in place; pass a "
                 "non-const view");
-  using TI = std::remove_const_t<typename decltype(k0)::element_type>;
-  static_assert(
-      std::is_same_v<std::remove_const_t<typename decltype(l0)::element_type>, std::int32_t>,
-      "cake::compact: keep_lens must hold std::int32_t");
-  view<const TI, 3, Space> k(k0.data_handle(), k0.mapping());
-  view<const std::int32_t, 2, Space> l(l0.data_handle(), l0.mapping());
+  const auto [k, l] = paged_keep<Space>(k0, l0);
   validate_compact(p, table, k, l).throw_if_error();
   compact_backend<Exec>::run_paged(exec, p, table, k, l, guard...);
 }
@@ -227,12 +234,7 @@ void compact_paged_kv(const Exec& exec, KPool&& k_pool, VPool&& v_pool,
   static_assert(!std::is_const_v<T> && std::is_same_v<typename decltype(vp)::element_type, T>,
                 "cake::compact: k_pool and v_pool are written in place; pass non-const views of "
                 "one element type");
-  using TI = std::remove_const_t<typename decltype(k0)::element_type>;
-  static_assert(
-      std::is_same_v<std::remove_const_t<typename decltype(l0)::element_type>, std::int32_t>,
-      "cake::compact: keep_lens must hold std::int32_t");
-  view<const TI, 3, Space> k(k0.data_handle(), k0.mapping());
-  view<const std::int32_t, 2, Space> l(l0.data_handle(), l0.mapping());
+  const auto [k, l] = paged_keep<Space>(k0, l0);
   view<T, 4, Space> v(vp.data_handle(), vp.mapping());
   validate_compact(kp, table, k, l).throw_if_error();
   check_kv_pools(kp, v).throw_if_error();

@@ -163,6 +163,21 @@ __device__ void score_tile(const StatsParams<TQ, TK>& p, const float* Ks, const 
   }
 }
 
+// Ss = scores of window rows rho0 .. rho0 + rows against the key tile in Ks, the
+// rows' queries loaded first unless all of them stay resident in Qs. The whole block
+// calls it; Ss is complete for every thread on return.
+template <class TQ, class TK>
+__device__ __forceinline__ void score_rows(const StatsParams<TQ, TK>& p, const TileLayout& lay,
+                                           int b, int g, int rho0, int rows, bool resident) {
+  if (!resident) {
+    __syncthreads();
+    load_query_rows(p, b, g, rho0, rows, lay.Qs);
+  }
+  __syncthreads();
+  score_tile(p, lay.Ks, lay.Qs, lay.Ss, rows);
+  __syncthreads();
+}
+
 // The block's sums of a and b (two cub::BlockReduce passes on one storage), valid in
 // thread 0 only.
 template <int THREADS, class T>
@@ -201,13 +216,7 @@ __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1
     load_key_tile(p, b, g, j0, p.S, lay.Ks);
     for (int rho0 = 0; rho0 < gw; rho0 += R) {
       const int rows = min(R, gw - rho0);
-      if (!resident) {
-        __syncthreads();
-        load_query_rows(p, b, g, rho0, rows, lay.Qs);
-      }
-      __syncthreads();
-      score_tile(p, lay.Ks, lay.Qs, Ss, rows);
-      __syncthreads();
+      score_rows(p, lay, b, g, rho0, rows, resident);
       // A warp per row: this tile's normaliser, merged into the row's running one.
       for (int rr = warp; rr < rows; rr += warps) {
         const int rho = rho0 + rr, i = rho % p.w;
@@ -305,13 +314,7 @@ __global__ void __launch_bounds__(tuning::stats_threads, 1)  // shared memory: 1
     float group_score = 0.0f;
     for (int rho0 = 0; rho0 < gw; rho0 += R) {
       const int rows = min(R, gw - rho0);
-      if (!resident) {
-        __syncthreads();
-        load_query_rows(p, b, g, rho0, rows, lay.Qs);
-      }
-      __syncthreads();
-      score_tile(p, lay.Ks, lay.Qs, Ss, rows);
-      __syncthreads();
+      score_rows(p, lay, b, g, rho0, rows, resident);
       // Scores -> probabilities (only prefix keys are needed here: every window row
       // sees them all) and the entropy terms.
       for (int e = threadIdx.x; e < rows * TILE_N; e += blockDim.x) {

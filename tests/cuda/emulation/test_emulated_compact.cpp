@@ -88,6 +88,27 @@ void emulate_dense(cake::device_view<const T, 4> src, cake::device_view<const TI
     gather.template operator()<T>();
 }
 
+// emulate_dense on the memory of host views (the emulated device is this process).
+template <class T, class TI>
+void emulate_dense_on(cake::host_view<const T, 4> src, cake::host_view<const TI, 3> keep,
+                      cake::host_view<T, 4> dst, cd::IndexGuardRecord* guard) {
+  emulate_dense(cake::device_view<const T, 4>(src.data_handle(), src.mapping()),
+                cake::device_view<const TI, 3>(keep.data_handle(), keep.mapping()),
+                cake::device_view<T, 4>(dst.data_handle(), dst.mapping()), guard);
+}
+
+// The host's message for a dense compaction ("no error" when it succeeds).
+template <class T, class TI>
+std::string host_error(cake::host_view<const T, 4> src, cake::host_view<const TI, 3> keep,
+                       cake::host_view<T, 4> dst) {
+  try {
+    cake::compact(cake::host, src, keep, dst);
+  } catch (const cake::invalid_argument& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
 template <class T, class TI>
 void emulate_paged(cake::device_view<T, 4> pool, const cake::block_table<cake::device_space>& table,
                    cake::device_view<const TI, 3> keep,
@@ -173,37 +194,23 @@ TEST_CASE("CUDA compact with a guard: bad indices reported as on the host, nothi
     std::vector<float> dst(static_cast<std::size_t>(B * G * m * d), -1.0f);
     const std::array<index_t, 4> se{B, G, S, d}, de{B, G, m, d};
     const std::array<index_t, 3> ke{B, G, m};
-    std::string host;
-    try {
-      cake::compact(cake::host, cake::make_view(static_cast<const float*>(src.data()), se),
-                    cake::make_view(keep.data(), ke), cake::make_view(dst.data(), de));
-    } catch (const cake::invalid_argument& e) {
-      host = e.what();
-    }
+    const auto sv = cake::make_view(static_cast<const float*>(src.data()), se);
+    const auto dv = cake::make_view(dst.data(), de);
+    const std::string host = host_error(sv, cake::make_view(keep.data(), ke), dv);
     CHECK(host == "[cake.compact.keep] keep(0, 1, 1) must be in [0, 6), got 6");
     cd::IndexGuardRecord g = fresh_guard();
-    emulate_dense(
-        cake::make_view<cake::device_space>(static_cast<const float*>(src.data()), se),
-        cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(keep.data()), ke),
-        cake::make_view<cake::device_space>(dst.data(), de), &g);
+    emulate_dense_on(sv, cake::make_view(keep.data(), ke), dv, &g);
     CHECK(dst == std::vector<float>(dst.size(), -1.0f));
     const cake::status st = cd::guard_status(g);
     CHECK(st.message == host);
     SUBCASE("the guard is sticky: a later valid call writes nothing either") {
       const std::vector<std::int64_t> good{0, 1, 2, 3};
-      emulate_dense(
-          cake::make_view<cake::device_space>(static_cast<const float*>(src.data()), se),
-          cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(good.data()), ke),
-          cake::make_view<cake::device_space>(dst.data(), de), &g);
+      emulate_dense_on(sv, cake::make_view(good.data(), ke), dv, &g);
       CHECK(dst == std::vector<float>(dst.size(), -1.0f));
       CHECK(cd::guard_status(g).message == host);
     }
     SUBCASE("unguarded, the bad index is skipped and the rest written") {
-      emulate_dense(
-          cake::make_view<cake::device_space>(static_cast<const float*>(src.data()), se),
-          cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(keep.data()), ke),
-          cake::make_view<cake::device_space>(dst.data(), de),
-          static_cast<cd::IndexGuardRecord*>(nullptr));
+      emulate_dense_on(sv, cake::make_view(keep.data(), ke), dv, nullptr);
       CHECK(dst[0] == 0.0f);    // row (0, 0) token 0 <- 0
       CHECK(dst[12] == -1.0f);  // row (0, 1) token 1: skipped
     }
@@ -216,19 +223,13 @@ TEST_CASE("CUDA compact with a guard: bad indices reported as on the host, nothi
     const std::vector<std::int64_t> keep{1, 2, 3, 0, 4, 4};
     const std::array<index_t, 4> se{B, G, S, d}, de{B, G, m, d}, ds{G * S * d, S * d, d, 1};
     const std::array<index_t, 3> ke{B, G, m};
-    std::string host;
-    try {
-      cake::compact(cake::host, cake::make_view(buf.data(), se), cake::make_view(keep.data(), ke),
-                    cake::make_view(buf.data(), de, ds));
-    } catch (const cake::invalid_argument& e) {
-      host = e.what();
-    }
+    const auto sv = cake::make_view(static_cast<const float*>(buf.data()), se);
+    const auto kv = cake::make_view(keep.data(), ke);
+    const auto dv = cake::make_view(buf.data(), de, ds);
+    const std::string host = host_error(sv, kv, dv);
     CHECK(host.find("keep(1, 0, 2) = 4 follows 4") != std::string::npos);
     cd::IndexGuardRecord g = fresh_guard();
-    emulate_dense(
-        cake::make_view<cake::device_space>(static_cast<const float*>(buf.data()), se),
-        cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(keep.data()), ke),
-        cake::make_view<cake::device_space>(buf.data(), de, ds), &g);
+    emulate_dense_on(sv, kv, dv, &g);
     CHECK(buf == before);
     CHECK(cd::guard_status(g).message == host);
   }
@@ -283,19 +284,13 @@ TEST_CASE("CUDA compact with a guard checks lengths and indices even when nothin
     const std::vector<std::int64_t> keep{0, 3};
     const std::array<index_t, 4> se{B, G, S, 0}, de{B, G, m, 0};
     const std::array<index_t, 3> ke{B, G, m};
-    std::string host;
-    try {
-      cake::compact(cake::host, cake::make_view(static_cast<const float*>(src.data()), se),
-                    cake::make_view(keep.data(), ke), cake::make_view(dst.data(), de));
-    } catch (const cake::invalid_argument& e) {
-      host = e.what();
-    }
+    const auto sv = cake::make_view(static_cast<const float*>(src.data()), se);
+    const auto kv = cake::make_view(keep.data(), ke);
+    const auto dv = cake::make_view(dst.data(), de);
+    const std::string host = host_error(sv, kv, dv);
     CHECK(host == "[cake.compact.keep] keep(0, 0, 1) must be in [0, 3), got 3");
     cd::IndexGuardRecord g = fresh_guard();
-    emulate_dense(
-        cake::make_view<cake::device_space>(static_cast<const float*>(src.data()), se),
-        cake::make_view<cake::device_space>(static_cast<const std::int64_t*>(keep.data()), ke),
-        cake::make_view<cake::device_space>(dst.data(), de), &g);
+    emulate_dense_on(sv, kv, dv, &g);
     CHECK(cd::guard_status(g).message == host);
   }
 }

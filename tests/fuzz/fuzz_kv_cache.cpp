@@ -24,6 +24,8 @@
 #include <set>
 #include <vector>
 
+#include "../support/kv_snapshot.hpp"
+
 namespace {
 
 using cake::index_t;
@@ -37,49 +39,8 @@ using cake::index_t;
     if (!(cond)) fail(#cond __VA_OPT__(, ) __VA_ARGS__); \
   } while (0)
 
-// Every public observer of a cache, by value.
-struct Snapshot {
-  index_t prefilled = 0, prompt = 0, tokens = 0, peak = 0;
-  std::size_t bytes = 0;
-  std::vector<index_t> budgets;
-  std::vector<std::vector<index_t>> stages;
-  std::vector<std::vector<index_t>> lengths, positions;
-  std::vector<std::vector<float>> keys, values;
-  bool operator==(const Snapshot&) const = default;
-};
-
-template <class Cache>
-Snapshot snapshot(const Cache& c) {
-  Snapshot s;
-  s.prefilled = c.layers_prefilled();
-  s.prompt = c.prompt_length();
-  s.tokens = c.tokens_held();
-  s.peak = c.peak_tokens_held();
-  s.bytes = c.bytes_held();
-  s.budgets.assign(c.budgets().begin(), c.budgets().end());
-  s.stages = c.stage_budgets();
-  for (index_t l = 0; l < c.num_layers(); ++l) {
-    s.lengths.push_back(c.row_lengths(l));
-    auto p = c.positions(l);
-    auto k = c.keys(l);
-    auto v = c.values(l);
-    std::vector<index_t> pv;
-    std::vector<float> kv, vv;
-    for (index_t b = 0; b < k.extent(0); ++b)
-      for (index_t g = 0; g < k.extent(1); ++g)
-        for (index_t t = 0; t < k.extent(2); ++t) {
-          pv.push_back(p(b, g, t));
-          for (index_t x = 0; x < k.extent(3); ++x) {
-            kv.push_back(k(b, g, t, x));
-            vv.push_back(v(b, g, t, x));
-          }
-        }
-    s.positions.push_back(std::move(pv));
-    s.keys.push_back(std::move(kv));
-    s.values.push_back(std::move(vv));
-  }
-  return s;
-}
+using cake_test::Snapshot;
+using cake_test::snapshot;
 
 // Keys and values must match bit for bit (NaN-safe).
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "../support/kv_snapshot.hpp"
+
 using cake::index_t;
 
 namespace err_test {
@@ -59,40 +61,8 @@ struct T3 {
   }
 };
 
-// Everything observable about a cache.
-struct Snapshot {
-  index_t prefilled = 0, total = 0, peak = 0, prompt = 0;
-  std::vector<index_t> held, budgets;
-  std::vector<std::vector<index_t>> positions;
-  std::vector<std::vector<float>> values;
-  bool operator==(const Snapshot&) const = default;
-};
-
-template <class Cache>
-Snapshot snapshot(const Cache& c) {
-  Snapshot s;
-  s.prefilled = c.layers_prefilled();
-  s.total = c.tokens_held();
-  s.peak = c.peak_tokens_held();
-  s.prompt = c.prompt_length();
-  s.budgets.assign(c.budgets().begin(), c.budgets().end());
-  for (index_t l = 0; l < c.num_layers(); ++l) {
-    s.held.push_back(c.tokens_held(l));
-    auto p = c.positions(l);
-    auto v = c.values(l);
-    std::vector<index_t> pos;
-    std::vector<float> val;
-    for (index_t b = 0; b < p.extent(0); ++b)
-      for (index_t g = 0; g < p.extent(1); ++g)
-        for (index_t t = 0; t < p.extent(2); ++t) {
-          pos.push_back(p(b, g, t));
-          for (index_t x = 0; x < v.extent(3); ++x) val.push_back(v(b, g, t, x));
-        }
-    s.positions.push_back(std::move(pos));
-    s.values.push_back(std::move(val));
-  }
-  return s;
-}
+using cake_test::Snapshot;
+using cake_test::snapshot;
 
 inline void check_message(const cake::error& e, const std::string& id,
                           std::initializer_list<std::string> parts) {
@@ -138,7 +108,7 @@ TEST_CASE("prefill: shape mismatches") {
   Fixture f;
   const Snapshot before = snapshot(f.cache);
   REQUIRE(before.prefilled == 1);
-  REQUIRE(before.held[0] > 0);
+  REQUIRE(before.layer_tokens[0] > 0);
 
   SUBCASE("keys batch") {
     T4 k{{3, Hkv, S, d}, 4};

@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "../support/kv_snapshot.hpp"
+
 namespace fi {
 std::atomic<bool> armed{false};
 std::atomic<long> count{0}, fail_at{0};
@@ -79,54 +81,8 @@ constexpr bool kSanitized = true;  // Debug + ASan: about 20x slower, so fewer c
 constexpr bool kSanitized = false;
 #endif
 
-// Every public observer of a cache, by value.
-struct Snapshot {
-  index_t prefilled = 0, prompt = 0, tokens = 0, peak = 0;
-  std::size_t bytes = 0;
-  std::vector<index_t> budgets;
-  std::vector<std::vector<index_t>> stages, lengths, positions;
-  std::vector<std::size_t> layer_bytes;
-  std::vector<index_t> layer_tokens;
-  std::vector<double> prefs;
-  std::vector<std::vector<float>> keys, values;
-  bool operator==(const Snapshot&) const = default;
-};
-
-template <class Cache>
-Snapshot snapshot(const Cache& c) {
-  Snapshot s;
-  s.prefilled = c.layers_prefilled();
-  s.prompt = c.prompt_length();
-  s.tokens = c.tokens_held();
-  s.peak = c.peak_tokens_held();
-  s.bytes = c.bytes_held();
-  s.budgets.assign(c.budgets().begin(), c.budgets().end());
-  s.stages = c.stage_budgets();
-  for (index_t l = 0; l < c.num_layers(); ++l) {
-    s.lengths.push_back(c.row_lengths(l));
-    s.layer_bytes.push_back(c.bytes_held(l));
-    s.layer_tokens.push_back(c.tokens_held(l));
-    if (l < c.layers_prefilled()) s.prefs.push_back(c.preference(l));
-    auto p = c.positions(l);
-    auto k = c.keys(l);
-    auto v = c.values(l);
-    std::vector<index_t> pv;
-    std::vector<float> kv, vv;
-    for (index_t b = 0; b < k.extent(0); ++b)
-      for (index_t g = 0; g < k.extent(1); ++g)
-        for (index_t t = 0; t < k.extent(2); ++t) {
-          pv.push_back(p(b, g, t));
-          for (index_t x = 0; x < k.extent(3); ++x) {
-            kv.push_back(k(b, g, t, x));
-            vv.push_back(v(b, g, t, x));
-          }
-        }
-    s.positions.push_back(std::move(pv));
-    s.keys.push_back(std::move(kv));
-    s.values.push_back(std::move(vv));
-  }
-  return s;
-}
+using cake_test::Snapshot;
+using cake_test::snapshot;
 
 struct Data {
   cake::CacheConfig cfg;

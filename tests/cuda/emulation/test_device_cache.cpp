@@ -1,7 +1,7 @@
-// The CUDA launchers' device-attribute and occupancy memos (detail/device_cache.hpp,
-// detail/dispatch.cuh) on the host: the runtime calls the attribute reads make are
-// faked here with counters, so the tests see how often the device is asked, what a
-// machine without a device gets, and that a failed read is not remembered.
+// The CUDA launchers' device-attribute, kernel-attribute and occupancy memos
+// (detail/device_cache.hpp, detail/dispatch.cuh) on the host: the runtime calls they
+// make are faked here with counters, so the tests see how often the device is asked,
+// what a machine without a device gets, and that a failed read is not remembered.
 #include <cake/backend/cuda/detail/dispatch.cuh>
 
 #include <doctest/doctest.h>
@@ -10,6 +10,7 @@
 #include <atomic>
 #include <optional>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -58,6 +59,41 @@ extern "C" cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, i
 
 extern "C" cudaError_t cudaGetLastError() {
   ++last_error_clears;
+  return cudaSuccess;
+}
+
+extern "C" const char* cudaGetErrorString(cudaError_t) { return "fake error"; }
+
+// Two kernels (any function's address serves): kernel_a with 1 KiB of static shared
+// memory, kernel_b with 20 KiB.
+namespace {
+void kernel_a(int) {}
+void kernel_b(int) {}
+int func_attribute_calls = 0, set_attribute_calls = 0, last_set_bytes = 0, occupancy_calls = 0;
+bool occupancy_fails = false;
+}  // namespace
+
+extern "C" cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func) {
+  ++func_attribute_calls;
+  *attr = cudaFuncAttributes{};
+  attr->sharedSizeBytes = func == reinterpret_cast<const void*>(&kernel_b) ? 20 * 1024 : 1024;
+  return cudaSuccess;
+}
+
+extern "C" cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  ++set_attribute_calls;
+  last_set_bytes = value;
+  return cudaSuccess;
+}
+
+// Device 0 holds 2 blocks, device 1 holds 3; none with more than 64 KiB of dynamic
+// shared memory.
+extern "C" cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int,
+                                                                     std::size_t smem) {
+  ++occupancy_calls;
+  if (occupancy_fails) return cudaErrorInvalidDeviceFunction;
+  *blocks = smem > 64 * 1024 ? 0 : 2 + current;
   return cudaSuccess;
 }
 
@@ -134,6 +170,67 @@ TEST_CASE("cuda dispatch: device attributes are read once per device, the fallba
     CHECK(r.sms == 84);
   }
   CHECK(attribute_calls[2] == 9);
+  current = -1;
+}
+
+TEST_CASE("cuda dispatch: occupancy is read once per (kernel, block, shared memory, device)") {
+  const int calls = occupancy_calls;
+  current = 0;
+  for (int i = 0; i < 3; ++i) CHECK(cd::resident_blocks(&kernel_a, 256, 1024, "kernel_a") == 2);
+  CHECK(occupancy_calls == calls + 1);
+  CHECK(cd::resident_blocks(&kernel_a, 128, 1024, "kernel_a") == 2);        // another block size
+  CHECK(cd::resident_blocks(&kernel_a, 256, 100 * 1024, "kernel_a") == 1);  // 0 reads as 1
+  CHECK(cd::resident_blocks(&kernel_b, 256, 1024, "kernel_b") == 2);        // another kernel
+  CHECK(occupancy_calls == calls + 4);
+  current = 1;
+  CHECK(cd::resident_blocks(&kernel_a, 256, 1024, "kernel_a") == 3);  // another device
+  current = 0;
+  CHECK(cd::resident_blocks(&kernel_a, 256, 1024, "kernel_a") == 2);
+  CHECK(occupancy_calls == calls + 5);
+
+  // A failed query throws naming the kernel and is not remembered.
+  occupancy_fails = true;
+  std::string what;
+  try {
+    cd::resident_blocks(&kernel_a, 64, 0, "kernel_a");
+  } catch (const cake::cuda_error& e) {
+    what = e.what();
+  }
+  CHECK(what.find("kernel_a: fake error") != std::string::npos);
+  occupancy_fails = false;
+  CHECK(cd::resident_blocks(&kernel_a, 64, 0, "kernel_a") == 2);
+  CHECK(cd::resident_blocks(&kernel_a, 64, 0, "kernel_a") == 2);
+  CHECK(occupancy_calls == calls + 7);
+
+  // No device: asked every time.
+  current = -1;
+  cd::resident_blocks(&kernel_a, 256, 1024, "kernel_a");
+  cd::resident_blocks(&kernel_a, 256, 1024, "kernel_a");
+  CHECK(occupancy_calls == calls + 9);
+}
+
+TEST_CASE(
+    "cuda dispatch: a kernel's static shared memory is read once per device, the raise every "
+    "time") {
+  const int reads = func_attribute_calls, raises = set_attribute_calls;
+  current = 0;
+  cd::allow_shared_memory(&kernel_a, 40 * 1024, "kernel_a");  // 1 + 40 KiB fit in 48 KiB
+  CHECK(set_attribute_calls == raises);
+  CHECK(func_attribute_calls == reads + 1);
+  cd::allow_shared_memory(&kernel_b, 40 * 1024, "kernel_b");  // 20 + 40 KiB do not
+  CHECK(set_attribute_calls == raises + 1);
+  CHECK(last_set_bytes == 40 * 1024);
+  cd::allow_shared_memory(&kernel_b, 40 * 1024, "kernel_b");
+  cd::allow_shared_memory(&kernel_a, 60 * 1024, "kernel_a");
+  CHECK(set_attribute_calls == raises + 3);  // not memoised: a device reset forgets it
+  CHECK(last_set_bytes == 60 * 1024);
+  CHECK(func_attribute_calls == reads + 2);  // one read per kernel on device 0
+  CHECK(cd::kernel_attributes(cd::kernel_address(&kernel_b), "kernel_b").sharedSizeBytes ==
+        20 * 1024);
+  CHECK(func_attribute_calls == reads + 2);
+  current = 1;
+  cd::allow_shared_memory(&kernel_a, 40 * 1024, "kernel_a");
+  CHECK(func_attribute_calls == reads + 3);  // device 1 has its own entry
   current = -1;
 }
 

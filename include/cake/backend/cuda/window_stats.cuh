@@ -37,10 +37,9 @@ namespace cuda_detail {
 // takes the exact kernels instead of trapping).
 template <class Q, class K, class Ind>
 bool mma_compiled_for_sm80() {
-  cudaFuncAttributes attr{};
-  check(cudaFuncGetAttributes(&attr, &mma_window_stats_kernel<Q, K, MmaShape<32, 128>, Ind>),
-        "mma_window_stats_kernel");
-  return attr.ptxVersion >= 80;
+  return kernel_attributes(kernel_address(&mma_window_stats_kernel<Q, K, MmaShape<32, 128>, Ind>),
+                           "mma_window_stats_kernel")
+             .ptxVersion >= 80;
 }
 
 // The tensor-core kernels of one call (rows = batch * kv_heads); returns the statistics

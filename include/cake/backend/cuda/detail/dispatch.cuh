@@ -1,6 +1,7 @@
 // CUDA backend plumbing shared by every launcher: the stream of a cuda_policy,
-// turning cudaError_t into cake::cuda_error naming the kernel, and caller-provided
-// workspaces (the CUB two-phase idiom) carved into aligned pieces.
+// turning cudaError_t into cake::cuda_error naming the kernel, caller-provided
+// workspaces (the CUB two-phase idiom) carved into aligned pieces, and the device's
+// and kernels' attributes and occupancy, asked once per device (device_cache.hpp).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -161,19 +162,27 @@ class scoped_workspace {
   bool owned_ = false;
 };
 
-// A kernel's static shared memory on the current device (its cubin differs by
-// architecture, so per device), read once.
+// A kernel as the runtime's C API takes it (what its C++ templates pass on), so that
+// this file also compiles, and is tested, with a host compiler.
 template <class Kernel>
-std::size_t static_shared_memory(Kernel kernel, const char* name) {
+const void* kernel_address(Kernel kernel) {
+  return reinterpret_cast<const void*>(kernel);
+}
+
+// A kernel's attributes on the current device (its cubin differs by architecture, so
+// per device), read once. Only the fields fixed by the binary are meant (static shared
+// memory, registers, PTX and binary versions): maxDynamicSharedSizeBytes is the value
+// before any allow_shared_memory.
+inline cudaFuncAttributes kernel_attributes(const void* kernel, const char* name) {
   const auto query = [&] {
     cudaFuncAttributes attr{};
     check(cudaFuncGetAttributes(&attr, kernel), name);
-    return attr.sharedSizeBytes;
+    return attr;
   };
-  static per_key<kernel_key, std::size_t> memo;
+  static per_key<kernel_key, cudaFuncAttributes> memo;
   const std::optional<int> dev = current_device();
   if (!dev) return query();  // throws, naming the kernel
-  return memo.get(kernel_key{reinterpret_cast<const void*>(kernel), *dev}, query);
+  return memo.get(kernel_key{kernel, *dev}, query);
 }
 
 // Opt a kernel into more than 48 KiB of dynamic shared memory when it needs it.
@@ -182,16 +191,16 @@ std::size_t static_shared_memory(Kernel kernel, const char* name) {
 // round trip to the device.
 template <class Kernel>
 void allow_shared_memory(Kernel kernel, std::size_t bytes, const char* name) {
-  if (static_shared_memory(kernel, name) + bytes > 48 * 1024)
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  const void* f = kernel_address(kernel);
+  if (kernel_attributes(f, name).sharedSizeBytes + bytes > 48 * 1024)
+    check(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(bytes)),
           name);
 }
 
 // Blocks of `kernel` one SM holds at once with this block size and dynamic shared
 // memory (at least 1), computed once per kernel, shape and device.
-template <class Kernel>
-int resident_blocks(Kernel kernel, int threads, std::size_t smem, const char* name) {
+inline int resident_blocks(const void* kernel, int threads, std::size_t smem, const char* name) {
   const auto query = [&] {
     int n = 0;
     check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem), name);
@@ -200,7 +209,12 @@ int resident_blocks(Kernel kernel, int threads, std::size_t smem, const char* na
   static per_key<occupancy_key, int> memo;
   const std::optional<int> dev = current_device();
   if (!dev) return query();
-  return memo.get(occupancy_key{reinterpret_cast<const void*>(kernel), threads, smem, *dev}, query);
+  return memo.get(occupancy_key{kernel, threads, smem, *dev}, query);
+}
+
+template <class Kernel>
+int resident_blocks(Kernel kernel, int threads, std::size_t smem, const char* name) {
+  return resident_blocks(kernel_address(kernel), threads, smem, name);
 }
 
 inline unsigned grid_dim(std::int64_t work, std::int64_t per_block) {

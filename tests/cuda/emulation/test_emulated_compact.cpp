@@ -157,6 +157,16 @@ std::string host_error(paged_case::Case c) {
   return "no error";
 }
 
+// The guarded emulation of a paged call the host rejects with `host`: the pool
+// untouched and the host's message reported.
+void check_guard_rejects(paged_case::Case& c, const std::string& host) {
+  const auto before = c.pool;
+  cd::IndexGuardRecord g = fresh_guard();
+  paged_case_on_device(c, &g);
+  CHECK(c.pool == before);
+  CHECK(cd::guard_status(g).message == host);
+}
+
 }  // namespace
 
 TEST_CASE("paged compact on CUDA, emulated on the CPU, equals the dense compaction") {
@@ -249,11 +259,7 @@ TEST_CASE("CUDA compact with a guard: bad indices reported as on the host, nothi
         c.keep_lens[static_cast<std::size_t>(row)] = static_cast<std::int32_t>(c.m + 1);
       const std::string host = host_error(c);
       REQUIRE(host != "no error");
-      const auto before = c.pool;
-      cd::IndexGuardRecord g = fresh_guard();
-      paged_case_on_device(c, &g);
-      CHECK(c.pool == before);
-      CHECK(cd::guard_status(g).message == host);
+      check_guard_rejects(c, host);
     }
   }
 }
@@ -272,11 +278,7 @@ TEST_CASE("CUDA compact with a guard checks lengths and indices even when nothin
     CHECK(host ==
           "[cake.compact.keep_lens] keep_lens(0, 1) must be in [0, min(m = 0, seq_lens(0) = 4)], "
           "got 3");
-    const auto before = c.pool;
-    cd::IndexGuardRecord g = fresh_guard();
-    paged_case_on_device(c, &g);
-    CHECK(c.pool == before);
-    CHECK(cd::guard_status(g).message == host);
+    check_guard_rejects(c, host);
   }
   SUBCASE("dense, head_dim = 0 and an index out of range") {
     const index_t B = 1, G = 1, S = 3, m = 2;

@@ -8,11 +8,13 @@
 #include <cake_tools/golden.hpp>
 
 #include <algorithm>
+#include <array>
 #include <filesystem>
 #include <iterator>
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "device_buffer.cuh"
@@ -85,6 +87,27 @@ void prefill_both(HostC& host, CudaC& dev, index_t l, const std::vector<float>& 
   dev.prefill(l, dq.const_view(qs), dk.const_view(ks), dv.const_view(ks));
 }
 
+// Layer l's prompt: q (batch, q_heads, window, head_dim), k and v (batch, kv_heads, S,
+// head_dim), normal with a scale growing by layer; with `sinks`, the first 4 keys of
+// row (0, 0) lifted (attention sinks). K and V hold values TD represents.
+template <class TD>
+std::array<std::vector<float>, 3> random_prompt(const cake::CacheConfig& cfg, index_t S, index_t l,
+                                                bool sinks, std::mt19937& rng,
+                                                std::normal_distribution<float>& normal) {
+  const index_t B = cfg.batch, H = cfg.q_heads, Hkv = cfg.kv_heads, d = cfg.head_dim,
+                w = cfg.window;
+  std::vector<float> q(static_cast<std::size_t>(B * H * w * d)),
+      k(static_cast<std::size_t>(B * Hkv * S * d)), v(k.size());
+  for (auto* t : {&q, &k, &v})
+    for (auto& x : *t) x = normal(rng) * (1.0f + 0.3f * static_cast<float>(l));
+  if (sinks)
+    for (index_t j = 0; j < 4; ++j)
+      for (index_t x = 0; x < d; ++x) k[static_cast<std::size_t>(j * d + x)] += 2.0f;
+  round_to<TD>(k);
+  round_to<TD>(v);
+  return {std::move(q), std::move(k), std::move(v)};
+}
+
 // 3 layers of a small GQA model (8 query / 2 KV heads, d 64, w 16) into 80 tokens.
 cake::CacheConfig small_gqa_config(bool cascade, cake::token_order order) {
   return cake::CacheConfig{.layers = 3,
@@ -115,14 +138,7 @@ void run_synthetic(HostC& host, CudaC& dev, unsigned seed, const std::string& wh
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (index_t l = 0; l < L; ++l) {
-    std::vector<float> q(static_cast<std::size_t>(B * H * w * d)),
-        k(static_cast<std::size_t>(B * Hkv * S * d)), v(k.size());
-    for (auto* t : {&q, &k, &v})
-      for (auto& x : *t) x = normal(rng) * (1.0f + 0.3f * static_cast<float>(l));
-    for (index_t j = 0; j < 4; ++j)  // attention sinks
-      for (index_t x = 0; x < d; ++x) k[static_cast<std::size_t>(j * d + x)] += 2.0f;
-    round_to<TD>(k);
-    round_to<TD>(v);
+    const auto [q, k, v] = random_prompt<TD>(cfg, S, l, true, rng, normal);
     prefill_both(host, dev, l, q, k, v, {B, H, w, d}, {B, Hkv, S, d});
   }
   require_same(host, dev, where);
@@ -341,12 +357,7 @@ TEST_SUITE("gpu") {
     std::mt19937 rng(31);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     for (index_t l = 0; l < L; ++l) {
-      std::vector<float> q(static_cast<std::size_t>(B * H * w * d)),
-          k(static_cast<std::size_t>(B * Hkv * S * d)), v(k.size());
-      for (auto* t : {&q, &k, &v})
-        for (auto& x : *t) x = normal(rng) * (1.0f + 0.3f * static_cast<float>(l));
-      round_to<__nv_bfloat16>(k);
-      round_to<__nv_bfloat16>(v);
+      const auto [q, k, v] = random_prompt<__nv_bfloat16>(cfg, S, l, false, rng, normal);
       prefill_both(host, dev, l, q, k, v, {B, H, w, d}, {B, Hkv, S, d});
     }
     index_t sum_host = 0, sum_dev = 0;

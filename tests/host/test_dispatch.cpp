@@ -168,15 +168,16 @@ struct DecodeResult {
 
 template <class T>
 DecodeResult decode(index_t B, index_t H, index_t Hkv, index_t n, index_t d, index_t c,
-                    const std::vector<float>& q, const std::vector<T>& k) {
+                    const std::vector<float>& q, const std::vector<T>& k,
+                    const cake::host_policy& exec = cake::host) {
   DecodeResult r;
   r.scores.assign(static_cast<std::size_t>(B * Hkv * c), -1.0f);
-  cake::decode_scores(cake::host, cake::make_view(q.data(), std::array<index_t, 3>{B, H, d}),
+  cake::decode_scores(exec, cake::make_view(q.data(), std::array<index_t, 3>{B, H, d}),
                       cake::make_view(k.data(), std::array<index_t, 4>{B, Hkv, n, d}),
                       cake::MeanVarianceIndicator{},
                       cake::make_view(r.scores.data(), std::array<index_t, 3>{B, Hkv, c}));
   r.kept.assign(static_cast<std::size_t>(B * Hkv * (c - 1)), -1);
-  cake::select_k(cake::host,
+  cake::select_k(exec,
                  cake::make_view(static_cast<const float*>(r.scores.data()),
                                  std::array<index_t, 2>{B * Hkv, c}),
                  cake::make_view(r.kept.data(), std::array<index_t, 2>{B * Hkv, c - 1}),
@@ -271,20 +272,27 @@ TEST_CASE("window_stats and decode_scores read keys through strided views on eve
   }
 }
 
-TEST_CASE("release_host_scratch frees decode_scores' buffers too; results unchanged") {
+TEST_CASE("host_workspace: decode_scores and select_k reuse it on every path, results unchanged") {
   IsaGuard guard;
-  if (simd_paths().empty()) return;  // the portable path keeps no decode buffers
-  cake::force_host_isa(simd_paths().back());
   const index_t B = 1, H = 8, Hkv = 2, n = 200, d = 64, c = 150;
   const auto q = random_values<float>(static_cast<std::size_t>(B * H * d), 401, 1.0f);
   const auto k = random_values<float>(static_cast<std::size_t>(B * Hkv * n * d), 402, 1.0f);
-  const DecodeResult a = decode(B, H, Hkv, n, d, c, q, k);
-  auto& ds = cake::detail::simd::decode_scratch();
-  CHECK(!ds.prob.empty());
-  cake::release_host_scratch();
-  CHECK(ds.prob.empty());
-  CHECK(ds.acc.empty());
-  CHECK(ds.qbuf.empty());
-  const DecodeResult b = decode(B, H, Hkv, n, d, c, q, k);
-  CHECK(a.scores == b.scores);
+  std::vector<cake::host_isa> paths = simd_paths();
+  paths.push_back(cake::host_isa::portable);
+  for (cake::host_isa isa : paths) {
+    CAPTURE(cake::host_isa_name(isa));
+    cake::force_host_isa(isa);
+    const DecodeResult want = decode(B, H, Hkv, n, d, c, q, k);  // call-local scratch
+    cake::host_workspace ws;
+    const cake::host_policy exec = cake::host.from(ws).parallel_from(0);
+    DecodeResult got = decode(B, H, Hkv, n, d, c, q, k, exec);
+    CHECK(got.scores == want.scores);
+    CHECK(got.kept == want.kept);
+    const std::size_t grown = ws.bytes();
+    CHECK(grown >= static_cast<std::size_t>(H / Hkv * n + d) * sizeof(float));
+    got = decode(B, H, Hkv, n, d, c, q, k, exec);
+    CHECK(ws.bytes() == grown);  // steady state: nothing grown
+    CHECK(got.scores == want.scores);
+    CHECK(got.kept == want.kept);
+  }
 }

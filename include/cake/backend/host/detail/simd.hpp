@@ -4,7 +4,6 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 #include "../../../config.hpp"
 #include "isa.hpp"
@@ -82,17 +81,6 @@ struct kernels {
 #endif  // CAKE_HOST_X86_DISPATCH
 
 namespace cake::detail::simd {
-
-// decode_scores' buffers on the SIMD path, kept per calling thread between steps:
-// per worker the (group rows, held) logits, the padded pooled sums and the group's
-// queries as float. Freed by cake::release_host_scratch().
-struct DecodeScratch {
-  std::vector<std::vector<float>> prob, acc, qbuf;
-};
-inline DecodeScratch& decode_scratch() {
-  static thread_local DecodeScratch s;
-  return s;
-}
 
 // The kernels of the active path (active_host_isa()), or nullptr on the portable one.
 inline const kernels* active_kernels() noexcept {

@@ -23,8 +23,12 @@ struct host_policy {
   // under this policy and serve one call at a time); null: each call allocates its own.
   host_workspace* workspace = nullptr;
   // A call whose work (about one multiply-add per unit) is below this runs on the
-  // calling thread; 0 splits every call.
-  std::int64_t min_parallel_work = 0;
+  // calling thread: waking OpenMP workers costs microseconds on an idle machine and
+  // up to milliseconds on a loaded one, more than such a call saves by splitting.
+  // 2^23 is about a quarter of a millisecond of one core; a decode step's scoring at
+  // Llama-3.1-8B heads and 1K held tokens is 4.3 M (bench: decode_scores/split).
+  // 0 splits every call.
+  std::int64_t min_parallel_work = std::int64_t{1} << 23;
 
   constexpr host_policy threads(int n) const noexcept {
     return host_policy{n, workspace, min_parallel_work};

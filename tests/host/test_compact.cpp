@@ -54,7 +54,7 @@ TEST_CASE("compact: gather into a separate buffer") {
                   cake::make_view(src.data(), std::array<index_t, 4>{B, G, S, d}),
                   cake::make_view(keep.data(), std::array<index_t, 3>{B, G, m}),
                   cake::make_view(d1.data(), std::array<index_t, 4>{B, G, m, d}));
-    cake::compact(cake::host.threads(2),
+    cake::compact(cake::host.threads(2).parallel_from(0),
                   cake::make_view(src.data(), std::array<index_t, 4>{B, G, S, d}),
                   cake::make_view(keep.data(), std::array<index_t, 3>{B, G, m}),
                   cake::make_view(d2.data(), std::array<index_t, 4>{B, G, m, d}));

@@ -71,9 +71,10 @@ struct decode_scores_backend<host_policy> {
     const detail::simd::kernels* kk = detail::simd::active_kernels();
     using TKe = std::remove_cv_t<TK>;
 #if CAKE_SIMD_HAS_HALF
-    constexpr bool simd_keys = std::is_same_v<TKe, float> || std::is_same_v<TKe, _Float16>;
+    constexpr bool simd_keys = std::is_same_v<TKe, float> || std::is_same_v<TKe, bfloat16> ||
+                               std::is_same_v<TKe, _Float16>;
 #else
-    constexpr bool simd_keys = std::is_same_v<TKe, float>;
+    constexpr bool simd_keys = std::is_same_v<TKe, float> || std::is_same_v<TKe, bfloat16>;
 #endif
     if constexpr (simd_keys) {
       if (kk && d % kk->vw == 0 && (n_held <= 1 || k.stride(2) >= d)) {
@@ -106,6 +107,8 @@ struct decode_scores_backend<host_policy> {
           const index_t k_ld = n_held > 1 ? k.stride(2) : d;
           if constexpr (std::is_same_v<TKe, float>)
             kk->decode_dots(qg, grp_pad, d, &k(b, g, 0, 0), k_ld, n_held, inv_sqrt_d, p, ld);
+          else if constexpr (std::is_same_v<TKe, bfloat16>)
+            kk->decode_dots_b(qg, grp_pad, d, &k(b, g, 0, 0), k_ld, n_held, inv_sqrt_d, p, ld);
 #if CAKE_SIMD_HAS_HALF
           else
             kk->decode_dots_h(qg, grp_pad, d, &k(b, g, 0, 0), k_ld, n_held, inv_sqrt_d, p, ld);

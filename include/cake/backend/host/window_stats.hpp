@@ -282,6 +282,9 @@ void group_simd(const simd::kernels& kk, const QV& q, const KV& k, index_t b, in
     if constexpr (std::is_same_v<TKe, float>) {
       kk.transpose_tile(&k(b, g, j0, 0), tj > 1 ? k.stride(2) : d, tj, d, kt, KT_LD);
     }
+    else if constexpr (std::is_same_v<TKe, bfloat16>) {
+      kk.transpose_tile_b(&k(b, g, j0, 0), tj > 1 ? k.stride(2) : d, tj, d, kt, KT_LD);
+    }
 #if CAKE_SIMD_HAS_HALF
     else if constexpr (std::is_same_v<TKe, _Float16>) {
       kk.transpose_tile_h(&k(b, g, j0, 0), tj > 1 ? k.stride(2) : d, tj, d, kt, KT_LD);

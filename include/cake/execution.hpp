@@ -23,12 +23,15 @@ struct host_policy {
   // under this policy and serve one call at a time); null: each call allocates its own.
   host_workspace* workspace = nullptr;
   // A call whose work (about one multiply-add per unit) is below this runs on the
-  // calling thread: waking OpenMP workers costs microseconds on an idle machine and
-  // up to milliseconds on a loaded one, more than such a call saves by splitting.
-  // 2^23 is about a quarter of a millisecond of one core; a decode step's scoring at
-  // Llama-3.1-8B heads and 1K held tokens is 4.3 M (bench: decode_scores/split).
+  // calling thread. Splitting pays when half the work outlasts waking and joining the
+  // OpenMP workers: tens of microseconds on two idle cores, but about 16 ms on this
+  // project's loaded 2-core machine (bench: decode_scores/split at C = 256 took 16.5 ms
+  // for 0.13 ms of work, and split lost to serial up to C = 16384). 2^25 is about one
+  // millisecond of one core: a decode step's scoring at Llama-3.1-8B heads stays on
+  // one thread up to about 8K held tokens (4.3 M at 1K), and so do a prefill's top-k
+  // and gathers, while window statistics (0.5 G at 4K tokens) split.
   // 0 splits every call.
-  std::int64_t min_parallel_work = std::int64_t{1} << 23;
+  std::int64_t min_parallel_work = std::int64_t{1} << 25;
 
   constexpr host_policy threads(int n) const noexcept {
     return host_policy{n, workspace, min_parallel_work};

@@ -533,7 +533,10 @@ struct window_stats_backend<host_policy> {
   static void finish(const host_policy& exec, host_workspace& ws,
                      const detail::host_stats::Shared& sh, index_t B, index_t Hkv, index_t n,
                      index_t P, int kernel, host_view<float, 3> out, host_view<float, 1> stats) {
-    detail::host_stats::pool_groups(exec, ws, sh.ind_heads, B, Hkv, n, P, kernel, out);
+    // The pooling is a few adds per key: a region of its own would cost more than it
+    // saves (see host_policy::min_parallel_work).
+    const host_policy pool_exec = detail::for_work(exec, B * Hkv * (n + kernel) * P);
+    detail::host_stats::pool_groups(pool_exec, ws, sh.ind_heads, B, Hkv, n, P, kernel, out);
     double e = 0, v = 0;
     for (index_t i = 0; i < B * Hkv * n; ++i) {
       e += sh.ent[i];

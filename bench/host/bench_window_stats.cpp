@@ -53,8 +53,7 @@ void add_16bit(const Shape& sh, index_t B, index_t S, const char* impl) {
   add(name("window_stats", impl, shape_args(sh, B, S)), [sh, B, S](benchmark::State& st) {
     const LayerInputs& in = layer_inputs(sh, B, S);
     const std::vector<T> q(in.q.begin(), in.q.end()), k(in.k.begin(), in.k.end());
-    run_views(st, in, B, S,
-              cake::make_view(q.data(), std::array<index_t, 4>{B, in.H, in.w, in.d}),
+    run_views(st, in, B, S, cake::make_view(q.data(), std::array<index_t, 4>{B, in.H, in.w, in.d}),
               cake::make_view(k.data(), std::array<index_t, 4>{B, in.Hkv, S, in.d}));
   })->MinTime(0.3);
 }

@@ -281,13 +281,14 @@ void check_16bit_gather() {
   std::vector<float> dstf(dst.size());
   const auto kv = cake::make_view(static_cast<const std::int32_t*>(keep.data()),
                                   std::array<index_t, 3>{B, G, m});
-  cake::compact(cake::host.parallel_from(0),
-                cake::make_view(static_cast<const T*>(src.data()), std::array<index_t, 4>{B, G, S, d}),
-                kv, cake::make_view(dst.data(), std::array<index_t, 4>{B, G, m, d}));
-  cake::compact(cake::host,
-                cake::make_view(static_cast<const float*>(srcf.data()),
-                                std::array<index_t, 4>{B, G, S, d}),
-                kv, cake::make_view(dstf.data(), std::array<index_t, 4>{B, G, m, d}));
+  cake::compact(
+      cake::host.parallel_from(0),
+      cake::make_view(static_cast<const T*>(src.data()), std::array<index_t, 4>{B, G, S, d}), kv,
+      cake::make_view(dst.data(), std::array<index_t, 4>{B, G, m, d}));
+  cake::compact(
+      cake::host,
+      cake::make_view(static_cast<const float*>(srcf.data()), std::array<index_t, 4>{B, G, S, d}),
+      kv, cake::make_view(dstf.data(), std::array<index_t, 4>{B, G, m, d}));
   for (std::size_t i = 0; i < dst.size(); ++i) REQUIRE(static_cast<float>(dst[i]) == dstf[i]);
   // and the values are the kept rows' (to T's precision: 8 bits for bf16, 11 for half)
   const float rel = std::is_same_v<T, cake::bfloat16> ? 1.0f / 256 : 1.0f / 2048;

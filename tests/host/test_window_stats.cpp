@@ -244,7 +244,8 @@ TEST_CASE("window_stats: bit-identical for threads(1) and threads(2)") {
   auto q = random_floats(static_cast<std::size_t>(s.B * s.H * s.w * s.d), 61);
   auto k = random_floats(static_cast<std::size_t>(s.B * s.Hkv * s.S * s.d), 62);
   const auto o1 = run(s, q, k, cake::MeanVarianceIndicator{}, cake::host.threads(1));
-  const auto o2 = run(s, q, k, cake::MeanVarianceIndicator{}, cake::host.threads(2).parallel_from(0));
+  const auto o2 =
+      run(s, q, k, cake::MeanVarianceIndicator{}, cake::host.threads(2).parallel_from(0));
   const auto o0 = run(s, q, k, cake::MeanVarianceIndicator{}, cake::host);
   CHECK(std::memcmp(o1.indicator.data(), o2.indicator.data(),
                     o1.indicator.size() * sizeof(float)) == 0);

@@ -12,8 +12,8 @@ namespace cake {
 template <>
 struct compact_backend<host_policy> {
   template <class T, class TI>
-  static void run(const host_policy& policy, host_view<const T, 4> src,
-                  host_view<const TI, 3> keep, host_view<T, 4> dst) {
+  static void run(const host_policy& policy, host_view<const T, 4> src, host_view<const TI, 3> keep,
+                  host_view<T, 4> dst) {
     const index_t Hkv = src.extent(1), d = src.extent(3);
     const index_t m = keep.extent(2);
     // A gather runs at memory speed, which a second core barely raises: counted as one

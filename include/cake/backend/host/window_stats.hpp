@@ -48,8 +48,8 @@ struct Scratch {
   float* tsum;  // (tiles, rows)   SIMD path: sum of exp(score - tile max), then
                 //                 the tile's scale exp(tile max - max) / sum
   float* tep;   // (tiles, rows)   SIMD path: that sum over the prefix keys only
-  float* tes;   // (tiles, rows)   SIMD path: sum of e * (score - tile max), e = exp(score - tile max)
-                //                 over the prefix keys
+  float* tes;   // (tiles, rows)   SIMD path: sum of e * (score - tile max) over the
+                //                 prefix keys, e = exp(score - tile max)
   float* tmp;   // (w, 16)         SIMD path: one key vector's probabilities
   // tiles = 0 leaves the SIMD path's pieces out.
   static Scratch carve(carver& c, index_t rows, index_t d, index_t ld, index_t tiles, index_t w) {
@@ -281,8 +281,7 @@ void group_simd(const simd::kernels& kk, const QV& q, const KV& k, index_t b, in
     using TKe = std::remove_cv_t<typename KV::element_type>;
     if constexpr (std::is_same_v<TKe, float>) {
       kk.transpose_tile(&k(b, g, j0, 0), tj > 1 ? k.stride(2) : d, tj, d, kt, KT_LD);
-    }
-    else if constexpr (std::is_same_v<TKe, bfloat16>) {
+    } else if constexpr (std::is_same_v<TKe, bfloat16>) {
       kk.transpose_tile_b(&k(b, g, j0, 0), tj > 1 ? k.stride(2) : d, tj, d, kt, KT_LD);
     }
 #if CAKE_SIMD_HAS_HALF
@@ -319,7 +318,8 @@ void group_simd(const simd::kernels& kk, const QV& q, const KV& k, index_t b, in
   for (index_t r = 0; r < n; ++r) {
     double e_head = 0;
     for (index_t i = 0; i < w; ++i) {
-      const std::size_t row = static_cast<std::size_t>(r * w_pad + i), R = static_cast<std::size_t>(rows);
+      const std::size_t row = static_cast<std::size_t>(r * w_pad + i),
+                        R = static_cast<std::size_t>(rows);
       double m = -std::numeric_limits<double>::infinity(), l = 0;
       for (index_t t = 0; t < tiles; ++t) m = std::max(m, static_cast<double>(s.tmax[t * R + row]));
       for (index_t t = 0; t < tiles; ++t)
@@ -346,8 +346,8 @@ void group_simd(const simd::kernels& kk, const QV& q, const KV& k, index_t b, in
     double v = 0;
     for (index_t t = 0; t * TJ < P; ++t) {
       const index_t j0 = t * TJ, cnt = std::min(TJ, P - j0);
-      kk.head_columns(p + r * w_pad * ld + j0, ld, w, s.tsum + t * rows + r * w_pad, cnt,
-                      need_var, col, m2, s.tmp, &v);
+      kk.head_columns(p + r * w_pad * ld + j0, ld, w, s.tsum + t * rows + r * w_pad, cnt, need_var,
+                      col, m2, s.tmp, &v);
       float* dst = ind_group + r * P + j0;
       for (index_t j = 0; j < cnt; ++j) dst[j] = indicator.score(col[j], need_var ? m2[j] : 0.0f);
     }
@@ -463,8 +463,8 @@ struct window_stats_backend<host_policy> {
       detail::parallel_for(exec, B * Hkv, [&](index_t bg, int worker) {
         Scratch s = scratch(worker);
         const index_t b = bg / Hkv, g = bg % Hkv, h0 = b * H + g * n;
-        group_simd(*kk, q, k, b, g, n, w, w_pad, S, d, ld, indicator, req, s,
-                   sh.ind_heads + h0 * P, sh.ent + h0, sh.var + h0);
+        group_simd(*kk, q, k, b, g, n, w, w_pad, S, d, ld, indicator, req, s, sh.ind_heads + h0 * P,
+                   sh.ent + h0, sh.var + h0);
       });
       finish(exec, ws, sh, B, Hkv, n, P, indicator.pool_kernel, out, stats);
       return;

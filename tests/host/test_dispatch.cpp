@@ -208,9 +208,9 @@ struct DecodeResult {
   std::vector<std::int32_t> kept;  // (B * Hkv, c - 1): all candidates but the lowest
 };
 
-template <class T>
+template <class T, class TQ = float>
 DecodeResult decode(index_t B, index_t H, index_t Hkv, index_t n, index_t d, index_t c,
-                    const std::vector<float>& q, const std::vector<T>& k,
+                    const std::vector<TQ>& q, const std::vector<T>& k,
                     const cake::host_policy& exec = cake::host) {
   DecodeResult r;
   r.scores.assign(static_cast<std::size_t>(B * Hkv * c), -1.0f);
@@ -262,6 +262,36 @@ TEST_CASE("decode_scores: every SIMD path keeps the portable path's tokens (rand
 #if defined(__FLT16_MAX__)
   check_decode_paths<_Float16>(1, 8, 2, 513, 128, 207);  // half keys through F16C
   check_decode_paths<_Float16>(1, 32, 8, 1057, 128, 213);
+#endif
+}
+
+TEST_CASE("decode_scores: 16-bit queries and keys on every path equal float holding the same values") {
+  IsaGuard guard;
+  const index_t B = 1, H = 32, Hkv = 8, n = 1057, d = 128, c = n - 3;
+  const auto run16 = [&](auto tag, unsigned seed) {
+    using T = decltype(tag);
+    const auto q = random_values<T>(static_cast<std::size_t>(B * H * d), seed, 1.5f);
+    const auto k = random_values<T>(static_cast<std::size_t>(B * Hkv * n * d), seed + 1, 1.0f);
+    std::vector<float> qf(q.size()), kf(k.size());
+    for (std::size_t i = 0; i < q.size(); ++i) qf[i] = static_cast<float>(q[i]);
+    for (std::size_t i = 0; i < k.size(); ++i) kf[i] = static_cast<float>(k[i]);
+    cake::force_host_isa(cake::host_isa::portable);
+    const DecodeResult want = decode(B, H, Hkv, n, d, c, qf, kf);
+    for (cake::host_isa isa : all_paths()) {
+      CAPTURE(cake::host_isa_name(isa));
+      cake::force_host_isa(isa);
+      const DecodeResult got = decode(B, H, Hkv, n, d, c, q, k);
+      index_t bad = 0;
+      for (std::size_t i = 0; i < want.scores.size(); ++i)
+        if (!(std::abs(got.scores[i] - want.scores[i]) <= 1e-5f * std::abs(want.scores[i]) + 1e-9f))
+          ++bad;
+      CHECK(bad == 0);
+      CHECK(got.kept == want.kept);
+    }
+  };
+  run16(cake::bfloat16{}, 501);
+#if defined(__FLT16_MAX__)
+  run16(_Float16{}, 503);
 #endif
 }
 

@@ -29,7 +29,8 @@ namespace cake {
 class host_workspace {
  public:
   host_workspace() = default;
-  // A copy starts empty (a cache copied with its workspace needs no scratch content).
+  // A copy starts empty and an assignment keeps the target's own blocks: scratch
+  // content is never worth copying (a cache copied with its workspace needs none).
   host_workspace(const host_workspace&) noexcept {}
   host_workspace& operator=(const host_workspace&) noexcept { return *this; }
   host_workspace(host_workspace&&) noexcept = default;

@@ -1,6 +1,8 @@
 // prefill_layer: one layer's whole prefill eviction (statistics, top-k, gather of
 // the kept K and V rows).
-//   cake:  cake::window_stats + cake::select_k (position order) + cake::compact x2
+//   cake:  cake::window_stats + cake::select_k (position order) + cake::compact x2,
+//          scratch from one cake::host_workspace; counters stats_ms, select_ms and
+//          gather_ms say where the time goes
 //   naive: the reference route: materialised attention and stats (NaiveStats),
 //          full std::sort per row, copy of the kept rows into fresh buffers
 // prefill_all: every layer through cake::KvCache::prefill.
@@ -8,6 +10,8 @@
 //   one_shot: cascade = false (every layer held uncut until the last is scored)
 // prefill_method: every layer through each cake::methods cache, cascading; CAKE's
 //   row of the same run is the baseline (what each method costs next to CAKE).
+#include <chrono>
+
 #include "common/common.hpp"
 #include "host/suites.hpp"
 
@@ -31,27 +35,46 @@ void add_layer_case(const Shape& sh, index_t B, index_t S, index_t C) {
     std::vector<index_t> keep(static_cast<std::size_t>(rows * m));
     std::vector<float> kd(static_cast<std::size_t>(rows * m * d)), vd(kd.size());
     const cake::MeanVarianceIndicator indicator{};
+    cake::host_workspace ws;  // as a KvCache holds one
+    const cake::host_policy exec = cake::host.from(ws);
+    // Where the time goes: seconds per phase, summed over the iterations.
+    double t_stats = 0, t_select = 0, t_gather = 0;
+    using clock = std::chrono::steady_clock;
+    const auto secs = [](clock::time_point a, clock::time_point b) {
+      return std::chrono::duration<double>(b - a).count();
+    };
     for (auto _ : st) {
-      cake::window_stats(cake::host, in.qv(), in.kv(), indicator,
+      const auto t0 = clock::now();
+      cake::window_stats(exec, in.qv(), in.kv(), indicator,
                          cake::make_view(ind.data(), std::array<index_t, 3>{B, Hkv, P}),
                          cake::make_view(stats.data(), std::array<index_t, 1>{2}));
+      const auto t1 = clock::now();
       // The top-k indices go straight into the first kp slots of each keep row.
-      cake::select_k(cake::host, cake::make_view(ind.data(), std::array<index_t, 2>{rows, P}),
+      cake::select_k(exec, cake::make_view(ind.data(), std::array<index_t, 2>{rows, P}),
                      cake::make_view(keep.data(), std::array<index_t, 2>{rows, kp},
                                      std::array<index_t, 2>{m, 1}),
                      cake::select_order::position);
       for (index_t r = 0; r < rows; ++r)
         for (index_t t = 0; t < w; ++t) keep[static_cast<std::size_t>(r * m + kp + t)] = P + t;
+      const auto t2 = clock::now();
       auto kv = cake::make_view(keep.data(), std::array<index_t, 3>{B, Hkv, m});
-      cake::compact(cake::host, in.kv(), kv,
+      cake::compact(exec, in.kv(), kv,
                     cake::make_view(kd.data(), std::array<index_t, 4>{B, Hkv, m, d}));
-      cake::compact(cake::host, in.vv(), kv,
+      cake::compact(exec, in.vv(), kv,
                     cake::make_view(vd.data(), std::array<index_t, 4>{B, Hkv, m, d}));
       benchmark::DoNotOptimize(kd.data());
       benchmark::DoNotOptimize(vd.data());
       benchmark::ClobberMemory();
+      const auto t3 = clock::now();
+      t_stats += secs(t0, t1);
+      t_select += secs(t1, t2);
+      t_gather += secs(t2, t3);
     }
     layer_counters(st, in);
+    const double it = static_cast<double>(st.iterations());
+    st.counters["stats_ms"] = 1e3 * t_stats / it;
+    st.counters["select_ms"] = 1e3 * t_select / it;
+    st.counters["gather_ms"] = 1e3 * t_gather / it;
   })->MinTime(0.3);
   add(name("prefill_layer", "naive", args), [=](benchmark::State& st) {
     const LayerInputs& in = layer_inputs(sh, B, S);

@@ -6,6 +6,9 @@
 //          is the path picked at run time (AVX-512 where the CPU has it). The portable
 //          path is the blocked implementation before runtime dispatch, compiled here
 //          with -march=native (a build without it runs it at SSE2 width).
+//   bf16_qk, half_qk: cake with the window queries and keys stored as cake::bfloat16 /
+//          _Float16 (the float inputs rounded; float accumulation)
+// Every cake case reuses one cake::host_workspace, as a KvCache does.
 #include "common/common.hpp"
 #include "host/suites.hpp"
 
@@ -24,18 +27,35 @@ void stats_counters(benchmark::State& st, const LayerInputs& in) {
       flops / fma_peak_flops() * static_cast<double>(st.iterations()), benchmark::Counter::kIsRate);
 }
 
-void run_cake(benchmark::State& st, const LayerInputs& in, index_t B, index_t S) {
+template <class QV, class KV>
+void run_views(benchmark::State& st, const LayerInputs& in, index_t B, index_t S, QV qv, KV kv) {
   std::vector<float> ind(static_cast<std::size_t>(B * in.Hkv * (S - in.w)));
   std::array<float, 2> stats{};
   const cake::MeanVarianceIndicator indicator{};
+  cake::host_workspace ws;
   for (auto _ : st) {
-    cake::window_stats(cake::host, in.qv(), in.kv(), indicator,
+    cake::window_stats(cake::host.from(ws), qv, kv, indicator,
                        cake::make_view(ind.data(), std::array<index_t, 3>{B, in.Hkv, S - in.w}),
                        cake::make_view(stats.data(), std::array<index_t, 1>{2}));
     benchmark::DoNotOptimize(ind.data());
     benchmark::ClobberMemory();
   }
   stats_counters(st, in);
+}
+
+void run_cake(benchmark::State& st, const LayerInputs& in, index_t B, index_t S) {
+  run_views(st, in, B, S, in.qv(), in.kv());
+}
+
+// cake on 16-bit copies of the same inputs.
+template <class T>
+void add_16bit(const Shape& sh, index_t B, index_t S, const char* impl) {
+  add(name("window_stats", impl, shape_args(sh, B, S)), [sh, B, S](benchmark::State& st) {
+    const LayerInputs& in = layer_inputs(sh, B, S);
+    const std::vector<T> q(in.q.begin(), in.q.end()), k(in.k.begin(), in.k.end());
+    run_views(st, in, B, S, cake::make_view(q.data(), std::array<index_t, 4>{B, in.H, in.w, in.d}),
+              cake::make_view(k.data(), std::array<index_t, 4>{B, in.Hkv, S, in.d}));
+  })->MinTime(0.3);
 }
 
 // cake on a forced kernel path (restored afterwards).
@@ -59,6 +79,10 @@ void add_case(const Shape& sh, index_t B, index_t S) {
   })->MinTime(0.3);
   add_forced(sh, B, S, cake::host_isa::portable);
   add_forced(sh, B, S, cake::host_isa::avx2);
+  add_16bit<cake::bfloat16>(sh, B, S, "bf16_qk");
+#if defined(__FLT16_MAX__)
+  add_16bit<_Float16>(sh, B, S, "half_qk");
+#endif
   add(name("window_stats", "naive", args), [sh, B, S](benchmark::State& st) {
     const LayerInputs& in = layer_inputs(sh, B, S);
     NaiveStats naive;

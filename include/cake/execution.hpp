@@ -1,20 +1,47 @@
 // cake: execution policies, passed first to every algorithm, as in Thrust.
 //   cake::host                 host backend, all hardware threads
 //   cake::host.threads(1)      host backend, one thread
+//   cake::host.from(ws)        host backend, scratch from a cake::host_workspace
+//                              (backend/host/workspace.hpp) instead of per call
 //   cake::cuda.on(stream)      CUDA backend (include <cake/cake.cuh>)
 #pragma once
 
+#include <cstdint>
 #include <type_traits>
 
 #include "core/view.hpp"
 
 namespace cake {
 
+class host_workspace;  // backend/host/workspace.hpp
+
 struct host_policy {
   using memory_space = host_space;
   // 0 means "as many as the OpenMP runtime offers" (1 without OpenMP).
   int num_threads = 0;
-  constexpr host_policy threads(int n) const noexcept { return host_policy{n}; }
+  // Scratch the host kernels reuse between calls (not owned; must outlive the calls
+  // under this policy and serve one call at a time); null: each call allocates its own.
+  host_workspace* workspace = nullptr;
+  // A call whose work (about one multiply-add per unit) is below this runs on the
+  // calling thread. Splitting pays when half the work outlasts waking and joining the
+  // OpenMP workers: tens of microseconds on two idle cores, but about 16 ms on this
+  // project's loaded 2-core machine (bench: decode_scores/split at C = 256 took 16.5 ms
+  // for 0.13 ms of work, and split lost to serial up to C = 16384). 2^25 is about one
+  // millisecond of one core: a decode step's scoring at Llama-3.1-8B heads stays on
+  // one thread up to about 8K held tokens (4.3 M at 1K), and so do a prefill's top-k
+  // and gathers, while window statistics (0.5 G at 4K tokens) split.
+  // 0 splits every call.
+  std::int64_t min_parallel_work = std::int64_t{1} << 25;
+
+  constexpr host_policy threads(int n) const noexcept {
+    return host_policy{n, workspace, min_parallel_work};
+  }
+  constexpr host_policy from(host_workspace& ws) const noexcept {
+    return host_policy{num_threads, &ws, min_parallel_work};
+  }
+  constexpr host_policy parallel_from(std::int64_t work) const noexcept {
+    return host_policy{num_threads, workspace, work};
+  }
 };
 inline constexpr host_policy host{};
 

@@ -3,7 +3,9 @@
 
 #include <cake/cake.hpp>
 
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 using cake::index_t;
@@ -54,7 +56,7 @@ TEST_CASE("compact: gather into a separate buffer") {
                   cake::make_view(src.data(), std::array<index_t, 4>{B, G, S, d}),
                   cake::make_view(keep.data(), std::array<index_t, 3>{B, G, m}),
                   cake::make_view(d1.data(), std::array<index_t, 4>{B, G, m, d}));
-    cake::compact(cake::host.threads(2),
+    cake::compact(cake::host.threads(2).parallel_from(0),
                   cake::make_view(src.data(), std::array<index_t, 4>{B, G, S, d}),
                   cake::make_view(keep.data(), std::array<index_t, 3>{B, G, m}),
                   cake::make_view(d2.data(), std::array<index_t, 4>{B, G, m, d}));
@@ -257,4 +259,52 @@ TEST_CASE(
                   cake::make_view(out.data(), std::array<index_t, 4>{B, G, 2, d}));
     CHECK(out[0] == expected(0, 0, 1, 0));
   }
+}
+
+namespace compact_test {
+// 16-bit rows gathered as float rows are: the same kept values, bit for bit once
+// widened (make_src's values x / 100 round to T, then widen exactly).
+template <class T>
+void check_16bit_gather() {
+  const index_t B = 1, G = 2, S = 40, d = 24, m = 9;
+  const auto ref = make_src(B, G, S, d);
+  std::vector<T> src(ref.size());
+  std::vector<float> srcf(ref.size());
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    src[i] = static_cast<T>(ref[i]);
+    srcf[i] = static_cast<float>(src[i]);  // the same values, as float
+  }
+  std::vector<std::int32_t> keep(static_cast<std::size_t>(B * G * m));
+  for (std::size_t i = 0; i < keep.size(); ++i)
+    keep[i] = static_cast<std::int32_t>((7 * i + 3) % static_cast<std::size_t>(S));
+  std::vector<T> dst(static_cast<std::size_t>(B * G * m * d));
+  std::vector<float> dstf(dst.size());
+  const auto kv = cake::make_view(static_cast<const std::int32_t*>(keep.data()),
+                                  std::array<index_t, 3>{B, G, m});
+  cake::compact(
+      cake::host.parallel_from(0),
+      cake::make_view(static_cast<const T*>(src.data()), std::array<index_t, 4>{B, G, S, d}), kv,
+      cake::make_view(dst.data(), std::array<index_t, 4>{B, G, m, d}));
+  cake::compact(
+      cake::host,
+      cake::make_view(static_cast<const float*>(srcf.data()), std::array<index_t, 4>{B, G, S, d}),
+      kv, cake::make_view(dstf.data(), std::array<index_t, 4>{B, G, m, d}));
+  for (std::size_t i = 0; i < dst.size(); ++i) REQUIRE(static_cast<float>(dst[i]) == dstf[i]);
+  // and the values are the kept rows' (to T's precision: 8 bits for bf16, 11 for half)
+  const float rel = std::is_same_v<T, cake::bfloat16> ? 1.0f / 256 : 1.0f / 2048;
+  for (index_t g = 0; g < G; ++g)
+    for (index_t t = 0; t < m; ++t)
+      for (index_t x = 0; x < d; ++x) {
+        const float want = expected(0, g, keep[static_cast<std::size_t>(g * m + t)], x);
+        CHECK(std::abs(dstf[static_cast<std::size_t>((g * m + t) * d + x)] - want) <=
+              rel * std::abs(want));
+      }
+}
+}  // namespace compact_test
+
+TEST_CASE("compact: 16-bit K/V rows (bfloat16, _Float16) gather as their float values do") {
+  check_16bit_gather<cake::bfloat16>();
+#if defined(__FLT16_MAX__)
+  check_16bit_gather<_Float16>();
+#endif
 }

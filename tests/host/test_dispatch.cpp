@@ -141,23 +141,65 @@ TEST_CASE("window_stats: every SIMD path keeps the portable path's tokens (rando
   }
 }
 
-#if defined(__FLT16_MAX__)  // the compiler has _Float16
-TEST_CASE("window_stats: 16-bit queries and keys take every path with float accumulation") {
-  IsaGuard guard;
-  const Shape s{1, 8, 2, 16, 700, 64};
-  const auto q = random_values<_Float16>(static_cast<std::size_t>(s.B * s.H * s.w * s.d), 7, 1.5f);
-  const auto k = random_values<_Float16>(static_cast<std::size_t>(s.B * s.Hkv * s.S * s.d), 8, 1.0f);
-  std::vector<float> qf(q.begin(), q.end()), kf(k.begin(), k.end());
-  const index_t P = s.S - s.w, c = 128;
+namespace dispatch_test {
+// Every path, the portable one first.
+std::vector<cake::host_isa> all_paths() {
+  std::vector<cake::host_isa> v{cake::host_isa::portable};
+  for (cake::host_isa i : simd_paths()) v.push_back(i);
+  return v;
+}
+
+// 16-bit queries and keys (T) against the same values as float on the portable path:
+// the indicator within check_same's tolerance and the same kept tokens, on every path.
+template <class T>
+void check_16bit_window(const Shape& s, unsigned seed) {
+  const auto q = random_values<T>(static_cast<std::size_t>(s.B * s.H * s.w * s.d), seed, 1.5f);
+  const auto k = random_values<T>(static_cast<std::size_t>(s.B * s.Hkv * s.S * s.d), seed + 1, 1.0f);
+  std::vector<float> qf(q.size()), kf(k.size());
+  for (std::size_t i = 0; i < q.size(); ++i) qf[i] = static_cast<float>(q[i]);
+  for (std::size_t i = 0; i < k.size(); ++i) kf[i] = static_cast<float>(k[i]);
+  const index_t P = s.S - s.w, c = P / 4;
   cake::force_host_isa(cake::host_isa::portable);
   const Result want = run(s, qf, kf, c);  // the same values, as float
-  for (cake::host_isa isa : simd_paths()) {
+  for (cake::host_isa isa : all_paths()) {
     CAPTURE(cake::host_isa_name(isa));
+    CAPTURE(s.S);
     cake::force_host_isa(isa);
     check_same(run(s, q, k, c), want, s.B * s.Hkv, P);
   }
 }
+}  // namespace dispatch_test
+
+TEST_CASE("window_stats: 16-bit queries and keys take every path with float accumulation") {
+  IsaGuard guard;
+  const Shape shapes[] = {
+      {1, 8, 2, 16, 700, 64},
+      {1, 32, 8, 32, 1100, 128},  // Llama-3.1-8B heads
+      {2, 6, 3, 13, 301, 24},     // window not a multiple of 8, d not of 16
+  };
+  unsigned seed = 7;
+  for (const Shape& s : shapes) {
+    check_16bit_window<cake::bfloat16>(s, seed += 2);
+#if defined(__FLT16_MAX__)  // the compiler has _Float16
+    check_16bit_window<_Float16>(s, seed += 2);
 #endif
+  }
+}
+
+TEST_CASE("bfloat16: exact to float, round to nearest even from float") {
+  CHECK(static_cast<float>(cake::bfloat16(1.0f)) == 1.0f);
+  CHECK(static_cast<float>(cake::bfloat16(-2.5f)) == -2.5f);
+  // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to the even mantissa (1)
+  CHECK(static_cast<float>(cake::bfloat16(1.0f + 0.00390625f)) == 1.0f);
+  // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties to even (1 + 2^-6)
+  CHECK(static_cast<float>(cake::bfloat16(1.0f + 3 * 0.00390625f)) == 1.0f + 0.015625f);
+  CHECK(static_cast<float>(cake::bfloat16(1.0f + 0.0048828125f)) == 1.0f + 0.0078125f);  // above half
+  CHECK(cake::bfloat16(3.0e38f).bits == 0x7f62);  // 0x7f61b1e6: the low half is above a tie
+  CHECK(std::isinf(static_cast<float>(cake::bfloat16(3.4e38f))));  // rounds past the largest
+  CHECK(std::isnan(static_cast<float>(cake::bfloat16(std::nanf("")))));
+  CHECK(cake::bfloat16::from_bits(0x3f80).bits == 0x3f80);
+  CHECK(static_cast<float>(cake::bfloat16::from_bits(0x3f80)) == 1.0f);
+}
 
 namespace dispatch_test {
 
@@ -166,17 +208,18 @@ struct DecodeResult {
   std::vector<std::int32_t> kept;  // (B * Hkv, c - 1): all candidates but the lowest
 };
 
-template <class T>
+template <class T, class TQ = float>
 DecodeResult decode(index_t B, index_t H, index_t Hkv, index_t n, index_t d, index_t c,
-                    const std::vector<float>& q, const std::vector<T>& k) {
+                    const std::vector<TQ>& q, const std::vector<T>& k,
+                    const cake::host_policy& exec = cake::host) {
   DecodeResult r;
   r.scores.assign(static_cast<std::size_t>(B * Hkv * c), -1.0f);
-  cake::decode_scores(cake::host, cake::make_view(q.data(), std::array<index_t, 3>{B, H, d}),
+  cake::decode_scores(exec, cake::make_view(q.data(), std::array<index_t, 3>{B, H, d}),
                       cake::make_view(k.data(), std::array<index_t, 4>{B, Hkv, n, d}),
                       cake::MeanVarianceIndicator{},
                       cake::make_view(r.scores.data(), std::array<index_t, 3>{B, Hkv, c}));
   r.kept.assign(static_cast<std::size_t>(B * Hkv * (c - 1)), -1);
-  cake::select_k(cake::host,
+  cake::select_k(exec,
                  cake::make_view(static_cast<const float*>(r.scores.data()),
                                  std::array<index_t, 2>{B * Hkv, c}),
                  cake::make_view(r.kept.data(), std::array<index_t, 2>{B * Hkv, c - 1}),
@@ -192,7 +235,7 @@ void check_decode_paths(index_t B, index_t H, index_t Hkv, index_t n, index_t d,
   const std::vector<float> kf(k.begin(), k.end());
   cake::force_host_isa(cake::host_isa::portable);
   const DecodeResult want = decode(B, H, Hkv, n, d, c, q, kf);  // the same keys, as float
-  for (cake::host_isa isa : simd_paths()) {
+  for (cake::host_isa isa : all_paths()) {
     CAPTURE(cake::host_isa_name(isa));
     CAPTURE(n);
     CAPTURE(d);
@@ -214,8 +257,41 @@ TEST_CASE("decode_scores: every SIMD path keeps the portable path's tokens (rand
   check_decode_paths<float>(1, 32, 8, 1057, 128, 201);  // Llama-3.1-8B heads, odd held count
   check_decode_paths<float>(2, 6, 2, 300, 64, 203);     // group of 3 (padded to 4), B = 2
   check_decode_paths<float>(1, 4, 4, 50, 40, 205);      // head_dim not a whole vector: portable
+  check_decode_paths<cake::bfloat16>(1, 32, 8, 1057, 128, 209);  // bf16 keys, widened by shifts
+  check_decode_paths<cake::bfloat16>(2, 6, 2, 300, 64, 211);
 #if defined(__FLT16_MAX__)
   check_decode_paths<_Float16>(1, 8, 2, 513, 128, 207);  // half keys through F16C
+  check_decode_paths<_Float16>(1, 32, 8, 1057, 128, 213);
+#endif
+}
+
+TEST_CASE("decode_scores: 16-bit queries and keys on every path equal float holding the same values") {
+  IsaGuard guard;
+  const index_t B = 1, H = 32, Hkv = 8, n = 1057, d = 128, c = n - 3;
+  const auto run16 = [&](auto tag, unsigned seed) {
+    using T = decltype(tag);
+    const auto q = random_values<T>(static_cast<std::size_t>(B * H * d), seed, 1.5f);
+    const auto k = random_values<T>(static_cast<std::size_t>(B * Hkv * n * d), seed + 1, 1.0f);
+    std::vector<float> qf(q.size()), kf(k.size());
+    for (std::size_t i = 0; i < q.size(); ++i) qf[i] = static_cast<float>(q[i]);
+    for (std::size_t i = 0; i < k.size(); ++i) kf[i] = static_cast<float>(k[i]);
+    cake::force_host_isa(cake::host_isa::portable);
+    const DecodeResult want = decode(B, H, Hkv, n, d, c, qf, kf);
+    for (cake::host_isa isa : all_paths()) {
+      CAPTURE(cake::host_isa_name(isa));
+      cake::force_host_isa(isa);
+      const DecodeResult got = decode(B, H, Hkv, n, d, c, q, k);
+      index_t bad = 0;
+      for (std::size_t i = 0; i < want.scores.size(); ++i)
+        if (!(std::abs(got.scores[i] - want.scores[i]) <= 1e-5f * std::abs(want.scores[i]) + 1e-9f))
+          ++bad;
+      CHECK(bad == 0);
+      CHECK(got.kept == want.kept);
+    }
+  };
+  run16(cake::bfloat16{}, 501);
+#if defined(__FLT16_MAX__)
+  run16(_Float16{}, 503);
 #endif
 }
 
@@ -271,20 +347,27 @@ TEST_CASE("window_stats and decode_scores read keys through strided views on eve
   }
 }
 
-TEST_CASE("release_host_scratch frees decode_scores' buffers too; results unchanged") {
+TEST_CASE("host_workspace: decode_scores and select_k reuse it on every path, results unchanged") {
   IsaGuard guard;
-  if (simd_paths().empty()) return;  // the portable path keeps no decode buffers
-  cake::force_host_isa(simd_paths().back());
   const index_t B = 1, H = 8, Hkv = 2, n = 200, d = 64, c = 150;
   const auto q = random_values<float>(static_cast<std::size_t>(B * H * d), 401, 1.0f);
   const auto k = random_values<float>(static_cast<std::size_t>(B * Hkv * n * d), 402, 1.0f);
-  const DecodeResult a = decode(B, H, Hkv, n, d, c, q, k);
-  auto& ds = cake::detail::simd::decode_scratch();
-  CHECK(!ds.prob.empty());
-  cake::release_host_scratch();
-  CHECK(ds.prob.empty());
-  CHECK(ds.acc.empty());
-  CHECK(ds.qbuf.empty());
-  const DecodeResult b = decode(B, H, Hkv, n, d, c, q, k);
-  CHECK(a.scores == b.scores);
+  std::vector<cake::host_isa> paths = simd_paths();
+  paths.push_back(cake::host_isa::portable);
+  for (cake::host_isa isa : paths) {
+    CAPTURE(cake::host_isa_name(isa));
+    cake::force_host_isa(isa);
+    const DecodeResult want = decode(B, H, Hkv, n, d, c, q, k);  // call-local scratch
+    cake::host_workspace ws;
+    const cake::host_policy exec = cake::host.from(ws).parallel_from(0);
+    DecodeResult got = decode(B, H, Hkv, n, d, c, q, k, exec);
+    CHECK(got.scores == want.scores);
+    CHECK(got.kept == want.kept);
+    const std::size_t grown = ws.bytes();
+    CHECK(grown >= static_cast<std::size_t>(H / Hkv * n + d) * sizeof(float));
+    got = decode(B, H, Hkv, n, d, c, q, k, exec);
+    CHECK(ws.bytes() == grown);  // steady state: nothing grown
+    CHECK(got.scores == want.scores);
+    CHECK(got.kept == want.kept);
+  }
 }

@@ -173,7 +173,7 @@ TEST_CASE("select_k: int32 and int64 outputs, several rows, threads") {
   cake::select_k(cake::host, sv, cake::make_view(o32.data(), std::array<index_t, 2>{rows, k}));
   cake::select_k(cake::host.threads(1), sv,
                  cake::make_view(o64.data(), std::array<index_t, 2>{rows, k}));
-  cake::select_k(cake::host.threads(2), sv,
+  cake::select_k(cake::host.threads(2).parallel_from(0), sv,
                  cake::make_view(o64t.data(), std::array<index_t, 2>{rows, k}));
   CHECK(o64 == o64t);
   for (index_t r = 0; r < rows; ++r) {

@@ -244,7 +244,8 @@ TEST_CASE("window_stats: bit-identical for threads(1) and threads(2)") {
   auto q = random_floats(static_cast<std::size_t>(s.B * s.H * s.w * s.d), 61);
   auto k = random_floats(static_cast<std::size_t>(s.B * s.Hkv * s.S * s.d), 62);
   const auto o1 = run(s, q, k, cake::MeanVarianceIndicator{}, cake::host.threads(1));
-  const auto o2 = run(s, q, k, cake::MeanVarianceIndicator{}, cake::host.threads(2));
+  const auto o2 =
+      run(s, q, k, cake::MeanVarianceIndicator{}, cake::host.threads(2).parallel_from(0));
   const auto o0 = run(s, q, k, cake::MeanVarianceIndicator{}, cake::host);
   CHECK(std::memcmp(o1.indicator.data(), o2.indicator.data(),
                     o1.indicator.size() * sizeof(float)) == 0);
@@ -294,29 +295,48 @@ TEST_CASE("StatsRequest{false, false} gives the same indicator") {
   check_against(o, ref);
 }
 
-TEST_CASE("release_host_scratch frees the calling thread's scratch; results unchanged") {
+TEST_CASE("host_workspace: window_stats reuses it without growing, results unchanged") {
   const index_t B = 1, H = 4, Hkv = 2, w = 4, S = 300, d = 16;
   std::vector<float> q(static_cast<std::size_t>(B * H * w * d)),
       k(static_cast<std::size_t>(B * Hkv * S * d));
   for (std::size_t i = 0; i < q.size(); ++i) q[i] = std::sin(0.37f * static_cast<float>(i));
   for (std::size_t i = 0; i < k.size(); ++i) k[i] = std::cos(0.11f * static_cast<float>(i));
-  std::vector<float> a(static_cast<std::size_t>(B * Hkv * (S - w))), b(a.size()), st(2);
-  const auto run = [&](std::vector<float>& out) {
+  std::vector<float> a(static_cast<std::size_t>(B * Hkv * (S - w))), b(a.size()), c(a.size()),
+      st(2);
+  const auto run = [&](const cake::host_policy& exec, std::vector<float>& out, index_t s) {
     cake::window_stats(
-        cake::host.threads(1),
+        exec,
         cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 4>{B, H, w, d}),
-        cake::make_view(static_cast<const float*>(k.data()), std::array<index_t, 4>{B, Hkv, S, d}),
+        cake::make_view(static_cast<const float*>(k.data()), std::array<index_t, 4>{B, Hkv, s, d}),
         cake::MeanVarianceIndicator{},
-        cake::make_view(out.data(), std::array<index_t, 3>{B, Hkv, S - w}),
+        cake::make_view(out.data(), std::array<index_t, 3>{B, Hkv, s - w}),
         cake::make_view(st.data(), std::array<index_t, 1>{2}));
   };
-  run(a);
-  auto& scratch = cake::detail::host_stats::thread_scratch();
-  CHECK(scratch.ind_heads.capacity() >= static_cast<std::size_t>(B * H * (S - w)));
-  CHECK(!scratch.workers.empty());
-  cake::release_host_scratch();
-  CHECK(scratch.ind_heads.capacity() == 0);
-  CHECK(scratch.workers.empty());
-  run(b);
+  run(cake::host.threads(1), a, S);  // a call-local workspace
+  cake::host_workspace ws;
+  CHECK(ws.bytes() == 0);
+  // parallel_from(0): the workers' blocks are used even for this small call
+  const cake::host_policy exec = cake::host.from(ws).parallel_from(0);
+  CHECK(exec.workspace == &ws);
+  CHECK(exec.threads(1).workspace == &ws);  // threads() keeps the workspace
+  run(exec, b, S);
   CHECK(a == b);
+  const std::size_t grown = ws.bytes();
+  // at least the per-head indicators and one worker's (n * w_pad, S) score block
+  CHECK(grown >= static_cast<std::size_t>(B * H * (S - w) + 2 * 8 * S) * sizeof(float));
+  const std::byte* shared = ws.shared();
+  run(exec, c, S);  // steady state: same blocks, nothing grown
+  CHECK(ws.bytes() == grown);
+  CHECK(ws.shared() == shared);
+  CHECK(c == a);
+  std::vector<float> small(static_cast<std::size_t>(B * Hkv * (S / 2 - w)));
+  run(exec, small, S / 2);  // a smaller call fits in what is there
+  CHECK(ws.bytes() == grown);
+  ws.release();
+  CHECK(ws.bytes() == 0);
+  std::fill(b.begin(), b.end(), -1.0f);
+  run(exec, b, S);
+  CHECK(a == b);
+  const cake::host_workspace copy(ws);  // a copy starts empty
+  CHECK(copy.bytes() == 0);
 }

@@ -141,7 +141,6 @@ long inject_all(const std::string& what, Make make, Call call) {
   for (long n = 1;; ++n) {
     auto c = make();
     const Snapshot before = snapshot(c);
-    cake::release_host_scratch();  // its allocations are part of the call's
     bool failed = false;
     fi::count = 0;
     fi::fail_at = n;

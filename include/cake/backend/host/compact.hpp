@@ -5,16 +5,22 @@
 #include <cstring>
 
 #include "../../detail/parallel.hpp"
+#include "detail/threads.hpp"
 
 namespace cake {
 
 template <>
 struct compact_backend<host_policy> {
   template <class T, class TI>
-  static void run(const host_policy& exec, host_view<const T, 4> src, host_view<const TI, 3> keep,
+  static void run(const host_policy& policy, host_view<const T, 4> src, host_view<const TI, 3> keep,
                   host_view<T, 4> dst) {
     const index_t Hkv = src.extent(1), d = src.extent(3);
     const index_t m = keep.extent(2);
+    // A gather runs at memory speed, which a second core barely raises: counted as one
+    // multiply-add per byte moved, so under the default threshold up to 32 MiB of rows
+    // stay on the calling thread.
+    const host_policy exec =
+        detail::for_work(policy, src.extent(0) * Hkv * m * d * static_cast<index_t>(sizeof(T)));
     // Kept rows are scattered over the source: prefetch a few rows ahead so the
     // gather streams instead of waiting on each row's first cache miss.
     constexpr index_t ahead = 8;
@@ -42,10 +48,12 @@ struct compact_backend<host_policy> {
   // slot (distinct heads, or distinct blocks), and within a row the read slot is never
   // one written earlier (keep ascending, see algorithm/compact.hpp).
   template <class T, class TI>
-  static void run_paged(const host_policy& exec, host_view<T, 4> pool,
+  static void run_paged(const host_policy& policy, host_view<T, 4> pool,
                         const block_table<host_space>& table, host_view<const TI, 3> keep,
                         host_view<const std::int32_t, 2> keep_lens) {
     const index_t Hkv = pool.extent(1), bs = pool.extent(2), d = pool.extent(3);
+    const host_policy exec = detail::for_work(
+        policy, table.num_seqs() * Hkv * keep.extent(2) * d * static_cast<index_t>(sizeof(T)));
     constexpr index_t ahead = 8;
     const std::size_t row_bytes = static_cast<std::size_t>(d) * sizeof(T);
     detail::parallel_for(exec, table.num_seqs() * Hkv, [&](index_t row, int) {

@@ -8,12 +8,13 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
-#include <vector>
 
 #include "../../detail/lanes.hpp"
 #include "../../detail/math.hpp"
 #include "../../detail/parallel.hpp"
 #include "detail/simd.hpp"
+#include "detail/threads.hpp"
+#include "workspace.hpp"
 
 namespace cake {
 namespace detail::host_decode {
@@ -40,10 +41,13 @@ CAKE_ALWAYS_INLINE void dot_rows(const float* CAKE_RESTRICT q, const float* CAKE
 
 }  // namespace detail::host_decode
 
+// Scratch per worker thread: the group's (padded) logits over the held keys, its
+// queries as float and the pooled sums; from the policy's workspace, or allocated
+// for the call.
 template <>
 struct decode_scores_backend<host_policy> {
   template <class TQ, class TK, class Ind>
-  static void run(const host_policy& exec, host_view<TQ, 4 - 1> q, host_view<TK, 4> k,
+  static void run(const host_policy& policy, host_view<TQ, 4 - 1> q, host_view<TK, 4> k,
                   const Ind& indicator, host_view<float, 3> out) {
     const index_t B = q.extent(0), H = q.extent(1), d = q.extent(2);
     const index_t Hkv = k.extent(1), n_held = k.extent(2), grp = H / Hkv, c = out.extent(2);
@@ -54,53 +58,62 @@ struct decode_scores_backend<host_policy> {
     using detail::lane_sum;
     using detail::row_max;
     const index_t grp_pad = (grp + QB - 1) / QB * QB;
+    // A decode step is small (4.3 M multiply-adds at Llama-3.1-8B heads, 1K held):
+    // below the policy's min_parallel_work it stays on the calling thread.
+    const host_policy exec = detail::for_work(policy, B * H * n_held * d);
     const int nt = detail::worker_count(exec, B * Hkv);
+    host_workspace local;
+    host_workspace& ws = detail::workspace_of(exec, local);
+    const auto z = [](index_t x) { return static_cast<std::size_t>(x); };
     // The SIMD path (picked at run time) for float or half keys with head_dim a whole number
     // of vectors: logits along head_dim with the group's queries sharing each key
     // row, exponentials and their sums vectorised over the keys.
     const detail::simd::kernels* kk = detail::simd::active_kernels();
     using TKe = std::remove_cv_t<TK>;
 #if CAKE_SIMD_HAS_HALF
-    constexpr bool simd_keys = std::is_same_v<TKe, float> || std::is_same_v<TKe, _Float16>;
+    constexpr bool simd_keys = std::is_same_v<TKe, float> || std::is_same_v<TKe, bfloat16> ||
+                               std::is_same_v<TKe, _Float16>;
 #else
-    constexpr bool simd_keys = std::is_same_v<TKe, float>;
+    constexpr bool simd_keys = std::is_same_v<TKe, float> || std::is_same_v<TKe, bfloat16>;
 #endif
     if constexpr (simd_keys) {
       if (kk && d % kk->vw == 0 && (n_held <= 1 || k.stride(2) >= d)) {
         const index_t ld = (n_held + 15) / 16 * 16;  // rows padded to whole vectors
-        // Kept per calling thread between steps (a step is ~100 us: page faults on
-        // fresh buffers would show); what is read is written first, but for the
-        // padding lanes past n_held, which the softmax masks out. Bound to references
-        // here: inside the parallel region the thread_local would be the worker's own.
-        detail::simd::DecodeScratch& ds = detail::simd::decode_scratch();
-        std::vector<std::vector<float>>&prob = ds.prob, &acc = ds.acc, &qbuf = ds.qbuf;
-        if (prob.size() < static_cast<std::size_t>(nt)) {
-          prob.resize(static_cast<std::size_t>(nt));
-          acc.resize(prob.size());
-          qbuf.resize(prob.size());
-        }
-        for (std::size_t t = 0; t < static_cast<std::size_t>(nt); ++t) {
-          prob[t].resize(static_cast<std::size_t>(grp_pad * ld));
-          acc[t].resize(static_cast<std::size_t>(c + 2 * half));
-          qbuf[t].assign(static_cast<std::size_t>(grp_pad * d), 0.0f);
-        }
+        // (grp_pad, ld) logits, (grp_pad, d) queries, (c + 2 * half) pooled sums. What
+        // is read is written first, but for the padding lanes past n_held, which the
+        // softmax masks out.
+        const auto carve = [&](detail::carver& cv) {
+          struct {
+            float *p, *qg, *a;
+          } b{cv.take<float>(z(grp_pad * ld)), cv.take<float>(z(grp_pad * d)),
+              cv.take<float>(z(c + 2 * half))};
+          return b;
+        };
+        detail::carver sizer;
+        carve(sizer);
+        ws.prepare(0, nt, sizer.bytes());
         const float inv_sqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
         detail::parallel_for(exec, B * Hkv, [&](index_t row, int worker) {
           const index_t b = row / Hkv, g = row % Hkv;
-          float* p = prob[static_cast<std::size_t>(worker)].data();  // (grp_pad, ld)
-          float* qg = qbuf[static_cast<std::size_t>(worker)].data();  // (grp_pad, d)
+          detail::carver cv(ws.worker(worker));
+          const auto buf = carve(cv);
+          float* p = buf.p;
+          float* qg = buf.qg;
           for (index_t r = 0; r < grp; ++r) {
             const auto* qr = &q(b, g * grp + r, 0);
             for (index_t x = 0; x < d; ++x) qg[r * d + x] = static_cast<float>(qr[x]);
           }
+          std::fill(qg + grp * d, qg + grp_pad * d, 0.0f);  // padding rows: scored, never read
           const index_t k_ld = n_held > 1 ? k.stride(2) : d;
           if constexpr (std::is_same_v<TKe, float>)
             kk->decode_dots(qg, grp_pad, d, &k(b, g, 0, 0), k_ld, n_held, inv_sqrt_d, p, ld);
+          else if constexpr (std::is_same_v<TKe, bfloat16>)
+            kk->decode_dots_b(qg, grp_pad, d, &k(b, g, 0, 0), k_ld, n_held, inv_sqrt_d, p, ld);
 #if CAKE_SIMD_HAS_HALF
           else
             kk->decode_dots_h(qg, grp_pad, d, &k(b, g, 0, 0), k_ld, n_held, inv_sqrt_d, p, ld);
 #endif
-          float* a = acc[static_cast<std::size_t>(worker)].data();
+          float* a = buf.a;
           std::fill(a, a + c + 2 * half, 0.0f);
           for (index_t r = 0; r < grp; ++r) {
             float* pr = p + r * ld;
@@ -120,25 +133,30 @@ struct decode_scores_backend<host_policy> {
         return;
       }
     }
-    // per worker: (grp, n_held) probabilities, (c + 2 * half) padded sums,
-    // (grp_pad, d) the group's queries as float (rows past grp are zero)
-    std::vector<std::vector<float>> prob(static_cast<std::size_t>(nt)), acc(prob.size()),
-        qbuf(prob.size()), kbuf(prob.size());
-    for (std::size_t t = 0; t < prob.size(); ++t) {
-      prob[t].resize(static_cast<std::size_t>(grp * n_held));
-      acc[t].resize(static_cast<std::size_t>(c + 2 * half));
-      qbuf[t].assign(static_cast<std::size_t>(grp_pad * d), 0.0f);
-      kbuf[t].resize(static_cast<std::size_t>(d));
-    }
+    // Per worker: (grp, n_held) probabilities, (grp_pad, d) the group's queries as
+    // float (rows past grp are zero), (c + 2 * half) padded sums, a key row as float.
+    const auto carve = [&](detail::carver& cv) {
+      struct {
+        float *p, *qg, *a, *kf;
+      } b{cv.take<float>(z(grp * n_held)), cv.take<float>(z(grp_pad * d)),
+          cv.take<float>(z(c + 2 * half)), cv.take<float>(z(d))};
+      return b;
+    };
+    detail::carver sizer;
+    carve(sizer);
+    ws.prepare(0, nt, sizer.bytes());
     detail::parallel_for(exec, B * Hkv, [&](index_t row, int worker) {
       const index_t b = row / Hkv, g = row % Hkv;
-      float* p = prob[static_cast<std::size_t>(worker)].data();
-      float* qg = qbuf[static_cast<std::size_t>(worker)].data();
+      detail::carver cv(ws.worker(worker));
+      const auto buf = carve(cv);
+      float* p = buf.p;
+      float* qg = buf.qg;
       for (index_t r = 0; r < grp; ++r) {
         const auto* qr = &q(b, g * grp + r, 0);
         for (index_t x = 0; x < d; ++x) qg[r * d + x] = static_cast<float>(qr[x]);
       }
-      float* kf = kbuf[static_cast<std::size_t>(worker)].data();  // a key row as float, if need be
+      std::fill(qg + grp * d, qg + grp_pad * d, 0.0f);
+      float* kf = buf.kf;  // a key row as float, if need be
       for (index_t j = 0; j < n_held; ++j) {
         const auto* kr = &k(b, g, j, 0);
         const float* kp;
@@ -156,7 +174,7 @@ struct decode_scores_backend<host_policy> {
             p[r * n_held + j] = dots[r - r0] / sqrt_d;
         }
       }
-      float* a = acc[static_cast<std::size_t>(worker)].data();
+      float* a = buf.a;
       std::fill(a, a + c + 2 * half, 0.0f);
       for (index_t r = 0; r < grp; ++r) {
         float* pr = p + r * n_held;

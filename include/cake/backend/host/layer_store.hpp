@@ -174,8 +174,8 @@ struct layer_store<T, host_policy> {
     std::vector<std::size_t> layers;
     std::vector<std::vector<index_t>> prefix;
   };
-  // What a cache owns besides its layers: nothing on the host (its scratch is the
-  // calling thread's, see cake::release_host_scratch).
+  // What a cache owns besides its layers: nothing on the host (its kernels' scratch
+  // comes from the policy's cake::host_workspace, or is allocated per call).
   struct resources {
     host_policy adopt(const host_policy& exec) { return exec; }
     void after_prefill() noexcept {}
@@ -377,41 +377,7 @@ struct layer_store<T, host_policy> {
   template <class QV, class KV>
   static void attention_sums(const host_policy& exec, const QV& q, const KV& k, float* out,
                              index_t ld) {
-    using namespace host_stats;
-    const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
-    const index_t Hkv = k.extent(1), S = k.extent(2), n = H / Hkv, P = S - w;
-    const index_t w_pad = round_up(w, RB), lds = round_up(S, TJ);
-    const float inv = 1.0f / static_cast<float>(n);
-    std::vector<Scratch>& scratch = thread_scratch().workers;
-    const int nt = worker_count(exec, B * Hkv);
-    if (scratch.size() < static_cast<std::size_t>(nt)) scratch.resize(static_cast<std::size_t>(nt));
-    for (int t = 0; t < nt; ++t) scratch[static_cast<std::size_t>(t)].reserve(n * w_pad, d, lds);
-    parallel_for(exec, B * Hkv, [&](index_t bg, int worker) {
-      Scratch& s = scratch[static_cast<std::size_t>(worker)];
-      const index_t b = bg / Hkv, g = bg % Hkv;
-      group_scores(q, k, b, g, n, w, w_pad, S, d, lds, s);
-      for (index_t r = 0; r < n; ++r)
-        for (index_t i = 0; i < w; ++i)
-          softmax_row(s.p.data() + (r * w_pad + i) * lds, P + i + 1, P, lds, false,
-                      s.rmax[static_cast<std::size_t>(r * w_pad + i)]);
-      float* CAKE_RESTRICT o = out + bg * ld;
-      std::fill(o, o + S, 0.0f);
-      // Row by row: the group's heads summed in order, times 1/n, added to the sums
-      // (the order decode_scores and the CUDA store use).
-      float* CAKE_RESTRICT h = s.col.data();  // the heads' sum for a chunk of tokens
-      for (index_t i = 0; i < w; ++i) {
-        const index_t seen = P + i + 1;
-        for (index_t j0 = 0; j0 < seen; j0 += COL_CHUNK) {
-          const index_t m = std::min(COL_CHUNK, seen - j0);
-          std::fill(h, h + m, 0.0f);
-          for (index_t r = 0; r < n; ++r) {
-            const float* CAKE_RESTRICT pr = s.p.data() + (r * w_pad + i) * lds + j0;
-            for (index_t j = 0; j < m; ++j) h[j] += pr[j];
-          }
-          for (index_t j = 0; j < m; ++j) o[j0 + j] += h[j] * inv;
-        }
-      }
-    });
+    host_stats::attention_sums(exec, q, k, out, ld);
   }
 
   // dst[r, t] += src[r, t] for t < cols: an accumulating indicator's sums.

@@ -2,7 +2,7 @@
 //
 // Per query head: the (w x S) scores are computed tile by tile from a transposed
 // K tile with a register-blocked micro-kernel the compiler vectorises, kept in a
-// per-thread buffer (w*S floats for one head, never B*H*w*S), turned into
+// per-worker buffer (n*w*S floats for one GQA group, never B*H*w*S), turned into
 // probabilities row by row, then reduced column by column into the per-key
 // indicator. Heads run in parallel; the per-head results are combined in a fixed
 // order, so the output does not depend on the thread count.
@@ -20,6 +20,8 @@
 #include "../../detail/math.hpp"
 #include "../../detail/parallel.hpp"
 #include "detail/simd.hpp"
+#include "detail/threads.hpp"
+#include "workspace.hpp"
 
 namespace cake {
 namespace detail::host_stats {
@@ -34,40 +36,66 @@ inline constexpr index_t COL_CHUNK = 2048;  // keys per column-reduction chunk (
 
 inline index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
 
+// One worker's buffers, carved from its workspace block (see carve).
 struct Scratch {
-  std::vector<float> q;     // (rows, d)       window queries of one GQA group, as float
-  std::vector<float> kt;    // (d, TJ)         one key tile, transposed
-  std::vector<float> p;     // (rows, ld)      scores, then probabilities
-  std::vector<float> col;   // (COL_CHUNK)     column means
-  std::vector<float> m2;    // (COL_CHUNK)     column sums of squared deviations
-  std::vector<float> rmax;  // (rows)          maximum score of each row over its valid keys
-  std::vector<float> tmax;  // (tiles, rows)   SIMD path: each row's maximum per key tile
-  std::vector<float> tsum;  // (tiles, rows)   SIMD path: sum of exp(score - tile max), then
-                            //                 the tile's scale exp(tile max - max) / sum
-  std::vector<float> tep;   // (tiles, rows)   SIMD path: that sum over the prefix keys only
-  std::vector<float> tes;   // (tiles, rows)   SIMD path: sum of e * (score - tile max), e = exp(score - tile max)
-                            //                 over the prefix keys
-  std::vector<float> tmp;   // (w, 16)         SIMD path: one key vector's probabilities
-  void reserve(index_t rows, index_t d, index_t ld) {
-    q.assign(static_cast<std::size_t>(rows * d), 0.0f);
-    kt.assign(static_cast<std::size_t>(d * KT_LD), 0.0f);
-    p.resize(static_cast<std::size_t>(rows * ld));
-    col.resize(COL_CHUNK);
-    m2.resize(COL_CHUNK);
-    rmax.resize(static_cast<std::size_t>(rows));
+  float* q;     // (rows, d)       window queries of one GQA group, as float
+  float* kt;    // (d, KT_LD)      one key tile, transposed
+  float* p;     // (rows, ld)      scores, then probabilities
+  float* col;   // (COL_CHUNK)     column means
+  float* m2;    // (COL_CHUNK)     column sums of squared deviations
+  float* rmax;  // (rows)          maximum score of each row over its valid keys
+  float* tmax;  // (tiles, rows)   SIMD path: each row's maximum per key tile
+  float* tsum;  // (tiles, rows)   SIMD path: sum of exp(score - tile max), then
+                //                 the tile's scale exp(tile max - max) / sum
+  float* tep;   // (tiles, rows)   SIMD path: that sum over the prefix keys only
+  float* tes;   // (tiles, rows)   SIMD path: sum of e * (score - tile max) over the
+                //                 prefix keys, e = exp(score - tile max)
+  float* tmp;   // (w, 16)         SIMD path: one key vector's probabilities
+  // tiles = 0 leaves the SIMD path's pieces out.
+  static Scratch carve(carver& c, index_t rows, index_t d, index_t ld, index_t tiles, index_t w) {
+    const auto z = [](index_t n) { return static_cast<std::size_t>(n); };
+    Scratch s{};
+    s.q = c.take<float>(z(rows * d));
+    s.kt = c.take<float>(z(d * KT_LD));
+    s.p = c.take<float>(z(rows * ld));
+    s.col = c.take<float>(z(COL_CHUNK));
+    s.m2 = c.take<float>(z(COL_CHUNK));
+    s.rmax = c.take<float>(z(rows));
+    if (tiles > 0) {
+      s.tmax = c.take<float>(z(tiles * rows));
+      s.tsum = c.take<float>(z(tiles * rows));
+      s.tep = c.take<float>(z(tiles * rows));
+      s.tes = c.take<float>(z(tiles * rows));
+      s.tmp = c.take<float>(z(w * 16));
+    }
+    return s;
   }
 };
 
-// The large buffers of window_stats (per-head indicators, per-worker scores), kept
-// per calling thread and reused, so a layer does not pay page faults on tens of MiB
-// each call; every element read is written first, so reuse cannot change results.
-struct ThreadScratch {
-  std::vector<float> ind_heads;  // (batch, q_heads, S - w)
-  std::vector<Scratch> workers;  // one per worker thread of the calling thread's regions
+// The call's shared buffers: per-head results, in fixed slots so that nothing
+// depends on the thread count.
+struct Shared {
+  float* ind_heads;  // (batch, q_heads, S - w)
+  double* ent;       // (batch, q_heads)
+  double* var;       // (batch, q_heads)
+  static Shared carve(carver& c, index_t BH, index_t P) {
+    Shared s{};
+    s.ind_heads = c.take<float>(static_cast<std::size_t>(BH * P));
+    s.ent = c.take<double>(static_cast<std::size_t>(BH));
+    s.var = c.take<double>(static_cast<std::size_t>(BH));
+    return s;
+  }
 };
-inline ThreadScratch& thread_scratch() {
-  static thread_local ThreadScratch s;
-  return s;
+
+// Sizes the workspace for a call: the shared block, and per worker the larger of
+// its Scratch and pool_groups' row buffer (the two never live at once).
+inline void prepare_workspace(host_workspace& ws, index_t BH, index_t P, int nt, index_t rows,
+                              index_t d, index_t ld, index_t tiles, index_t w, int kernel) {
+  carver shared, worker, pool;
+  Shared::carve(shared, BH, P);
+  Scratch::carve(worker, rows, d, ld, tiles, w);
+  pool.take<float>(static_cast<std::size_t>(P + 2 * (kernel / 2)));
+  ws.prepare(shared.bytes(), nt, std::max(worker.bytes(), pool.bytes()));
 }
 
 // out[r][c] = (q[r] . kt[:, c]) / sqrt_d for RB rows and CB keys.
@@ -141,8 +169,8 @@ double column_stats(const float* CAKE_RESTRICT p, index_t ld, index_t w, index_t
   const float inv_w = 1.0f / static_cast<float>(w);
   const float inv_w1 = 1.0f / static_cast<float>(w - 1);
   double var_total = 0;
-  float* CAKE_RESTRICT col = s.col.data();
-  float* CAKE_RESTRICT m2 = s.m2.data();
+  float* CAKE_RESTRICT col = s.col;
+  float* CAKE_RESTRICT m2 = s.m2;
   for (index_t j0 = 0; j0 < prefix; j0 += COL_CHUNK) {
     const index_t n = std::min(COL_CHUNK, prefix - j0);
     std::fill(col, col + n, 0.0f);
@@ -181,11 +209,15 @@ void group_scores(const QV& q, const KV& k, index_t b, index_t g, index_t n, ind
   for (index_t r = 0; r < n; ++r)
     for (index_t i = 0; i < w; ++i) {
       const auto* qr = &q(b, g * n + r, i, 0);
-      float* dst = s.q.data() + (r * w_pad + i) * d;
+      float* dst = s.q + (r * w_pad + i) * d;
       for (index_t x = 0; x < d; ++x) dst[x] = static_cast<float>(qr[x]);
     }
+  // The padding rows are scored too (whole micro-tiles) but never read: zeros keep
+  // them finite and off the slow denormal path.
+  for (index_t r = 0; r < n; ++r)
+    std::fill(s.q + (r * w_pad + w) * d, s.q + (r + 1) * w_pad * d, 0.0f);
   const index_t rows = n * w_pad;
-  float* kt = s.kt.data();
+  float* kt = s.kt;
   for (index_t j0 = 0; j0 < S; j0 += TJ) {
     const index_t tj = std::min(TJ, S - j0);
     for (index_t jj = 0; jj < tj; ++jj) {
@@ -197,7 +229,7 @@ void group_scores(const QV& q, const KV& k, index_t b, index_t g, index_t n, ind
     const index_t tj_pad = round_up(tj, CB);
     for (index_t i0 = 0; i0 < rows; i0 += RB)
       for (index_t c0 = 0; c0 < tj_pad; c0 += CB)
-        micro_tile(s.q.data() + i0 * d, kt + c0, d, sqrt_d, s.p.data() + i0 * ld + j0 + c0, ld);
+        micro_tile(s.q + i0 * d, kt + c0, d, sqrt_d, s.p + i0 * ld + j0 + c0, ld);
     // Row maxima over the valid keys (row i sees [0, S - w + i]) while the tile is
     // still in cache, so softmax does not need a pass of its own for them.
     for (index_t r = 0; r < n; ++r)
@@ -205,7 +237,7 @@ void group_scores(const QV& q, const KV& k, index_t b, index_t g, index_t n, ind
         const index_t row = r * w_pad + i;
         const index_t cnt = std::min(tj, S - w + i + 1 - j0);
         if (cnt <= 0) continue;
-        const float tm = row_max(s.p.data() + row * ld + j0, cnt);
+        const float tm = row_max(s.p + row * ld + j0, cnt);
         float& m = s.rmax[static_cast<std::size_t>(row)];
         m = j0 == 0 || tm > m ? tm : m;
       }
@@ -235,16 +267,22 @@ void group_simd(const simd::kernels& kk, const QV& q, const KV& k, index_t b, in
   for (index_t r = 0; r < n; ++r)
     for (index_t i = 0; i < w; ++i) {
       const auto* qr = &q(b, g * n + r, i, 0);
-      float* dst = s.q.data() + (r * w_pad + i) * d;
+      float* dst = s.q + (r * w_pad + i) * d;
       for (index_t x = 0; x < d; ++x) dst[x] = static_cast<float>(qr[x]);
     }
-  float* kt = s.kt.data();
-  float* p = s.p.data();
+  // The padding rows are scored too (whole micro-tiles) but never read: zeros keep
+  // them finite and off the slow denormal path.
+  for (index_t r = 0; r < n; ++r)
+    std::fill(s.q + (r * w_pad + w) * d, s.q + (r + 1) * w_pad * d, 0.0f);
+  float* kt = s.kt;
+  float* p = s.p;
   for (index_t t = 0; t < tiles; ++t) {
     const index_t j0 = t * TJ, tj = std::min(TJ, S - j0);
     using TKe = std::remove_cv_t<typename KV::element_type>;
     if constexpr (std::is_same_v<TKe, float>) {
       kk.transpose_tile(&k(b, g, j0, 0), tj > 1 ? k.stride(2) : d, tj, d, kt, KT_LD);
+    } else if constexpr (std::is_same_v<TKe, bfloat16>) {
+      kk.transpose_tile_b(&k(b, g, j0, 0), tj > 1 ? k.stride(2) : d, tj, d, kt, KT_LD);
     }
 #if CAKE_SIMD_HAS_HALF
     else if constexpr (std::is_same_v<TKe, _Float16>) {
@@ -260,7 +298,7 @@ void group_simd(const simd::kernels& kk, const QV& q, const KV& k, index_t b, in
     if (tj < TJ)
       for (index_t x = 0; x < d; ++x) std::fill(kt + x * KT_LD + tj, kt + x * KT_LD + TJ, 0.0f);
     const index_t tj_pad = round_up(tj, 32);
-    kk.score_tile(s.q.data(), rows, d, kt, KT_LD, tj_pad, inv_sqrt_d, p + j0, ld);
+    kk.score_tile(s.q, rows, d, kt, KT_LD, tj_pad, inv_sqrt_d, p + j0, ld);
     const std::size_t o = static_cast<std::size_t>(t * rows);
     for (index_t r = 0; r < n; ++r)
       for (index_t i = 0; i < w; ++i) {
@@ -280,7 +318,8 @@ void group_simd(const simd::kernels& kk, const QV& q, const KV& k, index_t b, in
   for (index_t r = 0; r < n; ++r) {
     double e_head = 0;
     for (index_t i = 0; i < w; ++i) {
-      const std::size_t row = static_cast<std::size_t>(r * w_pad + i), R = static_cast<std::size_t>(rows);
+      const std::size_t row = static_cast<std::size_t>(r * w_pad + i),
+                        R = static_cast<std::size_t>(rows);
       double m = -std::numeric_limits<double>::infinity(), l = 0;
       for (index_t t = 0; t < tiles; ++t) m = std::max(m, static_cast<double>(s.tmax[t * R + row]));
       for (index_t t = 0; t < tiles; ++t)
@@ -301,14 +340,14 @@ void group_simd(const simd::kernels& kk, const QV& q, const KV& k, index_t b, in
     ent[r] = req.entropy ? e_head : 0.0;
   }
   const bool need_var = req.variance || Ind::needs_variance;
-  float* col = s.col.data();
-  float* m2 = s.m2.data();
+  float* col = s.col;
+  float* m2 = s.m2;
   for (index_t r = 0; r < n; ++r) {
     double v = 0;
     for (index_t t = 0; t * TJ < P; ++t) {
       const index_t j0 = t * TJ, cnt = std::min(TJ, P - j0);
-      kk.head_columns(p + r * w_pad * ld + j0, ld, w, s.tsum.data() + t * rows + r * w_pad, cnt,
-                      need_var, col, m2, s.tmp.data(), &v);
+      kk.head_columns(p + r * w_pad * ld + j0, ld, w, s.tsum + t * rows + r * w_pad, cnt, need_var,
+                      col, m2, s.tmp, &v);
       float* dst = ind_group + r * P + j0;
       for (index_t j = 0; j < cnt; ++j) dst[j] = indicator.score(col[j], need_var ? m2[j] : 0.0f);
     }
@@ -317,22 +356,20 @@ void group_simd(const simd::kernels& kk, const QV& q, const KV& k, index_t b, in
 }
 
 // Sum the per-head indicators of each GQA group, pool along the keys, divide by
-// kernel * group size: out[b, g, j].
+// kernel * group size: out[b, g, j]. Each worker's row buffer is the start of its
+// workspace block (prepare_workspace sized it).
 template <class OutV>
-void pool_groups(const host_policy& exec, const std::vector<float>& ind_heads, index_t B,
+void pool_groups(const host_policy& exec, host_workspace& ws, const float* ind_heads, index_t B,
                  index_t Hkv, index_t n, index_t P, int kernel, OutV& out) {
   if (P == 0) return;  // no prefix keys (S == w): nothing to write
   const index_t half = kernel / 2;
   const float inv = 1.0f / (static_cast<float>(kernel) * static_cast<float>(n));
-  const int nt = worker_count(exec, B * Hkv);
-  std::vector<std::vector<float>> bufs(static_cast<std::size_t>(nt),
-                                       std::vector<float>(static_cast<std::size_t>(P + 2 * half)));
   parallel_for(exec, B * Hkv, [&](index_t row, int worker) {
     const index_t b = row / Hkv, g = row % Hkv;
-    float* tmp = bufs[static_cast<std::size_t>(worker)].data();
+    float* tmp = reinterpret_cast<float*>(ws.worker(worker));  // (P + 2 * half)
     std::fill(tmp, tmp + P + 2 * half, 0.0f);
     for (index_t r = 0; r < n; ++r) {
-      const float* src = ind_heads.data() + ((b * Hkv + g) * n + r) * P;
+      const float* src = ind_heads + ((b * Hkv + g) * n + r) * P;
       for (index_t j = 0; j < P; ++j) tmp[half + j] += src[j];
     }
     float* dst = &out(b, g, 0);
@@ -344,114 +381,140 @@ void pool_groups(const host_policy& exec, const std::vector<float>& ind_heads, i
   });
 }
 
-}  // namespace detail::host_stats
-
-// Frees the scratch the host window_stats keeps for the calling thread between calls
-// (about (n * w per worker thread + B * H) * S floats for the largest call so far,
-// n query heads per KV head: 80 MiB for a 128K Llama-3.1-8B layer on one thread),
-// and decode_scores' (about group rows * held floats per worker thread).
-// The next call allocates it again.
-inline void release_host_scratch() noexcept {
-  detail::host_stats::ThreadScratch& s = detail::host_stats::thread_scratch();
-  std::vector<float>().swap(s.ind_heads);
-  std::vector<detail::host_stats::Scratch>().swap(s.workers);
-  detail::simd::DecodeScratch& ds = detail::simd::decode_scratch();
-  std::vector<std::vector<float>>().swap(ds.prob);
-  std::vector<std::vector<float>>().swap(ds.acc);
-  std::vector<std::vector<float>>().swap(ds.qbuf);
+// out[r, t] (row stride ld) = the attention token t receives from the window rows
+// (row i sees tokens [0, S - w + i]), summed over the rows, each row's share being the
+// mean over the GQA group's query heads: an accumulating indicator's (H2O's) prefill
+// sums. One pass per GQA group with the score tiles and softmax rows above; scratch
+// from the policy's workspace, or allocated for the call.
+template <class QV, class KV>
+void attention_sums(const host_policy& policy, const QV& q, const KV& k, float* out, index_t ld) {
+  const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
+  const index_t Hkv = k.extent(1), S = k.extent(2), n = H / Hkv, P = S - w;
+  const index_t w_pad = round_up(w, RB), lds = round_up(S, TJ);
+  const float inv = 1.0f / static_cast<float>(n);
+  const host_policy exec = for_work(policy, B * H * w * S * d);
+  const int nt = worker_count(exec, B * Hkv);
+  host_workspace local;
+  host_workspace& ws = workspace_of(exec, local);
+  carver sizer;
+  Scratch::carve(sizer, n * w_pad, d, lds, 0, w);
+  ws.prepare(0, nt, sizer.bytes());
+  parallel_for(exec, B * Hkv, [&](index_t bg, int worker) {
+    carver c(ws.worker(worker));
+    Scratch s = Scratch::carve(c, n * w_pad, d, lds, 0, w);
+    const index_t b = bg / Hkv, g = bg % Hkv;
+    group_scores(q, k, b, g, n, w, w_pad, S, d, lds, s);
+    for (index_t r = 0; r < n; ++r)
+      for (index_t i = 0; i < w; ++i)
+        softmax_row(s.p + (r * w_pad + i) * lds, P + i + 1, P, lds, false, s.rmax[r * w_pad + i]);
+    float* CAKE_RESTRICT o = out + bg * ld;
+    std::fill(o, o + S, 0.0f);
+    // Row by row: the group's heads summed in order, times 1/n, added to the sums
+    // (the order decode_scores and the CUDA store use).
+    float* CAKE_RESTRICT h = s.col;  // the heads' sum for a chunk of tokens
+    for (index_t i = 0; i < w; ++i) {
+      const index_t seen = P + i + 1;
+      for (index_t j0 = 0; j0 < seen; j0 += COL_CHUNK) {
+        const index_t m = std::min(COL_CHUNK, seen - j0);
+        std::fill(h, h + m, 0.0f);
+        for (index_t r = 0; r < n; ++r) {
+          const float* CAKE_RESTRICT pr = s.p + (r * w_pad + i) * lds + j0;
+          for (index_t j = 0; j < m; ++j) h[j] += pr[j];
+        }
+        for (index_t j = 0; j < m; ++j) o[j0 + j] += h[j] * inv;
+      }
+    }
+  });
 }
+
+}  // namespace detail::host_stats
 
 template <>
 struct window_stats_backend<host_policy> {
+  // Scratch: about (n * w_pad * S per worker thread + B * H * (S - w)) floats, n query
+  // heads per KV head (80 MiB for a 128K Llama-3.1-8B layer on one thread), from the
+  // policy's workspace or allocated for the call.
   template <class TQ, class TK, class Ind>
-  static void run(const host_policy& exec, host_view<TQ, 4> q, host_view<TK, 4> k,
+  static void run(const host_policy& policy, host_view<TQ, 4> q, host_view<TK, 4> k,
                   const Ind& indicator, host_view<float, 3> out, host_view<float, 1> stats,
                   StatsRequest req) {
     using namespace detail::host_stats;
     using detail::LANES;
     const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
     const index_t Hkv = k.extent(1), S = k.extent(2), n = H / Hkv, P = S - w;
+    const host_policy exec = detail::for_work(policy, B * H * w * S * d);
     const detail::simd::kernels* kk = detail::simd::active_kernels();
     // The SIMD micro-tiles take 8 rows at a time; the portable one RB.
     const index_t w_pad = round_up(w, kk ? 8 : RB), ld = round_up(S, TJ);
-    // The calling thread's scratch (thread_scratch()), bound to references here:
-    // inside the parallel region the thread_local would be the worker's own.
-    ThreadScratch& ts = thread_scratch();
-    std::vector<float>& ind_heads = ts.ind_heads;
-    std::vector<Scratch>& scratch = ts.workers;
-    ind_heads.resize(static_cast<std::size_t>(B * H * P));
-    std::vector<double> ent(static_cast<std::size_t>(B * H)), var(static_cast<std::size_t>(B * H));
+    const index_t rows = n * w_pad, tiles = kk ? (S + TJ - 1) / TJ : 0;
     // One task per (batch, KV head): its n query heads share each key tile.
     // Per-head results land in fixed slots, so nothing depends on the thread count.
     const int nt = detail::worker_count(exec, B * Hkv);
-    if (scratch.size() < static_cast<std::size_t>(nt)) scratch.resize(static_cast<std::size_t>(nt));
-    for (int t = 0; t < nt; ++t) {
-      Scratch& s = scratch[static_cast<std::size_t>(t)];
-      s.reserve(n * w_pad, d, ld);
-      if (kk) {
-        const std::size_t tiles = static_cast<std::size_t>((S + TJ - 1) / TJ);
-        s.tmax.resize(tiles * static_cast<std::size_t>(n * w_pad));
-        s.tsum.resize(s.tmax.size());
-        s.tep.resize(s.tmax.size());
-        s.tes.resize(s.tmax.size());
-        s.tmp.resize(static_cast<std::size_t>(w * 16));
-      }
-    }
+    host_workspace local;
+    host_workspace& ws = detail::workspace_of(exec, local);
+    prepare_workspace(ws, B * H, P, nt, rows, d, ld, tiles, w, indicator.pool_kernel);
+    detail::carver shared_c(ws.shared());
+    const Shared sh = Shared::carve(shared_c, B * H, P);
+    const auto scratch = [&](int worker) {
+      detail::carver c(ws.worker(worker));
+      return Scratch::carve(c, rows, d, ld, tiles, w);
+    };
     if (kk) {
       detail::parallel_for(exec, B * Hkv, [&](index_t bg, int worker) {
-        Scratch& s = scratch[static_cast<std::size_t>(worker)];
+        Scratch s = scratch(worker);
         const index_t b = bg / Hkv, g = bg % Hkv, h0 = b * H + g * n;
-        group_simd(*kk, q, k, b, g, n, w, w_pad, S, d, ld, indicator, req, s,
-                   ind_heads.data() + h0 * P, ent.data() + h0, var.data() + h0);
+        group_simd(*kk, q, k, b, g, n, w, w_pad, S, d, ld, indicator, req, s, sh.ind_heads + h0 * P,
+                   sh.ent + h0, sh.var + h0);
       });
-      finish(exec, ind_heads, ent, var, B, Hkv, n, P, indicator.pool_kernel, out, stats);
+      finish(exec, ws, sh, B, Hkv, n, P, indicator.pool_kernel, out, stats);
       return;
     }
     detail::parallel_for(exec, B * Hkv, [&](index_t bg, int worker) {
-      Scratch& s = scratch[static_cast<std::size_t>(worker)];
+      Scratch s = scratch(worker);
       const index_t b = bg / Hkv, g = bg % Hkv;
       group_scores(q, k, b, g, n, w, w_pad, S, d, ld, s);
       for (index_t r = 0; r < n; ++r) {
         const index_t bh = b * H + g * n + r;
-        float* p = s.p.data() + r * w_pad * ld;
+        float* p = s.p + r * w_pad * ld;
         double e = 0;
         for (index_t i = 0; i < w; ++i)
-          e += softmax_row(p + i * ld, P + i + 1, P, ld, req.entropy,
-                           s.rmax[static_cast<std::size_t>(r * w_pad + i)]);
-        ent[static_cast<std::size_t>(bh)] = e;
-        var[static_cast<std::size_t>(bh)] =
-            column_stats(p, ld, w, P, indicator, req.variance, s, ind_heads.data() + bh * P);
+          e += softmax_row(p + i * ld, P + i + 1, P, ld, req.entropy, s.rmax[r * w_pad + i]);
+        sh.ent[bh] = e;
+        sh.var[bh] = column_stats(p, ld, w, P, indicator, req.variance, s, sh.ind_heads + bh * P);
       }
     });
-    finish(exec, ind_heads, ent, var, B, Hkv, n, P, indicator.pool_kernel, out, stats);
+    finish(exec, ws, sh, B, Hkv, n, P, indicator.pool_kernel, out, stats);
   }
 
   template <class TA, class Ind>
-  static void run_from_attention(const host_policy& exec, host_view<TA, 4> a, const Ind& indicator,
-                                 host_view<float, 3> out, host_view<float, 1> stats,
-                                 StatsRequest req) {
+  static void run_from_attention(const host_policy& policy, host_view<TA, 4> a,
+                                 const Ind& indicator, host_view<float, 3> out,
+                                 host_view<float, 1> stats, StatsRequest req) {
     using namespace detail::host_stats;
     using detail::LANES;
     const index_t B = a.extent(0), H = a.extent(1), w = a.extent(2), S = a.extent(3);
     const index_t Hkv = out.extent(1), n = H / Hkv, P = S - w;
-    std::vector<float> ind_heads(static_cast<std::size_t>(B * H * P));
-    std::vector<double> ent(static_cast<std::size_t>(B * H)), var(static_cast<std::size_t>(B * H));
+    const host_policy exec = detail::for_work(policy, B * H * w * S);
     const int nt = detail::worker_count(exec, B * H);
-    std::vector<Scratch> scratch(static_cast<std::size_t>(nt));
-    for (auto& s : scratch) s.reserve(w, 1, P);
+    host_workspace local;
+    host_workspace& ws = detail::workspace_of(exec, local);
+    prepare_workspace(ws, B * H, P, nt, w, 1, P, 0, w, indicator.pool_kernel);
+    detail::carver shared_c(ws.shared());
+    const Shared sh = Shared::carve(shared_c, B * H, P);
     detail::parallel_for(exec, B * H, [&](index_t bh, int worker) {
-      Scratch& s = scratch[static_cast<std::size_t>(worker)];
+      detail::carver c(ws.worker(worker));
+      Scratch s = Scratch::carve(c, w, 1, P, 0, w);
       const index_t b = bh / H, h = bh % H;
       // Copy the prefix columns as float: the reductions read them twice.
       for (index_t i = 0; i < w; ++i) {
         const auto* src = &a(b, h, i, 0);
-        float* dst = s.p.data() + i * P;
+        float* dst = s.p + i * P;
         for (index_t j = 0; j < P; ++j) dst[j] = static_cast<float>(src[j]);
       }
       double e = 0;
       if (req.entropy)
         for (index_t i = 0; i < w; ++i) {
-          const float* r = s.p.data() + i * P;
+          const float* r = s.p + i * P;
           float part[LANES] = {};
           index_t j = 0;
           for (; j + LANES <= P; j += LANES)
@@ -460,23 +523,24 @@ struct window_stats_backend<host_policy> {
           for (index_t l = 0; j < P; ++j, ++l) part[l] += r[j] * detail::log_approx(r[j] + 1e-10f);
           for (index_t l = 0; l < LANES; ++l) e -= part[l];
         }
-      ent[static_cast<std::size_t>(bh)] = e;
-      var[static_cast<std::size_t>(bh)] =
-          column_stats(s.p.data(), P, w, P, indicator, req.variance, s, ind_heads.data() + bh * P);
+      sh.ent[bh] = e;
+      sh.var[bh] = column_stats(s.p, P, w, P, indicator, req.variance, s, sh.ind_heads + bh * P);
     });
-    finish(exec, ind_heads, ent, var, B, Hkv, n, P, indicator.pool_kernel, out, stats);
+    finish(exec, ws, sh, B, Hkv, n, P, indicator.pool_kernel, out, stats);
   }
 
  private:
-  static void finish(const host_policy& exec, const std::vector<float>& ind_heads,
-                     const std::vector<double>& ent, const std::vector<double>& var, index_t B,
-                     index_t Hkv, index_t n, index_t P, int kernel, host_view<float, 3> out,
-                     host_view<float, 1> stats) {
-    detail::host_stats::pool_groups(exec, ind_heads, B, Hkv, n, P, kernel, out);
+  static void finish(const host_policy& exec, host_workspace& ws,
+                     const detail::host_stats::Shared& sh, index_t B, index_t Hkv, index_t n,
+                     index_t P, int kernel, host_view<float, 3> out, host_view<float, 1> stats) {
+    // The pooling is a few adds per key: a region of its own would cost more than it
+    // saves (see host_policy::min_parallel_work).
+    const host_policy pool_exec = detail::for_work(exec, B * Hkv * (n + kernel) * P);
+    detail::host_stats::pool_groups(pool_exec, ws, sh.ind_heads, B, Hkv, n, P, kernel, out);
     double e = 0, v = 0;
-    for (std::size_t i = 0; i < ent.size(); ++i) {
-      e += ent[i];
-      v += var[i];
+    for (index_t i = 0; i < B * Hkv * n; ++i) {
+      e += sh.ent[i];
+      v += sh.var[i];
     }
     stats(0) = static_cast<float>(e);
     stats(1) = static_cast<float>(v);

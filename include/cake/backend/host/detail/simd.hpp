@@ -4,9 +4,9 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 #include "../../../config.hpp"
+#include "../../../core/bfloat16.hpp"
 #include "isa.hpp"
 
 #if CAKE_HOST_X86_DISPATCH
@@ -33,6 +33,9 @@ struct kernels {
                        float*, double*);
   void (*decode_dots)(const float*, index_t, index_t, const float*, index_t, index_t, float, float*,
                       index_t);
+  void (*transpose_tile_b)(const bfloat16*, index_t, index_t, index_t, float*, index_t);
+  void (*decode_dots_b)(const float*, index_t, index_t, const bfloat16*, index_t, index_t, float,
+                        float*, index_t);
 #if CAKE_SIMD_HAS_HALF
   void (*transpose_tile_h)(const _Float16*, index_t, index_t, index_t, float*, index_t);
   void (*decode_dots_h)(const float*, index_t, index_t, const _Float16*, index_t, index_t, float,
@@ -83,30 +86,21 @@ struct kernels {
 
 namespace cake::detail::simd {
 
-// decode_scores' buffers on the SIMD path, kept per calling thread between steps:
-// per worker the (group rows, held) logits, the padded pooled sums and the group's
-// queries as float. Freed by cake::release_host_scratch().
-struct DecodeScratch {
-  std::vector<std::vector<float>> prob, acc, qbuf;
-};
-inline DecodeScratch& decode_scratch() {
-  static thread_local DecodeScratch s;
-  return s;
-}
-
 // The kernels of the active path (active_host_isa()), or nullptr on the portable one.
 inline const kernels* active_kernels() noexcept {
 #if CAKE_HOST_X86_DISPATCH
   static constexpr kernels k2{avx2::VW, &avx2::score_tile, &avx2::transpose_tile,
                               &avx2::tile_softmax,
-                              &avx2::head_columns, &avx2::decode_dots
+                              &avx2::head_columns, &avx2::decode_dots,
+                              &avx2::transpose_tile_b, &avx2::decode_dots_b
 #if CAKE_SIMD_HAS_HALF
                               , &avx2::transpose_tile_h, &avx2::decode_dots_h
 #endif
   };
   static constexpr kernels k512{avx512::VW, &avx512::score_tile,
                                 &avx512::transpose_tile, &avx512::tile_softmax,
-                                &avx512::head_columns, &avx512::decode_dots
+                                &avx512::head_columns, &avx512::decode_dots,
+                                &avx512::transpose_tile_b, &avx512::decode_dots_b
 #if CAKE_SIMD_HAS_HALF
                                 , &avx512::transpose_tile_h, &avx512::decode_dots_h
 #endif

@@ -44,7 +44,24 @@ CAKE_ALWAYS_INLINE V load_key(const _Float16* p) {
 #endif
 }
 #endif
+// bfloat16 is a float's top half: widen each 16-bit lane and shift it up (exact).
+CAKE_ALWAYS_INLINE V load_key(const bfloat16* p) {
+#if CAKE_SIMD_VW == 16
+  // (the zero-masked forms: GCC 12 warns that the plain ones read an undefined vector)
+  return reinterpret_cast<V>(_mm512_maskz_slli_epi32(
+      0xffff,
+      _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+      16));
+#else
+  return reinterpret_cast<V>(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+#endif
+}
 CAKE_ALWAYS_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+CAKE_ALWAYS_INLINE __m256 load8(const bfloat16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
 #if CAKE_SIMD_HAS_HALF
 CAKE_ALWAYS_INLINE __m256 load8(const _Float16* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -185,6 +202,10 @@ CAKE_ALWAYS_INLINE void transpose_tile_t(const T* CAKE_RESTRICT k, index_t k_ld,
 }
 inline void transpose_tile(const float* CAKE_RESTRICT k, index_t k_ld, index_t tj, index_t d,
                            float* CAKE_RESTRICT kt, index_t kt_ld) {
+  transpose_tile_t(k, k_ld, tj, d, kt, kt_ld);
+}
+inline void transpose_tile_b(const bfloat16* CAKE_RESTRICT k, index_t k_ld, index_t tj, index_t d,
+                             float* CAKE_RESTRICT kt, index_t kt_ld) {
   transpose_tile_t(k, k_ld, tj, d, kt, kt_ld);
 }
 #if CAKE_SIMD_HAS_HALF
@@ -350,6 +371,11 @@ CAKE_ALWAYS_INLINE void decode_dots_t(const float* CAKE_RESTRICT q, index_t rows
 inline void decode_dots(const float* CAKE_RESTRICT q, index_t rows, index_t d,
                         const float* CAKE_RESTRICT k, index_t k_ld, index_t n, float scale,
                         float* CAKE_RESTRICT out, index_t ld) {
+  decode_dots_t(q, rows, d, k, k_ld, n, scale, out, ld);
+}
+inline void decode_dots_b(const float* CAKE_RESTRICT q, index_t rows, index_t d,
+                          const bfloat16* CAKE_RESTRICT k, index_t k_ld, index_t n, float scale,
+                          float* CAKE_RESTRICT out, index_t ld) {
   decode_dots_t(q, rows, d, k, k_ld, n, scale, out, ld);
 }
 #if CAKE_SIMD_HAS_HALF

@@ -1,5 +1,5 @@
 // Causal self-attention over a whole prompt, tiled the way FlashAttention does it:
-// a block of query rows (the G query heads of one KV head over 16 tokens) walks the
+// a block of query rows (the G query heads of one KV head over 64 tokens) walks the
 // key blocks of the causal lower triangle only, keeping a running max and sum per
 // row (online softmax), so the scores never leave L1/L2 and K and V are read once
 // per query block. The products are AVX-512 register-blocked micro-kernels (scores:
@@ -32,9 +32,10 @@ inline bool have_avx512() {
 #endif
 }
 
-// Tile sizes: a query block is 16 tokens (x G heads: 48 rows for SmolLM2), a key
-// block 128 keys; scores (48 x 128) 24 KiB, K^T and V blocks 32 KiB each at d = 64.
-constexpr int query_block = 16, key_block = 128;
+// Tile sizes: a query block is 64 tokens (x G heads: 192 rows for SmolLM2), a key
+// block 128 keys; the scores (192 x 128, 96 KiB) stay in L2. On the 2-core Zen 4
+// at 8K tokens, 64 x 128 gave 78-81 GFLOP per CPU second; 16 x 128, 53.
+constexpr int query_block = 64, key_block = 128;
 
 #if defined(LLM_X86_DISPATCH)
 // GCC 12 warns that its own AVX-512 intrinsics read _mm512_undefined_ps() (a false

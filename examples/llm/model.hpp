@@ -206,6 +206,13 @@ class KvStore {
   // layer l and returns what the token attends to, itself included.
   virtual AttendSpan append(int layer, const float* q, const float* k, const float* v) = 0;
   virtual std::int64_t tokens_held() const = 0;  // all layers
+  // What a CAKE-preference cache decided per layer after its prefill (for the
+  // evaluation's report); empty for stores without a layer preference.
+  struct LayerDecision {
+    double entropy = 0, variance = 0, preference = 0;
+    std::int64_t budget = 0;  // tokens beyond the window
+  };
+  virtual std::vector<LayerDecision> layer_decisions() const { return {}; }
 };
 
 // The full cache: every token of every layer, token-major rows.

@@ -29,6 +29,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "model.hpp"
 #include "tokenizer.hpp"
@@ -93,6 +94,17 @@ class CakeStore final : public KvStore {
     return static_cast<std::int64_t>(cache_.tokens_held());
   }
   const Cache& cache() const { return cache_; }
+
+  std::vector<LayerDecision> layer_decisions() const override {
+    std::vector<LayerDecision> out;
+    if constexpr (std::is_same_v<typename Cache::preference_policy, cake::CakePreference>)
+      for (int l = 0; l < c_.layers; ++l) {
+        const cake::LayerStats st = cache_.stats(l);
+        out.push_back({st.entropy, st.variance, cache_.preference(l),
+                       static_cast<std::int64_t>(cache_.budget(l))});
+      }
+    return out;
+  }
 
  private:
   ModelConfig c_;

@@ -492,7 +492,7 @@ TEST_CASE("kernels: block-format matrix-vector products, exp and attention again
 }
 
 TEST_CASE("causal attention over a prompt: the tiled route against double") {
-  // Several query and key blocks (16 and 128 tokens), a partial last block, G = 3
+  // Several query and key blocks (64 and 128 tokens), a partial last block, G = 3
   // and G = 1, d = 64 and 128, one and three threads; queries scaled up so that a
   // later key block raises a row's running max (the online rescaling is exercised).
   std::mt19937 rng(9);
@@ -553,7 +553,7 @@ TEST_CASE("causal attention over a prompt: the tiled route against double") {
 
 TEST_CASE("a model with head_dim 64: prefill on either attention route matches double") {
   // SmolLM2's head size and grouping (G = 3) on a tiny model, over 150 tokens:
-  // ten query blocks and two key blocks on the tiled route.
+  // three query blocks and two key blocks on the tiled route.
   Tiny shape;
   shape.L = 2;
   shape.D = 192;

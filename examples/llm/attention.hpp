@@ -116,36 +116,30 @@ LLM_AVX512 inline void pv_tile(const float* p, std::ptrdiff_t ldp, const float* 
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(o + r * ldo + 16 * c, acc[r][c]);
 }
 
-template <int MR>
-LLM_AVX512 inline void scores_rows(int rows, const float* q, int d, const float* kt,
-                                   std::ptrdiff_t ldk, int keys, float* s, std::ptrdiff_t lds) {
+// Calls f.operator()<MR>(r) over rows [0, rows) in tiles of 6 rows, then one tile
+// of the 1-5 rows left.
+template <class F>
+inline void in_sixes(int rows, F&& f) {
   int r = 0;
-  for (; r + MR <= rows; r += MR)
-    for (int j = 0; j < keys; j += 32) scores_tile<MR>(q + r * d, d, kt + j, ldk, s + r * lds + j, lds);
-  switch (rows - r) {  // the tail rows
-    case 5: for (int j = 0; j < keys; j += 32) scores_tile<5>(q + r * d, d, kt + j, ldk, s + r * lds + j, lds); break;
-    case 4: for (int j = 0; j < keys; j += 32) scores_tile<4>(q + r * d, d, kt + j, ldk, s + r * lds + j, lds); break;
-    case 3: for (int j = 0; j < keys; j += 32) scores_tile<3>(q + r * d, d, kt + j, ldk, s + r * lds + j, lds); break;
-    case 2: for (int j = 0; j < keys; j += 32) scores_tile<2>(q + r * d, d, kt + j, ldk, s + r * lds + j, lds); break;
-    case 1: for (int j = 0; j < keys; j += 32) scores_tile<1>(q + r * d, d, kt + j, ldk, s + r * lds + j, lds); break;
-    default: break;
-  }
-}
-
-template <int MR>
-LLM_AVX512 inline void pv_rows(int rows, const float* p, std::ptrdiff_t ldp, const float* v,
-                               std::ptrdiff_t ldv, int n, int d, float* o) {
-  for (int c = 0; c < d; c += 64) {
-    int r = 0;
-    for (; r + MR <= rows; r += MR) pv_tile<MR>(p + r * ldp, ldp, v + c, ldv, n, o + r * d + c, d);
-    switch (rows - r) {
-      case 5: pv_tile<5>(p + r * ldp, ldp, v + c, ldv, n, o + r * d + c, d); break;
-      case 4: pv_tile<4>(p + r * ldp, ldp, v + c, ldv, n, o + r * d + c, d); break;
-      case 3: pv_tile<3>(p + r * ldp, ldp, v + c, ldv, n, o + r * d + c, d); break;
-      case 2: pv_tile<2>(p + r * ldp, ldp, v + c, ldv, n, o + r * d + c, d); break;
-      case 1: pv_tile<1>(p + r * ldp, ldp, v + c, ldv, n, o + r * d + c, d); break;
-      default: break;
-    }
+  for (; r + 6 <= rows; r += 6) f.template operator()<6>(r);
+  switch (rows - r) {
+    case 5:
+      f.template operator()<5>(r);
+      break;
+    case 4:
+      f.template operator()<4>(r);
+      break;
+    case 3:
+      f.template operator()<3>(r);
+      break;
+    case 2:
+      f.template operator()<2>(r);
+      break;
+    case 1:
+      f.template operator()<1>(r);
+      break;
+    default:
+      break;
   }
 }
 
@@ -162,7 +156,10 @@ LLM_AVX512 inline void query_block_avx512(const float* qs, int rows, int G, int 
   const int kend = t0 + (rows - 1) / G + 1;  // keys [0, kend) reach some row of the block
   for (int k0 = 0; k0 < kend; k0 += key_block) {
     const int n = std::min(key_block, kend - k0), n32 = (n + 31) & ~31;
-    scores_rows<6>(rows, qs, d, kt + k0, ldk, n32, s, ldS);
+    in_sixes(rows, [&]<int MR>(int r) {  // S (rows, n32) = Q K^T over this key block
+      for (int j = 0; j < n32; j += 32)
+        scores_tile<MR>(qs + r * d, d, kt + k0 + j, ldk, s + r * ldS + j, ldS);
+    });
     for (int r = 0; r < rows; ++r) {
       float* row = s + static_cast<std::ptrdiff_t>(r) * ldS;
       const int valid = std::min(n, t0 + r / G + 1 - k0);  // keys k0 .. token of row r
@@ -174,17 +171,18 @@ LLM_AVX512 inline void query_block_avx512(const float* qs, int rows, int G, int 
       } else {
         for (int j = 0; j < n32; j += 16) {
           const int left = valid - j;
-          const __mmask16 keep =
-              left >= 16 ? static_cast<__mmask16>(0xffff)
-                         : (left <= 0 ? static_cast<__mmask16>(0)
-                                      : static_cast<__mmask16>((1u << left) - 1u));
+          const __mmask16 keep = left >= 16
+                                     ? static_cast<__mmask16>(0xffff)
+                                     : (left <= 0 ? static_cast<__mmask16>(0)
+                                                  : static_cast<__mmask16>((1u << left) - 1u));
           const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), keep, row + j);
           _mm512_storeu_ps(row + j, x);
           vm = _mm512_max_ps(vm, x);
         }
       }
       const float m_new = std::max(mx[static_cast<std::size_t>(r)], _mm512_reduce_max_ps(vm));
-      const float alpha = std::exp2(mx[static_cast<std::size_t>(r)] - m_new);  // 0 on the first block
+      const float alpha =
+          std::exp2(mx[static_cast<std::size_t>(r)] - m_new);  // 0 on the first block
       const __m512 vmn = _mm512_set1_ps(m_new);
       __m512 vs = _mm512_setzero_ps();
       for (int j = 0; j < n32; j += 16) {
@@ -192,20 +190,27 @@ LLM_AVX512 inline void query_block_avx512(const float* qs, int rows, int G, int 
         _mm512_storeu_ps(row + j, e);
         vs = _mm512_add_ps(vs, e);
       }
-      sum[static_cast<std::size_t>(r)] = sum[static_cast<std::size_t>(r)] * alpha + _mm512_reduce_add_ps(vs);
+      sum[static_cast<std::size_t>(r)] =
+          sum[static_cast<std::size_t>(r)] * alpha + _mm512_reduce_add_ps(vs);
       mx[static_cast<std::size_t>(r)] = m_new;
       if (alpha != 1.0f) {
         float* o = out + static_cast<std::ptrdiff_t>(r) * d;
         const __m512 va = _mm512_set1_ps(alpha);
-        for (int x = 0; x < d; x += 16) _mm512_storeu_ps(o + x, _mm512_mul_ps(va, _mm512_loadu_ps(o + x)));
+        for (int x = 0; x < d; x += 16)
+          _mm512_storeu_ps(o + x, _mm512_mul_ps(va, _mm512_loadu_ps(o + x)));
       }
     }
-    pv_rows<6>(rows, s, ldS, v + static_cast<std::ptrdiff_t>(k0) * ldv, ldv, n, d, out);
+    const float* vb = v + static_cast<std::ptrdiff_t>(k0) * ldv;
+    in_sixes(rows, [&]<int MR>(int r) {  // O (rows, d) += P V over this key block
+      for (int c = 0; c < d; c += 64)
+        pv_tile<MR>(s + r * ldS, ldS, vb + c, ldv, n, out + r * d + c, d);
+    });
   }
   for (int r = 0; r < rows; ++r) {
     const __m512 inv = _mm512_set1_ps(1.0f / sum[static_cast<std::size_t>(r)]);
     float* o = out + static_cast<std::ptrdiff_t>(r) * d;
-    for (int x = 0; x < d; x += 16) _mm512_storeu_ps(o + x, _mm512_mul_ps(inv, _mm512_loadu_ps(o + x)));
+    for (int x = 0; x < d; x += 16)
+      _mm512_storeu_ps(o + x, _mm512_mul_ps(inv, _mm512_loadu_ps(o + x)));
   }
 }
 #if defined(__GNUC__) && !defined(__clang__)
@@ -232,7 +237,8 @@ inline void causal(const float* q, const float* k, const float* v, int S, int he
                    int d, float* out, unsigned threads) {
 #if defined(LLM_X86_DISPATCH)
   const int G = heads / kv_heads;
-  const auto QD = static_cast<std::ptrdiff_t>(heads) * d, KD = static_cast<std::ptrdiff_t>(kv_heads) * d;
+  const auto QD = static_cast<std::ptrdiff_t>(heads) * d,
+             KD = static_cast<std::ptrdiff_t>(kv_heads) * d;
   const std::ptrdiff_t ldk = (S + 31) & ~31;
   // 1/sqrt(d), and log2(e) so that the softmax runs on 2^x.
   const float scale = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(d)));
@@ -259,11 +265,13 @@ inline void causal(const float* q, const float* k, const float* v, int S, int he
       for (int t = t0; t < t1; ++t)
         for (int x = 0; x < G * d; ++x)
           qs[static_cast<std::size_t>((t - t0) * G * d + x)] = q[t * QD + g * G * d + x] * scale;
-      query_block_avx512(qs.data(), rows, G, t0, d,
-                         kt.data() + static_cast<std::size_t>(g) * d * static_cast<std::size_t>(ldk),
-                         ldk, v + g * d, KD, s.data(), o.data());
+      query_block_avx512(
+          qs.data(), rows, G, t0, d,
+          kt.data() + static_cast<std::size_t>(g) * d * static_cast<std::size_t>(ldk), ldk,
+          v + g * d, KD, s.data(), o.data());
       for (int t = t0; t < t1; ++t)
-        std::copy_n(&o[static_cast<std::size_t>((t - t0) * G * d)], G * d, out + t * QD + g * G * d);
+        std::copy_n(&o[static_cast<std::size_t>((t - t0) * G * d)], G * d,
+                    out + t * QD + g * G * d);
     }
   };
   threads = std::max(1u, std::min<unsigned>(threads, static_cast<unsigned>(items)));
@@ -272,7 +280,8 @@ inline void causal(const float* q, const float* k, const float* v, int S, int he
   work();
   for (auto& t : pool) t.join();
 #else
-  (void)q, (void)k, (void)v, (void)S, (void)heads, (void)kv_heads, (void)d, (void)out, (void)threads;
+  (void)q, (void)k, (void)v, (void)S, (void)heads, (void)kv_heads, (void)d, (void)out,
+      (void)threads;
 #endif
 }
 

@@ -364,6 +364,8 @@ int main(int argc, char** argv) {
       int n = 0;
     };
     std::map<CellKey, std::vector<LayerAcc>> decisions;  // CAKE-preference methods only
+    std::map<CellKey, std::vector<double>> retained;  // per layer: rows holding the key, summed
+    std::map<CellKey, int> retained_n;                // prompts summed there
     std::ostringstream runs;  // JSON records per prompt
     std::mt19937 rng(seed);
     double t_prefill = 0, t_fill = 0, t_decode = 0;
@@ -404,6 +406,29 @@ int main(int argc, char** argv) {
           }
         for (auto& s : stores) s->prefill(rec);
         t_fill += seconds_since(t0);
+        // Where the needle's key survived the prefill: its tokens are those whose
+        // text overlaps the key's first occurrence.
+        {
+          std::string text;
+          std::vector<std::size_t> ends;
+          for (int id : ids) ends.push_back((text += tok.decode_token(id)).size());
+          const std::size_t at = text.find(key);
+          int first = -1, last = -1;
+          for (std::size_t i = 0; at != std::string::npos && i < ends.size(); ++i) {
+            const std::size_t begin = i ? ends[i - 1] : 0;
+            if (ends[i] > at && begin < at + key.size()) {
+              if (first < 0) first = static_cast<int>(i);
+              last = static_cast<int>(i) + 1;
+            }
+          }
+          for (std::size_t c = 0; first >= 0 && c < configs.size(); ++c) {
+            const auto held = stores[1 + 2 * c]->rows_holding(first, last);
+            auto& acc = retained[{ctx, configs[c].first, configs[c].second.label()}];
+            acc.resize(held.size());
+            for (std::size_t l = 0; l < held.size(); ++l) acc[l] += held[l];
+            retained_n[{ctx, configs[c].first, configs[c].second.label()}]++;
+          }
+        }
         for (std::size_t c = 0; c < configs.size(); ++c) {  // CAKE's per-layer decisions
           const auto dec = stores[1 + 2 * c]->layer_decisions();
           if (dec.empty()) continue;
@@ -563,6 +588,33 @@ int main(int argc, char** argv) {
         for (const auto& lb : labels) {
           const auto& a = decisions[{ctx, "cake", lb}][l];
           std::printf(" %7.2f", 100 * a.budget_share / a.n);
+        }
+        std::printf("\n");
+      }
+    }
+
+    // The needle's key after the prefill: % of KV-head rows holding one of its
+    // tokens, over all layers and by thirds of the depth.
+    for (int ctx : contexts) {
+      std::printf("\nneedle key held after the prefill, context %d (%% of KV-head rows; all "
+                  "layers / first, middle, last third):\n",
+                  ctx);
+      for (const auto& cs : caches) {
+        std::printf("  cache %5s:", cs.label().c_str());
+        for (const auto& m : methods) {
+          const CellKey k{ctx, m, cs.label()};
+          if (!retained_n.count(k)) continue;
+          const auto& r = retained[k];
+          const double n = retained_n[k];
+          double all = 0, third[3] = {};
+          for (std::size_t l = 0; l < r.size(); ++l) {
+            all += r[l];
+            third[std::min<std::size_t>(2, 3 * l / r.size())] += r[l];
+          }
+          const double per = static_cast<double>(r.size()) / 3;
+          std::printf(" %s %.0f/%.0f,%.0f,%.0f;", m.c_str(), 100 * all / (n * r.size()),
+                      100 * third[0] / (n * per), 100 * third[1] / (n * per),
+                      100 * third[2] / (n * per));
         }
         std::printf("\n");
       }

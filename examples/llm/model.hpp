@@ -213,6 +213,13 @@ class KvStore {
     std::int64_t budget = 0;  // tokens beyond the window
   };
   virtual std::vector<LayerDecision> layer_decisions() const { return {}; }
+  // Per layer, the share of KV-head rows holding at least one token of positions
+  // [first, last) (the evaluation asks where a needle survived); 1 for every layer
+  // of a store that keeps everything.
+  virtual std::vector<double> rows_holding(int first, int last) const {
+    (void)first, (void)last;
+    return {};
+  }
 };
 
 // The full cache: every token of every layer, token-major rows.

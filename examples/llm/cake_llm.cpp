@@ -140,6 +140,14 @@ int main(int argc, char** argv) {
       f.precision(9);
       for (float x : rec.last_logits) f << x << "\n";
     }
+    if (bench > 0) {
+      std::printf("prefill phases (wall s / CPU s), attention %s:",
+                  llm::attention::available(c.head_dim) ? "tiled" : "sgemm");
+      for (int p = 0; p < 3; ++p)
+        std::printf(" %s %.2f/%.2f", llm::PrefillProfile::names[p], tf.profile.wall[p],
+                    tf.profile.cpu[p]);
+      std::printf("\n");
+    }
     t0 = std::chrono::steady_clock::now();
     auto store = llm::make_store(c, opt, rec.tokens);
     store->prefill(rec);

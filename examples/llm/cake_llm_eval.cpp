@@ -359,6 +359,13 @@ int main(int argc, char** argv) {
     std::map<CellKey, Cell> cells;
     std::map<int, Cell> full;  // per context
     std::map<int, std::pair<double, int>> spent;  // per context: seconds, prompts
+    struct LayerAcc {  // sums over prompts of one layer's decision
+      double entropy = 0, variance = 0, pref_share = 0, budget_share = 0;
+      int n = 0;
+    };
+    std::map<CellKey, std::vector<LayerAcc>> decisions;  // CAKE-preference methods only
+    std::map<CellKey, std::vector<double>> retained;  // per layer: rows holding the key, summed
+    std::map<CellKey, int> retained_n;                // prompts summed there
     std::ostringstream runs;  // JSON records per prompt
     std::mt19937 rng(seed);
     double t_prefill = 0, t_fill = 0, t_decode = 0;
@@ -399,6 +406,47 @@ int main(int argc, char** argv) {
           }
         for (auto& s : stores) s->prefill(rec);
         t_fill += seconds_since(t0);
+        // Where the needle's key survived the prefill: its tokens are those whose
+        // text overlaps the key's first occurrence.
+        {
+          std::string text;
+          std::vector<std::size_t> ends;
+          for (int id : ids) ends.push_back((text += tok.decode_token(id)).size());
+          const std::size_t at = text.find(key);
+          int first = -1, last = -1;
+          for (std::size_t i = 0; at != std::string::npos && i < ends.size(); ++i) {
+            const std::size_t begin = i ? ends[i - 1] : 0;
+            if (ends[i] > at && begin < at + key.size()) {
+              if (first < 0) first = static_cast<int>(i);
+              last = static_cast<int>(i) + 1;
+            }
+          }
+          for (std::size_t c = 0; first >= 0 && c < configs.size(); ++c) {
+            const auto held = stores[1 + 2 * c]->rows_holding(first, last);
+            auto& acc = retained[{ctx, configs[c].first, configs[c].second.label()}];
+            acc.resize(held.size());
+            for (std::size_t l = 0; l < held.size(); ++l) acc[l] += held[l];
+            retained_n[{ctx, configs[c].first, configs[c].second.label()}]++;
+          }
+        }
+        for (std::size_t c = 0; c < configs.size(); ++c) {  // CAKE's per-layer decisions
+          const auto dec = stores[1 + 2 * c]->layer_decisions();
+          if (dec.empty()) continue;
+          auto& acc = decisions[{ctx, configs[c].first, configs[c].second.label()}];
+          acc.resize(dec.size());
+          double pref_sum = 0, budget_sum = 0;
+          for (const auto& d : dec) {
+            pref_sum += d.preference;
+            budget_sum += static_cast<double>(d.budget);
+          }
+          for (std::size_t l = 0; l < dec.size(); ++l) {
+            acc[l].entropy += dec[l].entropy;
+            acc[l].variance += dec[l].variance;
+            acc[l].pref_share += pref_sum > 0 ? dec[l].preference / pref_sum : 0;
+            acc[l].budget_share += budget_sum > 0 ? dec[l].budget / budget_sum : 0;
+            acc[l].n++;
+          }
+        }
 
         const std::size_t n = stores.size();
         std::vector<llm::KvStore*> ptrs;
@@ -520,6 +568,58 @@ int main(int argc, char** argv) {
         std::printf("\n");
       }
     }
+    // What CAKE's preference saw and how it split the cache, per layer (means over the
+    // prompts; shares of the layers' total; the budget is beyond the window).
+    for (int ctx : contexts) {
+      std::vector<std::string> labels;
+      for (const auto& cs : caches)
+        if (decisions.count({ctx, "cake", cs.label()})) labels.push_back(cs.label());
+      if (labels.empty()) continue;
+      const auto& first = decisions[{ctx, "cake", labels[0]}];
+      std::printf("\ncake's layer decisions, context %d (mean over %d prompts; tau1 %g, tau2 %g):\n",
+                  ctx, first.empty() ? 0 : first[0].n, base.tau1, base.tau2);
+      std::printf("%5s %9s %10s %7s", "layer", "entropy", "variance", "pref%");
+      for (const auto& lb : labels) std::printf(" %7s", ("C=" + lb).c_str());
+      std::printf("   (budget share %% at each cache size)\n");
+      for (std::size_t l = 0; l < first.size(); ++l) {
+        const double n = first[l].n;
+        std::printf("%5zu %9.3f %10.4f %7.2f", l, first[l].entropy / n, first[l].variance / n,
+                    100 * first[l].pref_share / n);
+        for (const auto& lb : labels) {
+          const auto& a = decisions[{ctx, "cake", lb}][l];
+          std::printf(" %7.2f", 100 * a.budget_share / a.n);
+        }
+        std::printf("\n");
+      }
+    }
+
+    // The needle's key after the prefill: % of KV-head rows holding one of its
+    // tokens, over all layers and by thirds of the depth.
+    for (int ctx : contexts) {
+      std::printf("\nneedle key held after the prefill, context %d (%% of KV-head rows; all "
+                  "layers / first, middle, last third):\n",
+                  ctx);
+      for (const auto& cs : caches) {
+        std::printf("  cache %5s:", cs.label().c_str());
+        for (const auto& m : methods) {
+          const CellKey k{ctx, m, cs.label()};
+          if (!retained_n.count(k)) continue;
+          const auto& r = retained[k];
+          const double n = retained_n[k];
+          double all = 0, third[3] = {};
+          for (std::size_t l = 0; l < r.size(); ++l) {
+            all += r[l];
+            third[std::min<std::size_t>(2, 3 * l / r.size())] += r[l];
+          }
+          const double per = static_cast<double>(r.size()) / 3;
+          std::printf(" %s %.0f/%.0f,%.0f,%.0f;", m.c_str(), 100 * all / (n * r.size()),
+                      100 * third[0] / (n * per), 100 * third[1] / (n * per),
+                      100 * third[2] / (n * per));
+        }
+        std::printf("\n");
+      }
+    }
+
     std::printf("\nbest per column (\"apart from all\": its 95%% interval misses every other's):\n");
     for (int ctx : contexts)
       for (const auto& cs : caches) {
@@ -571,6 +671,26 @@ int main(int argc, char** argv) {
               << "], \"full_found\": " << fu.found << "}";
             first_row = false;
           }
+      }
+      f << "\n  ],\n  \"layer_decisions\": [";
+      bool first_dec = true;
+      for (const auto& [key, acc] : decisions) {
+        f << (first_dec ? "\n" : ",\n") << "    {\"context\": " << std::get<0>(key)
+          << ", \"method\": \"" << std::get<1>(key) << "\", \"cache\": \"" << std::get<2>(key)
+          << "\", \"entropy\": [";
+        for (std::size_t l = 0; l < acc.size(); ++l)
+          f << (l ? ", " : "") << acc[l].entropy / acc[l].n;
+        f << "], \"variance\": [";
+        for (std::size_t l = 0; l < acc.size(); ++l)
+          f << (l ? ", " : "") << acc[l].variance / acc[l].n;
+        f << "], \"preference_share\": [";
+        for (std::size_t l = 0; l < acc.size(); ++l)
+          f << (l ? ", " : "") << acc[l].pref_share / acc[l].n;
+        f << "], \"budget_share\": [";
+        for (std::size_t l = 0; l < acc.size(); ++l)
+          f << (l ? ", " : "") << acc[l].budget_share / acc[l].n;
+        f << "]}";
+        first_dec = false;
       }
       f << "\n  ],\n  \"runs\": [\n" << runs.str() << "\n  ]\n}\n";
       std::printf("wrote %s\n", json_path.c_str());

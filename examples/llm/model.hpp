@@ -16,9 +16,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
+#include <chrono>
+#include <ctime>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "attention.hpp"
 #include "gguf.hpp"
 #include "kernels.hpp"
 #include "matmul.hpp"
@@ -202,6 +206,20 @@ class KvStore {
   // layer l and returns what the token attends to, itself included.
   virtual AttendSpan append(int layer, const float* q, const float* k, const float* v) = 0;
   virtual std::int64_t tokens_held() const = 0;  // all layers
+  // What a CAKE-preference cache decided per layer after its prefill (for the
+  // evaluation's report); empty for stores without a layer preference.
+  struct LayerDecision {
+    double entropy = 0, variance = 0, preference = 0;
+    std::int64_t budget = 0;  // tokens beyond the window
+  };
+  virtual std::vector<LayerDecision> layer_decisions() const { return {}; }
+  // Per layer, the share of KV-head rows holding at least one token of positions
+  // [first, last) (the evaluation asks where a needle survived); 1 for every layer
+  // of a store that keeps everything.
+  virtual std::vector<double> rows_holding(int first, int last) const {
+    (void)first, (void)last;
+    return {};
+  }
 };
 
 // The full cache: every token of every layer, token-major rows.
@@ -238,10 +256,40 @@ class FullStore final : public KvStore {
 
 // ---- the forward pass -------------------------------------------------------------
 
+// Where a prefill's time went: wall and process CPU seconds (all threads) per phase.
+struct PrefillProfile {
+  double wall[3] = {}, cpu[3] = {};  // projections (q|k|v, o, FFN), attention, the rest
+  static constexpr const char* names[3] = {"projections", "attention", "other"};
+};
+
+// Adds the time since construction (or the last lap) to one phase.
+class PhaseClock {
+ public:
+  explicit PhaseClock(PrefillProfile& p) : p_(p) { lap(); }
+  void charge(int phase) {
+    const auto w = std::chrono::steady_clock::now();
+    const std::clock_t c = std::clock();
+    p_.wall[phase] += std::chrono::duration<double>(w - w0_).count();
+    p_.cpu[phase] += static_cast<double>(c - c0_) / CLOCKS_PER_SEC;
+    w0_ = w;
+    c0_ = c;
+  }
+  void lap() {
+    w0_ = std::chrono::steady_clock::now();
+    c0_ = std::clock();
+  }
+
+ private:
+  PrefillProfile& p_;
+  std::chrono::steady_clock::time_point w0_;
+  std::clock_t c0_ = 0;
+};
+
 class Transformer {
  public:
   explicit Transformer(const Model& m) : m_(m), rope_(m.cfg.rope_dims, m.cfg.rope_base) {}
   const ModelConfig& config() const { return m_.cfg; }
+  PrefillProfile profile;  // accumulated over every prefill() call
 
   // Runs the prompt through every layer with full causal attention. Records each
   // layer's rotary keys, values and the last `tail` query rows, and the logits
@@ -259,13 +307,16 @@ class Transformer {
     const std::size_t QKV = QD + 2 * KD;
     std::vector<float> x(Sz * D), h(Sz * D), qkv(Sz * QKV), q(Sz * QD), att(Sz * QD),
         gu(Sz * 2 * F);
+    PhaseClock clock(profile);
     embed(tokens, x.data());
     for (int l = 0; l < c.layers; ++l) {
       const LayerWeights& w = m_.blocks[static_cast<std::size_t>(l)];
       std::vector<float> k(Sz * KD), v(Sz * KD);
       for (std::size_t i = 0; i < Sz; ++i)
         rms_norm(&x[i * D], w.attn_norm.data(), &h[i * D], c.dim, c.eps);
+      clock.charge(2);
       linear(h.data(), Sz, D, w.wqkv.data(), QKV, qkv.data());  // (S, q | k | v)
+      clock.charge(0);
       for (int i = 0; i < S; ++i) {
         const float* row = &qkv[static_cast<std::size_t>(i) * QKV];
         float* qi = &q[static_cast<std::size_t>(i) * QD];
@@ -276,10 +327,13 @@ class Transformer {
         rope_.apply(qi, c.heads, c.head_dim, i);
         rope_.apply(ki, c.kv_heads, c.head_dim, i);
       }
+      clock.charge(2);
       causal_attention(q.data(), k.data(), v.data(), S, att.data());
+      clock.charge(1);
       linear(att.data(), Sz, QD, w.wo.data(), D, h.data());
       for (std::size_t i = 0; i < Sz * D; ++i) x[i] += h[i];
       feed_forward(w, x.data(), Sz, h.data(), gu.data());
+      clock.charge(0);
       rec.q_tail.emplace_back(
           q.end() - static_cast<std::ptrdiff_t>(static_cast<std::size_t>(rec.tail) * QD), q.end());
       rec.k.push_back(std::move(k));
@@ -287,6 +341,7 @@ class Transformer {
     }
     rec.last_logits.resize(static_cast<std::size_t>(c.vocab));
     logits(&x[(Sz - 1) * D], 1, rec.last_logits.data());
+    clock.charge(2);
     return rec;
   }
 
@@ -390,11 +445,15 @@ class Transformer {
     for (std::size_t i = 0; i < n; ++i) g[i] = g[i] / (1.0f + e[i]) * u[i];
   }
 
-  // Full causal attention over the prompt. The query heads sharing a KV head go
-  // through one product: their rows are gathered as (token, head of the group), so
-  // that a block of 64 tokens is 64 * group rows against that head's keys.
+  // Full causal attention over the prompt: tiled with online softmax where the CPU
+  // has AVX-512 (attention.hpp), else through sgemm: the query heads sharing a KV
+  // head go through one product, their rows gathered as (token, head of the group),
+  // so that a block of 64 tokens is 64 * group rows against that head's keys.
   void causal_attention(const float* q, const float* k, const float* v, int S, float* out) const {
     const ModelConfig& c = m_.cfg;
+    if (attention::available(c.head_dim))
+      return attention::causal(q, k, v, S, c.heads, c.kv_heads, c.head_dim, out,
+                               std::max(1u, std::thread::hardware_concurrency()));
     const int d = c.head_dim, G = c.heads / c.kv_heads;
     const auto QD = static_cast<std::size_t>(c.q_dim()), KD = static_cast<std::size_t>(c.kv_dim()),
                Sz = static_cast<std::size_t>(S), Gz = static_cast<std::size_t>(G),

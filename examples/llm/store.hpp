@@ -29,6 +29,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "model.hpp"
 #include "tokenizer.hpp"
@@ -93,6 +94,33 @@ class CakeStore final : public KvStore {
     return static_cast<std::int64_t>(cache_.tokens_held());
   }
   const Cache& cache() const { return cache_; }
+
+  std::vector<double> rows_holding(int first, int last) const override {
+    std::vector<double> out;
+    for (int l = 0; l < c_.layers; ++l) {
+      const auto pos = cache_.positions(l);  // (1, kv_heads, held); padding is -1
+      int rows = 0;
+      for (cake::index_t h = 0; h < pos.extent(1); ++h) {
+        bool hit = false;
+        for (cake::index_t j = 0; j < pos.extent(2) && !hit; ++j)
+          hit = pos(0, h, j) >= first && pos(0, h, j) < last;
+        rows += hit;
+      }
+      out.push_back(static_cast<double>(rows) / static_cast<double>(pos.extent(1)));
+    }
+    return out;
+  }
+
+  std::vector<LayerDecision> layer_decisions() const override {
+    std::vector<LayerDecision> out;
+    if constexpr (std::is_same_v<typename Cache::preference_policy, cake::CakePreference>)
+      for (int l = 0; l < c_.layers; ++l) {
+        const cake::LayerStats st = cache_.stats(l);
+        out.push_back({st.entropy, st.variance, cache_.preference(l),
+                       static_cast<std::int64_t>(cache_.budget(l))});
+      }
+    return out;
+  }
 
  private:
   ModelConfig c_;

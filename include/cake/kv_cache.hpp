@@ -31,6 +31,7 @@
 #include "algorithm/select_k.hpp"
 #include "algorithm/window_stats.hpp"
 #include "backend/host/layer_store.hpp"
+#include "detail/layer_ops.hpp"
 #include "core/concepts.hpp"
 #include "detail/prefill_plan.hpp"
 #include "policy/budget/headwise.hpp"
@@ -76,10 +77,11 @@ struct CacheConfig {
 template <PreferencePolicy Pref = CakePreference, BudgetPolicy Budget = ProportionalBudget,
           IndicatorPolicy Ind = MeanVarianceIndicator, class T = float, class Exec = host_policy>
 class KvCache {
-  // Storage and data movement per backend (backend/host/layer_store.hpp, and the
-  // CUDA one in cake.cuh); this class keeps the bookkeeping.
+  // The data movement is detail/layer_ops.hpp, over the backend's primitives
+  // (backend/host/layer_store.hpp, and the CUDA one in cake.cuh); this class keeps
+  // the bookkeeping.
   using Store = detail::layer_store<T, Exec>;
-  using Layer = typename Store::layer;
+  using Layer = detail::cache_layer<T, Exec>;
   using Space = typename Exec::memory_space;
 
  public:
@@ -139,12 +141,11 @@ class KvCache {
 
     // 1. Statistics, preference and token scores of this layer.
     const index_t ind_cols = accumulates ? S : P;
-    auto ind =
-        Store::template make_buffer<float>(exec_, rows * ind_cols);  // (batch, kv_heads, ind_cols)
+    auto ind = Store::template make<float>(exec_, rows * ind_cols);  // (batch, kv_heads, ind_cols)
     const LayerStats stats = score_layer(q, k, ind, ind_cols);
     // ld >= 1: a prompt of exactly the window has no scores (P = 0), and a view over
     // them still needs the positive strides layout_stride requires.
-    const detail::token_scores scores{Store::data(ind), std::max<index_t>(ind_cols, 1), ind_cols};
+    const detail::token_scores scores{Store::ptr(ind), std::max<index_t>(ind_cols, 1), ind_cols};
     const double pref = pref_(stats);
     CAKE_EXPECTS(std::isfinite(pref) && pref >= 0, "cake.preference.value",
                  "the preference policy must return a finite value >= 0, got ", pref, " for layer ",
@@ -171,37 +172,44 @@ class KvCache {
       if constexpr (headwise) {
         if (static_cast<std::size_t>(l) == m) return head_lengths(scores, {}, P, budget);
         const Layer& ly = layers_[static_cast<std::size_t>(l)];
-        if (!ly.cut) return head_lengths(Store::scores(ly), {}, P, budget);
+        if (!ly.cut) return head_lengths(detail::scores(ly), {}, P, budget);
         std::vector<index_t> avail(static_cast<std::size_t>(rows));
         for (index_t r = 0; r < rows; ++r) avail[static_cast<std::size_t>(r)] = ly.row_len(r) - w;
-        return head_lengths(Store::scores(ly), avail, ly.held - w, budget);
+        return head_lengths(detail::scores(ly), avail, ly.held - w, budget);
       } else {
         return {};
       }
     };
     const detail::prefill_plan plan = detail::plan_prefill(budget_, rq, prefs, state, row_lengths);
 
-    // 3. Allocate: the new layers, and the reorders of layers kept in place.
+    // 3. Allocate: the new layers, selected, copied or reordered (a truncated layer
+    //    reordered to position order is gathered into a new one).
     const detail::LayerShape sh = shape();
     std::vector<Layer> fresh(m + 1);
-    std::vector<typename Store::permutation> perms(m + 1);
+    std::vector<char> replaced(m + 1, 0);
     index_t transient = tokens_held();  // tokens stored while new layers exist beside old
     for (std::size_t l = 0; l <= m; ++l) {
       const detail::layer_plan& lp = plan.layers[l];
       if (lp.action == detail::layer_action::copy_all) {
-        fresh[l] =
-            Store::copy_all(exec_, sh, k, v, lp.keep_scores ? scores : detail::token_scores{});
+        fresh[l] = detail::copy_all<T>(exec_, sh, k, v, lp.keep_scores ? scores : detail::token_scores{});
+        transient += fresh[l].total() / rows;
       } else if (lp.action == detail::layer_action::select) {
-        if (l == m)
-          fresh[l] = select(sh, k, v, nullptr, scores, P, lp);
-        else
-          fresh[l] = select(sh, Store::keys(layers_[l], sh), Store::values(layers_[l], sh),
-                            &layers_[l], Store::scores(layers_[l]), P, lp);
+        if (l == m) {
+          fresh[l] = detail::select<T>(exec_, sh, k, v, nullptr, 0, scores, P, prefixes(lp),
+                                       lp.to_position, lp.keep_scores);
+        } else {
+          const Layer& src = layers_[l];
+          fresh[l] = detail::select<T>(exec_, sh, detail::keys(src, sh), detail::values(src, sh),
+                                       src.at().pos, src.cap, detail::scores(src), P, prefixes(lp),
+                                       lp.to_position, lp.keep_scores);
+        }
+        transient += fresh[l].total() / rows;
       } else if (lp.action == detail::layer_action::truncate && lp.to_position) {
-        perms[l] = Store::position_permutation(exec_, layers_[l], sh, prefixes(lp));
+        fresh[l] = detail::reorder(exec_, layers_[l], sh, prefixes(lp));
       }
-      transient += fresh[l].total() / rows;
+      replaced[l] = fresh[l].rows > 0;
     }
+    if (next_layer_ + 1 == cfg_.layers) reserve_decode(plan, fresh);
 
     // The new bookkeeping, built before the first write so the commit only moves it
     // in: a copied cache's vectors have no spare capacity to push_back into.
@@ -216,19 +224,15 @@ class KvCache {
       stages_next.push_back(plan.budgets);
     }
 
-    auto cut = Store::prepare_truncate(exec_, std::span<const Layer>(layers_), sh,
-                                       std::span<const detail::layer_plan>(plan.layers),
-                                       std::span<const typename Store::permutation>(perms));
+    auto cut = detail::prepare_truncate(exec_, std::span<const Layer>(layers_), sh,
+                                        std::span<const detail::layer_plan>(plan.layers),
+                                        std::span<const char>(replaced));
 
     // 4. Commit. Only the truncation may fail, and then before it changes anything
     //    (host: it cannot; CUDA: one launch); nothing after it allocates or throws.
-    Store::truncate(exec_, std::span<Layer>(layers_), sh, cut);
-    for (std::size_t l = 0; l < m; ++l)
-      if (!perms[l].empty()) Store::permute(exec_, layers_[l], sh, perms[l]);
+    detail::truncate(exec_, std::span<Layer>(layers_), sh, cut);
     for (std::size_t l = 0; l <= m; ++l)
-      if (plan.layers[l].action == detail::layer_action::copy_all ||
-          plan.layers[l].action == detail::layer_action::select)
-        layers_[l] = std::move(fresh[l]);
+      if (replaced[l]) layers_[l] = std::move(fresh[l]);
     prefs_ = std::move(prefs);
     stats_ = std::move(stats_next);
     if (plan.record_budgets) std::copy(plan.budgets.begin(), plan.budgets.end(), budgets_.begin());
@@ -236,7 +240,7 @@ class KvCache {
     prompt_ = S;
     next_layer_ = layer + 1;
     if (next_layer_ == cfg_.layers) {
-      for (auto& ly : layers_) Store::finish_prefill(ly, accumulates);
+      for (auto& ly : layers_) detail::finish_prefill(ly, accumulates);
       res_.after_prefill();
     }
     peak_ = std::max(peak_, transient);
@@ -262,8 +266,8 @@ class KvCache {
     check_value_type<decltype(k), decltype(v)>();
     const auto l = static_cast<std::size_t>(layer);
     // Rows cut head-wise keep their lengths; others grow to budget + w.
-    Store::decode(exec_, layers_[l], shape(), q, k, v, prompt_ + steps_[l], budgets_[l], ind_,
-                  cfg_.order == token_order::reference, headwise && layers_[l].cut);
+    detail::decode(exec_, layers_[l], ws_, shape(), q, k, v, prompt_ + steps_[l], budgets_[l], ind_,
+                   cfg_.order == token_order::reference, headwise && layers_[l].cut);
     ++steps_[l];
     peak_ = std::max(peak_, tokens_held());
   }
@@ -323,14 +327,14 @@ class KvCache {
 
   // (batch, kv_heads, tokens_held, head_dim), in the memory space of the backend.
   view<const T, 4, Space> keys(index_t layer) const {
-    return Store::keys(layers_.at(checked(layer)), shape());
+    return detail::keys(layers_.at(checked(layer)), shape());
   }
   view<const T, 4, Space> values(index_t layer) const {
-    return Store::values(layers_.at(checked(layer)), shape());
+    return detail::values(layers_.at(checked(layer)), shape());
   }
   // (batch, kv_heads, tokens_held): the prompt or decode position of every held token.
   view<const index_t, 3, Space> positions(index_t layer) const {
-    return Store::positions(layers_.at(checked(layer)), shape());
+    return detail::positions(layers_.at(checked(layer)), shape());
   }
 
  private:
@@ -350,7 +354,8 @@ class KvCache {
                                     index_t cols, index_t budget) const {
     const index_t B = cfg_.batch, Hkv = cfg_.kv_heads;
     // The lengths are decided on the host: the scores come to it (a copy on the host).
-    const std::vector<float> h = Store::download(exec_, sc, B * Hkv, cols);
+    std::vector<float> h(static_cast<std::size_t>(B * Hkv * cols));
+    Store::download(exec_, sc.p, sc.ld, h.data(), B * Hkv, cols);
     std::vector<index_t> out(static_cast<std::size_t>(B * Hkv));
     auto lv = make_view(out.data(), std::array<index_t, 2>{B, Hkv});
     detail::allocate_heads_rows(make_view(h.data(), std::array<index_t, 3>{B, Hkv, cols}), avail,
@@ -366,7 +371,7 @@ class KvCache {
     const index_t B = cfg_.batch, H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim,
                   w = cfg_.window;
     const index_t rows = B * Hkv, S = k.extent(2), P = S - w;
-    float* out = Store::data(ind);
+    float* out = Store::ptr(ind);
     // Strides >= 1 even when ind_cols = 0 (S == w): layout_stride requires them.
     const index_t ld = std::max<index_t>(ind_cols, 1);
     const auto out_view = [&](index_t cols) {  // (batch, kv_heads, cols) inside ind
@@ -377,22 +382,22 @@ class KvCache {
     // only when the preference reads them (then the cheapest indicator fills a scratch).
     LayerStats stats{};
     if (source == indicator_source::window || wants_stats) {
-      auto st_dev = Store::template make_buffer<float>(exec_, 2);
-      const auto st_view = make_view<Space>(Store::data(st_dev), std::array<index_t, 1>{2});
+      auto st_dev = Store::template make<float>(exec_, 2);
+      const auto st_view = make_view<Space>(Store::ptr(st_dev), std::array<index_t, 1>{2});
       if constexpr (source == indicator_source::window) {
         window_stats(exec_, q, k, ind_, out_view(P), st_view, StatsRequest::for_preference<Pref>());
       } else {
-        auto scratch = Store::template make_buffer<float>(exec_, rows * P);
+        auto scratch = Store::template make<float>(exec_, rows * P);
         window_stats(exec_, q, k, WindowMeanIndicator{1},
-                     make_view<Space>(Store::data(scratch), std::array<index_t, 3>{B, Hkv, P}),
+                     make_view<Space>(Store::ptr(scratch), std::array<index_t, 3>{B, Hkv, P}),
                      st_view, StatsRequest::for_preference<Pref>());
       }
       std::array<float, 2> st{};
-      Store::read(exec_, st_dev, st.data(), 2);  // the only value the host needs per layer
+      Store::download(exec_, Store::ptr(st_dev), 2, st.data(), 1, 2);  // all the host needs
       stats = {st[0], st[1]};
     }
     if constexpr (source == indicator_source::position) {
-      Store::position_scores(exec_, ind_, out, ind_cols, rows, P);
+      Store::position_scores(exec_, ind_, nullptr, 0, out, ind_cols, rows, P);
     } else if constexpr (source == indicator_source::last_query) {
       // The last window row sees every key: the decode-time scoring, unmasked.
       // (batch, q_heads, head_dim): window row w - 1 of every head.
@@ -514,10 +519,16 @@ class KvCache {
     if (!lp.row_prefix.empty()) return lp.row_prefix;
     return std::vector<index_t>(static_cast<std::size_t>(cfg_.batch * cfg_.kv_heads), lp.prefix);
   }
-  template <class KV, class VV>
-  Layer select(const detail::LayerShape& sh, const KV& k, const VV& v, const Layer* src,
-               detail::token_scores sc, index_t P, const detail::layer_plan& lp) const {
-    return Store::select(exec_, sh, k, v, src, sc, P, prefixes(lp), lp.to_position, lp.keep_scores);
+  // The decoding scratch, sized once the last layer's plan is known (before its
+  // commit), for the layers as they will be: decoding then allocates nothing while
+  // every layer has room.
+  void reserve_decode(const detail::prefill_plan& plan, const std::vector<Layer>& fresh) {
+    index_t most = 0;  // the longest a row gets before a step: held now, or budget + w
+    for (std::size_t l = 0; l < fresh.size(); ++l)
+      most = std::max({most, (fresh[l].rows > 0 ? fresh[l] : layers_[l]).held,
+                       plan.budgets[l] + cfg_.window});
+    detail::reserve_decode(exec_, ws_, shape(), cfg_.q_heads, most, headwise,
+                           cfg_.order == token_order::reference, accumulates);
   }
 
   detail::LayerShape shape() const {
@@ -533,6 +544,7 @@ class KvCache {
   typename Store::resources res_;
   Exec exec_;
   std::vector<Layer> layers_;
+  detail::decode_workspace<T, Exec> ws_;  // a decoding step's scratch, shared by the layers
   std::vector<float> prefs_;
   std::vector<LayerStats> stats_;
   std::vector<index_t> budgets_;

@@ -19,25 +19,16 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <numeric>
 #include <span>
 #include <vector>
 
-#include "algorithm/allocate_budgets.hpp"
-#include "algorithm/allocate_heads.hpp"
-#include "algorithm/compact.hpp"
-#include "algorithm/decode_scores.hpp"
-#include "algorithm/select_k.hpp"
-#include "algorithm/window_stats.hpp"
-#include "backend/host/layer_store.hpp"
-#include "detail/layer_ops.hpp"
+#include "backend/host/layer_store.hpp"  // the host's primitives
 #include "core/concepts.hpp"
+#include "detail/layer_ops.hpp"  // the data movement, over the primitives
 #include "detail/prefill_plan.hpp"
 #include "policy/budget/headwise.hpp"
 #include "policy/budget/proportional.hpp"
 #include "policy/indicator/mean_variance.hpp"
-#include "policy/indicator/window_mean.hpp"
 #include "policy/preference/cake.hpp"
 
 namespace cake {
@@ -142,7 +133,8 @@ class KvCache {
     // 1. Statistics, preference and token scores of this layer.
     const index_t ind_cols = accumulates ? S : P;
     auto ind = Store::template make<float>(exec_, rows * ind_cols);  // (batch, kv_heads, ind_cols)
-    const LayerStats stats = score_layer(q, k, ind, ind_cols);
+    const LayerStats stats =
+        detail::score_prefill<T, Pref>(exec_, ind_, q, k, Store::ptr(ind), ind_cols);
     // ld >= 1: a prompt of exactly the window has no scores (P = 0), and a view over
     // them still needs the positive strides layout_stride requires.
     const detail::token_scores scores{Store::ptr(ind), std::max<index_t>(ind_cols, 1), ind_cols};
@@ -169,7 +161,11 @@ class KvCache {
     // Head-wise: the new layer's rows from its scores; a cut layer's from the scores it
     // keeps, each row limited to what it holds; an uncut (one-shot) layer's from all.
     const auto row_lengths = [&](index_t l, index_t budget) -> std::vector<index_t> {
-      if constexpr (headwise) {
+      if constexpr (headwise) {  // avail: tokens scored per row (empty: all cols)
+        const auto head_lengths = [&](detail::token_scores sc, std::span<const index_t> avail,
+                                      index_t cols, index_t b) {
+          return detail::head_lengths(exec_, shape(), sc, avail, cols, b, budget_.head_floor(b));
+        };
         if (static_cast<std::size_t>(l) == m) return head_lengths(scores, {}, P, budget);
         const Layer& ly = layers_[static_cast<std::size_t>(l)];
         if (!ly.cut) return head_lengths(detail::scores(ly), {}, P, budget);
@@ -209,7 +205,10 @@ class KvCache {
       }
       replaced[l] = fresh[l].rows > 0;
     }
-    if (next_layer_ + 1 == cfg_.layers) reserve_decode(plan, fresh);
+    if (next_layer_ + 1 == cfg_.layers)  // decoding then allocates nothing while layers have room
+      detail::reserve_decode(exec_, ws_, sh, cfg_.q_heads, std::span<const Layer>(layers_),
+                             std::span<const Layer>(fresh), plan.budgets, headwise,
+                             cfg_.order == token_order::reference, accumulates);
 
     // The new bookkeeping, built before the first write so the commit only moves it
     // in: a copied cache's vectors have no spare capacity to push_back into.
@@ -338,82 +337,12 @@ class KvCache {
   }
 
  private:
-  static constexpr indicator_source source = indicator_source_of<Ind>;
-  static constexpr bool accumulates = source == indicator_source::accumulated;
-  static constexpr bool wants_stats = Pref::needs_entropy || Pref::needs_variance;
+  static constexpr bool accumulates = indicator_source_of<Ind> == indicator_source::accumulated;
   static constexpr bool headwise = is_headwise_budget<Budget>;
   static_assert(
       !requires { requires Budget::headwise; } || headwise,
       "cake::KvCache: a budget policy with headwise = true must model "
       "HeadwiseBudgetPolicy (a head_floor(budget) member)");
-
-  // Head-wise allocation of a layer budget over its rows: how many of its scored
-  // tokens each row keeps. sc: (rows, cols) scores in the backend's memory; avail:
-  // tokens scored per row (empty: cols).
-  std::vector<index_t> head_lengths(detail::token_scores sc, std::span<const index_t> avail,
-                                    index_t cols, index_t budget) const {
-    const index_t B = cfg_.batch, Hkv = cfg_.kv_heads;
-    // The lengths are decided on the host: the scores come to it (a copy on the host).
-    std::vector<float> h(static_cast<std::size_t>(B * Hkv * cols));
-    Store::download(exec_, sc.p, sc.ld, h.data(), B * Hkv, cols);
-    std::vector<index_t> out(static_cast<std::size_t>(B * Hkv));
-    auto lv = make_view(out.data(), std::array<index_t, 2>{B, Hkv});
-    detail::allocate_heads_rows(make_view(h.data(), std::array<index_t, 3>{B, Hkv, cols}), avail,
-                                budget, budget_.head_floor(budget), lv);
-    return out;
-  }
-
-  // The layer's statistics (for the preference) and its tokens' scores (for the
-  // selection) into ind: (batch, kv_heads, ind_cols), ind_cols = S for an
-  // accumulating indicator (every token, the window included), else S - w.
-  template <class QV, class KV, class Buf>
-  LayerStats score_layer(const QV& q, const KV& k, Buf& ind, index_t ind_cols) const {
-    const index_t B = cfg_.batch, H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim,
-                  w = cfg_.window;
-    const index_t rows = B * Hkv, S = k.extent(2), P = S - w;
-    float* out = Store::ptr(ind);
-    // Strides >= 1 even when ind_cols = 0 (S == w): layout_stride requires them.
-    const index_t ld = std::max<index_t>(ind_cols, 1);
-    const auto out_view = [&](index_t cols) {  // (batch, kv_heads, cols) inside ind
-      return make_view<Space>(out, std::array<index_t, 3>{B, Hkv, cols},
-                              std::array<index_t, 3>{Hkv * ld, ld, 1});
-    };
-    // Window statistics: the indicator itself for a window indicator; for any other,
-    // only when the preference reads them (then the cheapest indicator fills a scratch).
-    LayerStats stats{};
-    if (source == indicator_source::window || wants_stats) {
-      auto st_dev = Store::template make<float>(exec_, 2);
-      const auto st_view = make_view<Space>(Store::ptr(st_dev), std::array<index_t, 1>{2});
-      if constexpr (source == indicator_source::window) {
-        window_stats(exec_, q, k, ind_, out_view(P), st_view, StatsRequest::for_preference<Pref>());
-      } else {
-        auto scratch = Store::template make<float>(exec_, rows * P);
-        window_stats(exec_, q, k, WindowMeanIndicator{1},
-                     make_view<Space>(Store::ptr(scratch), std::array<index_t, 3>{B, Hkv, P}),
-                     st_view, StatsRequest::for_preference<Pref>());
-      }
-      std::array<float, 2> st{};
-      Store::download(exec_, Store::ptr(st_dev), 2, st.data(), 1, 2);  // all the host needs
-      stats = {st[0], st[1]};
-    }
-    if constexpr (source == indicator_source::position) {
-      Store::position_scores(exec_, ind_, nullptr, 0, out, ind_cols, rows, P);
-    } else if constexpr (source == indicator_source::last_query) {
-      // The last window row sees every key: the decode-time scoring, unmasked.
-      // (batch, q_heads, head_dim): window row w - 1 of every head.
-      const auto last =
-          make_view<Space>(q.data_handle() + (w - 1) * static_cast<index_t>(q.stride(2)),
-                           std::array<index_t, 3>{B, H, d},
-                           std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
-                                                  static_cast<index_t>(q.stride(1)), 1});
-      decode_scores(exec_, last, k, ind_, out_view(P));
-    } else if constexpr (accumulates) {
-      Store::attention_sums(exec_, q, k, out, ind_cols);
-    } else if constexpr (source == indicator_source::custom) {
-      ind_.prefill_scores(exec_, q, k, out_view(P));
-    }
-    return stats;
-  }
 
   // The cache stores what it is given: a cache of T takes keys and values of T.
   template <class KV, class VV>
@@ -519,18 +448,6 @@ class KvCache {
     if (!lp.row_prefix.empty()) return lp.row_prefix;
     return std::vector<index_t>(static_cast<std::size_t>(cfg_.batch * cfg_.kv_heads), lp.prefix);
   }
-  // The decoding scratch, sized once the last layer's plan is known (before its
-  // commit), for the layers as they will be: decoding then allocates nothing while
-  // every layer has room.
-  void reserve_decode(const detail::prefill_plan& plan, const std::vector<Layer>& fresh) {
-    index_t most = 0;  // the longest a row gets before a step: held now, or budget + w
-    for (std::size_t l = 0; l < fresh.size(); ++l)
-      most = std::max({most, (fresh[l].rows > 0 ? fresh[l] : layers_[l]).held,
-                       plan.budgets[l] + cfg_.window});
-    detail::reserve_decode(exec_, ws_, shape(), cfg_.q_heads, most, headwise,
-                           cfg_.order == token_order::reference, accumulates);
-  }
-
   detail::LayerShape shape() const {
     return {cfg_.batch, cfg_.kv_heads, cfg_.head_dim, cfg_.window};
   }

@@ -37,9 +37,12 @@
 #include <utility>
 #include <vector>
 
+#include "../algorithm/allocate_heads.hpp"
 #include "../algorithm/compact.hpp"
 #include "../algorithm/decode_scores.hpp"
 #include "../algorithm/select_k.hpp"
+#include "../algorithm/window_stats.hpp"
+#include "../policy/indicator/window_mean.hpp"
 #include "prefill_plan.hpp"
 
 namespace cake::detail {
@@ -283,6 +286,119 @@ token_scores scores(const cache_layer<T, Exec>& ly) {
 
 // ---- prefill --------------------------------------------------------------------
 
+// An accumulating indicator's prefill sums: out[r, t] (row stride ld) = the attention
+// token t receives from the window rows (row i sees tokens [0, S - w + i]), summed
+// over the rows, each row's share the mean over the GQA group's query heads. The
+// default: each window row is a decoding step's scoring against the keys it sees,
+// added to the sums; a backend may supply a fused `attention_sums` (the host's reads
+// window_stats' score tiles).
+template <class T, class Exec, class QV, class KV>
+void attention_sums(const Exec& exec, const QV& q, const KV& k, float* out, index_t ld) {
+  using S = layer_store<T, Exec>;
+  if constexpr (requires { S::attention_sums(exec, q, k, out, ld); }) {
+    S::attention_sums(exec, q, k, out, ld);
+  } else {
+    using Space = typename Exec::memory_space;
+    const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
+    const index_t Hkv = k.extent(1), n = k.extent(2), P = n - w, rows = B * Hkv;
+    auto row = S::template make<float>(exec, rows * n);  // (rows, n): one window row's scores
+    typename S::template buffer<char> scratch;
+    S::reserve_scoring(exec, scratch, B, H, Hkv, n);
+    S::fill(exec, S::ptr(row), rows * n, 0.0f);
+    S::copy_2d(exec, static_cast<const float*>(S::ptr(row)), n, out, ld, rows, n);  // zeros
+    for (index_t i = 0; i < w; ++i) {
+      const index_t seen = P + i + 1;
+      const auto qi = make_view<Space>(
+          q.data_handle() + i * static_cast<index_t>(q.stride(2)), std::array<index_t, 3>{B, H, d},
+          std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
+                                 static_cast<index_t>(q.stride(1)), 1});
+      const auto ki = make_view<Space>(
+          k.data_handle(), std::array<index_t, 4>{B, Hkv, seen, d},
+          std::array<index_t, 4>{static_cast<index_t>(k.stride(0)),
+                                 static_cast<index_t>(k.stride(1)),
+                                 static_cast<index_t>(k.stride(2)), 1});
+      S::candidates(exec, qi, ki, WindowMeanIndicator{1},
+                    make_view<Space>(S::ptr(row), std::array<index_t, 3>{B, Hkv, seen},
+                                     std::array<index_t, 3>{Hkv * n, n, 1}),
+                    scratch);
+      S::accumulate(exec, out, ld, S::ptr(row), n, rows, seen);
+    }
+  }
+}
+
+// A layer's prefill scoring: its statistics (for the preference) and its tokens'
+// scores into out: (batch, kv_heads, cols), cols = S for an accumulating indicator
+// (every token, the window included), else S - w. The window statistics are the
+// indicator itself for a window indicator; for any other, they are computed only
+// when the preference reads them (then the cheapest indicator fills a scratch).
+template <class T, class Pref, class Exec, class Ind, class QV, class KV>
+LayerStats score_prefill(const Exec& exec, const Ind& ind, const QV& q, const KV& k, float* out,
+                         index_t cols) {
+  using S = layer_store<T, Exec>;
+  using Space = typename Exec::memory_space;
+  constexpr indicator_source source = indicator_source_of<Ind>;
+  const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
+  const index_t Hkv = k.extent(1), n = k.extent(2), P = n - w;
+  // Strides >= 1 even when cols = 0 (S == w): layout_stride requires them.
+  const index_t ld = std::max<index_t>(cols, 1);
+  const auto out_view = [&](index_t c) {  // (batch, kv_heads, c) inside out
+    return make_view<Space>(out, std::array<index_t, 3>{B, Hkv, c},
+                            std::array<index_t, 3>{Hkv * ld, ld, 1});
+  };
+  LayerStats stats{};
+  if (source == indicator_source::window || Pref::needs_entropy || Pref::needs_variance) {
+    auto st = S::template make<float>(exec, 2);
+    const auto st_view = make_view<Space>(S::ptr(st), std::array<index_t, 1>{2});
+    if constexpr (source == indicator_source::window) {
+      window_stats(exec, q, k, ind, out_view(P), st_view, StatsRequest::for_preference<Pref>());
+    } else {
+      auto scratch = S::template make<float>(exec, B * Hkv * P);
+      window_stats(exec, q, k, WindowMeanIndicator{1},
+                   make_view<Space>(S::ptr(scratch), std::array<index_t, 3>{B, Hkv, P}), st_view,
+                   StatsRequest::for_preference<Pref>());
+    }
+    std::array<float, 2> h{};
+    S::download(exec, static_cast<const float*>(S::ptr(st)), 2, h.data(), 1, 2);  // all the host needs
+    stats = {h[0], h[1]};
+  }
+  if constexpr (source == indicator_source::position) {
+    S::position_scores(exec, ind, nullptr, 0, out, cols, B * Hkv, P);
+  } else if constexpr (source == indicator_source::last_query) {
+    // The last window row sees every key: the decode-time scoring, unmasked.
+    // (batch, q_heads, head_dim): window row w - 1 of every head.
+    const auto last = make_view<Space>(
+        q.data_handle() + (w - 1) * static_cast<index_t>(q.stride(2)),
+        std::array<index_t, 3>{B, H, d},
+        std::array<index_t, 3>{static_cast<index_t>(q.stride(0)), static_cast<index_t>(q.stride(1)),
+                               1});
+    decode_scores(exec, last, k, ind, out_view(P));
+  } else if constexpr (source == indicator_source::accumulated) {
+    attention_sums<T>(exec, q, k, out, cols);
+  } else if constexpr (source == indicator_source::custom) {
+    ind.prefill_scores(exec, q, k, out_view(P));
+  }
+  return stats;
+}
+
+// Head-wise allocation of a layer budget over its rows: how many of its scored
+// tokens each row keeps. sc: (rows, cols) scores in the backend's memory, decided on
+// the host (they come to it); avail: tokens scored per row (empty: cols).
+template <class Exec>
+std::vector<index_t> head_lengths(const Exec& exec, const LayerShape& sh, token_scores sc,
+                                  std::span<const index_t> avail, index_t cols, index_t budget,
+                                  index_t floor) {
+  using S = layer_store<float, Exec>;
+  const index_t B = sh.batch, Hkv = sh.kv_heads;
+  std::vector<float> h(static_cast<std::size_t>(B * Hkv * cols));
+  S::download(exec, sc.p, sc.ld, h.data(), B * Hkv, cols);
+  std::vector<index_t> out(static_cast<std::size_t>(B * Hkv));
+  auto lv = make_view(out.data(), std::array<index_t, 2>{B, Hkv});
+  allocate_heads_rows(make_view(h.data(), std::array<index_t, 3>{B, Hkv, cols}), avail, budget,
+                      floor, lv);
+  return out;
+}
+
+
 // A layer holding all S tokens in position order (an uncut prompt, or one-shot mode
 // before the last layer), with room for one decoded token; scores, when given,
 // travel with the tokens (the first sc.cols slots of each row).
@@ -472,6 +588,20 @@ void reserve_decode(const Exec& exec, decode_workspace<T, Exec>& ws, const Layer
   S::reserve_scoring(exec, ws.bytes, sh.batch, q_heads, sh.kv_heads, n);
   if (reference && ws.spare.cap < n)
     ws.spare = make_layer<T>(exec, rows, sh.head_dim, n, sums);
+}
+
+// The same once the last layer is planned (before its commit), for the layers as
+// they will be: a row holds at most what it holds now (fresh[l], when the plan
+// replaces layer l, else layers[l]) or its budget + w before a step.
+template <class T, class Exec>
+void reserve_decode(const Exec& exec, decode_workspace<T, Exec>& ws, const LayerShape& sh,
+                    index_t q_heads, std::span<const cache_layer<T, Exec>> layers,
+                    std::span<const cache_layer<T, Exec>> fresh, std::span<const index_t> budgets,
+                    bool ragged, bool reference, bool sums) {
+  index_t most = 0;
+  for (std::size_t l = 0; l < fresh.size(); ++l)
+    most = std::max({most, (fresh[l].rows > 0 ? fresh[l] : layers[l]).held, budgets[l] + sh.window});
+  reserve_decode(exec, ws, sh, q_heads, most, ragged, reference, sums);
 }
 
 // A copy of ly with room for cap tokens per row.

@@ -15,7 +15,6 @@
 #include <utility>
 #include <vector>
 
-#include "../../policy/indicator/window_mean.hpp"
 #include "../host/layer_store.hpp"
 #include "compact.cuh"
 #include "decode_scores.cuh"
@@ -239,42 +238,6 @@ struct layer_store<T, cuda_policy> {
                               index_t Hkv, index_t n) {
     const auto bytes = static_cast<index_t>(decode_scores_workspace_size(B, H, Hkv, n));
     if (scratch.size() < bytes) scratch = buffer<char>(bytes, exec);
-  }
-
-  // The host store's attention_sums(): here window row by window row, each one the
-  // decode-time scoring of that row against the keys it sees, added to the sums.
-  template <class QV, class KV>
-  static void attention_sums(const cuda_policy& exec, const QV& q, const KV& k, float* out,
-                             index_t ld) {
-    const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
-    const index_t Hkv = k.extent(1), S = k.extent(2), P = S - w, rows = B * Hkv;
-    const cudaStream_t s = stream(exec);
-    buffer<float> row(rows * S, exec);
-    // One workspace for every window row (the longest row's size): one allocation.
-    const std::size_t ws_bytes = decode_scores_workspace_size(B, H, Hkv, S);
-    buffer<char> ws(static_cast<index_t>(ws_bytes), exec);
-    cuda_detail::check(cudaMemset2DAsync(out, static_cast<std::size_t>(ld) * sizeof(float), 0,
-                                         static_cast<std::size_t>(S) * sizeof(float),
-                                         static_cast<std::size_t>(rows), s),
-                       "cudaMemset2DAsync (attention sums)");
-    for (index_t i = 0; i < w; ++i) {
-      const index_t seen = P + i + 1;
-      decode_scores(
-          exec,
-          make_view<device_space>(q.data_handle() + i * static_cast<index_t>(q.stride(2)),
-                                  std::array<index_t, 3>{B, H, d},
-                                  std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
-                                                         static_cast<index_t>(q.stride(1)), 1}),
-          make_view<device_space>(k.data_handle(), std::array<index_t, 4>{B, Hkv, seen, d},
-                                  std::array<index_t, 4>{static_cast<index_t>(k.stride(0)),
-                                                         static_cast<index_t>(k.stride(1)),
-                                                         static_cast<index_t>(k.stride(2)), 1}),
-          WindowMeanIndicator{1},
-          make_view<device_space>(row.data(), std::array<index_t, 3>{B, Hkv, seen},
-                                  std::array<index_t, 3>{Hkv * S, S, 1}),
-          cuda_workspace{ws.data(), ws_bytes});
-      accumulate(exec, out, ld, row.data(), S, rows, seen);
-    }
   }
 
  private:

@@ -285,10 +285,8 @@ struct layer_store<T, host_policy> {
   static void reserve_scoring(const host_policy&, buffer<char>&, index_t, index_t, index_t,
                               index_t) {}
 
-  // out[r, t] (row stride ld) = the attention token t receives from the window rows
-  // (row i sees tokens [0, S - w + i]), summed over the rows, each row's share being the
-  // mean over the GQA group's query heads: an accumulating indicator's prefill sums.
-  // One pass per GQA group with window_stats' score tiles and softmax rows.
+  // An accumulating indicator's prefill sums (detail::attention_sums says what they
+  // are), fused: one pass per GQA group with window_stats' score tiles and softmax rows.
   template <class QV, class KV>
   static void attention_sums(const host_policy& exec, const QV& q, const KV& k, float* out,
                              index_t ld) {

@@ -253,7 +253,7 @@ view<U, 4, Space> token_view(U* base, const slots<std::remove_const_t<U>>& s, co
                              index_t n) {
   // An empty layer (cap = 0, d = 0) still needs the positive strides layout_stride requires.
   const index_t c = std::max<index_t>(s.cap, 1), dd = std::max<index_t>(s.d, 1);
-  return make_view<Space>(base, std::array<index_t, 4>{sh.batch, sh.kv_heads, n, sh.head_dim},
+  return make_view<Space>(base, std::array<index_t, 4>{sh.batch, sh.kv_heads, n, s.d},
                           std::array<index_t, 4>{sh.kv_heads * c * dd, c * dd, dd, 1});
 }
 

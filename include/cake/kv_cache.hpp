@@ -19,24 +19,16 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <numeric>
 #include <span>
 #include <vector>
 
-#include "algorithm/allocate_budgets.hpp"
-#include "algorithm/allocate_heads.hpp"
-#include "algorithm/compact.hpp"
-#include "algorithm/decode_scores.hpp"
-#include "algorithm/select_k.hpp"
-#include "algorithm/window_stats.hpp"
-#include "backend/host/layer_store.hpp"
+#include "backend/host/layer_store.hpp"  // the host's primitives
 #include "core/concepts.hpp"
+#include "detail/layer_ops.hpp"  // the data movement, over the primitives
 #include "detail/prefill_plan.hpp"
 #include "policy/budget/headwise.hpp"
 #include "policy/budget/proportional.hpp"
 #include "policy/indicator/mean_variance.hpp"
-#include "policy/indicator/window_mean.hpp"
 #include "policy/preference/cake.hpp"
 
 namespace cake {
@@ -76,10 +68,11 @@ struct CacheConfig {
 template <PreferencePolicy Pref = CakePreference, BudgetPolicy Budget = ProportionalBudget,
           IndicatorPolicy Ind = MeanVarianceIndicator, class T = float, class Exec = host_policy>
 class KvCache {
-  // Storage and data movement per backend (backend/host/layer_store.hpp, and the
-  // CUDA one in cake.cuh); this class keeps the bookkeeping.
+  // The data movement is detail/layer_ops.hpp, over the backend's primitives
+  // (backend/host/layer_store.hpp, and the CUDA one in cake.cuh); this class keeps
+  // the bookkeeping.
   using Store = detail::layer_store<T, Exec>;
-  using Layer = typename Store::layer;
+  using Layer = detail::cache_layer<T, Exec>;
   using Space = typename Exec::memory_space;
 
  public:
@@ -136,15 +129,16 @@ class KvCache {
     const index_t B = cfg_.batch, Hkv = cfg_.kv_heads, w = cfg_.window;
     const index_t rows = B * Hkv, S = k.extent(2), P = S - w;
     const auto m = static_cast<std::size_t>(layer);
+    const Exec ex = res_.bind(exec_);  // with the cache's workspace
 
     // 1. Statistics, preference and token scores of this layer.
     const index_t ind_cols = accumulates ? S : P;
-    auto ind =
-        Store::template make_buffer<float>(exec_, rows * ind_cols);  // (batch, kv_heads, ind_cols)
-    const LayerStats stats = score_layer(q, k, ind, ind_cols);
+    auto ind = Store::template make<float>(ex, rows * ind_cols);  // (batch, kv_heads, ind_cols)
+    const LayerStats stats =
+        detail::score_prefill<T, Pref>(ex, ind_, q, k, Store::ptr(ind), ind_cols);
     // ld >= 1: a prompt of exactly the window has no scores (P = 0), and a view over
     // them still needs the positive strides layout_stride requires.
-    const detail::token_scores scores{Store::data(ind), std::max<index_t>(ind_cols, 1), ind_cols};
+    const detail::token_scores scores{Store::ptr(ind), std::max<index_t>(ind_cols, 1), ind_cols};
     const double pref = pref_(stats);
     CAKE_EXPECTS(std::isfinite(pref) && pref >= 0, "cake.preference.value",
                  "the preference policy must return a finite value >= 0, got ", pref, " for layer ",
@@ -168,40 +162,54 @@ class KvCache {
     // Head-wise: the new layer's rows from its scores; a cut layer's from the scores it
     // keeps, each row limited to what it holds; an uncut (one-shot) layer's from all.
     const auto row_lengths = [&](index_t l, index_t budget) -> std::vector<index_t> {
-      if constexpr (headwise) {
+      if constexpr (headwise) {  // avail: tokens scored per row (empty: all cols)
+        const auto head_lengths = [&](detail::token_scores sc, std::span<const index_t> avail,
+                                      index_t cols, index_t b) {
+          return detail::head_lengths(ex, shape(), sc, avail, cols, b, budget_.head_floor(b));
+        };
         if (static_cast<std::size_t>(l) == m) return head_lengths(scores, {}, P, budget);
         const Layer& ly = layers_[static_cast<std::size_t>(l)];
-        if (!ly.cut) return head_lengths(Store::scores(ly), {}, P, budget);
+        if (!ly.cut) return head_lengths(detail::scores(ly), {}, P, budget);
         std::vector<index_t> avail(static_cast<std::size_t>(rows));
         for (index_t r = 0; r < rows; ++r) avail[static_cast<std::size_t>(r)] = ly.row_len(r) - w;
-        return head_lengths(Store::scores(ly), avail, ly.held - w, budget);
+        return head_lengths(detail::scores(ly), avail, ly.held - w, budget);
       } else {
         return {};
       }
     };
     const detail::prefill_plan plan = detail::plan_prefill(budget_, rq, prefs, state, row_lengths);
 
-    // 3. Allocate: the new layers, and the reorders of layers kept in place.
+    // 3. Allocate: the new layers, selected, copied or reordered (a truncated layer
+    //    reordered to position order is gathered into a new one).
     const detail::LayerShape sh = shape();
     std::vector<Layer> fresh(m + 1);
-    std::vector<typename Store::permutation> perms(m + 1);
+    std::vector<char> replaced(m + 1, 0);
     index_t transient = tokens_held();  // tokens stored while new layers exist beside old
     for (std::size_t l = 0; l <= m; ++l) {
       const detail::layer_plan& lp = plan.layers[l];
       if (lp.action == detail::layer_action::copy_all) {
-        fresh[l] =
-            Store::copy_all(exec_, sh, k, v, lp.keep_scores ? scores : detail::token_scores{});
+        fresh[l] = detail::copy_all<T>(ex, sh, k, v, lp.keep_scores ? scores : detail::token_scores{});
+        transient += fresh[l].total() / rows;
       } else if (lp.action == detail::layer_action::select) {
-        if (l == m)
-          fresh[l] = select(sh, k, v, nullptr, scores, P, lp);
-        else
-          fresh[l] = select(sh, Store::keys(layers_[l], sh), Store::values(layers_[l], sh),
-                            &layers_[l], Store::scores(layers_[l]), P, lp);
+        if (l == m) {
+          fresh[l] = detail::select<T>(ex, sh, k, v, nullptr, 0, scores, P, prefixes(lp),
+                                       lp.to_position, lp.keep_scores);
+        } else {
+          const Layer& src = layers_[l];
+          fresh[l] = detail::select<T>(ex, sh, detail::keys(src, sh), detail::values(src, sh),
+                                       src.at().pos, src.cap, detail::scores(src), P, prefixes(lp),
+                                       lp.to_position, lp.keep_scores);
+        }
+        transient += fresh[l].total() / rows;
       } else if (lp.action == detail::layer_action::truncate && lp.to_position) {
-        perms[l] = Store::position_permutation(exec_, layers_[l], sh, prefixes(lp));
+        fresh[l] = detail::reorder(ex, layers_[l], sh, prefixes(lp));
       }
-      transient += fresh[l].total() / rows;
+      replaced[l] = fresh[l].rows > 0;
     }
+    if (next_layer_ + 1 == cfg_.layers)  // decoding then allocates nothing while layers have room
+      detail::reserve_decode(ex, ws_, sh, cfg_.q_heads, std::span<const Layer>(layers_),
+                             std::span<const Layer>(fresh), plan.budgets, headwise,
+                             cfg_.order == token_order::reference, accumulates);
 
     // The new bookkeeping, built before the first write so the commit only moves it
     // in: a copied cache's vectors have no spare capacity to push_back into.
@@ -216,19 +224,15 @@ class KvCache {
       stages_next.push_back(plan.budgets);
     }
 
-    auto cut = Store::prepare_truncate(exec_, std::span<const Layer>(layers_), sh,
-                                       std::span<const detail::layer_plan>(plan.layers),
-                                       std::span<const typename Store::permutation>(perms));
+    auto cut = detail::prepare_truncate(ex, std::span<const Layer>(layers_), sh,
+                                        std::span<const detail::layer_plan>(plan.layers),
+                                        std::span<const char>(replaced));
 
     // 4. Commit. Only the truncation may fail, and then before it changes anything
     //    (host: it cannot; CUDA: one launch); nothing after it allocates or throws.
-    Store::truncate(exec_, std::span<Layer>(layers_), sh, cut);
-    for (std::size_t l = 0; l < m; ++l)
-      if (!perms[l].empty()) Store::permute(exec_, layers_[l], sh, perms[l]);
+    detail::truncate(ex, std::span<Layer>(layers_), sh, cut);
     for (std::size_t l = 0; l <= m; ++l)
-      if (plan.layers[l].action == detail::layer_action::copy_all ||
-          plan.layers[l].action == detail::layer_action::select)
-        layers_[l] = std::move(fresh[l]);
+      if (replaced[l]) layers_[l] = std::move(fresh[l]);
     prefs_ = std::move(prefs);
     stats_ = std::move(stats_next);
     if (plan.record_budgets) std::copy(plan.budgets.begin(), plan.budgets.end(), budgets_.begin());
@@ -236,7 +240,7 @@ class KvCache {
     prompt_ = S;
     next_layer_ = layer + 1;
     if (next_layer_ == cfg_.layers) {
-      for (auto& ly : layers_) Store::finish_prefill(ly, accumulates);
+      for (auto& ly : layers_) detail::finish_prefill(ly, accumulates);
       res_.after_prefill();
     }
     peak_ = std::max(peak_, transient);
@@ -261,9 +265,10 @@ class KvCache {
     check_decode(layer, q, k, v).throw_if_error();
     check_value_type<decltype(k), decltype(v)>();
     const auto l = static_cast<std::size_t>(layer);
+    const Exec ex = res_.bind(exec_);
     // Rows cut head-wise keep their lengths; others grow to budget + w.
-    Store::decode(exec_, layers_[l], shape(), q, k, v, prompt_ + steps_[l], budgets_[l], ind_,
-                  cfg_.order == token_order::reference, headwise && layers_[l].cut);
+    detail::decode(ex, layers_[l], ws_, shape(), q, k, v, prompt_ + steps_[l], budgets_[l], ind_,
+                   cfg_.order == token_order::reference, headwise && layers_[l].cut);
     ++steps_[l];
     peak_ = std::max(peak_, tokens_held());
   }
@@ -323,92 +328,23 @@ class KvCache {
 
   // (batch, kv_heads, tokens_held, head_dim), in the memory space of the backend.
   view<const T, 4, Space> keys(index_t layer) const {
-    return Store::keys(layers_.at(checked(layer)), shape());
+    return detail::keys(layers_.at(checked(layer)), shape());
   }
   view<const T, 4, Space> values(index_t layer) const {
-    return Store::values(layers_.at(checked(layer)), shape());
+    return detail::values(layers_.at(checked(layer)), shape());
   }
   // (batch, kv_heads, tokens_held): the prompt or decode position of every held token.
   view<const index_t, 3, Space> positions(index_t layer) const {
-    return Store::positions(layers_.at(checked(layer)), shape());
+    return detail::positions(layers_.at(checked(layer)), shape());
   }
 
  private:
-  static constexpr indicator_source source = indicator_source_of<Ind>;
-  static constexpr bool accumulates = source == indicator_source::accumulated;
-  static constexpr bool wants_stats = Pref::needs_entropy || Pref::needs_variance;
+  static constexpr bool accumulates = indicator_source_of<Ind> == indicator_source::accumulated;
   static constexpr bool headwise = is_headwise_budget<Budget>;
   static_assert(
       !requires { requires Budget::headwise; } || headwise,
       "cake::KvCache: a budget policy with headwise = true must model "
       "HeadwiseBudgetPolicy (a head_floor(budget) member)");
-
-  // Head-wise allocation of a layer budget over its rows: how many of its scored
-  // tokens each row keeps. sc: (rows, cols) scores in the backend's memory; avail:
-  // tokens scored per row (empty: cols).
-  std::vector<index_t> head_lengths(detail::token_scores sc, std::span<const index_t> avail,
-                                    index_t cols, index_t budget) const {
-    const index_t B = cfg_.batch, Hkv = cfg_.kv_heads;
-    // The lengths are decided on the host: the scores come to it (a copy on the host).
-    const std::vector<float> h = Store::download(exec_, sc, B * Hkv, cols);
-    std::vector<index_t> out(static_cast<std::size_t>(B * Hkv));
-    auto lv = make_view(out.data(), std::array<index_t, 2>{B, Hkv});
-    detail::allocate_heads_rows(make_view(h.data(), std::array<index_t, 3>{B, Hkv, cols}), avail,
-                                budget, budget_.head_floor(budget), lv);
-    return out;
-  }
-
-  // The layer's statistics (for the preference) and its tokens' scores (for the
-  // selection) into ind: (batch, kv_heads, ind_cols), ind_cols = S for an
-  // accumulating indicator (every token, the window included), else S - w.
-  template <class QV, class KV, class Buf>
-  LayerStats score_layer(const QV& q, const KV& k, Buf& ind, index_t ind_cols) const {
-    const index_t B = cfg_.batch, H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim,
-                  w = cfg_.window;
-    const index_t rows = B * Hkv, S = k.extent(2), P = S - w;
-    float* out = Store::data(ind);
-    // Strides >= 1 even when ind_cols = 0 (S == w): layout_stride requires them.
-    const index_t ld = std::max<index_t>(ind_cols, 1);
-    const auto out_view = [&](index_t cols) {  // (batch, kv_heads, cols) inside ind
-      return make_view<Space>(out, std::array<index_t, 3>{B, Hkv, cols},
-                              std::array<index_t, 3>{Hkv * ld, ld, 1});
-    };
-    // Window statistics: the indicator itself for a window indicator; for any other,
-    // only when the preference reads them (then the cheapest indicator fills a scratch).
-    LayerStats stats{};
-    if (source == indicator_source::window || wants_stats) {
-      auto st_dev = Store::template make_buffer<float>(exec_, 2);
-      const auto st_view = make_view<Space>(Store::data(st_dev), std::array<index_t, 1>{2});
-      if constexpr (source == indicator_source::window) {
-        window_stats(exec_, q, k, ind_, out_view(P), st_view, StatsRequest::for_preference<Pref>());
-      } else {
-        auto scratch = Store::template make_buffer<float>(exec_, rows * P);
-        window_stats(exec_, q, k, WindowMeanIndicator{1},
-                     make_view<Space>(Store::data(scratch), std::array<index_t, 3>{B, Hkv, P}),
-                     st_view, StatsRequest::for_preference<Pref>());
-      }
-      std::array<float, 2> st{};
-      Store::read(exec_, st_dev, st.data(), 2);  // the only value the host needs per layer
-      stats = {st[0], st[1]};
-    }
-    if constexpr (source == indicator_source::position) {
-      Store::position_scores(exec_, ind_, out, ind_cols, rows, P);
-    } else if constexpr (source == indicator_source::last_query) {
-      // The last window row sees every key: the decode-time scoring, unmasked.
-      // (batch, q_heads, head_dim): window row w - 1 of every head.
-      const auto last =
-          make_view<Space>(q.data_handle() + (w - 1) * static_cast<index_t>(q.stride(2)),
-                           std::array<index_t, 3>{B, H, d},
-                           std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
-                                                  static_cast<index_t>(q.stride(1)), 1});
-      decode_scores(exec_, last, k, ind_, out_view(P));
-    } else if constexpr (accumulates) {
-      Store::attention_sums(exec_, q, k, out, ind_cols);
-    } else if constexpr (source == indicator_source::custom) {
-      ind_.prefill_scores(exec_, q, k, out_view(P));
-    }
-    return stats;
-  }
 
   // The cache stores what it is given: a cache of T takes keys and values of T.
   template <class KV, class VV>
@@ -514,12 +450,6 @@ class KvCache {
     if (!lp.row_prefix.empty()) return lp.row_prefix;
     return std::vector<index_t>(static_cast<std::size_t>(cfg_.batch * cfg_.kv_heads), lp.prefix);
   }
-  template <class KV, class VV>
-  Layer select(const detail::LayerShape& sh, const KV& k, const VV& v, const Layer* src,
-               detail::token_scores sc, index_t P, const detail::layer_plan& lp) const {
-    return Store::select(exec_, sh, k, v, src, sc, P, prefixes(lp), lp.to_position, lp.keep_scores);
-  }
-
   detail::LayerShape shape() const {
     return {cfg_.batch, cfg_.kv_heads, cfg_.head_dim, cfg_.window};
   }
@@ -533,6 +463,7 @@ class KvCache {
   typename Store::resources res_;
   Exec exec_;
   std::vector<Layer> layers_;
+  detail::decode_workspace<T, Exec> ws_;  // a decoding step's scratch, shared by the layers
   std::vector<float> prefs_;
   std::vector<LayerStats> stats_;
   std::vector<index_t> budgets_;

@@ -5,9 +5,10 @@
 // decode steps with and without eviction, growth and ragged rows), it checks the
 // strong guarantee: the failed call leaves every public observer of the cache
 // equal to its value before the call, and the same call without injection then
-// succeeds and leaves the cache equal to an uninjected reference. The host
-// scratch is released before every attempt so that its allocations are injected
-// too; with OpenMP, an allocation inside a parallel region would terminate.
+// succeeds and leaves the cache equal to an uninjected reference. The kernels'
+// scratch comes from the cache's own workspace, which a call grows before any
+// parallel region (with OpenMP an allocation inside one would terminate): its
+// allocations are injected too wherever the call grows it.
 #include <doctest/doctest.h>
 
 #include <cake/cake.hpp>

@@ -1,7 +1,8 @@
-// The CUDA KvCache store kernels that commit changes (truncate_rows_kernel: a
-// prefill's truncations in one launch; evict_in_place_kernel: a decoding step's
-// eviction in place) run on the CPU from their real source under the emulator,
-// against plain loops over a copy of the same rows.
+// The kernels of the CUDA backend's KvCache primitives (truncate_rows_kernel: a
+// prefill's truncations in one launch; move_slots_kernel: a decoding step's commit,
+// in place or from the workspace; the index lists, padding and the append) run on
+// the CPU from their real source under the emulator, against plain loops over a copy
+// of the same rows.
 #include <cake/cake.hpp>
 
 #include "emulator.hpp"
@@ -20,7 +21,9 @@ inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v)
 using std::isfinite;  // CUDA's, in the kernels
 #include <cake/backend/cuda/detail/kernels/store.cuh>
 
+#include <algorithm>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -67,7 +70,7 @@ TEST_CASE("emulated truncate_rows_kernel: window moves and padding of many rows 
         {2, 20, 4, 25},   // ragged: the freed slots up to the old length become padding
         {4, 7, 7, 20},    // no move, padding only
         {5, 35, 0, 40}};
-    std::vector<cd::truncate_job<float>> jobs;
+    std::vector<cake::detail::window_move<float>> jobs;
     for (const auto& [r, from, to, pad] : spec) {
       const index_t off = r * dev.cap;
       jobs.push_back({dev.k.data() + off * d, dev.v.data() + off * d, dev.pos.data() + off,
@@ -96,7 +99,7 @@ TEST_CASE("emulated truncate_rows_kernel: window moves and padding of many rows 
       }
     }
     emu::launch({static_cast<unsigned>(jobs.size()), 1, 1}, {128, 1, 1}, 0,
-                [&] { cd::truncate_rows_kernel<float>(jobs.data(), d, w); });
+                [&] { cd::truncate_rows_kernel(jobs.data(), d, w); });
     CHECK(dev.k == ref.k);
     CHECK(dev.v == ref.v);
     CHECK(dev.pos == ref.pos);
@@ -104,7 +107,7 @@ TEST_CASE("emulated truncate_rows_kernel: window moves and padding of many rows 
   }
 }
 
-TEST_CASE("emulated evict_in_place_kernel: an ascending gather in place equals the gather") {
+TEST_CASE("emulated move_slots_kernel: an ascending gather in place equals the gather") {
   // d = 8: many slots per chunk, several chunks; d = 1500: one slot per chunk, in sweeps.
   for (index_t d : {index_t{8}, index_t{1500}}) {
     for (bool with_sums : {true, false}) {
@@ -130,9 +133,11 @@ TEST_CASE("emulated evict_in_place_kernel: an ascending gather in place equals t
       for (std::size_t i = 0; i < sums.size(); ++i) sums[i] = 0.5f * static_cast<float>(i);
 
       emu::launch({static_cast<unsigned>(rows), 1, 1}, {256, 1, 1}, 0, [&] {
-        cd::evict_in_place_kernel<float, 4>(
-            dev.k.data(), dev.v.data(), dev.pos.data(), with_sums ? dev.ind.data() : nullptr,
-            with_sums ? sums.data() : nullptr, held, cap, d, keep.data(), n);
+        cd::move_slots_kernel<float, 4>(dev.k.data(), dev.v.data(), dev.pos.data(),
+                                        with_sums ? dev.ind.data() : nullptr, cap, dev.k.data(),
+                                        dev.v.data(), dev.pos.data(), cap,
+                                        with_sums ? sums.data() : nullptr, held, d, keep.data(), n,
+                                        nullptr, n);
       });
       for (index_t r = 0; r < rows; ++r)
         for (index_t t = 0; t < n; ++t) {
@@ -163,8 +168,8 @@ TEST_CASE("emulated window_slots_kernel: the window after each row's selection, 
     CAPTURE(ragged);
     std::vector<index_t> sel(static_cast<std::size_t>(rows * n), -7);  // -7: selected, untouched
     emu::launch({1, 1, 1}, {32, 1, 1}, 0, [&] {
-      cd::window_slots_kernel<index_t>(sel.data(), rows, n, ragged ? keeps.data() : nullptr, 6, w,
-                                       first);
+      cd::window_slots_kernel<index_t>(sel.data(), rows, n, ragged ? keeps.data() : nullptr,
+                                       ragged ? 0 : 6, w, nullptr, first);
     });
     for (index_t r = 0; r < rows; ++r) {
       const index_t kr = ragged ? keeps[static_cast<std::size_t>(r)] : 6;
@@ -202,4 +207,150 @@ TEST_CASE("emulated find_non_finite_kernel: first element past the bound, NaN an
   CHECK(first(std::numeric_limits<float>::max()) == 22);
   at(0, 0, 4, 3) = std::numeric_limits<float>::quiet_NaN();  // flat 19
   CHECK(first(std::numeric_limits<float>::max()) == 19);
+}
+
+TEST_CASE("emulated move_slots_kernel: ragged rows in place, and a copy back with padding") {
+  // Rows of lengths 7, 4 and 6 (n = 7 slots): an ascending gather in place keeps each
+  // row's len_r tokens and pads the rest; then the same rows copied as they are into
+  // rows with a different capacity (sel null), the scores from a separate array.
+  for (index_t d : {index_t{3}, index_t{700}}) {
+    CAPTURE(d);
+    const index_t rows = 3, cap = 10, n = 7;
+    Rows dev(rows, cap, d, 5);
+    const Rows before = dev;
+    const std::vector<index_t> lens{7, 4, 6};
+    // (rows, n): row r keeps slots sel[r, t] for t < len_r; later entries repeat.
+    const std::vector<index_t> sel{0, 1, 2, 4, 5, 6, 7, 1, 3, 8, 9, 9, 9, 9, 0, 2, 3, 5, 6, 8, 8};
+    emu::launch({3, 1, 1}, {64, 1, 1}, 0, [&] {
+      cd::move_slots_kernel<float, 4>(dev.k.data(), dev.v.data(), dev.pos.data(), dev.ind.data(),
+                                      cap, dev.k.data(), dev.v.data(), dev.pos.data(), cap,
+                                      nullptr, 0, d, sel.data(), n, lens.data(), 0);
+    });
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t t = 0; t < n; ++t) {
+        const bool live = t < lens[static_cast<std::size_t>(r)];
+        const index_t j = sel[static_cast<std::size_t>(r * n + t)];
+        INFO("row ", r, " slot ", t);
+        bool same = true;
+        for (index_t x = 0; x < d; ++x) {
+          const auto at = static_cast<std::size_t>((r * cap + t) * d + x);
+          const auto from = static_cast<std::size_t>((r * cap + j) * d + x);
+          same &= dev.k[at] == (live ? before.k[from] : 0.0f);
+          same &= dev.v[at] == (live ? before.v[from] : 0.0f);
+        }
+        CHECK(same);
+        CHECK(dev.pos[static_cast<std::size_t>(r * cap + t)] ==
+              (live ? before.pos[static_cast<std::size_t>(r * cap + j)] : -1));
+        // Without source scores a live slot keeps its score; padding reads 0.
+        CHECK(dev.ind[static_cast<std::size_t>(r * cap + t)] ==
+              (live ? before.ind[static_cast<std::size_t>(r * cap + t)] : 0.0f));
+      }
+    // Copy back: dst (cap 8) slot t = src slot t for t < len_r (scores from sums), padding after.
+    Rows dst(rows, 8, d, 9);
+    std::vector<float> sums(static_cast<std::size_t>(rows * n));
+    for (std::size_t i = 0; i < sums.size(); ++i) sums[i] = 1.5f * static_cast<float>(i);
+    emu::launch({3, 1, 1}, {32, 1, 1}, 0, [&] {
+      cd::move_slots_kernel<float, 4>(dst.k.data(), dst.v.data(), dst.pos.data(), dst.ind.data(),
+                                      8, dev.k.data(), dev.v.data(), dev.pos.data(), cap,
+                                      sums.data(), n, d, nullptr, n, lens.data(), 0);
+    });
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t t = 0; t < n; ++t) {
+        const bool live = t < lens[static_cast<std::size_t>(r)];
+        bool same = true;
+        for (index_t x = 0; x < d; ++x)
+          same &= dst.k[static_cast<std::size_t>((r * 8 + t) * d + x)] ==
+                  (live ? dev.k[static_cast<std::size_t>((r * cap + t) * d + x)] : 0.0f);
+        CHECK(same);
+        CHECK(dst.pos[static_cast<std::size_t>(r * 8 + t)] ==
+              (live ? dev.pos[static_cast<std::size_t>(r * cap + t)] : -1));
+        CHECK(dst.ind[static_cast<std::size_t>(r * 8 + t)] ==
+              (live ? sums[static_cast<std::size_t>(r * n + t)] : 0.0f));
+      }
+  }
+}
+
+TEST_CASE("emulated window_slots_kernel: per-row window starts") {
+  const index_t rows = 2, n = 6, w = 2;
+  const std::vector<index_t> keeps{3, 1}, firsts{10, 20};
+  std::vector<index_t> sel(static_cast<std::size_t>(rows * n), -7);
+  emu::launch({1, 1, 1}, {32, 1, 1}, 0, [&] {
+    cd::window_slots_kernel<index_t>(sel.data(), rows, n, keeps.data(), 0, w, firsts.data(), 1);
+  });
+  CHECK(sel == std::vector<index_t>{-7, -7, -7, 11, 12, 12, -7, 21, 22, 22, 22, 22});
+}
+
+TEST_CASE("emulated sort_prefix_kernel: each row's prefix sorted by key, the rest copied") {
+  // Rows of 300 entries (more than the block's threads): a shuffled prefix of each
+  // row's length, sorted by the entry or by a key (positions in descending order).
+  const index_t rows = 3, n = 300;
+  const std::vector<index_t> lens{300, 0, 171};
+  std::mt19937 rng(4);
+  std::vector<index_t> in(static_cast<std::size_t>(rows * n)), key(in.size());
+  for (index_t r = 0; r < rows; ++r) {
+    auto* row = in.data() + r * n;
+    std::iota(row, row + n, index_t{0});
+    std::shuffle(row, row + n, rng);
+    for (index_t t = 0; t < n; ++t) key[static_cast<std::size_t>(r * n + t)] = 1000 - 3 * t;
+  }
+  for (bool by_key : {false, true}) {
+    CAPTURE(by_key);
+    std::vector<index_t> out(in.size(), -1), want = in;
+    for (index_t r = 0; r < rows; ++r) {
+      auto* w = want.data() + r * n;
+      const auto* kr = key.data() + r * n;
+      if (by_key)
+        std::sort(w, w + lens[static_cast<std::size_t>(r)],
+                  [kr](index_t a, index_t b) { return kr[a] < kr[b]; });
+      else
+        std::sort(w, w + lens[static_cast<std::size_t>(r)]);
+    }
+    emu::launch({static_cast<unsigned>(rows), 1, 1}, {128, 1, 1}, 0, [&] {
+      cd::sort_prefix_kernel<index_t>(in.data(), out.data(), n, lens.data(),
+                                      by_key ? key.data() : nullptr, n);
+    });
+    CHECK(out == want);
+  }
+}
+
+TEST_CASE("emulated pad_rows_kernel and append_token_kernel: per-row slots") {
+  const index_t rows = 3, cap = 9, d = 5, Hkv = 3;
+  Rows dev(rows, cap, d, 8);
+  Rows ref = dev;
+  const std::vector<index_t> from{2, 8, 5};
+  emu::launch({3, 1, 1}, {32, 1, 1}, 0, [&] {
+    cd::pad_rows_kernel<float>(dev.k.data(), dev.v.data(), dev.pos.data(), dev.ind.data(), cap, d,
+                               from.data(), 1, cap);
+  });
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t t = from[static_cast<std::size_t>(r)] + 1; t < cap; ++t) {
+      for (index_t x = 0; x < d; ++x) {
+        ref.k[static_cast<std::size_t>((r * cap + t) * d + x)] = 0.0f;
+        ref.v[static_cast<std::size_t>((r * cap + t) * d + x)] = 0.0f;
+      }
+      ref.pos[static_cast<std::size_t>(r * cap + t)] = -1;
+      ref.ind[static_cast<std::size_t>(r * cap + t)] = 0.0f;
+    }
+  CHECK(dev == ref);
+  // The new token (1, Hkv, d) with a padded head stride (8) into slot lens[r] of row r.
+  std::vector<float> k(static_cast<std::size_t>(Hkv * 8)), v(k.size());
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k[i] = static_cast<float>(i) + 0.25f;
+    v[i] = -static_cast<float>(i);
+  }
+  const std::vector<index_t> lens{3, 0, 8};
+  emu::launch({3, 1, 1}, {32, 1, 1}, 0, [&] {
+    cd::append_token_kernel<float, float>(dev.k.data(), dev.v.data(), dev.pos.data(), cap, d, Hkv,
+                                          lens.data(), 99, k.data(), Hkv * 8, 8, v.data(),
+                                          Hkv * 8, 8, 42);
+  });
+  for (index_t r = 0; r < rows; ++r) {
+    const index_t t = lens[static_cast<std::size_t>(r)];
+    for (index_t x = 0; x < d; ++x) {
+      ref.k[static_cast<std::size_t>((r * cap + t) * d + x)] = k[static_cast<std::size_t>(r * 8 + x)];
+      ref.v[static_cast<std::size_t>((r * cap + t) * d + x)] = v[static_cast<std::size_t>(r * 8 + x)];
+    }
+    ref.pos[static_cast<std::size_t>(r * cap + t)] = 42;
+  }
+  CHECK(dev == ref);
 }

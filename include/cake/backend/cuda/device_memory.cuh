@@ -83,6 +83,8 @@ class cache_pool {
           "cudaMemPoolSetAttribute (KvCache memory pool)");
     return exec.from(pool_);
   }
+  // The policy of one call: the pool is named once, in adopt().
+  cuda_policy bind(const cuda_policy& exec) const noexcept { return exec; }
   // Hands back the prefill's scratch (only memory no live allocation uses). Called
   // after the prefill committed: a failure here loses nothing, so it is not reported.
   void after_prefill() noexcept {

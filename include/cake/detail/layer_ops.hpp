@@ -1,0 +1,755 @@
+// The cache's data movement, written once for every backend: a prefill's copy,
+// select, reorder and truncation, and a decoding step (append, score, select,
+// compact). Each backend supplies only primitives, in layer_store<T, Exec>
+// (backend/host/layer_store.hpp, backend/cuda/layer_store.cuh):
+//
+//   make<U>(exec, n) / ptr(b) / size(b)   buffers in the backend's memory
+//   fill, upload, download, copy_2d        plain memory moves (download syncs)
+//   copy_prompt(exec, k, v, slots, sc)     a prompt into slots [0, S), positions 0..S-1
+//   gather_meta(exec, slots, sel, n, ...)  positions and scores by an index list
+//   move_slots(exec, dst, src, ...)        keys, values, positions, scores by an index
+//                                          list or as they are, padding past each row's
+//                                          length; in place when ascending (one launch)
+//   window_slots, sort_prefixes            index lists: the window after each row's
+//                                          selection; a row's prefix sorted by a key
+//   append, pad, accumulate,               the new token; padding; sums; a position
+//   position_scores, candidates            indicator's scores; a decoding step's scores
+//   stage_moves / move_windows             a prefill's truncations, staged then run
+//   check_finite, attention_sums           input checks; H2O's prefill sums
+//
+// plus the functional core's select_k and compact. Rows have their own lengths
+// (`len`): uniform rows are rows of equal length, and head-wise (ragged) rows take
+// the same path: one batched selection of the longest keep in descending order, of
+// which each row takes its prefix.
+//
+// The storage seam: every primitive that touches a layer's tokens takes `slots<T>`,
+// a dense (rows, cap) block of slots per layer. A paged storage (core/paged.hpp: a
+// block pool and block tables, compacted by cake::compact's paged form) replaces
+// `slots<T>` and `cache_layer` with its own descriptor and overloads of the same
+// primitives; the control flow below does not change.
+#pragma once
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../algorithm/allocate_heads.hpp"
+#include "../algorithm/compact.hpp"
+#include "../algorithm/decode_scores.hpp"
+#include "../algorithm/select_k.hpp"
+#include "../algorithm/window_stats.hpp"
+#include "../policy/indicator/window_mean.hpp"
+#include "prefill_plan.hpp"
+
+namespace cake::detail {
+
+// Dimensions every layer operation needs.
+struct LayerShape {
+  index_t batch, kv_heads, head_dim, window;
+  index_t rows() const { return batch * kv_heads; }
+};
+
+// Per-token scores in the backend's memory space: (rows, cols) with row stride ld.
+// The first cols tokens of each row have a score; p == nullptr: none.
+struct token_scores {
+  const float* p = nullptr;
+  index_t ld = 0, cols = 0;
+};
+
+// The primitives of a backend (see the list above); specialised per execution policy.
+template <class T, class Exec>
+struct layer_store {
+  static_assert(sizeof(Exec) == 0,
+                "cake::KvCache: no storage for this execution policy (include <cake/cake.cuh> "
+                "for cake::cuda)");
+};
+
+// One layer's storage as raw pointers in the backend's memory: (rows, cap) slots of
+// keys and values (head_dim each), positions and, when the layer keeps them, scores.
+template <class T>
+struct slots {
+  T* k = nullptr;          // (rows, cap, head_dim)
+  T* v = nullptr;          // (rows, cap, head_dim)
+  index_t* pos = nullptr;  // (rows, cap)
+  float* ind = nullptr;    // (rows, cap) or null
+  index_t rows = 0, cap = 0, d = 0;
+};
+
+// One row's prefill truncation: its w window tokens move from slot `from` down to
+// slot `to`, then slots [to + w, pad_end) become padding.
+template <class T>
+struct window_move {
+  T* k;
+  T* v;
+  index_t* pos;
+  float* ind;  // or null
+  index_t from, to, pad_end;
+};
+
+template <class V>
+std::string shape_string(const V& v) {
+  std::string s = "(";
+  for (std::size_t r = 0; r < V::rank(); ++r)
+    s.append(r ? ", " : "").append(std::to_string(v.extent(r)));
+  return s + ")";
+}
+
+// The largest |x| a query or key element may have so that attention scores stay far
+// from float's range: each of the d products of q . k is then at most
+// FLT_MAX / (1024 d), so a score (and every partial sum) is at most FLT_MAX / 1024.
+// The softmax subtracts a row's max (a difference up to twice that), and the fast
+// entropy multiplies such differences by the probabilities and small constants
+// (log2 e): the margin of 2^10 keeps all of it finite. Without the bound, finite
+// inputs near 3e38 made a row's max +inf and softmax exp(inf - inf) = NaN. Real
+// queries and keys are many orders of magnitude smaller (the bound is 5.1e16 at d = 128).
+inline float score_bound(index_t head_dim) {
+  return static_cast<float>(std::sqrt(static_cast<double>(FLT_MAX) / (1024.0 * head_dim)));
+}
+
+// A tensor with the id and name its errors carry, and the largest |x| its elements
+// may have (FLT_MAX: finite is enough; score_bound(d) for queries and keys).
+template <class V>
+struct named_view {
+  const V& v;
+  const char* id;
+  const char* name;
+  float bound = FLT_MAX;
+};
+template <class V>
+named_view<V> named(const V& v, const char* id, const char* name, float bound = FLT_MAX) {
+  return {v, id, name, bound};
+}
+// The message of an element outside what t admits.
+template <class V>
+status out_of_bound_status(const named_view<V>& t, float found, const std::string& coords) {
+  if (t.bound < FLT_MAX)
+    return make_status(t.id, t.name, " must be finite with |x| <= ", t.bound,
+                       " so that attention scores fit in float, found ", found, " at (", coords,
+                       ")");
+  return make_status(t.id, t.name, " must be finite, found ", found, " at (", coords, ")");
+}
+
+// A decoding step's scores of the first out.extent(2) held tokens, as the indicator
+// asks: its own hook (a source indicator), else the new query's attention.
+template <class Exec, class QV, class KV, class Ind, class Out, class... Ws>
+void candidate_scores(const Exec& exec, const QV& q, const KV& keys, const Ind& indicator,
+                      const Out& out, Ws&&... ws) {
+  if constexpr (SourceIndicator<Ind>)
+    indicator.decode_scores(exec, q, keys, out);
+  else
+    decode_scores(exec, q, keys, indicator, out, std::forward<Ws>(ws)...);
+}
+
+template <class V, std::size_t R>
+auto element_ptr(const V& v, const std::array<index_t, R>& idx) {
+  index_t off = 0;
+  for (std::size_t r = 0; r < R; ++r) off += idx[r] * static_cast<index_t>(v.stride(r));
+  return v.data_handle() + off;
+}
+
+// One layer of a KvCache: its slots in the backend's memory, and on the host the
+// tokens of each row. Each (batch, kv-head) row has room for `cap` tokens; row r's
+// first len[r] are live and `held` is the longest. Rows differ only with head-wise
+// budgets: a row's slots [len[r], held) are then padding (position -1, zero keys and
+// values, score 0). During prefill a cut layer keeps its prefix in
+// descending-indicator order (a later, smaller budget is then a truncation), then
+// the window in position order. `ind`, when the layer has one, holds each slot's
+// score and travels with its token: the prefix indicator during prefill, and an
+// accumulating indicator's sums for good.
+template <class T, class Exec>
+struct cache_layer {
+  using store = layer_store<T, Exec>;
+  template <class U>
+  using buffer = typename store::template buffer<U>;
+
+  index_t rows = 0, d = 0, cap = 0, held = 0;
+  buffer<T> k, v;         // (rows, cap, head_dim)
+  buffer<index_t> pos;    // (rows, cap)
+  buffer<float> ind;      // (rows, cap) or empty
+  std::vector<index_t> len;  // (rows)
+  bool by_indicator = false;  // prefix in descending-indicator order
+  bool cut = false;           // made by a selection (else it holds the whole prompt)
+
+  // A layer not prefilled yet has no rows: it holds nothing.
+  index_t row_len(index_t r) const { return len.empty() ? 0 : len[static_cast<std::size_t>(r)]; }
+  index_t total() const {
+    index_t s = 0;
+    for (index_t x : len) s += x;
+    return s;
+  }
+  bool uniform() const {
+    return std::all_of(len.begin(), len.end(), [&](index_t x) { return x == held; });
+  }
+  void set_length(index_t n) {
+    held = n;
+    std::fill(len.begin(), len.end(), n);
+  }
+  bool has_scores() const { return store::size(ind) > 0; }
+  slots<T> at() const {
+    return {store::ptr(k), store::ptr(v), store::ptr(pos),
+            has_scores() ? store::ptr(ind) : nullptr, rows, cap, d};
+  }
+};
+
+// A decoding step's scratch, owned by the cache and grown to the largest layer, so a
+// step allocates nothing once the cache has decoded every layer once (or once the
+// prefill sized it, see reserve_decode).
+template <class T, class Exec>
+struct decode_workspace {
+  template <class U>
+  using buffer = typename layer_store<T, Exec>::template buffer<U>;
+  buffer<float> scores, sums, ranked;  // (rows, held + 1)
+  buffer<index_t> sel, sorted;         // (rows, kept)
+  buffer<index_t> ints;                // (2, rows): row lengths and keeps (ragged rows)
+  buffer<char> bytes;                  // the backend's scoring scratch
+  std::vector<index_t> host_ints;      // the same on the host
+  cache_layer<T, Exec> spare;          // reference order: the kept tokens before they go back
+};
+
+// ---- helpers ------------------------------------------------------------------
+
+template <class T, class Exec, class Buf>
+void reserve(const Exec& exec, Buf& b, index_t n) {
+  using S = layer_store<T, Exec>;
+  using U = std::remove_pointer_t<decltype(S::ptr(b))>;
+  if (S::size(b) < n) b = S::template make<U>(exec, n);
+}
+
+template <class T, class Exec>
+cache_layer<T, Exec> make_layer(const Exec& exec, index_t rows, index_t d, index_t cap,
+                                bool with_scores) {
+  using S = layer_store<T, Exec>;
+  cache_layer<T, Exec> ly;
+  ly.rows = rows;
+  ly.d = d;
+  ly.cap = cap;
+  ly.k = S::template make<T>(exec, rows * cap * d);
+  ly.v = S::template make<T>(exec, rows * cap * d);
+  ly.pos = S::template make<index_t>(exec, rows * cap);
+  if (with_scores) {
+    ly.ind = S::template make<float>(exec, rows * cap);
+    S::fill(exec, S::ptr(ly.ind), rows * cap, 0.0f);  // slots without a score read 0
+  }
+  ly.len.assign(static_cast<std::size_t>(rows), 0);
+  return ly;
+}
+
+// Per-row integers in the backend's memory (ragged rows: lengths, keeps).
+template <class T, class Exec>
+auto upload_ints(const Exec& exec, std::span<const index_t> x) {
+  using S = layer_store<T, Exec>;
+  auto b = S::template make<index_t>(exec, static_cast<index_t>(x.size()));
+  S::upload(exec, x.data(), S::ptr(b), static_cast<index_t>(x.size()));
+  return b;
+}
+
+// (batch, kv_heads, n, head_dim) over keys or values laid out like slots s.
+template <class Space, class U>
+view<U, 4, Space> token_view(U* base, const slots<std::remove_const_t<U>>& s, const LayerShape& sh,
+                             index_t n) {
+  // An empty layer (cap = 0, d = 0) still needs the positive strides layout_stride requires.
+  const index_t c = std::max<index_t>(s.cap, 1), dd = std::max<index_t>(s.d, 1);
+  return make_view<Space>(base, std::array<index_t, 4>{sh.batch, sh.kv_heads, n, s.d},
+                          std::array<index_t, 4>{sh.kv_heads * c * dd, c * dd, dd, 1});
+}
+
+// ---- what a layer holds ---------------------------------------------------------
+
+template <class T, class Exec>
+auto keys(const cache_layer<T, Exec>& ly, const LayerShape& sh) {
+  const slots<T> s = ly.at();
+  return token_view<typename Exec::memory_space>(static_cast<const T*>(s.k), s, sh, ly.held);
+}
+template <class T, class Exec>
+auto values(const cache_layer<T, Exec>& ly, const LayerShape& sh) {
+  const slots<T> s = ly.at();
+  return token_view<typename Exec::memory_space>(static_cast<const T*>(s.v), s, sh, ly.held);
+}
+// (batch, kv_heads, held)
+template <class T, class Exec>
+auto positions(const cache_layer<T, Exec>& ly, const LayerShape& sh) {
+  const slots<T> s = ly.at();
+  const index_t c = std::max<index_t>(s.cap, 1);
+  return make_view<typename Exec::memory_space>(
+      static_cast<const index_t*>(s.pos), std::array<index_t, 3>{sh.batch, sh.kv_heads, ly.held},
+      std::array<index_t, 3>{sh.kv_heads * c, c, 1});
+}
+// The scores a stored layer keeps for its held tokens.
+template <class T, class Exec>
+token_scores scores(const cache_layer<T, Exec>& ly) {
+  return {ly.at().ind, ly.cap, ly.held};
+}
+
+// ---- prefill --------------------------------------------------------------------
+
+// An accumulating indicator's prefill sums: out[r, t] (row stride ld) = the attention
+// token t receives from the window rows (row i sees tokens [0, S - w + i]), summed
+// over the rows, each row's share the mean over the GQA group's query heads. The
+// default: each window row is a decoding step's scoring against the keys it sees,
+// added to the sums; a backend may supply a fused `attention_sums` (the host's reads
+// window_stats' score tiles).
+template <class T, class Exec, class QV, class KV>
+void attention_sums(const Exec& exec, const QV& q, const KV& k, float* out, index_t ld) {
+  using S = layer_store<T, Exec>;
+  if constexpr (requires { S::attention_sums(exec, q, k, out, ld); }) {
+    S::attention_sums(exec, q, k, out, ld);
+  } else {
+    using Space = typename Exec::memory_space;
+    const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
+    const index_t Hkv = k.extent(1), n = k.extent(2), P = n - w, rows = B * Hkv;
+    auto row = S::template make<float>(exec, rows * n);  // (rows, n): one window row's scores
+    typename S::template buffer<char> scratch;
+    S::reserve_scoring(exec, scratch, B, H, Hkv, n);
+    S::fill(exec, S::ptr(row), rows * n, 0.0f);
+    S::copy_2d(exec, static_cast<const float*>(S::ptr(row)), n, out, ld, rows, n);  // zeros
+    for (index_t i = 0; i < w; ++i) {
+      const index_t seen = P + i + 1;
+      const auto qi = make_view<Space>(
+          q.data_handle() + i * static_cast<index_t>(q.stride(2)), std::array<index_t, 3>{B, H, d},
+          std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
+                                 static_cast<index_t>(q.stride(1)), 1});
+      const auto ki = make_view<Space>(
+          k.data_handle(), std::array<index_t, 4>{B, Hkv, seen, d},
+          std::array<index_t, 4>{static_cast<index_t>(k.stride(0)),
+                                 static_cast<index_t>(k.stride(1)),
+                                 static_cast<index_t>(k.stride(2)), 1});
+      S::candidates(exec, qi, ki, WindowMeanIndicator{1},
+                    make_view<Space>(S::ptr(row), std::array<index_t, 3>{B, Hkv, seen},
+                                     std::array<index_t, 3>{Hkv * n, n, 1}),
+                    scratch);
+      S::accumulate(exec, out, ld, S::ptr(row), n, rows, seen);
+    }
+  }
+}
+
+// A layer's prefill scoring: its statistics (for the preference) and its tokens'
+// scores into out: (batch, kv_heads, cols), cols = S for an accumulating indicator
+// (every token, the window included), else S - w. The window statistics are the
+// indicator itself for a window indicator; for any other, they are computed only
+// when the preference reads them (then the cheapest indicator fills a scratch).
+template <class T, class Pref, class Exec, class Ind, class QV, class KV>
+LayerStats score_prefill(const Exec& exec, const Ind& ind, const QV& q, const KV& k, float* out,
+                         index_t cols) {
+  using S = layer_store<T, Exec>;
+  using Space = typename Exec::memory_space;
+  constexpr indicator_source source = indicator_source_of<Ind>;
+  const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
+  const index_t Hkv = k.extent(1), n = k.extent(2), P = n - w;
+  // Strides >= 1 even when cols = 0 (S == w): layout_stride requires them.
+  const index_t ld = std::max<index_t>(cols, 1);
+  const auto out_view = [&](index_t c) {  // (batch, kv_heads, c) inside out
+    return make_view<Space>(out, std::array<index_t, 3>{B, Hkv, c},
+                            std::array<index_t, 3>{Hkv * ld, ld, 1});
+  };
+  LayerStats stats{};
+  if (source == indicator_source::window || Pref::needs_entropy || Pref::needs_variance) {
+    auto st = S::template make<float>(exec, 2);
+    const auto st_view = make_view<Space>(S::ptr(st), std::array<index_t, 1>{2});
+    if constexpr (source == indicator_source::window) {
+      window_stats(exec, q, k, ind, out_view(P), st_view, StatsRequest::for_preference<Pref>());
+    } else {
+      auto scratch = S::template make<float>(exec, B * Hkv * P);
+      window_stats(exec, q, k, WindowMeanIndicator{1},
+                   make_view<Space>(S::ptr(scratch), std::array<index_t, 3>{B, Hkv, P}), st_view,
+                   StatsRequest::for_preference<Pref>());
+    }
+    std::array<float, 2> h{};
+    S::download(exec, static_cast<const float*>(S::ptr(st)), 2, h.data(), 1, 2);  // all the host needs
+    stats = {h[0], h[1]};
+  }
+  if constexpr (source == indicator_source::position) {
+    S::position_scores(exec, ind, nullptr, 0, out, cols, B * Hkv, P);
+  } else if constexpr (source == indicator_source::last_query) {
+    // The last window row sees every key: the decode-time scoring, unmasked.
+    // (batch, q_heads, head_dim): window row w - 1 of every head.
+    const auto last = make_view<Space>(
+        q.data_handle() + (w - 1) * static_cast<index_t>(q.stride(2)),
+        std::array<index_t, 3>{B, H, d},
+        std::array<index_t, 3>{static_cast<index_t>(q.stride(0)), static_cast<index_t>(q.stride(1)),
+                               1});
+    decode_scores(exec, last, k, ind, out_view(P));
+  } else if constexpr (source == indicator_source::accumulated) {
+    attention_sums<T>(exec, q, k, out, cols);
+  } else if constexpr (source == indicator_source::custom) {
+    ind.prefill_scores(exec, q, k, out_view(P));
+  }
+  return stats;
+}
+
+// Head-wise allocation of a layer budget over its rows: how many of its scored
+// tokens each row keeps. sc: (rows, cols) scores in the backend's memory, decided on
+// the host (they come to it); avail: tokens scored per row (empty: cols).
+template <class Exec>
+std::vector<index_t> head_lengths(const Exec& exec, const LayerShape& sh, token_scores sc,
+                                  std::span<const index_t> avail, index_t cols, index_t budget,
+                                  index_t floor) {
+  using S = layer_store<float, Exec>;
+  const index_t B = sh.batch, Hkv = sh.kv_heads;
+  std::vector<float> h(static_cast<std::size_t>(B * Hkv * cols));
+  S::download(exec, sc.p, sc.ld, h.data(), B * Hkv, cols);
+  std::vector<index_t> out(static_cast<std::size_t>(B * Hkv));
+  auto lv = make_view(out.data(), std::array<index_t, 2>{B, Hkv});
+  allocate_heads_rows(make_view(h.data(), std::array<index_t, 3>{B, Hkv, cols}), avail, budget,
+                      floor, lv);
+  return out;
+}
+
+
+// A layer holding all S tokens in position order (an uncut prompt, or one-shot mode
+// before the last layer), with room for one decoded token; scores, when given,
+// travel with the tokens (the first sc.cols slots of each row).
+template <class T, class Exec, class KV, class VV>
+cache_layer<T, Exec> copy_all(const Exec& exec, const LayerShape& sh, const KV& k, const VV& v,
+                              token_scores sc) {
+  const index_t S = k.extent(2);
+  auto out = make_layer<T>(exec, sh.rows(), sh.head_dim, S + 1, sc.p != nullptr);
+  layer_store<T, Exec>::copy_prompt(exec, k, v, out.at(), sc, sh.kv_heads);
+  out.set_length(S);
+  return out;
+}
+
+// Slots [0, n) of out take source tokens sel[r, t] (rows, n): keys and values from
+// k and v, positions from src_pos (null: the index itself), scores from sc; slots at
+// or past lens[r] + lens_base (lens null: lens_base) become padding.
+template <class T, class Exec, class KV, class VV>
+void gather_into(const Exec& exec, const LayerShape& sh, const KV& k, const VV& v,
+                 const index_t* src_pos, index_t src_cap, token_scores sc, const index_t* sel,
+                 index_t n, const slots<T>& out, const index_t* lens, index_t lens_base) {
+  using Space = typename Exec::memory_space;
+  using S = layer_store<T, Exec>;
+  const auto keep_v =
+      make_view<Space>(sel, std::array<index_t, 3>{sh.batch, sh.kv_heads, n});
+  compact(exec, k, keep_v, token_view<Space>(out.k, out, sh, n));
+  compact(exec, v, keep_v, token_view<Space>(out.v, out, sh, n));
+  S::gather_meta(exec, out, sel, n, src_pos, src_cap, sc);
+  if (lens) S::pad(exec, out, lens, lens_base, n);
+}
+
+// A layer holding, per row r, the keep[r] prefix tokens of highest score and the
+// window (the last w of the P + w source tokens); rows shorter than the longest are
+// padded. The source is the caller's tensors (src_pos null: positions 0..S-1) or a
+// stored layer; sc scores its first sc.cols >= P tokens. The new layer keeps the
+// scores of its tokens (those that have one) when keep_scores. One top-k for all
+// rows: of the longest keep in descending order when rows differ (the first keep[r]
+// of it are row r's top keep[r], sorted by index for position order), then one gather.
+template <class T, class Exec, class KV, class VV>
+cache_layer<T, Exec> select(const Exec& exec, const LayerShape& sh, const KV& k, const VV& v,
+                            const index_t* src_pos, index_t src_cap, token_scores sc, index_t P,
+                            std::span<const index_t> keep, bool position_order,
+                            bool keep_scores) {
+  using S = layer_store<T, Exec>;
+  using Space = typename Exec::memory_space;
+  const index_t rows = sh.rows(), w = sh.window;
+  const index_t most = *std::max_element(keep.begin(), keep.end()), n = most + w;
+  const bool ragged = *std::min_element(keep.begin(), keep.end()) != most;
+  auto sel = S::template make<index_t>(exec, rows * n);  // (rows, n)
+  auto sorted = S::template make<index_t>(exec, position_order && ragged ? rows * n : 0);
+  auto kd = upload_ints<T>(exec, ragged ? keep : std::span<const index_t>{});
+  auto out = make_layer<T>(exec, rows, sh.head_dim, n + 1, keep_scores);
+  index_t* s = S::ptr(sel);
+  const index_t* kp = ragged ? S::ptr(kd) : nullptr;
+  select_k(exec,
+           make_view<Space>(sc.p, std::array<index_t, 2>{rows, P},
+                            std::array<index_t, 2>{sc.ld, 1}),
+           make_view<Space>(s, std::array<index_t, 2>{rows, most}, std::array<index_t, 2>{n, 1}),
+           position_order && !ragged ? select_order::position : select_order::descending);
+  if (position_order && ragged) {
+    S::sort_prefixes(exec, s, S::ptr(sorted), n, rows, kp, nullptr, 0);
+    s = S::ptr(sorted);
+  }
+  S::window_slots(exec, s, rows, n, kp, ragged ? 0 : most, w, nullptr, P);
+  gather_into(exec, sh, k, v, src_pos, src_cap, keep_scores ? sc : token_scores{}, s, n, out.at(),
+              kp, w);
+  for (index_t r = 0; r < rows; ++r)
+    out.len[static_cast<std::size_t>(r)] = keep[static_cast<std::size_t>(r)] + w;
+  out.held = n;
+  out.by_indicator = !position_order;
+  out.cut = true;
+  return out;
+}
+
+// A stored layer truncated to prefix[r] prefix tokens per row and reordered to
+// position order, as a new layer (gathered while planning, so committing it is a
+// move): each row's first prefix[r] slots sorted by position, then its window.
+template <class T, class Exec>
+cache_layer<T, Exec> reorder(const Exec& exec, const cache_layer<T, Exec>& ly,
+                             const LayerShape& sh, std::span<const index_t> prefix) {
+  using S = layer_store<T, Exec>;
+  const index_t rows = ly.rows, w = sh.window;
+  index_t n = 0;
+  std::vector<index_t> ints(static_cast<std::size_t>(2 * rows));  // prefix, then window start
+  for (index_t r = 0; r < rows; ++r) {
+    const index_t p = prefix[static_cast<std::size_t>(r)];
+    n = std::max(n, p + w);
+    ints[static_cast<std::size_t>(r)] = p;
+    ints[static_cast<std::size_t>(rows + r)] = ly.row_len(r) - w;
+  }
+  auto id = upload_ints<T>(exec, ints);
+  auto sel = S::template make<index_t>(exec, rows * n);
+  auto sorted = S::template make<index_t>(exec, rows * n);
+  auto out = make_layer<T>(exec, rows, sh.head_dim, n + 1, ly.has_scores());
+  const index_t* pd = S::ptr(id);
+  const slots<T> src = ly.at();
+  S::window_slots(exec, S::ptr(sel), rows, n, nullptr, 0, n, nullptr, 0);  // 0, 1, ..., n - 1
+  S::sort_prefixes(exec, S::ptr(sel), S::ptr(sorted), n, rows, pd, src.pos, src.cap);
+  S::window_slots(exec, S::ptr(sorted), rows, n, pd, 0, w, pd + rows, 0);
+  gather_into(exec, sh, keys(ly, sh), values(ly, sh), src.pos, src.cap, scores(ly), S::ptr(sorted),
+              n, out.at(), pd, w);
+  for (index_t r = 0; r < rows; ++r)
+    out.len[static_cast<std::size_t>(r)] = prefix[static_cast<std::size_t>(r)] + w;
+  out.held = n;
+  out.cut = true;
+  return out;
+}
+
+// The truncations of a prefill's commit (row r of each layer keeps its first
+// prefix[r] prefix tokens, the highest-indicator ones, and its window), staged in the
+// backend before the commit, so that running them is the commit's one step that
+// may fail (CUDA: a single launch, which changes nothing when it fails).
+template <class T, class Exec>
+struct truncation {
+  typename layer_store<T, Exec>::staged_moves moves;
+  std::vector<std::size_t> layers;        // which layers change
+  std::vector<index_t> held;              // their new longest row
+  std::vector<std::vector<index_t>> len;  // their new row lengths
+};
+
+// skip[l]: a layer replaced by a reorder (its new layer is truncated already).
+template <class T, class Exec>
+truncation<T, Exec> prepare_truncate(const Exec& exec, std::span<const cache_layer<T, Exec>> layers,
+                                     const LayerShape& sh, std::span<const layer_plan> plan,
+                                     std::span<const char> skip) {
+  const index_t w = sh.window;
+  truncation<T, Exec> tr;
+  std::vector<window_move<T>> jobs;
+  for (std::size_t l = 0; l < plan.size() && l < layers.size(); ++l) {
+    if (plan[l].action != layer_action::truncate || skip[l]) continue;
+    const cache_layer<T, Exec>& ly = layers[l];
+    const slots<T> s = ly.at();
+    index_t longest = 0;
+    for (index_t r = 0; r < ly.rows; ++r) longest = std::max(longest, row_prefix(plan[l], r) + w);
+    std::vector<index_t> len(static_cast<std::size_t>(ly.rows));
+    for (index_t r = 0; r < ly.rows; ++r) {
+      const index_t p = row_prefix(plan[l], r), old = ly.row_len(r), off = r * s.cap;
+      // Only the window moves; freed slots below the new longest row become padding.
+      if (p + w != old)
+        jobs.push_back({s.k + off * s.d, s.v + off * s.d, s.pos + off, s.ind ? s.ind + off : nullptr,
+                        old - w, p, std::max(p + w, std::min(old, longest))});
+      len[static_cast<std::size_t>(r)] = p + w;
+    }
+    tr.layers.push_back(l);
+    tr.held.push_back(longest);
+    tr.len.push_back(std::move(len));
+  }
+  tr.moves = layer_store<T, Exec>::stage_moves(exec, std::move(jobs));
+  return tr;
+}
+template <class T, class Exec>
+void truncate(const Exec& exec, std::span<cache_layer<T, Exec>> layers, const LayerShape& sh,
+              truncation<T, Exec>& tr) {
+  layer_store<T, Exec>::move_windows(exec, tr.moves, sh.head_dim, sh.window);
+  for (std::size_t i = 0; i < tr.layers.size(); ++i) {  // nothing below throws
+    cache_layer<T, Exec>& ly = layers[tr.layers[i]];
+    ly.held = tr.held[i];
+    ly.len.swap(tr.len[i]);
+  }
+}
+
+// Prefill is over: the prefix indicator is no longer needed, unless the scores
+// accumulate while decoding.
+template <class T, class Exec>
+void finish_prefill(cache_layer<T, Exec>& ly, bool keep_scores) noexcept {
+  if (!keep_scores) ly.ind = typename cache_layer<T, Exec>::template buffer<float>();
+}
+
+// ---- decode ---------------------------------------------------------------------
+
+// Sizes a decoding step's scratch for layers holding up to `most` tokens (the
+// window included) before a step: called once the prompt is in, so that decoding
+// allocates nothing while every layer has room.
+template <class T, class Exec>
+void reserve_decode(const Exec& exec, decode_workspace<T, Exec>& ws, const LayerShape& sh,
+                    index_t q_heads, index_t most, bool ragged, bool reference, bool sums) {
+  using S = layer_store<T, Exec>;
+  const index_t rows = sh.rows(), n = most + 1;
+  reserve<T>(exec, ws.scores, rows * n);
+  if (sums) reserve<T>(exec, ws.sums, rows * n);
+  reserve<T>(exec, ws.sel, rows * n);
+  if (ragged) {
+    reserve<T>(exec, ws.ranked, rows * n);
+    reserve<T>(exec, ws.sorted, rows * n);
+    reserve<T>(exec, ws.ints, 2 * rows);
+    ws.host_ints.reserve(static_cast<std::size_t>(2 * rows));
+  }
+  S::reserve_scoring(exec, ws.bytes, sh.batch, q_heads, sh.kv_heads, n);
+  if (reference && ws.spare.cap < n)
+    ws.spare = make_layer<T>(exec, rows, sh.head_dim, n, sums);
+}
+
+// The same once the last layer is planned (before its commit), for the layers as
+// they will be: a row holds at most what it holds now (fresh[l], when the plan
+// replaces layer l, else layers[l]) or its budget + w before a step.
+template <class T, class Exec>
+void reserve_decode(const Exec& exec, decode_workspace<T, Exec>& ws, const LayerShape& sh,
+                    index_t q_heads, std::span<const cache_layer<T, Exec>> layers,
+                    std::span<const cache_layer<T, Exec>> fresh, std::span<const index_t> budgets,
+                    bool ragged, bool reference, bool sums) {
+  index_t most = 0;
+  for (std::size_t l = 0; l < fresh.size(); ++l)
+    most = std::max({most, (fresh[l].rows > 0 ? fresh[l] : layers[l]).held, budgets[l] + sh.window});
+  reserve_decode(exec, ws, sh, q_heads, most, ragged, reference, sums);
+}
+
+// A copy of ly with room for cap tokens per row.
+template <class T, class Exec>
+cache_layer<T, Exec> regrow(const Exec& exec, const cache_layer<T, Exec>& ly, index_t cap) {
+  auto out = make_layer<T>(exec, ly.rows, ly.d, cap, ly.has_scores());
+  const slots<T> s = ly.at();
+  layer_store<T, Exec>::move_slots(exec, out.at(), s, s.ind, s.cap, nullptr, ly.held, nullptr,
+                                   ly.held);
+  out.held = ly.held;
+  out.len = ly.len;
+  out.by_indicator = ly.by_indicator;
+  out.cut = ly.cut;
+  return out;
+}
+
+// One decoding step of one layer (spec section 7): append the token at `position`;
+// then, when a row holds more than budget + w (keep_lengths, or rows of different
+// lengths: always, every row keeping its length), score its candidates (all but its
+// last w) and keep the top ones. Attention indicators score with the new query
+// alone; an accumulating one adds the new query's attention to every held token's
+// sum first and ranks by the sums; a position indicator ranks by position.
+// Reference order writes the kept prefix by descending score (gathered into the
+// workspace, then copied back); position order compacts in place. Everything that
+// can throw runs before the first visible write: the new token waits past `held`
+// (ragged rows: in a row's first padding slot, cleared again on failure), new sums
+// in the workspace, and the commit is one primitive call.
+template <class T, class Exec, class Ind, class QV, class KV, class VV>
+void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec>& ws,
+            const LayerShape& sh, const QV& q, const KV& k, const VV& v, index_t position,
+            index_t budget, const Ind& indicator, bool reference, bool keep_lengths) {
+  using S = layer_store<T, Exec>;
+  using Space = typename Exec::memory_space;
+  constexpr indicator_source source = indicator_source_of<Ind>;
+  constexpr bool accumulates = source == indicator_source::accumulated;
+  const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window, rows = sh.rows();
+  const index_t grp = q.extent(1) / Hkv;
+  const bool ragged = !ly.uniform();
+  keep_lengths = keep_lengths || ragged;
+  const index_t N = ly.held + 1, cand = N - w;  // the longest row after the append
+  const index_t keep = keep_lengths ? cand - 1 : std::min(budget, cand), n = keep + w;
+  const bool evict = keep < cand;
+
+  // 1. Room and scratch (nothing visible changes).
+  if (N > ly.cap)
+    ly = regrow(exec, ly, keep_lengths ? N : std::max(N, std::min(2 * ly.cap, budget + w + 1)));
+  reserve_decode(exec, ws, sh, q.extent(1), ly.held, ragged, reference && evict, accumulates);
+  const index_t* lens = nullptr;  // ragged: (rows) lengths, then (rows) keeps
+  if (ragged) {
+    ws.host_ints.resize(static_cast<std::size_t>(2 * rows));
+    for (index_t r = 0; r < rows; ++r) {
+      ws.host_ints[static_cast<std::size_t>(r)] = ly.row_len(r);
+      ws.host_ints[static_cast<std::size_t>(rows + r)] = ly.row_len(r) - w;
+    }
+    S::upload(exec, ws.host_ints.data(), S::ptr(ws.ints), 2 * rows);
+    lens = S::ptr(ws.ints);
+  }
+  const index_t* keeps = lens ? lens + rows : nullptr;
+  const slots<T> s = ly.at();
+
+  // 2. The new token into each row's next slot.
+  S::append(exec, s, k, v, position, lens, ragged ? 0 : ly.held, Hkv);
+  try {
+    // 3. Scores: (rows, N) with row stride N; rows [r0, r0 + nr) holding `held` tokens.
+    float* sc = S::ptr(ws.scores);
+    float* sums = accumulates ? S::ptr(ws.sums) : nullptr;
+    const auto score = [&](index_t r0, index_t nr, index_t bn, index_t held, index_t c) {
+      const index_t b0 = r0 / Hkv, g0 = r0 % Hkv, hk = nr == rows ? Hkv : 1;
+      const auto qv = make_view<Space>(
+          q.data_handle() + b0 * q.stride(0) + g0 * grp * q.stride(1),
+          std::array<index_t, 3>{bn, hk * grp, d},
+          std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
+                                 static_cast<index_t>(q.stride(1)), 1});
+      const auto kv = make_view<Space>(static_cast<const T*>(s.k + r0 * s.cap * d),
+                                       std::array<index_t, 4>{bn, hk, held, d},
+                                       std::array<index_t, 4>{Hkv * s.cap * d, s.cap * d, d, 1});
+      const auto out = [&](index_t cols) {
+        return make_view<Space>(sc + r0 * N, std::array<index_t, 3>{bn, hk, cols},
+                                std::array<index_t, 3>{Hkv * N, N, 1});
+      };
+      if constexpr (accumulates) {
+        S::candidates(exec, qv, kv, indicator, out(held), ws.bytes);
+        S::accumulate(exec, sums + r0 * N, N, sc + r0 * N, N, nr, held);
+      } else if constexpr (source == indicator_source::position) {
+        S::position_scores(exec, indicator, s.pos + r0 * s.cap, s.cap, sc + r0 * N, N, nr, c);
+      } else {
+        S::candidates(exec, qv, kv, indicator, out(c), ws.bytes);
+      }
+    };
+    if constexpr (accumulates) {  // the held sums, 0 for the new token
+      S::fill(exec, sums, rows * N, 0.0f);
+      S::copy_2d(exec, static_cast<const float*>(s.ind), s.cap, sums, N, rows, ly.held);
+    }
+    const float* ranked = accumulates ? sums : sc;
+    if (!ragged) {
+      score(0, rows, B, N, cand);
+    } else {
+      // Row by row (the functional core scores rows of one length), into one
+      // (rows, N) ranking where slots that are no row's candidates rank lowest.
+      float* rk = S::ptr(ws.ranked);
+      S::fill(exec, rk, rows * N, -FLT_MAX);
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t nr = ly.row_len(r) + 1;
+        score(r, 1, 1, nr, nr - w);
+        S::copy_2d(exec, ranked + r * N, N, rk + r * N, N, 1, nr - w);
+      }
+      ranked = rk;
+    }
+    if (!evict) {  // uniform rows below budget + w: they grow
+      if constexpr (accumulates) S::copy_2d(exec, static_cast<const float*>(sums), N, s.ind, s.cap, rows, N);
+      ly.set_length(N);
+      return;
+    }
+
+    // 4. Selection: (rows, n) slots to keep, the window last.
+    index_t* sel = S::ptr(ws.sel);
+    select_k(exec,
+             make_view<Space>(ranked, std::array<index_t, 2>{rows, cand},
+                              std::array<index_t, 2>{N, 1}),
+             make_view<Space>(sel, std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
+             reference || ragged ? select_order::descending : select_order::position);
+    if (ragged && !reference) {
+      S::sort_prefixes(exec, sel, S::ptr(ws.sorted), n, rows, keeps, nullptr, 0);
+      sel = S::ptr(ws.sorted);
+    }
+    S::window_slots(exec, sel, rows, n, keeps, ragged ? 0 : keep, w, keeps, ragged ? 1 : cand);
+
+    // 5. Commit: one primitive call; rows keep their lengths (ragged) or hold n.
+    const token_scores kept{sums, N, N};
+    if (!reference) {  // ascending: in place
+      S::move_slots(exec, s, s, sums, N, sel, n, lens, ragged ? 0 : n);
+    } else {
+      const slots<T> sp = ws.spare.at();
+      gather_into(exec, sh, token_view<Space>(static_cast<const T*>(s.k), s, sh, N),
+                  token_view<Space>(static_cast<const T*>(s.v), s, sh, N), s.pos, s.cap,
+                  accumulates ? kept : token_scores{}, sel, n, sp, nullptr, 0);
+      S::move_slots(exec, s, sp, sp.ind, sp.cap, nullptr, n, lens, ragged ? 0 : n);
+    }
+  } catch (...) {
+    if (ragged) {
+      try {
+        S::pad(exec, s, lens, 0, N);  // the new token leaves the rows' padding
+      } catch (...) {  // the first failure is the one to report
+      }
+    }
+    throw;
+  }
+  if (!ragged) ly.set_length(n);
+}
+
+}  // namespace cake::detail

@@ -184,6 +184,9 @@ class KvCache {
     const detail::LayerShape sh = shape();
     std::vector<Layer> fresh(m + 1);
     std::vector<char> replaced(m + 1, 0);
+    std::vector<detail::reorder_plan<T, Exec>> reorders(m + 1);
+    index_t most = 0;  // the longest reordered row
+    bool with_scores = false;
     index_t transient = tokens_held();  // tokens stored while new layers exist beside old
     for (std::size_t l = 0; l <= m; ++l) {
       const detail::layer_plan& lp = plan.layers[l];
@@ -202,10 +205,16 @@ class KvCache {
         }
         transient += fresh[l].total() / rows;
       } else if (lp.action == detail::layer_action::truncate && lp.to_position) {
-        fresh[l] = detail::reorder(ex, layers_[l], sh, prefixes(lp));
+        reorders[l] = detail::plan_reorder(ex, layers_[l], sh, prefixes(lp));
+        most = std::max(most, reorders[l].n);
+        with_scores = with_scores || layers_[l].has_scores();
       }
-      replaced[l] = fresh[l].rows > 0;
+      replaced[l] = fresh[l].rows > 0 || reorders[l].n > 0;
     }
+    // One layer in flight for every reorder (they run one after another).
+    const Layer scratch =
+        most > 0 ? detail::make_layer<T>(ex, rows, cfg_.head_dim, most, with_scores) : Layer{};
+    transient += most;
     if (next_layer_ + 1 == cfg_.layers)  // decoding then allocates nothing while layers have room
       detail::reserve_decode(ex, ws_, sh, cfg_.q_heads, std::span<const Layer>(layers_),
                              std::span<const Layer>(fresh), plan.budgets, headwise,
@@ -228,11 +237,16 @@ class KvCache {
                                         std::span<const detail::layer_plan>(plan.layers),
                                         std::span<const char>(replaced));
 
-    // 4. Commit. Only the truncation may fail, and then before it changes anything
-    //    (host: it cannot; CUDA: one launch); nothing after it allocates or throws.
+    // 4. Commit. Nothing allocates or throws on the host. On CUDA the truncation is
+    //    one launch, which changes nothing when it fails; the reorders that follow it
+    //    (the last stage, in position order) launch gathers, which fail only with an
+    //    already broken context.
     detail::truncate(ex, std::span<Layer>(layers_), sh, cut);
     for (std::size_t l = 0; l <= m; ++l)
-      if (replaced[l]) layers_[l] = std::move(fresh[l]);
+      if (fresh[l].rows > 0) layers_[l] = std::move(fresh[l]);
+    for (std::size_t l = 0; l < m; ++l)
+      if (reorders[l].n > 0) detail::commit_reorder(ex, layers_[l], sh, reorders[l], scratch);
+
     prefs_ = std::move(prefs);
     stats_ = std::move(stats_next);
     if (plan.record_budgets) std::copy(plan.budgets.begin(), plan.budgets.end(), budgets_.begin());

@@ -3,6 +3,7 @@
 #include "kv_workload.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <functional>
 #include <random>
 #include <set>
@@ -330,7 +331,7 @@ TEST_CASE("KvCache: results do not depend on the thread count") {
   const auto cfg = small_config(true);
   const auto wl = make_workload(cfg, 64, 100, 3);
   cake::KvCache<> a(cfg, {}, {}, {}, cake::host.threads(1)),
-      b(cfg, {}, {}, {}, cake::host.threads(2));
+      b(cfg, {}, {}, {}, cake::host.threads(2).parallel_from(0));
   prefill_all(a, wl);
   prefill_all(b, wl);
   for (std::size_t t = 0; t < 3; ++t) {
@@ -527,5 +528,72 @@ TEST_CASE("KvCache: a prompt of exactly the window (S == w) prefills and decodes
     cfg.order = cake::token_order::reference;
     prompt_of_the_window<
         cake::KvCache<cake::CakePreference, cake::HeadwiseBudget<cake::ProportionalBudget>>>(cfg);
+  }
+}
+
+// A source indicator whose decode scores are -inf for every third slot (as
+// log-probabilities that underflowed): the head-wise rows below differ in length,
+// and each must still select among its own candidates. Ranking the rows together
+// once let the slots past a shorter row's candidates outrank its -inf tokens: the
+// row then held its window twice and lost real tokens.
+struct UnderflowIndicator {
+  template <class E, class Q, class K, class O>
+  void prefill_scores(const E&, const Q&, const K&, const O& out) const {
+    for (index_t b = 0; b < out.extent(0); ++b)
+      for (index_t h = 0; h < out.extent(1); ++h)
+        for (index_t t = 0; t < out.extent(2); ++t)
+          out(b, h, t) = static_cast<float>((t * 7 + h * 3 + b) % 11);
+  }
+  template <class E, class Q, class K, class O>
+  void decode_scores(const E&, const Q&, const K&, const O& out) const {
+    for (index_t b = 0; b < out.extent(0); ++b)
+      for (index_t h = 0; h < out.extent(1); ++h)
+        for (index_t t = 0; t < out.extent(2); ++t)
+          out(b, h, t) = t % 3 == 0 ? -INFINITY : -static_cast<float>(t);
+  }
+  cake::status validate() const { return cake::status::success(); }
+};
+
+TEST_CASE("KvCache: ragged head-wise rows select among their own candidates, -inf included") {
+  for (auto order : {cake::token_order::position, cake::token_order::reference}) {
+    CAPTURE(static_cast<int>(order));
+    auto cfg = small_config(true);
+    cfg.order = order;
+    const index_t S = 40;
+    const int steps = 6;
+    const auto wl = make_workload(cfg, S, 120, steps);
+    cake::KvCache<cake::CakePreference, cake::HeadwiseBudget<>, UnderflowIndicator> c(
+        cfg, {}, cake::HeadwiseBudget<>{{}, 0.0f}, {});
+    prefill_all(c, wl);
+    bool ragged = false;
+    for (index_t l = 0; l < cfg.layers; ++l) {
+      const auto len = c.row_lengths(l);
+      ragged = ragged || *std::min_element(len.begin(), len.end()) !=
+                             *std::max_element(len.begin(), len.end());
+    }
+    REQUIRE(ragged);  // else this case tests nothing
+    for (int t = 0; t < steps; ++t) {
+      CAPTURE(t);
+      decode_step(c, wl, static_cast<std::size_t>(t));
+      const index_t newest = S + t;
+      for (index_t l = 0; l < cfg.layers; ++l) {
+        const auto len = c.row_lengths(l);
+        const auto vals = c.values(l);
+        for (index_t b = 0; b < cfg.batch; ++b)
+          for (index_t g = 0; g < cfg.kv_heads; ++g) {
+            CAPTURE(l);
+            CAPTURE(g);
+            const auto n = len[static_cast<std::size_t>(b * cfg.kv_heads + g)];
+            auto p = row_positions(c, l, b, g);
+            p.resize(static_cast<std::size_t>(n));
+            const std::set<index_t> held(p.begin(), p.end());
+            CHECK(static_cast<index_t>(held.size()) == n);  // no token twice
+            CHECK(held.count(-1) == 0);                       // no padding inside the row
+            for (index_t x = newest - cfg.window + 1; x <= newest; ++x) CHECK(held.count(x) == 1);
+            for (index_t x = 0; x < n; ++x)
+              CHECK(vals(b, g, x, 0) == static_cast<float>(p[static_cast<std::size_t>(x)]));
+          }
+      }
+    }
   }
 }

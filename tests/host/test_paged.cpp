@@ -82,7 +82,7 @@ TEST_CASE("paged compact: identity keep moves nothing; threads(1) and threads(2)
   SUBCASE("thread counts") {
     Case c1 = c, c2 = c;
     compact_case(c1, cake::host.threads(1));
-    compact_case(c2, cake::host.threads(2));
+    compact_case(c2, cake::host.threads(2).parallel_from(0));
     CHECK(c1.pool == c.expected);
     CHECK(c2.pool == c.expected);
   }

@@ -202,8 +202,8 @@ template <class T, class Exec>
 struct decode_workspace {
   template <class U>
   using buffer = typename layer_store<T, Exec>::template buffer<U>;
-  buffer<float> scores, sums, ranked;  // (rows, held + 1)
-  buffer<index_t> sel, sorted;         // (rows, kept)
+  buffer<float> scores, sums;  // (rows, held + 1)
+  buffer<index_t> sel;         // (rows, kept)
   buffer<index_t> ints;                // (2, rows): row lengths and keeps (ragged rows)
   buffer<char> bytes;                  // the backend's scoring scratch
   std::vector<index_t> host_ints;      // the same on the host
@@ -473,37 +473,57 @@ cache_layer<T, Exec> select(const Exec& exec, const LayerShape& sh, const KV& k,
 }
 
 // A stored layer truncated to prefix[r] prefix tokens per row and reordered to
-// position order, as a new layer (gathered while planning, so committing it is a
-// move): each row's first prefix[r] slots sorted by position, then its window.
+// position order: each row's first prefix[r] slots sorted by position, then its
+// window. In place, so that a cascade holds at most one layer in flight (spec
+// section 5): plan_reorder builds the index lists while planning (it allocates);
+// commit_reorder gathers the layer into a scratch layer shared by every reorder of
+// the call and moves it back (no allocation).
 template <class T, class Exec>
-cache_layer<T, Exec> reorder(const Exec& exec, const cache_layer<T, Exec>& ly,
-                             const LayerShape& sh, std::span<const index_t> prefix) {
+struct reorder_plan {
+  typename layer_store<T, Exec>::template buffer<index_t> ints, sorted;  // (2, rows), (rows, n)
+  std::vector<index_t> len;                                           // (rows) new lengths
+  index_t n = 0;                                                      // the longest new row
+};
+template <class T, class Exec>
+reorder_plan<T, Exec> plan_reorder(const Exec& exec, const cache_layer<T, Exec>& ly,
+                                   const LayerShape& sh, std::span<const index_t> prefix) {
   using S = layer_store<T, Exec>;
   const index_t rows = ly.rows, w = sh.window;
-  index_t n = 0;
+  reorder_plan<T, Exec> rp;
   std::vector<index_t> ints(static_cast<std::size_t>(2 * rows));  // prefix, then window start
+  rp.len.resize(static_cast<std::size_t>(rows));
   for (index_t r = 0; r < rows; ++r) {
     const index_t p = prefix[static_cast<std::size_t>(r)];
-    n = std::max(n, p + w);
+    rp.n = std::max(rp.n, p + w);
     ints[static_cast<std::size_t>(r)] = p;
     ints[static_cast<std::size_t>(rows + r)] = ly.row_len(r) - w;
+    rp.len[static_cast<std::size_t>(r)] = p + w;
   }
-  auto id = upload_ints<T>(exec, ints);
+  const index_t n = rp.n;
+  rp.ints = upload_ints<T>(exec, ints);
   auto sel = S::template make<index_t>(exec, rows * n);
-  auto sorted = S::template make<index_t>(exec, rows * n);
-  auto out = make_layer<T>(exec, rows, sh.head_dim, n + 1, ly.has_scores());
-  const index_t* pd = S::ptr(id);
+  rp.sorted = S::template make<index_t>(exec, rows * n);
+  const index_t* pd = S::ptr(rp.ints);
   const slots<T> src = ly.at();
   S::window_slots(exec, S::ptr(sel), rows, n, nullptr, 0, n, nullptr, 0);  // 0, 1, ..., n - 1
-  S::sort_prefixes(exec, S::ptr(sel), S::ptr(sorted), n, rows, pd, src.pos, src.cap);
-  S::window_slots(exec, S::ptr(sorted), rows, n, pd, 0, w, pd + rows, 0);
-  gather_into(exec, sh, keys(ly, sh), values(ly, sh), src.pos, src.cap, scores(ly), S::ptr(sorted),
-              n, out.at(), pd, w);
-  for (index_t r = 0; r < rows; ++r)
-    out.len[static_cast<std::size_t>(r)] = prefix[static_cast<std::size_t>(r)] + w;
-  out.held = n;
-  out.cut = true;
-  return out;
+  S::sort_prefixes(exec, S::ptr(sel), S::ptr(rp.sorted), n, rows, pd, src.pos, src.cap);
+  S::window_slots(exec, S::ptr(rp.sorted), rows, n, pd, 0, w, pd + rows, 0);
+  return rp;
+}
+// scratch: rows like ly, room for rp.n tokens, scores when ly has them.
+template <class T, class Exec>
+void commit_reorder(const Exec& exec, cache_layer<T, Exec>& ly, const LayerShape& sh,
+                    reorder_plan<T, Exec>& rp, const cache_layer<T, Exec>& scratch) {
+  using S = layer_store<T, Exec>;
+  const slots<T> src = ly.at(), tmp = scratch.at();
+  const index_t* pd = S::ptr(rp.ints);
+  gather_into(exec, sh, keys(ly, sh), values(ly, sh), src.pos, src.cap, scores(ly),
+              S::ptr(rp.sorted), rp.n, tmp, pd, sh.window);
+  S::move_slots(exec, src, tmp, tmp.ind, tmp.cap, nullptr, rp.n, pd, sh.window);
+  ly.held = rp.n;
+  ly.len.swap(rp.len);
+  ly.by_indicator = false;
+  ly.cut = true;
 }
 
 // The truncations of a prefill's commit (row r of each layer keeps its first
@@ -580,8 +600,6 @@ void reserve_decode(const Exec& exec, decode_workspace<T, Exec>& ws, const Layer
   if (sums) reserve<T>(exec, ws.sums, rows * n);
   reserve<T>(exec, ws.sel, rows * n);
   if (ragged) {
-    reserve<T>(exec, ws.ranked, rows * n);
-    reserve<T>(exec, ws.sorted, rows * n);
     reserve<T>(exec, ws.ints, 2 * rows);
     ws.host_ints.reserve(static_cast<std::size_t>(2 * rows));
   }
@@ -695,20 +713,14 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
       S::fill(exec, sums, rows * N, 0.0f);
       S::copy_2d(exec, static_cast<const float*>(s.ind), s.cap, sums, N, rows, ly.held);
     }
-    const float* ranked = accumulates ? sums : sc;
+    const float* ranked = accumulates ? sums : sc;  // (rows, N) with row stride N
     if (!ragged) {
       score(0, rows, B, N, cand);
-    } else {
-      // Row by row (the functional core scores rows of one length), into one
-      // (rows, N) ranking where slots that are no row's candidates rank lowest.
-      float* rk = S::ptr(ws.ranked);
-      S::fill(exec, rk, rows * N, -FLT_MAX);
+    } else {  // row by row: the functional core scores rows of one length
       for (index_t r = 0; r < rows; ++r) {
         const index_t nr = ly.row_len(r) + 1;
         score(r, 1, 1, nr, nr - w);
-        S::copy_2d(exec, ranked + r * N, N, rk + r * N, N, 1, nr - w);
       }
-      ranked = rk;
     }
     if (!evict) {  // uniform rows below budget + w: they grow
       if constexpr (accumulates) S::copy_2d(exec, static_cast<const float*>(sums), N, s.ind, s.cap, rows, N);
@@ -716,16 +728,27 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
       return;
     }
 
-    // 4. Selection: (rows, n) slots to keep, the window last.
+    // 4. Selection: (rows, n) slots to keep, the window last. Ragged rows select
+    //    one by one, each among its own candidates only, so no slot past a row's
+    //    candidates can outrank one of them, whatever the scores (-inf, NaN).
     index_t* sel = S::ptr(ws.sel);
-    select_k(exec,
-             make_view<Space>(ranked, std::array<index_t, 2>{rows, cand},
-                              std::array<index_t, 2>{N, 1}),
-             make_view<Space>(sel, std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
-             reference || ragged ? select_order::descending : select_order::position);
-    if (ragged && !reference) {
-      S::sort_prefixes(exec, sel, S::ptr(ws.sorted), n, rows, keeps, nullptr, 0);
-      sel = S::ptr(ws.sorted);
+    const select_order order = reference ? select_order::descending : select_order::position;
+    if (!ragged) {
+      select_k(exec,
+               make_view<Space>(ranked, std::array<index_t, 2>{rows, cand},
+                                std::array<index_t, 2>{N, 1}),
+               make_view<Space>(sel, std::array<index_t, 2>{rows, keep},
+                                std::array<index_t, 2>{n, 1}),
+               order);
+    } else {
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t kr = ly.row_len(r) - w;  // one fewer than the row's candidates
+        if (kr > 0)
+          select_k(exec, make_view<Space>(ranked + r * N, std::array<index_t, 2>{1, kr + 1}),
+                   make_view<Space>(sel + r * n, std::array<index_t, 2>{1, kr},
+                                    std::array<index_t, 2>{n, 1}),
+                   order);
+      }
     }
     S::window_slots(exec, sel, rows, n, keeps, ragged ? 0 : keep, w, keeps, ragged ? 1 : cand);
 

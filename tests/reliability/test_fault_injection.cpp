@@ -269,3 +269,48 @@ TEST_CASE("fault injection: a copied cache keeps the strong guarantee") {
     inject_all(what, make, [&](Cache& c) { data.prefill(c, m); });
   }
 }
+
+// Steady state: once the cache's workspace has grown, a decoding step allocates
+// nothing. Its scratch (scores, the selection, the kernels' workspace) is the
+// cache's, sized at the last layer's prefill, and every layer has room for
+// budget + w + 1 tokens, so the allocation counter stays at zero.
+template <class Cache>
+long decode_allocations(cake::CacheConfig cfg, index_t S) {
+  const int steps = 6;
+  const Data data(cfg, S, steps);
+  Cache c(cfg);
+  for (index_t l = 0; l < cfg.layers; ++l) data.prefill(c, l);
+  for (index_t l = 0; l < cfg.layers; ++l) data.decode(c, l, 0);
+  fi::count = 0;
+  fi::fail_at = -1;  // count, never fail
+  fi::armed = true;
+  for (int t = 1; t < steps; ++t)
+    for (index_t l = 0; l < cfg.layers; ++l) data.decode(c, l, t);
+  fi::armed = false;
+  return fi::count.load();
+}
+
+TEST_CASE("steady state: a decoding step allocates nothing once the cache's workspace has grown") {
+  namespace m = cake::methods;
+  using cake::token_order;
+  const index_t S = 40;
+  CHECK(decode_allocations<m::Cake<>>(config(true, token_order::position), S) == 0);
+  CHECK(decode_allocations<m::Cake<>>(config(false, token_order::reference), S) == 0);
+  CHECK(decode_allocations<m::CakeAdaKv<>>(config(true, token_order::position), S) == 0);
+  CHECK(decode_allocations<m::CakeAdaKv<>>(config(true, token_order::reference), S) == 0);
+  CHECK(decode_allocations<m::H2o<>>(config(true, token_order::reference), S) == 0);
+  CHECK(decode_allocations<m::H2o<>>(config(true, token_order::position), S) == 0);
+  CHECK(decode_allocations<m::Tova<>>(config(true, token_order::position), S) == 0);
+  CHECK(decode_allocations<m::StreamingLlm<>>(config(true, token_order::position), S) == 0);
+  CHECK(decode_allocations<m::PyramidKv<>>(config(false, token_order::reference), S) == 0);
+  // The counter counts: a prefill allocates its new layers.
+  const auto cfg = config(true, token_order::position);
+  const Data data(cfg, S, 1);
+  m::Cake<> c(cfg);
+  fi::count = 0;
+  fi::fail_at = -1;
+  fi::armed = true;
+  data.prefill(c, 0);
+  fi::armed = false;
+  CHECK(fi::count.load() > 0);
+}

@@ -23,7 +23,8 @@ void run_scores(benchmark::State& st, const Shape& sh, index_t C,
                 cake::host_policy policy = cake::host) {
   const index_t B = 1, H = sh.q_heads, Hkv = sh.kv_heads, d = sh.head_dim, n = C + window;
   Rng g(91);
-  std::vector<float> q(static_cast<std::size_t>(B * H * d)), out(static_cast<std::size_t>(B * Hkv * C));
+  std::vector<float> q(static_cast<std::size_t>(B * H * d)),
+      out(static_cast<std::size_t>(B * Hkv * C));
   std::vector<T> k(static_cast<std::size_t>(B * Hkv * n * d));
   for (auto& x : q) x = g.normal();
   for (auto& x : k) x = static_cast<T>(g.normal());
@@ -31,9 +32,10 @@ void run_scores(benchmark::State& st, const Shape& sh, index_t C,
   cake::host_workspace ws;
   const cake::host_policy exec = policy.from(ws);
   for (auto _ : st) {
-    cake::decode_scores(exec, cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 3>{B, H, d}),
-                        cake::make_view(static_cast<const T*>(k.data()), std::array<index_t, 4>{B, Hkv, n, d}),
-                        indicator, cake::make_view(out.data(), std::array<index_t, 3>{B, Hkv, C}));
+    cake::decode_scores(
+        exec, cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 3>{B, H, d}),
+        cake::make_view(static_cast<const T*>(k.data()), std::array<index_t, 4>{B, Hkv, n, d}),
+        indicator, cake::make_view(out.data(), std::array<index_t, 3>{B, Hkv, C}));
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
@@ -42,7 +44,9 @@ void run_scores(benchmark::State& st, const Shape& sh, index_t C,
 
 void add_case(const Shape& sh, index_t C, bool variants) {
   const std::string args = std::string(sh.name) + "/C:" + std::to_string(C);
-  auto micro = [](benchmark::internal::Benchmark* b) { b->Unit(benchmark::kMicrosecond)->MinTime(0.2); };
+  auto micro = [](benchmark::internal::Benchmark* b) {
+    b->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+  };
   micro(add(name("decode_scores", "cake", args),
             [sh, C](benchmark::State& st) { run_scores<float>(st, sh, C); }));
   micro(add(name("decode_scores", "split", args), [sh, C](benchmark::State& st) {
@@ -54,12 +58,13 @@ void add_case(const Shape& sh, index_t C, bool variants) {
   if (!variants) return;
   for (cake::host_isa isa : {cake::host_isa::portable, cake::host_isa::avx2}) {
     if (!cake::host_isa_supported(isa) || isa == cake::host_isa_best()) continue;
-    micro(add(name("decode_scores", cake::host_isa_name(isa), args), [sh, C, isa](benchmark::State& st) {
-      const cake::host_isa saved = cake::active_host_isa();
-      cake::force_host_isa(isa);
-      run_scores<float>(st, sh, C);
-      cake::force_host_isa(saved);
-    }));
+    micro(add(name("decode_scores", cake::host_isa_name(isa), args),
+              [sh, C, isa](benchmark::State& st) {
+                const cake::host_isa saved = cake::active_host_isa();
+                cake::force_host_isa(isa);
+                run_scores<float>(st, sh, C);
+                cake::force_host_isa(saved);
+              }));
   }
   micro(add(name("decode_scores", "bf16_keys", args),
             [sh, C](benchmark::State& st) { run_scores<cake::bfloat16>(st, sh, C); }));

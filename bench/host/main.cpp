@@ -105,8 +105,8 @@ double fma_peak_flops() {
           sink += 0;  // no FMA unit this code targets: the peak is left unmeasured
       }
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      best = std::max(best, (w512 || w256) ? 2.0 * lanes * 12.0 * static_cast<double>(n) * nt / s
-                                           : 1.0);
+      best = std::max(best,
+                      (w512 || w256) ? 2.0 * lanes * 12.0 * static_cast<double>(n) * nt / s : 1.0);
       benchmark::DoNotOptimize(sink);
     }
     return best;
@@ -136,7 +136,8 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("cake.matrix", full ? "full" : "default");
   benchmark::AddCustomContext("cake.threads", std::to_string(cake_bench::threads()));
   benchmark::AddCustomContext("cake.memcpy_bandwidth_GBps", std::to_string(bw / 1e9));
-  benchmark::AddCustomContext("cake.fma_peak_GFLOPS", std::to_string(cake_bench::fma_peak_flops() / 1e9));
+  benchmark::AddCustomContext("cake.fma_peak_GFLOPS",
+                              std::to_string(cake_bench::fma_peak_flops() / 1e9));
   benchmark::AddCustomContext("cake.host_isa", cake::host_isa_name(cake::active_host_isa()));
 
   cake_bench::register_window_stats();

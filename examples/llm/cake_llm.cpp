@@ -1,9 +1,9 @@
 // cake_llm: greedy generation with a CAKE-managed (or SnapKV, PyramidKV, full) KV cache.
 //   cake_llm --model FILE --prompt TEXT --cache-size N --method cake --max-new N
 #include <chrono>
-#include <ctime>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -116,8 +116,7 @@ int main(int argc, char** argv) {
       const std::vector<int> unit = tok.encode(
           "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
           "again. A river runs past old stone houses where people talk about the weather. ");
-      while (static_cast<int>(ids.size()) < bench)
-        ids.push_back(unit[ids.size() % unit.size()]);
+      while (static_cast<int>(ids.size()) < bench) ids.push_back(unit[ids.size() % unit.size()]);
     } else {
       ids = tok.encode(raw ? prompt : llm::chat_prompt(prompt));
     }

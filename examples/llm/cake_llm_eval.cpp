@@ -172,7 +172,8 @@ void write_svg(const std::string& path, const std::string& model,
       f << "<text x=\"" << x0 + pw / 2 << "\" y=\"" << y0 + ph + 32
         << "\" text-anchor=\"middle\">cache (tokens per layer)</text>\n";
       const Cell& fu = full[ctx];
-      const double fv = row == 0 ? (fu.needles ? static_cast<double>(fu.found) / fu.needles : 0) : 1.0;
+      const double fv =
+          row == 0 ? (fu.needles ? static_cast<double>(fu.found) / fu.needles : 0) : 1.0;
       f << "<line x1=\"" << x0 << "\" x2=\"" << x0 + pw << "\" y1=\"" << Y(fv) << "\" y2=\""
         << Y(fv) << "\" stroke=\"#000\" stroke-dasharray=\"5,4\"/>\n";
       for (std::size_t m = 0; m < methods.size(); ++m) {
@@ -234,7 +235,8 @@ std::string leaders(const std::vector<std::string>& methods,
       tied += (tied.empty() ? "" : ", ") + methods[m];
   std::size_t n_tied = 0;
   for (std::size_t m = 0; m < methods.size(); ++m)
-    n_tied += m != best && kn[m].second > 0 && !llm::apart(b, llm::wilson(kn[m].first, kn[m].second));
+    n_tied +=
+        m != best && kn[m].second > 0 && !llm::apart(b, llm::wilson(kn[m].first, kn[m].second));
   if (methods.size() > 1 && n_tied + 1 == methods.size()) return "all tied";
   return tied.empty() ? methods[best] + " (apart from all)"
                       : methods[best] + " (tied with " + tied + ")";
@@ -249,7 +251,7 @@ int main(int argc, char** argv) {
     if (m != "full") methods.push_back(m);
   // The full run; --quick replaces these before the other flags apply.
   std::vector<int> contexts{1024, 2048, 4096, 8192};
-  std::vector<CacheSpec> caches{{64, 0},  {128, 0}, {256, 0}, {512, 0}, {1024, 0},
+  std::vector<CacheSpec> caches{{64, 0},  {128, 0}, {256, 0},  {512, 0}, {1024, 0},
                                 {0, 2.0}, {0, 5.0}, {0, 10.0}, {0, 20.0}};
   std::vector<double> depths;
   for (int i = 0; i <= 10; ++i) depths.push_back(i / 10.0);
@@ -357,16 +359,16 @@ int main(int argc, char** argv) {
     const auto V = static_cast<std::size_t>(mc.vocab);
 
     std::map<CellKey, Cell> cells;
-    std::map<int, Cell> full;  // per context
+    std::map<int, Cell> full;                     // per context
     std::map<int, std::pair<double, int>> spent;  // per context: seconds, prompts
-    struct LayerAcc {  // sums over prompts of one layer's decision
+    struct LayerAcc {                             // sums over prompts of one layer's decision
       double entropy = 0, variance = 0, pref_share = 0, budget_share = 0;
       int n = 0;
     };
     std::map<CellKey, std::vector<LayerAcc>> decisions;  // CAKE-preference methods only
-    std::map<CellKey, std::vector<double>> retained;  // per layer: rows holding the key, summed
-    std::map<CellKey, int> retained_n;                // prompts summed there
-    std::ostringstream runs;  // JSON records per prompt
+    std::map<CellKey, std::vector<double>> retained;     // per layer: rows holding the key, summed
+    std::map<CellKey, int> retained_n;                   // prompts summed there
+    std::ostringstream runs;                             // JSON records per prompt
     std::mt19937 rng(seed);
     double t_prefill = 0, t_fill = 0, t_decode = 0;
     const int total = static_cast<int>(contexts.size()) * trials;
@@ -523,25 +525,26 @@ int main(int argc, char** argv) {
       const Cell& fu = full[ctx];
       std::printf("\ncontext %d: %lld prompts, %lld agreement steps per cell\n", ctx, fu.needles,
                   fu.needles * (steps - 1));
-      std::printf("%-13s %6s %7s  %-26s %-30s\n", "method", "cache", "% ctx", "needle found [95% CI]",
-                  "agreement % [95% CI]");
-      std::printf("%-13s %6s %7s  %-26s %-30s\n", "full", "all", "100", interval(fu.found, fu.needles).c_str(),
-                  "100");
+      std::printf("%-13s %6s %7s  %-26s %-30s\n", "method", "cache", "% ctx",
+                  "needle found [95% CI]", "agreement % [95% CI]");
+      std::printf("%-13s %6s %7s  %-26s %-30s\n", "full", "all", "100",
+                  interval(fu.found, fu.needles).c_str(), "100");
       for (const auto& m : methods)
         for (const auto& cs : caches) {
           const Cell& e = cells[{ctx, m, cs.label()}];
           if (e.needles == 0) continue;
           const auto [lo, hi] = llm::wilson(e.agree, e.steps);
-          const std::string ag = pct(static_cast<double>(e.agree) / e.steps) + " [" + pct(lo) +
-                                 ", " + pct(hi) + "]";
+          const std::string ag =
+              pct(static_cast<double>(e.agree) / e.steps) + " [" + pct(lo) + ", " + pct(hi) + "]";
           std::printf("%-13s %6s %6.1f%%  %-26s %-30s\n", m.c_str(), cs.label().c_str(),
                       100.0 * std::min(e.tokens / e.needles, static_cast<double>(ctx)) / ctx,
                       interval(e.found, e.needles).c_str(), ag.c_str());
         }
     }
     if (contexts.size() > 1) {  // every context together: one row per method, one column per cache
-      std::printf("\nall contexts pooled (%lld prompts); needle found %% [95%% CI] / agreement %%:\n",
-                  static_cast<long long>(contexts.size()) * trials);
+      std::printf(
+          "\nall contexts pooled (%lld prompts); needle found %% [95%% CI] / agreement %%:\n",
+          static_cast<long long>(contexts.size()) * trials);
       std::printf("%-16s", "method");
       for (const auto& cs : caches) std::printf(" %-22s", cs.label().c_str());
       std::printf("\n");
@@ -576,8 +579,9 @@ int main(int argc, char** argv) {
         if (decisions.count({ctx, "cake", cs.label()})) labels.push_back(cs.label());
       if (labels.empty()) continue;
       const auto& first = decisions[{ctx, "cake", labels[0]}];
-      std::printf("\ncake's layer decisions, context %d (mean over %d prompts; tau1 %g, tau2 %g):\n",
-                  ctx, first.empty() ? 0 : first[0].n, base.tau1, base.tau2);
+      std::printf(
+          "\ncake's layer decisions, context %d (mean over %d prompts; tau1 %g, tau2 %g):\n", ctx,
+          first.empty() ? 0 : first[0].n, base.tau1, base.tau2);
       std::printf("%5s %9s %10s %7s", "layer", "entropy", "variance", "pref%");
       for (const auto& lb : labels) std::printf(" %7s", ("C=" + lb).c_str());
       std::printf("   (budget share %% at each cache size)\n");
@@ -596,9 +600,10 @@ int main(int argc, char** argv) {
     // The needle's key after the prefill: % of KV-head rows holding one of its
     // tokens, over all layers and by thirds of the depth.
     for (int ctx : contexts) {
-      std::printf("\nneedle key held after the prefill, context %d (%% of KV-head rows; all "
-                  "layers / first, middle, last third):\n",
-                  ctx);
+      std::printf(
+          "\nneedle key held after the prefill, context %d (%% of KV-head rows; all "
+          "layers / first, middle, last third):\n",
+          ctx);
       for (const auto& cs : caches) {
         std::printf("  cache %5s:", cs.label().c_str());
         for (const auto& m : methods) {
@@ -620,7 +625,8 @@ int main(int argc, char** argv) {
       }
     }
 
-    std::printf("\nbest per column (\"apart from all\": its 95%% interval misses every other's):\n");
+    std::printf(
+        "\nbest per column (\"apart from all\": its 95%% interval misses every other's):\n");
     for (int ctx : contexts)
       for (const auto& cs : caches) {
         std::vector<std::pair<long long, long long>> nd, ag;
@@ -643,8 +649,8 @@ int main(int argc, char** argv) {
 
     if (!json_path.empty()) {
       std::ofstream f(json_path);
-      f << "{\n  \"model\": \"" << json_escape(model_name) << "\",\n  \"quick\": "
-        << (quick ? "true" : "false") << ",\n  \"window\": " << base.window
+      f << "{\n  \"model\": \"" << json_escape(model_name)
+        << "\",\n  \"quick\": " << (quick ? "true" : "false") << ",\n  \"window\": " << base.window
         << ",\n  \"steps\": " << steps - 1 << ",\n  \"configs\": [";
       bool first_cfg = true;
       for (const auto& m : methods)
@@ -664,10 +670,10 @@ int main(int argc, char** argv) {
             const auto [alo, ahi] = llm::wilson(e.agree, e.steps);
             f << (first_row ? "\n" : ",\n") << "    {\"context\": " << ctx << ", \"method\": \""
               << m << "\", \"cache\": \"" << cs.label()
-              << "\", \"mean_cache_tokens\": " << e.tokens / e.needles
-              << ", \"found\": " << e.found << ", \"needles\": " << e.needles
-              << ", \"found_ci95\": [" << nlo << ", " << nhi << "], \"agree\": " << e.agree
-              << ", \"steps\": " << e.steps << ", \"agreement_ci95\": [" << alo << ", " << ahi
+              << "\", \"mean_cache_tokens\": " << e.tokens / e.needles << ", \"found\": " << e.found
+              << ", \"needles\": " << e.needles << ", \"found_ci95\": [" << nlo << ", " << nhi
+              << "], \"agree\": " << e.agree << ", \"steps\": " << e.steps
+              << ", \"agreement_ci95\": [" << alo << ", " << ahi
               << "], \"full_found\": " << fu.found << "}";
             first_row = false;
           }

@@ -102,7 +102,8 @@ inline void qmatvec_portable(const QWeight& W, const float* X, std::size_t n, fl
       std::memcpy(row.data(), src, W.cols * 4);
     else
       dequantize(W.type, src, row.data(), nb * tr.block);
-    for (std::size_t i = 0; i < n; ++i) Y[i * W.rows + r] = dot_portable(row.data(), X + i * W.cols, W.cols);
+    for (std::size_t i = 0; i < n; ++i)
+      Y[i * W.rows + r] = dot_portable(row.data(), X + i * W.cols, W.cols);
   }
 }
 
@@ -250,8 +251,9 @@ LLM_AVX2 inline void qmatvec_q4_1_avx2(const QWeight& W, const float* X, std::si
   for (std::size_t i = 0; i < n; ++i)
     for (std::size_t b = 0; b < nb; ++b) {
       const float* x = X + i * W.cols + b * 32;
-      xs[i * nb + b] = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)),
-                                          _mm256_add_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24))));
+      xs[i * nb + b] =
+          hsum(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)),
+                             _mm256_add_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24))));
     }
   const __m128i mask = _mm_set1_epi8(0x0F);
   for (std::size_t r = r0; r < r1; ++r) {
@@ -266,7 +268,8 @@ LLM_AVX2 inline void qmatvec_q4_1_avx2(const QWeight& W, const float* X, std::si
         const __m256 d = _mm256_set1_ps(half(blk));
         const float mb = half(blk + 2);
         const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
-        const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        const __m128i lo = _mm_and_si128(raw, mask),
+                      hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
         const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
         const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
         const __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
@@ -286,8 +289,8 @@ LLM_AVX2 inline void qmatvec_q4_1_avx2(const QWeight& W, const float* X, std::si
   }
 }
 
-inline void qmatvec_avx2(const QWeight& W, const float* X, std::size_t n, float* Y,
-                         std::size_t r0, std::size_t r1) {
+inline void qmatvec_avx2(const QWeight& W, const float* X, std::size_t n, float* Y, std::size_t r0,
+                         std::size_t r1) {
   if (W.cols % 32) return qmatvec_portable(W, X, n, Y, r0, r1);
   switch (W.type) {
     case ggml_type::q4_1:

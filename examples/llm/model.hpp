@@ -12,12 +12,12 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <stdexcept>
-#include <chrono>
 #include <ctime>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -464,11 +464,11 @@ class Transformer {
     std::vector<float> p(static_cast<std::size_t>(block) * Gz * Sz);
     for (int g = 0; g < c.kv_heads; ++g) {
       const std::size_t col = static_cast<std::size_t>(g) * Gz * dz;  // first head of the group
-      for (std::size_t t = 0; t < Sz; ++t)
-        std::copy_n(q + t * QD + col, Gz * dz, &qg[t * Gz * dz]);
+      for (std::size_t t = 0; t < Sz; ++t) std::copy_n(q + t * QD + col, Gz * dz, &qg[t * Gz * dz]);
       for (int i0 = 0; i0 < S; i0 += block) {
         const int i1 = std::min(S, i0 + block), cols = i1;
-        const auto rows = static_cast<std::size_t>(i1 - i0) * Gz, ld = static_cast<std::size_t>(cols);
+        const auto rows = static_cast<std::size_t>(i1 - i0) * Gz,
+                   ld = static_cast<std::size_t>(cols);
         const std::size_t at = static_cast<std::size_t>(i0) * Gz * dz;
         gemm(true, rows, ld, dz, scale, &qg[at], dz, k + static_cast<std::size_t>(g) * dz, KD, 0.0f,
              p.data(), ld);

@@ -140,10 +140,9 @@ inline void set_cache_threads(int n) {
 }
 
 inline const std::vector<std::string>& method_names() {
-  static const std::vector<std::string> names{"full",      "cake",         "snapkv",
-                                              "pyramidkv", "streamingllm", "h2o",
-                                              "tova",      "ada_snapkv",   "cake_adakv",
-                                              "cake_tova", "cake_h2o",     "cake_adakv_tova"};
+  static const std::vector<std::string> names{
+      "full", "cake",       "snapkv",     "pyramidkv", "streamingllm", "h2o",
+      "tova", "ada_snapkv", "cake_adakv", "cake_tova", "cake_h2o",     "cake_adakv_tova"};
   return names;
 }
 
@@ -191,11 +190,13 @@ inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOpti
   if (o.method == "ada_snapkv") return store(m::AdaSnapKv<>(cfg));
   if (o.method == "cake_adakv") return store(m::CakeAdaKv<>(cfg, pref, {}, ind));
   if (o.method == "cake_tova")
-    return store(cake::KvCache<cake::CakePreference, cake::ProportionalBudget,
-                               cake::LastQueryIndicator>(cfg, pref));
+    return store(
+        cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::LastQueryIndicator>(
+            cfg, pref));
   if (o.method == "cake_h2o")
-    return store(cake::KvCache<cake::CakePreference, cake::ProportionalBudget,
-                               cake::AccumulatedIndicator>(cfg, pref));
+    return store(
+        cake::KvCache<cake::CakePreference, cake::ProportionalBudget, cake::AccumulatedIndicator>(
+            cfg, pref));
   return store(cake::KvCache<cake::CakePreference, cake::HeadwiseBudget<cake::ProportionalBudget>,
                              cake::LastQueryIndicator>(cfg, pref));
 }

@@ -191,7 +191,8 @@ class KvCache {
     for (std::size_t l = 0; l <= m; ++l) {
       const detail::layer_plan& lp = plan.layers[l];
       if (lp.action == detail::layer_action::copy_all) {
-        fresh[l] = detail::copy_all<T>(ex, sh, k, v, lp.keep_scores ? scores : detail::token_scores{});
+        fresh[l] =
+            detail::copy_all<T>(ex, sh, k, v, lp.keep_scores ? scores : detail::token_scores{});
         transient += fresh[l].total() / rows;
       } else if (lp.action == detail::layer_action::select) {
         if (l == m) {

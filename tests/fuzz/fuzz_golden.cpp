@@ -6,8 +6,8 @@
 #include <unistd.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -54,7 +54,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         (void)a.as<std::int64_t>();
       }
     } else if (mode == 1) {
-      const auto j = cake_tools::Json::parse(std::string(reinterpret_cast<const char*>(data), size));
+      const auto j =
+          cake_tools::Json::parse(std::string(reinterpret_cast<const char*>(data), size));
       (void)j;
     } else {
       write_file(scratch_dir() + "/meta.json", data, size);

@@ -34,8 +34,8 @@ using cake::index_t;
   std::fprintf(stderr, "fuzz_kv_cache: invariant broken: %s (%ld, %ld)\n", what, a, b);
   std::abort();
 }
-#define REQUIRE_FUZZ(cond, ...) \
-  do {                          \
+#define REQUIRE_FUZZ(cond, ...)                          \
+  do {                                                   \
     if (!(cond)) fail(#cond __VA_OPT__(, ) __VA_ARGS__); \
   } while (0)
 
@@ -72,7 +72,8 @@ struct Tensor {
     for (std::size_t i = R; i-- > 0;) {
       const std::size_t r = order[i];
       stride[r] = s;
-      const index_t pad = in.ConsumeIntegralInRange<int>(0, 3) == 0 ? in.ConsumeIntegralInRange<int>(0, 3) : 0;
+      const index_t pad =
+          in.ConsumeIntegralInRange<int>(0, 3) == 0 ? in.ConsumeIntegralInRange<int>(0, 3) : 0;
       s *= std::max<index_t>(ext[r], 1);
       s += pad * stride[r];
     }
@@ -101,15 +102,19 @@ struct Tensor {
 };
 
 float fuzz_float(FuzzedDataProvider& in, std::initializer_list<float> usual) {
-  static const float odd[] = {0.0f, -1.0f, std::numeric_limits<float>::quiet_NaN(),
-                              std::numeric_limits<float>::infinity(), 1e-30f, 1e30f};
+  static const float odd[] = {0.0f,
+                              -1.0f,
+                              std::numeric_limits<float>::quiet_NaN(),
+                              std::numeric_limits<float>::infinity(),
+                              1e-30f,
+                              1e30f};
   if (in.ConsumeIntegralInRange<int>(0, 7) == 0)
     return odd[in.ConsumeIntegralInRange<std::size_t>(0, std::size(odd) - 1)];
   return *(usual.begin() + in.ConsumeIntegralInRange<std::size_t>(0, usual.size() - 1));
 }
 int fuzz_kernel(FuzzedDataProvider& in) {
   return in.ConsumeIntegralInRange<int>(0, 7) == 0 ? in.ConsumeIntegralInRange<int>(-1, 4)
-                                                    : 1 + 2 * in.ConsumeIntegralInRange<int>(0, 2);
+                                                   : 1 + 2 * in.ConsumeIntegralInRange<int>(0, 2);
 }
 
 // What the test knows about each layer's source tokens: prompt K/V and decoded ones.
@@ -153,7 +158,7 @@ void check_invariants(const Cache& c, const std::vector<Source>& src, bool headw
     for (auto x : lens) longest = std::max(longest, x), total += x;
     REQUIRE_FUZZ(p.extent(2) == longest, p.extent(2), longest);
     REQUIRE_FUZZ(static_cast<index_t>(c.bytes_held(l)) ==
-                     2 * total * cfg.head_dim * static_cast<index_t>(sizeof(float)));
+                 2 * total * cfg.head_dim * static_cast<index_t>(sizeof(float)));
     for (index_t b = 0; b < cfg.batch; ++b)
       for (index_t g = 0; g < cfg.kv_heads; ++g) {
         const index_t r = b * cfg.kv_heads + g, n = lens[static_cast<std::size_t>(r)];
@@ -248,7 +253,8 @@ void run(FuzzedDataProvider& in, const cake::CacheConfig& cfg, Policies... polic
     }
     if (op <= 6 && !c.prefilled()) {
       index_t layer = c.layers_prefilled();
-      if (in.ConsumeIntegralInRange<int>(0, 15) == 0) layer += in.ConsumeIntegralInRange<int>(-2, 2);
+      if (in.ConsumeIntegralInRange<int>(0, 15) == 0)
+        layer += in.ConsumeIntegralInRange<int>(-2, 2);
       index_t Sl = S;
       if (in.ConsumeIntegralInRange<int>(0, 31) == 0) Sl += in.ConsumeIntegralInRange<int>(-2, 2);
       Sl = std::max<index_t>(Sl, 0);
@@ -291,8 +297,8 @@ void run(FuzzedDataProvider& in, const cake::CacheConfig& cfg, Policies... polic
       Tensor<3> q(in, {B, H, d}, rng, specials, special);
       Tensor<3> k(in, {B, Hkv, d}, rng, specials, special);
       Tensor<3> v(in, {B, Hkv, d}, rng, specials, special);
-      const index_t before_len = c.prefilled() && layer >= 0 && layer < L
-                                     ? c.row_lengths(layer)[0] : -1;
+      const index_t before_len =
+          c.prefilled() && layer >= 0 && layer < L ? c.row_lengths(layer)[0] : -1;
       try {
         c.decode(layer, q.view(), k.view(), v.view());
       } catch (const cake::error&) {
@@ -343,11 +349,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   namespace m = cake::methods;
   switch (in.ConsumeIntegralInRange<int>(0, 7)) {
     case 0:
-      run<m::Cake<>>(in, cfg, cake::CakePreference{fuzz_float(in, {1.0f, 1.6f, 0.4f}),
-                                                   fuzz_float(in, {1.0f, 0.4f, 2.3f})},
-                     cake::ProportionalBudget{},
-                     cake::MeanVarianceIndicator{fuzz_float(in, {200.0f, 0.0f, 1.0f}),
-                                                 fuzz_kernel(in)});
+      run<m::Cake<>>(
+          in, cfg,
+          cake::CakePreference{fuzz_float(in, {1.0f, 1.6f, 0.4f}),
+                               fuzz_float(in, {1.0f, 0.4f, 2.3f})},
+          cake::ProportionalBudget{},
+          cake::MeanVarianceIndicator{fuzz_float(in, {200.0f, 0.0f, 1.0f}), fuzz_kernel(in)});
       break;
     case 1:
       run<m::SnapKv<>>(in, cfg, cake::UniformPreference{}, cake::UniformBudget{},
@@ -370,19 +377,17 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                      cake::LastQueryIndicator{fuzz_kernel(in)});
       break;
     case 6:
-      run<m::AdaSnapKv<>>(in, cfg, cake::UniformPreference{},
-                          cake::HeadwiseBudget<cake::UniformBudget>{
-                              {}, fuzz_float(in, {0.2f, 0.0f, 1.0f, 0.5f})},
-                          cake::WindowMeanIndicator{fuzz_kernel(in)});
+      run<m::AdaSnapKv<>>(
+          in, cfg, cake::UniformPreference{},
+          cake::HeadwiseBudget<cake::UniformBudget>{{}, fuzz_float(in, {0.2f, 0.0f, 1.0f, 0.5f})},
+          cake::WindowMeanIndicator{fuzz_kernel(in)});
       break;
     default:
-      run<m::CakeAdaKv<>>(in, cfg,
-                          cake::CakePreference{fuzz_float(in, {1.0f, 1.6f}),
-                                               fuzz_float(in, {1.0f, 0.4f})},
-                          cake::HeadwiseBudget<cake::ProportionalBudget>{
-                              {}, fuzz_float(in, {0.2f, 0.0f, 1.0f, 0.5f})},
-                          cake::MeanVarianceIndicator{fuzz_float(in, {200.0f, 1.0f}),
-                                                      fuzz_kernel(in)});
+      run<m::CakeAdaKv<>>(
+          in, cfg, cake::CakePreference{fuzz_float(in, {1.0f, 1.6f}), fuzz_float(in, {1.0f, 0.4f})},
+          cake::HeadwiseBudget<cake::ProportionalBudget>{{},
+                                                         fuzz_float(in, {0.2f, 0.0f, 1.0f, 0.5f})},
+          cake::MeanVarianceIndicator{fuzz_float(in, {200.0f, 1.0f}), fuzz_kernel(in)});
       break;
   }
   return 0;

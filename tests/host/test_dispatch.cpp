@@ -53,7 +53,8 @@ Result run(const Shape& s, const std::vector<T>& q, const std::vector<T>& k, ind
   Result r;
   const index_t P = s.S - s.w;
   r.indicator.assign(static_cast<std::size_t>(s.B * s.Hkv * P), -1.0f);
-  cake::window_stats(cake::host, cake::make_view(q.data(), std::array<index_t, 4>{s.B, s.H, s.w, s.d}),
+  cake::window_stats(cake::host,
+                     cake::make_view(q.data(), std::array<index_t, 4>{s.B, s.H, s.w, s.d}),
                      cake::make_view(k.data(), std::array<index_t, 4>{s.B, s.Hkv, s.S, s.d}),
                      cake::MeanVarianceIndicator{},
                      cake::make_view(r.indicator.data(), std::array<index_t, 3>{s.B, s.Hkv, P}),
@@ -120,10 +121,10 @@ TEST_CASE("window_stats: every SIMD path keeps the portable path's tokens (rando
   unsigned seed = 100;
   for (const Shape& s : shapes) {
     for (float scale : {0.5f, 2.5f}) {  // flat and peaked attention
-      const auto q = random_values<float>(static_cast<std::size_t>(s.B * s.H * s.w * s.d), ++seed,
-                                          scale);
-      const auto k = random_values<float>(static_cast<std::size_t>(s.B * s.Hkv * s.S * s.d),
-                                          ++seed, 1.0f);
+      const auto q =
+          random_values<float>(static_cast<std::size_t>(s.B * s.H * s.w * s.d), ++seed, scale);
+      const auto k =
+          random_values<float>(static_cast<std::size_t>(s.B * s.Hkv * s.S * s.d), ++seed, 1.0f);
       const index_t P = s.S - s.w, c = P / 4;
       cake::force_host_isa(cake::host_isa::portable);
       const Result want = run(s, q, k, c);
@@ -154,7 +155,8 @@ std::vector<cake::host_isa> all_paths() {
 template <class T>
 void check_16bit_window(const Shape& s, unsigned seed) {
   const auto q = random_values<T>(static_cast<std::size_t>(s.B * s.H * s.w * s.d), seed, 1.5f);
-  const auto k = random_values<T>(static_cast<std::size_t>(s.B * s.Hkv * s.S * s.d), seed + 1, 1.0f);
+  const auto k =
+      random_values<T>(static_cast<std::size_t>(s.B * s.Hkv * s.S * s.d), seed + 1, 1.0f);
   std::vector<float> qf(q.size()), kf(k.size());
   for (std::size_t i = 0; i < q.size(); ++i) qf[i] = static_cast<float>(q[i]);
   for (std::size_t i = 0; i < k.size(); ++i) kf[i] = static_cast<float>(k[i]);
@@ -193,7 +195,8 @@ TEST_CASE("bfloat16: exact to float, round to nearest even from float") {
   CHECK(static_cast<float>(cake::bfloat16(1.0f + 0.00390625f)) == 1.0f);
   // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties to even (1 + 2^-6)
   CHECK(static_cast<float>(cake::bfloat16(1.0f + 3 * 0.00390625f)) == 1.0f + 0.015625f);
-  CHECK(static_cast<float>(cake::bfloat16(1.0f + 0.0048828125f)) == 1.0f + 0.0078125f);  // above half
+  CHECK(static_cast<float>(cake::bfloat16(1.0f + 0.0048828125f)) ==
+        1.0f + 0.0078125f);                       // above half
   CHECK(cake::bfloat16(3.0e38f).bits == 0x7f62);  // 0x7f61b1e6: the low half is above a tie
   CHECK(std::isinf(static_cast<float>(cake::bfloat16(3.4e38f))));  // rounds past the largest
   CHECK(std::isnan(static_cast<float>(cake::bfloat16(std::nanf("")))));
@@ -265,7 +268,8 @@ TEST_CASE("decode_scores: every SIMD path keeps the portable path's tokens (rand
 #endif
 }
 
-TEST_CASE("decode_scores: 16-bit queries and keys on every path equal float holding the same values") {
+TEST_CASE(
+    "decode_scores: 16-bit queries and keys on every path equal float holding the same values") {
   IsaGuard guard;
   const index_t B = 1, H = 32, Hkv = 8, n = 1057, d = 128, c = n - 3;
   const auto run16 = [&](auto tag, unsigned seed) {
@@ -309,16 +313,18 @@ TEST_CASE("window_stats and decode_scores read keys through strided views on eve
       for (index_t x = 0; x < s.d; ++x)
         big[static_cast<std::size_t>((g * cap + j) * pitch + x)] =
             k[static_cast<std::size_t>((g * s.S + j) * s.d + x)];
-  const auto kview = cake::make_view(static_cast<const float*>(big.data()),
-                                     std::array<index_t, 4>{s.B, s.Hkv, s.S, s.d},
-                                     std::array<index_t, 4>{s.Hkv * cap * pitch, cap * pitch, pitch, 1});
+  const auto kview = cake::make_view(
+      static_cast<const float*>(big.data()), std::array<index_t, 4>{s.B, s.Hkv, s.S, s.d},
+      std::array<index_t, 4>{s.Hkv * cap * pitch, cap * pitch, pitch, 1});
   cake::force_host_isa(cake::host_isa::portable);
   const Result want = run(s, q, k, c);
   std::vector<float> qd(static_cast<std::size_t>(s.B * s.H * s.d));
   for (std::size_t i = 0; i < qd.size(); ++i) qd[i] = q[i * static_cast<std::size_t>(s.w)];
   std::vector<float> dwant(static_cast<std::size_t>(s.B * s.Hkv * P));
-  const auto qdv = cake::make_view(static_cast<const float*>(qd.data()), std::array<index_t, 3>{s.B, s.H, s.d});
-  cake::decode_scores(cake::host, qdv, cake::make_view(k.data(), std::array<index_t, 4>{s.B, s.Hkv, s.S, s.d}),
+  const auto qdv =
+      cake::make_view(static_cast<const float*>(qd.data()), std::array<index_t, 3>{s.B, s.H, s.d});
+  cake::decode_scores(cake::host, qdv,
+                      cake::make_view(k.data(), std::array<index_t, 4>{s.B, s.Hkv, s.S, s.d}),
                       cake::MeanVarianceIndicator{},
                       cake::make_view(dwant.data(), std::array<index_t, 3>{s.B, s.Hkv, P}));
   for (cake::host_isa isa : simd_paths()) {
@@ -326,8 +332,9 @@ TEST_CASE("window_stats and decode_scores read keys through strided views on eve
     cake::force_host_isa(isa);
     Result got;
     got.indicator.assign(static_cast<std::size_t>(s.B * s.Hkv * P), -1.0f);
-    cake::window_stats(cake::host, cake::make_view(q.data(), std::array<index_t, 4>{s.B, s.H, s.w, s.d}),
-                       kview, cake::MeanVarianceIndicator{},
+    cake::window_stats(cake::host,
+                       cake::make_view(q.data(), std::array<index_t, 4>{s.B, s.H, s.w, s.d}), kview,
+                       cake::MeanVarianceIndicator{},
                        cake::make_view(got.indicator.data(), std::array<index_t, 3>{s.B, s.Hkv, P}),
                        cake::make_view(got.stats.data(), std::array<index_t, 1>{2}));
     got.kept.assign(static_cast<std::size_t>(s.B * s.Hkv * c), -1);

@@ -588,7 +588,7 @@ TEST_CASE("KvCache: ragged head-wise rows select among their own candidates, -in
             p.resize(static_cast<std::size_t>(n));
             const std::set<index_t> held(p.begin(), p.end());
             CHECK(static_cast<index_t>(held.size()) == n);  // no token twice
-            CHECK(held.count(-1) == 0);                       // no padding inside the row
+            CHECK(held.count(-1) == 0);                     // no padding inside the row
             for (index_t x = newest - cfg.window + 1; x <= newest; ++x) CHECK(held.count(x) == 1);
             for (index_t x = 0; x < n; ++x)
               CHECK(vals(b, g, x, 0) == static_cast<float>(p[static_cast<std::size_t>(x)]));

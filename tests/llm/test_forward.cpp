@@ -4,10 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <map>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -85,8 +85,8 @@ void quantise(Tiny& m) {
         const float d = fp16_to_float(float_to_fp16(static_cast<float>(amax / 127)));
         put16(d);
         for (int j = 0; j < 32; ++j)
-          bytes.push_back(static_cast<std::uint8_t>(static_cast<std::int8_t>(
-              std::clamp(std::lround(first[j] / d), -127L, 127L))));
+          bytes.push_back(static_cast<std::uint8_t>(
+              static_cast<std::int8_t>(std::clamp(std::lround(first[j] / d), -127L, 127L))));
       } else {
         const float d = fp16_to_float(float_to_fp16(static_cast<float>((*hi - *lo) / 15)));
         const float mn = fp16_to_float(float_to_fp16(static_cast<float>(*lo)));
@@ -424,7 +424,8 @@ TEST_CASE("kernels: block-format matrix-vector products, exp and attention again
       } else {
         if (type == ggml_type::q8_0) m.t["token_embd.weight"] = m.t["blk.0.attn_q.weight"];
         quantise(m);
-        const auto& e = m.raw[type == ggml_type::q8_0 ? "token_embd.weight" : "blk.0.attn_q.weight"];
+        const auto& e =
+            m.raw[type == ggml_type::q8_0 ? "token_embd.weight" : "blk.0.attn_q.weight"];
         REQUIRE(e.first == type);
         bytes = e.second;
         dequantize(type, bytes.data(), w.data(), w.size());
@@ -475,7 +476,9 @@ TEST_CASE("kernels: block-format matrix-vector products, exp and attention again
       double mx = -1e300, sum = 0;
       for (std::int64_t j = 0; j < n; ++j) {
         double s = 0;
-        for (int e = 0; e < d; ++e) s += static_cast<double>(qv[static_cast<std::size_t>(e)]) * k[static_cast<std::size_t>(j * stride + d + e)];
+        for (int e = 0; e < d; ++e)
+          s += static_cast<double>(qv[static_cast<std::size_t>(e)]) *
+               k[static_cast<std::size_t>(j * stride + d + e)];
         sc[static_cast<std::size_t>(j)] = s * scale;
         mx = std::max(mx, s * scale);
       }
@@ -483,7 +486,8 @@ TEST_CASE("kernels: block-format matrix-vector products, exp and attention again
       for (int e = 0; e < d; ++e) {
         double want = 0;
         for (std::int64_t j = 0; j < n; ++j)
-          want += sc[static_cast<std::size_t>(j)] / sum * v[static_cast<std::size_t>(j * stride + d + e)];
+          want += sc[static_cast<std::size_t>(j)] / sum *
+                  v[static_cast<std::size_t>(j * stride + d + e)];
         CHECK(out[static_cast<std::size_t>(e)] == doctest::Approx(want).epsilon(1e-5).scale(1));
       }
     }
@@ -498,7 +502,8 @@ TEST_CASE("causal attention over a prompt: the tiled route against double") {
   std::mt19937 rng(9);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   if (!attention::available(64)) {
-    MESSAGE("no AVX-512 here: the tiled route is not taken (the sgemm route is tested via the model)");
+    MESSAGE(
+        "no AVX-512 here: the tiled route is not taken (the sgemm route is tested via the model)");
     return;
   }
   for (int d : {64, 128})
@@ -516,7 +521,8 @@ TEST_CASE("causal attention over a prompt: the tiled route against double") {
         // Key 200 (when present) is aligned with every query: it is the max of the
         // rows after it, found only in the second key block.
         if (S > 200)
-          for (std::size_t x = 0; x < 2 * dz; ++x) k[200 * 2 * dz + x] = 4.0f * std::copysign(1.0f, q[x % dz]);
+          for (std::size_t x = 0; x < 2 * dz; ++x)
+            k[200 * 2 * dz + x] = 4.0f * std::copysign(1.0f, q[x % dz]);
         const double sc = 1.0 / std::sqrt(static_cast<double>(d));
         for (unsigned threads : {1u, 3u}) {
           std::vector<float> out(q.size(), -7.0f);

@@ -37,7 +37,8 @@ long resident_kib() {
 int failures = 0;
 void check(bool ok, const char* what, long step, long layer) {
   if (ok) return;
-  if (++failures <= 10) std::fprintf(stderr, "cake_soak: %s at step %ld, layer %ld\n", what, step, layer);
+  if (++failures <= 10)
+    std::fprintf(stderr, "cake_soak: %s at step %ld, layer %ld\n", what, step, layer);
 }
 
 // A cheap deterministic generator: the soak measures the cache, not the RNG.
@@ -56,8 +57,13 @@ struct Xorshift {
 
 template <class Cache>
 int soak(const char* name, long steps) {
-  cake::CacheConfig cfg{.layers = 32, .batch = 1, .q_heads = 4, .kv_heads = 2, .head_dim = 16,
-                        .window = 8, .cache_size = 64};
+  cake::CacheConfig cfg{.layers = 32,
+                        .batch = 1,
+                        .q_heads = 4,
+                        .kv_heads = 2,
+                        .head_dim = 16,
+                        .window = 8,
+                        .cache_size = 64};
   const index_t L = cfg.layers, B = cfg.batch, H = cfg.q_heads, Hkv = cfg.kv_heads,
                 d = cfg.head_dim, w = cfg.window, S = 512;
   const bool headwise = cake::is_headwise_budget<typename Cache::budget_policy>;
@@ -80,8 +86,8 @@ int soak(const char* name, long steps) {
   std::vector<std::vector<index_t>> lengths(static_cast<std::size_t>(L));
   for (index_t l = 0; l < L; ++l) lengths[static_cast<std::size_t>(l)] = c.row_lengths(l);
 
-  std::vector<float> q(static_cast<std::size_t>(B * H * d)), k(static_cast<std::size_t>(B * Hkv * d)),
-      v(k.size());
+  std::vector<float> q(static_cast<std::size_t>(B * H * d)),
+      k(static_cast<std::size_t>(B * Hkv * d)), v(k.size());
   const long check_every = 500, warm = std::max<long>(steps / 10, 1);
   long rss_warm = -1, rss_min = 0, rss_max = 0, samples = 0, full_checks = 0;
   const auto t0 = std::chrono::steady_clock::now();
@@ -115,9 +121,11 @@ int soak(const char* name, long steps) {
           std::set<index_t> seen;
           for (index_t x = 0; x < len[static_cast<std::size_t>(g)]; ++x) {
             const index_t p = pv(0, g, x);
-            check(p >= 0 && p <= newest && seen.insert(p).second, "position out of range or repeated", t, l);
+            check(p >= 0 && p <= newest && seen.insert(p).second,
+                  "position out of range or repeated", t, l);
             for (index_t y = 0; y < d; ++y)
-              check(std::isfinite(kv(0, g, x, y)) && std::isfinite(vv(0, g, x, y)), "NaN or Inf held", t, l);
+              check(std::isfinite(kv(0, g, x, y)) && std::isfinite(vv(0, g, x, y)),
+                    "NaN or Inf held", t, l);
           }
           for (index_t p = newest - w + 1; p <= newest; ++p)
             check(seen.count(p) == 1, "window token missing", t, l);
@@ -151,7 +159,8 @@ int soak(const char* name, long steps) {
   if (rss_meaningful) check(growth <= 256, "resident memory grew after warm-up", steps, -1);
   std::printf(
       "cake_soak %s: %ld decode steps x %ld layers in %.1f s (%.2f us per layer step); tokens held "
-      "%ld (budgets + windows); resident memory after warm-up %ld KiB, min %ld, max %ld: growth %ld "
+      "%ld (budgets + windows); resident memory after warm-up %ld KiB, min %ld, max %ld: growth "
+      "%ld "
       "KiB over %ld samples; %ld full checks; %d failures\n",
       name, steps, static_cast<long>(L), secs, secs * 1e6 / static_cast<double>(steps * L),
       static_cast<long>(c.tokens_held()), rss_warm, rss_min, rss_max, growth, samples, full_checks,

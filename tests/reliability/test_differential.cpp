@@ -22,8 +22,8 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <numeric>
 #include <random>
@@ -155,8 +155,8 @@ bool better(const Cand& a, const Cand& b) {
 
 // Ada-KV's split of budget * Hkv tokens over the rows of one batch entry: each row
 // first its min(floor, available) best, then the best remaining of any row.
-std::vector<index_t> split_heads(std::vector<std::vector<Cand>> rows, index_t budget,
-                                 index_t floor, Counters& cnt) {
+std::vector<index_t> split_heads(std::vector<std::vector<Cand>> rows, index_t budget, index_t floor,
+                                 Counters& cnt) {
   struct RC {
     Cand c;
     index_t row;
@@ -177,14 +177,14 @@ std::vector<index_t> split_heads(std::vector<std::vector<Cand>> rows, index_t bu
     if (a.c.score != b.c.score) return a.c.score > b.c.score;
     return a.row != b.row ? a.row < b.row : a.c.idx < b.c.idx;
   });
-  const index_t take =
-      std::clamp<index_t>(budget * static_cast<index_t>(rows.size()) - floors, 0,
-                          static_cast<index_t>(rest.size()));
+  const index_t take = std::clamp<index_t>(budget * static_cast<index_t>(rows.size()) - floors, 0,
+                                           static_cast<index_t>(rest.size()));
   if (take > 0 && take < static_cast<index_t>(rest.size()) &&
       within_tie(rest[static_cast<std::size_t>(take - 1)].c.score,
                  rest[static_cast<std::size_t>(take)].c.score))
     ++cnt.near_ties;
-  for (index_t i = 0; i < take; ++i) ++len[static_cast<std::size_t>(rest[static_cast<std::size_t>(i)].row)];
+  for (index_t i = 0; i < take; ++i)
+    ++len[static_cast<std::size_t>(rest[static_cast<std::size_t>(i)].row)];
   return len;
 }
 
@@ -196,9 +196,11 @@ std::set<index_t> top(std::vector<Cand> c, index_t k, Counters& cnt) {
       within_tie(c[static_cast<std::size_t>(k - 1)].score, c[static_cast<std::size_t>(k)].score)) {
     ++cnt.near_ties;
     if (std::getenv("CAKE_DIFF_TRACE") && cnt.near_ties < 20)
-      std::printf("near tie k=%ld of %zu: %.17g (pos %ld) vs %.17g (pos %ld)\n", static_cast<long>(k), c.size(),
-                  c[static_cast<std::size_t>(k - 1)].score, static_cast<long>(c[static_cast<std::size_t>(k - 1)].pos),
-                  c[static_cast<std::size_t>(k)].score, static_cast<long>(c[static_cast<std::size_t>(k)].pos));
+      std::printf("near tie k=%ld of %zu: %.17g (pos %ld) vs %.17g (pos %ld)\n",
+                  static_cast<long>(k), c.size(), c[static_cast<std::size_t>(k - 1)].score,
+                  static_cast<long>(c[static_cast<std::size_t>(k - 1)].pos),
+                  c[static_cast<std::size_t>(k)].score,
+                  static_cast<long>(c[static_cast<std::size_t>(k)].pos));
   }
   std::set<index_t> out;
   for (index_t i = 0; i < k; ++i) out.insert(c[static_cast<std::size_t>(i)].pos);
@@ -264,7 +266,8 @@ struct Run {
       double s = 0;
       for (int t = -half; t <= half; ++t) {
         const auto i = static_cast<std::ptrdiff_t>(j) + t;
-        if (i >= 0 && i < static_cast<std::ptrdiff_t>(a.size())) s += a[static_cast<std::size_t>(i)];
+        if (i >= 0 && i < static_cast<std::ptrdiff_t>(a.size()))
+          s += a[static_cast<std::size_t>(i)];
       }
       out[j] = s / kernel;
     }
@@ -288,8 +291,9 @@ struct Run {
         o.assign(static_cast<std::size_t>(cols), 0.0);
         if (m.ind == Ind::sink_recency) {
           for (index_t j = 0; j < P; ++j)
-            o[static_cast<std::size_t>(j)] = j < m.sinks ? static_cast<double>(FLT_MAX)
-                                                         : static_cast<double>(static_cast<float>(j));
+            o[static_cast<std::size_t>(j)] = j < m.sinks
+                                                 ? static_cast<double>(FLT_MAX)
+                                                 : static_cast<double>(static_cast<float>(j));
           continue;
         }
         for (index_t hh = 0; hh < n; ++hh) {
@@ -306,7 +310,8 @@ struct Run {
           std::vector<double> ind(static_cast<std::size_t>(P));
           for (index_t j = 0; j < P; ++j) {
             double mean = 0, var = 0;
-            for (index_t i = 0; i < w; ++i) mean += A[static_cast<std::size_t>(i)][static_cast<std::size_t>(j)];
+            for (index_t i = 0; i < w; ++i)
+              mean += A[static_cast<std::size_t>(i)][static_cast<std::size_t>(j)];
             mean /= static_cast<double>(w);
             for (index_t i = 0; i < w; ++i) {
               const double a = A[static_cast<std::size_t>(i)][static_cast<std::size_t>(j)];
@@ -317,18 +322,21 @@ struct Run {
             V += var;
             ind[static_cast<std::size_t>(j)] =
                 m.ind == Ind::mean_var ? mean + static_cast<double>(m.gamma) * var
-                : m.ind == Ind::window_mean ? mean
-                : A[static_cast<std::size_t>(w - 1)][static_cast<std::size_t>(j)];
+                : m.ind == Ind::window_mean
+                    ? mean
+                    : A[static_cast<std::size_t>(w - 1)][static_cast<std::size_t>(j)];
           }
           if (m.ind == Ind::accumulated) {
             for (index_t j = 0; j < S; ++j)
               for (index_t i = 0; i < w; ++i)
                 o[static_cast<std::size_t>(j)] +=
-                    A[static_cast<std::size_t>(i)][static_cast<std::size_t>(j)] / static_cast<double>(n);
+                    A[static_cast<std::size_t>(i)][static_cast<std::size_t>(j)] /
+                    static_cast<double>(n);
           } else {
             const auto pooled = pool(ind, m.pool);
             for (index_t j = 0; j < P; ++j)
-              o[static_cast<std::size_t>(j)] += pooled[static_cast<std::size_t>(j)] / static_cast<double>(n);
+              o[static_cast<std::size_t>(j)] +=
+                  pooled[static_cast<std::size_t>(j)] / static_cast<double>(n);
           }
         }
       }
@@ -345,7 +353,8 @@ struct Run {
     if (model == lib) return;
     std::vector<std::pair<index_t, index_t>> in, out;  // kept by the library only / the model only
     std::set_difference(lib.begin(), lib.end(), model.begin(), model.end(), std::back_inserter(in));
-    std::set_difference(model.begin(), model.end(), lib.begin(), lib.end(), std::back_inserter(out));
+    std::set_difference(model.begin(), model.end(), lib.begin(), lib.end(),
+                        std::back_inserter(out));
     bool tie = in.size() == out.size();
     for (const auto& p : in)
       for (const auto& q : out) {
@@ -419,7 +428,8 @@ struct Run {
       ly.order.assign(static_cast<std::size_t>(rows()), {});
       ly.score.assign(static_cast<std::size_t>(rows()), {});
       for (index_t r = 0; r < rows(); ++r) {
-        ly.keys[static_cast<std::size_t>(r)].assign(k.begin() + r * S * d, k.begin() + (r + 1) * S * d);
+        ly.keys[static_cast<std::size_t>(r)].assign(k.begin() + r * S * d,
+                                                    k.begin() + (r + 1) * S * d);
         auto& ord = ly.order[static_cast<std::size_t>(r)];  // the prompt, in position order
         ord.resize(static_cast<std::size_t>(S));
         std::iota(ord.begin(), ord.end(), index_t{0});
@@ -428,11 +438,13 @@ struct Run {
       const auto sc = prefill_scores(q, ly, &pref);
       prefs.push_back(pref);
       if (m.cake_pref)
-        CHECK_MESSAGE(std::abs(c.preference(m_) - pref) <= 1e-3 * pref + 1e-12,
-                      where << " preference of layer " << m_ << ": " << c.preference(m_) << " vs " << pref);
+        CHECK_MESSAGE(
+            std::abs(c.preference(m_) - pref) <= 1e-3 * pref + 1e-12,
+            where << " preference of layer " << m_ << ": " << c.preference(m_) << " vs " << pref);
       for (index_t r = 0; r < rows(); ++r)
         for (std::size_t j = 0; j < sc[static_cast<std::size_t>(r)].size(); ++j)
-          ly.score[static_cast<std::size_t>(r)][static_cast<index_t>(j)] = sc[static_cast<std::size_t>(r)][j];
+          ly.score[static_cast<std::size_t>(r)][static_cast<index_t>(j)] =
+              sc[static_cast<std::size_t>(r)][j];
 
       // Which layers are cut now, to how much.
       std::vector<index_t> stage;
@@ -473,14 +485,17 @@ struct Run {
           const auto& ord = lyl.order[static_cast<std::size_t>(r)];
           index_t idx = 0;
           for (index_t p : ord)
-            if (p < P) cands[static_cast<std::size_t>(r)].push_back({p, lyl.score[static_cast<std::size_t>(r)].at(p), idx++});
+            if (p < P)
+              cands[static_cast<std::size_t>(r)].push_back(
+                  {p, lyl.score[static_cast<std::size_t>(r)].at(p), idx++});
           // The stored prefix is in descending-indicator order (fresh: position order).
         }
         std::vector<std::set<index_t>> model(static_cast<std::size_t>(rows()));
         if (m.headwise) {
           const index_t hb = fresh ? std::min(bud, P) : bud;
           for (index_t b = 0; b < B; ++b) {
-            std::vector<std::vector<Cand>> br(cands.begin() + b * Hkv, cands.begin() + (b + 1) * Hkv);
+            std::vector<std::vector<Cand>> br(cands.begin() + b * Hkv,
+                                              cands.begin() + (b + 1) * Hkv);
             const auto len = split_heads(br, hb, head_floor(m, hb), cnt);
             for (index_t g = 0; g < Hkv; ++g)
               model[static_cast<std::size_t>(b * Hkv + g)] =
@@ -488,7 +503,8 @@ struct Run {
           }
         } else {
           for (index_t r = 0; r < rows(); ++r)
-            model[static_cast<std::size_t>(r)] = top(cands[static_cast<std::size_t>(r)], std::min(bud, P), cnt);
+            model[static_cast<std::size_t>(r)] =
+                top(cands[static_cast<std::size_t>(r)], std::min(bud, P), cnt);
         }
         // Compare per batch entry (head-wise rows share a budget) or per row.
         const index_t unit = m.headwise ? Hkv : 1;
@@ -501,11 +517,15 @@ struct Run {
               if (p < P) ls.insert({r, p});
             // The window is kept whole.
             for (index_t p = P; p < S; ++p)
-              CHECK_MESSAGE(std::count(row.begin(), row.end(), p) == 1, where << " window of layer " << l);
+              CHECK_MESSAGE(std::count(row.begin(), row.end(), p) == 1,
+                            where << " window of layer " << l);
           }
-          compare(ms, ls, [&](std::pair<index_t, index_t> t) {
-            return lyl.score[static_cast<std::size_t>(t.first)].at(t.second);
-          }, "prefill cut");
+          compare(
+              ms, ls,
+              [&](std::pair<index_t, index_t> t) {
+                return lyl.score[static_cast<std::size_t>(t.first)].at(t.second);
+              },
+              "prefill cut");
         }
         if (m.headwise) lyl.ragged = true;
         adopt(l);
@@ -538,19 +558,26 @@ struct Run {
           std::vector<double> a(static_cast<std::size_t>(n), 0.0);
           const index_t b = r / Hkv, g = r % Hkv;
           for (index_t hh = 0; hh < grp(); ++hh) {
-            const auto ah = attention(&q[static_cast<std::size_t>((b * H + g * grp() + hh) * d)], keys, toks);
-            for (index_t j = 0; j < n; ++j) a[static_cast<std::size_t>(j)] += ah[static_cast<std::size_t>(j)] / static_cast<double>(grp());
+            const auto ah =
+                attention(&q[static_cast<std::size_t>((b * H + g * grp() + hh) * d)], keys, toks);
+            for (index_t j = 0; j < n; ++j)
+              a[static_cast<std::size_t>(j)] +=
+                  ah[static_cast<std::size_t>(j)] / static_cast<double>(grp());
           }
           auto& score = ly.score[static_cast<std::size_t>(r)];
           std::vector<double> cs(static_cast<std::size_t>(std::max<index_t>(cand, 0)));
           if (m.ind == Ind::accumulated) {
             score[pos] = 0.0;
-            for (index_t j = 0; j < n; ++j) score[toks[static_cast<std::size_t>(j)]] += a[static_cast<std::size_t>(j)];
-            for (index_t j = 0; j < cand; ++j) cs[static_cast<std::size_t>(j)] = score.at(toks[static_cast<std::size_t>(j)]);
+            for (index_t j = 0; j < n; ++j)
+              score[toks[static_cast<std::size_t>(j)]] += a[static_cast<std::size_t>(j)];
+            for (index_t j = 0; j < cand; ++j)
+              cs[static_cast<std::size_t>(j)] = score.at(toks[static_cast<std::size_t>(j)]);
           } else if (m.ind == Ind::sink_recency) {
             for (index_t j = 0; j < cand; ++j) {
               const index_t p = toks[static_cast<std::size_t>(j)];
-              cs[static_cast<std::size_t>(j)] = p < m.sinks ? static_cast<double>(FLT_MAX) : static_cast<double>(static_cast<float>(p));
+              cs[static_cast<std::size_t>(j)] = p < m.sinks
+                                                    ? static_cast<double>(FLT_MAX)
+                                                    : static_cast<double>(static_cast<float>(p));
             }
           } else {
             const std::vector<double> head(a.begin(), a.begin() + cand);
@@ -576,13 +603,17 @@ struct Run {
             CHECK_MESSAGE(window.count(lib[static_cast<std::size_t>(keep + x)]) == 1,
                           where << " decode window, layer " << l);
           for (index_t x = 0; x < keep; ++x) ls.insert({r, lib[static_cast<std::size_t>(x)]});
-          compare(ms, ls, [&](std::pair<index_t, index_t> tk) {
-            auto it = decided.find(tk.second);
-            return it == decided.end() ? -INFINITY : it->second;
-          }, "decode eviction");
+          compare(
+              ms, ls,
+              [&](std::pair<index_t, index_t> tk) {
+                auto it = decided.find(tk.second);
+                return it == decided.end() ? -INFINITY : it->second;
+              },
+              "decode eviction");
           // Order of the kept prefix: positions ascending, or (reference) scores descending.
           for (index_t x = 1; x < keep; ++x) {
-            const index_t p0 = lib[static_cast<std::size_t>(x - 1)], p1 = lib[static_cast<std::size_t>(x)];
+            const index_t p0 = lib[static_cast<std::size_t>(x - 1)],
+                          p1 = lib[static_cast<std::size_t>(x)];
             if (cfg.order == cake::token_order::position) {
               CHECK_MESSAGE(p0 < p1, where << " position order");
             } else if (decided.count(p0) && decided.count(p1)) {
@@ -617,7 +648,8 @@ void dispatch(const Method& m, const cake::CacheConfig& cfg, index_t S, int step
   const std::string& n = m.name;
   if (n == "cake")
     run_config<me::Cake<>>(m, cfg, S, steps, seed, cnt, cake::CakePreference{m.tau1, m.tau2},
-                           cake::ProportionalBudget{}, cake::MeanVarianceIndicator{m.gamma, m.pool});
+                           cake::ProportionalBudget{},
+                           cake::MeanVarianceIndicator{m.gamma, m.pool});
   else if (n == "snapkv")
     run_config<me::SnapKv<>>(m, cfg, S, steps, seed, cnt, cake::UniformPreference{},
                              cake::UniformBudget{}, cake::WindowMeanIndicator{m.pool});
@@ -648,27 +680,60 @@ Method method_named(const std::string& name, std::mt19937& rng) {
   };
   const int pool = static_cast<int>(pick({1, 3, 5}));
   if (name == "cake")
-    return {name, Ind::mean_var, Bud::proportional, true, false, pick({1.0f, 1.6f, 0.5f}),
-            pick({1.0f, 0.4f, 2.0f}), pick({200.0f, 0.0f, 5.0f}), 20, 0.2f, pool};
-  if (name == "snapkv") return {name, Ind::window_mean, Bud::uniform, false, false, 1, 1, 0, 20, 0.2f, pool};
+    return {name,
+            Ind::mean_var,
+            Bud::proportional,
+            true,
+            false,
+            pick({1.0f, 1.6f, 0.5f}),
+            pick({1.0f, 0.4f, 2.0f}),
+            pick({200.0f, 0.0f, 5.0f}),
+            20,
+            0.2f,
+            pool};
+  if (name == "snapkv")
+    return {name, Ind::window_mean, Bud::uniform, false, false, 1, 1, 0, 20, 0.2f, pool};
   if (name == "pyramidkv")
-    return {name, Ind::window_mean, Bud::pyramid, false, false, 1, 1, 0, pick({20.0f, 2.0f, 1.0f}), 0.2f, pool};
+    return {name, Ind::window_mean,          Bud::pyramid, false, false, 1, 1,
+            0,    pick({20.0f, 2.0f, 1.0f}), 0.2f,         pool};
   if (name == "streamingllm") {
     Method m{name, Ind::sink_recency, Bud::uniform, false, false};
     m.sinks = static_cast<index_t>(pick({0, 2, 4}));
     return m;
   }
-  if (name == "h2o") return {name, Ind::accumulated, Bud::uniform, false, false, 1, 1, 0, 20, 0.2f, 1};
-  if (name == "tova") return {name, Ind::last_query, Bud::uniform, false, false, 1, 1, 0, 20, 0.2f, static_cast<int>(pick({1, 1, 3}))};
+  if (name == "h2o")
+    return {name, Ind::accumulated, Bud::uniform, false, false, 1, 1, 0, 20, 0.2f, 1};
+  if (name == "tova")
+    return {name,
+            Ind::last_query,
+            Bud::uniform,
+            false,
+            false,
+            1,
+            1,
+            0,
+            20,
+            0.2f,
+            static_cast<int>(pick({1, 1, 3}))};
   if (name == "ada_snapkv")
-    return {name, Ind::window_mean, Bud::uniform, false, true, 1, 1, 0, 20, pick({0.2f, 0.0f, 0.5f}), pool};
-  return {name, Ind::mean_var, Bud::proportional, true, true, pick({1.0f, 1.6f}), pick({1.0f, 0.4f}),
-          pick({200.0f, 5.0f}), 20, pick({0.2f, 0.0f, 0.5f}), pool};
+    return {name, Ind::window_mean,         Bud::uniform, false, true, 1, 1, 0,
+            20,   pick({0.2f, 0.0f, 0.5f}), pool};
+  return {name,
+          Ind::mean_var,
+          Bud::proportional,
+          true,
+          true,
+          pick({1.0f, 1.6f}),
+          pick({1.0f, 0.4f}),
+          pick({200.0f, 5.0f}),
+          20,
+          pick({0.2f, 0.0f, 0.5f}),
+          pool};
 }
 
 void differential(const std::string& name, int configs, int steps) {
   Counters cnt;
-  std::mt19937 rng(std::hash<std::string>{}(name) & 0xffffffu);
+  std::mt19937 rng(std::hash<std::string>{}(name)&0xffffffu);
   for (int i = 0; i < configs; ++i) {
     const Method m = method_named(name, rng);
     auto u = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
@@ -684,7 +749,8 @@ void differential(const std::string& name, int configs, int steps) {
     cfg.order = u(0, 1) ? cake::token_order::position : cake::token_order::reference;
     // Mostly prompts that are cut; one in eight fits and is kept whole, down to S = w
     // (no prefix at all).
-    const index_t S = u(0, 7) == 0 ? u(static_cast<int>(cfg.window), static_cast<int>(cfg.cache_size + cfg.window))
+    const index_t S = u(0, 7) == 0 ? u(static_cast<int>(cfg.window),
+                                       static_cast<int>(cfg.cache_size + cfg.window))
                                    : u(static_cast<int>(cfg.cache_size + cfg.window + 1),
                                        static_cast<int>(cfg.cache_size + cfg.window + 80));
     dispatch(m, cfg, S, steps, static_cast<std::uint32_t>(rng()), cnt);
@@ -701,8 +767,8 @@ void differential(const std::string& name, int configs, int steps) {
 
 TEST_CASE("differential: every method equals its float64 model on random configurations") {
   const int configs = 24 / kScale, steps = 200 / kScale;
-  for (const char* name : {"cake", "snapkv", "pyramidkv", "streamingllm", "h2o", "tova",
-                           "ada_snapkv", "cake_adakv"}) {
+  for (const char* name :
+       {"cake", "snapkv", "pyramidkv", "streamingllm", "h2o", "tova", "ada_snapkv", "cake_adakv"}) {
     SUBCASE(name) { differential(name, configs, steps); }
   }
 }

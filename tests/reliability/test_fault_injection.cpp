@@ -32,8 +32,9 @@ long injected = 0;  // faults injected over the whole run
 void* allocate(std::size_t n, std::size_t align) {
   if (armed.load(std::memory_order_relaxed) && ++count == fail_at.load()) throw std::bad_alloc();
   if (n == 0) n = 1;
-  void* p = align > alignof(std::max_align_t) ? std::aligned_alloc(align, (n + align - 1) / align * align)
-                                              : std::malloc(n);
+  void* p = align > alignof(std::max_align_t)
+                ? std::aligned_alloc(align, (n + align - 1) / align * align)
+                : std::malloc(n);
   if (!p) throw std::bad_alloc();
   return p;
 }
@@ -199,7 +200,8 @@ long run_method(const std::string& name, cake::CacheConfig cfg, index_t S, Polic
           for (index_t x = 0; x < cfg.layers; ++x) data.decode(c, x, u);
         return c;
       };
-      const std::string what = name + " decode step " + std::to_string(t) + " layer " + std::to_string(l);
+      const std::string what =
+          name + " decode step " + std::to_string(t) + " layer " + std::to_string(l);
       faults += inject_all(what, make, [&](Cache& c) { data.decode(c, l, t); });
     }
   }
@@ -207,8 +209,13 @@ long run_method(const std::string& name, cake::CacheConfig cfg, index_t S, Polic
 }
 
 cake::CacheConfig config(bool cascade, cake::token_order order) {
-  cake::CacheConfig cfg{.layers = 3, .batch = 2, .q_heads = 4, .kv_heads = 2, .head_dim = 8,
-                        .window = 4, .cache_size = 12};
+  cake::CacheConfig cfg{.layers = 3,
+                        .batch = 2,
+                        .q_heads = 4,
+                        .kv_heads = 2,
+                        .head_dim = 8,
+                        .window = 4,
+                        .cache_size = 12};
   cfg.cascade = cascade;
   cfg.order = order;
   return cfg;
@@ -216,7 +223,8 @@ cake::CacheConfig config(bool cascade, cake::token_order order) {
 
 }  // namespace
 
-TEST_CASE("fault injection: every allocation of prefill and decode fails cleanly (strong guarantee)") {
+TEST_CASE(
+    "fault injection: every allocation of prefill and decode fails cleanly (strong guarantee)") {
   namespace m = cake::methods;
   using cake::token_order;
   long total = 0;
@@ -231,18 +239,21 @@ TEST_CASE("fault injection: every allocation of prefill and decode fails cleanly
     total += run_method<m::Cake<>>("cake uncut", config(true, token_order::position), S_fits);
   }
   SUBCASE("CAKE x Ada-KV (head-wise), cascading and one-shot") {
-    total += run_method<m::CakeAdaKv<>>("cake_adakv cascade", config(true, token_order::position), S);
+    total +=
+        run_method<m::CakeAdaKv<>>("cake_adakv cascade", config(true, token_order::position), S);
     total += run_method<m::AdaSnapKv<>>("ada_snapkv one-shot reference",
                                         config(false, token_order::reference), S);
   }
   SUBCASE("H2O, cascading and one-shot") {
     total += run_method<m::H2o<>>("h2o cascade", config(true, token_order::position), S);
-    total += run_method<m::H2o<>>("h2o one-shot reference", config(false, token_order::reference), S);
+    total +=
+        run_method<m::H2o<>>("h2o one-shot reference", config(false, token_order::reference), S);
   }
   SUBCASE("StreamingLLM, TOVA, PyramidKV") {
     total += run_method<m::StreamingLlm<>>("streamingllm", config(true, token_order::position), S);
     total += run_method<m::Tova<>>("tova", config(true, token_order::reference), S);
-    total += run_method<m::PyramidKv<>>("pyramidkv one-shot", config(false, token_order::position), S);
+    total +=
+        run_method<m::PyramidKv<>>("pyramidkv one-shot", config(false, token_order::position), S);
   }
   CHECK(total > 0);
   std::printf("fault injection: %ld allocation failures injected in this subcase (%ld so far)\n",

@@ -70,7 +70,8 @@ std::string npy(const std::string& descr, const std::string& shape, const std::s
   std::string h = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + shape + ", }";
   while ((10 + h.size() + 1) % 64) h += ' ';
   h += '\n';
-  const std::uint16_t n = header_len_override ? header_len_override : static_cast<std::uint16_t>(h.size());
+  const std::uint16_t n =
+      header_len_override ? header_len_override : static_cast<std::uint16_t>(h.size());
   std::string out = "\x93NUMPY\x01";
   out += '\0';
   out += static_cast<char>(n & 0xff);
@@ -80,7 +81,8 @@ std::string npy(const std::string& descr, const std::string& shape, const std::s
 
 }  // namespace
 
-TEST_CASE("regression: a GGUF tensor offset near 2^64 is refused, not wrapped past the range check") {
+TEST_CASE(
+    "regression: a GGUF tensor offset near 2^64 is refused, not wrapped past the range check") {
   // Before the fix, data_start + offset + bytes wrapped around and passed the check;
   // to_float then read from a wild pointer.
   auto img = Image::header(1, 0).tensor("w", {8}, 0, UINT64_MAX - 16).data(32);
@@ -97,7 +99,8 @@ TEST_CASE("regression: GGUF dimensions whose product wraps 64 bits are refused")
                        std::runtime_error);
   // f32 bytes (elements * 4) that wrap although the element count does not.
   auto wide = Image::header(1, 0).tensor("w", {1ull << 62}, 0, 0).data(64);
-  CHECK_THROWS_WITH_AS(llm::GgufFile{wide.b}, doctest::Contains("past the end"), std::runtime_error);
+  CHECK_THROWS_WITH_AS(llm::GgufFile{wide.b}, doctest::Contains("past the end"),
+                       std::runtime_error);
 }
 
 TEST_CASE("regression: a GGUF alignment beyond the file is refused") {
@@ -134,14 +137,16 @@ TEST_CASE("regression: .npy readers refuse what they cannot hold") {
   CHECK(a.as<double>()[0] == huge);
   CHECK_THROWS_AS(a.as<std::int64_t>(), std::runtime_error);
   // A shape of 10^12 elements in a tiny file: refused before allocating.
-  CHECK_THROWS_WITH_AS(load_npy(temp_file("cake_reg_big.npy", npy("<f4", "(1000000, 1000000)", ""))),
-                       doctest::Contains("truncated"), std::runtime_error);
+  CHECK_THROWS_WITH_AS(
+      load_npy(temp_file("cake_reg_big.npy", npy("<f4", "(1000000, 1000000)", ""))),
+      doctest::Contains("truncated"), std::runtime_error);
   // A header length past the end of the file.
   CHECK_THROWS_AS(load_npy(temp_file("cake_reg_hdr.npy", npy("<f4", "(1,)", "", 60000))),
                   std::runtime_error);
   // An unsupported dtype is named before any allocation.
-  CHECK_THROWS_WITH_AS(load_npy(temp_file("cake_reg_dt.npy", npy("<c8", "(2,)", std::string(16, 'x')))),
-                       doctest::Contains("dtype"), std::runtime_error);
+  CHECK_THROWS_WITH_AS(
+      load_npy(temp_file("cake_reg_dt.npy", npy("<c8", "(2,)", std::string(16, 'x')))),
+      doctest::Contains("dtype"), std::runtime_error);
 }
 
 // Finding 7 (fixed): finite keys and queries whose dot products overflow float made a
@@ -150,8 +155,13 @@ TEST_CASE("regression: .npy readers refuse what they cannot hold") {
 // by fuzz_kv_cache with values of 3e38. The finite check now also bounds |q| and |k|
 // (detail::score_bound), so the call throws cake::error and nothing changes.
 TEST_CASE("regression: finite inputs whose attention scores overflow float are refused") {
-  cake::CacheConfig cfg{.layers = 1, .batch = 1, .q_heads = 1, .kv_heads = 1, .head_dim = 4,
-                        .window = 2, .cache_size = 4};
+  cake::CacheConfig cfg{.layers = 1,
+                        .batch = 1,
+                        .q_heads = 1,
+                        .kv_heads = 1,
+                        .head_dim = 4,
+                        .window = 2,
+                        .cache_size = 4};
   const cake::index_t S = 12;
   std::vector<float> q(2 * 4, 3e38f), k(S * 4, 1.0f), v(S * 4, 1.0f);
   for (int x = 0; x < 4; ++x) k[static_cast<std::size_t>(3 * 4 + x)] = 3e38f;  // one huge key
@@ -187,8 +197,13 @@ bool survives(F f) {
 // process so that such an abort fails this check instead of the whole suite.
 TEST_CASE("regression: a prompt of exactly the window prefills without tripping a precondition") {
   const bool ok = survives([] {
-    cake::CacheConfig cfg{.layers = 2, .batch = 1, .q_heads = 2, .kv_heads = 1, .head_dim = 4,
-                          .window = 4, .cache_size = 8};
+    cake::CacheConfig cfg{.layers = 2,
+                          .batch = 1,
+                          .q_heads = 2,
+                          .kv_heads = 1,
+                          .head_dim = 4,
+                          .window = 4,
+                          .cache_size = 8};
     std::vector<float> q(2 * 4 * 4, 0.5f), k(4 * 4, 0.25f), v(4 * 4, 1.0f);
     cake::methods::SnapKv<> c(cfg);
     for (cake::index_t l = 0; l < 2; ++l)

@@ -6,9 +6,9 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
-#include <type_traits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace cake_tools {
@@ -100,7 +100,8 @@ inline NpyArray load_npy(const std::string& path) {
     auto p = header.find("'" + key + "'");
     if (p == std::string::npos) throw std::runtime_error("npy: no " + key + " in " + path);
     p = header.find(':', p);
-    if (p == std::string::npos) throw std::runtime_error("npy: no value for " + key + " in " + path);
+    if (p == std::string::npos)
+      throw std::runtime_error("npy: no value for " + key + " in " + path);
     return p + 1;
   };
   {
@@ -134,8 +135,10 @@ inline NpyArray load_npy(const std::string& path) {
   f.seekg(here);
   std::uint64_t n = 1;
   for (auto s : a.shape) {
-    if (s != 0 && n > left / static_cast<std::uint64_t>(s)) n = left + 1;  // cannot fit
-    else n *= static_cast<std::uint64_t>(s);
+    if (s != 0 && n > left / static_cast<std::uint64_t>(s))
+      n = left + 1;  // cannot fit
+    else
+      n *= static_cast<std::uint64_t>(s);
   }
   if (n > left / elem) throw std::runtime_error("npy: truncated data in " + path);
   a.bytes.resize(static_cast<std::size_t>(n * elem));

@@ -167,10 +167,10 @@ struct cache_layer {
   using buffer = typename store::template buffer<U>;
 
   index_t rows = 0, d = 0, cap = 0, held = 0;
-  buffer<T> k, v;         // (rows, cap, head_dim)
-  buffer<index_t> pos;    // (rows, cap)
-  buffer<float> ind;      // (rows, cap) or empty
-  std::vector<index_t> len;  // (rows)
+  buffer<T> k, v;             // (rows, cap, head_dim)
+  buffer<index_t> pos;        // (rows, cap)
+  buffer<float> ind;          // (rows, cap) or empty
+  std::vector<index_t> len;   // (rows)
   bool by_indicator = false;  // prefix in descending-indicator order
   bool cut = false;           // made by a selection (else it holds the whole prompt)
 
@@ -190,8 +190,13 @@ struct cache_layer {
   }
   bool has_scores() const { return store::size(ind) > 0; }
   slots<T> at() const {
-    return {store::ptr(k), store::ptr(v), store::ptr(pos),
-            has_scores() ? store::ptr(ind) : nullptr, rows, cap, d};
+    return {store::ptr(k),
+            store::ptr(v),
+            store::ptr(pos),
+            has_scores() ? store::ptr(ind) : nullptr,
+            rows,
+            cap,
+            d};
   }
 };
 
@@ -202,12 +207,12 @@ template <class T, class Exec>
 struct decode_workspace {
   template <class U>
   using buffer = typename layer_store<T, Exec>::template buffer<U>;
-  buffer<float> scores, sums;  // (rows, held + 1)
-  buffer<index_t> sel;         // (rows, kept)
-  buffer<index_t> ints;                // (2, rows): row lengths and keeps (ragged rows)
-  buffer<char> bytes;                  // the backend's scoring scratch
-  std::vector<index_t> host_ints;      // the same on the host
-  cache_layer<T, Exec> spare;          // reference order: the kept tokens before they go back
+  buffer<float> scores, sums;      // (rows, held + 1)
+  buffer<index_t> sel;             // (rows, kept)
+  buffer<index_t> ints;            // (2, rows): row lengths and keeps (ragged rows)
+  buffer<char> bytes;              // the backend's scoring scratch
+  std::vector<index_t> host_ints;  // the same on the host
+  cache_layer<T, Exec> spare;      // reference order: the kept tokens before they go back
 };
 
 // ---- helpers ------------------------------------------------------------------
@@ -312,11 +317,11 @@ void attention_sums(const Exec& exec, const QV& q, const KV& k, float* out, inde
           q.data_handle() + i * static_cast<index_t>(q.stride(2)), std::array<index_t, 3>{B, H, d},
           std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
                                  static_cast<index_t>(q.stride(1)), 1});
-      const auto ki = make_view<Space>(
-          k.data_handle(), std::array<index_t, 4>{B, Hkv, seen, d},
-          std::array<index_t, 4>{static_cast<index_t>(k.stride(0)),
-                                 static_cast<index_t>(k.stride(1)),
-                                 static_cast<index_t>(k.stride(2)), 1});
+      const auto ki =
+          make_view<Space>(k.data_handle(), std::array<index_t, 4>{B, Hkv, seen, d},
+                           std::array<index_t, 4>{static_cast<index_t>(k.stride(0)),
+                                                  static_cast<index_t>(k.stride(1)),
+                                                  static_cast<index_t>(k.stride(2)), 1});
       S::candidates(exec, qi, ki, WindowMeanIndicator{1},
                     make_view<Space>(S::ptr(row), std::array<index_t, 3>{B, Hkv, seen},
                                      std::array<index_t, 3>{Hkv * n, n, 1}),
@@ -358,7 +363,8 @@ LayerStats score_prefill(const Exec& exec, const Ind& ind, const QV& q, const KV
                    StatsRequest::for_preference<Pref>());
     }
     std::array<float, 2> h{};
-    S::download(exec, static_cast<const float*>(S::ptr(st)), 2, h.data(), 1, 2);  // all the host needs
+    S::download(exec, static_cast<const float*>(S::ptr(st)), 2, h.data(), 1,
+                2);  // all the host needs
     stats = {h[0], h[1]};
   }
   if constexpr (source == indicator_source::position) {
@@ -366,11 +372,11 @@ LayerStats score_prefill(const Exec& exec, const Ind& ind, const QV& q, const KV
   } else if constexpr (source == indicator_source::last_query) {
     // The last window row sees every key: the decode-time scoring, unmasked.
     // (batch, q_heads, head_dim): window row w - 1 of every head.
-    const auto last = make_view<Space>(
-        q.data_handle() + (w - 1) * static_cast<index_t>(q.stride(2)),
-        std::array<index_t, 3>{B, H, d},
-        std::array<index_t, 3>{static_cast<index_t>(q.stride(0)), static_cast<index_t>(q.stride(1)),
-                               1});
+    const auto last =
+        make_view<Space>(q.data_handle() + (w - 1) * static_cast<index_t>(q.stride(2)),
+                         std::array<index_t, 3>{B, H, d},
+                         std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
+                                                static_cast<index_t>(q.stride(1)), 1});
     decode_scores(exec, last, k, ind, out_view(P));
   } else if constexpr (source == indicator_source::accumulated) {
     attention_sums<T>(exec, q, k, out, cols);
@@ -398,7 +404,6 @@ std::vector<index_t> head_lengths(const Exec& exec, const LayerShape& sh, token_
   return out;
 }
 
-
 // A layer holding all S tokens in position order (an uncut prompt, or one-shot mode
 // before the last layer), with room for one decoded token; scores, when given,
 // travel with the tokens (the first sc.cols slots of each row).
@@ -421,8 +426,7 @@ void gather_into(const Exec& exec, const LayerShape& sh, const KV& k, const VV& 
                  index_t n, const slots<T>& out, const index_t* lens, index_t lens_base) {
   using Space = typename Exec::memory_space;
   using S = layer_store<T, Exec>;
-  const auto keep_v =
-      make_view<Space>(sel, std::array<index_t, 3>{sh.batch, sh.kv_heads, n});
+  const auto keep_v = make_view<Space>(sel, std::array<index_t, 3>{sh.batch, sh.kv_heads, n});
   compact(exec, k, keep_v, token_view<Space>(out.k, out, sh, n));
   compact(exec, v, keep_v, token_view<Space>(out.v, out, sh, n));
   S::gather_meta(exec, out, sel, n, src_pos, src_cap, sc);
@@ -439,8 +443,7 @@ void gather_into(const Exec& exec, const LayerShape& sh, const KV& k, const VV& 
 template <class T, class Exec, class KV, class VV>
 cache_layer<T, Exec> select(const Exec& exec, const LayerShape& sh, const KV& k, const VV& v,
                             const index_t* src_pos, index_t src_cap, token_scores sc, index_t P,
-                            std::span<const index_t> keep, bool position_order,
-                            bool keep_scores) {
+                            std::span<const index_t> keep, bool position_order, bool keep_scores) {
   using S = layer_store<T, Exec>;
   using Space = typename Exec::memory_space;
   const index_t rows = sh.rows(), w = sh.window;
@@ -452,11 +455,11 @@ cache_layer<T, Exec> select(const Exec& exec, const LayerShape& sh, const KV& k,
   auto out = make_layer<T>(exec, rows, sh.head_dim, n + 1, keep_scores);
   index_t* s = S::ptr(sel);
   const index_t* kp = ragged ? S::ptr(kd) : nullptr;
-  select_k(exec,
-           make_view<Space>(sc.p, std::array<index_t, 2>{rows, P},
-                            std::array<index_t, 2>{sc.ld, 1}),
-           make_view<Space>(s, std::array<index_t, 2>{rows, most}, std::array<index_t, 2>{n, 1}),
-           position_order && !ragged ? select_order::position : select_order::descending);
+  select_k(
+      exec,
+      make_view<Space>(sc.p, std::array<index_t, 2>{rows, P}, std::array<index_t, 2>{sc.ld, 1}),
+      make_view<Space>(s, std::array<index_t, 2>{rows, most}, std::array<index_t, 2>{n, 1}),
+      position_order && !ragged ? select_order::position : select_order::descending);
   if (position_order && ragged) {
     S::sort_prefixes(exec, s, S::ptr(sorted), n, rows, kp, nullptr, 0);
     s = S::ptr(sorted);
@@ -481,8 +484,8 @@ cache_layer<T, Exec> select(const Exec& exec, const LayerShape& sh, const KV& k,
 template <class T, class Exec>
 struct reorder_plan {
   typename layer_store<T, Exec>::template buffer<index_t> ints, sorted;  // (2, rows), (rows, n)
-  std::vector<index_t> len;                                           // (rows) new lengths
-  index_t n = 0;                                                      // the longest new row
+  std::vector<index_t> len;                                              // (rows) new lengths
+  index_t n = 0;                                                         // the longest new row
 };
 template <class T, class Exec>
 reorder_plan<T, Exec> plan_reorder(const Exec& exec, const cache_layer<T, Exec>& ly,
@@ -557,8 +560,9 @@ truncation<T, Exec> prepare_truncate(const Exec& exec, std::span<const cache_lay
       const index_t p = row_prefix(plan[l], r), old = ly.row_len(r), off = r * s.cap;
       // Only the window moves; freed slots below the new longest row become padding.
       if (p + w != old)
-        jobs.push_back({s.k + off * s.d, s.v + off * s.d, s.pos + off, s.ind ? s.ind + off : nullptr,
-                        old - w, p, std::max(p + w, std::min(old, longest))});
+        jobs.push_back({s.k + off * s.d, s.v + off * s.d, s.pos + off,
+                        s.ind ? s.ind + off : nullptr, old - w, p,
+                        std::max(p + w, std::min(old, longest))});
       len[static_cast<std::size_t>(r)] = p + w;
     }
     tr.layers.push_back(l);
@@ -604,8 +608,7 @@ void reserve_decode(const Exec& exec, decode_workspace<T, Exec>& ws, const Layer
     ws.host_ints.reserve(static_cast<std::size_t>(2 * rows));
   }
   S::reserve_scoring(exec, ws.bytes, sh.batch, q_heads, sh.kv_heads, n);
-  if (reference && ws.spare.cap < n)
-    ws.spare = make_layer<T>(exec, rows, sh.head_dim, n, sums);
+  if (reference && ws.spare.cap < n) ws.spare = make_layer<T>(exec, rows, sh.head_dim, n, sums);
 }
 
 // The same once the last layer is planned (before its commit), for the layers as
@@ -618,7 +621,8 @@ void reserve_decode(const Exec& exec, decode_workspace<T, Exec>& ws, const Layer
                     bool ragged, bool reference, bool sums) {
   index_t most = 0;
   for (std::size_t l = 0; l < fresh.size(); ++l)
-    most = std::max({most, (fresh[l].rows > 0 ? fresh[l] : layers[l]).held, budgets[l] + sh.window});
+    most =
+        std::max({most, (fresh[l].rows > 0 ? fresh[l] : layers[l]).held, budgets[l] + sh.window});
   reserve_decode(exec, ws, sh, q_heads, most, ragged, reference, sums);
 }
 
@@ -688,11 +692,11 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
     float* sums = accumulates ? S::ptr(ws.sums) : nullptr;
     const auto score = [&](index_t r0, index_t nr, index_t bn, index_t held, index_t c) {
       const index_t b0 = r0 / Hkv, g0 = r0 % Hkv, hk = nr == rows ? Hkv : 1;
-      const auto qv = make_view<Space>(
-          q.data_handle() + b0 * q.stride(0) + g0 * grp * q.stride(1),
-          std::array<index_t, 3>{bn, hk * grp, d},
-          std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
-                                 static_cast<index_t>(q.stride(1)), 1});
+      const auto qv =
+          make_view<Space>(q.data_handle() + b0 * q.stride(0) + g0 * grp * q.stride(1),
+                           std::array<index_t, 3>{bn, hk * grp, d},
+                           std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
+                                                  static_cast<index_t>(q.stride(1)), 1});
       const auto kv = make_view<Space>(static_cast<const T*>(s.k + r0 * s.cap * d),
                                        std::array<index_t, 4>{bn, hk, held, d},
                                        std::array<index_t, 4>{Hkv * s.cap * d, s.cap * d, d, 1});
@@ -723,7 +727,8 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
       }
     }
     if (!evict) {  // uniform rows below budget + w: they grow
-      if constexpr (accumulates) S::copy_2d(exec, static_cast<const float*>(sums), N, s.ind, s.cap, rows, N);
+      if constexpr (accumulates)
+        S::copy_2d(exec, static_cast<const float*>(sums), N, s.ind, s.cap, rows, N);
       ly.set_length(N);
       return;
     }
@@ -734,12 +739,12 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
     index_t* sel = S::ptr(ws.sel);
     const select_order order = reference ? select_order::descending : select_order::position;
     if (!ragged) {
-      select_k(exec,
-               make_view<Space>(ranked, std::array<index_t, 2>{rows, cand},
-                                std::array<index_t, 2>{N, 1}),
-               make_view<Space>(sel, std::array<index_t, 2>{rows, keep},
-                                std::array<index_t, 2>{n, 1}),
-               order);
+      select_k(
+          exec,
+          make_view<Space>(ranked, std::array<index_t, 2>{rows, cand},
+                           std::array<index_t, 2>{N, 1}),
+          make_view<Space>(sel, std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
+          order);
     } else {
       for (index_t r = 0; r < rows; ++r) {
         const index_t kr = ly.row_len(r) - w;  // one fewer than the row's candidates
@@ -767,7 +772,7 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
     if (ragged) {
       try {
         S::pad(exec, s, lens, 0, N);  // the new token leaves the rows' padding
-      } catch (...) {  // the first failure is the one to report
+      } catch (...) {                 // the first failure is the one to report
       }
     }
     throw;

@@ -133,11 +133,10 @@ TEST_CASE("emulated move_slots_kernel: an ascending gather in place equals the g
       for (std::size_t i = 0; i < sums.size(); ++i) sums[i] = 0.5f * static_cast<float>(i);
 
       emu::launch({static_cast<unsigned>(rows), 1, 1}, {256, 1, 1}, 0, [&] {
-        cd::move_slots_kernel<float, 4>(dev.k.data(), dev.v.data(), dev.pos.data(),
-                                        with_sums ? dev.ind.data() : nullptr, cap, dev.k.data(),
-                                        dev.v.data(), dev.pos.data(), cap,
-                                        with_sums ? sums.data() : nullptr, held, d, keep.data(), n,
-                                        nullptr, n);
+        cd::move_slots_kernel<float, 4>(
+            dev.k.data(), dev.v.data(), dev.pos.data(), with_sums ? dev.ind.data() : nullptr, cap,
+            dev.k.data(), dev.v.data(), dev.pos.data(), cap, with_sums ? sums.data() : nullptr,
+            held, d, keep.data(), n, nullptr, n);
       });
       for (index_t r = 0; r < rows; ++r)
         for (index_t t = 0; t < n; ++t) {
@@ -223,8 +222,8 @@ TEST_CASE("emulated move_slots_kernel: ragged rows in place, and a copy back wit
     const std::vector<index_t> sel{0, 1, 2, 4, 5, 6, 7, 1, 3, 8, 9, 9, 9, 9, 0, 2, 3, 5, 6, 8, 8};
     emu::launch({3, 1, 1}, {64, 1, 1}, 0, [&] {
       cd::move_slots_kernel<float, 4>(dev.k.data(), dev.v.data(), dev.pos.data(), dev.ind.data(),
-                                      cap, dev.k.data(), dev.v.data(), dev.pos.data(), cap,
-                                      nullptr, 0, d, sel.data(), n, lens.data(), 0);
+                                      cap, dev.k.data(), dev.v.data(), dev.pos.data(), cap, nullptr,
+                                      0, d, sel.data(), n, lens.data(), 0);
     });
     for (index_t r = 0; r < rows; ++r)
       for (index_t t = 0; t < n; ++t) {
@@ -250,9 +249,9 @@ TEST_CASE("emulated move_slots_kernel: ragged rows in place, and a copy back wit
     std::vector<float> sums(static_cast<std::size_t>(rows * n));
     for (std::size_t i = 0; i < sums.size(); ++i) sums[i] = 1.5f * static_cast<float>(i);
     emu::launch({3, 1, 1}, {32, 1, 1}, 0, [&] {
-      cd::move_slots_kernel<float, 4>(dst.k.data(), dst.v.data(), dst.pos.data(), dst.ind.data(),
-                                      8, dev.k.data(), dev.v.data(), dev.pos.data(), cap,
-                                      sums.data(), n, d, nullptr, n, lens.data(), 0);
+      cd::move_slots_kernel<float, 4>(dst.k.data(), dst.v.data(), dst.pos.data(), dst.ind.data(), 8,
+                                      dev.k.data(), dev.v.data(), dev.pos.data(), cap, sums.data(),
+                                      n, d, nullptr, n, lens.data(), 0);
     });
     for (index_t r = 0; r < rows; ++r)
       for (index_t t = 0; t < n; ++t) {
@@ -341,14 +340,16 @@ TEST_CASE("emulated pad_rows_kernel and append_token_kernel: per-row slots") {
   const std::vector<index_t> lens{3, 0, 8};
   emu::launch({3, 1, 1}, {32, 1, 1}, 0, [&] {
     cd::append_token_kernel<float, float>(dev.k.data(), dev.v.data(), dev.pos.data(), cap, d, Hkv,
-                                          lens.data(), 99, k.data(), Hkv * 8, 8, v.data(),
-                                          Hkv * 8, 8, 42);
+                                          lens.data(), 99, k.data(), Hkv * 8, 8, v.data(), Hkv * 8,
+                                          8, 42);
   });
   for (index_t r = 0; r < rows; ++r) {
     const index_t t = lens[static_cast<std::size_t>(r)];
     for (index_t x = 0; x < d; ++x) {
-      ref.k[static_cast<std::size_t>((r * cap + t) * d + x)] = k[static_cast<std::size_t>(r * 8 + x)];
-      ref.v[static_cast<std::size_t>((r * cap + t) * d + x)] = v[static_cast<std::size_t>(r * 8 + x)];
+      ref.k[static_cast<std::size_t>((r * cap + t) * d + x)] =
+          k[static_cast<std::size_t>(r * 8 + x)];
+      ref.v[static_cast<std::size_t>((r * cap + t) * d + x)] =
+          v[static_cast<std::size_t>(r * 8 + x)];
     }
     ref.pos[static_cast<std::size_t>(r * cap + t)] = 42;
   }

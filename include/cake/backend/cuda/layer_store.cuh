@@ -68,27 +68,27 @@ struct layer_store<T, cuda_policy> {
   }
   // dst (rows, cols) dense on the host = src (rows, cols), row stride src_ld; syncs.
   template <class U>
-  static void download(const cuda_policy& exec, const U* src, index_t src_ld, U* dst,
-                       index_t rows, index_t cols) {
+  static void download(const cuda_policy& exec, const U* src, index_t src_ld, U* dst, index_t rows,
+                       index_t cols) {
     if (rows * cols == 0) return;
-    cuda_detail::check(cudaMemcpy2DAsync(dst, static_cast<std::size_t>(cols) * sizeof(U), src,
-                                         static_cast<std::size_t>(src_ld) * sizeof(U),
-                                         static_cast<std::size_t>(cols) * sizeof(U),
-                                         static_cast<std::size_t>(rows), cudaMemcpyDeviceToHost,
-                                         stream(exec)),
-                       "cudaMemcpy2DAsync (KvCache download)");
+    cuda_detail::check(
+        cudaMemcpy2DAsync(dst, static_cast<std::size_t>(cols) * sizeof(U), src,
+                          static_cast<std::size_t>(src_ld) * sizeof(U),
+                          static_cast<std::size_t>(cols) * sizeof(U),
+                          static_cast<std::size_t>(rows), cudaMemcpyDeviceToHost, stream(exec)),
+        "cudaMemcpy2DAsync (KvCache download)");
     cuda_detail::check(cudaStreamSynchronize(stream(exec)), "KvCache download");
   }
   template <class U>
-  static void copy_2d(const cuda_policy& exec, const U* src, index_t src_ld, U* dst,
-                      index_t dst_ld, index_t rows, index_t cols) {
+  static void copy_2d(const cuda_policy& exec, const U* src, index_t src_ld, U* dst, index_t dst_ld,
+                      index_t rows, index_t cols) {
     if (rows * cols == 0) return;
-    cuda_detail::check(cudaMemcpy2DAsync(dst, static_cast<std::size_t>(dst_ld) * sizeof(U), src,
-                                         static_cast<std::size_t>(src_ld) * sizeof(U),
-                                         static_cast<std::size_t>(cols) * sizeof(U),
-                                         static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice,
-                                         stream(exec)),
-                       "cudaMemcpy2DAsync (KvCache)");
+    cuda_detail::check(
+        cudaMemcpy2DAsync(dst, static_cast<std::size_t>(dst_ld) * sizeof(U), src,
+                          static_cast<std::size_t>(src_ld) * sizeof(U),
+                          static_cast<std::size_t>(cols) * sizeof(U),
+                          static_cast<std::size_t>(rows), cudaMemcpyDeviceToDevice, stream(exec)),
+        "cudaMemcpy2DAsync (KvCache)");
   }
 
   // Each tensor scanned by one kernel into its own slot; one flag read (one sync)
@@ -130,7 +130,7 @@ struct layer_store<T, cuda_policy> {
     if (sc.p) copy_2d(exec, sc.p, sc.ld, out.ind, out.cap, out.rows, sc.cols);
     if (out.rows * S == 0) return;
     cuda_detail::iota_rows_kernel<<<grid(out.rows * S), 256, 0, stream(exec)>>>(out.pos, out.rows,
-                                                                                 out.cap, S);
+                                                                                out.cap, S);
     launched("iota_rows_kernel");
   }
 
@@ -163,8 +163,7 @@ struct layer_store<T, cuda_policy> {
   }
 
   static void sort_prefixes(const cuda_policy& exec, const index_t* in, index_t* out, index_t n,
-                            index_t rows, const index_t* lens, const index_t* key,
-                            index_t key_ld) {
+                            index_t rows, const index_t* lens, const index_t* key, index_t key_ld) {
     if (rows * n == 0) return;
     cuda_detail::sort_prefix_kernel<<<static_cast<unsigned>(rows), 256, 0, stream(exec)>>>(
         in, out, n, lens, key, key_ld);
@@ -198,8 +197,9 @@ struct layer_store<T, cuda_policy> {
   // nothing when it fails.
   static void move_windows(const cuda_policy& exec, staged_moves& st, index_t d, index_t w) {
     if (st.host.empty()) return;
-    cuda_detail::truncate_rows_kernel<<<static_cast<unsigned>(st.host.size()), 128, 0,
-                                        stream(exec)>>>(st.jobs.data(), d, w);
+    cuda_detail::
+        truncate_rows_kernel<<<static_cast<unsigned>(st.host.size()), 128, 0, stream(exec)>>>(
+            st.jobs.data(), d, w);
     launched("truncate_rows_kernel");
   }
 
@@ -217,15 +217,15 @@ struct layer_store<T, cuda_policy> {
   static void accumulate(const cuda_policy& exec, float* dst, index_t dst_ld, const float* src,
                          index_t src_ld, index_t rows, index_t cols) {
     if (rows * cols == 0) return;
-    cuda_detail::accumulate_kernel<float><<<grid(rows * cols), 256, 0, stream(exec)>>>(
-        dst, dst_ld, src, src_ld, rows, cols);
+    cuda_detail::accumulate_kernel<float>
+        <<<grid(rows * cols), 256, 0, stream(exec)>>>(dst, dst_ld, src, src_ld, rows, cols);
     launched("accumulate_kernel");
   }
 
   // A decoding step's scores in the cache's scratch (grown when a layer outgrows it).
   template <class QV, class KV, class Ind, class Out>
-  static void candidates(const cuda_policy& exec, const QV& q, const KV& keys,
-                         const Ind& indicator, const Out& out, buffer<char>& scratch) {
+  static void candidates(const cuda_policy& exec, const QV& q, const KV& keys, const Ind& indicator,
+                         const Out& out, buffer<char>& scratch) {
     if constexpr (SourceIndicator<Ind>) {
       candidate_scores(exec, q, keys, indicator, out);
     } else {
@@ -274,7 +274,6 @@ struct layer_store<T, cuda_policy> {
     for (std::size_t r = 0; r < R; ++r) coords.append(r ? ", " : "").append(std::to_string(idx[r]));
     return out_of_bound_status(t, static_cast<float>(bad), coords);
   }
-
 };
 
 }  // namespace cake::detail

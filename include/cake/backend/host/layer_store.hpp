@@ -207,8 +207,7 @@ struct layer_store<T, host_policy> {
   // out = in, row r's first lens[r] entries sorted ascending by key[r, entry] (key
   // null: by the entry itself).
   static void sort_prefixes(const host_policy&, const index_t* in, index_t* out, index_t n,
-                            index_t rows, const index_t* lens, const index_t* key,
-                            index_t key_ld) {
+                            index_t rows, const index_t* lens, const index_t* key, index_t key_ld) {
     std::copy_n(in, rows * n, out);
     for (index_t r = 0; r < rows; ++r) {
       index_t* o = out + r * n;

@@ -32,9 +32,12 @@ enum class host_isa : int {
 
 inline const char* host_isa_name(host_isa i) noexcept {
   switch (i) {
-    case host_isa::avx2: return "avx2";
-    case host_isa::avx512: return "avx512";
-    default: return "portable";
+    case host_isa::avx2:
+      return "avx2";
+    case host_isa::avx512:
+      return "avx512";
+    default:
+      return "portable";
   }
 }
 
@@ -75,9 +78,12 @@ inline host_isa host_isa_from_env() noexcept {
   const char* e = std::getenv("CAKE_HOST_ISA");
   if (e == nullptr || *e == '\0') return best;
   host_isa want = best;
-  if (std::strcmp(e, "portable") == 0) want = host_isa::portable;
-  else if (std::strcmp(e, "avx2") == 0) want = host_isa::avx2;
-  else if (std::strcmp(e, "avx512") == 0) want = host_isa::avx512;
+  if (std::strcmp(e, "portable") == 0)
+    want = host_isa::portable;
+  else if (std::strcmp(e, "avx2") == 0)
+    want = host_isa::avx2;
+  else if (std::strcmp(e, "avx512") == 0)
+    want = host_isa::avx512;
   return static_cast<int>(want) < static_cast<int>(best) ? want : best;
 }
 }  // namespace detail

@@ -65,8 +65,9 @@ struct kernels {
 #endif
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
-                             apply_to = function)
+#pragma clang attribute push(                                                    \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
+    apply_to = function)
 #else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
@@ -89,26 +90,30 @@ namespace cake::detail::simd {
 // The kernels of the active path (active_host_isa()), or nullptr on the portable one.
 inline const kernels* active_kernels() noexcept {
 #if CAKE_HOST_X86_DISPATCH
-  static constexpr kernels k2{avx2::VW, &avx2::score_tile, &avx2::transpose_tile,
-                              &avx2::tile_softmax,
-                              &avx2::head_columns, &avx2::decode_dots,
-                              &avx2::transpose_tile_b, &avx2::decode_dots_b
+  static constexpr kernels k2 {
+    avx2::VW, &avx2::score_tile, &avx2::transpose_tile, &avx2::tile_softmax, &avx2::head_columns,
+        &avx2::decode_dots, &avx2::transpose_tile_b, &avx2::decode_dots_b
 #if CAKE_SIMD_HAS_HALF
-                              , &avx2::transpose_tile_h, &avx2::decode_dots_h
+        ,
+        &avx2::transpose_tile_h, &avx2::decode_dots_h
 #endif
   };
-  static constexpr kernels k512{avx512::VW, &avx512::score_tile,
-                                &avx512::transpose_tile, &avx512::tile_softmax,
-                                &avx512::head_columns, &avx512::decode_dots,
-                                &avx512::transpose_tile_b, &avx512::decode_dots_b
+  static constexpr kernels k512 {
+    avx512::VW, &avx512::score_tile, &avx512::transpose_tile, &avx512::tile_softmax,
+        &avx512::head_columns, &avx512::decode_dots, &avx512::transpose_tile_b,
+        &avx512::decode_dots_b
 #if CAKE_SIMD_HAS_HALF
-                                , &avx512::transpose_tile_h, &avx512::decode_dots_h
+        ,
+        &avx512::transpose_tile_h, &avx512::decode_dots_h
 #endif
   };
   switch (active_host_isa()) {
-    case host_isa::avx512: return &k512;
-    case host_isa::avx2: return &k2;
-    default: return nullptr;
+    case host_isa::avx512:
+      return &k512;
+    case host_isa::avx2:
+      return &k2;
+    default:
+      return nullptr;
   }
 #else
   return nullptr;

@@ -21,16 +21,14 @@ CAKE_ALWAYS_INLINE V iota() {
 #if CAKE_SIMD_VW == 16
 CAKE_ALWAYS_INLINE V splat(float x) { return reinterpret_cast<V>(_mm512_set1_ps(x)); }
 CAKE_ALWAYS_INLINE V fma(V a, V b, V c) {
-  return reinterpret_cast<V>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a),
-                                             reinterpret_cast<__m512>(b),
-                                             reinterpret_cast<__m512>(c)));
+  return reinterpret_cast<V>(_mm512_fmadd_ps(
+      reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
 }
 #else
 CAKE_ALWAYS_INLINE V splat(float x) { return reinterpret_cast<V>(_mm256_set1_ps(x)); }
 CAKE_ALWAYS_INLINE V fma(V a, V b, V c) {
-  return reinterpret_cast<V>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a),
-                                             reinterpret_cast<__m256>(b),
-                                             reinterpret_cast<__m256>(c)));
+  return reinterpret_cast<V>(_mm256_fmadd_ps(
+      reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c)));
 }
 #endif
 // A vector of keys as float, from float or (F16C) IEEE half storage.
@@ -38,7 +36,8 @@ CAKE_ALWAYS_INLINE V load_key(const float* p) { return load(p); }
 #if CAKE_SIMD_HAS_HALF
 CAKE_ALWAYS_INLINE V load_key(const _Float16* p) {
 #if CAKE_SIMD_VW == 16
-  return reinterpret_cast<V>(_mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  return reinterpret_cast<V>(
+      _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 #else
   return reinterpret_cast<V>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #endif
@@ -59,8 +58,8 @@ CAKE_ALWAYS_INLINE V load_key(const bfloat16* p) {
 }
 CAKE_ALWAYS_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 CAKE_ALWAYS_INLINE __m256 load8(const bfloat16* p) {
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 #if CAKE_SIMD_HAS_HALF
 CAKE_ALWAYS_INLINE __m256 load8(const _Float16* p) {
@@ -195,7 +194,8 @@ CAKE_ALWAYS_INLINE void transpose_tile_t(const T* CAKE_RESTRICT k, index_t k_ld,
       _mm256_storeu_ps(dst + 7 * kt_ld, _mm256_permute2f128_ps(u3, u7, 0x31));
     }
     for (index_t x = d8; x < d; ++x)
-      for (index_t jj = j; jj < j + 8; ++jj) kt[x * kt_ld + jj] = static_cast<float>(k[jj * k_ld + x]);
+      for (index_t jj = j; jj < j + 8; ++jj)
+        kt[x * kt_ld + jj] = static_cast<float>(k[jj * k_ld + x]);
   }
   for (index_t j = tj8; j < tj; ++j)
     for (index_t x = 0; x < d; ++x) kt[x * kt_ld + j] = static_cast<float>(k[j * k_ld + x]);
@@ -296,15 +296,21 @@ CAKE_ALWAYS_INLINE void reduce8(const V* acc, float* out) {
   __m512 u[4];
 #pragma GCC unroll 4
   for (int a = 0; a < 4; ++a) {
-    const __m512 x = reinterpret_cast<__m512>(acc[2 * a]), y = reinterpret_cast<__m512>(acc[2 * a + 1]);
-    u[a] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, x, y, 0x44), _mm512_maskz_shuffle_f32x4(0xffff, x, y, 0xee));
+    const __m512 x = reinterpret_cast<__m512>(acc[2 * a]),
+                 y = reinterpret_cast<__m512>(acc[2 * a + 1]);
+    u[a] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, x, y, 0x44),
+                         _mm512_maskz_shuffle_f32x4(0xffff, x, y, 0xee));
   }
-  const __m512 w0 = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, u[0], u[1], 0x88),
-                                  _mm512_maskz_shuffle_f32x4(0xffff, u[0], u[1], 0xdd));  // acc 0..3 by quarter
-  const __m512 w1 = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, u[2], u[3], 0x88),
-                                  _mm512_maskz_shuffle_f32x4(0xffff, u[2], u[3], 0xdd));  // acc 4..7
-  const __m512 x = _mm512_add_ps(_mm512_maskz_shuffle_ps(0xffff, w0, w1, 0x88), _mm512_maskz_shuffle_ps(0xffff, w0, w1, 0xdd));
-  const __m512 y = _mm512_add_ps(_mm512_maskz_shuffle_ps(0xffff, x, x, 0x88), _mm512_maskz_shuffle_ps(0xffff, x, x, 0xdd));
+  const __m512 w0 =
+      _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, u[0], u[1], 0x88),
+                    _mm512_maskz_shuffle_f32x4(0xffff, u[0], u[1], 0xdd));  // acc 0..3 by quarter
+  const __m512 w1 =
+      _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, u[2], u[3], 0x88),
+                    _mm512_maskz_shuffle_f32x4(0xffff, u[2], u[3], 0xdd));  // acc 4..7
+  const __m512 x = _mm512_add_ps(_mm512_maskz_shuffle_ps(0xffff, w0, w1, 0x88),
+                                 _mm512_maskz_shuffle_ps(0xffff, w0, w1, 0xdd));
+  const __m512 y = _mm512_add_ps(_mm512_maskz_shuffle_ps(0xffff, x, x, 0x88),
+                                 _mm512_maskz_shuffle_ps(0xffff, x, x, 0xdd));
   const V yv = reinterpret_cast<V>(y);
 #pragma GCC unroll 4
   for (int a = 0; a < 4; ++a) {

@@ -50,8 +50,7 @@ __global__ void iota_rows_kernel(I* pos, index_t rows, index_t cap, index_t n) {
 // k_r = (keeps ? keeps[r] : 0) + keep, f_r = (firsts ? firsts[r] : 0) + first.
 template <class I>
 __global__ void window_slots_kernel(I* sel, index_t rows, index_t n, const index_t* keeps,
-                                    index_t keep, index_t w, const index_t* firsts,
-                                    index_t first) {
+                                    index_t keep, index_t w, const index_t* firsts, index_t first) {
   const long long total = rows * n;
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
@@ -185,11 +184,10 @@ __global__ void truncate_rows_kernel(const Job* jobs, index_t d, index_t w) {
 // t): a chunk of slots is read into registers before any of it is written, and every
 // later read lies past the chunk.
 template <class T, int ITEMS>
-__global__ void move_slots_kernel(T* k, T* v, index_t* pos, float* ind, index_t cap,
-                                  const T* sk, const T* sv, const index_t* spos, index_t scap,
-                                  const float* sind, index_t sind_ld, index_t d,
-                                  const index_t* sel, index_t n, const index_t* lens,
-                                  index_t base) {
+__global__ void move_slots_kernel(T* k, T* v, index_t* pos, float* ind, index_t cap, const T* sk,
+                                  const T* sv, const index_t* spos, index_t scap, const float* sind,
+                                  index_t sind_ld, index_t d, const index_t* sel, index_t n,
+                                  const index_t* lens, index_t base) {
   const index_t r = blockIdx.x;
   const index_t len = (lens ? lens[r] : 0) + base, live = len < n ? len : n;
   const index_t* kr = sel ? sel + r * n : nullptr;

@@ -19,8 +19,9 @@
 //
 // plus the functional core's select_k and compact. Rows have their own lengths
 // (`len`): uniform rows are rows of equal length, and head-wise (ragged) rows take
-// the same path: one batched selection of the longest keep in descending order, of
-// which each row takes its prefix.
+// the same paths. A prefill's selection is one batched top-k of the longest keep in
+// descending order, of which each row takes its prefix; a decoding step scores and
+// selects ragged rows one by one, each among its own candidates only.
 //
 // The storage seam: every primitive that touches a layer's tokens takes `slots<T>`,
 // a dense (rows, cap) block of slots per layer. A paged storage (core/paged.hpp: a

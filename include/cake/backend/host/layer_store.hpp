@@ -25,7 +25,8 @@ struct layer_store<T, host_policy> {
   using staged_moves = std::vector<window_move<T>>;
   // What a cache owns besides its layers: the workspace its host kernels reuse
   // between calls, so a step allocates no scratch once it has grown (a copy of the
-  // cache starts with an empty one of its own: two copies may run on two threads).
+  // cache starts with an empty one of its own: two copies may run on two threads,
+  // unless the cache was built with a policy lending a workspace, which copies share).
   struct resources {
     host_workspace ws;
     host_policy adopt(const host_policy& exec) { return exec; }

@@ -31,7 +31,15 @@ struct Json {
   }
   bool has(const std::string& k) const { return kind == Kind::object && obj.count(k) != 0; }
   std::size_t size() const { return kind == Kind::array ? arr.size() : obj.size(); }
-  long long as_int() const { return static_cast<long long>(num); }
+  // An integer field: a whole number within +-2^53 (exact in a double), else an
+  // error; casting an out-of-range double to an integer is undefined behaviour.
+  long long as_int() const {
+    if (!(num >= -9007199254740992.0 && num <= 9007199254740992.0) ||
+        num != static_cast<double>(static_cast<long long>(num)))
+      throw std::runtime_error("json: expected an integer within +-2^53, got " +
+                               std::to_string(num));
+    return static_cast<long long>(num);
+  }
   double as_double() const { return num; }
   bool as_bool() const { return kind == Kind::boolean ? b : num != 0; }
 

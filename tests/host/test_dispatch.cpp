@@ -211,6 +211,16 @@ struct DecodeResult {
   std::vector<std::int32_t> kept;  // (B * Hkv, c - 1): all candidates but the lowest
 };
 
+// Scores within 1e-5 (relative) of the reference's, and the same kept tokens.
+inline void check_same(const DecodeResult& got, const DecodeResult& want) {
+  index_t bad = 0;
+  for (std::size_t i = 0; i < want.scores.size(); ++i)
+    if (!(std::abs(got.scores[i] - want.scores[i]) <= 1e-5f * std::abs(want.scores[i]) + 1e-9f))
+      ++bad;
+  CHECK(bad == 0);
+  CHECK(got.kept == want.kept);
+}
+
 template <class T, class TQ = float>
 DecodeResult decode(index_t B, index_t H, index_t Hkv, index_t n, index_t d, index_t c,
                     const std::vector<TQ>& q, const std::vector<T>& k,
@@ -244,12 +254,7 @@ void check_decode_paths(index_t B, index_t H, index_t Hkv, index_t n, index_t d,
     CAPTURE(d);
     cake::force_host_isa(isa);
     const DecodeResult got = decode(B, H, Hkv, n, d, c, q, k);
-    index_t bad = 0;
-    for (std::size_t i = 0; i < want.scores.size(); ++i)
-      if (!(std::abs(got.scores[i] - want.scores[i]) <= 1e-5f * std::abs(want.scores[i]) + 1e-9f))
-        ++bad;
-    CHECK(bad == 0);
-    CHECK(got.kept == want.kept);
+    check_same(got, want);
   }
 }
 
@@ -285,12 +290,7 @@ TEST_CASE(
       CAPTURE(cake::host_isa_name(isa));
       cake::force_host_isa(isa);
       const DecodeResult got = decode(B, H, Hkv, n, d, c, q, k);
-      index_t bad = 0;
-      for (std::size_t i = 0; i < want.scores.size(); ++i)
-        if (!(std::abs(got.scores[i] - want.scores[i]) <= 1e-5f * std::abs(want.scores[i]) + 1e-9f))
-          ++bad;
-      CHECK(bad == 0);
-      CHECK(got.kept == want.kept);
+      check_same(got, want);
     }
   };
   run16(cake::bfloat16{}, 501);

@@ -542,7 +542,9 @@ struct UnderflowIndicator {
     for (index_t b = 0; b < out.extent(0); ++b)
       for (index_t h = 0; h < out.extent(1); ++h)
         for (index_t t = 0; t < out.extent(2); ++t)
-          out(b, h, t) = static_cast<float>((t * 7 + h * 3 + b) % 11);
+          // Row (0, 0) scores below every other row, so with no floor the head-wise
+          // split leaves it no prefix at all (kr == 0): a row that is just its window.
+          out(b, h, t) = b == 0 && h == 0 ? -1000.0f : static_cast<float>((t * 7 + h * 3 + b) % 11);
   }
   template <class E, class Q, class K, class O>
   void decode_scores(const E&, const Q&, const K&, const O& out) const {
@@ -572,6 +574,10 @@ TEST_CASE("KvCache: ragged head-wise rows select among their own candidates, -in
                              *std::max_element(len.begin(), len.end());
     }
     REQUIRE(ragged);  // else this case tests nothing
+    // Row (0, 0) keeps no prefix where the layer's budget is shared out before it.
+    index_t bare = 0;
+    for (index_t l = 0; l < cfg.layers; ++l) bare += c.row_lengths(l)[0] == cfg.window ? 1 : 0;
+    REQUIRE(bare >= 1);  // kr == 0 occurs
     for (int t = 0; t < steps; ++t) {
       CAPTURE(t);
       decode_step(c, wl, static_cast<std::size_t>(t));
@@ -579,11 +585,24 @@ TEST_CASE("KvCache: ragged head-wise rows select among their own candidates, -in
       for (index_t l = 0; l < cfg.layers; ++l) {
         const auto len = c.row_lengths(l);
         const auto vals = c.values(l);
+        const auto keys = c.keys(l);
+        const auto pos = c.positions(l);
+        const index_t held = keys.extent(2), d = keys.extent(3);
+        REQUIRE(held == *std::max_element(len.begin(), len.end()));
         for (index_t b = 0; b < cfg.batch; ++b)
           for (index_t g = 0; g < cfg.kv_heads; ++g) {
             CAPTURE(l);
             CAPTURE(g);
             const auto n = len[static_cast<std::size_t>(b * cfg.kv_heads + g)];
+            // Padding past a short row: position -1 and zero K/V (what attention over
+            // the padded view reads, as the reference pads).
+            for (index_t x = n; x < held; ++x) {
+              CHECK(pos(b, g, x) == -1);
+              for (index_t y = 0; y < d; ++y) {
+                CHECK(keys(b, g, x, y) == 0.0f);
+                CHECK(vals(b, g, x, y) == 0.0f);
+              }
+            }
             auto p = row_positions(c, l, b, g);
             p.resize(static_cast<std::size_t>(n));
             const std::set<index_t> held(p.begin(), p.end());

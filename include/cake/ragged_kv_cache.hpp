@@ -36,18 +36,28 @@
 #include <map>
 #include <memory>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "kv_cache.hpp"
+#include "policy/budget/uniform.hpp"
+#include "policy/preference/uniform.hpp"
 
 namespace cake {
 
 using sequence_id = std::int64_t;
 
+// When a prompt given in chunks is evicted (RaggedKvCache::prefill_chunk).
+enum class chunk_eviction {
+  exact,    // after the last chunk only: equal to prefill of the whole prompt
+  bounded,  // after every chunk, to at most cache_size tokens per layer (host only)
+};
+
 // What a sequence may set differently from the batch it joins.
 struct SequenceConfig {
   index_t cache_size = 0;     // C of this sequence; 0: the batch's CacheConfig::cache_size
   index_t prompt_length = 0;  // S: needed by prefill_chunk (it tells the last chunk); 0: unknown
+  chunk_eviction chunking = chunk_eviction::exact;
 };
 
 namespace detail {
@@ -85,6 +95,10 @@ template <PreferencePolicy Pref = CakePreference, BudgetPolicy Budget = Proporti
           IndicatorPolicy Ind = MeanVarianceIndicator, class T = float, class Exec = host_policy>
 class RaggedKvCache {
   using Store = detail::layer_store<T, Exec>;
+  using Space = typename Exec::memory_space;
+  static constexpr bool on_host = std::is_same_v<Space, host_space>;
+  // Bounded chunking's eviction between chunks: each layer alone, to cache_size.
+  using chunk_cache = KvCache<UniformPreference, UniformBudget, Ind, T, Exec>;
   template <class U>
   using buffer = decltype(Store::template make<U>(std::declval<const Exec&>(), index_t{0}));
 
@@ -119,10 +133,13 @@ class RaggedKvCache {
                  "cake.ragged.prompt_length",
                  "prompt_length must be 0 (unknown) or >= window = ", cfg_.window, ", got ",
                  seq.prompt_length);
+    CAKE_EXPECTS(on_host || seq.chunking == chunk_eviction::exact, "cake.ragged.chunking",
+                 "bounded chunking runs on the host; with this execution policy chunking must be "
+                 "exact");
     CacheConfig c = cfg_;
     if (seq.cache_size > 0) c.cache_size = seq.cache_size;
     auto cache = std::make_unique<cache_type>(c, preference, budget, indicator, exec_);
-    Sequence s{std::move(cache), seq.prompt_length, {}};
+    Sequence s{std::move(cache), seq.prompt_length, seq.chunking, indicator, {}, {}};
     seqs_.emplace(id, std::move(s));
   }
   void remove(sequence_id id) { seqs_.erase(find(id)); }
@@ -179,6 +196,25 @@ class RaggedKvCache {
   // freed when its last chunk has been prefilled. Over the whole model that is the
   // prompt's full K/V (all layers) at the last chunk of layer 0: chunking bounds
   // the engine's activations, not the cache.
+  //
+  // SequenceConfig::chunking = chunk_eviction::bounded bounds it instead (host
+  // only). After each chunk but the last, every layer on its own takes what it
+  // holds plus the chunk (the candidates, in position order) as a prompt and, when
+  // they are more than cache_size + w (KvCache keeps a prompt of up to C + w whole),
+  // keeps cache_size of them: the last w, and the rest by the sequence's indicator
+  // from the last w queries (the chunk's, and earlier chunks' when it is shorter
+  // than w) with the uniform budget cache_size - w (no preference, no cascade). The
+  // last chunk then goes through the sequence's own policies (preference, budgets,
+  // cascade) over what each layer holds plus that chunk. Between chunks a layer
+  // holds at most cache_size + w tokens of K and V, during a call at most
+  // cache_size + w + chunk, instead of the whole prompt.
+  // What changes versus the paper (and exact): a token evicted after an earlier
+  // chunk is never reconsidered, and it was scored by that chunk's last w queries,
+  // not the prompt's; the preferences and budgets of the last chunk see only the
+  // survivors plus the last chunk, so a layer's budget is at most what it holds
+  // then; an accumulating indicator (H2O) restarts its sums at every chunk.
+  // positions(id, l) gives original prompt positions (the sequence's own cache
+  // numbers the compressed prompt it was given, held tokens first).
   template <tensor_like Q, tensor_like K, tensor_like V>
   status validate_prefill_chunk(index_t layer, std::span<const sequence_id> ids, Q&& q, K&& keys,
                                 V&& values, std::span<const std::int32_t> cu_seqlens) const {
@@ -200,8 +236,10 @@ class RaggedKvCache {
     for (sequence_id id : ids) {
       Sequence& s = seqs_.at(id);
       if (s.staged.empty()) s.staged.resize(static_cast<std::size_t>(cfg_.layers));
+      if (s.mode == chunk_eviction::bounded && s.bounded.empty())
+        s.bounded.resize(static_cast<std::size_t>(cfg_.layers));
       Staged& st = s.staged[l];
-      if (st.received == 0 && Store::size(st.k) == 0) {
+      if (s.mode == chunk_eviction::exact && st.received == 0 && Store::size(st.k) == 0) {
         Staged fresh;
         fresh.k = Store::template make<T>(exec_, Hkv * s.prompt * d);
         fresh.v = Store::template make<T>(exec_, Hkv * s.prompt * d);
@@ -213,6 +251,12 @@ class RaggedKvCache {
       Sequence& s = seqs_.at(ids[i]);
       Staged& st = s.staged[l];
       const index_t b = cu_seqlens[i], n = cu_seqlens[i + 1] - b, S = s.prompt, at = st.received;
+      if constexpr (on_host) {
+        if (s.mode == chunk_eviction::bounded) {
+          bounded_chunk(s, layer, q, k, v, b, n);
+          continue;
+        }
+      }
       // keys, values: (kv_heads, S, head_dim) staged; q: (q_heads, w, head_dim), the
       // prompt's last w positions [S - w, S).
       for (index_t g = 0; g < Hkv; ++g) {
@@ -243,6 +287,15 @@ class RaggedKvCache {
     checked(layer);
     return s.staged.empty() ? 0 : s.staged[static_cast<std::size_t>(layer)].received;
   }
+  // Tokens of the layer's prompt held per kv-head row between chunks: with bounded
+  // chunking at most cache_size, with exact all received; 0 once the last chunk came.
+  index_t chunk_tokens_held(sequence_id id, index_t layer) const {
+    const Sequence& s = find(id)->second;
+    checked(layer);
+    const index_t got = chunk_tokens_received(id, layer);
+    if (got == s.prompt) return 0;
+    return s.mode == chunk_eviction::bounded ? s.bounded[static_cast<std::size_t>(layer)].n : got;
+  }
 
   // ---- decode --------------------------------------------------------------
 
@@ -262,8 +315,12 @@ class RaggedKvCache {
     check_decode(layer, ids, q, k, v).throw_if_error();
     for (std::size_t i = 0; i < ids.size(); ++i) {
       const auto ii = static_cast<index_t>(i);
-      seqs_.at(ids[i]).cache->decode(layer, detail::batch_entry(q, ii), detail::batch_entry(k, ii),
-                                     detail::batch_entry(v, ii));
+      Sequence& s = seqs_.at(ids[i]);
+      s.cache->decode(layer, detail::batch_entry(q, ii), detail::batch_entry(k, ii),
+                      detail::batch_entry(v, ii));
+      if constexpr (on_host)
+        if (!s.bounded.empty() && s.bounded[static_cast<std::size_t>(layer)].prompt > 0)
+          original_positions(s, layer);
     }
   }
 
@@ -279,7 +336,20 @@ class RaggedKvCache {
   }
   auto keys(sequence_id id, index_t layer) const { return sequence(id).keys(layer); }
   auto values(sequence_id id, index_t layer) const { return sequence(id).values(layer); }
-  auto positions(sequence_id id, index_t layer) const { return sequence(id).positions(layer); }
+  // (1, kv_heads, held): prompt or decode positions; original ones with bounded chunking.
+  view<const index_t, 3, Space> positions(sequence_id id, index_t layer) const {
+    const Sequence& s = find(id)->second;
+    if constexpr (on_host) {
+      checked(layer);
+      if (!s.bounded.empty() && s.bounded[static_cast<std::size_t>(layer)].prompt > 0) {
+        const auto& p = s.bounded[static_cast<std::size_t>(layer)].positions;
+        return make_view(p.data(),
+                         std::array<index_t, 3>{1, cfg_.kv_heads,
+                                                static_cast<index_t>(p.size()) / cfg_.kv_heads});
+      }
+    }
+    return s.cache->positions(layer);
+  }
   // Tokens held by every sequence, every layer (per kv-head row).
   index_t tokens_held() const noexcept {
     index_t n = 0;
@@ -298,11 +368,130 @@ class RaggedKvCache {
     buffer<T> q;     // (q_heads, w, head_dim): queries of positions [S - w, S)
     index_t received = 0;
   };
+  // Bounded chunking, per layer, on the host.
+  struct Bounded {
+    std::vector<T> k, v;             // (kv_heads, n, head_dim): held between chunks
+    std::vector<index_t> pos;        // (kv_heads, n), then (kv_heads, prompt): original positions
+    std::vector<T> q;                // (q_heads, w, head_dim): queries of [received - w, received)
+    index_t n = 0;                   // tokens held per row between chunks
+    index_t prompt = 0;              // after the last chunk: the prompt the cache took
+    std::vector<index_t> positions;  // (kv_heads, held): the cache's positions(l), original
+  };
   struct Sequence {
     std::unique_ptr<cache_type> cache;  // never moves: it may lend its workspace by address
     index_t prompt = 0;                 // SequenceConfig::prompt_length
-    std::vector<Staged> staged;         // per layer, while chunks come
+    chunk_eviction mode = chunk_eviction::exact;
+    Ind ind;                       // the sequence's indicator, for bounded chunking
+    std::vector<Staged> staged;    // per layer, while chunks come
+    std::vector<Bounded> bounded;  // per layer, bounded chunking
   };
+
+  // One chunk of one sequence with bounded chunking (see prefill_chunk). Everything
+  // is built aside and moved in after the last call that can throw.
+  template <class QV, class KV, class VV>
+  void bounded_chunk(Sequence& s, index_t layer, const QV& q, const KV& k, const VV& v, index_t b,
+                     index_t n) {
+    const auto l = static_cast<std::size_t>(layer);
+    const index_t H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim, w = cfg_.window;
+    Bounded& h = s.bounded[l];
+    Staged& st = s.staged[l];
+    const index_t at = st.received, to = at + n, m = h.n + n, S = s.prompt;
+    const auto z = [](index_t x) { return static_cast<std::size_t>(x); };
+    // The last w queries, positions [to - w, to): from this chunk, then the held ones.
+    std::vector<T> qw(z(H * w * d));
+    for (index_t hh = 0; hh < H; ++hh)
+      for (index_t j = 0; j < w; ++j) {
+        const index_t p = to - w + j;
+        if (p < 0) continue;  // fewer than w tokens so far: no eviction reads them
+        T* dst = qw.data() + (hh * w + j) * d;
+        if (p >= at)
+          for (index_t x = 0; x < d; ++x) dst[x] = q(b + p - at, hh, x);
+        else
+          std::copy_n(h.q.data() + (hh * w + j + n) * d, d, dst);
+      }
+    // Candidates: what each kv-head row holds, then the chunk.
+    std::vector<T> ck(z(Hkv * m * d)), cv(ck.size());
+    std::vector<index_t> cp(z(Hkv * m));
+    for (index_t g = 0; g < Hkv; ++g) {
+      std::copy_n(h.k.data() + g * h.n * d, h.n * d, ck.data() + g * m * d);
+      std::copy_n(h.v.data() + g * h.n * d, h.n * d, cv.data() + g * m * d);
+      std::copy_n(h.pos.data() + g * h.n, h.n, cp.data() + g * m);
+      for (index_t t = 0; t < n; ++t) {
+        for (index_t x = 0; x < d; ++x) {
+          ck[z((g * m + h.n + t) * d + x)] = k(b + t, g, x);
+          cv[z((g * m + h.n + t) * d + x)] = v(b + t, g, x);
+        }
+        cp[z(g * m + h.n + t)] = at + t;
+      }
+    }
+    const auto qv = make_view(static_cast<const T*>(qw.data()), std::array<index_t, 4>{1, H, w, d});
+    const auto kv =
+        make_view(static_cast<const T*>(ck.data()), std::array<index_t, 4>{1, Hkv, m, d});
+    const auto vv =
+        make_view(static_cast<const T*>(cv.data()), std::array<index_t, 4>{1, Hkv, m, d});
+    const index_t C = s.cache->config().cache_size;
+    if (to == S) {  // the last chunk: the sequence's own policies
+      s.cache->prefill(layer, qv, kv, vv);
+      Bounded done;
+      done.pos = std::move(cp);
+      done.prompt = m;
+      h = std::move(done);
+      st.received = to;
+      for (index_t u = 0; u <= layer; ++u)  // a cascade cut the layers before it
+        if (s.bounded[z(u)].prompt > 0) original_positions(s, u);
+      return;
+    }
+    Bounded next;
+    if (m > C + w) {  // evict this layer alone to C tokens (m > w: the w queries are here)
+      CacheConfig c = s.cache->config();
+      c.layers = 1;
+      c.cascade = false;
+      c.order = token_order::position;  // candidates stay in position order
+      c.check_finite = false;           // checked by prefill_chunk
+      chunk_cache cut(c, UniformPreference{}, UniformBudget{}, s.ind, exec_);
+      cut.prefill(0, qv, kv, vv);
+      const index_t kept = cut.tokens_held(0);  // C in every row
+      const auto K = cut.keys(0), V = cut.values(0);
+      const auto P = cut.positions(0);
+      next.k.resize(z(Hkv * kept * d));
+      next.v.resize(next.k.size());
+      next.pos.resize(z(Hkv * kept));
+      for (index_t g = 0; g < Hkv; ++g)
+        for (index_t t = 0; t < kept; ++t) {
+          next.pos[z(g * kept + t)] = cp[z(g * m + P(0, g, t))];
+          for (index_t x = 0; x < d; ++x) {
+            next.k[z((g * kept + t) * d + x)] = K(0, g, t, x);
+            next.v[z((g * kept + t) * d + x)] = V(0, g, t, x);
+          }
+        }
+      next.n = kept;
+    } else {
+      next.k = std::move(ck);
+      next.v = std::move(cv);
+      next.pos = std::move(cp);
+      next.n = m;
+    }
+    next.q = std::move(qw);
+    h = std::move(next);
+    st.received = to;
+  }
+
+  // The cache's positions of layer l as original prompt positions: index p of its
+  // compressed prompt is pos[p], a decoded token S + (p - prompt).
+  void original_positions(Sequence& s, index_t layer) {
+    Bounded& h = s.bounded[static_cast<std::size_t>(layer)];
+    const auto P = s.cache->positions(layer);
+    const index_t Hkv = cfg_.kv_heads, n = P.extent(2);
+    h.positions.resize(static_cast<std::size_t>(Hkv * n));
+    for (index_t g = 0; g < Hkv; ++g)
+      for (index_t t = 0; t < n; ++t) {
+        const index_t p = P(0, g, t);
+        h.positions[static_cast<std::size_t>(g * n + t)] =
+            p < 0          ? -1
+            : p < h.prompt ? h.pos[static_cast<std::size_t>(g * h.prompt + p)]
+                           : s.prompt + (p - h.prompt);
+      }
+  }
 
   auto staged_prompt(const buffer<T>& b, index_t S) const {
     return make_view<typename Exec::memory_space>(

@@ -310,8 +310,13 @@ namespace ragged_test {
 // prompt is complete drop out of the calls. Checks the exact mode's promise on
 // the way: nothing is evicted before a layer's last chunk.
 template <class Ragged>
-void prefill_by_chunks(Ragged& ragged, const std::vector<const Seq*>& seqs, index_t chunk) {
+void prefill_by_chunks(Ragged& ragged, const std::vector<const Seq*>& seqs, index_t chunk,
+                       bool bounded = false) {
   std::vector<index_t> at(seqs.size(), 0);
+  // Bounded: what each sequence's layers hold between chunks, all of it until it
+  // exceeds C + w, then C.
+  std::vector<index_t> held(seqs.size(), 0);
+  const index_t w = seqs.front()->wl.cfg.window;
   const index_t L = seqs.front()->wl.cfg.layers;
   for (;;) {
     std::vector<const Seq*> call;
@@ -322,6 +327,14 @@ void prefill_by_chunks(Ragged& ragged, const std::vector<const Seq*>& seqs, inde
         ranges.push_back({at[i], std::min(seqs[i]->S, at[i] + chunk)});
       }
     if (call.empty()) return;
+    std::vector<index_t> want;  // per call entry
+    for (std::size_t i = 0, j = 0; i < seqs.size(); ++i)
+      if (at[i] < seqs[i]->S) {
+        const index_t m = held[i] + ranges[j].second - ranges[j].first;
+        held[i] = m <= seqs[i]->C + w ? m : seqs[i]->C;
+        want.push_back(bounded ? held[i] : ranges[j].second);
+        ++j;
+      }
     for (index_t l = 0; l < L; ++l) {
       const Packed p = pack(call, l, ranges);
       ragged.prefill_chunk(l, p.ids, p.queries(), p.keys(), p.values(), p.cu);
@@ -329,6 +342,9 @@ void prefill_by_chunks(Ragged& ragged, const std::vector<const Seq*>& seqs, inde
         const bool last = ranges[i].second == call[i]->S;
         CHECK(ragged.chunk_tokens_received(call[i]->id, l) == ranges[i].second);
         CHECK(ragged.sequence(call[i]->id).layers_prefilled() == (last ? l + 1 : 0));
+        // Between chunks a layer holds all it got (exact) or at most C + w (bounded).
+        CHECK(ragged.chunk_tokens_held(call[i]->id, l) == (last ? 0 : want[i]));
+        if (bounded) CHECK(want[i] <= call[i]->C + w);
       }
     }
     for (std::size_t i = 0; i < seqs.size(); ++i) at[i] = std::min(seqs[i]->S, at[i] + chunk);
@@ -530,4 +546,95 @@ TEST_CASE("RaggedKvCache: chunked prefill rejects chunks out of turn and changes
   }
   check_same(ragged.sequence(1), ra);
   check_same(ragged.sequence(2), rb);
+}
+
+namespace ragged_test {
+
+// Every held token of every layer of sequence s: positions distinct and original
+// (the values' channel 0 and the keys are those of that position in the workload),
+// the last w up to `last` held.
+template <class Ragged>
+void check_original_positions(const Ragged& ragged, const Seq& s, index_t last) {
+  const auto& c = s.wl.cfg;
+  for (index_t l = 0; l < c.layers; ++l) {
+    CAPTURE(l);
+    const auto P = ragged.positions(s.id, l);
+    const auto K = ragged.keys(s.id, l);
+    const auto V = ragged.values(s.id, l);
+    const auto lens = ragged.sequence(s.id).row_lengths(l);
+    REQUIRE(P.extent(2) == K.extent(2));
+    for (index_t g = 0; g < c.kv_heads; ++g) {
+      CAPTURE(g);
+      std::set<index_t> seen;
+      for (index_t t = 0; t < lens[static_cast<std::size_t>(g)]; ++t) {
+        const index_t p = P(0, g, t);
+        REQUIRE(p >= 0);
+        REQUIRE(p <= last);
+        REQUIRE(seen.insert(p).second);
+        REQUIRE(V(0, g, t, 0) == static_cast<float>(p));
+        const float* want = s.wl.key_of(l, 0, g, p);
+        for (index_t x = 0; x < c.head_dim; ++x) REQUIRE(K(0, g, t, x) == want[x]);
+      }
+      for (index_t p = last - c.window + 1; p <= last; ++p) CHECK(seen.count(p) == 1);
+    }
+  }
+}
+
+}  // namespace ragged_test
+
+TEST_CASE_TEMPLATE(
+    "RaggedKvCache: bounded chunking holds at most C + chunk per layer and keeps "
+    "original positions",
+    Cache, cake::methods::Cake<>, cake::methods::StreamingLlm<>, cake::methods::H2o<>,
+    cake::methods::CakeAdaKv<>) {
+  using Ragged = typename ragged_of<Cache>::type;
+  for (auto order : both_orders)
+    for (index_t chunk : {1, 3, 5, 23}) {
+      CAPTURE(static_cast<int>(order));
+      CAPTURE(chunk);
+      const auto base = model(true, order);
+      std::vector<Seq> seqs;
+      seqs.push_back(make_seq(base, 4, 23, 7, 61, 3));
+      seqs.push_back(make_seq(base, 9, 9, 8, 62, 3));
+      std::vector<const Seq*> all;
+      for (const auto& s : seqs) all.push_back(&s);
+      Ragged ragged(base);
+      for (const auto& s : seqs)
+        ragged.add(
+            s.id,
+            {.cache_size = s.C, .prompt_length = s.S, .chunking = cake::chunk_eviction::bounded});
+      prefill_by_chunks(ragged, all, chunk, true);
+      for (const auto& s : seqs) {
+        CAPTURE(s.id);
+        const auto& c = ragged.sequence(s.id);
+        REQUIRE(c.prefilled());
+        // The cache took what the layers held plus the last chunk as its prompt.
+        const index_t last_chunk = s.S % chunk == 0 ? std::min(chunk, s.S) : s.S % chunk;
+        index_t held = 0;
+        for (index_t at = 0; at < s.S - last_chunk; at += chunk)
+          held = held + chunk <= s.C + base.window ? held + chunk : s.C;
+        CHECK(c.prompt_length() == held + last_chunk);
+        check_original_positions(ragged, s, s.S - 1);
+      }
+      // One chunk is the whole prompt: bounded is exact.
+      if (chunk == 23)
+        for (const auto& s : seqs) {
+          Cache alone(s.cfg());
+          for (index_t l = 0; l < base.layers; ++l)
+            alone.prefill(l, s.wl.qv(l), s.wl.kv(l), s.wl.vv(l));
+          check_same(ragged.sequence(s.id), alone);
+        }
+      // Decoding appends at the original positions S, S + 1, ...
+      for (std::size_t t = 0; t < 3; ++t) {
+        for (index_t l = 0; l < base.layers; ++l) {
+          const Step st = step(all, std::vector<std::size_t>(all.size(), t), l);
+          ragged.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+        }
+        for (const auto& s : seqs) {
+          CAPTURE(s.id);
+          CAPTURE(t);
+          check_original_positions(ragged, s, s.S + static_cast<index_t>(t));
+        }
+      }
+    }
 }

@@ -709,4 +709,14 @@ class RaggedKvCache {
   std::map<sequence_id, Sequence> seqs_;  // ordered: ids() and totals are deterministic
 };
 
+// The ragged batch of a KvCache composition: RaggedKvCacheOf<methods::SnapKv<>>.
+template <class Cache>
+struct ragged_kv_cache_of;
+template <class P, class B, class I, class T, class E>
+struct ragged_kv_cache_of<KvCache<P, B, I, T, E>> {
+  using type = RaggedKvCache<P, B, I, T, E>;
+};
+template <class Cache>
+using RaggedKvCacheOf = typename ragged_kv_cache_of<Cache>::type;
+
 }  // namespace cake

@@ -30,3 +30,4 @@
 #include "policy/indicator/window_mean.hpp"
 #include "policy/preference/cake.hpp"
 #include "policy/preference/uniform.hpp"
+#include "ragged_kv_cache.hpp"

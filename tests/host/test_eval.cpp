@@ -127,3 +127,41 @@ TEST_CASE("eval: golden workloads hold out the recorded decoding queries") {
   for (const auto& c : cut.cells) CHECK(c.mean_error > 0.0);
 }
 #endif
+
+TEST_CASE("eval: chunked prefill, exact equals the whole prompt, bounded differs") {
+  cake_eval::SyntheticOptions o;
+  o.layers = 2;
+  o.heads = 4;
+  o.kv_heads = 2;
+  o.head_dim = 16;
+  o.seq_len = 256;
+  o.window = 8;
+  o.queries = 4;
+  const std::vector<index_t> sizes{32, 64};
+  const auto whole = cake_eval::evaluate(cake_eval::synthetic_workload(o), sizes);
+  o.chunk = 48;  // 5 chunks of 48 and one of 16
+  o.chunking = cake::chunk_eviction::exact;
+  const auto exact = cake_eval::evaluate(cake_eval::synthetic_workload(o), sizes);
+  o.chunking = cake::chunk_eviction::bounded;
+  const auto bounded = cake_eval::evaluate(cake_eval::synthetic_workload(o), sizes);
+  o.chunk = 256;  // one chunk: nothing to bound
+  const auto one = cake_eval::evaluate(cake_eval::synthetic_workload(o), sizes);
+  REQUIRE(exact.cells.size() == whole.cells.size());
+  REQUIRE(bounded.cells.size() == whole.cells.size());
+  bool differs = false;
+  for (std::size_t i = 0; i < whole.cells.size(); ++i) {
+    CAPTURE(whole.cells[i].method);
+    CAPTURE(whole.cells[i].cache_size);
+    CHECK(exact.cells[i].layer_error == whole.cells[i].layer_error);
+    CHECK(exact.cells[i].tokens_held == whole.cells[i].tokens_held);
+    CHECK(one.cells[i].layer_error == whole.cells[i].layer_error);
+    CHECK(bounded.cells[i].mean_error > 0.0);
+    CHECK(bounded.cells[i].tokens_held <= whole.cells[i].cache_size * o.layers);
+    differs = differs || bounded.cells[i].layer_error != whole.cells[i].layer_error;
+  }
+  CHECK(differs);  // evicting per chunk changed what was kept
+  // Batch > 1 is not evaluated in chunks.
+  o.batch = 2;
+  CHECK_THROWS_AS(cake_eval::evaluate(cake_eval::synthetic_workload(o), sizes),
+                  std::invalid_argument);
+}

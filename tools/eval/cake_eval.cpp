@@ -8,6 +8,8 @@
 //   cake_eval                                  the default synthetic workload
 //   cake_eval --golden DIR [--golden DIR ...]  directories in the golden format
 //   cake_eval --synthetic --golden DIR ...     both
+//   cake_eval --chunk N [--chunk-exact]        the synthetic prompt prefilled in chunks
+//                                              of N tokens (bounded chunking by default)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -38,11 +40,13 @@ struct Options {
                "                 [--kv-heads N] [--head-dim N] [--seq-len N] [--batch N]\n"
                "                 [--window N] [--queries N] [--tau1 X] [--tau2 X] [--gamma X]\n"
                "                 [--no-cascade] [--seed N] [--sizes C1,C2,...]\n"
-               "                 [--json FILE] [--svg FILE]\n"
+               "                 [--chunk N [--chunk-exact]] [--json FILE] [--svg FILE]\n"
                "Without --golden, runs the synthetic workload (defaults: --layers 8 --heads 16\n"
                "--kv-heads 4 --head-dim 64 --seq-len 4096 --window 32 --queries 16, CAKE with\n"
                "tau1 1.6, tau2 0.4, gamma 200). Golden cases use their own shapes and CAKE\n"
-               "hyperparameters. Cache sizes C >= S or C <= w are skipped.\n",
+               "hyperparameters. Cache sizes C >= S or C <= w are skipped. --chunk N prefills\n"
+               "the synthetic prompt in chunks of N tokens through RaggedKvCache, evicting\n"
+               "after every chunk (bounded) or, with --chunk-exact, after the last.\n",
                msg);
   std::exit(code);
 }
@@ -99,6 +103,10 @@ Options parse(int argc, char** argv) {
       o.syn.gamma = real();
     else if (a == "--no-cascade")
       o.syn.cascade = false;
+    else if (a == "--chunk")
+      o.syn.chunk = integer();
+    else if (a == "--chunk-exact")
+      o.syn.chunking = cake::chunk_eviction::exact;
     else if (a == "--seed")
       o.syn.seed = static_cast<unsigned>(integer());
     else if (a == "--sizes") {
@@ -124,6 +132,9 @@ Options parse(int argc, char** argv) {
       usage(("unknown argument " + a).c_str());
   }
   if (o.golden.empty()) o.synthetic = true;
+  if (o.syn.chunk > 0 && !o.golden.empty())
+    usage("--chunk runs the synthetic workload only (golden cases hold only the window's queries)");
+  if (o.syn.chunk > 0 && o.syn.batch != 1) usage("--chunk needs --batch 1");
   if (o.syn.heads % o.syn.kv_heads != 0) usage("--kv-heads must divide --heads");
   return o;
 }

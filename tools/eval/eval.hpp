@@ -6,7 +6,9 @@
 //                               GQA: query head h reads KV head h / (H / Hkv)
 //   mean_rel_l2_error(a, full)  mean over (batch, head, query) of ||a - full|| / ||full||
 //   evaluate(workload, sizes)   every method x cache size: prefill a KvCache, then the
-//                               error per layer, its mean over layers, tokens held
+//                               error per layer, its mean over layers, tokens held;
+//                               with Workload::chunk, the prompt goes in chunks through
+//                               the method's RaggedKvCache (exact or bounded chunking)
 //
 // Header-only so that the doctest suite can check it directly.
 #pragma once
@@ -15,9 +17,11 @@
 
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <limits>
 #include <memory>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -26,6 +30,7 @@ namespace cake_eval {
 
 using cake::index_t;
 using cview4 = cake::host_view<const float, 4>;
+using cview3 = cake::host_view<const float, 3>;
 
 // ---- the error measure -------------------------------------------------------
 
@@ -113,6 +118,7 @@ struct LayerInput {
   std::vector<float> q_window;  // (B, H, w, d)
   std::vector<float> k, v;      // (B, Hkv, S, d)
   std::vector<float> q_held;    // (B, H, nq, d)
+  std::vector<float> q_all;     // (B, H, S, d): every prompt query, for chunked prefill
 };
 
 struct Workload {
@@ -122,6 +128,10 @@ struct Workload {
   index_t window = 32, held_queries = 0;
   float tau1 = 1.0f, tau2 = 1.0f, gamma = 200.0f;  // CAKE's hyperparameters on this workload
   bool cascade = true;
+  // Chunked prefill: chunks of `chunk` tokens (0: the whole prompt at once); needs
+  // LayerInput::q_all and batch 1.
+  index_t chunk = 0;
+  cake::chunk_eviction chunking = cake::chunk_eviction::bounded;
   std::function<LayerInput(index_t)> layer;  // called once per layer, in order
 };
 
@@ -131,6 +141,10 @@ struct Workload {
 struct CacheRunner {
   virtual ~CacheRunner() = default;
   virtual void prefill(index_t layer, cview4 q, cview4 k, cview4 v) = 0;
+  // Chunked runners: the next chunk of the layer, q (n, H, d), k and v (n, Hkv, d).
+  virtual void prefill_chunk(index_t, cview3, cview3, cview3) {
+    throw std::logic_error("cake_eval: this runner takes whole prompts");
+  }
   virtual cview4 keys(index_t layer) const = 0;
   virtual cview4 values(index_t layer) const = 0;
   virtual index_t tokens_held(index_t layer) const = 0;
@@ -151,10 +165,40 @@ struct CacheRunnerOf final : CacheRunner {
   std::vector<index_t> row_lengths(index_t l) const override { return cache.row_lengths(l); }
 };
 
+// The same composition as a RaggedKvCache of one sequence fed by chunks.
+template <class Cache>
+struct ChunkedRunnerOf final : CacheRunner {
+  cake::RaggedKvCacheOf<Cache> ragged;
+  template <class... A>
+  ChunkedRunnerOf(const cake::CacheConfig& c, const Workload& w, A&&... a)
+      : ragged(c, std::forward<A>(a)...) {
+    ragged.add(0, {.prompt_length = w.seq_len, .chunking = w.chunking});
+  }
+  void prefill(index_t, cview4, cview4, cview4) override {
+    throw std::logic_error("cake_eval: a chunked runner takes chunks");
+  }
+  void prefill_chunk(index_t l, cview3 q, cview3 k, cview3 v) override {
+    const std::int32_t cu[2] = {0, static_cast<std::int32_t>(k.extent(0))};
+    const cake::sequence_id id = 0;
+    ragged.prefill_chunk(l, std::span(&id, 1), q, k, v, cu);
+  }
+  cview4 keys(index_t l) const override { return ragged.keys(0, l); }
+  cview4 values(index_t l) const override { return ragged.values(0, l); }
+  index_t tokens_held(index_t l) const override { return ragged.tokens_held(0, l); }
+  index_t tokens_held() const override { return ragged.sequence(0).tokens_held(); }
+  std::vector<index_t> row_lengths(index_t l) const override {
+    return ragged.sequence(0).row_lengths(l);
+  }
+};
+
+using MakeRunner =
+    std::function<std::unique_ptr<CacheRunner>(const cake::CacheConfig&, const Workload&)>;
+
 struct Method {
   std::string name;
   std::string description;
-  std::function<std::unique_ptr<CacheRunner>(const cake::CacheConfig&, const Workload&)> make;
+  MakeRunner make;
+  MakeRunner make_chunked;  // the same policies over chunks (Workload::chunk)
 };
 
 // Every method of cake/methods.hpp (and the ablation), all at the same cache size C.
@@ -162,11 +206,21 @@ struct Method {
 inline std::vector<Method> default_methods() {
   using namespace cake;
   namespace m = cake::methods;
+  struct Runners {
+    MakeRunner whole, chunked;
+  };
   const auto make = []<class Cache>(auto... policies) {
-    return [=](const CacheConfig& c, const Workload& w) -> std::unique_ptr<CacheRunner> {
-      (void)w;
-      return std::make_unique<CacheRunnerOf<Cache>>(c, policies(w)...);
-    };
+    return Runners{[=](const CacheConfig& c, const Workload& w) -> std::unique_ptr<CacheRunner> {
+                     return std::make_unique<CacheRunnerOf<Cache>>(c, policies(w)...);
+                   },
+                   [=](const CacheConfig& c, const Workload& w) -> std::unique_ptr<CacheRunner> {
+                     return std::make_unique<ChunkedRunnerOf<Cache>>(c, w, policies(w)...);
+                   }};
+  };
+  std::vector<Method> out;
+  const auto add = [&](std::string name, std::string description, Runners r) {
+    out.push_back(
+        {std::move(name), std::move(description), std::move(r.whole), std::move(r.chunked)});
   };
   const auto cake_pref = [](const Workload& w) { return CakePreference{w.tau1, w.tau2}; };
   const auto cake_ind = [](const Workload& w) { return MeanVarianceIndicator{w.gamma, 5}; };
@@ -174,34 +228,30 @@ inline std::vector<Method> default_methods() {
   const auto proportional = [](const Workload&) { return ProportionalBudget{}; };
   const auto uniform = [](const Workload&) { return UniformBudget{}; };
   const auto headwise_prop = [](const Workload&) { return HeadwiseBudget<ProportionalBudget>{}; };
-  std::vector<Method> out;
-  out.push_back({"cake",
-                 "CakePreference{tau1,tau2} + ProportionalBudget + MeanVarianceIndicator{gamma}",
-                 make.template operator()<m::Cake<>>(cake_pref, proportional, cake_ind)});
-  out.push_back({"snapkv", "UniformPreference + UniformBudget + WindowMeanIndicator",
-                 make.template operator()<m::SnapKv<>>()});
-  out.push_back({"pyramidkv", "UniformPreference + PyramidBudget{beta=20} + WindowMeanIndicator",
-                 make.template operator()<m::PyramidKv<>>()});
-  out.push_back({"streamingllm",
-                 "UniformPreference + UniformBudget + SinkRecencyIndicator{sinks=4}",
-                 make.template operator()<m::StreamingLlm<>>()});
-  out.push_back({"h2o", "UniformPreference + UniformBudget + AccumulatedIndicator",
-                 make.template operator()<m::H2o<>>()});
-  out.push_back({"tova", "UniformPreference + UniformBudget + LastQueryIndicator",
-                 make.template operator()<m::Tova<>>()});
-  out.push_back({"ada_snapkv",
-                 "UniformPreference + HeadwiseBudget<UniformBudget>{min_share=0.2} + "
-                 "WindowMeanIndicator",
-                 make.template operator()<m::AdaSnapKv<>>()});
-  out.push_back({"cake_adakv",
-                 "CakePreference{tau1,tau2} + HeadwiseBudget<ProportionalBudget>{min_share=0.2} + "
-                 "MeanVarianceIndicator{gamma}",
-                 make.template operator()<m::CakeAdaKv<>>(cake_pref, headwise_prop, cake_ind)});
-  out.push_back(
-      {"cake_uniform_budget",
-       "UniformPreference + UniformBudget + MeanVarianceIndicator{gamma} (ablation)",
-       make.template operator()<KvCache<UniformPreference, UniformBudget, MeanVarianceIndicator>>(
-           uniform_pref, uniform, cake_ind)});
+  add("cake", "CakePreference{tau1,tau2} + ProportionalBudget + MeanVarianceIndicator{gamma}",
+      make.template operator()<m::Cake<>>(cake_pref, proportional, cake_ind));
+  add("snapkv", "UniformPreference + UniformBudget + WindowMeanIndicator",
+      make.template operator()<m::SnapKv<>>());
+  add("pyramidkv", "UniformPreference + PyramidBudget{beta=20} + WindowMeanIndicator",
+      make.template operator()<m::PyramidKv<>>());
+  add("streamingllm", "UniformPreference + UniformBudget + SinkRecencyIndicator{sinks=4}",
+      make.template operator()<m::StreamingLlm<>>());
+  add("h2o", "UniformPreference + UniformBudget + AccumulatedIndicator",
+      make.template operator()<m::H2o<>>());
+  add("tova", "UniformPreference + UniformBudget + LastQueryIndicator",
+      make.template operator()<m::Tova<>>());
+  add("ada_snapkv",
+      "UniformPreference + HeadwiseBudget<UniformBudget>{min_share=0.2} + "
+      "WindowMeanIndicator",
+      make.template operator()<m::AdaSnapKv<>>());
+  add("cake_adakv",
+      "CakePreference{tau1,tau2} + HeadwiseBudget<ProportionalBudget>{min_share=0.2} + "
+      "MeanVarianceIndicator{gamma}",
+      make.template operator()<m::CakeAdaKv<>>(cake_pref, headwise_prop, cake_ind));
+  add("cake_uniform_budget",
+      "UniformPreference + UniformBudget + MeanVarianceIndicator{gamma} (ablation)",
+      make.template operator()<KvCache<UniformPreference, UniformBudget, MeanVarianceIndicator>>(
+          uniform_pref, uniform, cake_ind));
   return out;
 }
 
@@ -244,6 +294,9 @@ inline Result evaluate(const Workload& wl, const std::vector<index_t>& sizes,
   if (!wl.layer) throw std::invalid_argument("cake_eval: workload '" + wl.name + "' has no data");
   if (nq < 1)
     throw std::invalid_argument("cake_eval: workload '" + wl.name + "' has no held-out queries");
+  const bool chunked = wl.chunk > 0;
+  if (chunked && B != 1)
+    throw std::invalid_argument("cake_eval: chunked prefill is evaluated with batch 1");
 
   std::vector<std::unique_ptr<CacheRunner>> runners;
   for (const auto& m : methods)
@@ -257,11 +310,12 @@ inline Result evaluate(const Workload& wl, const std::vector<index_t>& sizes,
       cfg.window = w;
       cfg.cache_size = c;
       cfg.cascade = wl.cascade;
-      runners.push_back(m.make(cfg, wl));
+      runners.push_back(chunked ? m.make_chunked(cfg, wl) : m.make(cfg, wl));
     }
 
   std::vector<std::vector<float>> q_held(static_cast<std::size_t>(L));
   std::vector<std::vector<double>> full(static_cast<std::size_t>(L));
+  std::vector<LayerInput> inputs;  // chunked: every layer's, to feed chunk by chunk
   for (index_t l = 0; l < L; ++l) {
     LayerInput in = wl.layer(l);
     const auto sz = [](const std::vector<float>& x) { return static_cast<index_t>(x.size()); };
@@ -275,8 +329,31 @@ inline Result evaluate(const Workload& wl, const std::vector<index_t>& sizes,
     const cview4 v = cake::make_view(static_cast<const float*>(in.v.data()), A4{B, Hkv, S, d});
     const cview4 qh = cake::make_view(static_cast<const float*>(in.q_held.data()), A4{B, H, nq, d});
     full[static_cast<std::size_t>(l)] = attention_output(qh, k, v);
-    for (auto& r : runners) r->prefill(l, qw, k, v);
     q_held[static_cast<std::size_t>(l)] = std::move(in.q_held);
+    if (chunked) {
+      if (sz(in.q_all) != H * S * d)
+        throw std::invalid_argument("cake_eval: workload '" + wl.name +
+                                    "' has no queries for every position (chunked prefill)");
+      inputs.push_back(std::move(in));
+    } else {
+      for (auto& r : runners) r->prefill(l, qw, k, v);
+    }
+  }
+  // Chunk c through every layer, then chunk c + 1, as engines do; the (H, S, d) and
+  // (Hkv, S, d) buffers are read as the packed (tokens, heads, d) a chunk is.
+  using A3 = std::array<index_t, 3>;
+  for (index_t at = 0; chunked && at < S; at += wl.chunk) {
+    const index_t n = std::min(wl.chunk, S - at);
+    for (index_t l = 0; l < L; ++l) {
+      const LayerInput& in = inputs[static_cast<std::size_t>(l)];
+      const cview3 q = cake::make_view(static_cast<const float*>(in.q_all.data()) + at * d,
+                                       A3{n, H, d}, A3{d, S * d, 1});
+      const cview3 k = cake::make_view(static_cast<const float*>(in.k.data()) + at * d,
+                                       A3{n, Hkv, d}, A3{d, S * d, 1});
+      const cview3 v = cake::make_view(static_cast<const float*>(in.v.data()) + at * d,
+                                       A3{n, Hkv, d}, A3{d, S * d, 1});
+      for (auto& r : runners) r->prefill_chunk(l, q, k, v);
+    }
   }
 
   Result res;

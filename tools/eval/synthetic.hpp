@@ -21,6 +21,8 @@ struct SyntheticOptions {
   float tau1 = 1.6f, tau2 = 0.4f, gamma = 200.0f;  // the paper's Llama-3.1-8B temperatures
   bool cascade = true;
   unsigned seed = 42;
+  index_t chunk = 0;  // > 0: prefill in chunks of this many tokens (batch 1)
+  cake::chunk_eviction chunking = cake::chunk_eviction::bounded;
 };
 
 // splitmix64 with an approximately normal draw (Irwin-Hall, 4 terms, unit variance).
@@ -70,22 +72,36 @@ inline LayerInput synthesise(const SyntheticOptions& o, index_t layer) {
         }
       }
       // A query at position p of a head of this group.
-      auto query = [&](float* Q, index_t p) {
+      auto query_from = [&](Rng& r, float* Q, index_t p) {
         for (index_t x = 0; x < d; ++x)
-          Q[x] = sharp *
-                 (rng.normal() * 0.7f + 2.0f * topic[static_cast<std::size_t>(x)] * sd * 0.25f);
+          Q[x] =
+              sharp * (r.normal() * 0.7f + 2.0f * topic[static_cast<std::size_t>(x)] * sd * 0.25f);
         for (index_t f = 0; f < pos_dims; ++f) {
           const float ang = static_cast<float>(p) * 0.02f / static_cast<float>(f + 1);
           Q[2 * f] = sharp * 2.0f * std::cos(ang);
           Q[2 * f + 1] = sharp * 2.0f * std::sin(ang);
         }
       };
+      auto query = [&](float* Q, index_t p) { query_from(rng, Q, p); };
       for (index_t r = 0; r < n; ++r) {
         const index_t h = g * n + r;
         for (index_t i = 0; i < w; ++i)
           query(in.q_window.data() + ((b * H + h) * w + i) * d, S - w + i);
         for (index_t i = 0; i < nq; ++i)
           query(in.q_held.data() + ((b * H + h) * nq + i) * d, S + i);
+      }
+      // Chunked prefill reads a query at every position: drawn from their own
+      // generator (the data above stays that of the whole-prompt workload), the
+      // last w being the window's.
+      if (o.chunk > 0) {
+        if (in.q_all.empty()) in.q_all.resize(static_cast<std::size_t>(B * H * S * d));
+        Rng qrng{(o.seed * 1000003ull + static_cast<std::uint64_t>(layer)) ^ 0x5eed5eedull};
+        for (index_t r = 0; r < n; ++r) {
+          const index_t h = g * n + r;
+          float* Q = in.q_all.data() + (b * H + h) * S * d;
+          for (index_t p = 0; p < S - w; ++p) query_from(qrng, Q + p * d, p);
+          std::copy_n(in.q_window.data() + ((b * H + h) * w) * d, w * d, Q + (S - w) * d);
+        }
       }
     }
   return in;
@@ -107,6 +123,11 @@ inline Workload synthetic_workload(const SyntheticOptions& o) {
   w.tau2 = o.tau2;
   w.gamma = o.gamma;
   w.cascade = o.cascade;
+  w.chunk = o.chunk;
+  w.chunking = o.chunking;
+  if (o.chunk > 0)
+    w.name += ", chunks of " + std::to_string(o.chunk) +
+              (o.chunking == cake::chunk_eviction::exact ? " (exact)" : " (bounded)");
   w.layer = [o](index_t l) { return synthesise(o, l); };
   return w;
 }

@@ -1,0 +1,722 @@
+// cake::RaggedKvCache: many sequences of different lengths in one call, as engines
+// with continuous batching serve them, each managed as if it were alone.
+//
+//   add(id, seq) / remove(id)            sequences join and leave at any time
+//   prefill(layer, ids, q_window, keys, values, cu_seqlens)
+//                                        a layer's whole prompt for each sequence
+//                                        named, keys and values packed as
+//                                        FlashAttention's varlen API takes them
+//   prefill_chunk(layer, ids, q, keys, values, cu_seqlens)
+//                                        a chunk of each named prompt (chunked prefill)
+//   decode(layer, ids, q, k, v)          one token for each sequence named
+//   sequence(id)                         the sequence's KvCache: budgets, stages,
+//                                        tokens held, positions, keys, values
+//
+// Each sequence is a KvCache of batch 1 with its own cache size, preference,
+// budgets, cascade stages and decode state, so a ragged batch equals running every
+// sequence alone, token for token. KvCache itself keeps the reference's batch
+// semantics (one prompt length and one budget for a dense batch) for the golden cases.
+//
+// Inputs are read where they are: each sequence's part of a packed tensor is a
+// strided view into it. Chunked prefill is the exception: the chunks of a layer are
+// staged (see prefill_chunk) until the prompt is complete.
+//
+// Every call validates all of its input and every sequence it names before any
+// sequence changes: bad input throws cake::error (naming the argument, the expected
+// and the actual value) and leaves every sequence as it was. What can fail after
+// validation is only what can fail inside KvCache::prefill/decode once its input is
+// valid (out of memory, a preference policy returning a non-finite value): that
+// sequence is unchanged, those before it in `ids` have taken the call.
+// Sequences are processed one after another, in the order of `ids` (deterministic;
+// each uses the cache's execution policy).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "kv_cache.hpp"
+#include "policy/budget/uniform.hpp"
+#include "policy/preference/uniform.hpp"
+
+namespace cake {
+
+using sequence_id = std::int64_t;
+
+// When a prompt given in chunks is evicted (RaggedKvCache::prefill_chunk).
+enum class chunk_eviction {
+  exact,    // after the last chunk only: equal to prefill of the whole prompt
+  bounded,  // after every chunk, to at most cache_size tokens per layer (host only)
+};
+
+// What a sequence may set differently from the batch it joins.
+struct SequenceConfig {
+  index_t cache_size = 0;     // C of this sequence; 0: the batch's CacheConfig::cache_size
+  index_t prompt_length = 0;  // S: needed by prefill_chunk (it tells the last chunk); 0: unknown
+  chunk_eviction chunking = chunk_eviction::exact;
+};
+
+namespace detail {
+
+// Rows [begin, begin + n) of a packed (tokens, heads, head_dim) tensor, seen as
+// (1, heads, n, head_dim): no copy, the strides of the packed tensor.
+template <class V>
+auto packed_rows(const V& x, index_t begin, index_t n) {
+  const index_t st = x.stride(0), sh = x.stride(1), sd = x.stride(2);
+  const index_t h = x.extent(1), d = x.extent(2);
+  // Extent 1 along the new leading dimension: any stride past the slice will do.
+  const index_t outer = std::max({index_t{1}, st * std::max<index_t>(n, 1),
+                                  sh * std::max<index_t>(h, 1), sd * std::max<index_t>(d, 1)});
+  return make_view<memory_space_of<V>>(x.data_handle() + begin * st,
+                                       std::array<index_t, 4>{1, h, n, d},
+                                       std::array<index_t, 4>{outer, sh, st, sd});
+}
+
+// Entry i of a (num_seqs, ...) tensor as a batch of one, (1, ...).
+template <class V>
+auto batch_entry(const V& x, index_t i) {
+  constexpr std::size_t R = V::rank();
+  std::array<index_t, R> ext{}, str{};
+  for (std::size_t r = 0; r < R; ++r) {
+    ext[r] = static_cast<index_t>(x.extent(r));
+    str[r] = static_cast<index_t>(x.stride(r));
+  }
+  ext[0] = 1;
+  return make_view<memory_space_of<V>>(x.data_handle() + i * str[0], ext, str);
+}
+
+}  // namespace detail
+
+template <PreferencePolicy Pref = CakePreference, BudgetPolicy Budget = ProportionalBudget,
+          IndicatorPolicy Ind = MeanVarianceIndicator, class T = float, class Exec = host_policy>
+class RaggedKvCache {
+  using Store = detail::layer_store<T, Exec>;
+  using Space = typename Exec::memory_space;
+  static constexpr bool on_host = std::is_same_v<Space, host_space>;
+  // Bounded chunking's eviction between chunks: each layer alone, to cache_size.
+  using chunk_cache = KvCache<UniformPreference, UniformBudget, Ind, T, Exec>;
+  template <class U>
+  using buffer = decltype(Store::template make<U>(std::declval<const Exec&>(), index_t{0}));
+
+ public:
+  using cache_type = KvCache<Pref, Budget, Ind, T, Exec>;
+  using value_type = T;
+
+  // config: the model (layers, q_heads, kv_heads, head_dim, window) and what every
+  // sequence takes unless it says otherwise (cache_size, cascade, order,
+  // check_finite); its batch must be 1, each sequence being a batch of one.
+  explicit RaggedKvCache(CacheConfig config, Pref preference = {}, Budget budget = {},
+                         Ind indicator = {}, Exec exec = {})
+      : cfg_(config), pref_(preference), budget_(budget), ind_(indicator), exec_(exec) {
+    CAKE_EXPECTS(cfg_.batch == 1, "cake.ragged.config.batch",
+                 "a ragged batch takes batch = 1 (each sequence is a batch of one), got ",
+                 cfg_.batch);
+    cfg_.validate().throw_if_error();
+    pref_.validate().throw_if_error();
+    budget_.validate().throw_if_error();
+    ind_.validate().throw_if_error();
+  }
+
+  // ---- sequences -----------------------------------------------------------
+
+  // A new sequence, before its layer 0; with the batch's policies or its own.
+  void add(sequence_id id, SequenceConfig seq = {}) { add(id, seq, pref_, budget_, ind_); }
+  void add(sequence_id id, SequenceConfig seq, Pref preference, Budget budget, Ind indicator) {
+    CAKE_EXPECTS(!seqs_.count(id), "cake.ragged.id", "sequence ", id, " is already in the batch");
+    CAKE_EXPECTS(seq.cache_size >= 0, "cake.ragged.cache_size",
+                 "cache_size must be >= 0 (0: the batch's), got ", seq.cache_size);
+    CAKE_EXPECTS(seq.prompt_length == 0 || seq.prompt_length >= cfg_.window,
+                 "cake.ragged.prompt_length",
+                 "prompt_length must be 0 (unknown) or >= window = ", cfg_.window, ", got ",
+                 seq.prompt_length);
+    CAKE_EXPECTS(on_host || seq.chunking == chunk_eviction::exact, "cake.ragged.chunking",
+                 "bounded chunking runs on the host; with this execution policy chunking must be "
+                 "exact");
+    CacheConfig c = cfg_;
+    if (seq.cache_size > 0) c.cache_size = seq.cache_size;
+    auto cache = std::make_unique<cache_type>(c, preference, budget, indicator, exec_);
+    Sequence s{std::move(cache), seq.prompt_length, seq.chunking, indicator, {}, {}};
+    seqs_.emplace(id, std::move(s));
+  }
+  void remove(sequence_id id) { seqs_.erase(find(id)); }
+  bool contains(sequence_id id) const { return seqs_.count(id) > 0; }
+  index_t size() const noexcept { return static_cast<index_t>(seqs_.size()); }
+  // The sequences in the batch, ascending.
+  std::vector<sequence_id> ids() const {
+    std::vector<sequence_id> out;
+    for (const auto& [id, s] : seqs_) out.push_back(id);
+    return out;
+  }
+
+  // ---- prefill -------------------------------------------------------------
+
+  // ids: the sequences of this call, num_seqs of them, in the order of the tensors.
+  // q_window:     (num_seqs, q_heads, window, head_dim)  each sequence's last w queries
+  // keys, values: (total_tokens, kv_heads, head_dim)     every prompt, packed
+  // cu_seqlens:   (num_seqs + 1) int32 on the host: sequence i is tokens
+  //               [cu_seqlens[i], cu_seqlens[i + 1]) (FlashAttention's varlen offsets)
+  template <tensor_like Q, tensor_like K, tensor_like V>
+  status validate_prefill(index_t layer, std::span<const sequence_id> ids, Q&& q_window, K&& keys,
+                          V&& values, std::span<const std::int32_t> cu_seqlens) const {
+    return check_prefill(layer, ids, as_view(q_window), as_view(keys), as_view(values), cu_seqlens);
+  }
+
+  template <tensor_like Q, tensor_like K, tensor_like V>
+  void prefill(index_t layer, std::span<const sequence_id> ids, Q&& q_window, K&& keys, V&& values,
+               std::span<const std::int32_t> cu_seqlens) {
+    const auto q = as_view(q_window);
+    const auto k = as_view(keys);
+    const auto v = as_view(values);
+    check_prefill(layer, ids, q, k, v, cu_seqlens).throw_if_error();
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      const index_t b = cu_seqlens[i], S = cu_seqlens[i + 1] - b, ii = static_cast<index_t>(i);
+      seqs_.at(ids[i]).cache->prefill(layer, detail::batch_entry(q, ii),
+                                      detail::packed_rows(k, b, S), detail::packed_rows(v, b, S));
+    }
+  }
+
+  // ---- chunked prefill -----------------------------------------------------
+
+  // A chunk of each named sequence's prompt for one layer; the engine gives chunk c
+  // to layers 0..L-1 before chunk c + 1, the same tokens to every layer. Each
+  // sequence needs SequenceConfig::prompt_length, which tells its last chunk.
+  // q:            (total_tokens, q_heads, head_dim)  the chunks' queries, packed
+  // keys, values: (total_tokens, kv_heads, head_dim) the chunks' tokens, packed
+  // cu_seqlens:   (num_seqs + 1) int32 on the host, as prefill's; chunks may differ
+  //               in length between sequences, each holds at least one token.
+  // Equal to prefill of the whole prompt: the layer is evicted when its last chunk
+  // comes (so the last w queries may come from several chunks). Until then the
+  // layer's chunks are staged in the cache's memory space: per sequence and layer,
+  // keys and values of the whole prompt, 2 * kv_heads * S * head_dim values of T,
+  // and the last w queries, q_heads * w * head_dim values of T; a layer's staging is
+  // freed when its last chunk has been prefilled. Over the whole model that is the
+  // prompt's full K/V (all layers) at the last chunk of layer 0: chunking bounds
+  // the engine's activations, not the cache.
+  //
+  // SequenceConfig::chunking = chunk_eviction::bounded bounds it instead (host
+  // only). After each chunk but the last, every layer on its own takes what it
+  // holds plus the chunk (the candidates, in position order) as a prompt and, when
+  // they are more than cache_size + w (KvCache keeps a prompt of up to C + w whole),
+  // keeps cache_size of them: the last w, and the rest by the sequence's indicator
+  // from the last w queries (the chunk's, and earlier chunks' when it is shorter
+  // than w) with the uniform budget cache_size - w (no preference, no cascade). The
+  // last chunk then goes through the sequence's own policies (preference, budgets,
+  // cascade) over what each layer holds plus that chunk. Between chunks a layer
+  // holds at most cache_size + w tokens of K and V, during a call at most
+  // cache_size + w + chunk, instead of the whole prompt.
+  // What changes versus the paper (and exact): a token evicted after an earlier
+  // chunk is never reconsidered, and it was scored by that chunk's last w queries,
+  // not the prompt's; the preferences and budgets of the last chunk see only the
+  // survivors plus the last chunk, so a layer's budget is at most what it holds
+  // then; an accumulating indicator (H2O) restarts its sums at every chunk.
+  // positions(id, l) gives original prompt positions (the sequence's own cache
+  // numbers the compressed prompt it was given, held tokens first).
+  template <tensor_like Q, tensor_like K, tensor_like V>
+  status validate_prefill_chunk(index_t layer, std::span<const sequence_id> ids, Q&& q, K&& keys,
+                                V&& values, std::span<const std::int32_t> cu_seqlens) const {
+    return check_chunk(layer, ids, as_view(q), as_view(keys), as_view(values), cu_seqlens);
+  }
+
+  template <tensor_like Q, tensor_like K, tensor_like V>
+  void prefill_chunk(index_t layer, std::span<const sequence_id> ids, Q&& q_chunk, K&& keys,
+                     V&& values, std::span<const std::int32_t> cu_seqlens) {
+    const auto q = as_view(q_chunk);
+    const auto k = as_view(keys);
+    const auto v = as_view(values);
+    check_chunk(layer, ids, q, k, v, cu_seqlens).throw_if_error();
+    check_value_type<decltype(k), decltype(v)>();
+    check_value_type<decltype(q), decltype(q)>();  // staged with them
+    const auto l = static_cast<std::size_t>(layer);
+    const index_t H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim, w = cfg_.window;
+    // Allocate every staging buffer the call needs before the first write.
+    for (sequence_id id : ids) {
+      Sequence& s = seqs_.at(id);
+      if (s.staged.empty()) s.staged.resize(static_cast<std::size_t>(cfg_.layers));
+      if (s.mode == chunk_eviction::bounded && s.bounded.empty())
+        s.bounded.resize(static_cast<std::size_t>(cfg_.layers));
+      Staged& st = s.staged[l];
+      if (s.mode == chunk_eviction::exact && st.received == 0 && Store::size(st.k) == 0) {
+        Staged fresh;
+        fresh.k = Store::template make<T>(exec_, Hkv * s.prompt * d);
+        fresh.v = Store::template make<T>(exec_, Hkv * s.prompt * d);
+        fresh.q = Store::template make<T>(exec_, H * w * d);
+        st = std::move(fresh);
+      }
+    }
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      Sequence& s = seqs_.at(ids[i]);
+      Staged& st = s.staged[l];
+      const index_t b = cu_seqlens[i], n = cu_seqlens[i + 1] - b, S = s.prompt, at = st.received;
+      if constexpr (on_host) {
+        if (s.mode == chunk_eviction::bounded) {
+          bounded_chunk(s, layer, q, k, v, b, n);
+          continue;
+        }
+      }
+      // keys, values: (kv_heads, S, head_dim) staged; q: (q_heads, w, head_dim), the
+      // prompt's last w positions [S - w, S).
+      for (index_t g = 0; g < Hkv; ++g) {
+        Store::copy_2d(exec_, &k(b, g, 0), static_cast<index_t>(k.stride(0)),
+                       Store::ptr(st.k) + (g * S + at) * d, d, n, d);
+        Store::copy_2d(exec_, &v(b, g, 0), static_cast<index_t>(v.stride(0)),
+                       Store::ptr(st.v) + (g * S + at) * d, d, n, d);
+      }
+      const index_t from = std::max(at, S - w), to = at + n;  // positions of window queries
+      if (from < to)
+        for (index_t h = 0; h < H; ++h)
+          Store::copy_2d(exec_, &q(b + from - at, h, 0), static_cast<index_t>(q.stride(0)),
+                         Store::ptr(st.q) + (h * w + from - (S - w)) * d, d, to - from, d);
+      if (to < S) {
+        st.received = to;
+        continue;
+      }
+      // The last chunk: the whole prompt of the layer is here.
+      s.cache->prefill(layer, staged_queries(st), staged_prompt(st.k, S), staged_prompt(st.v, S));
+      st = Staged{};
+      st.received = S;  // done; its memory is freed
+    }
+  }
+
+  // Tokens of the layer's prompt received so far by chunks (S once complete).
+  index_t chunk_tokens_received(sequence_id id, index_t layer) const {
+    const Sequence& s = find(id)->second;
+    checked(layer);
+    return s.staged.empty() ? 0 : s.staged[static_cast<std::size_t>(layer)].received;
+  }
+  // Tokens of the layer's prompt held per kv-head row between chunks: with bounded
+  // chunking at most cache_size, with exact all received; 0 once the last chunk came.
+  index_t chunk_tokens_held(sequence_id id, index_t layer) const {
+    const Sequence& s = find(id)->second;
+    checked(layer);
+    const index_t got = chunk_tokens_received(id, layer);
+    if (got == s.prompt) return 0;
+    return s.mode == chunk_eviction::bounded ? s.bounded[static_cast<std::size_t>(layer)].n : got;
+  }
+
+  // ---- decode --------------------------------------------------------------
+
+  // q: (num_seqs, q_heads, head_dim); k, v: (num_seqs, kv_heads, head_dim), the new
+  // token of each sequence named, in the order of ids.
+  template <tensor_like Q, tensor_like K, tensor_like V>
+  status validate_decode(index_t layer, std::span<const sequence_id> ids, Q&& q, K&& k,
+                         V&& v) const {
+    return check_decode(layer, ids, as_view(q), as_view(k), as_view(v));
+  }
+
+  template <tensor_like Q, tensor_like K, tensor_like V>
+  void decode(index_t layer, std::span<const sequence_id> ids, Q&& q_new, K&& k_new, V&& v_new) {
+    const auto q = as_view(q_new);
+    const auto k = as_view(k_new);
+    const auto v = as_view(v_new);
+    check_decode(layer, ids, q, k, v).throw_if_error();
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      const auto ii = static_cast<index_t>(i);
+      Sequence& s = seqs_.at(ids[i]);
+      s.cache->decode(layer, detail::batch_entry(q, ii), detail::batch_entry(k, ii),
+                      detail::batch_entry(v, ii));
+      if constexpr (on_host)
+        if (!s.bounded.empty() && s.bounded[static_cast<std::size_t>(layer)].prompt > 0)
+          original_positions(s, layer);
+    }
+  }
+
+  // ---- queries -------------------------------------------------------------
+
+  const CacheConfig& config() const noexcept { return cfg_; }
+  // The sequence's own cache: budgets(), stage_budgets(), tokens_held(l),
+  // row_lengths(l), keys(l), values(l), positions(l), preference(l), ...
+  const cache_type& sequence(sequence_id id) const { return *find(id)->second.cache; }
+  std::span<const index_t> budgets(sequence_id id) const { return sequence(id).budgets(); }
+  index_t tokens_held(sequence_id id, index_t layer) const {
+    return sequence(id).tokens_held(layer);
+  }
+  auto keys(sequence_id id, index_t layer) const { return sequence(id).keys(layer); }
+  auto values(sequence_id id, index_t layer) const { return sequence(id).values(layer); }
+  // (1, kv_heads, held): prompt or decode positions; original ones with bounded chunking.
+  view<const index_t, 3, Space> positions(sequence_id id, index_t layer) const {
+    const Sequence& s = find(id)->second;
+    if constexpr (on_host) {
+      checked(layer);
+      if (!s.bounded.empty() && s.bounded[static_cast<std::size_t>(layer)].prompt > 0) {
+        const auto& p = s.bounded[static_cast<std::size_t>(layer)].positions;
+        return make_view(p.data(),
+                         std::array<index_t, 3>{1, cfg_.kv_heads,
+                                                static_cast<index_t>(p.size()) / cfg_.kv_heads});
+      }
+    }
+    return s.cache->positions(layer);
+  }
+  // Tokens held by every sequence, every layer (per kv-head row).
+  index_t tokens_held() const noexcept {
+    index_t n = 0;
+    for (const auto& [id, s] : seqs_) n += s.cache->tokens_held();
+    return n;
+  }
+  std::size_t bytes_held() const {
+    std::size_t n = 0;
+    for (const auto& [id, s] : seqs_) n += s.cache->bytes_held();
+    return n;
+  }
+
+ private:
+  struct Staged {
+    buffer<T> k, v;  // (kv_heads, S, head_dim) each
+    buffer<T> q;     // (q_heads, w, head_dim): queries of positions [S - w, S)
+    index_t received = 0;
+  };
+  // Bounded chunking, per layer, on the host.
+  struct Bounded {
+    std::vector<T> k, v;             // (kv_heads, n, head_dim): held between chunks
+    std::vector<index_t> pos;        // (kv_heads, n), then (kv_heads, prompt): original positions
+    std::vector<T> q;                // (q_heads, w, head_dim): queries of [received - w, received)
+    index_t n = 0;                   // tokens held per row between chunks
+    index_t prompt = 0;              // after the last chunk: the prompt the cache took
+    std::vector<index_t> positions;  // (kv_heads, held): the cache's positions(l), original
+  };
+  struct Sequence {
+    std::unique_ptr<cache_type> cache;  // never moves: it may lend its workspace by address
+    index_t prompt = 0;                 // SequenceConfig::prompt_length
+    chunk_eviction mode = chunk_eviction::exact;
+    Ind ind;                       // the sequence's indicator, for bounded chunking
+    std::vector<Staged> staged;    // per layer, while chunks come
+    std::vector<Bounded> bounded;  // per layer, bounded chunking
+  };
+
+  // One chunk of one sequence with bounded chunking (see prefill_chunk). Everything
+  // is built aside and moved in after the last call that can throw.
+  template <class QV, class KV, class VV>
+  void bounded_chunk(Sequence& s, index_t layer, const QV& q, const KV& k, const VV& v, index_t b,
+                     index_t n) {
+    const auto l = static_cast<std::size_t>(layer);
+    const index_t H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim, w = cfg_.window;
+    Bounded& h = s.bounded[l];
+    Staged& st = s.staged[l];
+    const index_t at = st.received, to = at + n, m = h.n + n, S = s.prompt;
+    const auto z = [](index_t x) { return static_cast<std::size_t>(x); };
+    // The last w queries, positions [to - w, to): from this chunk, then the held ones.
+    std::vector<T> qw(z(H * w * d));
+    for (index_t hh = 0; hh < H; ++hh)
+      for (index_t j = 0; j < w; ++j) {
+        const index_t p = to - w + j;
+        if (p < 0) continue;  // fewer than w tokens so far: no eviction reads them
+        T* dst = qw.data() + (hh * w + j) * d;
+        if (p >= at)
+          for (index_t x = 0; x < d; ++x) dst[x] = q(b + p - at, hh, x);
+        else
+          std::copy_n(h.q.data() + (hh * w + j + n) * d, d, dst);
+      }
+    // Candidates: what each kv-head row holds, then the chunk.
+    std::vector<T> ck(z(Hkv * m * d)), cv(ck.size());
+    std::vector<index_t> cp(z(Hkv * m));
+    for (index_t g = 0; g < Hkv; ++g) {
+      std::copy_n(h.k.data() + g * h.n * d, h.n * d, ck.data() + g * m * d);
+      std::copy_n(h.v.data() + g * h.n * d, h.n * d, cv.data() + g * m * d);
+      std::copy_n(h.pos.data() + g * h.n, h.n, cp.data() + g * m);
+      for (index_t t = 0; t < n; ++t) {
+        for (index_t x = 0; x < d; ++x) {
+          ck[z((g * m + h.n + t) * d + x)] = k(b + t, g, x);
+          cv[z((g * m + h.n + t) * d + x)] = v(b + t, g, x);
+        }
+        cp[z(g * m + h.n + t)] = at + t;
+      }
+    }
+    const auto qv = make_view(static_cast<const T*>(qw.data()), std::array<index_t, 4>{1, H, w, d});
+    const auto kv =
+        make_view(static_cast<const T*>(ck.data()), std::array<index_t, 4>{1, Hkv, m, d});
+    const auto vv =
+        make_view(static_cast<const T*>(cv.data()), std::array<index_t, 4>{1, Hkv, m, d});
+    const index_t C = s.cache->config().cache_size;
+    if (to == S) {  // the last chunk: the sequence's own policies
+      s.cache->prefill(layer, qv, kv, vv);
+      Bounded done;
+      done.pos = std::move(cp);
+      done.prompt = m;
+      h = std::move(done);
+      st.received = to;
+      for (index_t u = 0; u <= layer; ++u)  // a cascade cut the layers before it
+        if (s.bounded[z(u)].prompt > 0) original_positions(s, u);
+      return;
+    }
+    Bounded next;
+    if (m > C + w) {  // evict this layer alone to C tokens (m > w: the w queries are here)
+      CacheConfig c = s.cache->config();
+      c.layers = 1;
+      c.cascade = false;
+      c.order = token_order::position;  // candidates stay in position order
+      c.check_finite = false;           // checked by prefill_chunk
+      chunk_cache cut(c, UniformPreference{}, UniformBudget{}, s.ind, exec_);
+      cut.prefill(0, qv, kv, vv);
+      const index_t kept = cut.tokens_held(0);  // C in every row
+      const auto K = cut.keys(0), V = cut.values(0);
+      const auto P = cut.positions(0);
+      next.k.resize(z(Hkv * kept * d));
+      next.v.resize(next.k.size());
+      next.pos.resize(z(Hkv * kept));
+      for (index_t g = 0; g < Hkv; ++g)
+        for (index_t t = 0; t < kept; ++t) {
+          next.pos[z(g * kept + t)] = cp[z(g * m + P(0, g, t))];
+          for (index_t x = 0; x < d; ++x) {
+            next.k[z((g * kept + t) * d + x)] = K(0, g, t, x);
+            next.v[z((g * kept + t) * d + x)] = V(0, g, t, x);
+          }
+        }
+      next.n = kept;
+    } else {
+      next.k = std::move(ck);
+      next.v = std::move(cv);
+      next.pos = std::move(cp);
+      next.n = m;
+    }
+    next.q = std::move(qw);
+    h = std::move(next);
+    st.received = to;
+  }
+
+  // The cache's positions of layer l as original prompt positions: index p of its
+  // compressed prompt is pos[p], a decoded token S + (p - prompt).
+  void original_positions(Sequence& s, index_t layer) {
+    Bounded& h = s.bounded[static_cast<std::size_t>(layer)];
+    const auto P = s.cache->positions(layer);
+    const index_t Hkv = cfg_.kv_heads, n = P.extent(2);
+    h.positions.resize(static_cast<std::size_t>(Hkv * n));
+    for (index_t g = 0; g < Hkv; ++g)
+      for (index_t t = 0; t < n; ++t) {
+        const index_t p = P(0, g, t);
+        h.positions[static_cast<std::size_t>(g * n + t)] =
+            p < 0          ? -1
+            : p < h.prompt ? h.pos[static_cast<std::size_t>(g * h.prompt + p)]
+                           : s.prompt + (p - h.prompt);
+      }
+  }
+
+  auto staged_prompt(const buffer<T>& b, index_t S) const {
+    return make_view<typename Exec::memory_space>(
+        static_cast<const T*>(Store::ptr(b)),
+        std::array<index_t, 4>{1, cfg_.kv_heads, S, cfg_.head_dim});
+  }
+  auto staged_queries(const Staged& st) const {
+    return make_view<typename Exec::memory_space>(
+        static_cast<const T*>(Store::ptr(st.q)),
+        std::array<index_t, 4>{1, cfg_.q_heads, cfg_.window, cfg_.head_dim});
+  }
+
+  template <class KV, class VV>
+  static constexpr void check_value_type() {
+    static_assert(std::is_same_v<std::remove_const_t<typename KV::element_type>, T> &&
+                      std::is_same_v<std::remove_const_t<typename VV::element_type>, T>,
+                  "cake::RaggedKvCache<..., T>: keys and values (and a chunk's queries) must "
+                  "hold T, the cache's value type");
+  }
+
+  auto find(sequence_id id) const {
+    auto it = seqs_.find(id);
+    if (it == seqs_.end())
+      throw invalid_argument("cake.ragged.id",
+                             detail::concat("sequence ", id, " is not in the batch"));
+    return it;
+  }
+  auto find(sequence_id id) {
+    auto it = seqs_.find(id);
+    if (it == seqs_.end())
+      throw invalid_argument("cake.ragged.id",
+                             detail::concat("sequence ", id, " is not in the batch"));
+    return it;
+  }
+  void checked(index_t layer) const {
+    CAKE_EXPECTS(layer >= 0 && layer < cfg_.layers, "cake.layer", "layer must be in [0, ",
+                 cfg_.layers, "), got ", layer);
+  }
+
+  // Known and distinct ids.
+  status check_ids(std::span<const sequence_id> ids) const {
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      CAKE_CHECK(seqs_.count(ids[i]) > 0, "cake.ragged.ids", "ids[", i, "] = ", ids[i],
+                 " is not a sequence of the batch");
+      for (std::size_t j = 0; j < i; ++j)
+        CAKE_CHECK(ids[j] != ids[i], "cake.ragged.ids", "ids must be distinct, got ", ids[i],
+                   " at ", j, " and ", i);
+    }
+    return status::success();
+  }
+
+  // cu_seqlens: num_seqs + 1 offsets from 0, non-decreasing (increasing when
+  // `nonempty`), ending at the packed tensors' token count.
+  template <class KV, class VV>
+  static status check_offsets(std::span<const std::int32_t> cu, std::size_t n, const KV& k,
+                              const VV& v, bool nonempty) {
+    CAKE_CHECK(cu.size() == n + 1, "cake.ragged.cu_seqlens",
+               "cu_seqlens must hold num_seqs + 1 = ", n + 1, " offsets, got ", cu.size());
+    CAKE_CHECK(cu[0] == 0, "cake.ragged.cu_seqlens", "cu_seqlens[0] must be 0, got ", cu[0]);
+    for (std::size_t i = 0; i < n; ++i)
+      CAKE_CHECK(nonempty ? cu[i + 1] > cu[i] : cu[i + 1] >= cu[i], "cake.ragged.cu_seqlens",
+                 "cu_seqlens must be ", nonempty ? "increasing" : "non-decreasing",
+                 ", got cu_seqlens[", i, "] = ", cu[i], " and cu_seqlens[", i + 1,
+                 "] = ", cu[i + 1]);
+    CAKE_CHECK(cu[n] == static_cast<index_t>(k.extent(0)), "cake.ragged.cu_seqlens",
+               "cu_seqlens[num_seqs] must be the token count of keys, ", k.extent(0), ", got ",
+               cu[n]);
+    CAKE_CHECK(v.extent(0) == k.extent(0), "cake.ragged.values",
+               "values must hold as many tokens as keys, ", k.extent(0), ", got ",
+               detail::shape_string(v));
+    return status::success();
+  }
+
+  template <class KV>
+  status check_packed(const KV& x, const char* id, const char* name, index_t heads,
+                      const char* heads_name) const {
+    CAKE_CHECK(x.extent(1) == heads && x.extent(2) == cfg_.head_dim, id, name,
+               " must be (total_tokens, ", heads_name, ", head_dim) = (total_tokens, ", heads, ", ",
+               cfg_.head_dim, "), got ", detail::shape_string(x));
+    return status::success();
+  }
+
+  template <class QV, class KV, class VV>
+  status check_prefill(index_t layer, std::span<const sequence_id> ids, const QV& q, const KV& k,
+                       const VV& v, std::span<const std::int32_t> cu) const {
+    static_assert(QV::rank() == 4 && KV::rank() == 3 && VV::rank() == 3,
+                  "cake::RaggedKvCache::prefill: q_window is (num_seqs, q_heads, window, "
+                  "head_dim), keys and values (total_tokens, kv_heads, head_dim)");
+    const std::size_t n = ids.size();
+    if (auto st = check_ids(ids); !st.ok()) return st;
+    CAKE_CHECK(q.extent(0) == static_cast<index_t>(n), "cake.ragged.q_window",
+               "q_window must have num_seqs = ", n, " entries along extent 0, got ",
+               detail::shape_string(q));
+    if (auto st = check_packed(k, "cake.ragged.keys", "keys", cfg_.kv_heads, "kv_heads"); !st.ok())
+      return st;
+    if (auto st = check_packed(v, "cake.ragged.values", "values", cfg_.kv_heads, "kv_heads");
+        !st.ok())
+      return st;
+    if (auto st = check_offsets(cu, n, k, v, false); !st.ok()) return st;
+    for (std::size_t i = 0; i < n; ++i) {
+      const Sequence& s = seqs_.at(ids[i]);
+      const index_t b = cu[i], S = cu[i + 1] - b;
+      CAKE_CHECK_STATE(s.staged.empty(), "cake.ragged.chunked", "sequence ", ids[i],
+                       " is prefilled by chunks (prefill_chunk), not whole");
+      CAKE_CHECK(s.prompt == 0 || S == s.prompt, "cake.ragged.cu_seqlens", "sequence ", ids[i],
+                 " has prompt_length ", s.prompt, ", got ", S, " tokens");
+      if (auto st =
+              s.cache->validate_prefill(layer, detail::batch_entry(q, static_cast<index_t>(i)),
+                                        detail::packed_rows(k, b, S), detail::packed_rows(v, b, S));
+          !st.ok())
+        return named(st, ids[i]);
+    }
+    return status::success();
+  }
+
+  template <class QV, class KV, class VV>
+  status check_chunk(index_t layer, std::span<const sequence_id> ids, const QV& q, const KV& k,
+                     const VV& v, std::span<const std::int32_t> cu) const {
+    static_assert(QV::rank() == 3 && KV::rank() == 3 && VV::rank() == 3,
+                  "cake::RaggedKvCache::prefill_chunk: q, keys and values are packed, "
+                  "(total_tokens, heads, head_dim)");
+    require_space<Exec, QV, KV, VV>();
+    const std::size_t n = ids.size();
+    CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.prefill.layer", "layer must be in [0, ",
+               cfg_.layers, "), got ", layer);
+    if (auto st = check_ids(ids); !st.ok()) return st;
+    if (auto st = check_packed(q, "cake.ragged.q", "q", cfg_.q_heads, "q_heads"); !st.ok())
+      return st;
+    if (auto st = check_packed(k, "cake.ragged.keys", "keys", cfg_.kv_heads, "kv_heads"); !st.ok())
+      return st;
+    if (auto st = check_packed(v, "cake.ragged.values", "values", cfg_.kv_heads, "kv_heads");
+        !st.ok())
+      return st;
+    if (auto st = check_offsets(cu, n, k, v, true); !st.ok()) return st;
+    CAKE_CHECK(q.extent(0) == k.extent(0), "cake.ragged.q", "q must hold as many tokens as keys, ",
+               k.extent(0), ", got ", detail::shape_string(q));
+    CAKE_CHECK(inner_contiguous(q) && inner_contiguous(k) && inner_contiguous(v),
+               "cake.ragged.layout", "q, keys and values must have unit stride along head_dim");
+    const auto l = static_cast<std::size_t>(layer);
+    for (std::size_t i = 0; i < n; ++i) {
+      const Sequence& s = seqs_.at(ids[i]);
+      const index_t len = cu[i + 1] - cu[i];
+      CAKE_CHECK_STATE(s.prompt > 0, "cake.ragged.prompt_length", "sequence ", ids[i],
+                       " has no prompt_length: chunked prefill needs it (SequenceConfig)");
+      CAKE_CHECK_STATE(!s.staged.empty() || s.cache->layers_prefilled() == 0, "cake.ragged.chunked",
+                       "sequence ", ids[i], " is prefilled whole (prefill), not by chunks");
+      const auto got = [&](std::size_t m) { return s.staged.empty() ? 0 : s.staged[m].received; };
+      const index_t at = got(l);
+      CAKE_CHECK_STATE(at < s.prompt, "cake.ragged.chunk", "layer ", layer, " of sequence ", ids[i],
+                       " already has its whole prompt of ", s.prompt, " tokens");
+      // Chunk c goes through every layer before chunk c + 1, the same tokens to each.
+      if (layer == 0)
+        CAKE_CHECK_STATE(at == got(static_cast<std::size_t>(cfg_.layers - 1)), "cake.ragged.chunk",
+                         "sequence ", ids[i],
+                         ": the previous chunk must reach every layer before layer 0 takes the "
+                         "next; layer ",
+                         cfg_.layers - 1, " has ", got(static_cast<std::size_t>(cfg_.layers - 1)),
+                         " tokens, layer 0 has ", at);
+      else
+        CAKE_CHECK_STATE(at + len == got(l - 1), "cake.ragged.chunk", "sequence ", ids[i],
+                         ": layer ", layer, " must take the chunk layer ", layer - 1,
+                         " took last, ending at token ", got(l - 1), ", got tokens [", at, ", ",
+                         at + len, ")");
+      CAKE_CHECK(at + len <= s.prompt, "cake.ragged.cu_seqlens", "sequence ", ids[i], " has ",
+                 s.prompt - at, " tokens of its prompt left, got a chunk of ", len);
+      if (cfg_.check_finite) {
+        const float bound = detail::score_bound(cfg_.head_dim);
+        const auto qi = detail::packed_rows(q, cu[i], len);
+        const auto ki = detail::packed_rows(k, cu[i], len);
+        const auto vi = detail::packed_rows(v, cu[i], len);
+        if (auto st = Store::check_finite(exec_, detail::named(qi, "cake.ragged.q", "q", bound),
+                                          detail::named(ki, "cake.ragged.keys", "keys", bound),
+                                          detail::named(vi, "cake.ragged.values", "values"));
+            !st.ok())
+          return named(st, ids[i]);
+      }
+    }
+    return status::success();
+  }
+
+  template <class QV, class KV, class VV>
+  status check_decode(index_t layer, std::span<const sequence_id> ids, const QV& q, const KV& k,
+                      const VV& v) const {
+    static_assert(QV::rank() == 3 && KV::rank() == 3 && VV::rank() == 3,
+                  "cake::RaggedKvCache::decode: q, k and v are (num_seqs, heads, head_dim)");
+    const std::size_t n = ids.size();
+    if (auto st = check_ids(ids); !st.ok()) return st;
+    CAKE_CHECK(q.extent(0) == static_cast<index_t>(n) && k.extent(0) == static_cast<index_t>(n) &&
+                   v.extent(0) == static_cast<index_t>(n),
+               "cake.ragged.decode", "q, k and v must have num_seqs = ", n,
+               " entries along extent 0, got ", detail::shape_string(q), ", ",
+               detail::shape_string(k), " and ", detail::shape_string(v));
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto ii = static_cast<index_t>(i);
+      if (auto st = seqs_.at(ids[i]).cache->validate_decode(layer, detail::batch_entry(q, ii),
+                                                            detail::batch_entry(k, ii),
+                                                            detail::batch_entry(v, ii));
+          !st.ok())
+        return named(st, ids[i]);
+    }
+    return status::success();
+  }
+
+  // A sequence's failure, with the sequence named.
+  static status named(status st, sequence_id id) {
+    st.message += detail::concat(" (sequence ", id, ")");
+    return st;
+  }
+
+  CacheConfig cfg_;
+  Pref pref_;
+  Budget budget_;
+  Ind ind_;
+  Exec exec_;
+  std::map<sequence_id, Sequence> seqs_;  // ordered: ids() and totals are deterministic
+};
+
+// The ragged batch of a KvCache composition: RaggedKvCacheOf<methods::SnapKv<>>.
+template <class Cache>
+struct ragged_kv_cache_of;
+template <class P, class B, class I, class T, class E>
+struct ragged_kv_cache_of<KvCache<P, B, I, T, E>> {
+  using type = RaggedKvCache<P, B, I, T, E>;
+};
+template <class Cache>
+using RaggedKvCacheOf = typename ragged_kv_cache_of<Cache>::type;
+
+}  // namespace cake

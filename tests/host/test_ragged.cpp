@@ -1,0 +1,640 @@
+// RaggedKvCache (issue 14, parts 2 and 3): a ragged batch of sequences, each with
+// its own prompt length and cache size, equals every sequence run alone in a
+// KvCache of batch 1, token for token, on every method; sequences join and leave;
+// chunked prefill equals whole-prompt prefill; bad input changes nothing.
+#include "kv_workload.hpp"
+
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <string>
+
+namespace ragged_test {
+
+using cake::sequence_id;
+
+template <class Cache>
+struct ragged_of;
+template <class P, class B, class I, class T, class E>
+struct ragged_of<cake::KvCache<P, B, I, T, E>> {
+  using type = cake::RaggedKvCache<P, B, I, T, E>;
+};
+
+// The model every test uses: 3 layers, GQA (4 query heads over 2 kv-heads), w = 4.
+inline cake::CacheConfig model(bool cascade = true,
+                               cake::token_order order = cake::token_order::position) {
+  cake::CacheConfig c;
+  c.layers = 3;
+  c.q_heads = 4;
+  c.kv_heads = 2;
+  c.head_dim = 8;
+  c.window = 4;
+  c.cache_size = 8;
+  c.cascade = cascade;
+  c.order = order;
+  return c;
+}
+
+// One sequence: its id, prompt, cache size and its data (batch 1).
+struct Seq {
+  sequence_id id;
+  index_t S;
+  index_t C;
+  kv_test::Workload wl;
+  std::vector<std::vector<float>> qfull;  // per layer (S, q_heads, head_dim): every query
+
+  cake::CacheConfig cfg() const { return wl.cfg; }
+};
+
+inline Seq make_seq(const cake::CacheConfig& base, sequence_id id, index_t S, index_t C,
+                    unsigned seed, int steps) {
+  cake::CacheConfig c = base;
+  c.cache_size = C;
+  Seq s{id, S, C, kv_test::make_workload(c, S, seed, steps), {}};
+  // Queries of every token, for chunks: the last w are the workload's window; the
+  // others are noise a wrong window would pick up.
+  const index_t H = c.q_heads, d = c.head_dim, w = c.window;
+  for (index_t l = 0; l < c.layers; ++l) {
+    std::vector<float> q(static_cast<std::size_t>(S * H * d));
+    for (index_t t = 0; t < S; ++t)
+      for (index_t h = 0; h < H; ++h)
+        for (index_t x = 0; x < d; ++x) {
+          const auto i = static_cast<std::size_t>((t * H + h) * d + x);
+          q[i] = t >= S - w ? s.wl.q[static_cast<std::size_t>(l)]
+                                    [static_cast<std::size_t>((h * w + t - (S - w)) * d + x)]
+                            : 3.0f * static_cast<float>((t * 7 + h * 3 + x) % 5) - 6.0f;
+        }
+    s.qfull.push_back(std::move(q));
+  }
+  return s;
+}
+
+// A layer's tensors for a set of sequences, packed as FlashAttention's varlen API
+// takes them: tokens [begin, end) of each prompt (whole prompts by default).
+struct Packed {
+  index_t H = 0, Hkv = 0, d = 0, w = 0, n = 0;
+  std::vector<float> qw;    // (n, q_heads, window, head_dim)
+  std::vector<float> q;     // (total, q_heads, head_dim)
+  std::vector<float> k, v;  // (total, kv_heads, head_dim)
+  std::vector<std::int32_t> cu;
+  std::vector<sequence_id> ids;
+
+  index_t total() const { return cu.back(); }
+  auto q_window() const { return cake::make_view(qw.data(), std::array<index_t, 4>{n, H, w, d}); }
+  auto queries() const { return cake::make_view(q.data(), std::array<index_t, 3>{total(), H, d}); }
+  auto keys() const { return cake::make_view(k.data(), std::array<index_t, 3>{total(), Hkv, d}); }
+  auto values() const { return cake::make_view(v.data(), std::array<index_t, 3>{total(), Hkv, d}); }
+};
+
+inline Packed pack(const std::vector<const Seq*>& seqs, index_t l,
+                   const std::vector<std::pair<index_t, index_t>>& ranges = {}) {
+  const auto& c = seqs.front()->wl.cfg;
+  Packed p;
+  p.H = c.q_heads;
+  p.Hkv = c.kv_heads;
+  p.d = c.head_dim;
+  p.w = c.window;
+  p.n = static_cast<index_t>(seqs.size());
+  p.cu.push_back(0);
+  const auto L = static_cast<std::size_t>(l);
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const Seq& s = *seqs[i];
+    p.ids.push_back(s.id);
+    const auto [b, e] = ranges.empty() ? std::pair<index_t, index_t>{0, s.S} : ranges[i];
+    p.qw.insert(p.qw.end(), s.wl.q[L].begin(), s.wl.q[L].end());
+    for (index_t t = b; t < e; ++t) {
+      for (index_t h = 0; h < p.H; ++h)
+        for (index_t x = 0; x < p.d; ++x)
+          p.q.push_back(s.qfull[L][static_cast<std::size_t>((t * p.H + h) * p.d + x)]);
+      for (index_t g = 0; g < p.Hkv; ++g)
+        for (index_t x = 0; x < p.d; ++x) {
+          const auto i0 = static_cast<std::size_t>((g * s.S + t) * p.d + x);
+          p.k.push_back(s.wl.k[L][i0]);
+          p.v.push_back(s.wl.v[L][i0]);
+        }
+    }
+    p.cu.push_back(p.cu.back() + static_cast<std::int32_t>(e - b));
+  }
+  return p;
+}
+
+// Decode step t of layer l for a set of sequences: (n, heads, head_dim) each.
+struct Step {
+  index_t H = 0, Hkv = 0, d = 0, n = 0;
+  std::vector<float> q, k, v;
+  std::vector<sequence_id> ids;
+  auto qv() const { return cake::make_view(q.data(), std::array<index_t, 3>{n, H, d}); }
+  auto kv() const { return cake::make_view(k.data(), std::array<index_t, 3>{n, Hkv, d}); }
+  auto vv() const { return cake::make_view(v.data(), std::array<index_t, 3>{n, Hkv, d}); }
+};
+
+// steps[i]: which decode step of sequence i.
+inline Step step(const std::vector<const Seq*>& seqs, const std::vector<std::size_t>& steps,
+                 index_t l) {
+  const auto& c = seqs.front()->wl.cfg;
+  Step st{c.q_heads, c.kv_heads, c.head_dim, static_cast<index_t>(seqs.size()), {}, {}, {}, {}};
+  const auto L = static_cast<std::size_t>(l);
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const Seq& s = *seqs[i];
+    st.ids.push_back(s.id);
+    st.q.insert(st.q.end(), s.wl.dq[steps[i]][L].begin(), s.wl.dq[steps[i]][L].end());
+    st.k.insert(st.k.end(), s.wl.dk[steps[i]][L].begin(), s.wl.dk[steps[i]][L].end());
+    st.v.insert(st.v.end(), s.wl.dv[steps[i]][L].begin(), s.wl.dv[steps[i]][L].end());
+  }
+  return st;
+}
+
+// Everything a KvCache reports, equal between a and b (exact: the same operations
+// on the same numbers).
+template <class A, class B>
+void check_same(const A& a, const B& b) {
+  REQUIRE(a.layers_prefilled() == b.layers_prefilled());
+  REQUIRE(a.prompt_length() == b.prompt_length());
+  CHECK(std::vector<index_t>(a.budgets().begin(), a.budgets().end()) ==
+        std::vector<index_t>(b.budgets().begin(), b.budgets().end()));
+  CHECK(a.stage_budgets() == b.stage_budgets());
+  CHECK(a.tokens_held() == b.tokens_held());
+  CHECK(a.peak_tokens_held() == b.peak_tokens_held());
+  const auto& c = a.config();
+  for (index_t l = 0; l < c.layers; ++l) {
+    CAPTURE(l);
+    REQUIRE(a.row_lengths(l) == b.row_lengths(l));
+    const auto pa = a.positions(l), pb = b.positions(l);
+    const auto ka = a.keys(l), kb = b.keys(l);
+    const auto va = a.values(l), vb = b.values(l);
+    REQUIRE(pa.extent(2) == pb.extent(2));
+    bool same = true;
+    for (index_t g = 0; g < c.kv_heads; ++g)
+      for (index_t t = 0; t < pa.extent(2); ++t) {
+        same = same && pa(0, g, t) == pb(0, g, t);
+        for (index_t x = 0; x < c.head_dim; ++x)
+          same = same && ka(0, g, t, x) == kb(0, g, t, x) && va(0, g, t, x) == vb(0, g, t, x);
+      }
+    CHECK(same);
+    if (l < a.layers_prefilled()) CHECK(a.preference(l) == b.preference(l));
+  }
+}
+
+template <class F>
+std::string error_id(F&& f) {
+  try {
+    f();
+  } catch (const cake::error& e) {
+    return e.id();
+  }
+  return "no error";
+}
+
+constexpr cake::token_order both_orders[] = {cake::token_order::position,
+                                             cake::token_order::reference};
+
+}  // namespace ragged_test
+
+using namespace ragged_test;
+
+TEST_CASE_TEMPLATE("RaggedKvCache: a ragged batch equals each sequence alone, every method", Cache,
+                   cake::methods::Cake<>, cake::methods::SnapKv<>, cake::methods::PyramidKv<>,
+                   cake::methods::StreamingLlm<>, cake::methods::H2o<>, cake::methods::Tova<>,
+                   cake::methods::AdaSnapKv<>, cake::methods::CakeAdaKv<>) {
+  using Ragged = typename ragged_of<Cache>::type;
+  for (bool cascade : {true, false})
+    for (auto order : both_orders) {
+      CAPTURE(cascade);
+      CAPTURE(static_cast<int>(order));
+      const auto base = model(cascade, order);
+      // Prompts of different lengths (one exactly the window), cache sizes that differ;
+      // the call order is not the id order.
+      std::vector<Seq> seqs;
+      seqs.push_back(make_seq(base, 7, 4, 8, 11, 3));
+      seqs.push_back(make_seq(base, 3, 23, 6, 12, 3));
+      seqs.push_back(make_seq(base, 11, 16, 12, 13, 3));
+      seqs.push_back(make_seq(base, 5, 9, 8, 14, 3));
+      std::vector<const Seq*> all;
+      for (const auto& s : seqs) all.push_back(&s);
+
+      Ragged ragged(base);
+      std::vector<std::unique_ptr<Cache>> alone;
+      for (const auto& s : seqs) {
+        ragged.add(s.id, {.cache_size = s.C});
+        alone.push_back(std::make_unique<Cache>(s.cfg()));
+      }
+      for (index_t l = 0; l < base.layers; ++l) {
+        const Packed p = pack(all, l);
+        ragged.prefill(l, p.ids, p.q_window(), p.keys(), p.values(), p.cu);
+        for (std::size_t i = 0; i < seqs.size(); ++i)
+          alone[i]->prefill(l, seqs[i].wl.qv(l), seqs[i].wl.kv(l), seqs[i].wl.vv(l));
+        for (std::size_t i = 0; i < seqs.size(); ++i) {
+          CAPTURE(seqs[i].id);
+          check_same(ragged.sequence(seqs[i].id), *alone[i]);
+        }
+      }
+      // The long prompt was evicted, so the comparison compared a choice.
+      CHECK(ragged.tokens_held(3, 0) < 23);
+      CHECK(ragged.sequence(3).budgets().size() == 3);
+      for (std::size_t t = 0; t < 3; ++t)
+        for (index_t l = 0; l < base.layers; ++l) {
+          const Step st = step(all, std::vector<std::size_t>(all.size(), t), l);
+          ragged.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+          for (std::size_t i = 0; i < seqs.size(); ++i) {
+            alone[i]->decode(l, seqs[i].wl.dqv(t, l), seqs[i].wl.dkv(t, l), seqs[i].wl.dvv(t, l));
+            CAPTURE(seqs[i].id);
+            check_same(ragged.sequence(seqs[i].id), *alone[i]);
+          }
+        }
+      index_t total = 0;
+      for (const auto& a : alone) total += a->tokens_held();
+      CHECK(ragged.tokens_held() == total);
+      // The accessors are the sequence's own.
+      const auto pos = ragged.positions(11, 1);
+      CHECK(pos.extent(2) == alone[2]->positions(1).extent(2));
+      CHECK(ragged.keys(11, 1).data_handle() == ragged.sequence(11).keys(1).data_handle());
+    }
+}
+
+TEST_CASE("RaggedKvCache: sequences join and leave while others decode") {
+  const auto base = model();
+  const Seq a = make_seq(base, 1, 23, 8, 21, 4);
+  const Seq b = make_seq(base, 2, 9, 6, 22, 8);
+  const Seq c = make_seq(base, 3, 16, 10, 23, 4);
+  cake::methods::Cake<> ra(a.cfg()), rb(b.cfg()), rc(c.cfg());
+  cake::RaggedKvCache<> ragged(base);
+  ragged.add(1, {.cache_size = 8});
+  ragged.add(2, {.cache_size = 6});
+  for (index_t l = 0; l < 3; ++l) {
+    const Packed p = pack({&b, &a}, l);
+    ragged.prefill(l, p.ids, p.q_window(), p.keys(), p.values(), p.cu);
+    ra.prefill(l, a.wl.qv(l), a.wl.kv(l), a.wl.vv(l));
+    rb.prefill(l, b.wl.qv(l), b.wl.kv(l), b.wl.vv(l));
+  }
+  std::size_t tb = 0;
+  for (std::size_t t = 0; t < 2; ++t, ++tb)
+    for (index_t l = 0; l < 3; ++l) {
+      const Step st = step({&a, &b}, {t, tb}, l);
+      ragged.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+      ra.decode(l, a.wl.dqv(t, l), a.wl.dkv(t, l), a.wl.dvv(t, l));
+      rb.decode(l, b.wl.dqv(tb, l), b.wl.dkv(tb, l), b.wl.dvv(tb, l));
+    }
+  check_same(ragged.sequence(1), ra);
+  // 1 leaves, 3 joins: its prefill runs layer by layer beside 2's decode step.
+  ragged.remove(1);
+  CHECK(!ragged.contains(1));
+  CHECK(error_id([&] { (void)ragged.sequence(1); }) == "cake.ragged.id");
+  ragged.add(3, {.cache_size = 10});
+  CHECK(ragged.ids() == std::vector<sequence_id>{2, 3});
+  for (index_t l = 0; l < 3; ++l) {
+    const Packed p = pack({&c}, l);
+    ragged.prefill(l, p.ids, p.q_window(), p.keys(), p.values(), p.cu);
+    rc.prefill(l, c.wl.qv(l), c.wl.kv(l), c.wl.vv(l));
+    const Step st = step({&b}, {tb}, l);
+    ragged.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+    rb.decode(l, b.wl.dqv(tb, l), b.wl.dkv(tb, l), b.wl.dvv(tb, l));
+  }
+  ++tb;
+  for (std::size_t t = 0; t < 3; ++t, ++tb)
+    for (index_t l = 0; l < 3; ++l) {
+      const Step st = step({&c, &b}, {t, tb}, l);
+      ragged.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+      rc.decode(l, c.wl.dqv(t, l), c.wl.dkv(t, l), c.wl.dvv(t, l));
+      rb.decode(l, b.wl.dqv(tb, l), b.wl.dkv(tb, l), b.wl.dvv(tb, l));
+    }
+  check_same(ragged.sequence(2), rb);
+  check_same(ragged.sequence(3), rc);
+  CHECK(ragged.tokens_held() == rb.tokens_held() + rc.tokens_held());
+  CHECK(ragged.bytes_held() == rb.bytes_held() + rc.bytes_held());
+}
+
+namespace ragged_test {
+
+// Feeds every sequence its prompt in chunks of `chunk` tokens (the last one
+// shorter when chunk does not divide S), every layer per chunk; sequences whose
+// prompt is complete drop out of the calls. Checks the exact mode's promise on
+// the way: nothing is evicted before a layer's last chunk.
+template <class Ragged>
+void prefill_by_chunks(Ragged& ragged, const std::vector<const Seq*>& seqs, index_t chunk,
+                       bool bounded = false) {
+  std::vector<index_t> at(seqs.size(), 0);
+  // Bounded: what each sequence's layers hold between chunks, all of it until it
+  // exceeds C + w, then C.
+  std::vector<index_t> held(seqs.size(), 0);
+  const index_t w = seqs.front()->wl.cfg.window;
+  const index_t L = seqs.front()->wl.cfg.layers;
+  for (;;) {
+    std::vector<const Seq*> call;
+    std::vector<std::pair<index_t, index_t>> ranges;
+    for (std::size_t i = 0; i < seqs.size(); ++i)
+      if (at[i] < seqs[i]->S) {
+        call.push_back(seqs[i]);
+        ranges.push_back({at[i], std::min(seqs[i]->S, at[i] + chunk)});
+      }
+    if (call.empty()) return;
+    std::vector<index_t> want;  // per call entry
+    for (std::size_t i = 0, j = 0; i < seqs.size(); ++i)
+      if (at[i] < seqs[i]->S) {
+        const index_t m = held[i] + ranges[j].second - ranges[j].first;
+        held[i] = m <= seqs[i]->C + w ? m : seqs[i]->C;
+        want.push_back(bounded ? held[i] : ranges[j].second);
+        ++j;
+      }
+    for (index_t l = 0; l < L; ++l) {
+      const Packed p = pack(call, l, ranges);
+      ragged.prefill_chunk(l, p.ids, p.queries(), p.keys(), p.values(), p.cu);
+      for (std::size_t i = 0; i < call.size(); ++i) {
+        const bool last = ranges[i].second == call[i]->S;
+        CHECK(ragged.chunk_tokens_received(call[i]->id, l) == ranges[i].second);
+        CHECK(ragged.sequence(call[i]->id).layers_prefilled() == (last ? l + 1 : 0));
+        // Between chunks a layer holds all it got (exact) or at most C + w (bounded).
+        CHECK(ragged.chunk_tokens_held(call[i]->id, l) == (last ? 0 : want[i]));
+        if (bounded) CHECK(want[i] <= call[i]->C + w);
+      }
+    }
+    for (std::size_t i = 0; i < seqs.size(); ++i) at[i] = std::min(seqs[i]->S, at[i] + chunk);
+  }
+}
+
+}  // namespace ragged_test
+
+TEST_CASE_TEMPLATE("RaggedKvCache: chunked prefill equals whole-prompt prefill", Cache,
+                   cake::methods::Cake<>, cake::methods::H2o<>, cake::methods::Tova<>,
+                   cake::methods::CakeAdaKv<>) {
+  using Ragged = typename ragged_of<Cache>::type;
+  for (bool cascade : {true, false})
+    for (auto order : both_orders)
+      // 1 token; < w; not dividing 23 or 9 (the last chunk is shorter than w);
+      // the whole prompt at once.
+      for (index_t chunk : {1, 3, 5, 23}) {
+        CAPTURE(cascade);
+        CAPTURE(static_cast<int>(order));
+        CAPTURE(chunk);
+        const auto base = model(cascade, order);
+        std::vector<Seq> seqs;
+        seqs.push_back(make_seq(base, 4, 23, 7, 31, 3));
+        seqs.push_back(make_seq(base, 9, 9, 8, 32, 3));
+        seqs.push_back(make_seq(base, 2, 4, 8, 33, 3));
+        std::vector<const Seq*> all;
+        for (const auto& s : seqs) all.push_back(&s);
+        Ragged ragged(base);
+        std::vector<std::unique_ptr<Cache>> alone;
+        for (const auto& s : seqs) {
+          ragged.add(s.id, {.cache_size = s.C, .prompt_length = s.S});
+          alone.push_back(std::make_unique<Cache>(s.cfg()));
+          for (index_t l = 0; l < base.layers; ++l)
+            alone.back()->prefill(l, s.wl.qv(l), s.wl.kv(l), s.wl.vv(l));
+        }
+        prefill_by_chunks(ragged, all, chunk);
+        for (std::size_t i = 0; i < seqs.size(); ++i)
+          check_same(ragged.sequence(seqs[i].id), *alone[i]);
+        for (std::size_t t = 0; t < 3; ++t)
+          for (index_t l = 0; l < base.layers; ++l) {
+            const Step st = step(all, std::vector<std::size_t>(all.size(), t), l);
+            ragged.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+            for (std::size_t i = 0; i < seqs.size(); ++i)
+              alone[i]->decode(l, seqs[i].wl.dqv(t, l), seqs[i].wl.dkv(t, l), seqs[i].wl.dvv(t, l));
+          }
+        for (std::size_t i = 0; i < seqs.size(); ++i)
+          check_same(ragged.sequence(seqs[i].id), *alone[i]);
+      }
+}
+
+TEST_CASE("RaggedKvCache: bad input throws a named error and changes no sequence") {
+  const auto base = model();
+  const Seq a = make_seq(base, 1, 9, 8, 41, 1);
+  const Seq b = make_seq(base, 2, 16, 6, 42, 1);
+  cake::RaggedKvCache<> ragged(base);
+  ragged.add(1, {.cache_size = 8});
+  ragged.add(2, {.cache_size = 6});
+  cake::methods::Cake<> ra(a.cfg()), rb(b.cfg());
+  {
+    const Packed p = pack({&a, &b}, 0);
+    ragged.prefill(0, p.ids, p.q_window(), p.keys(), p.values(), p.cu);
+    ra.prefill(0, a.wl.qv(0), a.wl.kv(0), a.wl.vv(0));
+    rb.prefill(0, b.wl.qv(0), b.wl.kv(0), b.wl.vv(0));
+  }
+  const auto unchanged = [&] {
+    check_same(ragged.sequence(1), ra);
+    check_same(ragged.sequence(2), rb);
+  };
+  Packed p = pack({&a, &b}, 1);  // layer 1, valid
+  const auto prefill = [&](const Packed& x, std::vector<std::int32_t> cu,
+                           std::vector<sequence_id> ids) {
+    return error_id([&] { ragged.prefill(1, ids, x.q_window(), x.keys(), x.values(), cu); });
+  };
+  SUBCASE("cu_seqlens") {
+    CHECK(prefill(p, {1, 10, 25}, {1, 2}) == "cake.ragged.cu_seqlens");  // not from 0
+    CHECK(prefill(p, {0, 10, 9}, {1, 2}) == "cake.ragged.cu_seqlens");   // decreasing
+    CHECK(prefill(p, {0, 9, 24}, {1, 2}) == "cake.ragged.cu_seqlens");   // total != keys
+    CHECK(prefill(p, {0, 9}, {1, 2}) == "cake.ragged.cu_seqlens");       // one short
+    // The right total, split wrongly: 10 and 15 tokens where layer 0 had 9 and 16.
+    CHECK(prefill(p, {0, 10, 25}, {1, 2}) == "cake.prefill.keys");
+    unchanged();
+  }
+  SUBCASE("ids") {
+    CHECK(prefill(p, p.cu, {1, 99}) == "cake.ragged.ids");
+    CHECK(prefill(p, p.cu, {2, 2}) == "cake.ragged.ids");
+    CHECK(prefill(p, p.cu, {1}) == "cake.ragged.q_window");  // tensors for two
+    CHECK(error_id([&] { ragged.add(2); }) == "cake.ragged.id");
+    CHECK(error_id([&] { ragged.remove(99); }) == "cake.ragged.id");
+    CHECK(error_id([&] { ragged.add(5, {.cache_size = 3}); }) == "cake.config.cache_size");
+    CHECK(!ragged.contains(5));
+    CHECK(ragged.size() == 2);
+    unchanged();
+  }
+  SUBCASE("shapes") {
+    const auto k = p.keys();
+    const auto bad_k = cake::make_view(p.k.data(), std::array<index_t, 3>{p.total(), 1, 16});
+    CHECK(error_id([&] { ragged.prefill(1, p.ids, p.q_window(), bad_k, p.values(), p.cu); }) ==
+          "cake.ragged.keys");
+    const auto short_v = cake::make_view(p.v.data(), std::array<index_t, 3>{p.total() - 1, 2, 8});
+    CHECK(error_id([&] { ragged.prefill(1, p.ids, p.q_window(), k, short_v, p.cu); }) ==
+          "cake.ragged.values");
+    const auto one_q = cake::make_view(p.qw.data(), std::array<index_t, 4>{1, 4, 4, 8});
+    CHECK(error_id([&] { ragged.prefill(1, p.ids, one_q, k, p.values(), p.cu); }) ==
+          "cake.ragged.q_window");
+    unchanged();
+  }
+  SUBCASE("the second sequence's input is bad: the first does not move") {
+    Packed bad = p;
+    bad.k[static_cast<std::size_t>((p.cu[1] + 3) * 2 * 8 + 5)] =
+        std::numeric_limits<float>::quiet_NaN();
+    CHECK(prefill(bad, bad.cu, {1, 2}) == "cake.prefill.keys");
+    // A sequence at another layer: 3 is before its layer 0.
+    ragged.add(3);
+    const Packed three = pack({&a, &b, &a}, 1);
+    CHECK(error_id([&] {
+            ragged.prefill(1, {std::vector<sequence_id>{1, 2, 3}}, three.q_window(), three.keys(),
+                           three.values(), three.cu);
+          }) == "cake.prefill.layer");
+    unchanged();
+    CHECK(ragged.sequence(3).layers_prefilled() == 0);
+  }
+  SUBCASE("decode before prefill, decode with the wrong count") {
+    const Step st = step({&a, &b}, {0, 0}, 0);
+    CHECK(error_id([&] { ragged.decode(0, st.ids, st.qv(), st.kv(), st.vv()); }) ==
+          "cake.decode.state");
+    CHECK(error_id([&] {
+            ragged.decode(0, std::vector<sequence_id>{1}, st.qv(), st.kv(), st.vv());
+          }) == "cake.ragged.decode");
+    unchanged();
+  }
+  // After any of the above, the valid call still gives what running alone gives.
+  ragged.prefill(1, p.ids, p.q_window(), p.keys(), p.values(), p.cu);
+  ra.prefill(1, a.wl.qv(1), a.wl.kv(1), a.wl.vv(1));
+  rb.prefill(1, b.wl.qv(1), b.wl.kv(1), b.wl.vv(1));
+  unchanged();
+}
+
+TEST_CASE("RaggedKvCache: chunked prefill rejects chunks out of turn and changes nothing") {
+  const auto base = model();
+  const Seq a = make_seq(base, 1, 9, 8, 51, 0);
+  const Seq b = make_seq(base, 2, 6, 8, 52, 0);
+  cake::RaggedKvCache<> ragged(base);
+  ragged.add(1, {.prompt_length = 9});
+  ragged.add(2, {.prompt_length = 6});
+  ragged.add(3);  // no prompt length: whole prompts only
+  const auto chunk = [&](index_t l, std::vector<const Seq*> s,
+                         std::vector<std::pair<index_t, index_t>> r) {
+    const Packed p = pack(s, l, r);
+    return error_id(
+        [&] { ragged.prefill_chunk(l, p.ids, p.queries(), p.keys(), p.values(), p.cu); });
+  };
+  // Chunk [0, 5) of both through layer 0 only.
+  REQUIRE(chunk(0, {&a, &b}, {{0, 5}, {0, 5}}) == "no error");
+  // Layer 0 again before layers 1 and 2 took the chunk.
+  CHECK(chunk(0, {&a}, {{5, 9}}) == "cake.ragged.chunk");
+  // Layer 2 before layer 1.
+  CHECK(chunk(2, {&a}, {{0, 5}}) == "cake.ragged.chunk");
+  // Layer 1 with another chunk than layer 0's.
+  CHECK(chunk(1, {&a}, {{0, 4}}) == "cake.ragged.chunk");
+  // The second sequence's chunk runs past its prompt: the first does not move.
+  REQUIRE(chunk(1, {&a, &b}, {{0, 5}, {0, 5}}) == "no error");
+  REQUIRE(chunk(2, {&a, &b}, {{0, 5}, {0, 5}}) == "no error");
+  {
+    Packed p = pack({&a, &b}, 0, {{5, 9}, {5, 6}});
+    // b has 1 token left; give it 2 (a's last one twice).
+    p.cu = {0, 4, 6};
+    p.q.insert(p.q.end(), p.q.end() - 32, p.q.end());
+    p.k.insert(p.k.end(), p.k.end() - 16, p.k.end());
+    p.v.insert(p.v.end(), p.v.end() - 16, p.v.end());
+    CHECK(error_id([&] {
+            ragged.prefill_chunk(0, p.ids, p.queries(), p.keys(), p.values(), p.cu);
+          }) == "cake.ragged.cu_seqlens");
+    // An empty chunk.
+    p.cu = {0, 5, 5};
+    CHECK(error_id([&] {
+            ragged.prefill_chunk(0, p.ids, p.queries(), p.keys(), p.values(), p.cu);
+          }) == "cake.ragged.cu_seqlens");
+  }
+  CHECK(ragged.chunk_tokens_received(1, 0) == 5);
+  CHECK(ragged.chunk_tokens_received(2, 0) == 5);
+  // No prompt length; whole prefill of a chunked sequence.
+  const Seq c = make_seq(base, 3, 6, 8, 53, 0);
+  CHECK(chunk(0, {&c}, {{0, 6}}) == "cake.ragged.prompt_length");
+  {
+    const Packed p = pack({&a}, 0);
+    CHECK(error_id([&] { ragged.prefill(0, p.ids, p.q_window(), p.keys(), p.values(), p.cu); }) ==
+          "cake.ragged.chunked");
+  }
+  // Finish both; then any further chunk is one too many.
+  for (index_t l = 0; l < 3; ++l) REQUIRE(chunk(l, {&a, &b}, {{5, 9}, {5, 6}}) == "no error");
+  CHECK(ragged.sequence(1).prefilled());
+  CHECK(ragged.sequence(2).prefilled());
+  CHECK(chunk(0, {&b}, {{5, 6}}) == "cake.ragged.chunk");
+  // And the result is whole-prompt prefill's.
+  cake::methods::Cake<> ra(a.cfg()), rb(b.cfg());
+  for (index_t l = 0; l < 3; ++l) {
+    ra.prefill(l, a.wl.qv(l), a.wl.kv(l), a.wl.vv(l));
+    rb.prefill(l, b.wl.qv(l), b.wl.kv(l), b.wl.vv(l));
+  }
+  check_same(ragged.sequence(1), ra);
+  check_same(ragged.sequence(2), rb);
+}
+
+namespace ragged_test {
+
+// Every held token of every layer of sequence s: positions distinct and original
+// (the values' channel 0 and the keys are those of that position in the workload),
+// the last w up to `last` held.
+template <class Ragged>
+void check_original_positions(const Ragged& ragged, const Seq& s, index_t last) {
+  const auto& c = s.wl.cfg;
+  for (index_t l = 0; l < c.layers; ++l) {
+    CAPTURE(l);
+    const auto P = ragged.positions(s.id, l);
+    const auto K = ragged.keys(s.id, l);
+    const auto V = ragged.values(s.id, l);
+    const auto lens = ragged.sequence(s.id).row_lengths(l);
+    REQUIRE(P.extent(2) == K.extent(2));
+    for (index_t g = 0; g < c.kv_heads; ++g) {
+      CAPTURE(g);
+      std::set<index_t> seen;
+      for (index_t t = 0; t < lens[static_cast<std::size_t>(g)]; ++t) {
+        const index_t p = P(0, g, t);
+        REQUIRE(p >= 0);
+        REQUIRE(p <= last);
+        REQUIRE(seen.insert(p).second);
+        REQUIRE(V(0, g, t, 0) == static_cast<float>(p));
+        const float* want = s.wl.key_of(l, 0, g, p);
+        for (index_t x = 0; x < c.head_dim; ++x) REQUIRE(K(0, g, t, x) == want[x]);
+      }
+      for (index_t p = last - c.window + 1; p <= last; ++p) CHECK(seen.count(p) == 1);
+    }
+  }
+}
+
+}  // namespace ragged_test
+
+TEST_CASE_TEMPLATE(
+    "RaggedKvCache: bounded chunking holds at most C + chunk per layer and keeps "
+    "original positions",
+    Cache, cake::methods::Cake<>, cake::methods::StreamingLlm<>, cake::methods::H2o<>,
+    cake::methods::CakeAdaKv<>) {
+  using Ragged = typename ragged_of<Cache>::type;
+  for (auto order : both_orders)
+    for (index_t chunk : {1, 3, 5, 23}) {
+      CAPTURE(static_cast<int>(order));
+      CAPTURE(chunk);
+      const auto base = model(true, order);
+      std::vector<Seq> seqs;
+      seqs.push_back(make_seq(base, 4, 23, 7, 61, 3));
+      seqs.push_back(make_seq(base, 9, 9, 8, 62, 3));
+      std::vector<const Seq*> all;
+      for (const auto& s : seqs) all.push_back(&s);
+      Ragged ragged(base);
+      for (const auto& s : seqs)
+        ragged.add(
+            s.id,
+            {.cache_size = s.C, .prompt_length = s.S, .chunking = cake::chunk_eviction::bounded});
+      prefill_by_chunks(ragged, all, chunk, true);
+      for (const auto& s : seqs) {
+        CAPTURE(s.id);
+        const auto& c = ragged.sequence(s.id);
+        REQUIRE(c.prefilled());
+        // The cache took what the layers held plus the last chunk as its prompt.
+        const index_t last_chunk = s.S % chunk == 0 ? std::min(chunk, s.S) : s.S % chunk;
+        index_t held = 0;
+        for (index_t at = 0; at < s.S - last_chunk; at += chunk)
+          held = held + chunk <= s.C + base.window ? held + chunk : s.C;
+        CHECK(c.prompt_length() == held + last_chunk);
+        check_original_positions(ragged, s, s.S - 1);
+      }
+      // One chunk is the whole prompt: bounded is exact.
+      if (chunk == 23)
+        for (const auto& s : seqs) {
+          Cache alone(s.cfg());
+          for (index_t l = 0; l < base.layers; ++l)
+            alone.prefill(l, s.wl.qv(l), s.wl.kv(l), s.wl.vv(l));
+          check_same(ragged.sequence(s.id), alone);
+        }
+      // Decoding appends at the original positions S, S + 1, ...
+      for (std::size_t t = 0; t < 3; ++t) {
+        for (index_t l = 0; l < base.layers; ++l) {
+          const Step st = step(all, std::vector<std::size_t>(all.size(), t), l);
+          ragged.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+        }
+        for (const auto& s : seqs) {
+          CAPTURE(s.id);
+          CAPTURE(t);
+          check_original_positions(ragged, s, s.S + static_cast<index_t>(t));
+        }
+      }
+    }
+}

@@ -480,6 +480,15 @@ TEST_CASE("RaggedKvCache: bad input throws a named error and changes no sequence
   ra.prefill(1, a.wl.qv(1), a.wl.kv(1), a.wl.vv(1));
   rb.prefill(1, b.wl.qv(1), b.wl.kv(1), b.wl.vv(1));
   unchanged();
+  const Packed p2 = pack({&a, &b}, 2);
+  ragged.prefill(2, p2.ids, p2.q_window(), p2.keys(), p2.values(), p2.cu);
+  ra.prefill(2, a.wl.qv(2), a.wl.kv(2), a.wl.vv(2));
+  rb.prefill(2, b.wl.qv(2), b.wl.kv(2), b.wl.vv(2));
+  // A decode step whose second token is not finite: neither sequence takes it.
+  Step st = step({&a, &b}, {0, 0}, 0);
+  st.k[2 * 8 + 3] = std::numeric_limits<float>::infinity();  // sequence 2, kv-head 0
+  CHECK(error_id([&] { ragged.decode(0, st.ids, st.qv(), st.kv(), st.vv()); }) == "cake.decode.k");
+  unchanged();
 }
 
 TEST_CASE("RaggedKvCache: chunked prefill rejects chunks out of turn and changes nothing") {
@@ -522,6 +531,14 @@ TEST_CASE("RaggedKvCache: chunked prefill rejects chunks out of turn and changes
     CHECK(error_id([&] {
             ragged.prefill_chunk(0, p.ids, p.queries(), p.keys(), p.values(), p.cu);
           }) == "cake.ragged.cu_seqlens");
+  }
+  {
+    // A query of the second sequence's chunk is not finite: neither takes the chunk.
+    Packed p = pack({&a, &b}, 0, {{5, 6}, {5, 6}});
+    p.q[32 + 7] = std::numeric_limits<float>::quiet_NaN();
+    CHECK(error_id([&] {
+            ragged.prefill_chunk(0, p.ids, p.queries(), p.keys(), p.values(), p.cu);
+          }) == "cake.ragged.q");
   }
   CHECK(ragged.chunk_tokens_received(1, 0) == 5);
   CHECK(ragged.chunk_tokens_received(2, 0) == 5);

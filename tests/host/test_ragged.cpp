@@ -301,6 +301,27 @@ TEST_CASE("RaggedKvCache: sequences join and leave while others decode") {
   check_same(ragged.sequence(3), rc);
   CHECK(ragged.tokens_held() == rb.tokens_held() + rc.tokens_held());
   CHECK(ragged.bytes_held() == rb.bytes_held() + rc.bytes_held());
+  // A sequence with policies of its own (other CAKE temperatures and gamma) equals a
+  // KvCache built with them, and differs from one with the batch's.
+  const cake::CakePreference pref{0.3f, 3.0f};
+  const cake::MeanVarianceIndicator ind{2.0f, 3};
+  ragged.add(4, {.cache_size = 10}, pref, {}, ind);
+  cake::methods::Cake<> own(c.cfg(), pref, {}, ind), batch_default(c.cfg());
+  for (index_t l = 0; l < 3; ++l) {
+    const Packed p = pack({&c}, l);
+    const std::vector<sequence_id> four{4};
+    CHECK(ragged.validate_prefill(l, four, p.q_window(), p.keys(), p.values(), p.cu).ok());
+    ragged.prefill(l, four, p.q_window(), p.keys(), p.values(), p.cu);
+    own.prefill(l, c.wl.qv(l), c.wl.kv(l), c.wl.vv(l));
+    batch_default.prefill(l, c.wl.qv(l), c.wl.kv(l), c.wl.vv(l));
+  }
+  check_same(ragged.sequence(4), own);
+  CHECK(ragged.sequence(4).preference(0) != batch_default.preference(0));
+  // validate_* report without throwing.
+  const Packed p = pack({&c}, 0);
+  const auto st = ragged.validate_prefill(0, std::vector<sequence_id>{4}, p.q_window(), p.keys(),
+                                          p.values(), p.cu);
+  CHECK(st.id == "cake.prefill.layer");  // all layers of 4 are prefilled
 }
 
 namespace ragged_test {

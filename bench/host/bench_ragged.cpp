@@ -3,11 +3,13 @@
 // (tokens, kv_heads, head_dim) with cu_seqlens.
 //   cake:   cake::RaggedKvCache, one call per layer for all sequences; each sequence
 //           reads its part of the packed tensors through a strided view
-//   alone:  the same sequences one at a time, a KvCache each, fed the same strided
-//           views by hand (what RaggedKvCache does; shows its bookkeeping's cost)
-//   naive:  one at a time, each sequence's K/V first copied out of the packed
-//           tensors into a dense (1, kv_heads, S, head_dim) buffer, as a KvCache
-//           taking only dense batches would need
+//   alone:  the same schedule (every sequence at each layer and step), a KvCache per
+//           sequence fed the same strided views by hand: what RaggedKvCache does, so
+//           the ratio is the cost of its bookkeeping
+//   naive:  one sequence at a time (prefill and all its steps, then the next), each
+//           sequence's K/V first copied out of the packed tensors into a dense
+//           (1, kv_heads, S, head_dim) buffer, as a KvCache taking only dense batches
+//           would need; one sequence's cache is live at a time (a smaller working set)
 #include "common/common.hpp"
 #include "host/suites.hpp"
 
@@ -100,8 +102,35 @@ void add_case(const Shape& sh, index_t C) {
     }
     counters(st, p);
   });
-  // One sequence at a time; `dense` copies its K/V out of the packed tensors first.
-  const auto one_at_a_time = [=](benchmark::State& st, bool dense) {
+  add(name("ragged_serve", "alone", args), [=](benchmark::State& st) {
+    const Packed p(sh, lengths);
+    for (auto _ : st) {
+      std::vector<std::unique_ptr<cake::KvCache<>>> caches;
+      for (std::size_t i = 0; i < p.S.size(); ++i)
+        caches.push_back(std::make_unique<cake::KvCache<>>(cfg));
+      for (index_t l = 0; l < p.L; ++l)
+        for (std::size_t i = 0; i < p.S.size(); ++i) {
+          const auto ii = static_cast<index_t>(i);
+          caches[i]->prefill(
+              l, cake::make_view(p.qw.data() + ii * p.H * window * p.d, A4{1, p.H, window, p.d}),
+              p.part(p.k[static_cast<std::size_t>(l)], i),
+              p.part(p.v[static_cast<std::size_t>(l)], i));
+        }
+      for (index_t t = 0; t < kSteps; ++t)
+        for (index_t l = 0; l < p.L; ++l)
+          for (std::size_t i = 0; i < p.S.size(); ++i) {
+            const auto ii = static_cast<index_t>(i);
+            caches[i]->decode(l, cake::make_view(p.dq.data() + ii * p.H * p.d, A3{1, p.H, p.d}),
+                              cake::make_view(p.dk.data() + ii * p.Hkv * p.d, A3{1, p.Hkv, p.d}),
+                              cake::make_view(p.dv.data() + ii * p.Hkv * p.d, A3{1, p.Hkv, p.d}));
+          }
+      index_t held = 0;
+      for (const auto& c : caches) held += c->tokens_held();
+      benchmark::DoNotOptimize(held);
+    }
+    counters(st, p);
+  });
+  add(name("ragged_serve", "naive", args), [=](benchmark::State& st) {
     const Packed p(sh, lengths);
     std::vector<float> kd, vd;
     for (auto _ : st) {
@@ -114,10 +143,6 @@ void add_case(const Shape& sh, index_t C) {
         for (index_t l = 0; l < p.L; ++l) {
           const auto& k = p.k[static_cast<std::size_t>(l)];
           const auto& v = p.v[static_cast<std::size_t>(l)];
-          if (!dense) {
-            cache.prefill(l, q, p.part(k, i), p.part(v, i));
-            continue;
-          }
           kd.resize(static_cast<std::size_t>(p.Hkv * S * p.d));
           vd.resize(kd.size());
           for (index_t g = 0; g < p.Hkv; ++g)
@@ -141,9 +166,7 @@ void add_case(const Shape& sh, index_t C) {
       benchmark::DoNotOptimize(held);
     }
     counters(st, p);
-  };
-  add(name("ragged_serve", "alone", args), [=](benchmark::State& st) { one_at_a_time(st, false); });
-  add(name("ragged_serve", "naive", args), [=](benchmark::State& st) { one_at_a_time(st, true); });
+  });
 }
 
 }  // namespace

@@ -18,8 +18,9 @@
 // semantics (one prompt length and one budget for a dense batch) for the golden cases.
 //
 // Inputs are read where they are: each sequence's part of a packed tensor is a
-// strided view into it. Chunked prefill is the exception: the chunks of a layer are
-// staged (see prefill_chunk) until the prompt is complete.
+// strided view into it. Chunked prefill is the exception: a layer's chunks are
+// staged until its prompt is complete (exact), or gathered with what the layer
+// holds (bounded); see prefill_chunk.
 //
 // Every call validates all of its input and every sequence it names before any
 // sequence changes: bad input throws cake::error (naming the argument, the expected
@@ -50,7 +51,7 @@ using sequence_id = std::int64_t;
 // When a prompt given in chunks is evicted (RaggedKvCache::prefill_chunk).
 enum class chunk_eviction {
   exact,    // after the last chunk only: equal to prefill of the whole prompt
-  bounded,  // after every chunk, to at most cache_size tokens per layer (host only)
+  bounded,  // also between chunks, each layer alone, to cache_size tokens (host only)
 };
 
 // What a sequence may set differently from the batch it joins.
@@ -138,6 +139,7 @@ class RaggedKvCache {
                  "exact");
     CacheConfig c = cfg_;
     if (seq.cache_size > 0) c.cache_size = seq.cache_size;
+    c.check_finite = false;  // the batch checks a call's packed tensors once, in one pass
     auto cache = std::make_unique<cache_type>(c, preference, budget, indicator, exec_);
     Sequence s{std::move(cache), seq.prompt_length, seq.chunking, indicator, {}, {}};
     seqs_.emplace(id, std::move(s));
@@ -604,6 +606,13 @@ class RaggedKvCache {
           !st.ok())
         return named(st, ids[i]);
     }
+    // Coordinates in the packed tensors: (sequence, head, query, x) and (token, head, x).
+    const float bound = detail::score_bound(cfg_.head_dim);
+    if (cfg_.check_finite && n > 0)
+      return Store::check_finite(exec_,
+                                 detail::named(q, "cake.prefill.q_window", "q_window", bound),
+                                 detail::named(k, "cake.prefill.keys", "keys", bound),
+                                 detail::named(v, "cake.prefill.values", "values"));
     return status::success();
   }
 
@@ -657,18 +666,12 @@ class RaggedKvCache {
                          at + len, ")");
       CAKE_CHECK(at + len <= s.prompt, "cake.ragged.cu_seqlens", "sequence ", ids[i], " has ",
                  s.prompt - at, " tokens of its prompt left, got a chunk of ", len);
-      if (cfg_.check_finite) {
-        const float bound = detail::score_bound(cfg_.head_dim);
-        const auto qi = detail::packed_rows(q, cu[i], len);
-        const auto ki = detail::packed_rows(k, cu[i], len);
-        const auto vi = detail::packed_rows(v, cu[i], len);
-        if (auto st = Store::check_finite(exec_, detail::named(qi, "cake.ragged.q", "q", bound),
-                                          detail::named(ki, "cake.ragged.keys", "keys", bound),
-                                          detail::named(vi, "cake.ragged.values", "values"));
-            !st.ok())
-          return named(st, ids[i]);
-      }
     }
+    const float bound = detail::score_bound(cfg_.head_dim);
+    if (cfg_.check_finite && n > 0)
+      return Store::check_finite(exec_, detail::named(q, "cake.ragged.q", "q", bound),
+                                 detail::named(k, "cake.ragged.keys", "keys", bound),
+                                 detail::named(v, "cake.ragged.values", "values"));
     return status::success();
   }
 
@@ -692,6 +695,11 @@ class RaggedKvCache {
           !st.ok())
         return named(st, ids[i]);
     }
+    const float bound = detail::score_bound(cfg_.head_dim);
+    if (cfg_.check_finite && n > 0)
+      return Store::check_finite(exec_, detail::named(q, "cake.decode.q", "q", bound),
+                                 detail::named(k, "cake.decode.k", "k", bound),
+                                 detail::named(v, "cake.decode.v", "v"));
     return status::success();
   }
 

@@ -301,6 +301,27 @@ TEST_CASE("RaggedKvCache: sequences join and leave while others decode") {
   check_same(ragged.sequence(3), rc);
   CHECK(ragged.tokens_held() == rb.tokens_held() + rc.tokens_held());
   CHECK(ragged.bytes_held() == rb.bytes_held() + rc.bytes_held());
+  // A sequence with policies of its own (other CAKE temperatures and gamma) equals a
+  // KvCache built with them, and differs from one with the batch's.
+  const cake::CakePreference pref{0.3f, 3.0f};
+  const cake::MeanVarianceIndicator ind{2.0f, 3};
+  ragged.add(4, {.cache_size = 10}, pref, {}, ind);
+  cake::methods::Cake<> own(c.cfg(), pref, {}, ind), batch_default(c.cfg());
+  for (index_t l = 0; l < 3; ++l) {
+    const Packed p = pack({&c}, l);
+    const std::vector<sequence_id> four{4};
+    CHECK(ragged.validate_prefill(l, four, p.q_window(), p.keys(), p.values(), p.cu).ok());
+    ragged.prefill(l, four, p.q_window(), p.keys(), p.values(), p.cu);
+    own.prefill(l, c.wl.qv(l), c.wl.kv(l), c.wl.vv(l));
+    batch_default.prefill(l, c.wl.qv(l), c.wl.kv(l), c.wl.vv(l));
+  }
+  check_same(ragged.sequence(4), own);
+  CHECK(ragged.sequence(4).preference(0) != batch_default.preference(0));
+  // validate_* report without throwing.
+  const Packed p = pack({&c}, 0);
+  const auto st = ragged.validate_prefill(0, std::vector<sequence_id>{4}, p.q_window(), p.keys(),
+                                          p.values(), p.cu);
+  CHECK(st.id == "cake.prefill.layer");  // all layers of 4 are prefilled
 }
 
 namespace ragged_test {
@@ -480,6 +501,15 @@ TEST_CASE("RaggedKvCache: bad input throws a named error and changes no sequence
   ra.prefill(1, a.wl.qv(1), a.wl.kv(1), a.wl.vv(1));
   rb.prefill(1, b.wl.qv(1), b.wl.kv(1), b.wl.vv(1));
   unchanged();
+  const Packed p2 = pack({&a, &b}, 2);
+  ragged.prefill(2, p2.ids, p2.q_window(), p2.keys(), p2.values(), p2.cu);
+  ra.prefill(2, a.wl.qv(2), a.wl.kv(2), a.wl.vv(2));
+  rb.prefill(2, b.wl.qv(2), b.wl.kv(2), b.wl.vv(2));
+  // A decode step whose second token is not finite: neither sequence takes it.
+  Step st = step({&a, &b}, {0, 0}, 0);
+  st.k[2 * 8 + 3] = std::numeric_limits<float>::infinity();  // sequence 2, kv-head 0
+  CHECK(error_id([&] { ragged.decode(0, st.ids, st.qv(), st.kv(), st.vv()); }) == "cake.decode.k");
+  unchanged();
 }
 
 TEST_CASE("RaggedKvCache: chunked prefill rejects chunks out of turn and changes nothing") {
@@ -522,6 +552,14 @@ TEST_CASE("RaggedKvCache: chunked prefill rejects chunks out of turn and changes
     CHECK(error_id([&] {
             ragged.prefill_chunk(0, p.ids, p.queries(), p.keys(), p.values(), p.cu);
           }) == "cake.ragged.cu_seqlens");
+  }
+  {
+    // A query of the second sequence's chunk is not finite: neither takes the chunk.
+    Packed p = pack({&a, &b}, 0, {{5, 6}, {5, 6}});
+    p.q[32 + 7] = std::numeric_limits<float>::quiet_NaN();
+    CHECK(error_id([&] {
+            ragged.prefill_chunk(0, p.ids, p.queries(), p.keys(), p.values(), p.cu);
+          }) == "cake.ragged.q");
   }
   CHECK(ragged.chunk_tokens_received(1, 0) == 5);
   CHECK(ragged.chunk_tokens_received(2, 0) == 5);

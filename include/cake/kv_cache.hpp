@@ -149,7 +149,8 @@ class KvCache {
   // says what each layer holds and freed(l) which trailing entries of the table the
   // engine lent (or the cache held) name blocks it may free. The cache keeps the
   // pools' views and a copy of the table: the pools must stay valid (and unmoved)
-  // until reset() or the cache's end; the engine's table arrays need not.
+  // until reset() or the cache's end; the engine's table arrays need not. A copy of
+  // the cache refers to the same pools (use one of them).
   template <tensor_like Q>
   void prefill(index_t layer, Q&& q_window, const paged_kv<T>& kv) {
     static_assert(std::is_same_v<Exec, host_policy>,
@@ -175,6 +176,14 @@ class KvCache {
           .throw_if_error();
       check_pool_finite(ex, kv).throw_if_error();
     }
+    // A paged decode's spare table gets the room of the largest table lent, so that
+    // decoding does not allocate while the sequences are no longer than their prompt.
+    detail::paged_table& sp = spare_table_;
+    sp.indptr.reserve(static_cast<std::size_t>(B + 1));
+    sp.seq_lens.reserve(static_cast<std::size_t>(B));
+    sp.freed.reserve(static_cast<std::size_t>(B));
+    sp.ids.reserve(
+        std::max(sp.ids.capacity(), lent.table.ids.size() + static_cast<std::size_t>(B)));
     run_prefill(layer, q, keys, keys, &lent);
   }
 
@@ -381,13 +390,15 @@ class KvCache {
     const auto l = static_cast<std::size_t>(layer);
     check_decode_table(layers_[l], table).throw_if_error();
     const Exec ex = res_.bind(exec_);
-    detail::paged_table held = copy_table(table);
-    std::swap(layers_[l].table, held);  // the lent table: room for the new token
+    // The lent table into the spare one (no allocation once the spare has grown), then
+    // swapped in; the held one becomes the spare.
+    copy_table(table, spare_table_);
+    std::swap(layers_[l].table, spare_table_);  // the lent table: room for the new token
     try {
       detail::decode(ex, layers_[l], ws_, shape(), q, k, v, prompt_ + steps_[l], budgets_[l], ind_,
                      cfg_.order == token_order::reference, headwise && layers_[l].cut);
     } catch (...) {
-      std::swap(layers_[l].table, held);  // as it was (a regrown layer copied the lent one)
+      std::swap(layers_[l].table, spare_table_);  // as it was (a regrown layer copied the lent one)
       throw;
     }
     ++steps_[l];
@@ -628,8 +639,13 @@ class KvCache {
     return p;
   }
   static detail::paged_table copy_table(const block_table<host_space>& t) {
-    const index_t n = t.num_seqs();
     detail::paged_table c;
+    copy_table(t, c);
+    return c;
+  }
+  // Into c's vectors: no allocation where they have the capacity.
+  static void copy_table(const block_table<host_space>& t, detail::paged_table& c) {
+    const index_t n = t.num_seqs();
     c.indptr.resize(static_cast<std::size_t>(n + 1));
     c.seq_lens.resize(static_cast<std::size_t>(n));
     c.freed.assign(static_cast<std::size_t>(n), 0);
@@ -637,7 +653,6 @@ class KvCache {
     for (index_t s = 0; s < n; ++s) c.seq_lens[static_cast<std::size_t>(s)] = t.seq_lens(s);
     c.ids.resize(static_cast<std::size_t>(t.indptr(n)));
     for (index_t e = 0; e < t.indptr(n); ++e) c.ids[static_cast<std::size_t>(e)] = t.ids(e);
-    return c;
   }
   // The new layer takes the pools and table lent to its prefill.
   static void attach(Layer& ly, Layer&& lent) {
@@ -713,12 +728,12 @@ class KvCache {
   }
   // A paged decode's table: the blocks the layer holds first, its lengths, and room
   // for the new token.
-  status check_decode_table(const Layer& ly, const block_table<host_space>& t) const {
+  status check_decode_table(const Layer& ly, const block_table<host_space>& t) {
     const index_t B = cfg_.batch, bs = ly.pool.block_size;
     CAKE_CHECK(t.num_seqs() == B, "cake.decode.table",
                "the block table must have one sequence per batch entry, batch = ", B, ", got ",
                t.num_seqs());
-    CAKE_TRY(validate_block_table(t, ly.pool.num_blocks, bs));
+    CAKE_TRY(validate_block_table(t, ly.pool.num_blocks, bs, id_scratch_));
     const detail::paged_table& held = ly.table;
     for (index_t s = 0; s < B; ++s) {
       const auto su = static_cast<std::size_t>(s);
@@ -759,6 +774,8 @@ class KvCache {
   Exec exec_;
   std::vector<Layer> layers_;
   detail::decode_workspace<T, Exec> ws_;  // a decoding step's scratch, shared by the layers
+  detail::paged_table spare_table_;       // a paged decode's lent table, reused
+  std::vector<std::pair<std::int32_t, index_t>> id_scratch_;  // its duplicate check
   std::vector<float> prefs_;
   std::vector<LayerStats> stats_;
   std::vector<index_t> budgets_;

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <span>
 #include <vector>
 
@@ -32,6 +33,16 @@
 #include "policy/preference/cake.hpp"
 
 namespace cake {
+
+// One layer's K and V in an engine's block pools (core/paged.hpp) and the block table
+// of the cache's batch sequences (sequence s is batch entry s), for KvCache's paged
+// prefill.
+template <class T>
+struct paged_kv {
+  host_view<T, 4> k_pool;  // (num_blocks, kv_heads, block_size, head_dim), HND or NHD strides
+  host_view<T, 4> v_pool;  // the same extents, disjoint from k_pool
+  block_table<host_space> table;
+};
 
 struct CacheConfig {
   index_t layers = 0;         // L
@@ -126,6 +137,61 @@ class KvCache {
     const auto v = as_view(values);
     check_prefill(layer, q, k, v).throw_if_error();
     check_value_type<decltype(k), decltype(v)>();
+    run_prefill(layer, q, k, v, nullptr);
+  }
+
+  // Paged: the layer's prompt is in the engine's pools already, sequence s (batch
+  // entry s) in the blocks kv.table names, with kv.table.seq_lens(s) = S for every s.
+  // The cache scores it, keeps its selection in place (each (sequence, kv-head)
+  // row's kept tokens packed into the leading slots of its blocks, shorter heads
+  // padded with zero K/V up to the sequence's longest) and, with cascading,
+  // re-budgets the earlier paged layers in their pools. After the call, table(l)
+  // says what each layer holds and freed(l) which trailing entries of the table the
+  // engine lent (or the cache held) name blocks it may free. The cache keeps the
+  // pools' views and a copy of the table: the pools must stay valid (and unmoved)
+  // until reset() or the cache's end; the engine's table arrays need not. A copy of
+  // the cache refers to the same pools (use one of them).
+  template <tensor_like Q>
+  void prefill(index_t layer, Q&& q_window, const paged_kv<T>& kv) {
+    static_assert(std::is_same_v<Exec, host_policy>,
+                  "cake::KvCache: paged storage is implemented on the host backend only");
+    const auto q = as_view(q_window);
+    check_prefill_paged(layer, q, kv).throw_if_error();
+    const index_t B = cfg_.batch, Hkv = cfg_.kv_heads, d = cfg_.head_dim, rows = B * Hkv;
+    const index_t S = kv.table.seq_lens(0);
+    const Exec ex = res_.bind(exec_);
+    Layer lent;  // the pools and the cache's copy of the table, for the new layer
+    lent.pool = pool_rows(kv);
+    lent.table = copy_table(kv.table);
+    // Scoring reads a dense copy of the prompt's keys (values are never copied).
+    auto kbuf = Store::template make<T>(ex, rows * S * d);
+    const auto keys = make_view<Space>(static_cast<const T*>(Store::ptr(kbuf)),
+                                       std::array<index_t, 4>{B, Hkv, S, d});
+    Store::move_slots(ex, detail::slots<T>{Store::ptr(kbuf), nullptr, nullptr, nullptr, rows, S, d},
+                      lent.at().kv_only(), nullptr, 0, nullptr, S, nullptr, S);
+    if (cfg_.check_finite) {
+      const float bound = detail::score_bound(d);
+      Store::check_finite(ex, detail::named(q, "cake.prefill.q_window", "q_window", bound),
+                          detail::named(keys, "cake.prefill.k_pool", "keys (of k_pool)", bound))
+          .throw_if_error();
+      check_pool_finite(ex, kv).throw_if_error();
+    }
+    // A paged decode's spare table gets the room of the largest table lent, so that
+    // decoding does not allocate while the sequences are no longer than their prompt.
+    detail::paged_table& sp = spare_table_;
+    sp.indptr.reserve(static_cast<std::size_t>(B + 1));
+    sp.seq_lens.reserve(static_cast<std::size_t>(B));
+    sp.freed.reserve(static_cast<std::size_t>(B));
+    sp.ids.reserve(
+        std::max(sp.ids.capacity(), lent.table.ids.size() + static_cast<std::size_t>(B)));
+    run_prefill(layer, q, keys, keys, &lent);
+  }
+
+ private:
+  // The prefill of one layer, checked: k and v its prompt (lent: the new layer's
+  // pools and table, k a dense copy of its keys for scoring and v unused).
+  template <class QV, class KV, class VV>
+  void run_prefill(index_t layer, const QV& q, const KV& k, const VV& v, Layer* lent) {
     const index_t B = cfg_.batch, Hkv = cfg_.kv_heads, w = cfg_.window;
     const index_t rows = B * Hkv, S = k.extent(2), P = S - w;
     const auto m = static_cast<std::size_t>(layer);
@@ -185,25 +251,39 @@ class KvCache {
     std::vector<Layer> fresh(m + 1);
     std::vector<char> replaced(m + 1, 0);
     std::vector<detail::reorder_plan<T, Exec>> reorders(m + 1);
-    index_t most = 0;  // the longest reordered row
+    std::vector<detail::kv_move<T, Exec>> moves(m + 1);  // paged layers' selections
+    index_t most = 0;                                    // the longest reordered row
     bool with_scores = false;
     index_t transient = tokens_held();  // tokens stored while new layers exist beside old
     for (std::size_t l = 0; l <= m; ++l) {
       const detail::layer_plan& lp = plan.layers[l];
       if (lp.action == detail::layer_action::copy_all) {
-        fresh[l] =
-            detail::copy_all<T>(ex, sh, k, v, lp.keep_scores ? scores : detail::token_scores{});
+        fresh[l] = detail::copy_all<T>(
+            ex, sh, k, v, lp.keep_scores ? scores : detail::token_scores{}, lent == nullptr);
+        if (lent) attach(fresh[l], std::move(*lent));
         transient += fresh[l].total() / rows;
       } else if (lp.action == detail::layer_action::select) {
+        // A paged layer's K/V move at the commit (moves[l]), in place in its pools.
         if (l == m) {
-          fresh[l] = detail::select<T>(ex, sh, k, v, nullptr, 0, scores, P, prefixes(lp),
-                                       lp.to_position, lp.keep_scores);
+          detail::slots<T> src{};
+          if (lent) src = lent->at().kv_only();
+          fresh[l] =
+              detail::select<T>(ex, sh, k, v, nullptr, 0, scores, P, prefixes(lp), lp.to_position,
+                                lp.keep_scores, lent ? &src : nullptr, &moves[l]);
+          if (lent) attach(fresh[l], std::move(*lent));
         } else {
           const Layer& src = layers_[l];
-          fresh[l] = detail::select<T>(ex, sh, detail::keys(src, sh), detail::values(src, sh),
-                                       src.at().pos, src.cap, detail::scores(src), P, prefixes(lp),
-                                       lp.to_position, lp.keep_scores);
+          const detail::slots<T> ss = src.at();
+          fresh[l] =
+              detail::select<T>(ex, sh, detail::keys(src, sh), detail::values(src, sh), ss.pos,
+                                src.cap, detail::scores(src), P, prefixes(lp), lp.to_position,
+                                lp.keep_scores, src.paged() ? &ss : nullptr, &moves[l]);
+          if (src.paged()) {
+            fresh[l].pool = src.pool;
+            fresh[l].table = src.table;
+          }
         }
+        if (!moves[l].ascending) most = std::max(most, moves[l].n);
         transient += fresh[l].total() / rows;
       } else if (lp.action == detail::layer_action::truncate && lp.to_position) {
         reorders[l] = detail::plan_reorder(ex, layers_[l], sh, prefixes(lp));
@@ -212,7 +292,8 @@ class KvCache {
       }
       replaced[l] = fresh[l].rows > 0 || reorders[l].n > 0;
     }
-    // One layer in flight for every reorder (they run one after another).
+    // One layer in flight for every reorder and every paged selection that permutes
+    // (they run one after another).
     const Layer scratch =
         most > 0 ? detail::make_layer<T>(ex, rows, cfg_.head_dim, most, with_scores) : Layer{};
     transient += most;
@@ -245,8 +326,11 @@ class KvCache {
     detail::truncate(ex, std::span<Layer>(layers_), sh, cut);
     for (std::size_t l = 0; l <= m; ++l)
       if (fresh[l].rows > 0) layers_[l] = std::move(fresh[l]);
+    for (std::size_t l = 0; l <= m; ++l)
+      if (moves[l].n > 0) detail::commit_move(ex, layers_[l].at(), moves[l], scratch);
     for (std::size_t l = 0; l < m; ++l)
       if (reorders[l].n > 0) detail::commit_reorder(ex, layers_[l], sh, reorders[l], scratch);
+    release_blocks(m + 1);
 
     prefs_ = std::move(prefs);
     stats_ = std::move(stats_next);
@@ -261,6 +345,7 @@ class KvCache {
     peak_ = std::max(peak_, transient);
   }
 
+ public:
   // ---- decode --------------------------------------------------------------
 
   // q: (batch, q_heads, head_dim); k, v: (batch, kv_heads, head_dim), the new token.
@@ -277,7 +362,7 @@ class KvCache {
     const auto q = as_view(q_new);
     const auto k = as_view(k_new);
     const auto v = as_view(v_new);
-    check_decode(layer, q, k, v).throw_if_error();
+    check_decode(layer, q, k, v, false).throw_if_error();
     check_value_type<decltype(k), decltype(v)>();
     const auto l = static_cast<std::size_t>(layer);
     const Exec ex = res_.bind(exec_);
@@ -285,6 +370,39 @@ class KvCache {
     detail::decode(ex, layers_[l], ws_, shape(), q, k, v, prompt_ + steps_[l], budgets_[l], ind_,
                    cfg_.order == token_order::reference, headwise && layers_[l].cut);
     ++steps_[l];
+    release_blocks(static_cast<std::size_t>(next_layer_));
+    peak_ = std::max(peak_, tokens_held());
+  }
+
+  // Paged: the layer was prefilled paged; `table` is its block table now: the blocks
+  // table(layer) names, in order, with seq_lens as table(layer) has them, and room
+  // for one more token per sequence (an engine appends a block where a sequence's
+  // last is full). The new token goes into the pools, the eviction compacts in place,
+  // and freed(layer) says which trailing entries of `table` the engine may free.
+  template <tensor_like Q, tensor_like K, tensor_like V>
+  void decode(index_t layer, Q&& q_new, K&& k_new, V&& v_new,
+              const block_table<host_space>& table) {
+    const auto q = as_view(q_new);
+    const auto k = as_view(k_new);
+    const auto v = as_view(v_new);
+    check_decode(layer, q, k, v, true).throw_if_error();
+    check_value_type<decltype(k), decltype(v)>();
+    const auto l = static_cast<std::size_t>(layer);
+    check_decode_table(layers_[l], table).throw_if_error();
+    const Exec ex = res_.bind(exec_);
+    // The lent table into the spare one (no allocation once the spare has grown), then
+    // swapped in; the held one becomes the spare.
+    copy_table(table, spare_table_);
+    std::swap(layers_[l].table, spare_table_);  // the lent table: room for the new token
+    try {
+      detail::decode(ex, layers_[l], ws_, shape(), q, k, v, prompt_ + steps_[l], budgets_[l], ind_,
+                     cfg_.order == token_order::reference, headwise && layers_[l].cut);
+    } catch (...) {
+      std::swap(layers_[l].table, spare_table_);  // as it was (a regrown layer copied the lent one)
+      throw;
+    }
+    ++steps_[l];
+    release_blocks(static_cast<std::size_t>(next_layer_));
     peak_ = std::max(peak_, tokens_held());
   }
 
@@ -341,12 +459,32 @@ class KvCache {
     return s;
   }
 
-  // (batch, kv_heads, tokens_held, head_dim), in the memory space of the backend.
+  // (batch, kv_heads, tokens_held, head_dim), in the memory space of the backend. A
+  // paged layer's K/V are in the engine's pools, where table(layer) says: these throw
+  // cake::logic_error for it.
   view<const T, 4, Space> keys(index_t layer) const {
-    return detail::keys(layers_.at(checked(layer)), shape());
+    return detail::keys(dense(layer, "keys"), shape());
   }
   view<const T, 4, Space> values(index_t layer) const {
-    return detail::values(layers_.at(checked(layer)), shape());
+    return detail::values(dense(layer, "values"), shape());
+  }
+
+  // ---- paged layers ----------------------------------------------------------
+
+  // Whether layer l was prefilled on an engine's pools.
+  bool paged(index_t layer) const { return layers_.at(checked(layer)).paged(); }
+  // Of a paged layer, after each call: the blocks it holds, sequence s's in
+  // ids(indptr(s)) .. ids(indptr(s + 1) - 1), ceil(seq_lens(s) / block_size) of them;
+  // seq_lens(s) is the longest of s's rows (row_lengths), shorter heads padded with
+  // zero K/V. Views into the cache, valid until its next call.
+  block_table<host_space> table(index_t layer) const { return paged_layer(layer).table.view(); }
+  // (batch) how many trailing entries of each sequence's table the latest successful
+  // call released from this layer: the tail of the table the engine lent it (decode)
+  // or that table(layer) showed before the call. 0 for layers the call left alone;
+  // the engine frees those blocks and drops them from its table, which then equals
+  // table(layer).
+  std::span<const std::int32_t> freed(index_t layer) const {
+    return paged_layer(layer).table.freed;
   }
   // (batch, kv_heads, tokens_held): the prompt or decode position of every held token.
   view<const index_t, 3, Space> positions(index_t layer) const {
@@ -429,7 +567,8 @@ class KvCache {
   }
 
   template <class QV, class KV, class VV>
-  status check_decode(index_t layer, const QV& q, const KV& k, const VV& v) const {
+  status check_decode(index_t layer, const QV& q, const KV& k, const VV& v,
+                      bool with_table = false) const {
     static_assert(QV::rank() == 3 && KV::rank() == 3 && VV::rank() == 3,
                   "cake::KvCache::decode: q, k and v are rank 3: (batch, heads, head_dim)");
     require_space<Exec, QV, KV, VV>();
@@ -438,6 +577,10 @@ class KvCache {
                      " layers are");
     CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.decode.layer", "layer must be in [0, ",
                cfg_.layers, "), got ", layer);
+    const bool is_paged = layers_[static_cast<std::size_t>(layer)].paged();
+    CAKE_CHECK(
+        is_paged == with_table, "cake.decode.table", "layer ", layer, " was prefilled ",
+        is_paged ? "on an engine's pools: pass its block table" : "dense: it takes no block table");
     const index_t B = cfg_.batch, H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim;
     CAKE_CHECK(q.extent(0) == B && q.extent(1) == H && q.extent(2) == d, "cake.decode.q",
                "q must be (batch, q_heads, head_dim) = (", B, ", ", H, ", ", d, "), got ",
@@ -460,6 +603,158 @@ class KvCache {
     return status::success();
   }
 
+  // ---- paged storage ---------------------------------------------------------
+
+  const Layer& dense(index_t layer, const char* what) const {
+    const Layer& ly = layers_.at(checked(layer));
+    if (ly.paged())
+      throw logic_error(
+          "cake.paged.layer",
+          detail::concat("layer ", layer, " is paged: its ", what,
+                         " are in the engine's pools, where table(", layer, ") says"));
+    return ly;
+  }
+  const Layer& paged_layer(index_t layer) const {
+    const Layer& ly = layers_.at(checked(layer));
+    if (!ly.paged())
+      throw logic_error("cake.paged.layer", detail::concat("layer ", layer, " is not paged"));
+    return ly;
+  }
+
+  static detail::paged_rows<T> pool_rows(const paged_kv<T>& kv) {
+    const auto& k = kv.k_pool;
+    const auto& v = kv.v_pool;
+    detail::paged_rows<T> p;
+    p.k = k.data_handle();
+    p.v = v.data_handle();
+    p.k_block = static_cast<index_t>(k.stride(0));
+    p.k_head = static_cast<index_t>(k.stride(1));
+    p.k_slot = static_cast<index_t>(k.stride(2));
+    p.v_block = static_cast<index_t>(v.stride(0));
+    p.v_head = static_cast<index_t>(v.stride(1));
+    p.v_slot = static_cast<index_t>(v.stride(2));
+    p.block_size = k.extent(2);
+    p.kv_heads = k.extent(1);
+    p.num_blocks = k.extent(0);
+    return p;
+  }
+  static detail::paged_table copy_table(const block_table<host_space>& t) {
+    detail::paged_table c;
+    copy_table(t, c);
+    return c;
+  }
+  // Into c's vectors: no allocation where they have the capacity.
+  static void copy_table(const block_table<host_space>& t, detail::paged_table& c) {
+    const index_t n = t.num_seqs();
+    c.indptr.resize(static_cast<std::size_t>(n + 1));
+    c.seq_lens.resize(static_cast<std::size_t>(n));
+    c.freed.assign(static_cast<std::size_t>(n), 0);
+    for (index_t s = 0; s <= n; ++s) c.indptr[static_cast<std::size_t>(s)] = t.indptr(s);
+    for (index_t s = 0; s < n; ++s) c.seq_lens[static_cast<std::size_t>(s)] = t.seq_lens(s);
+    c.ids.resize(static_cast<std::size_t>(t.indptr(n)));
+    for (index_t e = 0; e < t.indptr(n); ++e) c.ids[static_cast<std::size_t>(e)] = t.ids(e);
+  }
+  // The new layer takes the pools and table lent to its prefill.
+  static void attach(Layer& ly, Layer&& lent) {
+    ly.pool = lent.pool;
+    ly.table = std::move(lent.table);
+  }
+  // After a commit, every paged layer of the first n releases the blocks it no longer
+  // needs (freed); the others' freed become 0.
+  void release_blocks(std::size_t n) noexcept {
+    for (std::size_t l = 0; l < n && l < layers_.size(); ++l)
+      if (layers_[l].paged()) detail::release_blocks(layers_[l], cfg_.kv_heads);
+  }
+
+  // The pools and table of a paged prefill, before anything is read from them.
+  template <class QV>
+  status check_prefill_paged(index_t layer, const QV& q, const paged_kv<T>& kv) const {
+    static_assert(QV::rank() == 4,
+                  "cake::KvCache::prefill: q_window is rank 4: "
+                  "(batch, q_heads, window, head_dim)");
+    require_space<Exec, QV>();
+    CAKE_CHECK_STATE(next_layer_ < cfg_.layers, "cake.prefill.layer", "all ", cfg_.layers,
+                     " layers are already prefilled; call reset() before a new prompt");
+    CAKE_CHECK_STATE(layer == next_layer_, "cake.prefill.layer",
+                     "layers must be prefilled in order: expected layer ", next_layer_, ", got ",
+                     layer);
+    const index_t B = cfg_.batch, H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim,
+                  w = cfg_.window;
+    CAKE_CHECK(q.extent(0) == B && q.extent(1) == H && q.extent(2) == w && q.extent(3) == d,
+               "cake.prefill.q_window", "q_window must be (batch, q_heads, window, head_dim) = (",
+               B, ", ", H, ", ", w, ", ", d, "), got ", detail::shape_string(q));
+    CAKE_CHECK(inner_contiguous(q), "cake.prefill.q_window",
+               "q_window must have unit stride along head_dim, got ", q.stride(3));
+    const auto& kp = kv.k_pool;
+    CAKE_CHECK(kp.extent(1) == Hkv && kp.extent(2) >= 1 && kp.extent(3) == d, "cake.prefill.k_pool",
+               "k_pool must be (num_blocks, kv_heads = ", Hkv, ", block_size >= 1, head_dim = ", d,
+               "), got ", detail::shape_string(kp));
+    CAKE_CHECK(inner_contiguous(kp), "cake.prefill.k_pool",
+               "k_pool must have unit stride along head_dim, got ", kp.stride(3));
+    CAKE_TRY(detail::check_kv_pools(kp, kv.v_pool));
+    const index_t n = kv.table.num_seqs();
+    CAKE_CHECK(n == B, "cake.prefill.table",
+               "the block table must have one sequence per batch entry, batch = ", B, ", got ", n);
+    CAKE_TRY(validate_block_table(kv.table, kp.extent(0), kp.extent(2)));
+    const index_t S = kv.table.seq_lens(0);
+    for (index_t s = 0; s < n; ++s)
+      CAKE_CHECK(kv.table.seq_lens(s) == S, "cake.prefill.table",
+                 "every sequence holds the prompt: seq_lens(", s, ") must be seq_lens(0) = ", S,
+                 ", got ", kv.table.seq_lens(s));
+    CAKE_CHECK(prompt_ < 0 || S == prompt_, "cake.prefill.table",
+               "every layer must have the prompt length of layer 0, S = ", prompt_,
+               ", got seq_lens = ", S);
+    CAKE_CHECK(S >= w, "cake.prefill.table", "the prompt must hold at least window = ", w,
+               " tokens, got seq_lens = ", S);
+    return status::success();
+  }
+  // The prompt's values in the pools are finite (their keys are checked in the copy
+  // scored): block by block, each a (kv_heads, tokens, head_dim) view.
+  status check_pool_finite(const Exec& ex, const paged_kv<T>& kv) const {
+    const auto& vp = kv.v_pool;
+    const index_t bs = vp.extent(2), Hkv = vp.extent(1), d = vp.extent(3);
+    for (index_t s = 0; s < kv.table.num_seqs(); ++s)
+      for (index_t t = 0; t < kv.table.seq_lens(s); t += bs) {
+        const index_t id = kv.table.ids(kv.table.indptr(s) + t / bs);
+        const auto blk = make_view<Space>(
+            static_cast<const T*>(vp.data_handle() + id * static_cast<index_t>(vp.stride(0))),
+            std::array<index_t, 3>{Hkv, std::min(bs, kv.table.seq_lens(s) - t), d},
+            std::array<index_t, 3>{static_cast<index_t>(vp.stride(1)),
+                                   static_cast<index_t>(vp.stride(2)), 1});
+        CAKE_TRY(Store::check_finite(
+            ex, detail::named(blk, "cake.prefill.v_pool", "v_pool (head, slot, x of a block)")));
+      }
+    return status::success();
+  }
+  // A paged decode's table: the blocks the layer holds first, its lengths, and room
+  // for the new token.
+  status check_decode_table(const Layer& ly, const block_table<host_space>& t) {
+    const index_t B = cfg_.batch, bs = ly.pool.block_size;
+    CAKE_CHECK(t.num_seqs() == B, "cake.decode.table",
+               "the block table must have one sequence per batch entry, batch = ", B, ", got ",
+               t.num_seqs());
+    CAKE_TRY(validate_block_table(t, ly.pool.num_blocks, bs, id_scratch_));
+    const detail::paged_table& held = ly.table;
+    for (index_t s = 0; s < B; ++s) {
+      const auto su = static_cast<std::size_t>(s);
+      const index_t len = held.seq_lens[su], have = t.indptr(s + 1) - t.indptr(s);
+      CAKE_CHECK(t.seq_lens(s) == len, "cake.decode.table", "seq_lens(", s,
+                 ") must be the tokens the cache holds for sequence ", s, ", ", len, ", got ",
+                 t.seq_lens(s));
+      const index_t need = (len + 1 + bs - 1) / bs;
+      CAKE_CHECK(have >= need, "cake.decode.table", "the block table of sequence ", s,
+                 " is too short for the new token: ", len + 1, " tokens need ", need, " blocks of ",
+                 bs, ", got ", have);
+      for (std::int32_t e = 0; e < held.indptr[su + 1] - held.indptr[su]; ++e) {
+        const std::int32_t want = held.ids[static_cast<std::size_t>(held.indptr[su] + e)];
+        CAKE_CHECK(t.ids(t.indptr(s) + e) == want, "cake.decode.table", "ids(", t.indptr(s) + e,
+                   ") must be block ", want, ", which holds tokens of sequence ", s,
+                   " (table(layer) lists them first), got ", t.ids(t.indptr(s) + e));
+      }
+    }
+    return status::success();
+  }
+
   // The prefix tokens every row keeps in a layer's plan: rows are the general case.
   std::vector<index_t> prefixes(const detail::layer_plan& lp) const {
     if (!lp.row_prefix.empty()) return lp.row_prefix;
@@ -479,6 +774,8 @@ class KvCache {
   Exec exec_;
   std::vector<Layer> layers_;
   detail::decode_workspace<T, Exec> ws_;  // a decoding step's scratch, shared by the layers
+  detail::paged_table spare_table_;       // a paged decode's lent table, reused
+  std::vector<std::pair<std::int32_t, index_t>> id_scratch_;  // its duplicate check
   std::vector<float> prefs_;
   std::vector<LayerStats> stats_;
   std::vector<index_t> budgets_;

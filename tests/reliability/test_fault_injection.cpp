@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cstdio>
 #include <cstdlib>
 #include <new>
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "../support/kv_snapshot.hpp"
+#include "../support/paged_engine.hpp"
 
 namespace fi {
 std::atomic<bool> armed{false};
@@ -134,16 +136,17 @@ struct Data {
 };
 
 // Injects a fault at every allocation of `call` on caches made by `make`, one
-// allocation at a time; returns the number of faults injected.
-template <class Make, class Call>
-long inject_all(const std::string& what, Make make, Call call) {
+// allocation at a time; returns the number of faults injected. `snap` says what must
+// not change (a cache's snapshot; a paged run's includes the pools).
+template <class Make, class Call, class Snap>
+long inject_all(const std::string& what, Make make, Call call, Snap snap) {
   auto reference = make();
   call(reference);
-  const Snapshot want = snapshot(reference);
+  const auto want = snap(reference);
   long faults = 0;
   for (long n = 1;; ++n) {
     auto c = make();
-    const Snapshot before = snapshot(c);
+    const auto before = snap(c);
     bool failed = false;
     fi::count = 0;
     fi::fail_at = n;
@@ -155,16 +158,16 @@ long inject_all(const std::string& what, Make make, Call call) {
     }
     fi::armed = false;
     if (!failed) {
-      CHECK_MESSAGE(snapshot(c) == want, what << ": the call with no fault left to inject");
+      CHECK_MESSAGE(snap(c) == want, what << ": the call with no fault left to inject");
       break;
     }
     ++faults;
-    const bool unchanged = snapshot(c) == before;
+    const bool unchanged = snap(c) == before;
     CHECK_MESSAGE(unchanged, what << ": allocation " << n << " failed and the cache changed");
     if (!unchanged) break;  // a half-committed cache: retrying it proves nothing
     // The same call again, without injection, succeeds and gives the reference.
     call(c);
-    const bool same = snapshot(c) == want;
+    const bool same = snap(c) == want;
     CHECK_MESSAGE(same, what << ": after the failure at allocation " << n
                              << ", the retried call differs from the reference");
     if (!same) break;
@@ -172,6 +175,93 @@ long inject_all(const std::string& what, Make make, Call call) {
   }
   fi::injected += faults;
   MESSAGE(what << ": " << faults << " allocation failures injected");
+  return faults;
+}
+template <class Make, class Call>
+long inject_all(const std::string& what, Make make, Call call) {
+  return inject_all(what, make, call, [](const auto& c) { return snapshot(c); });
+}
+
+// A paged cache with its engine (the cache refers to the engine's pools: both move
+// together) and what the call under test is lent.
+template <class Cache>
+struct PagedRun {
+  paged_engine::Engine e;
+  Cache c;
+  cake::paged_kv<float> kv{};
+  cake::block_table<> table{};
+};
+struct PagedState {
+  Snapshot cache;
+  std::vector<std::uint32_t> pools;
+  bool operator==(const PagedState&) const = default;
+};
+template <class Cache>
+PagedState paged_state(const PagedRun<Cache>& r) {
+  PagedState s{snapshot(r.c), {}};
+  for (const auto* pools : {&r.e.kpool, &r.e.vpool})
+    for (const auto& p : *pools)
+      for (float x : p) s.pools.push_back(std::bit_cast<std::uint32_t>(x));
+  return s;
+}
+
+// The same on a paged cache (blocks of 3, NHD pools): the failed call leaves the
+// cache and the pools as they were.
+template <class Cache>
+long run_paged(const std::string& name, cake::CacheConfig cfg, index_t S) {
+  const int steps = 4;
+  const Data data(cfg, S, steps);
+  const index_t B = cfg.batch, H = cfg.q_heads, Hkv = cfg.kv_heads, d = cfg.head_dim;
+  const auto q = [&](index_t l) {
+    return cake::make_view(data.q[static_cast<std::size_t>(l)].data(),
+                           std::array<index_t, 4>{B, H, cfg.window, d});
+  };
+  const auto prefill = [&](PagedRun<Cache>& r, index_t l) {
+    r.c.prefill(l, q(l), r.e.kv(l));
+    paged_engine::take_back(r.e, r.c);
+  };
+  const auto decode = [&](PagedRun<Cache>& r, index_t l, int t, const cake::block_table<>& tb) {
+    const auto i = static_cast<std::size_t>(t);
+    r.c.decode(l, cake::make_view(data.dq[i].data(), std::array<index_t, 3>{B, H, d}),
+               cake::make_view(data.dk[i].data(), std::array<index_t, 3>{B, Hkv, d}),
+               cake::make_view(data.dv[i].data(), std::array<index_t, 3>{B, Hkv, d}), tb);
+  };
+  const auto fresh = [&] {
+    return PagedRun<Cache>{paged_engine::make_engine(cfg, S, data.k, data.v, 3, true, 1, 5),
+                           Cache(cfg)};
+  };
+  const auto snap = [](const PagedRun<Cache>& r) { return paged_state(r); };
+  long faults = 0;
+  for (index_t m = 0; m < cfg.layers; ++m) {
+    const auto make = [&] {
+      auto r = fresh();
+      for (index_t l = 0; l < m; ++l) prefill(r, l);
+      r.kv = r.e.kv(m);
+      return r;
+    };
+    faults += inject_all(
+        name + " paged prefill layer " + std::to_string(m), make,
+        [&](PagedRun<Cache>& r) { r.c.prefill(m, q(m), r.kv); }, snap);
+  }
+  for (int t = 0; t < steps; t += 3) {
+    const index_t l = cfg.layers - 1;
+    const auto make = [&] {
+      auto r = fresh();
+      for (index_t x = 0; x < cfg.layers; ++x) prefill(r, x);
+      for (int u = 0; u < t; ++u)
+        for (index_t x = 0; x < cfg.layers; ++x) {
+          paged_engine::give_room(r.e, x);
+          decode(r, x, u, r.e.table(x));
+          paged_engine::take_back(r.e, r.c);
+        }
+      paged_engine::give_room(r.e, l);
+      r.table = r.e.table(l);
+      return r;
+    };
+    faults += inject_all(
+        name + " paged decode step " + std::to_string(t), make,
+        [&](PagedRun<Cache>& r) { decode(r, l, t, r.table); }, snap);
+  }
   return faults;
 }
 
@@ -256,6 +346,12 @@ TEST_CASE(
     total +=
         run_method<m::PyramidKv<>>("pyramidkv one-shot", config(false, token_order::position), S);
   }
+  SUBCASE("paged: cake cascading, CAKE x Ada-KV one-shot reference, H2O") {
+    total += run_paged<m::Cake<>>("cake cascade", config(true, token_order::position), S);
+    total += run_paged<m::CakeAdaKv<>>("cake_adakv one-shot reference",
+                                       config(false, token_order::reference), S);
+    total += run_paged<m::H2o<>>("h2o cascade reference", config(true, token_order::reference), S);
+  }
   CHECK(total > 0);
   std::printf("fault injection: %ld allocation failures injected in this subcase (%ld so far)\n",
               total, fi::injected);
@@ -311,6 +407,40 @@ long decode_allocations(cake::CacheConfig cfg, index_t S, bool ragged = false) {
   return fi::count.load();
 }
 
+// The same on a paged cache: the engine's bookkeeping (tables, free list) is not counted.
+template <class Cache>
+long paged_decode_allocations(cake::CacheConfig cfg, index_t S) {
+  const int steps = 6;
+  const Data data(cfg, S, steps);
+  const index_t B = cfg.batch, H = cfg.q_heads, Hkv = cfg.kv_heads, d = cfg.head_dim;
+  paged_engine::Engine e = paged_engine::make_engine(cfg, S, data.k, data.v, 3, false, 1, 9);
+  Cache c(cfg);
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    c.prefill(l,
+              cake::make_view(data.q[static_cast<std::size_t>(l)].data(),
+                              std::array<index_t, 4>{B, H, cfg.window, d}),
+              e.kv(l));
+    paged_engine::take_back(e, c);
+  }
+  long count = 0;
+  for (int t = 0; t < steps; ++t)
+    for (index_t l = 0; l < cfg.layers; ++l) {
+      paged_engine::give_room(e, l);
+      const auto table = e.table(l);
+      const auto i = static_cast<std::size_t>(t);
+      fi::count = 0;
+      fi::fail_at = -1;
+      fi::armed = t > 0;  // step 0 grows the workspace
+      c.decode(l, cake::make_view(data.dq[i].data(), std::array<index_t, 3>{B, H, d}),
+               cake::make_view(data.dk[i].data(), std::array<index_t, 3>{B, Hkv, d}),
+               cake::make_view(data.dv[i].data(), std::array<index_t, 3>{B, Hkv, d}), table);
+      fi::armed = false;
+      if (t > 0) count += fi::count.load();
+      paged_engine::take_back(e, c);
+    }
+  return count;
+}
+
 TEST_CASE("steady state: a decoding step allocates nothing once the cache's workspace has grown") {
   namespace m = cake::methods;
   using cake::token_order;
@@ -324,6 +454,9 @@ TEST_CASE("steady state: a decoding step allocates nothing once the cache's work
   CHECK(decode_allocations<m::Tova<>>(config(true, token_order::position), S) == 0);
   CHECK(decode_allocations<m::StreamingLlm<>>(config(true, token_order::position), S) == 0);
   CHECK(decode_allocations<m::PyramidKv<>>(config(false, token_order::reference), S) == 0);
+  CHECK(paged_decode_allocations<m::Cake<>>(config(true, token_order::position), S) == 0);
+  CHECK(paged_decode_allocations<m::CakeAdaKv<>>(config(true, token_order::reference), S) == 0);
+  CHECK(paged_decode_allocations<m::H2o<>>(config(false, token_order::reference), S) == 0);
   // The counter counts: a prefill allocates its new layers.
   const auto cfg = config(true, token_order::position);
   const Data data(cfg, S, 1);

@@ -27,7 +27,10 @@ struct Snapshot {
   std::vector<std::vector<cake::index_t>> lengths;
   // Per layer, flattened in (batch, kv_heads, slots[, head_dim]) order.
   std::vector<std::vector<cake::index_t>> positions;
-  std::vector<std::vector<std::uint32_t>> keys, values;
+  std::vector<std::vector<std::uint32_t>> keys, values;  // empty for a paged layer
+  // Per paged layer: its table (indptr, ids, seq_lens) and freed (its K/V are the
+  // engine's pools, which the caller compares).
+  std::vector<std::vector<std::int32_t>> tables;
   bool operator==(const Snapshot&) const = default;
 };
 
@@ -48,10 +51,26 @@ Snapshot snapshot(const Cache& c) {
     if (l < c.layers_prefilled()) s.prefs.push_back(std::bit_cast<std::uint64_t>(c.preference(l)));
     s.lengths.push_back(c.row_lengths(l));
     auto p = c.positions(l);  // (batch, kv_heads, slots)
-    auto k = c.keys(l);       // (batch, kv_heads, slots, head_dim)
-    auto v = c.values(l);     // (batch, kv_heads, slots, head_dim)
     std::vector<index_t> pv;
     std::vector<std::uint32_t> kv, vv;
+    if (c.paged(l)) {
+      const auto t = c.table(l);
+      std::vector<std::int32_t> tv;
+      for (index_t i = 0; i <= t.num_seqs(); ++i) tv.push_back(t.indptr(i));
+      for (index_t i = 0; i < t.indptr(t.num_seqs()); ++i) tv.push_back(t.ids(i));
+      for (index_t i = 0; i < t.num_seqs(); ++i) tv.push_back(t.seq_lens(i));
+      tv.insert(tv.end(), c.freed(l).begin(), c.freed(l).end());
+      s.tables.push_back(std::move(tv));
+      for (index_t b = 0; b < p.extent(0); ++b)
+        for (index_t g = 0; g < p.extent(1); ++g)
+          for (index_t t2 = 0; t2 < p.extent(2); ++t2) pv.push_back(p(b, g, t2));
+      s.positions.push_back(std::move(pv));
+      s.keys.emplace_back();
+      s.values.emplace_back();
+      continue;
+    }
+    auto k = c.keys(l);    // (batch, kv_heads, slots, head_dim)
+    auto v = c.values(l);  // (batch, kv_heads, slots, head_dim)
     for (index_t b = 0; b < k.extent(0); ++b)
       for (index_t g = 0; g < k.extent(1); ++g)
         for (index_t t = 0; t < k.extent(2); ++t) {

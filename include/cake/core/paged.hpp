@@ -58,8 +58,11 @@ inline block_table<host_space> make_block_table(const std::int32_t* indptr, cons
 // places would be written twice by an in-place compaction); every sequence owns
 // at least ceil(seq_lens(s) / block_size) blocks. Engines keep their tables on the
 // host (the block manager) and upload them: validate the host copy.
+// `by_id` is the duplicate check's scratch, (id, entry) pairs: a caller checking a
+// table at every step lends its own, which then stops allocating once it has grown.
 inline status validate_block_table(const block_table<host_space>& t, index_t num_blocks,
-                                   index_t block_size) {
+                                   index_t block_size,
+                                   std::vector<std::pair<std::int32_t, index_t>>& by_id) {
   const index_t n = t.num_seqs();
   CAKE_CHECK(block_size >= 1, "cake.compact.block_size", "block_size must be >= 1, got ",
              block_size);
@@ -90,7 +93,7 @@ inline status validate_block_table(const block_table<host_space>& t, index_t num
   // Duplicates by sorting the table's (id, entry) pairs: memory in the table's size, not
   // the pool's (a pool has far more blocks than one batch's table names).
   const index_t used = t.indptr(n);
-  std::vector<std::pair<std::int32_t, index_t>> by_id(static_cast<std::size_t>(used));
+  by_id.resize(static_cast<std::size_t>(used));
   for (index_t e = 0; e < used; ++e) by_id[static_cast<std::size_t>(e)] = {t.ids(e), e};
   std::sort(by_id.begin(), by_id.end());
   for (std::size_t i = 1; i < by_id.size(); ++i)
@@ -103,6 +106,11 @@ inline status validate_block_table(const block_table<host_space>& t, index_t num
                  ") (sequence ", s, ")");
     }
   return status::success();
+}
+inline status validate_block_table(const block_table<host_space>& t, index_t num_blocks,
+                                   index_t block_size) {
+  std::vector<std::pair<std::int32_t, index_t>> by_id;
+  return validate_block_table(t, num_blocks, block_size, by_id);
 }
 
 // What an in-place paged compaction leaves, decided on the host before any data

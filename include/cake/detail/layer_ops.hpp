@@ -24,15 +24,19 @@
 // selects ragged rows one by one, each among its own candidates only.
 //
 // The storage seam: every primitive that touches a layer's tokens takes `slots<T>`,
-// a dense (rows, cap) block of slots per layer. A paged storage (core/paged.hpp: a
-// block pool and block tables, compacted by cake::compact's paged form) replaces
-// `slots<T>` and `cache_layer` with its own descriptor and overloads of the same
-// primitives; the control flow below does not change.
+// which addresses row r's slot t of K and V either in a dense (rows, cap) block or,
+// for a paged layer, in an engine's block pool through the cache's copy of its
+// block table (paged_rows, core/paged.hpp); positions and scores stay dense in the
+// cache's memory. The primitives reach K/V only through slots<T>::key / value, so
+// the control flow below is the same for both; a paged layer differs only where a
+// dense view of its keys is needed (scoring reads a gathered copy of the keys in the
+// workspace) and in that its prefill moves run at the commit, in place in the pool.
 #pragma once
 
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
 #include <span>
 #include <string>
 #include <utility>
@@ -69,8 +73,39 @@ struct layer_store {
                 "for cake::cuda)");
 };
 
+// K and V of a layer's rows in an engine's block pools (core/paged.hpp): row r is
+// (sequence r / kv_heads, kv-head r % kv_heads), and its slot t lies in block
+// ids[indptr[s] + t / block_size] at slot t % block_size. The strides are the pools'
+// own (HND or NHD), in elements; a row may address the slots of its sequence's blocks.
+template <class T>
+struct paged_rows {
+  T* k = nullptr;  // (num_blocks, kv_heads, block_size, head_dim)
+  T* v = nullptr;  // (num_blocks, kv_heads, block_size, head_dim)
+  index_t k_block = 0, k_head = 0, k_slot = 0, v_block = 0, v_head = 0, v_slot = 0;
+  const std::int32_t* indptr = nullptr;  // (batch + 1) into ids
+  const std::int32_t* ids = nullptr;     // (indptr[batch]) block ids
+  index_t block_size = 1, kv_heads = 1;
+  index_t num_blocks = 0;  // the pools' extent(0), for checking the tables lent later
+
+  CAKE_HOST_DEVICE index_t room(index_t r) const {
+    const index_t s = r / kv_heads;
+    return static_cast<index_t>(indptr[s + 1] - indptr[s]) * block_size;
+  }
+  CAKE_HOST_DEVICE T* key(index_t r, index_t t) const {
+    return k + block(r, t) * k_block + (r % kv_heads) * k_head + (t % block_size) * k_slot;
+  }
+  CAKE_HOST_DEVICE T* value(index_t r, index_t t) const {
+    return v + block(r, t) * v_block + (r % kv_heads) * v_head + (t % block_size) * v_slot;
+  }
+  CAKE_HOST_DEVICE index_t block(index_t r, index_t t) const {
+    return static_cast<index_t>(ids[indptr[r / kv_heads] + t / block_size]);
+  }
+};
+
 // One layer's storage as raw pointers in the backend's memory: (rows, cap) slots of
 // keys and values (head_dim each), positions and, when the layer keeps them, scores.
+// A paged layer's K/V are in paged (k and v null). A null pos leaves the metadata
+// alone (a move of K/V only); null k and v and no pool, the K/V (metadata only).
 template <class T>
 struct slots {
   T* k = nullptr;          // (rows, cap, head_dim)
@@ -78,6 +113,31 @@ struct slots {
   index_t* pos = nullptr;  // (rows, cap)
   float* ind = nullptr;    // (rows, cap) or null
   index_t rows = 0, cap = 0, d = 0;
+  paged_rows<T> paged{};  // paged.k set: K/V live in an engine's pool
+
+  CAKE_HOST_DEVICE bool is_paged() const { return paged.k != nullptr; }
+  // Row r's slot t of K (V), or null where it has none: no K/V here, or a paged row's
+  // slot past its sequence's blocks (padding there is not stored).
+  CAKE_HOST_DEVICE T* key(index_t r, index_t t) const {
+    if (paged.k) return t < paged.room(r) ? paged.key(r, t) : nullptr;
+    return k ? k + (r * cap + t) * d : nullptr;
+  }
+  CAKE_HOST_DEVICE T* value(index_t r, index_t t) const {
+    if (paged.k) return t < paged.room(r) ? paged.value(r, t) : nullptr;
+    return v ? v + (r * cap + t) * d : nullptr;
+  }
+  slots kv_only() const {
+    slots s = *this;
+    s.pos = nullptr;
+    s.ind = nullptr;
+    return s;
+  }
+  slots meta_only() const {
+    slots s = *this;
+    s.k = s.v = nullptr;
+    s.paged = {};
+    return s;
+  }
 };
 
 // One row's prefill truncation: its w window tokens move from slot `from` down to
@@ -89,6 +149,8 @@ struct window_move {
   index_t* pos;
   float* ind;  // or null
   index_t from, to, pad_end;
+  paged_rows<T> paged{};  // a paged row (k and v null): its K/V, row `row` of the pool
+  index_t row = 0;
 };
 
 template <class V>
@@ -161,6 +223,21 @@ auto element_ptr(const V& v, const std::array<index_t, R>& idx) {
 // the window in position order. `ind`, when the layer has one, holds each slot's
 // score and travels with its token: the prefix indicator during prefill, and an
 // accumulating indicator's sums for good.
+// What a paged layer keeps of the engine's memory: the pools (rows.k, rows.v and their
+// strides; rows.indptr and rows.ids are set by cache_layer::at from the vectors here)
+// and its own copy of the block table of the blocks it holds, on the host.
+struct paged_table {
+  std::vector<std::int32_t> indptr;    // (batch + 1)
+  std::vector<std::int32_t> ids;       // (indptr[batch])
+  std::vector<std::int32_t> seq_lens;  // (batch) tokens each sequence holds
+  std::vector<std::int32_t> freed;     // (batch) entries the latest call released
+  block_table<host_space> view() const {
+    return make_block_table<host_space>(indptr.data(), ids.data(), seq_lens.data(),
+                                        static_cast<index_t>(seq_lens.size()),
+                                        static_cast<index_t>(ids.size()));
+  }
+};
+
 template <class T, class Exec>
 struct cache_layer {
   using store = layer_store<T, Exec>;
@@ -168,12 +245,16 @@ struct cache_layer {
   using buffer = typename store::template buffer<U>;
 
   index_t rows = 0, d = 0, cap = 0, held = 0;
-  buffer<T> k, v;             // (rows, cap, head_dim)
+  buffer<T> k, v;             // (rows, cap, head_dim); empty for a paged layer
   buffer<index_t> pos;        // (rows, cap)
   buffer<float> ind;          // (rows, cap) or empty
   std::vector<index_t> len;   // (rows)
   bool by_indicator = false;  // prefix in descending-indicator order
   bool cut = false;           // made by a selection (else it holds the whole prompt)
+  paged_rows<T> pool{};       // pool.k set: K/V in an engine's pools, addressed by table
+  paged_table table;
+
+  bool paged() const { return pool.k != nullptr; }
 
   // A layer not prefilled yet has no rows: it holds nothing.
   index_t row_len(index_t r) const { return len.empty() ? 0 : len[static_cast<std::size_t>(r)]; }
@@ -191,13 +272,19 @@ struct cache_layer {
   }
   bool has_scores() const { return store::size(ind) > 0; }
   slots<T> at() const {
-    return {store::ptr(k),
-            store::ptr(v),
-            store::ptr(pos),
-            has_scores() ? store::ptr(ind) : nullptr,
-            rows,
-            cap,
-            d};
+    slots<T> s{store::size(k) > 0 ? store::ptr(k) : nullptr,
+               store::size(v) > 0 ? store::ptr(v) : nullptr,
+               store::ptr(pos),
+               has_scores() ? store::ptr(ind) : nullptr,
+               rows,
+               cap,
+               d};
+    if (paged()) {
+      s.paged = pool;
+      s.paged.indptr = table.indptr.data();
+      s.paged.ids = table.ids.data();
+    }
+    return s;
   }
 };
 
@@ -212,6 +299,7 @@ struct decode_workspace {
   buffer<index_t> sel;             // (rows, kept)
   buffer<index_t> ints;            // (2, rows): row lengths and keeps (ragged rows)
   buffer<char> bytes;              // the backend's scoring scratch
+  buffer<T> keys;                  // (rows, held + 1, head_dim): a paged layer's keys, scored
   std::vector<index_t> host_ints;  // the same on the host
   cache_layer<T, Exec> spare;      // reference order: the kept tokens before they go back
 };
@@ -225,16 +313,19 @@ void reserve(const Exec& exec, Buf& b, index_t n) {
   if (S::size(b) < n) b = S::template make<U>(exec, n);
 }
 
+// with_kv false: the metadata only (a paged layer, its K/V in the engine's pools).
 template <class T, class Exec>
 cache_layer<T, Exec> make_layer(const Exec& exec, index_t rows, index_t d, index_t cap,
-                                bool with_scores) {
+                                bool with_scores, bool with_kv = true) {
   using S = layer_store<T, Exec>;
   cache_layer<T, Exec> ly;
   ly.rows = rows;
   ly.d = d;
   ly.cap = cap;
-  ly.k = S::template make<T>(exec, rows * cap * d);
-  ly.v = S::template make<T>(exec, rows * cap * d);
+  if (with_kv) {
+    ly.k = S::template make<T>(exec, rows * cap * d);
+    ly.v = S::template make<T>(exec, rows * cap * d);
+  }
   ly.pos = S::template make<index_t>(exec, rows * cap);
   if (with_scores) {
     ly.ind = S::template make<float>(exec, rows * cap);
@@ -408,11 +499,13 @@ std::vector<index_t> head_lengths(const Exec& exec, const LayerShape& sh, token_
 // A layer holding all S tokens in position order (an uncut prompt, or one-shot mode
 // before the last layer), with room for one decoded token; scores, when given,
 // travel with the tokens (the first sc.cols slots of each row).
+// with_kv false: a paged layer, whose prompt is in the engine's pools already: only
+// its positions and scores are written.
 template <class T, class Exec, class KV, class VV>
 cache_layer<T, Exec> copy_all(const Exec& exec, const LayerShape& sh, const KV& k, const VV& v,
-                              token_scores sc) {
+                              token_scores sc, bool with_kv = true) {
   const index_t S = k.extent(2);
-  auto out = make_layer<T>(exec, sh.rows(), sh.head_dim, S + 1, sc.p != nullptr);
+  auto out = make_layer<T>(exec, sh.rows(), sh.head_dim, S + 1, sc.p != nullptr, with_kv);
   layer_store<T, Exec>::copy_prompt(exec, k, v, out.at(), sc, sh.kv_heads);
   out.set_length(S);
   return out;
@@ -434,6 +527,52 @@ void gather_into(const Exec& exec, const LayerShape& sh, const KV& k, const VV& 
   if (lens) S::pad(exec, out, lens, lens_base, n);
 }
 
+// The same from stored slots src (the n_src first of each row, src.pos non-null): a
+// paged source moves its K/V slot by slot (out is a dense scratch, or src itself
+// when every row of sel ascends), then the metadata; a dense one is gathered above.
+template <class T, class Exec>
+void gather_slots(const Exec& exec, const LayerShape& sh, const slots<T>& src, index_t n_src,
+                  token_scores sc, const index_t* sel, index_t n, const slots<T>& out,
+                  const index_t* lens, index_t lens_base) {
+  using Space = typename Exec::memory_space;
+  using S = layer_store<T, Exec>;
+  if (!src.is_paged()) {
+    gather_into(exec, sh, token_view<Space>(static_cast<const T*>(src.k), src, sh, n_src),
+                token_view<Space>(static_cast<const T*>(src.v), src, sh, n_src), src.pos, src.cap,
+                sc, sel, n, out, lens, lens_base);
+    return;
+  }
+  S::move_slots(exec, out.kv_only(), src.kv_only(), nullptr, 0, sel, n, lens, lens ? lens_base : n);
+  S::gather_meta(exec, out, sel, n, src.pos, src.cap, sc);
+  if (lens) S::pad(exec, out.meta_only(), lens, lens_base, n);
+}
+
+// A paged layer's K/V moves of a prefill, planned before the commit and run by it
+// (commit_move), in place in the pools: slot t < n of row r takes slot sel[r, t];
+// slots at or past lens[r] + base (lens null: base) become zero K/V. A selection
+// that permutes (descending order) goes through a dense scratch.
+template <class T, class Exec>
+struct kv_move {
+  typename layer_store<T, Exec>::template buffer<index_t> sel, lens;  // (rows, n), (rows)
+  const index_t* order = nullptr;                                     // sel, or a sorted copy
+  typename layer_store<T, Exec>::template buffer<index_t> sorted;
+  index_t n = 0, base = 0;
+  bool ascending = true;
+};
+template <class T, class Exec>
+void commit_move(const Exec& exec, const slots<T>& kv, const kv_move<T, Exec>& mv,
+                 const cache_layer<T, Exec>& scratch) {
+  using S = layer_store<T, Exec>;
+  const index_t* lens = S::size(mv.lens) > 0 ? S::ptr(mv.lens) : nullptr;
+  if (mv.ascending) {
+    S::move_slots(exec, kv.kv_only(), kv.kv_only(), nullptr, 0, mv.order, mv.n, lens, mv.base);
+  } else {
+    const slots<T> tmp = scratch.at().kv_only();
+    S::move_slots(exec, tmp, kv.kv_only(), nullptr, 0, mv.order, mv.n, lens, mv.base);
+    S::move_slots(exec, kv.kv_only(), tmp, nullptr, 0, nullptr, mv.n, lens, mv.base);
+  }
+}
+
 // A layer holding, per row r, the keep[r] prefix tokens of highest score and the
 // window (the last w of the P + w source tokens); rows shorter than the longest are
 // padded. The source is the caller's tensors (src_pos null: positions 0..S-1) or a
@@ -441,10 +580,13 @@ void gather_into(const Exec& exec, const LayerShape& sh, const KV& k, const VV& 
 // scores of its tokens (those that have one) when keep_scores. One top-k for all
 // rows: of the longest keep in descending order when rows differ (the first keep[r]
 // of it are row r's top keep[r], sorted by index for position order), then one gather.
+// A paged source (paged non-null: its slots, k and v unused) is not moved here: its
+// new layer has the metadata only, and `move` the K/V moves for the commit.
 template <class T, class Exec, class KV, class VV>
 cache_layer<T, Exec> select(const Exec& exec, const LayerShape& sh, const KV& k, const VV& v,
                             const index_t* src_pos, index_t src_cap, token_scores sc, index_t P,
-                            std::span<const index_t> keep, bool position_order, bool keep_scores) {
+                            std::span<const index_t> keep, bool position_order, bool keep_scores,
+                            const slots<T>* paged = nullptr, kv_move<T, Exec>* move = nullptr) {
   using S = layer_store<T, Exec>;
   using Space = typename Exec::memory_space;
   const index_t rows = sh.rows(), w = sh.window;
@@ -453,7 +595,7 @@ cache_layer<T, Exec> select(const Exec& exec, const LayerShape& sh, const KV& k,
   auto sel = S::template make<index_t>(exec, rows * n);  // (rows, n)
   auto sorted = S::template make<index_t>(exec, position_order && ragged ? rows * n : 0);
   auto kd = upload_ints<T>(exec, ragged ? keep : std::span<const index_t>{});
-  auto out = make_layer<T>(exec, rows, sh.head_dim, n + 1, keep_scores);
+  auto out = make_layer<T>(exec, rows, sh.head_dim, n + 1, keep_scores, paged == nullptr);
   index_t* s = S::ptr(sel);
   const index_t* kp = ragged ? S::ptr(kd) : nullptr;
   select_k(
@@ -466,8 +608,21 @@ cache_layer<T, Exec> select(const Exec& exec, const LayerShape& sh, const KV& k,
     s = S::ptr(sorted);
   }
   S::window_slots(exec, s, rows, n, kp, ragged ? 0 : most, w, nullptr, P);
-  gather_into(exec, sh, k, v, src_pos, src_cap, keep_scores ? sc : token_scores{}, s, n, out.at(),
-              kp, w);
+  if (!paged) {
+    gather_into(exec, sh, k, v, src_pos, src_cap, keep_scores ? sc : token_scores{}, s, n, out.at(),
+                kp, w);
+  } else {
+    const slots<T> meta = out.at().meta_only();
+    S::gather_meta(exec, meta, s, n, src_pos, src_cap, keep_scores ? sc : token_scores{});
+    if (kp) S::pad(exec, meta, kp, w, n);
+    move->n = n;
+    move->base = kp ? w : n;
+    move->ascending = position_order;
+    move->order = s;
+    move->sel = std::move(sel);  // buffers move with their memory: `order` stays valid
+    move->sorted = std::move(sorted);
+    move->lens = std::move(kd);
+  }
   for (index_t r = 0; r < rows; ++r)
     out.len[static_cast<std::size_t>(r)] = keep[static_cast<std::size_t>(r)] + w;
   out.held = n;
@@ -521,8 +676,7 @@ void commit_reorder(const Exec& exec, cache_layer<T, Exec>& ly, const LayerShape
   using S = layer_store<T, Exec>;
   const slots<T> src = ly.at(), tmp = scratch.at();
   const index_t* pd = S::ptr(rp.ints);
-  gather_into(exec, sh, keys(ly, sh), values(ly, sh), src.pos, src.cap, scores(ly),
-              S::ptr(rp.sorted), rp.n, tmp, pd, sh.window);
+  gather_slots(exec, sh, src, ly.held, scores(ly), S::ptr(rp.sorted), rp.n, tmp, pd, sh.window);
   S::move_slots(exec, src, tmp, tmp.ind, tmp.cap, nullptr, rp.n, pd, sh.window);
   ly.held = rp.n;
   ly.len.swap(rp.len);
@@ -561,9 +715,9 @@ truncation<T, Exec> prepare_truncate(const Exec& exec, std::span<const cache_lay
       const index_t p = row_prefix(plan[l], r), old = ly.row_len(r), off = r * s.cap;
       // Only the window moves; freed slots below the new longest row become padding.
       if (p + w != old)
-        jobs.push_back({s.k + off * s.d, s.v + off * s.d, s.pos + off,
-                        s.ind ? s.ind + off : nullptr, old - w, p,
-                        std::max(p + w, std::min(old, longest))});
+        jobs.push_back({s.k ? s.k + off * s.d : nullptr, s.v ? s.v + off * s.d : nullptr,
+                        s.pos + off, s.ind ? s.ind + off : nullptr, old - w, p,
+                        std::max(p + w, std::min(old, longest)), s.paged, r});
       len[static_cast<std::size_t>(r)] = p + w;
     }
     tr.layers.push_back(l);
@@ -582,6 +736,33 @@ void truncate(const Exec& exec, std::span<cache_layer<T, Exec>> layers, const La
     ly.held = tr.held[i];
     ly.len.swap(tr.len[i]);
   }
+}
+
+// A paged layer after a call: sequence s holds the longest of its rows, in its first
+// ceil(len / block_size) blocks; its table's other entries (the tail, freed[s]) are
+// released and the table closes up (paged_plan's new_lens and freed). In place and
+// without allocation: it runs after a commit.
+template <class T, class Exec>
+void release_blocks(cache_layer<T, Exec>& ly, index_t kv_heads) noexcept {
+  paged_table& t = ly.table;
+  const auto n = static_cast<index_t>(t.seq_lens.size());
+  const index_t bs = ly.pool.block_size;
+  std::int32_t next = 0;  // the new first entry of sequence s
+  for (index_t s = 0; s < n; ++s) {
+    const auto su = static_cast<std::size_t>(s);
+    const std::int32_t first = t.indptr[su], have = t.indptr[su + 1] - first;
+    index_t len = 0;
+    for (index_t g = 0; g < kv_heads; ++g) len = std::max(len, ly.row_len(s * kv_heads + g));
+    const auto keep = static_cast<std::int32_t>((len + bs - 1) / bs);
+    for (std::int32_t e = 0; e < keep; ++e)
+      t.ids[static_cast<std::size_t>(next + e)] = t.ids[static_cast<std::size_t>(first + e)];
+    t.indptr[su] = next;
+    t.seq_lens[su] = static_cast<std::int32_t>(len);
+    t.freed[su] = have - keep;
+    next += keep;
+  }
+  t.indptr[static_cast<std::size_t>(n)] = next;
+  t.ids.resize(static_cast<std::size_t>(next));  // shrinks: no allocation
 }
 
 // Prefill is over: the prefix indicator is no longer needed, unless the scores
@@ -630,10 +811,14 @@ void reserve_decode(const Exec& exec, decode_workspace<T, Exec>& ws, const Layer
 // A copy of ly with room for cap tokens per row.
 template <class T, class Exec>
 cache_layer<T, Exec> regrow(const Exec& exec, const cache_layer<T, Exec>& ly, index_t cap) {
-  auto out = make_layer<T>(exec, ly.rows, ly.d, cap, ly.has_scores());
+  // A paged layer's K/V stay where they are: only its metadata grows.
+  auto out = make_layer<T>(exec, ly.rows, ly.d, cap, ly.has_scores(), !ly.paged());
+  out.pool = ly.pool;
+  out.table = ly.table;
   const slots<T> s = ly.at();
-  layer_store<T, Exec>::move_slots(exec, out.at(), s, s.ind, s.cap, nullptr, ly.held, nullptr,
-                                   ly.held);
+  layer_store<T, Exec>::move_slots(exec, ly.paged() ? out.at().meta_only() : out.at(),
+                                   ly.paged() ? s.meta_only() : s, s.ind, s.cap, nullptr, ly.held,
+                                   nullptr, ly.held);
   out.held = ly.held;
   out.len = ly.len;
   out.by_indicator = ly.by_indicator;
@@ -684,10 +869,19 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
   }
   const index_t* keeps = lens ? lens + rows : nullptr;
   const slots<T> s = ly.at();
+  // Keys scored: the layer's own, or a paged layer's gathered into the workspace
+  // (a position indicator reads none).
+  const bool gather = s.is_paged() && source != indicator_source::position;
+  if (gather) reserve<T>(exec, ws.keys, rows * N * d);
+  const T* score_k = gather ? S::ptr(ws.keys) : s.k;
+  const index_t score_cap = gather ? N : s.cap;
 
   // 2. The new token into each row's next slot.
   S::append(exec, s, k, v, position, lens, ragged ? 0 : ly.held, Hkv);
   try {
+    if (gather)  // keys only (rows, N): a row's slots past its blocks are never read
+      S::move_slots(exec, slots<T>{S::ptr(ws.keys), nullptr, nullptr, nullptr, rows, N, d},
+                    s.kv_only(), nullptr, 0, nullptr, N, nullptr, N);
     // 3. Scores: (rows, N) with row stride N; rows [r0, r0 + nr) holding `held` tokens.
     float* sc = S::ptr(ws.scores);
     float* sums = accumulates ? S::ptr(ws.sums) : nullptr;
@@ -698,9 +892,9 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
                            std::array<index_t, 3>{bn, hk * grp, d},
                            std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
                                                   static_cast<index_t>(q.stride(1)), 1});
-      const auto kv = make_view<Space>(static_cast<const T*>(s.k + r0 * s.cap * d),
-                                       std::array<index_t, 4>{bn, hk, held, d},
-                                       std::array<index_t, 4>{Hkv * s.cap * d, s.cap * d, d, 1});
+      const auto kv =
+          make_view<Space>(score_k + r0 * score_cap * d, std::array<index_t, 4>{bn, hk, held, d},
+                           std::array<index_t, 4>{Hkv * score_cap * d, score_cap * d, d, 1});
       const auto out = [&](index_t cols) {
         return make_view<Space>(sc + r0 * N, std::array<index_t, 3>{bn, hk, cols},
                                 std::array<index_t, 3>{Hkv * N, N, 1});
@@ -764,9 +958,7 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
       S::move_slots(exec, s, s, sums, N, sel, n, lens, ragged ? 0 : n);
     } else {
       const slots<T> sp = ws.spare.at();
-      gather_into(exec, sh, token_view<Space>(static_cast<const T*>(s.k), s, sh, N),
-                  token_view<Space>(static_cast<const T*>(s.v), s, sh, N), s.pos, s.cap,
-                  accumulates ? kept : token_scores{}, sel, n, sp, nullptr, 0);
+      gather_slots(exec, sh, s, N, accumulates ? kept : token_scores{}, sel, n, sp, nullptr, 0);
       S::move_slots(exec, s, sp, sp.ind, sp.cap, nullptr, n, lens, ragged ? 0 : n);
     }
   } catch (...) {

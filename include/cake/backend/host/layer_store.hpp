@@ -149,8 +149,10 @@ struct layer_store<T, host_policy> {
     for (index_t r = 0; r < out.rows; ++r) {
       const index_t b = r / Hkv, g = r % Hkv;
       for (index_t t = 0; t < S; ++t) {
-        std::copy_n(&k(b, g, t, 0), d, out.k + (r * out.cap + t) * d);
-        std::copy_n(&v(b, g, t, 0), d, out.v + (r * out.cap + t) * d);
+        if (out.k) {  // else the metadata of a paged layer, its prompt in the pools
+          std::copy_n(&k(b, g, t, 0), d, out.k + (r * out.cap + t) * d);
+          std::copy_n(&v(b, g, t, 0), d, out.v + (r * out.cap + t) * d);
+        }
         out.pos[r * out.cap + t] = t;
       }
       if (sc.p) std::copy_n(sc.p + r * sc.ld, sc.cols, out.ind + r * out.cap);
@@ -173,21 +175,29 @@ struct layer_store<T, host_policy> {
   // key, value, position and (both non-null) score from src_ind (row stride
   // src_ind_ld); slots at or past the row's length (lens[r] + base, or base) become
   // padding. dst may be src when each row of sel is ascending (sel[r, t] >= t): in
-  // place, slot by slot in ascending order.
+  // place, slot by slot in ascending order. Either side may be paged (slots<T>::key);
+  // what dst lacks (K/V, V, metadata) is not written.
   static void move_slots(const host_policy&, const slots<T>& dst, const slots<T>& src,
                          const float* src_ind, index_t src_ind_ld, const index_t* sel, index_t n,
                          const index_t* lens, index_t base) noexcept {
     const index_t d = dst.d;
+    const std::size_t row = static_cast<std::size_t>(d) * sizeof(T);
+    const bool dense = !dst.is_paged() && !src.is_paged() && dst.k && dst.v;
     for (index_t r = 0; r < dst.rows; ++r) {
       const index_t len = (lens ? lens[r] : 0) + base;
       for (index_t t = 0; t < std::min(n, len); ++t) {
         const index_t j = sel ? sel[r * n + t] : t;
-        std::memmove(dst.k + (r * dst.cap + t) * d, src.k + (r * src.cap + j) * d,
-                     static_cast<std::size_t>(d) * sizeof(T));
-        std::memmove(dst.v + (r * dst.cap + t) * d, src.v + (r * src.cap + j) * d,
-                     static_cast<std::size_t>(d) * sizeof(T));
-        dst.pos[r * dst.cap + t] = src.pos[r * src.cap + j];
-        if (dst.ind && src_ind) dst.ind[r * dst.cap + t] = src_ind[r * src_ind_ld + j];
+        if (dense) {
+          std::memmove(dst.k + (r * dst.cap + t) * d, src.k + (r * src.cap + j) * d, row);
+          std::memmove(dst.v + (r * dst.cap + t) * d, src.v + (r * src.cap + j) * d, row);
+        } else {
+          copy_slot(dst.key(r, t), src.key(r, j), row);
+          copy_slot(dst.value(r, t), src.value(r, j), row);
+        }
+        if (dst.pos) {
+          dst.pos[r * dst.cap + t] = src.pos[r * src.cap + j];
+          if (dst.ind && src_ind) dst.ind[r * dst.cap + t] = src_ind[r * src_ind_ld + j];
+        }
       }
       pad_row(dst, r, std::min(n, len), n);
     }
@@ -228,9 +238,11 @@ struct layer_store<T, host_policy> {
                      index_t position, const index_t* lens, index_t slot, index_t Hkv) {
     for (index_t r = 0; r < s.rows; ++r) {
       const index_t b = r / Hkv, g = r % Hkv, t = lens ? lens[r] : slot;
+      T* kt = s.key(r, t);  // a paged row has room for it (the cache checked its table)
+      T* vt = s.value(r, t);
       for (index_t x = 0; x < s.d; ++x) {
-        s.k[(r * s.cap + t) * s.d + x] = static_cast<T>(k(b, g, x));
-        s.v[(r * s.cap + t) * s.d + x] = static_cast<T>(v(b, g, x));
+        kt[x] = static_cast<T>(k(b, g, x));
+        vt[x] = static_cast<T>(v(b, g, x));
       }
       s.pos[r * s.cap + t] = position;
     }
@@ -248,15 +260,28 @@ struct layer_store<T, host_policy> {
   }
   static void move_windows(const host_policy&, staged_moves& jobs, index_t d, index_t w) noexcept {
     for (const window_move<T>& j : jobs) {
+      // A paged row's K/V, slot by slot in ascending order (to < from: in place).
+      const slots<T> kv{nullptr, nullptr, nullptr, nullptr, 0, 0, d, j.paged};
       if (j.from != j.to) {
-        std::memmove(j.k + j.to * d, j.k + j.from * d, static_cast<std::size_t>(w * d) * sizeof(T));
-        std::memmove(j.v + j.to * d, j.v + j.from * d, static_cast<std::size_t>(w * d) * sizeof(T));
+        if (j.k) {
+          std::memmove(j.k + j.to * d, j.k + j.from * d,
+                       static_cast<std::size_t>(w * d) * sizeof(T));
+          std::memmove(j.v + j.to * d, j.v + j.from * d,
+                       static_cast<std::size_t>(w * d) * sizeof(T));
+        } else if (kv.is_paged()) {
+          const std::size_t row = static_cast<std::size_t>(d) * sizeof(T);
+          for (index_t t = 0; t < w; ++t) {
+            copy_slot(kv.key(j.row, j.to + t), kv.key(j.row, j.from + t), row);
+            copy_slot(kv.value(j.row, j.to + t), kv.value(j.row, j.from + t), row);
+          }
+        }
         std::memmove(j.pos + j.to, j.pos + j.from, static_cast<std::size_t>(w) * sizeof(index_t));
         if (j.ind)
           std::memmove(j.ind + j.to, j.ind + j.from, static_cast<std::size_t>(w) * sizeof(float));
       }
       const slots<T> row{j.k, j.v, j.pos, j.ind, 1, 0, d};
       pad_row(row, 0, j.to + w, j.pad_end);
+      if (kv.is_paged()) pad_row(kv, j.row, j.to + w, j.pad_end);
     }
   }
 
@@ -303,10 +328,21 @@ struct layer_store<T, host_policy> {
   static void pad_row(const slots<T>& s, index_t r, index_t from, index_t to) noexcept {
     if (from >= to) return;
     const index_t o = r * s.cap;
-    std::fill(s.k + (o + from) * s.d, s.k + (o + to) * s.d, T{});
-    std::fill(s.v + (o + from) * s.d, s.v + (o + to) * s.d, T{});
-    std::fill(s.pos + o + from, s.pos + o + to, index_t{-1});
-    if (s.ind) std::fill(s.ind + o + from, s.ind + o + to, 0.0f);
+    if (s.is_paged()) {  // slot by slot; slots past the sequence's blocks are not stored
+      for (index_t t = from; t < to; ++t) {
+        if (T* p = s.key(r, t)) std::fill(p, p + s.d, T{});
+        if (T* p = s.value(r, t)) std::fill(p, p + s.d, T{});
+      }
+    } else {
+      if (s.k) std::fill(s.k + (o + from) * s.d, s.k + (o + to) * s.d, T{});
+      if (s.v) std::fill(s.v + (o + from) * s.d, s.v + (o + to) * s.d, T{});
+    }
+    if (s.pos) std::fill(s.pos + o + from, s.pos + o + to, index_t{-1});
+    if (s.pos && s.ind) std::fill(s.ind + o + from, s.ind + o + to, 0.0f);
+  }
+  // One token's K or V row; either side null (no such slot): nothing.
+  static void copy_slot(T* to, const T* from, std::size_t bytes) noexcept {
+    if (to && from && to != from) std::memmove(to, from, bytes);
   }
 };
 

@@ -68,6 +68,8 @@ int serve_prompts(llm::Transformer& tf, const llm::Tokenizer& tok,
       "serving %zu prompts, %s cache of %d tokens per layer, on a paged store: %d layers x "
       "%d blocks of %d tokens (K and V %.1f MiB)\n",
       prompts.size(), opt.method.c_str(), opt.cache_size, c.layers, blocks, so.block_size, mib);
+  if (opt.method == "full")
+    std::printf("(--method full keeps every token in dense stores: the pool stays empty)\n");
   std::vector<llm::PrefillRecord> recs;
   std::vector<std::unique_ptr<llm::KvStore>> stores;
   auto t0 = std::chrono::steady_clock::now();

@@ -1,5 +1,7 @@
 // cake_llm: greedy generation with a CAKE-managed (or SnapKV, PyramidKV, full) KV cache.
 //   cake_llm --model FILE --prompt TEXT --cache-size N --method cake --max-new N
+// Several --prompt: served together on a paged store (block pools per layer), each
+// prompt's text what it gives alone; prints the blocks the caches freed.
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -14,8 +16,9 @@
 namespace {
 void usage() {
   std::printf(
-      "usage: cake_llm [--model FILE] (--prompt TEXT | --prompt-file FILE) [options]\n"
+      "usage: cake_llm [--model FILE] (--prompt TEXT | --prompt-file FILE)... [options]\n"
       "  --model FILE       GGUF model (default $CAKE_MODEL or the scripts/fetch-model cache)\n"
+      "  --prompt TEXT      a prompt; several are served together on a paged store\n"
       "  --method M         cake | snapkv | pyramidkv | streamingllm | h2o | tova | ada_snapkv |\n"
       "                     cake_adakv | cake_tova | cake_h2o | cake_adakv_tova | full\n"
       "                     (default cake)\n"
@@ -27,6 +30,10 @@ void usage() {
       "  --cache-threads N  OpenMP threads for the cache's kernels (default 1)\n"
       "  --bench N          time a prompt of N tokens of filler text (no --prompt needed) and\n"
       "                     --max-new decoded tokens that ignore end-of-text: prints tok/s\n"
+      "  --paged            a paged store for a single prompt too\n"
+      "  --block-size N     tokens per block of the paged store (default 16)\n"
+      "  --pool-blocks N    blocks per layer in the pool (default: every prompt whole and\n"
+      "                     --max-new tokens more, before any eviction)\n"
       "  --raw              feed the prompt as is (default: SmolLM2's chat template)\n"
       "  --tokens           print the prompt's token ids\n"
       "  --dump-logits FILE write the logits after the prompt, one per line\n");
@@ -34,13 +41,93 @@ void usage() {
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
+
+struct ServeOptions {
+  int max_new = 64, block_size = 16, pool_blocks = 0;
+  bool raw = false;
+};
+
+// Several prompts served together: each prefilled on its own, its store paged on one
+// block pool per layer, then all decoded step by step together (llm::serve).
+int serve_prompts(llm::Transformer& tf, const llm::Tokenizer& tok,
+                  const std::vector<std::string>& prompts, const llm::CacheOptions& opt,
+                  const ServeOptions& so) {
+  const auto& c = tf.config();
+  std::vector<std::vector<int>> ids;
+  int blocks = 0;  // per layer: every prompt whole plus max_new, the most ever held
+  for (const auto& p : prompts) {
+    ids.push_back(tok.encode(so.raw ? p : llm::chat_prompt(p)));
+    blocks +=
+        (static_cast<int>(ids.back().size()) + so.max_new + so.block_size - 1) / so.block_size;
+  }
+  if (so.pool_blocks > 0) blocks = so.pool_blocks;
+  llm::BlockPool pool(c, blocks, so.block_size);
+  const double mib = 2.0 * static_cast<double>(pool.total()) *
+                     static_cast<double>(pool.block_stride()) * 4.0 / (1024.0 * 1024.0);
+  std::printf(
+      "serving %zu prompts, %s cache of %d tokens per layer, on a paged store: %d layers x "
+      "%d blocks of %d tokens (K and V %.1f MiB)\n",
+      prompts.size(), opt.method.c_str(), opt.cache_size, c.layers, blocks, so.block_size, mib);
+  if (opt.method == "full")
+    std::printf("(--method full keeps every token in dense stores: the pool stays empty)\n");
+  std::vector<llm::PrefillRecord> recs;
+  std::vector<std::unique_ptr<llm::KvStore>> stores;
+  auto t0 = std::chrono::steady_clock::now();
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    recs.push_back(tf.prefill(ids[i], opt.window));
+    stores.push_back(llm::make_store(c, opt, recs.back().tokens, &pool));
+    stores.back()->prefill(recs.back());
+    std::printf("[%zu] prompt: %d tokens; holds %lld of %lld tokens in %lld blocks\n", i + 1,
+                recs.back().tokens, static_cast<long long>(stores.back()->tokens_held()),
+                static_cast<long long>(recs.back().tokens) * c.layers,
+                static_cast<long long>(stores.back()->blocks_held()));
+  }
+  const double t_prefill = seconds_since(t0);
+  std::printf(
+      "after prefill: %lld blocks in use, %lld freed by eviction, pool peak %lld (%.2f s)\n",
+      static_cast<long long>(pool.in_use()), static_cast<long long>(pool.evicted()),
+      static_cast<long long>(pool.peak()), t_prefill);
+  std::vector<const llm::PrefillRecord*> rp;
+  std::vector<llm::KvStore*> sp;
+  for (std::size_t i = 0; i < recs.size(); ++i) {
+    rp.push_back(&recs[i]);
+    sp.push_back(stores[i].get());
+  }
+  const std::vector<int> stop{tok.id("<|im_end|>"), tok.id("<|endoftext|>")};
+  t0 = std::chrono::steady_clock::now();
+  const auto outs = llm::serve(tf, rp, sp, so.max_new, stop);
+  const double t_dec = seconds_since(t0);
+  std::size_t generated = 0;
+  for (std::size_t i = 0; i < outs.size(); ++i) {
+    std::string text;
+    for (int id : outs[i])
+      if (std::find(stop.begin(), stop.end(), id) == stop.end()) text += tok.decode_token(id);
+    generated += outs[i].size();
+    const std::string& p = prompts[i];  // the prompt's first line, shortened
+    std::string head = p.substr(0, std::min(p.find('\n'), std::size_t{60}));
+    if (head.size() < p.size()) head += "...";
+    std::printf("--- [%zu] %s\n%s\n", i + 1, head.c_str(), text.c_str());
+    std::printf("--- [%zu] %zu tokens generated; holds %lld tokens in %lld blocks\n", i + 1,
+                outs[i].size(), static_cast<long long>(stores[i]->tokens_held()),
+                static_cast<long long>(stores[i]->blocks_held()));
+  }
+  std::printf(
+      "generated %zu tokens in %.2f s (%.1f tok/s); blocks: %lld in use, %lld free of %lld, "
+      "%lld freed by eviction, pool peak %lld\n",
+      generated, t_dec, static_cast<double>(generated) / std::max(t_dec, 1e-9),
+      static_cast<long long>(pool.in_use()), static_cast<long long>(pool.free_blocks()),
+      static_cast<long long>(pool.total()), static_cast<long long>(pool.evicted()),
+      static_cast<long long>(pool.peak()));
+  return 0;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string model_path = llm::default_model_path(), prompt;
+  std::vector<std::string> prompts;
   llm::CacheOptions opt;
-  int max_new = 64, cache_threads = 1, bench = 0;
-  bool raw = false, show_tokens = false;
+  int max_new = 64, cache_threads = 1, bench = 0, block_size = 16, pool_blocks = 0;
+  bool raw = false, show_tokens = false, paged = false;
   std::string dump_logits;
   try {
     for (int i = 1; i < argc; ++i) {
@@ -52,13 +139,19 @@ int main(int argc, char** argv) {
       if (a == "--model")
         model_path = next();
       else if (a == "--prompt")
-        prompt = next();
+        prompts.push_back(next());
       else if (a == "--prompt-file") {
         std::ifstream f(next());
         std::stringstream ss;
         ss << f.rdbuf();
-        prompt = ss.str();
-      } else if (a == "--method")
+        prompts.push_back(ss.str());
+      } else if (a == "--paged")
+        paged = true;
+      else if (a == "--block-size")
+        block_size = std::stoi(next());
+      else if (a == "--pool-blocks")
+        pool_blocks = std::stoi(next());
+      else if (a == "--method")
         opt.method = next();
       else if (a == "--cache-size")
         opt.cache_size = std::stoi(next());
@@ -88,6 +181,7 @@ int main(int argc, char** argv) {
       } else
         throw std::runtime_error("unknown argument " + a);
     }
+    if (!prompts.empty()) prompt = prompts.front();
     if (prompt.empty() && bench <= 0) {
       usage();
       return 2;
@@ -129,6 +223,10 @@ int main(int argc, char** argv) {
       std::printf("\n");
     }
     llm::Transformer tf(model);
+    if (bench <= 0 && (prompts.size() > 1 || paged)) {
+      ServeOptions so{max_new, block_size, pool_blocks, raw};
+      return serve_prompts(tf, tok, prompts, opt, so);
+    }
     t0 = std::chrono::steady_clock::now();
     const std::clock_t c_pre = std::clock();
     const llm::PrefillRecord rec = tf.prefill(ids, opt.window);

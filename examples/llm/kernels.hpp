@@ -304,16 +304,17 @@ inline void qmatvec_avx2(const QWeight& W, const float* X, std::size_t n, float*
 #endif
 
 #if defined(LLM_X86_DISPATCH)
-// One query head of D = 8 * V dims against n keys and values (rows at the given
-// strides): out = softmax(q . k_j * scale) . v. The output row stays in registers.
-template <int V>
-LLM_AVX2 void attend_avx2_t(const float* q, const float* k, std::ptrdiff_t ks, const float* v,
-                            std::ptrdiff_t vs, std::int64_t n, float scale, float* p, float* out) {
+// One query head of D = 8 * V dims against n keys and values (key j at krow(j),
+// value j at vrow(j)): out = softmax(q . k_j * scale) . v. The output row stays in
+// registers.
+template <int V, class KRow, class VRow>
+LLM_AVX2 void attend_avx2_t(const float* q, KRow krow, VRow vrow, std::int64_t n, float scale,
+                            float* p, float* out) {
   __m256 qv[V];
   for (int i = 0; i < V; ++i) qv[i] = _mm256_loadu_ps(q + 8 * i);
   float mx = -INFINITY;
   for (std::int64_t j = 0; j < n; ++j) {
-    const float* kr = k + j * ks;
+    const float* kr = krow(j);
     __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kr)), b = _mm256_setzero_ps();
     for (int i = 1; i < V; i += 2) {
       b = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(kr + 8 * i), b);
@@ -341,7 +342,7 @@ LLM_AVX2 void attend_avx2_t(const float* q, const float* k, std::ptrdiff_t ks, c
   for (int i = 0; i < V; ++i) o[i] = _mm256_setzero_ps();
   for (j = 0; j < n; ++j) {
     const __m256 a = _mm256_broadcast_ss(p + j);
-    const float* vr = v + j * vs;
+    const float* vr = vrow(j);
     for (int i = 0; i < V; ++i) o[i] = _mm256_fmadd_ps(a, _mm256_loadu_ps(vr + 8 * i), o[i]);
   }
   const __m256 inv = _mm256_set1_ps(1.0f / sum);
@@ -349,29 +350,42 @@ LLM_AVX2 void attend_avx2_t(const float* q, const float* k, std::ptrdiff_t ks, c
 }
 #endif
 
-// One query head (d dims) over n cached keys and values: out = softmax(q k^T * scale) v.
-// p: scratch of n floats.
-inline void attend(const float* q, const float* k, std::ptrdiff_t ks, const float* v,
-                   std::ptrdiff_t vs, std::int64_t n, int d, float scale, float* p, float* out) {
+// One query head (d dims) over n cached keys and values: out = softmax(q k^T * scale) v,
+// key j at krow(j) and value j at vrow(j) (const float* (std::int64_t)). Where the
+// rows live (one strided buffer, or the blocks of a paged pool) changes no
+// arithmetic: both give bit-identical outputs for the same rows. p: scratch of n floats.
+template <class KRow, class VRow>
+inline void attend_rows(const float* q, KRow krow, VRow vrow, std::int64_t n, int d, float scale,
+                        float* p, float* out) {
 #if defined(LLM_X86_DISPATCH)
   if (have_avx2() && n > 0) {
-    if (d == 64) return attend_avx2_t<8>(q, k, ks, v, vs, n, scale, p, out);
-    if (d == 128) return attend_avx2_t<16>(q, k, ks, v, vs, n, scale, p, out);
-    if (d == 32) return attend_avx2_t<4>(q, k, ks, v, vs, n, scale, p, out);
+    if (d == 64) return attend_avx2_t<8>(q, krow, vrow, n, scale, p, out);
+    if (d == 128) return attend_avx2_t<16>(q, krow, vrow, n, scale, p, out);
+    if (d == 32) return attend_avx2_t<4>(q, krow, vrow, n, scale, p, out);
   }
 #endif
   const auto D = static_cast<std::size_t>(d);
   float mx = -INFINITY;
   for (std::int64_t j = 0; j < n; ++j) {
-    p[j] = dot_portable(q, k + j * ks, D) * scale;
+    p[j] = dot_portable(q, krow(j), D) * scale;
     mx = std::max(mx, p[j]);
   }
   float sum = 0.0f;
   for (std::int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
   std::fill(out, out + d, 0.0f);
-  for (std::int64_t j = 0; j < n; ++j)
-    for (std::size_t x = 0; x < D; ++x) out[x] += p[j] * v[j * vs + static_cast<std::ptrdiff_t>(x)];
+  for (std::int64_t j = 0; j < n; ++j) {
+    const float* vr = vrow(j);
+    for (std::size_t x = 0; x < D; ++x) out[x] += p[j] * vr[x];
+  }
   for (std::size_t x = 0; x < D; ++x) out[x] /= sum;
+}
+
+// The same over rows at fixed strides: key j at k + j * ks, value j at v + j * vs.
+inline void attend(const float* q, const float* k, std::ptrdiff_t ks, const float* v,
+                   std::ptrdiff_t vs, std::int64_t n, int d, float scale, float* p, float* out) {
+  attend_rows(
+      q, [k, ks](std::int64_t j) { return k + j * ks; },
+      [v, vs](std::int64_t j) { return v + j * vs; }, n, d, scale, p, out);
 }
 
 // ---- dispatch ----------------------------------------------------------------------

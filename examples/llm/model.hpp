@@ -187,7 +187,9 @@ struct PrefillRecord {
 };
 
 // Keys and values a new token attends to: element (head g, token j, x) is at
-// k[g * head_stride + j * token_stride + x].
+// k[g * head_stride + j * token_stride + x], or, paged (blocks set), token j is slot
+// j % block_size of block blocks[j / block_size]:
+// k[blocks[j / block_size] * block_stride + g * head_stride + (j % block_size) * token_stride + x].
 struct AttendSpan {
   const float* k = nullptr;
   const float* v = nullptr;
@@ -196,6 +198,9 @@ struct AttendSpan {
   // Tokens of each KV head when they differ (a head-wise cache pads its rows to the
   // longest: head g attends to its first head_tokens[g] only); empty: `tokens` each.
   std::vector<std::int64_t> head_tokens;
+  const std::int32_t* blocks = nullptr;  // (ceil(tokens / block_size)) block ids, or null
+  std::int64_t block_size = 0;
+  std::ptrdiff_t k_block_stride = 0, v_block_stride = 0;
 };
 
 class KvStore {
@@ -206,6 +211,13 @@ class KvStore {
   // layer l and returns what the token attends to, itself included.
   virtual AttendSpan append(int layer, const float* q, const float* k, const float* v) = 0;
   virtual std::int64_t tokens_held() const = 0;  // all layers
+  // Blocks of a paged pool the store holds, all layers; 0 for a dense store.
+  virtual std::int64_t blocks_held() const { return 0; }
+  // The pool blocks of layer l, in token order; empty for a dense store.
+  virtual std::vector<std::int32_t> blocks(int layer) const {
+    (void)layer;
+    return {};
+  }
   // What a CAKE-preference cache decided per layer after its prefill (for the
   // evaluation's report); empty for stores without a layer preference.
   struct LayerDecision {
@@ -290,6 +302,11 @@ class Transformer {
   explicit Transformer(const Model& m) : m_(m), rope_(m.cfg.rope_dims, m.cfg.rope_base) {}
   const ModelConfig& config() const { return m_.cfg; }
   PrefillProfile profile;  // accumulated over every prefill() call
+
+  // Up to this many rows (sequences decoded together) a projection reads the stored
+  // blocks (memory-bound), each row computed on its own; more rows reuse each weight
+  // enough for sgemm on floats.
+  static constexpr std::size_t fused_rows = 8;
 
   // Runs the prompt through every layer with full causal attention. Records each
   // layer's rotary keys, values and the last `tail` query rows, and the logits
@@ -381,10 +398,6 @@ class Transformer {
  private:
   const Model& m_;
   Rope rope_;
-
-  // Up to this many rows (sequences decoded together) a projection reads the stored
-  // blocks (memory-bound); more rows reuse each weight enough for sgemm on floats.
-  static constexpr std::size_t fused_rows = 8;
 
   // Y (n, out) = X (n, in) W^T through whichever copy of W suits n; the float copy
   // is rows [row0, row0 + out) of a stacked matrix.
@@ -503,9 +516,25 @@ class Transformer {
       const int g = hd / group;
       const std::int64_t n =
           s.head_tokens.empty() ? s.tokens : s.head_tokens[static_cast<std::size_t>(g)];
-      kernels::attend(q + static_cast<std::ptrdiff_t>(hd) * d, s.k + g * s.k_head_stride,
-                      s.k_token_stride, s.v + g * s.v_head_stride, s.v_token_stride, n, d, scale,
-                      p.data(), out + static_cast<std::ptrdiff_t>(hd) * d);
+      const float* qh = q + static_cast<std::ptrdiff_t>(hd) * d;
+      float* oh = out + static_cast<std::ptrdiff_t>(hd) * d;
+      if (!s.blocks) {
+        kernels::attend(qh, s.k + g * s.k_head_stride, s.k_token_stride, s.v + g * s.v_head_stride,
+                        s.v_token_stride, n, d, scale, p.data(), oh);
+        continue;
+      }
+      const float* kh = s.k + g * s.k_head_stride;
+      const float* vh = s.v + g * s.v_head_stride;
+      const std::int64_t bs = s.block_size;
+      kernels::attend_rows(
+          qh,
+          [&](std::int64_t j) {
+            return kh + s.blocks[j / bs] * s.k_block_stride + (j % bs) * s.k_token_stride;
+          },
+          [&](std::int64_t j) {
+            return vh + s.blocks[j / bs] * s.v_block_stride + (j % bs) * s.v_token_stride;
+          },
+          n, d, scale, p.data(), oh);
     }
   }
 };

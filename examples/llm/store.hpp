@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "model.hpp"
+#include "paged.hpp"
 #include "tokenizer.hpp"
 
 namespace llm {
@@ -43,11 +44,24 @@ struct CacheOptions {
   float tau1 = 1.0f, tau2 = 1.0f, gamma = 200.0f;
 };
 
+// A cake::KvCache of one sequence (batch 1). Dense: the cache holds the K/V. Paged
+// (a BlockPool given): the K/V live in the pool's blocks, which this store takes
+// from the pool as the sequence needs them and gives back as soon as the cache
+// reports them freed; the cache compacts the kept tokens in place.
 template <class Cache>
 class CakeStore final : public KvStore {
  public:
-  CakeStore(const ModelConfig& c, cake::CacheConfig cfg, Cache cache)
-      : c_(c), cfg_(cfg), cache_(std::move(cache)) {}
+  CakeStore(const ModelConfig& c, cake::CacheConfig cfg, Cache cache, BlockPool* pool = nullptr)
+      : c_(c), cfg_(cfg), cache_(std::move(cache)), pool_(pool) {
+    if (pool_) ids_.resize(static_cast<std::size_t>(c.layers));
+  }
+  CakeStore(const CakeStore&) = delete;
+  CakeStore& operator=(const CakeStore&) = delete;
+  ~CakeStore() override {
+    if (!pool_) return;
+    for (int l = 0; l < c_.layers; ++l)  // the sequence is over: its blocks go back
+      for (std::int32_t id : ids_[static_cast<std::size_t>(l)]) pool_->release(l, id, false);
+  }
 
   void prefill(const PrefillRecord& rec) override {
     using cake::index_t;
@@ -61,6 +75,10 @@ class CakeStore final : public KvStore {
       const float* qt = rec.q_tail[L].data() + static_cast<std::ptrdiff_t>(rec.tail - w) * QD;
       auto q = cake::make_view(qt, std::array<index_t, 4>{1, H, w, d},
                                std::array<index_t, 4>{w * QD, d, QD, 1});
+      if (pool_) {
+        prefill_paged(l, q, rec);
+        continue;
+      }
       auto k = cake::make_view(rec.k[L].data(), std::array<index_t, 4>{1, Hkv, S, d},
                                std::array<index_t, 4>{S * KD, d, KD, 1});
       auto v = cake::make_view(rec.v[L].data(), std::array<index_t, 4>{1, Hkv, S, d},
@@ -72,19 +90,38 @@ class CakeStore final : public KvStore {
   AttendSpan append(int l, const float* q, const float* k, const float* v) override {
     using cake::index_t;
     const index_t H = c_.heads, Hkv = c_.kv_heads, d = c_.head_dim;
-    cache_.decode(l, cake::make_view(q, std::array<index_t, 3>{1, H, d}),
-                  cake::make_view(k, std::array<index_t, 3>{1, Hkv, d}),
-                  cake::make_view(v, std::array<index_t, 3>{1, Hkv, d}));
-    const auto K = cache_.keys(l);
-    const auto V = cache_.values(l);
+    const auto qv = cake::make_view(q, std::array<index_t, 3>{1, H, d});
+    const auto kv = cake::make_view(k, std::array<index_t, 3>{1, Hkv, d});
+    const auto vv = cake::make_view(v, std::array<index_t, 3>{1, Hkv, d});
     AttendSpan s;
-    s.k = K.data_handle();
-    s.v = V.data_handle();
-    s.k_head_stride = static_cast<std::ptrdiff_t>(K.stride(1));
-    s.k_token_stride = static_cast<std::ptrdiff_t>(K.stride(2));
-    s.v_head_stride = static_cast<std::ptrdiff_t>(V.stride(1));
-    s.v_token_stride = static_cast<std::ptrdiff_t>(V.stride(2));
-    s.tokens = static_cast<std::int64_t>(K.extent(2));
+    if (pool_) {
+      auto& ids = ids_[static_cast<std::size_t>(l)];
+      const std::int32_t len = cache_.table(l).seq_lens(0), bs = pool_->block_size();
+      if (len + 1 > static_cast<std::int32_t>(ids.size()) * bs)  // room for the new token
+        ids.push_back(pool_->allocate(l));
+      const std::int32_t indptr[2] = {0, static_cast<std::int32_t>(ids.size())};
+      cache_.decode(l, qv, kv, vv, cake::make_block_table(indptr, ids.data(), &len, 1));
+      release_freed(l);
+      s.k = pool_->k(l);
+      s.v = pool_->v(l);
+      s.k_head_stride = s.v_head_stride = pool_->head_stride();
+      s.k_token_stride = s.v_token_stride = pool_->token_stride();
+      s.k_block_stride = s.v_block_stride = pool_->block_stride();
+      s.block_size = bs;
+      s.blocks = ids.data();
+      s.tokens = cache_.table(l).seq_lens(0);
+    } else {
+      cache_.decode(l, qv, kv, vv);
+      const auto K = cache_.keys(l);
+      const auto V = cache_.values(l);
+      s.k = K.data_handle();
+      s.v = V.data_handle();
+      s.k_head_stride = static_cast<std::ptrdiff_t>(K.stride(1));
+      s.k_token_stride = static_cast<std::ptrdiff_t>(K.stride(2));
+      s.v_head_stride = static_cast<std::ptrdiff_t>(V.stride(1));
+      s.v_token_stride = static_cast<std::ptrdiff_t>(V.stride(2));
+      s.tokens = static_cast<std::int64_t>(K.extent(2));
+    }
     if constexpr (cake::is_headwise_budget<typename Cache::budget_policy>)
       for (index_t n : cache_.row_lengths(l)) s.head_tokens.push_back(n);
     return s;
@@ -92,6 +129,15 @@ class CakeStore final : public KvStore {
 
   std::int64_t tokens_held() const override {
     return static_cast<std::int64_t>(cache_.tokens_held());
+  }
+  std::int64_t blocks_held() const override {
+    std::int64_t n = 0;
+    for (const auto& ids : ids_) n += static_cast<std::int64_t>(ids.size());
+    return n;
+  }
+  // Paged: the cache's table(l) after every call.
+  std::vector<std::int32_t> blocks(int l) const override {
+    return pool_ ? ids_.at(static_cast<std::size_t>(l)) : std::vector<std::int32_t>{};
   }
   const Cache& cache() const { return cache_; }
 
@@ -126,6 +172,55 @@ class CakeStore final : public KvStore {
   ModelConfig c_;
   cake::CacheConfig cfg_;
   Cache cache_;
+  BlockPool* pool_ = nullptr;
+  std::vector<std::vector<std::int32_t>> ids_;  // paged: per layer, the blocks held
+
+  // Layer l's prompt goes into fresh blocks of the pool (its K/V rows from the
+  // record), then the cache selects in place; with cascading it may shrink the
+  // earlier layers too.
+  template <class QView>
+  void prefill_paged(int l, const QView& q, const PrefillRecord& rec) {
+    using cake::index_t;
+    const auto L = static_cast<std::size_t>(l);
+    const int S = rec.tokens, bs = pool_->block_size(), Hkv = c_.kv_heads, d = c_.head_dim;
+    const auto KD = static_cast<std::size_t>(c_.kv_dim());
+    auto& ids = ids_[L];
+    while (static_cast<std::int64_t>(ids.size()) * bs < S) ids.push_back(pool_->allocate(l));
+    float* kp = pool_->k(l);
+    float* vp = pool_->v(l);
+    for (int t = 0; t < S; ++t)
+      for (int g = 0; g < Hkv; ++g) {
+        const std::ptrdiff_t at = ids[static_cast<std::size_t>(t / bs)] * pool_->block_stride() +
+                                  g * pool_->head_stride() + (t % bs) * pool_->token_stride();
+        const std::size_t from = static_cast<std::size_t>(t) * KD + static_cast<std::size_t>(g * d);
+        std::copy_n(rec.k[L].data() + from, d, kp + at);
+        std::copy_n(rec.v[L].data() + from, d, vp + at);
+      }
+    const std::array<index_t, 4> ext{pool_->blocks(), Hkv, bs, d};
+    const std::int32_t indptr[2] = {0, static_cast<std::int32_t>(ids.size())}, lens[1] = {S};
+    const cake::paged_kv<float> kv{cake::make_view(kp, ext), cake::make_view(vp, ext),
+                                   cake::make_block_table(indptr, ids.data(), lens, 1)};
+    cache_.prefill(l, q, kv);
+    for (int m = 0; m <= l; ++m) release_freed(m);
+  }
+
+  // The blocks the cache's latest call let go of in layer l (the tail of the table
+  // it was given) go back to the pool; what stays is the cache's table(l).
+  void release_freed(int l) {
+    auto& ids = ids_[static_cast<std::size_t>(l)];
+    const std::int32_t n = cache_.freed(l)[0];
+    for (std::int32_t e = 0; e < n; ++e) {
+      pool_->release(l, ids.back(), true);
+      ids.pop_back();
+    }
+    const auto t = cache_.table(l);
+    bool same = t.indptr(1) == static_cast<std::int32_t>(ids.size());
+    for (std::size_t e = 0; same && e < ids.size(); ++e)
+      same = t.ids(static_cast<cake::index_t>(e)) == ids[e];
+    if (!same)
+      throw std::logic_error("paged store: layer " + std::to_string(l) +
+                             "'s blocks differ from the cache's table");
+  }
 };
 
 // The library's host kernels use OpenMP; at batch 1 their work per call is small,
@@ -153,8 +248,10 @@ inline bool known_method(const std::string& m) {
 
 // A store for `method`, sized for a prompt of `prompt_tokens` tokens. The window is
 // shortened for prompts shorter than it (the library needs S >= window).
+// With a pool, the cache works on the pool's blocks (paged); "full" (and a prompt too
+// short to evict from) keeps every token in a dense FullStore either way.
 inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOptions& o,
-                                           int prompt_tokens) {
+                                           int prompt_tokens, BlockPool* pool = nullptr) {
   if (!known_method(o.method)) {
     std::string all;
     for (const auto& n : method_names()) all += (all.empty() ? "" : ", ") + n;
@@ -177,7 +274,7 @@ inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOpti
   cfg.cascade = true;
   namespace m = cake::methods;
   const auto store = [&]<class C>(C cache) -> std::unique_ptr<KvStore> {
-    return std::make_unique<CakeStore<C>>(c, cfg, std::move(cache));
+    return std::make_unique<CakeStore<C>>(c, cfg, std::move(cache), pool);
   };
   const cake::CakePreference pref{o.tau1, o.tau2};
   const cake::MeanVarianceIndicator ind{o.gamma, 5};
@@ -249,6 +346,46 @@ inline std::vector<int> generate(Transformer& tf, const PrefillRecord& rec, KvSt
     tf.decode({tok}, {static_cast<std::int64_t>(rec.tokens) + t - 1}, {&store}, logits);
     tok = argmax(logits.data(), V);
     out.push_back(tok);
+  }
+  return out;
+}
+
+// Greedy decoding of several prompts at once, sequence i in stores[i] after its
+// prefill recs[i]: every step decodes the sequences still running, in groups of up
+// to Transformer::fused_rows, whose products compute each row on its own, so every
+// sequence's tokens are the ones generate() gives it alone. A sequence stops at an
+// end-of-text token or after max_new tokens.
+inline std::vector<std::vector<int>> serve(Transformer& tf,
+                                           const std::vector<const PrefillRecord*>& recs,
+                                           const std::vector<KvStore*>& stores, int max_new,
+                                           const std::vector<int>& stop = {}) {
+  if (recs.size() != stores.size())
+    throw std::runtime_error("serve: one store per prompt is needed");
+  const std::size_t n = recs.size();
+  std::vector<std::vector<int>> out(n);
+  if (max_new <= 0) return out;
+  const auto V = static_cast<std::size_t>(tf.config().vocab);
+  for (std::size_t i = 0; i < n; ++i) out[i].push_back(argmax(recs[i]->last_logits.data(), V));
+  std::vector<float> logits;
+  for (int t = 1; t < max_new; ++t) {
+    std::vector<std::size_t> live;
+    for (std::size_t i = 0; i < n; ++i)
+      if (std::find(stop.begin(), stop.end(), out[i].back()) == stop.end()) live.push_back(i);
+    for (std::size_t a = 0; a < live.size(); a += Transformer::fused_rows) {
+      const std::size_t b = std::min(live.size(), a + Transformer::fused_rows);
+      std::vector<int> toks;
+      std::vector<std::int64_t> pos;
+      std::vector<KvStore*> group;
+      for (std::size_t j = a; j < b; ++j) {
+        const std::size_t i = live[j];
+        toks.push_back(out[i].back());
+        pos.push_back(static_cast<std::int64_t>(recs[i]->tokens) + t - 1);
+        group.push_back(stores[i]);
+      }
+      tf.decode(toks, pos, group, logits);
+      for (std::size_t j = a; j < b; ++j)
+        out[live[j]].push_back(argmax(logits.data() + (j - a) * V, V));
+    }
   }
   return out;
 }

@@ -1,0 +1,217 @@
+// The paged store (K/V in a block pool, the cache compacting in place) against the
+// dense store, and several prompts served together against each alone, on a tiny
+// random model.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "store.hpp"
+#include "tiny_model.hpp"
+
+using namespace llm;
+using namespace tiny_model;
+
+namespace {
+
+// Three layers (cascading moves earlier layers' budgets), head_dim 32 (the AVX2
+// attention kernel where the CPU has it), grouped queries.
+Model tiny_engine_model(const char* file) {
+  Tiny shape;
+  shape.L = 3;
+  shape.D = 128;
+  shape.H = 4;
+  shape.Hkv = 2;
+  shape.hd = 32;
+  shape.F = 64;
+  shape.V = 37;
+  const std::string path = write_tiny(make_tiny(13u, false, shape), file);
+  const GgufFile gguf(path);
+  std::remove(path.c_str());
+  return Model::load(gguf);
+}
+
+std::vector<int> random_prompt(std::mt19937& rng, int n) {
+  std::vector<int> ids(static_cast<std::size_t>(n));
+  for (auto& x : ids) x = static_cast<int>(rng() % 37);
+  return ids;
+}
+
+// Every block the stores name is in use in the pool, none is named twice, and the
+// pool has no other block in use (none leaked); used + free = total.
+void check_accounting(const BlockPool& pool, const std::vector<const KvStore*>& stores) {
+  std::int64_t named = 0;
+  for (int l = 0; l < pool.layers(); ++l) {
+    std::set<std::int32_t> seen;
+    for (const KvStore* s : stores)
+      for (std::int32_t id : s->blocks(l)) {
+        CHECK(pool.in_use(l, id));
+        CHECK(seen.insert(id).second);
+        ++named;
+      }
+  }
+  std::int64_t held = 0;
+  for (const KvStore* s : stores) held += s->blocks_held();
+  CHECK(held == named);
+  CHECK(pool.in_use() == named);
+  CHECK(pool.in_use() + pool.free_blocks() == pool.total());
+}
+
+}  // namespace
+
+TEST_CASE("block pool: allocation, release, accounting and misuse") {
+  ModelConfig c;
+  c.layers = 2;
+  c.kv_heads = 2;
+  c.head_dim = 4;
+  BlockPool pool(c, 3, 8);
+  CHECK(pool.total() == 6);
+  CHECK(pool.block_stride() == 2 * 8 * 4);
+  CHECK(pool.head_stride() == 8 * 4);
+  CHECK(pool.k(1) - pool.k(0) == 3 * 2 * 8 * 4);
+  CHECK(pool.allocate(0) == 0);
+  CHECK(pool.allocate(0) == 1);
+  CHECK(pool.allocate(1) == 0);  // layers are apart
+  CHECK(pool.allocate(0) == 2);
+  CHECK_THROWS_WITH(pool.allocate(0), doctest::Contains("layer 0 has no free block"));
+  CHECK(pool.in_use() == 4);
+  CHECK(pool.peak() == 4);
+  pool.release(0, 1, true);
+  CHECK_FALSE(pool.in_use(0, 1));
+  CHECK(pool.in_use(0, 2));
+  CHECK_THROWS_WITH(pool.release(0, 1, false),
+                    doctest::Contains("block 1 of layer 0 is not in use"));
+  CHECK_THROWS(pool.release(1, 2, false));  // never allocated
+  CHECK(pool.allocate(0) == 1);             // the freed block comes back first
+  pool.release(0, 0, false);
+  CHECK(pool.evicted() == 1);
+  CHECK(pool.in_use() == 3);
+  CHECK(pool.free_blocks() == 3);
+  CHECK(pool.peak() == 4);
+  CHECK_THROWS(BlockPool(c, 0, 8));
+}
+
+TEST_CASE("paged store: the dense store's logits, bit for bit, for every eviction method") {
+  const Model model = tiny_engine_model("cake_llm_tiny_paged.gguf");
+  Transformer tf(model);
+  std::mt19937 rng(17);
+  const auto ids = random_prompt(rng, 45);
+  const auto rec = tf.prefill(ids, 8);
+  const auto V = static_cast<std::size_t>(model.cfg.vocab);
+  for (const std::string& method : method_names()) {
+    if (method == "full") continue;
+    for (int block_size : {4, 16}) {
+      CAPTURE(method);
+      CAPTURE(block_size);
+      CacheOptions o;
+      o.method = method;
+      o.window = 8;
+      o.cache_size = 20;  // evicts at prefill and at every step
+      BlockPool pool(model.cfg, 40, block_size);
+      auto dense = make_store(model.cfg, o, rec.tokens);
+      auto paged = make_store(model.cfg, o, rec.tokens, &pool);
+      dense->prefill(rec);
+      paged->prefill(rec);
+      CHECK(paged->tokens_held() == dense->tokens_held());
+      CHECK(paged->tokens_held() == 20 * model.cfg.layers);
+      CHECK(dense->blocks_held() == 0);
+      // The prompt took ceil(45 / block_size) blocks per layer; eviction gave back
+      // every one the kept tokens do not need.
+      const int prompt_blocks = (45 + block_size - 1) / block_size;
+      CHECK(pool.peak() >= prompt_blocks);
+      CHECK(pool.evicted() > 0);
+      CHECK(pool.evicted() + paged->blocks_held() == model.cfg.layers * prompt_blocks);
+      check_accounting(pool, {paged.get()});
+      int tok = argmax(rec.last_logits.data(), V);
+      std::vector<float> ld, lp;
+      for (int t = 0; t < 12; ++t) {
+        const std::int64_t pos = rec.tokens + t;
+        tf.decode({tok}, {pos}, {dense.get()}, ld);
+        tf.decode({tok}, {pos}, {paged.get()}, lp);
+        REQUIRE(lp.size() == ld.size());
+        CHECK(lp == ld);  // the same tokens kept, read through the table: the same floats
+        CHECK(paged->tokens_held() == dense->tokens_held());
+        check_accounting(pool, {paged.get()});
+        tok = argmax(ld.data(), V);
+      }
+      paged.reset();  // the sequence ends: every block goes back
+      CHECK(pool.in_use() == 0);
+      CHECK(pool.free_blocks() == pool.total());
+    }
+  }
+}
+
+TEST_CASE("serving several prompts on one pool: each prompt's tokens are those it gets alone") {
+  const Model model = tiny_engine_model("cake_llm_tiny_serve.gguf");
+  Transformer tf(model);
+  std::mt19937 rng(23);
+  // Ten prompts of different lengths: two groups of decoding rows (fused_rows is 8).
+  std::vector<PrefillRecord> recs;
+  for (int n : {40, 27, 55, 33, 61, 24, 48, 36, 29, 52})
+    recs.push_back(tf.prefill(random_prompt(rng, n), 8));
+  const std::vector<int> stop{5};  // sequences end at different steps
+  const int max_new = 16;
+  for (const std::string method : {"cake", "cake_adakv", "snapkv", "h2o", "full"}) {
+    CAPTURE(method);
+    CacheOptions o;
+    o.method = method;
+    o.window = 8;
+    o.cache_size = 20;
+    std::vector<std::vector<int>> alone;
+    for (const auto& rec : recs) {
+      auto store = make_store(model.cfg, o, rec.tokens);
+      store->prefill(rec);
+      alone.push_back(generate(tf, rec, *store, max_new, stop));
+    }
+    BlockPool pool(model.cfg, 80, 8);
+    std::vector<std::unique_ptr<KvStore>> stores;
+    std::vector<const PrefillRecord*> rp;
+    std::vector<KvStore*> sp;
+    std::vector<const KvStore*> cp;
+    for (const auto& rec : recs) {
+      stores.push_back(make_store(model.cfg, o, rec.tokens, &pool));
+      stores.back()->prefill(rec);
+      rp.push_back(&rec);
+      sp.push_back(stores.back().get());
+      cp.push_back(stores.back().get());
+    }
+    const auto together = serve(tf, rp, sp, max_new, stop);
+    CHECK(together == alone);
+    std::size_t ended = 0;
+    for (const auto& out : together) ended += out.size() < static_cast<std::size_t>(max_new);
+    CHECK(ended > 0);  // the stop token was met, not only max_new
+    if (method != "full") {
+      CHECK(pool.evicted() > 0);
+      CHECK(pool.in_use() > 0);
+    } else {
+      CHECK(pool.peak() == 0);  // "full" keeps every token in a dense store
+    }
+    check_accounting(pool, cp);
+    stores.clear();
+    CHECK(pool.in_use() == 0);
+    CHECK(pool.free_blocks() == pool.total());
+  }
+}
+
+TEST_CASE("paged store: a pool too small is an error, and the blocks taken go back") {
+  const Model model = tiny_engine_model("cake_llm_tiny_small_pool.gguf");
+  Transformer tf(model);
+  std::mt19937 rng(5);
+  const auto rec = tf.prefill(random_prompt(rng, 45), 8);
+  CacheOptions o;
+  o.window = 8;
+  o.cache_size = 20;
+  BlockPool pool(model.cfg, 5, 8);  // 45 tokens need 6 blocks of 8
+  {
+    auto store = make_store(model.cfg, o, rec.tokens, &pool);
+    CHECK_THROWS_WITH(store->prefill(rec), doctest::Contains("has no free block"));
+  }
+  CHECK(pool.in_use() == 0);
+  CHECK(pool.free_blocks() == pool.total());
+}

@@ -621,7 +621,7 @@ void check_original_positions(const Ragged& ragged, const Seq& s, index_t last) 
 }  // namespace ragged_test
 
 TEST_CASE_TEMPLATE(
-    "RaggedKvCache: bounded chunking holds at most C + chunk per layer and keeps "
+    "RaggedKvCache: bounded chunking holds at most C + w + chunk per layer and keeps "
     "original positions",
     Cache, cake::methods::Cake<>, cake::methods::StreamingLlm<>, cake::methods::H2o<>,
     cake::methods::CakeAdaKv<>) {
@@ -675,4 +675,70 @@ TEST_CASE_TEMPLATE(
         }
       }
     }
+}
+
+TEST_CASE("RaggedKvCache: bounded chunking of one layer is SnapKV over held + chunk, repeated") {
+  // The definition, step by step, with a KvCache of one layer as the oracle of each
+  // step: after a chunk, if held + chunk pass C + w (or at the last chunk), keep what
+  // SnapKV keeps of them, scored by the queries of positions [end - w, end) (spanning
+  // chunks shorter than w); else keep all.
+  cake::CacheConfig base = model();
+  base.layers = 1;
+  const index_t S = 23, C = 7, w = base.window, H = base.q_heads, Hkv = base.kv_heads,
+                d = base.head_dim;
+  const Seq s = make_seq(base, 1, S, C, 71, 0);
+  using SnapKv = cake::methods::SnapKv<>;
+  for (index_t chunk : {3, 5}) {
+    CAPTURE(chunk);
+    cake::RaggedKvCacheOf<SnapKv> ragged(base);
+    ragged.add(1, {.cache_size = C, .prompt_length = S, .chunking = cake::chunk_eviction::bounded});
+    prefill_by_chunks(ragged, {&s}, chunk, true);
+
+    std::vector<std::vector<index_t>> held(static_cast<std::size_t>(Hkv));  // positions per row
+    for (index_t at = 0; at < S; at += chunk) {
+      const index_t to = std::min(S, at + chunk);
+      for (auto& row : held)
+        for (index_t p = at; p < to; ++p) row.push_back(p);
+      const auto m = static_cast<index_t>(held[0].size());
+      if (to < S && m <= C + w) continue;
+      std::vector<float> q(static_cast<std::size_t>(H * w * d)),
+          k(static_cast<std::size_t>(Hkv * m * d)), v(k.size());
+      for (index_t h = 0; h < H; ++h)
+        for (index_t j = 0; j < w; ++j)
+          for (index_t x = 0; x < d; ++x)
+            q[static_cast<std::size_t>((h * w + j) * d + x)] =
+                s.qfull[0][static_cast<std::size_t>(((to - w + j) * H + h) * d + x)];
+      for (index_t g = 0; g < Hkv; ++g)
+        for (index_t t = 0; t < m; ++t) {
+          const index_t p = held[static_cast<std::size_t>(g)][static_cast<std::size_t>(t)];
+          for (index_t x = 0; x < d; ++x) {
+            k[static_cast<std::size_t>((g * m + t) * d + x)] = s.wl.key_of(0, 0, g, p)[x];
+            v[static_cast<std::size_t>((g * m + t) * d + x)] =
+                s.wl.v[0][static_cast<std::size_t>((g * S + p) * d + x)];
+          }
+        }
+      cake::CacheConfig one = s.cfg();
+      SnapKv step(one);
+      step.prefill(0, cake::make_view(q.data(), std::array<index_t, 4>{1, H, w, d}),
+                   cake::make_view(k.data(), std::array<index_t, 4>{1, Hkv, m, d}),
+                   cake::make_view(v.data(), std::array<index_t, 4>{1, Hkv, m, d}));
+      for (index_t g = 0; g < Hkv; ++g) {
+        std::vector<index_t> kept;
+        for (index_t i : kv_test::row_positions(step, 0, 0, g))
+          kept.push_back(held[static_cast<std::size_t>(g)][static_cast<std::size_t>(i)]);
+        std::sort(kept.begin(), kept.end());
+        held[static_cast<std::size_t>(g)] = kept;
+      }
+    }
+    const auto P = ragged.positions(1, 0);
+    for (index_t g = 0; g < Hkv; ++g) {
+      CAPTURE(g);
+      std::vector<index_t> got;
+      for (index_t t = 0; t < P.extent(2); ++t) got.push_back(P(0, g, t));
+      std::sort(got.begin(), got.end());
+      CHECK(got == held[static_cast<std::size_t>(g)]);
+      // Evicted (a last prompt of up to C + w is kept whole).
+      CHECK(got.size() <= static_cast<std::size_t>(C + w));
+    }
+  }
 }

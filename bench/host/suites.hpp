@@ -9,4 +9,5 @@ void register_allocate_budgets();
 void register_prefill();
 void register_decode();
 void register_decode_scores();
+void register_paged_cache();
 }  // namespace cake_bench

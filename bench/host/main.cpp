@@ -148,6 +148,7 @@ int main(int argc, char** argv) {
   cake_bench::register_decode();
   cake_bench::register_decode_scores();
   cake_bench::register_ragged();
+  cake_bench::register_paged_cache();
 
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

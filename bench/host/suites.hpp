@@ -10,4 +10,5 @@ void register_prefill();
 void register_decode();
 void register_decode_scores();
 void register_ragged();
+void register_paged_cache();
 }  // namespace cake_bench

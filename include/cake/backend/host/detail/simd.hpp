@@ -41,6 +41,20 @@ struct kernels {
   void (*decode_dots_h)(const float*, index_t, index_t, const _Float16*, index_t, index_t, float,
                         float*, index_t);
 #endif
+  // Window statistics with the rows in lanes (simd_body.hpp): rows per pair, keys per
+  // micro-tile and keys per tile of pair_tile.
+  index_t pr, kt, tk;
+  void (*pair_tile)(const float*, index_t, const float*, index_t, index_t, index_t, index_t,
+                    const float*, float, float*, float*, float*, float*, index_t,
+                    float* const (&)[4]);
+  void (*combine_rows)(const float*, const float*, const float*, const float*, index_t, index_t,
+                       float*, double*);
+  void (*head_columns_lanes)(const float*, index_t, index_t, index_t, const float*, index_t,
+                             index_t, bool, float*, float*, double*);
+  void (*widen_rows_b)(const bfloat16*, index_t, index_t, index_t, float*);
+#if CAKE_SIMD_HAS_HALF
+  void (*widen_rows_h)(const _Float16*, index_t, index_t, index_t, float*);
+#endif
 };
 
 }  // namespace cake::detail::simd
@@ -97,6 +111,13 @@ inline const kernels* active_kernels() noexcept {
         ,
         &avx2::transpose_tile_h, &avx2::decode_dots_h
 #endif
+        ,
+        avx2::PR, avx2::KT, avx2::TK, &avx2::pair_tile, &avx2::combine_rows,
+        &avx2::head_columns_lanes, &avx2::widen_rows_b
+#if CAKE_SIMD_HAS_HALF
+        ,
+        &avx2::widen_rows_h
+#endif
   };
   static constexpr kernels k512 {
     avx512::VW, &avx512::score_tile, &avx512::transpose_tile, &avx512::tile_softmax,
@@ -105,6 +126,13 @@ inline const kernels* active_kernels() noexcept {
 #if CAKE_SIMD_HAS_HALF
         ,
         &avx512::transpose_tile_h, &avx512::decode_dots_h
+#endif
+        ,
+        avx512::PR, avx512::KT, avx512::TK, &avx512::pair_tile, &avx512::combine_rows,
+        &avx512::head_columns_lanes, &avx512::widen_rows_b
+#if CAKE_SIMD_HAS_HALF
+        ,
+        &avx512::widen_rows_h
 #endif
   };
   switch (active_host_isa()) {

@@ -392,4 +392,267 @@ inline void decode_dots_h(const float* CAKE_RESTRICT q, index_t rows, index_t d,
 }
 #endif
 
+// ---------------------------------------------------------------- window statistics
+// The window rows of a GQA group in lanes: each key's scores against VW rows are one
+// vector, so the row-wise softmax pieces (max, sums) are lane-wise and need no
+// horizontal step, K is read in place (each key value broadcast, no transpose), and
+// a key's probabilities over a head's rows sit side by side for the column pass.
+
+// Rows per pair (the micro-tile's two row vectors), keys per micro-tile (2 * KT
+// accumulators: 16 of AVX-512's 32 registers, 12 of AVX2's 16) and keys per tile (a
+// multiple of both KT and VW; the scores of one pair and tile stay in L1).
+inline constexpr index_t PR = 2 * VW;
+inline constexpr index_t KT = VW == 16 ? 8 : 6;
+inline constexpr index_t TK = VW == 16 ? 128 : 96;
+
+// Scores of one pair against KT keys: acc[t][v] = q_v . k_t, q (d, PR): the pair's rows
+// transposed; k_t = k + t * k_ld.
+CAKE_ALWAYS_INLINE void pair_block(const float* CAKE_RESTRICT qt, index_t d,
+                                   const float* CAKE_RESTRICT k, index_t k_ld, V (&acc)[KT][2]) {
+#pragma GCC unroll 8
+  for (index_t t = 0; t < KT; ++t) acc[t][0] = acc[t][1] = splat(0.0f);
+  for (index_t x = 0; x < d; ++x) {
+    const V q0 = load(qt + x * PR), q1 = load(qt + x * PR + VW);
+#pragma GCC unroll 8
+    for (index_t t = 0; t < KT; ++t) {
+      const V kb = splat(k[t * k_ld + x]);
+      acc[t][0] = fma(q0, kb, acc[t][0]);
+      acc[t][1] = fma(q1, kb, acc[t][1]);
+    }
+  }
+}
+
+// One pair of row vectors against one tile of nk keys (1 <= nk <= TK) starting at key
+// j0 of the prompt: P = S - w prefix keys; row i (lane's ri) sees keys j <= P + i
+// (padding lanes carry a huge ri). qt: (d, PR); k: key rows of pitch k_ld; kpad: KT * d
+// floats of scratch; buf: TK * PR floats of scratch. For each lane, with m its largest
+// visible scaled score in the tile: writes e = exp(scale * score - m) of the prefix
+// keys (j < P) to e_v[t * e_ld] (e_v null: not stored), and m (-inf when the lane sees
+// none of the tile), the sum of e over the visible keys, and over the prefix keys the
+// sums of e and of e * (scale * score - m) to st[0..3][lane].
+inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAKE_RESTRICT k,
+                      index_t k_ld, index_t nk, index_t j0, index_t P,
+                      const float* CAKE_RESTRICT ri, float scale, float* CAKE_RESTRICT kpad,
+                      float* CAKE_RESTRICT buf, float* e0, float* e1, index_t e_ld,
+                      float* const (&st)[4]) {
+  const V ninf = splat(-__builtin_inff());
+  const V r0 = load(ri), r1 = load(ri + VW);
+  V mx0 = ninf, mx1 = ninf;
+  for (index_t b = 0; b < nk; b += KT) {
+    const index_t cnt = nk - b < KT ? nk - b : KT;
+    const float* kb = k + b * k_ld;
+    index_t kld = k_ld;
+    if (cnt < KT) {  // the tile's last keys: a zero-padded copy, so the block stays whole
+      for (index_t t = 0; t < KT; ++t)
+        for (index_t x = 0; x < d; ++x) kpad[t * d + x] = t < cnt ? kb[t * k_ld + x] : 0.0f;
+      kb = kpad;
+      kld = d;
+    }
+    V acc[KT][2];
+    pair_block(qt, d, kb, kld, acc);
+    // first key of the block some row cannot see: j > P + i for i = 0
+    const bool masked = j0 + b + cnt - 1 > P;
+#pragma GCC unroll 8
+    for (index_t t = 0; t < KT; ++t) {
+      if (t >= cnt) break;
+      V s0 = acc[t][0], s1 = acc[t][1];
+      if (masked) {
+        const V lim = splat(static_cast<float>(j0 + b + t - P));  // row i sees it iff i >= lim
+        s0 = r0 < lim ? ninf : s0;
+        s1 = r1 < lim ? ninf : s1;
+      }
+      store(buf + (b + t) * PR, s0);
+      store(buf + (b + t) * PR + VW, s1);
+      mx0 = vmax(mx0, s0);
+      mx1 = vmax(mx1, s1);
+    }
+  }
+  const V sc = splat(scale), zero = splat(0.0f);
+  // m = scale * max; a lane that sees none of the tile gets m = -inf (st) and 0 below
+  const V m0 = mx0 * sc, m1 = mx1 * sc;
+  const V nm0 = mx0 == ninf ? zero : -m0, nm1 = mx1 == ninf ? zero : -m1;
+  V s0 = zero, s1 = zero, p0 = zero, p1 = zero, q0 = zero, q1 = zero;
+  const index_t npre = P - j0 < nk ? (P - j0 > 0 ? P - j0 : 0) : nk;
+  index_t t = 0;
+  for (; t < npre; ++t) {
+    const V x0 = fma(load(buf + t * PR), sc, nm0), x1 = fma(load(buf + t * PR + VW), sc, nm1);
+    const V y0 = exp_v(x0), y1 = exp_v(x1);
+    if (e0) store(e0 + t * e_ld, y0);
+    if (e1) store(e1 + t * e_ld, y1);
+    s0 += y0;
+    s1 += y1;
+    q0 = fma(y0, x0, q0);
+    q1 = fma(y1, x1, q1);
+  }
+  p0 = s0;
+  p1 = s1;
+  for (; t < nk; ++t) {  // window keys: masked scores are -inf, so e = 0
+    s0 += exp_v(fma(load(buf + t * PR), sc, nm0));
+    s1 += exp_v(fma(load(buf + t * PR + VW), sc, nm1));
+  }
+  store(st[0], mx0 == ninf ? ninf : m0);
+  store(st[0] + VW, mx1 == ninf ? ninf : m1);
+  store(st[1], s0);
+  store(st[1] + VW, s1);
+  store(st[2], p0);
+  store(st[2] + VW, p1);
+  store(st[3], q0);
+  store(st[3] + VW, q1);
+}
+
+// Key rows widened to float: out[t * d + x] = k[t * k_ld + x] for t < nk.
+template <class T>
+CAKE_ALWAYS_INLINE void widen_rows_t(const T* CAKE_RESTRICT k, index_t k_ld, index_t nk, index_t d,
+                                     float* CAKE_RESTRICT out) {
+  for (index_t t = 0; t < nk; ++t) {
+    index_t x = 0;
+    for (; x + VW <= d; x += VW) store(out + t * d + x, load_key(k + t * k_ld + x));
+    for (; x < d; ++x) out[t * d + x] = static_cast<float>(k[t * k_ld + x]);
+  }
+}
+inline void widen_rows_b(const bfloat16* CAKE_RESTRICT k, index_t k_ld, index_t nk, index_t d,
+                         float* CAKE_RESTRICT out) {
+  widen_rows_t(k, k_ld, nk, d, out);
+}
+#if CAKE_SIMD_HAS_HALF
+inline void widen_rows_h(const _Float16* CAKE_RESTRICT k, index_t k_ld, index_t nk, index_t d,
+                         float* CAKE_RESTRICT out) {
+  widen_rows_t(k, k_ld, nk, d, out);
+}
+#endif
+
+typedef double VD __attribute__((vector_size(VW * 8)));
+
+// Per lane (row) r < R (a multiple of VW) over the T tiles of st ([4][T][R], as
+// pair_tile wrote them): the row's max M and sum L = sum_t tsum_t exp(m_t - M) (in
+// double), then c[t][r] = exp(m_t - M) / L, the factor that turns the tile's e into
+// probabilities (0 where the tile is masked), and out[0..2][r] = L, the sum of p over
+// the prefix and the sum of p * (logit - M) over the prefix (what the entropy needs:
+// ln p = logit - M - ln L).
+inline void combine_rows(const float* CAKE_RESTRICT tmax, const float* CAKE_RESTRICT tsum,
+                         const float* CAKE_RESTRICT tep, const float* CAKE_RESTRICT tes, index_t T,
+                         index_t R, float* CAKE_RESTRICT c, double* CAKE_RESTRICT out) {
+  const V ninf = splat(-__builtin_inff()), zero = splat(0.0f);
+  for (index_t r = 0; r < R; r += VW) {
+    V m = ninf;
+    for (index_t t = 0; t < T; ++t) m = vmax(m, load(tmax + t * R + r));
+    VD l = __builtin_convertvector(zero, VD);
+    for (index_t t = 0; t < T; ++t) {
+      const V f = exp_v(load(tmax + t * R + r) - m);  // 0 for a masked tile (m_t = -inf)
+      store(c + t * R + r, f);
+      l += __builtin_convertvector(load(tsum + t * R + r) * f, VD);
+    }
+    VD sp = __builtin_convertvector(zero, VD), sps = sp;
+    const VD inv_l = 1.0 / l;
+    for (index_t t = 0; t < T; ++t) {
+      const V f = load(c + t * R + r);
+      const VD ct = __builtin_convertvector(f, VD) * inv_l;
+      const V dm = f > zero ? load(tmax + t * R + r) - m : zero;
+      sp += ct * __builtin_convertvector(load(tep + t * R + r), VD);
+      sps += ct * __builtin_convertvector(load(tes + t * R + r) + dm * load(tep + t * R + r), VD);
+      store(c + t * R + r, __builtin_convertvector(ct, V));
+    }
+    for (index_t l2 = 0; l2 < VW; ++l2) {
+      out[r + l2] = l[l2];
+      out[R + r + l2] = sp[l2];
+      out[2 * R + r + l2] = sps[l2];
+    }
+  }
+}
+
+// Sums of the lanes of VW vectors, one per output lane: a[s]'s lanes land in lane
+// reduce_key(s) (the order the shuffle tree below leaves: output lane 4 q + r, q < VW / 4
+// the 128-bit quarter, holds a[q + (VW / 4) r]).
+CAKE_ALWAYS_INLINE constexpr index_t reduce_key(index_t s) {
+  return 4 * (s % (VW / 4)) + s / (VW / 4);
+}
+CAKE_ALWAYS_INLINE V reduce_lanes(const V* a) {
+#if CAKE_SIMD_VW == 16
+  __m512 u[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // halves: [x lo + x hi | y lo + y hi]
+    const __m512 x = reinterpret_cast<__m512>(a[2 * i]), y = reinterpret_cast<__m512>(a[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, x, y, 0x44),
+                         _mm512_maskz_shuffle_f32x4(0xffff, x, y, 0xee));
+  }
+  __m512 w4[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)  // 128-bit quarters: one vector per quarter
+    w4[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, u[2 * i], u[2 * i + 1], 0x88),
+                          _mm512_maskz_shuffle_f32x4(0xffff, u[2 * i], u[2 * i + 1], 0xdd));
+  __m512 w2[2];
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    w2[i] = _mm512_add_ps(_mm512_maskz_shuffle_ps(0xffff, w4[2 * i], w4[2 * i + 1], 0x88),
+                          _mm512_maskz_shuffle_ps(0xffff, w4[2 * i], w4[2 * i + 1], 0xdd));
+  return reinterpret_cast<V>(_mm512_add_ps(_mm512_maskz_shuffle_ps(0xffff, w2[0], w2[1], 0x88),
+                                           _mm512_maskz_shuffle_ps(0xffff, w2[0], w2[1], 0xdd)));
+#else
+  __m256 u[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m256 x = reinterpret_cast<__m256>(a[2 * i]), y = reinterpret_cast<__m256>(a[2 * i + 1]);
+    u[i] = _mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
+  }
+  __m256 w2[2];
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    w2[i] = _mm256_add_ps(_mm256_shuffle_ps(u[2 * i], u[2 * i + 1], 0x88),
+                          _mm256_shuffle_ps(u[2 * i], u[2 * i + 1], 0xdd));
+  return reinterpret_cast<V>(
+      _mm256_add_ps(_mm256_shuffle_ps(w2[0], w2[1], 0x88), _mm256_shuffle_ps(w2[0], w2[1], 0xdd)));
+#endif
+}
+
+// Column statistics of one head over n prefix keys (n <= a multiple of VW the buffers
+// hold): e (keys, pitch e_ld >= nv * VW floats) holds the head's rows in lanes, nv
+// vectors per key, rows >= w padding; c[t * c_ld + lane]: the rows' factors for the keys
+// of tile t (keys t * TK ...; e starts at a tile boundary). Writes the mean over the w
+// rows and (if var) the unbiased variance of each key's probabilities to mean[j] and
+// m2[j] (up to the next multiple of VW); adds the variances of the n keys to *var_sum.
+inline void head_columns_lanes(const float* CAKE_RESTRICT e, index_t e_ld, index_t nv, index_t w,
+                               const float* CAKE_RESTRICT c, index_t c_ld, index_t n, bool var,
+                               float* CAKE_RESTRICT mean, float* CAKE_RESTRICT m2,
+                               double* var_sum) {
+  const V lane = iota(), zero = splat(0.0f);
+  const V inv_w = splat(1.0f / static_cast<float>(w));
+  const V inv_w1 = splat(1.0f / static_cast<float>(w - 1));
+  const index_t last = nv - 1;  // the vector that may hold padding rows
+  const VI keep = lane < splat(static_cast<float>(w - last * VW));
+  V vv = zero;
+  for (index_t j = 0; j < n; j += VW) {
+    const float* ct = c + (j / TK) * c_ld;
+    V a[VW];
+#pragma GCC unroll 16
+    for (index_t s = 0; s < VW; ++s) {
+      const float* ej = e + (j + reduce_key(s)) * e_ld;
+      V acc = zero;
+      for (index_t v = 0; v < last; ++v) acc = fma(load(ej + v * VW), load(ct + v * VW), acc);
+      const V pl = load(ej + last * VW) * load(ct + last * VW);
+      a[s] = acc + (keep ? pl : zero);
+    }
+    const V mu = reduce_lanes(a) * inv_w;
+    store(mean + j, mu);
+    if (!var) continue;
+#pragma GCC unroll 16
+    for (index_t s = 0; s < VW; ++s) {
+      const index_t key = reduce_key(s);
+      const float* ej = e + (j + key) * e_ld;
+      const V mk = splat(mu[key]);
+      V acc = zero;
+      for (index_t v = 0; v < last; ++v) {
+        const V dv = fma(load(ej + v * VW), load(ct + v * VW), -mk);
+        acc = fma(dv, dv, acc);
+      }
+      V dv = fma(load(ej + last * VW), load(ct + last * VW), -mk);
+      dv = keep ? dv : zero;
+      a[s] = fma(dv, dv, acc);
+    }
+    const V q = reduce_lanes(a) * inv_w1;
+    store(m2 + j, q);
+    vv += lane < splat(static_cast<float>(n - j)) ? q : zero;
+  }
+  *var_sum += static_cast<double>(hsum(vv));
+}
+
 }  // namespace cake::detail::simd::CAKE_SIMD_NS

@@ -353,8 +353,19 @@ void group_lanes(const simd::kernels& kk, const QV& q, const KV& k, index_t b, i
       }
       const std::size_t so = static_cast<std::size_t>(t * R + p * pr);
       float* const stp[4] = {s.st[0] + so, s.st[1] + so, s.st[2] + so, s.st[3] + so};
+      // each pair fetches its share of the next tile's keys (float keys, read in place)
+      const float* pf = nullptr;
+      index_t pf_n = 0;
+      if constexpr (std::is_same_v<TKe, float>) {
+        const index_t nk2 = std::min(tk, S - j0 - nk), span = (nk2 - 1) * kld + d;
+        const index_t share = (span + m.pairs - 1) / m.pairs;
+        if (nk2 > 0 && p * share < span) {
+          pf = &k(b, g, j0 + nk, 0) + p * share;
+          pf_n = std::min(share, span - p * share);
+        }
+      }
       kk.pair_tile(s.qt + p * d * pr, d, kp, kld, nk, j0, P, s.ri + p * pr, inv_sqrt_d, s.kpad,
-                   s.buf, ev[0], ev[1], m.w_pad, stp);
+                   s.buf, ev[0], ev[1], m.w_pad, stp, pf, pf_n);
     }
   }
   kk.combine_rows(s.st[0], s.st[1], s.st[2], s.st[3], m.tiles, R, s.c, s.rs);
@@ -371,7 +382,7 @@ void group_lanes(const simd::kernels& kk, const QV& q, const KV& k, index_t b, i
     double v = 0;
     for (index_t j0 = 0; j0 < P; j0 += m.chunk) {
       const index_t cnt = std::min(m.chunk, P - j0);
-      kk.head_columns_lanes(s.e + (r * m.P_pad + j0) * m.w_pad, m.w_pad, m.w_pad / vw, w,
+      kk.head_columns_lanes(s.e + (r * m.P_pad + j0) * m.w_pad, m.w_pad / vw, w,
                             s.c + (j0 / tk) * R + r * m.w_pad, R, cnt, need_var, s.col, s.m2, &v);
       float* dst = ind_group + r * P + j0;
       for (index_t j = 0; j < cnt; ++j)

@@ -46,11 +46,11 @@ struct kernels {
   index_t pr, kt, tk;
   void (*pair_tile)(const float*, index_t, const float*, index_t, index_t, index_t, index_t,
                     const float*, float, float*, float*, float*, float*, index_t,
-                    float* const (&)[4]);
+                    float* const (&)[4], const float*, index_t);
   void (*combine_rows)(const float*, const float*, const float*, const float*, index_t, index_t,
                        float*, double*);
-  void (*head_columns_lanes)(const float*, index_t, index_t, index_t, const float*, index_t,
-                             index_t, bool, float*, float*, double*);
+  void (*head_columns_lanes)(const float*, index_t, index_t, const float*, index_t, index_t, bool,
+                             float*, float*, double*);
   void (*widen_rows_b)(const bfloat16*, index_t, index_t, index_t, float*);
 #if CAKE_SIMD_HAS_HALF
   void (*widen_rows_h)(const _Float16*, index_t, index_t, index_t, float*);

@@ -434,11 +434,16 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
                       index_t k_ld, index_t nk, index_t j0, index_t P,
                       const float* CAKE_RESTRICT ri, float scale, float* CAKE_RESTRICT kpad,
                       float* CAKE_RESTRICT buf, float* e0, float* e1, index_t e_ld,
-                      float* const (&st)[4]) {
+                      float* const (&st)[4], const float* pf, index_t pf_n) {
   const V ninf = splat(-__builtin_inff());
   const V r0 = load(ri), r1 = load(ri + VW);
   V mx0 = ninf, mx1 = ninf;
+  // pf_n floats from pf (the next tile's keys) fetched into cache a slice per micro-tile,
+  // so that reading K from memory overlaps with the products
+  const index_t pf_lines = (pf_n * 4 + 63) / 64, per_block = (pf_lines + TK / KT - 1) / (TK / KT);
   for (index_t b = 0; b < nk; b += KT) {
+    for (index_t l = (b / KT) * per_block, e = l + per_block; l < e && l < pf_lines; ++l)
+      __builtin_prefetch(reinterpret_cast<const char*>(pf) + 64 * l);
     const index_t cnt = nk - b < KT ? nk - b : KT;
     const float* kb = k + b * k_ld;
     index_t kld = k_ld;
@@ -605,15 +610,18 @@ CAKE_ALWAYS_INLINE V reduce_lanes(const V* a) {
 }
 
 // Column statistics of one head over n prefix keys (n <= a multiple of VW the buffers
-// hold): e (keys, pitch e_ld >= nv * VW floats) holds the head's rows in lanes, nv
-// vectors per key, rows >= w padding; c[t * c_ld + lane]: the rows' factors for the keys
-// of tile t (keys t * TK ...; e starts at a tile boundary). Writes the mean over the w
-// rows and (if var) the unbiased variance of each key's probabilities to mean[j] and
-// m2[j] (up to the next multiple of VW); adds the variances of the n keys to *var_sum.
-inline void head_columns_lanes(const float* CAKE_RESTRICT e, index_t e_ld, index_t nv, index_t w,
-                               const float* CAKE_RESTRICT c, index_t c_ld, index_t n, bool var,
-                               float* CAKE_RESTRICT mean, float* CAKE_RESTRICT m2,
-                               double* var_sum) {
+// hold): e (keys, pitch nv * VW floats) holds the head's rows in lanes, nv vectors per
+// key, rows >= w padding; c[t * c_ld + lane]: the rows' factors for the keys of tile t
+// (keys t * TK ...; e starts at a tile boundary). Writes the mean over the w rows and (if
+// var) the unbiased variance of each key's probabilities to mean[j] and m2[j] (up to the
+// next multiple of VW); adds the variances of the n keys to *var_sum. NV: nv fixed at
+// compile time (0: nv at run time).
+template <index_t NV>
+CAKE_ALWAYS_INLINE void head_columns_t(const float* CAKE_RESTRICT e, index_t nv_rt, index_t w,
+                                       const float* CAKE_RESTRICT c, index_t c_ld, index_t n,
+                                       bool var, float* CAKE_RESTRICT mean, float* CAKE_RESTRICT m2,
+                                       double* var_sum) {
+  const index_t nv = NV > 0 ? NV : nv_rt, e_ld = nv * VW;
   const V lane = iota(), zero = splat(0.0f);
   const V inv_w = splat(1.0f / static_cast<float>(w));
   const V inv_w1 = splat(1.0f / static_cast<float>(w - 1));
@@ -622,10 +630,13 @@ inline void head_columns_lanes(const float* CAKE_RESTRICT e, index_t e_ld, index
   V vv = zero;
   for (index_t j = 0; j < n; j += VW) {
     const float* ct = c + (j / TK) * c_ld;
+    const float* ej0 = e + j * e_ld;
+    // the keys two steps on: streams from memory while these are reduced
+    for (index_t l = 0; l < VW * e_ld; l += 16) __builtin_prefetch(ej0 + 2 * VW * e_ld + l);
     V a[VW];
 #pragma GCC unroll 16
     for (index_t s = 0; s < VW; ++s) {
-      const float* ej = e + (j + reduce_key(s)) * e_ld;
+      const float* ej = ej0 + reduce_key(s) * e_ld;
       V acc = zero;
       for (index_t v = 0; v < last; ++v) acc = fma(load(ej + v * VW), load(ct + v * VW), acc);
       const V pl = load(ej + last * VW) * load(ct + last * VW);
@@ -637,8 +648,8 @@ inline void head_columns_lanes(const float* CAKE_RESTRICT e, index_t e_ld, index
 #pragma GCC unroll 16
     for (index_t s = 0; s < VW; ++s) {
       const index_t key = reduce_key(s);
-      const float* ej = e + (j + key) * e_ld;
-      const V mk = splat(mu[key]);
+      const float* ej = ej0 + key * e_ld;
+      const V mk = splat(mean[j + key]);
       V acc = zero;
       for (index_t v = 0; v < last; ++v) {
         const V dv = fma(load(ej + v * VW), load(ct + v * VW), -mk);
@@ -653,6 +664,21 @@ inline void head_columns_lanes(const float* CAKE_RESTRICT e, index_t e_ld, index
     vv += lane < splat(static_cast<float>(n - j)) ? q : zero;
   }
   *var_sum += static_cast<double>(hsum(vv));
+}
+inline void head_columns_lanes(const float* CAKE_RESTRICT e, index_t nv, index_t w,
+                               const float* CAKE_RESTRICT c, index_t c_ld, index_t n, bool var,
+                               float* CAKE_RESTRICT mean, float* CAKE_RESTRICT m2,
+                               double* var_sum) {
+  switch (nv) {  // a window of 32 rows: 2 vectors (AVX-512), 4 (AVX2)
+    case 1:
+      return head_columns_t<1>(e, nv, w, c, c_ld, n, var, mean, m2, var_sum);
+    case 2:
+      return head_columns_t<2>(e, nv, w, c, c_ld, n, var, mean, m2, var_sum);
+    case 4:
+      return head_columns_t<4>(e, nv, w, c, c_ld, n, var, mean, m2, var_sum);
+    default:
+      return head_columns_t<0>(e, nv, w, c, c_ld, n, var, mean, m2, var_sum);
+  }
 }
 
 }  // namespace cake::detail::simd::CAKE_SIMD_NS

@@ -13,6 +13,14 @@ typedef float VU __attribute__((vector_size(VW * 4), aligned(4), may_alias));  /
 
 CAKE_ALWAYS_INLINE V load(const float* p) { return *reinterpret_cast<const VU*>(p); }
 CAKE_ALWAYS_INLINE void store(float* p, V v) { *reinterpret_cast<VU*>(p) = v; }
+// A store that bypasses the caches (p aligned to a vector): for data read back much later.
+CAKE_ALWAYS_INLINE void store_nt(float* p, V v) {
+#if CAKE_SIMD_VW == 16
+  _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+#else
+  _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
+#endif
+}
 CAKE_ALWAYS_INLINE V iota() {
   V v;
   for (index_t l = 0; l < VW; ++l) v[l] = static_cast<float>(l);
@@ -101,6 +109,33 @@ CAKE_ALWAYS_INLINE V exp_v(V x) {
   const VI e = __builtin_convertvector(n, VI) + 127;
   y = y * reinterpret_cast<V>(e << 23);
   return under ? splat(0.0f) : y;
+}
+
+// exp_v for the softmax's x = logit - max <= 0 (or -inf): the same reduction and
+// polynomial, with AVX-512's rounding and 2^n scaling instructions (exact) and the
+// underflow to 0 below -87.3 as a zeroing mask: 5 instructions fewer. AVX2: exp_v.
+CAKE_ALWAYS_INLINE V exp_neg(V x) {
+#if CAKE_SIMD_VW == 16
+  const __m512 xv = reinterpret_cast<__m512>(x);
+  const __mmask16 live = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+  // (the zero-masked form: GCC 12 warns that the plain one reads an undefined vector)
+  const V n = reinterpret_cast<V>(_mm512_maskz_roundscale_ps(
+      0xffff, _mm512_mul_ps(xv, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT));
+  V r = fma(n, splat(-0.693359375f), x);
+  r = fma(n, splat(2.12194440e-4f), r);
+  const V z = r * r;
+  V y = splat(1.9875691500e-4f);
+  y = fma(y, r, splat(1.3981999507e-3f));
+  y = fma(y, r, splat(8.3334519073e-3f));
+  y = fma(y, r, splat(4.1665795894e-2f));
+  y = fma(y, r, splat(1.6666665459e-1f));
+  y = fma(y, r, splat(5.0000001201e-1f));
+  y = fma(y, z, r + splat(1.0f));
+  return reinterpret_cast<V>(
+      _mm512_maskz_scalef_ps(live, reinterpret_cast<__m512>(y), reinterpret_cast<__m512>(n)));
+#else
+  return exp_v(x);
+#endif
 }
 
 CAKE_ALWAYS_INLINE V log_v(V x) {
@@ -481,9 +516,9 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
   index_t t = 0;
   for (; t < npre; ++t) {
     const V x0 = fma(load(buf + t * PR), sc, nm0), x1 = fma(load(buf + t * PR + VW), sc, nm1);
-    const V y0 = exp_v(x0), y1 = exp_v(x1);
-    if (e0) store(e0 + t * e_ld, y0);
-    if (e1) store(e1 + t * e_ld, y1);
+    const V y0 = exp_neg(x0), y1 = exp_neg(x1);
+    if (e0) store_nt(e0 + t * e_ld, y0);
+    if (e1) store_nt(e1 + t * e_ld, y1);
     s0 += y0;
     s1 += y1;
     q0 = fma(y0, x0, q0);
@@ -492,9 +527,10 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
   p0 = s0;
   p1 = s1;
   for (; t < nk; ++t) {  // window keys: masked scores are -inf, so e = 0
-    s0 += exp_v(fma(load(buf + t * PR), sc, nm0));
-    s1 += exp_v(fma(load(buf + t * PR + VW), sc, nm1));
+    s0 += exp_neg(fma(load(buf + t * PR), sc, nm0));
+    s1 += exp_neg(fma(load(buf + t * PR + VW), sc, nm1));
   }
+  _mm_sfence();
   store(st[0], mx0 == ninf ? ninf : m0);
   store(st[0] + VW, mx1 == ninf ? ninf : m1);
   store(st[1], s0);

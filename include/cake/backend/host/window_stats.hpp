@@ -1,11 +1,14 @@
 // Host backend of cake::window_stats.
 //
-// Per query head: the (w x S) scores are computed tile by tile from a transposed
-// K tile with a register-blocked micro-kernel the compiler vectorises, kept in a
-// per-worker buffer (n*w*S floats for one GQA group, never B*H*w*S), turned into
-// probabilities row by row, then reduced column by column into the per-key
-// indicator. Heads run in parallel; the per-head results are combined in a fixed
-// order, so the output does not depend on the thread count.
+// One task per (batch, KV head): the GQA group's n query heads share each key tile.
+// SIMD paths (AVX-512, AVX2; chosen at run time): the group's window rows in vector
+// lanes, K read in place, each tile's scores turned at once into exp(logit - tile max)
+// (kept, n*w*S floats per worker, never B*H*w*S) and row sums; then per row the
+// softmax scale of each tile, and per head one pass over the kept values for the
+// column statistics. Portable path: (w x S) score tiles from a transposed K tile with a
+// register-blocked micro-kernel the compiler vectorises, softmax row by row, then
+// column by column. Per-head results are combined in a fixed order, so the output
+// does not depend on the thread count.
 #pragma once
 
 #include <algorithm>
@@ -36,7 +39,7 @@ inline constexpr index_t COL_CHUNK = 2048;  // keys per column-reduction chunk (
 
 inline index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
 
-// One worker's buffers, carved from its workspace block (see carve).
+// One worker's buffers on the portable path, carved from its workspace block (see carve).
 struct Scratch {
   float* q;     // (rows, d)       window queries of one GQA group, as float
   float* kt;    // (d, KT_LD)      one key tile, transposed
@@ -44,15 +47,7 @@ struct Scratch {
   float* col;   // (COL_CHUNK)     column means
   float* m2;    // (COL_CHUNK)     column sums of squared deviations
   float* rmax;  // (rows)          maximum score of each row over its valid keys
-  float* tmax;  // (tiles, rows)   SIMD path: each row's maximum per key tile
-  float* tsum;  // (tiles, rows)   SIMD path: sum of exp(score - tile max), then
-                //                 the tile's scale exp(tile max - max) / sum
-  float* tep;   // (tiles, rows)   SIMD path: that sum over the prefix keys only
-  float* tes;   // (tiles, rows)   SIMD path: sum of e * (score - tile max) over the
-                //                 prefix keys, e = exp(score - tile max)
-  float* tmp;   // (w, 16)         SIMD path: one key vector's probabilities
-  // tiles = 0 leaves the SIMD path's pieces out.
-  static Scratch carve(carver& c, index_t rows, index_t d, index_t ld, index_t tiles, index_t w) {
+  static Scratch carve(carver& c, index_t rows, index_t d, index_t ld) {
     const auto z = [](index_t n) { return static_cast<std::size_t>(n); };
     Scratch s{};
     s.q = c.take<float>(z(rows * d));
@@ -61,13 +56,6 @@ struct Scratch {
     s.col = c.take<float>(z(COL_CHUNK));
     s.m2 = c.take<float>(z(COL_CHUNK));
     s.rmax = c.take<float>(z(rows));
-    if (tiles > 0) {
-      s.tmax = c.take<float>(z(tiles * rows));
-      s.tsum = c.take<float>(z(tiles * rows));
-      s.tep = c.take<float>(z(tiles * rows));
-      s.tes = c.take<float>(z(tiles * rows));
-      s.tmp = c.take<float>(z(w * 16));
-    }
     return s;
   }
 };
@@ -90,10 +78,10 @@ struct Shared {
 // Sizes the workspace for a call: the shared block, and per worker the larger of
 // its Scratch and pool_groups' row buffer (the two never live at once).
 inline void prepare_workspace(host_workspace& ws, index_t BH, index_t P, int nt, index_t rows,
-                              index_t d, index_t ld, index_t tiles, index_t w, int kernel) {
+                              index_t d, index_t ld, int kernel) {
   carver shared, worker, pool;
   Shared::carve(shared, BH, P);
-  Scratch::carve(worker, rows, d, ld, tiles, w);
+  Scratch::carve(worker, rows, d, ld);
   pool.take<float>(static_cast<std::size_t>(P + 2 * (kernel / 2)));
   ws.prepare(shared.bytes(), nt, std::max(worker.bytes(), pool.bytes()));
 }
@@ -434,11 +422,11 @@ void attention_sums(const host_policy& policy, const QV& q, const KV& k, float* 
   host_workspace local;
   host_workspace& ws = workspace_of(exec, local);
   carver sizer;
-  Scratch::carve(sizer, n * w_pad, d, lds, 0, w);
+  Scratch::carve(sizer, n * w_pad, d, lds);
   ws.prepare(0, nt, sizer.bytes());
   parallel_for(exec, B * Hkv, [&](index_t bg, int worker) {
     carver c(ws.worker(worker));
-    Scratch s = Scratch::carve(c, n * w_pad, d, lds, 0, w);
+    Scratch s = Scratch::carve(c, n * w_pad, d, lds);
     const index_t b = bg / Hkv, g = bg % Hkv;
     group_scores(q, k, b, g, n, w, w_pad, S, d, lds, s);
     for (index_t r = 0; r < n; ++r)
@@ -506,12 +494,12 @@ struct window_stats_backend<host_policy> {
       return;
     }
     const index_t w_pad = round_up(w, RB), ld = round_up(S, TJ), rows = n * w_pad;
-    prepare_workspace(ws, B * H, P, nt, rows, d, ld, 0, w, indicator.pool_kernel);
+    prepare_workspace(ws, B * H, P, nt, rows, d, ld, indicator.pool_kernel);
     detail::carver shared_c(ws.shared());
     const Shared sh = Shared::carve(shared_c, B * H, P);
     const auto scratch = [&](int worker) {
       detail::carver c(ws.worker(worker));
-      return Scratch::carve(c, rows, d, ld, 0, w);
+      return Scratch::carve(c, rows, d, ld);
     };
     detail::parallel_for(exec, B * Hkv, [&](index_t bg, int worker) {
       Scratch s = scratch(worker);
@@ -542,12 +530,12 @@ struct window_stats_backend<host_policy> {
     const int nt = detail::worker_count(exec, B * H);
     host_workspace local;
     host_workspace& ws = detail::workspace_of(exec, local);
-    prepare_workspace(ws, B * H, P, nt, w, 1, P, 0, w, indicator.pool_kernel);
+    prepare_workspace(ws, B * H, P, nt, w, 1, P, indicator.pool_kernel);
     detail::carver shared_c(ws.shared());
     const Shared sh = Shared::carve(shared_c, B * H, P);
     detail::parallel_for(exec, B * H, [&](index_t bh, int worker) {
       detail::carver c(ws.worker(worker));
-      Scratch s = Scratch::carve(c, w, 1, P, 0, w);
+      Scratch s = Scratch::carve(c, w, 1, P);
       const index_t b = bh / H, h = bh % H;
       // Copy the prefix columns as float: the reductions read them twice.
       for (index_t i = 0; i < w; ++i) {

@@ -64,17 +64,6 @@ CAKE_ALWAYS_INLINE V load_key(const bfloat16* p) {
       _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 #endif
 }
-CAKE_ALWAYS_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-CAKE_ALWAYS_INLINE __m256 load8(const bfloat16* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(
-      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-#if CAKE_SIMD_HAS_HALF
-CAKE_ALWAYS_INLINE __m256 load8(const _Float16* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-#endif
-
 CAKE_ALWAYS_INLINE V vmax(V a, V b) { return a > b ? a : b; }
 CAKE_ALWAYS_INLINE V vmin(V a, V b) { return a < b ? a : b; }
 CAKE_ALWAYS_INLINE float hsum(V v) {
@@ -162,94 +151,6 @@ CAKE_ALWAYS_INLINE V log_v(V x) {
   return fma(fe, splat(0.693359375f), m + y);
 }
 
-// Rows of a score micro-tile: 8 with 32 registers (AVX-512), 4 with 16 (AVX2);
-// two vectors of keys each, so the accumulators fill most of the register file.
-inline constexpr index_t RB = VW == 16 ? 8 : 4;
-inline constexpr index_t CB = 2 * VW;
-
-// out[r][c] = scale * (q[r] . kt[:, c]) for r < rows (a multiple of 8), c < cols (a
-// multiple of 32). q: (rows, d) row-major; kt: (d, kt_ld), K transposed.
-inline void score_tile(const float* CAKE_RESTRICT q, index_t rows, index_t d,
-                       const float* CAKE_RESTRICT kt, index_t kt_ld, index_t cols, float scale,
-                       float* CAKE_RESTRICT out, index_t ld) {
-  for (index_t c0 = 0; c0 < cols; c0 += CB)
-    for (index_t r0 = 0; r0 < rows; r0 += RB) {
-      V acc0[RB], acc1[RB];
-#pragma GCC unroll 8
-      for (index_t r = 0; r < RB; ++r) acc0[r] = acc1[r] = splat(0.0f);
-      const float* qr = q + r0 * d;
-      const float* kc = kt + c0;
-      for (index_t x = 0; x < d; ++x) {
-        const V k0 = load(kc + x * kt_ld), k1 = load(kc + x * kt_ld + VW);
-#pragma GCC unroll 8
-        for (index_t r = 0; r < RB; ++r) {
-          const V qb = splat(qr[r * d + x]);
-          acc0[r] = fma(qb, k0, acc0[r]);
-          acc1[r] = fma(qb, k1, acc1[r]);
-        }
-      }
-      const V sc = splat(scale);
-#pragma GCC unroll 8
-      for (index_t r = 0; r < RB; ++r) {
-        store(out + (r0 + r) * ld + c0, acc0[r] * sc);
-        store(out + (r0 + r) * ld + c0 + VW, acc1[r] * sc);
-      }
-    }
-}
-
-// kt[x * kt_ld + j] = k[j * k_ld + x] for j < tj, x < d: a key tile transposed, in
-// 8 x 8 blocks held in registers (AVX; both paths have it), the edges one by one.
-template <class T>
-CAKE_ALWAYS_INLINE void transpose_tile_t(const T* CAKE_RESTRICT k, index_t k_ld, index_t tj,
-                                         index_t d, float* CAKE_RESTRICT kt, index_t kt_ld) {
-  const index_t tj8 = tj / 8 * 8, d8 = d / 8 * 8;
-  for (index_t j = 0; j < tj8; j += 8) {
-    for (index_t x = 0; x < d8; x += 8) {
-      const T* src = k + j * k_ld + x;
-      const __m256 r0 = load8(src), r1 = load8(src + k_ld), r2 = load8(src + 2 * k_ld),
-                   r3 = load8(src + 3 * k_ld), r4 = load8(src + 4 * k_ld),
-                   r5 = load8(src + 5 * k_ld), r6 = load8(src + 6 * k_ld),
-                   r7 = load8(src + 7 * k_ld);
-      const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
-                   t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
-                   t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
-                   t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee),
-                   u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee),
-                   u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee),
-                   u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
-      float* dst = kt + x * kt_ld + j;
-      _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
-      _mm256_storeu_ps(dst + kt_ld, _mm256_permute2f128_ps(u1, u5, 0x20));
-      _mm256_storeu_ps(dst + 2 * kt_ld, _mm256_permute2f128_ps(u2, u6, 0x20));
-      _mm256_storeu_ps(dst + 3 * kt_ld, _mm256_permute2f128_ps(u3, u7, 0x20));
-      _mm256_storeu_ps(dst + 4 * kt_ld, _mm256_permute2f128_ps(u0, u4, 0x31));
-      _mm256_storeu_ps(dst + 5 * kt_ld, _mm256_permute2f128_ps(u1, u5, 0x31));
-      _mm256_storeu_ps(dst + 6 * kt_ld, _mm256_permute2f128_ps(u2, u6, 0x31));
-      _mm256_storeu_ps(dst + 7 * kt_ld, _mm256_permute2f128_ps(u3, u7, 0x31));
-    }
-    for (index_t x = d8; x < d; ++x)
-      for (index_t jj = j; jj < j + 8; ++jj)
-        kt[x * kt_ld + jj] = static_cast<float>(k[jj * k_ld + x]);
-  }
-  for (index_t j = tj8; j < tj; ++j)
-    for (index_t x = 0; x < d; ++x) kt[x * kt_ld + j] = static_cast<float>(k[j * k_ld + x]);
-}
-inline void transpose_tile(const float* CAKE_RESTRICT k, index_t k_ld, index_t tj, index_t d,
-                           float* CAKE_RESTRICT kt, index_t kt_ld) {
-  transpose_tile_t(k, k_ld, tj, d, kt, kt_ld);
-}
-inline void transpose_tile_b(const bfloat16* CAKE_RESTRICT k, index_t k_ld, index_t tj, index_t d,
-                             float* CAKE_RESTRICT kt, index_t kt_ld) {
-  transpose_tile_t(k, k_ld, tj, d, kt, kt_ld);
-}
-#if CAKE_SIMD_HAS_HALF
-inline void transpose_tile_h(const _Float16* CAKE_RESTRICT k, index_t k_ld, index_t tj, index_t d,
-                             float* CAKE_RESTRICT kt, index_t kt_ld) {
-  transpose_tile_t(k, k_ld, tj, d, kt, kt_ld);
-}
-#endif
-
 // One row's piece of a score tile: keys [0, cnt) are visible (cnt >= 1), keys
 // [cnt, cols) masked; cols a multiple of VW. Writes e = exp(s - m) (0 where masked)
 // in place, with m the piece's maximum; returns m, the sum of e, and over the first
@@ -285,42 +186,6 @@ inline void tile_softmax(float* CAKE_RESTRICT row, index_t cnt, index_t cols, in
   *sum_out = hsum(sv);
   *ep_out = hsum(pv);
   *es_out = hsum(qv);
-}
-
-// Column statistics of one head over n prefix keys of a tile: rows i < w of p
-// (pitch ld) hold e values that become probabilities times c[i]. Writes the mean
-// and (if var) the unbiased variance over the rows of each key to mean[0..n) and
-// m2[0..n) (and up to the next multiple of VW, which the caller ignores); adds the
-// variances to *var_sum. tmp: w * VW floats.
-inline void head_columns(const float* CAKE_RESTRICT p, index_t ld, index_t w,
-                         const float* CAKE_RESTRICT c, index_t n, bool var,
-                         float* CAKE_RESTRICT mean, float* CAKE_RESTRICT m2,
-                         float* CAKE_RESTRICT tmp, double* var_sum) {
-  const V lane = iota();
-  const V inv_w = splat(1.0f / static_cast<float>(w));
-  const V inv_w1 = splat(1.0f / static_cast<float>(w - 1));
-  V vv = splat(0.0f);
-  for (index_t j = 0; j < n; j += VW) {
-    V s = splat(0.0f);
-    for (index_t i = 0; i < w; ++i) {
-      const V pv = load(p + i * ld + j) * splat(c[i]);
-      store(tmp + i * VW, pv);
-      s += pv;
-    }
-    const V mu = s * inv_w;
-    store(mean + j, mu);
-    if (var) {
-      V q = splat(0.0f);
-      for (index_t i = 0; i < w; ++i) {
-        const V dv = load(tmp + i * VW) - mu;
-        q = fma(dv, dv, q);
-      }
-      q = q * inv_w1;
-      store(m2 + j, q);
-      vv += (lane < splat(static_cast<float>(n - j))) ? q : splat(0.0f);
-    }
-  }
-  *var_sum += static_cast<double>(hsum(vv));
 }
 
 // Sums of 8 vectors' lanes: out[a] = sum of acc[a].

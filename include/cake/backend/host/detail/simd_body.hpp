@@ -373,14 +373,16 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
     }
   }
   const V sc = splat(scale), zero = splat(0.0f);
-  // m = scale * max; a lane that sees none of the tile gets m = -inf (st) and 0 below
+  // x = (score - max) * scale: <= 0, and 0 at the max, however large the scores (an fma
+  // of score * scale - m would leave the rounding error of m, huge for huge scores). A
+  // lane that sees none of the tile gets m = -inf (st) and max 0 here (its e are 0).
   const V m0 = mx0 * sc, m1 = mx1 * sc;
-  const V nm0 = mx0 == ninf ? zero : -m0, nm1 = mx1 == ninf ? zero : -m1;
+  const V b0 = mx0 == ninf ? zero : mx0, b1 = mx1 == ninf ? zero : mx1;
   V s0 = zero, s1 = zero, p0 = zero, p1 = zero, q0 = zero, q1 = zero;
   const index_t npre = P - j0 < nk ? (P - j0 > 0 ? P - j0 : 0) : nk;
   index_t t = 0;
   for (; t < npre; ++t) {
-    const V x0 = fma(load(buf + t * PR), sc, nm0), x1 = fma(load(buf + t * PR + VW), sc, nm1);
+    const V x0 = (load(buf + t * PR) - b0) * sc, x1 = (load(buf + t * PR + VW) - b1) * sc;
     const V y0 = exp_neg(x0), y1 = exp_neg(x1);
     if (e0) store_nt(e0 + t * e_ld, y0);
     if (e1) store_nt(e1 + t * e_ld, y1);
@@ -392,8 +394,8 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
   p0 = s0;
   p1 = s1;
   for (; t < nk; ++t) {  // window keys: masked scores are -inf, so e = 0
-    s0 += exp_neg(fma(load(buf + t * PR), sc, nm0));
-    s1 += exp_neg(fma(load(buf + t * PR + VW), sc, nm1));
+    s0 += exp_neg((load(buf + t * PR) - b0) * sc);
+    s1 += exp_neg((load(buf + t * PR + VW) - b1) * sc);
   }
   _mm_sfence();
   store(st[0], mx0 == ninf ? ninf : m0);

@@ -341,19 +341,21 @@ void group_lanes(const simd::kernels& kk, const QV& q, const KV& k, index_t b, i
       }
       const std::size_t so = static_cast<std::size_t>(t * R + p * pr);
       float* const stp[4] = {s.st[0] + so, s.st[1] + so, s.st[2] + so, s.st[3] + so};
-      // each pair fetches its share of the next tile's keys (float keys, read in place)
-      const float* pf = nullptr;
-      index_t pf_n = 0;
-      if constexpr (std::is_same_v<TKe, float>) {
-        const index_t nk2 = std::min(tk, S - j0 - nk), span = (nk2 - 1) * kld + d;
+      // each pair fetches its share of the next tile's keys (in their storage type)
+      const void* pf = nullptr;
+      index_t pf_bytes = 0;
+      const index_t nk2 = std::min(tk, S - j0 - nk);
+      if (nk2 > 0) {
+        const index_t span =
+            ((nk2 - 1) * (nk2 > 1 ? k.stride(2) : d) + d) * static_cast<index_t>(sizeof(TKe));
         const index_t share = (span + m.pairs - 1) / m.pairs;
-        if (nk2 > 0 && p * share < span) {
-          pf = &k(b, g, j0 + nk, 0) + p * share;
-          pf_n = std::min(share, span - p * share);
+        if (p * share < span) {
+          pf = reinterpret_cast<const char*>(&k(b, g, j0 + nk, 0)) + p * share;
+          pf_bytes = std::min(share, span - p * share);
         }
       }
       kk.pair_tile(s.qt + p * d * pr, d, kp, kld, nk, j0, P, s.ri + p * pr, inv_sqrt_d, s.kpad,
-                   s.buf, ev[0], ev[1], m.w_pad, stp, pf, pf_n);
+                   s.buf, ev[0], ev[1], m.w_pad, stp, pf, pf_bytes);
     }
   }
   kk.combine_rows(s.st[0], s.st[1], s.st[2], s.st[3], m.tiles, R, s.c, s.rs);

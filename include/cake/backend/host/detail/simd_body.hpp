@@ -334,13 +334,13 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
                       index_t k_ld, index_t nk, index_t j0, index_t P,
                       const float* CAKE_RESTRICT ri, float scale, float* CAKE_RESTRICT kpad,
                       float* CAKE_RESTRICT buf, float* e0, float* e1, index_t e_ld,
-                      float* const (&st)[4], const float* pf, index_t pf_n) {
+                      float* const (&st)[4], const void* pf, index_t pf_bytes) {
   const V ninf = splat(-__builtin_inff());
   const V r0 = load(ri), r1 = load(ri + VW);
   V mx0 = ninf, mx1 = ninf;
-  // pf_n floats from pf (the next tile's keys) fetched into cache a slice per micro-tile,
+  // pf_bytes from pf (the next tile's keys) fetched into cache a slice per micro-tile,
   // so that reading K from memory overlaps with the products
-  const index_t pf_lines = (pf_n * 4 + 63) / 64, per_block = (pf_lines + TK / KT - 1) / (TK / KT);
+  const index_t pf_lines = (pf_bytes + 63) / 64, per_block = (pf_lines + TK / KT - 1) / (TK / KT);
   for (index_t b = 0; b < nk; b += KT) {
     for (index_t l = (b / KT) * per_block, e = l + per_block; l < e && l < pf_lines; ++l)
       __builtin_prefetch(reinterpret_cast<const char*>(pf) + 64 * l);

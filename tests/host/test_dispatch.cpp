@@ -117,6 +117,7 @@ TEST_CASE("window_stats: every SIMD path keeps the portable path's tokens (rando
       {2, 8, 2, 13, 517, 72},     // window not a multiple of 8, S not of 32, d of 8
       {1, 3, 3, 5, 97, 7},        // MHA, d below one vector
       {1, 4, 1, 40, 300, 64},     // window beyond a key tile's last row block
+      {1, 2, 1, 150, 420, 16},    // whole key tiles some rows cannot see (w > a tile)
   };
   unsigned seed = 100;
   for (const Shape& s : shapes) {

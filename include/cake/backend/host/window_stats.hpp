@@ -1,11 +1,14 @@
 // Host backend of cake::window_stats.
 //
-// Per query head: the (w x S) scores are computed tile by tile from a transposed
-// K tile with a register-blocked micro-kernel the compiler vectorises, kept in a
-// per-worker buffer (n*w*S floats for one GQA group, never B*H*w*S), turned into
-// probabilities row by row, then reduced column by column into the per-key
-// indicator. Heads run in parallel; the per-head results are combined in a fixed
-// order, so the output does not depend on the thread count.
+// One task per (batch, KV head): the GQA group's n query heads share each key tile.
+// SIMD paths (AVX-512, AVX2; chosen at run time): the group's window rows in vector
+// lanes, K read in place, each tile's scores turned at once into exp(logit - tile max)
+// (kept, n*w*S floats per worker, never B*H*w*S) and row sums; then per row the
+// softmax scale of each tile, and per head one pass over the kept values for the
+// column statistics. Portable path: (w x S) score tiles from a transposed K tile with a
+// register-blocked micro-kernel the compiler vectorises, softmax row by row, then
+// column by column. Per-head results are combined in a fixed order, so the output
+// does not depend on the thread count.
 #pragma once
 
 #include <algorithm>
@@ -36,7 +39,7 @@ inline constexpr index_t COL_CHUNK = 2048;  // keys per column-reduction chunk (
 
 inline index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
 
-// One worker's buffers, carved from its workspace block (see carve).
+// One worker's buffers on the portable path, carved from its workspace block (see carve).
 struct Scratch {
   float* q;     // (rows, d)       window queries of one GQA group, as float
   float* kt;    // (d, KT_LD)      one key tile, transposed
@@ -44,15 +47,7 @@ struct Scratch {
   float* col;   // (COL_CHUNK)     column means
   float* m2;    // (COL_CHUNK)     column sums of squared deviations
   float* rmax;  // (rows)          maximum score of each row over its valid keys
-  float* tmax;  // (tiles, rows)   SIMD path: each row's maximum per key tile
-  float* tsum;  // (tiles, rows)   SIMD path: sum of exp(score - tile max), then
-                //                 the tile's scale exp(tile max - max) / sum
-  float* tep;   // (tiles, rows)   SIMD path: that sum over the prefix keys only
-  float* tes;   // (tiles, rows)   SIMD path: sum of e * (score - tile max) over the
-                //                 prefix keys, e = exp(score - tile max)
-  float* tmp;   // (w, 16)         SIMD path: one key vector's probabilities
-  // tiles = 0 leaves the SIMD path's pieces out.
-  static Scratch carve(carver& c, index_t rows, index_t d, index_t ld, index_t tiles, index_t w) {
+  static Scratch carve(carver& c, index_t rows, index_t d, index_t ld) {
     const auto z = [](index_t n) { return static_cast<std::size_t>(n); };
     Scratch s{};
     s.q = c.take<float>(z(rows * d));
@@ -61,13 +56,6 @@ struct Scratch {
     s.col = c.take<float>(z(COL_CHUNK));
     s.m2 = c.take<float>(z(COL_CHUNK));
     s.rmax = c.take<float>(z(rows));
-    if (tiles > 0) {
-      s.tmax = c.take<float>(z(tiles * rows));
-      s.tsum = c.take<float>(z(tiles * rows));
-      s.tep = c.take<float>(z(tiles * rows));
-      s.tes = c.take<float>(z(tiles * rows));
-      s.tmp = c.take<float>(z(w * 16));
-    }
     return s;
   }
 };
@@ -90,10 +78,10 @@ struct Shared {
 // Sizes the workspace for a call: the shared block, and per worker the larger of
 // its Scratch and pool_groups' row buffer (the two never live at once).
 inline void prepare_workspace(host_workspace& ws, index_t BH, index_t P, int nt, index_t rows,
-                              index_t d, index_t ld, index_t tiles, index_t w, int kernel) {
+                              index_t d, index_t ld, int kernel) {
   carver shared, worker, pool;
   Shared::carve(shared, BH, P);
-  Scratch::carve(worker, rows, d, ld, tiles, w);
+  Scratch::carve(worker, rows, d, ld);
   pool.take<float>(static_cast<std::size_t>(P + 2 * (kernel / 2)));
   ws.prepare(shared.bytes(), nt, std::max(worker.bytes(), pool.bytes()));
 }
@@ -244,112 +232,151 @@ void group_scores(const QV& q, const KV& k, index_t b, index_t g, index_t n, ind
   }
 }
 
-// The SIMD path for KV head g of batch b (simd.hpp's kernels, picked at run time):
-// scores of the group's n * w window rows tile by tile, each tile's rows turned at
-// once (while in cache) into e = exp(score - tile max) with the tile's max and sums
-// kept; then per row the global max M and sum L, so that p = e * scale(row, tile);
-// then per head one pass of column statistics over the prefix keys. The entropy
-// needs no logarithm per key: ln p = score - M - ln L, so the row's sum of p ln p is
-// sum p * (score - M) - ln L * sum p over the prefix, from the tile sums (each tile's
-// taken relative to its own max m_t: score - M = (score - m_t) + (m_t - M), so huge
-// scores never cancel). That drops
-// the reference's 1e-10 inside ln(p + 1e-10), which moves the entropy by at most
-// 1e-10 per (head, row, key): 1.7e-3 of about 9.5e3 for a 16K Llama layer.
-// Two passes over the scores instead of the portable path's several; the same
-// quantities, rounded differently (fused multiply-adds, scale by 1/sqrt(d), the
+// The SIMD path's buffers (simd.hpp's kernels, picked at run time), rows in lanes:
+// the group's n * w_pad rows (w_pad = w rounded up to a vector) are R lanes, two row
+// vectors (a pair, kk.pr lanes) per micro-tile; keys go by tiles of kk.tk.
+struct LaneScratch {
+  float* qt;     // (pairs, d, pr)    the window rows of one GQA group, transposed, as float
+  float* ri;     // (R)               each lane's row within its head (padding: huge)
+  float* kt;     // (tk, d)           one key tile widened to float (16-bit keys only)
+  float* kpad;   // (kt, d)           a tile's last, partial micro-tile of keys, zero-padded
+  float* buf;    // (tk, pr)          one pair's scores of one tile
+  float* e;      // (n, P_pad, w_pad) e = exp(logit - tile max) of the prefix keys, rows in lanes
+  float* st[4];  // (tiles, R)        per tile: max, sum of e, over the prefix sum of e and of
+                 //                   e * (logit - max)
+  float* c;      // (tiles, R)        per tile: the factor that turns e into probabilities
+  double* rs;    // (3, R)            per row: softmax sum, prefix sums of p, p * (logit - max)
+  float* col;    // (chunk)           column means
+  float* m2;     // (chunk)           column variances
+  struct dims {
+    index_t w_pad, nvec, pairs, R, tiles, P_pad, chunk;
+    dims(const simd::kernels& kk, index_t n, index_t w, index_t S) {
+      const index_t vw = kk.vw, P = S - w;
+      w_pad = round_up(w, vw);
+      nvec = n * w_pad / vw;
+      pairs = (nvec + 1) / 2;
+      R = pairs * kk.pr;
+      tiles = (S + kk.tk - 1) / kk.tk;
+      P_pad = round_up(P, kk.tk);
+      chunk = kk.tk * std::max<index_t>(1, COL_CHUNK / kk.tk);  // whole tiles
+    }
+  };
+  static LaneScratch carve(carver& c, const simd::kernels& kk, const dims& m, index_t n,
+                           index_t d) {
+    const auto z = [](index_t v) { return static_cast<std::size_t>(v); };
+    LaneScratch s{};
+    s.qt = c.take<float>(z(m.pairs * d * kk.pr));
+    s.ri = c.take<float>(z(m.R));
+    s.kt = c.take<float>(z(kk.tk * d));
+    s.kpad = c.take<float>(z(kk.kt * d));
+    s.buf = c.take<float>(z(kk.tk * kk.pr));
+    s.e = c.take<float>(z(n * m.P_pad * m.w_pad));
+    for (float*& p : s.st) p = c.take<float>(z(m.tiles * m.R));
+    s.c = c.take<float>(z(m.tiles * m.R));
+    s.rs = c.take<double>(z(3 * m.R));
+    s.col = c.take<float>(z(m.chunk));
+    s.m2 = c.take<float>(z(m.chunk));
+    return s;
+  }
+};
+
+// The SIMD path for KV head g of batch b. Per key tile and row pair: the scores (K read
+// in place, each key value broadcast against the pair's rows), each lane's tile max,
+// e = exp(logit - tile max) of the prefix keys kept, and the tile's sums; then per row
+// the max M and sum L over the tiles and each tile's factor exp(tile max - M) / L that
+// turns its e into probabilities; then per head one pass over the kept e for the column
+// statistics. The entropy needs no logarithm per key: ln p = logit - M - ln L, so a
+// row's sum of p ln p is sum p * (logit - M) - ln L * sum p over the prefix, from the
+// tile sums (each relative to its tile's max, so huge logits never cancel). That drops
+// the reference's 1e-10 inside ln(p + 1e-10), which moves the entropy by at most 1e-10
+// per (head, row, key): 1.7e-3 of about 9.5e3 for a 16K Llama layer. The same
+// quantities as the portable path, rounded differently (fused multiply-adds, the
 // softmax sum by tiles).
 template <class QV, class KV, class Ind>
-void group_simd(const simd::kernels& kk, const QV& q, const KV& k, index_t b, index_t g, index_t n,
-                index_t w, index_t w_pad, index_t S, index_t d, index_t ld, const Ind& indicator,
-                StatsRequest req, Scratch& s, float* ind_group, double* ent, double* var) {
-  const index_t P = S - w, rows = n * w_pad, tiles = (S + TJ - 1) / TJ;
+void group_lanes(const simd::kernels& kk, const QV& q, const KV& k, index_t b, index_t g, index_t n,
+                 index_t w, index_t S, index_t d, const Ind& indicator, StatsRequest req,
+                 const LaneScratch::dims& m, LaneScratch& s, float* ind_group, double* ent,
+                 double* var) {
+  const index_t P = S - w, vw = kk.vw, pr = kk.pr, tk = kk.tk, R = m.R;
   const float inv_sqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  std::fill(s.qt, s.qt + m.pairs * d * pr, 0.0f);
   for (index_t r = 0; r < n; ++r)
     for (index_t i = 0; i < w; ++i) {
+      const index_t lane = r * m.w_pad + i, pair = lane / pr, l = lane % pr;
       const auto* qr = &q(b, g * n + r, i, 0);
-      float* dst = s.q + (r * w_pad + i) * d;
-      for (index_t x = 0; x < d; ++x) dst[x] = static_cast<float>(qr[x]);
+      float* dst = s.qt + pair * d * pr + l;
+      for (index_t x = 0; x < d; ++x) dst[x * pr] = static_cast<float>(qr[x]);
     }
-  // The padding rows are scored too (whole micro-tiles) but never read: zeros keep
-  // them finite and off the slow denormal path.
-  for (index_t r = 0; r < n; ++r)
-    std::fill(s.q + (r * w_pad + w) * d, s.q + (r + 1) * w_pad * d, 0.0f);
-  float* kt = s.kt;
-  float* p = s.p;
-  for (index_t t = 0; t < tiles; ++t) {
-    const index_t j0 = t * TJ, tj = std::min(TJ, S - j0);
-    using TKe = std::remove_cv_t<typename KV::element_type>;
+  for (index_t lane = 0; lane < R; ++lane) {
+    const index_t h = lane / m.w_pad, i = lane % m.w_pad;
+    s.ri[lane] = h < n && i < w ? static_cast<float>(i) : 1e9f;
+  }
+  using TKe = std::remove_cv_t<typename KV::element_type>;
+  for (index_t t = 0; t < m.tiles; ++t) {
+    const index_t j0 = t * tk, nk = std::min(tk, S - j0);
+    const float* kp = s.kt;
+    index_t kld = d;
     if constexpr (std::is_same_v<TKe, float>) {
-      kk.transpose_tile(&k(b, g, j0, 0), tj > 1 ? k.stride(2) : d, tj, d, kt, KT_LD);
+      kp = &k(b, g, j0, 0);
+      kld = nk > 1 ? k.stride(2) : d;
     } else if constexpr (std::is_same_v<TKe, bfloat16>) {
-      kk.transpose_tile_b(&k(b, g, j0, 0), tj > 1 ? k.stride(2) : d, tj, d, kt, KT_LD);
+      kk.widen_rows_b(&k(b, g, j0, 0), nk > 1 ? k.stride(2) : d, nk, d, s.kt);
     }
 #if CAKE_SIMD_HAS_HALF
     else if constexpr (std::is_same_v<TKe, _Float16>) {
-      kk.transpose_tile_h(&k(b, g, j0, 0), tj > 1 ? k.stride(2) : d, tj, d, kt, KT_LD);
+      kk.widen_rows_h(&k(b, g, j0, 0), nk > 1 ? k.stride(2) : d, nk, d, s.kt);
     }
 #endif
     else {
-      for (index_t jj = 0; jj < tj; ++jj) {
-        const auto* kr = &k(b, g, j0 + jj, 0);
-        for (index_t x = 0; x < d; ++x) kt[x * KT_LD + jj] = static_cast<float>(kr[x]);
-      }
+      for (index_t jj = 0; jj < nk; ++jj)
+        for (index_t x = 0; x < d; ++x) s.kt[jj * d + x] = static_cast<float>(k(b, g, j0 + jj, x));
     }
-    if (tj < TJ)
-      for (index_t x = 0; x < d; ++x) std::fill(kt + x * KT_LD + tj, kt + x * KT_LD + TJ, 0.0f);
-    const index_t tj_pad = round_up(tj, 32);
-    kk.score_tile(s.q, rows, d, kt, KT_LD, tj_pad, inv_sqrt_d, p + j0, ld);
-    const std::size_t o = static_cast<std::size_t>(t * rows);
-    for (index_t r = 0; r < n; ++r)
-      for (index_t i = 0; i < w; ++i) {
-        const std::size_t row = static_cast<std::size_t>(r * w_pad + i);
-        const index_t cnt = std::min(tj, P + i + 1 - j0);  // row i sees keys [0, P + i]
-        if (cnt <= 0) {
-          s.tmax[o + row] = -std::numeric_limits<float>::infinity();
-          s.tsum[o + row] = s.tep[o + row] = s.tes[o + row] = 0.0f;
-          continue;
-        }
-        kk.tile_softmax(p + static_cast<index_t>(row) * ld + j0, cnt, tj_pad, P - j0,
-                        &s.tmax[o + row], &s.tsum[o + row], &s.tep[o + row], &s.tes[o + row]);
+    for (index_t p = 0; p < m.pairs; ++p) {
+      float* ev[2] = {nullptr, nullptr};
+      for (index_t v = 0; v < 2; ++v) {
+        const index_t vec = 2 * p + v;
+        if (vec >= m.nvec) continue;
+        const index_t lane = vec * vw, h = lane / m.w_pad, o = lane % m.w_pad;
+        ev[v] = s.e + (h * m.P_pad + j0) * m.w_pad + o;
       }
+      const std::size_t so = static_cast<std::size_t>(t * R + p * pr);
+      float* const stp[4] = {s.st[0] + so, s.st[1] + so, s.st[2] + so, s.st[3] + so};
+      // each pair fetches its share of the next tile's keys (in their storage type)
+      const void* pf = nullptr;
+      index_t pf_bytes = 0;
+      const index_t nk2 = std::min(tk, S - j0 - nk);
+      if (nk2 > 0) {
+        const index_t span =
+            ((nk2 - 1) * (nk2 > 1 ? k.stride(2) : d) + d) * static_cast<index_t>(sizeof(TKe));
+        const index_t share = (span + m.pairs - 1) / m.pairs;
+        if (p * share < span) {
+          pf = reinterpret_cast<const char*>(&k(b, g, j0 + nk, 0)) + p * share;
+          pf_bytes = std::min(share, span - p * share);
+        }
+      }
+      kk.pair_tile(s.qt + p * d * pr, d, kp, kld, nk, j0, P, s.ri + p * pr, inv_sqrt_d, s.kpad,
+                   s.buf, ev[0], ev[1], m.w_pad, stp, pf, pf_bytes);
+    }
   }
-  // Per row: max M over the tiles, sum L = sum_t tsum_t exp(tmax_t - M); tile t's
-  // probabilities are then e * exp(tmax_t - M) / L (stored over tsum).
+  kk.combine_rows(s.st[0], s.st[1], s.st[2], s.st[3], m.tiles, R, s.c, s.rs);
   for (index_t r = 0; r < n; ++r) {
     double e_head = 0;
     for (index_t i = 0; i < w; ++i) {
-      const std::size_t row = static_cast<std::size_t>(r * w_pad + i),
-                        R = static_cast<std::size_t>(rows);
-      double m = -std::numeric_limits<double>::infinity(), l = 0;
-      for (index_t t = 0; t < tiles; ++t) m = std::max(m, static_cast<double>(s.tmax[t * R + row]));
-      for (index_t t = 0; t < tiles; ++t)
-        if (s.tsum[t * R + row] > 0) l += s.tsum[t * R + row] * std::exp(s.tmax[t * R + row] - m);
-      double sp = 0, sps = 0;  // sum p and sum p * (score - M) over the prefix
-      for (index_t t = 0; t < tiles; ++t) {
-        float& c = s.tsum[t * R + row];
-        const double ct = c > 0 ? std::exp(s.tmax[t * R + row] - m) / l : 0.0;
-        if (ct > 0) {
-          const double tm = static_cast<double>(s.tmax[t * R + row]) - m;
-          sp += ct * s.tep[t * R + row];
-          sps += ct * (s.tes[t * R + row] + tm * s.tep[t * R + row]);
-        }
-        c = static_cast<float>(ct);
-      }
-      e_head -= sps - std::log(l) * sp;
+      const index_t lane = r * m.w_pad + i;
+      e_head -= s.rs[2 * R + lane] - std::log(s.rs[lane]) * s.rs[R + lane];
     }
     ent[r] = req.entropy ? e_head : 0.0;
   }
   const bool need_var = req.variance || Ind::needs_variance;
-  float* col = s.col;
-  float* m2 = s.m2;
   for (index_t r = 0; r < n; ++r) {
     double v = 0;
-    for (index_t t = 0; t * TJ < P; ++t) {
-      const index_t j0 = t * TJ, cnt = std::min(TJ, P - j0);
-      kk.head_columns(p + r * w_pad * ld + j0, ld, w, s.tsum + t * rows + r * w_pad, cnt, need_var,
-                      col, m2, s.tmp, &v);
+    for (index_t j0 = 0; j0 < P; j0 += m.chunk) {
+      const index_t cnt = std::min(m.chunk, P - j0);
+      kk.head_columns_lanes(s.e + (r * m.P_pad + j0) * m.w_pad, m.w_pad / vw, w,
+                            s.c + (j0 / tk) * R + r * m.w_pad, R, cnt, need_var, s.col, s.m2, &v);
       float* dst = ind_group + r * P + j0;
-      for (index_t j = 0; j < cnt; ++j) dst[j] = indicator.score(col[j], need_var ? m2[j] : 0.0f);
+      for (index_t j = 0; j < cnt; ++j)
+        dst[j] = indicator.score(s.col[j], need_var ? s.m2[j] : 0.0f);
     }
     var[r] = need_var ? v : 0.0;
   }
@@ -397,11 +424,11 @@ void attention_sums(const host_policy& policy, const QV& q, const KV& k, float* 
   host_workspace local;
   host_workspace& ws = workspace_of(exec, local);
   carver sizer;
-  Scratch::carve(sizer, n * w_pad, d, lds, 0, w);
+  Scratch::carve(sizer, n * w_pad, d, lds);
   ws.prepare(0, nt, sizer.bytes());
   parallel_for(exec, B * Hkv, [&](index_t bg, int worker) {
     carver c(ws.worker(worker));
-    Scratch s = Scratch::carve(c, n * w_pad, d, lds, 0, w);
+    Scratch s = Scratch::carve(c, n * w_pad, d, lds);
     const index_t b = bg / Hkv, g = bg % Hkv;
     group_scores(q, k, b, g, n, w, w_pad, S, d, lds, s);
     for (index_t r = 0; r < n; ++r)
@@ -444,31 +471,38 @@ struct window_stats_backend<host_policy> {
     const index_t Hkv = k.extent(1), S = k.extent(2), n = H / Hkv, P = S - w;
     const host_policy exec = detail::for_work(policy, B * H * w * S * d);
     const detail::simd::kernels* kk = detail::simd::active_kernels();
-    // The SIMD micro-tiles take 8 rows at a time; the portable one RB.
-    const index_t w_pad = round_up(w, kk ? 8 : RB), ld = round_up(S, TJ);
-    const index_t rows = n * w_pad, tiles = kk ? (S + TJ - 1) / TJ : 0;
     // One task per (batch, KV head): its n query heads share each key tile.
     // Per-head results land in fixed slots, so nothing depends on the thread count.
     const int nt = detail::worker_count(exec, B * Hkv);
     host_workspace local;
     host_workspace& ws = detail::workspace_of(exec, local);
-    prepare_workspace(ws, B * H, P, nt, rows, d, ld, tiles, w, indicator.pool_kernel);
-    detail::carver shared_c(ws.shared());
-    const Shared sh = Shared::carve(shared_c, B * H, P);
-    const auto scratch = [&](int worker) {
-      detail::carver c(ws.worker(worker));
-      return Scratch::carve(c, rows, d, ld, tiles, w);
-    };
     if (kk) {
-      detail::parallel_for(exec, B * Hkv, [&](index_t bg, int worker) {
-        Scratch s = scratch(worker);
+      const LaneScratch::dims m(*kk, n, w, S);
+      detail::carver shared, worker, pool;
+      Shared::carve(shared, B * H, P);
+      LaneScratch::carve(worker, *kk, m, n, d);
+      pool.take<float>(static_cast<std::size_t>(P + 2 * (indicator.pool_kernel / 2)));
+      ws.prepare(shared.bytes(), nt, std::max(worker.bytes(), pool.bytes()));
+      detail::carver shared_c(ws.shared());
+      const Shared sh = Shared::carve(shared_c, B * H, P);
+      detail::parallel_for(exec, B * Hkv, [&](index_t bg, int wk) {
+        detail::carver c(ws.worker(wk));
+        LaneScratch s = LaneScratch::carve(c, *kk, m, n, d);
         const index_t b = bg / Hkv, g = bg % Hkv, h0 = b * H + g * n;
-        group_simd(*kk, q, k, b, g, n, w, w_pad, S, d, ld, indicator, req, s, sh.ind_heads + h0 * P,
-                   sh.ent + h0, sh.var + h0);
+        group_lanes(*kk, q, k, b, g, n, w, S, d, indicator, req, m, s, sh.ind_heads + h0 * P,
+                    sh.ent + h0, sh.var + h0);
       });
       finish(exec, ws, sh, B, Hkv, n, P, indicator.pool_kernel, out, stats);
       return;
     }
+    const index_t w_pad = round_up(w, RB), ld = round_up(S, TJ), rows = n * w_pad;
+    prepare_workspace(ws, B * H, P, nt, rows, d, ld, indicator.pool_kernel);
+    detail::carver shared_c(ws.shared());
+    const Shared sh = Shared::carve(shared_c, B * H, P);
+    const auto scratch = [&](int worker) {
+      detail::carver c(ws.worker(worker));
+      return Scratch::carve(c, rows, d, ld);
+    };
     detail::parallel_for(exec, B * Hkv, [&](index_t bg, int worker) {
       Scratch s = scratch(worker);
       const index_t b = bg / Hkv, g = bg % Hkv;
@@ -498,12 +532,12 @@ struct window_stats_backend<host_policy> {
     const int nt = detail::worker_count(exec, B * H);
     host_workspace local;
     host_workspace& ws = detail::workspace_of(exec, local);
-    prepare_workspace(ws, B * H, P, nt, w, 1, P, 0, w, indicator.pool_kernel);
+    prepare_workspace(ws, B * H, P, nt, w, 1, P, indicator.pool_kernel);
     detail::carver shared_c(ws.shared());
     const Shared sh = Shared::carve(shared_c, B * H, P);
     detail::parallel_for(exec, B * H, [&](index_t bh, int worker) {
       detail::carver c(ws.worker(worker));
-      Scratch s = Scratch::carve(c, w, 1, P, 0, w);
+      Scratch s = Scratch::carve(c, w, 1, P);
       const index_t b = bh / H, h = bh % H;
       // Copy the prefix columns as float: the reductions read them twice.
       for (index_t i = 0; i < w; ++i) {

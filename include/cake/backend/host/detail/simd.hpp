@@ -25,21 +25,28 @@ namespace cake::detail::simd {
 // The micro-kernels of one instruction set (see simd_body.hpp for each contract).
 struct kernels {
   index_t vw;  // floats per vector
-  void (*score_tile)(const float*, index_t, index_t, const float*, index_t, index_t, float, float*,
-                     index_t);
-  void (*transpose_tile)(const float*, index_t, index_t, index_t, float*, index_t);
   void (*tile_softmax)(float*, index_t, index_t, index_t, float*, float*, float*, float*);
-  void (*head_columns)(const float*, index_t, index_t, const float*, index_t, bool, float*, float*,
-                       float*, double*);
   void (*decode_dots)(const float*, index_t, index_t, const float*, index_t, index_t, float, float*,
                       index_t);
-  void (*transpose_tile_b)(const bfloat16*, index_t, index_t, index_t, float*, index_t);
   void (*decode_dots_b)(const float*, index_t, index_t, const bfloat16*, index_t, index_t, float,
                         float*, index_t);
 #if CAKE_SIMD_HAS_HALF
-  void (*transpose_tile_h)(const _Float16*, index_t, index_t, index_t, float*, index_t);
   void (*decode_dots_h)(const float*, index_t, index_t, const _Float16*, index_t, index_t, float,
                         float*, index_t);
+#endif
+  // Window statistics with the rows in lanes (simd_body.hpp): rows per pair, keys per
+  // micro-tile and keys per tile of pair_tile.
+  index_t pr, kt, tk;
+  void (*pair_tile)(const float*, index_t, const float*, index_t, index_t, index_t, index_t,
+                    const float*, float, float*, float*, float*, float*, index_t,
+                    float* const (&)[4], const void*, index_t);
+  void (*combine_rows)(const float*, const float*, const float*, const float*, index_t, index_t,
+                       float*, double*);
+  void (*head_columns_lanes)(const float*, index_t, index_t, const float*, index_t, index_t, bool,
+                             float*, float*, double*);
+  void (*widen_rows_b)(const bfloat16*, index_t, index_t, index_t, float*);
+#if CAKE_SIMD_HAS_HALF
+  void (*widen_rows_h)(const _Float16*, index_t, index_t, index_t, float*);
 #endif
 };
 
@@ -91,20 +98,31 @@ namespace cake::detail::simd {
 inline const kernels* active_kernels() noexcept {
 #if CAKE_HOST_X86_DISPATCH
   static constexpr kernels k2 {
-    avx2::VW, &avx2::score_tile, &avx2::transpose_tile, &avx2::tile_softmax, &avx2::head_columns,
-        &avx2::decode_dots, &avx2::transpose_tile_b, &avx2::decode_dots_b
+    avx2::VW, &avx2::tile_softmax, &avx2::decode_dots, &avx2::decode_dots_b
 #if CAKE_SIMD_HAS_HALF
         ,
-        &avx2::transpose_tile_h, &avx2::decode_dots_h
+        &avx2::decode_dots_h
+#endif
+        ,
+        avx2::PR, avx2::KT, avx2::TK, &avx2::pair_tile, &avx2::combine_rows,
+        &avx2::head_columns_lanes, &avx2::widen_rows_b
+#if CAKE_SIMD_HAS_HALF
+        ,
+        &avx2::widen_rows_h
 #endif
   };
   static constexpr kernels k512 {
-    avx512::VW, &avx512::score_tile, &avx512::transpose_tile, &avx512::tile_softmax,
-        &avx512::head_columns, &avx512::decode_dots, &avx512::transpose_tile_b,
-        &avx512::decode_dots_b
+    avx512::VW, &avx512::tile_softmax, &avx512::decode_dots, &avx512::decode_dots_b
 #if CAKE_SIMD_HAS_HALF
         ,
-        &avx512::transpose_tile_h, &avx512::decode_dots_h
+        &avx512::decode_dots_h
+#endif
+        ,
+        avx512::PR, avx512::KT, avx512::TK, &avx512::pair_tile, &avx512::combine_rows,
+        &avx512::head_columns_lanes, &avx512::widen_rows_b
+#if CAKE_SIMD_HAS_HALF
+        ,
+        &avx512::widen_rows_h
 #endif
   };
   switch (active_host_isa()) {

@@ -13,6 +13,14 @@ typedef float VU __attribute__((vector_size(VW * 4), aligned(4), may_alias));  /
 
 CAKE_ALWAYS_INLINE V load(const float* p) { return *reinterpret_cast<const VU*>(p); }
 CAKE_ALWAYS_INLINE void store(float* p, V v) { *reinterpret_cast<VU*>(p) = v; }
+// A store that bypasses the caches (p aligned to a vector): for data read back much later.
+CAKE_ALWAYS_INLINE void store_nt(float* p, V v) {
+#if CAKE_SIMD_VW == 16
+  _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+#else
+  _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
+#endif
+}
 CAKE_ALWAYS_INLINE V iota() {
   V v;
   for (index_t l = 0; l < VW; ++l) v[l] = static_cast<float>(l);
@@ -56,17 +64,6 @@ CAKE_ALWAYS_INLINE V load_key(const bfloat16* p) {
       _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 #endif
 }
-CAKE_ALWAYS_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-CAKE_ALWAYS_INLINE __m256 load8(const bfloat16* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(
-      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-#if CAKE_SIMD_HAS_HALF
-CAKE_ALWAYS_INLINE __m256 load8(const _Float16* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-#endif
-
 CAKE_ALWAYS_INLINE V vmax(V a, V b) { return a > b ? a : b; }
 CAKE_ALWAYS_INLINE V vmin(V a, V b) { return a < b ? a : b; }
 CAKE_ALWAYS_INLINE float hsum(V v) {
@@ -103,6 +100,33 @@ CAKE_ALWAYS_INLINE V exp_v(V x) {
   return under ? splat(0.0f) : y;
 }
 
+// exp_v for the softmax's x = logit - max <= 0 (or -inf): the same reduction and
+// polynomial, with AVX-512's rounding and 2^n scaling instructions (exact) and the
+// underflow to 0 below -87.3 as a zeroing mask: 5 instructions fewer. AVX2: exp_v.
+CAKE_ALWAYS_INLINE V exp_neg(V x) {
+#if CAKE_SIMD_VW == 16
+  const __m512 xv = reinterpret_cast<__m512>(x);
+  const __mmask16 live = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+  // (the zero-masked form: GCC 12 warns that the plain one reads an undefined vector)
+  const V n = reinterpret_cast<V>(_mm512_maskz_roundscale_ps(
+      0xffff, _mm512_mul_ps(xv, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT));
+  V r = fma(n, splat(-0.693359375f), x);
+  r = fma(n, splat(2.12194440e-4f), r);
+  const V z = r * r;
+  V y = splat(1.9875691500e-4f);
+  y = fma(y, r, splat(1.3981999507e-3f));
+  y = fma(y, r, splat(8.3334519073e-3f));
+  y = fma(y, r, splat(4.1665795894e-2f));
+  y = fma(y, r, splat(1.6666665459e-1f));
+  y = fma(y, r, splat(5.0000001201e-1f));
+  y = fma(y, z, r + splat(1.0f));
+  return reinterpret_cast<V>(
+      _mm512_maskz_scalef_ps(live, reinterpret_cast<__m512>(y), reinterpret_cast<__m512>(n)));
+#else
+  return exp_v(x);
+#endif
+}
+
 CAKE_ALWAYS_INLINE V log_v(V x) {
   const VI bits = reinterpret_cast<VI>(x);
   VI e = ((bits >> 23) & 0xff) - 126;
@@ -126,94 +150,6 @@ CAKE_ALWAYS_INLINE V log_v(V x) {
   y = fma(splat(-0.5f), z, y);
   return fma(fe, splat(0.693359375f), m + y);
 }
-
-// Rows of a score micro-tile: 8 with 32 registers (AVX-512), 4 with 16 (AVX2);
-// two vectors of keys each, so the accumulators fill most of the register file.
-inline constexpr index_t RB = VW == 16 ? 8 : 4;
-inline constexpr index_t CB = 2 * VW;
-
-// out[r][c] = scale * (q[r] . kt[:, c]) for r < rows (a multiple of 8), c < cols (a
-// multiple of 32). q: (rows, d) row-major; kt: (d, kt_ld), K transposed.
-inline void score_tile(const float* CAKE_RESTRICT q, index_t rows, index_t d,
-                       const float* CAKE_RESTRICT kt, index_t kt_ld, index_t cols, float scale,
-                       float* CAKE_RESTRICT out, index_t ld) {
-  for (index_t c0 = 0; c0 < cols; c0 += CB)
-    for (index_t r0 = 0; r0 < rows; r0 += RB) {
-      V acc0[RB], acc1[RB];
-#pragma GCC unroll 8
-      for (index_t r = 0; r < RB; ++r) acc0[r] = acc1[r] = splat(0.0f);
-      const float* qr = q + r0 * d;
-      const float* kc = kt + c0;
-      for (index_t x = 0; x < d; ++x) {
-        const V k0 = load(kc + x * kt_ld), k1 = load(kc + x * kt_ld + VW);
-#pragma GCC unroll 8
-        for (index_t r = 0; r < RB; ++r) {
-          const V qb = splat(qr[r * d + x]);
-          acc0[r] = fma(qb, k0, acc0[r]);
-          acc1[r] = fma(qb, k1, acc1[r]);
-        }
-      }
-      const V sc = splat(scale);
-#pragma GCC unroll 8
-      for (index_t r = 0; r < RB; ++r) {
-        store(out + (r0 + r) * ld + c0, acc0[r] * sc);
-        store(out + (r0 + r) * ld + c0 + VW, acc1[r] * sc);
-      }
-    }
-}
-
-// kt[x * kt_ld + j] = k[j * k_ld + x] for j < tj, x < d: a key tile transposed, in
-// 8 x 8 blocks held in registers (AVX; both paths have it), the edges one by one.
-template <class T>
-CAKE_ALWAYS_INLINE void transpose_tile_t(const T* CAKE_RESTRICT k, index_t k_ld, index_t tj,
-                                         index_t d, float* CAKE_RESTRICT kt, index_t kt_ld) {
-  const index_t tj8 = tj / 8 * 8, d8 = d / 8 * 8;
-  for (index_t j = 0; j < tj8; j += 8) {
-    for (index_t x = 0; x < d8; x += 8) {
-      const T* src = k + j * k_ld + x;
-      const __m256 r0 = load8(src), r1 = load8(src + k_ld), r2 = load8(src + 2 * k_ld),
-                   r3 = load8(src + 3 * k_ld), r4 = load8(src + 4 * k_ld),
-                   r5 = load8(src + 5 * k_ld), r6 = load8(src + 6 * k_ld),
-                   r7 = load8(src + 7 * k_ld);
-      const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
-                   t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
-                   t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
-                   t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee),
-                   u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee),
-                   u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee),
-                   u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
-      float* dst = kt + x * kt_ld + j;
-      _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
-      _mm256_storeu_ps(dst + kt_ld, _mm256_permute2f128_ps(u1, u5, 0x20));
-      _mm256_storeu_ps(dst + 2 * kt_ld, _mm256_permute2f128_ps(u2, u6, 0x20));
-      _mm256_storeu_ps(dst + 3 * kt_ld, _mm256_permute2f128_ps(u3, u7, 0x20));
-      _mm256_storeu_ps(dst + 4 * kt_ld, _mm256_permute2f128_ps(u0, u4, 0x31));
-      _mm256_storeu_ps(dst + 5 * kt_ld, _mm256_permute2f128_ps(u1, u5, 0x31));
-      _mm256_storeu_ps(dst + 6 * kt_ld, _mm256_permute2f128_ps(u2, u6, 0x31));
-      _mm256_storeu_ps(dst + 7 * kt_ld, _mm256_permute2f128_ps(u3, u7, 0x31));
-    }
-    for (index_t x = d8; x < d; ++x)
-      for (index_t jj = j; jj < j + 8; ++jj)
-        kt[x * kt_ld + jj] = static_cast<float>(k[jj * k_ld + x]);
-  }
-  for (index_t j = tj8; j < tj; ++j)
-    for (index_t x = 0; x < d; ++x) kt[x * kt_ld + j] = static_cast<float>(k[j * k_ld + x]);
-}
-inline void transpose_tile(const float* CAKE_RESTRICT k, index_t k_ld, index_t tj, index_t d,
-                           float* CAKE_RESTRICT kt, index_t kt_ld) {
-  transpose_tile_t(k, k_ld, tj, d, kt, kt_ld);
-}
-inline void transpose_tile_b(const bfloat16* CAKE_RESTRICT k, index_t k_ld, index_t tj, index_t d,
-                             float* CAKE_RESTRICT kt, index_t kt_ld) {
-  transpose_tile_t(k, k_ld, tj, d, kt, kt_ld);
-}
-#if CAKE_SIMD_HAS_HALF
-inline void transpose_tile_h(const _Float16* CAKE_RESTRICT k, index_t k_ld, index_t tj, index_t d,
-                             float* CAKE_RESTRICT kt, index_t kt_ld) {
-  transpose_tile_t(k, k_ld, tj, d, kt, kt_ld);
-}
-#endif
 
 // One row's piece of a score tile: keys [0, cnt) are visible (cnt >= 1), keys
 // [cnt, cols) masked; cols a multiple of VW. Writes e = exp(s - m) (0 where masked)
@@ -250,42 +186,6 @@ inline void tile_softmax(float* CAKE_RESTRICT row, index_t cnt, index_t cols, in
   *sum_out = hsum(sv);
   *ep_out = hsum(pv);
   *es_out = hsum(qv);
-}
-
-// Column statistics of one head over n prefix keys of a tile: rows i < w of p
-// (pitch ld) hold e values that become probabilities times c[i]. Writes the mean
-// and (if var) the unbiased variance over the rows of each key to mean[0..n) and
-// m2[0..n) (and up to the next multiple of VW, which the caller ignores); adds the
-// variances to *var_sum. tmp: w * VW floats.
-inline void head_columns(const float* CAKE_RESTRICT p, index_t ld, index_t w,
-                         const float* CAKE_RESTRICT c, index_t n, bool var,
-                         float* CAKE_RESTRICT mean, float* CAKE_RESTRICT m2,
-                         float* CAKE_RESTRICT tmp, double* var_sum) {
-  const V lane = iota();
-  const V inv_w = splat(1.0f / static_cast<float>(w));
-  const V inv_w1 = splat(1.0f / static_cast<float>(w - 1));
-  V vv = splat(0.0f);
-  for (index_t j = 0; j < n; j += VW) {
-    V s = splat(0.0f);
-    for (index_t i = 0; i < w; ++i) {
-      const V pv = load(p + i * ld + j) * splat(c[i]);
-      store(tmp + i * VW, pv);
-      s += pv;
-    }
-    const V mu = s * inv_w;
-    store(mean + j, mu);
-    if (var) {
-      V q = splat(0.0f);
-      for (index_t i = 0; i < w; ++i) {
-        const V dv = load(tmp + i * VW) - mu;
-        q = fma(dv, dv, q);
-      }
-      q = q * inv_w1;
-      store(m2 + j, q);
-      vv += (lane < splat(static_cast<float>(n - j))) ? q : splat(0.0f);
-    }
-  }
-  *var_sum += static_cast<double>(hsum(vv));
 }
 
 // Sums of 8 vectors' lanes: out[a] = sum of acc[a].
@@ -391,5 +291,297 @@ inline void decode_dots_h(const float* CAKE_RESTRICT q, index_t rows, index_t d,
   decode_dots_t(q, rows, d, k, k_ld, n, scale, out, ld);
 }
 #endif
+
+// ---------------------------------------------------------------- window statistics
+// The window rows of a GQA group in lanes: each key's scores against VW rows are one
+// vector, so the row-wise softmax pieces (max, sums) are lane-wise and need no
+// horizontal step, K is read in place (each key value broadcast, no transpose), and
+// a key's probabilities over a head's rows sit side by side for the column pass.
+
+// Rows per pair (the micro-tile's two row vectors), keys per micro-tile (2 * KT
+// accumulators: 16 of AVX-512's 32 registers, 12 of AVX2's 16) and keys per tile (a
+// multiple of both KT and VW; the scores of one pair and tile stay in L1).
+inline constexpr index_t PR = 2 * VW;
+inline constexpr index_t KT = VW == 16 ? 8 : 6;
+inline constexpr index_t TK = VW == 16 ? 128 : 96;
+
+// Scores of one pair against KT keys: acc[t][v] = q_v . k_t, q (d, PR): the pair's rows
+// transposed; k_t = k + t * k_ld.
+CAKE_ALWAYS_INLINE void pair_block(const float* CAKE_RESTRICT qt, index_t d,
+                                   const float* CAKE_RESTRICT k, index_t k_ld, V (&acc)[KT][2]) {
+#pragma GCC unroll 8
+  for (index_t t = 0; t < KT; ++t) acc[t][0] = acc[t][1] = splat(0.0f);
+  for (index_t x = 0; x < d; ++x) {
+    const V q0 = load(qt + x * PR), q1 = load(qt + x * PR + VW);
+#pragma GCC unroll 8
+    for (index_t t = 0; t < KT; ++t) {
+      const V kb = splat(k[t * k_ld + x]);
+      acc[t][0] = fma(q0, kb, acc[t][0]);
+      acc[t][1] = fma(q1, kb, acc[t][1]);
+    }
+  }
+}
+
+// One pair of row vectors against one tile of nk keys (1 <= nk <= TK) starting at key
+// j0 of the prompt: P = S - w prefix keys; row i (lane's ri) sees keys j <= P + i
+// (padding lanes carry a huge ri). qt: (d, PR); k: key rows of pitch k_ld; kpad: KT * d
+// floats of scratch; buf: TK * PR floats of scratch. For each lane, with m its largest
+// visible scaled score in the tile: writes e = exp(scale * score - m) of the prefix
+// keys (j < P) to e_v[t * e_ld] (e_v null: not stored), and m (-inf when the lane sees
+// none of the tile), the sum of e over the visible keys, and over the prefix keys the
+// sums of e and of e * (scale * score - m) to st[0..3][lane].
+inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAKE_RESTRICT k,
+                      index_t k_ld, index_t nk, index_t j0, index_t P,
+                      const float* CAKE_RESTRICT ri, float scale, float* CAKE_RESTRICT kpad,
+                      float* CAKE_RESTRICT buf, float* e0, float* e1, index_t e_ld,
+                      float* const (&st)[4], const void* pf, index_t pf_bytes) {
+  const V ninf = splat(-__builtin_inff());
+  const V r0 = load(ri), r1 = load(ri + VW);
+  V mx0 = ninf, mx1 = ninf;
+  // pf_bytes from pf (the next tile's keys) fetched into cache a slice per micro-tile,
+  // so that reading K from memory overlaps with the products
+  const index_t pf_lines = (pf_bytes + 63) / 64, per_block = (pf_lines + TK / KT - 1) / (TK / KT);
+  for (index_t b = 0; b < nk; b += KT) {
+    for (index_t l = (b / KT) * per_block, e = l + per_block; l < e && l < pf_lines; ++l)
+      __builtin_prefetch(reinterpret_cast<const char*>(pf) + 64 * l);
+    const index_t cnt = nk - b < KT ? nk - b : KT;
+    const float* kb = k + b * k_ld;
+    index_t kld = k_ld;
+    if (cnt < KT) {  // the tile's last keys: a zero-padded copy, so the block stays whole
+      for (index_t t = 0; t < KT; ++t)
+        for (index_t x = 0; x < d; ++x) kpad[t * d + x] = t < cnt ? kb[t * k_ld + x] : 0.0f;
+      kb = kpad;
+      kld = d;
+    }
+    V acc[KT][2];
+    pair_block(qt, d, kb, kld, acc);
+    // first key of the block some row cannot see: j > P + i for i = 0
+    const bool masked = j0 + b + cnt - 1 > P;
+#pragma GCC unroll 8
+    for (index_t t = 0; t < KT; ++t) {
+      if (t >= cnt) break;
+      V s0 = acc[t][0], s1 = acc[t][1];
+      if (masked) {
+        const V lim = splat(static_cast<float>(j0 + b + t - P));  // row i sees it iff i >= lim
+        s0 = r0 < lim ? ninf : s0;
+        s1 = r1 < lim ? ninf : s1;
+      }
+      store(buf + (b + t) * PR, s0);
+      store(buf + (b + t) * PR + VW, s1);
+      mx0 = vmax(mx0, s0);
+      mx1 = vmax(mx1, s1);
+    }
+  }
+  const V sc = splat(scale), zero = splat(0.0f);
+  // x = (score - max) * scale: <= 0, and 0 at the max, however large the scores (an fma
+  // of score * scale - m would leave the rounding error of m, huge for huge scores). A
+  // lane that sees none of the tile gets m = -inf (st) and max 0 here (its e are 0).
+  const V m0 = mx0 * sc, m1 = mx1 * sc;
+  const V b0 = mx0 == ninf ? zero : mx0, b1 = mx1 == ninf ? zero : mx1;
+  V s0 = zero, s1 = zero, p0 = zero, p1 = zero, q0 = zero, q1 = zero;
+  const index_t npre = P - j0 < nk ? (P - j0 > 0 ? P - j0 : 0) : nk;
+  index_t t = 0;
+  for (; t < npre; ++t) {
+    const V x0 = (load(buf + t * PR) - b0) * sc, x1 = (load(buf + t * PR + VW) - b1) * sc;
+    const V y0 = exp_neg(x0), y1 = exp_neg(x1);
+    if (e0) store_nt(e0 + t * e_ld, y0);
+    if (e1) store_nt(e1 + t * e_ld, y1);
+    s0 += y0;
+    s1 += y1;
+    q0 = fma(y0, x0, q0);
+    q1 = fma(y1, x1, q1);
+  }
+  p0 = s0;
+  p1 = s1;
+  for (; t < nk; ++t) {  // window keys: masked scores are -inf, so e = 0
+    s0 += exp_neg((load(buf + t * PR) - b0) * sc);
+    s1 += exp_neg((load(buf + t * PR + VW) - b1) * sc);
+  }
+  _mm_sfence();
+  store(st[0], mx0 == ninf ? ninf : m0);
+  store(st[0] + VW, mx1 == ninf ? ninf : m1);
+  store(st[1], s0);
+  store(st[1] + VW, s1);
+  store(st[2], p0);
+  store(st[2] + VW, p1);
+  store(st[3], q0);
+  store(st[3] + VW, q1);
+}
+
+// Key rows widened to float: out[t * d + x] = k[t * k_ld + x] for t < nk.
+template <class T>
+CAKE_ALWAYS_INLINE void widen_rows_t(const T* CAKE_RESTRICT k, index_t k_ld, index_t nk, index_t d,
+                                     float* CAKE_RESTRICT out) {
+  for (index_t t = 0; t < nk; ++t) {
+    index_t x = 0;
+    for (; x + VW <= d; x += VW) store(out + t * d + x, load_key(k + t * k_ld + x));
+    for (; x < d; ++x) out[t * d + x] = static_cast<float>(k[t * k_ld + x]);
+  }
+}
+inline void widen_rows_b(const bfloat16* CAKE_RESTRICT k, index_t k_ld, index_t nk, index_t d,
+                         float* CAKE_RESTRICT out) {
+  widen_rows_t(k, k_ld, nk, d, out);
+}
+#if CAKE_SIMD_HAS_HALF
+inline void widen_rows_h(const _Float16* CAKE_RESTRICT k, index_t k_ld, index_t nk, index_t d,
+                         float* CAKE_RESTRICT out) {
+  widen_rows_t(k, k_ld, nk, d, out);
+}
+#endif
+
+typedef double VD __attribute__((vector_size(VW * 8)));
+
+// Per lane (row) r < R (a multiple of VW) over the T tiles of st ([4][T][R], as
+// pair_tile wrote them): the row's max M and sum L = sum_t tsum_t exp(m_t - M) (in
+// double), then c[t][r] = exp(m_t - M) / L, the factor that turns the tile's e into
+// probabilities (0 where the tile is masked), and out[0..2][r] = L, the sum of p over
+// the prefix and the sum of p * (logit - M) over the prefix (what the entropy needs:
+// ln p = logit - M - ln L).
+inline void combine_rows(const float* CAKE_RESTRICT tmax, const float* CAKE_RESTRICT tsum,
+                         const float* CAKE_RESTRICT tep, const float* CAKE_RESTRICT tes, index_t T,
+                         index_t R, float* CAKE_RESTRICT c, double* CAKE_RESTRICT out) {
+  const V ninf = splat(-__builtin_inff()), zero = splat(0.0f);
+  for (index_t r = 0; r < R; r += VW) {
+    V m = ninf;
+    for (index_t t = 0; t < T; ++t) m = vmax(m, load(tmax + t * R + r));
+    VD l = __builtin_convertvector(zero, VD);
+    for (index_t t = 0; t < T; ++t) {
+      const V f = exp_v(load(tmax + t * R + r) - m);  // 0 for a masked tile (m_t = -inf)
+      store(c + t * R + r, f);
+      l += __builtin_convertvector(load(tsum + t * R + r) * f, VD);
+    }
+    VD sp = __builtin_convertvector(zero, VD), sps = sp;
+    const VD inv_l = 1.0 / l;
+    for (index_t t = 0; t < T; ++t) {
+      const V f = load(c + t * R + r);
+      const VD ct = __builtin_convertvector(f, VD) * inv_l;
+      const V dm = f > zero ? load(tmax + t * R + r) - m : zero;
+      sp += ct * __builtin_convertvector(load(tep + t * R + r), VD);
+      sps += ct * __builtin_convertvector(load(tes + t * R + r) + dm * load(tep + t * R + r), VD);
+      store(c + t * R + r, __builtin_convertvector(ct, V));
+    }
+    for (index_t l2 = 0; l2 < VW; ++l2) {
+      out[r + l2] = l[l2];
+      out[R + r + l2] = sp[l2];
+      out[2 * R + r + l2] = sps[l2];
+    }
+  }
+}
+
+// Sums of the lanes of VW vectors, one per output lane: a[s]'s lanes land in lane
+// reduce_key(s) (the order the shuffle tree below leaves: output lane 4 q + r, q < VW / 4
+// the 128-bit quarter, holds a[q + (VW / 4) r]).
+CAKE_ALWAYS_INLINE constexpr index_t reduce_key(index_t s) {
+  return 4 * (s % (VW / 4)) + s / (VW / 4);
+}
+CAKE_ALWAYS_INLINE V reduce_lanes(const V* a) {
+#if CAKE_SIMD_VW == 16
+  __m512 u[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // halves: [x lo + x hi | y lo + y hi]
+    const __m512 x = reinterpret_cast<__m512>(a[2 * i]), y = reinterpret_cast<__m512>(a[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, x, y, 0x44),
+                         _mm512_maskz_shuffle_f32x4(0xffff, x, y, 0xee));
+  }
+  __m512 w4[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)  // 128-bit quarters: one vector per quarter
+    w4[i] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(0xffff, u[2 * i], u[2 * i + 1], 0x88),
+                          _mm512_maskz_shuffle_f32x4(0xffff, u[2 * i], u[2 * i + 1], 0xdd));
+  __m512 w2[2];
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    w2[i] = _mm512_add_ps(_mm512_maskz_shuffle_ps(0xffff, w4[2 * i], w4[2 * i + 1], 0x88),
+                          _mm512_maskz_shuffle_ps(0xffff, w4[2 * i], w4[2 * i + 1], 0xdd));
+  return reinterpret_cast<V>(_mm512_add_ps(_mm512_maskz_shuffle_ps(0xffff, w2[0], w2[1], 0x88),
+                                           _mm512_maskz_shuffle_ps(0xffff, w2[0], w2[1], 0xdd)));
+#else
+  __m256 u[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m256 x = reinterpret_cast<__m256>(a[2 * i]), y = reinterpret_cast<__m256>(a[2 * i + 1]);
+    u[i] = _mm256_add_ps(_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31));
+  }
+  __m256 w2[2];
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    w2[i] = _mm256_add_ps(_mm256_shuffle_ps(u[2 * i], u[2 * i + 1], 0x88),
+                          _mm256_shuffle_ps(u[2 * i], u[2 * i + 1], 0xdd));
+  return reinterpret_cast<V>(
+      _mm256_add_ps(_mm256_shuffle_ps(w2[0], w2[1], 0x88), _mm256_shuffle_ps(w2[0], w2[1], 0xdd)));
+#endif
+}
+
+// Column statistics of one head over n prefix keys (n <= a multiple of VW the buffers
+// hold): e (keys, pitch nv * VW floats) holds the head's rows in lanes, nv vectors per
+// key, rows >= w padding; c[t * c_ld + lane]: the rows' factors for the keys of tile t
+// (keys t * TK ...; e starts at a tile boundary). Writes the mean over the w rows and (if
+// var) the unbiased variance of each key's probabilities to mean[j] and m2[j] (up to the
+// next multiple of VW); adds the variances of the n keys to *var_sum. NV: nv fixed at
+// compile time (0: nv at run time).
+template <index_t NV>
+CAKE_ALWAYS_INLINE void head_columns_t(const float* CAKE_RESTRICT e, index_t nv_rt, index_t w,
+                                       const float* CAKE_RESTRICT c, index_t c_ld, index_t n,
+                                       bool var, float* CAKE_RESTRICT mean, float* CAKE_RESTRICT m2,
+                                       double* var_sum) {
+  const index_t nv = NV > 0 ? NV : nv_rt, e_ld = nv * VW;
+  const V lane = iota(), zero = splat(0.0f);
+  const V inv_w = splat(1.0f / static_cast<float>(w));
+  const V inv_w1 = splat(1.0f / static_cast<float>(w - 1));
+  const index_t last = nv - 1;  // the vector that may hold padding rows
+  const VI keep = lane < splat(static_cast<float>(w - last * VW));
+  V vv = zero;
+  for (index_t j = 0; j < n; j += VW) {
+    const float* ct = c + (j / TK) * c_ld;
+    const float* ej0 = e + j * e_ld;
+    // the keys two steps on: streams from memory while these are reduced
+    for (index_t l = 0; l < VW * e_ld; l += 16) __builtin_prefetch(ej0 + 2 * VW * e_ld + l);
+    V a[VW];
+#pragma GCC unroll 16
+    for (index_t s = 0; s < VW; ++s) {
+      const float* ej = ej0 + reduce_key(s) * e_ld;
+      V acc = zero;
+      for (index_t v = 0; v < last; ++v) acc = fma(load(ej + v * VW), load(ct + v * VW), acc);
+      const V pl = load(ej + last * VW) * load(ct + last * VW);
+      a[s] = acc + (keep ? pl : zero);
+    }
+    const V mu = reduce_lanes(a) * inv_w;
+    store(mean + j, mu);
+    if (!var) continue;
+#pragma GCC unroll 16
+    for (index_t s = 0; s < VW; ++s) {
+      const index_t key = reduce_key(s);
+      const float* ej = ej0 + key * e_ld;
+      const V mk = splat(mean[j + key]);
+      V acc = zero;
+      for (index_t v = 0; v < last; ++v) {
+        const V dv = fma(load(ej + v * VW), load(ct + v * VW), -mk);
+        acc = fma(dv, dv, acc);
+      }
+      V dv = fma(load(ej + last * VW), load(ct + last * VW), -mk);
+      dv = keep ? dv : zero;
+      a[s] = fma(dv, dv, acc);
+    }
+    const V q = reduce_lanes(a) * inv_w1;
+    store(m2 + j, q);
+    vv += lane < splat(static_cast<float>(n - j)) ? q : zero;
+  }
+  *var_sum += static_cast<double>(hsum(vv));
+}
+inline void head_columns_lanes(const float* CAKE_RESTRICT e, index_t nv, index_t w,
+                               const float* CAKE_RESTRICT c, index_t c_ld, index_t n, bool var,
+                               float* CAKE_RESTRICT mean, float* CAKE_RESTRICT m2,
+                               double* var_sum) {
+  switch (nv) {  // a window of 32 rows: 2 vectors (AVX-512), 4 (AVX2)
+    case 1:
+      return head_columns_t<1>(e, nv, w, c, c_ld, n, var, mean, m2, var_sum);
+    case 2:
+      return head_columns_t<2>(e, nv, w, c, c_ld, n, var, mean, m2, var_sum);
+    case 4:
+      return head_columns_t<4>(e, nv, w, c, c_ld, n, var, mean, m2, var_sum);
+    default:
+      return head_columns_t<0>(e, nv, w, c, c_ld, n, var, mean, m2, var_sum);
+  }
+}
 
 }  // namespace cake::detail::simd::CAKE_SIMD_NS

@@ -12,6 +12,12 @@
 //                                           head-wise budgets: rows are then padded)
 //   budget(l), tokens_held(l), bytes_held(l), preference(l), stage_budgets()
 //
+// Paged (host): a layer prefilled with paged_kv (an engine's K/V pools and block
+// table, core/paged.hpp) keeps its tokens in those pools, in place:
+//   prefill(layer, q_window, paged_kv)      the prompt read where the engine wrote it
+//   decode(layer, q, k, v, table)           the table with room for the new token
+//   table(l) / freed(l)                     the blocks held, and the tail released
+//
 // Every call validates its input first and leaves the cache unchanged when it throws.
 // prefill is plan then commit: detail/prefill_plan.hpp decides budgets and per-layer
 // actions on the host, everything the plan needs is allocated, then it is committed.
@@ -163,7 +169,7 @@ class KvCache {
     Layer lent;  // the pools and the cache's copy of the table, for the new layer
     lent.pool = pool_rows(kv);
     lent.table = copy_table(kv.table);
-    // Scoring reads a dense copy of the prompt's keys (values are never copied).
+    // Scoring reads a dense copy of the prompt's keys (the values are not copied).
     auto kbuf = Store::template make<T>(ex, rows * S * d);
     const auto keys = make_view<Space>(static_cast<const T*>(Store::ptr(kbuf)),
                                        std::array<index_t, 4>{B, Hkv, S, d});

@@ -183,6 +183,10 @@ struct layer_store<T, host_policy> {
     const index_t d = dst.d;
     const std::size_t row = static_cast<std::size_t>(d) * sizeof(T);
     const bool dense = !dst.is_paged() && !src.is_paged() && dst.k && dst.v;
+    if (!sel && !lens && base >= n && src.is_paged() && !dst.is_paged() && dst.k && !dst.pos) {
+      copy_out(dst, src, n);  // paged rows' first n slots into dense ones, block by block
+      return;
+    }
     for (index_t r = 0; r < dst.rows; ++r) {
       const index_t len = (lens ? lens[r] : 0) + base;
       for (index_t t = 0; t < std::min(n, len); ++t) {
@@ -339,6 +343,29 @@ struct layer_store<T, host_policy> {
     }
     if (s.pos) std::fill(s.pos + o + from, s.pos + o + to, index_t{-1});
     if (s.pos && s.ind) std::fill(s.ind + o + from, s.ind + o + to, 0.0f);
+  }
+  // dst's (dense) K, and V when it has one, take the first n slots of each paged row
+  // of src (those its blocks hold): a block's slots are one run of block_size rows.
+  static void copy_out(const slots<T>& dst, const slots<T>& src, index_t n) noexcept {
+    const paged_rows<T>& p = src.paged;
+    const index_t d = dst.d, bs = p.block_size;
+    for (index_t r = 0; r < dst.rows; ++r) {
+      const index_t end = std::min(n, p.room(r));
+      for (index_t t0 = 0; t0 < end; t0 += bs) {
+        const index_t m = std::min(bs, end - t0);
+        const auto run = [&](T* to, const T* from, index_t slot_stride) {
+          if (slot_stride == d) {
+            std::memcpy(to, from, static_cast<std::size_t>(m * d) * sizeof(T));
+          } else {
+            for (index_t i = 0; i < m; ++i)
+              std::memcpy(to + i * d, from + i * slot_stride,
+                          static_cast<std::size_t>(d) * sizeof(T));
+          }
+        };
+        run(dst.k + (r * dst.cap + t0) * d, p.key(r, t0), p.k_slot);
+        if (dst.v) run(dst.v + (r * dst.cap + t0) * d, p.value(r, t0), p.v_slot);
+      }
+    }
   }
   // One token's K or V row; either side null (no such slot): nothing.
   static void copy_slot(T* to, const T* from, std::size_t bytes) noexcept {

@@ -296,7 +296,8 @@ class RaggedKvCache {
     checked(layer);
     const index_t got = chunk_tokens_received(id, layer);
     if (got == s.prompt) return 0;
-    return s.mode == chunk_eviction::bounded ? s.bounded[static_cast<std::size_t>(layer)].n : got;
+    if (s.mode != chunk_eviction::bounded) return got;
+    return s.bounded.empty() ? 0 : s.bounded[static_cast<std::size_t>(layer)].n;  // none yet
   }
 
   // ---- decode --------------------------------------------------------------

@@ -641,6 +641,10 @@ TEST_CASE_TEMPLATE(
         ragged.add(
             s.id,
             {.cache_size = s.C, .prompt_length = s.S, .chunking = cake::chunk_eviction::bounded});
+      // Before any chunk nothing is held (the review found this query reading past
+      // the per-layer state, which exists only from the first chunk on).
+      for (const auto& s : seqs)
+        for (index_t l = 0; l < base.layers; ++l) CHECK(ragged.chunk_tokens_held(s.id, l) == 0);
       prefill_by_chunks(ragged, all, chunk, true);
       for (const auto& s : seqs) {
         CAPTURE(s.id);

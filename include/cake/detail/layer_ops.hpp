@@ -893,7 +893,10 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
                            std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
                                                   static_cast<index_t>(q.stride(1)), 1});
       const auto kv =
-          make_view<Space>(score_k + r0 * score_cap * d, std::array<index_t, 4>{bn, hk, held, d},
+          // score_k is null where nothing reads keys (a position indicator on a paged
+          // layer): no offset from null.
+          make_view<Space>(score_k ? score_k + r0 * score_cap * d : score_k,
+                           std::array<index_t, 4>{bn, hk, held, d},
                            std::array<index_t, 4>{Hkv * score_cap * d, score_cap * d, d, 1});
       const auto out = [&](index_t cols) {
         return make_view<Space>(sc + r0 * N, std::array<index_t, 3>{bn, hk, cols},

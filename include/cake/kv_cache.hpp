@@ -359,6 +359,14 @@ class KvCache {
   status validate_decode(index_t layer, Q&& q_new, K&& k_new, V&& v_new) const {
     return check_decode(layer, as_view(q_new), as_view(k_new), as_view(v_new));
   }
+  // The paged decode's checks, the table's included, without decoding.
+  template <tensor_like Q, tensor_like K, tensor_like V>
+  status validate_decode(index_t layer, Q&& q_new, K&& k_new, V&& v_new,
+                         const block_table<host_space>& table) const {
+    CAKE_TRY(check_decode(layer, as_view(q_new), as_view(k_new), as_view(v_new), true));
+    std::vector<std::pair<std::int32_t, index_t>> scratch;  // a const call: its own
+    return check_decode_table(layers_[static_cast<std::size_t>(layer)], table, scratch);
+  }
 
   // Appends the token to the layer; when the layer then holds more than its budget
   // plus the window (head-wise: in every row, always), the lowest-scored candidate
@@ -394,7 +402,7 @@ class KvCache {
     check_decode(layer, q, k, v, true).throw_if_error();
     check_value_type<decltype(k), decltype(v)>();
     const auto l = static_cast<std::size_t>(layer);
-    check_decode_table(layers_[l], table).throw_if_error();
+    check_decode_table(layers_[l], table, id_scratch_).throw_if_error();
     const Exec ex = res_.bind(exec_);
     // The lent table into the spare one (no allocation once the spare has grown), then
     // swapped in; the held one becomes the spare.
@@ -734,12 +742,13 @@ class KvCache {
   }
   // A paged decode's table: the blocks the layer holds first, its lengths, and room
   // for the new token.
-  status check_decode_table(const Layer& ly, const block_table<host_space>& t) {
+  status check_decode_table(const Layer& ly, const block_table<host_space>& t,
+                            std::vector<std::pair<std::int32_t, index_t>>& id_scratch) const {
     const index_t B = cfg_.batch, bs = ly.pool.block_size;
     CAKE_CHECK(t.num_seqs() == B, "cake.decode.table",
                "the block table must have one sequence per batch entry, batch = ", B, ", got ",
                t.num_seqs());
-    CAKE_TRY(validate_block_table(t, ly.pool.num_blocks, bs, id_scratch_));
+    CAKE_TRY(validate_block_table(t, ly.pool.num_blocks, bs, id_scratch));
     const detail::paged_table& held = ly.table;
     for (index_t s = 0; s < B; ++s) {
       const auto su = static_cast<std::size_t>(s);

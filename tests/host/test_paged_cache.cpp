@@ -324,6 +324,9 @@ TEST_CASE("paged KvCache: bad pools and tables are rejected before anything chan
   SUBCASE("decode: a held block replaced") {
     auto t = e.table(2);
     std::swap(e.t_ids[0], e.t_ids[1]);
+    const cake::status st = c.validate_decode(2, dq, dk, dv, t);  // reports, changes nothing
+    CHECK(st.id == "cake.decode.table");
+    CHECK(st.message.find("which holds tokens of sequence 0") != std::string::npos);
     rejects(
         c, e, [&] { c.decode(2, dq, dk, dv, t); }, "which holds tokens of sequence 0");
   }
@@ -352,6 +355,8 @@ TEST_CASE("paged KvCache: bad pools and tables are rejected before anything chan
     CHECK_THROWS_AS((void)c.values(2), cake::logic_error);
   }
   SUBCASE("decode: a good table after the rejected ones") {
+    CHECK(c.validate_decode(2, dq, dk, dv, e.table(2)).ok());
+    CHECK(c.validate_decode(2, dq, dk, dv).id == "cake.decode.table");  // paged: needs the table
     c.decode(2, dq, dk, dv, e.table(2));
     take_back(e, c);
   }

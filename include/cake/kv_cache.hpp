@@ -536,22 +536,28 @@ class KvCache {
     return l;
   }
 
+  // What every prefill checks first, dense or paged: the layer's turn and q_window.
+  template <class QV>
+  status check_prefill_layer(index_t layer, const QV& q) const {
+    CAKE_CHECK_STATE(next_layer_ < cfg_.layers, "cake.prefill.layer", "all ", cfg_.layers,
+                     " layers are already prefilled; call reset() before a new prompt");
+    CAKE_CHECK_STATE(layer == next_layer_, "cake.prefill.layer",
+                     "layers must be prefilled in order: expected layer ", next_layer_, ", got ",
+                     layer);
+    const index_t B = cfg_.batch, H = cfg_.q_heads, d = cfg_.head_dim, w = cfg_.window;
+    CAKE_CHECK(q.extent(0) == B && q.extent(1) == H && q.extent(2) == w && q.extent(3) == d,
+               "cake.prefill.q_window", "q_window must be (batch, q_heads, window, head_dim) = (",
+               B, ", ", H, ", ", w, ", ", d, "), got ", detail::shape_string(q));
+    return status::success();
+  }
   template <class QV, class KV, class VV>
   status check_prefill(index_t layer, const QV& q, const KV& k, const VV& v) const {
     static_assert(QV::rank() == 4 && KV::rank() == 4 && VV::rank() == 4,
                   "cake::KvCache::prefill: q_window, keys and values are rank 4: "
                   "(batch, heads, tokens, head_dim)");
     require_space<Exec, QV, KV, VV>();
-    CAKE_CHECK_STATE(next_layer_ < cfg_.layers, "cake.prefill.layer", "all ", cfg_.layers,
-                     " layers are already prefilled; call reset() before a new prompt");
-    CAKE_CHECK_STATE(layer == next_layer_, "cake.prefill.layer",
-                     "layers must be prefilled in order: expected layer ", next_layer_, ", got ",
-                     layer);
-    const index_t B = cfg_.batch, H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim,
-                  w = cfg_.window;
-    CAKE_CHECK(q.extent(0) == B && q.extent(1) == H && q.extent(2) == w && q.extent(3) == d,
-               "cake.prefill.q_window", "q_window must be (batch, q_heads, window, head_dim) = (",
-               B, ", ", H, ", ", w, ", ", d, "), got ", detail::shape_string(q));
+    CAKE_TRY(check_prefill_layer(layer, q));
+    const index_t B = cfg_.batch, Hkv = cfg_.kv_heads, d = cfg_.head_dim, w = cfg_.window;
     const index_t S = k.extent(2);
     CAKE_CHECK(k.extent(0) == B && k.extent(1) == Hkv && k.extent(3) == d, "cake.prefill.keys",
                "keys must be (batch, kv_heads, S, head_dim) = (", B, ", ", Hkv, ", S, ", d,
@@ -687,16 +693,8 @@ class KvCache {
                   "cake::KvCache::prefill: q_window is rank 4: "
                   "(batch, q_heads, window, head_dim)");
     require_space<Exec, QV>();
-    CAKE_CHECK_STATE(next_layer_ < cfg_.layers, "cake.prefill.layer", "all ", cfg_.layers,
-                     " layers are already prefilled; call reset() before a new prompt");
-    CAKE_CHECK_STATE(layer == next_layer_, "cake.prefill.layer",
-                     "layers must be prefilled in order: expected layer ", next_layer_, ", got ",
-                     layer);
-    const index_t B = cfg_.batch, H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim,
-                  w = cfg_.window;
-    CAKE_CHECK(q.extent(0) == B && q.extent(1) == H && q.extent(2) == w && q.extent(3) == d,
-               "cake.prefill.q_window", "q_window must be (batch, q_heads, window, head_dim) = (",
-               B, ", ", H, ", ", w, ", ", d, "), got ", detail::shape_string(q));
+    CAKE_TRY(check_prefill_layer(layer, q));
+    const index_t B = cfg_.batch, Hkv = cfg_.kv_heads, d = cfg_.head_dim, w = cfg_.window;
     CAKE_CHECK(inner_contiguous(q), "cake.prefill.q_window",
                "q_window must have unit stride along head_dim, got ", q.stride(3));
     const auto& kp = kv.k_pool;

@@ -157,6 +157,13 @@ class KvCache {
   // pools' views and a copy of the table: the pools must stay valid (and unmoved)
   // until reset() or the cache's end; the engine's table arrays need not. A copy of
   // the cache refers to the same pools (use one of them).
+  // The paged prefill's checks (layer, q_window, pools, table), without prefilling;
+  // the pools' contents are not read (prefill checks them when check_finite is set).
+  template <tensor_like Q>
+  status validate_prefill(index_t layer, Q&& q_window, const paged_kv<T>& kv) const {
+    return check_prefill_paged(layer, as_view(q_window), kv);
+  }
+
   template <tensor_like Q>
   void prefill(index_t layer, Q&& q_window, const paged_kv<T>& kv) {
     static_assert(std::is_same_v<Exec, host_policy>,

@@ -12,34 +12,53 @@
 //   sequence(id)                         the sequence's KvCache: budgets, stages,
 //                                        tokens held, positions, keys, values
 //
+// Paged (host): the K/V stay in the engine's block pools, one K and one V pool per
+// layer shared by every sequence, each sequence's blocks named by its entries of a
+// block table in FlashInfer's form (core/paged.hpp), one table per call:
+//   prefill(layer, ids, q_window, paged_kv)          the prompts, already in the pools
+//   prefill_chunk(layer, ids, q, paged_kv, cu_seqlens)
+//                                        a chunk of each prompt, written by the engine
+//   decode(layer, ids, q, k, v, table)   the tables with room for the new tokens
+//   table(id, l) / freed(id, l)          what the sequence holds, and the tail released
+//
 // Each sequence is a KvCache of batch 1 with its own cache size, preference,
 // budgets, cascade stages and decode state, so a ragged batch equals running every
 // sequence alone, token for token. KvCache itself keeps the reference's batch
 // semantics (one prompt length and one budget for a dense batch) for the golden cases.
 //
 // Inputs are read where they are: each sequence's part of a packed tensor is a
-// strided view into it. Chunked prefill is the exception: a layer's chunks are
-// staged until its prompt is complete (exact), or gathered with what the layer
-// holds (bounded); see prefill_chunk.
+// strided view into it, and on paged storage its part of the pools. Dense chunked
+// prefill is the exception: a layer's chunks are staged until its prompt is complete
+// (exact), or gathered with what the layer holds (bounded); see prefill_chunk.
 //
 // Every call validates all of its input and every sequence it names before any
 // sequence changes: bad input throws cake::error (naming the argument, the expected
-// and the actual value) and leaves every sequence as it was. What can fail after
-// validation is only what can fail inside KvCache::prefill/decode once its input is
-// valid (out of memory, a preference policy returning a non-finite value): that
-// sequence is unchanged, those before it in `ids` have taken the call.
-// Sequences are processed one after another, in the order of `ids` (deterministic;
-// each uses the cache's execution policy).
+// and the actual value) and leaves every sequence, and the pools, as they were. What
+// can fail after validation is only what can fail inside KvCache::prefill/decode once
+// its input is valid (out of memory, a preference policy returning a non-finite
+// value): that sequence is unchanged, and the error of the first such sequence in
+// `ids` is thrown once every sequence of the call has run; run one after another, the
+// sequences after it have not taken the call.
+//
+// Sequences run in parallel on the host (OpenMP, detail/parallel.hpp) when a call
+// names more than one, the policy lends no workspace (host_policy::workspace, which
+// serves one call at a time) and the call's work (about q_heads * head_dim * window
+// multiply-adds per prompt token, q_heads * head_dim per held token when decoding)
+// reaches host_policy::min_parallel_work; else one after another, in the order of
+// `ids`. The sequences share nothing but the pools, where each writes only its own
+// blocks (checked), so the results are the same bit for bit either way.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
 #include <span>
 #include <type_traits>
 #include <vector>
 
+#include "detail/parallel.hpp"
 #include "kv_cache.hpp"
 #include "policy/budget/uniform.hpp"
 #include "policy/preference/uniform.hpp"
@@ -120,6 +139,7 @@ class RaggedKvCache {
     pref_.validate().throw_if_error();
     budget_.validate().throw_if_error();
     ind_.validate().throw_if_error();
+    pools_.resize(static_cast<std::size_t>(cfg_.layers));
   }
 
   // ---- sequences -----------------------------------------------------------
@@ -174,11 +194,49 @@ class RaggedKvCache {
     const auto k = as_view(keys);
     const auto v = as_view(values);
     check_prefill(layer, ids, q, k, v, cu_seqlens).throw_if_error();
-    for (std::size_t i = 0; i < ids.size(); ++i) {
+    const std::vector<Sequence*> seq = sequences(ids);
+    each_sequence(ids.size(), prefill_work(cu_seqlens.back()), [&](std::size_t i) {
       const index_t b = cu_seqlens[i], S = cu_seqlens[i + 1] - b, ii = static_cast<index_t>(i);
-      seqs_.at(ids[i]).cache->prefill(layer, detail::batch_entry(q, ii),
-                                      detail::packed_rows(k, b, S), detail::packed_rows(v, b, S));
-    }
+      seq[i]->cache->prefill(layer, detail::batch_entry(q, ii), detail::packed_rows(k, b, S),
+                             detail::packed_rows(v, b, S));
+    });
+  }
+
+  // Paged (host): every named sequence's prompt is in the layer's pools already.
+  // q_window: (num_seqs, q_heads, window, head_dim)  each sequence's last w queries
+  // kv.k_pool, kv.v_pool: (num_blocks, kv_heads, block_size, head_dim) the layer's
+  //               pools, shared by every sequence (core/paged.hpp); the layer's first
+  //               paged call fixes them: later calls of the layer pass the same
+  // kv.table:     num_seqs sequences in the order of ids: sequence i's prompt is
+  //               seq_lens(i) tokens in the blocks its entries name
+  // No block may be named twice in the table, nor be one that another sequence of
+  // the batch holds (or fills by chunks) in the same pools. After the call table(id,
+  // layer) says what each sequence keeps and freed(id, layer) how many trailing entries
+  // of its part of kv.table it released (its earlier layers too, when a cascade cut
+  // them); the pools must stay valid and unmoved while a sequence holds a paged layer.
+  template <tensor_like Q>
+  status validate_prefill(index_t layer, std::span<const sequence_id> ids, Q&& q_window,
+                          const paged_kv<T>& kv) const {
+    std::vector<TablePart> parts;
+    std::vector<std::pair<std::int32_t, index_t>> by_id;
+    return check_prefill_paged(layer, ids, as_view(q_window), kv, parts, by_id);
+  }
+
+  template <tensor_like Q>
+  void prefill(index_t layer, std::span<const sequence_id> ids, Q&& q_window,
+               const paged_kv<T>& kv) {
+    static_assert(std::is_same_v<Exec, host_policy>,
+                  "cake::RaggedKvCache: paged storage is implemented on the host backend only");
+    const auto q = as_view(q_window);
+    check_prefill_paged(layer, ids, q, kv, parts_, by_id_).throw_if_error();
+    const std::vector<Sequence*> seq = sequences(ids);
+    index_t tokens = 0;
+    for (const TablePart& p : parts_) tokens += p.len;
+    bind_pools(layer, kv);
+    each_sequence(ids.size(), prefill_work(tokens), [&](std::size_t i) {
+      seq[i]->cache->prefill(layer, detail::batch_entry(q, static_cast<index_t>(i)),
+                             paged_kv<T>{kv.k_pool, kv.v_pool, parts_[i].view()});
+    });
   }
 
   // ---- chunked prefill -----------------------------------------------------
@@ -249,14 +307,15 @@ class RaggedKvCache {
         st = std::move(fresh);
       }
     }
-    for (std::size_t i = 0; i < ids.size(); ++i) {
-      Sequence& s = seqs_.at(ids[i]);
+    const std::vector<Sequence*> seq = sequences(ids);
+    each_sequence(ids.size(), chunk_work(ids, layer, cu_seqlens), [&](std::size_t i) {
+      Sequence& s = *seq[i];
       Staged& st = s.staged[l];
       const index_t b = cu_seqlens[i], n = cu_seqlens[i + 1] - b, S = s.prompt, at = st.received;
       if constexpr (on_host) {
         if (s.mode == chunk_eviction::bounded) {
           bounded_chunk(s, layer, q, k, v, b, n);
-          continue;
+          return;
         }
       }
       // keys, values: (kv_heads, S, head_dim) staged; q: (q_heads, w, head_dim), the
@@ -274,13 +333,83 @@ class RaggedKvCache {
                          Store::ptr(st.q) + (h * w + from - (S - w)) * d, d, to - from, d);
       if (to < S) {
         st.received = to;
-        continue;
+        return;
       }
       // The last chunk: the whole prompt of the layer is here.
       s.cache->prefill(layer, staged_queries(st), staged_prompt(st.k, S), staged_prompt(st.v, S));
       st = Staged{};
       st.received = S;  // done; its memory is freed
+    });
+  }
+
+  // Paged (host), exact chunking: the engine writes each chunk's K/V into the layer's
+  // pools itself; nothing is staged but the last w queries, and the layer is evicted
+  // in place at its last chunk, equal to the paged prefill of the whole prompt.
+  // q:          (total_tokens, q_heads, head_dim) the chunks' queries, packed
+  // cu_seqlens: (num_seqs + 1) int32 on the host: sequence i's chunk is q's tokens
+  //             [cu_seqlens[i], cu_seqlens[i + 1])
+  // kv:         the layer's pools (as prefill's) and a table of num_seqs sequences:
+  //             sequence i holds its prompt so far, seq_lens(i) = tokens before the
+  //             chunk + the chunk's, in blocks beginning with those that hold its
+  //             earlier chunks (in the same order)
+  // Between chunks the blocks are the engine's: freed(id, layer) and table(id,
+  // layer) exist from the layer's last chunk on; the blocks of earlier chunks count as
+  // the sequence's for the check that no block is named twice. Bounded chunking keeps
+  // its candidates in the cache (dense): its sequences take dense chunks.
+  template <tensor_like Q>
+  status validate_prefill_chunk(index_t layer, std::span<const sequence_id> ids, Q&& q,
+                                const paged_kv<T>& kv,
+                                std::span<const std::int32_t> cu_seqlens) const {
+    std::vector<TablePart> parts;
+    std::vector<std::pair<std::int32_t, index_t>> by_id;
+    return check_chunk_paged(layer, ids, as_view(q), kv, cu_seqlens, parts, by_id);
+  }
+
+  template <tensor_like Q>
+  void prefill_chunk(index_t layer, std::span<const sequence_id> ids, Q&& q_chunk,
+                     const paged_kv<T>& kv, std::span<const std::int32_t> cu_seqlens) {
+    static_assert(std::is_same_v<Exec, host_policy>,
+                  "cake::RaggedKvCache: paged storage is implemented on the host backend only");
+    const auto q = as_view(q_chunk);
+    check_chunk_paged(layer, ids, q, kv, cu_seqlens, parts_, by_id_).throw_if_error();
+    check_value_type<decltype(q), decltype(q)>();  // its window is staged
+    const auto l = static_cast<std::size_t>(layer);
+    const index_t H = cfg_.q_heads, d = cfg_.head_dim, w = cfg_.window, bs = kv.k_pool.extent(2);
+    const std::vector<Sequence*> seq = sequences(ids);
+    // Allocate every buffer the call needs before the first write.
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      Sequence& s = *seq[i];
+      if (s.staged.empty()) s.staged.resize(static_cast<std::size_t>(cfg_.layers));
+      Staged& st = s.staged[l];
+      if (st.received == 0 && Store::size(st.q) == 0) {
+        Staged fresh;
+        fresh.q = Store::template make<T>(exec_, H * w * d);
+        fresh.paged = true;
+        st = std::move(fresh);
+      }
+      st.lent.reserve(parts_[i].ids.size());
     }
+    bind_pools(layer, kv);
+    each_sequence(ids.size(), chunk_work(ids, layer, cu_seqlens), [&](std::size_t i) {
+      Sequence& s = *seq[i];
+      Staged& st = s.staged[l];
+      const index_t b = cu_seqlens[i], n = cu_seqlens[i + 1] - b, S = s.prompt, at = st.received;
+      const index_t from = std::max(at, S - w), to = at + n;  // positions of window queries
+      if (from < to)
+        for (index_t h = 0; h < H; ++h)
+          Store::copy_2d(exec_, &q(b + from - at, h, 0), static_cast<index_t>(q.stride(0)),
+                         Store::ptr(st.q) + (h * w + from - (S - w)) * d, d, to - from, d);
+      if (to < S) {  // the blocks holding tokens so far (reserved: no allocation)
+        const std::vector<std::int32_t>& ids_i = parts_[i].ids;
+        st.lent.assign(ids_i.begin(), ids_i.begin() + (to + bs - 1) / bs);
+        st.received = to;
+        return;
+      }
+      s.cache->prefill(layer, staged_queries(st),
+                       paged_kv<T>{kv.k_pool, kv.v_pool, parts_[i].view()});
+      st = Staged{};
+      st.received = S;
+    });
   }
 
   // Tokens of the layer's prompt received so far by chunks (S once complete).
@@ -307,7 +436,7 @@ class RaggedKvCache {
   template <tensor_like Q, tensor_like K, tensor_like V>
   status validate_decode(index_t layer, std::span<const sequence_id> ids, Q&& q, K&& k,
                          V&& v) const {
-    return check_decode(layer, ids, as_view(q), as_view(k), as_view(v));
+    return check_decode(layer, ids, as_view(q), as_view(k), as_view(v), nullptr, nullptr, nullptr);
   }
 
   template <tensor_like Q, tensor_like K, tensor_like V>
@@ -315,16 +444,48 @@ class RaggedKvCache {
     const auto q = as_view(q_new);
     const auto k = as_view(k_new);
     const auto v = as_view(v_new);
-    check_decode(layer, ids, q, k, v).throw_if_error();
-    for (std::size_t i = 0; i < ids.size(); ++i) {
+    check_decode(layer, ids, q, k, v, nullptr, nullptr, nullptr).throw_if_error();
+    const std::vector<Sequence*> seq = sequences(ids);
+    each_sequence(ids.size(), decode_work(seq, layer), [&](std::size_t i) {
       const auto ii = static_cast<index_t>(i);
-      Sequence& s = seqs_.at(ids[i]);
+      Sequence& s = *seq[i];
       s.cache->decode(layer, detail::batch_entry(q, ii), detail::batch_entry(k, ii),
                       detail::batch_entry(v, ii));
       if constexpr (on_host)
         if (!s.bounded.empty() && s.bounded[static_cast<std::size_t>(layer)].prompt > 0)
           original_positions(s, layer);
-    }
+    });
+  }
+
+  // Paged (host): the layer was prefilled paged for every named sequence; table has
+  // num_seqs sequences in the order of ids, sequence i's entries the blocks
+  // table(ids[i], layer) names, in order, then room for its new token (a new block
+  // where its last is full; a block no other sequence holds), seq_lens(i) what it
+  // holds now. The new tokens are written into the pools through it; freed(id, layer)
+  // then says how many trailing entries of the sequence's part of table it released.
+  template <tensor_like Q, tensor_like K, tensor_like V>
+  status validate_decode(index_t layer, std::span<const sequence_id> ids, Q&& q, K&& k, V&& v,
+                         const block_table<host_space>& table) const {
+    std::vector<TablePart> parts;
+    std::vector<std::pair<std::int32_t, index_t>> by_id;
+    return check_decode(layer, ids, as_view(q), as_view(k), as_view(v), &table, &parts, &by_id);
+  }
+
+  template <tensor_like Q, tensor_like K, tensor_like V>
+  void decode(index_t layer, std::span<const sequence_id> ids, Q&& q_new, K&& k_new, V&& v_new,
+              const block_table<host_space>& table) {
+    static_assert(std::is_same_v<Exec, host_policy>,
+                  "cake::RaggedKvCache: paged storage is implemented on the host backend only");
+    const auto q = as_view(q_new);
+    const auto k = as_view(k_new);
+    const auto v = as_view(v_new);
+    check_decode(layer, ids, q, k, v, &table, &parts_, &by_id_).throw_if_error();
+    const std::vector<Sequence*> seq = sequences(ids);
+    each_sequence(ids.size(), decode_work(seq, layer), [&](std::size_t i) {
+      const auto ii = static_cast<index_t>(i);
+      seq[i]->cache->decode(layer, detail::batch_entry(q, ii), detail::batch_entry(k, ii),
+                            detail::batch_entry(v, ii), parts_[i].view());
+    });
   }
 
   // ---- queries -------------------------------------------------------------
@@ -353,6 +514,17 @@ class RaggedKvCache {
     }
     return s.cache->positions(layer);
   }
+  // Paged layers (host): whether the sequence's layer was prefilled on the pools; its
+  // blocks, sequence 0 of the table (ids, seq_lens: the longest of its rows, shorter
+  // heads padded with zero K/V), valid until the sequence's next call; and how many
+  // trailing entries of the table the engine lent (or table(id, layer) showed before)
+  // the sequence's latest call released: the engine frees those blocks.
+  bool paged(sequence_id id, index_t layer) const { return sequence(id).paged(layer); }
+  block_table<host_space> table(sequence_id id, index_t layer) const {
+    return sequence(id).table(layer);
+  }
+  std::int32_t freed(sequence_id id, index_t layer) const { return sequence(id).freed(layer)[0]; }
+
   // Tokens held by every sequence, every layer (per kv-head row).
   index_t tokens_held() const noexcept {
     index_t n = 0;
@@ -367,9 +539,25 @@ class RaggedKvCache {
 
  private:
   struct Staged {
-    buffer<T> k, v;  // (kv_heads, S, head_dim) each
+    buffer<T> k, v;  // (kv_heads, S, head_dim) each; empty when paged
     buffer<T> q;     // (q_heads, w, head_dim): queries of positions [S - w, S)
     index_t received = 0;
+    bool paged = false;               // the chunks are in the engine's pools
+    std::vector<std::int32_t> lent;   // paged: the blocks holding the tokens received
+  };
+  // One sequence's entries of a call's block table, as a table of its own (batch 1).
+  struct TablePart {
+    std::int32_t indptr[2] = {0, 0};
+    std::int32_t len = 0;
+    std::vector<std::int32_t> ids;
+    block_table<host_space> view() const {
+      return make_block_table(indptr, ids.data(), &len, 1);
+    }
+  };
+  // A layer's pools, fixed by its first paged call.
+  struct Pools {
+    host_view<T, 4> k, v;
+    bool bound = false;
   };
   // Bounded chunking, per layer, on the host.
   struct Bounded {
@@ -388,6 +576,271 @@ class RaggedKvCache {
     std::vector<Staged> staged;    // per layer, while chunks come
     std::vector<Bounded> bounded;  // per layer, bounded chunking
   };
+
+  // ---- calls ---------------------------------------------------------------
+
+  // The sequences of a call, in its order (ids checked).
+  std::vector<Sequence*> sequences(std::span<const sequence_id> ids) {
+    std::vector<Sequence*> out(ids.size());
+    for (std::size_t i = 0; i < ids.size(); ++i) out[i] = &seqs_.at(ids[i]);
+    return out;
+  }
+
+  // f(i) for the call's n sequences: in parallel on the host when it pays (see the
+  // file's comment), else in order. Each f(i) touches sequence i alone (and its own
+  // blocks of the pools). The first failure in the order of ids is rethrown.
+  template <class F>
+  void each_sequence(std::size_t n, std::int64_t work, F&& f) {
+    if constexpr (std::is_same_v<Exec, host_policy>) {
+      const auto count = static_cast<index_t>(n);
+      if (n > 1 && exec_.workspace == nullptr && work >= exec_.min_parallel_work &&
+          detail::worker_count(exec_, count) > 1) {
+        std::vector<std::exception_ptr> failed(n);
+        detail::parallel_for(exec_, count, [&](index_t i, int) {
+          try {
+            f(static_cast<std::size_t>(i));
+          } catch (...) {
+            failed[static_cast<std::size_t>(i)] = std::current_exception();
+          }
+        });
+        for (const auto& e : failed)
+          if (e) std::rethrow_exception(e);
+        return;
+      }
+    }
+    for (std::size_t i = 0; i < n; ++i) f(i);
+  }
+  // About the multiply-adds of a call: scoring a prompt reads every token with the
+  // last w queries; a decoding step reads every held token with one.
+  std::int64_t prefill_work(index_t tokens) const {
+    return static_cast<std::int64_t>(tokens) * cfg_.q_heads * cfg_.head_dim * cfg_.window;
+  }
+  std::int64_t chunk_work(std::span<const sequence_id> ids, index_t layer,
+                          std::span<const std::int32_t> cu) const {
+    index_t tokens = cu.empty() ? 0 : cu.back();
+    for (sequence_id id : ids) {  // a last chunk scores all that came before it
+      const Sequence& s = seqs_.at(id);
+      tokens += s.staged.empty() ? 0 : s.staged[static_cast<std::size_t>(layer)].received;
+    }
+    return prefill_work(tokens);
+  }
+  std::int64_t decode_work(const std::vector<Sequence*>& seq, index_t layer) const {
+    std::int64_t held = 0;
+    for (const Sequence* s : seq) held += s->cache->tokens_held(layer);
+    return held * cfg_.q_heads * cfg_.head_dim;
+  }
+
+  // ---- paged storage ---------------------------------------------------------
+
+  void bind_pools(index_t layer, const paged_kv<T>& kv) noexcept {
+    Pools& p = pools_[static_cast<std::size_t>(layer)];
+    p.k = kv.k_pool;
+    p.v = kv.v_pool;
+    p.bound = true;
+  }
+  static bool same_view(const host_view<T, 4>& a, const host_view<T, 4>& b) {
+    for (std::size_t r = 0; r < 4; ++r)
+      if (a.extent(r) != b.extent(r) || a.stride(r) != b.stride(r)) return false;
+    return a.data_handle() == b.data_handle();
+  }
+  // The pools of a paged call: their shapes, and the layer's own when it has some.
+  status check_pools(index_t layer, const paged_kv<T>& kv) const {
+    const auto& kp = kv.k_pool;
+    CAKE_CHECK(kp.extent(1) == cfg_.kv_heads && kp.extent(2) >= 1 && kp.extent(3) == cfg_.head_dim,
+               "cake.ragged.k_pool", "k_pool must be (num_blocks, kv_heads = ", cfg_.kv_heads,
+               ", block_size >= 1, head_dim = ", cfg_.head_dim, "), got ",
+               detail::shape_string(kp));
+    CAKE_CHECK(inner_contiguous(kp), "cake.ragged.k_pool",
+               "k_pool must have unit stride along head_dim, got ", kp.stride(3));
+    CAKE_TRY(detail::check_kv_pools(kp, kv.v_pool));
+    const Pools& p = pools_[static_cast<std::size_t>(layer)];
+    CAKE_CHECK(!p.bound || (same_view(p.k, kp) && same_view(p.v, kv.v_pool)),
+               "cake.ragged.k_pool", "layer ", layer,
+               " keeps every sequence's K/V in the pools its first paged call gave; got other "
+               "k_pool or v_pool (data, extents or strides)");
+    return status::success();
+  }
+  // The blocks of the pools sequence s holds at layer u: those of its paged layer, or
+  // those of the chunks it received so far.
+  std::span<const std::int32_t> held_blocks(const Sequence& s, index_t u) const {
+    const auto uu = static_cast<std::size_t>(u);
+    if (!s.staged.empty() && s.staged[uu].paged) return s.staged[uu].lent;
+    if (s.cache->layers_prefilled() > u && s.cache->paged(u)) {
+      const auto t = s.cache->table(u);
+      const index_t n = t.indptr(1);
+      return n == 0 ? std::span<const std::int32_t>{}
+                    : std::span<const std::int32_t>(&t.ids(0), static_cast<std::size_t>(n));
+    }
+    return {};
+  }
+  // The call's table (valid, by_id its sorted (id, entry) pairs from
+  // validate_block_table) names no block that another sequence holds in the same pools,
+  // nor one that a sequence of the call holds at another layer of them: an in-place
+  // write would overwrite that sequence's tokens. The call's own sequences at this layer
+  // hold only the entries their parts of the table begin with (checked per sequence).
+  status check_shared(index_t layer, std::span<const sequence_id> ids,
+                      const block_table<host_space>& t, const T* k_pool,
+                      const std::vector<std::pair<std::int32_t, index_t>>& by_id) const {
+    if (by_id.empty()) return status::success();
+    for (const auto& [sid, s] : seqs_) {
+      const bool in_call = std::find(ids.begin(), ids.end(), sid) != ids.end();
+      for (index_t u = 0; u < cfg_.layers; ++u) {
+        const Pools& p = pools_[static_cast<std::size_t>(u)];
+        if ((in_call && u == layer) || !p.bound || p.k.data_handle() != k_pool) continue;
+        for (std::int32_t b : held_blocks(s, u)) {
+          const auto it = std::lower_bound(by_id.begin(), by_id.end(),
+                                           std::pair<std::int32_t, index_t>{b, index_t{-1}});
+          if (it == by_id.end() || it->first != b) continue;
+          const index_t e = it->second;
+          index_t i = 0;  // the call's sequence whose entry it is
+          while (t.indptr(i + 1) <= e) ++i;
+          CAKE_CHECK(false, "cake.ragged.table", "ids(", e, ") = ", b, " (sequence ",
+                     ids[static_cast<std::size_t>(i)], ") is a block sequence ", sid,
+                     " holds at layer ", u, " in the same pools");
+        }
+      }
+    }
+    return status::success();
+  }
+  // The call's table into one table per sequence (table valid).
+  static void split(const block_table<host_space>& t, std::size_t n,
+                    std::vector<TablePart>& parts) {
+    parts.resize(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto ii = static_cast<index_t>(i);
+      const index_t b = t.indptr(ii), e = t.indptr(ii + 1);
+      TablePart& p = parts[i];
+      p.ids.resize(static_cast<std::size_t>(e - b));
+      for (index_t j = b; j < e; ++j) p.ids[static_cast<std::size_t>(j - b)] = t.ids(j);
+      p.indptr[1] = static_cast<std::int32_t>(e - b);
+      p.len = t.seq_lens(ii);
+    }
+  }
+  // The pools, the table (valid, one sequence per id, no block shared with another
+  // sequence) and its parts.
+  status check_paged_table(index_t layer, std::span<const sequence_id> ids, const paged_kv<T>& kv,
+                           std::vector<TablePart>& parts,
+                           std::vector<std::pair<std::int32_t, index_t>>& by_id) const {
+    const std::size_t n = ids.size();
+    CAKE_TRY(check_pools(layer, kv));
+    CAKE_CHECK(kv.table.num_seqs() == static_cast<index_t>(n), "cake.ragged.table",
+               "the block table must have one sequence per entry of ids, ", n, ", got ",
+               kv.table.num_seqs());
+    CAKE_TRY(validate_block_table(kv.table, kv.k_pool.extent(0), kv.k_pool.extent(2), by_id));
+    CAKE_TRY(check_shared(layer, ids, kv.table, kv.k_pool.data_handle(), by_id));
+    split(kv.table, n, parts);
+    return status::success();
+  }
+  // Tokens [from, to) of sequence part p in the pools are finite (keys bounded).
+  status check_pool_finite(const paged_kv<T>& kv, const TablePart& p, index_t from,
+                           index_t to) const {
+    const auto& kp = kv.k_pool;
+    const auto& vp = kv.v_pool;
+    const index_t bs = kp.extent(2), Hkv = kp.extent(1), d = kp.extent(3);
+    const float bound = detail::score_bound(cfg_.head_dim);
+    for (index_t t = from; t < to;) {
+      const index_t id = p.ids[static_cast<std::size_t>(t / bs)], slot = t % bs;
+      const index_t m = std::min(bs - slot, to - t);
+      const auto blk = [&](const host_view<T, 4>& pool) {
+        return make_view<Space>(
+            static_cast<const T*>(pool.data_handle() + id * static_cast<index_t>(pool.stride(0)) +
+                                  slot * static_cast<index_t>(pool.stride(2))),
+            std::array<index_t, 3>{Hkv, m, d},
+            std::array<index_t, 3>{static_cast<index_t>(pool.stride(1)),
+                                   static_cast<index_t>(pool.stride(2)), 1});
+      };
+      CAKE_TRY(Store::check_finite(
+          exec_, detail::named(blk(kp), "cake.ragged.k_pool", "k_pool (head, slot, x of a block)",
+                               bound),
+          detail::named(blk(vp), "cake.ragged.v_pool", "v_pool (head, slot, x of a block)")));
+      t += m;
+    }
+    return status::success();
+  }
+
+  template <class QV>
+  status check_prefill_paged(index_t layer, std::span<const sequence_id> ids, const QV& q,
+                             const paged_kv<T>& kv, std::vector<TablePart>& parts,
+                             std::vector<std::pair<std::int32_t, index_t>>& by_id) const {
+    static_assert(QV::rank() == 4,
+                  "cake::RaggedKvCache::prefill: q_window is (num_seqs, q_heads, window, "
+                  "head_dim)");
+    const std::size_t n = ids.size();
+    CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.prefill.layer", "layer must be in [0, ",
+               cfg_.layers, "), got ", layer);
+    CAKE_TRY(check_ids(ids));
+    CAKE_CHECK(q.extent(0) == static_cast<index_t>(n), "cake.ragged.q_window",
+               "q_window must have num_seqs = ", n, " entries along extent 0, got ",
+               detail::shape_string(q));
+    CAKE_TRY(check_paged_table(layer, ids, kv, parts, by_id));
+    for (std::size_t i = 0; i < n; ++i) {
+      const Sequence& s = seqs_.at(ids[i]);
+      const index_t S = parts[i].len;
+      CAKE_CHECK_STATE(s.staged.empty(), "cake.ragged.chunked", "sequence ", ids[i],
+                       " is prefilled by chunks (prefill_chunk), not whole");
+      CAKE_CHECK(s.prompt == 0 || S == s.prompt, "cake.ragged.table", "sequence ", ids[i],
+                 " has prompt_length ", s.prompt, ", got seq_lens(", i, ") = ", S);
+      if (auto st = s.cache->validate_prefill(layer, detail::batch_entry(q, static_cast<index_t>(i)),
+                                              paged_kv<T>{kv.k_pool, kv.v_pool, parts[i].view()});
+          !st.ok())
+        return named(st, ids[i]);
+    }
+    if (cfg_.check_finite && n > 0) {
+      CAKE_TRY(Store::check_finite(exec_, detail::named(q, "cake.prefill.q_window", "q_window",
+                                                        detail::score_bound(cfg_.head_dim))));
+      for (std::size_t i = 0; i < n; ++i)
+        if (auto st = check_pool_finite(kv, parts[i], 0, parts[i].len); !st.ok())
+          return named(st, ids[i]);
+    }
+    return status::success();
+  }
+
+  template <class QV>
+  status check_chunk_paged(index_t layer, std::span<const sequence_id> ids, const QV& q,
+                           const paged_kv<T>& kv, std::span<const std::int32_t> cu,
+                           std::vector<TablePart>& parts,
+                           std::vector<std::pair<std::int32_t, index_t>>& by_id) const {
+    static_assert(QV::rank() == 3,
+                  "cake::RaggedKvCache::prefill_chunk: q is packed, (total_tokens, q_heads, "
+                  "head_dim)");
+    const std::size_t n = ids.size();
+    CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.prefill.layer", "layer must be in [0, ",
+               cfg_.layers, "), got ", layer);
+    CAKE_TRY(check_ids(ids));
+    CAKE_TRY(check_packed(q, "cake.ragged.q", "q", cfg_.q_heads, "q_heads"));
+    CAKE_TRY(check_offsets(cu, n, q, q, true, "q"));
+    CAKE_CHECK(inner_contiguous(q), "cake.ragged.layout", "q must have unit stride along head_dim");
+    CAKE_TRY(check_turn(layer, ids, cu, true));
+    CAKE_TRY(check_paged_table(layer, ids, kv, parts, by_id));
+    const auto l = static_cast<std::size_t>(layer);
+    const index_t bs = kv.k_pool.extent(2);
+    for (std::size_t i = 0; i < n; ++i) {
+      const Sequence& s = seqs_.at(ids[i]);
+      const index_t at = s.staged.empty() ? 0 : s.staged[l].received, len = cu[i + 1] - cu[i];
+      CAKE_CHECK(parts[i].len == at + len, "cake.ragged.table", "seq_lens(", i,
+                 ") must be the tokens of sequence ", ids[i], "'s prompt so far, ", at, " + ", len,
+                 ", got ", parts[i].len);
+      if (at == 0) continue;
+      const std::vector<std::int32_t>& was = s.staged[l].lent;
+      for (std::size_t e = 0; e < was.size(); ++e)
+        CAKE_CHECK(parts[i].ids[e] == was[e], "cake.ragged.table", "ids(",
+                   kv.table.indptr(static_cast<index_t>(i)) + static_cast<index_t>(e),
+                   ") must be block ", was[e], ", which holds tokens [",
+                   static_cast<index_t>(e) * bs, ", ",
+                   std::min(at, static_cast<index_t>(e + 1) * bs), ") of sequence ", ids[i],
+                   "'s earlier chunks, got ", parts[i].ids[e]);
+    }
+    if (cfg_.check_finite && n > 0) {
+      CAKE_TRY(Store::check_finite(
+          exec_, detail::named(q, "cake.ragged.q", "q", detail::score_bound(cfg_.head_dim))));
+      for (std::size_t i = 0; i < n; ++i)
+        if (auto st = check_pool_finite(kv, parts[i], parts[i].len - (cu[i + 1] - cu[i]),
+                                        parts[i].len);
+            !st.ok())
+          return named(st, ids[i]);
+    }
+    return status::success();
+  }
 
   // One chunk of one sequence with bounded chunking (see prefill_chunk). Everything
   // is built aside and moved in after the last call that can throw.
@@ -550,7 +1003,7 @@ class RaggedKvCache {
   // `nonempty`), ending at the packed tensors' token count.
   template <class KV, class VV>
   static status check_offsets(std::span<const std::int32_t> cu, std::size_t n, const KV& k,
-                              const VV& v, bool nonempty) {
+                              const VV& v, bool nonempty, const char* k_name = "keys") {
     CAKE_CHECK(cu.size() == n + 1, "cake.ragged.cu_seqlens",
                "cu_seqlens must hold num_seqs + 1 = ", n + 1, " offsets, got ", cu.size());
     CAKE_CHECK(cu[0] == 0, "cake.ragged.cu_seqlens", "cu_seqlens[0] must be 0, got ", cu[0]);
@@ -560,8 +1013,8 @@ class RaggedKvCache {
                  ", got cu_seqlens[", i, "] = ", cu[i], " and cu_seqlens[", i + 1,
                  "] = ", cu[i + 1]);
     CAKE_CHECK(cu[n] == static_cast<index_t>(k.extent(0)), "cake.ragged.cu_seqlens",
-               "cu_seqlens[num_seqs] must be the token count of keys, ", k.extent(0), ", got ",
-               cu[n]);
+               "cu_seqlens[num_seqs] must be the token count of ", k_name, ", ", k.extent(0),
+               ", got ", cu[n]);
     CAKE_CHECK(v.extent(0) == k.extent(0), "cake.ragged.values",
                "values must hold as many tokens as keys, ", k.extent(0), ", got ",
                detail::shape_string(v));
@@ -640,10 +1093,32 @@ class RaggedKvCache {
                k.extent(0), ", got ", detail::shape_string(q));
     CAKE_CHECK(inner_contiguous(q) && inner_contiguous(k) && inner_contiguous(v),
                "cake.ragged.layout", "q, keys and values must have unit stride along head_dim");
+    CAKE_TRY(check_turn(layer, ids, cu, false));
+    const float bound = detail::score_bound(cfg_.head_dim);
+    if (cfg_.check_finite && n > 0)
+      return Store::check_finite(exec_, detail::named(q, "cake.ragged.q", "q", bound),
+                                 detail::named(k, "cake.ragged.keys", "keys", bound),
+                                 detail::named(v, "cake.ragged.values", "values"));
+    return status::success();
+  }
+
+  // Each sequence's chunk comes in turn (see prefill_chunk) and of the kind (dense or
+  // paged) its layer's earlier chunks had.
+  status check_turn(index_t layer, std::span<const sequence_id> ids,
+                    std::span<const std::int32_t> cu, bool paged) const {
     const auto l = static_cast<std::size_t>(layer);
-    for (std::size_t i = 0; i < n; ++i) {
+    for (std::size_t i = 0; i < ids.size(); ++i) {
       const Sequence& s = seqs_.at(ids[i]);
       const index_t len = cu[i + 1] - cu[i];
+      CAKE_CHECK_STATE(!paged || s.mode == chunk_eviction::exact, "cake.ragged.chunking",
+                       "sequence ", ids[i],
+                       " has bounded chunking, which keeps its candidates in the cache: it "
+                       "takes dense chunks (keys, values), not the pools");
+      CAKE_CHECK_STATE(s.staged.empty() || s.staged[l].received == 0 ||
+                           s.staged[l].received == s.prompt || s.staged[l].paged == paged,
+                       "cake.ragged.chunked", "layer ", layer, " of sequence ", ids[i],
+                       " took its earlier chunks ", paged ? "dense (keys, values)" : "in the pools",
+                       ": its next chunk must come the same way");
       CAKE_CHECK_STATE(s.prompt > 0, "cake.ragged.prompt_length", "sequence ", ids[i],
                        " has no prompt_length: chunked prefill needs it (SequenceConfig)");
       CAKE_CHECK_STATE(!s.staged.empty() || s.cache->layers_prefilled() == 0, "cake.ragged.chunked",
@@ -668,17 +1143,15 @@ class RaggedKvCache {
       CAKE_CHECK(at + len <= s.prompt, "cake.ragged.cu_seqlens", "sequence ", ids[i], " has ",
                  s.prompt - at, " tokens of its prompt left, got a chunk of ", len);
     }
-    const float bound = detail::score_bound(cfg_.head_dim);
-    if (cfg_.check_finite && n > 0)
-      return Store::check_finite(exec_, detail::named(q, "cake.ragged.q", "q", bound),
-                                 detail::named(k, "cake.ragged.keys", "keys", bound),
-                                 detail::named(v, "cake.ragged.values", "values"));
     return status::success();
   }
 
+  // table: the paged decode's (parts and by_id its scratch), or null.
   template <class QV, class KV, class VV>
   status check_decode(index_t layer, std::span<const sequence_id> ids, const QV& q, const KV& k,
-                      const VV& v) const {
+                      const VV& v, const block_table<host_space>* table,
+                      std::vector<TablePart>* parts,
+                      std::vector<std::pair<std::int32_t, index_t>>* by_id) const {
     static_assert(QV::rank() == 3 && KV::rank() == 3 && VV::rank() == 3,
                   "cake::RaggedKvCache::decode: q, k and v are (num_seqs, heads, head_dim)");
     const std::size_t n = ids.size();
@@ -688,11 +1161,27 @@ class RaggedKvCache {
                "cake.ragged.decode", "q, k and v must have num_seqs = ", n,
                " entries along extent 0, got ", detail::shape_string(q), ", ",
                detail::shape_string(k), " and ", detail::shape_string(v));
+    if (table) {
+      CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.decode.layer", "layer must be in [0, ",
+                 cfg_.layers, "), got ", layer);
+      const Pools& p = pools_[static_cast<std::size_t>(layer)];
+      CAKE_CHECK(p.bound, "cake.decode.table", "layer ", layer,
+                 " has no paged sequence: it was prefilled dense and takes no block table");
+      CAKE_CHECK(table->num_seqs() == static_cast<index_t>(n), "cake.ragged.table",
+                 "the block table must have one sequence per entry of ids, ", n, ", got ",
+                 table->num_seqs());
+      CAKE_TRY(validate_block_table(*table, p.k.extent(0), p.k.extent(2), *by_id));
+      CAKE_TRY(check_shared(layer, ids, *table, p.k.data_handle(), *by_id));
+      split(*table, n, *parts);
+    }
     for (std::size_t i = 0; i < n; ++i) {
       const auto ii = static_cast<index_t>(i);
-      if (auto st = seqs_.at(ids[i]).cache->validate_decode(layer, detail::batch_entry(q, ii),
-                                                            detail::batch_entry(k, ii),
-                                                            detail::batch_entry(v, ii));
+      const cache_type& c = *seqs_.at(ids[i]).cache;
+      const auto qi = detail::batch_entry(q, ii);
+      const auto ki = detail::batch_entry(k, ii);
+      const auto vi = detail::batch_entry(v, ii);
+      if (auto st = table ? c.validate_decode(layer, qi, ki, vi, (*parts)[i].view())
+                          : c.validate_decode(layer, qi, ki, vi);
           !st.ok())
         return named(st, ids[i]);
     }
@@ -716,6 +1205,9 @@ class RaggedKvCache {
   Ind ind_;
   Exec exec_;
   std::map<sequence_id, Sequence> seqs_;  // ordered: ids() and totals are deterministic
+  std::vector<Pools> pools_;              // per layer: the engine's, once a paged call came
+  std::vector<TablePart> parts_;          // a paged call's table, per sequence (reused)
+  std::vector<std::pair<std::int32_t, index_t>> by_id_;  // its duplicate check's scratch
 };
 
 // The ragged batch of a KvCache composition: RaggedKvCacheOf<methods::SnapKv<>>.

@@ -1,12 +1,19 @@
 // RaggedKvCache (issue 14, parts 2 and 3): a ragged batch of sequences, each with
 // its own prompt length and cache size, equals every sequence run alone in a
 // KvCache of batch 1, token for token, on every method; sequences join and leave;
-// chunked prefill equals whole-prompt prefill; bad input changes nothing.
+// chunked prefill equals whole-prompt prefill; bad input changes nothing. The same
+// on an engine's paged pools (at the end), and sequences run in parallel equal them
+// run one after another.
 #include "kv_workload.hpp"
+#include "support/kv_snapshot.hpp"
 
+#include <bit>
 #include <cstdint>
 #include <limits>
 #include <map>
+#include <memory>
+#include <numeric>
+#include <random>
 #include <string>
 
 namespace ragged_test {
@@ -745,4 +752,698 @@ TEST_CASE("RaggedKvCache: bounded chunking of one layer is SnapKV over held + ch
       CHECK(got.size() <= static_cast<std::size_t>(C + w));
     }
   }
+}
+
+// ---- paged storage -----------------------------------------------------------
+// RaggedKvCache on an engine's block pools (one K and one V pool per layer, shared by
+// every sequence): equal to the dense RaggedKvCache and to each sequence alone, the
+// freed blocks accounted for after every call, bad tables rejected with nothing
+// changed.
+
+namespace ragged_paged_test {
+
+using ragged_test::Seq;
+
+// A toy engine: per layer a K and a V pool of N blocks (HND or NHD), one free list per
+// layer handed out in a shuffled order (so a sequence's blocks are scattered), each
+// sequence's block list and length per layer. Unwritten slots hold NaN.
+struct Engine {
+  index_t L = 0, Hkv = 0, d = 0, bs = 0, N = 0;
+  bool nhd = false;
+  std::vector<std::vector<float>> k, v;                  // [layer] N * Hkv * bs * d
+  std::vector<std::vector<std::int32_t>> free_ids;           // [layer]
+  std::map<sequence_id, std::vector<std::vector<std::int32_t>>> blocks;  // [id][layer]
+  std::map<sequence_id, std::vector<std::int32_t>> lens;                 // [id][layer]
+  std::vector<std::int32_t> t_indptr, t_ids, t_lens;  // the last table lent
+  std::int64_t freed_total = 0;                       // blocks the cache gave back
+
+  Engine(const cake::CacheConfig& c, index_t block_size, bool hnd_or_nhd, index_t blocks_per_layer,
+         unsigned seed)
+      : L(c.layers), Hkv(c.kv_heads), d(c.head_dim), bs(block_size), N(blocks_per_layer),
+        nhd(hnd_or_nhd) {
+    const auto size = static_cast<std::size_t>(N * Hkv * bs * d);
+    k.assign(static_cast<std::size_t>(L),
+             std::vector<float>(size, std::numeric_limits<float>::quiet_NaN()));
+    v = k;
+    std::mt19937 gen(seed);
+    for (index_t l = 0; l < L; ++l) {
+      std::vector<std::int32_t> f(static_cast<std::size_t>(N));
+      std::iota(f.begin(), f.end(), 0);
+      std::shuffle(f.begin(), f.end(), gen);
+      free_ids.push_back(std::move(f));
+    }
+  }
+  std::array<index_t, 4> strides() const {
+    return nhd ? std::array<index_t, 4>{bs * Hkv * d, d, Hkv * d, 1}
+               : std::array<index_t, 4>{Hkv * bs * d, bs * d, d, 1};
+  }
+  std::vector<std::int32_t>& list(sequence_id id, index_t l) {
+    auto& b = blocks[id];
+    if (b.empty()) {
+      b.resize(static_cast<std::size_t>(L));
+      lens[id].assign(static_cast<std::size_t>(L), 0);
+    }
+    return b[static_cast<std::size_t>(l)];
+  }
+  std::int32_t& len(sequence_id id, index_t l) {
+    list(id, l);
+    return lens[id][static_cast<std::size_t>(l)];
+  }
+  index_t offset(std::int32_t block, index_t h, index_t t) const {
+    const auto st = strides();
+    return block * st[0] + h * st[1] + (t % bs) * st[2];
+  }
+  const float* at(const std::vector<float>& pool, const std::vector<std::int32_t>& b, index_t h,
+                  index_t t) const {
+    return pool.data() + offset(b[static_cast<std::size_t>(t / bs)], h, t);
+  }
+  std::int32_t take(index_t l) {
+    auto& f = free_ids[static_cast<std::size_t>(l)];
+    REQUIRE(!f.empty());
+    const std::int32_t id = f.back();
+    f.pop_back();
+    return id;
+  }
+  // The engine computes tokens [from, to) of s's layer l: writes their K/V into its
+  // blocks, taking blocks as needed (and `spare` more).
+  void write(const Seq& s, index_t l, index_t from, index_t to, index_t spare = 0) {
+    auto& b = list(s.id, l);
+    while (static_cast<index_t>(b.size()) * bs < to + spare * bs) b.push_back(take(l));
+    const auto L_ = static_cast<std::size_t>(l);
+    for (index_t h = 0; h < Hkv; ++h)
+      for (index_t t = from; t < to; ++t) {
+        const auto src = static_cast<std::size_t>((h * s.S + t) * d);
+        std::copy_n(s.wl.k[L_].data() + src, d, k[L_].data() + offset(b[static_cast<std::size_t>(t / bs)], h, t));
+        std::copy_n(s.wl.v[L_].data() + src, d, v[L_].data() + offset(b[static_cast<std::size_t>(t / bs)], h, t));
+      }
+    len(s.id, l) = static_cast<std::int32_t>(to);
+  }
+  // Room for one more token of each sequence at layer l.
+  void room(std::span<const sequence_id> ids, index_t l) {
+    for (sequence_id id : ids) {
+      auto& b = list(id, l);
+      if (static_cast<index_t>(b.size()) * bs < len(id, l) + 1) b.push_back(take(l));
+    }
+  }
+  cake::block_table<> table(std::span<const sequence_id> ids, index_t l) {
+    t_indptr.assign(1, 0);
+    t_ids.clear();
+    t_lens.clear();
+    for (sequence_id id : ids) {
+      const auto& b = list(id, l);
+      t_ids.insert(t_ids.end(), b.begin(), b.end());
+      t_indptr.push_back(static_cast<std::int32_t>(t_ids.size()));
+      t_lens.push_back(len(id, l));
+    }
+    return cake::make_block_table(t_indptr.data(), t_ids.data(), t_lens.data(),
+                                  static_cast<index_t>(ids.size()));
+  }
+  cake::host_view<float, 4> pool(std::vector<float>& p) {
+    return cake::make_view(p.data(), std::array<index_t, 4>{N, Hkv, bs, d}, strides());
+  }
+  cake::paged_kv<float> kv(std::span<const sequence_id> ids, index_t l) {
+    const auto L_ = static_cast<std::size_t>(l);
+    return {pool(k[L_]), pool(v[L_]), table(ids, l)};
+  }
+  // After a call: each paged layer of each named sequence gives its freed tail back;
+  // the freed and the held blocks split the list the engine had (none both, none
+  // lost) and the engine's list then is the cache's table; then no block is leaked.
+  template <class Ragged>
+  void take_back(const Ragged& r, std::span<const sequence_id> ids) {
+    for (sequence_id id : ids)
+      for (index_t l = 0; l < L; ++l) {
+        if (!r.paged(id, l)) continue;
+        CAPTURE(id);
+        CAPTURE(l);
+        auto& b = list(id, l);
+        const std::int32_t f = r.freed(id, l);
+        const auto t = r.table(id, l);
+        REQUIRE(f >= 0);
+        REQUIRE(f <= static_cast<std::int32_t>(b.size()));
+        const std::vector<std::int32_t> kept(b.begin(), b.end() - f), gone(b.end() - f, b.end());
+        const std::vector<std::int32_t> held(&t.ids(0), &t.ids(0) + t.indptr(1));
+        REQUIRE(kept == held);
+        REQUIRE(static_cast<index_t>(held.size()) == (t.seq_lens(0) + bs - 1) / bs);
+        auto& fl = free_ids[static_cast<std::size_t>(l)];
+        fl.insert(fl.end(), gone.begin(), gone.end());
+        freed_total += f;
+        b = kept;
+        len(id, l) = t.seq_lens(0);
+      }
+    covered();
+  }
+  // A sequence leaves: all its blocks go back.
+  void drop(sequence_id id) {
+    for (index_t l = 0; l < L; ++l) {
+      auto& b = list(id, l);
+      auto& fl = free_ids[static_cast<std::size_t>(l)];
+      fl.insert(fl.end(), b.begin(), b.end());
+    }
+    blocks.erase(id);
+    lens.erase(id);
+    covered();
+  }
+  // Every block of every layer's pool is in exactly one place: the free list or one
+  // sequence's list.
+  void covered() const {
+    for (index_t l = 0; l < L; ++l) {
+      std::vector<int> seen(static_cast<std::size_t>(N), 0);
+      for (std::int32_t id : free_ids[static_cast<std::size_t>(l)]) ++seen[static_cast<std::size_t>(id)];
+      for (const auto& [sid, b] : blocks)
+        for (std::int32_t id : b[static_cast<std::size_t>(l)]) ++seen[static_cast<std::size_t>(id)];
+      for (index_t id = 0; id < N; ++id) REQUIRE(seen[static_cast<std::size_t>(id)] == 1);
+    }
+  }
+};
+
+// A paged sequence (its K/V read through its table from the pools) holds what the
+// dense cache `dense` holds: budgets, stages, preferences, lengths, positions and the
+// bits of every K and V, padding included; the engine's list is its table.
+template <class Dense, class Ragged>
+void check_paged(const Dense& dense, const Ragged& r, sequence_id id, Engine& e) {
+  const auto& c = r.sequence(id);
+  REQUIRE(dense.layers_prefilled() == c.layers_prefilled());
+  REQUIRE(dense.prompt_length() == c.prompt_length());
+  CHECK(std::vector<index_t>(dense.budgets().begin(), dense.budgets().end()) ==
+        std::vector<index_t>(c.budgets().begin(), c.budgets().end()));
+  CHECK(dense.stage_budgets() == c.stage_budgets());
+  CHECK(dense.tokens_held() == c.tokens_held());
+  for (index_t l = 0; l < c.layers_prefilled(); ++l) {
+    CAPTURE(l);
+    CHECK(dense.preference(l) == c.preference(l));
+    REQUIRE(r.paged(id, l));
+    const auto len = dense.row_lengths(l);
+    REQUIRE(len == c.row_lengths(l));
+    const auto t = r.table(id, l);
+    const index_t longest = *std::max_element(len.begin(), len.end());
+    REQUIRE(t.seq_lens(0) == longest);
+    const std::vector<std::int32_t> ids(&t.ids(0), &t.ids(0) + t.indptr(1));
+    REQUIRE(ids == e.list(id, l));
+    const auto pd = dense.positions(l), pp = c.positions(l);
+    const auto kd = dense.keys(l), vd = dense.values(l);
+    const auto L_ = static_cast<std::size_t>(l);
+    bool same = true;
+    for (index_t h = 0; h < e.Hkv; ++h)
+      for (index_t j = 0; j < longest; ++j) {
+        if (j < len[static_cast<std::size_t>(h)]) same = same && pd(0, h, j) == pp(0, h, j);
+        const float* k = e.at(e.k[L_], ids, h, j);
+        const float* v = e.at(e.v[L_], ids, h, j);
+        for (index_t x = 0; x < e.d; ++x)  // bits: a NaN (never written) fails
+          same = same &&
+                 std::bit_cast<std::uint32_t>(k[x]) == std::bit_cast<std::uint32_t>(kd(0, h, j, x)) &&
+                 std::bit_cast<std::uint32_t>(v[x]) == std::bit_cast<std::uint32_t>(vd(0, h, j, x));
+      }
+    CHECK(same);
+  }
+}
+
+struct Case {
+  bool cascade;
+  cake::token_order order;
+  index_t bs;
+  bool nhd;
+};
+
+// Four sequences (one prompt exactly the window), prefilled whole in one call per
+// layer, then three decode steps: paged == dense ragged == alone after every call.
+template <class Cache>
+void paged_equals_dense(const Case& k, cake::host_policy exec = {}) {
+  using Ragged = typename ragged_test::ragged_of<Cache>::type;
+  const auto base = ragged_test::model(k.cascade, k.order);
+  std::vector<Seq> seqs;
+  seqs.push_back(ragged_test::make_seq(base, 7, 4, 8, 11, 3));
+  seqs.push_back(ragged_test::make_seq(base, 3, 23, 6, 12, 3));
+  seqs.push_back(ragged_test::make_seq(base, 11, 16, 12, 13, 3));
+  seqs.push_back(ragged_test::make_seq(base, 5, 9, 8, 14, 3));
+  std::vector<const Seq*> all;
+  for (const auto& s : seqs) all.push_back(&s);
+  Engine e(base, k.bs, k.nhd, 4 * (40 / k.bs + 4), 17);
+  Ragged dense(base), paged(base, {}, {}, {}, exec), dense_exec(base, {}, {}, {}, exec);
+  std::vector<std::unique_ptr<Cache>> alone;
+  for (const auto& s : seqs) {
+    dense.add(s.id, {.cache_size = s.C});
+    paged.add(s.id, {.cache_size = s.C});
+    dense_exec.add(s.id, {.cache_size = s.C});
+    alone.push_back(std::make_unique<Cache>(s.cfg()));
+  }
+  const auto check = [&] {
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      CAPTURE(seqs[i].id);
+      check_paged(dense.sequence(seqs[i].id), paged, seqs[i].id, e);
+      check_paged(*alone[i], paged, seqs[i].id, e);
+      ragged_test::check_same(dense_exec.sequence(seqs[i].id), dense.sequence(seqs[i].id));
+    }
+  };
+  for (index_t l = 0; l < base.layers; ++l) {
+    const ragged_test::Packed p = ragged_test::pack(all, l);
+    for (const auto& s : seqs) e.write(s, l, 0, s.S, s.id % 2);  // odd ids: a spare block
+    dense.prefill(l, p.ids, p.q_window(), p.keys(), p.values(), p.cu);
+    dense_exec.prefill(l, p.ids, p.q_window(), p.keys(), p.values(), p.cu);
+    paged.prefill(l, p.ids, p.q_window(), e.kv(p.ids, l));
+    for (std::size_t i = 0; i < seqs.size(); ++i)
+      alone[i]->prefill(l, seqs[i].wl.qv(l), seqs[i].wl.kv(l), seqs[i].wl.vv(l));
+    e.take_back(paged, p.ids);
+    check();
+  }
+  for (std::size_t t = 0; t < 3; ++t)
+    for (index_t l = 0; l < base.layers; ++l) {
+      const ragged_test::Step st = ragged_test::step(all, std::vector<std::size_t>(all.size(), t), l);
+      dense.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+      dense_exec.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+      e.room(st.ids, l);
+      paged.decode(l, st.ids, st.qv(), st.kv(), st.vv(), e.table(st.ids, l));
+      for (std::size_t i = 0; i < seqs.size(); ++i)
+        alone[i]->decode(l, seqs[i].wl.dqv(t, l), seqs[i].wl.dkv(t, l), seqs[i].wl.dvv(t, l));
+      e.take_back(paged, st.ids);
+      check();
+    }
+  CHECK(e.freed_total > 0);  // eviction gave blocks back
+}
+
+// Everything of a ragged batch, by value: each sequence's snapshot and its chunk
+// progress, and the pools' bits.
+struct State {
+  std::vector<cake_test::Snapshot> seqs;
+  std::vector<index_t> received;
+  std::vector<std::uint32_t> pools;
+  bool operator==(const State&) const = default;
+};
+template <class Ragged>
+State state(const Ragged& r, const Engine& e) {
+  State s;
+  for (sequence_id id : r.ids()) {
+    s.seqs.push_back(cake_test::snapshot(r.sequence(id)));
+    for (index_t l = 0; l < e.L; ++l) s.received.push_back(r.chunk_tokens_received(id, l));
+  }
+  for (const auto* pools : {&e.k, &e.v})
+    for (const auto& p : *pools)
+      for (float f : p) s.pools.push_back(std::bit_cast<std::uint32_t>(f));
+  return s;
+}
+// The call throws a cake::error whose message has `what`, and nothing changes.
+template <class Ragged, class F>
+void rejects(const Ragged& r, const Engine& e, F&& call, const std::string& what) {
+  const State before = state(r, e);
+  std::string msg;
+  try {
+    call();
+  } catch (const cake::error& err) {
+    msg = err.what();
+  }
+  CAPTURE(msg);
+  REQUIRE(!msg.empty());
+  CHECK(msg.find(what) != std::string::npos);
+  CHECK(state(r, e) == before);
+}
+
+}  // namespace ragged_paged_test
+
+TEST_CASE_TEMPLATE("RaggedKvCache on paged pools equals dense and alone, every method", Cache,
+                   cake::methods::Cake<>, cake::methods::SnapKv<>, cake::methods::PyramidKv<>,
+                   cake::methods::StreamingLlm<>, cake::methods::H2o<>, cake::methods::Tova<>,
+                   cake::methods::AdaSnapKv<>, cake::methods::CakeAdaKv<>) {
+  for (bool cascade : {true, false})
+    for (auto order : ragged_test::both_orders)
+      for (index_t bs : {1, 3, 16})  // 3 divides neither the window (4) nor the prompts
+        for (bool nhd : {false, true}) {
+          CAPTURE(cascade);
+          CAPTURE(static_cast<int>(order));
+          CAPTURE(bs);
+          CAPTURE(nhd);
+          ragged_paged_test::paged_equals_dense<Cache>({cascade, order, bs, nhd});
+        }
+}
+
+TEST_CASE("RaggedKvCache on paged pools: sequences in parallel equal them one after another") {
+  // min_parallel_work 0 splits every call with more than one sequence over two threads.
+  const cake::host_policy parallel{2, nullptr, 0};
+  for (index_t bs : {1, 3})
+    for (bool cascade : {true, false})
+      ragged_paged_test::paged_equals_dense<cake::methods::CakeAdaKv<>>(
+          {cascade, cake::token_order::position, bs, bs == 3}, parallel);
+  ragged_paged_test::paged_equals_dense<cake::methods::H2o<>>(
+      {true, cake::token_order::reference, 3, false}, parallel);
+}
+
+TEST_CASE_TEMPLATE("RaggedKvCache on paged pools: chunked prefill equals whole-prompt prefill",
+                   Cache, cake::methods::Cake<>, cake::methods::H2o<>, cake::methods::CakeAdaKv<>) {
+  using Ragged = typename ragged_test::ragged_of<Cache>::type;
+  using ragged_paged_test::Engine;
+  for (bool cascade : {true, false})
+    for (auto order : ragged_test::both_orders)
+      for (index_t chunk : {1, 3, 5, 23})
+        for (index_t bs : {1, 4, 5}) {
+          CAPTURE(cascade);
+          CAPTURE(static_cast<int>(order));
+          CAPTURE(chunk);
+          CAPTURE(bs);
+          const auto base = ragged_test::model(cascade, order);
+          std::vector<Seq> seqs;
+          seqs.push_back(ragged_test::make_seq(base, 4, 23, 7, 31, 3));
+          seqs.push_back(ragged_test::make_seq(base, 9, 9, 8, 32, 3));
+          seqs.push_back(ragged_test::make_seq(base, 2, 4, 8, 33, 3));
+          std::vector<const Seq*> all;
+          for (const auto& s : seqs) all.push_back(&s);
+          Engine e(base, bs, bs == 4, 3 * (30 / bs + 3), 19);
+          Ragged ragged(base);
+          std::vector<std::unique_ptr<Cache>> alone;
+          for (const auto& s : seqs) {
+            ragged.add(s.id, {.cache_size = s.C, .prompt_length = s.S});
+            alone.push_back(std::make_unique<Cache>(s.cfg()));
+            for (index_t l = 0; l < base.layers; ++l)
+              alone.back()->prefill(l, s.wl.qv(l), s.wl.kv(l), s.wl.vv(l));
+          }
+          std::vector<index_t> at(seqs.size(), 0);
+          for (bool more = true; more;) {
+            std::vector<const Seq*> call;
+            std::vector<std::pair<index_t, index_t>> ranges;
+            for (std::size_t i = 0; i < seqs.size(); ++i)
+              if (at[i] < seqs[i].S) {
+                call.push_back(&seqs[i]);
+                ranges.push_back({at[i], std::min(seqs[i].S, at[i] + chunk)});
+              }
+            more = !call.empty();
+            for (index_t l = 0; more && l < base.layers; ++l) {
+              for (std::size_t i = 0; i < call.size(); ++i)  // the engine computes the chunk
+                e.write(*call[i], l, ranges[i].first, ranges[i].second);
+              const ragged_test::Packed p = ragged_test::pack(call, l, ranges);
+              ragged.prefill_chunk(l, p.ids, p.queries(), e.kv(p.ids, l), p.cu);
+              e.take_back(ragged, p.ids);
+              for (std::size_t i = 0; i < call.size(); ++i) {
+                const bool last = ranges[i].second == call[i]->S;
+                CHECK(ragged.chunk_tokens_received(call[i]->id, l) == ranges[i].second);
+                CHECK(ragged.sequence(call[i]->id).layers_prefilled() == (last ? l + 1 : 0));
+                CHECK(ragged.paged(call[i]->id, l) == last);
+              }
+            }
+            for (std::size_t i = 0; i < seqs.size(); ++i)
+              at[i] = std::min(seqs[i].S, at[i] + chunk);
+          }
+          for (std::size_t i = 0; i < seqs.size(); ++i)
+            ragged_paged_test::check_paged(*alone[i], ragged, seqs[i].id, e);
+          for (std::size_t t = 0; t < 3; ++t)
+            for (index_t l = 0; l < base.layers; ++l) {
+              const ragged_test::Step st =
+                  ragged_test::step(all, std::vector<std::size_t>(all.size(), t), l);
+              e.room(st.ids, l);
+              ragged.decode(l, st.ids, st.qv(), st.kv(), st.vv(), e.table(st.ids, l));
+              e.take_back(ragged, st.ids);
+              for (std::size_t i = 0; i < seqs.size(); ++i)
+                alone[i]->decode(l, seqs[i].wl.dqv(t, l), seqs[i].wl.dkv(t, l),
+                                 seqs[i].wl.dvv(t, l));
+            }
+          for (std::size_t i = 0; i < seqs.size(); ++i)
+            ragged_paged_test::check_paged(*alone[i], ragged, seqs[i].id, e);
+        }
+}
+
+TEST_CASE("RaggedKvCache on paged pools: sequences join and leave while others decode") {
+  using ragged_paged_test::check_paged;
+  const auto base = ragged_test::model();
+  const Seq a = ragged_test::make_seq(base, 1, 23, 8, 21, 4);
+  const Seq b = ragged_test::make_seq(base, 2, 9, 6, 22, 8);
+  const Seq c = ragged_test::make_seq(base, 3, 16, 10, 23, 4);
+  cake::methods::Cake<> ra(a.cfg()), rb(b.cfg()), rc(c.cfg());
+  ragged_paged_test::Engine e(base, 3, true, 40, 29);
+  cake::RaggedKvCache<> ragged(base);
+  ragged.add(1, {.cache_size = 8});
+  ragged.add(2, {.cache_size = 6});
+  for (index_t l = 0; l < 3; ++l) {
+    const ragged_test::Packed p = ragged_test::pack({&b, &a}, l);
+    e.write(b, l, 0, b.S);
+    e.write(a, l, 0, a.S, 1);
+    ragged.prefill(l, p.ids, p.q_window(), e.kv(p.ids, l));
+    e.take_back(ragged, p.ids);
+    ra.prefill(l, a.wl.qv(l), a.wl.kv(l), a.wl.vv(l));
+    rb.prefill(l, b.wl.qv(l), b.wl.kv(l), b.wl.vv(l));
+  }
+  const auto decode = [&](const std::vector<const Seq*>& s, const std::vector<std::size_t>& t,
+                          index_t l) {
+    const ragged_test::Step st = ragged_test::step(s, t, l);
+    e.room(st.ids, l);
+    ragged.decode(l, st.ids, st.qv(), st.kv(), st.vv(), e.table(st.ids, l));
+    e.take_back(ragged, st.ids);
+  };
+  std::size_t tb = 0;
+  for (std::size_t t = 0; t < 2; ++t, ++tb)
+    for (index_t l = 0; l < 3; ++l) {
+      decode({&a, &b}, {t, tb}, l);
+      ra.decode(l, a.wl.dqv(t, l), a.wl.dkv(t, l), a.wl.dvv(t, l));
+      rb.decode(l, b.wl.dqv(tb, l), b.wl.dkv(tb, l), b.wl.dvv(tb, l));
+    }
+  check_paged(ra, ragged, 1, e);
+  check_paged(rb, ragged, 2, e);
+  // 1 leaves (the engine frees its blocks), 3 joins and takes them: its prefill runs
+  // layer by layer beside 2's decode step.
+  const std::vector<std::int32_t> was_a = e.list(1, 0);
+  e.drop(1);
+  ragged.remove(1);
+  ragged.add(3, {.cache_size = 10});
+  for (index_t l = 0; l < 3; ++l) {
+    const ragged_test::Packed p = ragged_test::pack({&c}, l);
+    e.write(c, l, 0, c.S);
+    ragged.prefill(l, p.ids, p.q_window(), e.kv(p.ids, l));
+    e.take_back(ragged, p.ids);
+    rc.prefill(l, c.wl.qv(l), c.wl.kv(l), c.wl.vv(l));
+    decode({&b}, {tb}, l);
+    rb.decode(l, b.wl.dqv(tb, l), b.wl.dkv(tb, l), b.wl.dvv(tb, l));
+  }
+  ++tb;
+  const auto& c0 = e.list(3, 0);
+  CHECK(std::any_of(c0.begin(), c0.end(), [&](std::int32_t id) {
+    return std::find(was_a.begin(), was_a.end(), id) != was_a.end();
+  }));  // 1's blocks went to 3
+  for (std::size_t t = 0; t < 3; ++t, ++tb)
+    for (index_t l = 0; l < 3; ++l) {
+      decode({&c, &b}, {t, tb}, l);
+      rc.decode(l, c.wl.dqv(t, l), c.wl.dkv(t, l), c.wl.dvv(t, l));
+      rb.decode(l, b.wl.dqv(tb, l), b.wl.dkv(tb, l), b.wl.dvv(tb, l));
+    }
+  check_paged(rb, ragged, 2, e);
+  check_paged(rc, ragged, 3, e);
+  CHECK(ragged.tokens_held() == rb.tokens_held() + rc.tokens_held());
+}
+
+TEST_CASE("RaggedKvCache on paged pools: bad tables are rejected before any sequence changes") {
+  using ragged_paged_test::rejects;
+  const auto base = ragged_test::model();
+  const Seq a = ragged_test::make_seq(base, 1, 9, 8, 41, 1);
+  const Seq b = ragged_test::make_seq(base, 2, 16, 6, 42, 1);
+  ragged_paged_test::Engine e(base, 3, false, 30, 43);
+  cake::RaggedKvCache<> ragged(base);
+  ragged.add(1, {.cache_size = 8});
+  ragged.add(2, {.cache_size = 6});
+  const std::vector<sequence_id> ab{1, 2};
+  for (const Seq* s : {&a, &b})
+    for (index_t l = 0; l < 3; ++l) e.write(*s, l, 0, s->S);
+  {
+    const ragged_test::Packed p = ragged_test::pack({&a, &b}, 0);
+    ragged.prefill(0, p.ids, p.q_window(), e.kv(ab, 0));
+    e.take_back(ragged, ab);
+  }
+  const ragged_test::Packed p = ragged_test::pack({&a, &b}, 1);
+  const auto prefill = [&](const cake::paged_kv<float>& kv) {
+    return [&ragged, &p, kv] { ragged.prefill(1, p.ids, p.q_window(), kv); };
+  };
+  SUBCASE("an id out of the pool") {
+    const auto kv = e.kv(ab, 1);
+    e.t_ids[2] = static_cast<std::int32_t>(e.N);
+    rejects(ragged, e, prefill(kv), "must be a block of the pool");
+  }
+  SUBCASE("a block named by two sequences of the call") {
+    const auto kv = e.kv(ab, 1);
+    e.t_ids.back() = e.t_ids.front();
+    rejects(ragged, e, prefill(kv), "appears twice");
+  }
+  SUBCASE("a block another sequence holds") {
+    ragged.add(3);
+    const Seq c = ragged_test::make_seq(base, 3, 9, 8, 44, 0);
+    e.write(c, 0, 0, c.S);
+    const std::vector<sequence_id> three{3};
+    const auto kv = e.kv(three, 0);
+    e.t_ids[1] = e.list(2, 0)[0];  // sequence 2's first block of layer 0
+    const ragged_test::Packed pc = ragged_test::pack({&c}, 0);
+    rejects(
+        ragged, e, [&] { ragged.prefill(0, three, pc.q_window(), kv); },
+        "is a block sequence 2 holds at layer 0");
+  }
+  SUBCASE("a table too short for its sequence") {
+    auto kv = e.kv(ab, 1);
+    std::vector<std::int32_t> indptr{0, 2, 0}, ids(e.t_ids.begin(), e.t_ids.begin() + 2);
+    ids.insert(ids.end(), e.t_ids.begin() + e.t_indptr[1], e.t_ids.end());
+    indptr[2] = static_cast<std::int32_t>(ids.size());
+    kv.table = cake::make_block_table(indptr.data(), ids.data(), e.t_lens.data(), 2);
+    rejects(ragged, e, prefill(kv), "too short");  // 9 tokens need 3 blocks of 3
+  }
+  SUBCASE("one sequence per entry of ids") {
+    auto kv = e.kv(ab, 1);
+    kv.table = cake::make_block_table(e.t_indptr.data(), e.t_ids.data(), e.t_lens.data(), 1);
+    rejects(ragged, e, prefill(kv), "one sequence per entry of ids");
+  }
+  SUBCASE("a prompt of another length than layer 0's") {
+    const auto kv = e.kv(ab, 1);
+    e.t_lens[1] = 15;
+    rejects(ragged, e, prefill(kv), "prompt length of layer 0, S = 16");
+  }
+  SUBCASE("pools other than the layer's") {
+    auto kv = e.kv(ab, 0);  // layer 0's pools are fixed now: 1 and 2 hold blocks there
+    kv.k_pool = e.pool(e.k[2]);
+    kv.v_pool = e.pool(e.v[2]);
+    ragged.add(3);
+    const Seq c = ragged_test::make_seq(base, 3, 9, 8, 45, 0);
+    e.write(c, 0, 0, c.S);
+    const std::vector<sequence_id> three{3};
+    const ragged_test::Packed pc = ragged_test::pack({&c}, 0);
+    rejects(
+        ragged, e,
+        [&] {
+          ragged.prefill(0, three, pc.q_window(),
+                         cake::paged_kv<float>{kv.k_pool, kv.v_pool, e.table(three, 0)});
+        },
+        "the pools its first paged call gave");
+  }
+  SUBCASE("a value in the pool not finite") {
+    const auto kv = e.kv(ab, 1);
+    float& x = e.v[1][static_cast<std::size_t>(e.offset(e.list(2, 1)[5], 1, 15) + 2)];
+    const float was = x;
+    x = std::numeric_limits<float>::infinity();
+    rejects(ragged, e, prefill(kv), "v_pool");
+    x = was;
+  }
+
+  // Decoding: finish the prefill first.
+  for (index_t l = 1; l < 3; ++l) {
+    const ragged_test::Packed pl = ragged_test::pack({&a, &b}, l);
+    ragged.prefill(l, pl.ids, pl.q_window(), e.kv(ab, l));
+    e.take_back(ragged, ab);
+  }
+  const ragged_test::Step st = ragged_test::step({&a, &b}, {0, 0}, 0);
+  const auto decode = [&](const cake::block_table<>& t) {
+    return [&ragged, &st, t] { ragged.decode(0, st.ids, st.qv(), st.kv(), st.vv(), t); };
+  };
+  SUBCASE("decode: a table without a block the sequence holds") {
+    // Sequence 1's blocks but its last, then sequence 2's.
+    std::vector<std::int32_t> ids = e.list(1, 0);
+    ids.pop_back();
+    const auto n1 = static_cast<std::int32_t>(ids.size());
+    ids.insert(ids.end(), e.list(2, 0).begin(), e.list(2, 0).end());
+    const std::int32_t indptr[3] = {0, n1, static_cast<std::int32_t>(ids.size())};
+    const std::int32_t lens[2] = {e.len(1, 0), e.len(2, 0)};
+    rejects(ragged, e, decode(cake::make_block_table(indptr, ids.data(), lens, 2)),
+            "the block table of sequence 0 is too short");
+  }
+  e.room(ab, 0);
+  SUBCASE("decode: a held block replaced") {
+    const auto t = e.table(ab, 0);
+    std::swap(e.t_ids[0], e.t_ids[1]);
+    rejects(ragged, e, decode(t), "which holds tokens of sequence 0");
+  }
+  SUBCASE("decode: the new block is one another sequence holds") {
+    // Sequence 2's blocks, then sequence 1's first as its room.
+    const std::vector<sequence_id> two{2};
+    const ragged_test::Step s2 = ragged_test::step({&b}, {0}, 0);
+    std::vector<std::int32_t> ids = e.list(2, 0);
+    const std::int32_t held = static_cast<std::int32_t>(ids.size()), len = e.len(2, 0);
+    ids.push_back(e.list(1, 0)[0]);
+    const std::int32_t indptr[2] = {0, held + 1};
+    const auto t = cake::make_block_table(indptr, ids.data(), &len, 1);
+    rejects(
+        ragged, e, [&] { ragged.decode(0, two, s2.qv(), s2.kv(), s2.vv(), t); },
+        "is a block sequence 1 holds at layer 0");
+  }
+  SUBCASE("decode: a paged layer needs its table") {
+    rejects(
+        ragged, e, [&] { ragged.decode(0, st.ids, st.qv(), st.kv(), st.vv()); },
+        "pass its block table");
+  }
+  // The good table after the rejected ones: equal to the sequences alone.
+  cake::methods::Cake<> ra(a.cfg()), rb(b.cfg());
+  for (index_t l = 0; l < 3; ++l) {
+    ra.prefill(l, a.wl.qv(l), a.wl.kv(l), a.wl.vv(l));
+    rb.prefill(l, b.wl.qv(l), b.wl.kv(l), b.wl.vv(l));
+  }
+  CHECK(ragged.validate_decode(0, st.ids, st.qv(), st.kv(), st.vv(), e.table(ab, 0)).ok());
+  ragged.decode(0, st.ids, st.qv(), st.kv(), st.vv(), e.table(ab, 0));
+  e.take_back(ragged, ab);
+  ra.decode(0, a.wl.dqv(0, 0), a.wl.dkv(0, 0), a.wl.dvv(0, 0));
+  rb.decode(0, b.wl.dqv(0, 0), b.wl.dkv(0, 0), b.wl.dvv(0, 0));
+  ragged_paged_test::check_paged(ra, ragged, 1, e);
+  ragged_paged_test::check_paged(rb, ragged, 2, e);
+}
+
+TEST_CASE("RaggedKvCache on paged pools: chunks out of turn or off their blocks change nothing") {
+  using ragged_paged_test::rejects;
+  const auto base = ragged_test::model();
+  const Seq a = ragged_test::make_seq(base, 1, 9, 8, 51, 0);
+  const Seq b = ragged_test::make_seq(base, 2, 6, 8, 52, 0);
+  ragged_paged_test::Engine e(base, 2, false, 20, 53);
+  cake::RaggedKvCache<> ragged(base);
+  ragged.add(1, {.prompt_length = 9});
+  ragged.add(2, {.prompt_length = 6});
+  ragged.add(3, {.prompt_length = 9, .chunking = cake::chunk_eviction::bounded});
+  const std::vector<sequence_id> ab{1, 2};
+  const auto chunk = [&](index_t l, std::vector<std::pair<index_t, index_t>> r) {
+    e.write(a, l, r[0].first, r[0].second);
+    e.write(b, l, r[1].first, r[1].second);
+    const ragged_test::Packed p = ragged_test::pack({&a, &b}, l, r);
+    ragged.prefill_chunk(l, ab, p.queries(), e.kv(ab, l), p.cu);
+  };
+  for (index_t l = 0; l < 3; ++l) chunk(l, {{0, 5}, {0, 3}});
+  CHECK(!ragged.paged(1, 0));  // between chunks the blocks are the engine's
+  // The next chunk, [5, 9) and [3, 6), written by the engine.
+  for (const Seq* s : {&a, &b}) e.write(*s, 0, s == &a ? 5 : 3, s->S);
+  const ragged_test::Packed p = ragged_test::pack({&a, &b}, 0, {{5, 9}, {3, 6}});
+  const auto call = [&](const cake::paged_kv<float>& kv) {
+    return [&ragged, &p, &ab, kv] { ragged.prefill_chunk(0, ab, p.queries(), kv, p.cu); };
+  };
+  SUBCASE("an earlier chunk's block replaced") {
+    const auto kv = e.kv(ab, 0);
+    std::swap(e.t_ids[0], e.t_ids[1]);
+    rejects(ragged, e, call(kv), "which holds tokens [0, 2) of sequence 1's earlier chunks");
+  }
+  SUBCASE("seq_lens other than the prompt so far") {
+    const auto kv = e.kv(ab, 0);
+    e.t_lens[1] = 5;
+    rejects(ragged, e, call(kv), "must be the tokens of sequence 2's prompt so far, 3 + 3");
+  }
+  SUBCASE("a block of another sequence's earlier chunk") {
+    // Sequence 2 alone, its new block (its third) one that holds sequence 1's chunk.
+    const std::vector<sequence_id> two{2};
+    const ragged_test::Packed pb = ragged_test::pack({&b}, 0, {{3, 6}});
+    const auto kv = e.kv(two, 0);
+    REQUIRE(e.t_ids.size() == 3);
+    e.t_ids[2] = e.list(1, 0)[0];
+    rejects(
+        ragged, e, [&] { ragged.prefill_chunk(0, two, pb.queries(), kv, pb.cu); },
+        "is a block sequence 1 holds at layer 0");
+  }
+  SUBCASE("a dense chunk after paged ones") {
+    rejects(
+        ragged, e,
+        [&] { ragged.prefill_chunk(0, ab, p.queries(), p.keys(), p.values(), p.cu); },
+        "took its earlier chunks in the pools");
+  }
+  SUBCASE("bounded chunking takes dense chunks") {
+    const Seq c = ragged_test::make_seq(base, 3, 9, 8, 54, 0);
+    e.write(c, 0, 0, 3);
+    const std::vector<sequence_id> three{3};
+    const ragged_test::Packed pc = ragged_test::pack({&c}, 0, {{0, 3}});
+    rejects(
+        ragged, e, [&] { ragged.prefill_chunk(0, three, pc.queries(), e.kv(three, 0), pc.cu); },
+        "bounded chunking");
+  }
+  // The valid chunk completes both prompts: equal to whole-prompt prefill.
+  ragged.prefill_chunk(0, ab, p.queries(), e.kv(ab, 0), p.cu);
+  e.take_back(ragged, ab);
+  for (index_t l = 1; l < 3; ++l) {
+    chunk(l, {{5, 9}, {3, 6}});
+    e.take_back(ragged, ab);
+  }
+  cake::methods::Cake<> ra(a.cfg()), rb(b.cfg());
+  for (index_t l = 0; l < 3; ++l) {
+    ra.prefill(l, a.wl.qv(l), a.wl.kv(l), a.wl.vv(l));
+    rb.prefill(l, b.wl.qv(l), b.wl.kv(l), b.wl.vv(l));
+  }
+  ragged_paged_test::check_paged(ra, ragged, 1, e);
+  ragged_paged_test::check_paged(rb, ragged, 2, e);
 }

@@ -51,10 +51,7 @@ std::vector<float> widen(const std::vector<T>& x) {
 inline std::uint32_t bits(float f) { return std::bit_cast<std::uint32_t>(f); }
 template <class T>
 std::uint16_t bits16(T x) {
-  static_assert(sizeof(T) == 2);
-  std::uint16_t b;
-  std::memcpy(&b, &x, 2);
-  return b;
+  return std::bit_cast<std::uint16_t>(x);
 }
 
 // A workload in T: `t` holds the inputs rounded to T, `f` the float workload holding
@@ -630,6 +627,77 @@ void float_queries() {
   }
 }
 
+// The finiteness checks read 16-bit inputs by their bits: NaN and Inf are rejected
+// where they are, queries and keys also past score_bound (the largest T within it is
+// taken, the next one not), and nothing changes.
+template <class T>
+T from_bits16(std::uint16_t b) {
+  return std::bit_cast<T>(b);
+}
+template <class T>
+void finiteness_checked() {
+  const cake::CacheConfig cfg = kv_test::small_config(true);  // (2, 2, 40, 8) keys
+  const Rounded<T> in(kv_test::make_workload(cfg, 40, 5, 1));
+  const float bound = cake::detail::score_bound(cfg.head_dim);
+  std::uint16_t top = bits16(static_cast<T>(bound));  // the largest T <= bound
+  if (static_cast<float>(from_bits16<T>(top)) > bound) --top;
+  const T inside = from_bits16<T>(top), past = from_bits16<T>(static_cast<std::uint16_t>(top + 1));
+  REQUIRE(static_cast<float>(inside) <= bound);
+  REQUIRE(!(static_cast<float>(past) <= bound));  // larger, or Inf (half)
+  const T nan = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+  const T inf = static_cast<T>(std::numeric_limits<float>::infinity());
+  const T largest = std::numeric_limits<float>::max() > 1e38f && sizeof(T) == 2
+                        ? from_bits16<T>(std::is_same_v<T, cake::bfloat16> ? 0x7f7f : 0x7bff)
+                        : T{};
+  struct Case {
+    int tensor;  // 0 q_window, 1 keys, 2 values
+    T x;
+    const char* error;  // nullptr: accepted
+  };
+  const Case cases[] = {
+      {1, nan, "keys must be finite"},
+      {1, inf, "keys must be finite"},
+      {1, past, "keys must be finite"},
+      {1, inside, nullptr},
+      {0, nan, "q_window must be finite"},
+      {0, past, "q_window must be finite"},
+      {2, nan, "values must be finite"},
+      {2, static_cast<T>(-std::numeric_limits<float>::infinity()), "values must be finite"},
+      {2, largest, nullptr}};
+  for (const Case& c : cases) {
+    CAPTURE(c.tensor);
+    CAPTURE(static_cast<float>(c.x));
+    Rounded<T> bad = in;
+    auto& vec = c.tensor == 0 ? bad.q[0] : c.tensor == 1 ? bad.k[0] : bad.v[0];
+    vec[123] = c.x;  // keys/values (0, 0, 15, 3); q_window (0, 3, 3, 3)
+    m::Cake<T> cache(cfg);
+    std::string msg;
+    try {
+      cache.prefill(0, bad.qv(0), bad.kv(0), bad.vv(0));
+    } catch (const cake::error& e) {
+      msg = e.what();
+    }
+    CAPTURE(msg);
+    if (c.error) {
+      CHECK(msg.find(c.error) != std::string::npos);
+      CHECK(msg.find(c.tensor == 0 ? "at (0, 3, 3, 3)" : "at (0, 0, 15, 3)") != std::string::npos);
+      CHECK(cache.layers_prefilled() == 0);
+    } else {
+      CHECK(msg.empty());
+      CHECK(cache.layers_prefilled() == 1);
+    }
+  }
+  // Decode: a NaN in the new key, rejected with the cache unchanged.
+  m::Cake<T> cache(cfg);
+  for (index_t l = 0; l < cfg.layers; ++l) cache.prefill(l, in.qv(l), in.kv(l), in.vv(l));
+  Rounded<T> bad = in;
+  bad.dk[0][0][5] = nan;
+  const auto held = cache.tokens_held();
+  CHECK_THROWS_WITH_AS(cache.decode(0, bad.dqv(0, 0), bad.dkv(0, 0), bad.dvv(0, 0)),
+                       doctest::Contains("k must be finite"), cake::error);
+  CHECK(cache.tokens_held() == held);
+}
+
 }  // namespace storage16_test
 
 using namespace storage16_test;
@@ -658,4 +726,9 @@ TEST_CASE("16-bit storage: a ragged batch equals the float one") {
 TEST_CASE("16-bit storage: float queries with 16-bit keys and values") {
   SUBCASE("bfloat16") { float_queries<cake::bfloat16>(); }
   SUBCASE("_Float16") { float_queries<_Float16>(); }
+}
+
+TEST_CASE("16-bit storage: NaN, Inf and out-of-bound inputs are found by their bits") {
+  SUBCASE("bfloat16") { finiteness_checked<cake::bfloat16>(); }
+  SUBCASE("_Float16") { finiteness_checked<_Float16>(); }
 }

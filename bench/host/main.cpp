@@ -149,6 +149,7 @@ int main(int argc, char** argv) {
   cake_bench::register_decode_scores();
   cake_bench::register_ragged();
   cake_bench::register_paged_cache();
+  cake_bench::register_storage16();
 
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

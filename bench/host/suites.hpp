@@ -11,4 +11,5 @@ void register_decode();
 void register_decode_scores();
 void register_ragged();
 void register_paged_cache();
+void register_storage16();
 }  // namespace cake_bench

@@ -268,6 +268,7 @@ struct LaneScratch {
   float* kt;     // (tk, d)           one key tile widened to float (16-bit keys only)
   float* kpad;   // (kt, d)           a tile's last, partial micro-tile of keys, zero-padded
   float* buf;    // (tk, pr)          one pair's scores of one tile
+  const char** next;  // (tk)            the next tile's key rows, fetched ahead
   float* e;      // (n, P_pad, w_pad) e = exp(logit - tile max) of the prefix keys, rows in lanes
   float* st[4];  // (tiles, R)        per tile: max, sum of e, over the prefix sum of e and of
                  //                   e * (logit - max)
@@ -297,6 +298,7 @@ struct LaneScratch {
     s.kt = c.take<float>(z(kk.tk * d));
     s.kpad = c.take<float>(z(kk.kt * d));
     s.buf = c.take<float>(z(kk.tk * kk.pr));
+    s.next = c.take<const char*>(z(kk.tk));
     s.e = c.take<float>(z(n * m.P_pad * m.w_pad));
     for (float*& p : s.st) p = c.take<float>(z(m.tiles * m.R));
     s.c = c.take<float>(z(m.tiles * m.R));
@@ -378,17 +380,17 @@ void group_lanes(const simd::kernels& kk, const QV& q, const KS& ks, index_t b, 
         widen_keys(kk, ks.row(b, g, j0 + jj), rn.pitch, rn.count, d, s.kt + jj * d);
         jj += rn.count;
       }
-    // The next tile's first run of keys (in their storage type), each pair fetching its
-    // share into cache while it computes.
-    const char* pf_base = nullptr;
-    index_t span = 0;
+    // The next tile's key rows (in their storage type), each pair fetching its share
+    // into cache while it computes.
     const index_t nk2 = std::min(tk, S - j0 - nk);
-    if (nk2 > 0) {
-      const key_run nr = ks.run(b, g, j0 + nk, nk2);
-      span = ((nr.count - 1) * nr.pitch + d) * static_cast<index_t>(sizeof(TKe));
-      pf_base = reinterpret_cast<const char*>(ks.row(b, g, j0 + nk));
+    for (index_t jj = 0; jj < nk2;) {
+      const key_run rn = ks.run(b, g, j0 + nk + jj, nk2 - jj);
+      const char* first = reinterpret_cast<const char*>(ks.row(b, g, j0 + nk + jj));
+      for (index_t x = 0; x < rn.count; ++x)
+        s.next[jj + x] = first + x * rn.pitch * static_cast<index_t>(sizeof(TKe));
+      jj += rn.count;
     }
-    const index_t share = (span + m.pairs - 1) / m.pairs;
+    const index_t share = (nk2 + m.pairs - 1) / m.pairs;
     for (index_t p = 0; p < m.pairs; ++p) {
       float* ev[2] = {nullptr, nullptr};
       for (index_t v = 0; v < 2; ++v) {
@@ -399,14 +401,10 @@ void group_lanes(const simd::kernels& kk, const QV& q, const KS& ks, index_t b, 
       }
       const std::size_t so = static_cast<std::size_t>(t * R + p * pr);
       float* const stp[4] = {s.st[0] + so, s.st[1] + so, s.st[2] + so, s.st[3] + so};
-      const void* pf = nullptr;
-      index_t pf_bytes = 0;
-      if (pf_base && p * share < span) {
-        pf = pf_base + p * share;
-        pf_bytes = std::min(share, span - p * share);
-      }
+      const index_t pf0 = std::min(nk2, p * share), pf_n = std::min(nk2, pf0 + share) - pf0;
       kk.pair_tile(s.qt + p * d * pr, d, kp, kld, nk, j0, P, s.ri + p * pr, inv_sqrt_d, s.kpad,
-                   s.buf, ev[0], ev[1], m.w_pad, stp, pf, pf_bytes);
+                   s.buf, ev[0], ev[1], m.w_pad, stp, s.next + pf0, pf_n,
+                   d * static_cast<index_t>(sizeof(TKe)));
     }
   }
   kk.combine_rows(s.st[0], s.st[1], s.st[2], s.st[3], m.tiles, R, s.c, s.rs);

@@ -7,6 +7,7 @@
 //   dense: KvCache on its own memory: the prompt copied in (selected), decode in place
 // The paged case restores the pools' prompt before each iteration, untimed (the
 // engine writes it there during its forward pass, which is not the cache's work).
+// paged_prefill: the same for one layer's prefill alone (Llama-3.1-8B heads).
 #include <chrono>
 #include <random>
 
@@ -238,9 +239,51 @@ void add_case(const Shape& sh, index_t B, index_t S, index_t C) {
   })->MinTime(0.5);
 }
 
+// One layer's prefill eviction (statistics, top-k, the kept tokens moved), the first
+// layer of a cache, dense next to paged: the dense cache scores its caller's K and
+// gathers the kept tokens into its own memory; the paged one scores the keys in the
+// pools through the block table and compacts the kept tokens there.
+void add_prefill_case(const Shape& shape, index_t B, index_t S, index_t C) {
+  Shape sh = shape;
+  sh.layers = 1;
+  const std::string args = shape_args(sh, B, S) + "/C:" + std::to_string(C) +
+                           "/block:" + std::to_string(kBlock);
+  const auto qv = [sh, B](const Inputs& in) {
+    return cake::make_view(in.q[0].data(),
+                           std::array<index_t, 4>{B, sh.q_heads, window, sh.head_dim});
+  };
+  add(name("paged_prefill", "dense", args), [=](benchmark::State& st) {
+    const LayerInputs& li = layer_inputs(sh, B, S);
+    const Inputs in(sh, B);
+    cake::KvCache<> cache(paged_config(sh, B, C));
+    for (auto _ : st) {
+      cache.reset();
+      cache.prefill(0, qv(in), li.kv(), li.vv());
+      benchmark::DoNotOptimize(cache.tokens_held());
+    }
+  })->MinTime(0.3);
+  add(name("paged_prefill", "cake", args), [=](benchmark::State& st) {
+    const LayerInputs& li = layer_inputs(sh, B, S);
+    const Inputs in(sh, B);
+    PagedEngine eng(sh, B, S, li);
+    cake::KvCache<> cache(paged_config(sh, B, C));
+    for (auto _ : st) {
+      st.PauseTiming();
+      eng.restore();
+      st.ResumeTiming();
+      cache.reset();
+      cache.prefill(0, qv(in), eng.kv(0));
+      eng.take_back(cache, 0);
+      benchmark::DoNotOptimize(cache.tokens_held());
+    }
+  })->MinTime(0.3);
+}
+
 }  // namespace
 
 void register_paged_cache() {
+  add_prefill_case(llama, 1, 4096, 1024);
+  add_prefill_case(llama, 1, 16384, 1024);
   add_case(small, 1, 4096, 1024);
   add_case(small, 1, 4096, 256);
   if (full_matrix()) {

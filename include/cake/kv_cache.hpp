@@ -176,18 +176,21 @@ class KvCache {
     Layer lent;  // the pools and the cache's copy of the table, for the new layer
     lent.pool = pool_rows(kv);
     lent.table = copy_table(kv.table);
-    // Scoring reads a dense copy of the prompt's keys (the values are not copied).
-    auto kbuf = Store::template make<T>(ex, rows * S * d);
+    // Window statistics read the prompt's keys in the pool, through the table; the
+    // other indicator sources score a dense copy of them (the values are not copied).
+    constexpr bool in_place = indicator_source_of<Ind> == indicator_source::window;
+    auto kbuf = Store::template make<T>(ex, in_place ? 0 : rows * S * d);
     const auto keys = make_view<Space>(static_cast<const T*>(Store::ptr(kbuf)),
-                                       std::array<index_t, 4>{B, Hkv, S, d});
-    Store::move_slots(ex, detail::slots<T>{Store::ptr(kbuf), nullptr, nullptr, nullptr, rows, S, d},
-                      lent.at().kv_only(), nullptr, 0, nullptr, S, nullptr, S);
+                                       std::array<index_t, 4>{B, Hkv, S, d});  // shape only if in_place
+    if (!in_place)
+      Store::move_slots(ex,
+                        detail::slots<T>{Store::ptr(kbuf), nullptr, nullptr, nullptr, rows, S, d},
+                        lent.at().kv_only(), nullptr, 0, nullptr, S, nullptr, S);
     if (cfg_.check_finite) {
       const float bound = detail::score_bound(d);
-      Store::check_finite(ex, detail::named(q, "cake.prefill.q_window", "q_window", bound),
-                          detail::named(keys, "cake.prefill.k_pool", "keys (of k_pool)", bound))
+      Store::check_finite(ex, detail::named(q, "cake.prefill.q_window", "q_window", bound))
           .throw_if_error();
-      check_pool_finite(ex, kv).throw_if_error();
+      check_pool_finite(ex, kv, bound).throw_if_error();
     }
     // A paged decode's spare table gets the room of the largest table lent, so that
     // decoding does not allocate while the sequences are no longer than their prompt.
@@ -197,14 +200,16 @@ class KvCache {
     sp.freed.reserve(static_cast<std::size_t>(B));
     sp.ids.reserve(
         std::max(sp.ids.capacity(), lent.table.ids.size() + static_cast<std::size_t>(B)));
-    run_prefill(layer, q, keys, keys, &lent);
+    const detail::paged_keys<T> pk{lent.at().paged, S};
+    run_prefill(layer, q, keys, keys, &lent, in_place ? &pk : nullptr);
   }
 
  private:
   // The prefill of one layer, checked: k and v its prompt (lent: the new layer's
   // pools and table, k a dense copy of its keys for scoring and v unused).
   template <class QV, class KV, class VV>
-  void run_prefill(index_t layer, const QV& q, const KV& k, const VV& v, Layer* lent) {
+  void run_prefill(index_t layer, const QV& q, const KV& k, const VV& v, Layer* lent,
+                   const detail::paged_keys<T>* paged_keys = nullptr) {
     const index_t B = cfg_.batch, Hkv = cfg_.kv_heads, w = cfg_.window;
     const index_t rows = B * Hkv, S = k.extent(2), P = S - w;
     const auto m = static_cast<std::size_t>(layer);
@@ -214,7 +219,7 @@ class KvCache {
     const index_t ind_cols = accumulates ? S : P;
     auto ind = Store::template make<float>(ex, rows * ind_cols);  // (batch, kv_heads, ind_cols)
     const LayerStats stats =
-        detail::score_prefill<T, Pref>(ex, ind_, q, k, Store::ptr(ind), ind_cols);
+        detail::score_prefill<T, Pref>(ex, ind_, q, k, Store::ptr(ind), ind_cols, paged_keys);
     // ld >= 1: a prompt of exactly the window has no scores (P = 0), and a view over
     // them still needs the positive strides layout_stride requires.
     const detail::token_scores scores{Store::ptr(ind), std::max<index_t>(ind_cols, 1), ind_cols};
@@ -727,21 +732,27 @@ class KvCache {
                " tokens, got seq_lens = ", S);
     return status::success();
   }
-  // The prompt's values in the pools are finite (their keys are checked in the copy
-  // scored): block by block, each a (kv_heads, tokens, head_dim) view.
-  status check_pool_finite(const Exec& ex, const paged_kv<T>& kv) const {
-    const auto& vp = kv.v_pool;
-    const index_t bs = vp.extent(2), Hkv = vp.extent(1), d = vp.extent(3);
+  // The prompt's keys (within key_bound) and values in the pools are finite: block by
+  // block, each a (kv_heads, tokens, head_dim) view.
+  status check_pool_finite(const Exec& ex, const paged_kv<T>& kv, float key_bound) const {
+    const auto block = [&](const auto& pool, index_t s, index_t t) {
+      const index_t bs = pool.extent(2), id = kv.table.ids(kv.table.indptr(s) + t / bs);
+      return make_view<Space>(
+          static_cast<const T*>(pool.data_handle() + id * static_cast<index_t>(pool.stride(0))),
+          std::array<index_t, 3>{pool.extent(1), std::min(bs, kv.table.seq_lens(s) - t),
+                                 pool.extent(3)},
+          std::array<index_t, 3>{static_cast<index_t>(pool.stride(1)),
+                                 static_cast<index_t>(pool.stride(2)), 1});
+    };
+    const index_t bs = kv.k_pool.extent(2);
     for (index_t s = 0; s < kv.table.num_seqs(); ++s)
       for (index_t t = 0; t < kv.table.seq_lens(s); t += bs) {
-        const index_t id = kv.table.ids(kv.table.indptr(s) + t / bs);
-        const auto blk = make_view<Space>(
-            static_cast<const T*>(vp.data_handle() + id * static_cast<index_t>(vp.stride(0))),
-            std::array<index_t, 3>{Hkv, std::min(bs, kv.table.seq_lens(s) - t), d},
-            std::array<index_t, 3>{static_cast<index_t>(vp.stride(1)),
-                                   static_cast<index_t>(vp.stride(2)), 1});
+        CAKE_TRY(Store::check_finite(ex, detail::named(block(kv.k_pool, s, t), "cake.prefill.k_pool",
+                                                       "k_pool (head, slot, x of a block)",
+                                                       key_bound)));
         CAKE_TRY(Store::check_finite(
-            ex, detail::named(blk, "cake.prefill.v_pool", "v_pool (head, slot, x of a block)")));
+            ex, detail::named(block(kv.v_pool, s, t), "cake.prefill.v_pool",
+                              "v_pool (head, slot, x of a block)")));
       }
     return status::success();
   }

@@ -289,6 +289,15 @@ TEST_CASE("paged KvCache: bad pools and tables are rejected before anything chan
     rejects(
         c, e, [&] { c.prefill(1, q1, kv); }, "must not overlap");
   }
+  SUBCASE("prefill: an infinite key in the pool (read in place, never copied)") {
+    auto kv = e.kv(1);
+    float& x = e.kpool[1][static_cast<std::size_t>(e.offset(1, 0, 1, 17) + 2)];
+    const float was = x;
+    x = -std::numeric_limits<float>::infinity();
+    rejects(
+        c, e, [&] { c.prefill(1, q1, kv); }, "k_pool");
+    x = was;
+  }
   SUBCASE("prefill: a NaN in the values in the pool") {
     auto kv = e.kv(1);
     float& x = e.vpool[1][static_cast<std::size_t>(e.offset(1, 1, 1, 39) + 3)];
@@ -388,4 +397,88 @@ TEST_CASE("paged KvCache: a decode needs a new block when the last one is full")
   CHECK(c.freed(0)[0] == 0);  // a layer the call left alone
   take_back(e, c);
   CHECK(std::find(e.free_list.begin(), e.free_list.end(), fifth) != e.free_list.end());
+}
+
+namespace paged_cache_test {
+
+// The window statistics of keys in a block pool, read through its table (as a paged
+// prefill scores them) and of the same keys in a dense tensor.
+template <class T>
+void paged_stats_equal(cake::host_isa isa, index_t bs, bool nhd, bool shuffled, unsigned seed) {
+  const index_t B = 2, H = 4, Hkv = 2, w = 8, d = 32, S = 300, P = S - w;
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> q(static_cast<std::size_t>(B * H * w * d));
+  std::vector<T> k(static_cast<std::size_t>(B * Hkv * S * d));
+  for (float& x : q) x = dist(gen);
+  for (T& x : k) x = static_cast<T>(dist(gen));
+  const index_t nb = (S + bs - 1) / bs, N = B * nb + 3;  // three blocks no one uses
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(N)), indptr;
+  std::iota(ids.begin(), ids.end(), 0);
+  if (shuffled) std::shuffle(ids.begin(), ids.end(), gen);
+  for (index_t s = 0; s <= B; ++s) indptr.push_back(static_cast<std::int32_t>(s * nb));
+  cake::detail::paged_rows<T> p;
+  p.k_block = bs * Hkv * d;
+  p.k_head = nhd ? d : bs * d;
+  p.k_slot = nhd ? Hkv * d : d;
+  p.indptr = indptr.data();
+  p.ids = ids.data();
+  p.block_size = bs;
+  p.kv_heads = Hkv;
+  p.num_blocks = N;
+  std::vector<T> pool(static_cast<std::size_t>(N * bs * Hkv * d), static_cast<T>(7.0f));
+  p.k = pool.data();
+  for (index_t b = 0; b < B; ++b)
+    for (index_t g = 0; g < Hkv; ++g)
+      for (index_t j = 0; j < S; ++j)
+        std::copy_n(&k[static_cast<std::size_t>(((b * Hkv + g) * S + j) * d)], d,
+                    p.key(b * Hkv + g, j));
+  const auto qv = cake::make_view(static_cast<const float*>(q.data()),
+                                  std::array<index_t, 4>{B, H, w, d});
+  const auto kv = cake::make_view(static_cast<const T*>(k.data()),
+                                  std::array<index_t, 4>{B, Hkv, S, d});
+  std::vector<float> od(static_cast<std::size_t>(B * Hkv * P)), op(od.size());
+  std::array<float, 2> sd{}, sp{};
+  const auto out = [&](std::vector<float>& o) {
+    return cake::make_view(o.data(), std::array<index_t, 3>{B, Hkv, P});
+  };
+  const auto st = [](std::array<float, 2>& a) {
+    return cake::make_view(a.data(), std::array<index_t, 1>{2});
+  };
+  const cake::MeanVarianceIndicator ind{};
+  cake::force_host_isa(isa);
+  cake::window_stats(cake::host, qv, kv, ind, out(od), st(sd));
+  cake::window_stats_backend<cake::host_policy>::run_keys(
+      cake::host, qv, cake::detail::paged_keys<const T>{
+          {p.k, nullptr, p.k_block, p.k_head, p.k_slot, 0, 0, 0, p.indptr, p.ids, bs, Hkv, N}, S},
+      ind, out(op), st(sp), cake::StatsRequest{});
+  INFO(cake::host_isa_name(isa) << " block_size " << bs << (nhd ? " NHD" : " HND")
+                                << (shuffled ? " shuffled" : " in order"));
+  for (std::size_t i = 0; i < od.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(std::bit_cast<std::uint32_t>(od[i]) == std::bit_cast<std::uint32_t>(op[i]));
+  }
+  CHECK(std::bit_cast<std::uint32_t>(sd[0]) == std::bit_cast<std::uint32_t>(sp[0]));
+  CHECK(std::bit_cast<std::uint32_t>(sd[1]) == std::bit_cast<std::uint32_t>(sp[1]));
+  CHECK(sd[0] > 0.0f);  // the statistics were computed (entropy of 16 rows)
+}
+
+}  // namespace paged_cache_test
+
+// Block sizes that split the kernels' key tiles (1, 7, 16) and that hold whole tiles
+// (128, 256); NHD pools with blocks in order make runs that continue over blocks.
+TEST_CASE("paged window statistics equal the dense ones bit for bit on every kernel path") {
+  const cake::host_isa saved = cake::active_host_isa();
+  unsigned seed = 40;
+  for (cake::host_isa isa :
+       {cake::host_isa::portable, cake::host_isa::avx2, cake::host_isa::avx512}) {
+    if (!cake::host_isa_supported(isa)) continue;
+    for (index_t bs : {1, 7, 16, 128, 256})
+      for (bool nhd : {false, true})
+        for (bool shuffled : {true, false}) {
+          paged_stats_equal<float>(isa, bs, nhd, shuffled, ++seed);
+          paged_stats_equal<cake::bfloat16>(isa, bs, nhd, shuffled, ++seed);
+        }
+  }
+  cake::force_host_isa(saved);
 }

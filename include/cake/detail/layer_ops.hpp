@@ -102,6 +102,27 @@ struct paged_rows {
   }
 };
 
+// The prompt's keys in an engine's block pool as window_stats' key source
+// (host_stats::dense_keys has the contract): key j of KV head g of sequence b is slot j
+// of row b * kv_heads + g, read in place. A run is a block's slots from j on, extended
+// over the following blocks while each continues the last at the same pitch.
+template <class T>
+struct paged_keys {
+  using element_type = std::remove_cv_t<T>;
+  paged_rows<T> p;
+  index_t S = 0;  // the prompt's tokens
+  index_t heads() const { return p.kv_heads; }
+  index_t tokens() const { return S; }
+  const T* row(index_t b, index_t g, index_t j) const { return p.key(b * p.kv_heads + g, j); }
+  host_stats::key_run run(index_t b, index_t g, index_t j, index_t most) const {
+    const index_t r = b * p.kv_heads + g, bs = p.block_size, pitch = p.k_slot;
+    const T* first = p.key(r, j);
+    index_t n = std::min(most, bs - j % bs);
+    while (n < most && p.key(r, j + n) == first + n * pitch) n = std::min(most, n + bs);
+    return {n, pitch};
+  }
+};
+
 // One layer's storage as raw pointers in the backend's memory: (rows, cap) slots of
 // keys and values (head_dim each), positions and, when the layer keeps them, scores.
 // A paged layer's K/V are in paged (k and v null). A null pos leaves the metadata
@@ -428,9 +449,12 @@ void attention_sums(const Exec& exec, const QV& q, const KV& k, float* out, inde
 // (every token, the window included), else S - w. The window statistics are the
 // indicator itself for a window indicator; for any other, they are computed only
 // when the preference reads them (then the cheapest indicator fills a scratch).
+// paged (host): the prompt's keys are in an engine's pool (k gives their shape only),
+// read through the block table in place; window statistics only (the other sources
+// score a dense copy).
 template <class T, class Pref, class Exec, class Ind, class QV, class KV>
 LayerStats score_prefill(const Exec& exec, const Ind& ind, const QV& q, const KV& k, float* out,
-                         index_t cols) {
+                         index_t cols, const paged_keys<T>* paged = nullptr) {
   using S = layer_store<T, Exec>;
   using Space = typename Exec::memory_space;
   constexpr indicator_source source = indicator_source_of<Ind>;
@@ -442,17 +466,30 @@ LayerStats score_prefill(const Exec& exec, const Ind& ind, const QV& q, const KV
     return make_view<Space>(out, std::array<index_t, 3>{B, Hkv, c},
                             std::array<index_t, 3>{Hkv * ld, ld, 1});
   };
+  CAKE_EXPECTS(paged == nullptr || source == indicator_source::window, "cake.prefill.paged",
+               "keys in a pool are scored in place for window statistics only");
   LayerStats stats{};
   if (source == indicator_source::window || Pref::needs_entropy || Pref::needs_variance) {
     auto st = S::template make<float>(exec, 2);
     const auto st_view = make_view<Space>(S::ptr(st), std::array<index_t, 1>{2});
+    const auto stats_into = [&](const auto& indicator, const auto& io) {
+      const StatsRequest req = StatsRequest::for_preference<Pref>();
+      if constexpr (std::is_same_v<Exec, host_policy>) {
+        if (paged) {
+          check_window_stats_args<Exec>(indicator, q, k, io, st_view);
+          window_stats_backend<host_policy>::run_keys(exec, as_view(q), *paged, indicator, io,
+                                                      st_view, req);
+          return;
+        }
+      }
+      window_stats(exec, q, k, indicator, io, st_view, req);
+    };
     if constexpr (source == indicator_source::window) {
-      window_stats(exec, q, k, ind, out_view(P), st_view, StatsRequest::for_preference<Pref>());
+      stats_into(ind, out_view(P));
     } else {
       auto scratch = S::template make<float>(exec, B * Hkv * P);
-      window_stats(exec, q, k, WindowMeanIndicator{1},
-                   make_view<Space>(S::ptr(scratch), std::array<index_t, 3>{B, Hkv, P}), st_view,
-                   StatsRequest::for_preference<Pref>());
+      stats_into(WindowMeanIndicator{1},
+                 make_view<Space>(S::ptr(scratch), std::array<index_t, 3>{B, Hkv, P}));
     }
     std::array<float, 2> h{};
     S::download(exec, static_cast<const float*>(S::ptr(st)), 2, h.data(), 1,

@@ -39,6 +39,33 @@ inline constexpr index_t COL_CHUNK = 2048;  // keys per column-reduction chunk (
 
 inline index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
 
+// Where a layer's keys are, for the kernels below: row(b, g, j) is key j of KV head g
+// (head_dim values, unit stride), and run(b, g, j, most) how many keys from j (at most
+// `most`) lie at one pitch, so that a tile of them is read in place. A dense
+// (batch, kv_heads, tokens, head_dim) view is one run per head; an engine's block pool
+// (detail::paged_keys, layer_ops.hpp) one per block, or per stretch of blocks that
+// continue one another. Every key is read with the same arithmetic either way, so
+// the results do not depend on where the keys are.
+struct key_run {
+  index_t count, pitch;  // keys, and elements from one to the next (count > 1)
+};
+template <class KV>
+struct dense_keys {
+  using element_type = std::remove_cv_t<typename KV::element_type>;
+  KV k;  // (batch, kv_heads, tokens, head_dim)
+  index_t heads() const { return k.extent(1); }
+  index_t tokens() const { return k.extent(2); }
+  const element_type* row(index_t b, index_t g, index_t j) const { return &k(b, g, j, 0); }
+  key_run run(index_t, index_t, index_t j, index_t most) const {
+    const index_t n = std::min(most, k.extent(2) - j);
+    return {n, n > 1 ? static_cast<index_t>(k.stride(2)) : k.extent(3)};
+  }
+};
+template <class KV>
+dense_keys<KV> keys_of(const KV& k) {
+  return dense_keys<KV>{k};
+}
+
 // One worker's buffers on the portable path, carved from its workspace block (see carve).
 struct Scratch {
   float* q;     // (rows, d)       window queries of one GQA group, as float
@@ -190,8 +217,8 @@ double column_stats(const float* CAKE_RESTRICT p, index_t ld, index_t w, index_t
 // window row i is row r * w_pad + i (ld floats). Each transposed key tile is built
 // once and used by the whole group, so the transpose costs 1/n of what it would
 // per head; every score is computed exactly as for a single head.
-template <class QV, class KV>
-void group_scores(const QV& q, const KV& k, index_t b, index_t g, index_t n, index_t w,
+template <class QV, class KS>
+void group_scores(const QV& q, const KS& ks, index_t b, index_t g, index_t n, index_t w,
                   index_t w_pad, index_t S, index_t d, index_t ld, Scratch& s) {
   const float sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
   for (index_t r = 0; r < n; ++r)
@@ -209,7 +236,7 @@ void group_scores(const QV& q, const KV& k, index_t b, index_t g, index_t n, ind
   for (index_t j0 = 0; j0 < S; j0 += TJ) {
     const index_t tj = std::min(TJ, S - j0);
     for (index_t jj = 0; jj < tj; ++jj) {
-      const auto* kr = &k(b, g, j0 + jj, 0);
+      const auto* kr = ks.row(b, g, j0 + jj);
       for (index_t x = 0; x < d; ++x) kt[x * KT_LD + jj] = static_cast<float>(kr[x]);
     }
     if (tj < TJ)
@@ -241,6 +268,7 @@ struct LaneScratch {
   float* kt;     // (tk, d)           one key tile widened to float (16-bit keys only)
   float* kpad;   // (kt, d)           a tile's last, partial micro-tile of keys, zero-padded
   float* buf;    // (tk, pr)          one pair's scores of one tile
+  const char** next;  // (tk)            the next tile's key rows, fetched ahead
   float* e;      // (n, P_pad, w_pad) e = exp(logit - tile max) of the prefix keys, rows in lanes
   float* st[4];  // (tiles, R)        per tile: max, sum of e, over the prefix sum of e and of
                  //                   e * (logit - max)
@@ -270,6 +298,7 @@ struct LaneScratch {
     s.kt = c.take<float>(z(kk.tk * d));
     s.kpad = c.take<float>(z(kk.kt * d));
     s.buf = c.take<float>(z(kk.tk * kk.pr));
+    s.next = c.take<const char*>(z(kk.tk));
     s.e = c.take<float>(z(n * m.P_pad * m.w_pad));
     for (float*& p : s.st) p = c.take<float>(z(m.tiles * m.R));
     s.c = c.take<float>(z(m.tiles * m.R));
@@ -292,8 +321,28 @@ struct LaneScratch {
 // per (head, row, key): 1.7e-3 of about 9.5e3 for a 16K Llama layer. The same
 // quantities as the portable path, rounded differently (fused multiply-adds, the
 // softmax sum by tiles).
-template <class QV, class KV, class Ind>
-void group_lanes(const simd::kernels& kk, const QV& q, const KV& k, index_t b, index_t g, index_t n,
+// cnt key rows from src (pitch elements apart) as float rows of d: out[t * d + x].
+template <class TK>
+void widen_keys(const simd::kernels& kk, const TK* src, index_t pitch, index_t cnt, index_t d,
+                float* out) {
+  if constexpr (std::is_same_v<TK, float>) {
+    for (index_t t = 0; t < cnt; ++t) std::copy_n(src + t * pitch, d, out + t * d);
+  } else if constexpr (std::is_same_v<TK, bfloat16>) {
+    kk.widen_rows_b(src, pitch, cnt, d, out);
+  }
+#if CAKE_SIMD_HAS_HALF
+  else if constexpr (std::is_same_v<TK, _Float16>) {
+    kk.widen_rows_h(src, pitch, cnt, d, out);
+  }
+#endif
+  else {
+    for (index_t t = 0; t < cnt; ++t)
+      for (index_t x = 0; x < d; ++x) out[t * d + x] = static_cast<float>(src[t * pitch + x]);
+  }
+}
+
+template <class QV, class KS, class Ind>
+void group_lanes(const simd::kernels& kk, const QV& q, const KS& ks, index_t b, index_t g, index_t n,
                  index_t w, index_t S, index_t d, const Ind& indicator, StatsRequest req,
                  const LaneScratch::dims& m, LaneScratch& s, float* ind_group, double* ent,
                  double* var) {
@@ -311,26 +360,37 @@ void group_lanes(const simd::kernels& kk, const QV& q, const KV& k, index_t b, i
     const index_t h = lane / m.w_pad, i = lane % m.w_pad;
     s.ri[lane] = h < n && i < w ? static_cast<float>(i) : 1e9f;
   }
-  using TKe = std::remove_cv_t<typename KV::element_type>;
+  using TKe = typename KS::element_type;
   for (index_t t = 0; t < m.tiles; ++t) {
     const index_t j0 = t * tk, nk = std::min(tk, S - j0);
     const float* kp = s.kt;
     index_t kld = d;
+    // Float keys at one pitch are read in place; others (16-bit, or a tile that spans
+    // blocks of a pool) are first widened or copied, run by run, into s.kt.
+    const key_run here = ks.run(b, g, j0, nk);
     if constexpr (std::is_same_v<TKe, float>) {
-      kp = &k(b, g, j0, 0);
-      kld = nk > 1 ? k.stride(2) : d;
-    } else if constexpr (std::is_same_v<TKe, bfloat16>) {
-      kk.widen_rows_b(&k(b, g, j0, 0), nk > 1 ? k.stride(2) : d, nk, d, s.kt);
+      if (here.count == nk) {
+        kp = ks.row(b, g, j0);
+        kld = here.pitch;
+      }
     }
-#if CAKE_SIMD_HAS_HALF
-    else if constexpr (std::is_same_v<TKe, _Float16>) {
-      kk.widen_rows_h(&k(b, g, j0, 0), nk > 1 ? k.stride(2) : d, nk, d, s.kt);
+    if (kp == s.kt)
+      for (index_t jj = 0; jj < nk;) {
+        const key_run rn = jj == 0 ? here : ks.run(b, g, j0 + jj, nk - jj);
+        widen_keys(kk, ks.row(b, g, j0 + jj), rn.pitch, rn.count, d, s.kt + jj * d);
+        jj += rn.count;
+      }
+    // The next tile's key rows (in their storage type), each pair fetching its share
+    // into cache while it computes.
+    const index_t nk2 = std::min(tk, S - j0 - nk);
+    for (index_t jj = 0; jj < nk2;) {
+      const key_run rn = ks.run(b, g, j0 + nk + jj, nk2 - jj);
+      const char* first = reinterpret_cast<const char*>(ks.row(b, g, j0 + nk + jj));
+      for (index_t x = 0; x < rn.count; ++x)
+        s.next[jj + x] = first + x * rn.pitch * static_cast<index_t>(sizeof(TKe));
+      jj += rn.count;
     }
-#endif
-    else {
-      for (index_t jj = 0; jj < nk; ++jj)
-        for (index_t x = 0; x < d; ++x) s.kt[jj * d + x] = static_cast<float>(k(b, g, j0 + jj, x));
-    }
+    const index_t share = (nk2 + m.pairs - 1) / m.pairs;
     for (index_t p = 0; p < m.pairs; ++p) {
       float* ev[2] = {nullptr, nullptr};
       for (index_t v = 0; v < 2; ++v) {
@@ -341,21 +401,10 @@ void group_lanes(const simd::kernels& kk, const QV& q, const KV& k, index_t b, i
       }
       const std::size_t so = static_cast<std::size_t>(t * R + p * pr);
       float* const stp[4] = {s.st[0] + so, s.st[1] + so, s.st[2] + so, s.st[3] + so};
-      // each pair fetches its share of the next tile's keys (in their storage type)
-      const void* pf = nullptr;
-      index_t pf_bytes = 0;
-      const index_t nk2 = std::min(tk, S - j0 - nk);
-      if (nk2 > 0) {
-        const index_t span =
-            ((nk2 - 1) * (nk2 > 1 ? k.stride(2) : d) + d) * static_cast<index_t>(sizeof(TKe));
-        const index_t share = (span + m.pairs - 1) / m.pairs;
-        if (p * share < span) {
-          pf = reinterpret_cast<const char*>(&k(b, g, j0 + nk, 0)) + p * share;
-          pf_bytes = std::min(share, span - p * share);
-        }
-      }
+      const index_t pf0 = std::min(nk2, p * share), pf_n = std::min(nk2, pf0 + share) - pf0;
       kk.pair_tile(s.qt + p * d * pr, d, kp, kld, nk, j0, P, s.ri + p * pr, inv_sqrt_d, s.kpad,
-                   s.buf, ev[0], ev[1], m.w_pad, stp, pf, pf_bytes);
+                   s.buf, ev[0], ev[1], m.w_pad, stp, s.next + pf0, pf_n,
+                   d * static_cast<index_t>(sizeof(TKe)));
     }
   }
   kk.combine_rows(s.st[0], s.st[1], s.st[2], s.st[3], m.tiles, R, s.c, s.rs);
@@ -430,7 +479,7 @@ void attention_sums(const host_policy& policy, const QV& q, const KV& k, float* 
     carver c(ws.worker(worker));
     Scratch s = Scratch::carve(c, n * w_pad, d, lds);
     const index_t b = bg / Hkv, g = bg % Hkv;
-    group_scores(q, k, b, g, n, w, w_pad, S, d, lds, s);
+    group_scores(q, keys_of(k), b, g, n, w, w_pad, S, d, lds, s);
     for (index_t r = 0; r < n; ++r)
       for (index_t i = 0; i < w; ++i)
         softmax_row(s.p + (r * w_pad + i) * lds, P + i + 1, P, lds, false, s.rmax[r * w_pad + i]);
@@ -465,10 +514,20 @@ struct window_stats_backend<host_policy> {
   static void run(const host_policy& policy, host_view<TQ, 4> q, host_view<TK, 4> k,
                   const Ind& indicator, host_view<float, 3> out, host_view<float, 1> stats,
                   StatsRequest req) {
+    run_keys(policy, q, detail::host_stats::keys_of(k), indicator, out, stats, req);
+  }
+
+  // The same with the keys wherever a key source (host_stats::dense_keys, or
+  // detail::paged_keys for an engine's block pool) says they are; the arguments
+  // checked as window_stats checks them.
+  template <class TQ, class KS, class Ind>
+  static void run_keys(const host_policy& policy, host_view<TQ, 4> q, const KS& ks,
+                       const Ind& indicator, host_view<float, 3> out, host_view<float, 1> stats,
+                       StatsRequest req) {
     using namespace detail::host_stats;
     using detail::LANES;
     const index_t B = q.extent(0), H = q.extent(1), w = q.extent(2), d = q.extent(3);
-    const index_t Hkv = k.extent(1), S = k.extent(2), n = H / Hkv, P = S - w;
+    const index_t Hkv = ks.heads(), S = ks.tokens(), n = H / Hkv, P = S - w;
     const host_policy exec = detail::for_work(policy, B * H * w * S * d);
     const detail::simd::kernels* kk = detail::simd::active_kernels();
     // One task per (batch, KV head): its n query heads share each key tile.
@@ -489,7 +548,7 @@ struct window_stats_backend<host_policy> {
         detail::carver c(ws.worker(wk));
         LaneScratch s = LaneScratch::carve(c, *kk, m, n, d);
         const index_t b = bg / Hkv, g = bg % Hkv, h0 = b * H + g * n;
-        group_lanes(*kk, q, k, b, g, n, w, S, d, indicator, req, m, s, sh.ind_heads + h0 * P,
+        group_lanes(*kk, q, ks, b, g, n, w, S, d, indicator, req, m, s, sh.ind_heads + h0 * P,
                     sh.ent + h0, sh.var + h0);
       });
       finish(exec, ws, sh, B, Hkv, n, P, indicator.pool_kernel, out, stats);
@@ -506,7 +565,7 @@ struct window_stats_backend<host_policy> {
     detail::parallel_for(exec, B * Hkv, [&](index_t bg, int worker) {
       Scratch s = scratch(worker);
       const index_t b = bg / Hkv, g = bg % Hkv;
-      group_scores(q, k, b, g, n, w, w_pad, S, d, ld, s);
+      group_scores(q, ks, b, g, n, w, w_pad, S, d, ld, s);
       for (index_t r = 0; r < n; ++r) {
         const index_t bh = b * H + g * n + r;
         float* p = s.p + r * w_pad * ld;

@@ -39,7 +39,7 @@ struct kernels {
   index_t pr, kt, tk;
   void (*pair_tile)(const float*, index_t, const float*, index_t, index_t, index_t, index_t,
                     const float*, float, float*, float*, float*, float*, index_t,
-                    float* const (&)[4], const void*, index_t);
+                    float* const (&)[4], const char* const*, index_t, index_t);
   void (*combine_rows)(const float*, const float*, const float*, const float*, index_t, index_t,
                        float*, double*);
   void (*head_columns_lanes)(const float*, index_t, index_t, const float*, index_t, index_t, bool,

@@ -325,7 +325,9 @@ CAKE_ALWAYS_INLINE void pair_block(const float* CAKE_RESTRICT qt, index_t d,
 // One pair of row vectors against one tile of nk keys (1 <= nk <= TK) starting at key
 // j0 of the prompt: P = S - w prefix keys; row i (lane's ri) sees keys j <= P + i
 // (padding lanes carry a huge ri). qt: (d, PR); k: key rows of pitch k_ld; kpad: KT * d
-// floats of scratch; buf: TK * PR floats of scratch. For each lane, with m its largest
+// floats of scratch; buf: TK * PR floats of scratch; pf: pf_n key rows of pf_bytes
+// each (the next tile's share of this pair) to fetch into cache a slice per micro-tile,
+// so that reading K from memory overlaps with the products. For each lane, with m its largest
 // visible scaled score in the tile: writes e = exp(scale * score - m) of the prefix
 // keys (j < P) to e_v[t * e_ld] (e_v null: not stored), and m (-inf when the lane sees
 // none of the tile), the sum of e over the visible keys, and over the prefix keys the
@@ -334,16 +336,22 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
                       index_t k_ld, index_t nk, index_t j0, index_t P,
                       const float* CAKE_RESTRICT ri, float scale, float* CAKE_RESTRICT kpad,
                       float* CAKE_RESTRICT buf, float* e0, float* e1, index_t e_ld,
-                      float* const (&st)[4], const void* pf, index_t pf_bytes) {
+                      float* const (&st)[4], const char* const* pf, index_t pf_n,
+                      index_t pf_bytes) {
   const V ninf = splat(-__builtin_inff());
   const V r0 = load(ri), r1 = load(ri + VW);
   V mx0 = ninf, mx1 = ninf;
-  // pf_bytes from pf (the next tile's keys) fetched into cache a slice per micro-tile,
-  // so that reading K from memory overlaps with the products
-  const index_t pf_lines = (pf_bytes + 63) / 64, per_block = (pf_lines + TK / KT - 1) / (TK / KT);
+  const index_t row_lines = (pf_bytes + 63) / 64, pf_lines = pf_n * row_lines;
+  const index_t per_block = (pf_lines + TK / KT - 1) / (TK / KT);
+  index_t pf_row = 0, pf_line = 0;  // the next line to fetch: of row pf_row
   for (index_t b = 0; b < nk; b += KT) {
-    for (index_t l = (b / KT) * per_block, e = l + per_block; l < e && l < pf_lines; ++l)
-      __builtin_prefetch(reinterpret_cast<const char*>(pf) + 64 * l);
+    for (index_t l = 0; l < per_block && pf_row < pf_n; ++l) {
+      __builtin_prefetch(pf[pf_row] + 64 * pf_line);
+      if (++pf_line == row_lines) {
+        pf_line = 0;
+        ++pf_row;
+      }
+    }
     const index_t cnt = nk - b < KT ? nk - b : KT;
     const float* kb = k + b * k_ld;
     index_t kld = k_ld;

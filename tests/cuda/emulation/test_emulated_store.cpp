@@ -287,8 +287,9 @@ TEST_CASE("emulated window_slots_kernel: per-row window starts") {
 TEST_CASE("emulated sort_prefix_kernel: each row's prefix sorted by key, the rest copied") {
   // Rows of 300 entries (more than the block's threads): a shuffled prefix of each
   // row's length, sorted by the entry or by a key (positions in descending order).
-  const index_t rows = 3, n = 300;
-  const std::vector<index_t> lens{300, 0, 171};
+  // Lengths of every kind for the bitonic sort: powers of two and not, 0 and 1.
+  const index_t rows = 9, n = 300;
+  const std::vector<index_t> lens{300, 0, 171, 1, 2, 3, 64, 257, 128};
   std::mt19937 rng(4);
   std::vector<index_t> in(static_cast<std::size_t>(rows * n)), key(in.size());
   for (index_t r = 0; r < rows; ++r) {

@@ -62,24 +62,42 @@ __global__ void window_slots_kernel(I* sel, index_t rows, index_t n, const index
 
 // out = in (rows, n), row r's first lens[r] entries sorted ascending by
 // key[r, entry] (key null: by the entry), one block per row. The entries of a
-// prefix are distinct slots with distinct keys, so each one's rank is the count of
-// smaller keys: O(len^2 / threads) per row, no shared memory.
+// prefix are distinct slots with distinct keys, so any sort gives the host's order:
+// a bitonic sort in place in out (O(len log^2 len / threads) per row), in the form
+// whose every compare puts the smaller at the lower index, so that a length that is
+// not a power of two sorts as if padded with +inf: a pair reaching past len never
+// moves.
 template <class I>
 __global__ void sort_prefix_kernel(const I* in, I* out, index_t n, const index_t* lens,
                                    const index_t* key, index_t key_ld) {
   const index_t r = blockIdx.x, len = lens[r];
   const I* a = in + r * n;
+  I* o = out + r * n;
   const index_t* kr = key ? key + r * key_ld : nullptr;
-  for (index_t t = threadIdx.x; t < n; t += blockDim.x) {
-    if (t >= len) {
-      out[r * n + t] = a[t];
-      continue;
+  for (index_t t = threadIdx.x; t < n; t += blockDim.x) o[t] = a[t];
+  index_t span = 1;  // len rounded up to a power of two
+  while (span < len) span *= 2;
+  for (index_t size = 2; size <= span; size *= 2)  // merges sorted runs of size / 2
+    for (index_t stride = size / 2; stride >= 1; stride /= 2) {
+      __syncthreads();  // the previous step's writes (the copy, first)
+      for (index_t p = threadIdx.x; p < span / 2; p += blockDim.x) {
+        index_t i, j;
+        if (stride == size / 2) {  // the first step compares each run with the other's mirror
+          const index_t q = p % stride;
+          i = (p / stride) * size + q;
+          j = (p / stride) * size + size - 1 - q;
+        } else {
+          i = (p / stride) * 2 * stride + p % stride;
+          j = i + stride;
+        }
+        if (j >= len) continue;  // j is +inf padding: the pair is in order
+        const I x = o[i], y = o[j];
+        if (kr ? kr[y] < kr[x] : y < x) {
+          o[i] = y;
+          o[j] = x;
+        }
+      }
     }
-    const index_t mine = kr ? kr[a[t]] : a[t];
-    index_t rank = 0;
-    for (index_t u = 0; u < len; ++u) rank += (kr ? kr[a[u]] : a[u]) < mine;
-    out[r * n + rank] = a[t];
-  }
 }
 
 // out_pos[r, t] = src_pos ? src_pos[r, sel[r, t]] : sel[r, t]; out_ind[r, t] likewise

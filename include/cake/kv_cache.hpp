@@ -12,8 +12,8 @@
 //                                           head-wise budgets: rows are then padded)
 //   budget(l), tokens_held(l), bytes_held(l), preference(l), stage_budgets()
 //
-// Paged (host): a layer prefilled with paged_kv (an engine's K/V pools and block
-// table, core/paged.hpp) keeps its tokens in those pools, in place:
+// Paged (host and CUDA): a layer prefilled with paged_kv (an engine's K/V pools and
+// block table, core/paged.hpp) keeps its tokens in those pools, in place:
 //   prefill(layer, q_window, paged_kv)      the prompt read where the engine wrote it
 //   decode(layer, q, k, v, table)           the table with room for the new token
 //   table(l) / freed(l)                     the blocks held, and the tail released
@@ -42,11 +42,13 @@ namespace cake {
 
 // One layer's K and V in an engine's block pools (core/paged.hpp) and the block table
 // of the cache's batch sequences (sequence s is batch entry s), for KvCache's paged
-// prefill.
-template <class T>
+// prefill. The pools are in the cache's memory space (device_space for cake::cuda);
+// the table is always the host copy the engine's block manager keeps: the cache
+// checks it there and, on CUDA, uploads it itself.
+template <class T, class Space = host_space>
 struct paged_kv {
-  host_view<T, 4> k_pool;  // (num_blocks, kv_heads, block_size, head_dim), HND or NHD strides
-  host_view<T, 4> v_pool;  // the same extents, disjoint from k_pool
+  view<T, 4, Space> k_pool;  // (num_blocks, kv_heads, block_size, head_dim), HND or NHD strides
+  view<T, 4, Space> v_pool;  // the same extents, disjoint from k_pool
   block_table<host_space> table;
 };
 
@@ -121,6 +123,8 @@ class KvCache {
     stages_.clear();
     stages_.reserve(L);
     steps_.assign(L, 0);
+    tables_.clear();
+    tables_.resize(L);
     next_layer_ = 0;
     prompt_ = -1;
     peak_ = 0;
@@ -156,18 +160,20 @@ class KvCache {
   // engine lent (or the cache held) name blocks it may free. The cache keeps the
   // pools' views and a copy of the table: the pools must stay valid (and unmoved)
   // until reset() or the cache's end; the engine's table arrays need not. A copy of
-  // the cache refers to the same pools (use one of them).
-  // The paged prefill's checks (layer, q_window, pools, table), without prefilling;
-  // the pools' contents are not read (prefill checks them when check_finite is set).
+  // the cache refers to the same pools (use one of them). On CUDA the pools are
+  // device memory (paged_kv<T, device_space>) and the table stays on the host: the
+  // cache uploads its copy of each paged layer's table at every call that moves that
+  // layer's tokens, stream-ordered before the kernels that read it.
+  // validate_prefill(layer, q_window, kv): the paged prefill's checks (layer,
+  // q_window, pools, table), without prefilling; the pools' contents are not read
+  // (prefill checks them when check_finite is set).
   template <tensor_like Q>
-  status validate_prefill(index_t layer, Q&& q_window, const paged_kv<T>& kv) const {
+  status validate_prefill(index_t layer, Q&& q_window, const paged_kv<T, Space>& kv) const {
     return check_prefill_paged(layer, as_view(q_window), kv);
   }
 
   template <tensor_like Q>
-  void prefill(index_t layer, Q&& q_window, const paged_kv<T>& kv) {
-    static_assert(std::is_same_v<Exec, host_policy>,
-                  "cake::KvCache: paged storage is implemented on the host backend only");
+  void prefill(index_t layer, Q&& q_window, const paged_kv<T, Space>& kv) {
     const auto q = as_view(q_window);
     check_prefill_paged(layer, q, kv).throw_if_error();
     const index_t B = cfg_.batch, Hkv = cfg_.kv_heads, d = cfg_.head_dim, rows = B * Hkv;
@@ -176,9 +182,13 @@ class KvCache {
     Layer lent;  // the pools and the cache's copy of the table, for the new layer
     lent.pool = pool_rows(kv);
     lent.table = copy_table(kv.table);
-    // Window statistics read the prompt's keys in the pool, through the table; the
-    // other indicator sources score a dense copy of them (the values are not copied).
-    constexpr bool in_place = indicator_source_of<Ind> == indicator_source::window;
+    table_buffer lent_table;  // CUDA: its device copy, the layer's once committed
+    upload_table(ex, lent, lent_table);
+    // On the host, window statistics read the prompt's keys in the pool, through the
+    // table; other indicator sources (and CUDA) score a dense copy of them (the values
+    // are not copied).
+    constexpr bool in_place = std::is_same_v<Exec, host_policy> &&
+                              indicator_source_of<Ind> == indicator_source::window;
     auto kbuf = Store::template make<T>(ex, in_place ? 0 : rows * S * d);
     const auto keys = make_view<Space>(static_cast<const T*>(Store::ptr(kbuf)),
                                        std::array<index_t, 4>{B, Hkv, S, d});  // shape only if in_place
@@ -202,6 +212,7 @@ class KvCache {
         std::max(sp.ids.capacity(), lent.table.ids.size() + static_cast<std::size_t>(B)));
     const detail::paged_keys<T> pk{lent.at().paged, S};
     run_prefill(layer, q, keys, keys, &lent, in_place ? &pk : nullptr);
+    tables_[static_cast<std::size_t>(layer)] = std::move(lent_table);  // noexcept
   }
 
  private:
@@ -214,6 +225,11 @@ class KvCache {
     const index_t rows = B * Hkv, S = k.extent(2), P = S - w;
     const auto m = static_cast<std::size_t>(layer);
     const Exec ex = res_.bind(exec_);  // with the cache's workspace
+    // CUDA: the earlier paged layers' tables, as they are now, for the kernels that
+    // may cut them below (before anything changes; a failure leaves a copy that equals
+    // the host's table).
+    for (std::size_t l = 0; l < m; ++l)
+      if (layers_[l].paged()) upload_table(ex, layers_[l], tables_[l]);
 
     // 1. Statistics, preference and token scores of this layer.
     const index_t ind_cols = accumulates ? S : P;
@@ -421,6 +437,7 @@ class KvCache {
     copy_table(table, spare_table_);
     std::swap(layers_[l].table, spare_table_);  // the lent table: room for the new token
     try {
+      upload_table(ex, layers_[l], tables_[l]);  // CUDA: the kernels read the lent table
       detail::decode(ex, layers_[l], ws_, shape(), q, k, v, prompt_ + steps_[l], budgets_[l], ind_,
                      cfg_.order == token_order::reference, headwise && layers_[l].cut);
     } catch (...) {
@@ -653,7 +670,7 @@ class KvCache {
     return ly;
   }
 
-  static detail::paged_rows<T> pool_rows(const paged_kv<T>& kv) {
+  static detail::paged_rows<T> pool_rows(const paged_kv<T, Space>& kv) {
     const auto& k = kv.k_pool;
     const auto& v = kv.v_pool;
     detail::paged_rows<T> p;
@@ -686,6 +703,27 @@ class KvCache {
     c.ids.resize(static_cast<std::size_t>(t.indptr(n)));
     for (index_t e = 0; e < t.indptr(n); ++e) c.ids[static_cast<std::size_t>(e)] = t.ids(e);
   }
+  // The device copy of a paged layer's block table (CUDA), for its kernels: indptr
+  // (batch + 1) then ids, uploaded from ly.table; ly.pool.indptr / ids point into it,
+  // and cache_layer::at hands them to the kernels. The host's kernels read ly.table
+  // itself (pool.indptr stays null). Grows dst when the table outgrew it (a decode's
+  // lent table); tables only shrink otherwise, so a prefill's refresh allocates
+  // nothing.
+  using table_buffer = typename Store::template buffer<std::int32_t>;
+  static constexpr bool device_tables = !std::is_same_v<Exec, host_policy>;
+  static void upload_table([[maybe_unused]] const Exec& ex, [[maybe_unused]] Layer& ly,
+                           [[maybe_unused]] table_buffer& dst) {
+    if constexpr (device_tables) {
+      const detail::paged_table& t = ly.table;
+      const auto ni = static_cast<index_t>(t.indptr.size());
+      const auto ne = static_cast<index_t>(t.ids.size());
+      if (Store::size(dst) < ni + ne) dst = Store::template make<std::int32_t>(ex, ni + ne);
+      Store::upload(ex, t.indptr.data(), Store::ptr(dst), ni);
+      Store::upload(ex, t.ids.data(), Store::ptr(dst) + ni, ne);
+      ly.pool.indptr = Store::ptr(dst);
+      ly.pool.ids = Store::ptr(dst) + ni;
+    }
+  }
   // The new layer takes the pools and table lent to its prefill.
   static void attach(Layer& ly, Layer&& lent) {
     ly.pool = lent.pool;
@@ -700,11 +738,11 @@ class KvCache {
 
   // The pools and table of a paged prefill, before anything is read from them.
   template <class QV>
-  status check_prefill_paged(index_t layer, const QV& q, const paged_kv<T>& kv) const {
+  status check_prefill_paged(index_t layer, const QV& q, const paged_kv<T, Space>& kv) const {
     static_assert(QV::rank() == 4,
                   "cake::KvCache::prefill: q_window is rank 4: "
                   "(batch, q_heads, window, head_dim)");
-    require_space<Exec, QV>();
+    require_space<Exec, QV, decltype(kv.k_pool), decltype(kv.v_pool)>();
     CAKE_TRY(check_prefill_layer(layer, q));
     const index_t B = cfg_.batch, Hkv = cfg_.kv_heads, d = cfg_.head_dim, w = cfg_.window;
     CAKE_CHECK(inner_contiguous(q), "cake.prefill.q_window",
@@ -733,8 +771,8 @@ class KvCache {
     return status::success();
   }
   // The prompt's keys (within key_bound) and values in the pools are finite: block by
-  // block, each a (kv_heads, tokens, head_dim) view.
-  status check_pool_finite(const Exec& ex, const paged_kv<T>& kv, float key_bound) const {
+  // block, each a (kv_heads, tokens, head_dim) view (CUDA: one flag read per block).
+  status check_pool_finite(const Exec& ex, const paged_kv<T, Space>& kv, float key_bound) const {
     const auto block = [&](const auto& pool, index_t s, index_t t) {
       const index_t bs = pool.extent(2), id = kv.table.ids(kv.table.indptr(s) + t / bs);
       return make_view<Space>(
@@ -812,6 +850,7 @@ class KvCache {
   std::vector<index_t> budgets_;
   std::vector<std::vector<index_t>> stages_;
   std::vector<index_t> steps_;  // tokens decoded per layer
+  std::vector<table_buffer> tables_;  // (layers) CUDA: each paged layer's table on the device
   index_t next_layer_ = 0;
   index_t prompt_ = -1;
   index_t peak_ = 0;

@@ -302,8 +302,10 @@ struct cache_layer {
                d};
     if (paged()) {
       s.paged = pool;
-      s.paged.indptr = table.indptr.data();
-      s.paged.ids = table.ids.data();
+      if (!pool.ids) {  // the host's kernels read the table itself; CUDA's its device copy
+        s.paged.indptr = table.indptr.data();
+        s.paged.ids = table.ids.data();
+      }
     }
     return s;
   }

@@ -2,7 +2,8 @@
 // prefill's truncations in one launch; move_slots_kernel: a decoding step's commit,
 // in place or from the workspace; the index lists, padding and the append) run on
 // the CPU from their real source under the emulator, against plain loops over a copy
-// of the same rows.
+// of the same rows; on a paged layer's rows (an engine's pool and block table,
+// block sizes 1, 3 and 16, HND and NHD) against the host backend's primitives.
 #include <cake/cake.hpp>
 
 #include "emulator.hpp"
@@ -55,6 +56,13 @@ struct Rows {
   }
   bool operator==(const Rows&) const = default;
 };
+
+using Slots = cake::detail::slots<float>;
+// r's rows as the kernels take them (ind: with the scores or without).
+Slots slots_of(Rows& r, bool ind = true) {
+  return Slots{r.k.data(), r.v.data(), r.pos.data(), ind ? r.ind.data() : nullptr,
+               r.rows,     r.cap,      r.d};
+}
 
 }  // namespace
 
@@ -133,10 +141,9 @@ TEST_CASE("emulated move_slots_kernel: an ascending gather in place equals the g
       for (std::size_t i = 0; i < sums.size(); ++i) sums[i] = 0.5f * static_cast<float>(i);
 
       emu::launch({static_cast<unsigned>(rows), 1, 1}, {256, 1, 1}, 0, [&] {
-        cd::move_slots_kernel<float, 4>(
-            dev.k.data(), dev.v.data(), dev.pos.data(), with_sums ? dev.ind.data() : nullptr, cap,
-            dev.k.data(), dev.v.data(), dev.pos.data(), cap, with_sums ? sums.data() : nullptr,
-            held, d, keep.data(), n, nullptr, n);
+        cd::move_slots_kernel<Slots, 4>(slots_of(dev, with_sums), slots_of(dev),
+                                        with_sums ? sums.data() : nullptr, held, keep.data(), n,
+                                        nullptr, n);
       });
       for (index_t r = 0; r < rows; ++r)
         for (index_t t = 0; t < n; ++t) {
@@ -221,9 +228,8 @@ TEST_CASE("emulated move_slots_kernel: ragged rows in place, and a copy back wit
     // (rows, n): row r keeps slots sel[r, t] for t < len_r; later entries repeat.
     const std::vector<index_t> sel{0, 1, 2, 4, 5, 6, 7, 1, 3, 8, 9, 9, 9, 9, 0, 2, 3, 5, 6, 8, 8};
     emu::launch({3, 1, 1}, {64, 1, 1}, 0, [&] {
-      cd::move_slots_kernel<float, 4>(dev.k.data(), dev.v.data(), dev.pos.data(), dev.ind.data(),
-                                      cap, dev.k.data(), dev.v.data(), dev.pos.data(), cap, nullptr,
-                                      0, d, sel.data(), n, lens.data(), 0);
+      cd::move_slots_kernel<Slots, 4>(slots_of(dev), slots_of(dev), nullptr, 0, sel.data(), n,
+                                      lens.data(), 0);
     });
     for (index_t r = 0; r < rows; ++r)
       for (index_t t = 0; t < n; ++t) {
@@ -249,9 +255,8 @@ TEST_CASE("emulated move_slots_kernel: ragged rows in place, and a copy back wit
     std::vector<float> sums(static_cast<std::size_t>(rows * n));
     for (std::size_t i = 0; i < sums.size(); ++i) sums[i] = 1.5f * static_cast<float>(i);
     emu::launch({3, 1, 1}, {32, 1, 1}, 0, [&] {
-      cd::move_slots_kernel<float, 4>(dst.k.data(), dst.v.data(), dst.pos.data(), dst.ind.data(), 8,
-                                      dev.k.data(), dev.v.data(), dev.pos.data(), cap, sums.data(),
-                                      n, d, nullptr, n, lens.data(), 0);
+      cd::move_slots_kernel<Slots, 4>(slots_of(dst), slots_of(dev), sums.data(), n, nullptr, n,
+                                      lens.data(), 0);
     });
     for (index_t r = 0; r < rows; ++r)
       for (index_t t = 0; t < n; ++t) {
@@ -282,8 +287,9 @@ TEST_CASE("emulated window_slots_kernel: per-row window starts") {
 TEST_CASE("emulated sort_prefix_kernel: each row's prefix sorted by key, the rest copied") {
   // Rows of 300 entries (more than the block's threads): a shuffled prefix of each
   // row's length, sorted by the entry or by a key (positions in descending order).
-  const index_t rows = 3, n = 300;
-  const std::vector<index_t> lens{300, 0, 171};
+  // Lengths of every kind for the bitonic sort: powers of two and not, 0 and 1.
+  const index_t rows = 9, n = 300;
+  const std::vector<index_t> lens{300, 0, 171, 1, 2, 3, 64, 257, 128};
   std::mt19937 rng(4);
   std::vector<index_t> in(static_cast<std::size_t>(rows * n)), key(in.size());
   for (index_t r = 0; r < rows; ++r) {
@@ -318,8 +324,7 @@ TEST_CASE("emulated pad_rows_kernel and append_token_kernel: per-row slots") {
   Rows ref = dev;
   const std::vector<index_t> from{2, 8, 5};
   emu::launch({3, 1, 1}, {32, 1, 1}, 0, [&] {
-    cd::pad_rows_kernel<float>(dev.k.data(), dev.v.data(), dev.pos.data(), dev.ind.data(), cap, d,
-                               from.data(), 1, cap);
+    cd::pad_rows_kernel(slots_of(dev), from.data(), 1, cap);
   });
   for (index_t r = 0; r < rows; ++r)
     for (index_t t = from[static_cast<std::size_t>(r)] + 1; t < cap; ++t) {
@@ -339,9 +344,8 @@ TEST_CASE("emulated pad_rows_kernel and append_token_kernel: per-row slots") {
   }
   const std::vector<index_t> lens{3, 0, 8};
   emu::launch({3, 1, 1}, {32, 1, 1}, 0, [&] {
-    cd::append_token_kernel<float, float>(dev.k.data(), dev.v.data(), dev.pos.data(), cap, d, Hkv,
-                                          lens.data(), 99, k.data(), Hkv * 8, 8, v.data(), Hkv * 8,
-                                          8, 42);
+    cd::append_token_kernel(slots_of(dev), Hkv, lens.data(), 99, k.data(), Hkv * 8, 8, v.data(),
+                            Hkv * 8, 8, 42);
   });
   for (index_t r = 0; r < rows; ++r) {
     const index_t t = lens[static_cast<std::size_t>(r)];
@@ -354,4 +358,229 @@ TEST_CASE("emulated pad_rows_kernel and append_token_kernel: per-row slots") {
     ref.pos[static_cast<std::size_t>(r * cap + t)] = 42;
   }
   CHECK(dev == ref);
+}
+
+// ---- paged rows: the kernels against the host backend's primitives --------------
+
+namespace {
+
+using Host = cake::detail::layer_store<float, cake::host_policy>;
+
+// A paged layer's rows: B sequences of Hkv heads in pools of N blocks of bs slots
+// (HND or NHD), sequence s in blocks[s] scattered blocks (a table naming each once);
+// positions and scores (rows, cap) in the cache's memory. Every pool element is
+// finite and distinct, so a slot moved from the wrong place shows.
+struct Paged {
+  index_t B, Hkv, bs, d, N, cap;
+  bool nhd;
+  std::vector<float> k, v, ind;  // pools: N * Hkv * bs * d; scores (rows, cap)
+  std::vector<index_t> pos;      // (rows, cap)
+  std::vector<std::int32_t> indptr, ids;
+  Paged(index_t b, index_t hkv, index_t block, index_t dd, bool n_hd,
+        const std::vector<index_t>& blocks, index_t c, std::uint32_t seed)
+      : B(b), Hkv(hkv), bs(block), d(dd), N(0), cap(c), nhd(n_hd) {
+    for (index_t x : blocks) N += x;
+    N += 3;  // blocks no sequence holds
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd;
+    k.resize(static_cast<std::size_t>(N * Hkv * bs * d));
+    v.resize(k.size());
+    for (std::size_t i = 0; i < k.size(); ++i) {
+      k[i] = static_cast<float>(i) + 0.5f * nd(rng);
+      v[i] = -static_cast<float>(i) + 0.5f * nd(rng);
+    }
+    ind.resize(static_cast<std::size_t>(B * Hkv * cap));
+    pos.resize(ind.size());
+    for (std::size_t i = 0; i < ind.size(); ++i) {
+      ind[i] = nd(rng);
+      pos[i] = static_cast<index_t>(i) * 7 + 2;
+    }
+    std::vector<std::int32_t> all(static_cast<std::size_t>(N));
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), rng);
+    indptr.push_back(0);
+    for (index_t x : blocks) {
+      ids.insert(ids.end(), all.begin() + indptr.back(), all.begin() + indptr.back() + x);
+      indptr.push_back(indptr.back() + static_cast<std::int32_t>(x));
+    }
+  }
+  index_t rows() const { return B * Hkv; }
+  cake::detail::paged_rows<float> pool() {
+    cake::detail::paged_rows<float> p;
+    p.k = k.data();
+    p.v = v.data();
+    p.k_block = p.v_block = Hkv * bs * d;
+    p.k_head = p.v_head = nhd ? d : bs * d;
+    p.k_slot = p.v_slot = nhd ? Hkv * d : d;
+    p.indptr = indptr.data();
+    p.ids = ids.data();
+    p.block_size = bs;
+    p.kv_heads = Hkv;
+    p.num_blocks = N;
+    return p;
+  }
+  // The rows: K/V through the table, and the metadata unless kv_only.
+  Slots at(bool kv_only = false) {
+    Slots s{nullptr, nullptr, kv_only ? nullptr : pos.data(), kv_only ? nullptr : ind.data(),
+            rows(),  cap,     d};
+    s.paged = pool();
+    return s;
+  }
+  bool operator==(const Paged& o) const {
+    return k == o.k && v == o.v && ind == o.ind && pos == o.pos;
+  }
+};
+
+// (rows, n): row r's first lens[r] entries an ascending subset of [0, n) (in place:
+// entry t >= t), the rest repeating its last; permute: a shuffled subset instead.
+std::vector<index_t> selection(index_t rows, index_t n, const std::vector<index_t>& lens,
+                               bool permute, std::mt19937& rng) {
+  std::vector<index_t> sel;
+  for (index_t r = 0; r < rows; ++r) {
+    std::vector<index_t> all(static_cast<std::size_t>(n));
+    std::iota(all.begin(), all.end(), index_t{0});
+    std::shuffle(all.begin(), all.end(), rng);
+    all.resize(static_cast<std::size_t>(lens[static_cast<std::size_t>(r)]));
+    if (!permute) std::sort(all.begin(), all.end());
+    while (static_cast<index_t>(all.size()) < n) all.push_back(all.empty() ? 0 : all.back());
+    sel.insert(sel.end(), all.begin(), all.end());
+  }
+  return sel;
+}
+
+template <class F>
+void every_pool(F&& f) {
+  for (index_t bs : {index_t{1}, index_t{3}, index_t{16}})
+    for (bool nhd : {false, true})
+      for (index_t d : {index_t{8}, index_t{1100}}) {  // 1100: one slot per chunk, in sweeps
+        if (d > 8 && bs != 3) continue;  // the sweeps once per layout (the emulation is slow)
+        CAPTURE(bs);
+        CAPTURE(nhd);
+        CAPTURE(d);
+        f(bs, nhd, d);
+      }
+}
+
+void run_move(Slots dst, Slots src, const float* sind, index_t sind_ld, const index_t* sel,
+              index_t n, const index_t* lens, index_t base) {
+  emu::launch({static_cast<unsigned>(dst.rows), 1, 1}, {256, 1, 1}, 0, [&] {
+    cd::move_slots_kernel<Slots, 4>(dst, src, sind, sind_ld, sel, n, lens, base);
+  });
+}
+
+}  // namespace
+
+TEST_CASE("emulated move_slots_kernel on paged rows equals the host's move_slots") {
+  every_pool([](index_t bs, bool nhd, index_t d) {
+    const index_t B = 2, Hkv = 2, rows = B * Hkv, n = 20;
+    // Sequence 1 has a spare block: rows of a sequence may address all its blocks.
+    const std::vector<index_t> blocks{(n + bs - 1) / bs, (n + bs - 1) / bs + 1};
+    std::mt19937 rng(static_cast<std::uint32_t>(bs * 31 + d));
+    const Paged start(B, Hkv, bs, d, nhd, blocks, n + 2, 5);
+    const std::vector<index_t> lens{20, 13, 17, 0};  // ragged, one empty row
+    std::vector<float> sums(static_cast<std::size_t>(rows * n));
+    for (std::size_t i = 0; i < sums.size(); ++i) sums[i] = 0.25f * static_cast<float>(i);
+    {
+      INFO("in place, ascending, ragged rows padded, scores from sums");
+      const auto sel = selection(rows, n, lens, false, rng);
+      Paged host = start, dev = start;
+      Host::move_slots(cake::host, host.at(), host.at(), sums.data(), n, sel.data(), n,
+                       lens.data(), 0);
+      run_move(dev.at(), dev.at(), sums.data(), n, sel.data(), n, lens.data(), 0);
+      CHECK(dev == host);
+      CHECK(!(dev == start));
+    }
+    {
+      INFO("keys gathered into dense rows (a paged layer's scoring)");
+      Paged dev = start;
+      Rows want(rows, n, d, 1), got = want;
+      Slots hd{want.k.data(), nullptr, nullptr, nullptr, rows, n, d};
+      Slots dd{got.k.data(), nullptr, nullptr, nullptr, rows, n, d};
+      Paged host = start;
+      Host::move_slots(cake::host, hd, host.at(true), nullptr, 0, nullptr, n, nullptr, n);
+      run_move(dd, dev.at(true), nullptr, 0, nullptr, n, nullptr, n);
+      CHECK(got == want);
+      CHECK(dev == start);
+    }
+    {
+      INFO("a permuting selection through a dense scratch and back (reference order)");
+      const auto sel = selection(rows, n, lens, true, rng);
+      Paged host = start, dev = start;
+      Rows th(rows, n, d, 2), td = th;
+      Host::move_slots(cake::host, slots_of(th).kv_only(), host.at(true), nullptr, 0, sel.data(),
+                       n, lens.data(), 0);
+      Host::move_slots(cake::host, host.at(true), slots_of(th).kv_only(), nullptr, 0, nullptr, n,
+                       lens.data(), 0);
+      run_move(slots_of(td).kv_only(), dev.at(true), nullptr, 0, sel.data(), n, lens.data(), 0);
+      run_move(dev.at(true), slots_of(td).kv_only(), nullptr, 0, nullptr, n, lens.data(), 0);
+      CHECK(td == th);
+      CHECK(dev == host);
+    }
+    {
+      INFO("dense rows with their metadata into paged rows (a decoding step's commit)");
+      Paged host = start, dev = start;
+      const Rows src(rows, n + 1, d, 3);
+      Rows s1 = src;
+      Host::move_slots(cake::host, host.at(), slots_of(s1), s1.ind.data(), s1.cap, nullptr, n,
+                       lens.data(), 0);
+      run_move(dev.at(), slots_of(s1), s1.ind.data(), s1.cap, nullptr, n, lens.data(), 0);
+      CHECK(dev == host);
+    }
+  });
+}
+
+TEST_CASE("emulated truncate_rows_kernel on paged rows equals the host's move_windows") {
+  every_pool([](index_t bs, bool nhd, index_t d) {
+    const index_t B = 2, Hkv = 2, w = 4, n = 20;
+    const std::vector<index_t> blocks{(n + bs - 1) / bs, (n + bs - 1) / bs + 1};
+    const Paged start(B, Hkv, bs, d, nhd, blocks, n + 3, 9);
+    Paged host = start, dev = start;
+    // (row, from, to, pad_end): disjoint, overlapping, padding only, and padding past
+    // the row's blocks (not stored: n + 3 slots, fewer in the blocks when bs = 1).
+    const std::vector<std::array<index_t, 4>> spec{
+        {0, 16, 5, 9}, {1, 10, 8, 20}, {2, 6, 6, 15}, {3, 14, 2, n + 3}};
+    const auto jobs = [&](Paged& p) {
+      std::vector<cake::detail::window_move<float>> out;
+      for (const auto& [r, from, to, pad] : spec)
+        out.push_back({nullptr, nullptr, p.pos.data() + r * p.cap,
+                       r == 2 ? nullptr : p.ind.data() + r * p.cap, from, to, pad, p.pool(), r});
+      return out;
+    };
+    auto hj = jobs(host), dj = jobs(dev);
+    Host::move_windows(cake::host, hj, d, w);
+    emu::launch({static_cast<unsigned>(dj.size()), 1, 1}, {128, 1, 1}, 0,
+                [&] { cd::truncate_rows_kernel(dj.data(), d, w); });
+    CHECK(dev == host);
+    CHECK(!(dev == start));
+  });
+}
+
+TEST_CASE("emulated pad_rows_kernel and append_token_kernel on paged rows equal the host's") {
+  every_pool([](index_t bs, bool nhd, index_t d) {
+    const index_t B = 2, Hkv = 2, rows = B * Hkv, n = 20;
+    const std::vector<index_t> blocks{(n + bs - 1) / bs, (n + bs - 1) / bs + 1};
+    const Paged start(B, Hkv, bs, d, nhd, blocks, n + 2, 13);
+    Paged host = start, dev = start;
+    const std::vector<index_t> from{3, 19, 0, 11};
+    Host::pad(cake::host, host.at(), from.data(), 1, n + 2);  // past the blocks: not stored
+    emu::launch({static_cast<unsigned>(rows), 1, 1}, {128, 1, 1}, 0,
+                [&] { cd::pad_rows_kernel(dev.at(), from.data(), 1, n + 2); });
+    CHECK(dev == host);
+    CHECK(!(dev == start));
+    // The new token (B, Hkv, d) into slot lens[r] of each row.
+    std::vector<float> kn(static_cast<std::size_t>(rows * d)), vn(kn.size());
+    for (std::size_t i = 0; i < kn.size(); ++i) {
+      kn[i] = 1000.0f + static_cast<float>(i);
+      vn[i] = -1000.0f - static_cast<float>(i);
+    }
+    const std::vector<index_t> lens{0, 7, 19, 12};
+    const std::array<index_t, 3> ext{B, Hkv, d};
+    Host::append(cake::host, host.at(), cake::make_view(kn.data(), ext),
+                 cake::make_view(vn.data(), ext), 42, lens.data(), 0, Hkv);
+    emu::launch({static_cast<unsigned>(rows), 1, 1}, {128, 1, 1}, 0, [&] {
+      cd::append_token_kernel(dev.at(), Hkv, lens.data(), 0, kn.data(), Hkv * d, d, vn.data(),
+                              Hkv * d, d, 42);
+    });
+    CHECK(dev == host);
+  });
 }

@@ -1,7 +1,9 @@
 // The CUDA backend's primitives of the KvCache layers (detail/layer_ops.hpp lists
 // them and writes the cache's data movement over them once): buffers in device
 // memory (device_memory.cuh), kernels in detail/kernels/store.cuh, and the CUDA
-// algorithms (select_k, compact, decode_scores). Nothing here synchronises except
+// algorithms (select_k, compact, decode_scores). A paged layer's K/V are in the
+// engine's device pools; the kernels reach them through slots<T>, whose block table
+// is the cache's device copy (KvCache uploads it at each call, before any write). Nothing here synchronises except
 // download() and the finite check's one flag read; the host sees the two layer
 // statistics per prefill and, with head-wise budgets, the scores the head lengths
 // are decided from.
@@ -120,7 +122,8 @@ struct layer_store<T, cuda_policy> {
   static void copy_prompt(const cuda_policy& exec, const KV& k, const VV& v, const slots<T>& out,
                           token_scores sc, index_t Hkv) {
     const index_t S = k.extent(2), d = out.d;
-    for (index_t r = 0; r < out.rows; ++r) {  // each (batch, kv-head) row: S rows of d
+    // out.k null: the metadata of a paged layer, its prompt in the engine's pools.
+    for (index_t r = 0; out.k && r < out.rows; ++r) {  // each (batch, kv-head) row: S rows of d
       const index_t b = r / Hkv, g = r % Hkv;
       copy_2d(exec, &k(b, g, 0, 0), static_cast<index_t>(k.stride(2)), out.k + r * out.cap * d, d,
               S, d);
@@ -142,14 +145,15 @@ struct layer_store<T, cuda_policy> {
     launched("gather_meta_kernel");
   }
 
-  // One launch (move_slots_kernel): a decoding step's commit.
+  // One launch (move_slots_kernel): a decoding step's commit, a paged layer's moves
+  // (either side paged: its slots<T> carry the device copy of the block table).
   static void move_slots(const cuda_policy& exec, const slots<T>& dst, const slots<T>& src,
                          const float* src_ind, index_t src_ind_ld, const index_t* sel, index_t n,
                          const index_t* lens, index_t base) {
     if (dst.rows * n == 0) return;
-    cuda_detail::move_slots_kernel<T, 4><<<static_cast<unsigned>(dst.rows), 256, 0, stream(exec)>>>(
-        dst.k, dst.v, dst.pos, dst.ind, dst.cap, src.k, src.v, src.pos, src.cap, src_ind,
-        src_ind_ld, dst.d, sel, n, lens, base);
+    cuda_detail::move_slots_kernel<slots<T>, 4>
+        <<<static_cast<unsigned>(dst.rows), 256, 0, stream(exec)>>>(dst, src, src_ind, src_ind_ld,
+                                                                    sel, n, lens, base);
     launched("move_slots_kernel");
   }
 
@@ -173,17 +177,18 @@ struct layer_store<T, cuda_policy> {
   template <class KV, class VV>
   static void append(const cuda_policy& exec, const slots<T>& s, const KV& k, const VV& v,
                      index_t position, const index_t* lens, index_t slot, index_t Hkv) {
-    cuda_detail::append_token_kernel<T><<<static_cast<unsigned>(s.rows), 128, 0, stream(exec)>>>(
-        s.k, s.v, s.pos, s.cap, s.d, Hkv, lens, slot, k.data_handle(), k.stride(0), k.stride(1),
-        v.data_handle(), v.stride(0), v.stride(1), position);
+    cuda_detail::append_token_kernel<<<static_cast<unsigned>(s.rows), 128, 0, stream(exec)>>>(
+        s, Hkv, lens, slot, k.data_handle(), static_cast<index_t>(k.stride(0)),
+        static_cast<index_t>(k.stride(1)), v.data_handle(), static_cast<index_t>(v.stride(0)),
+        static_cast<index_t>(v.stride(1)), position);
     launched("append_token_kernel");
   }
 
   static void pad(const cuda_policy& exec, const slots<T>& s, const index_t* from, index_t base,
                   index_t to) {
     if (s.rows == 0) return;
-    cuda_detail::pad_rows_kernel<T><<<static_cast<unsigned>(s.rows), 128, 0, stream(exec)>>>(
-        s.k, s.v, s.pos, s.ind, s.cap, s.d, from, base, to);
+    cuda_detail::pad_rows_kernel<<<static_cast<unsigned>(s.rows), 128, 0, stream(exec)>>>(
+        s, from, base, to);
     launched("pad_rows_kernel");
   }
 

@@ -62,24 +62,42 @@ __global__ void window_slots_kernel(I* sel, index_t rows, index_t n, const index
 
 // out = in (rows, n), row r's first lens[r] entries sorted ascending by
 // key[r, entry] (key null: by the entry), one block per row. The entries of a
-// prefix are distinct slots with distinct keys, so each one's rank is the count of
-// smaller keys: O(len^2 / threads) per row, no shared memory.
+// prefix are distinct slots with distinct keys, so any sort gives the host's order:
+// a bitonic sort in place in out (O(len log^2 len / threads) per row), in the form
+// whose every compare puts the smaller at the lower index, so that a length that is
+// not a power of two sorts as if padded with +inf: a pair reaching past len never
+// moves.
 template <class I>
 __global__ void sort_prefix_kernel(const I* in, I* out, index_t n, const index_t* lens,
                                    const index_t* key, index_t key_ld) {
   const index_t r = blockIdx.x, len = lens[r];
   const I* a = in + r * n;
+  I* o = out + r * n;
   const index_t* kr = key ? key + r * key_ld : nullptr;
-  for (index_t t = threadIdx.x; t < n; t += blockDim.x) {
-    if (t >= len) {
-      out[r * n + t] = a[t];
-      continue;
+  for (index_t t = threadIdx.x; t < n; t += blockDim.x) o[t] = a[t];
+  index_t span = 1;  // len rounded up to a power of two
+  while (span < len) span *= 2;
+  for (index_t size = 2; size <= span; size *= 2)  // merges sorted runs of size / 2
+    for (index_t stride = size / 2; stride >= 1; stride /= 2) {
+      __syncthreads();  // the previous step's writes (the copy, first)
+      for (index_t p = threadIdx.x; p < span / 2; p += blockDim.x) {
+        index_t i, j;
+        if (stride == size / 2) {  // the first step compares each run with the other's mirror
+          const index_t q = p % stride;
+          i = (p / stride) * size + q;
+          j = (p / stride) * size + size - 1 - q;
+        } else {
+          i = (p / stride) * 2 * stride + p % stride;
+          j = i + stride;
+        }
+        if (j >= len) continue;  // j is +inf padding: the pair is in order
+        const I x = o[i], y = o[j];
+        if (kr ? kr[y] < kr[x] : y < x) {
+          o[i] = y;
+          o[j] = x;
+        }
+      }
     }
-    const index_t mine = kr ? kr[a[t]] : a[t];
-    index_t rank = 0;
-    for (index_t u = 0; u < len; ++u) rank += (kr ? kr[a[u]] : a[u]) < mine;
-    out[r * n + rank] = a[t];
-  }
 }
 
 // out_pos[r, t] = src_pos ? src_pos[r, sel[r, t]] : sel[r, t]; out_ind[r, t] likewise
@@ -122,17 +140,21 @@ __global__ void accumulate_kernel(U* dst, index_t dst_ld, const U* src, index_t 
 }
 
 // Slots [from_r, to) of every row become padding, one block per row: zero keys and
-// values, position -1, score 0 (ind may be null); from_r = (from ? from[r] : 0) + base.
-template <class T>
-__global__ void pad_rows_kernel(T* k, T* v, index_t* pos, float* ind, index_t cap, index_t d,
-                                const index_t* from, index_t base, index_t to) {
-  const index_t r = blockIdx.x, f = (from ? from[r] : 0) + base;
+// values, position -1, score 0; from_r = (from ? from[r] : 0) + base. Slots is
+// detail::slots<T>: K/V through key / value (dense, or a paged row's through its
+// block table: slots past its blocks are not stored), and what it lacks (K/V,
+// positions, scores) is not written.
+template <class Slots>
+__global__ void pad_rows_kernel(Slots s, const index_t* from, index_t base, index_t to) {
+  using T = std::remove_pointer_t<decltype(Slots::k)>;
+  const index_t r = blockIdx.x, f = (from ? from[r] : 0) + base, d = s.d;
   for (long long i = threadIdx.x; i < (to - f) * d; i += blockDim.x) {
-    k[(r * cap + f) * d + i] = T{};
-    v[(r * cap + f) * d + i] = T{};
-    if (i % d == 0) {
-      pos[r * cap + f + i / d] = -1;
-      if (ind) ind[r * cap + f + i / d] = 0.0f;
+    const index_t t = f + static_cast<index_t>(i / d), x = static_cast<index_t>(i % d);
+    if (T* p = s.key(r, t)) p[x] = T{};
+    if (T* p = s.value(r, t)) p[x] = T{};
+    if (x == 0 && s.pos) {
+      s.pos[r * s.cap + t] = -1;
+      if (s.ind) s.ind[r * s.cap + t] = 0.0f;
     }
   }
 }
@@ -147,17 +169,29 @@ __global__ void fill_kernel(U* p, index_t n, U value) {
 // Every truncation of a prefill's commit in one launch, one block per row: a failed
 // launch runs none of them, so the cache either changes as planned or not at all.
 // Each thread owns the same columns of every token and moves tokens in ascending
-// order: a destination overlaps only source tokens already read.
-// Job (detail::window_move<T>): k, v, pos, ind (or null) of one row, from, to, pad_end.
+// order: a destination overlaps only source tokens already read (a paged row's
+// slots are distinct memory too: a block table names a block once).
+// Job (detail::window_move<T>): k, v, pos, ind (or null) of one row, from, to,
+// pad_end; a paged row (k and v null) has its K/V in paged, row `row` of the pools.
 template <class Job>
 __global__ void truncate_rows_kernel(const Job* jobs, index_t d, index_t w) {
   using T = std::remove_pointer_t<decltype(Job::k)>;
   const Job j = jobs[blockIdx.x];
+  // Slot t of the row's K (V): dense, or through the block table (null past its blocks).
+  const auto at = [&](T* dense, bool value, index_t t) -> T* {
+    if (dense) return dense + t * d;
+    if (j.paged.k == nullptr || t >= j.paged.room(j.row)) return nullptr;
+    return value ? j.paged.value(j.row, t) : j.paged.key(j.row, t);
+  };
   if (j.from != j.to)
     for (index_t t = 0; t < w; ++t) {
+      T* kd = at(j.k, false, j.to + t);
+      T* vd = at(j.v, true, j.to + t);
+      const T* ks = at(j.k, false, j.from + t);
+      const T* vs = at(j.v, true, j.from + t);
       for (index_t x = threadIdx.x; x < d; x += blockDim.x) {
-        j.k[(j.to + t) * d + x] = j.k[(j.from + t) * d + x];
-        j.v[(j.to + t) * d + x] = j.v[(j.from + t) * d + x];
+        if (kd && ks) kd[x] = ks[x];
+        if (vd && vs) vd[x] = vs[x];
       }
       if (threadIdx.x == 0) {
         j.pos[j.to + t] = j.pos[j.from + t];
@@ -167,49 +201,50 @@ __global__ void truncate_rows_kernel(const Job* jobs, index_t d, index_t w) {
   __syncthreads();  // padding may cover slots other threads read above
   const index_t first = j.to + w;
   for (long long i = threadIdx.x; i < (j.pad_end - first) * d; i += blockDim.x) {
-    j.k[first * d + i] = T{};
-    j.v[first * d + i] = T{};
-    if (i % d == 0) {
-      j.pos[first + i / d] = -1;
-      if (j.ind) j.ind[first + i / d] = 0.0f;
+    const index_t t = first + static_cast<index_t>(i / d), x = static_cast<index_t>(i % d);
+    if (T* p = at(j.k, false, t)) p[x] = T{};
+    if (T* p = at(j.v, true, t)) p[x] = T{};
+    if (x == 0) {
+      j.pos[t] = -1;
+      if (j.ind) j.ind[t] = 0.0f;
     }
   }
 }
 
 // Slots [0, n) of every row of dst (one block per row, in one launch, so a failed
 // launch changes nothing): slot t < len_r takes src's slot sel[r, t] (sel null:
-// slot t), key, value and position, and its score from src_ind[r, sel[r, t]] when
-// dst_ind and src_ind are given; slots from len_r on become padding, len_r = (lens ?
+// slot t), key, value and position, and its score from sind[r, sel[r, t]] when
+// dst.ind and sind are given; slots from len_r on become padding, len_r = (lens ?
 // lens[r] : 0) + base. dst may be src when each row of sel is ascending (sel[r, t] >=
 // t): a chunk of slots is read into registers before any of it is written, and every
-// later read lies past the chunk.
-template <class T, int ITEMS>
-__global__ void move_slots_kernel(T* k, T* v, index_t* pos, float* ind, index_t cap, const T* sk,
-                                  const T* sv, const index_t* spos, index_t scap, const float* sind,
-                                  index_t sind_ld, index_t d, const index_t* sel, index_t n,
-                                  const index_t* lens, index_t base) {
-  const index_t r = blockIdx.x;
+// later read lies past the chunk. Slots is detail::slots<T>: either side dense or
+// paged (K/V through key / value, null where a row has no such slot: not written,
+// or read as zero); what dst lacks (V, metadata) is not written.
+template <class Slots, int ITEMS>
+__global__ void move_slots_kernel(Slots dst, Slots src, const float* sind, index_t sind_ld,
+                                  const index_t* sel, index_t n, const index_t* lens,
+                                  index_t base) {
+  using T = std::remove_pointer_t<decltype(Slots::k)>;
+  const index_t r = blockIdx.x, d = dst.d;
   const index_t len = (lens ? lens[r] : 0) + base, live = len < n ? len : n;
   const index_t* kr = sel ? sel + r * n : nullptr;
-  T* kb = k + r * cap * d;
-  T* vb = v + r * cap * d;
-  index_t* pb = pos + r * cap;
-  const T* skb = sk + r * scap * d;
-  const T* svb = sv + r * scap * d;
-  const index_t* spb = spos + r * scap;
+  index_t* pb = dst.pos ? dst.pos + r * dst.cap : nullptr;
+  const index_t* spb = src.pos ? src.pos + r * src.cap : nullptr;
+  const bool kv = dst.k != nullptr || dst.is_paged();  // else the metadata only
+  const bool with_v = dst.v != nullptr || dst.is_paged();  // else keys only (scoring)
   const index_t cap_items = static_cast<index_t>(blockDim.x) * ITEMS;
   const index_t per_chunk = d >= cap_items ? 1 : cap_items / d;  // slots per chunk
   for (index_t t0 = 0; t0 < n; t0 += per_chunk) {
-    const index_t slots = t0 + per_chunk < n ? per_chunk : n - t0, units = slots * d;
+    const index_t slots = t0 + per_chunk < n ? per_chunk : n - t0, units = kv ? slots * d : 0;
     // Metadata: one slot per thread (per_chunk <= blockDim.x * ITEMS slots).
     index_t p[ITEMS]{};
     float s[ITEMS]{};
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
       const index_t u = threadIdx.x + it * static_cast<index_t>(blockDim.x);
-      if (u < slots && t0 + u < live) {
+      if (pb && u < slots && t0 + u < live) {
         const index_t j = kr ? kr[t0 + u] : t0 + u;
-        p[it] = spb[j];
+        p[it] = spb ? spb[j] : j;
         s[it] = sind ? sind[r * sind_ld + j] : 0.0f;
       }
     }
@@ -221,8 +256,8 @@ __global__ void move_slots_kernel(T* k, T* v, index_t* pos, float* ind, index_t 
         const index_t u = u0 + threadIdx.x + it * static_cast<index_t>(blockDim.x);
         if (u < units && t0 + u / d < live) {
           const index_t j = kr ? kr[t0 + u / d] : t0 + u / d;
-          bk[it] = skb[j * d + u % d];
-          bv[it] = svb[j * d + u % d];
+          if (const T* a = src.key(r, j)) bk[it] = a[u % d];
+          if (const T* a = with_v ? src.value(r, j) : nullptr) bv[it] = a[u % d];
         }
       }
       __syncthreads();
@@ -230,8 +265,8 @@ __global__ void move_slots_kernel(T* k, T* v, index_t* pos, float* ind, index_t 
       for (int it = 0; it < ITEMS; ++it) {
         const index_t u = u0 + threadIdx.x + it * static_cast<index_t>(blockDim.x);
         if (u < units) {  // past the row's length: zeros, as read
-          kb[(t0 + u / d) * d + u % d] = bk[it];
-          vb[(t0 + u / d) * d + u % d] = bv[it];
+          if (T* a = dst.key(r, t0 + u / d)) a[u % d] = bk[it];
+          if (T* a = dst.value(r, t0 + u / d)) a[u % d] = bv[it];
         }
       }
       __syncthreads();
@@ -239,10 +274,11 @@ __global__ void move_slots_kernel(T* k, T* v, index_t* pos, float* ind, index_t 
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
       const index_t u = threadIdx.x + it * static_cast<index_t>(blockDim.x);
-      if (u < slots) {
+      if (pb && u < slots) {
         const bool live_slot = t0 + u < live;
         pb[t0 + u] = live_slot ? p[it] : -1;
-        if (ind && (sind || !live_slot)) ind[r * cap + t0 + u] = live_slot ? s[it] : 0.0f;
+        if (dst.ind && (sind || !live_slot))
+          dst.ind[r * dst.cap + t0 + u] = live_slot ? s[it] : 0.0f;
       }
     }
     __syncthreads();
@@ -250,18 +286,21 @@ __global__ void move_slots_kernel(T* k, T* v, index_t* pos, float* ind, index_t 
 }
 
 // Writes the new token (k, v: (batch, kv_heads, head_dim), any strides) into slot
-// lens[r] of each row r (lens null: `slot`), one block per row.
-template <class T, class U>
-__global__ void append_token_kernel(T* k, T* v, index_t* pos, index_t cap, index_t d, index_t Hkv,
-                                    const index_t* lens, index_t slot_, const U* ks, index_t kb,
-                                    index_t kg, const U* vs, index_t vb, index_t vg,
-                                    index_t position) {
+// lens[r] of each row r (lens null: `slot`), one block per row; Slots is
+// detail::slots<T> (a paged row's slot through its block table).
+template <class Slots, class U>
+__global__ void append_token_kernel(Slots s, index_t Hkv, const index_t* lens, index_t slot_,
+                                    const U* ks, index_t kb, index_t kg, const U* vs, index_t vb,
+                                    index_t vg, index_t position) {
+  using T = std::remove_pointer_t<decltype(Slots::k)>;
   const index_t r = blockIdx.x, b = r / Hkv, g = r % Hkv, slot = lens ? lens[r] : slot_;
-  for (index_t x = threadIdx.x; x < d; x += blockDim.x) {
-    k[(r * cap + slot) * d + x] = static_cast<T>(ks[b * kb + g * kg + x]);
-    v[(r * cap + slot) * d + x] = static_cast<T>(vs[b * vb + g * vg + x]);
+  T* kt = s.key(r, slot);  // a paged row has room for it (the cache checked its table)
+  T* vt = s.value(r, slot);
+  for (index_t x = threadIdx.x; x < s.d; x += blockDim.x) {
+    if (kt) kt[x] = static_cast<T>(ks[b * kb + g * kg + x]);
+    if (vt) vt[x] = static_cast<T>(vs[b * vb + g * vg + x]);
   }
-  if (threadIdx.x == 0) pos[r * cap + slot] = position;
+  if (threadIdx.x == 0) s.pos[r * s.cap + slot] = position;
 }
 
 inline unsigned small_grid(long long work) {

@@ -246,8 +246,8 @@ void add_case(const Shape& sh, index_t B, index_t S, index_t C) {
 void add_prefill_case(const Shape& shape, index_t B, index_t S, index_t C) {
   Shape sh = shape;
   sh.layers = 1;
-  const std::string args = shape_args(sh, B, S) + "/C:" + std::to_string(C) +
-                           "/block:" + std::to_string(kBlock);
+  const std::string args =
+      shape_args(sh, B, S) + "/C:" + std::to_string(C) + "/block:" + std::to_string(kBlock);
   const auto qv = [sh, B](const Inputs& in) {
     return cake::make_view(in.q[0].data(),
                            std::array<index_t, 4>{B, sh.q_heads, window, sh.head_dim});

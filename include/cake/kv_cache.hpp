@@ -190,8 +190,9 @@ class KvCache {
     constexpr bool in_place = std::is_same_v<Exec, host_policy> &&
                               indicator_source_of<Ind> == indicator_source::window;
     auto kbuf = Store::template make<T>(ex, in_place ? 0 : rows * S * d);
-    const auto keys = make_view<Space>(static_cast<const T*>(Store::ptr(kbuf)),
-                                       std::array<index_t, 4>{B, Hkv, S, d});  // shape only if in_place
+    const auto keys =
+        make_view<Space>(static_cast<const T*>(Store::ptr(kbuf)),
+                         std::array<index_t, 4>{B, Hkv, S, d});  // shape only if in_place
     if (!in_place)
       Store::move_slots(ex,
                         detail::slots<T>{Store::ptr(kbuf), nullptr, nullptr, nullptr, rows, S, d},
@@ -217,7 +218,8 @@ class KvCache {
 
  private:
   // The prefill of one layer, checked: k and v its prompt (lent: the new layer's
-  // pools and table, k a dense copy of its keys for scoring and v unused).
+  // pools and table, v unused and k a dense copy of its keys for scoring, or their
+  // shape only when paged_keys reads them in the pools).
   template <class QV, class KV, class VV>
   void run_prefill(index_t layer, const QV& q, const KV& k, const VV& v, Layer* lent,
                    const detail::paged_keys<T>* paged_keys = nullptr) {
@@ -785,12 +787,12 @@ class KvCache {
     const index_t bs = kv.k_pool.extent(2);
     for (index_t s = 0; s < kv.table.num_seqs(); ++s)
       for (index_t t = 0; t < kv.table.seq_lens(s); t += bs) {
-        CAKE_TRY(Store::check_finite(ex, detail::named(block(kv.k_pool, s, t), "cake.prefill.k_pool",
-                                                       "k_pool (head, slot, x of a block)",
-                                                       key_bound)));
-        CAKE_TRY(Store::check_finite(
-            ex, detail::named(block(kv.v_pool, s, t), "cake.prefill.v_pool",
-                              "v_pool (head, slot, x of a block)")));
+        CAKE_TRY(
+            Store::check_finite(ex, detail::named(block(kv.k_pool, s, t), "cake.prefill.k_pool",
+                                                  "k_pool (head, slot, x of a block)", key_bound)));
+        CAKE_TRY(
+            Store::check_finite(ex, detail::named(block(kv.v_pool, s, t), "cake.prefill.v_pool",
+                                                  "v_pool (head, slot, x of a block)")));
       }
     return status::success();
   }

@@ -433,10 +433,10 @@ void paged_stats_equal(cake::host_isa isa, index_t bs, bool nhd, bool shuffled, 
       for (index_t j = 0; j < S; ++j)
         std::copy_n(&k[static_cast<std::size_t>(((b * Hkv + g) * S + j) * d)], d,
                     p.key(b * Hkv + g, j));
-  const auto qv = cake::make_view(static_cast<const float*>(q.data()),
-                                  std::array<index_t, 4>{B, H, w, d});
-  const auto kv = cake::make_view(static_cast<const T*>(k.data()),
-                                  std::array<index_t, 4>{B, Hkv, S, d});
+  const auto qv =
+      cake::make_view(static_cast<const float*>(q.data()), std::array<index_t, 4>{B, H, w, d});
+  const auto kv =
+      cake::make_view(static_cast<const T*>(k.data()), std::array<index_t, 4>{B, Hkv, S, d});
   std::vector<float> od(static_cast<std::size_t>(B * Hkv * P)), op(od.size());
   std::array<float, 2> sd{}, sp{};
   const auto out = [&](std::vector<float>& o) {
@@ -449,7 +449,8 @@ void paged_stats_equal(cake::host_isa isa, index_t bs, bool nhd, bool shuffled, 
   cake::force_host_isa(isa);
   cake::window_stats(cake::host, qv, kv, ind, out(od), st(sd));
   cake::window_stats_backend<cake::host_policy>::run_keys(
-      cake::host, qv, cake::detail::paged_keys<const T>{
+      cake::host, qv,
+      cake::detail::paged_keys<const T>{
           {p.k, nullptr, p.k_block, p.k_head, p.k_slot, 0, 0, 0, p.indptr, p.ids, bs, Hkv, N}, S},
       ind, out(op), st(sp), cake::StatsRequest{});
   INFO(cake::host_isa_name(isa) << " block_size " << bs << (nhd ? " NHD" : " HND")

@@ -265,10 +265,10 @@ void group_scores(const QV& q, const KS& ks, index_t b, index_t g, index_t n, in
 struct LaneScratch {
   float* qt;     // (pairs, d, pr)    the window rows of one GQA group, transposed, as float
   float* ri;     // (R)               each lane's row within its head (padding: huge)
-  float* kt;     // (tk, d)           one key tile widened to float (16-bit keys only)
+  float* kt;     // (tk, d)           one key tile as float rows (16-bit keys, or a tile of
+                 //                   a pool that spans blocks)
   float* kpad;   // (kt, d)           a tile's last, partial micro-tile of keys, zero-padded
   float* buf;    // (tk, pr)          one pair's scores of one tile
-  const char** next;  // (tk)            the next tile's key rows, fetched ahead
   float* e;      // (n, P_pad, w_pad) e = exp(logit - tile max) of the prefix keys, rows in lanes
   float* st[4];  // (tiles, R)        per tile: max, sum of e, over the prefix sum of e and of
                  //                   e * (logit - max)
@@ -276,6 +276,8 @@ struct LaneScratch {
   double* rs;    // (3, R)            per row: softmax sum, prefix sums of p, p * (logit - max)
   float* col;    // (chunk)           column means
   float* m2;     // (chunk)           column variances
+
+  const char** next;  // (tk) the next tile's key rows, fetched ahead
   struct dims {
     index_t w_pad, nvec, pairs, R, tiles, P_pad, chunk;
     dims(const simd::kernels& kk, index_t n, index_t w, index_t S) {
@@ -342,8 +344,8 @@ void widen_keys(const simd::kernels& kk, const TK* src, index_t pitch, index_t c
 }
 
 template <class QV, class KS, class Ind>
-void group_lanes(const simd::kernels& kk, const QV& q, const KS& ks, index_t b, index_t g, index_t n,
-                 index_t w, index_t S, index_t d, const Ind& indicator, StatsRequest req,
+void group_lanes(const simd::kernels& kk, const QV& q, const KS& ks, index_t b, index_t g,
+                 index_t n, index_t w, index_t S, index_t d, const Ind& indicator, StatsRequest req,
                  const LaneScratch::dims& m, LaneScratch& s, float* ind_group, double* ent,
                  double* var) {
   const index_t P = S - w, vw = kk.vw, pr = kk.pr, tk = kk.tk, R = m.R;

@@ -851,7 +851,7 @@ class KvCache {
   std::vector<LayerStats> stats_;
   std::vector<index_t> budgets_;
   std::vector<std::vector<index_t>> stages_;
-  std::vector<index_t> steps_;  // tokens decoded per layer
+  std::vector<index_t> steps_;        // tokens decoded per layer
   std::vector<table_buffer> tables_;  // (layers) CUDA: each paged layer's table on the device
   index_t next_layer_ = 0;
   index_t prompt_ = -1;

@@ -62,7 +62,8 @@ struct DeviceEngine {
 using Token = std::tuple<index_t, std::vector<std::uint32_t>, std::vector<std::uint32_t>>;
 std::vector<std::uint32_t> bits(const float* p, index_t d) {
   std::vector<std::uint32_t> out(static_cast<std::size_t>(d));
-  for (index_t x = 0; x < d; ++x) out[static_cast<std::size_t>(x)] = std::bit_cast<std::uint32_t>(p[x]);
+  for (index_t x = 0; x < d; ++x)
+    out[static_cast<std::size_t>(x)] = std::bit_cast<std::uint32_t>(p[x]);
   return out;
 }
 
@@ -100,7 +101,8 @@ void check_same(const Host& host, const Engine& eh, const Dev& dev, const Engine
       REQUIRE(th.indptr(s + 1) - th.indptr(s) == td.indptr(s + 1) - td.indptr(s));
       for (index_t i = 0; i < th.indptr(s + 1) - th.indptr(s); ++i)
         REQUIRE(th.ids(th.indptr(s) + i) == td.ids(td.indptr(s) + i));
-      REQUIRE(host.freed(l)[static_cast<std::size_t>(s)] == dev.freed(l)[static_cast<std::size_t>(s)]);
+      REQUIRE(host.freed(l)[static_cast<std::size_t>(s)] ==
+              dev.freed(l)[static_cast<std::size_t>(s)]);
     }
     const auto len = dev.row_lengths(l);
     const std::vector<index_t> ph = flatten(host.positions(l)), pd = download(dev.positions(l));
@@ -119,9 +121,11 @@ void check_same(const Host& host, const Engine& eh, const Dev& dev, const Engine
         // The dense CUDA cache's row: the same backend, so the same bits in the same order.
         std::vector<Token> c;
         for (index_t j = 0; j < longest; ++j) {
-          const auto at = static_cast<std::size_t>(((s * cfg.kv_heads + h) * n_dense + j) * cfg.head_dim);
-          c.emplace_back(j < n ? p_dense[static_cast<std::size_t>((s * cfg.kv_heads + h) * n_dense + j)] : -1,
-                         bits(k_dense.data() + at, cfg.head_dim), bits(v_dense.data() + at, cfg.head_dim));
+          const auto at =
+              static_cast<std::size_t>(((s * cfg.kv_heads + h) * n_dense + j) * cfg.head_dim);
+          c.emplace_back(
+              j < n ? p_dense[static_cast<std::size_t>((s * cfg.kv_heads + h) * n_dense + j)] : -1,
+              bits(k_dense.data() + at, cfg.head_dim), bits(v_dense.data() + at, cfg.head_dim));
         }
         CHECK(b == c);
         // Against the host: in reference order, scores that differ in the last bits
@@ -255,11 +259,11 @@ TEST_SUITE("gpu") {
     DeviceBuffer<float> dq(wl.dq[0][0]), dk(wl.dk[0][0]), dv(wl.dv[0][0]);
     const std::vector<index_t> pos = download(dev.positions(0));
     const std::vector<index_t> lens_before = dev.row_lengths(0);
-    CHECK_THROWS_WITH_AS(dev.decode(0, dq.const_view(std::array<index_t, 3>{B, H, d}),
-                                    dk.const_view(std::array<index_t, 3>{B, Hkv, d}),
-                                    dv.const_view(std::array<index_t, 3>{B, Hkv, d}),
-                                    ed.e.table(0)),
-                         doctest::Contains("too short for the new token"), cake::invalid_argument);
+    CHECK_THROWS_WITH_AS(
+        dev.decode(0, dq.const_view(std::array<index_t, 3>{B, H, d}),
+                   dk.const_view(std::array<index_t, 3>{B, Hkv, d}),
+                   dv.const_view(std::array<index_t, 3>{B, Hkv, d}), ed.e.table(0)),
+        doctest::Contains("too short for the new token"), cake::invalid_argument);
     CHECK(download(dev.positions(0)) == pos);
     CHECK(dev.row_lengths(0) == lens_before);
   }

@@ -982,6 +982,10 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
                            std::array<index_t, 2>{N, 1}),
           make_view<Space>(sel, std::array<index_t, 2>{rows, keep}, std::array<index_t, 2>{n, 1}),
           order);
+    } else if constexpr (requires {
+                           S::select_ragged(exec, ranked, N, sel, n, keeps, rows, order);
+                         }) {
+      S::select_ragged(exec, ranked, N, sel, n, keeps, rows, order);  // CUDA: one launch
     } else {
       for (index_t r = 0; r < rows; ++r) {
         const index_t kr = ly.row_len(r) - w;  // one fewer than the row's candidates

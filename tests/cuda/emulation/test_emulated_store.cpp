@@ -323,9 +323,8 @@ TEST_CASE("emulated pad_rows_kernel and append_token_kernel: per-row slots") {
   Rows dev(rows, cap, d, 8);
   Rows ref = dev;
   const std::vector<index_t> from{2, 8, 5};
-  emu::launch({3, 1, 1}, {32, 1, 1}, 0, [&] {
-    cd::pad_rows_kernel(slots_of(dev), from.data(), 1, cap);
-  });
+  emu::launch({3, 1, 1}, {32, 1, 1}, 0,
+              [&] { cd::pad_rows_kernel(slots_of(dev), from.data(), 1, cap); });
   for (index_t r = 0; r < rows; ++r)
     for (index_t t = from[static_cast<std::size_t>(r)] + 1; t < cap; ++t) {
       for (index_t x = 0; x < d; ++x) {
@@ -421,8 +420,9 @@ struct Paged {
   }
   // The rows: K/V through the table, and the metadata unless kv_only.
   Slots at(bool kv_only = false) {
-    Slots s{nullptr, nullptr, kv_only ? nullptr : pos.data(), kv_only ? nullptr : ind.data(),
-            rows(),  cap,     d};
+    Slots s{
+        nullptr, nullptr, kv_only ? nullptr : pos.data(), kv_only ? nullptr : ind.data(), rows(),
+        cap,     d};
     s.paged = pool();
     return s;
   }
@@ -484,8 +484,8 @@ TEST_CASE("emulated move_slots_kernel on paged rows equals the host's move_slots
       INFO("in place, ascending, ragged rows padded, scores from sums");
       const auto sel = selection(rows, n, lens, false, rng);
       Paged host = start, dev = start;
-      Host::move_slots(cake::host, host.at(), host.at(), sums.data(), n, sel.data(), n,
-                       lens.data(), 0);
+      Host::move_slots(cake::host, host.at(), host.at(), sums.data(), n, sel.data(), n, lens.data(),
+                       0);
       run_move(dev.at(), dev.at(), sums.data(), n, sel.data(), n, lens.data(), 0);
       CHECK(dev == host);
       CHECK(!(dev == start));
@@ -507,8 +507,8 @@ TEST_CASE("emulated move_slots_kernel on paged rows equals the host's move_slots
       const auto sel = selection(rows, n, lens, true, rng);
       Paged host = start, dev = start;
       Rows th(rows, n, d, 2), td = th;
-      Host::move_slots(cake::host, slots_of(th).kv_only(), host.at(true), nullptr, 0, sel.data(),
-                       n, lens.data(), 0);
+      Host::move_slots(cake::host, slots_of(th).kv_only(), host.at(true), nullptr, 0, sel.data(), n,
+                       lens.data(), 0);
       Host::move_slots(cake::host, host.at(true), slots_of(th).kv_only(), nullptr, 0, nullptr, n,
                        lens.data(), 0);
       run_move(slots_of(td).kv_only(), dev.at(true), nullptr, 0, sel.data(), n, lens.data(), 0);
@@ -583,4 +583,35 @@ TEST_CASE("emulated pad_rows_kernel and append_token_kernel on paged rows equal 
     });
     CHECK(dev == host);
   });
+}
+
+TEST_CASE("emulated select_ragged_kernel: each ragged row's selection, as select_k alone") {
+  // Rows keeping 0, 1, 2, 5, 40, 300, 17 and 520 of one more candidate; scores with
+  // many ties (multiples of 0.5 in a small range) and -inf, so the tie rule decides;
+  // the last row all equal (a thread sees three candidates: its own ties, too).
+  const std::vector<index_t> keeps{0, 1, 2, 5, 40, 300, 17, 520};
+  const index_t rows = static_cast<index_t>(keeps.size()), ld = 530, n = 525;
+  std::mt19937 rng(21);
+  std::uniform_int_distribution<int> level(-4, 4);
+  std::vector<float> scores(static_cast<std::size_t>(rows * ld), 1.0f);
+  for (std::size_t i = 0; i < static_cast<std::size_t>((rows - 1) * ld); ++i)
+    scores[i] = level(rng) == -4 ? -std::numeric_limits<float>::infinity() : 0.5f * level(rng);
+  for (auto order : {cake::select_order::position, cake::select_order::descending}) {
+    CAPTURE(static_cast<int>(order));
+    std::vector<index_t> sel(static_cast<std::size_t>(rows * n), -7), want = sel;
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t k = keeps[static_cast<std::size_t>(r)];
+      if (k == 0) continue;
+      cake::select_k(
+          cake::host,
+          cake::make_view(static_cast<const float*>(scores.data() + r * ld),
+                          std::array<index_t, 2>{1, k + 1}),
+          cake::make_view(want.data() + r * n, std::array<index_t, 2>{1, k}), order);
+    }
+    emu::launch({static_cast<unsigned>(rows), 1, 1}, {cd::select_ragged_threads, 1, 1}, 0, [&] {
+      cd::select_ragged_kernel<index_t>(scores.data(), ld, sel.data(), n, keeps.data(),
+                                        order == cake::select_order::descending);
+    });
+    CHECK(sel == want);
+  }
 }

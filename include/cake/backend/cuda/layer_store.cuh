@@ -3,10 +3,10 @@
 // memory (device_memory.cuh), kernels in detail/kernels/store.cuh, and the CUDA
 // algorithms (select_k, compact, decode_scores). A paged layer's K/V are in the
 // engine's device pools; the kernels reach them through slots<T>, whose block table
-// is the cache's device copy (KvCache uploads it at each call, before any write). Nothing here synchronises except
-// download() and the finite check's one flag read; the host sees the two layer
-// statistics per prefill and, with head-wise budgets, the scores the head lengths
-// are decided from.
+// is the cache's device copy (KvCache uploads it at each call, before any write).
+// Nothing here synchronises except download() and the finite check's one flag read;
+// the host sees the two layer statistics per prefill and, with head-wise budgets,
+// the scores the head lengths are decided from.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -174,6 +174,18 @@ struct layer_store<T, cuda_policy> {
     launched("sort_prefix_kernel");
   }
 
+  // The selection of a decoding step's ragged rows, one launch for all (see
+  // select_ragged_kernel): row r keeps all but the lowest of its keeps[r] + 1
+  // candidates, in the order select_k gives each row alone.
+  static void select_ragged(const cuda_policy& exec, const float* ranked, index_t ld, index_t* sel,
+                            index_t n, const index_t* keeps, index_t rows, select_order order) {
+    if (rows == 0) return;
+    cuda_detail::select_ragged_kernel<<<static_cast<unsigned>(rows),
+                                        cuda_detail::select_ragged_threads, 0, stream(exec)>>>(
+        ranked, ld, sel, n, keeps, order == select_order::descending);
+    launched("select_ragged_kernel");
+  }
+
   template <class KV, class VV>
   static void append(const cuda_policy& exec, const slots<T>& s, const KV& k, const VV& v,
                      index_t position, const index_t* lens, index_t slot, index_t Hkv) {
@@ -187,8 +199,8 @@ struct layer_store<T, cuda_policy> {
   static void pad(const cuda_policy& exec, const slots<T>& s, const index_t* from, index_t base,
                   index_t to) {
     if (s.rows == 0) return;
-    cuda_detail::pad_rows_kernel<<<static_cast<unsigned>(s.rows), 128, 0, stream(exec)>>>(
-        s, from, base, to);
+    cuda_detail::pad_rows_kernel<<<static_cast<unsigned>(s.rows), 128, 0, stream(exec)>>>(s, from,
+                                                                                          base, to);
     launched("pad_rows_kernel");
   }
 

@@ -60,26 +60,18 @@ __global__ void window_slots_kernel(I* sel, index_t rows, index_t n, const index
   }
 }
 
-// out = in (rows, n), row r's first lens[r] entries sorted ascending by
-// key[r, entry] (key null: by the entry), one block per row. The entries of a
-// prefix are distinct slots with distinct keys, so any sort gives the host's order:
-// a bitonic sort in place in out (O(len log^2 len / threads) per row), in the form
-// whose every compare puts the smaller at the lower index, so that a length that is
-// not a power of two sorts as if padded with +inf: a pair reaching past len never
-// moves.
-template <class I>
-__global__ void sort_prefix_kernel(const I* in, I* out, index_t n, const index_t* lens,
-                                   const index_t* key, index_t key_ld) {
-  const index_t r = blockIdx.x, len = lens[r];
-  const I* a = in + r * n;
-  I* o = out + r * n;
-  const index_t* kr = key ? key + r * key_ld : nullptr;
-  for (index_t t = threadIdx.x; t < n; t += blockDim.x) o[t] = a[t];
+// o[0, len) sorted by `before` (a strict total order on its entries) by the block:
+// a bitonic sort in place (O(len log^2 len / threads)), in the form whose every
+// compare puts the earlier entry at the lower index, so that a length that is not a
+// power of two sorts as if padded at the end: a pair reaching past len never moves.
+// Every thread of the block calls it; it starts and ends without a barrier.
+template <class I, class Before>
+__device__ void block_sort(I* o, index_t len, Before before) {
   index_t span = 1;  // len rounded up to a power of two
   while (span < len) span *= 2;
   for (index_t size = 2; size <= span; size *= 2)  // merges sorted runs of size / 2
     for (index_t stride = size / 2; stride >= 1; stride /= 2) {
-      __syncthreads();  // the previous step's writes (the copy, first)
+      __syncthreads();  // the previous step's writes (the caller's, first)
       for (index_t p = threadIdx.x; p < span / 2; p += blockDim.x) {
         index_t i, j;
         if (stride == size / 2) {  // the first step compares each run with the other's mirror
@@ -90,14 +82,73 @@ __global__ void sort_prefix_kernel(const I* in, I* out, index_t n, const index_t
           i = (p / stride) * 2 * stride + p % stride;
           j = i + stride;
         }
-        if (j >= len) continue;  // j is +inf padding: the pair is in order
+        if (j >= len) continue;  // j is padding: the pair is in order
         const I x = o[i], y = o[j];
-        if (kr ? kr[y] < kr[x] : y < x) {
+        if (before(y, x)) {
           o[i] = y;
           o[j] = x;
         }
       }
     }
+}
+
+// out = in (rows, n), row r's first lens[r] entries sorted ascending by
+// key[r, entry] (key null: by the entry), one block per row. The entries of a
+// prefix are distinct slots with distinct keys, so any sort gives the host's order.
+template <class I>
+__global__ void sort_prefix_kernel(const I* in, I* out, index_t n, const index_t* lens,
+                                   const index_t* key, index_t key_ld) {
+  const index_t r = blockIdx.x;
+  const I* a = in + r * n;
+  I* o = out + r * n;
+  const index_t* kr = key ? key + r * key_ld : nullptr;
+  for (index_t t = threadIdx.x; t < n; t += blockDim.x) o[t] = a[t];
+  block_sort(o, lens[r], [&](I x, I y) { return kr ? kr[x] < kr[y] : x < y; });
+}
+
+// A decoding step's selection for ragged rows, every row in one launch (one block
+// of SELECT_THREADS per row): row r keeps keeps[r] of its keeps[r] + 1 candidates,
+// scores[r, 0 .. keeps[r]] (row stride ld), i.e. all but the lowest, the highest
+// index among equal lowest (select_k keeps ties at the lower index). sel[r, 0 ..
+// keeps[r]) (row stride n) gets them in ascending order, or with `descending` by
+// score, ties by index: what select_k returns for the row alone.
+constexpr int select_ragged_threads = 256;
+template <class I>
+__global__ void select_ragged_kernel(const float* scores, index_t ld, I* sel, index_t n,
+                                     const index_t* keeps, bool descending) {
+  __shared__ float low[select_ragged_threads];
+  __shared__ index_t at[select_ragged_threads];
+  const index_t r = blockIdx.x, keep = keeps[r];
+  if (keep <= 0) return;  // uniform in the block
+  const float* sr = scores + r * ld;
+  // The lowest candidate: each thread's, then the block's (ties: the higher index).
+  float lo = 0.0f;
+  index_t li = -1;
+  for (index_t j = threadIdx.x; j <= keep; j += blockDim.x)
+    if (li < 0 || sr[j] < lo || (sr[j] == lo && j > li)) {
+      lo = sr[j];
+      li = j;
+    }
+  low[threadIdx.x] = lo;
+  at[threadIdx.x] = li;
+  __syncthreads();
+  for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) {
+      const float o = low[threadIdx.x + half];
+      const index_t oi = at[threadIdx.x + half];
+      const index_t mi = at[threadIdx.x];
+      if (oi >= 0 && (mi < 0 || o < low[threadIdx.x] || (o == low[threadIdx.x] && oi > mi))) {
+        low[threadIdx.x] = o;
+        at[threadIdx.x] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  const index_t drop = at[0];
+  I* out = sel + r * n;
+  for (index_t t = threadIdx.x; t < keep; t += blockDim.x) out[t] = t < drop ? t : t + 1;
+  if (descending)
+    block_sort(out, keep, [&](I x, I y) { return sr[x] > sr[y] || (sr[x] == sr[y] && x < y); });
 }
 
 // out_pos[r, t] = src_pos ? src_pos[r, sel[r, t]] : sel[r, t]; out_ind[r, t] likewise
@@ -230,7 +281,7 @@ __global__ void move_slots_kernel(Slots dst, Slots src, const float* sind, index
   const index_t* kr = sel ? sel + r * n : nullptr;
   index_t* pb = dst.pos ? dst.pos + r * dst.cap : nullptr;
   const index_t* spb = src.pos ? src.pos + r * src.cap : nullptr;
-  const bool kv = dst.k != nullptr || dst.is_paged();  // else the metadata only
+  const bool kv = dst.k != nullptr || dst.is_paged();      // else the metadata only
   const bool with_v = dst.v != nullptr || dst.is_paged();  // else keys only (scoring)
   const index_t cap_items = static_cast<index_t>(blockDim.x) * ITEMS;
   const index_t per_chunk = d >= cap_items ? 1 : cap_items / d;  // slots per chunk

@@ -4,6 +4,21 @@
 //   naive: the reference route: concatenate (rewrite) the cache, score all held
 //          keys with a materialised softmax, pool, full std::sort of the
 //          candidates, gather the kept rows into a fresh cache
+// decode_layer: one layer's step at Llama-3.1-8B heads holding C tokens (its 4.3 MiB
+// of float K at C = 1024 stays in L3 between steps), position and reference order,
+// dense and paged (an engine's pools, NHD blocks of 16 scattered, lent back each step):
+//   cake:     KvCache::decode: the new token into a free K/V row (slot map), the
+//             held keys scored where they lie (paged: through the block table), one
+//             eviction by argmin (position order) or a radix sort (reference order)
+//   shifting: the same cache and the same scores from a custom (source) indicator,
+//             which takes the cache's generic path, the one every step took before the
+//             slot map: scores from a dense view (paged: a copy of the keys), select_k,
+//             K/V rows shifted down in place (position) or gathered and copied back
+//             (reference)
+//   naive:    naive_step above on one layer (reference order)
+#include <algorithm>
+#include <random>
+
 #include "common/common.hpp"
 #include "host/suites.hpp"
 
@@ -171,9 +186,168 @@ void add_case(const Shape& sh, index_t B, index_t C) {
       ->Unit(benchmark::kMicrosecond);
 }
 
+// The default indicator's scores as a custom source: the cache's generic path.
+struct ShiftingIndicator {
+  cake::MeanVarianceIndicator base{};
+  template <class Exec, class Q, class K, class O>
+  void prefill_scores(const Exec& exec, const Q& q, const K& keys, const O& out) const {
+    std::array<float, 2> st{};
+    cake::window_stats(exec, q, keys, base, out,
+                       cake::make_view(st.data(), std::array<index_t, 1>{2}));
+  }
+  template <class Exec, class Q, class K, class O>
+  void decode_scores(const Exec& exec, const Q& q, const K& keys, const O& out) const {
+    cake::decode_scores(exec, q, keys, base, out);
+  }
+  cake::status validate() const { return cake::status::success(); }
+};
+
+// One layer's K/V pools in NHD blocks of 16, scattered, and the table lent each step.
+struct OneLayerPool {
+  static constexpr index_t bs = 16;
+  index_t Hkv, d, nblocks;
+  std::vector<float> k, v;
+  std::vector<std::int32_t> blocks, free_list, indptr, lens;
+  OneLayerPool(const LayerInputs& in, index_t S) : Hkv(in.Hkv), d(in.d) {
+    nblocks = (S + bs - 1) / bs + 8;
+    std::vector<std::int32_t> order(static_cast<std::size_t>(nblocks));
+    for (index_t i = 0; i < nblocks; ++i) order[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+    std::shuffle(order.begin(), order.end(), std::mt19937(5));
+    k.assign(static_cast<std::size_t>(nblocks * bs * Hkv * d), 0.0f);
+    v = k;
+    const index_t used = (S + bs - 1) / bs;
+    blocks.assign(order.begin(), order.begin() + used);
+    free_list.assign(order.begin() + used, order.end());
+    for (index_t h = 0; h < Hkv; ++h)
+      for (index_t t = 0; t < S; ++t) {
+        const auto src = static_cast<std::size_t>((h * S + t) * d);
+        const auto o = static_cast<std::size_t>(
+            (blocks[static_cast<std::size_t>(t / bs)] * bs + t % bs) * Hkv * d + h * d);
+        std::memcpy(k.data() + o, in.k.data() + src, static_cast<std::size_t>(d) * sizeof(float));
+        std::memcpy(v.data() + o, in.v.data() + src, static_cast<std::size_t>(d) * sizeof(float));
+      }
+    lens.assign(1, static_cast<std::int32_t>(S));
+  }
+  cake::block_table<> table() {
+    indptr = {0, static_cast<std::int32_t>(blocks.size())};
+    return cake::make_block_table(indptr.data(), blocks.data(), lens.data(), 1);
+  }
+  cake::paged_kv<float> kv() {
+    const std::array<index_t, 4> ext{nblocks, Hkv, bs, d}, st{bs * Hkv * d, d, Hkv * d, 1};
+    return {cake::make_view(k.data(), ext, st), cake::make_view(v.data(), ext, st), table()};
+  }
+  template <class Cache>
+  void take_back(const Cache& c) {
+    for (std::int32_t i = 0; i < c.freed(0)[0]; ++i) {
+      free_list.push_back(blocks.back());
+      blocks.pop_back();
+    }
+    lens[0] = c.table(0).seq_lens(0);
+  }
+  void give_room() {
+    if (static_cast<index_t>(blocks.size()) * bs < lens[0] + 1) {
+      blocks.push_back(free_list.back());
+      free_list.pop_back();
+    }
+  }
+};
+
+template <class Ind>
+void run_layer(benchmark::State& st, index_t C, cake::token_order order, bool paged) {
+  const Shape& sh = llama;
+  const index_t B = 1, S = 2 * C + 64, H = sh.q_heads, Hkv = sh.kv_heads, d = sh.head_dim;
+  const LayerInputs& in = layer_inputs(sh, B, S);
+  cake::CacheConfig cfg{};
+  cfg.layers = 1;
+  cfg.batch = B;
+  cfg.q_heads = H;
+  cfg.kv_heads = Hkv;
+  cfg.head_dim = d;
+  cfg.window = window;
+  cfg.cache_size = C;
+  cfg.order = order;
+  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, Ind> cache(cfg);
+  OneLayerPool pool(in, S);
+  if (paged) {
+    cache.prefill(0, in.qv(), pool.kv());
+    pool.take_back(cache);
+  } else {
+    cache.prefill(0, in.qv(), in.kv(), in.vv());
+  }
+  const DecodeTokens tok(sh, B);
+  index_t t = 0;
+  const auto step = [&] {
+    const auto q = cake::make_view(tok.qp(t), std::array<index_t, 3>{B, H, d});
+    const auto k = cake::make_view(tok.kp(t), std::array<index_t, 3>{B, Hkv, d});
+    const auto v = cake::make_view(tok.vp(t), std::array<index_t, 3>{B, Hkv, d});
+    if (paged) {
+      pool.give_room();
+      cache.decode(0, q, k, v, pool.table());
+      pool.take_back(cache);
+    } else {
+      cache.decode(0, q, k, v);
+    }
+    ++t;
+  };
+  for (int i = 0; i < 4; ++i) step();  // the workspace has grown, rows at budget + w
+  for (auto _ : st) {
+    step();
+    benchmark::DoNotOptimize(cache.tokens_held(0));
+  }
+  st.SetItemsProcessed(st.iterations());  // layer steps
+  st.SetBytesProcessed(st.iterations() * B * Hkv * C * d * static_cast<index_t>(sizeof(float)));
+}
+
+void add_layer_cases(index_t C) {
+  for (cake::token_order order : {cake::token_order::position, cake::token_order::reference})
+    for (bool paged : {false, true}) {
+      const std::string args = std::string(llama.name) + "/C:" + std::to_string(C) + "/" +
+                               (order == cake::token_order::position ? "position" : "reference") +
+                               "/" + (paged ? "paged" : "dense");
+      add(name("decode_layer", "cake", args),
+          [=](benchmark::State& st) {
+            run_layer<cake::MeanVarianceIndicator>(st, C, order, paged);
+          })
+          ->MinTime(0.3)
+          ->Unit(benchmark::kMicrosecond);
+      add(name("decode_layer", "shifting", args),
+          [=](benchmark::State& st) { run_layer<ShiftingIndicator>(st, C, order, paged); })
+          ->MinTime(0.3)
+          ->Unit(benchmark::kMicrosecond);
+    }
+  add(name("decode_layer", "naive", std::string(llama.name) + "/C:" + std::to_string(C)),
+      [=](benchmark::State& st) {
+        const Shape& sh = llama;
+        const index_t S = 2 * C + 64, d = sh.head_dim;
+        const LayerInputs& in = layer_inputs(sh, 1, S);
+        NaiveLayer ly{sh.kv_heads, C, d, {}, {}};
+        ly.k.resize(static_cast<std::size_t>(ly.rows * C * d));
+        ly.v.resize(ly.k.size());
+        for (index_t r = 0; r < ly.rows; ++r) {
+          std::memcpy(ly.k.data() + r * C * d, in.k.data() + (r * S + S - C) * d,
+                      static_cast<std::size_t>(C * d) * sizeof(float));
+          std::memcpy(ly.v.data() + r * C * d, in.v.data() + (r * S + S - C) * d,
+                      static_cast<std::size_t>(C * d) * sizeof(float));
+        }
+        const DecodeTokens tok(sh, 1);
+        index_t t = 0;
+        for (auto _ : st) {
+          naive_step(ly, tok.qp(t), tok.kp(t), tok.vp(t), sh.q_heads, sh.kv_heads, C - window);
+          ++t;
+          benchmark::DoNotOptimize(ly.k.data());
+        }
+        st.SetItemsProcessed(st.iterations());
+        st.SetBytesProcessed(st.iterations() * sh.kv_heads * C * d *
+                             static_cast<index_t>(sizeof(float)));
+      })
+      ->MinTime(0.3)
+      ->Unit(benchmark::kMicrosecond);
+}
+
 }  // namespace
 
 void register_decode() {
+  for (index_t C : {1024, 256}) add_layer_cases(C);
   if (full_matrix()) {
     for (const Shape& sh : all_shapes)
       for (index_t B : {1, 4})

@@ -507,11 +507,14 @@ class KvCache {
   // (batch, kv_heads, tokens_held, head_dim), in the memory space of the backend. A
   // paged layer's K/V are in the engine's pools, where table(layer) says: these throw
   // cake::logic_error for it.
+  // A decoded layer's K/V rows may be out of token order (its slot map,
+  // detail::cache_layer::map): these put them back in place first (no allocation),
+  // so, like decode, they must not run concurrently with another call on the cache.
   view<const T, 4, Space> keys(index_t layer) const {
-    return detail::keys(dense(layer, "keys"), shape());
+    return detail::keys(settled(dense(layer, "keys")), shape());
   }
   view<const T, 4, Space> values(index_t layer) const {
-    return detail::values(dense(layer, "values"), shape());
+    return detail::values(settled(dense(layer, "values")), shape());
   }
 
   // ---- paged layers ----------------------------------------------------------
@@ -663,6 +666,12 @@ class KvCache {
           "cake.paged.layer",
           detail::concat("layer ", layer, " is paged: its ", what,
                          " are in the engine's pools, where table(", layer, ") says"));
+    return ly;
+  }
+  // The layer with its K/V in token order. The layers live in the vector's heap
+  // memory, never a const object, so reordering them from a const call is defined.
+  const Layer& settled(const Layer& ly) const {
+    if constexpr (requires { Store::slot_map; }) detail::settle(const_cast<Layer&>(ly));
     return ly;
   }
   const Layer& paged_layer(index_t layer) const {

@@ -6,6 +6,7 @@
 
 #include <cake/cake.hpp>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <random>
@@ -377,5 +378,197 @@ TEST_CASE("host_workspace: decode_scores and select_k reuse it on every path, re
     CHECK(ws.bytes() == grown);  // steady state: nothing grown
     CHECK(got.scores == want.scores);
     CHECK(got.kept == want.kept);
+  }
+}
+
+namespace dispatch_test {
+
+// Decoding steps through a KvCache: per step and layer, the positions held; the
+// values' first element carries each token's position, so the K/V rows can be
+// checked against them. Paged: the same through an engine's pools.
+struct DecodeRun {
+  std::vector<std::vector<index_t>> held;  // (steps * layers) positions, row-major
+};
+
+// The default indicator's scores as a custom source: the cache then takes its generic
+// decoding path (K/V rows shifted or gathered, scores from a dense view of the keys),
+// the one every step took before the slot map.
+struct GenericPath {
+  cake::MeanVarianceIndicator base{};
+  template <class Exec, class Q, class K, class O>
+  void prefill_scores(const Exec& exec, const Q& q, const K& keys, const O& out) const {
+    std::array<float, 2> st{};
+    cake::window_stats(exec, q, keys, base, out,
+                       cake::make_view(st.data(), std::array<index_t, 1>{2}));
+  }
+  template <class Exec, class Q, class K, class O>
+  void decode_scores(const Exec& exec, const Q& q, const K& keys, const O& out) const {
+    cake::decode_scores(exec, q, keys, base, out);
+  }
+  cake::status validate() const { return cake::status::success(); }
+};
+
+template <class Ind = cake::MeanVarianceIndicator>
+DecodeRun decode_run(cake::token_order order, index_t C, unsigned seed, int steps) {
+  const index_t B = 1, H = 8, Hkv = 2, d = 128, w = 8, S = 3 * C, L = 2;
+  cake::CacheConfig cfg{};
+  cfg.layers = L;
+  cfg.batch = B;
+  cfg.q_heads = H;
+  cfg.kv_heads = Hkv;
+  cfg.head_dim = d;
+  cfg.window = w;
+  cfg.cache_size = C;
+  cfg.order = order;
+  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, Ind> cache(cfg);
+  // keys of token p: random; values: p, then random
+  const auto kp = random_values<float>(static_cast<std::size_t>(B * Hkv * (S + steps) * d), seed,
+                                       1.0f);
+  auto vp = random_values<float>(kp.size(), seed + 1, 1.0f);
+  for (index_t g = 0; g < Hkv; ++g)
+    for (index_t p = 0; p < S + steps; ++p) vp[static_cast<std::size_t>((g * (S + steps) + p) * d)] =
+        static_cast<float>(p);
+  const auto strides = std::array<index_t, 4>{Hkv * (S + steps) * d, (S + steps) * d, d, 1};
+  for (index_t l = 0; l < L; ++l) {
+    const auto q = random_values<float>(static_cast<std::size_t>(B * H * w * d), seed + 2 + l, 1.5f);
+    cache.prefill(l, cake::make_view(q.data(), std::array<index_t, 4>{B, H, w, d}),
+                  cake::make_view(kp.data(), std::array<index_t, 4>{B, Hkv, S, d}, strides),
+                  cake::make_view(vp.data(), std::array<index_t, 4>{B, Hkv, S, d}, strides));
+  }
+  DecodeRun out;
+  std::vector<float> k1(static_cast<std::size_t>(Hkv * d)), v1(k1.size());
+  for (int t = 0; t < steps; ++t) {
+    const index_t p = S + t;
+    for (index_t g = 0; g < Hkv; ++g)
+      for (index_t x = 0; x < d; ++x) {
+        k1[static_cast<std::size_t>(g * d + x)] = kp[static_cast<std::size_t>((g * (S + steps) + p) * d + x)];
+        v1[static_cast<std::size_t>(g * d + x)] = vp[static_cast<std::size_t>((g * (S + steps) + p) * d + x)];
+      }
+    for (index_t l = 0; l < L; ++l) {
+      const auto q = random_values<float>(static_cast<std::size_t>(B * H * d), seed + 100 * t + l, 1.5f);
+      cache.decode(l, cake::make_view(q.data(), std::array<index_t, 3>{B, H, d}),
+                   cake::make_view(k1.data(), std::array<index_t, 3>{B, Hkv, d}),
+                   cake::make_view(v1.data(), std::array<index_t, 3>{B, Hkv, d}));
+      const auto pos = cache.positions(l);
+      std::vector<index_t> h;
+      for (index_t g = 0; g < Hkv; ++g)
+        for (index_t j = 0; j < pos.extent(2); ++j) h.push_back(pos(0, g, j));
+      out.held.push_back(std::move(h));
+      if (t % 7 == 3) {  // K/V read back (in token order) every few steps, then decoding goes on
+        const auto keys = cache.keys(l);
+        const auto vals = cache.values(l);
+        index_t bad = 0;
+        for (index_t g = 0; g < Hkv; ++g)
+          for (index_t j = 0; j < pos.extent(2); ++j) {
+            const index_t at = pos(0, g, j);
+            bad += vals(0, g, j, 0) != static_cast<float>(at);
+            for (index_t x = 0; x < d; x += 17)
+              bad += keys(0, g, j, x) !=
+                     kp[static_cast<std::size_t>((g * (S + steps) + at) * d + x)];
+          }
+        CHECK(bad == 0);
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace dispatch_test
+
+TEST_CASE("KvCache decode: every path keeps the portable path's tokens (randomized)") {
+  // Position order. In reference order the paths' rounding (fused multiply-adds, the
+  // softmax sum by vectors) may swap near-equal scores in the descending prefix, and
+  // the pooling in cache order then differs: that order is compared within a path below.
+  IsaGuard guard;
+  for (index_t C : {48, 100}) {
+    CAPTURE(C);
+    cake::force_host_isa(cake::host_isa::portable);
+    const DecodeRun want = decode_run(cake::token_order::position, C, 600 + static_cast<unsigned>(C), 30);
+    REQUIRE(want.held.size() == 60);
+    for (cake::host_isa isa : simd_paths()) {
+      CAPTURE(cake::host_isa_name(isa));
+      cake::force_host_isa(isa);
+      CHECK(decode_run(cake::token_order::position, C, 600 + static_cast<unsigned>(C), 30).held ==
+            want.held);
+    }
+  }
+}
+
+TEST_CASE("KvCache decode over the slot map equals the generic path, both orders, every path") {
+  IsaGuard guard;
+  for (cake::host_isa isa : all_paths()) {
+    cake::force_host_isa(isa);
+    for (cake::token_order order : {cake::token_order::position, cake::token_order::reference})
+      for (index_t C : {48, 100}) {
+        CAPTURE(cake::host_isa_name(isa));
+        CAPTURE(static_cast<int>(order));
+        CAPTURE(C);
+        const unsigned seed = 650 + static_cast<unsigned>(C);
+        const DecodeRun want = decode_run<GenericPath>(order, C, seed, 30);
+        REQUIRE(want.held.size() == 60);
+        CHECK(decode_run(order, C, seed, 30).held == want.held);  // positions in cache order
+      }
+  }
+}
+
+TEST_CASE("decode scores over listed key rows equal the dense view's, bit for bit, on every path") {
+  IsaGuard guard;
+  const index_t B = 2, H = 8, Hkv = 2, n = 301, d = 128, c = n - 16;
+  const auto q = random_values<float>(static_cast<std::size_t>(B * H * d), 701, 1.0f);
+  const auto k = random_values<float>(static_cast<std::size_t>(B * Hkv * n * d), 702, 1.0f);
+  // the same key rows scattered in a pool, in a shuffled order
+  std::vector<index_t> perm(static_cast<std::size_t>(B * Hkv * n));
+  for (std::size_t i = 0; i < perm.size(); ++i) perm[i] = static_cast<index_t>(i);
+  std::shuffle(perm.begin(), perm.end(), std::mt19937(703));
+  std::vector<float> pool(k.size());
+  std::vector<const float*> rows(perm.size());
+  for (std::size_t i = 0; i < perm.size(); ++i) {
+    const auto at = static_cast<std::size_t>(perm[i]);
+    std::copy_n(k.data() + i * d, d, pool.data() + at * d);
+    rows[i] = pool.data() + at * d;
+  }
+  for (cake::host_isa isa : all_paths()) {
+    CAPTURE(cake::host_isa_name(isa));
+    cake::force_host_isa(isa);
+    std::vector<float> want(static_cast<std::size_t>(B * Hkv * c), -1.0f), got(want.size(), -2.0f);
+    const auto qv = cake::make_view(q.data(), std::array<index_t, 3>{B, H, d});
+    cake::decode_scores(cake::host, qv,
+                        cake::make_view(k.data(), std::array<index_t, 4>{B, Hkv, n, d}),
+                        cake::MeanVarianceIndicator{},
+                        cake::make_view(want.data(), std::array<index_t, 3>{B, Hkv, c}));
+    cake::decode_scores_backend<cake::host_policy>::run_listed(
+        cake::host, qv, static_cast<const float* const*>(rows.data()), n, Hkv, n,
+        cake::MeanVarianceIndicator{}, cake::make_view(got.data(), std::array<index_t, 3>{B, Hkv, c}));
+    CHECK(got == want);
+  }
+}
+
+TEST_CASE("decode selection: argmin and radix sort choose as select_k does, ties included") {
+  using Store = cake::detail::layer_store<float, cake::host_policy>;
+  std::mt19937 gen(801);
+  for (int trial = 0; trial < 40; ++trial) {
+    const index_t rows = 3, cand = 1 + static_cast<index_t>(gen() % 300);
+    // few distinct values (many ties), signed zeros and negatives among them
+    std::vector<float> x(static_cast<std::size_t>(rows * cand));
+    const float vals[] = {0.0f, -0.0f, 1.5f, -2.0f, 3.25f, 1e-30f, 7.0f};
+    for (auto& v : x) v = trial % 2 ? vals[gen() % 7] : std::ldexp(static_cast<float>(gen() % 1000), -10);
+    for (index_t keep : {cand - 1, cand / 2, cand}) {
+      if (keep < 0) continue;
+      for (cake::select_order order : {cake::select_order::position, cake::select_order::descending}) {
+        CAPTURE(cand);
+        CAPTURE(keep);
+        std::vector<index_t> want(static_cast<std::size_t>(rows * std::max<index_t>(keep, 1)), -1),
+            got(want.size(), -2);
+        if (keep > 0)
+          cake::select_k(cake::host,
+                         cake::make_view(static_cast<const float*>(x.data()),
+                                         std::array<index_t, 2>{rows, cand}),
+                         cake::make_view(want.data(), std::array<index_t, 2>{rows, keep}), order);
+        std::vector<char> scratch(static_cast<std::size_t>(Store::decode_bytes(rows, cand + 1)));
+        Store::select_decode(cake::host, x.data(), cand, rows, cand, keep, got.data(), keep, order,
+                             scratch);
+        if (keep > 0) CHECK(got == want);
+      }
+    }
   }
 }

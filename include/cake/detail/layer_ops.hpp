@@ -135,16 +135,21 @@ struct slots {
   float* ind = nullptr;    // (rows, cap) or null
   index_t rows = 0, cap = 0, d = 0;
   paged_rows<T> paged{};  // paged.k set: K/V live in an engine's pool
+  // (rows, cap) or null: a dense layer's slot map (host), token t of row r in K/V row
+  // map[r * cap + t]; positions and scores stay in token order (see cache_layer::map).
+  const index_t* map = nullptr;
 
   CAKE_HOST_DEVICE bool is_paged() const { return paged.k != nullptr; }
   // Row r's slot t of K (V), or null where it has none: no K/V here, or a paged row's
   // slot past its sequence's blocks (padding there is not stored).
   CAKE_HOST_DEVICE T* key(index_t r, index_t t) const {
     if (paged.k) return t < paged.room(r) ? paged.key(r, t) : nullptr;
+    if (map) t = map[r * cap + t];
     return k ? k + (r * cap + t) * d : nullptr;
   }
   CAKE_HOST_DEVICE T* value(index_t r, index_t t) const {
     if (paged.k) return t < paged.room(r) ? paged.value(r, t) : nullptr;
+    if (map) t = map[r * cap + t];
     return v ? v + (r * cap + t) * d : nullptr;
   }
   slots kv_only() const {
@@ -274,6 +279,14 @@ struct cache_layer {
   bool cut = false;           // made by a selection (else it holds the whole prompt)
   paged_rows<T> pool{};       // pool.k set: K/V in an engine's pools, addressed by table
   paged_table table;
+  // A dense host layer's slot map while decoding: (rows, cap), a permutation of each
+  // row's K/V rows, token t of row r in K/V row map[r * cap + t] (the tokens past
+  // len[r] name the free rows). A decoding step then moves no K/V row: the new token
+  // goes into a free row and an evicted token's row becomes free, while positions and
+  // scores stay in token order. `permuted` says the map is not the identity; settle()
+  // puts K/V back in token order (before anything reads them as a dense block).
+  buffer<index_t> map;
+  bool permuted = false;
 
   bool paged() const { return pool.k != nullptr; }
 
@@ -307,9 +320,20 @@ struct cache_layer {
         s.paged.ids = table.ids.data();
       }
     }
+    if (permuted) s.map = store::ptr(map);
     return s;
   }
 };
+
+// K/V of a mapped layer back in token order (the map becomes the identity): in place,
+// row by row, one swap per misplaced K/V row; allocates nothing.
+template <class T, class Exec>
+void settle(cache_layer<T, Exec>& ly) noexcept {
+  if (!ly.permuted) return;
+  using S = layer_store<T, Exec>;
+  S::settle(S::ptr(ly.k), S::ptr(ly.v), S::ptr(ly.map), ly.rows, ly.cap, ly.d);
+  ly.permuted = false;
+}
 
 // A decoding step's scratch, owned by the cache and grown to the largest layer, so a
 // step allocates nothing once the cache has decoded every layer once (or once the
@@ -850,6 +874,8 @@ void reserve_decode(const Exec& exec, decode_workspace<T, Exec>& ws, const Layer
 // A copy of ly with room for cap tokens per row.
 template <class T, class Exec>
 cache_layer<T, Exec> regrow(const Exec& exec, const cache_layer<T, Exec>& ly, index_t cap) {
+  if constexpr (requires { layer_store<T, Exec>::slot_map; })
+    settle(const_cast<cache_layer<T, Exec>&>(ly));  // K/V in token order (same tokens)
   // A paged layer's K/V stay where they are: only its metadata grows.
   auto out = make_layer<T>(exec, ly.rows, ly.d, cap, ly.has_scores(), !ly.paged());
   out.pool = ly.pool;
@@ -863,6 +889,84 @@ cache_layer<T, Exec> regrow(const Exec& exec, const cache_layer<T, Exec>& ly, in
   out.by_indicator = ly.by_indicator;
   out.cut = ly.cut;
   return out;
+}
+
+// A decoding step of a dense host layer of uniform rows over its slot map
+// (cache_layer::map), the same tokens and order as the step below: the new token goes
+// into a free K/V row, the scores read the held keys through the map, and the commit
+// permutes the map, positions and scores (O(tokens) integers per row, no K/V row);
+// one eviction in position order selects by argmin, reference order by a radix sort.
+template <class T, class Exec, class Ind, class QV, class KV, class VV>
+void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec>& ws,
+                   const LayerShape& sh, const QV& q, const KV& k, const VV& v, index_t position,
+                   index_t budget, const Ind& indicator, bool reference, bool keep_lengths) {
+  using S = layer_store<T, Exec>;
+  using Space = typename Exec::memory_space;
+  constexpr indicator_source source = indicator_source_of<Ind>;
+  constexpr bool accumulates = source == indicator_source::accumulated;
+  const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window, rows = sh.rows();
+  const index_t N = ly.held + 1, cand = N - w;
+  const index_t keep = keep_lengths ? cand - 1 : std::min(budget, cand), n = keep + w;
+  const bool evict = keep < cand;
+
+  // 1. Room and scratch (nothing visible changes; regrow settles the map).
+  if (N > ly.cap)
+    ly = regrow(exec, ly, keep_lengths ? N : std::max(N, std::min(2 * ly.cap, budget + w + 1)));
+  reserve_decode(exec, ws, sh, q.extent(1), ly.held, false, false, accumulates);
+  reserve<T>(exec, ws.bytes, S::decode_bytes(rows, N));
+  if (S::size(ly.map) < rows * ly.cap) {  // the identity
+    auto m = S::template make<index_t>(exec, rows * ly.cap);
+    index_t* mp = S::ptr(m);
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t t = 0; t < ly.cap; ++t) mp[r * ly.cap + t] = t;
+    ly.map = std::move(m);
+    ly.permuted = false;
+  }
+  slots<T> s = ly.at();
+  s.map = S::ptr(ly.map);
+
+  // 2. The new token into each row's first free K/V row (token slot held).
+  S::append(exec, s, k, v, position, nullptr, ly.held, Hkv);
+  ly.permuted = true;  // the map may be any permutation from here on (it is one)
+
+  // 3. Scores (rows, N) with row stride N.
+  float* sc = S::ptr(ws.scores);
+  float* sums = accumulates ? S::ptr(ws.sums) : nullptr;
+  const auto out = [&](index_t cols) {
+    return make_view<Space>(sc, std::array<index_t, 3>{B, Hkv, cols},
+                            std::array<index_t, 3>{Hkv * N, N, 1});
+  };
+  if constexpr (accumulates) {  // the held sums, 0 for the new token
+    S::fill(exec, sums, rows * N, 0.0f);
+    S::copy_2d(exec, static_cast<const float*>(s.ind), s.cap, sums, N, rows, ly.held);
+  }
+  if constexpr (source == indicator_source::position) {
+    S::position_scores(exec, indicator, s.pos, s.cap, sc, N, rows, cand);
+  } else {
+    const auto qv = make_view<Space>(
+        q.data_handle(), std::array<index_t, 3>{B, q.extent(1), d},
+        std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
+                               static_cast<index_t>(q.stride(1)), 1});
+    S::candidates_listed(exec, qv, s, 0, Hkv, N, indicator, out(accumulates ? N : cand),
+                         ws.bytes);
+    if constexpr (accumulates) S::accumulate(exec, sums, N, sc, N, rows, N);
+  }
+  if (!evict) {  // below budget + w: the rows grow
+    if constexpr (accumulates)
+      S::copy_2d(exec, static_cast<const float*>(sums), N, s.ind, s.cap, rows, N);
+    ly.set_length(N);
+    return;
+  }
+
+  // 4. Selection: (rows, n) tokens to keep, the window last.
+  index_t* sel = S::ptr(ws.sel);
+  S::select_decode(exec, accumulates ? sums : sc, N, rows, cand, keep, sel, n,
+                   reference ? select_order::descending : select_order::position, ws.bytes);
+  S::window_slots(exec, sel, rows, n, nullptr, keep, w, nullptr, cand);
+
+  // 5. Commit: the map, positions and scores (cannot fail).
+  S::commit_mapped(s, S::ptr(ly.map), sel, n, N, sums, ws.bytes);
+  ly.set_length(n);
 }
 
 // One decoding step of one layer (spec section 7): append the token at `position`;
@@ -884,9 +988,18 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
   using Space = typename Exec::memory_space;
   constexpr indicator_source source = indicator_source_of<Ind>;
   constexpr bool accumulates = source == indicator_source::accumulated;
+  constexpr bool mappable = requires { S::slot_map; };
   const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window, rows = sh.rows();
   const index_t grp = q.extent(1) / Hkv;
   const bool ragged = !ly.uniform();
+  if constexpr (mappable && source != indicator_source::custom) {
+    if (!ragged && !ly.paged()) {
+      decode_mapped(exec, ly, ws, sh, q, k, v, position, budget, indicator, reference,
+                    keep_lengths);
+      return;
+    }
+  }
+  if constexpr (mappable) settle(ly);  // the row-by-row path reads K/V in token order
   keep_lengths = keep_lengths || ragged;
   const index_t N = ly.held + 1, cand = N - w;  // the longest row after the append
   const index_t keep = keep_lengths ? cand - 1 : std::min(budget, cand), n = keep + w;
@@ -910,7 +1023,11 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
   const slots<T> s = ly.at();
   // Keys scored: the layer's own, or a paged layer's gathered into the workspace
   // (a position indicator reads none).
-  const bool gather = s.is_paged() && source != indicator_source::position;
+  // (the host scores a paged layer's keys where they lie, through its block table)
+  constexpr bool listed = mappable && source != indicator_source::custom;
+  const bool gather = s.is_paged() && source != indicator_source::position && !listed;
+  if constexpr (listed)
+    if (s.is_paged()) reserve<T>(exec, ws.bytes, S::decode_bytes(rows, N));
   if (gather) reserve<T>(exec, ws.keys, rows * N * d);
   const T* score_k = gather ? S::ptr(ws.keys) : s.k;
   const index_t score_cap = gather ? N : s.cap;
@@ -941,13 +1058,22 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
         return make_view<Space>(sc + r0 * N, std::array<index_t, 3>{bn, hk, cols},
                                 std::array<index_t, 3>{Hkv * N, N, 1});
       };
+      const auto candidates = [&](auto cols) {  // generic: instantiated where called
+        if constexpr (listed) {
+          if (s.is_paged()) {
+            S::candidates_listed(exec, qv, s, r0, hk, held, indicator, out(cols), ws.bytes);
+            return;
+          }
+        }
+        S::candidates(exec, qv, kv, indicator, out(cols), ws.bytes);
+      };
       if constexpr (accumulates) {
-        S::candidates(exec, qv, kv, indicator, out(held), ws.bytes);
+        candidates(held);
         S::accumulate(exec, sums + r0 * N, N, sc + r0 * N, N, nr, held);
       } else if constexpr (source == indicator_source::position) {
         S::position_scores(exec, indicator, s.pos + r0 * s.cap, s.cap, sc + r0 * N, N, nr, c);
       } else {
-        S::candidates(exec, qv, kv, indicator, out(c), ws.bytes);
+        candidates(c);
       }
     };
     if constexpr (accumulates) {  // the held sums, 0 for the new token

@@ -13,6 +13,8 @@
 #include <vector>
 
 #include "../../algorithm/window_stats.hpp"
+#include "select_k.hpp"
+#include "decode_scores.hpp"
 #include "../../detail/layer_ops.hpp"
 #include "workspace.hpp"
 
@@ -354,6 +356,154 @@ struct layer_store<T, host_policy> {
   }
   static void reserve_scoring(const host_policy&, buffer<char>&, index_t, index_t, index_t,
                               index_t) {}
+
+  // ---- decoding over a slot map (cache_layer::map) ---------------------------------
+  static constexpr bool slot_map = true;
+
+  // Bytes of scratch a mapped or paged decoding step takes (candidates_listed, then
+  // select_decode, then commit_mapped, one after the other) for rows of up to n tokens.
+  static index_t decode_bytes(index_t rows, index_t n) {
+    const index_t ptrs = rows * n * static_cast<index_t>(sizeof(const T*));
+    const index_t sel = 4 * n * static_cast<index_t>(sizeof(std::uint32_t));
+    const index_t commit = n * static_cast<index_t>(2 * sizeof(index_t) + sizeof(float) + 1);
+    return std::max({ptrs, sel, commit});
+  }
+
+  // A decoding step's scores of rows [r0, r0 + rows_q * kv_per) of s (q: (rows_q,
+  // kv_per * group, d), out: (rows_q, kv_per, c)), the first `held` tokens of each row
+  // read where they lie (through s.map or a paged row's block table): the same
+  // arithmetic as decode_scores over a dense copy, bit for bit.
+  template <class QV, class Ind, class Out>
+  static void candidates_listed(const host_policy& exec, const QV& q, const slots<T>& s,
+                                index_t r0, index_t kv_per, index_t held, const Ind& indicator,
+                                const Out& out, buffer<char>& scratch) {
+    const index_t nr = q.extent(0) * kv_per;
+    const auto** ptrs = reinterpret_cast<const T**>(scratch.data());  // (nr, held)
+    for (index_t i = 0; i < nr; ++i)
+      for (index_t j = 0; j < held; ++j) ptrs[i * held + j] = s.key(r0 + i, j);
+    decode_scores_backend<host_policy>::run_listed(exec, q, static_cast<const T* const*>(ptrs),
+                                                   held, kv_per, held, indicator, out);
+  }
+
+  // sel (rows, keep) with row stride ld: the keep of the first cand entries of each row
+  // of x (row stride x_ld) that select_k would choose, in its order: ascending
+  // (position) or by descending score, ties to the lower index. One eviction in
+  // position order is the argmin (the last of the lowest); descending order is a
+  // stable radix sort of the scores' order-preserving bits. Else select_k itself.
+  static void select_decode(const host_policy& exec, const float* x, index_t x_ld, index_t rows,
+                            index_t cand, index_t keep, index_t* sel, index_t ld,
+                            select_order order, buffer<char>& scratch) {
+    if (order == select_order::position && keep == cand - 1 && cand > 0) {
+      for (index_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * x_ld;
+        std::uint32_t lo = ordered_bits(xr[0]);
+        index_t e = 0;
+        for (index_t j = 1; j < cand; ++j) {
+          const std::uint32_t b = ordered_bits(xr[j]);
+          if (b <= lo) {
+            lo = b;
+            e = j;
+          }
+        }
+        index_t* o = sel + r * ld;
+        for (index_t j = 0; j < e; ++j) o[j] = j;
+        for (index_t j = e + 1; j < cand; ++j) o[j - 1] = j;
+      }
+      return;
+    }
+    if (order == select_order::descending && keep > 0) {
+      // (cand) keys and indices, twice, and a 256-bin histogram per byte
+      auto* base = reinterpret_cast<std::uint32_t*>(scratch.data());
+      std::uint32_t *key = base, *idx = base + cand, *key2 = base + 2 * cand,
+                    *idx2 = base + 3 * cand;
+      for (index_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * x_ld;
+        for (index_t j = 0; j < cand; ++j) {
+          key[j] = ~ordered_bits(xr[j]);  // ascending key = descending score
+          idx[j] = static_cast<std::uint32_t>(j);
+        }
+        std::uint32_t *k0 = key, *i0 = idx, *k1 = key2, *i1 = idx2;
+        for (int sh = 0; sh < 32; sh += 8) {
+          index_t hist[256] = {};
+          for (index_t j = 0; j < cand; ++j) ++hist[(k0[j] >> sh) & 0xffu];
+          if (hist[(k0[0] >> sh) & 0xffu] == cand) continue;  // one bucket: order unchanged
+          index_t sum = 0;
+          for (index_t& h : hist) {
+            const index_t c = h;
+            h = sum;
+            sum += c;
+          }
+          for (index_t j = 0; j < cand; ++j) {  // stable: ties keep index order
+            const index_t at = hist[(k0[j] >> sh) & 0xffu]++;
+            k1[at] = k0[j];
+            i1[at] = i0[j];
+          }
+          std::swap(k0, k1);
+          std::swap(i0, i1);
+        }
+        index_t* o = sel + r * ld;
+        for (index_t t = 0; t < keep; ++t) o[t] = static_cast<index_t>(i0[t]);
+      }
+      return;
+    }
+    select_k(exec,
+             make_view<host_space>(x, std::array<index_t, 2>{rows, cand},
+                                   std::array<index_t, 2>{x_ld, 1}),
+             make_view<host_space>(sel, std::array<index_t, 2>{rows, keep},
+                                   std::array<index_t, 2>{ld, 1}),
+             order);
+  }
+
+  // A mapped layer's commit (every row uniform, N tokens after the append): token t < n
+  // of each row becomes token sel[r, t] (sel: (rows, n)), its map entry, position and,
+  // with sums (row stride N), its score moving with it; the map entries of the tokens
+  // left out follow (their K/V rows are free now). No K/V row moves.
+  static void commit_mapped(const slots<T>& s, index_t* map, const index_t* sel, index_t n,
+                            index_t N, const float* sums, buffer<char>& scratch) noexcept {
+    auto* tpos = reinterpret_cast<index_t*>(scratch.data());            // (N)
+    auto* tmap = tpos + N;                                              // (N)
+    auto* tind = reinterpret_cast<float*>(tmap + N);                    // (N)
+    auto* mark = reinterpret_cast<unsigned char*>(tind + N);            // (N)
+    for (index_t r = 0; r < s.rows; ++r) {
+      const index_t o = r * s.cap;
+      const index_t* sr = sel + r * n;
+      std::fill(mark, mark + N, static_cast<unsigned char>(0));
+      for (index_t t = 0; t < n; ++t) {
+        const index_t j = sr[t];
+        mark[j] = 1;
+        tpos[t] = s.pos[o + j];
+        tmap[t] = map[o + j];
+        if (sums && s.ind) tind[t] = sums[r * N + j];
+      }
+      index_t f = n;
+      for (index_t j = 0; j < N; ++j)
+        if (!mark[j]) tmap[f++] = map[o + j];
+      std::copy_n(tmap, N, map + o);
+      std::copy_n(tpos, n, s.pos + o);
+      if (sums && s.ind) std::copy_n(tind, n, s.ind + o);
+    }
+  }
+
+  // K and V rows of every row back in the order map names (map: (rows, cap), a
+  // permutation of each row's K/V rows), and map the identity: a cycle at a time.
+  static void settle(T* k, T* v, index_t* map, index_t rows, index_t cap, index_t d) noexcept {
+    for (index_t r = 0; r < rows; ++r) {
+      index_t* m = map + r * cap;
+      T* kr = k + r * cap * d;
+      T* vr = v + r * cap * d;
+      for (index_t i = 0; i < cap; ++i) {
+        index_t j = i;
+        while (m[j] != i) {  // row j takes row m[j]'s K/V; the one it held moves on
+          const index_t next = m[j];
+          std::swap_ranges(kr + j * d, kr + (j + 1) * d, kr + next * d);
+          std::swap_ranges(vr + j * d, vr + (j + 1) * d, vr + next * d);
+          m[j] = j;
+          j = next;
+        }
+        m[j] = j;
+      }
+    }
+  }
 
   // An accumulating indicator's prefill sums (detail::attention_sums says what they
   // are), fused: one pass per GQA group with window_stats' score tiles and softmax rows.

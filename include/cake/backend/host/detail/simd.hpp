@@ -34,6 +34,15 @@ struct kernels {
   void (*decode_dots_h)(const float*, index_t, index_t, const _Float16*, index_t, index_t, float,
                         float*, index_t);
 #endif
+  // The same with one pointer per key row (a slot map's or a block table's order).
+  void (*decode_dots_l)(const float*, index_t, index_t, const float* const*, index_t, float,
+                        float*, index_t);
+  void (*decode_dots_lb)(const float*, index_t, index_t, const bfloat16* const*, index_t, float,
+                         float*, index_t);
+#if CAKE_SIMD_HAS_HALF
+  void (*decode_dots_lh)(const float*, index_t, index_t, const _Float16* const*, index_t, float,
+                         float*, index_t);
+#endif
   // Window statistics with the rows in lanes (simd_body.hpp): rows per pair, keys per
   // micro-tile and keys per tile of pair_tile.
   index_t pr, kt, tk;
@@ -104,6 +113,12 @@ inline const kernels* active_kernels() noexcept {
         &avx2::decode_dots_h
 #endif
         ,
+        &avx2::decode_dots_l, &avx2::decode_dots_lb
+#if CAKE_SIMD_HAS_HALF
+        ,
+        &avx2::decode_dots_lh
+#endif
+        ,
         avx2::PR, avx2::KT, avx2::TK, &avx2::pair_tile, &avx2::combine_rows,
         &avx2::head_columns_lanes, &avx2::widen_rows_b
 #if CAKE_SIMD_HAS_HALF
@@ -116,6 +131,12 @@ inline const kernels* active_kernels() noexcept {
 #if CAKE_SIMD_HAS_HALF
         ,
         &avx512::decode_dots_h
+#endif
+        ,
+        &avx512::decode_dots_l, &avx512::decode_dots_lb
+#if CAKE_SIMD_HAS_HALF
+        ,
+        &avx512::decode_dots_lh
 #endif
         ,
         avx512::PR, avx512::KT, avx512::TK, &avx512::pair_tile, &avx512::combine_rows,

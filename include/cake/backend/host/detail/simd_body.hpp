@@ -229,15 +229,36 @@ CAKE_ALWAYS_INLINE void reduce8(const V* acc, float* out) {
 // 16 with AVX-512's 32 registers, 8 with AVX2's 16), so each key row is read once
 // for the whole GQA group.
 inline constexpr int KB = VW == 16 ? 4 : 2;
+// The key rows of decode_dots_t: k + j * ld (strided), or one pointer per key (listed:
+// a layer's slots through its slot map or a paged layer's block table).
 template <class T>
+struct strided_keys {
+  const T* k;
+  index_t ld;
+  CAKE_ALWAYS_INLINE const T* operator()(index_t j) const { return k + j * ld; }
+  CAKE_ALWAYS_INLINE void prefetch(index_t j, index_t, index_t x) const {
+    __builtin_prefetch(k + j * ld + x);
+  }
+};
+template <class T>
+struct listed_keys {
+  const T* const* k;
+  CAKE_ALWAYS_INLINE const T* operator()(index_t j) const { return k[j]; }
+  CAKE_ALWAYS_INLINE void prefetch(index_t j, index_t n, index_t x) const {
+    if (j < n) __builtin_prefetch(k[j] + x);
+  }
+};
+template <class T, class Keys>
 CAKE_ALWAYS_INLINE void decode_dots_t(const float* CAKE_RESTRICT q, index_t rows, index_t d,
-                                      const T* CAKE_RESTRICT k, index_t k_ld, index_t n,
-                                      float scale, float* CAKE_RESTRICT out, index_t ld) {
+                                      const Keys& keys, index_t n, float scale,
+                                      float* CAKE_RESTRICT out, index_t ld) {
   for (index_t r0 = 0; r0 < rows; r0 += 4) {
     const float* qr = q + r0 * d;
     index_t j = 0;
     for (; j + KB <= n; j += KB) {
-      const T* kj = k + j * k_ld;
+      const T* kj[KB];
+#pragma GCC unroll 4
+      for (int t = 0; t < KB; ++t) kj[t] = keys(j + t);
       V acc[4 * KB];  // acc[4 * key + row]
 #pragma GCC unroll 16
       for (int a = 0; a < 4 * KB; ++a) acc[a] = splat(0.0f);
@@ -245,9 +266,9 @@ CAKE_ALWAYS_INLINE void decode_dots_t(const float* CAKE_RESTRICT q, index_t rows
         V kv[KB], qv[4];
 #pragma GCC unroll 4
         for (int t = 0; t < KB; ++t) {
-          kv[t] = load_key(kj + t * k_ld + x);
+          kv[t] = load_key(kj[t] + x);
           // the same line of the rows four blocks on: streams from L3 or memory
-          __builtin_prefetch(kj + (t + 4 * KB) * k_ld + x);
+          keys.prefetch(j + t + 4 * KB, n, x);
         }
 #pragma GCC unroll 4
         for (int r = 0; r < 4; ++r) qv[r] = load(qr + r * d + x);
@@ -265,7 +286,7 @@ CAKE_ALWAYS_INLINE void decode_dots_t(const float* CAKE_RESTRICT q, index_t rows
         for (int r = 0; r < 4; ++r) out[(r0 + r) * ld + j + t] = sums[4 * t + r] * scale;
     }
     for (; j < n; ++j) {
-      const T* k0 = k + j * k_ld;
+      const T* k0 = keys(j);
       for (int r = 0; r < 4; ++r) {
         V acc = splat(0.0f);
         for (index_t x = 0; x < d; x += VW) acc = fma(load(qr + r * d + x), load_key(k0 + x), acc);
@@ -277,18 +298,34 @@ CAKE_ALWAYS_INLINE void decode_dots_t(const float* CAKE_RESTRICT q, index_t rows
 inline void decode_dots(const float* CAKE_RESTRICT q, index_t rows, index_t d,
                         const float* CAKE_RESTRICT k, index_t k_ld, index_t n, float scale,
                         float* CAKE_RESTRICT out, index_t ld) {
-  decode_dots_t(q, rows, d, k, k_ld, n, scale, out, ld);
+  decode_dots_t<float>(q, rows, d, strided_keys<float>{k, k_ld}, n, scale, out, ld);
 }
 inline void decode_dots_b(const float* CAKE_RESTRICT q, index_t rows, index_t d,
                           const bfloat16* CAKE_RESTRICT k, index_t k_ld, index_t n, float scale,
                           float* CAKE_RESTRICT out, index_t ld) {
-  decode_dots_t(q, rows, d, k, k_ld, n, scale, out, ld);
+  decode_dots_t<bfloat16>(q, rows, d, strided_keys<bfloat16>{k, k_ld}, n, scale, out, ld);
+}
+// The same with key j at k[j] (k[j] to k[j] + d readable for j < n).
+inline void decode_dots_l(const float* CAKE_RESTRICT q, index_t rows, index_t d,
+                          const float* const* k, index_t n, float scale, float* CAKE_RESTRICT out,
+                          index_t ld) {
+  decode_dots_t<float>(q, rows, d, listed_keys<float>{k}, n, scale, out, ld);
+}
+inline void decode_dots_lb(const float* CAKE_RESTRICT q, index_t rows, index_t d,
+                           const bfloat16* const* k, index_t n, float scale,
+                           float* CAKE_RESTRICT out, index_t ld) {
+  decode_dots_t<bfloat16>(q, rows, d, listed_keys<bfloat16>{k}, n, scale, out, ld);
 }
 #if CAKE_SIMD_HAS_HALF
 inline void decode_dots_h(const float* CAKE_RESTRICT q, index_t rows, index_t d,
                           const _Float16* CAKE_RESTRICT k, index_t k_ld, index_t n, float scale,
                           float* CAKE_RESTRICT out, index_t ld) {
-  decode_dots_t(q, rows, d, k, k_ld, n, scale, out, ld);
+  decode_dots_t<_Float16>(q, rows, d, strided_keys<_Float16>{k, k_ld}, n, scale, out, ld);
+}
+inline void decode_dots_lh(const float* CAKE_RESTRICT q, index_t rows, index_t d,
+                           const _Float16* const* k, index_t n, float scale,
+                           float* CAKE_RESTRICT out, index_t ld) {
+  decode_dots_t<_Float16>(q, rows, d, listed_keys<_Float16>{k}, n, scale, out, ld);
 }
 #endif
 

@@ -1161,18 +1161,21 @@ class RaggedKvCache {
                "cake.ragged.decode", "q, k and v must have num_seqs = ", n,
                " entries along extent 0, got ", detail::shape_string(q), ", ",
                detail::shape_string(k), " and ", detail::shape_string(v));
-    if (table) {
-      CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.decode.layer", "layer must be in [0, ",
-                 cfg_.layers, "), got ", layer);
-      const Pools& p = pools_[static_cast<std::size_t>(layer)];
-      CAKE_CHECK(p.bound, "cake.decode.table", "layer ", layer,
-                 " has no paged sequence: it was prefilled dense and takes no block table");
-      CAKE_CHECK(table->num_seqs() == static_cast<index_t>(n), "cake.ragged.table",
-                 "the block table must have one sequence per entry of ids, ", n, ", got ",
-                 table->num_seqs());
-      CAKE_TRY(validate_block_table(*table, p.k.extent(0), p.k.extent(2), *by_id));
-      CAKE_TRY(check_shared(layer, ids, *table, p.k.data_handle(), *by_id));
-      split(*table, n, *parts);
+    constexpr bool can_page = std::is_same_v<Exec, host_policy>;  // paged: host only
+    if constexpr (can_page) {
+      if (table) {
+        CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.decode.layer", "layer must be in [0, ",
+                   cfg_.layers, "), got ", layer);
+        const Pools& p = pools_[static_cast<std::size_t>(layer)];
+        CAKE_CHECK(p.bound, "cake.decode.table", "layer ", layer,
+                   " has no paged sequence: it was prefilled dense and takes no block table");
+        CAKE_CHECK(table->num_seqs() == static_cast<index_t>(n), "cake.ragged.table",
+                   "the block table must have one sequence per entry of ids, ", n, ", got ",
+                   table->num_seqs());
+        CAKE_TRY(validate_block_table(*table, p.k.extent(0), p.k.extent(2), *by_id));
+        CAKE_TRY(check_shared(layer, ids, *table, p.k.data_handle(), *by_id));
+        split(*table, n, *parts);
+      }
     }
     for (std::size_t i = 0; i < n; ++i) {
       const auto ii = static_cast<index_t>(i);
@@ -1180,10 +1183,13 @@ class RaggedKvCache {
       const auto qi = detail::batch_entry(q, ii);
       const auto ki = detail::batch_entry(k, ii);
       const auto vi = detail::batch_entry(v, ii);
-      if (auto st = table ? c.validate_decode(layer, qi, ki, vi, (*parts)[i].view())
-                          : c.validate_decode(layer, qi, ki, vi);
-          !st.ok())
-        return named(st, ids[i]);
+      status st;
+      if constexpr (can_page)
+        st = table ? c.validate_decode(layer, qi, ki, vi, (*parts)[i].view())
+                   : c.validate_decode(layer, qi, ki, vi);
+      else
+        st = c.validate_decode(layer, qi, ki, vi);
+      if (!st.ok()) return named(st, ids[i]);
     }
     const float bound = detail::score_bound(cfg_.head_dim);
     if (cfg_.check_finite && n > 0)

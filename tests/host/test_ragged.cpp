@@ -1105,7 +1105,9 @@ TEST_CASE_TEMPLATE("RaggedKvCache on paged pools: chunked prefill equals whole-p
           std::vector<const Seq*> all;
           for (const auto& s : seqs) all.push_back(&s);
           Engine e(base, bs, bs == 4, 3 * (30 / bs + 3), 19);
-          Ragged ragged(base);
+          // Block size 4: the sequences of a call in parallel (two threads, every call).
+          Ragged ragged(base, {}, {}, {},
+                        bs == 4 ? cake::host_policy{2, nullptr, 0} : cake::host_policy{});
           std::vector<std::unique_ptr<Cache>> alone;
           for (const auto& s : seqs) {
             ragged.add(s.id, {.cache_size = s.C, .prompt_length = s.S});
@@ -1446,4 +1448,45 @@ TEST_CASE("RaggedKvCache on paged pools: chunks out of turn or off their blocks 
   }
   ragged_paged_test::check_paged(ra, ragged, 1, e);
   ragged_paged_test::check_paged(rb, ragged, 2, e);
+}
+
+TEST_CASE("RaggedKvCache: chunks (exact and bounded) in parallel equal them one after another") {
+  const cake::host_policy parallel{2, nullptr, 0};  // two threads, every call
+  for (bool bounded : {false, true})
+    for (index_t chunk : {3, 5}) {
+      CAPTURE(bounded);
+      CAPTURE(chunk);
+      const auto base = model();
+      std::vector<Seq> seqs;
+      seqs.push_back(make_seq(base, 4, 23, 7, 81, 3));
+      seqs.push_back(make_seq(base, 9, 9, 8, 82, 3));
+      seqs.push_back(make_seq(base, 2, 17, 6, 83, 3));
+      std::vector<const Seq*> all;
+      for (const auto& s : seqs) all.push_back(&s);
+      cake::RaggedKvCache<> serial(base), par(base, {}, {}, {}, parallel);
+      for (auto* r : {&serial, &par})
+        for (const auto& s : seqs)
+          r->add(s.id, {.cache_size = s.C,
+                        .prompt_length = s.S,
+                        .chunking = bounded ? cake::chunk_eviction::bounded
+                                            : cake::chunk_eviction::exact});
+      prefill_by_chunks(serial, all, chunk, bounded);
+      prefill_by_chunks(par, all, chunk, bounded);
+      for (std::size_t t = 0; t < 3; ++t)
+        for (index_t l = 0; l < base.layers; ++l) {
+          const Step st = step(all, std::vector<std::size_t>(all.size(), t), l);
+          serial.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+          par.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+        }
+      for (const auto& s : seqs) {
+        CAPTURE(s.id);
+        check_same(par.sequence(s.id), serial.sequence(s.id));
+        for (index_t l = 0; l < base.layers; ++l) {
+          const auto a = par.positions(s.id, l), b = serial.positions(s.id, l);
+          REQUIRE(a.extent(2) == b.extent(2));
+          for (index_t g = 0; g < base.kv_heads; ++g)
+            for (index_t t = 0; t < a.extent(2); ++t) CHECK(a(0, g, t) == b(0, g, t));
+        }
+      }
+    }
 }

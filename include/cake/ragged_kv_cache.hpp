@@ -342,20 +342,23 @@ class RaggedKvCache {
     });
   }
 
-  // Paged (host), exact chunking: the engine writes each chunk's K/V into the layer's
-  // pools itself; nothing is staged but the last w queries, and the layer is evicted
-  // in place at its last chunk, equal to the paged prefill of the whole prompt.
+  // Paged (host): the engine writes each chunk's K/V into the layer's pools itself;
+  // nothing is staged but the last w queries. Exact: the layer is evicted in place at
+  // its last chunk, equal to the paged prefill of the whole prompt. Bounded: after
+  // each chunk but the last the layer evicts in place as dense bounded chunking does
+  // (same choice, same positions), its kept tokens packed into the leading slots of
+  // its blocks, and freed(id, layer) says how many trailing entries of the chunk's
+  // table it released.
   // q:          (total_tokens, q_heads, head_dim) the chunks' queries, packed
   // cu_seqlens: (num_seqs + 1) int32 on the host: sequence i's chunk is q's tokens
   //             [cu_seqlens[i], cu_seqlens[i + 1])
   // kv:         the layer's pools (as prefill's) and a table of num_seqs sequences:
-  //             sequence i holds its prompt so far, seq_lens(i) = tokens before the
-  //             chunk + the chunk's, in blocks beginning with those that hold its
-  //             earlier chunks (in the same order)
-  // Between chunks the blocks are the engine's: freed(id, layer) and table(id,
-  // layer) exist from the layer's last chunk on; the blocks of earlier chunks count as
-  // the sequence's for the check that no block is named twice. Bounded chunking keeps
-  // its candidates in the cache (dense): its sequences take dense chunks.
+  //             seq_lens(i) = the tokens the layer holds (chunk_tokens_held; exact:
+  //             the prompt so far) + the chunk's, which the engine wrote right after
+  //             them, in blocks beginning with those that hold them (in order)
+  // Between chunks the blocks are the engine's (exact) and table(id, layer) exists
+  // from the layer's last chunk on; the blocks holding earlier chunks count as the
+  // sequence's for the check that no block is named twice.
   template <tensor_like Q>
   status validate_prefill_chunk(index_t layer, std::span<const sequence_id> ids, Q&& q,
                                 const paged_kv<T>& kv,
@@ -388,12 +391,18 @@ class RaggedKvCache {
         st = std::move(fresh);
       }
       st.lent.reserve(parts_[i].ids.size());
+      if (s.mode == chunk_eviction::bounded && s.bounded.empty())
+        s.bounded.resize(static_cast<std::size_t>(cfg_.layers));
     }
     bind_pools(layer, kv);
     each_sequence(ids.size(), chunk_work(ids, layer, cu_seqlens), [&](std::size_t i) {
       Sequence& s = *seq[i];
       Staged& st = s.staged[l];
       const index_t b = cu_seqlens[i], n = cu_seqlens[i + 1] - b, S = s.prompt, at = st.received;
+      if (s.mode == chunk_eviction::bounded) {
+        bounded_chunk_paged(s, layer, q, kv, parts_[i], b, n);
+        return;
+      }
       const index_t from = std::max(at, S - w), to = at + n;  // positions of window queries
       if (from < to)
         for (index_t h = 0; h < H; ++h)
@@ -483,8 +492,11 @@ class RaggedKvCache {
     const std::vector<Sequence*> seq = sequences(ids);
     each_sequence(ids.size(), decode_work(seq, layer), [&](std::size_t i) {
       const auto ii = static_cast<index_t>(i);
-      seq[i]->cache->decode(layer, detail::batch_entry(q, ii), detail::batch_entry(k, ii),
-                            detail::batch_entry(v, ii), parts_[i].view());
+      Sequence& s = *seq[i];
+      s.cache->decode(layer, detail::batch_entry(q, ii), detail::batch_entry(k, ii),
+                      detail::batch_entry(v, ii), parts_[i].view());
+      if (!s.bounded.empty() && s.bounded[static_cast<std::size_t>(layer)].prompt > 0)
+        original_positions(s, layer);
     });
   }
 
@@ -523,7 +535,15 @@ class RaggedKvCache {
   block_table<host_space> table(sequence_id id, index_t layer) const {
     return sequence(id).table(layer);
   }
-  std::int32_t freed(sequence_id id, index_t layer) const { return sequence(id).freed(layer)[0]; }
+  // Between bounded chunks on the pools, freed(id, layer) is the tail of the chunk's
+  // table the eviction released (table(id, layer) exists from the last chunk on).
+  std::int32_t freed(sequence_id id, index_t layer) const {
+    const Sequence& s = find(id)->second;
+    checked(layer);
+    if (!s.staged.empty() && s.staged[static_cast<std::size_t>(layer)].paged)
+      return s.staged[static_cast<std::size_t>(layer)].freed;
+    return s.cache->freed(layer)[0];
+  }
 
   // Tokens held by every sequence, every layer (per kv-head row).
   index_t tokens_held() const noexcept {
@@ -543,7 +563,8 @@ class RaggedKvCache {
     buffer<T> q;     // (q_heads, w, head_dim): queries of positions [S - w, S)
     index_t received = 0;
     bool paged = false;               // the chunks are in the engine's pools
-    std::vector<std::int32_t> lent;   // paged: the blocks holding the tokens received
+    std::vector<std::int32_t> lent;   // paged: the blocks holding the tokens kept so far
+    std::int32_t freed = 0;           // paged, bounded: the latest chunk's released tail
   };
   // One sequence's entries of a call's block table, as a table of its own (batch 1).
   struct TablePart {
@@ -817,9 +838,13 @@ class RaggedKvCache {
     for (std::size_t i = 0; i < n; ++i) {
       const Sequence& s = seqs_.at(ids[i]);
       const index_t at = s.staged.empty() ? 0 : s.staged[l].received, len = cu[i + 1] - cu[i];
-      CAKE_CHECK(parts[i].len == at + len, "cake.ragged.table", "seq_lens(", i,
-                 ") must be the tokens of sequence ", ids[i], "'s prompt so far, ", at, " + ", len,
-                 ", got ", parts[i].len);
+      // Bounded: the tokens the layer holds, then the chunk's.
+      const index_t held = s.mode == chunk_eviction::bounded && !s.bounded.empty()
+                               ? s.bounded[l].n
+                               : at;
+      CAKE_CHECK(parts[i].len == held + len, "cake.ragged.table", "seq_lens(", i,
+                 ") must be the tokens sequence ", ids[i], " holds, then its chunk's, ", held,
+                 " + ", len, ", got ", parts[i].len);
       if (at == 0) continue;
       const std::vector<std::int32_t>& was = s.staged[l].lent;
       for (std::size_t e = 0; e < was.size(); ++e)
@@ -827,7 +852,7 @@ class RaggedKvCache {
                    kv.table.indptr(static_cast<index_t>(i)) + static_cast<index_t>(e),
                    ") must be block ", was[e], ", which holds tokens [",
                    static_cast<index_t>(e) * bs, ", ",
-                   std::min(at, static_cast<index_t>(e + 1) * bs), ") of sequence ", ids[i],
+                   std::min(held, static_cast<index_t>(e + 1) * bs), ") of sequence ", ids[i],
                    "'s earlier chunks, got ", parts[i].ids[e]);
     }
     if (cfg_.check_finite && n > 0) {
@@ -929,6 +954,80 @@ class RaggedKvCache {
     }
     next.q = std::move(qw);
     h = std::move(next);
+    st.received = to;
+  }
+
+  // One chunk of one sequence with bounded chunking on the pools (see prefill_chunk):
+  // the layer's held tokens are the leading h.n slots of its blocks (every row in
+  // position order) and the engine wrote the chunk after them, part.len = h.n + n. An
+  // eviction between chunks compacts them in place (a one-layer KvCache on the pools).
+  template <class QV>
+  void bounded_chunk_paged(Sequence& s, index_t layer, const QV& q, const paged_kv<T>& kv,
+                           const TablePart& part, index_t b, index_t n) {
+    const auto l = static_cast<std::size_t>(layer);
+    const index_t H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim, w = cfg_.window;
+    Bounded& h = s.bounded[l];
+    Staged& st = s.staged[l];
+    const index_t at = st.received, to = at + n, m = h.n + n, S = s.prompt;
+    const index_t bs = kv.k_pool.extent(2);
+    const auto z = [](index_t x) { return static_cast<std::size_t>(x); };
+    std::vector<T> qw(z(H * w * d));  // the last w queries, as bounded_chunk's
+    for (index_t hh = 0; hh < H; ++hh)
+      for (index_t j = 0; j < w; ++j) {
+        const index_t p = to - w + j;
+        if (p < 0) continue;
+        T* dst = qw.data() + (hh * w + j) * d;
+        if (p >= at)
+          for (index_t x = 0; x < d; ++x) dst[x] = q(b + p - at, hh, x);
+        else
+          std::copy_n(h.q.data() + (hh * w + j + n) * d, d, dst);
+      }
+    std::vector<index_t> cp(z(Hkv * m));  // candidates' original positions, per row
+    for (index_t g = 0; g < Hkv; ++g) {
+      std::copy_n(h.pos.data() + g * h.n, h.n, cp.data() + g * m);
+      for (index_t t = 0; t < n; ++t) cp[z(g * m + h.n + t)] = at + t;
+    }
+    const auto qv = make_view(static_cast<const T*>(qw.data()), std::array<index_t, 4>{1, H, w, d});
+    const paged_kv<T> lent{kv.k_pool, kv.v_pool, part.view()};
+    const index_t C = s.cache->config().cache_size;
+    if (to == S) {  // the last chunk: the sequence's own policies, in place
+      s.cache->prefill(layer, qv, lent);
+      Bounded done;
+      done.pos = std::move(cp);
+      done.prompt = m;
+      h = std::move(done);
+      st = Staged{};
+      st.received = to;
+      for (index_t u = 0; u <= layer; ++u)
+        if (s.bounded[z(u)].prompt > 0) original_positions(s, u);
+      return;
+    }
+    Bounded next;
+    std::int32_t freed = 0;
+    if (m > C + w) {
+      CacheConfig c = s.cache->config();
+      c.layers = 1;
+      c.cascade = false;
+      c.order = token_order::position;
+      c.check_finite = false;
+      chunk_cache cut(c, UniformPreference{}, UniformBudget{}, s.ind, exec_);
+      cut.prefill(0, qv, lent);
+      const index_t kept = cut.tokens_held(0);
+      const auto P = cut.positions(0);
+      next.pos.resize(z(Hkv * kept));
+      for (index_t g = 0; g < Hkv; ++g)
+        for (index_t t = 0; t < kept; ++t) next.pos[z(g * kept + t)] = cp[z(g * m + P(0, g, t))];
+      next.n = kept;
+      freed = cut.freed(0)[0];
+    } else {
+      next.pos = std::move(cp);
+      next.n = m;
+    }
+    next.q = std::move(qw);
+    h = std::move(next);
+    const auto keep = static_cast<std::ptrdiff_t>((h.n + bs - 1) / bs);
+    st.lent.assign(part.ids.begin(), part.ids.begin() + keep);  // reserved
+    st.freed = freed;
     st.received = to;
   }
 
@@ -1110,10 +1209,6 @@ class RaggedKvCache {
     for (std::size_t i = 0; i < ids.size(); ++i) {
       const Sequence& s = seqs_.at(ids[i]);
       const index_t len = cu[i + 1] - cu[i];
-      CAKE_CHECK_STATE(!paged || s.mode == chunk_eviction::exact, "cake.ragged.chunking",
-                       "sequence ", ids[i],
-                       " has bounded chunking, which keeps its candidates in the cache: it "
-                       "takes dense chunks (keys, values), not the pools");
       CAKE_CHECK_STATE(s.staged.empty() || s.staged[l].received == 0 ||
                            s.staged[l].received == s.prompt || s.staged[l].paged == paged,
                        "cake.ragged.chunked", "layer ", layer, " of sequence ", ids[i],
@@ -1161,18 +1256,21 @@ class RaggedKvCache {
                "cake.ragged.decode", "q, k and v must have num_seqs = ", n,
                " entries along extent 0, got ", detail::shape_string(q), ", ",
                detail::shape_string(k), " and ", detail::shape_string(v));
-    if (table) {
-      CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.decode.layer", "layer must be in [0, ",
-                 cfg_.layers, "), got ", layer);
-      const Pools& p = pools_[static_cast<std::size_t>(layer)];
-      CAKE_CHECK(p.bound, "cake.decode.table", "layer ", layer,
-                 " has no paged sequence: it was prefilled dense and takes no block table");
-      CAKE_CHECK(table->num_seqs() == static_cast<index_t>(n), "cake.ragged.table",
-                 "the block table must have one sequence per entry of ids, ", n, ", got ",
-                 table->num_seqs());
-      CAKE_TRY(validate_block_table(*table, p.k.extent(0), p.k.extent(2), *by_id));
-      CAKE_TRY(check_shared(layer, ids, *table, p.k.data_handle(), *by_id));
-      split(*table, n, *parts);
+    constexpr bool can_page = std::is_same_v<Exec, host_policy>;  // paged: host only
+    if constexpr (can_page) {
+      if (table) {
+        CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.decode.layer", "layer must be in [0, ",
+                   cfg_.layers, "), got ", layer);
+        const Pools& p = pools_[static_cast<std::size_t>(layer)];
+        CAKE_CHECK(p.bound, "cake.decode.table", "layer ", layer,
+                   " has no paged sequence: it was prefilled dense and takes no block table");
+        CAKE_CHECK(table->num_seqs() == static_cast<index_t>(n), "cake.ragged.table",
+                   "the block table must have one sequence per entry of ids, ", n, ", got ",
+                   table->num_seqs());
+        CAKE_TRY(validate_block_table(*table, p.k.extent(0), p.k.extent(2), *by_id));
+        CAKE_TRY(check_shared(layer, ids, *table, p.k.data_handle(), *by_id));
+        split(*table, n, *parts);
+      }
     }
     for (std::size_t i = 0; i < n; ++i) {
       const auto ii = static_cast<index_t>(i);
@@ -1180,10 +1278,13 @@ class RaggedKvCache {
       const auto qi = detail::batch_entry(q, ii);
       const auto ki = detail::batch_entry(k, ii);
       const auto vi = detail::batch_entry(v, ii);
-      if (auto st = table ? c.validate_decode(layer, qi, ki, vi, (*parts)[i].view())
-                          : c.validate_decode(layer, qi, ki, vi);
-          !st.ok())
-        return named(st, ids[i]);
+      status st;
+      if constexpr (can_page)
+        st = table ? c.validate_decode(layer, qi, ki, vi, (*parts)[i].view())
+                   : c.validate_decode(layer, qi, ki, vi);
+      else
+        st = c.validate_decode(layer, qi, ki, vi);
+      if (!st.ok()) return named(st, ids[i]);
     }
     const float bound = detail::score_bound(cfg_.head_dim);
     if (cfg_.check_finite && n > 0)

@@ -838,6 +838,42 @@ struct Engine {
       }
     len(s.id, l) = static_cast<std::int32_t>(to);
   }
+  // Bounded chunking: tokens [from, to) of s's layer l go right after the `held` it
+  // keeps, slots [held, held + to - from).
+  void write_after(const Seq& s, index_t l, index_t from, index_t to, index_t held) {
+    auto& b = list(s.id, l);
+    const index_t end = held + to - from;
+    while (static_cast<index_t>(b.size()) * bs < end) b.push_back(take(l));
+    const auto L_ = static_cast<std::size_t>(l);
+    for (index_t h = 0; h < Hkv; ++h)
+      for (index_t t = from; t < to; ++t) {
+        const auto src = static_cast<std::size_t>((h * s.S + t) * d);
+        const index_t slot = held + t - from;
+        const auto o = static_cast<std::size_t>(offset(b[static_cast<std::size_t>(slot / bs)], h, slot));
+        std::copy_n(s.wl.k[L_].data() + src, d, k[L_].data() + o);
+        std::copy_n(s.wl.v[L_].data() + src, d, v[L_].data() + o);
+      }
+    len(s.id, l) = static_cast<std::int32_t>(end);
+  }
+  // After a bounded chunk that was not the last: the tail the eviction released goes
+  // back; the layer holds chunk_tokens_held in the blocks left.
+  template <class Ragged>
+  void take_chunk_back(const Ragged& r, std::span<const sequence_id> ids, index_t l) {
+    for (sequence_id id : ids) {
+      if (r.paged(id, l)) continue;
+      auto& b = list(id, l);
+      const std::int32_t f = r.freed(id, l);
+      REQUIRE(f >= 0);
+      REQUIRE(f <= static_cast<std::int32_t>(b.size()));
+      auto& fl = free_ids[static_cast<std::size_t>(l)];
+      fl.insert(fl.end(), b.end() - f, b.end());
+      freed_total += f;
+      b.resize(b.size() - static_cast<std::size_t>(f));
+      len(id, l) = static_cast<std::int32_t>(r.chunk_tokens_held(id, l));
+      REQUIRE(static_cast<index_t>(b.size()) * bs >= len(id, l));
+    }
+    covered();
+  }
   // Room for one more token of each sequence at layer l.
   void room(std::span<const sequence_id> ids, index_t l) {
     for (sequence_id id : ids) {
@@ -1105,7 +1141,9 @@ TEST_CASE_TEMPLATE("RaggedKvCache on paged pools: chunked prefill equals whole-p
           std::vector<const Seq*> all;
           for (const auto& s : seqs) all.push_back(&s);
           Engine e(base, bs, bs == 4, 3 * (30 / bs + 3), 19);
-          Ragged ragged(base);
+          // Block size 4: the sequences of a call in parallel (two threads, every call).
+          Ragged ragged(base, {}, {}, {},
+                        bs == 4 ? cake::host_policy{2, nullptr, 0} : cake::host_policy{});
           std::vector<std::unique_ptr<Cache>> alone;
           for (const auto& s : seqs) {
             ragged.add(s.id, {.cache_size = s.C, .prompt_length = s.S});
@@ -1404,7 +1442,7 @@ TEST_CASE("RaggedKvCache on paged pools: chunks out of turn or off their blocks 
   SUBCASE("seq_lens other than the prompt so far") {
     const auto kv = e.kv(ab, 0);
     e.t_lens[1] = 5;
-    rejects(ragged, e, call(kv), "must be the tokens of sequence 2's prompt so far, 3 + 3");
+    rejects(ragged, e, call(kv), "must be the tokens sequence 2 holds, then its chunk's, 3 + 3");
   }
   SUBCASE("a block of another sequence's earlier chunk") {
     // Sequence 2 alone, its new block (its third) one that holds sequence 1's chunk.
@@ -1423,14 +1461,14 @@ TEST_CASE("RaggedKvCache on paged pools: chunks out of turn or off their blocks 
         [&] { ragged.prefill_chunk(0, ab, p.queries(), p.keys(), p.values(), p.cu); },
         "took its earlier chunks in the pools");
   }
-  SUBCASE("bounded chunking takes dense chunks") {
+  SUBCASE("bounded chunking: seq_lens other than held + chunk") {
     const Seq c = ragged_test::make_seq(base, 3, 9, 8, 54, 0);
-    e.write(c, 0, 0, 3);
+    e.write(c, 0, 0, 4);
     const std::vector<sequence_id> three{3};
     const ragged_test::Packed pc = ragged_test::pack({&c}, 0, {{0, 3}});
     rejects(
         ragged, e, [&] { ragged.prefill_chunk(0, three, pc.queries(), e.kv(three, 0), pc.cu); },
-        "bounded chunking");
+        "must be the tokens sequence 3 holds, then its chunk's, 0 + 3, got 4");
   }
   // The valid chunk completes both prompts: equal to whole-prompt prefill.
   ragged.prefill_chunk(0, ab, p.queries(), e.kv(ab, 0), p.cu);
@@ -1446,4 +1484,120 @@ TEST_CASE("RaggedKvCache on paged pools: chunks out of turn or off their blocks 
   }
   ragged_paged_test::check_paged(ra, ragged, 1, e);
   ragged_paged_test::check_paged(rb, ragged, 2, e);
+}
+
+TEST_CASE("RaggedKvCache: chunks (exact and bounded) in parallel equal them one after another") {
+  const cake::host_policy parallel{2, nullptr, 0};  // two threads, every call
+  for (bool bounded : {false, true})
+    for (index_t chunk : {3, 5}) {
+      CAPTURE(bounded);
+      CAPTURE(chunk);
+      const auto base = model();
+      std::vector<Seq> seqs;
+      seqs.push_back(make_seq(base, 4, 23, 7, 81, 3));
+      seqs.push_back(make_seq(base, 9, 9, 8, 82, 3));
+      seqs.push_back(make_seq(base, 2, 17, 6, 83, 3));
+      std::vector<const Seq*> all;
+      for (const auto& s : seqs) all.push_back(&s);
+      cake::RaggedKvCache<> serial(base), par(base, {}, {}, {}, parallel);
+      for (auto* r : {&serial, &par})
+        for (const auto& s : seqs)
+          r->add(s.id, {.cache_size = s.C,
+                        .prompt_length = s.S,
+                        .chunking = bounded ? cake::chunk_eviction::bounded
+                                            : cake::chunk_eviction::exact});
+      prefill_by_chunks(serial, all, chunk, bounded);
+      prefill_by_chunks(par, all, chunk, bounded);
+      for (std::size_t t = 0; t < 3; ++t)
+        for (index_t l = 0; l < base.layers; ++l) {
+          const Step st = step(all, std::vector<std::size_t>(all.size(), t), l);
+          serial.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+          par.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+        }
+      for (const auto& s : seqs) {
+        CAPTURE(s.id);
+        check_same(par.sequence(s.id), serial.sequence(s.id));
+        for (index_t l = 0; l < base.layers; ++l) {
+          const auto a = par.positions(s.id, l), b = serial.positions(s.id, l);
+          REQUIRE(a.extent(2) == b.extent(2));
+          for (index_t g = 0; g < base.kv_heads; ++g)
+            for (index_t t = 0; t < a.extent(2); ++t) CHECK(a(0, g, t) == b(0, g, t));
+        }
+      }
+    }
+}
+
+TEST_CASE_TEMPLATE("RaggedKvCache on paged pools: bounded chunking equals it on dense memory",
+                   Cache, cake::methods::Cake<>, cake::methods::StreamingLlm<>,
+                   cake::methods::H2o<>, cake::methods::CakeAdaKv<>) {
+  using Ragged = typename ragged_test::ragged_of<Cache>::type;
+  using ragged_paged_test::Engine;
+  for (auto order : ragged_test::both_orders)
+    for (index_t chunk : {1, 3, 5, 23})
+      for (index_t bs : {1, 4, 5}) {
+        CAPTURE(static_cast<int>(order));
+        CAPTURE(chunk);
+        CAPTURE(bs);
+        const auto base = ragged_test::model(true, order);
+        std::vector<Seq> seqs;
+        seqs.push_back(ragged_test::make_seq(base, 4, 23, 7, 61, 3));
+        seqs.push_back(ragged_test::make_seq(base, 9, 9, 8, 62, 3));
+        std::vector<const Seq*> all;
+        for (const auto& s : seqs) all.push_back(&s);
+        Engine e(base, bs, bs == 4, 2 * (30 / bs + 3), 23);
+        Ragged dense(base);
+        Ragged paged(base, {}, {}, {},
+                     bs == 4 ? cake::host_policy{2, nullptr, 0} : cake::host_policy{});
+        for (auto* r : {&dense, &paged})
+          for (const auto& s : seqs)
+            r->add(s.id, {.cache_size = s.C,
+                          .prompt_length = s.S,
+                          .chunking = cake::chunk_eviction::bounded});
+        ragged_test::prefill_by_chunks(dense, all, chunk, true);
+        std::vector<index_t> at(seqs.size(), 0);
+        for (bool more = true; more;) {
+          std::vector<const Seq*> call;
+          std::vector<std::pair<index_t, index_t>> ranges;
+          for (std::size_t i = 0; i < seqs.size(); ++i)
+            if (at[i] < seqs[i].S) {
+              call.push_back(&seqs[i]);
+              ranges.push_back({at[i], std::min(seqs[i].S, at[i] + chunk)});
+            }
+          more = !call.empty();
+          for (index_t l = 0; more && l < base.layers; ++l) {
+            for (std::size_t i = 0; i < call.size(); ++i)
+              e.write_after(*call[i], l, ranges[i].first, ranges[i].second,
+                            paged.chunk_tokens_held(call[i]->id, l));
+            const ragged_test::Packed p = ragged_test::pack(call, l, ranges);
+            paged.prefill_chunk(l, p.ids, p.queries(), e.kv(p.ids, l), p.cu);
+            e.take_chunk_back(paged, p.ids, l);
+            e.take_back(paged, p.ids);
+          }
+          for (std::size_t i = 0; i < seqs.size(); ++i) at[i] = std::min(seqs[i].S, at[i] + chunk);
+        }
+        CHECK(e.freed_total > 0);
+        const auto same = [&] {
+          for (const auto& s : seqs) {
+            CAPTURE(s.id);
+            ragged_paged_test::check_paged(dense.sequence(s.id), paged, s.id, e);
+            for (index_t l = 0; l < base.layers; ++l) {
+              const auto a = dense.positions(s.id, l), b = paged.positions(s.id, l);
+              REQUIRE(a.extent(2) == b.extent(2));
+              for (index_t g = 0; g < base.kv_heads; ++g)
+                for (index_t t = 0; t < a.extent(2); ++t) CHECK(a(0, g, t) == b(0, g, t));
+            }
+          }
+        };
+        same();
+        for (std::size_t t = 0; t < 3; ++t)
+          for (index_t l = 0; l < base.layers; ++l) {
+            const ragged_test::Step st =
+                ragged_test::step(all, std::vector<std::size_t>(all.size(), t), l);
+            dense.decode(l, st.ids, st.qv(), st.kv(), st.vv());
+            e.room(st.ids, l);
+            paged.decode(l, st.ids, st.qv(), st.kv(), st.vv(), e.table(st.ids, l));
+            e.take_back(paged, st.ids);
+          }
+        same();
+      }
 }

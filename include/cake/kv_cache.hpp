@@ -169,9 +169,11 @@ class KvCache {
     Layer lent;  // the pools and the cache's copy of the table, for the new layer
     lent.pool = pool_rows(kv);
     lent.table = copy_table(kv.table);
-    // Window statistics read the prompt's keys in the pool, through the table; the
-    // other indicator sources score a dense copy of them (the values are not copied).
-    constexpr bool in_place = indicator_source_of<Ind> == indicator_source::window;
+    // Window statistics read the prompt's keys in the pool, through the table, and a
+    // position indicator reads none; the other indicator sources score a dense copy
+    // of them (the values are not copied).
+    constexpr bool in_place = indicator_source_of<Ind> == indicator_source::window ||
+                              indicator_source_of<Ind> == indicator_source::position;
     auto kbuf = Store::template make<T>(ex, in_place ? 0 : rows * S * d);
     const auto keys =
         make_view<Space>(static_cast<const T*>(Store::ptr(kbuf)),

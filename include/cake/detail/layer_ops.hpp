@@ -450,8 +450,8 @@ void attention_sums(const Exec& exec, const QV& q, const KV& k, float* out, inde
 // indicator itself for a window indicator; for any other, they are computed only
 // when the preference reads them (then the cheapest indicator fills a scratch).
 // paged (host): the prompt's keys are in an engine's pool (k gives their shape only),
-// read through the block table in place; window statistics only (the other sources
-// score a dense copy).
+// read through the block table in place: window statistics, and a position indicator
+// (which reads no keys) with them; the other sources score a dense copy.
 template <class T, class Pref, class Exec, class Ind, class QV, class KV>
 LayerStats score_prefill(const Exec& exec, const Ind& ind, const QV& q, const KV& k, float* out,
                          index_t cols, const paged_keys<T>* paged = nullptr) {
@@ -466,8 +466,10 @@ LayerStats score_prefill(const Exec& exec, const Ind& ind, const QV& q, const KV
     return make_view<Space>(out, std::array<index_t, 3>{B, Hkv, c},
                             std::array<index_t, 3>{Hkv * ld, ld, 1});
   };
-  CAKE_EXPECTS(paged == nullptr || source == indicator_source::window, "cake.prefill.paged",
-               "keys in a pool are scored in place for window statistics only");
+  CAKE_EXPECTS(paged == nullptr || source == indicator_source::window ||
+                   source == indicator_source::position,
+               "cake.prefill.paged",
+               "keys in a pool are read in place for window and position indicators only");
   LayerStats stats{};
   if (source == indicator_source::window || Pref::needs_entropy || Pref::needs_variance) {
     auto st = S::template make<float>(exec, 2);

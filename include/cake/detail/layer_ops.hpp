@@ -29,8 +29,9 @@
 // block table (paged_rows, core/paged.hpp); positions and scores stay dense in the
 // cache's memory. The primitives reach K/V only through slots<T>::key / value, so
 // the control flow below is the same for both; a paged layer differs only where a
-// dense view of its keys is needed (scoring reads a gathered copy of the keys in the
-// workspace) and in that its prefill moves run at the commit, in place in the pool.
+// dense view of its keys is needed (the prefill's window statistics read them through
+// the table, paged_keys; other scorings read a gathered copy of the keys) and in that
+// its prefill moves run at the commit, in place in the pool.
 #pragma once
 
 #include <algorithm>

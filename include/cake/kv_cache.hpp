@@ -185,10 +185,11 @@ class KvCache {
     table_buffer lent_table;  // CUDA: its device copy, the layer's once committed
     upload_table(ex, lent, lent_table);
     // On the host, window statistics read the prompt's keys in the pool, through the
-    // table; other indicator sources (and CUDA) score a dense copy of them (the values
-    // are not copied).
+    // table, and a position indicator reads none; other indicator sources (and CUDA)
+    // score a dense copy of them (the values are not copied).
     constexpr bool in_place = std::is_same_v<Exec, host_policy> &&
-                              indicator_source_of<Ind> == indicator_source::window;
+                              (indicator_source_of<Ind> == indicator_source::window ||
+                               indicator_source_of<Ind> == indicator_source::position);
     auto kbuf = Store::template make<T>(ex, in_place ? 0 : rows * S * d);
     const auto keys =
         make_view<Space>(static_cast<const T*>(Store::ptr(kbuf)),

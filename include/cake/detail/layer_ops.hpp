@@ -29,8 +29,9 @@
 // block table (paged_rows, core/paged.hpp); positions and scores stay dense in the
 // cache's memory. The primitives reach K/V only through slots<T>::key / value, so
 // the control flow below is the same for both; a paged layer differs only where a
-// dense view of its keys is needed (scoring reads a gathered copy of the keys in the
-// workspace) and in that its prefill moves run at the commit, in place in the pool.
+// dense view of its keys is needed (the prefill's window statistics read them through
+// the table, paged_keys; other scorings read a gathered copy of the keys) and in that
+// its prefill moves run at the commit, in place in the pool.
 #pragma once
 
 #include <algorithm>
@@ -476,8 +477,8 @@ void attention_sums(const Exec& exec, const QV& q, const KV& k, float* out, inde
 // indicator itself for a window indicator; for any other, they are computed only
 // when the preference reads them (then the cheapest indicator fills a scratch).
 // paged (host): the prompt's keys are in an engine's pool (k gives their shape only),
-// read through the block table in place; window statistics only (the other sources
-// score a dense copy).
+// read through the block table in place: window statistics, and a position indicator
+// (which reads no keys) with them; the other sources score a dense copy.
 template <class T, class Pref, class Exec, class Ind, class QV, class KV>
 LayerStats score_prefill(const Exec& exec, const Ind& ind, const QV& q, const KV& k, float* out,
                          index_t cols, const paged_keys<T>* paged = nullptr) {
@@ -492,8 +493,10 @@ LayerStats score_prefill(const Exec& exec, const Ind& ind, const QV& q, const KV
     return make_view<Space>(out, std::array<index_t, 3>{B, Hkv, c},
                             std::array<index_t, 3>{Hkv * ld, ld, 1});
   };
-  CAKE_EXPECTS(paged == nullptr || source == indicator_source::window, "cake.prefill.paged",
-               "keys in a pool are scored in place for window statistics only");
+  CAKE_EXPECTS(paged == nullptr || source == indicator_source::window ||
+                   source == indicator_source::position,
+               "cake.prefill.paged",
+               "keys in a pool are read in place for window and position indicators only");
   LayerStats stats{};
   if (source == indicator_source::window || Pref::needs_entropy || Pref::needs_variance) {
     auto st = S::template make<float>(exec, 2);

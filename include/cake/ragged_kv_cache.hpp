@@ -515,6 +515,8 @@ class RaggedKvCache {
   index_t tokens_held(sequence_id id, index_t layer) const {
     return sequence(id).tokens_held(layer);
   }
+  // KvCache::keys and values: the first of them after a decode of the layer writes its
+  // K/V (back in token order): not concurrently for the same sequence and layer.
   auto keys(sequence_id id, index_t layer) const { return sequence(id).keys(layer); }
   auto values(sequence_id id, index_t layer) const { return sequence(id).values(layer); }
   // (1, kv_heads, held): prompt or decode positions; original ones with bounded chunking.

@@ -458,11 +458,14 @@ class RaggedKvCache {
     each_sequence(ids.size(), decode_work(seq, layer), [&](std::size_t i) {
       const auto ii = static_cast<index_t>(i);
       Sequence& s = *seq[i];
+      [[maybe_unused]] const bool bounded =
+          !s.bounded.empty() && s.bounded[static_cast<std::size_t>(layer)].prompt > 0;
+      if constexpr (on_host)
+        if (bounded) reserve_positions(s, layer, 1);  // no allocation once the cache changed
       s.cache->decode(layer, detail::batch_entry(q, ii), detail::batch_entry(k, ii),
                       detail::batch_entry(v, ii));
       if constexpr (on_host)
-        if (!s.bounded.empty() && s.bounded[static_cast<std::size_t>(layer)].prompt > 0)
-          original_positions(s, layer);
+        if (bounded) original_positions(s, layer);
     });
   }
 
@@ -493,10 +496,12 @@ class RaggedKvCache {
     each_sequence(ids.size(), decode_work(seq, layer), [&](std::size_t i) {
       const auto ii = static_cast<index_t>(i);
       Sequence& s = *seq[i];
+      [[maybe_unused]] const bool bounded =
+          !s.bounded.empty() && s.bounded[static_cast<std::size_t>(layer)].prompt > 0;
+      if (bounded) reserve_positions(s, layer, 1);  // no allocation once the cache changed
       s.cache->decode(layer, detail::batch_entry(q, ii), detail::batch_entry(k, ii),
                       detail::batch_entry(v, ii), parts_[i].view());
-      if (!s.bounded.empty() && s.bounded[static_cast<std::size_t>(layer)].prompt > 0)
-        original_positions(s, layer);
+      if (bounded) original_positions(s, layer);
     });
   }
 
@@ -510,6 +515,8 @@ class RaggedKvCache {
   index_t tokens_held(sequence_id id, index_t layer) const {
     return sequence(id).tokens_held(layer);
   }
+  // KvCache::keys and values: the first of them after a decode of the layer writes its
+  // K/V (back in token order): not concurrently for the same sequence and layer.
   auto keys(sequence_id id, index_t layer) const { return sequence(id).keys(layer); }
   auto values(sequence_id id, index_t layer) const { return sequence(id).values(layer); }
   // (1, kv_heads, held): prompt or decode positions; original ones with bounded chunking.
@@ -562,18 +569,16 @@ class RaggedKvCache {
     buffer<T> k, v;  // (kv_heads, S, head_dim) each; empty when paged
     buffer<T> q;     // (q_heads, w, head_dim): queries of positions [S - w, S)
     index_t received = 0;
-    bool paged = false;               // the chunks are in the engine's pools
-    std::vector<std::int32_t> lent;   // paged: the blocks holding the tokens kept so far
-    std::int32_t freed = 0;           // paged, bounded: the latest chunk's released tail
+    bool paged = false;              // the chunks are in the engine's pools
+    std::vector<std::int32_t> lent;  // paged: the blocks holding the tokens kept so far
+    std::int32_t freed = 0;          // paged, bounded: the latest chunk's released tail
   };
   // One sequence's entries of a call's block table, as a table of its own (batch 1).
   struct TablePart {
     std::int32_t indptr[2] = {0, 0};
     std::int32_t len = 0;
     std::vector<std::int32_t> ids;
-    block_table<host_space> view() const {
-      return make_block_table(indptr, ids.data(), &len, 1);
-    }
+    block_table<host_space> view() const { return make_block_table(indptr, ids.data(), &len, 1); }
   };
   // A layer's pools, fixed by its first paged call.
   struct Pools {
@@ -675,8 +680,8 @@ class RaggedKvCache {
                "k_pool must have unit stride along head_dim, got ", kp.stride(3));
     CAKE_TRY(detail::check_kv_pools(kp, kv.v_pool));
     const Pools& p = pools_[static_cast<std::size_t>(layer)];
-    CAKE_CHECK(!p.bound || (same_view(p.k, kp) && same_view(p.v, kv.v_pool)),
-               "cake.ragged.k_pool", "layer ", layer,
+    CAKE_CHECK(!p.bound || (same_view(p.k, kp) && same_view(p.v, kv.v_pool)), "cake.ragged.k_pool",
+               "layer ", layer,
                " keeps every sequence's K/V in the pools its first paged call gave; got other "
                "k_pool or v_pool (data, extents or strides)");
     return status::success();
@@ -771,8 +776,8 @@ class RaggedKvCache {
                                    static_cast<index_t>(pool.stride(2)), 1});
       };
       CAKE_TRY(Store::check_finite(
-          exec_, detail::named(blk(kp), "cake.ragged.k_pool", "k_pool (head, slot, x of a block)",
-                               bound),
+          exec_,
+          detail::named(blk(kp), "cake.ragged.k_pool", "k_pool (head, slot, x of a block)", bound),
           detail::named(blk(vp), "cake.ragged.v_pool", "v_pool (head, slot, x of a block)")));
       t += m;
     }
@@ -801,8 +806,9 @@ class RaggedKvCache {
                        " is prefilled by chunks (prefill_chunk), not whole");
       CAKE_CHECK(s.prompt == 0 || S == s.prompt, "cake.ragged.table", "sequence ", ids[i],
                  " has prompt_length ", s.prompt, ", got seq_lens(", i, ") = ", S);
-      if (auto st = s.cache->validate_prefill(layer, detail::batch_entry(q, static_cast<index_t>(i)),
-                                              paged_kv<T>{kv.k_pool, kv.v_pool, parts[i].view()});
+      if (auto st =
+              s.cache->validate_prefill(layer, detail::batch_entry(q, static_cast<index_t>(i)),
+                                        paged_kv<T>{kv.k_pool, kv.v_pool, parts[i].view()});
           !st.ok())
         return named(st, ids[i]);
     }
@@ -839,9 +845,8 @@ class RaggedKvCache {
       const Sequence& s = seqs_.at(ids[i]);
       const index_t at = s.staged.empty() ? 0 : s.staged[l].received, len = cu[i + 1] - cu[i];
       // Bounded: the tokens the layer holds, then the chunk's.
-      const index_t held = s.mode == chunk_eviction::bounded && !s.bounded.empty()
-                               ? s.bounded[l].n
-                               : at;
+      const index_t held =
+          s.mode == chunk_eviction::bounded && !s.bounded.empty() ? s.bounded[l].n : at;
       CAKE_CHECK(parts[i].len == held + len, "cake.ragged.table", "seq_lens(", i,
                  ") must be the tokens sequence ", ids[i], " holds, then its chunk's, ", held,
                  " + ", len, ", got ", parts[i].len);
@@ -859,8 +864,8 @@ class RaggedKvCache {
       CAKE_TRY(Store::check_finite(
           exec_, detail::named(q, "cake.ragged.q", "q", detail::score_bound(cfg_.head_dim))));
       for (std::size_t i = 0; i < n; ++i)
-        if (auto st = check_pool_finite(kv, parts[i], parts[i].len - (cu[i + 1] - cu[i]),
-                                        parts[i].len);
+        if (auto st =
+                check_pool_finite(kv, parts[i], parts[i].len - (cu[i + 1] - cu[i]), parts[i].len);
             !st.ok())
           return named(st, ids[i]);
     }
@@ -912,8 +917,11 @@ class RaggedKvCache {
         make_view(static_cast<const T*>(cv.data()), std::array<index_t, 4>{1, Hkv, m, d});
     const index_t C = s.cache->config().cache_size;
     if (to == S) {  // the last chunk: the sequence's own policies
-      s.cache->prefill(layer, qv, kv, vv);
       Bounded done;
+      // original_positions below allocates nothing once the cache has the layer (the
+      // layer holds at most m per row; a cascade only cuts the layers before it)
+      done.positions.reserve(z(Hkv * m));
+      s.cache->prefill(layer, qv, kv, vv);
       done.pos = std::move(cp);
       done.prompt = m;
       h = std::move(done);
@@ -991,8 +999,9 @@ class RaggedKvCache {
     const paged_kv<T> lent{kv.k_pool, kv.v_pool, part.view()};
     const index_t C = s.cache->config().cache_size;
     if (to == S) {  // the last chunk: the sequence's own policies, in place
-      s.cache->prefill(layer, qv, lent);
       Bounded done;
+      done.positions.reserve(z(Hkv * m));  // as bounded_chunk's: nothing allocated after
+      s.cache->prefill(layer, qv, lent);
       done.pos = std::move(cp);
       done.prompt = m;
       h = std::move(done);
@@ -1011,6 +1020,7 @@ class RaggedKvCache {
       c.order = token_order::position;
       c.check_finite = false;
       chunk_cache cut(c, UniformPreference{}, UniformBudget{}, s.ind, exec_);
+      next.pos.reserve(z(Hkv * m));  // the eviction moves tokens in the pools: no allocation after
       cut.prefill(0, qv, lent);
       const index_t kept = cut.tokens_held(0);
       const auto P = cut.positions(0);
@@ -1033,6 +1043,14 @@ class RaggedKvCache {
 
   // The cache's positions of layer l as original prompt positions: index p of its
   // compressed prompt is pos[p], a decoded token S + (p - prompt).
+  // Room in the layer's original positions for the cache's after a call that adds at
+  // most `more` tokens to a row: original_positions then allocates nothing once the
+  // cache has changed (strong guarantee).
+  void reserve_positions(Sequence& s, index_t layer, index_t more) {
+    Bounded& h = s.bounded[static_cast<std::size_t>(layer)];
+    h.positions.reserve(
+        static_cast<std::size_t>(cfg_.kv_heads * (s.cache->positions(layer).extent(2) + more)));
+  }
   void original_positions(Sequence& s, index_t layer) {
     Bounded& h = s.bounded[static_cast<std::size_t>(layer)];
     const auto P = s.cache->positions(layer);

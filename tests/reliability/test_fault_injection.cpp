@@ -468,3 +468,155 @@ TEST_CASE("steady state: a decoding step allocates nothing once the cache's work
   fi::armed = false;
   CHECK(fi::count.load() > 0);
 }
+
+// RaggedKvCache with bounded chunking keeps each layer's original prompt positions
+// beside the sequence's cache (positions(id, l)). A failed call leaves the cache and
+// them as they were.
+//
+// Finding (fixed): the last chunk of a layer and every decoding step sized those
+// positions after the sequence's cache had taken the call, so a bad_alloc there left
+// the cache changed (one more token, or the layer prefilled) and the positions stale.
+namespace {
+struct RaggedState {
+  Snapshot cache;
+  std::vector<std::vector<index_t>> positions;  // per layer: (kv_heads, held), original
+  std::vector<index_t> received, held;          // per layer: chunk_tokens_received / _held
+  bool operator==(const RaggedState&) const = default;
+};
+}  // namespace
+
+TEST_CASE("fault injection: RaggedKvCache with bounded chunking keeps the strong guarantee") {
+  using Ragged = cake::RaggedKvCacheOf<cake::methods::Cake<>>;
+  const cake::CacheConfig cfg{.layers = 2,
+                              .batch = 1,
+                              .q_heads = 4,
+                              .kv_heads = 2,
+                              .head_dim = 8,
+                              .window = 4,
+                              .cache_size = 6};
+  // S = 20 by chunks of 8: [0, 8), [8, 16) (16 held > C + w: evicted to C), [16, 20)
+  // (the last: 10 held, at budget + w, so decoding evicts). S = 8 by chunks of 4 with
+  // C = 40: the layers hold less than budget + w, so decoding grows them.
+  for (const auto& shape : {std::pair<index_t, index_t>{20, 8}, {8, 4}}) {
+    const index_t S = shape.first, chunk = shape.second, C = S == 8 ? 40 : cfg.cache_size,
+                  chunks = (S + chunk - 1) / chunk, L = cfg.layers, H = cfg.q_heads,
+                  Hkv = cfg.kv_heads, d = cfg.head_dim, steps = 3;
+    CAPTURE(S);
+    std::mt19937 gen(11);
+    std::normal_distribution<float> normal;
+    const auto random = [&](index_t n) {
+      std::vector<float> x(static_cast<std::size_t>(n));
+      for (float& e : x) e = normal(gen);
+      return x;
+    };
+    std::vector<std::vector<float>> q, k, v, dq, dk, dv;  // per layer; per step and layer
+    for (index_t l = 0; l < L; ++l) {
+      q.push_back(random(S * H * d));    // (S, q_heads, head_dim)
+      k.push_back(random(S * Hkv * d));  // (S, kv_heads, head_dim)
+      v.push_back(random(S * Hkv * d));
+    }
+    for (index_t i = 0; i < steps * L; ++i) {
+      dq.push_back(random(H * d));    // (1, q_heads, head_dim)
+      dk.push_back(random(Hkv * d));  // (1, kv_heads, head_dim)
+      dv.push_back(random(Hkv * d));
+    }
+    const std::array<cake::sequence_id, 1> ids{1};
+    // Call i: chunk i / L of layer i % L, then decoding step (i - chunks * L) / L.
+    const auto call = [&](Ragged& r, index_t i) {
+      const index_t l = i % L;
+      if (i < chunks * L) {
+        const index_t at = i / L * chunk, n = std::min(S, at + chunk) - at;
+        const std::array<std::int32_t, 2> cu{0, static_cast<std::int32_t>(n)};
+        r.prefill_chunk(
+            l, ids, cake::make_view(q[l].data() + at * H * d, std::array<index_t, 3>{n, H, d}),
+            cake::make_view(k[l].data() + at * Hkv * d, std::array<index_t, 3>{n, Hkv, d}),
+            cake::make_view(v[l].data() + at * Hkv * d, std::array<index_t, 3>{n, Hkv, d}), cu);
+      } else {
+        const auto t = static_cast<std::size_t>(i - chunks * L);
+        r.decode(l, ids, cake::make_view(dq[t].data(), std::array<index_t, 3>{1, H, d}),
+                 cake::make_view(dk[t].data(), std::array<index_t, 3>{1, Hkv, d}),
+                 cake::make_view(dv[t].data(), std::array<index_t, 3>{1, Hkv, d}));
+      }
+    };
+    const auto state = [&](const Ragged& r) {
+      RaggedState s{snapshot(r.sequence(1)), {}, {}, {}};
+      for (index_t l = 0; l < L; ++l) {
+        s.received.push_back(r.chunk_tokens_received(1, l));
+        s.held.push_back(r.chunk_tokens_held(1, l));
+        std::vector<index_t> p;
+        if (r.sequence(1).layers_prefilled() > l) {
+          const auto P = r.positions(1, l);
+          for (index_t g = 0; g < P.extent(1); ++g)
+            for (index_t t = 0; t < P.extent(2); ++t) p.push_back(P(0, g, t));
+        }
+        s.positions.push_back(std::move(p));
+      }
+      return s;
+    };
+    {  // S = 8: the decoding steps grow a layer, and its original positions with it
+      Ragged r(cfg);
+      r.add(1, {.cache_size = C, .prompt_length = S, .chunking = cake::chunk_eviction::bounded});
+      for (index_t i = 0; i < (chunks + steps) * L; ++i) call(r, i);
+      index_t most = 0;
+      for (index_t l = 0; l < L; ++l) most = std::max(most, r.positions(1, l).extent(2));
+      CHECK((most > S) == (S == 8));
+    }
+    for (index_t i = 0; i < (chunks + steps) * L; ++i) {
+      const auto make = [&] {
+        Ragged r(cfg);
+        r.add(1, {.cache_size = C, .prompt_length = S, .chunking = cake::chunk_eviction::bounded});
+        for (index_t j = 0; j < i; ++j) call(r, j);
+        return r;
+      };
+      inject_all(
+          "ragged bounded call " + std::to_string(i), make, [&](Ragged& r) { call(r, i); }, state);
+    }
+  }
+}
+
+// A decoding step on a copy of a cache whose layers decoded over their slot maps
+// (K/V rows out of token order, detail::cache_layer::map): the copy decodes as the
+// original does, and a failed step leaves it as it was. The state before is taken
+// from another copy (keys() would put the copy's K/V back in token order first).
+TEST_CASE("fault injection: a decoding step on a copy of a mapped cache") {
+  for (const auto order : {cake::token_order::position, cake::token_order::reference}) {
+    CAPTURE(static_cast<int>(order));
+    const auto cfg = config(true, order);
+    const int steps = 8;
+    const Data data(cfg, 40, steps);
+    using Cache = cake::methods::Cake<>;
+    Cache base(cfg);
+    for (index_t l = 0; l < cfg.layers; ++l) data.prefill(base, l);
+    for (int t = 0; t + 1 < steps; ++t)  // every step evicts: the maps are permutations
+      for (index_t l = 0; l < cfg.layers; ++l) data.decode(base, l, t);
+    const Snapshot before = snapshot(Cache(base));
+    Cache orig(base);  // decoded once more below: the reference
+    data.decode(orig, 1, steps - 1);
+    const Snapshot want = snapshot(orig);
+    REQUIRE(want != before);
+    long faults = 0;
+    for (long n = 1;; ++n) {
+      Cache c(base);  // its maps as base's: not settled before the call
+      bool failed = false;
+      fi::count = 0;
+      fi::fail_at = n;
+      fi::armed = true;
+      try {
+        data.decode(c, 1, steps - 1);
+      } catch (const std::bad_alloc&) {
+        failed = true;
+      }
+      fi::armed = false;
+      if (!failed) {
+        CHECK(snapshot(c) == want);  // the copy decodes as the original
+        break;
+      }
+      ++faults;
+      CHECK_MESSAGE(snapshot(c) == before, "allocation " << n << " failed and the cache changed");
+      REQUIRE(n < 100000);
+    }
+    fi::injected += faults;
+    data.decode(base, 1, steps - 1);  // the original itself
+    CHECK(snapshot(base) == want);
+  }
+}

@@ -509,8 +509,14 @@ class KvCache {
   // paged layer's K/V are in the engine's pools, where table(layer) says: these throw
   // cake::logic_error for it.
   // A decoded layer's K/V rows may be out of token order (its slot map,
-  // detail::cache_layer::map): these put them back in place first (no allocation),
-  // so, like decode, they must not run concurrently with another call on the cache.
+  // detail::cache_layer::map): these put them back in place first (no allocation).
+  // So, although const, the first keys(l) or values(l) after a decode of layer l
+  // writes layer l's K/V: two threads calling them for the same layer of one cache at
+  // once race, as does either with any other call that reads layer l's K/V (decode,
+  // copying the cache). Once one of them has returned, layer l is in token order
+  // until its next decode: later calls write nothing, and the views they returned
+  // stay valid and unchanged until then. Other layers, positions(), row_lengths()
+  // and the rest of the const calls never write.
   view<const T, 4, Space> keys(index_t layer) const {
     return detail::keys(settled(dense(layer, "keys")), shape());
   }

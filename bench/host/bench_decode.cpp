@@ -211,7 +211,8 @@ struct OneLayerPool {
   OneLayerPool(const LayerInputs& in, index_t S) : Hkv(in.Hkv), d(in.d) {
     nblocks = (S + bs - 1) / bs + 8;
     std::vector<std::int32_t> order(static_cast<std::size_t>(nblocks));
-    for (index_t i = 0; i < nblocks; ++i) order[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+    for (index_t i = 0; i < nblocks; ++i)
+      order[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
     std::shuffle(order.begin(), order.end(), std::mt19937(5));
     k.assign(static_cast<std::size_t>(nblocks * bs * Hkv * d), 0.0f);
     v = k;

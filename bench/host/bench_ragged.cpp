@@ -85,10 +85,10 @@ constexpr index_t kBlock = 16;
 // every prompt written into its sequence's blocks, one free list per layer.
 struct Pools {
   index_t L, Hkv, d, N;
-  std::vector<std::vector<float>> prompt_k, prompt_v, k, v;  // [layer]
+  std::vector<std::vector<float>> prompt_k, prompt_v, k, v;           // [layer]
   std::vector<std::vector<std::vector<std::int32_t>>> start, blocks;  // [layer][seq]
-  std::vector<std::vector<std::int32_t>> lens, free_start, free_ids;     // [layer][...]
-  std::vector<std::int32_t> indptr, ids, seq_lens;                   // the table lent
+  std::vector<std::vector<std::int32_t>> lens, free_start, free_ids;  // [layer][...]
+  std::vector<std::int32_t> indptr, ids, seq_lens;                    // the table lent
 
   explicit Pools(const Packed& p) : L(p.L), Hkv(p.Hkv), d(p.d) {
     index_t per_layer = 0;
@@ -100,7 +100,8 @@ struct Pools {
     std::mt19937 gen(7);
     for (index_t l = 0; l < L; ++l) {
       std::vector<std::int32_t> order(static_cast<std::size_t>(N));
-      for (index_t i = 0; i < N; ++i) order[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
+      for (index_t i = 0; i < N; ++i)
+        order[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i);
       std::shuffle(order.begin(), order.end(), gen);
       std::vector<std::vector<std::int32_t>> seqs(p.S.size());
       for (std::size_t i = 0; i < p.S.size(); ++i) {

@@ -422,15 +422,16 @@ DecodeRun decode_run(cake::token_order order, index_t C, unsigned seed, int step
   cfg.order = order;
   cake::KvCache<cake::CakePreference, cake::ProportionalBudget, Ind> cache(cfg);
   // keys of token p: random; values: p, then random
-  const auto kp = random_values<float>(static_cast<std::size_t>(B * Hkv * (S + steps) * d), seed,
-                                       1.0f);
+  const auto kp =
+      random_values<float>(static_cast<std::size_t>(B * Hkv * (S + steps) * d), seed, 1.0f);
   auto vp = random_values<float>(kp.size(), seed + 1, 1.0f);
   for (index_t g = 0; g < Hkv; ++g)
-    for (index_t p = 0; p < S + steps; ++p) vp[static_cast<std::size_t>((g * (S + steps) + p) * d)] =
-        static_cast<float>(p);
+    for (index_t p = 0; p < S + steps; ++p)
+      vp[static_cast<std::size_t>((g * (S + steps) + p) * d)] = static_cast<float>(p);
   const auto strides = std::array<index_t, 4>{Hkv * (S + steps) * d, (S + steps) * d, d, 1};
   for (index_t l = 0; l < L; ++l) {
-    const auto q = random_values<float>(static_cast<std::size_t>(B * H * w * d), seed + 2 + l, 1.5f);
+    const auto q =
+        random_values<float>(static_cast<std::size_t>(B * H * w * d), seed + 2 + l, 1.5f);
     cache.prefill(l, cake::make_view(q.data(), std::array<index_t, 4>{B, H, w, d}),
                   cake::make_view(kp.data(), std::array<index_t, 4>{B, Hkv, S, d}, strides),
                   cake::make_view(vp.data(), std::array<index_t, 4>{B, Hkv, S, d}, strides));
@@ -441,11 +442,14 @@ DecodeRun decode_run(cake::token_order order, index_t C, unsigned seed, int step
     const index_t p = S + t;
     for (index_t g = 0; g < Hkv; ++g)
       for (index_t x = 0; x < d; ++x) {
-        k1[static_cast<std::size_t>(g * d + x)] = kp[static_cast<std::size_t>((g * (S + steps) + p) * d + x)];
-        v1[static_cast<std::size_t>(g * d + x)] = vp[static_cast<std::size_t>((g * (S + steps) + p) * d + x)];
+        k1[static_cast<std::size_t>(g * d + x)] =
+            kp[static_cast<std::size_t>((g * (S + steps) + p) * d + x)];
+        v1[static_cast<std::size_t>(g * d + x)] =
+            vp[static_cast<std::size_t>((g * (S + steps) + p) * d + x)];
       }
     for (index_t l = 0; l < L; ++l) {
-      const auto q = random_values<float>(static_cast<std::size_t>(B * H * d), seed + 100 * t + l, 1.5f);
+      const auto q =
+          random_values<float>(static_cast<std::size_t>(B * H * d), seed + 100 * t + l, 1.5f);
       cache.decode(l, cake::make_view(q.data(), std::array<index_t, 3>{B, H, d}),
                    cake::make_view(k1.data(), std::array<index_t, 3>{B, Hkv, d}),
                    cake::make_view(v1.data(), std::array<index_t, 3>{B, Hkv, d}));
@@ -463,8 +467,8 @@ DecodeRun decode_run(cake::token_order order, index_t C, unsigned seed, int step
             const index_t at = pos(0, g, j);
             bad += vals(0, g, j, 0) != static_cast<float>(at);
             for (index_t x = 0; x < d; x += 17)
-              bad += keys(0, g, j, x) !=
-                     kp[static_cast<std::size_t>((g * (S + steps) + at) * d + x)];
+              bad +=
+                  keys(0, g, j, x) != kp[static_cast<std::size_t>((g * (S + steps) + at) * d + x)];
           }
         CHECK(bad == 0);
       }
@@ -483,7 +487,8 @@ TEST_CASE("KvCache decode: every path keeps the portable path's tokens (randomiz
   for (index_t C : {48, 100}) {
     CAPTURE(C);
     cake::force_host_isa(cake::host_isa::portable);
-    const DecodeRun want = decode_run(cake::token_order::position, C, 600 + static_cast<unsigned>(C), 30);
+    const DecodeRun want =
+        decode_run(cake::token_order::position, C, 600 + static_cast<unsigned>(C), 30);
     REQUIRE(want.held.size() == 60);
     for (cake::host_isa isa : simd_paths()) {
       CAPTURE(cake::host_isa_name(isa));
@@ -538,7 +543,8 @@ TEST_CASE("decode scores over listed key rows equal the dense view's, bit for bi
                         cake::make_view(want.data(), std::array<index_t, 3>{B, Hkv, c}));
     cake::decode_scores_backend<cake::host_policy>::run_listed(
         cake::host, qv, static_cast<const float* const*>(rows.data()), n, Hkv, n,
-        cake::MeanVarianceIndicator{}, cake::make_view(got.data(), std::array<index_t, 3>{B, Hkv, c}));
+        cake::MeanVarianceIndicator{},
+        cake::make_view(got.data(), std::array<index_t, 3>{B, Hkv, c}));
     CHECK(got == want);
   }
 }
@@ -551,10 +557,12 @@ TEST_CASE("decode selection: argmin and radix sort choose as select_k does, ties
     // few distinct values (many ties), signed zeros and negatives among them
     std::vector<float> x(static_cast<std::size_t>(rows * cand));
     const float vals[] = {0.0f, -0.0f, 1.5f, -2.0f, 3.25f, 1e-30f, 7.0f};
-    for (auto& v : x) v = trial % 2 ? vals[gen() % 7] : std::ldexp(static_cast<float>(gen() % 1000), -10);
+    for (auto& v : x)
+      v = trial % 2 ? vals[gen() % 7] : std::ldexp(static_cast<float>(gen() % 1000), -10);
     for (index_t keep : {cand - 1, cand / 2, cand}) {
       if (keep < 0) continue;
-      for (cake::select_order order : {cake::select_order::position, cake::select_order::descending}) {
+      for (cake::select_order order :
+           {cake::select_order::position, cake::select_order::descending}) {
         CAPTURE(cand);
         CAPTURE(keep);
         std::vector<index_t> want(static_cast<std::size_t>(rows * std::max<index_t>(keep, 1)), -1),

@@ -770,16 +770,20 @@ using ragged_test::Seq;
 struct Engine {
   index_t L = 0, Hkv = 0, d = 0, bs = 0, N = 0;
   bool nhd = false;
-  std::vector<std::vector<float>> k, v;                  // [layer] N * Hkv * bs * d
-  std::vector<std::vector<std::int32_t>> free_ids;           // [layer]
+  std::vector<std::vector<float>> k, v;                                  // [layer] N * Hkv * bs * d
+  std::vector<std::vector<std::int32_t>> free_ids;                       // [layer]
   std::map<sequence_id, std::vector<std::vector<std::int32_t>>> blocks;  // [id][layer]
   std::map<sequence_id, std::vector<std::int32_t>> lens;                 // [id][layer]
-  std::vector<std::int32_t> t_indptr, t_ids, t_lens;  // the last table lent
-  std::int64_t freed_total = 0;                       // blocks the cache gave back
+  std::vector<std::int32_t> t_indptr, t_ids, t_lens;                     // the last table lent
+  std::int64_t freed_total = 0;  // blocks the cache gave back
 
   Engine(const cake::CacheConfig& c, index_t block_size, bool hnd_or_nhd, index_t blocks_per_layer,
          unsigned seed)
-      : L(c.layers), Hkv(c.kv_heads), d(c.head_dim), bs(block_size), N(blocks_per_layer),
+      : L(c.layers),
+        Hkv(c.kv_heads),
+        d(c.head_dim),
+        bs(block_size),
+        N(blocks_per_layer),
         nhd(hnd_or_nhd) {
     const auto size = static_cast<std::size_t>(N * Hkv * bs * d);
     k.assign(static_cast<std::size_t>(L),
@@ -833,8 +837,10 @@ struct Engine {
     for (index_t h = 0; h < Hkv; ++h)
       for (index_t t = from; t < to; ++t) {
         const auto src = static_cast<std::size_t>((h * s.S + t) * d);
-        std::copy_n(s.wl.k[L_].data() + src, d, k[L_].data() + offset(b[static_cast<std::size_t>(t / bs)], h, t));
-        std::copy_n(s.wl.v[L_].data() + src, d, v[L_].data() + offset(b[static_cast<std::size_t>(t / bs)], h, t));
+        std::copy_n(s.wl.k[L_].data() + src, d,
+                    k[L_].data() + offset(b[static_cast<std::size_t>(t / bs)], h, t));
+        std::copy_n(s.wl.v[L_].data() + src, d,
+                    v[L_].data() + offset(b[static_cast<std::size_t>(t / bs)], h, t));
       }
     len(s.id, l) = static_cast<std::int32_t>(to);
   }
@@ -849,7 +855,8 @@ struct Engine {
       for (index_t t = from; t < to; ++t) {
         const auto src = static_cast<std::size_t>((h * s.S + t) * d);
         const index_t slot = held + t - from;
-        const auto o = static_cast<std::size_t>(offset(b[static_cast<std::size_t>(slot / bs)], h, slot));
+        const auto o =
+            static_cast<std::size_t>(offset(b[static_cast<std::size_t>(slot / bs)], h, slot));
         std::copy_n(s.wl.k[L_].data() + src, d, k[L_].data() + o);
         std::copy_n(s.wl.v[L_].data() + src, d, v[L_].data() + o);
       }
@@ -944,7 +951,8 @@ struct Engine {
   void covered() const {
     for (index_t l = 0; l < L; ++l) {
       std::vector<int> seen(static_cast<std::size_t>(N), 0);
-      for (std::int32_t id : free_ids[static_cast<std::size_t>(l)]) ++seen[static_cast<std::size_t>(id)];
+      for (std::int32_t id : free_ids[static_cast<std::size_t>(l)])
+        ++seen[static_cast<std::size_t>(id)];
       for (const auto& [sid, b] : blocks)
         for (std::int32_t id : b[static_cast<std::size_t>(l)]) ++seen[static_cast<std::size_t>(id)];
       for (index_t id = 0; id < N; ++id) REQUIRE(seen[static_cast<std::size_t>(id)] == 1);
@@ -985,9 +993,10 @@ void check_paged(const Dense& dense, const Ragged& r, sequence_id id, Engine& e)
         const float* k = e.at(e.k[L_], ids, h, j);
         const float* v = e.at(e.v[L_], ids, h, j);
         for (index_t x = 0; x < e.d; ++x)  // bits: a NaN (never written) fails
-          same = same &&
-                 std::bit_cast<std::uint32_t>(k[x]) == std::bit_cast<std::uint32_t>(kd(0, h, j, x)) &&
-                 std::bit_cast<std::uint32_t>(v[x]) == std::bit_cast<std::uint32_t>(vd(0, h, j, x));
+          same =
+              same &&
+              std::bit_cast<std::uint32_t>(k[x]) == std::bit_cast<std::uint32_t>(kd(0, h, j, x)) &&
+              std::bit_cast<std::uint32_t>(v[x]) == std::bit_cast<std::uint32_t>(vd(0, h, j, x));
       }
     CHECK(same);
   }
@@ -1043,7 +1052,8 @@ void paged_equals_dense(const Case& k, cake::host_policy exec = {}) {
   }
   for (std::size_t t = 0; t < 3; ++t)
     for (index_t l = 0; l < base.layers; ++l) {
-      const ragged_test::Step st = ragged_test::step(all, std::vector<std::size_t>(all.size(), t), l);
+      const ragged_test::Step st =
+          ragged_test::step(all, std::vector<std::size_t>(all.size(), t), l);
       dense.decode(l, st.ids, st.qv(), st.kv(), st.vv());
       dense_exec.decode(l, st.ids, st.qv(), st.kv(), st.vv());
       e.room(st.ids, l);
@@ -1457,8 +1467,7 @@ TEST_CASE("RaggedKvCache on paged pools: chunks out of turn or off their blocks 
   }
   SUBCASE("a dense chunk after paged ones") {
     rejects(
-        ragged, e,
-        [&] { ragged.prefill_chunk(0, ab, p.queries(), p.keys(), p.values(), p.cu); },
+        ragged, e, [&] { ragged.prefill_chunk(0, ab, p.queries(), p.keys(), p.values(), p.cu); },
         "took its earlier chunks in the pools");
   }
   SUBCASE("bounded chunking: seq_lens other than held + chunk") {
@@ -1504,8 +1513,8 @@ TEST_CASE("RaggedKvCache: chunks (exact and bounded) in parallel equal them one 
         for (const auto& s : seqs)
           r->add(s.id, {.cache_size = s.C,
                         .prompt_length = s.S,
-                        .chunking = bounded ? cake::chunk_eviction::bounded
-                                            : cake::chunk_eviction::exact});
+                        .chunking =
+                            bounded ? cake::chunk_eviction::bounded : cake::chunk_eviction::exact});
       prefill_by_chunks(serial, all, chunk, bounded);
       prefill_by_chunks(par, all, chunk, bounded);
       for (std::size_t t = 0; t < 3; ++t)

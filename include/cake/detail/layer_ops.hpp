@@ -946,12 +946,10 @@ void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<
   if constexpr (source == indicator_source::position) {
     S::position_scores(exec, indicator, s.pos, s.cap, sc, N, rows, cand);
   } else {
-    const auto qv = make_view<Space>(
-        q.data_handle(), std::array<index_t, 3>{B, q.extent(1), d},
-        std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
-                               static_cast<index_t>(q.stride(1)), 1});
-    S::candidates_listed(exec, qv, s, 0, Hkv, N, indicator, out(accumulates ? N : cand),
-                         ws.bytes);
+    const auto qv = make_view<Space>(q.data_handle(), std::array<index_t, 3>{B, q.extent(1), d},
+                                     std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
+                                                            static_cast<index_t>(q.stride(1)), 1});
+    S::candidates_listed(exec, qv, s, 0, Hkv, N, indicator, out(accumulates ? N : cand), ws.bytes);
     if constexpr (accumulates) S::accumulate(exec, sums, N, sc, N, rows, N);
   }
   if (!evict) {  // below budget + w: the rows grow

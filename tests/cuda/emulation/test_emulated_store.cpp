@@ -602,11 +602,10 @@ TEST_CASE("emulated select_ragged_kernel: each ragged row's selection, as select
     for (index_t r = 0; r < rows; ++r) {
       const index_t k = keeps[static_cast<std::size_t>(r)];
       if (k == 0) continue;
-      cake::select_k(
-          cake::host,
-          cake::make_view(static_cast<const float*>(scores.data() + r * ld),
-                          std::array<index_t, 2>{1, k + 1}),
-          cake::make_view(want.data() + r * n, std::array<index_t, 2>{1, k}), order);
+      cake::select_k(cake::host,
+                     cake::make_view(static_cast<const float*>(scores.data() + r * ld),
+                                     std::array<index_t, 2>{1, k + 1}),
+                     cake::make_view(want.data() + r * n, std::array<index_t, 2>{1, k}), order);
     }
     emu::launch({static_cast<unsigned>(rows), 1, 1}, {cd::select_ragged_threads, 1, 1}, 0, [&] {
       cd::select_ragged_kernel<index_t>(scores.data(), ld, sel.data(), n, keeps.data(),

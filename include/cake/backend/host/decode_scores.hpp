@@ -93,8 +93,8 @@ void score_groups(const host_policy& policy, host_view<TQ, 3> q, const Keys& key
   using TKe = typename Keys::elem;
   constexpr bool listed = requires { keys.kv_heads; };
 #if CAKE_SIMD_HAS_HALF
-  constexpr bool simd_keys = std::is_same_v<TKe, float> || std::is_same_v<TKe, bfloat16> ||
-                             std::is_same_v<TKe, _Float16>;
+  constexpr bool simd_keys =
+      std::is_same_v<TKe, float> || std::is_same_v<TKe, bfloat16> || std::is_same_v<TKe, _Float16>;
 #else
   constexpr bool simd_keys = std::is_same_v<TKe, float> || std::is_same_v<TKe, bfloat16>;
 #endif
@@ -234,7 +234,8 @@ struct decode_scores_backend<host_policy> {
   template <class TQ, class TK, class Ind>
   static void run(const host_policy& policy, host_view<TQ, 4 - 1> q, host_view<TK, 4> k,
                   const Ind& indicator, host_view<float, 3> out) {
-    detail::host_decode::score_groups(policy, q, detail::host_decode::view_keys<host_view<TK, 4>>{k},
+    detail::host_decode::score_groups(policy, q,
+                                      detail::host_decode::view_keys<host_view<TK, 4>>{k},
                                       k.extent(1), k.extent(2), indicator, out);
   }
   // The same with row r's key j at keys[r * ld + j] (rows = batch * kv_heads, j < n_held):

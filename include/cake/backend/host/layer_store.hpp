@@ -13,9 +13,9 @@
 #include <vector>
 
 #include "../../algorithm/window_stats.hpp"
-#include "select_k.hpp"
-#include "decode_scores.hpp"
 #include "../../detail/layer_ops.hpp"
+#include "decode_scores.hpp"
+#include "select_k.hpp"
 #include "workspace.hpp"
 
 namespace cake::detail {
@@ -374,9 +374,9 @@ struct layer_store<T, host_policy> {
   // read where they lie (through s.map or a paged row's block table): the same
   // arithmetic as decode_scores over a dense copy, bit for bit.
   template <class QV, class Ind, class Out>
-  static void candidates_listed(const host_policy& exec, const QV& q, const slots<T>& s,
-                                index_t r0, index_t kv_per, index_t held, const Ind& indicator,
-                                const Out& out, buffer<char>& scratch) {
+  static void candidates_listed(const host_policy& exec, const QV& q, const slots<T>& s, index_t r0,
+                                index_t kv_per, index_t held, const Ind& indicator, const Out& out,
+                                buffer<char>& scratch) {
     const index_t nr = q.extent(0) * kv_per;
     const auto** ptrs = reinterpret_cast<const T**>(scratch.data());  // (nr, held)
     for (index_t i = 0; i < nr; ++i)
@@ -460,10 +460,10 @@ struct layer_store<T, host_policy> {
   // left out follow (their K/V rows are free now). No K/V row moves.
   static void commit_mapped(const slots<T>& s, index_t* map, const index_t* sel, index_t n,
                             index_t N, const float* sums, buffer<char>& scratch) noexcept {
-    auto* tpos = reinterpret_cast<index_t*>(scratch.data());            // (N)
-    auto* tmap = tpos + N;                                              // (N)
-    auto* tind = reinterpret_cast<float*>(tmap + N);                    // (N)
-    auto* mark = reinterpret_cast<unsigned char*>(tind + N);            // (N)
+    auto* tpos = reinterpret_cast<index_t*>(scratch.data());  // (N)
+    auto* tmap = tpos + N;                                    // (N)
+    auto* tind = reinterpret_cast<float*>(tmap + N);          // (N)
+    auto* mark = reinterpret_cast<unsigned char*>(tind + N);  // (N)
     for (index_t r = 0; r < s.rows; ++r) {
       const index_t o = r * s.cap;
       const index_t* sr = sel + r * n;

@@ -35,8 +35,8 @@ struct kernels {
                         float*, index_t);
 #endif
   // The same with one pointer per key row (a slot map's or a block table's order).
-  void (*decode_dots_l)(const float*, index_t, index_t, const float* const*, index_t, float,
-                        float*, index_t);
+  void (*decode_dots_l)(const float*, index_t, index_t, const float* const*, index_t, float, float*,
+                        index_t);
   void (*decode_dots_lb)(const float*, index_t, index_t, const bfloat16* const*, index_t, float,
                          float*, index_t);
 #if CAKE_SIMD_HAS_HALF

@@ -239,7 +239,10 @@ int main(int argc, char** argv) {
     }
     if (bench > 0) {
       std::printf("prefill phases (wall s / CPU s), attention %s:",
-                  llm::attention::available(c.head_dim) ? "tiled" : "sgemm");
+                  llm::attention::route_for(c.head_dim) == llm::attention::route::avx512
+                      ? "tiled avx512"
+                  : llm::attention::available(c.head_dim) ? "tiled avx2"
+                                                          : "sgemm");
       for (int p = 0; p < 3; ++p)
         std::printf(" %s %.2f/%.2f", llm::PrefillProfile::names[p], tf.profile.wall[p],
                     tf.profile.cpu[p]);

@@ -459,7 +459,7 @@ class Transformer {
   }
 
   // Full causal attention over the prompt: tiled with online softmax where the CPU
-  // has AVX-512 (attention.hpp), else through sgemm: the query heads sharing a KV
+  // has AVX-512 or AVX2 (attention.hpp), else through sgemm: the query heads sharing a KV
   // head go through one product, their rows gathered as (token, head of the group),
   // so that a block of 64 tokens is 64 * group rows against that head's keys.
   void causal_attention(const float* q, const float* k, const float* v, int S, float* out) const {

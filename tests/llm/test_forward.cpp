@@ -421,59 +421,65 @@ TEST_CASE("causal attention over a prompt: the tiled route against double") {
   std::mt19937 rng(9);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   if (!attention::available(64)) {
-    MESSAGE(
-        "no AVX-512 here: the tiled route is not taken (the sgemm route is tested via the model)");
+    MESSAGE("no AVX2 here: the tiled route is not taken (the sgemm route is tested via the model)");
     return;
   }
-  for (int d : {64, 128})
-    for (int G : {3, 1})
-      for (int S : {1, 7, 16, 131, 300}) {
-        CAPTURE(d);
-        CAPTURE(G);
-        CAPTURE(S);
-        const int Hkv = 2, H = Hkv * G;
-        const auto Sz = static_cast<std::size_t>(S), dz = static_cast<std::size_t>(d);
-        std::vector<float> q(Sz * static_cast<std::size_t>(H) * dz), k(Sz * 2 * dz), v(k.size());
-        for (auto& x : q) x = 3.0f * nd(rng);
-        for (auto& x : k) x = nd(rng);
-        for (auto& x : v) x = nd(rng);
-        // Key 200 (when present) is aligned with every query: it is the max of the
-        // rows after it, found only in the second key block.
-        if (S > 200)
-          for (std::size_t x = 0; x < 2 * dz; ++x)
-            k[200 * 2 * dz + x] = 4.0f * std::copysign(1.0f, q[x % dz]);
-        const double sc = 1.0 / std::sqrt(static_cast<double>(d));
-        for (unsigned threads : {1u, 3u}) {
-          std::vector<float> out(q.size(), -7.0f);
-          attention::causal(q.data(), k.data(), v.data(), S, H, Hkv, d, out.data(), threads);
-          double worst = 0;
-          for (int t = 0; t < S; ++t)
-            for (int h = 0; h < H; ++h) {
-              const int g = h / G;
-              std::vector<double> p(static_cast<std::size_t>(t) + 1);
-              double mx = -1e300, sum = 0;
-              for (int j = 0; j <= t; ++j) {
-                double s = 0;
-                for (int x = 0; x < d; ++x)
-                  s += static_cast<double>(q[(static_cast<std::size_t>(t) * H + h) * dz + x]) *
-                       k[(static_cast<std::size_t>(j) * Hkv + g) * dz + x];
-                p[static_cast<std::size_t>(j)] = s * sc;
-                mx = std::max(mx, s * sc);
+  // Each tile set this CPU has: AVX-512 (where present) and AVX2.
+  std::vector<bool> pins{true};
+  if (attention::route_for(64) == attention::route::avx512) pins.push_back(false);
+  for (bool pin_avx2 : pins)
+    for (int d : {48, 64, 128})
+      for (int G : {3, 1})
+        for (int S : {1, 7, 16, 131, 300}) {
+          attention::avx2_only() = pin_avx2;  // d = 48 takes the AVX2 tiles either way
+          CAPTURE(pin_avx2);
+          CAPTURE(d);
+          CAPTURE(G);
+          CAPTURE(S);
+          const int Hkv = 2, H = Hkv * G;
+          const auto Sz = static_cast<std::size_t>(S), dz = static_cast<std::size_t>(d);
+          std::vector<float> q(Sz * static_cast<std::size_t>(H) * dz), k(Sz * 2 * dz), v(k.size());
+          for (auto& x : q) x = 3.0f * nd(rng);
+          for (auto& x : k) x = nd(rng);
+          for (auto& x : v) x = nd(rng);
+          // Key 200 (when present) is aligned with every query: it is the max of the
+          // rows after it, found only in the second key block.
+          if (S > 200)
+            for (std::size_t x = 0; x < 2 * dz; ++x)
+              k[200 * 2 * dz + x] = 4.0f * std::copysign(1.0f, q[x % dz]);
+          const double sc = 1.0 / std::sqrt(static_cast<double>(d));
+          for (unsigned threads : {1u, 3u}) {
+            std::vector<float> out(q.size(), -7.0f);
+            attention::causal(q.data(), k.data(), v.data(), S, H, Hkv, d, out.data(), threads);
+            double worst = 0;
+            for (int t = 0; t < S; ++t)
+              for (int h = 0; h < H; ++h) {
+                const int g = h / G;
+                std::vector<double> p(static_cast<std::size_t>(t) + 1);
+                double mx = -1e300, sum = 0;
+                for (int j = 0; j <= t; ++j) {
+                  double s = 0;
+                  for (int x = 0; x < d; ++x)
+                    s += static_cast<double>(q[(static_cast<std::size_t>(t) * H + h) * dz + x]) *
+                         k[(static_cast<std::size_t>(j) * Hkv + g) * dz + x];
+                  p[static_cast<std::size_t>(j)] = s * sc;
+                  mx = std::max(mx, s * sc);
+                }
+                for (auto& e : p) sum += (e = std::exp(e - mx));
+                for (int x = 0; x < d; ++x) {
+                  double want = 0;
+                  for (int j = 0; j <= t; ++j)
+                    want += p[static_cast<std::size_t>(j)] / sum *
+                            v[(static_cast<std::size_t>(j) * Hkv + g) * dz + x];
+                  const double got = out[(static_cast<std::size_t>(t) * H + h) * dz + x];
+                  worst = std::max(worst, std::abs(got - want));
+                }
               }
-              for (auto& e : p) sum += (e = std::exp(e - mx));
-              for (int x = 0; x < d; ++x) {
-                double want = 0;
-                for (int j = 0; j <= t; ++j)
-                  want += p[static_cast<std::size_t>(j)] / sum *
-                          v[(static_cast<std::size_t>(j) * Hkv + g) * dz + x];
-                const double got = out[(static_cast<std::size_t>(t) * H + h) * dz + x];
-                worst = std::max(worst, std::abs(got - want));
-              }
-            }
-          CAPTURE(threads);
-          CHECK(worst < 2e-5);  // outputs are O(1): averages of unit normals
+            CAPTURE(threads);
+            CHECK(worst < 2e-5);  // outputs are O(1): averages of unit normals
+          }
         }
-      }
+  attention::avx2_only() = false;
 }
 
 TEST_CASE("a model with head_dim 64: prefill on either attention route matches double") {
@@ -496,9 +502,12 @@ TEST_CASE("a model with head_dim 64: prefill on either attention route matches d
   std::vector<int> ids;
   for (int i = 0; i < 150; ++i) ids.push_back((i * 7 + i / 5) % 37);
   const auto want = reference(ref, ids);
-  for (bool tiled : {true, false}) {
-    CAPTURE(tiled);
+  // Routes: tiled with the CPU's best tiles, tiled with AVX2 tiles, sgemm.
+  for (int route : {0, 1, 2}) {
+    const bool tiled = route < 2;
+    CAPTURE(route);
     attention::tiled_enabled() = tiled;
+    attention::avx2_only() = route == 1;
     Transformer tf(model);
     const auto rec = tf.prefill(ids, 4);
     check_close(rec.last_logits.data(), want.back());
@@ -511,4 +520,5 @@ TEST_CASE("a model with head_dim 64: prefill on either attention route matches d
     ids.pop_back();
   }
   attention::tiled_enabled() = true;
+  attention::avx2_only() = false;
 }

@@ -10,7 +10,8 @@
 //   keys(l) / values(l) / positions(l)      what is held, (batch, kv_heads, held, ...)
 //   row_lengths(l)                          tokens of each row (they differ only with
 //                                           head-wise budgets: rows are then padded)
-//   budget(l), tokens_held(l), bytes_held(l), preference(l), stage_budgets()
+//   budget(l), tokens_held(l), bytes_held(l), bytes_allocated(l), preference(l),
+//   stage_budgets()
 //
 // Paged (host and CUDA): a layer prefilled with paged_kv (an engine's K/V pools and
 // block table, core/paged.hpp) keeps its tokens in those pools, in place:
@@ -502,6 +503,18 @@ class KvCache {
   std::size_t bytes_held() const {
     std::size_t s = 0;
     for (index_t l = 0; l < cfg_.layers; ++l) s += bytes_held(l);
+    return s;
+  }
+  // Bytes the cache allocated for a layer: K and V at the layer's capacity (room to grow
+  // and padding included; none for a paged layer, whose K/V are the engine's), positions,
+  // kept scores and, for a dense host layer, its slot map (detail::cache_layer::map).
+  // The decoding workspace the layers share is not counted.
+  std::size_t bytes_allocated(index_t layer) const {
+    return detail::layer_bytes(layers_.at(checked(layer)));
+  }
+  std::size_t bytes_allocated() const {
+    std::size_t s = 0;
+    for (const auto& ly : layers_) s += detail::layer_bytes(ly);
     return s;
   }
 

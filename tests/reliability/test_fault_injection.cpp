@@ -469,6 +469,91 @@ TEST_CASE("steady state: a decoding step allocates nothing once the cache's work
   CHECK(fi::count.load() > 0);
 }
 
+// Growing layers: a prompt shorter than every layer's budget + w (nothing cut), so each
+// decoding step appends without evicting. A layer holding the whole prompt has room for
+// S + 1 tokens: step 0 fits, step 1 regrows every layer (to twice its room, within
+// budget + w + 1: those allocations are expected), and the later steps fit again.
+// Returns the allocations of each step (all layers).
+template <class Cache>
+std::vector<long> growing_allocations(cake::CacheConfig cfg, index_t S, int steps) {
+  const Data data(cfg, S, steps);
+  Cache c(cfg);
+  for (index_t l = 0; l < cfg.layers; ++l) data.prefill(c, l);
+  for (index_t l = 0; l < cfg.layers; ++l) {
+    REQUIRE(c.tokens_held(l) == S);                        // uncut
+    REQUIRE(c.budget(l) + cfg.window + 1 >= 2 * (S + 1));  // regrown to twice its room
+    REQUIRE(2 * (S + 1) >= S + steps);                     // which the later steps fit
+  }
+  std::vector<long> per_step;
+  for (int t = 0; t < steps; ++t) {
+    fi::count = 0;
+    fi::fail_at = -1;  // count, never fail
+    fi::armed = true;
+    for (index_t l = 0; l < cfg.layers; ++l) data.decode(c, l, t);
+    fi::armed = false;
+    per_step.push_back(fi::count.load());
+  }
+  return per_step;
+}
+
+// Finding (fixed): a layer decoding over its slot map made the map at its first decode
+// (and again after each regrowth), and the step's scratch grew with every step, so
+// growing layers allocated at every step although they had room (20 allocations over 5
+// growing steps of 3 layers, against the generic path's 12, its regrowths). The map now
+// comes with the layer (prefill, regrowth) and the prefill sizes the decoding
+// workspace, the scoring kernel's included, for budget + w tokens.
+TEST_CASE("steady state: growing layers allocate nothing at the steps they have room for") {
+  namespace m = cake::methods;
+  const index_t S = 14;
+  const int steps = 7;
+  for (const auto order : {cake::token_order::position, cake::token_order::reference}) {
+    CAPTURE(static_cast<int>(order));
+    auto cfg = config(true, order);
+    cfg.cache_size = 48;
+    for (const auto& counts : {growing_allocations<m::Cake<>>(cfg, S, steps),
+                               growing_allocations<m::H2o<>>(cfg, S, steps)}) {
+      CHECK(counts[0] == 0);  // room for S + 1
+      CHECK(counts[1] > 0);   // regrowth
+      for (int t = 2; t < steps; ++t) {
+        CAPTURE(t);
+        CHECK(counts[static_cast<std::size_t>(t)] == 0);
+      }
+    }
+  }
+}
+
+// bytes_allocated: each layer's buffers at their capacity, its slot map included. In
+// one-shot mode every layer is selected at the last layer's prefill with room for
+// budget + w + 1 tokens, which a decoding step fills without regrowing.
+TEST_CASE("bytes_allocated counts a layer's K/V at capacity, positions, scores and slot map") {
+  namespace m = cake::methods;
+  const auto cfg = config(false, cake::token_order::position);
+  const Data data(cfg, 40, 1);
+  const auto rows = static_cast<std::size_t>(cfg.batch * cfg.kv_heads),
+             d = static_cast<std::size_t>(cfg.head_dim);
+  const auto check = [&](auto& c, std::size_t score_bytes) {
+    for (index_t l = 0; l < cfg.layers; ++l) data.prefill(c, l);
+    for (index_t l = 0; l < cfg.layers; ++l) data.decode(c, l, 0);
+    std::size_t total = 0;
+    for (index_t l = 0; l < cfg.layers; ++l) {
+      CAPTURE(l);
+      const auto cap = static_cast<std::size_t>(c.budget(l) + cfg.window + 1);
+      REQUIRE(c.tokens_held(l) == c.budget(l) + cfg.window);
+      // K and V, position and slot-map entry (and the score an accumulating indicator keeps)
+      const std::size_t want =
+          rows * cap * (2 * d * sizeof(float) + 2 * sizeof(index_t) + score_bytes);
+      CHECK(c.bytes_allocated(l) == want);
+      CHECK(c.bytes_allocated(l) > c.bytes_held(l));
+      total += want;
+    }
+    CHECK(c.bytes_allocated() == total);
+  };
+  m::Cake<> cake_cache(cfg);
+  check(cake_cache, 0);  // a window indicator's scores are dropped after the prefill
+  m::H2o<> h2o(cfg);
+  check(h2o, sizeof(float));
+}
+
 // RaggedKvCache with bounded chunking keeps each layer's original prompt positions
 // beside the sequence's cache (positions(id, l)). A failed call leaves the cache and
 // them as they were.

@@ -362,9 +362,11 @@ void reserve(const Exec& exec, Buf& b, index_t n) {
 }
 
 // with_kv false: the metadata only (a paged layer, its K/V in the engine's pools).
+// with_map: a dense layer of the cache that may decode over a slot map (a backend with
+// one) gets its identity map now, so that decoding allocates nothing while it has room.
 template <class T, class Exec>
 cache_layer<T, Exec> make_layer(const Exec& exec, index_t rows, index_t d, index_t cap,
-                                bool with_scores, bool with_kv = true) {
+                                bool with_scores, bool with_kv = true, bool with_map = false) {
   using S = layer_store<T, Exec>;
   cache_layer<T, Exec> ly;
   ly.rows = rows;
@@ -378,6 +380,14 @@ cache_layer<T, Exec> make_layer(const Exec& exec, index_t rows, index_t d, index
   if (with_scores) {
     ly.ind = S::template make<float>(exec, rows * cap);
     S::fill(exec, S::ptr(ly.ind), rows * cap, 0.0f);  // slots without a score read 0
+  }
+  if constexpr (requires { S::slot_map; }) {
+    if (with_kv && with_map) {
+      ly.map = S::template make<index_t>(exec, rows * cap);
+      index_t* m = S::ptr(ly.map);
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t t = 0; t < cap; ++t) m[r * cap + t] = t;
+    }
   }
   ly.len.assign(static_cast<std::size_t>(rows), 0);
   return ly;
@@ -422,6 +432,16 @@ auto positions(const cache_layer<T, Exec>& ly, const LayerShape& sh) {
   return make_view<typename Exec::memory_space>(
       static_cast<const index_t*>(s.pos), std::array<index_t, 3>{sh.batch, sh.kv_heads, ly.held},
       std::array<index_t, 3>{sh.kv_heads * c, c, 1});
+}
+// Bytes a layer's buffers hold: K and V at its capacity (none for a paged layer),
+// positions, kept scores and a dense host layer's slot map.
+template <class T, class Exec>
+std::size_t layer_bytes(const cache_layer<T, Exec>& ly) {
+  using S = layer_store<T, Exec>;
+  const auto z = [](index_t n) { return static_cast<std::size_t>(n); };
+  return z(S::size(ly.k) + S::size(ly.v)) * sizeof(T) +
+         z(S::size(ly.pos) + S::size(ly.map)) * sizeof(index_t) +
+         z(S::size(ly.ind)) * sizeof(float);
 }
 // The scores a stored layer keeps for its held tokens.
 template <class T, class Exec>
@@ -571,7 +591,7 @@ template <class T, class Exec, class KV, class VV>
 cache_layer<T, Exec> copy_all(const Exec& exec, const LayerShape& sh, const KV& k, const VV& v,
                               token_scores sc, bool with_kv = true) {
   const index_t S = k.extent(2);
-  auto out = make_layer<T>(exec, sh.rows(), sh.head_dim, S + 1, sc.p != nullptr, with_kv);
+  auto out = make_layer<T>(exec, sh.rows(), sh.head_dim, S + 1, sc.p != nullptr, with_kv, true);
   layer_store<T, Exec>::copy_prompt(exec, k, v, out.at(), sc, sh.kv_heads);
   out.set_length(S);
   return out;
@@ -661,7 +681,7 @@ cache_layer<T, Exec> select(const Exec& exec, const LayerShape& sh, const KV& k,
   auto sel = S::template make<index_t>(exec, rows * n);  // (rows, n)
   auto sorted = S::template make<index_t>(exec, position_order && ragged ? rows * n : 0);
   auto kd = upload_ints<T>(exec, ragged ? keep : std::span<const index_t>{});
-  auto out = make_layer<T>(exec, rows, sh.head_dim, n + 1, keep_scores, paged == nullptr);
+  auto out = make_layer<T>(exec, rows, sh.head_dim, n + 1, keep_scores, paged == nullptr, !ragged);
   index_t* s = S::ptr(sel);
   const index_t* kp = ragged ? S::ptr(kd) : nullptr;
   select_k(
@@ -856,6 +876,8 @@ void reserve_decode(const Exec& exec, decode_workspace<T, Exec>& ws, const Layer
     ws.host_ints.reserve(static_cast<std::size_t>(2 * rows));
   }
   S::reserve_scoring(exec, ws.bytes, sh.batch, q_heads, sh.kv_heads, n);
+  if constexpr (requires { S::reserve_scores(exec, sh.batch, q_heads, sh.kv_heads, n, n); })
+    S::reserve_scores(exec, sh.batch, q_heads, sh.kv_heads, n, sh.head_dim);
   if (reference && ws.spare.cap < n) ws.spare = make_layer<T>(exec, rows, sh.head_dim, n, sums);
 }
 
@@ -880,7 +902,8 @@ cache_layer<T, Exec> regrow(const Exec& exec, const cache_layer<T, Exec>& ly, in
   if constexpr (requires { layer_store<T, Exec>::slot_map; })
     settle(const_cast<cache_layer<T, Exec>&>(ly));  // K/V in token order (same tokens)
   // A paged layer's K/V stay where they are: only its metadata grows.
-  auto out = make_layer<T>(exec, ly.rows, ly.d, cap, ly.has_scores(), !ly.paged());
+  auto out = make_layer<T>(exec, ly.rows, ly.d, cap, ly.has_scores(), !ly.paged(),
+                           layer_store<T, Exec>::size(ly.map) > 0);
   out.pool = ly.pool;
   out.table = ly.table;
   const slots<T> s = ly.at();
@@ -916,16 +939,7 @@ void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<
   if (N > ly.cap)
     ly = regrow(exec, ly, keep_lengths ? N : std::max(N, std::min(2 * ly.cap, budget + w + 1)));
   reserve_decode(exec, ws, sh, q.extent(1), ly.held, false, false, accumulates);
-  reserve<T>(exec, ws.bytes, S::decode_bytes(rows, N));
-  if (S::size(ly.map) < rows * ly.cap) {  // the identity
-    auto m = S::template make<index_t>(exec, rows * ly.cap);
-    index_t* mp = S::ptr(m);
-    for (index_t r = 0; r < rows; ++r)
-      for (index_t t = 0; t < ly.cap; ++t) mp[r * ly.cap + t] = t;
-    ly.map = std::move(m);
-    ly.permuted = false;
-  }
-  slots<T> s = ly.at();
+  slots<T> s = ly.at();  // the layer has its map (make_layer, regrow)
   s.map = S::ptr(ly.map);
 
   // 2. The new token into each row's first free K/V row (token slot held).
@@ -994,7 +1008,7 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
   const index_t grp = q.extent(1) / Hkv;
   const bool ragged = !ly.uniform();
   if constexpr (mappable && source != indicator_source::custom) {
-    if (!ragged && !ly.paged()) {
+    if (!ragged && !ly.paged() && S::size(ly.map) > 0) {
       decode_mapped(exec, ly, ws, sh, q, k, v, position, budget, indicator, reference,
                     keep_lengths);
       return;
@@ -1027,8 +1041,6 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
   // (the host scores a paged layer's keys where they lie, through its block table)
   constexpr bool listed = mappable && source != indicator_source::custom;
   const bool gather = s.is_paged() && source != indicator_source::position && !listed;
-  if constexpr (listed)
-    if (s.is_paged()) reserve<T>(exec, ws.bytes, S::decode_bytes(rows, N));
   if (gather) reserve<T>(exec, ws.keys, rows * N * d);
   const T* score_k = gather ? S::ptr(ws.keys) : s.k;
   const index_t score_cap = gather ? N : s.cap;

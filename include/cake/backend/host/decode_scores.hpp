@@ -43,9 +43,10 @@ CAKE_ALWAYS_INLINE void dot_rows(const float* CAKE_RESTRICT q, const float* CAKE
 
 namespace detail::host_decode {
 
-// Where a row's held keys are: an mdspan (b, g, j, x), or a table of one pointer per
-// key (rows, ld), row b * Hkv + g (a layer's slots through its slot map, or a paged
-// layer's through its block table: scored where they lie, nothing copied).
+// Where a row's held keys are: an mdspan (b, g, j, x), or one pointer per key (listed:
+// a layer's slots through its slot map, or a paged layer's through its block table:
+// scored where they lie, nothing copied). A listed source writes row `row`'s n key
+// pointers (row b * kv_heads + g) into the worker's scratch, or hands out a table.
 template <class V>
 struct view_keys {
   const V& k;
@@ -56,174 +57,192 @@ struct view_keys {
   bool contiguous(index_t n_held, index_t d) const { return n_held <= 1 || k.stride(2) >= d; }
   index_t ld(index_t n_held, index_t d) const { return n_held > 1 ? k.stride(2) : d; }
 };
-template <class T>
+template <class T, class List>
 struct listed_keys {
-  const T* const* k;
-  index_t ld, kv_heads;
+  List list;  // list(row, scratch, n) -> const T* const*: the row's n key pointers
+  index_t kv_heads;
   using elem = std::remove_cv_t<T>;
-  const T* row(index_t b, index_t g, index_t j) const { return k[(b * kv_heads + g) * ld + j]; }
   bool contiguous(index_t, index_t) const { return true; }
 };
+// A table of pointers, row r's key j at k[r * ld + j].
+template <class T>
+auto table_keys(const T* const* k, index_t ld, index_t kv_heads) {
+  const auto list = [k, ld](index_t row, const T**, index_t) { return k + row * ld; };
+  return listed_keys<T, decltype(list)>{list, kv_heads};
+}
 
-// Scratch per worker thread: the group's (padded) logits over the held keys, its
-// queries as float and the pooled sums; from the policy's workspace, or allocated
-// for the call.
+// A worker's scratch for one (batch, kv-head) row of n_held keys: (grp_pad, ld) logits,
+// then probabilities (row 0 ends as the group's summed scores); (grp_pad, d) the
+// group's queries as float (rows past grp are zero); (n_held) key pointers of a listed
+// row; (d) a key row as float (the portable path's 16-bit keys); (grp_pad) 1 / each
+// query row's softmax sum.
+struct row_scratch {
+  float *p, *qg, *kf, *inv;
+  const void** keys;
+  index_t ld;  // n_held padded to whole vectors
+};
+inline row_scratch carve_row(detail::carver& cv, index_t grp_pad, index_t d, index_t n_held) {
+  const auto z = [](index_t x) { return static_cast<std::size_t>(x); };
+  const index_t ld = (n_held + 15) / 16 * 16;
+  row_scratch s{};
+  s.p = cv.take<float>(z(grp_pad * ld));
+  s.qg = cv.take<float>(z(grp_pad * d));
+  s.kf = cv.take<float>(z(d));
+  s.inv = cv.take<float>(z(grp_pad));
+  s.keys = cv.take<const void*>(z(n_held));
+  s.ld = ld;
+  return s;
+}
+inline index_t padded_group(index_t grp) { return (grp + QB - 1) / QB * QB; }
+
+// The policy score_groups runs under, and the bytes each of its workers takes. A decode
+// step is small (4.3 M multiply-adds at Llama-3.1-8B heads, 1K held): below the
+// policy's min_parallel_work it stays on the calling thread.
+struct group_plan {
+  host_policy exec;
+  int workers;
+  std::size_t bytes;
+};
+inline group_plan plan_groups(const host_policy& policy, index_t B, index_t H, index_t Hkv,
+                              index_t n_held, index_t d) {
+  const host_policy exec = detail::for_work(policy, B * H * n_held * d);
+  detail::carver sizer;
+  carve_row(sizer, padded_group(H / Hkv), d, n_held);
+  return {exec, detail::worker_count(exec, B * Hkv), sizer.bytes()};
+}
+
+// The group's queries as float, rows past grp zero (scored, never read).
+template <class TQ>
+void load_group(const host_view<TQ, 3>& q, index_t b, index_t g, index_t grp, index_t grp_pad,
+                index_t d, float* qg) {
+  for (index_t r = 0; r < grp; ++r) {
+    const auto* qr = &q(b, g * grp + r, 0);
+    for (index_t x = 0; x < d; ++x) qg[r * d + x] = static_cast<float>(qr[x]);
+  }
+  std::fill(qg + grp * d, qg + grp_pad * d, 0.0f);
+}
+
+// o[j] = the mean over the group's rows and the pool window of the indicator's scores:
+// row r's probabilities at p + r * ld times inv[r]; row 0 takes their sums. The
+// window's positions outside [0, c) are the pool's zero padding (adding +0 to a sum
+// that is never -0 changes nothing, so they are skipped).
+template <class Ind>
+void pool_group(const Ind& indicator, float* p, index_t ld, index_t grp, const float* inv,
+                index_t c, float* o) {
+  for (index_t j = 0; j < c; ++j) p[j] = 0.0f + indicator.score(p[j] * inv[0], 0.0f);
+  for (index_t r = 1; r < grp; ++r) {
+    const float* pr = p + r * ld;
+    for (index_t j = 0; j < c; ++j) p[j] += indicator.score(pr[j] * inv[r], 0.0f);
+  }
+  const int kernel = indicator.pool_kernel, half = kernel / 2;
+  const float scale = 1.0f / (static_cast<float>(kernel) * static_cast<float>(grp));
+  for (index_t j = 0; j < c; ++j) {
+    float s = 0;
+    const index_t lo = std::max<index_t>(0, j - half), hi = std::min<index_t>(c, j + half + 1);
+    for (index_t t = lo; t < hi; ++t) s += p[t];
+    o[j] = s * scale;
+  }
+}
+
+// Every (batch, kv-head) row: the group's logits against its n_held keys, each row's
+// softmax, the indicator's scores, pooled, into out (B, Hkv, c).
 template <class TQ, class Keys, class Ind>
 void score_groups(const host_policy& policy, host_view<TQ, 3> q, const Keys& keys, index_t Hkv,
                   index_t n_held, const Ind& indicator, host_view<float, 3> out) {
   const index_t B = q.extent(0), H = q.extent(1), d = q.extent(2);
-  const index_t grp = H / Hkv, c = out.extent(2);
+  const index_t grp = H / Hkv, c = out.extent(2), grp_pad = padded_group(grp);
   if (B * Hkv == 0 || c == 0) return;  // nothing to score
-  const int kernel = indicator.pool_kernel, half = kernel / 2;
-  const float sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
-  using detail::lane_sum;
-  using detail::row_max;
-  const index_t grp_pad = (grp + QB - 1) / QB * QB;
-  // A decode step is small (4.3 M multiply-adds at Llama-3.1-8B heads, 1K held):
-  // below the policy's min_parallel_work it stays on the calling thread.
-  const host_policy exec = detail::for_work(policy, B * H * n_held * d);
-  const int nt = detail::worker_count(exec, B * Hkv);
+  const group_plan plan = plan_groups(policy, B, H, Hkv, n_held, d);
   host_workspace local;
-  host_workspace& ws = detail::workspace_of(exec, local);
-  const auto z = [](index_t x) { return static_cast<std::size_t>(x); };
+  host_workspace& ws = detail::workspace_of(plan.exec, local);
+  ws.prepare(0, plan.workers, plan.bytes);
+  using TKe = typename Keys::elem;
+  constexpr bool listed = requires { keys.kv_heads; };
   // The SIMD path (picked at run time) for float or half keys with head_dim a whole number
   // of vectors: logits along head_dim with the group's queries sharing each key
   // row, exponentials and their sums vectorised over the keys.
   const detail::simd::kernels* kk = detail::simd::active_kernels();
-  using TKe = typename Keys::elem;
-  constexpr bool listed = requires { keys.kv_heads; };
 #if CAKE_SIMD_HAS_HALF
   constexpr bool simd_keys =
       std::is_same_v<TKe, float> || std::is_same_v<TKe, bfloat16> || std::is_same_v<TKe, _Float16>;
 #else
   constexpr bool simd_keys = std::is_same_v<TKe, float> || std::is_same_v<TKe, bfloat16>;
 #endif
-  if constexpr (simd_keys) {
-    if (kk && d % kk->vw == 0 && keys.contiguous(n_held, d)) {
-      const index_t ld = (n_held + 15) / 16 * 16;  // rows padded to whole vectors
-      // (grp_pad, ld) logits, (grp_pad, d) queries, (c + 2 * half) pooled sums. What
-      // is read is written first, but for the padding lanes past n_held, which the
-      // softmax masks out.
-      const auto carve = [&](detail::carver& cv) {
-        struct {
-          float *p, *qg, *a;
-        } b{cv.take<float>(z(grp_pad * ld)), cv.take<float>(z(grp_pad * d)),
-            cv.take<float>(z(c + 2 * half))};
-        return b;
-      };
-      detail::carver sizer;
-      carve(sizer);
-      ws.prepare(0, nt, sizer.bytes());
-      const float inv_sqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-      detail::parallel_for(exec, B * Hkv, [&](index_t row, int worker) {
-        const index_t b = row / Hkv, g = row % Hkv;
-        detail::carver cv(ws.worker(worker));
-        const auto buf = carve(cv);
-        float* p = buf.p;
-        float* qg = buf.qg;
-        for (index_t r = 0; r < grp; ++r) {
-          const auto* qr = &q(b, g * grp + r, 0);
-          for (index_t x = 0; x < d; ++x) qg[r * d + x] = static_cast<float>(qr[x]);
-        }
-        std::fill(qg + grp * d, qg + grp_pad * d, 0.0f);  // padding rows: scored, never read
+  const bool simd = simd_keys && kk && d % kk->vw == 0 && keys.contiguous(n_held, d);
+  const float sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(d)));
+  const float inv_sqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  detail::parallel_for(plan.exec, B * Hkv, [&](index_t row, int worker) {
+    const index_t b = row / Hkv, g = row % Hkv;
+    detail::carver cv(ws.worker(worker));
+    const row_scratch buf = carve_row(cv, grp_pad, d, n_held);
+    const index_t ld = buf.ld;
+    float* p = buf.p;
+    load_group(q, b, g, grp, grp_pad, d, buf.qg);
+    [[maybe_unused]] const TKe* const* kr = nullptr;  // a listed row's key pointers
+    if constexpr (listed) kr = keys.list(row, reinterpret_cast<const TKe**>(buf.keys), n_held);
+    float* inv = buf.inv;
+    if constexpr (simd_keys) {
+      if (simd) {
         if constexpr (listed) {
-          const TKe* const* kr = keys.k + row * keys.ld;
           if constexpr (std::is_same_v<TKe, float>)
-            kk->decode_dots_l(qg, grp_pad, d, kr, n_held, inv_sqrt_d, p, ld);
+            kk->decode_dots_l(buf.qg, grp_pad, d, kr, n_held, inv_sqrt_d, p, ld);
           else if constexpr (std::is_same_v<TKe, bfloat16>)
-            kk->decode_dots_lb(qg, grp_pad, d, kr, n_held, inv_sqrt_d, p, ld);
+            kk->decode_dots_lb(buf.qg, grp_pad, d, kr, n_held, inv_sqrt_d, p, ld);
 #if CAKE_SIMD_HAS_HALF
           else
-            kk->decode_dots_lh(qg, grp_pad, d, kr, n_held, inv_sqrt_d, p, ld);
+            kk->decode_dots_lh(buf.qg, grp_pad, d, kr, n_held, inv_sqrt_d, p, ld);
 #endif
         } else {
           const index_t k_ld = keys.ld(n_held, d);
           const TKe* k0 = keys.row(b, g, 0);
           if constexpr (std::is_same_v<TKe, float>)
-            kk->decode_dots(qg, grp_pad, d, k0, k_ld, n_held, inv_sqrt_d, p, ld);
+            kk->decode_dots(buf.qg, grp_pad, d, k0, k_ld, n_held, inv_sqrt_d, p, ld);
           else if constexpr (std::is_same_v<TKe, bfloat16>)
-            kk->decode_dots_b(qg, grp_pad, d, k0, k_ld, n_held, inv_sqrt_d, p, ld);
+            kk->decode_dots_b(buf.qg, grp_pad, d, k0, k_ld, n_held, inv_sqrt_d, p, ld);
 #if CAKE_SIMD_HAS_HALF
           else
-            kk->decode_dots_h(qg, grp_pad, d, k0, k_ld, n_held, inv_sqrt_d, p, ld);
+            kk->decode_dots_h(buf.qg, grp_pad, d, k0, k_ld, n_held, inv_sqrt_d, p, ld);
 #endif
         }
-        float* a = buf.a;
-        std::fill(a, a + c + 2 * half, 0.0f);
         for (index_t r = 0; r < grp; ++r) {
-          float* pr = p + r * ld;
           float m, sum, unused[2];
-          kk->tile_softmax(pr, n_held, ld, 0, &m, &sum, &unused[0], &unused[1]);
-          const float inv = 1.0f / sum;
-          for (index_t j = 0; j < c; ++j) a[half + j] += indicator.score(pr[j] * inv, 0.0f);
+          kk->tile_softmax(p + r * ld, n_held, ld, 0, &m, &sum, &unused[0], &unused[1]);
+          inv[r] = 1.0f / sum;
         }
-        const float inv = 1.0f / (static_cast<float>(kernel) * static_cast<float>(grp));
-        float* o = &out(b, g, 0);
-        for (index_t j = 0; j < c; ++j) {
-          float s = 0;
-          for (int t = 0; t < kernel; ++t) s += a[j + t];
-          o[j] = s * inv;
-        }
-      });
-      return;
+        pool_group(indicator, p, ld, grp, inv, c, &out(b, g, 0));
+        return;
+      }
     }
-  }
-  // Per worker: (grp, n_held) probabilities, (grp_pad, d) the group's queries as
-  // float (rows past grp are zero), (c + 2 * half) padded sums, a key row as float.
-  const auto carve = [&](detail::carver& cv) {
-    struct {
-      float *p, *qg, *a, *kf;
-    } b{cv.take<float>(z(grp * n_held)), cv.take<float>(z(grp_pad * d)),
-        cv.take<float>(z(c + 2 * half)), cv.take<float>(z(d))};
-    return b;
-  };
-  detail::carver sizer;
-  carve(sizer);
-  ws.prepare(0, nt, sizer.bytes());
-  detail::parallel_for(exec, B * Hkv, [&](index_t row, int worker) {
-    const index_t b = row / Hkv, g = row % Hkv;
-    detail::carver cv(ws.worker(worker));
-    const auto buf = carve(cv);
-    float* p = buf.p;
-    float* qg = buf.qg;
-    for (index_t r = 0; r < grp; ++r) {
-      const auto* qr = &q(b, g * grp + r, 0);
-      for (index_t x = 0; x < d; ++x) qg[r * d + x] = static_cast<float>(qr[x]);
-    }
-    std::fill(qg + grp * d, qg + grp_pad * d, 0.0f);
-    float* kf = buf.kf;  // a key row as float, if need be
+    // The portable path: QB query rows at a time against each key row.
     for (index_t j = 0; j < n_held; ++j) {
-      const auto* kr = keys.row(b, g, j);
+      const TKe* kj;
+      if constexpr (listed)
+        kj = kr[j];
+      else
+        kj = keys.row(b, g, j);
       const float* kp;
       if constexpr (std::is_same_v<TKe, float>) {
-        kp = kr;
+        kp = kj;
       } else {
-        for (index_t x = 0; x < d; ++x) kf[x] = static_cast<float>(kr[x]);
-        kp = kf;
+        for (index_t x = 0; x < d; ++x) buf.kf[x] = static_cast<float>(kj[x]);
+        kp = buf.kf;
       }
       for (index_t r0 = 0; r0 < grp; r0 += QB) {
         float dots[QB];
-        dot_rows(qg + r0 * d, kp, d, dots);
-        for (index_t r = r0; r < std::min(grp, r0 + QB); ++r)
-          p[r * n_held + j] = dots[r - r0] / sqrt_d;
+        dot_rows(buf.qg + r0 * d, kp, d, dots);
+        for (index_t r = r0; r < std::min(grp, r0 + QB); ++r) p[r * ld + j] = dots[r - r0] / sqrt_d;
       }
     }
-    float* a = buf.a;
-    std::fill(a, a + c + 2 * half, 0.0f);
     for (index_t r = 0; r < grp; ++r) {
-      float* pr = p + r * n_held;
-      const float m = row_max(pr, n_held);
+      float* pr = p + r * ld;
+      const float m = detail::row_max(pr, n_held);
       for (index_t j = 0; j < n_held; ++j) pr[j] = detail::exp_approx(pr[j] - m);
-      const float sum = lane_sum(pr, n_held);
-      for (index_t j = 0; j < c; ++j) a[half + j] += indicator.score(pr[j] / sum, 0.0f);
+      const float sum = detail::lane_sum(pr, n_held);
+      // (x / sum, as the portable path always divided: not x * (1 / sum))
+      for (index_t j = 0; j < n_held; ++j) pr[j] /= sum;
+      inv[r] = 1.0f;
     }
-    const float inv = 1.0f / (static_cast<float>(kernel) * static_cast<float>(grp));
-    float* o = &out(b, g, 0);
-    for (index_t j = 0; j < c; ++j) {
-      float s = 0;
-      for (int t = 0; t < kernel; ++t) s += a[j + t];
-      o[j] = s * inv;
-    }
+    pool_group(indicator, p, ld, grp, inv, c, &out(b, g, 0));
   });
 }
 
@@ -245,8 +264,29 @@ struct decode_scores_backend<host_policy> {
                          index_t ld, index_t kv_heads, index_t n_held, const Ind& indicator,
                          host_view<float, 3> out) {
     detail::host_decode::score_groups(policy, q,
-                                      detail::host_decode::listed_keys<TK>{keys, ld, kv_heads},
-                                      kv_heads, n_held, indicator, out);
+                                      detail::host_decode::table_keys(keys, ld, kv_heads), kv_heads,
+                                      n_held, indicator, out);
+  }
+  // The same with row r's key j at key(r, j), asked by the worker that scores row r.
+  template <class TK, class TQ, class KeyAt, class Ind>
+  static void run_rows(const host_policy& policy, host_view<TQ, 3> q, const KeyAt& key,
+                       index_t kv_heads, index_t n_held, const Ind& indicator,
+                       host_view<float, 3> out) {
+    const auto list = [&key](index_t row, const TK** to, index_t n) {
+      for (index_t j = 0; j < n; ++j) to[j] = key(row, j);
+      return static_cast<const TK* const*>(to);
+    };
+    detail::host_decode::score_groups(
+        policy, q, detail::host_decode::listed_keys<TK, decltype(list)>{list, kv_heads}, kv_heads,
+        n_held, indicator, out);
+  }
+  // Grows policy's workspace (when it lends one) to what a call with up to n_held keys
+  // takes, so that such calls allocate nothing.
+  static void reserve(const host_policy& policy, index_t B, index_t H, index_t kv_heads,
+                      index_t n_held, index_t d) {
+    if (!policy.workspace || B * kv_heads == 0) return;
+    const auto plan = detail::host_decode::plan_groups(policy, B, H, kv_heads, n_held, d);
+    policy.workspace->prepare(0, plan.workers, plan.bytes);
   }
 };
 

@@ -354,35 +354,41 @@ struct layer_store<T, host_policy> {
                          const Out& out, buffer<char>&) {
     candidate_scores(exec, q, keys, indicator, out);
   }
-  static void reserve_scoring(const host_policy&, buffer<char>&, index_t, index_t, index_t,
-                              index_t) {}
+  // A decoding step's scratch for rows of up to n tokens (decode_bytes), and the
+  // scoring kernel's in the policy's workspace (head_dim d), so that steps allocate nothing.
+  static void reserve_scoring(const host_policy&, buffer<char>& scratch, index_t B, index_t,
+                              index_t Hkv, index_t n) {
+    if (size(scratch) < decode_bytes(B * Hkv, n))
+      scratch = buffer<char>(static_cast<std::size_t>(decode_bytes(B * Hkv, n)));
+  }
+  static void reserve_scores(const host_policy& exec, index_t B, index_t H, index_t Hkv, index_t n,
+                             index_t d) {
+    decode_scores_backend<host_policy>::reserve(exec, B, H, Hkv, n, d);
+  }
 
   // ---- decoding over a slot map (cache_layer::map) ---------------------------------
   static constexpr bool slot_map = true;
 
-  // Bytes of scratch a mapped or paged decoding step takes (candidates_listed, then
-  // select_decode, then commit_mapped, one after the other) for rows of up to n tokens.
-  static index_t decode_bytes(index_t rows, index_t n) {
-    const index_t ptrs = rows * n * static_cast<index_t>(sizeof(const T*));
+  // Bytes of scratch a mapped or paged decoding step takes (select_decode, then
+  // commit_mapped, one after the other) for rows of up to n tokens.
+  static index_t decode_bytes(index_t, index_t n) {
     const index_t sel = 4 * n * static_cast<index_t>(sizeof(std::uint32_t));
     const index_t commit = n * static_cast<index_t>(2 * sizeof(index_t) + sizeof(float) + 1);
-    return std::max({ptrs, sel, commit});
+    return std::max(sel, commit);
   }
 
   // A decoding step's scores of rows [r0, r0 + rows_q * kv_per) of s (q: (rows_q,
   // kv_per * group, d), out: (rows_q, kv_per, c)), the first `held` tokens of each row
-  // read where they lie (through s.map or a paged row's block table): the same
-  // arithmetic as decode_scores over a dense copy, bit for bit.
+  // read where they lie (through s.map or a paged row's block table; the worker that
+  // scores a row lists its keys): the same arithmetic as decode_scores over a dense
+  // copy, bit for bit.
   template <class QV, class Ind, class Out>
   static void candidates_listed(const host_policy& exec, const QV& q, const slots<T>& s, index_t r0,
                                 index_t kv_per, index_t held, const Ind& indicator, const Out& out,
-                                buffer<char>& scratch) {
-    const index_t nr = q.extent(0) * kv_per;
-    const auto** ptrs = reinterpret_cast<const T**>(scratch.data());  // (nr, held)
-    for (index_t i = 0; i < nr; ++i)
-      for (index_t j = 0; j < held; ++j) ptrs[i * held + j] = s.key(r0 + i, j);
-    decode_scores_backend<host_policy>::run_listed(exec, q, static_cast<const T* const*>(ptrs),
-                                                   held, kv_per, held, indicator, out);
+                                buffer<char>&) {
+    const auto key = [&s, r0](index_t row, index_t j) -> const T* { return s.key(r0 + row, j); };
+    decode_scores_backend<host_policy>::template run_rows<T>(exec, q, key, kv_per, held, indicator,
+                                                             out);
   }
 
   // sel (rows, keep) with row stride ld: the keep of the first cand entries of each row

@@ -232,10 +232,11 @@ class RaggedKvCache {
     const std::vector<Sequence*> seq = sequences(ids);
     index_t tokens = 0;
     for (const TablePart& p : parts_) tokens += p.len;
-    bind_pools(layer, kv);
-    each_sequence(ids.size(), prefill_work(tokens), [&](std::size_t i) {
-      seq[i]->cache->prefill(layer, detail::batch_entry(q, static_cast<index_t>(i)),
-                             paged_kv<T>{kv.k_pool, kv.v_pool, parts_[i].view()});
+    on_pools(layer, seq, kv, [&] {
+      each_sequence(ids.size(), prefill_work(tokens), [&](std::size_t i) {
+        seq[i]->cache->prefill(layer, detail::batch_entry(q, static_cast<index_t>(i)),
+                               paged_kv<T>{kv.k_pool, kv.v_pool, parts_[i].view()});
+      });
     });
   }
 
@@ -394,30 +395,31 @@ class RaggedKvCache {
       if (s.mode == chunk_eviction::bounded && s.bounded.empty())
         s.bounded.resize(static_cast<std::size_t>(cfg_.layers));
     }
-    bind_pools(layer, kv);
-    each_sequence(ids.size(), chunk_work(ids, layer, cu_seqlens), [&](std::size_t i) {
-      Sequence& s = *seq[i];
-      Staged& st = s.staged[l];
-      const index_t b = cu_seqlens[i], n = cu_seqlens[i + 1] - b, S = s.prompt, at = st.received;
-      if (s.mode == chunk_eviction::bounded) {
-        bounded_chunk_paged(s, layer, q, kv, parts_[i], b, n);
-        return;
-      }
-      const index_t from = std::max(at, S - w), to = at + n;  // positions of window queries
-      if (from < to)
-        for (index_t h = 0; h < H; ++h)
-          Store::copy_2d(exec_, &q(b + from - at, h, 0), static_cast<index_t>(q.stride(0)),
-                         Store::ptr(st.q) + (h * w + from - (S - w)) * d, d, to - from, d);
-      if (to < S) {  // the blocks holding tokens so far (reserved: no allocation)
-        const std::vector<std::int32_t>& ids_i = parts_[i].ids;
-        st.lent.assign(ids_i.begin(), ids_i.begin() + (to + bs - 1) / bs);
-        st.received = to;
-        return;
-      }
-      s.cache->prefill(layer, staged_queries(st),
-                       paged_kv<T>{kv.k_pool, kv.v_pool, parts_[i].view()});
-      st = Staged{};
-      st.received = S;
+    on_pools(layer, seq, kv, [&] {
+      each_sequence(ids.size(), chunk_work(ids, layer, cu_seqlens), [&](std::size_t i) {
+        Sequence& s = *seq[i];
+        Staged& st = s.staged[l];
+        const index_t b = cu_seqlens[i], n = cu_seqlens[i + 1] - b, S = s.prompt, at = st.received;
+        if (s.mode == chunk_eviction::bounded) {
+          bounded_chunk_paged(s, layer, q, kv, parts_[i], b, n);
+          return;
+        }
+        const index_t from = std::max(at, S - w), to = at + n;  // positions of window queries
+        if (from < to)
+          for (index_t h = 0; h < H; ++h)
+            Store::copy_2d(exec_, &q(b + from - at, h, 0), static_cast<index_t>(q.stride(0)),
+                           Store::ptr(st.q) + (h * w + from - (S - w)) * d, d, to - from, d);
+        if (to < S) {  // the blocks holding tokens so far (reserved: no allocation)
+          const std::vector<std::int32_t>& ids_i = parts_[i].ids;
+          st.lent.assign(ids_i.begin(), ids_i.begin() + (to + bs - 1) / bs);
+          st.received = to;
+          return;
+        }
+        s.cache->prefill(layer, staged_queries(st),
+                         paged_kv<T>{kv.k_pool, kv.v_pool, parts_[i].view()});
+        st = Staged{};
+        st.received = S;
+      });
     });
   }
 
@@ -658,11 +660,34 @@ class RaggedKvCache {
 
   // ---- paged storage ---------------------------------------------------------
 
-  void bind_pools(index_t layer, const paged_kv<T>& kv) noexcept {
+  // run(): the call's sequences take a paged call of the layer, whose pools it fixes
+  // if it is the layer's first. Should none of them take it (run throws: the first
+  // failed, or all did), the layer is left unbound, as it was (strong guarantee).
+  template <class F>
+  void on_pools(index_t layer, const std::vector<Sequence*>& seq, const paged_kv<T>& kv, F&& run) {
     Pools& p = pools_[static_cast<std::size_t>(layer)];
+    if (p.bound) {
+      run();
+      return;
+    }
     p.k = kv.k_pool;
     p.v = kv.v_pool;
     p.bound = true;
+    try {
+      run();
+    } catch (...) {
+      if (std::none_of(seq.begin(), seq.end(),
+                       [&](const Sequence* s) { return holds_pools(*s, layer); }))
+        p = Pools{};
+      throw;
+    }
+  }
+  // Whether sequence s keeps tokens at layer u in the layer's pools: its paged layer,
+  // or the chunks it received so far on them.
+  static bool holds_pools(const Sequence& s, index_t u) {
+    const auto uu = static_cast<std::size_t>(u);
+    if (!s.staged.empty() && s.staged[uu].paged && s.staged[uu].received > 0) return true;
+    return s.cache->layers_prefilled() > u && s.cache->paged(u);
   }
   static bool same_view(const host_view<T, 4>& a, const host_view<T, 4>& b) {
     for (std::size_t r = 0; r < 4; ++r)

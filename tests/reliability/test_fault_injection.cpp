@@ -705,3 +705,215 @@ TEST_CASE("fault injection: a decoding step on a copy of a mapped cache") {
     CHECK(snapshot(base) == want);
   }
 }
+
+// RaggedKvCache fixes a layer's pools (the K and V pools every later paged call of the
+// layer must pass) at the layer's first paged call. When no sequence took that call
+// (the first sequence failed, so the others, run after it, did not run), the layer
+// must be left as it was: unbound, so that the retried call may pass other pools.
+// When a sequence took it, its layer holds blocks of those pools: they stay bound.
+//
+// Finding (fixed): the pools were bound before the sequences ran, so a bad_alloc in
+// the first sequence left the layer bound to pools no sequence held, and a call with
+// other pools was then refused.
+namespace {
+using FirstRagged = cake::RaggedKvCacheOf<cake::methods::Cake<>>;
+struct FirstRun {
+  paged_engine::Engine e;  // the pools the call under test is given
+  FirstRagged r;
+};
+struct FirstState {
+  std::vector<Snapshot> seqs;
+  std::vector<index_t> received, held;  // per sequence and layer: chunk progress
+  std::vector<std::uint32_t> pools;
+  std::string other;  // validating sequence 2's part on other pools: "" if accepted, else why not
+  bool operator==(const FirstState&) const = default;
+};
+
+// Fails every allocation of `call` in turn on runs made by `make`. A failure that left
+// every sequence as it was must leave everything as it was (the layer unbound: the
+// last sequence's part of the call is accepted on other pools, and the retried call
+// equals the reference); one that left a sequence changed (it took the call) must
+// leave the layer bound (the last sequence, which has not run, is refused them).
+template <class Make, class Call, class State>
+void first_call(const std::string& what, Make make, Call call, State state) {
+  auto reference = make();
+  call(reference);
+  const FirstState want = state(reference);
+  long untaken = 0, taken = 0;
+  for (long n = 1;; ++n) {
+    auto run = make();
+    const FirstState before = state(run);
+    REQUIRE(before.other.empty());  // before the call, any pools would do
+    bool failed = false;
+    fi::count = 0;
+    fi::fail_at = n;
+    fi::armed = true;
+    try {
+      call(run);
+    } catch (const std::bad_alloc&) {
+      failed = true;
+    }
+    fi::armed = false;
+    if (!failed) {
+      CHECK_MESSAGE(state(run) == want, what << ": the call with no fault left to inject");
+      break;
+    }
+    const FirstState after = state(run);
+    CAPTURE(after.other);
+    if (after.seqs == before.seqs && after.received == before.received &&
+        after.held == before.held) {
+      ++untaken;
+      const bool unchanged = after == before;
+      CHECK_MESSAGE(unchanged, what << ": allocation " << n
+                                    << " failed before any sequence took the call, and the "
+                                       "batch changed (the layer's pools stayed bound?)");
+      if (!unchanged) break;
+      call(run);
+      CHECK_MESSAGE(state(run) == want, what << ": after the failure at allocation " << n
+                                             << ", the retried call differs from the reference");
+    } else {
+      ++taken;
+      CHECK_MESSAGE(after.other.find("first paged call gave") != std::string::npos,
+                    what << ": allocation " << n
+                         << " failed after a sequence took the call: its pools must stay bound");
+    }
+    REQUIRE(n < 100000);
+  }
+  fi::injected += untaken + taken;
+  MESSAGE(what << ": " << untaken << " failures before any sequence took the call, " << taken
+               << " after");
+  CHECK(untaken > 0);
+  CHECK(taken > 0);
+}
+}  // namespace
+
+TEST_CASE(
+    "fault injection: RaggedKvCache's first paged call of a layer binds its pools only "
+    "once a sequence took it") {
+  // Two sequences, one after another (the default host policy: this call is too small
+  // to run them in parallel); the engine's toy pools hold both prompts (batch 2).
+  cake::CacheConfig cfg{.layers = 2,
+                        .batch = 2,
+                        .q_heads = 4,
+                        .kv_heads = 2,
+                        .head_dim = 8,
+                        .window = 4,
+                        .cache_size = 6};
+  const index_t S = 20, chunk = 12, L = cfg.layers, H = cfg.q_heads, d = cfg.head_dim,
+                w = cfg.window;
+  const Data data(cfg, S, 0);
+  cake::CacheConfig one = cfg;
+  one.batch = 1;  // a ragged batch: each sequence a batch of one
+  const std::array<cake::sequence_id, 2> ids{1, 2};
+  const auto engine = [&](bool nhd, unsigned seed) {
+    return paged_engine::make_engine(cfg, S, data.k, data.v, 3, nhd, 1, seed);
+  };
+  paged_engine::Engine other = engine(false, 6);  // other pools, never written
+  // Sequence 2's part of a call at layer l on the other pools, holding len tokens.
+  std::array<std::int32_t, 2> o_indptr{};
+  std::vector<std::int32_t> o_ids;
+  std::array<std::int32_t, 1> o_len{};
+  const auto other_kv = [&](index_t l, index_t len) {
+    o_ids = other.blocks[static_cast<std::size_t>(l)][1];
+    o_indptr = {0, static_cast<std::int32_t>(o_ids.size())};
+    o_len[0] = static_cast<std::int32_t>(len);
+    cake::paged_kv<float> kv = other.kv(l);
+    kv.table = cake::make_block_table(o_indptr.data(), o_ids.data(), o_len.data(), 1);
+    return kv;
+  };
+  const std::array<cake::sequence_id, 1> second{2};
+  const auto q_window = [&](index_t l) {  // (num_seqs, q_heads, window, head_dim)
+    return cake::make_view(data.q[static_cast<std::size_t>(l)].data(),
+                           std::array<index_t, 4>{2, H, w, d});
+  };
+
+  SUBCASE("prefill") {
+    const auto state = [&](FirstRun& run, index_t m) {
+      FirstState s;
+      for (cake::sequence_id id : ids) s.seqs.push_back(snapshot(run.r.sequence(id)));
+      for (const auto* pools : {&run.e.kpool, &run.e.vpool})
+        for (const auto& p : *pools)
+          for (float x : p) s.pools.push_back(std::bit_cast<std::uint32_t>(x));
+      const auto st = run.r.validate_prefill(
+          m, second,
+          cake::make_view(data.q[static_cast<std::size_t>(m)].data() + H * w * d,
+                          std::array<index_t, 4>{1, H, w, d}),
+          other_kv(m, S));
+      s.other = st.ok() ? "" : st.message;
+      return s;
+    };
+    for (index_t m = 0; m < L; ++m) {
+      const auto make = [&] {
+        FirstRun run{engine(true, 5), FirstRagged(one)};
+        for (cake::sequence_id id : ids) run.r.add(id, {.prompt_length = S});
+        for (index_t l = 0; l < m; ++l) run.r.prefill(l, ids, q_window(l), run.e.kv(l));
+        return run;
+      };
+      first_call(
+          "ragged paged prefill layer " + std::to_string(m), make,
+          [&](FirstRun& run) { run.r.prefill(m, ids, q_window(m), run.e.kv(m)); },
+          [&](FirstRun& run) { return state(run, m); });
+    }
+  }
+
+  SUBCASE("bounded chunks") {
+    // The first chunk, tokens [0, 12) of each prompt, at layers 0 and 1 (12 > C + w:
+    // each evicts in place). The engine's blocks hold whole prompts: the table names
+    // them with seq_lens = the chunk (what the engine wrote first).
+    std::mt19937 gen(3);
+    std::normal_distribution<float> normal;
+    std::vector<std::vector<float>> q;  // per layer: (2 * chunk, q_heads, head_dim)
+    for (index_t l = 0; l < L; ++l) {
+      q.emplace_back(static_cast<std::size_t>(2 * chunk * H * d));
+      for (float& x : q.back()) x = normal(gen);
+    }
+    const std::array<std::int32_t, 3> cu{0, static_cast<std::int32_t>(chunk),
+                                         static_cast<std::int32_t>(2 * chunk)};
+    const auto q_chunk = [&](index_t l) {
+      return cake::make_view(q[static_cast<std::size_t>(l)].data(),
+                             std::array<index_t, 3>{2 * chunk, H, d});
+    };
+    const auto first_chunk = [&](paged_engine::Engine& e, index_t l) {
+      cake::paged_kv<float> kv = e.kv(l);
+      for (std::int32_t& len : e.t_lens) len = static_cast<std::int32_t>(chunk);
+      return kv;
+    };
+    const auto state = [&](FirstRun& run, index_t m) {
+      FirstState s;
+      for (cake::sequence_id id : ids) {
+        s.seqs.push_back(snapshot(run.r.sequence(id)));
+        for (index_t l = 0; l < L; ++l) {
+          s.received.push_back(run.r.chunk_tokens_received(id, l));
+          s.held.push_back(run.r.chunk_tokens_held(id, l));
+        }
+      }
+      for (const auto* pools : {&run.e.kpool, &run.e.vpool})
+        for (const auto& p : *pools)
+          for (float x : p) s.pools.push_back(std::bit_cast<std::uint32_t>(x));
+      const std::array<std::int32_t, 2> cu2{0, static_cast<std::int32_t>(chunk)};
+      const auto st = run.r.validate_prefill_chunk(
+          m, second,
+          cake::make_view(q[static_cast<std::size_t>(m)].data() + chunk * H * d,
+                          std::array<index_t, 3>{chunk, H, d}),
+          other_kv(m, chunk), cu2);
+      s.other = st.ok() ? "" : st.message;
+      return s;
+    };
+    for (index_t m = 0; m < L; ++m) {
+      const auto make = [&] {
+        FirstRun run{engine(true, 5), FirstRagged(one)};
+        for (cake::sequence_id id : ids)
+          run.r.add(id, {.prompt_length = S, .chunking = cake::chunk_eviction::bounded});
+        for (index_t l = 0; l < m; ++l)
+          run.r.prefill_chunk(l, ids, q_chunk(l), first_chunk(run.e, l), cu);
+        return run;
+      };
+      first_call(
+          "ragged paged bounded first chunk layer " + std::to_string(m), make,
+          [&](FirstRun& run) {
+            run.r.prefill_chunk(m, ids, q_chunk(m), first_chunk(run.e, m), cu);
+          },
+          [&](FirstRun& run) { return state(run, m); });
+    }
+  }
+}

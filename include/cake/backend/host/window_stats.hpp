@@ -269,7 +269,8 @@ struct LaneScratch {
                  //                   a pool that spans blocks)
   float* kpad;   // (kt, d)           a tile's last, partial micro-tile of keys, zero-padded
   float* buf;    // (tk, pr)          one pair's scores of one tile
-  float* e;      // (n, P_pad, w_pad) e = exp(logit - tile max) of the prefix keys, rows in lanes
+  float* e;      // (n, P_pad, w_pad) e = exp(logit - tile max) of the prefix keys, rows in
+                 //                   lanes (group_lanes: in which order)
   float* st[4];  // (tiles, R)        per tile: max, sum of e, over the prefix sum of e and of
                  //                   e * (logit - max)
   float* c;      // (tiles, R)        per tile: the factor that turns e into probabilities
@@ -348,7 +349,14 @@ void group_lanes(const simd::kernels& kk, const QV& q, const KS& ks, index_t b, 
                  index_t n, index_t w, index_t S, index_t d, const Ind& indicator, StatsRequest req,
                  const LaneScratch::dims& m, LaneScratch& s, float* ind_group, double* ent,
                  double* var) {
-  const index_t P = S - w, vw = kk.vw, pr = kk.pr, tk = kk.tk, R = m.R;
+  const index_t P = S - w, vw = kk.vw, pr = kk.pr, tk = kk.tk, R = m.R, nvh = m.w_pad / vw;
+  // Where e is: head h's vector u (lanes u * vw ... of its rows) for key j at
+  // e_at(h, u) + j * key_ld. Interleaved (a key's vectors side by side) where a vector
+  // fills a cache line; else one plane per vector, so that a vector's keys fill whole
+  // lines (pair_tile's streaming stores).
+  const bool planes = vw * static_cast<index_t>(sizeof(float)) < 64;
+  const index_t key_ld = planes ? vw : m.w_pad, vec_ld = planes ? m.P_pad * vw : vw;
+  const auto e_at = [&](index_t h, index_t u) { return s.e + h * nvh * m.P_pad * vw + u * vec_ld; };
   const float inv_sqrt_d = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   std::fill(s.qt, s.qt + m.pairs * d * pr, 0.0f);
   for (index_t r = 0; r < n; ++r)
@@ -398,14 +406,14 @@ void group_lanes(const simd::kernels& kk, const QV& q, const KS& ks, index_t b, 
       for (index_t v = 0; v < 2; ++v) {
         const index_t vec = 2 * p + v;
         if (vec >= m.nvec) continue;
-        const index_t lane = vec * vw, h = lane / m.w_pad, o = lane % m.w_pad;
-        ev[v] = s.e + (h * m.P_pad + j0) * m.w_pad + o;
+        const index_t lane = vec * vw, h = lane / m.w_pad, u = lane % m.w_pad / vw;
+        ev[v] = e_at(h, u) + j0 * key_ld;
       }
       const std::size_t so = static_cast<std::size_t>(t * R + p * pr);
       float* const stp[4] = {s.st[0] + so, s.st[1] + so, s.st[2] + so, s.st[3] + so};
       const index_t pf0 = std::min(nk2, p * share), pf_n = std::min(nk2, pf0 + share) - pf0;
       kk.pair_tile(s.qt + p * d * pr, d, kp, kld, nk, j0, P, s.ri + p * pr, inv_sqrt_d, s.kpad,
-                   s.buf, ev[0], ev[1], m.w_pad, stp, s.next + pf0, pf_n,
+                   s.buf, ev[0], ev[1], key_ld, stp, s.next + pf0, pf_n,
                    d * static_cast<index_t>(sizeof(TKe)));
     }
   }
@@ -423,7 +431,7 @@ void group_lanes(const simd::kernels& kk, const QV& q, const KS& ks, index_t b, 
     double v = 0;
     for (index_t j0 = 0; j0 < P; j0 += m.chunk) {
       const index_t cnt = std::min(m.chunk, P - j0);
-      kk.head_columns_lanes(s.e + (r * m.P_pad + j0) * m.w_pad, m.w_pad / vw, w,
+      kk.head_columns_lanes(e_at(r, 0) + j0 * key_ld, nvh, key_ld, vec_ld, w,
                             s.c + (j0 / tk) * R + r * m.w_pad, R, cnt, need_var, s.col, s.m2, &v);
       float* dst = ind_group + r * P + j0;
       for (index_t j = 0; j < cnt; ++j)

@@ -51,8 +51,8 @@ struct kernels {
                     float* const (&)[4], const char* const*, index_t, index_t);
   void (*combine_rows)(const float*, const float*, const float*, const float*, index_t, index_t,
                        float*, double*);
-  void (*head_columns_lanes)(const float*, index_t, index_t, const float*, index_t, index_t, bool,
-                             float*, float*, double*);
+  void (*head_columns_lanes)(const float*, index_t, index_t, index_t, index_t, const float*,
+                             index_t, index_t, bool, float*, float*, double*);
   void (*widen_rows_b)(const bfloat16*, index_t, index_t, index_t, float*);
 #if CAKE_SIMD_HAS_HALF
   void (*widen_rows_h)(const _Float16*, index_t, index_t, index_t, float*);

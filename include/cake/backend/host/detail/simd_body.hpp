@@ -101,8 +101,10 @@ CAKE_ALWAYS_INLINE V exp_v(V x) {
 }
 
 // exp_v for the softmax's x = logit - max <= 0 (or -inf): the same reduction and
-// polynomial, with AVX-512's rounding and 2^n scaling instructions (exact) and the
-// underflow to 0 below -87.3 as a zeroing mask: 5 instructions fewer. AVX2: exp_v.
+// polynomial, with the underflow to 0 below -87.3 as a mask and no clamp at the top.
+// AVX-512: its rounding and 2^n scaling instructions (exact), 5 instructions fewer.
+// AVX2: exp_v's steps, with max as one instruction (GCC keeps exp_v's vmax as a
+// compare and a blend), and equal to exp_v for every such x.
 CAKE_ALWAYS_INLINE V exp_neg(V x) {
 #if CAKE_SIMD_VW == 16
   const __m512 xv = reinterpret_cast<__m512>(x);
@@ -123,7 +125,24 @@ CAKE_ALWAYS_INLINE V exp_neg(V x) {
   return reinterpret_cast<V>(
       _mm512_maskz_scalef_ps(live, reinterpret_cast<__m512>(y), reinterpret_cast<__m512>(n)));
 #else
-  return exp_v(x);
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 live = _mm256_cmp_ps(reinterpret_cast<__m256>(x), lo, _CMP_GE_OQ);
+  x = reinterpret_cast<V>(_mm256_max_ps(reinterpret_cast<__m256>(x), lo));
+  const V magic = splat(12582912.0f);
+  const V n = fma(x, splat(1.44269504088896341f), magic) - magic;
+  V r = fma(n, splat(-0.693359375f), x);
+  r = fma(n, splat(2.12194440e-4f), r);
+  const V z = r * r;
+  V y = splat(1.9875691500e-4f);
+  y = fma(y, r, splat(1.3981999507e-3f));
+  y = fma(y, r, splat(8.3334519073e-3f));
+  y = fma(y, r, splat(4.1665795894e-2f));
+  y = fma(y, r, splat(1.6666665459e-1f));
+  y = fma(y, r, splat(5.0000001201e-1f));
+  y = fma(y, z, r + splat(1.0f));
+  const VI e = __builtin_convertvector(n, VI) + 127;
+  y = y * reinterpret_cast<V>(e << 23);
+  return reinterpret_cast<V>(_mm256_and_ps(live, reinterpret_cast<__m256>(y)));
 #endif
 }
 
@@ -422,8 +441,37 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
   // lane that sees none of the tile gets m = -inf (st) and max 0 here (its e are 0).
   const V m0 = mx0 * sc, m1 = mx1 * sc;
   const V b0 = mx0 == ninf ? zero : mx0, b1 = mx1 == ninf ? zero : mx1;
-  V s0 = zero, s1 = zero, p0 = zero, p1 = zero, q0 = zero, q1 = zero;
   const index_t npre = P - j0 < nk ? (P - j0 > 0 ? P - j0 : 0) : nk;
+#if CAKE_SIMD_VW == 8
+  // One row vector at a time: with both at once AVX2's 16 registers do not hold the
+  // polynomial's constants and the sums, which then round-trip through the stack. (A
+  // vector is half a cache line: the caller lays e out so that e_ld = VW, the keys'
+  // vectors one after another, so that the streaming stores fill whole lines.)
+  float* const ev[2] = {e0, e1};
+  const V bv[2] = {b0, b1}, mv[2] = {m0, m1}, xv[2] = {mx0, mx1};
+  for (index_t v = 0; v < 2; ++v) {
+    const float* bt = buf + v * VW;
+    float* et = ev[v];
+    const V bb = bv[v];
+    V s = zero, q = zero;
+    index_t t = 0;
+    for (; t < npre; ++t) {
+      const V x = (load(bt + t * PR) - bb) * sc;
+      const V y = exp_neg(x);
+      if (et) store_nt(et + t * e_ld, y);
+      s += y;
+      q = fma(y, x, q);
+    }
+    const V p = s;
+    for (; t < nk; ++t) s += exp_neg((load(bt + t * PR) - bb) * sc);  // window keys (see below)
+    store(st[0] + v * VW, xv[v] == ninf ? ninf : mv[v]);
+    store(st[1] + v * VW, s);
+    store(st[2] + v * VW, p);
+    store(st[3] + v * VW, q);
+  }
+  _mm_sfence();
+#else
+  V s0 = zero, s1 = zero, p0 = zero, p1 = zero, q0 = zero, q1 = zero;
   index_t t = 0;
   for (; t < npre; ++t) {
     const V x0 = (load(buf + t * PR) - b0) * sc, x1 = (load(buf + t * PR + VW) - b1) * sc;
@@ -450,6 +498,7 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
   store(st[2] + VW, p1);
   store(st[3], q0);
   store(st[3] + VW, q1);
+#endif
 }
 
 // Key rows widened to float: out[t * d + x] = k[t * k_ld + x] for t < nk.
@@ -557,36 +606,44 @@ CAKE_ALWAYS_INLINE V reduce_lanes(const V* a) {
 }
 
 // Column statistics of one head over n prefix keys (n <= a multiple of VW the buffers
-// hold): e (keys, pitch nv * VW floats) holds the head's rows in lanes, nv vectors per
-// key, rows >= w padding; c[t * c_ld + lane]: the rows' factors for the keys of tile t
-// (keys t * TK ...; e starts at a tile boundary). Writes the mean over the w rows and (if
-// var) the unbiased variance of each key's probabilities to mean[j] and m2[j] (up to the
-// next multiple of VW); adds the variances of the n keys to *var_sum. NV: nv fixed at
-// compile time (0: nv at run time).
+// hold): the head's rows in lanes, nv vectors per key (rows >= w padding), vector v of
+// key j at e + j * key_ld + v * vec_ld (interleaved: key_ld = nv * VW, vec_ld = VW; or
+// one plane per vector: key_ld = VW); c[t * c_ld + lane]: the rows' factors for the
+// keys of tile t (keys t * TK ...; e starts at a tile boundary). Writes the mean over
+// the w rows and (if var) the unbiased variance of each key's probabilities to mean[j]
+// and m2[j] (up to the next multiple of VW); adds the variances of the n keys to
+// *var_sum. NV: nv fixed at compile time (0: nv at run time).
 template <index_t NV>
-CAKE_ALWAYS_INLINE void head_columns_t(const float* CAKE_RESTRICT e, index_t nv_rt, index_t w,
-                                       const float* CAKE_RESTRICT c, index_t c_ld, index_t n,
-                                       bool var, float* CAKE_RESTRICT mean, float* CAKE_RESTRICT m2,
-                                       double* var_sum) {
-  const index_t nv = NV > 0 ? NV : nv_rt, e_ld = nv * VW;
+CAKE_ALWAYS_INLINE void head_columns_t(const float* CAKE_RESTRICT e, index_t nv_rt, index_t key_ld,
+                                       index_t vec_ld, index_t w, const float* CAKE_RESTRICT c,
+                                       index_t c_ld, index_t n, bool var, float* CAKE_RESTRICT mean,
+                                       float* CAKE_RESTRICT m2, double* var_sum) {
+  const index_t nv = NV > 0 ? NV : nv_rt;
   const V lane = iota(), zero = splat(0.0f);
   const V inv_w = splat(1.0f / static_cast<float>(w));
   const V inv_w1 = splat(1.0f / static_cast<float>(w - 1));
   const index_t last = nv - 1;  // the vector that may hold padding rows
   const VI keep = lane < splat(static_cast<float>(w - last * VW));
+  const bool planes = vec_ld != VW;
   V vv = zero;
   for (index_t j = 0; j < n; j += VW) {
     const float* ct = c + (j / TK) * c_ld;
-    const float* ej0 = e + j * e_ld;
+    const float* ej0 = e + j * key_ld;
     // the keys two steps on: streams from memory while these are reduced
-    for (index_t l = 0; l < VW * e_ld; l += 16) __builtin_prefetch(ej0 + 2 * VW * e_ld + l);
+    if (planes) {
+      for (index_t v = 0; v < nv; ++v)
+        for (index_t l = 0; l < VW * key_ld; l += 16)
+          __builtin_prefetch(ej0 + v * vec_ld + 2 * VW * key_ld + l);
+    } else {
+      for (index_t l = 0; l < VW * key_ld; l += 16) __builtin_prefetch(ej0 + 2 * VW * key_ld + l);
+    }
     V a[VW];
 #pragma GCC unroll 16
     for (index_t s = 0; s < VW; ++s) {
-      const float* ej = ej0 + reduce_key(s) * e_ld;
+      const float* ej = ej0 + reduce_key(s) * key_ld;
       V acc = zero;
-      for (index_t v = 0; v < last; ++v) acc = fma(load(ej + v * VW), load(ct + v * VW), acc);
-      const V pl = load(ej + last * VW) * load(ct + last * VW);
+      for (index_t v = 0; v < last; ++v) acc = fma(load(ej + v * vec_ld), load(ct + v * VW), acc);
+      const V pl = load(ej + last * vec_ld) * load(ct + last * VW);
       a[s] = acc + (keep ? pl : zero);
     }
     const V mu = reduce_lanes(a) * inv_w;
@@ -595,14 +652,14 @@ CAKE_ALWAYS_INLINE void head_columns_t(const float* CAKE_RESTRICT e, index_t nv_
 #pragma GCC unroll 16
     for (index_t s = 0; s < VW; ++s) {
       const index_t key = reduce_key(s);
-      const float* ej = ej0 + key * e_ld;
+      const float* ej = ej0 + key * key_ld;
       const V mk = splat(mean[j + key]);
       V acc = zero;
       for (index_t v = 0; v < last; ++v) {
-        const V dv = fma(load(ej + v * VW), load(ct + v * VW), -mk);
+        const V dv = fma(load(ej + v * vec_ld), load(ct + v * VW), -mk);
         acc = fma(dv, dv, acc);
       }
-      V dv = fma(load(ej + last * VW), load(ct + last * VW), -mk);
+      V dv = fma(load(ej + last * vec_ld), load(ct + last * VW), -mk);
       dv = keep ? dv : zero;
       a[s] = fma(dv, dv, acc);
     }
@@ -612,19 +669,19 @@ CAKE_ALWAYS_INLINE void head_columns_t(const float* CAKE_RESTRICT e, index_t nv_
   }
   *var_sum += static_cast<double>(hsum(vv));
 }
-inline void head_columns_lanes(const float* CAKE_RESTRICT e, index_t nv, index_t w,
-                               const float* CAKE_RESTRICT c, index_t c_ld, index_t n, bool var,
-                               float* CAKE_RESTRICT mean, float* CAKE_RESTRICT m2,
-                               double* var_sum) {
+inline void head_columns_lanes(const float* CAKE_RESTRICT e, index_t nv, index_t key_ld,
+                               index_t vec_ld, index_t w, const float* CAKE_RESTRICT c,
+                               index_t c_ld, index_t n, bool var, float* CAKE_RESTRICT mean,
+                               float* CAKE_RESTRICT m2, double* var_sum) {
   switch (nv) {  // a window of 32 rows: 2 vectors (AVX-512), 4 (AVX2)
     case 1:
-      return head_columns_t<1>(e, nv, w, c, c_ld, n, var, mean, m2, var_sum);
+      return head_columns_t<1>(e, nv, key_ld, vec_ld, w, c, c_ld, n, var, mean, m2, var_sum);
     case 2:
-      return head_columns_t<2>(e, nv, w, c, c_ld, n, var, mean, m2, var_sum);
+      return head_columns_t<2>(e, nv, key_ld, vec_ld, w, c, c_ld, n, var, mean, m2, var_sum);
     case 4:
-      return head_columns_t<4>(e, nv, w, c, c_ld, n, var, mean, m2, var_sum);
+      return head_columns_t<4>(e, nv, key_ld, vec_ld, w, c, c_ld, n, var, mean, m2, var_sum);
     default:
-      return head_columns_t<0>(e, nv, w, c, c_ld, n, var, mean, m2, var_sum);
+      return head_columns_t<0>(e, nv, key_ld, vec_ld, w, c, c_ld, n, var, mean, m2, var_sum);
   }
 }
 

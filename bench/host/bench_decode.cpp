@@ -16,6 +16,8 @@
 //             K/V rows shifted down in place (position) or gathered and copied back
 //             (reference)
 //   naive:    naive_step above on one layer (reference order)
+//   cake_split (dense, C = 1024): cake with a policy that splits the step's scoring over
+//             the threads, its KV heads on both cores (kSplitWork below)
 //
 // The machine's limit for decode_layer at C = 1024 (1025 keys held after the append,
 // 32 query heads, 8 KV heads, head_dim 128): the scores are 32 x 1025 x 128 = 4.2 M
@@ -40,6 +42,10 @@ namespace cake_bench {
 namespace {
 
 constexpr index_t kTokens = 16;  // distinct decode tokens, cycled
+// cake_split: a cache whose policy splits calls of 1 M multiply-adds and more over the
+// threads (host_policy::parallel_from), so that a step's scoring at C = 1024 (4.3 M)
+// runs its KV heads on both cores; the default policy (2^25) keeps it on one.
+constexpr std::int64_t kSplitWork = std::int64_t{1} << 20;
 
 struct DecodeTokens {
   index_t B, H, Hkv, d;
@@ -267,7 +273,8 @@ struct OneLayerPool {
 };
 
 template <class Ind>
-void run_layer(benchmark::State& st, index_t C, cake::token_order order, bool paged) {
+void run_layer(benchmark::State& st, index_t C, cake::token_order order, bool paged,
+               cake::host_policy exec = {}) {
   const Shape& sh = llama;
   const index_t B = 1, S = 2 * C + 64, H = sh.q_heads, Hkv = sh.kv_heads, d = sh.head_dim;
   const LayerInputs& in = layer_inputs(sh, B, S);
@@ -280,7 +287,7 @@ void run_layer(benchmark::State& st, index_t C, cake::token_order order, bool pa
   cfg.window = window;
   cfg.cache_size = C;
   cfg.order = order;
-  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, Ind> cache(cfg);
+  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, Ind> cache(cfg, {}, {}, {}, exec);
   OneLayerPool pool(in, S);
   if (paged) {
     cache.prefill(0, in.qv(), pool.kv());
@@ -328,6 +335,14 @@ void add_layer_cases(index_t C) {
           [=](benchmark::State& st) { run_layer<ShiftingIndicator>(st, C, order, paged); })
           ->MinTime(0.3)
           ->Unit(benchmark::kMicrosecond);
+      if (C >= 1024 && !paged)  // the step's 4.3 M multiply-adds split over the threads
+        add(name("decode_layer", "cake_split", args),
+            [=](benchmark::State& st) {
+              run_layer<cake::MeanVarianceIndicator>(st, C, order, paged,
+                                                     cake::host.parallel_from(kSplitWork));
+            })
+            ->MinTime(0.3)
+            ->Unit(benchmark::kMicrosecond);
     }
   add(name("decode_layer", "naive", std::string(llama.name) + "/C:" + std::to_string(C)),
       [=](benchmark::State& st) {

@@ -409,7 +409,8 @@ struct GenericPath {
 };
 
 template <class Ind = cake::MeanVarianceIndicator>
-DecodeRun decode_run(cake::token_order order, index_t C, unsigned seed, int steps) {
+DecodeRun decode_run(cake::token_order order, index_t C, unsigned seed, int steps,
+                     cake::host_policy exec = {}) {
   const index_t B = 1, H = 8, Hkv = 2, d = 128, w = 8, S = 3 * C, L = 2;
   cake::CacheConfig cfg{};
   cfg.layers = L;
@@ -420,7 +421,7 @@ DecodeRun decode_run(cake::token_order order, index_t C, unsigned seed, int step
   cfg.window = w;
   cfg.cache_size = C;
   cfg.order = order;
-  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, Ind> cache(cfg);
+  cake::KvCache<cake::CakePreference, cake::ProportionalBudget, Ind> cache(cfg, {}, {}, {}, exec);
   // keys of token p: random; values: p, then random
   const auto kp =
       random_values<float>(static_cast<std::size_t>(B * Hkv * (S + steps) * d), seed, 1.0f);
@@ -513,6 +514,42 @@ TEST_CASE("KvCache decode over the slot map equals the generic path, both orders
         REQUIRE(want.held.size() == 60);
         CHECK(decode_run(order, C, seed, 30).held == want.held);  // positions in cache order
       }
+  }
+}
+
+// A policy that splits every call (parallel_from(0)) over two threads scores each KV
+// head on one worker, with the same arithmetic: the same scores, bit for bit, and the
+// same kept tokens as one thread. (Without OpenMP both run on one thread.)
+TEST_CASE("decode split over two threads equals one thread, bit for bit, on every path") {
+  IsaGuard guard;
+  const auto two = cake::host.threads(2).parallel_from(0), one = cake::host.threads(1);
+  const index_t B = 2, H = 8, Hkv = 4, n = 301, d = 128, c = n - 16;
+  const auto q = random_values<float>(static_cast<std::size_t>(B * H * d), 711, 1.0f);
+  const auto k = random_values<float>(static_cast<std::size_t>(B * Hkv * n * d), 712, 1.0f);
+  std::vector<const float*> rows(static_cast<std::size_t>(B * Hkv * n));
+  for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = k.data() + i * d;
+  for (cake::host_isa isa : all_paths()) {
+    CAPTURE(cake::host_isa_name(isa));
+    cake::force_host_isa(isa);
+    const auto qv = cake::make_view(q.data(), std::array<index_t, 3>{B, H, d});
+    const auto kv = cake::make_view(k.data(), std::array<index_t, 4>{B, Hkv, n, d});
+    std::vector<float> want(static_cast<std::size_t>(B * Hkv * c), -1.0f), got(want.size(), -2.0f),
+        listed(want.size(), -3.0f);
+    const auto out = [&](std::vector<float>& o) {
+      return cake::make_view(o.data(), std::array<index_t, 3>{B, Hkv, c});
+    };
+    cake::decode_scores(one, qv, kv, cake::MeanVarianceIndicator{}, out(want));
+    cake::decode_scores(two, qv, kv, cake::MeanVarianceIndicator{}, out(got));
+    cake::decode_scores_backend<cake::host_policy>::run_listed(
+        two, qv, static_cast<const float* const*>(rows.data()), n, Hkv, n,
+        cake::MeanVarianceIndicator{}, out(listed));
+    CHECK(got == want);
+    CHECK(listed == want);
+    for (cake::token_order order : {cake::token_order::position, cake::token_order::reference}) {
+      CAPTURE(static_cast<int>(order));
+      const DecodeRun a = decode_run(order, 100, 750, 20, one);
+      CHECK(decode_run(order, 100, 750, 20, two).held == a.held);
+    }
   }
 }
 

@@ -917,6 +917,28 @@ cache_layer<T, Exec> regrow(const Exec& exec, const cache_layer<T, Exec>& ly, in
   return out;
 }
 
+// What a decoding step does with a layer holding `held` tokens (its longest row): N
+// after the append, of which the first cand = N - w are candidates and `keep` stay
+// (rows keeping their lengths evict one; others keep up to the budget), n = keep + w
+// held after; evict: keep < cand.
+struct step_plan {
+  index_t N, cand, keep, n;
+  bool evict;
+};
+inline step_plan plan_step(index_t held, index_t w, index_t budget, bool keep_lengths) {
+  const index_t N = held + 1, cand = N - w;
+  const index_t keep = keep_lengths ? cand - 1 : std::min(budget, cand);
+  return {N, cand, keep, keep + w, keep < cand};
+}
+// Room for the step's N tokens: a layer regrows to N (rows keeping their lengths) or
+// to twice its room, within budget + w + 1 (at least N).
+template <class T, class Exec>
+void make_room(const Exec& exec, cache_layer<T, Exec>& ly, const step_plan& p, index_t budget,
+               index_t w, bool keep_lengths) {
+  if (p.N > ly.cap)
+    ly = regrow(exec, ly, keep_lengths ? p.N : std::max(p.N, std::min(2 * ly.cap, budget + w + 1)));
+}
+
 // A decoding step of a dense host layer of uniform rows over its slot map
 // (cache_layer::map), the same tokens and order as the step below: the new token goes
 // into a free K/V row, the scores read the held keys through the map, and the commit
@@ -931,13 +953,11 @@ void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<
   constexpr indicator_source source = indicator_source_of<Ind>;
   constexpr bool accumulates = source == indicator_source::accumulated;
   const index_t B = sh.batch, Hkv = sh.kv_heads, d = sh.head_dim, w = sh.window, rows = sh.rows();
-  const index_t N = ly.held + 1, cand = N - w;
-  const index_t keep = keep_lengths ? cand - 1 : std::min(budget, cand), n = keep + w;
-  const bool evict = keep < cand;
+  const step_plan p = plan_step(ly.held, w, budget, keep_lengths);
+  const index_t N = p.N, cand = p.cand, keep = p.keep, n = p.n;
 
   // 1. Room and scratch (nothing visible changes; regrow settles the map).
-  if (N > ly.cap)
-    ly = regrow(exec, ly, keep_lengths ? N : std::max(N, std::min(2 * ly.cap, budget + w + 1)));
+  make_room(exec, ly, p, budget, w, keep_lengths);
   reserve_decode(exec, ws, sh, q.extent(1), ly.held, false, false, accumulates);
   slots<T> s = ly.at();  // the layer has its map (make_layer, regrow)
   s.map = S::ptr(ly.map);
@@ -966,7 +986,7 @@ void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<
     S::candidates_listed(exec, qv, s, 0, Hkv, N, indicator, out(accumulates ? N : cand), ws.bytes);
     if constexpr (accumulates) S::accumulate(exec, sums, N, sc, N, rows, N);
   }
-  if (!evict) {  // below budget + w: the rows grow
+  if (!p.evict) {  // below budget + w: the rows grow
     if constexpr (accumulates)
       S::copy_2d(exec, static_cast<const float*>(sums), N, s.ind, s.cap, rows, N);
     ly.set_length(N);
@@ -1016,13 +1036,12 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
   }
   if constexpr (mappable) settle(ly);  // the row-by-row path reads K/V in token order
   keep_lengths = keep_lengths || ragged;
-  const index_t N = ly.held + 1, cand = N - w;  // the longest row after the append
-  const index_t keep = keep_lengths ? cand - 1 : std::min(budget, cand), n = keep + w;
-  const bool evict = keep < cand;
+  const step_plan p = plan_step(ly.held, w, budget, keep_lengths);  // N: the longest row after
+  const index_t N = p.N, cand = p.cand, keep = p.keep, n = p.n;
+  const bool evict = p.evict;
 
   // 1. Room and scratch (nothing visible changes).
-  if (N > ly.cap)
-    ly = regrow(exec, ly, keep_lengths ? N : std::max(N, std::min(2 * ly.cap, budget + w + 1)));
+  make_room(exec, ly, p, budget, w, keep_lengths);
   reserve_decode(exec, ws, sh, q.extent(1), ly.held, ragged, reference && evict, accumulates);
   const index_t* lens = nullptr;  // ragged: (rows) lengths, then (rows) keeps
   if (ragged) {

@@ -429,21 +429,41 @@ struct layer_store<T, host_policy> {
           idx[j] = static_cast<std::uint32_t>(j);
         }
         std::uint32_t *k0 = key, *i0 = idx, *k1 = key2, *i1 = idx2;
+        // The keys as four runs (quarters, in order), counted and scattered side by side:
+        // four independent counters where most keys share a byte (a score's exponent),
+        // which one histogram made a chain of dependent increments. Stable all the same:
+        // a bucket takes quarter 0's keys first, and each quarter's in order.
+        const index_t q4 = (cand + 3) / 4;
+        index_t at0[4], len[4];  // each quarter's first key and length
+        for (int q = 0; q < 4; ++q) {
+          at0[q] = std::min(cand, q * q4);
+          len[q] = std::min(cand, (q + 1) * q4) - at0[q];
+        }
         for (int sh = 0; sh < 32; sh += 8) {
-          index_t hist[256] = {};
-          for (index_t j = 0; j < cand; ++j) ++hist[(k0[j] >> sh) & 0xffu];
-          if (hist[(k0[0] >> sh) & 0xffu] == cand) continue;  // one bucket: order unchanged
-          index_t sum = 0;
-          for (index_t& h : hist) {
-            const index_t c = h;
-            h = sum;
-            sum += c;
-          }
-          for (index_t j = 0; j < cand; ++j) {  // stable: ties keep index order
-            const index_t at = hist[(k0[j] >> sh) & 0xffu]++;
-            k1[at] = k0[j];
-            i1[at] = i0[j];
-          }
+          std::uint32_t hist[4][256] = {};
+          const auto digit = [sh](std::uint32_t v) { return (v >> sh) & 0xffu; };
+          for (index_t i = 0; i < q4; ++i)
+            for (int q = 0; q < 4; ++q)
+              if (i < len[q]) ++hist[q][digit(k0[at0[q] + i])];
+          const std::uint32_t b0 = digit(k0[0]);
+          if (hist[0][b0] + hist[1][b0] + hist[2][b0] + hist[3][b0] ==
+              static_cast<std::uint32_t>(cand))
+            continue;  // one bucket: order unchanged
+          std::uint32_t sum = 0;
+          for (int b = 0; b < 256; ++b)
+            for (int q = 0; q < 4; ++q) {
+              const std::uint32_t c = hist[q][b];
+              hist[q][b] = sum;
+              sum += c;
+            }
+          for (index_t i = 0; i < q4; ++i)
+            for (int q = 0; q < 4; ++q)
+              if (i < len[q]) {
+                const index_t j = at0[q] + i;
+                const std::uint32_t at = hist[q][digit(k0[j])]++;
+                k1[at] = k0[j];
+                i1[at] = i0[j];
+              }
           std::swap(k0, k1);
           std::swap(i0, i1);
         }

@@ -103,8 +103,7 @@ CAKE_ALWAYS_INLINE V exp_v(V x) {
 // exp_v for the softmax's x = logit - max <= 0 (or -inf): the same reduction and
 // polynomial, with the underflow to 0 below -87.3 as a mask and no clamp at the top.
 // AVX-512: its rounding and 2^n scaling instructions (exact), 5 instructions fewer.
-// AVX2: exp_v's steps, with max as one instruction (GCC keeps exp_v's vmax as a
-// compare and a blend), and equal to exp_v for every such x.
+// AVX2: exp_v's steps less the clamps and a conversion, equal to exp_v for every such x.
 CAKE_ALWAYS_INLINE V exp_neg(V x) {
 #if CAKE_SIMD_VW == 16
   const __m512 xv = reinterpret_cast<__m512>(x);
@@ -125,11 +124,14 @@ CAKE_ALWAYS_INLINE V exp_neg(V x) {
   return reinterpret_cast<V>(
       _mm512_maskz_scalef_ps(live, reinterpret_cast<__m512>(y), reinterpret_cast<__m512>(n)));
 #else
-  const __m256 lo = _mm256_set1_ps(-87.3f);
-  const __m256 live = _mm256_cmp_ps(reinterpret_cast<__m256>(x), lo, _CMP_GE_OQ);
-  x = reinterpret_cast<V>(_mm256_max_ps(reinterpret_cast<__m256>(x), lo));
+  // No clamp: a lane below -87.3 (or -inf) is zeroed by the mask whatever the steps give
+  // it. 2^n from the bits of n + 1.5 * 2^23 (its low mantissa bits are n, |n| < 2^22)
+  // shifted into the exponent, without a conversion.
+  const __m256 live =
+      _mm256_cmp_ps(reinterpret_cast<__m256>(x), _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
   const V magic = splat(12582912.0f);
-  const V n = fma(x, splat(1.44269504088896341f), magic) - magic;
+  const V nm = fma(x, splat(1.44269504088896341f), magic);
+  const V n = nm - magic;
   V r = fma(n, splat(-0.693359375f), x);
   r = fma(n, splat(2.12194440e-4f), r);
   const V z = r * r;
@@ -140,8 +142,7 @@ CAKE_ALWAYS_INLINE V exp_neg(V x) {
   y = fma(y, r, splat(1.6666665459e-1f));
   y = fma(y, r, splat(5.0000001201e-1f));
   y = fma(y, z, r + splat(1.0f));
-  const VI e = __builtin_convertvector(n, VI) + 127;
-  y = y * reinterpret_cast<V>(e << 23);
+  y = y * reinterpret_cast<V>((reinterpret_cast<VI>(nm) << 23) + (127 << 23));
   return reinterpret_cast<V>(_mm256_and_ps(live, reinterpret_cast<__m256>(y)));
 #endif
 }
@@ -359,6 +360,9 @@ inline void decode_dots_lh(const float* CAKE_RESTRICT q, index_t rows, index_t d
 inline constexpr index_t PR = 2 * VW;
 inline constexpr index_t KT = VW == 16 ? 8 : 6;
 inline constexpr index_t TK = VW == 16 ? 128 : 96;
+// Whether pair_tile writes e with streaming stores (AVX-512) or plain ones (AVX2, on
+// the Zen 3 it was tuned on: a task's e read back from the last-level cache, not memory).
+inline constexpr bool STREAM_E = VW == 16;
 
 // Scores of one pair against KT keys: acc[t][v] = q_v . k_t, q (d, PR): the pair's rows
 // transposed; k_t = k + t * k_ld.
@@ -446,7 +450,7 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
   // One row vector at a time: with both at once AVX2's 16 registers do not hold the
   // polynomial's constants and the sums, which then round-trip through the stack. (A
   // vector is half a cache line: the caller lays e out so that e_ld = VW, the keys'
-  // vectors one after another, so that the streaming stores fill whole lines.)
+  // vectors one after another, so that the stores fill whole lines.)
   float* const ev[2] = {e0, e1};
   const V bv[2] = {b0, b1}, mv[2] = {m0, m1}, xv[2] = {mx0, mx1};
   for (index_t v = 0; v < 2; ++v) {
@@ -458,7 +462,7 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
     for (; t < npre; ++t) {
       const V x = (load(bt + t * PR) - bb) * sc;
       const V y = exp_neg(x);
-      if (et) store_nt(et + t * e_ld, y);
+      if (et) store(et + t * e_ld, y);
       s += y;
       q = fma(y, x, q);
     }
@@ -469,7 +473,6 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
     store(st[2] + v * VW, p);
     store(st[3] + v * VW, q);
   }
-  _mm_sfence();
 #else
   V s0 = zero, s1 = zero, p0 = zero, p1 = zero, q0 = zero, q1 = zero;
   index_t t = 0;

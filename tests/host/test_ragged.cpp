@@ -1160,6 +1160,16 @@ TEST_CASE("RaggedKvCache on paged pools: bad tables are rejected before any sequ
         },
         "the pools its first paged call gave");
   }
+  SUBCASE("pools whose strides alias tokens") {
+    auto kv = e.kv(ab, 1);  // layer 1 has no pools yet: these would be its
+    auto st = e.strides();
+    st[2] = 0;  // every slot of a block the same memory
+    kv.v_pool =
+        cake::make_view(e.vpool[1].data(), std::array<index_t, 4>{e.N, e.Hkv, e.bs, e.d}, st);
+    rejects(ragged, e, prefill(kv),
+            "[cake.compact.pool] v_pool must give every (block, kv_head, slot, x) element its own "
+            "memory: stride(2) must be >= 1");
+  }
   SUBCASE("a value in the pool not finite") {
     const auto kv = e.kv(ab, 1);
     float& x = e.vpool[1][static_cast<std::size_t>(e.offset(e.list(2, 1)[5], 1, 15) + 2)];

@@ -817,12 +817,7 @@ class RaggedKvCache {
                   "cake::RaggedKvCache::prefill: q_window is (num_seqs, q_heads, window, "
                   "head_dim)");
     const std::size_t n = ids.size();
-    CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.prefill.layer", "layer must be in [0, ",
-               cfg_.layers, "), got ", layer);
-    CAKE_TRY(check_ids(ids));
-    CAKE_CHECK(q.extent(0) == static_cast<index_t>(n), "cake.ragged.q_window",
-               "q_window must have num_seqs = ", n, " entries along extent 0, got ",
-               detail::shape_string(q));
+    CAKE_TRY(check_call_head(layer, "cake.prefill.layer", ids, q));
     CAKE_TRY(check_paged_table(layer, ids, kv, parts, by_id));
     for (std::size_t i = 0; i < n; ++i) {
       const Sequence& s = seqs_.at(ids[i]);
@@ -856,10 +851,7 @@ class RaggedKvCache {
                   "cake::RaggedKvCache::prefill_chunk: q is packed, (total_tokens, q_heads, "
                   "head_dim)");
     const std::size_t n = ids.size();
-    CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.prefill.layer", "layer must be in [0, ",
-               cfg_.layers, "), got ", layer);
-    CAKE_TRY(check_ids(ids));
-    CAKE_TRY(check_packed(q, "cake.ragged.q", "q", cfg_.q_heads, "q_heads"));
+    CAKE_TRY(check_call_head(layer, "cake.prefill.layer", ids, q));
     CAKE_TRY(check_offsets(cu, n, q, q, true, "q"));
     CAKE_CHECK(inner_contiguous(q), "cake.ragged.layout", "q must have unit stride along head_dim");
     CAKE_TRY(check_turn(layer, ids, cu, true));
@@ -1172,6 +1164,25 @@ class RaggedKvCache {
     return status::success();
   }
 
+  // What a prefill or chunk call checks first: the layer (layer_id: its error's id;
+  // null: the sequences' caches check it), the ids, then the queries: q_window
+  // (rank 4) has num_seqs entries, a chunk's q (rank 3) is packed.
+  template <class QV>
+  status check_call_head(index_t layer, const char* layer_id, std::span<const sequence_id> ids,
+                         const QV& q) const {
+    if (layer_id)
+      CAKE_CHECK(layer >= 0 && layer < cfg_.layers, layer_id, "layer must be in [0, ", cfg_.layers,
+                 "), got ", layer);
+    CAKE_TRY(check_ids(ids));
+    if constexpr (QV::rank() == 4)
+      CAKE_CHECK(q.extent(0) == static_cast<index_t>(ids.size()), "cake.ragged.q_window",
+                 "q_window must have num_seqs = ", ids.size(), " entries along extent 0, got ",
+                 detail::shape_string(q));
+    else
+      CAKE_TRY(check_packed(q, "cake.ragged.q", "q", cfg_.q_heads, "q_heads"));
+    return status::success();
+  }
+
   template <class QV, class KV, class VV>
   status check_prefill(index_t layer, std::span<const sequence_id> ids, const QV& q, const KV& k,
                        const VV& v, std::span<const std::int32_t> cu) const {
@@ -1179,16 +1190,10 @@ class RaggedKvCache {
                   "cake::RaggedKvCache::prefill: q_window is (num_seqs, q_heads, window, "
                   "head_dim), keys and values (total_tokens, kv_heads, head_dim)");
     const std::size_t n = ids.size();
-    if (auto st = check_ids(ids); !st.ok()) return st;
-    CAKE_CHECK(q.extent(0) == static_cast<index_t>(n), "cake.ragged.q_window",
-               "q_window must have num_seqs = ", n, " entries along extent 0, got ",
-               detail::shape_string(q));
-    if (auto st = check_packed(k, "cake.ragged.keys", "keys", cfg_.kv_heads, "kv_heads"); !st.ok())
-      return st;
-    if (auto st = check_packed(v, "cake.ragged.values", "values", cfg_.kv_heads, "kv_heads");
-        !st.ok())
-      return st;
-    if (auto st = check_offsets(cu, n, k, v, false); !st.ok()) return st;
+    CAKE_TRY(check_call_head(layer, nullptr, ids, q));  // each sequence's cache checks the layer
+    CAKE_TRY(check_packed(k, "cake.ragged.keys", "keys", cfg_.kv_heads, "kv_heads"));
+    CAKE_TRY(check_packed(v, "cake.ragged.values", "values", cfg_.kv_heads, "kv_heads"));
+    CAKE_TRY(check_offsets(cu, n, k, v, false));
     for (std::size_t i = 0; i < n; ++i) {
       const Sequence& s = seqs_.at(ids[i]);
       const index_t b = cu[i], S = cu[i + 1] - b;
@@ -1220,17 +1225,10 @@ class RaggedKvCache {
                   "(total_tokens, heads, head_dim)");
     require_space<Exec, QV, KV, VV>();
     const std::size_t n = ids.size();
-    CAKE_CHECK(layer >= 0 && layer < cfg_.layers, "cake.prefill.layer", "layer must be in [0, ",
-               cfg_.layers, "), got ", layer);
-    if (auto st = check_ids(ids); !st.ok()) return st;
-    if (auto st = check_packed(q, "cake.ragged.q", "q", cfg_.q_heads, "q_heads"); !st.ok())
-      return st;
-    if (auto st = check_packed(k, "cake.ragged.keys", "keys", cfg_.kv_heads, "kv_heads"); !st.ok())
-      return st;
-    if (auto st = check_packed(v, "cake.ragged.values", "values", cfg_.kv_heads, "kv_heads");
-        !st.ok())
-      return st;
-    if (auto st = check_offsets(cu, n, k, v, true); !st.ok()) return st;
+    CAKE_TRY(check_call_head(layer, "cake.prefill.layer", ids, q));
+    CAKE_TRY(check_packed(k, "cake.ragged.keys", "keys", cfg_.kv_heads, "kv_heads"));
+    CAKE_TRY(check_packed(v, "cake.ragged.values", "values", cfg_.kv_heads, "kv_heads"));
+    CAKE_TRY(check_offsets(cu, n, k, v, true));
     CAKE_CHECK(q.extent(0) == k.extent(0), "cake.ragged.q", "q must hold as many tokens as keys, ",
                k.extent(0), ", got ", detail::shape_string(q));
     CAKE_CHECK(inner_contiguous(q) && inner_contiguous(k) && inner_contiguous(v),
@@ -1293,7 +1291,7 @@ class RaggedKvCache {
     static_assert(QV::rank() == 3 && KV::rank() == 3 && VV::rank() == 3,
                   "cake::RaggedKvCache::decode: q, k and v are (num_seqs, heads, head_dim)");
     const std::size_t n = ids.size();
-    if (auto st = check_ids(ids); !st.ok()) return st;
+    CAKE_TRY(check_ids(ids));
     CAKE_CHECK(q.extent(0) == static_cast<index_t>(n) && k.extent(0) == static_cast<index_t>(n) &&
                    v.extent(0) == static_cast<index_t>(n),
                "cake.ragged.decode", "q, k and v must have num_seqs = ", n,

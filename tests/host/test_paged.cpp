@@ -439,3 +439,55 @@ TEST_CASE("validate_block_table needs memory in the table's size, not the pool's
         "[cake.compact.ids] block 7 appears twice in the table: ids(0) and ids(2) "
         "(sequence 1)");
 }
+
+TEST_CASE(
+    "validate_pool_strides: a pool whose strides alias elements is rejected before it moves") {
+  using A = std::array<index_t, 4>;
+  std::vector<float> mem(4 * 3 * 5 * 8);
+  const auto check = [&](A ext, A st) {
+    return cake::validate_pool_strides(cake::make_view(mem.data(), ext, st), "cake.compact.pool",
+                                       "k_pool");
+  };
+  // HND, NHD, and a pool padded between blocks: every element its own.
+  CHECK(check({4, 3, 5, 8}, {3 * 5 * 8, 5 * 8, 8, 1}).ok());
+  CHECK(check({4, 3, 5, 8}, {5 * 3 * 8, 8, 3 * 8, 1}).ok());
+  CHECK(check({2, 3, 5, 8}, {2 * 3 * 5 * 8, 5 * 8, 8, 1}).ok());
+  CHECK(check({1, 1, 1, 8}, {0, 0, 0, 1}).ok());  // extents of 1: no stride is used
+  // A slot stride of 0: the block's tokens would be one.
+  const cake::status zero = check({4, 3, 5, 8}, {3 * 5 * 8, 5 * 8, 0, 1});
+  CHECK(zero.message ==
+        "[cake.compact.pool] k_pool must give every (block, kv_head, slot, x) element its own "
+        "memory: stride(2) must be >= 1, the span of the dimensions with smaller strides, got 0 "
+        "(strides (120, 40, 0, 1))");
+  // Slots overlapping along head_dim (stride 4 < head_dim 8).
+  const cake::status half = check({4, 3, 5, 8}, {3 * 5 * 8, 5 * 8, 4, 1});
+  CHECK(half.message.find("stride(2) must be >= 8, the span of the dimensions with smaller "
+                          "strides, got 4") != std::string::npos);
+  // Blocks overlapping the heads of the block before (stride one head short).
+  const cake::status blocks = check({4, 3, 5, 8}, {2 * 5 * 8, 5 * 8, 8, 1});
+  CHECK(blocks.message.find("stride(0) must be >= 120, the span of the dimensions with smaller "
+                            "strides, got 80") != std::string::npos);
+
+  // compact with such a pool (and the K/V call with such a V pool) throws, nothing moved.
+  Case c = paged_case::make({2, 2, 4, 8, 20, false}, 17);
+  auto st = c.strides();
+  st[2] = 0;
+  const auto before = c.pool;
+  CHECK_THROWS_WITH_AS(cake::compact(cake::host, cake::make_view(c.pool.data(), c.extents(), st),
+                                     c.table(), c.keep_view(), c.lens_view()),
+                       doctest::Contains("[cake.compact.pool] pool must give every (block, "
+                                         "kv_head, slot, x) element its own memory: stride(2)"),
+                       cake::invalid_argument);
+  CHECK(c.pool == before);
+  Case v = paged_case::make({2, 2, 4, 8, 20, false}, 17);
+  const auto v_before = v.pool;
+  CHECK_THROWS_WITH_AS(
+      cake::compact(cake::host, c.pool_view(c.pool.data()),
+                    cake::make_view(v.pool.data(), v.extents(), st), c.table(), c.keep_view(),
+                    c.lens_view()),
+      doctest::Contains("[cake.compact.pool] v_pool must give every (block, kv_head, slot, x) "
+                        "element its own memory: stride(2)"),
+      cake::invalid_argument);
+  CHECK(c.pool == before);
+  CHECK(v.pool == v_before);
+}

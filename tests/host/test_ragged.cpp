@@ -6,6 +6,7 @@
 // run one after another.
 #include "kv_workload.hpp"
 #include "support/kv_snapshot.hpp"
+#include "support/paged_engine.hpp"
 
 #include <bit>
 #include <cstdint>
@@ -51,6 +52,8 @@ struct Seq {
   std::vector<std::vector<float>> qfull;  // per layer (S, q_heads, head_dim): every query
 
   cake::CacheConfig cfg() const { return wl.cfg; }
+  // What a paged engine writes into its pools (paged_engine::RaggedEngine).
+  operator paged_engine::Prompt() const { return {id, S, &wl.k, &wl.v}; }
 };
 
 inline Seq make_seq(const cake::CacheConfig& base, sequence_id id, index_t S, index_t C,
@@ -764,201 +767,8 @@ namespace ragged_paged_test {
 
 using ragged_test::Seq;
 
-// A toy engine: per layer a K and a V pool of N blocks (HND or NHD), one free list per
-// layer handed out in a shuffled order (so a sequence's blocks are scattered), each
-// sequence's block list and length per layer. Unwritten slots hold NaN.
-struct Engine {
-  index_t L = 0, Hkv = 0, d = 0, bs = 0, N = 0;
-  bool nhd = false;
-  std::vector<std::vector<float>> k, v;                                  // [layer] N * Hkv * bs * d
-  std::vector<std::vector<std::int32_t>> free_ids;                       // [layer]
-  std::map<sequence_id, std::vector<std::vector<std::int32_t>>> blocks;  // [id][layer]
-  std::map<sequence_id, std::vector<std::int32_t>> lens;                 // [id][layer]
-  std::vector<std::int32_t> t_indptr, t_ids, t_lens;                     // the last table lent
-  std::int64_t freed_total = 0;  // blocks the cache gave back
-
-  Engine(const cake::CacheConfig& c, index_t block_size, bool hnd_or_nhd, index_t blocks_per_layer,
-         unsigned seed)
-      : L(c.layers),
-        Hkv(c.kv_heads),
-        d(c.head_dim),
-        bs(block_size),
-        N(blocks_per_layer),
-        nhd(hnd_or_nhd) {
-    const auto size = static_cast<std::size_t>(N * Hkv * bs * d);
-    k.assign(static_cast<std::size_t>(L),
-             std::vector<float>(size, std::numeric_limits<float>::quiet_NaN()));
-    v = k;
-    std::mt19937 gen(seed);
-    for (index_t l = 0; l < L; ++l) {
-      std::vector<std::int32_t> f(static_cast<std::size_t>(N));
-      std::iota(f.begin(), f.end(), 0);
-      std::shuffle(f.begin(), f.end(), gen);
-      free_ids.push_back(std::move(f));
-    }
-  }
-  std::array<index_t, 4> strides() const {
-    return nhd ? std::array<index_t, 4>{bs * Hkv * d, d, Hkv * d, 1}
-               : std::array<index_t, 4>{Hkv * bs * d, bs * d, d, 1};
-  }
-  std::vector<std::int32_t>& list(sequence_id id, index_t l) {
-    auto& b = blocks[id];
-    if (b.empty()) {
-      b.resize(static_cast<std::size_t>(L));
-      lens[id].assign(static_cast<std::size_t>(L), 0);
-    }
-    return b[static_cast<std::size_t>(l)];
-  }
-  std::int32_t& len(sequence_id id, index_t l) {
-    list(id, l);
-    return lens[id][static_cast<std::size_t>(l)];
-  }
-  index_t offset(std::int32_t block, index_t h, index_t t) const {
-    const auto st = strides();
-    return block * st[0] + h * st[1] + (t % bs) * st[2];
-  }
-  const float* at(const std::vector<float>& pool, const std::vector<std::int32_t>& b, index_t h,
-                  index_t t) const {
-    return pool.data() + offset(b[static_cast<std::size_t>(t / bs)], h, t);
-  }
-  std::int32_t take(index_t l) {
-    auto& f = free_ids[static_cast<std::size_t>(l)];
-    REQUIRE(!f.empty());
-    const std::int32_t id = f.back();
-    f.pop_back();
-    return id;
-  }
-  // The engine computes tokens [from, to) of s's layer l: writes their K/V into its
-  // blocks, taking blocks as needed (and `spare` more).
-  void write(const Seq& s, index_t l, index_t from, index_t to, index_t spare = 0) {
-    auto& b = list(s.id, l);
-    while (static_cast<index_t>(b.size()) * bs < to + spare * bs) b.push_back(take(l));
-    const auto L_ = static_cast<std::size_t>(l);
-    for (index_t h = 0; h < Hkv; ++h)
-      for (index_t t = from; t < to; ++t) {
-        const auto src = static_cast<std::size_t>((h * s.S + t) * d);
-        std::copy_n(s.wl.k[L_].data() + src, d,
-                    k[L_].data() + offset(b[static_cast<std::size_t>(t / bs)], h, t));
-        std::copy_n(s.wl.v[L_].data() + src, d,
-                    v[L_].data() + offset(b[static_cast<std::size_t>(t / bs)], h, t));
-      }
-    len(s.id, l) = static_cast<std::int32_t>(to);
-  }
-  // Bounded chunking: tokens [from, to) of s's layer l go right after the `held` it
-  // keeps, slots [held, held + to - from).
-  void write_after(const Seq& s, index_t l, index_t from, index_t to, index_t held) {
-    auto& b = list(s.id, l);
-    const index_t end = held + to - from;
-    while (static_cast<index_t>(b.size()) * bs < end) b.push_back(take(l));
-    const auto L_ = static_cast<std::size_t>(l);
-    for (index_t h = 0; h < Hkv; ++h)
-      for (index_t t = from; t < to; ++t) {
-        const auto src = static_cast<std::size_t>((h * s.S + t) * d);
-        const index_t slot = held + t - from;
-        const auto o =
-            static_cast<std::size_t>(offset(b[static_cast<std::size_t>(slot / bs)], h, slot));
-        std::copy_n(s.wl.k[L_].data() + src, d, k[L_].data() + o);
-        std::copy_n(s.wl.v[L_].data() + src, d, v[L_].data() + o);
-      }
-    len(s.id, l) = static_cast<std::int32_t>(end);
-  }
-  // After a bounded chunk that was not the last: the tail the eviction released goes
-  // back; the layer holds chunk_tokens_held in the blocks left.
-  template <class Ragged>
-  void take_chunk_back(const Ragged& r, std::span<const sequence_id> ids, index_t l) {
-    for (sequence_id id : ids) {
-      if (r.paged(id, l)) continue;
-      auto& b = list(id, l);
-      const std::int32_t f = r.freed(id, l);
-      REQUIRE(f >= 0);
-      REQUIRE(f <= static_cast<std::int32_t>(b.size()));
-      auto& fl = free_ids[static_cast<std::size_t>(l)];
-      fl.insert(fl.end(), b.end() - f, b.end());
-      freed_total += f;
-      b.resize(b.size() - static_cast<std::size_t>(f));
-      len(id, l) = static_cast<std::int32_t>(r.chunk_tokens_held(id, l));
-      REQUIRE(static_cast<index_t>(b.size()) * bs >= len(id, l));
-    }
-    covered();
-  }
-  // Room for one more token of each sequence at layer l.
-  void room(std::span<const sequence_id> ids, index_t l) {
-    for (sequence_id id : ids) {
-      auto& b = list(id, l);
-      if (static_cast<index_t>(b.size()) * bs < len(id, l) + 1) b.push_back(take(l));
-    }
-  }
-  cake::block_table<> table(std::span<const sequence_id> ids, index_t l) {
-    t_indptr.assign(1, 0);
-    t_ids.clear();
-    t_lens.clear();
-    for (sequence_id id : ids) {
-      const auto& b = list(id, l);
-      t_ids.insert(t_ids.end(), b.begin(), b.end());
-      t_indptr.push_back(static_cast<std::int32_t>(t_ids.size()));
-      t_lens.push_back(len(id, l));
-    }
-    return cake::make_block_table(t_indptr.data(), t_ids.data(), t_lens.data(),
-                                  static_cast<index_t>(ids.size()));
-  }
-  cake::host_view<float, 4> pool(std::vector<float>& p) {
-    return cake::make_view(p.data(), std::array<index_t, 4>{N, Hkv, bs, d}, strides());
-  }
-  cake::paged_kv<float> kv(std::span<const sequence_id> ids, index_t l) {
-    const auto L_ = static_cast<std::size_t>(l);
-    return {pool(k[L_]), pool(v[L_]), table(ids, l)};
-  }
-  // After a call: each paged layer of each named sequence gives its freed tail back;
-  // the freed and the held blocks split the list the engine had (none both, none
-  // lost) and the engine's list then is the cache's table; then no block is leaked.
-  template <class Ragged>
-  void take_back(const Ragged& r, std::span<const sequence_id> ids) {
-    for (sequence_id id : ids)
-      for (index_t l = 0; l < L; ++l) {
-        if (!r.paged(id, l)) continue;
-        CAPTURE(id);
-        CAPTURE(l);
-        auto& b = list(id, l);
-        const std::int32_t f = r.freed(id, l);
-        const auto t = r.table(id, l);
-        REQUIRE(f >= 0);
-        REQUIRE(f <= static_cast<std::int32_t>(b.size()));
-        const std::vector<std::int32_t> kept(b.begin(), b.end() - f), gone(b.end() - f, b.end());
-        const std::vector<std::int32_t> held(&t.ids(0), &t.ids(0) + t.indptr(1));
-        REQUIRE(kept == held);
-        REQUIRE(static_cast<index_t>(held.size()) == (t.seq_lens(0) + bs - 1) / bs);
-        auto& fl = free_ids[static_cast<std::size_t>(l)];
-        fl.insert(fl.end(), gone.begin(), gone.end());
-        freed_total += f;
-        b = kept;
-        len(id, l) = t.seq_lens(0);
-      }
-    covered();
-  }
-  // A sequence leaves: all its blocks go back.
-  void drop(sequence_id id) {
-    for (index_t l = 0; l < L; ++l) {
-      auto& b = list(id, l);
-      auto& fl = free_ids[static_cast<std::size_t>(l)];
-      fl.insert(fl.end(), b.begin(), b.end());
-    }
-    blocks.erase(id);
-    lens.erase(id);
-    covered();
-  }
-  // Every block of every layer's pool is in exactly one place: the free list or one
-  // sequence's list.
-  void covered() const {
-    for (index_t l = 0; l < L; ++l) {
-      std::vector<int> seen(static_cast<std::size_t>(N), 0);
-      for (std::int32_t id : free_ids[static_cast<std::size_t>(l)])
-        ++seen[static_cast<std::size_t>(id)];
-      for (const auto& [sid, b] : blocks)
-        for (std::int32_t id : b[static_cast<std::size_t>(l)]) ++seen[static_cast<std::size_t>(id)];
-      for (index_t id = 0; id < N; ++id) REQUIRE(seen[static_cast<std::size_t>(id)] == 1);
-    }
-  }
-};
+// The toy engine (tests/support/paged_engine.hpp); a Seq converts to the prompt it writes.
+using Engine = paged_engine::RaggedEngine;
 
 // A paged sequence (its K/V read through its table from the pools) holds what the
 // dense cache `dense` holds: budgets, stages, preferences, lengths, positions and the
@@ -990,8 +800,8 @@ void check_paged(const Dense& dense, const Ragged& r, sequence_id id, Engine& e)
     for (index_t h = 0; h < e.Hkv; ++h)
       for (index_t j = 0; j < longest; ++j) {
         if (j < len[static_cast<std::size_t>(h)]) same = same && pd(0, h, j) == pp(0, h, j);
-        const float* k = e.at(e.k[L_], ids, h, j);
-        const float* v = e.at(e.v[L_], ids, h, j);
+        const float* k = e.at(e.kpool[L_], ids, h, j);
+        const float* v = e.at(e.vpool[L_], ids, h, j);
         for (index_t x = 0; x < e.d; ++x)  // bits: a NaN (never written) fails
           same =
               same &&
@@ -1081,7 +891,7 @@ State state(const Ragged& r, const Engine& e) {
     s.seqs.push_back(cake_test::snapshot(r.sequence(id)));
     for (index_t l = 0; l < e.L; ++l) s.received.push_back(r.chunk_tokens_received(id, l));
   }
-  for (const auto* pools : {&e.k, &e.v})
+  for (const auto* pools : {&e.kpool, &e.vpool})
     for (const auto& p : *pools)
       for (float f : p) s.pools.push_back(std::bit_cast<std::uint32_t>(f));
   return s;
@@ -1335,8 +1145,8 @@ TEST_CASE("RaggedKvCache on paged pools: bad tables are rejected before any sequ
   }
   SUBCASE("pools other than the layer's") {
     auto kv = e.kv(ab, 0);  // layer 0's pools are fixed now: 1 and 2 hold blocks there
-    kv.k_pool = e.pool(e.k[2]);
-    kv.v_pool = e.pool(e.v[2]);
+    kv.k_pool = e.pool(e.kpool[2]);
+    kv.v_pool = e.pool(e.vpool[2]);
     ragged.add(3);
     const Seq c = ragged_test::make_seq(base, 3, 9, 8, 45, 0);
     e.write(c, 0, 0, c.S);
@@ -1350,9 +1160,19 @@ TEST_CASE("RaggedKvCache on paged pools: bad tables are rejected before any sequ
         },
         "the pools its first paged call gave");
   }
+  SUBCASE("pools whose strides alias tokens") {
+    auto kv = e.kv(ab, 1);  // layer 1 has no pools yet: these would be its
+    auto st = e.strides();
+    st[2] = 0;  // every slot of a block the same memory
+    kv.v_pool =
+        cake::make_view(e.vpool[1].data(), std::array<index_t, 4>{e.N, e.Hkv, e.bs, e.d}, st);
+    rejects(ragged, e, prefill(kv),
+            "[cake.compact.pool] v_pool must give every (block, kv_head, slot, x) element its own "
+            "memory: stride(2) must be >= 1");
+  }
   SUBCASE("a value in the pool not finite") {
     const auto kv = e.kv(ab, 1);
-    float& x = e.v[1][static_cast<std::size_t>(e.offset(e.list(2, 1)[5], 1, 15) + 2)];
+    float& x = e.vpool[1][static_cast<std::size_t>(e.offset(e.list(2, 1)[5], 1, 15) + 2)];
     const float was = x;
     x = std::numeric_limits<float>::infinity();
     rejects(ragged, e, prefill(kv), "v_pool");

@@ -917,3 +917,162 @@ TEST_CASE(
     }
   }
 }
+
+// The same on the engine's pools: a bounded sequence whose chunks the engine writes
+// after the tokens each layer holds, evicted in place between chunks (the kept
+// tokens packed into the leading slots of the layer's blocks), then decoded through
+// block tables. A failed call leaves the sequence, its original positions and the
+// pools bit for bit as they were.
+//
+// Finding (fixed, 9e9df7a; no test until now): the kept tokens' original positions
+// were sized after the in-place eviction between chunks had moved the tokens in the
+// pools, so a bad_alloc there left the pools compacted under a sequence that still
+// held the tokens before it.
+namespace {
+using PagedRagged = cake::RaggedKvCacheOf<cake::methods::Cake<>>;
+struct PagedRaggedRun {
+  paged_engine::RaggedEngine e;
+  PagedRagged r;
+  cake::paged_kv<float> kv{};   // a chunk's pools and table
+  cake::block_table<> table{};  // a decoding step's table
+};
+struct PagedRaggedState {
+  RaggedState seq;
+  std::vector<std::int32_t> freed;  // per layer with blocks: freed(1, l)
+  std::vector<std::uint32_t> pools;
+  bool operator==(const PagedRaggedState&) const = default;
+};
+}  // namespace
+
+TEST_CASE(
+    "fault injection: RaggedKvCache with bounded chunking on paged pools keeps the strong "
+    "guarantee") {
+  const cake::CacheConfig cfg{.layers = 2,
+                              .batch = 1,
+                              .q_heads = 4,
+                              .kv_heads = 2,
+                              .head_dim = 8,
+                              .window = 4,
+                              .cache_size = 6};
+  // As the dense test's: S = 20 by chunks of 8 evicts between chunks and decodes at
+  // budget + w; S = 8 by chunks of 4 with C = 40 grows while decoding.
+  for (const auto& shape : {std::pair<index_t, index_t>{20, 8}, {8, 4}}) {
+    const index_t S = shape.first, chunk = shape.second, C = S == 8 ? 40 : cfg.cache_size,
+                  chunks = (S + chunk - 1) / chunk, L = cfg.layers, H = cfg.q_heads,
+                  Hkv = cfg.kv_heads, d = cfg.head_dim, steps = 3;
+    CAPTURE(S);
+    std::mt19937 gen(13);
+    std::normal_distribution<float> normal;
+    const auto random = [&](index_t n) {
+      std::vector<float> x(static_cast<std::size_t>(n));
+      for (float& e : x) e = normal(gen);
+      return x;
+    };
+    std::vector<std::vector<float>> q, k, v, dq, dk, dv;  // per layer; per step and layer
+    for (index_t l = 0; l < L; ++l) {
+      q.push_back(random(S * H * d));    // (S, q_heads, head_dim)
+      k.push_back(random(Hkv * S * d));  // (kv_heads, S, head_dim): the engine writes them
+      v.push_back(random(Hkv * S * d));
+    }
+    for (index_t i = 0; i < steps * L; ++i) {
+      dq.push_back(random(H * d));    // (1, q_heads, head_dim)
+      dk.push_back(random(Hkv * d));  // (1, kv_heads, head_dim)
+      dv.push_back(random(Hkv * d));
+    }
+    const paged_engine::Prompt prompt{1, S, &k, &v};
+    const std::array<cake::sequence_id, 1> ids{1};
+    const auto range = [&](index_t i) {  // call i < chunks * L: chunk i / L's tokens
+      const index_t at = i / L * chunk;
+      return std::pair<index_t, index_t>{at, std::min(S, at + chunk)};
+    };
+    // Call i: chunk i / L of layer i % L, then decoding step (i - chunks * L) / L. The
+    // engine first writes the chunk after what the layer holds, or makes room for the
+    // new token (ready); after the call it takes the released blocks back (done).
+    const auto ready = [&](PagedRaggedRun& run, index_t i) {
+      const index_t l = i % L;
+      if (i < chunks * L) {
+        const auto [at, to] = range(i);
+        run.e.write_after(prompt, l, at, to, run.r.chunk_tokens_held(1, l));
+        run.kv = run.e.kv(ids, l);
+      } else {
+        run.e.room(ids, l);
+        run.table = run.e.table(ids, l);
+      }
+    };
+    const auto call = [&](PagedRaggedRun& run, index_t i) {
+      const index_t l = i % L;
+      if (i < chunks * L) {
+        const auto [at, to] = range(i);
+        const index_t n = to - at;
+        const std::array<std::int32_t, 2> cu{0, static_cast<std::int32_t>(n)};
+        run.r.prefill_chunk(
+            l, ids, cake::make_view(q[l].data() + at * H * d, std::array<index_t, 3>{n, H, d}),
+            run.kv, cu);
+      } else {
+        const auto t = static_cast<std::size_t>(i - chunks * L);
+        run.r.decode(l, ids, cake::make_view(dq[t].data(), std::array<index_t, 3>{1, H, d}),
+                     cake::make_view(dk[t].data(), std::array<index_t, 3>{1, Hkv, d}),
+                     cake::make_view(dv[t].data(), std::array<index_t, 3>{1, Hkv, d}), run.table);
+      }
+    };
+    const auto done = [&](PagedRaggedRun& run, index_t i) {
+      if (i < chunks * L) run.e.take_chunk_back(run.r, ids, i % L);
+      run.e.take_back(run.r, ids);
+    };
+    const auto fresh = [&] {
+      PagedRaggedRun run{paged_engine::RaggedEngine(cfg, 3, true, 16, 31), PagedRagged(cfg)};
+      run.r.add(1,
+                {.cache_size = C, .prompt_length = S, .chunking = cake::chunk_eviction::bounded});
+      return run;
+    };
+    const auto state = [&](const PagedRaggedRun& run) {
+      const PagedRagged& r = run.r;
+      PagedRaggedState s{{snapshot(r.sequence(1)), {}, {}, {}}, {}, {}};
+      for (index_t l = 0; l < L; ++l) {
+        s.seq.received.push_back(r.chunk_tokens_received(1, l));
+        s.seq.held.push_back(r.chunk_tokens_held(1, l));
+        std::vector<index_t> p;
+        if (r.sequence(1).layers_prefilled() > l) {
+          const auto P = r.positions(1, l);
+          for (index_t g = 0; g < P.extent(1); ++g)
+            for (index_t t = 0; t < P.extent(2); ++t) p.push_back(P(0, g, t));
+        }
+        s.seq.positions.push_back(std::move(p));
+        if (r.paged(1, l) || r.chunk_tokens_held(1, l) > 0) s.freed.push_back(r.freed(1, l));
+      }
+      for (const auto* pools : {&run.e.kpool, &run.e.vpool})
+        for (const auto& p : *pools)
+          for (float x : p) s.pools.push_back(std::bit_cast<std::uint32_t>(x));
+      return s;
+    };
+    {  // the shapes do what they are for: evictions between chunks, growth when decoding
+      auto run = fresh();
+      for (index_t i = 0; i < (chunks + steps) * L; ++i) {
+        ready(run, i);
+        call(run, i);
+        done(run, i);
+      }
+      CHECK((run.e.freed_total > 0) == (S == 20));
+      index_t most = 0;
+      for (index_t l = 0; l < L; ++l) most = std::max(most, run.r.positions(1, l).extent(2));
+      CHECK((most > S) == (S == 8));
+    }
+    long faults = 0;
+    for (index_t i = 0; i < (chunks + steps) * L; ++i) {
+      const auto make = [&] {
+        auto run = fresh();
+        for (index_t j = 0; j < i; ++j) {
+          ready(run, j);
+          call(run, j);
+          done(run, j);
+        }
+        ready(run, i);
+        return run;
+      };
+      faults += inject_all(
+          "ragged paged bounded call " + std::to_string(i), make,
+          [&](PagedRaggedRun& run) { call(run, i); }, state);
+    }
+    CHECK(faults > 0);
+  }
+}

@@ -129,6 +129,7 @@ status validate_compact(view<T, 4, Space> pool, const block_table<Space>& table,
              "head_dim), got block_size = ", bs);
   CAKE_CHECK(inner_contiguous(pool), "cake.compact.layout",
              "pool must have unit stride along head_dim");
+  CAKE_TRY(validate_pool_strides(pool, "cake.compact.pool", "pool"));
   CAKE_CHECK(table.indptr.extent(0) == n + 1, "cake.compact.indptr",
              "indptr must have num_seqs + 1 = ", n + 1, " entries, got ", table.indptr.extent(0));
   CAKE_CHECK(keep.extent(0) == n && keep.extent(1) == Hkv, "cake.compact.keep",
@@ -212,6 +213,8 @@ status check_kv_pools(const KP& k, const VP& v) {
              v.extent(3), ")");
   CAKE_CHECK(inner_contiguous(v), "cake.compact.layout",
              "v_pool must have unit stride along head_dim");
+  CAKE_TRY(validate_pool_strides(k, "cake.compact.pool", "k_pool"));
+  CAKE_TRY(validate_pool_strides(v, "cake.compact.pool", "v_pool"));
   const auto [k_lo, k_hi] = byte_span(k);
   const auto [v_lo, v_hi] = byte_span(v);
   CAKE_CHECK(!(k_lo < v_hi && v_lo < k_hi), "cake.compact.pool",

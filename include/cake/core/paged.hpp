@@ -18,6 +18,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -50,6 +51,31 @@ block_table<Space> make_block_table(const std::int32_t* indptr, const std::int32
 inline block_table<host_space> make_block_table(const std::int32_t* indptr, const std::int32_t* ids,
                                                 const std::int32_t* seq_lens, index_t num_seqs) {
   return make_block_table<host_space>(indptr, ids, seq_lens, num_seqs, indptr[num_seqs]);
+}
+
+// A pool's strides give each (block, kv_head, slot, x) element memory of its own:
+// taken from the smallest stride up (dimensions of extent 1 aside), each stride is at
+// least the span of the dimensions before it, as in the HND and NHD layouts. A slot
+// stride of 0, say, would make a block's tokens one token: an in-place compaction
+// would overwrite the tokens it keeps. `id` and `name` name the pool in the error.
+template <class P>
+status validate_pool_strides(const P& pool, const char* id, const char* name) {
+  std::array<std::size_t, 4> order{0, 1, 2, 3};  // by stride, ties in dimension order
+  for (std::size_t i = 1; i < 4; ++i)            // insertion sort: std::stable_sort may allocate
+    for (std::size_t j = i; j > 0 && pool.stride(order[j]) < pool.stride(order[j - 1]); --j)
+      std::swap(order[j], order[j - 1]);
+  index_t span = 1;  // elements the dimensions so far reach: their largest offset + 1
+  for (std::size_t r : order) {
+    const auto n = static_cast<index_t>(pool.extent(r)), st = static_cast<index_t>(pool.stride(r));
+    if (n <= 1) continue;
+    CAKE_CHECK(st >= span, id, name,
+               " must give every (block, kv_head, slot, x) element its own memory: stride(", r,
+               ") must be >= ", span, ", the span of the dimensions with smaller strides, got ", st,
+               " (strides (", pool.stride(0), ", ", pool.stride(1), ", ", pool.stride(2), ", ",
+               pool.stride(3), "))");
+    span += st * (n - 1);
+  }
+  return status::success();
 }
 
 // Checks a host-resident block table against a pool of `num_blocks` blocks of

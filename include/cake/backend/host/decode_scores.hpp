@@ -136,12 +136,23 @@ void pool_group(const Ind& indicator, float* p, index_t ld, index_t grp, const f
   }
   const int kernel = indicator.pool_kernel, half = kernel / 2;
   const float scale = 1.0f / (static_cast<float>(kernel) * static_cast<float>(grp));
-  for (index_t j = 0; j < c; ++j) {
+  // Where the window lies inside [0, c): its sums vectorised over j, each added in the
+  // order the edges add theirs (from 0, the window's positions ascending).
+  const index_t in0 = std::min<index_t>(half, c), in1 = std::max<index_t>(in0, c - half);
+  for (index_t j = in0; j < in1; ++j) o[j] = 0.0f;
+  for (int t = 0; t < kernel; ++t) {
+    const float* pt = p + t - half;
+    for (index_t j = in0; j < in1; ++j) o[j] += pt[j];
+  }
+  for (index_t j = in0; j < in1; ++j) o[j] *= scale;
+  const auto edge = [&](index_t j) {
     float s = 0;
     const index_t lo = std::max<index_t>(0, j - half), hi = std::min<index_t>(c, j + half + 1);
     for (index_t t = lo; t < hi; ++t) s += p[t];
     o[j] = s * scale;
-  }
+  };
+  for (index_t j = 0; j < in0; ++j) edge(j);
+  for (index_t j = in1; j < c; ++j) edge(j);
 }
 
 // Every (batch, kv-head) row: the group's logits against its n_held keys, each row's

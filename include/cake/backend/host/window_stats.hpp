@@ -312,8 +312,7 @@ struct LaneScratch {
   }
 };
 
-// The SIMD path for query heads head0 ... head0 + n - 1 of batch b (all of KV head g's
-// or some of them, heads_per_task). Per key tile and row pair: the scores (K read
+// The SIMD path for KV head g of batch b. Per key tile and row pair: the scores (K read
 // in place, each key value broadcast against the pair's rows), each lane's tile max,
 // e = exp(logit - tile max) of the prefix keys kept, and the tile's sums; then per row
 // the max M and sum L over the tiles and each tile's factor exp(tile max - M) / L that
@@ -345,32 +344,11 @@ void widen_keys(const simd::kernels& kk, const TK* src, index_t pitch, index_t c
   }
 }
 
-// Query heads per task of the SIMD path (a divisor of the group size n): the whole group
-// (each key tile read once for all its heads) where pair_tile streams e to memory; else
-// the most heads whose kept e stay within E_CACHE_BYTES, so that the column pass reads
-// them from the last-level cache, at the cost of reading the group's keys once per task
-// (mostly from that cache too: the threads take a group's tasks side by side). More tasks
-// than threads also leave less idle time at the end when a thread falls behind (a shared
-// machine). A task's heads fill whole pairs of row vectors.
-inline constexpr std::size_t E_CACHE_BYTES = std::size_t{4} << 20;
-inline index_t heads_per_task(const simd::kernels& kk, index_t n, index_t w, index_t S) {
-  const index_t w_pad = round_up(w, kk.vw);
-  const auto fits_pairs = [&](index_t h) {
-    return h == n || (n % h == 0 && h * w_pad % kk.pr == 0);
-  };
-  if (kk.stream_e) return n;
-  const std::size_t per_head = static_cast<std::size_t>(round_up(S - w, kk.tk) * w_pad) * 4;
-  index_t best = 0;
-  for (index_t h = 1; h <= n; ++h)
-    if (fits_pairs(h) && (best == 0 || h * per_head <= E_CACHE_BYTES)) best = h;
-  return best;
-}
-
 template <class QV, class KS, class Ind>
 void group_lanes(const simd::kernels& kk, const QV& q, const KS& ks, index_t b, index_t g,
-                 index_t head0, index_t n, index_t w, index_t S, index_t d, const Ind& indicator,
-                 StatsRequest req, const LaneScratch::dims& m, LaneScratch& s, float* ind_group,
-                 double* ent, double* var) {
+                 index_t n, index_t w, index_t S, index_t d, const Ind& indicator, StatsRequest req,
+                 const LaneScratch::dims& m, LaneScratch& s, float* ind_group, double* ent,
+                 double* var) {
   const index_t P = S - w, vw = kk.vw, pr = kk.pr, tk = kk.tk, R = m.R, nvh = m.w_pad / vw;
   // Where e is: head h's vector u (lanes u * vw ... of its rows) for key j at
   // e_at(h, u) + j * key_ld. Interleaved (a key's vectors side by side) where a vector
@@ -384,7 +362,7 @@ void group_lanes(const simd::kernels& kk, const QV& q, const KS& ks, index_t b, 
   for (index_t r = 0; r < n; ++r)
     for (index_t i = 0; i < w; ++i) {
       const index_t lane = r * m.w_pad + i, pair = lane / pr, l = lane % pr;
-      const auto* qr = &q(b, head0 + r, i, 0);
+      const auto* qr = &q(b, g * n + r, i, 0);
       float* dst = s.qt + pair * d * pr + l;
       for (index_t x = 0; x < d; ++x) dst[x * pr] = static_cast<float>(qr[x]);
     }
@@ -568,24 +546,20 @@ struct window_stats_backend<host_policy> {
     host_workspace local;
     host_workspace& ws = detail::workspace_of(exec, local);
     if (kk) {
-      const index_t nh = heads_per_task(*kk, n, w, S);
-      const index_t parts = n / nh;
-      const int ntt = detail::worker_count(exec, B * Hkv * parts);
-      const LaneScratch::dims m(*kk, nh, w, S);
+      const LaneScratch::dims m(*kk, n, w, S);
       detail::carver shared, worker, pool;
       Shared::carve(shared, B * H, P);
-      LaneScratch::carve(worker, *kk, m, nh, d);
+      LaneScratch::carve(worker, *kk, m, n, d);
       pool.take<float>(static_cast<std::size_t>(P + 2 * (indicator.pool_kernel / 2)));
-      ws.prepare(shared.bytes(), ntt, std::max(worker.bytes(), pool.bytes()));
+      ws.prepare(shared.bytes(), nt, std::max(worker.bytes(), pool.bytes()));
       detail::carver shared_c(ws.shared());
       const Shared sh = Shared::carve(shared_c, B * H, P);
-      detail::parallel_for(exec, B * Hkv * parts, [&](index_t task, int wk) {
+      detail::parallel_for(exec, B * Hkv, [&](index_t bg, int wk) {
         detail::carver c(ws.worker(wk));
-        LaneScratch s = LaneScratch::carve(c, *kk, m, nh, d);
-        const index_t bg = task / parts, b = bg / Hkv, g = bg % Hkv;
-        const index_t head0 = g * n + task % parts * nh, h0 = b * H + head0;
-        group_lanes(*kk, q, ks, b, g, head0, nh, w, S, d, indicator, req, m, s,
-                    sh.ind_heads + h0 * P, sh.ent + h0, sh.var + h0);
+        LaneScratch s = LaneScratch::carve(c, *kk, m, n, d);
+        const index_t b = bg / Hkv, g = bg % Hkv, h0 = b * H + g * n;
+        group_lanes(*kk, q, ks, b, g, n, w, S, d, indicator, req, m, s, sh.ind_heads + h0 * P,
+                    sh.ent + h0, sh.var + h0);
       });
       finish(exec, ws, sh, B, Hkv, n, P, indicator.pool_kernel, out, stats);
       return;

@@ -46,9 +46,6 @@ struct kernels {
   // Window statistics with the rows in lanes (simd_body.hpp): rows per pair, keys per
   // micro-tile and keys per tile of pair_tile.
   index_t pr, kt, tk;
-  // Whether pair_tile streams the kept e past the caches (else it stores them normally and
-  // the caller keeps each task's e small enough to stay in the last-level cache).
-  bool stream_e;
   void (*pair_tile)(const float*, index_t, const float*, index_t, index_t, index_t, index_t,
                     const float*, float, float*, float*, float*, float*, index_t,
                     float* const (&)[4], const char* const*, index_t, index_t);
@@ -122,7 +119,7 @@ inline const kernels* active_kernels() noexcept {
         &avx2::decode_dots_lh
 #endif
         ,
-        avx2::PR, avx2::KT, avx2::TK, avx2::STREAM_E, &avx2::pair_tile, &avx2::combine_rows,
+        avx2::PR, avx2::KT, avx2::TK, &avx2::pair_tile, &avx2::combine_rows,
         &avx2::head_columns_lanes, &avx2::widen_rows_b
 #if CAKE_SIMD_HAS_HALF
         ,
@@ -142,8 +139,8 @@ inline const kernels* active_kernels() noexcept {
         &avx512::decode_dots_lh
 #endif
         ,
-        avx512::PR, avx512::KT, avx512::TK, avx512::STREAM_E, &avx512::pair_tile,
-        &avx512::combine_rows, &avx512::head_columns_lanes, &avx512::widen_rows_b
+        avx512::PR, avx512::KT, avx512::TK, &avx512::pair_tile, &avx512::combine_rows,
+        &avx512::head_columns_lanes, &avx512::widen_rows_b
 #if CAKE_SIMD_HAS_HALF
         ,
         &avx512::widen_rows_h

@@ -360,9 +360,6 @@ inline void decode_dots_lh(const float* CAKE_RESTRICT q, index_t rows, index_t d
 inline constexpr index_t PR = 2 * VW;
 inline constexpr index_t KT = VW == 16 ? 8 : 6;
 inline constexpr index_t TK = VW == 16 ? 128 : 96;
-// Whether pair_tile writes e with streaming stores (AVX-512) or plain ones (AVX2, on
-// the Zen 3 it was tuned on: a task's e read back from the last-level cache, not memory).
-inline constexpr bool STREAM_E = VW == 16;
 
 // Scores of one pair against KT keys: acc[t][v] = q_v . k_t, q (d, PR): the pair's rows
 // transposed; k_t = k + t * k_ld.
@@ -450,7 +447,7 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
   // One row vector at a time: with both at once AVX2's 16 registers do not hold the
   // polynomial's constants and the sums, which then round-trip through the stack. (A
   // vector is half a cache line: the caller lays e out so that e_ld = VW, the keys'
-  // vectors one after another, so that the stores fill whole lines.)
+  // vectors one after another, so that the streaming stores fill whole lines.)
   float* const ev[2] = {e0, e1};
   const V bv[2] = {b0, b1}, mv[2] = {m0, m1}, xv[2] = {mx0, mx1};
   for (index_t v = 0; v < 2; ++v) {
@@ -462,7 +459,7 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
     for (; t < npre; ++t) {
       const V x = (load(bt + t * PR) - bb) * sc;
       const V y = exp_neg(x);
-      if (et) store(et + t * e_ld, y);
+      if (et) store_nt(et + t * e_ld, y);
       s += y;
       q = fma(y, x, q);
     }
@@ -473,6 +470,7 @@ inline void pair_tile(const float* CAKE_RESTRICT qt, index_t d, const float* CAK
     store(st[2] + v * VW, p);
     store(st[3] + v * VW, q);
   }
+  _mm_sfence();
 #else
   V s0 = zero, s1 = zero, p0 = zero, p1 = zero, q0 = zero, q1 = zero;
   index_t t = 0;

@@ -293,53 +293,55 @@ class RaggedKvCache {
     check_value_type<decltype(q), decltype(q)>();  // staged with them
     const auto l = static_cast<std::size_t>(layer);
     const index_t H = cfg_.q_heads, Hkv = cfg_.kv_heads, d = cfg_.head_dim, w = cfg_.window;
-    // Allocate every staging buffer the call needs before the first write.
-    for (sequence_id id : ids) {
-      Sequence& s = seqs_.at(id);
-      if (s.staged.empty()) s.staged.resize(static_cast<std::size_t>(cfg_.layers));
-      if (s.mode == chunk_eviction::bounded && s.bounded.empty())
-        s.bounded.resize(static_cast<std::size_t>(cfg_.layers));
-      Staged& st = s.staged[l];
-      if (s.mode == chunk_eviction::exact && st.received == 0 && Store::size(st.k) == 0) {
-        Staged fresh;
-        fresh.k = Store::template make<T>(exec_, Hkv * s.prompt * d);
-        fresh.v = Store::template make<T>(exec_, Hkv * s.prompt * d);
-        fresh.q = Store::template make<T>(exec_, H * w * d);
-        st = std::move(fresh);
-      }
-    }
     const std::vector<Sequence*> seq = sequences(ids);
-    each_sequence(ids.size(), chunk_work(ids, layer, cu_seqlens), [&](std::size_t i) {
-      Sequence& s = *seq[i];
-      Staged& st = s.staged[l];
-      const index_t b = cu_seqlens[i], n = cu_seqlens[i + 1] - b, S = s.prompt, at = st.received;
-      if constexpr (on_host) {
-        if (s.mode == chunk_eviction::bounded) {
-          bounded_chunk(s, layer, q, k, v, b, n);
-          return;
+    first_chunk_undone(seq, [&] {
+      // Allocate every staging buffer the call needs before the first write.
+      for (Sequence* sp : seq) {
+        Sequence& s = *sp;
+        if (s.staged.empty()) s.staged.resize(static_cast<std::size_t>(cfg_.layers));
+        if (s.mode == chunk_eviction::bounded && s.bounded.empty())
+          s.bounded.resize(static_cast<std::size_t>(cfg_.layers));
+        Staged& st = s.staged[l];
+        if (s.mode == chunk_eviction::exact && st.received == 0 && Store::size(st.k) == 0) {
+          Staged fresh;
+          fresh.k = Store::template make<T>(exec_, Hkv * s.prompt * d);
+          fresh.v = Store::template make<T>(exec_, Hkv * s.prompt * d);
+          fresh.q = Store::template make<T>(exec_, H * w * d);
+          st = std::move(fresh);
         }
       }
-      // keys, values: (kv_heads, S, head_dim) staged; q: (q_heads, w, head_dim), the
-      // prompt's last w positions [S - w, S).
-      for (index_t g = 0; g < Hkv; ++g) {
-        Store::copy_2d(exec_, &k(b, g, 0), static_cast<index_t>(k.stride(0)),
-                       Store::ptr(st.k) + (g * S + at) * d, d, n, d);
-        Store::copy_2d(exec_, &v(b, g, 0), static_cast<index_t>(v.stride(0)),
-                       Store::ptr(st.v) + (g * S + at) * d, d, n, d);
-      }
-      const index_t from = std::max(at, S - w), to = at + n;  // positions of window queries
-      if (from < to)
-        for (index_t h = 0; h < H; ++h)
-          Store::copy_2d(exec_, &q(b + from - at, h, 0), static_cast<index_t>(q.stride(0)),
-                         Store::ptr(st.q) + (h * w + from - (S - w)) * d, d, to - from, d);
-      if (to < S) {
-        st.received = to;
-        return;
-      }
-      // The last chunk: the whole prompt of the layer is here.
-      s.cache->prefill(layer, staged_queries(st), staged_prompt(st.k, S), staged_prompt(st.v, S));
-      st = Staged{};
-      st.received = S;  // done; its memory is freed
+      each_sequence(ids.size(), chunk_work(ids, layer, cu_seqlens), [&](std::size_t i) {
+        Sequence& s = *seq[i];
+        Staged& st = s.staged[l];
+        const index_t b = cu_seqlens[i], n = cu_seqlens[i + 1] - b, S = s.prompt, at = st.received;
+        if constexpr (on_host) {
+          if (s.mode == chunk_eviction::bounded) {
+            bounded_chunk(s, layer, q, k, v, b, n);
+            return;
+          }
+        }
+        // keys, values: (kv_heads, S, head_dim) staged; q: (q_heads, w, head_dim), the
+        // prompt's last w positions [S - w, S).
+        for (index_t g = 0; g < Hkv; ++g) {
+          Store::copy_2d(exec_, &k(b, g, 0), static_cast<index_t>(k.stride(0)),
+                         Store::ptr(st.k) + (g * S + at) * d, d, n, d);
+          Store::copy_2d(exec_, &v(b, g, 0), static_cast<index_t>(v.stride(0)),
+                         Store::ptr(st.v) + (g * S + at) * d, d, n, d);
+        }
+        const index_t from = std::max(at, S - w), to = at + n;  // positions of window queries
+        if (from < to)
+          for (index_t h = 0; h < H; ++h)
+            Store::copy_2d(exec_, &q(b + from - at, h, 0), static_cast<index_t>(q.stride(0)),
+                           Store::ptr(st.q) + (h * w + from - (S - w)) * d, d, to - from, d);
+        if (to < S) {
+          st.received = to;
+          return;
+        }
+        // The last chunk: the whole prompt of the layer is here.
+        s.cache->prefill(layer, staged_queries(st), staged_prompt(st.k, S), staged_prompt(st.v, S));
+        st = Staged{};
+        st.received = S;  // done; its memory is freed
+      });
     });
   }
 
@@ -380,45 +382,48 @@ class RaggedKvCache {
     const auto l = static_cast<std::size_t>(layer);
     const index_t H = cfg_.q_heads, d = cfg_.head_dim, w = cfg_.window, bs = kv.k_pool.extent(2);
     const std::vector<Sequence*> seq = sequences(ids);
-    // Allocate every buffer the call needs before the first write.
-    for (std::size_t i = 0; i < ids.size(); ++i) {
-      Sequence& s = *seq[i];
-      if (s.staged.empty()) s.staged.resize(static_cast<std::size_t>(cfg_.layers));
-      Staged& st = s.staged[l];
-      if (st.received == 0 && Store::size(st.q) == 0) {
-        Staged fresh;
-        fresh.q = Store::template make<T>(exec_, H * w * d);
-        fresh.paged = true;
-        st = std::move(fresh);
-      }
-      st.lent.reserve(parts_[i].ids.size());
-      if (s.mode == chunk_eviction::bounded && s.bounded.empty())
-        s.bounded.resize(static_cast<std::size_t>(cfg_.layers));
-    }
-    on_pools(layer, seq, kv, [&] {
-      each_sequence(ids.size(), chunk_work(ids, layer, cu_seqlens), [&](std::size_t i) {
+    first_chunk_undone(seq, [&] {
+      // Allocate every buffer the call needs before the first write.
+      for (std::size_t i = 0; i < ids.size(); ++i) {
         Sequence& s = *seq[i];
+        if (s.staged.empty()) s.staged.resize(static_cast<std::size_t>(cfg_.layers));
         Staged& st = s.staged[l];
-        const index_t b = cu_seqlens[i], n = cu_seqlens[i + 1] - b, S = s.prompt, at = st.received;
-        if (s.mode == chunk_eviction::bounded) {
-          bounded_chunk_paged(s, layer, q, kv, parts_[i], b, n);
-          return;
+        if (st.received == 0 && Store::size(st.q) == 0) {
+          Staged fresh;
+          fresh.q = Store::template make<T>(exec_, H * w * d);
+          fresh.paged = true;
+          st = std::move(fresh);
         }
-        const index_t from = std::max(at, S - w), to = at + n;  // positions of window queries
-        if (from < to)
-          for (index_t h = 0; h < H; ++h)
-            Store::copy_2d(exec_, &q(b + from - at, h, 0), static_cast<index_t>(q.stride(0)),
-                           Store::ptr(st.q) + (h * w + from - (S - w)) * d, d, to - from, d);
-        if (to < S) {  // the blocks holding tokens so far (reserved: no allocation)
-          const std::vector<std::int32_t>& ids_i = parts_[i].ids;
-          st.lent.assign(ids_i.begin(), ids_i.begin() + (to + bs - 1) / bs);
-          st.received = to;
-          return;
-        }
-        s.cache->prefill(layer, staged_queries(st),
-                         paged_kv<T>{kv.k_pool, kv.v_pool, parts_[i].view()});
-        st = Staged{};
-        st.received = S;
+        st.lent.reserve(parts_[i].ids.size());
+        if (s.mode == chunk_eviction::bounded && s.bounded.empty())
+          s.bounded.resize(static_cast<std::size_t>(cfg_.layers));
+      }
+      on_pools(layer, seq, kv, [&] {
+        each_sequence(ids.size(), chunk_work(ids, layer, cu_seqlens), [&](std::size_t i) {
+          Sequence& s = *seq[i];
+          Staged& st = s.staged[l];
+          const index_t b = cu_seqlens[i], n = cu_seqlens[i + 1] - b, S = s.prompt,
+                        at = st.received;
+          if (s.mode == chunk_eviction::bounded) {
+            bounded_chunk_paged(s, layer, q, kv, parts_[i], b, n);
+            return;
+          }
+          const index_t from = std::max(at, S - w), to = at + n;  // positions of window queries
+          if (from < to)
+            for (index_t h = 0; h < H; ++h)
+              Store::copy_2d(exec_, &q(b + from - at, h, 0), static_cast<index_t>(q.stride(0)),
+                             Store::ptr(st.q) + (h * w + from - (S - w)) * d, d, to - from, d);
+          if (to < S) {  // the blocks holding tokens so far (reserved: no allocation)
+            const std::vector<std::int32_t>& ids_i = parts_[i].ids;
+            st.lent.assign(ids_i.begin(), ids_i.begin() + (to + bs - 1) / bs);
+            st.received = to;
+            return;
+          }
+          s.cache->prefill(layer, staged_queries(st),
+                           paged_kv<T>{kv.k_pool, kv.v_pool, parts_[i].view()});
+          st = Staged{};
+          st.received = S;
+        });
       });
     });
   }
@@ -656,6 +661,23 @@ class RaggedKvCache {
     std::int64_t held = 0;
     for (const Sequence* s : seq) held += s->cache->tokens_held(layer);
     return held * cfg_.q_heads * cfg_.head_dim;
+  }
+
+  // run(), a chunk call of the sequences seq. A sequence whose first chunk call fails is
+  // left as it was, with no chunk state (a whole-prompt prefill is accepted again):
+  // its first chunk is layer 0's (check_turn), so layer 0 received nothing.
+  template <class F>
+  static void first_chunk_undone(const std::vector<Sequence*>& seq, F&& run) {
+    try {
+      run();
+    } catch (...) {
+      for (Sequence* s : seq)
+        if (!s->staged.empty() && s->staged[0].received == 0) {
+          std::vector<Staged>().swap(s->staged);
+          std::vector<Bounded>().swap(s->bounded);
+        }
+      throw;
+    }
   }
 
   // ---- paged storage ---------------------------------------------------------

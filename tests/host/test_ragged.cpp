@@ -1430,3 +1430,64 @@ TEST_CASE_TEMPLATE("RaggedKvCache on paged pools: bounded chunking equals it on 
         same();
       }
 }
+
+// A sequence's first chunk call that fails late, in the check its own cache runs when
+// the chunk is its whole prompt (the last chunk: the cache prefills the layer), after
+// the call made the sequence's chunk state: the sequence is left as it was, so a
+// whole-prompt prefill of it is then accepted and equals one that never failed.
+namespace ragged_test {
+// A preference that fails every layer (a negative value) while *fail is set.
+struct FailingPreference {
+  static constexpr bool needs_entropy = true;
+  static constexpr bool needs_variance = true;
+  const bool* fail = nullptr;
+  double operator()(const cake::LayerStats& s) const {
+    return *fail ? -1.0 : cake::CakePreference{}(s);
+  }
+  cake::status validate() const { return cake::status::success(); }
+};
+}  // namespace ragged_test
+
+TEST_CASE("RaggedKvCache: a first chunk that fails late leaves no chunk state (dense and paged)") {
+  using ragged_test::error_id;
+  using ragged_test::FailingPreference;
+  const auto base = ragged_test::model();
+  const Seq a = ragged_test::make_seq(base, 1, 9, 8, 55, 0);
+  const std::vector<sequence_id> ids{1};
+  bool fail = false;
+  using Ragged = cake::RaggedKvCache<FailingPreference>;
+  cake::KvCache<FailingPreference> alone(a.cfg(), FailingPreference{&fail});
+  for (index_t l = 0; l < 3; ++l) alone.prefill(l, a.wl.qv(l), a.wl.kv(l), a.wl.vv(l));
+  for (const auto mode : {cake::chunk_eviction::exact, cake::chunk_eviction::bounded})
+    for (const bool paged : {false, true}) {
+      CAPTURE(static_cast<int>(mode));
+      CAPTURE(paged);
+      Ragged ragged(base, FailingPreference{&fail});
+      ragged.add(1, {.prompt_length = a.S, .chunking = mode});
+      ragged_paged_test::Engine e(base, 2, false, 20, 56);
+      const ragged_test::Packed p = ragged_test::pack({&a}, 0, {{0, a.S}});
+      fail = true;
+      const std::string got = error_id([&] {
+        if (paged) {
+          e.write(a, 0, 0, a.S);
+          ragged.prefill_chunk(0, ids, p.queries(), e.kv(ids, 0), p.cu);
+        } else {
+          ragged.prefill_chunk(0, ids, p.queries(), p.keys(), p.values(), p.cu);
+        }
+      });
+      fail = false;
+      CHECK(got == "cake.preference.value");
+      CHECK(ragged.sequence(1).layers_prefilled() == 0);
+      for (index_t l = 0; l < 3; ++l) {
+        CHECK(ragged.chunk_tokens_received(1, l) == 0);
+        CHECK(ragged.chunk_tokens_held(1, l) == 0);
+      }
+      for (index_t l = 0; l < 3; ++l) {
+        const ragged_test::Packed w = ragged_test::pack({&a}, l);
+        REQUIRE(error_id([&] {
+                  ragged.prefill(l, w.ids, w.q_window(), w.keys(), w.values(), w.cu);
+                }) == "no error");
+      }
+      ragged_test::check_same(ragged.sequence(1), alone);
+    }
+}

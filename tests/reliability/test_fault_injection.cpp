@@ -1076,3 +1076,139 @@ TEST_CASE(
     CHECK(faults > 0);
   }
 }
+
+// A sequence's first chunk call (dense or paged, exact or bounded, a chunk or the
+// whole prompt at once) that fails at any allocation leaves the sequence as it was:
+// no chunk state, so a whole-prompt prefill of it is then accepted and equals a fresh
+// cache's.
+//
+// Finding (fixed): the first call created the sequence's per-layer chunk state before
+// anything could fail and kept it on failure, so the sequence was refused a
+// whole-prompt prefill afterwards ("is prefilled by chunks").
+TEST_CASE("fault injection: RaggedKvCache's failed first chunk leaves no chunk state") {
+  using Ragged = cake::RaggedKvCacheOf<cake::methods::Cake<>>;
+  const cake::CacheConfig cfg{.layers = 2,
+                              .batch = 1,
+                              .q_heads = 4,
+                              .kv_heads = 2,
+                              .head_dim = 8,
+                              .window = 4,
+                              .cache_size = 6};
+  const index_t S = 20, L = cfg.layers, H = cfg.q_heads, Hkv = cfg.kv_heads, d = cfg.head_dim,
+                w = cfg.window;
+  std::mt19937 gen(17);
+  std::normal_distribution<float> normal;
+  const auto random = [&](index_t n) {
+    std::vector<float> x(static_cast<std::size_t>(n));
+    for (float& e : x) e = normal(gen);
+    return x;
+  };
+  std::vector<std::vector<float>> q, k, v, hk, hv, qw;  // per layer
+  for (index_t l = 0; l < L; ++l) {
+    q.push_back(random(S * H * d));    // (S, q_heads, head_dim)
+    k.push_back(random(S * Hkv * d));  // (S, kv_heads, head_dim)
+    v.push_back(random(S * Hkv * d));
+    qw.push_back(random(H * w * d));   // (1, q_heads, window, head_dim): the whole prefill's
+    hk.emplace_back(k.back().size());  // (kv_heads, S, head_dim): what the engine writes
+    hv.emplace_back(v.back().size());
+    for (index_t t = 0; t < S; ++t)
+      for (index_t g = 0; g < Hkv; ++g)
+        for (index_t x = 0; x < d; ++x) {
+          hk.back()[static_cast<std::size_t>((g * S + t) * d + x)] =
+              k.back()[static_cast<std::size_t>((t * Hkv + g) * d + x)];
+          hv.back()[static_cast<std::size_t>((g * S + t) * d + x)] =
+              v.back()[static_cast<std::size_t>((t * Hkv + g) * d + x)];
+        }
+  }
+  const paged_engine::Prompt prompt{1, S, &hk, &hv};
+  const std::array<cake::sequence_id, 1> ids{1};
+  const std::array<std::int32_t, 2> whole{0, static_cast<std::int32_t>(S)};
+  const auto q_window = [&](index_t l) {
+    return cake::make_view(qw[static_cast<std::size_t>(l)].data(),
+                           std::array<index_t, 4>{1, H, w, d});
+  };
+  const auto packed = [&](std::vector<float>& x) {
+    return cake::make_view(x.data(), std::array<index_t, 3>{S, Hkv, d});
+  };
+  const auto prefill = [&](Ragged& r) {
+    for (index_t l = 0; l < L; ++l)
+      r.prefill(l, ids, q_window(l), packed(k[static_cast<std::size_t>(l)]),
+                packed(v[static_cast<std::size_t>(l)]), whole);
+  };
+  for (const auto mode : {cake::chunk_eviction::exact, cake::chunk_eviction::bounded}) {
+    const cake::SequenceConfig seq{.prompt_length = S, .chunking = mode};
+    Ragged reference(cfg);
+    reference.add(1, seq);
+    prefill(reference);
+    const Snapshot want = snapshot(reference.sequence(1));
+    for (const bool paged : {false, true})
+      for (const index_t chunk : {index_t{8}, S}) {  // a first chunk; the whole prompt at once
+        CAPTURE(static_cast<int>(mode));
+        CAPTURE(paged);
+        CAPTURE(chunk);
+        struct Run {
+          paged_engine::RaggedEngine e;
+          Ragged r;
+          cake::paged_kv<float> kv{};
+        };
+        const auto make = [&] {
+          Run run{paged_engine::RaggedEngine(cfg, 3, true, 16, 29), Ragged(cfg)};
+          run.r.add(1, seq);
+          if (paged) {
+            run.e.write_after(prompt, 0, 0, chunk, 0);
+            run.kv = run.e.kv(ids, 0);
+          }
+          return run;
+        };
+        const std::array<std::int32_t, 2> cu{0, static_cast<std::int32_t>(chunk)};
+        const auto call = [&](Run& run) {
+          const auto qc = cake::make_view(q[0].data(), std::array<index_t, 3>{chunk, H, d});
+          if (paged)
+            run.r.prefill_chunk(0, ids, qc, run.kv, cu);
+          else
+            run.r.prefill_chunk(
+                0, ids, qc, cake::make_view(k[0].data(), std::array<index_t, 3>{chunk, Hkv, d}),
+                cake::make_view(v[0].data(), std::array<index_t, 3>{chunk, Hkv, d}), cu);
+        };
+        long faults = 0;
+        for (long n = 1;; ++n) {
+          Run run = make();
+          const Snapshot before = snapshot(run.r.sequence(1));
+          bool failed = false;
+          fi::count = 0;
+          fi::fail_at = n;
+          fi::armed = true;
+          try {
+            call(run);
+          } catch (const std::bad_alloc&) {
+            failed = true;
+          }
+          fi::armed = false;
+          if (!failed) {
+            CHECK(run.r.chunk_tokens_received(1, 0) == chunk);
+            break;
+          }
+          ++faults;
+          CAPTURE(n);
+          CHECK(snapshot(run.r.sequence(1)) == before);
+          for (index_t l = 0; l < L; ++l) {
+            CHECK(run.r.chunk_tokens_received(1, l) == 0);
+            CHECK(run.r.chunk_tokens_held(1, l) == 0);
+          }
+          const cake::status st =
+              run.r.validate_prefill(0, ids, q_window(0), packed(k[0]), packed(v[0]),
+                                     std::span<const std::int32_t>(whole));
+          CHECK_MESSAGE(st.ok(), "allocation " << n
+                                               << " of the first chunk failed, then the "
+                                                  "whole-prompt prefill was refused: "
+                                               << st.message);
+          if (!st.ok()) break;
+          prefill(run.r);
+          CHECK(snapshot(run.r.sequence(1)) == want);
+          REQUIRE(n < 100000);
+        }
+        fi::injected += faults;
+        CHECK(faults > 0);
+      }
+  }
+}

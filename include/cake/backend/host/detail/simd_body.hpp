@@ -142,7 +142,10 @@ CAKE_ALWAYS_INLINE V exp_neg(V x) {
   y = fma(y, r, splat(1.6666665459e-1f));
   y = fma(y, r, splat(5.0000001201e-1f));
   y = fma(y, z, r + splat(1.0f));
-  y = y * reinterpret_cast<V>((reinterpret_cast<VI>(nm) << 23) + (127 << 23));
+  y = y * reinterpret_cast<V>(_mm256_add_epi32(
+              _mm256_slli_epi32(reinterpret_cast<__m256i>(nm), 23),
+              _mm256_set1_epi32(
+                  127 << 23)));  // wraps (masked lanes): intrinsics, not signed int addition
   return reinterpret_cast<V>(_mm256_and_ps(live, reinterpret_cast<__m256>(y)));
 #endif
 }

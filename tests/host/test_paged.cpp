@@ -452,7 +452,11 @@ TEST_CASE(
   CHECK(check({4, 3, 5, 8}, {3 * 5 * 8, 5 * 8, 8, 1}).ok());
   CHECK(check({4, 3, 5, 8}, {5 * 3 * 8, 8, 3 * 8, 1}).ok());
   CHECK(check({2, 3, 5, 8}, {2 * 3 * 5 * 8, 5 * 8, 8, 1}).ok());
-  CHECK(check({1, 1, 1, 8}, {0, 0, 0, 1}).ok());  // extents of 1: no stride is used
+  CHECK(check({1, 1, 1, 8}, {1, 1, 1, 1}).ok());  // extents of 1: their strides are not used
+  // CCCL's checked builds (CCCL_ENABLE_HOST_ASSERTIONS: the sanitized build) abort when a
+  // layout_stride view with a zero or aliasing stride is made, so such a pool reaches cake
+  // only in builds without them; its rejection is tested there.
+#if !defined(CCCL_ENABLE_HOST_ASSERTIONS)
   // A slot stride of 0: the block's tokens would be one.
   const cake::status zero = check({4, 3, 5, 8}, {3 * 5 * 8, 5 * 8, 0, 1});
   CHECK(zero.message ==
@@ -490,4 +494,5 @@ TEST_CASE(
       cake::invalid_argument);
   CHECK(c.pool == before);
   CHECK(v.pool == v_before);
+#endif
 }

@@ -1160,6 +1160,7 @@ TEST_CASE("RaggedKvCache on paged pools: bad tables are rejected before any sequ
         },
         "the pools its first paged call gave");
   }
+#if !defined(CCCL_ENABLE_HOST_ASSERTIONS)  // checked CCCL refuses such a view when it is made
   SUBCASE("pools whose strides alias tokens") {
     auto kv = e.kv(ab, 1);  // layer 1 has no pools yet: these would be its
     auto st = e.strides();
@@ -1170,6 +1171,7 @@ TEST_CASE("RaggedKvCache on paged pools: bad tables are rejected before any sequ
             "[cake.compact.pool] v_pool must give every (block, kv_head, slot, x) element its own "
             "memory: stride(2) must be >= 1");
   }
+#endif
   SUBCASE("a value in the pool not finite") {
     const auto kv = e.kv(ab, 1);
     float& x = e.vpool[1][static_cast<std::size_t>(e.offset(e.list(2, 1)[5], 1, 15) + 2)];

@@ -562,6 +562,42 @@ TEST_CASE("bytes_allocated counts a layer's K/V at capacity, positions, scores a
 // positions after the sequence's cache had taken the call, so a bad_alloc there left
 // the cache changed (one more token, or the layer prefilled) and the positions stale.
 namespace {
+// Gaussian inputs; one distribution for all draws (it keeps a value between calls).
+struct normals {
+  std::mt19937 gen;
+  std::normal_distribution<float> normal;
+  std::vector<float> operator()(index_t n) {
+    std::vector<float> x(static_cast<std::size_t>(n));
+    for (float& e : x) e = normal(gen);
+    return x;
+  }
+};
+
+// A chunked prompt and its decoding steps, drawn in this order: per layer q (S,
+// q_heads, head_dim), k and v (S * kv_heads * head_dim values, in the layout the test
+// reads); then per step and layer one token's q (1, q_heads, head_dim), k and v (1,
+// kv_heads, head_dim).
+struct ChunkedInputs {
+  std::vector<std::vector<float>> q, k, v, dq, dk, dv;  // per layer; per step and layer
+};
+inline ChunkedInputs chunked_inputs(const cake::CacheConfig& cfg, index_t S, index_t steps,
+                                    unsigned seed) {
+  const index_t L = cfg.layers, H = cfg.q_heads, Hkv = cfg.kv_heads, d = cfg.head_dim;
+  normals random{std::mt19937(seed), {}};
+  ChunkedInputs in;
+  for (index_t l = 0; l < L; ++l) {
+    in.q.push_back(random(S * H * d));
+    in.k.push_back(random(S * Hkv * d));
+    in.v.push_back(random(S * Hkv * d));
+  }
+  for (index_t i = 0; i < steps * L; ++i) {
+    in.dq.push_back(random(H * d));
+    in.dk.push_back(random(Hkv * d));
+    in.dv.push_back(random(Hkv * d));
+  }
+  return in;
+}
+
 struct RaggedState {
   Snapshot cache;
   std::vector<std::vector<index_t>> positions;  // per layer: (kv_heads, held), original
@@ -587,24 +623,9 @@ TEST_CASE("fault injection: RaggedKvCache with bounded chunking keeps the strong
                   chunks = (S + chunk - 1) / chunk, L = cfg.layers, H = cfg.q_heads,
                   Hkv = cfg.kv_heads, d = cfg.head_dim, steps = 3;
     CAPTURE(S);
-    std::mt19937 gen(11);
-    std::normal_distribution<float> normal;
-    const auto random = [&](index_t n) {
-      std::vector<float> x(static_cast<std::size_t>(n));
-      for (float& e : x) e = normal(gen);
-      return x;
-    };
-    std::vector<std::vector<float>> q, k, v, dq, dk, dv;  // per layer; per step and layer
-    for (index_t l = 0; l < L; ++l) {
-      q.push_back(random(S * H * d));    // (S, q_heads, head_dim)
-      k.push_back(random(S * Hkv * d));  // (S, kv_heads, head_dim)
-      v.push_back(random(S * Hkv * d));
-    }
-    for (index_t i = 0; i < steps * L; ++i) {
-      dq.push_back(random(H * d));    // (1, q_heads, head_dim)
-      dk.push_back(random(Hkv * d));  // (1, kv_heads, head_dim)
-      dv.push_back(random(Hkv * d));
-    }
+    // k, v: (S, kv_heads, head_dim) per layer.
+    const ChunkedInputs in = chunked_inputs(cfg, S, steps, 11);
+    const auto &q = in.q, &k = in.k, &v = in.v, &dq = in.dq, &dk = in.dk, &dv = in.dv;
     const std::array<cake::sequence_id, 1> ids{1};
     // Call i: chunk i / L of layer i % L, then decoding step (i - chunks * L) / L.
     const auto call = [&](Ragged& r, index_t i) {
@@ -961,24 +982,9 @@ TEST_CASE(
                   chunks = (S + chunk - 1) / chunk, L = cfg.layers, H = cfg.q_heads,
                   Hkv = cfg.kv_heads, d = cfg.head_dim, steps = 3;
     CAPTURE(S);
-    std::mt19937 gen(13);
-    std::normal_distribution<float> normal;
-    const auto random = [&](index_t n) {
-      std::vector<float> x(static_cast<std::size_t>(n));
-      for (float& e : x) e = normal(gen);
-      return x;
-    };
-    std::vector<std::vector<float>> q, k, v, dq, dk, dv;  // per layer; per step and layer
-    for (index_t l = 0; l < L; ++l) {
-      q.push_back(random(S * H * d));    // (S, q_heads, head_dim)
-      k.push_back(random(Hkv * S * d));  // (kv_heads, S, head_dim): the engine writes them
-      v.push_back(random(Hkv * S * d));
-    }
-    for (index_t i = 0; i < steps * L; ++i) {
-      dq.push_back(random(H * d));    // (1, q_heads, head_dim)
-      dk.push_back(random(Hkv * d));  // (1, kv_heads, head_dim)
-      dv.push_back(random(Hkv * d));
-    }
+    // k, v: (kv_heads, S, head_dim) per layer, as the engine writes them.
+    const ChunkedInputs in = chunked_inputs(cfg, S, steps, 13);
+    const auto &q = in.q, &k = in.k, &v = in.v, &dq = in.dq, &dk = in.dk, &dv = in.dv;
     const paged_engine::Prompt prompt{1, S, &k, &v};
     const std::array<cake::sequence_id, 1> ids{1};
     const auto range = [&](index_t i) {  // call i < chunks * L: chunk i / L's tokens
@@ -1096,13 +1102,7 @@ TEST_CASE("fault injection: RaggedKvCache's failed first chunk leaves no chunk s
                               .cache_size = 6};
   const index_t S = 20, L = cfg.layers, H = cfg.q_heads, Hkv = cfg.kv_heads, d = cfg.head_dim,
                 w = cfg.window;
-  std::mt19937 gen(17);
-  std::normal_distribution<float> normal;
-  const auto random = [&](index_t n) {
-    std::vector<float> x(static_cast<std::size_t>(n));
-    for (float& e : x) e = normal(gen);
-    return x;
-  };
+  normals random{std::mt19937(17), {}};
   std::vector<std::vector<float>> q, k, v, hk, hv, qw;  // per layer
   for (index_t l = 0; l < L; ++l) {
     q.push_back(random(S * H * d));    // (S, q_heads, head_dim)

@@ -77,14 +77,9 @@ CAKE_ALWAYS_INLINE float hmax(V v) {
   return m;
 }
 
-// exp_approx and log_approx of math.hpp, lane-wise (the same polynomials; here
-// with fused multiply-adds, so within an ulp of the scalar versions, not equal).
-CAKE_ALWAYS_INLINE V exp_v(V x) {
-  const VI under = x < splat(-87.3f);
-  x = vmin(x, splat(88.3f));
-  x = vmax(x, splat(-87.3f));
-  const V magic = splat(12582912.0f);
-  const V n = fma(x, splat(1.44269504088896341f), magic) - magic;
+// e^r for x = n ln2 + r: x reduced by n (ln2 in two parts) and Cephes' degree-6
+// polynomial; the callers scale by 2^n.
+CAKE_ALWAYS_INLINE V exp_reduced(V x, V n) {
   V r = fma(n, splat(-0.693359375f), x);
   r = fma(n, splat(2.12194440e-4f), r);
   const V z = r * r;
@@ -94,7 +89,18 @@ CAKE_ALWAYS_INLINE V exp_v(V x) {
   y = fma(y, r, splat(4.1665795894e-2f));
   y = fma(y, r, splat(1.6666665459e-1f));
   y = fma(y, r, splat(5.0000001201e-1f));
-  y = fma(y, z, r + splat(1.0f));
+  return fma(y, z, r + splat(1.0f));
+}
+
+// exp_approx and log_approx of math.hpp, lane-wise (the same polynomials; here
+// with fused multiply-adds, so within an ulp of the scalar versions, not equal).
+CAKE_ALWAYS_INLINE V exp_v(V x) {
+  const VI under = x < splat(-87.3f);
+  x = vmin(x, splat(88.3f));
+  x = vmax(x, splat(-87.3f));
+  const V magic = splat(12582912.0f);
+  const V n = fma(x, splat(1.44269504088896341f), magic) - magic;
+  V y = exp_reduced(x, n);
   const VI e = __builtin_convertvector(n, VI) + 127;
   y = y * reinterpret_cast<V>(e << 23);
   return under ? splat(0.0f) : y;
@@ -111,16 +117,7 @@ CAKE_ALWAYS_INLINE V exp_neg(V x) {
   // (the zero-masked form: GCC 12 warns that the plain one reads an undefined vector)
   const V n = reinterpret_cast<V>(_mm512_maskz_roundscale_ps(
       0xffff, _mm512_mul_ps(xv, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT));
-  V r = fma(n, splat(-0.693359375f), x);
-  r = fma(n, splat(2.12194440e-4f), r);
-  const V z = r * r;
-  V y = splat(1.9875691500e-4f);
-  y = fma(y, r, splat(1.3981999507e-3f));
-  y = fma(y, r, splat(8.3334519073e-3f));
-  y = fma(y, r, splat(4.1665795894e-2f));
-  y = fma(y, r, splat(1.6666665459e-1f));
-  y = fma(y, r, splat(5.0000001201e-1f));
-  y = fma(y, z, r + splat(1.0f));
+  V y = exp_reduced(x, n);
   return reinterpret_cast<V>(
       _mm512_maskz_scalef_ps(live, reinterpret_cast<__m512>(y), reinterpret_cast<__m512>(n)));
 #else
@@ -132,20 +129,11 @@ CAKE_ALWAYS_INLINE V exp_neg(V x) {
   const V magic = splat(12582912.0f);
   const V nm = fma(x, splat(1.44269504088896341f), magic);
   const V n = nm - magic;
-  V r = fma(n, splat(-0.693359375f), x);
-  r = fma(n, splat(2.12194440e-4f), r);
-  const V z = r * r;
-  V y = splat(1.9875691500e-4f);
-  y = fma(y, r, splat(1.3981999507e-3f));
-  y = fma(y, r, splat(8.3334519073e-3f));
-  y = fma(y, r, splat(4.1665795894e-2f));
-  y = fma(y, r, splat(1.6666665459e-1f));
-  y = fma(y, r, splat(5.0000001201e-1f));
-  y = fma(y, z, r + splat(1.0f));
-  y = y * reinterpret_cast<V>(_mm256_add_epi32(
-              _mm256_slli_epi32(reinterpret_cast<__m256i>(nm), 23),
-              _mm256_set1_epi32(
-                  127 << 23)));  // wraps (masked lanes): intrinsics, not signed int addition
+  V y = exp_reduced(x, n);
+  // The bias added with wrapping (intrinsic) addition: a masked lane may overflow.
+  const __m256i e = _mm256_add_epi32(_mm256_slli_epi32(reinterpret_cast<__m256i>(nm), 23),
+                                     _mm256_set1_epi32(127 << 23));
+  y = y * reinterpret_cast<V>(e);
   return reinterpret_cast<V>(_mm256_and_ps(live, reinterpret_cast<__m256>(y)));
 #endif
 }

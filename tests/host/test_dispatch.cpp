@@ -609,11 +609,70 @@ TEST_CASE("decode selection: argmin and radix sort choose as select_k does, ties
                          cake::make_view(static_cast<const float*>(x.data()),
                                          std::array<index_t, 2>{rows, cand}),
                          cake::make_view(want.data(), std::array<index_t, 2>{rows, keep}), order);
-        std::vector<char> scratch(static_cast<std::size_t>(Store::decode_bytes(rows, cand + 1)));
-        Store::select_decode(cake::host, x.data(), cand, rows, cand, keep, got.data(), keep, order,
-                             scratch);
-        if (keep > 0) CHECK(got == want);
+        // one thread, and the rows split over the threads (each its own scratch)
+        for (const cake::host_policy exec : {cake::host, cake::host.parallel_from(1)}) {
+          std::vector<char> scratch(
+              static_cast<std::size_t>(Store::decode_bytes(exec, rows, cand + 1)));
+          std::fill(got.begin(), got.end(), -2);
+          Store::select_decode(exec, x.data(), cand, rows, cand, keep, got.data(), keep, order,
+                               scratch);
+          if (keep > 0) CHECK(got == want);
+        }
       }
     }
+  }
+}
+
+TEST_CASE("decode commit: one eviction in position order moves what the selection and commit do") {
+  using Store = cake::detail::layer_store<float, cake::host_policy>;
+  std::mt19937 gen(811);
+  for (int trial = 0; trial < 60; ++trial) {
+    const index_t rows = 3, w = 1 + static_cast<index_t>(gen() % 8);
+    const index_t N = w + 1 + static_cast<index_t>(gen() % 300), cand = N - w, keep = cand - 1,
+                  n = N - 1, cap = N + static_cast<index_t>(gen() % 5);
+    const bool with_sums = trial % 3 != 0;
+    CAPTURE(N);
+    CAPTURE(w);
+    std::vector<float> x(static_cast<std::size_t>(rows * N)), sums(x.size());
+    const float vals[] = {0.0f, -0.0f, 1.5f, -2.0f, 3.25f, 1e-30f, 7.0f};
+    for (auto& v : x)
+      v = trial % 2 ? vals[gen() % 7] : std::ldexp(static_cast<float>(gen() % 50), -6);
+    for (auto& v : sums) v = static_cast<float>(gen() % 1000);
+    // each row's map a permutation of its K/V rows; positions and scores distinct
+    std::vector<index_t> map(static_cast<std::size_t>(rows * cap)), pos(map.size());
+    std::vector<float> ind(map.size());
+    for (index_t r = 0; r < rows; ++r) {
+      auto* m = map.data() + r * cap;
+      for (index_t t = 0; t < cap; ++t) m[t] = t;
+      std::shuffle(m, m + cap, gen);
+    }
+    for (std::size_t i = 0; i < pos.size(); ++i) {
+      pos[i] = static_cast<index_t>(1000 + i);
+      ind[i] = -static_cast<float>(i);
+    }
+    auto map_a = map, map_b = map, pos_a = pos, pos_b = pos;
+    auto ind_a = ind, ind_b = ind;
+    const auto at = [&](std::vector<index_t>& p, std::vector<float>& s) {
+      cake::detail::slots<float> sl;
+      sl.pos = p.data();
+      sl.ind = s.data();
+      sl.rows = rows;
+      sl.cap = cap;
+      sl.d = 1;
+      return sl;
+    };
+    const float* sp = with_sums ? sums.data() : nullptr;
+    const float* score = with_sums ? sums.data() : x.data();
+    std::vector<char> scratch(static_cast<std::size_t>(Store::decode_bytes(cake::host, rows, N)));
+    std::vector<index_t> sel(static_cast<std::size_t>(rows * n));
+    Store::select_decode(cake::host, score, N, rows, cand, keep, sel.data(), n,
+                         cake::select_order::position, scratch);
+    Store::window_slots(cake::host, sel.data(), rows, n, nullptr, keep, w, nullptr, cand);
+    Store::commit_mapped(at(pos_a, ind_a), map_a.data(), sel.data(), n, N, sp, scratch);
+    Store::evict_one_mapped(at(pos_b, ind_b), map_b.data(), score, N, cand, N, sp);
+    CHECK(map_b == map_a);
+    CHECK(pos_b == pos_a);
+    CHECK(ind_b == ind_a);
+    CHECK(map_b != map);  // something moved (the evicted token's entry went last)
   }
 }

@@ -993,13 +993,18 @@ void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<
     return;
   }
 
-  // 4. Selection: (rows, n) tokens to keep, the window last.
+  // 4. Selection: (rows, n) tokens to keep, the window last, and 5. the commit of the
+  // map, positions and scores (cannot fail); one eviction in position order does both
+  // in one pass per row.
+  if (!reference && keep == cand - 1) {
+    S::evict_one_mapped(s, S::ptr(ly.map), accumulates ? sums : sc, N, cand, N, sums);
+    ly.set_length(n);
+    return;
+  }
   index_t* sel = S::ptr(ws.sel);
   S::select_decode(exec, accumulates ? sums : sc, N, rows, cand, keep, sel, n,
                    reference ? select_order::descending : select_order::position, ws.bytes);
   S::window_slots(exec, sel, rows, n, nullptr, keep, w, nullptr, cand);
-
-  // 5. Commit: the map, positions and scores (cannot fail).
   S::commit_mapped(s, S::ptr(ly.map), sel, n, N, sums, ws.bytes);
   ly.set_length(n);
 }

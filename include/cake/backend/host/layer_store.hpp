@@ -356,10 +356,10 @@ struct layer_store<T, host_policy> {
   }
   // A decoding step's scratch for rows of up to n tokens (decode_bytes), and the
   // scoring kernel's in the policy's workspace (head_dim d), so that steps allocate nothing.
-  static void reserve_scoring(const host_policy&, buffer<char>& scratch, index_t B, index_t,
+  static void reserve_scoring(const host_policy& exec, buffer<char>& scratch, index_t B, index_t,
                               index_t Hkv, index_t n) {
-    if (size(scratch) < decode_bytes(B * Hkv, n))
-      scratch = buffer<char>(static_cast<std::size_t>(decode_bytes(B * Hkv, n)));
+    if (size(scratch) < decode_bytes(exec, B * Hkv, n))
+      scratch = buffer<char>(static_cast<std::size_t>(decode_bytes(exec, B * Hkv, n)));
   }
   static void reserve_scores(const host_policy& exec, index_t B, index_t H, index_t Hkv, index_t n,
                              index_t d) {
@@ -370,12 +370,18 @@ struct layer_store<T, host_policy> {
   static constexpr bool slot_map = true;
 
   // Bytes of scratch a mapped or paged decoding step takes (select_decode, then
-  // commit_mapped, one after the other) for rows of up to n tokens.
-  static index_t decode_bytes(index_t, index_t n) {
-    const index_t sel = 4 * n * static_cast<index_t>(sizeof(std::uint32_t));
+  // commit_mapped, one after the other) for `rows` rows of up to n tokens under exec.
+  static index_t decode_bytes(const host_policy& exec, index_t rows, index_t n) {
+    const index_t workers =
+        detail::worker_count(detail::for_work(exec, kSortWork * rows * n), rows);
+    const index_t sel = workers * 4 * n * static_cast<index_t>(sizeof(std::uint32_t));
     const index_t commit = n * static_cast<index_t>(2 * sizeof(index_t) + sizeof(float) + 1);
     return std::max(sel, commit);
   }
+  // A reference-order selection's work per key in multiply-add equivalents (for_work's
+  // unit): its radix sort of 1K keys took as long as about 250 K of decode_dots'
+  // multiply-adds on Zen 3.
+  static constexpr std::int64_t kSortWork = 256;
 
   // A decoding step's scores of rows [r0, r0 + rows_q * kv_per) of s (q: (rows_q,
   // kv_per * group, d), out: (rows_q, kv_per, c)), the first `held` tokens of each row
@@ -418,11 +424,14 @@ struct layer_store<T, host_policy> {
       return;
     }
     if (order == select_order::descending && keep > 0) {
-      // (cand) keys and indices, twice, and a 256-bin histogram per byte
-      auto* base = reinterpret_cast<std::uint32_t*>(scratch.data());
-      std::uint32_t *key = base, *idx = base + cand, *key2 = base + 2 * cand,
-                    *idx2 = base + 3 * cand;
-      for (index_t r = 0; r < rows; ++r) {
+      // Rows sorted side by side when the policy splits this much work (each worker
+      // its own scratch, sized by decode_bytes under the same policy).
+      const host_policy ex = detail::for_work(exec, kSortWork * rows * cand);
+      detail::parallel_for(ex, rows, [&](index_t r, int worker) {
+        // (cand) keys and indices, twice, and a 256-bin histogram per byte
+        auto* base = reinterpret_cast<std::uint32_t*>(scratch.data()) + 4 * cand * worker;
+        std::uint32_t *key = base, *idx = base + cand, *key2 = base + 2 * cand,
+                      *idx2 = base + 3 * cand;
         const float* xr = x + r * x_ld;
         for (index_t j = 0; j < cand; ++j) {
           key[j] = ~ordered_bits(xr[j]);  // ascending key = descending score
@@ -469,7 +478,7 @@ struct layer_store<T, host_policy> {
         }
         index_t* o = sel + r * ld;
         for (index_t t = 0; t < keep; ++t) o[t] = static_cast<index_t>(i0[t]);
-      }
+      });
       return;
     }
     select_k(exec,
@@ -507,6 +516,39 @@ struct layer_store<T, host_policy> {
       std::copy_n(tmap, N, map + o);
       std::copy_n(tpos, n, s.pos + o);
       if (sums && s.ind) std::copy_n(tind, n, s.ind + o);
+    }
+  }
+
+  // A mapped layer's step in position order that evicts one token per row (N tokens
+  // after the append, candidates the first cand): the same tokens as select_decode,
+  // window_slots and commit_mapped, without writing a selection: each row's argmin of
+  // x (row stride x_ld; the last of the lowest) leaves the map, positions and, with
+  // sums (row stride N), scores by one move of what follows it, and its map entry (a
+  // free K/V row now) goes last.
+  static void evict_one_mapped(const slots<T>& s, index_t* map, const float* x, index_t x_ld,
+                               index_t cand, index_t N, const float* sums) noexcept {
+    for (index_t r = 0; r < s.rows; ++r) {
+      const float* xr = x + r * x_ld;
+      std::uint32_t lo = ordered_bits(xr[0]);
+      index_t e = 0;
+      for (index_t j = 1; j < cand; ++j) {
+        const std::uint32_t b = ordered_bits(xr[j]);
+        if (b <= lo) {
+          lo = b;
+          e = j;
+        }
+      }
+      const index_t o = r * s.cap, tail = N - 1 - e;
+      index_t* m = map + o;
+      const index_t freed = m[e];
+      std::memmove(m + e, m + e + 1, static_cast<std::size_t>(tail) * sizeof(index_t));
+      m[N - 1] = freed;
+      std::memmove(s.pos + o + e, s.pos + o + e + 1,
+                   static_cast<std::size_t>(tail) * sizeof(index_t));
+      if (sums && s.ind) {
+        std::copy_n(sums + r * N, e, s.ind + o);
+        std::copy_n(sums + r * N + e + 1, tail, s.ind + o + e);
+      }
     }
   }
 

@@ -27,10 +27,13 @@
 // GFLOP/s), so 67 us on one core and 34 us on two; a streaming read of 4 MB from L3 at
 // 35-43 GB/s per core, so 100-120 us on one core and about 55 us on two. The bound is
 // the read: under 100 us per step takes both cores (or 16-bit keys, half the bytes).
-// Where the time went before the split (perf, cpu-clock, one thread, position order):
-// the dot products 70% (at about a quarter of the FMA peak: each key load was folded into
-// four FMAs), softmax, indicator and pooling 13%, the step's own work (pointer table,
-// argmin, commit, append) 10%, the input checks under 1%.
+// Where the time goes now (perf, cpu-clock, one thread, position order, Zen 3): the dot
+// products 63% (4 query rows x 3 keys per block, the next block's keys prefetched; in
+// a scratch loop with K in L1 they run at 71% of the FMA peak, from L3 about 10-25%
+// slower), softmax 8%, listing the keys and the group's queries 7%, pooling 3%, the
+// step's own work (append, argmin, the map's erase) 5-8%. Before this round the products
+// ran 4 rows x 2 keys (8 FMA chains: the FMA latency showed) and the commit gathered
+// every token's map entry, position and score through a selection.
 #include <algorithm>
 #include <random>
 

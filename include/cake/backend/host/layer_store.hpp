@@ -397,6 +397,21 @@ struct layer_store<T, host_policy> {
                                                              out);
   }
 
+  // The token one eviction in position order drops from x[0, n) (n >= 1): the last of
+  // the lowest (ties, the two zeros among them, go to the lower index in select_k).
+  static index_t last_argmin(const float* x, index_t n) noexcept {
+    std::uint32_t lo = ordered_bits(x[0]);
+    index_t e = 0;
+    for (index_t j = 1; j < n; ++j) {
+      const std::uint32_t b = ordered_bits(x[j]);
+      if (b <= lo) {
+        lo = b;
+        e = j;
+      }
+    }
+    return e;
+  }
+
   // sel (rows, keep) with row stride ld: the keep of the first cand entries of each row
   // of x (row stride x_ld) that select_k would choose, in its order: ascending
   // (position) or by descending score, ties to the lower index. One eviction in
@@ -407,16 +422,7 @@ struct layer_store<T, host_policy> {
                             select_order order, buffer<char>& scratch) {
     if (order == select_order::position && keep == cand - 1 && cand > 0) {
       for (index_t r = 0; r < rows; ++r) {
-        const float* xr = x + r * x_ld;
-        std::uint32_t lo = ordered_bits(xr[0]);
-        index_t e = 0;
-        for (index_t j = 1; j < cand; ++j) {
-          const std::uint32_t b = ordered_bits(xr[j]);
-          if (b <= lo) {
-            lo = b;
-            e = j;
-          }
-        }
+        const index_t e = last_argmin(x + r * x_ld, cand);
         index_t* o = sel + r * ld;
         for (index_t j = 0; j < e; ++j) o[j] = j;
         for (index_t j = e + 1; j < cand; ++j) o[j - 1] = j;
@@ -528,16 +534,7 @@ struct layer_store<T, host_policy> {
   static void evict_one_mapped(const slots<T>& s, index_t* map, const float* x, index_t x_ld,
                                index_t cand, index_t N, const float* sums) noexcept {
     for (index_t r = 0; r < s.rows; ++r) {
-      const float* xr = x + r * x_ld;
-      std::uint32_t lo = ordered_bits(xr[0]);
-      index_t e = 0;
-      for (index_t j = 1; j < cand; ++j) {
-        const std::uint32_t b = ordered_bits(xr[j]);
-        if (b <= lo) {
-          lo = b;
-          e = j;
-        }
-      }
+      const index_t e = last_argmin(x + r * x_ld, cand);
       const index_t o = r * s.cap, tail = N - 1 - e;
       index_t* m = map + o;
       const index_t freed = m[e];

@@ -431,8 +431,12 @@ struct layer_store<T, host_policy> {
     }
     if (order == select_order::descending && keep > 0) {
       // Rows sorted side by side when the policy splits this much work (each worker
-      // its own scratch, sized by decode_bytes under the same policy).
-      const host_policy ex = detail::for_work(exec, kSortWork * rows * cand);
+      // its own scratch, sized by decode_bytes under the same policy; one worker where
+      // the scratch holds fewer, e.g. OpenMP's thread count raised since it was sized).
+      host_policy ex = detail::for_work(exec, kSortWork * rows * cand);
+      const auto per_worker = static_cast<std::size_t>(4 * cand) * sizeof(std::uint32_t);
+      if (static_cast<std::size_t>(detail::worker_count(ex, rows)) * per_worker > scratch.size())
+        ex = ex.threads(1);
       detail::parallel_for(ex, rows, [&](index_t r, int worker) {
         // (cand) keys and indices, twice, and a 256-bin histogram per byte
         auto* base = reinterpret_cast<std::uint32_t*>(scratch.data()) + 4 * cand * worker;

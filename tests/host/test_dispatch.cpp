@@ -586,7 +586,9 @@ TEST_CASE("decode scores over listed key rows equal the dense view's, bit for bi
   }
 }
 
-TEST_CASE("decode selection: argmin and radix sort choose as select_k does, ties included") {
+TEST_CASE(
+    "decode selection: the radix sort and the select_k route choose as select_k does, ties "
+    "included") {
   using Store = cake::detail::layer_store<float, cake::host_policy>;
   std::mt19937 gen(801);
   for (int trial = 0; trial < 40; ++trial) {

@@ -414,21 +414,12 @@ struct layer_store<T, host_policy> {
 
   // sel (rows, keep) with row stride ld: the keep of the first cand entries of each row
   // of x (row stride x_ld) that select_k would choose, in its order: ascending
-  // (position) or by descending score, ties to the lower index. One eviction in
-  // position order is the argmin (the last of the lowest); descending order is a
-  // stable radix sort of the scores' order-preserving bits. Else select_k itself.
+  // (position) or by descending score, ties to the lower index. Descending order is a
+  // stable radix sort of the scores' order-preserving bits; else select_k itself (one
+  // eviction in position order takes evict_one_mapped instead, no selection written).
   static void select_decode(const host_policy& exec, const float* x, index_t x_ld, index_t rows,
                             index_t cand, index_t keep, index_t* sel, index_t ld,
                             select_order order, buffer<char>& scratch) {
-    if (order == select_order::position && keep == cand - 1 && cand > 0) {
-      for (index_t r = 0; r < rows; ++r) {
-        const index_t e = last_argmin(x + r * x_ld, cand);
-        index_t* o = sel + r * ld;
-        for (index_t j = 0; j < e; ++j) o[j] = j;
-        for (index_t j = e + 1; j < cand; ++j) o[j - 1] = j;
-      }
-      return;
-    }
     if (order == select_order::descending && keep > 0) {
       // Rows sorted side by side when the policy splits this much work (each worker
       // its own scratch, sized by decode_bytes under the same policy; one worker where

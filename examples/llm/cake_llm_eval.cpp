@@ -9,8 +9,9 @@
 //    The first answer token comes from the prefill, which every method shares, so
 //    only decoded steps count.
 // Cache sizes are tokens per layer (64 .. 1024) and shares of the prompt (2% ..
-// 20%). Every (context, method, cache) cell gets a 95% Wilson interval; agreement
-// steps of one prompt are not independent, so its interval is optimistic.
+// 20%). Every (context, method, cache) cell gets a 95% Wilson interval; agreement's
+// steps of one prompt are not independent, so its interval takes the prompts as
+// clusters (stats.hpp, wilson_clustered: Wilson's on the effective number of steps).
 // Each prompt is prefilled once; every method and cache size is filled from that
 // record and all of them decode together, one batched step per token.
 //
@@ -103,8 +104,26 @@ struct CacheSpec {
 
 struct Cell {  // one (context, method, cache) over its prompts
   long long needles = 0, found = 0, steps = 0, agree = 0;
-  double tokens = 0;  // cache size summed over prompts
+  double tokens = 0;                        // cache size summed over prompts
+  std::vector<long long> agree_k, agree_n;  // (prompts) agreeing steps, steps
 };
+
+// A point estimate and its 95% interval.
+struct Estimate {
+  double p = 0;
+  std::pair<double, double> ci{0, 0};
+  bool any = false;  // measured at all
+};
+Estimate needle_rate(const Cell& e) {
+  if (e.needles == 0) return {};
+  return {static_cast<double>(e.found) / e.needles, llm::wilson(e.found, e.needles), true};
+}
+// Agreement with the prompts as clusters of steps.
+Estimate agreement(const Cell& e) {
+  if (e.steps == 0) return {};
+  const auto c = llm::wilson_clustered(e.agree_k, e.agree_n);
+  return {c.p, c.ci, true};
+}
 
 std::string json_escape(const std::string& s) {
   std::string o;
@@ -143,7 +162,8 @@ void write_svg(const std::string& path, const std::string& model,
     << "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" "
        "fill=\"white\"/>\n";
   f << "<text x=\"" << W / 2 << "\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">" << model
-    << ": quality vs KV cache size per layer (95% Wilson intervals)</text>\n";
+    << ": quality vs KV cache size per layer (95% Wilson intervals; agreement's by "
+       "prompt)</text>\n";
   const double lx0 = std::log2(static_cast<double>(xs.front())),
                lx1 = std::log2(static_cast<double>(xs.back()));
   for (int row = 0; row < 2; ++row)
@@ -181,10 +201,10 @@ void write_svg(const std::string& path, const std::string& model,
         std::string pts;
         for (int c : xs) {
           const Cell& e = cells[{ctx, methods[m], std::to_string(c)}];
-          const long long k = row == 0 ? e.found : e.agree, n = row == 0 ? e.needles : e.steps;
-          if (n == 0) continue;
-          const double v = static_cast<double>(k) / n;
-          const auto [lo, hi] = llm::wilson(k, n);
+          const Estimate est = row == 0 ? needle_rate(e) : agreement(e);
+          if (!est.any) continue;
+          const double v = est.p;
+          const auto [lo, hi] = est.ci;
           pts += std::to_string(X(c, m)) + "," + std::to_string(Y(v)) + " ";
           f << "<line x1=\"" << X(c, m) << "\" x2=\"" << X(c, m) << "\" y1=\"" << Y(lo)
             << "\" y2=\"" << Y(hi) << "\" stroke=\"" << col << "\" stroke-width=\"1\"/>"
@@ -222,21 +242,18 @@ std::string interval(long long k, long long n) {
 
 // The methods of one (context, cache) column whose interval lies above every other
 // method's, or the tie of those overlapping the best.
-std::string leaders(const std::vector<std::string>& methods,
-                    const std::vector<std::pair<long long, long long>>& kn) {
+std::string leaders(const std::vector<std::string>& methods, const std::vector<Estimate>& est) {
   std::size_t best = 0;
   for (std::size_t m = 1; m < methods.size(); ++m)
-    if (kn[m].first * kn[best].second > kn[best].first * kn[m].second) best = m;
-  if (kn[best].second == 0) return "-";
-  const auto b = llm::wilson(kn[best].first, kn[best].second);
+    if (est[m].any && (!est[best].any || est[m].p > est[best].p)) best = m;
+  if (!est[best].any) return "-";
   std::string tied;
-  for (std::size_t m = 0; m < methods.size(); ++m)
-    if (m != best && kn[m].second > 0 && !llm::apart(b, llm::wilson(kn[m].first, kn[m].second)))
-      tied += (tied.empty() ? "" : ", ") + methods[m];
   std::size_t n_tied = 0;
   for (std::size_t m = 0; m < methods.size(); ++m)
-    n_tied +=
-        m != best && kn[m].second > 0 && !llm::apart(b, llm::wilson(kn[m].first, kn[m].second));
+    if (m != best && est[m].any && !llm::apart(est[best].ci, est[m].ci)) {
+      tied += (tied.empty() ? "" : ", ") + methods[m];
+      ++n_tied;
+    }
   if (methods.size() > 1 && n_tied + 1 == methods.size()) return "all tied";
   return tied.empty() ? methods[best] + " (apart from all)"
                       : methods[best] + " (tied with " + tied + ")";
@@ -497,9 +514,13 @@ int main(int argc, char** argv) {
           e.found += ok;
           e.steps += steps - 1;
           e.agree += agree[ti];
+          e.agree_k.push_back(agree[ti]);
+          e.agree_n.push_back(steps - 1);
           e.tokens += sizes[c];
           runs << (c ? "," : "") << (ok ? 1 : 0);
         }
+        runs << "], \"agree\": [";  // agreeing steps per config, as "found"
+        for (std::size_t c = 0; c < configs.size(); ++c) runs << (c ? "," : "") << agree[2 + 2 * c];
         runs << "]}";
         auto& sp = spent[ctx];
         sp.first += seconds_since(t_prompt);
@@ -533,9 +554,8 @@ int main(int argc, char** argv) {
         for (const auto& cs : caches) {
           const Cell& e = cells[{ctx, m, cs.label()}];
           if (e.needles == 0) continue;
-          const auto [lo, hi] = llm::wilson(e.agree, e.steps);
-          const std::string ag =
-              pct(static_cast<double>(e.agree) / e.steps) + " [" + pct(lo) + ", " + pct(hi) + "]";
+          const Estimate a = agreement(e);
+          const std::string ag = pct(a.p) + " [" + pct(a.ci.first) + ", " + pct(a.ci.second) + "]";
           std::printf("%-13s %6s %6.1f%%  %-26s %-30s\n", m.c_str(), cs.label().c_str(),
                       100.0 * std::min(e.tokens / e.needles, static_cast<double>(ctx)) / ctx,
                       interval(e.found, e.needles).c_str(), ag.c_str());
@@ -629,21 +649,23 @@ int main(int argc, char** argv) {
         "\nbest per column (\"apart from all\": its 95%% interval misses every other's):\n");
     for (int ctx : contexts)
       for (const auto& cs : caches) {
-        std::vector<std::pair<long long, long long>> nd, ag;
+        std::vector<Estimate> nd, ag;
         for (const auto& m : methods) {
           const Cell& e = cells[{ctx, m, cs.label()}];
-          nd.push_back({e.found, e.needles});
-          ag.push_back({e.agree, e.steps});
+          nd.push_back(needle_rate(e));
+          ag.push_back(agreement(e));
         }
         std::printf("  context %5d cache %5s: needle %s; agreement %s\n", ctx, cs.label().c_str(),
                     leaders(methods, nd).c_str(), leaders(methods, ag).c_str());
       }
     std::printf("\n(depths");
     for (double d : depths) std::printf(" %.0f%%", d * 100);
-    std::printf("; %d filler texts; agreement over %d decoded steps per prompt; window %d)\n",
-                std::min<int>(kNumFillers, (trials + static_cast<int>(depths.size()) - 1) /
-                                               static_cast<int>(depths.size())),
-                steps - 1, base.window);
+    std::printf(
+        "; %d filler texts; agreement over %d decoded steps per prompt, its intervals by "
+        "prompt; window %d)\n",
+        std::min<int>(kNumFillers, (trials + static_cast<int>(depths.size()) - 1) /
+                                       static_cast<int>(depths.size())),
+        steps - 1, base.window);
     std::printf("time: prefill %.1f s, filling caches %.1f s, decoding %.1f s, total %.1f s\n",
                 t_prefill, t_fill, t_decode, seconds_since(t_all));
 
@@ -667,13 +689,16 @@ int main(int argc, char** argv) {
             const Cell& e = cells[{ctx, m, cs.label()}];
             if (e.needles == 0) continue;
             const auto [nlo, nhi] = llm::wilson(e.found, e.needles);
-            const auto [alo, ahi] = llm::wilson(e.agree, e.steps);
+            const auto ac = llm::wilson_clustered(e.agree_k, e.agree_n);
+            const auto [alo, ahi] = ac.ci;
             f << (first_row ? "\n" : ",\n") << "    {\"context\": " << ctx << ", \"method\": \""
               << m << "\", \"cache\": \"" << cs.label()
               << "\", \"mean_cache_tokens\": " << e.tokens / e.needles << ", \"found\": " << e.found
               << ", \"needles\": " << e.needles << ", \"found_ci95\": [" << nlo << ", " << nhi
               << "], \"agree\": " << e.agree << ", \"steps\": " << e.steps
               << ", \"agreement_ci95\": [" << alo << ", " << ahi
+              << "], \"agreement_effective_steps\": " << ac.n_eff << ", \"agreement_ci95_iid\": ["
+              << llm::wilson(e.agree, e.steps).first << ", " << llm::wilson(e.agree, e.steps).second
               << "], \"full_found\": " << fu.found << "}";
             first_row = false;
           }

@@ -1,6 +1,8 @@
 // The evaluation's confidence intervals against published values.
 #include <doctest/doctest.h>
 
+#include <vector>
+
 #include "stats.hpp"
 
 using llm::wilson;
@@ -38,4 +40,54 @@ TEST_CASE("Wilson 95% interval: textbook values, the edges, bad counts") {
   // "Apart" only when the intervals do not overlap.
   CHECK(llm::apart(wilson(95, 100), wilson(60, 100)));
   CHECK_FALSE(llm::apart(wilson(6, 10), wilson(4, 10)));
+}
+
+TEST_CASE(
+    "clustered Wilson interval: independent-looking clusters, all-or-nothing ones, bad counts") {
+  using llm::wilson_clustered;
+  // Every cluster at the same rate: no spread between clusters, so the steps count as
+  // independent and the interval is Wilson's on all of them.
+  {
+    const std::vector<long long> k(20, 15), n(20, 20);
+    const auto c = wilson_clustered(k, n);
+    CHECK(c.p == doctest::Approx(0.75));
+    CHECK(c.n_eff == doctest::Approx(400));
+    CHECK(c.ci.first == doctest::Approx(wilson(300, 400).first));
+    CHECK(c.ci.second == doctest::Approx(wilson(300, 400).second));
+  }
+  // Clusters that agree all-or-nothing: 15 of 20 prompts agree on all 10 steps. The
+  // ratio-estimator variance is p (1 - p) / (c - 1), so n_eff = 19, and the interval is
+  // Wilson's at 0.75 on 19 trials (0.5255, 0.8904), far wider than 150/200 as if independent.
+  {
+    std::vector<long long> k(20, 0), n(20, 10);
+    for (int i = 0; i < 15; ++i) k[static_cast<std::size_t>(i)] = 10;
+    const auto c = wilson_clustered(k, n);
+    CHECK(c.p == doctest::Approx(0.75));
+    CHECK(c.n_eff == doctest::Approx(19));
+    CHECK(c.ci.first == doctest::Approx(0.52547).epsilon(1e-4));
+    CHECK(c.ci.second == doctest::Approx(0.89044).epsilon(1e-4));
+    CHECK(c.ci.first < wilson(150, 200).first - 0.1);
+  }
+  // In between: the spread of 3 prompts (9, 5, 7 of 10; p = 0.7): var = 3/2 * (4 + 4 + 0)
+  // / 900 = 1/75, n_eff = 0.21 * 75 = 15.75 of 30 steps.
+  {
+    const std::vector<long long> k{9, 5, 7}, n{10, 10, 10};
+    const auto c = wilson_clustered(k, n);
+    CHECK(c.n_eff == doctest::Approx(15.75));
+    CHECK(c.ci.first == doctest::Approx(llm::wilson_p(0.7, 15.75).first));
+  }
+  // Less spread than independent steps would show is not credited: n_eff stays N.
+  {
+    const std::vector<long long> k{5, 5, 5, 6}, n{10, 10, 10, 10};
+    CHECK(wilson_clustered(k, n).n_eff == doctest::Approx(40));
+  }
+  // One cluster: nothing to estimate the spread from; Wilson on its steps.
+  CHECK(wilson_clustered(std::vector<long long>{3}, std::vector<long long>{4}).ci.first ==
+        doctest::Approx(wilson(3, 4).first));
+  CHECK_THROWS(wilson_clustered(std::vector<long long>{}, std::vector<long long>{}));
+  CHECK_THROWS(wilson_clustered(std::vector<long long>{1, 2}, std::vector<long long>{3}));
+  CHECK_THROWS(wilson_clustered(std::vector<long long>{4}, std::vector<long long>{3}));
+  CHECK_THROWS(wilson_clustered(std::vector<long long>{0, 0}, std::vector<long long>{0, 0}));
+  CHECK_THROWS(llm::wilson_p(1.5, 10));
+  CHECK_THROWS(llm::wilson_p(0.5, 0));
 }

@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <ctime>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -211,6 +212,11 @@ class KvStore {
   // layer l and returns what the token attends to, itself included.
   virtual AttendSpan append(int layer, const float* q, const float* k, const float* v) = 0;
   virtual std::int64_t tokens_held() const = 0;  // all layers
+  // An independent copy in this store's state, which decodes exactly as this store
+  // would (the evaluation fills one store per method and copies it for its second
+  // sequence instead of running the prefill's eviction twice); null when the store
+  // cannot be copied (its K/V live in a shared pool): prefill another instead.
+  virtual std::unique_ptr<KvStore> clone() const { return nullptr; }
   // Blocks of a paged pool the store holds, all layers; 0 for a dense store.
   virtual std::int64_t blocks_held() const { return 0; }
   // The pool blocks of layer l, in token order; empty for a dense store.
@@ -260,6 +266,7 @@ class FullStore final : public KvStore {
     for (const auto& K : k_) n += static_cast<std::int64_t>(K.size()) / c_.kv_dim();
     return n;
   }
+  std::unique_ptr<KvStore> clone() const override { return std::make_unique<FullStore>(*this); }
 
  private:
   ModelConfig c_;

@@ -130,6 +130,12 @@ class CakeStore final : public KvStore {
   std::int64_t tokens_held() const override {
     return static_cast<std::int64_t>(cache_.tokens_held());
   }
+  // A dense store's cache copied (cake::KvCache copies deeply); a paged one's blocks
+  // belong to one sequence of the pool: not copied.
+  std::unique_ptr<KvStore> clone() const override {
+    if (pool_) return nullptr;
+    return std::make_unique<CakeStore>(c_, cfg_, Cache(cache_));
+  }
   std::int64_t blocks_held() const override {
     std::int64_t n = 0;
     for (const auto& ids : ids_) n += static_cast<std::int64_t>(ids.size());

@@ -215,3 +215,56 @@ TEST_CASE("paged store: a pool too small is an error, and the blocks taken go ba
   CHECK(pool.in_use() == 0);
   CHECK(pool.free_blocks() == pool.total());
 }
+
+TEST_CASE("a store's clone decodes as a store filled from the same prefill, and alone") {
+  const Model model = tiny_engine_model("cake_llm_tiny_clone.gguf");
+  Transformer tf(model);
+  std::mt19937 rng(23);
+  const auto rec = tf.prefill(random_prompt(rng, 45), 8);
+  const auto V = static_cast<std::size_t>(model.cfg.vocab);
+  for (const std::string& method : method_names()) {
+    CAPTURE(method);
+    CacheOptions o;
+    o.method = method;
+    o.window = 8;
+    o.cache_size = 20;  // evicts at prefill and at every step
+    auto a = make_store(model.cfg, o, rec.tokens), b = make_store(model.cfg, o, rec.tokens);
+    a->prefill(rec);
+    b->prefill(rec);
+    auto c = a->clone();
+    REQUIRE(c != nullptr);
+    CHECK(c->tokens_held() == a->tokens_held());
+    // The clone steps first, then the original it was copied from, then the store
+    // filled separately: the same logits at every step (the copy shares nothing: its
+    // eviction moves nothing of a's), over free-running tokens that differ by method.
+    int tok = argmax(rec.last_logits.data(), V);
+    std::vector<float> la, lb, lc;
+    for (int t = 0; t < 12; ++t) {
+      const std::int64_t pos = rec.tokens + t;
+      tf.decode({tok}, {pos}, {c.get()}, lc);
+      tf.decode({tok}, {pos}, {a.get()}, la);
+      tf.decode({tok}, {pos}, {b.get()}, lb);
+      CHECK(la == lb);
+      CHECK(lc == lb);
+      CHECK(c->tokens_held() == b->tokens_held());
+      tok = argmax(lb.data(), V);
+    }
+    // A clone taken mid-sequence, then a step on the original only: the clone still
+    // holds what the original held before it.
+    auto d = a->clone();
+    const std::int64_t held = d->tokens_held();
+    tf.decode({tok}, {rec.tokens + 12}, {a.get()}, la);
+    CHECK(d->tokens_held() == held);
+    tf.decode({tok}, {rec.tokens + 12}, {d.get()}, lc);
+    CHECK(lc == la);
+  }
+  // A paged store's blocks belong to its sequence in the pool: no clone.
+  BlockPool pool(model.cfg, 40, 16);
+  CacheOptions o;
+  o.method = "cake";
+  o.window = 8;
+  o.cache_size = 20;
+  auto paged = make_store(model.cfg, o, rec.tokens, &pool);
+  paged->prefill(rec);
+  CHECK(paged->clone() == nullptr);
+}

@@ -28,6 +28,8 @@ void usage() {
       "  --tau1 X --tau2 X  CAKE preference temperatures (default 1, 1)\n"
       "  --gamma X          CAKE variance weight (default 200)\n"
       "  --cache-threads N  OpenMP threads for the cache's kernels (default 1)\n"
+      "  --threads N        threads of the decoding step's weight products (default: every\n"
+      "                     core; the logits are the same on any count)\n"
       "  --bench N          time a prompt of N tokens of filler text (no --prompt needed) and\n"
       "                     --max-new decoded tokens that ignore end-of-text: prints tok/s\n"
       "  --paged            a paged store for a single prompt too\n"
@@ -126,7 +128,7 @@ int main(int argc, char** argv) {
   std::string model_path = llm::default_model_path(), prompt;
   std::vector<std::string> prompts;
   llm::CacheOptions opt;
-  int max_new = 64, cache_threads = 1, bench = 0, block_size = 16, pool_blocks = 0;
+  int max_new = 64, cache_threads = 1, threads = 0, bench = 0, block_size = 16, pool_blocks = 0;
   bool raw = false, show_tokens = false, paged = false;
   std::string dump_logits;
   try {
@@ -169,6 +171,8 @@ int main(int argc, char** argv) {
         raw = true;
       else if (a == "--cache-threads")
         cache_threads = std::stoi(next());
+      else if (a == "--threads")
+        threads = std::stoi(next());
       else if (a == "--bench")
         bench = std::stoi(next());
       else if (a == "--tokens")
@@ -223,6 +227,7 @@ int main(int argc, char** argv) {
       std::printf("\n");
     }
     llm::Transformer tf(model);
+    if (threads > 0) tf.decode_threads = threads;
     if (bench <= 0 && (prompts.size() > 1 || paged)) {
       ServeOptions so{max_new, block_size, pool_blocks, raw};
       return serve_prompts(tf, tok, prompts, opt, so);

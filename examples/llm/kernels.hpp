@@ -6,7 +6,8 @@
 //    (Q4_1, Q8_0 or F32): each block is decoded in registers once for all n rows
 //    of X, so a decoding step reads each weight once, at 5 bits (Q4_1). Q8_0 and
 //    F32 blocks are the values dequantize() gives; Q4_1 is summed as
-//    d * (q . x) + m * sum(x), the same product rounded differently.
+//    d * (q . x) + m * sum(x), the same product rounded differently. Large
+//    products run W's rows on OpenMP's threads (the same result bit for bit).
 //  * dot, axpy: attention of one query row over a cache.
 //  * exp_inplace: e^x over a row for the softmax and SiLU, within 2 ulp of
 //    std::exp on [-87, 88.3] (tested), 0 below, clamped to e^88.37 above.
@@ -25,6 +26,10 @@
 #include <immintrin.h>
 #define LLM_X86_DISPATCH 1
 #define LLM_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+#if defined(_OPENMP)
+#include <omp.h>
 #endif
 
 #include "gguf.hpp"
@@ -390,13 +395,36 @@ inline void attend(const float* q, const float* k, std::ptrdiff_t ks, const floa
 
 // ---- dispatch ----------------------------------------------------------------------
 
-// One thread: the decoding step is memory-bound at batch 1, and on a small shared
-// machine OpenMP workers spinning beside the caller cost more than they give.
-inline void qmatvec(const QWeight& W, const float* X, std::size_t n, float* Y) {
+inline void qmatvec_rows(const QWeight& W, const float* X, std::size_t n, float* Y, std::size_t r0,
+                         std::size_t r1) {
 #if defined(LLM_X86_DISPATCH)
-  if (have_avx2()) return qmatvec_avx2(W, X, n, Y, 0, W.rows);
+  if (have_avx2()) return qmatvec_avx2(W, X, n, Y, r0, r1);
 #endif
-  qmatvec_portable(W, X, n, Y, 0, W.rows);
+  qmatvec_portable(W, X, n, Y, r0, r1);
+}
+
+// Products of at least this many weights x rows of X are split over the threads.
+inline constexpr std::size_t kSplitWeights = std::size_t{1} << 16;
+
+// On `threads` threads (0: OpenMP's count; one where the engine was built without
+// OpenMP), each taking a run of W's rows: every row is computed as on one thread (the
+// same blocks in the same order), so the result is the same bit for bit. The
+// decoding step at batch 1 decodes the Q4_1 blocks in registers at a few GB/s, far
+// below the memory's rate: compute-bound, so a second core nearly halves it.
+inline void qmatvec(const QWeight& W, const float* X, std::size_t n, float* Y, int threads = 0) {
+#if defined(_OPENMP)
+  if (threads <= 0) threads = omp_get_max_threads();
+  const std::size_t rows = W.rows;
+  if (threads > 1 && rows >= 16 && rows * W.cols * n >= kSplitWeights) {
+    const auto T = static_cast<std::size_t>(std::min<std::size_t>(threads, rows / 8));
+#pragma omp parallel for num_threads(static_cast <int>(T)) schedule(static, 1)
+    for (std::size_t t = 0; t < T; ++t) qmatvec_rows(W, X, n, Y, rows * t / T, rows * (t + 1) / T);
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  qmatvec_rows(W, X, n, Y, 0, W.rows);
 }
 
 inline float dot(const float* a, const float* b, std::size_t n) {

@@ -309,6 +309,10 @@ class Transformer {
   explicit Transformer(const Model& m) : m_(m), rope_(m.cfg.rope_dims, m.cfg.rope_base) {}
   const ModelConfig& config() const { return m_.cfg; }
   PrefillProfile profile;  // accumulated over every prefill() call
+  // Threads of the block-format products (decoding up to fused_rows sequences), each a
+  // run of the weight's rows; the same logits on any count. The library's own OpenMP
+  // threads are set apart (set_cache_threads).
+  int decode_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 
   // Up to this many rows (sequences decoded together) a projection reads the stored
   // blocks (memory-bound), each row computed on its own; more rows reuse each weight
@@ -408,10 +412,10 @@ class Transformer {
 
   // Y (n, out) = X (n, in) W^T through whichever copy of W suits n; the float copy
   // is rows [row0, row0 + out) of a stacked matrix.
-  static void project(const std::vector<float>& w, std::size_t row0, const QWeight& qw,
-                      const float* X, std::size_t n, float* Y) {
+  void project(const std::vector<float>& w, std::size_t row0, const QWeight& qw, const float* X,
+               std::size_t n, float* Y) const {
     if (n <= fused_rows)
-      kernels::qmatvec(qw, X, n, Y);
+      kernels::qmatvec(qw, X, n, Y, decode_threads);
     else
       linear(X, n, qw.cols, w.data() + row0 * qw.cols, qw.rows, Y);
   }
@@ -433,10 +437,10 @@ class Transformer {
       rms_norm(&x[i * D], w.ffn_norm.data(), &h[i * D], c.dim, c.eps);
     float* g = gu;  // (n, ffn), then (n, ffn) of up after it when fused
     if (n <= fused_rows) {
-      kernels::qmatvec(w.qgate, h, n, g);
-      kernels::qmatvec(w.qup, h, n, g + n * F);
+      kernels::qmatvec(w.qgate, h, n, g, decode_threads);
+      kernels::qmatvec(w.qup, h, n, g + n * F, decode_threads);
       silu_gate(g, g + n * F, n * F);
-      kernels::qmatvec(w.qdown, g, n, h);
+      kernels::qmatvec(w.qdown, g, n, h, decode_threads);
     } else {
       linear(h, n, D, w.wgu.data(), 2 * F, gu);  // rows (gate | up)
       for (std::size_t i = 0; i < n; ++i) silu_gate(gu + i * 2 * F, gu + i * 2 * F + F, F);
@@ -452,7 +456,7 @@ class Transformer {
     for (std::size_t i = 0; i < n; ++i)
       rms_norm(&x[i * D], m_.output_norm.data(), &h[i * D], c.dim, c.eps);
     if (n <= fused_rows)
-      kernels::qmatvec(m_.qoutput, h.data(), n, out);
+      kernels::qmatvec(m_.qoutput, h.data(), n, out, decode_threads);
     else
       linear(h.data(), n, D, m_.output_weights(), static_cast<std::size_t>(c.vocab), out);
   }

@@ -414,6 +414,48 @@ TEST_CASE("kernels: block-format matrix-vector products, exp and attention again
   kernels::portable_only() = false;
 }
 
+TEST_CASE("kernels: a block-format product split over threads equals one thread's, bit for bit") {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  // 211 rows (runs of uneven length on 2, 3 and 5 threads) x 352 columns: 74 K weights,
+  // above the split threshold at one row of X.
+  const std::size_t rows = 211, cols = 352;
+  REQUIRE(rows * cols >= kernels::kSplitWeights);
+  for (bool portable : {false, true}) {
+    CAPTURE(portable);
+    kernels::portable_only() = portable;
+    for (ggml_type type : {ggml_type::q4_1, ggml_type::q8_0, ggml_type::f32}) {
+      CAPTURE(static_cast<int>(type));
+      std::vector<float> w(rows * cols);
+      for (auto& x : w) x = nd(rng);
+      Tiny m;
+      m.t["blk.0.attn_q.weight"].assign(w.begin(), w.end());
+      std::vector<std::uint8_t> bytes;
+      if (type == ggml_type::f32) {
+        bytes.resize(w.size() * 4);
+        std::memcpy(bytes.data(), w.data(), bytes.size());
+      } else {
+        if (type == ggml_type::q8_0) m.t["token_embd.weight"] = m.t["blk.0.attn_q.weight"];
+        quantise(m);
+        bytes = m.raw[type == ggml_type::q8_0 ? "token_embd.weight" : "blk.0.attn_q.weight"].second;
+      }
+      const QWeight q = QWeight::from(type, bytes.data(), rows, cols);
+      for (std::size_t n : {1u, 5u}) {
+        std::vector<float> x(n * cols), one(n * rows, -1.0f);
+        for (auto& v : x) v = nd(rng);
+        kernels::qmatvec(q, x.data(), n, one.data(), 1);
+        for (int threads : {2, 3, 5}) {
+          CAPTURE(threads);
+          std::vector<float> split(n * rows, -1.0f);
+          kernels::qmatvec(q, x.data(), n, split.data(), threads);
+          CHECK(split == one);
+        }
+      }
+    }
+  }
+  kernels::portable_only() = false;
+}
+
 TEST_CASE("causal attention over a prompt: the tiled route against double") {
   // Several query and key blocks (64 and 128 tokens), a partial last block, G = 3
   // and G = 1, d = 64 and 128, one and three threads; queries scaled up so that a

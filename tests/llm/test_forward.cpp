@@ -323,6 +323,29 @@ TEST_CASE(
   kernels::portable_only() = false;
 }
 
+namespace {
+// w (rows x cols) in `type`'s blocks (Q4_1, Q8_0 or F32); w becomes the values the
+// blocks hold.
+std::vector<std::uint8_t> encode_blocks(ggml_type type, std::vector<float>& w) {
+  std::vector<std::uint8_t> bytes;
+  if (type == ggml_type::f32) {
+    bytes.resize(w.size() * 4);
+    std::memcpy(bytes.data(), w.data(), bytes.size());
+    return bytes;
+  }
+  Tiny m;  // quantise() works on named matrices: Q8_0 for the embeddings, Q4_1 for the rest
+  const char* name = type == ggml_type::q8_0 ? "token_embd.weight" : "blk.0.attn_q.weight";
+  m.t["blk.0.attn_q.weight"].assign(w.begin(), w.end());
+  if (type == ggml_type::q8_0) m.t["token_embd.weight"] = m.t["blk.0.attn_q.weight"];
+  quantise(m);
+  const auto& e = m.raw[name];
+  REQUIRE(e.first == type);
+  bytes = e.second;
+  dequantize(type, bytes.data(), w.data(), w.size());
+  return bytes;
+}
+}  // namespace
+
 TEST_CASE("kernels: block-format matrix-vector products, exp and attention against double") {
   std::mt19937 rng(4);
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -334,21 +357,7 @@ TEST_CASE("kernels: block-format matrix-vector products, exp and attention again
       const std::size_t rows = 7, cols = 96;
       std::vector<float> w(rows * cols);
       for (auto& x : w) x = nd(rng);
-      Tiny m;  // quantise() works on named matrices
-      m.t["blk.0.attn_q.weight"].assign(w.begin(), w.end());
-      std::vector<std::uint8_t> bytes;
-      if (type == ggml_type::f32) {
-        bytes.resize(w.size() * 4);
-        std::memcpy(bytes.data(), w.data(), bytes.size());
-      } else {
-        if (type == ggml_type::q8_0) m.t["token_embd.weight"] = m.t["blk.0.attn_q.weight"];
-        quantise(m);
-        const auto& e =
-            m.raw[type == ggml_type::q8_0 ? "token_embd.weight" : "blk.0.attn_q.weight"];
-        REQUIRE(e.first == type);
-        bytes = e.second;
-        dequantize(type, bytes.data(), w.data(), w.size());
-      }
+      const std::vector<std::uint8_t> bytes = encode_blocks(type, w);
       const QWeight q = QWeight::from(type, bytes.data(), rows, cols);
       CHECK(q.type == type);
       for (std::size_t n : {1u, 3u, 4u, 6u}) {
@@ -428,17 +437,7 @@ TEST_CASE("kernels: a block-format product split over threads equals one thread'
       CAPTURE(static_cast<int>(type));
       std::vector<float> w(rows * cols);
       for (auto& x : w) x = nd(rng);
-      Tiny m;
-      m.t["blk.0.attn_q.weight"].assign(w.begin(), w.end());
-      std::vector<std::uint8_t> bytes;
-      if (type == ggml_type::f32) {
-        bytes.resize(w.size() * 4);
-        std::memcpy(bytes.data(), w.data(), bytes.size());
-      } else {
-        if (type == ggml_type::q8_0) m.t["token_embd.weight"] = m.t["blk.0.attn_q.weight"];
-        quantise(m);
-        bytes = m.raw[type == ggml_type::q8_0 ? "token_embd.weight" : "blk.0.attn_q.weight"].second;
-      }
+      const std::vector<std::uint8_t> bytes = encode_blocks(type, w);
       const QWeight q = QWeight::from(type, bytes.data(), rows, cols);
       for (std::size_t n : {1u, 5u}) {
         std::vector<float> x(n * cols), one(n * rows, -1.0f);

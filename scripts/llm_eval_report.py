@@ -4,6 +4,7 @@ next-token agreement with their 95% intervals (agreement's by prompt), the colum
 best in bold, and which methods each column's best is apart from.
 
   scripts/llm_eval_report.py build-llm/llm-eval.json > tables.md
+  scripts/llm_eval_report.py eval_1024.json eval_2048.json   # one table, a column per cell
 """
 import json
 import sys
@@ -18,9 +19,8 @@ def apart(a, b):
     return a[1] < b[0] or b[1] < a[0]
 
 
-def main(path):
-    d = json.load(open(path))
-    rows = d["summary"]
+def main(paths):
+    rows = [r for path in paths for r in json.load(open(path))["summary"]]
     contexts = sorted({r["context"] for r in rows})
     caches = []
     methods = []
@@ -77,4 +77,6 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) < 2:
+        sys.exit("usage: llm_eval_report.py EVAL.json [EVAL.json ...]")
+    main(sys.argv[1:])

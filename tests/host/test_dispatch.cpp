@@ -627,6 +627,23 @@ TEST_CASE(
   }
 }
 
+TEST_CASE("decode commit: one eviction drops the last of the lowest scores, at every length") {
+  using Store = cake::detail::layer_store<float, cake::host_policy>;
+  std::mt19937 gen(4242);
+  // few distinct values, so that most lowest values are tied; -0 and +0 tie
+  const float vals[] = {0.0f, -0.0f, 2.5f, -1.0f, 1e-30f, -3.0f, 7.0f};
+  for (index_t n = 1; n <= 70; ++n)
+    for (int trial = 0; trial < 20; ++trial) {
+      std::vector<float> x(static_cast<std::size_t>(n));
+      for (auto& v : x) v = vals[gen() % (trial % 2 ? 3 : 7)];
+      index_t want = 0;  // scalar reference: the last index of the minimum, -0 == +0
+      for (index_t j = 1; j < n; ++j)
+        if (!(x[static_cast<std::size_t>(j)] > x[static_cast<std::size_t>(want)])) want = j;
+      CAPTURE(n);
+      CHECK(Store::last_argmin(x.data(), n) == want);
+    }
+}
+
 TEST_CASE("decode commit: one eviction in position order moves what the selection and commit do") {
   using Store = cake::detail::layer_store<float, cake::host_policy>;
   std::mt19937 gen(811);

@@ -983,6 +983,19 @@ void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<
     const auto qv = make_view<Space>(q.data_handle(), std::array<index_t, 3>{B, q.extent(1), d},
                                      std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
                                                             static_cast<index_t>(q.stride(1)), 1});
+    if constexpr (!accumulates) {
+      if (p.evict && !reference && keep == cand - 1) {
+        // One eviction in position order (steps 4 and 5 below) on the worker that scored
+        // the row, as soon as its scores are out: no serial pass over the rows after.
+        index_t* map = S::ptr(ly.map);
+        S::candidates_listed(exec, qv, s, 0, Hkv, N, indicator, out(cand), ws.bytes,
+                             [&s, map, sc, cand, N](index_t r) noexcept {
+                               S::evict_one_row(s, map, r, sc + r * N, cand, N, nullptr);
+                             });
+        ly.set_length(n);
+        return;
+      }
+    }
     S::candidates_listed(exec, qv, s, 0, Hkv, N, indicator, out(accumulates ? N : cand), ws.bytes);
     if constexpr (accumulates) S::accumulate(exec, sums, N, sc, N, rows, N);
   }

@@ -155,11 +155,19 @@ void pool_group(const Ind& indicator, float* p, index_t ld, index_t grp, const f
   for (index_t j = in1; j < c; ++j) edge(j);
 }
 
+// What score_groups does with a row once its scores are out: nothing, or the caller's
+// next step for that row (a decoding step's eviction), on the worker that scored it.
+struct no_row_done {
+  void operator()(index_t) const noexcept {}
+};
+
 // Every (batch, kv-head) row: the group's logits against its n_held keys, each row's
-// softmax, the indicator's scores, pooled, into out (B, Hkv, c).
-template <class TQ, class Keys, class Ind>
+// softmax, the indicator's scores, pooled, into out (B, Hkv, c); then done(row)
+// (row = b * Hkv + g; it must not throw, and touch nothing of another row).
+template <class TQ, class Keys, class Ind, class Done = no_row_done>
 void score_groups(const host_policy& policy, host_view<TQ, 3> q, const Keys& keys, index_t Hkv,
-                  index_t n_held, const Ind& indicator, host_view<float, 3> out) {
+                  index_t n_held, const Ind& indicator, host_view<float, 3> out,
+                  const Done& done = {}) {
   const index_t B = q.extent(0), H = q.extent(1), d = q.extent(2);
   const index_t grp = H / Hkv, c = out.extent(2), grp_pad = padded_group(grp);
   if (B * Hkv == 0 || c == 0) return;  // nothing to score
@@ -221,6 +229,7 @@ void score_groups(const host_policy& policy, host_view<TQ, 3> q, const Keys& key
           inv[r] = 1.0f / sum;
         }
         pool_group(indicator, p, ld, grp, inv, c, &out(b, g, 0));
+        done(row);
         return;
       }
     }
@@ -254,6 +263,7 @@ void score_groups(const host_policy& policy, host_view<TQ, 3> q, const Keys& key
       inv[r] = 1.0f;
     }
     pool_group(indicator, p, ld, grp, inv, c, &out(b, g, 0));
+    done(row);
   });
 }
 
@@ -278,18 +288,24 @@ struct decode_scores_backend<host_policy> {
                                       detail::host_decode::table_keys(keys, ld, kv_heads), kv_heads,
                                       n_held, indicator, out);
   }
-  // The same with row r's key j at key(r, j), asked by the worker that scores row r.
-  template <class TK, class TQ, class KeyAt, class Ind>
+  // The same with row r's key j at key(r, j), asked by the worker that scores row r,
+  // which then calls done(r) (see score_groups).
+  template <class TK, class TQ, class KeyAt, class Ind,
+            class Done = detail::host_decode::no_row_done>
   static void run_rows(const host_policy& policy, host_view<TQ, 3> q, const KeyAt& key,
                        index_t kv_heads, index_t n_held, const Ind& indicator,
-                       host_view<float, 3> out) {
+                       host_view<float, 3> out, const Done& done = {}) {
     const auto list = [&key](index_t row, const TK** to, index_t n) {
-      for (index_t j = 0; j < n; ++j) to[j] = key(row, j);
+      // A local copy: the stores through `to` cannot reach it, so what it holds by
+      // value stays in registers (a pointer member of the same type as *to would be
+      // reloaded after every store).
+      const KeyAt at = key;
+      for (index_t j = 0; j < n; ++j) to[j] = at(row, j);
       return static_cast<const TK* const*>(to);
     };
     detail::host_decode::score_groups(
         policy, q, detail::host_decode::listed_keys<TK, decltype(list)>{list, kv_heads}, kv_heads,
-        n_held, indicator, out);
+        n_held, indicator, out, done);
   }
   // Grows policy's workspace (when it lends one) to what a call with up to n_held keys
   // takes, so that such calls allocate nothing.

@@ -387,28 +387,38 @@ struct layer_store<T, host_policy> {
   // kv_per * group, d), out: (rows_q, kv_per, c)), the first `held` tokens of each row
   // read where they lie (through s.map or a paged row's block table; the worker that
   // scores a row lists its keys): the same arithmetic as decode_scores over a dense
-  // copy, bit for bit.
-  template <class QV, class Ind, class Out>
+  // copy, bit for bit. Then done(row) for each row (row r0 + row of s) on the worker
+  // that scored it (see score_groups).
+  template <class QV, class Ind, class Out, class Done = host_decode::no_row_done>
   static void candidates_listed(const host_policy& exec, const QV& q, const slots<T>& s, index_t r0,
                                 index_t kv_per, index_t held, const Ind& indicator, const Out& out,
-                                buffer<char>&) {
+                                buffer<char>&, const Done& done = {}) {
+    if (s.map && !s.is_paged()) {  // a dense row through its map: a plain gather of pointers
+      const T* k = s.k;
+      const index_t* map = s.map;
+      const index_t cap = s.cap, d = s.d;
+      const auto key = [k, map, cap, d, r0](index_t row, index_t j) -> const T* {
+        const index_t o = (r0 + row) * cap;
+        return k + (o + map[o + j]) * d;
+      };
+      decode_scores_backend<host_policy>::template run_rows<T>(exec, q, key, kv_per, held,
+                                                               indicator, out, done);
+      return;
+    }
     const auto key = [&s, r0](index_t row, index_t j) -> const T* { return s.key(r0 + row, j); };
     decode_scores_backend<host_policy>::template run_rows<T>(exec, q, key, kv_per, held, indicator,
-                                                             out);
+                                                             out, done);
   }
 
   // The token one eviction in position order drops from x[0, n) (n >= 1): the last of
   // the lowest (ties, the two zeros among them, go to the lower index in select_k).
+  // Two passes: the lowest bits (a reduction the compiler vectorises; one pass that
+  // tracked the index was a branch per token), then the last token holding them.
   static index_t last_argmin(const float* x, index_t n) noexcept {
     std::uint32_t lo = ordered_bits(x[0]);
-    index_t e = 0;
-    for (index_t j = 1; j < n; ++j) {
-      const std::uint32_t b = ordered_bits(x[j]);
-      if (b <= lo) {
-        lo = b;
-        e = j;
-      }
-    }
+    for (index_t j = 1; j < n; ++j) lo = std::min(lo, ordered_bits(x[j]));
+    index_t e = n - 1;
+    while (ordered_bits(x[e]) != lo) --e;
     return e;
   }
 
@@ -528,19 +538,22 @@ struct layer_store<T, host_policy> {
   // free K/V row now) goes last.
   static void evict_one_mapped(const slots<T>& s, index_t* map, const float* x, index_t x_ld,
                                index_t cand, index_t N, const float* sums) noexcept {
-    for (index_t r = 0; r < s.rows; ++r) {
-      const index_t e = last_argmin(x + r * x_ld, cand);
-      const index_t o = r * s.cap, tail = N - 1 - e;
-      index_t* m = map + o;
-      const index_t freed = m[e];
-      std::memmove(m + e, m + e + 1, static_cast<std::size_t>(tail) * sizeof(index_t));
-      m[N - 1] = freed;
-      std::memmove(s.pos + o + e, s.pos + o + e + 1,
-                   static_cast<std::size_t>(tail) * sizeof(index_t));
-      if (sums && s.ind) {
-        std::copy_n(sums + r * N, e, s.ind + o);
-        std::copy_n(sums + r * N + e + 1, tail, s.ind + o + e);
-      }
+    for (index_t r = 0; r < s.rows; ++r) evict_one_row(s, map, r, x + r * x_ld, cand, N, sums);
+  }
+  // The same for row r alone (x: its scores; sums: every row's, or null).
+  static void evict_one_row(const slots<T>& s, index_t* map, index_t r, const float* x,
+                            index_t cand, index_t N, const float* sums) noexcept {
+    const index_t e = last_argmin(x, cand);
+    const index_t o = r * s.cap, tail = N - 1 - e;
+    index_t* m = map + o;
+    const index_t freed = m[e];
+    std::memmove(m + e, m + e + 1, static_cast<std::size_t>(tail) * sizeof(index_t));
+    m[N - 1] = freed;
+    std::memmove(s.pos + o + e, s.pos + o + e + 1,
+                 static_cast<std::size_t>(tail) * sizeof(index_t));
+    if (sums && s.ind) {
+      std::copy_n(sums + r * N, e, s.ind + o);
+      std::copy_n(sums + r * N + e + 1, tail, s.ind + o + e);
     }
   }
 

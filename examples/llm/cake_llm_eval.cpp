@@ -22,12 +22,14 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "journal.hpp"
 #include "stats.hpp"
 #include "store.hpp"
 
@@ -263,7 +265,7 @@ std::string leaders(const std::vector<std::string>& methods, const std::vector<E
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model_path = llm::default_model_path(), json_path, svg_path;
+  std::string model_path = llm::default_model_path(), json_path, svg_path, journal_path;
   std::vector<std::string> methods;  // every method of store.hpp but the full cache
   for (const auto& m : llm::method_names())
     if (m != "full") methods.push_back(m);
@@ -330,18 +332,21 @@ int main(int argc, char** argv) {
         json_path = next();
       else if (a == "--svg")
         svg_path = next();
+      else if (a == "--journal")
+        journal_path = next();
       else if (a == "--help" || a == "-h") {
         std::printf(
             "usage: cake_llm_eval [--quick] [--model FILE] [--contexts 1024,2048,4096,8192]\n"
             "       [--depths 0,0.1,...,1] [--trials 110] [--steps 21]\n"
             "       [--cache-sizes 64,128,256,512,1024] [--cache-shares 2,5,10,20]\n"
             "       [--methods cake,snapkv,...] [--window 32] [--tau1 X --tau2 X --gamma X]\n"
-            "       [--seed N] [--json FILE] [--svg FILE]\n"
+            "       [--seed N] [--json FILE] [--svg FILE] [--journal FILE]\n"
             "The default is the full run: 110 prompts per context (each depth with every filler\n"
             "text), 20 agreement steps each; it takes many hours on 2 cores. --quick: contexts\n"
             "512,1024,2048, depths 10/50/90%%, 3 prompts per context, caches 64..1024, 5%%, 20%%,\n"
             "15 steps: minutes. Flags after --quick override it. Contexts above the model's\n"
-            "trained length (read from the file) are clamped to it.\n");
+            "trained length (read from the file) are clamped to it. --journal FILE records each\n"
+            "prompt as it finishes; run again with the same flags and it resumes from there.\n");
         return 0;
       } else
         throw std::runtime_error("unknown argument " + a);
@@ -392,15 +397,110 @@ int main(int argc, char** argv) {
     const int total = static_cast<int>(contexts.size()) * trials;
     int done = 0;
     const int im_end = tok.id("<|im_end|>"), eot = tok.id("<|endoftext|>");
+    // Every prompt runs every (method, cache) configuration, in this order.
+    std::vector<std::pair<std::string, CacheSpec>> configs;
+    for (const auto& m : methods)
+      for (const auto& cs : caches) configs.push_back({m, cs});
+
+    // What the report takes from one prompt, whether run now or read from the journal.
+    const auto absorb = [&](const llm::PromptRecord& r) {
+      const std::size_t nc = configs.size();
+      if (r.found.size() != nc || r.agree.size() != nc || r.cache_tokens.size() != nc ||
+          (!r.held.empty() && r.held.size() != nc) || r.decisions.size() != nc)
+        throw std::runtime_error("prompt record of context " + std::to_string(r.context) +
+                                 ", trial " + std::to_string(r.trial) + ": expected " +
+                                 std::to_string(nc) + " configurations, got " +
+                                 std::to_string(r.found.size()));
+      const int ctx = r.context;
+      for (std::size_t c = 0; c < r.held.size(); ++c) {
+        const CellKey k{ctx, configs[c].first, configs[c].second.label()};
+        auto& acc = retained[k];
+        acc.resize(r.held[c].size());
+        for (std::size_t l = 0; l < r.held[c].size(); ++l) acc[l] += r.held[c][l];
+        retained_n[k]++;
+      }
+      for (std::size_t c = 0; c < nc; ++c) {  // CAKE's per-layer decisions
+        const auto& dec = r.decisions[c];
+        if (dec.empty()) continue;
+        auto& acc = decisions[{ctx, configs[c].first, configs[c].second.label()}];
+        acc.resize(dec.size());
+        double pref_sum = 0, budget_sum = 0;
+        for (const auto& d : dec) {
+          pref_sum += d.preference;
+          budget_sum += static_cast<double>(d.budget);
+        }
+        for (std::size_t l = 0; l < dec.size(); ++l) {
+          acc[l].entropy += dec[l].entropy;
+          acc[l].variance += dec[l].variance;
+          acc[l].pref_share += pref_sum > 0 ? dec[l].preference / pref_sum : 0;
+          acc[l].budget_share += budget_sum > 0 ? dec[l].budget / budget_sum : 0;
+          acc[l].n++;
+        }
+      }
+      full[ctx].needles++;
+      full[ctx].found += r.full_found;
+      runs << (runs.tellp() > 0 ? ",\n" : "") << "    {\"context\": " << r.tokens
+           << ", \"depth\": " << r.depth << ", \"filler\": " << r.filler << ", \"key\": \"" << r.key
+           << "\", \"full_answer\": \"" << json_escape(r.full_answer)
+           << "\", \"full_found\": " << (r.full_found ? "true" : "false") << ", \"found\": [";
+      for (std::size_t c = 0; c < nc; ++c) {
+        Cell& e = cells[{ctx, configs[c].first, configs[c].second.label()}];
+        e.needles++;
+        e.found += r.found[c];
+        e.steps += steps - 1;
+        e.agree += r.agree[c];
+        e.agree_k.push_back(r.agree[c]);
+        e.agree_n.push_back(steps - 1);
+        e.tokens += r.cache_tokens[c];
+        runs << (c ? "," : "") << r.found[c];
+      }
+      runs << "], \"agree\": [";  // agreeing steps per config, as "found"
+      for (std::size_t c = 0; c < nc; ++c) runs << (c ? "," : "") << r.agree[c];
+      runs << "]}";
+      auto& sp = spent[ctx];
+      sp.first += r.seconds;
+      sp.second++;
+      ++done;
+    };
+
+    // The journal: prompts it holds are read back, the others appended as they finish.
+    std::unique_ptr<llm::Journal> journal;
+    if (!journal_path.empty()) {
+      std::ostringstream settings;  // what makes a prompt's results what they are
+      settings << "model=" << model_name << " contexts=";
+      for (int c : contexts) settings << c << ',';
+      settings << " trials=" << trials << " depths=";
+      for (double d : depths) settings << d << ',';
+      settings << " steps=" << steps << " seed=" << seed << " window=" << base.window
+               << " tau1=" << base.tau1 << " tau2=" << base.tau2 << " gamma=" << base.gamma
+               << " configs=";
+      for (const auto& [m, cs] : configs) settings << m << '/' << cs.label() << ',';
+      journal = std::make_unique<llm::Journal>(journal_path, settings.str());
+      std::printf("journal %s: %zu prompts recorded%s\n", journal_path.c_str(), journal->size(),
+                  journal->dropped_a_cut_line() ? " (a last line cut short was dropped)" : "");
+      std::fflush(stdout);
+    }
 
     for (int ctx : contexts)
       for (int trial = 0; trial < trials; ++trial) {
         const auto t_prompt = std::chrono::steady_clock::now();
-        const double depth = depths[static_cast<std::size_t>(trial) % depths.size()];
-        const int filler = static_cast<int>(trial / depths.size()) % kNumFillers;
-        const std::string key = std::to_string(10000 + rng() % 90000);
-        const auto ids = haystack(tok, ctx, depth, key, kFillers[filler]);
+        llm::PromptRecord r;
+        r.context = ctx;
+        r.trial = trial;
+        r.depth = depths[static_cast<std::size_t>(trial) % depths.size()];
+        r.filler = static_cast<int>(trial / depths.size()) % kNumFillers;
+        r.key = std::to_string(10000 + rng() % 90000);  // drawn for every prompt, run or not
+        if (const llm::PromptRecord* was = journal ? journal->find(ctx, trial) : nullptr) {
+          if (was->key != r.key || was->depth != r.depth || was->filler != r.filler)
+            throw std::runtime_error("journal: context " + std::to_string(ctx) + ", trial " +
+                                     std::to_string(trial) + " has key " + was->key +
+                                     ", this run draws " + r.key);
+          absorb(*was);
+          continue;
+        }
+        const auto ids = haystack(tok, ctx, r.depth, r.key, kFillers[r.filler]);
         const int S = static_cast<int>(ids.size());
+        r.tokens = S;
         auto t0 = std::chrono::steady_clock::now();
         const auto rec = tf.prefill(ids, base.window);
         const double tp = seconds_since(t0);
@@ -410,30 +510,26 @@ int main(int argc, char** argv) {
         // teacher-forced one.
         t0 = std::chrono::steady_clock::now();
         std::vector<std::unique_ptr<llm::KvStore>> stores;
-        std::vector<std::pair<std::string, CacheSpec>> configs;
-        std::vector<int> sizes;
         llm::CacheOptions fo = base;
         fo.method = "full";
         stores.push_back(llm::make_store(mc, fo, S));
-        for (const auto& m : methods)
-          for (const auto& cs : caches) {
-            configs.push_back({m, cs});
-            llm::CacheOptions o = base;
-            o.method = m;
-            o.cache_size = cs.size_for(S, std::min(base.window, S));
-            sizes.push_back(o.cache_size);
-            // The teacher-forced sequence starts from the same state: a copy of the
-            // filled store (the prefill's eviction once per configuration).
-            auto filled = llm::make_store(mc, o, S);
-            filled->prefill(rec);
-            auto twin = filled->clone();
-            if (!twin) {
-              twin = llm::make_store(mc, o, S);
-              twin->prefill(rec);
-            }
-            stores.push_back(std::move(filled));
-            stores.push_back(std::move(twin));
+        for (const auto& [m, cs] : configs) {
+          llm::CacheOptions o = base;
+          o.method = m;
+          o.cache_size = cs.size_for(S, std::min(base.window, S));
+          r.cache_tokens.push_back(o.cache_size);
+          // The teacher-forced sequence starts from the same state: a copy of the
+          // filled store (the prefill's eviction once per configuration).
+          auto filled = llm::make_store(mc, o, S);
+          filled->prefill(rec);
+          auto twin = filled->clone();
+          if (!twin) {
+            twin = llm::make_store(mc, o, S);
+            twin->prefill(rec);
           }
+          stores.push_back(std::move(filled));
+          stores.push_back(std::move(twin));
+        }
         stores[0]->prefill(rec);
         t_fill += seconds_since(t0);
         // Where the needle's key survived the prefill: its tokens are those whose
@@ -442,41 +538,20 @@ int main(int argc, char** argv) {
           std::string text;
           std::vector<std::size_t> ends;
           for (int id : ids) ends.push_back((text += tok.decode_token(id)).size());
-          const std::size_t at = text.find(key);
+          const std::size_t at = text.find(r.key);
           int first = -1, last = -1;
           for (std::size_t i = 0; at != std::string::npos && i < ends.size(); ++i) {
             const std::size_t begin = i ? ends[i - 1] : 0;
-            if (ends[i] > at && begin < at + key.size()) {
+            if (ends[i] > at && begin < at + r.key.size()) {
               if (first < 0) first = static_cast<int>(i);
               last = static_cast<int>(i) + 1;
             }
           }
-          for (std::size_t c = 0; first >= 0 && c < configs.size(); ++c) {
-            const auto held = stores[1 + 2 * c]->rows_holding(first, last);
-            auto& acc = retained[{ctx, configs[c].first, configs[c].second.label()}];
-            acc.resize(held.size());
-            for (std::size_t l = 0; l < held.size(); ++l) acc[l] += held[l];
-            retained_n[{ctx, configs[c].first, configs[c].second.label()}]++;
-          }
+          for (std::size_t c = 0; first >= 0 && c < configs.size(); ++c)
+            r.held.push_back(stores[1 + 2 * c]->rows_holding(first, last));
         }
-        for (std::size_t c = 0; c < configs.size(); ++c) {  // CAKE's per-layer decisions
-          const auto dec = stores[1 + 2 * c]->layer_decisions();
-          if (dec.empty()) continue;
-          auto& acc = decisions[{ctx, configs[c].first, configs[c].second.label()}];
-          acc.resize(dec.size());
-          double pref_sum = 0, budget_sum = 0;
-          for (const auto& d : dec) {
-            pref_sum += d.preference;
-            budget_sum += static_cast<double>(d.budget);
-          }
-          for (std::size_t l = 0; l < dec.size(); ++l) {
-            acc[l].entropy += dec[l].entropy;
-            acc[l].variance += dec[l].variance;
-            acc[l].pref_share += pref_sum > 0 ? dec[l].preference / pref_sum : 0;
-            acc[l].budget_share += budget_sum > 0 ? dec[l].budget / budget_sum : 0;
-            acc[l].n++;
-          }
-        }
+        for (std::size_t c = 0; c < configs.size(); ++c)
+          r.decisions.push_back(stores[1 + 2 * c]->layer_decisions());
 
         const std::size_t n = stores.size();
         std::vector<llm::KvStore*> ptrs;
@@ -509,36 +584,19 @@ int main(int argc, char** argv) {
           }
           return s;
         };
-        const std::string full_answer = answer(gen[0]);
-        const bool full_ok = full_answer.find(key) != std::string::npos;
-        full[ctx].needles++;
-        full[ctx].found += full_ok;
-        runs << (runs.tellp() > 0 ? ",\n" : "") << "    {\"context\": " << S
-             << ", \"depth\": " << depth << ", \"filler\": " << filler << ", \"key\": \"" << key
-             << "\", \"full_answer\": \"" << json_escape(full_answer)
-             << "\", \"full_found\": " << (full_ok ? "true" : "false") << ", \"found\": [";
+        r.full_answer = answer(gen[0]);
+        r.full_found = r.full_answer.find(r.key) != std::string::npos;
         for (std::size_t c = 0; c < configs.size(); ++c) {
           const std::size_t fi = 1 + 2 * c, ti = fi + 1;
-          const bool ok = answer(gen[fi]).find(key) != std::string::npos;
-          Cell& e = cells[{ctx, configs[c].first, configs[c].second.label()}];
-          e.needles++;
-          e.found += ok;
-          e.steps += steps - 1;
-          e.agree += agree[ti];
-          e.agree_k.push_back(agree[ti]);
-          e.agree_n.push_back(steps - 1);
-          e.tokens += sizes[c];
-          runs << (c ? "," : "") << (ok ? 1 : 0);
+          r.found.push_back(answer(gen[fi]).find(r.key) != std::string::npos ? 1 : 0);
+          r.agree.push_back(agree[ti]);
         }
-        runs << "], \"agree\": [";  // agreeing steps per config, as "found"
-        for (std::size_t c = 0; c < configs.size(); ++c) runs << (c ? "," : "") << agree[2 + 2 * c];
-        runs << "]}";
-        auto& sp = spent[ctx];
-        sp.first += seconds_since(t_prompt);
-        sp.second++;
-        ++done;
+        r.seconds = seconds_since(t_prompt);
+        if (journal) journal->append(r);
+        absorb(r);
         // Remaining time: this context's mean per prompt; later contexts scaled from
         // it by length^1.5 (prefill grows faster than linearly, decoding slower).
+        const auto& sp = spent[ctx];
         double eta = 0;
         for (int c2 : contexts) {
           const int left = c2 == ctx ? trials - trial - 1 : (c2 > ctx ? trials : 0);
@@ -547,8 +605,8 @@ int main(int argc, char** argv) {
         std::printf(
             "[%d/%d] context %5d depth %3.0f%% filler %d key %s: full cache \"%s\" %s  [prefill "
             "%.1f s, decode %.1f s; elapsed %.0f s, about %.0f s left]\n",
-            done, total, S, depth * 100, filler, key.c_str(), full_answer.c_str(),
-            full_ok ? "ok" : "MISS", tp, td, seconds_since(t_all), eta);
+            done, total, S, r.depth * 100, r.filler, r.key.c_str(), r.full_answer.c_str(),
+            r.full_found ? "ok" : "MISS", tp, td, seconds_since(t_all), eta);
         std::fflush(stdout);
       }
 

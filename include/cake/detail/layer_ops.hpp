@@ -984,14 +984,26 @@ void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<
                                      std::array<index_t, 3>{static_cast<index_t>(q.stride(0)),
                                                             static_cast<index_t>(q.stride(1)), 1});
     if constexpr (!accumulates) {
+      // Steps 4 and 5 below on the worker that scored the row, as soon as its scores are
+      // out: no serial pass over the rows after. One eviction in position order, or a
+      // reference-order sort (each worker its own scratch).
+      index_t* map = S::ptr(ly.map);
       if (p.evict && !reference && keep == cand - 1) {
-        // One eviction in position order (steps 4 and 5 below) on the worker that scored
-        // the row, as soon as its scores are out: no serial pass over the rows after.
-        index_t* map = S::ptr(ly.map);
         S::candidates_listed(exec, qv, s, 0, Hkv, N, indicator, out(cand), ws.bytes,
-                             [&s, map, sc, cand, N](index_t r) noexcept {
+                             [&s, map, sc, cand, N](index_t r, int) noexcept {
                                S::evict_one_row(s, map, r, sc + r * N, cand, N, nullptr);
                              });
+        ly.set_length(n);
+        return;
+      }
+      if (p.evict && reference && S::sort_commit_fits(exec, rows, N, ws.bytes)) {
+        char* scratch = S::ptr(ws.bytes);
+        const index_t per = S::sort_commit_bytes(N);
+        S::candidates_listed(
+            exec, qv, s, 0, Hkv, N, indicator, out(cand), ws.bytes,
+            [&s, map, sc, cand, keep, w, N, scratch, per](index_t r, int worker) noexcept {
+              S::sort_commit_row(s, map, r, sc + r * N, cand, keep, w, N, scratch + worker * per);
+            });
         ly.set_length(n);
         return;
       }

@@ -156,13 +156,14 @@ void pool_group(const Ind& indicator, float* p, index_t ld, index_t grp, const f
 }
 
 // What score_groups does with a row once its scores are out: nothing, or the caller's
-// next step for that row (a decoding step's eviction), on the worker that scored it.
+// next step for that row (a decoding step's eviction), on the worker that scored it
+// (worker < worker_count(policy, rows): an index into the caller's own scratch).
 struct no_row_done {
-  void operator()(index_t) const noexcept {}
+  void operator()(index_t, int) const noexcept {}
 };
 
 // Every (batch, kv-head) row: the group's logits against its n_held keys, each row's
-// softmax, the indicator's scores, pooled, into out (B, Hkv, c); then done(row)
+// softmax, the indicator's scores, pooled, into out (B, Hkv, c); then done(row, worker)
 // (row = b * Hkv + g; it must not throw, and touch nothing of another row).
 template <class TQ, class Keys, class Ind, class Done = no_row_done>
 void score_groups(const host_policy& policy, host_view<TQ, 3> q, const Keys& keys, index_t Hkv,
@@ -229,7 +230,7 @@ void score_groups(const host_policy& policy, host_view<TQ, 3> q, const Keys& key
           inv[r] = 1.0f / sum;
         }
         pool_group(indicator, p, ld, grp, inv, c, &out(b, g, 0));
-        done(row);
+        done(row, worker);
         return;
       }
     }
@@ -263,7 +264,7 @@ void score_groups(const host_policy& policy, host_view<TQ, 3> q, const Keys& key
       inv[r] = 1.0f;
     }
     pool_group(indicator, p, ld, grp, inv, c, &out(b, g, 0));
-    done(row);
+    done(row, worker);
   });
 }
 
@@ -289,7 +290,7 @@ struct decode_scores_backend<host_policy> {
                                       n_held, indicator, out);
   }
   // The same with row r's key j at key(r, j), asked by the worker that scores row r,
-  // which then calls done(r) (see score_groups).
+  // which then calls done(r, worker) (see score_groups).
   template <class TK, class TQ, class KeyAt, class Ind,
             class Done = detail::host_decode::no_row_done>
   static void run_rows(const host_policy& policy, host_view<TQ, 3> q, const KeyAt& key,

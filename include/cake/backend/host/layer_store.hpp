@@ -370,13 +370,15 @@ struct layer_store<T, host_policy> {
   static constexpr bool slot_map = true;
 
   // Bytes of scratch a mapped or paged decoding step takes (select_decode, then
-  // commit_mapped, one after the other) for `rows` rows of up to n tokens under exec.
+  // commit_mapped, one after the other, or sort_commit_row on each worker) for `rows`
+  // rows of up to n tokens under exec.
   static index_t decode_bytes(const host_policy& exec, index_t rows, index_t n) {
     const index_t workers =
         detail::worker_count(detail::for_work(exec, kSortWork * rows * n), rows);
     const index_t sel = workers * 4 * n * static_cast<index_t>(sizeof(std::uint32_t));
-    const index_t commit = n * static_cast<index_t>(2 * sizeof(index_t) + sizeof(float) + 1);
-    return std::max(sel, commit);
+    // a reference-order step's sort and commit on the workers that score the rows
+    const index_t fused = detail::worker_count(exec, rows) * sort_commit_bytes(n);
+    return std::max({sel, commit_bytes(n), fused});
   }
   // A reference-order selection's work per key in multiply-add equivalents (for_work's
   // unit): its radix sort of 1K keys took as long as about 250 K of decode_dots'
@@ -422,6 +424,59 @@ struct layer_store<T, host_policy> {
     return e;
   }
 
+  // o[0, keep): the indices of the keep highest of x[0, cand), by descending score, ties
+  // to the lower index (select_k's order): a stable radix sort of the scores'
+  // order-preserving bits. scratch: 4 * cand words.
+  static void sort_descending(const float* x, index_t cand, index_t keep, index_t* o,
+                              std::uint32_t* scratch) noexcept {
+    // (cand) keys and indices, twice
+    std::uint32_t *key = scratch, *idx = scratch + cand, *key2 = scratch + 2 * cand,
+                  *idx2 = scratch + 3 * cand;
+    for (index_t j = 0; j < cand; ++j) {
+      key[j] = ~ordered_bits(x[j]);  // ascending key = descending score
+      idx[j] = static_cast<std::uint32_t>(j);
+    }
+    std::uint32_t *k0 = key, *i0 = idx, *k1 = key2, *i1 = idx2;
+    // The keys as four runs (quarters, in order), counted and scattered side by side:
+    // four independent counters where most keys share a byte (a score's exponent),
+    // which one histogram made a chain of dependent increments. Stable all the same:
+    // a bucket takes quarter 0's keys first, and each quarter's in order.
+    const index_t q4 = (cand + 3) / 4;
+    index_t at0[4], len[4];  // each quarter's first key and length
+    for (int q = 0; q < 4; ++q) {
+      at0[q] = std::min(cand, q * q4);
+      len[q] = std::min(cand, (q + 1) * q4) - at0[q];
+    }
+    for (int sh = 0; sh < 32; sh += 8) {
+      std::uint32_t hist[4][256] = {};
+      const auto digit = [sh](std::uint32_t v) { return (v >> sh) & 0xffu; };
+      for (index_t i = 0; i < q4; ++i)
+        for (int q = 0; q < 4; ++q)
+          if (i < len[q]) ++hist[q][digit(k0[at0[q] + i])];
+      const std::uint32_t b0 = digit(k0[0]);
+      if (hist[0][b0] + hist[1][b0] + hist[2][b0] + hist[3][b0] == static_cast<std::uint32_t>(cand))
+        continue;  // one bucket: order unchanged
+      std::uint32_t sum = 0;
+      for (int b = 0; b < 256; ++b)
+        for (int q = 0; q < 4; ++q) {
+          const std::uint32_t c = hist[q][b];
+          hist[q][b] = sum;
+          sum += c;
+        }
+      for (index_t i = 0; i < q4; ++i)
+        for (int q = 0; q < 4; ++q)
+          if (i < len[q]) {
+            const index_t j = at0[q] + i;
+            const std::uint32_t at = hist[q][digit(k0[j])]++;
+            k1[at] = k0[j];
+            i1[at] = i0[j];
+          }
+      std::swap(k0, k1);
+      std::swap(i0, i1);
+    }
+    for (index_t t = 0; t < keep; ++t) o[t] = static_cast<index_t>(i0[t]);
+  }
+
   // sel (rows, keep) with row stride ld: the keep of the first cand entries of each row
   // of x (row stride x_ld) that select_k would choose, in its order: ascending
   // (position) or by descending score, ties to the lower index. Descending order is a
@@ -439,56 +494,8 @@ struct layer_store<T, host_policy> {
       if (static_cast<std::size_t>(detail::worker_count(ex, rows)) * per_worker > scratch.size())
         ex = ex.threads(1);
       detail::parallel_for(ex, rows, [&](index_t r, int worker) {
-        // (cand) keys and indices, twice, and a 256-bin histogram per byte
-        auto* base = reinterpret_cast<std::uint32_t*>(scratch.data()) + 4 * cand * worker;
-        std::uint32_t *key = base, *idx = base + cand, *key2 = base + 2 * cand,
-                      *idx2 = base + 3 * cand;
-        const float* xr = x + r * x_ld;
-        for (index_t j = 0; j < cand; ++j) {
-          key[j] = ~ordered_bits(xr[j]);  // ascending key = descending score
-          idx[j] = static_cast<std::uint32_t>(j);
-        }
-        std::uint32_t *k0 = key, *i0 = idx, *k1 = key2, *i1 = idx2;
-        // The keys as four runs (quarters, in order), counted and scattered side by side:
-        // four independent counters where most keys share a byte (a score's exponent),
-        // which one histogram made a chain of dependent increments. Stable all the same:
-        // a bucket takes quarter 0's keys first, and each quarter's in order.
-        const index_t q4 = (cand + 3) / 4;
-        index_t at0[4], len[4];  // each quarter's first key and length
-        for (int q = 0; q < 4; ++q) {
-          at0[q] = std::min(cand, q * q4);
-          len[q] = std::min(cand, (q + 1) * q4) - at0[q];
-        }
-        for (int sh = 0; sh < 32; sh += 8) {
-          std::uint32_t hist[4][256] = {};
-          const auto digit = [sh](std::uint32_t v) { return (v >> sh) & 0xffu; };
-          for (index_t i = 0; i < q4; ++i)
-            for (int q = 0; q < 4; ++q)
-              if (i < len[q]) ++hist[q][digit(k0[at0[q] + i])];
-          const std::uint32_t b0 = digit(k0[0]);
-          if (hist[0][b0] + hist[1][b0] + hist[2][b0] + hist[3][b0] ==
-              static_cast<std::uint32_t>(cand))
-            continue;  // one bucket: order unchanged
-          std::uint32_t sum = 0;
-          for (int b = 0; b < 256; ++b)
-            for (int q = 0; q < 4; ++q) {
-              const std::uint32_t c = hist[q][b];
-              hist[q][b] = sum;
-              sum += c;
-            }
-          for (index_t i = 0; i < q4; ++i)
-            for (int q = 0; q < 4; ++q)
-              if (i < len[q]) {
-                const index_t j = at0[q] + i;
-                const std::uint32_t at = hist[q][digit(k0[j])]++;
-                k1[at] = k0[j];
-                i1[at] = i0[j];
-              }
-          std::swap(k0, k1);
-          std::swap(i0, i1);
-        }
-        index_t* o = sel + r * ld;
-        for (index_t t = 0; t < keep; ++t) o[t] = static_cast<index_t>(i0[t]);
+        sort_descending(x + r * x_ld, cand, keep, sel + r * ld,
+                        reinterpret_cast<std::uint32_t*>(scratch.data()) + 4 * cand * worker);
       });
       return;
     }
@@ -506,28 +513,67 @@ struct layer_store<T, host_policy> {
   // left out follow (their K/V rows are free now). No K/V row moves.
   static void commit_mapped(const slots<T>& s, index_t* map, const index_t* sel, index_t n,
                             index_t N, const float* sums, buffer<char>& scratch) noexcept {
-    auto* tpos = reinterpret_cast<index_t*>(scratch.data());  // (N)
+    for (index_t r = 0; r < s.rows; ++r)
+      commit_row(s, map, r, sel + r * n, n, N, sums, scratch.data());
+  }
+  // Bytes commit_row takes for N tokens.
+  static constexpr index_t commit_bytes(index_t N) {
+    return N * static_cast<index_t>(2 * sizeof(index_t) + sizeof(float) + 1);
+  }
+  // The same for row r alone (sel: its n selected tokens; scratch: commit_bytes(N)).
+  static void commit_row(const slots<T>& s, index_t* map, index_t r, const index_t* sel, index_t n,
+                         index_t N, const float* sums, char* scratch) noexcept {
+    auto* tpos = reinterpret_cast<index_t*>(scratch);         // (N)
     auto* tmap = tpos + N;                                    // (N)
     auto* tind = reinterpret_cast<float*>(tmap + N);          // (N)
     auto* mark = reinterpret_cast<unsigned char*>(tind + N);  // (N)
-    for (index_t r = 0; r < s.rows; ++r) {
-      const index_t o = r * s.cap;
-      const index_t* sr = sel + r * n;
-      std::fill(mark, mark + N, static_cast<unsigned char>(0));
-      for (index_t t = 0; t < n; ++t) {
-        const index_t j = sr[t];
-        mark[j] = 1;
-        tpos[t] = s.pos[o + j];
-        tmap[t] = map[o + j];
-        if (sums && s.ind) tind[t] = sums[r * N + j];
-      }
-      index_t f = n;
-      for (index_t j = 0; j < N; ++j)
-        if (!mark[j]) tmap[f++] = map[o + j];
-      std::copy_n(tmap, N, map + o);
-      std::copy_n(tpos, n, s.pos + o);
-      if (sums && s.ind) std::copy_n(tind, n, s.ind + o);
+    const index_t o = r * s.cap;
+    std::fill(mark, mark + N, static_cast<unsigned char>(0));
+    for (index_t t = 0; t < n; ++t) {
+      const index_t j = sel[t];
+      mark[j] = 1;
+      tpos[t] = s.pos[o + j];
+      tmap[t] = map[o + j];
+      if (sums && s.ind) tind[t] = sums[r * N + j];
     }
+    index_t f = n;
+    for (index_t j = 0; j < N; ++j)
+      if (!mark[j]) tmap[f++] = map[o + j];
+    std::copy_n(tmap, N, map + o);
+    std::copy_n(tpos, n, s.pos + o);
+    if (sums && s.ind) std::copy_n(tind, n, s.ind + o);
+  }
+
+  // A mapped layer's step in reference order for row r alone, on the worker that
+  // scored it: the keep highest of its candidates x[0, cand) by descending score, its
+  // window (the w tokens from cand) after them, committed as commit_mapped does (the
+  // same tokens and order as select_decode, window_slots and commit_mapped). scratch:
+  // sort_commit_bytes(N), the worker's own.
+  static constexpr index_t sort_commit_bytes(index_t N) {
+    const index_t sort = (4 * N * static_cast<index_t>(sizeof(std::uint32_t)) + 15) / 16 * 16;
+    const index_t sel = (N * static_cast<index_t>(sizeof(index_t)) + 15) / 16 * 16;
+    return sort + sel + (commit_bytes(N) + 15) / 16 * 16;
+  }
+  static void sort_commit_row(const slots<T>& s, index_t* map, index_t r, const float* x,
+                              index_t cand, index_t keep, index_t w, index_t N,
+                              char* scratch) noexcept {
+    const index_t n = keep + w;
+    char* at = scratch;
+    auto* sort = reinterpret_cast<std::uint32_t*>(at);
+    at += (4 * N * static_cast<index_t>(sizeof(std::uint32_t)) + 15) / 16 * 16;
+    auto* sel = reinterpret_cast<index_t*>(at);
+    at += (N * static_cast<index_t>(sizeof(index_t)) + 15) / 16 * 16;
+    if (keep > 0) sort_descending(x, cand, keep, sel, sort);
+    for (index_t t = keep; t < n; ++t) sel[t] = cand + std::min(t - keep, w - 1);
+    commit_row(s, map, r, sel, n, N, nullptr, at);
+  }
+  // Whether scratch holds sort_commit_row's bytes for every worker exec may run on rows
+  // of up to N tokens (it does once decode_bytes sized it under the same policy).
+  static bool sort_commit_fits(const host_policy& exec, index_t rows, index_t N,
+                               const buffer<char>& scratch) {
+    return static_cast<std::size_t>(detail::worker_count(exec, rows)) *
+               static_cast<std::size_t>(sort_commit_bytes(N)) <=
+           scratch.size();
   }
 
   // A mapped layer's step in position order that evicts one token per row (N tokens

@@ -593,11 +593,19 @@ TEST_CASE(
   std::mt19937 gen(801);
   for (int trial = 0; trial < 40; ++trial) {
     const index_t rows = 3, cand = 1 + static_cast<index_t>(gen() % 300);
-    // few distinct values (many ties), signed zeros and negatives among them
+    // odd trials: few distinct values (many ties), signed zeros and negatives among them;
+    // trial % 4 == 0: values sharing their upper 16 bits in runs, the sort's insertion
+    // pass; 2: all near 1, four such runs, too long for it: its full radix fallback after
+    // one pass moved the keys; else any
     std::vector<float> x(static_cast<std::size_t>(rows * cand));
     const float vals[] = {0.0f, -0.0f, 1.5f, -2.0f, 3.25f, 1e-30f, 7.0f};
+    std::uniform_real_distribution<float> any(-1.0f, 1.0f);
     for (auto& v : x)
-      v = trial % 2 ? vals[gen() % 7] : std::ldexp(static_cast<float>(gen() % 1000), -10);
+      v = trial % 2 ? vals[gen() % 7]
+          : trial % 4 == 0
+              ? std::ldexp(static_cast<float>(gen() % 1000), -10)
+              : (trial % 8 == 2 ? 1.0f + std::ldexp(static_cast<float>(gen() % (1 << 18)), -23)
+                                : std::ldexp(any(gen), -static_cast<int>(gen() % 20)));
     for (index_t keep : {cand - 1, cand / 2, cand}) {
       if (keep < 0) continue;
       for (cake::select_order order :

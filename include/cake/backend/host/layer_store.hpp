@@ -425,56 +425,90 @@ struct layer_store<T, host_policy> {
   }
 
   // o[0, keep): the indices of the keep highest of x[0, cand), by descending score, ties
-  // to the lower index (select_k's order): a stable radix sort of the scores'
-  // order-preserving bits. scratch: 4 * cand words.
+  // to the lower index (select_k's order). The scores' order-preserving bits are sorted
+  // stably by their upper 16 bits (two radix passes), then by all 32 with an insertion
+  // pass: a decode step's scores (pooled probabilities) rarely share their upper bits,
+  // so it moves few keys. Where many do (near-equal scores) it gives up after a few
+  // moves per key and sorts the lower 16 bits by radix too. scratch: 4 * cand words.
   static void sort_descending(const float* x, index_t cand, index_t keep, index_t* o,
                               std::uint32_t* scratch) noexcept {
     // (cand) keys and indices, twice
-    std::uint32_t *key = scratch, *idx = scratch + cand, *key2 = scratch + 2 * cand,
-                  *idx2 = scratch + 3 * cand;
+    std::uint32_t *key = scratch, *idx = scratch + cand, *k1 = scratch + 2 * cand,
+                  *i1 = scratch + 3 * cand;
     for (index_t j = 0; j < cand; ++j) {
       key[j] = ~ordered_bits(x[j]);  // ascending key = descending score
       idx[j] = static_cast<std::uint32_t>(j);
     }
-    std::uint32_t *k0 = key, *i0 = idx, *k1 = key2, *i1 = idx2;
-    // The keys as four runs (quarters, in order), counted and scattered side by side:
-    // four independent counters where most keys share a byte (a score's exponent),
-    // which one histogram made a chain of dependent increments. Stable all the same:
-    // a bucket takes quarter 0's keys first, and each quarter's in order.
-    const index_t q4 = (cand + 3) / 4;
-    index_t at0[4], len[4];  // each quarter's first key and length
-    for (int q = 0; q < 4; ++q) {
-      at0[q] = std::min(cand, q * q4);
-      len[q] = std::min(cand, (q + 1) * q4) - at0[q];
+    std::uint32_t *k0 = key, *i0 = idx;
+    radix_pass(k0, i0, k1, i1, cand, 16);
+    radix_pass(k0, i0, k1, i1, cand, 24);
+    // Equal upper bits sit together in index order: an insertion by the whole key
+    // (moving only past strictly greater ones) leaves ties in index order.
+    std::int64_t budget = 4 * static_cast<std::int64_t>(cand);
+    for (index_t j = 1; j < cand && budget >= 0; ++j) {
+      const std::uint32_t kj = k0[j], ij = i0[j];
+      index_t t = j;
+      for (; t > 0 && k0[t - 1] > kj; --t) {
+        k0[t] = k0[t - 1];
+        i0[t] = i0[t - 1];
+      }
+      k0[t] = kj;
+      i0[t] = ij;
+      budget -= j - t;
     }
-    for (int sh = 0; sh < 32; sh += 8) {
-      std::uint32_t hist[4][256] = {};
-      const auto digit = [sh](std::uint32_t v) { return (v >> sh) & 0xffu; };
-      for (index_t i = 0; i < q4; ++i)
-        for (int q = 0; q < 4; ++q)
-          if (i < len[q]) ++hist[q][digit(k0[at0[q] + i])];
-      const std::uint32_t b0 = digit(k0[0]);
-      if (hist[0][b0] + hist[1][b0] + hist[2][b0] + hist[3][b0] == static_cast<std::uint32_t>(cand))
-        continue;  // one bucket: order unchanged
-      std::uint32_t sum = 0;
-      for (int b = 0; b < 256; ++b)
-        for (int q = 0; q < 4; ++q) {
-          const std::uint32_t c = hist[q][b];
-          hist[q][b] = sum;
-          sum += c;
-        }
-      for (index_t i = 0; i < q4; ++i)
-        for (int q = 0; q < 4; ++q)
-          if (i < len[q]) {
-            const index_t j = at0[q] + i;
-            const std::uint32_t at = hist[q][digit(k0[j])]++;
-            k1[at] = k0[j];
-            i1[at] = i0[j];
-          }
-      std::swap(k0, k1);
-      std::swap(i0, i1);
+    if (budget < 0) {  // many near-equal scores: the full radix sort from the start
+      k0 = key;
+      i0 = idx;
+      k1 = scratch + 2 * cand;
+      i1 = scratch + 3 * cand;
+      for (index_t j = 0; j < cand; ++j) {
+        key[j] = ~ordered_bits(x[j]);
+        idx[j] = static_cast<std::uint32_t>(j);
+      }
+      for (int sh = 0; sh < 32; sh += 8) radix_pass(k0, i0, k1, i1, cand, sh);
     }
     for (index_t t = 0; t < keep; ++t) o[t] = static_cast<index_t>(i0[t]);
+  }
+  // One stable pass of an LSD radix sort by the byte at bit sh: (k0, i0) into (k1, i1),
+  // then the pointers swapped (k0, i0 name the result). The keys are counted and
+  // scattered as four runs (quarters, in order) side by side: four independent counters
+  // where most keys share a byte (a score's exponent), which one histogram made a chain
+  // of dependent increments. Stable all the same: a bucket takes quarter 0's keys
+  // first, and each quarter's in order.
+  static void radix_pass(std::uint32_t*& k0, std::uint32_t*& i0, std::uint32_t*& k1,
+                         std::uint32_t*& i1, index_t n, int sh) noexcept {
+    if (n == 0) return;
+    const index_t q4 = (n + 3) / 4;
+    index_t at0[4], len[4];  // each quarter's first key and length
+    for (int q = 0; q < 4; ++q) {
+      at0[q] = std::min(n, q * q4);
+      len[q] = std::min(n, (q + 1) * q4) - at0[q];
+    }
+    std::uint32_t hist[4][256] = {};
+    const auto digit = [sh](std::uint32_t v) { return (v >> sh) & 0xffu; };
+    for (index_t i = 0; i < q4; ++i)
+      for (int q = 0; q < 4; ++q)
+        if (i < len[q]) ++hist[q][digit(k0[at0[q] + i])];
+    const std::uint32_t b0 = digit(k0[0]);
+    if (hist[0][b0] + hist[1][b0] + hist[2][b0] + hist[3][b0] == static_cast<std::uint32_t>(n))
+      return;  // one bucket: order unchanged
+    std::uint32_t sum = 0;
+    for (int b = 0; b < 256; ++b)
+      for (int q = 0; q < 4; ++q) {
+        const std::uint32_t c = hist[q][b];
+        hist[q][b] = sum;
+        sum += c;
+      }
+    for (index_t i = 0; i < q4; ++i)
+      for (int q = 0; q < 4; ++q)
+        if (i < len[q]) {
+          const index_t j = at0[q] + i;
+          const std::uint32_t at = hist[q][digit(k0[j])]++;
+          k1[at] = k0[j];
+          i1[at] = i0[j];
+        }
+    std::swap(k0, k1);
+    std::swap(i0, i1);
   }
 
   // sel (rows, keep) with row stride ld: the keep of the first cand entries of each row

@@ -18,8 +18,10 @@
 //
 // The default is the full run (4 contexts x 110 prompts: many hours on 2 cores);
 // --quick is a few-minute run for everyday use.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -369,6 +371,13 @@ int main(int argc, char** argv) {
     const auto& mc = model.cfg;
     const int limit = mc.context - steps - 1;
     for (auto& c : contexts) c = std::min(c, limit);
+    // Contexts clamped to the same limit are one context (their cells would mix).
+    {
+      std::vector<int> once;
+      for (int c : contexts)
+        if (std::find(once.begin(), once.end(), c) == once.end()) once.push_back(c);
+      contexts = once;
+    }
     const std::string model_name = file.get_string("general.name");
     std::printf("model %s: %d layers, %d/%d heads, context limit %d tokens (from the file)\n",
                 model_name.c_str(), mc.layers, mc.heads, mc.kv_heads, mc.context);
@@ -395,7 +404,7 @@ int main(int argc, char** argv) {
     std::mt19937 rng(seed);
     double t_prefill = 0, t_fill = 0, t_decode = 0;
     const int total = static_cast<int>(contexts.size()) * trials;
-    int done = 0;
+    int done = 0, run_now = 0;
     const int im_end = tok.id("<|im_end|>"), eot = tok.id("<|endoftext|>");
     // Every prompt runs every (method, cache) configuration, in this order.
     std::vector<std::pair<std::string, CacheSpec>> configs;
@@ -407,10 +416,13 @@ int main(int argc, char** argv) {
       const std::size_t nc = configs.size();
       if (r.found.size() != nc || r.agree.size() != nc || r.cache_tokens.size() != nc ||
           (!r.held.empty() && r.held.size() != nc) || r.decisions.size() != nc)
-        throw std::runtime_error("prompt record of context " + std::to_string(r.context) +
-                                 ", trial " + std::to_string(r.trial) + ": expected " +
-                                 std::to_string(nc) + " configurations, got " +
-                                 std::to_string(r.found.size()));
+        throw std::runtime_error(
+            "prompt record of context " + std::to_string(r.context) + ", trial " +
+            std::to_string(r.trial) + ": expected " + std::to_string(nc) +
+            " configurations in found, agree, cache_tokens, decisions (and held, or none), got " +
+            std::to_string(r.found.size()) + ", " + std::to_string(r.agree.size()) + ", " +
+            std::to_string(r.cache_tokens.size()) + ", " + std::to_string(r.decisions.size()) +
+            " (held " + std::to_string(r.held.size()) + ")");
       const int ctx = r.context;
       for (std::size_t c = 0; c < r.held.size(); ++c) {
         const CellKey k{ctx, configs[c].first, configs[c].second.label()};
@@ -467,7 +479,9 @@ int main(int argc, char** argv) {
     std::unique_ptr<llm::Journal> journal;
     if (!journal_path.empty()) {
       std::ostringstream settings;  // what makes a prompt's results what they are
-      settings << "model=" << model_name << " contexts=";
+      settings.precision(17);       // reals that differ print differently
+      settings << "build=" << llm::executable_id() << " model=" << model_name
+               << " model_bytes=" << std::filesystem::file_size(model_path) << " contexts=";
       for (int c : contexts) settings << c << ',';
       settings << " trials=" << trials << " depths=";
       for (double d : depths) settings << d << ',';
@@ -491,10 +505,16 @@ int main(int argc, char** argv) {
         r.filler = static_cast<int>(trial / depths.size()) % kNumFillers;
         r.key = std::to_string(10000 + rng() % 90000);  // drawn for every prompt, run or not
         if (const llm::PromptRecord* was = journal ? journal->find(ctx, trial) : nullptr) {
-          if (was->key != r.key || was->depth != r.depth || was->filler != r.filler)
-            throw std::runtime_error("journal: context " + std::to_string(ctx) + ", trial " +
-                                     std::to_string(trial) + " has key " + was->key +
-                                     ", this run draws " + r.key);
+          if (was->key != r.key || was->depth != r.depth || was->filler != r.filler) {
+            const auto what = [](const std::string& k, double depth, int filler) {
+              return "key " + k + ", depth " + std::to_string(depth) + ", filler " +
+                     std::to_string(filler);
+            };
+            throw std::runtime_error("journal " + journal->path() + ": context " +
+                                     std::to_string(ctx) + ", trial " + std::to_string(trial) +
+                                     " has " + what(was->key, was->depth, was->filler) +
+                                     "; this run's prompt has " + what(r.key, r.depth, r.filler));
+          }
           absorb(*was);
           continue;
         }
@@ -593,6 +613,7 @@ int main(int argc, char** argv) {
         }
         r.seconds = seconds_since(t_prompt);
         if (journal) journal->append(r);
+        ++run_now;
         absorb(r);
         // Remaining time: this context's mean per prompt; later contexts scaled from
         // it by length^1.5 (prefill grows faster than linearly, decoding slower).
@@ -735,8 +756,11 @@ int main(int argc, char** argv) {
         std::min<int>(kNumFillers, (trials + static_cast<int>(depths.size()) - 1) /
                                        static_cast<int>(depths.size())),
         steps - 1, base.window);
-    std::printf("time: prefill %.1f s, filling caches %.1f s, decoding %.1f s, total %.1f s\n",
-                t_prefill, t_fill, t_decode, seconds_since(t_all));
+    std::printf(
+        "time: prefill %.1f s, filling caches %.1f s, decoding %.1f s, total %.1f s (the %d "
+        "prompts run now%s)\n",
+        t_prefill, t_fill, t_decode, seconds_since(t_all), run_now,
+        journal && journal->size() > 0 ? "; the others read from the journal" : "");
 
     if (!json_path.empty()) {
       std::ofstream f(json_path);

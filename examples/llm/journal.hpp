@@ -15,10 +15,14 @@
 // bit for bit what was written.
 #pragma once
 
+#include <cctype>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <stdexcept>
@@ -95,11 +99,18 @@ class Reader {
   void expect(const std::string& word) {
     if (token() != word) fail("'" + word + "'");
   }
-  long long integer(const char* what) {
+  // A decimal integer in [lo, hi] (digits after an optional '-': no '+', no spaces).
+  long long integer(const char* what, long long lo = std::numeric_limits<int>::min(),
+                    long long hi = std::numeric_limits<int>::max()) {
     const std::string t = token();
+    const bool digits = !t.empty() && std::isdigit(static_cast<unsigned char>(t.back())) &&
+                        (std::isdigit(static_cast<unsigned char>(t[0])) || t[0] == '-');
     char* end = nullptr;
-    const long long v = t.empty() ? 0 : std::strtoll(t.c_str(), &end, 10);
-    if (t.empty() || *end != '\0') fail(std::string(what) + " (an integer)");
+    errno = 0;
+    const long long v = digits ? std::strtoll(t.c_str(), &end, 10) : 0;
+    if (!digits || *end != '\0' || errno == ERANGE || v < lo || v > hi)
+      fail(std::string(what) + " (an integer in [" + std::to_string(lo) + ", " +
+           std::to_string(hi) + "])");
     return v;
   }
   double real(const char* what) {
@@ -112,12 +123,12 @@ class Reader {
   std::string string(const char* what) {
     skip_space();
     const std::size_t colon = s_.find(':', at_);
-    if (colon == std::string::npos) fail(std::string(what) + " (a string)");
-    char* end = nullptr;
-    const std::string len = s_.substr(at_, colon - at_);
-    const unsigned long long n = len.empty() ? 0 : std::strtoull(len.c_str(), &end, 10);
-    if (len.empty() || *end != '\0' || colon + 1 + n > s_.size())
-      fail(std::string(what) + " (a string)");
+    const std::string len = colon == std::string::npos ? "" : s_.substr(at_, colon - at_);
+    bool digits = !len.empty() && len.size() <= 9;  // under 1e9 bytes: no overflow below
+    for (const char c : len) digits = digits && std::isdigit(static_cast<unsigned char>(c));
+    const std::size_t n = digits ? std::stoul(len) : 0;
+    if (!digits || n > s_.size() - colon - 1)
+      fail(std::string(what) + " (a string: its length, ':', then that many bytes)");
     at_ = colon + 1 + n;
     std::string out;
     for (std::size_t i = colon + 1; i < at_; ++i) {
@@ -125,20 +136,18 @@ class Reader {
         out += s_[i];
         continue;
       }
-      const std::string hex = i + 2 < at_ ? s_.substr(i + 1, 2) : "";
-      char* end = nullptr;
-      const long c = hex.size() == 2 ? std::strtol(hex.c_str(), &end, 16) : -1;
-      if (c < 0 || *end != '\0') fail(std::string(what) + " (a string; '%' then two hex digits)");
-      out += static_cast<char>(c);
+      const auto hex = [&](std::size_t k) {
+        return k < at_ && std::isxdigit(static_cast<unsigned char>(s_[k]));
+      };
+      if (!hex(i + 1) || !hex(i + 2))
+        fail(std::string(what) + " (a string; '%' then two hex digits)");
+      out += static_cast<char>(std::stoi(s_.substr(i + 1, 2), nullptr, 16));
       i += 2;
     }
     return out;
   }
-  std::size_t count(const char* what, std::size_t most = 1u << 20) {
-    const long long n = integer(what);
-    if (n < 0 || static_cast<unsigned long long>(n) > most)
-      fail(std::string(what) + " (a count up to " + std::to_string(most) + ")");
-    return static_cast<std::size_t>(n);
+  std::size_t count(const char* what) {
+    return static_cast<std::size_t>(integer(what, 0, 1 << 20));
   }
   void end() {
     skip_space();
@@ -164,6 +173,24 @@ class Reader {
 };
 
 }  // namespace journal_detail
+
+// The running program's identity, a hash (FNV-1a) of its file: a journal's records
+// hold for the build that wrote them, so the settings name it. "unknown" where
+// /proc/self/exe cannot be read.
+inline std::string executable_id() {
+  std::ifstream f("/proc/self/exe", std::ios::binary);
+  if (!f) return "unknown";
+  std::uint64_t h = 1469598103934665603ull;
+  std::vector<char> buf(1 << 16);
+  while (f.read(buf.data(), static_cast<std::streamsize>(buf.size())) || f.gcount() > 0)
+    for (std::streamsize i = 0; i < f.gcount(); ++i) {
+      h ^= static_cast<unsigned char>(buf[static_cast<std::size_t>(i)]);
+      h *= 1099511628211ull;
+    }
+  char out[20];
+  std::snprintf(out, sizeof out, "%016llx", static_cast<unsigned long long>(h));
+  return out;
+}
 
 inline std::string journal_header(const std::string& settings) {
   std::ostringstream o;
@@ -205,7 +232,7 @@ inline PromptRecord parse_line(const std::string& line) {
   r.depth = in.real("depth");
   r.filler = static_cast<int>(in.integer("filler"));
   r.seconds = in.real("seconds");
-  r.full_found = in.integer("full_found") != 0;
+  r.full_found = in.integer("full_found", 0, 1) != 0;
   r.key = in.string("key");
   r.full_answer = in.string("full_answer");
   for (auto* v : {&r.found, &r.agree, &r.cache_tokens}) {
@@ -224,7 +251,8 @@ inline PromptRecord parse_line(const std::string& line) {
       x.entropy = in.real("entropy");
       x.variance = in.real("variance");
       x.preference = in.real("preference");
-      x.budget = in.integer("budget");
+      x.budget = in.integer("budget", std::numeric_limits<std::int64_t>::min(),
+                            std::numeric_limits<std::int64_t>::max());
     }
   }
   in.end();
@@ -247,19 +275,32 @@ class Journal {
                                  line.substr(0, 200) + "\", this run's is \"" + header +
                                  "\"): give another --journal file");
       // A line cut short by the stop that ended the last run is dropped (its prompt
-      // runs again); anything else malformed is an error.
+      // runs again): the file is cut back to its last line break, nothing else
+      // rewritten. Anything else malformed is an error, as is a prompt recorded twice.
       std::vector<std::string> lines;
       while (std::getline(in, line)) lines.push_back(line);
-      const bool ended = lines.empty() || last_byte_is_newline(path);
+      in.close();
+      const auto size = std::filesystem::file_size(path);
+      const bool ended = lines.empty() || last_byte_is_newline(path, size);
       for (std::size_t i = 0; i < lines.size(); ++i) {
         if (i + 1 == lines.size() && !ended) {
           cut_ = true;
+          std::filesystem::resize_file(path, size - lines[i].size());
           break;
         }
-        PromptRecord r = parse_line(lines[i]);
-        done_[{r.context, r.trial}] = std::move(r);
+        const std::string where = "journal " + path + ", line " + std::to_string(i + 2) + ": ";
+        PromptRecord r;
+        try {
+          r = parse_line(lines[i]);
+        } catch (const std::exception& e) {
+          throw std::runtime_error(where + e.what());
+        }
+        const std::pair<int, int> k{r.context, r.trial};
+        if (done_.count(k))
+          throw std::runtime_error(where + "context " + std::to_string(r.context) + ", trial " +
+                                   std::to_string(r.trial) + " recorded a second time");
+        done_.emplace(k, std::move(r));
       }
-      if (cut_) rewrite(header);
       out_.open(path, std::ios::app);
     } else {
       out_.open(path, std::ios::trunc);
@@ -274,6 +315,7 @@ class Journal {
     return it == done_.end() ? nullptr : &it->second;
   }
   std::size_t size() const { return done_.size(); }
+  const std::string& path() const { return path_; }
   bool dropped_a_cut_line() const { return cut_; }
   void append(const PromptRecord& r) {
     out_ << to_line(r) << '\n';
@@ -282,17 +324,11 @@ class Journal {
   }
 
  private:
-  static bool last_byte_is_newline(const std::string& path) {
-    std::ifstream f(path, std::ios::binary | std::ios::ate);
-    const auto n = static_cast<std::streamoff>(f.tellg());
-    if (n <= 0) return true;
-    f.seekg(n - 1);
+  static bool last_byte_is_newline(const std::string& path, std::uintmax_t size) {
+    if (size == 0) return true;
+    std::ifstream f(path, std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(size - 1));
     return f.get() == '\n';
-  }
-  void rewrite(const std::string& header) {  // the header and the whole records only
-    std::ofstream f(path_, std::ios::trunc);
-    f << header << '\n';
-    for (const auto& [k, r] : done_) f << to_line(r) << '\n';
   }
   std::string path_;
   std::map<std::pair<int, int>, PromptRecord> done_;

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <string>
 
@@ -75,6 +76,12 @@ void check_same(const llm::PromptRecord& a, const llm::PromptRecord& b) {
 
 }  // namespace
 
+TEST_CASE("journal: the program's identity is a hash of its file") {
+  const std::string id = llm::executable_id();
+  CHECK(id.size() == 16);
+  CHECK(id == llm::executable_id());  // the same file, the same hash
+}
+
 TEST_CASE("journal: a prompt's record reads back bit for bit") {
   for (int trial : {0, 1, 3}) {
     const llm::PromptRecord r = sample(trial);
@@ -98,16 +105,31 @@ TEST_CASE("journal: malformed lines are refused with the field expected") {
   };
   CHECK(message(line.substr(0, line.size() / 2)).find("expected") != std::string::npos);
   CHECK(message("prompt 8192 x") == message("prompt 8192 x"));
-  CHECK(message("prompt 8192 x").find("trial (an integer)") != std::string::npos);
+  CHECK(message("prompt 8192 x").find("trial (an integer in") != std::string::npos);
   CHECK(message("record 1").find("'prompt'") != std::string::npos);
   CHECK(message(line + " 5").find("the end of the line") != std::string::npos);
   // A string whose length runs past the line.
   const std::string long_key = "prompt 1 2 3 0x0p+0 0 0x0p+0 1 99:12345";
-  CHECK(message(long_key).find("key (a string)") != std::string::npos);
+  CHECK(message(long_key).find("key (a string: its length") != std::string::npos);
   CHECK(message("prompt 1 2 3 0x0p+0 0 0x0p+0 1 5:12%4x").find("key (a string; '%'") !=
         std::string::npos);
-  CHECK(message("prompt 1 2 3 0x0p+0 0 0x0p+0 1 5:12345 0: -4").find("configs (a count") !=
+  // Lengths that are not plain digits or run past the line, escapes that are not two
+  // hex digits, integers out of their field's range.
+  CHECK(message("prompt 1 2 3 0x0p+0 0 0x0p+0 1 -2:ab 0 0 0 0 0").find("key (a string") !=
         std::string::npos);
+  CHECK(message("prompt 1 2 3 0x0p+0 0 0x0p+0 1 +2:ab").find("key (a string") != std::string::npos);
+  CHECK(message("prompt 1 2 3 0x0p+0 0 0x0p+0 1 3:%+A").find("'%' then two hex digits") !=
+        std::string::npos);
+  CHECK(message("prompt 1 2 3 0x0p+0 0 0x0p+0 1 3:% A").find("'%' then two hex digits") !=
+        std::string::npos);
+  CHECK(message("prompt 4294975488 2").find("context (an integer in") != std::string::npos);
+  CHECK(message("prompt 99999999999999999999 2").find("context (an integer in") !=
+        std::string::npos);
+  CHECK(message("prompt +1 2").find("context (an integer in") != std::string::npos);
+  CHECK(message("prompt 1 2 3 0x0p+0 0 0x0p+0 2 1:a").find("full_found (an integer in [0, 1])") !=
+        std::string::npos);
+  CHECK(message("prompt 1 2 3 0x0p+0 0 0x0p+0 1 5:12345 0: -4")
+            .find("configs (an integer in [0, 1048576])") != std::string::npos);
 }
 
 TEST_CASE("journal: resumes what it holds, drops a cut last line, refuses other settings") {
@@ -141,6 +163,13 @@ TEST_CASE("journal: resumes what it holds, drops a cut last line, refuses other 
     CHECK(j.find(8192, 3) == nullptr);
     j.append(sample(3));  // after the dropped piece: a whole line of its own
   }
+  {  // the file: the header and four whole records, nothing of the cut piece
+    std::ifstream f(path, std::ios::binary);
+    const std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    std::string want = llm::journal_header("contexts=8192, trials=110") + "\n";
+    for (int t = 0; t < 4; ++t) want += llm::to_line(sample(t)) + "\n";
+    CHECK(all == want);
+  }
   {
     llm::Journal j(path, "contexts=8192, trials=110");
     CHECK(j.size() == 4);
@@ -150,11 +179,22 @@ TEST_CASE("journal: resumes what it holds, drops a cut last line, refuses other 
   }
   CHECK_THROWS_WITH_AS(llm::Journal(path, "contexts=8192, trials=100"),
                        doctest::Contains("other settings"), std::runtime_error);
+  // A prompt recorded twice is refused, naming the file and the line.
+  {
+    std::ofstream f(path, std::ios::trunc);
+    f << llm::journal_header("s") << "\n"
+      << llm::to_line(sample(0)) << "\n"
+      << llm::to_line(sample(1)) << "\n"
+      << llm::to_line(sample(0)) << "\n";
+  }
+  CHECK_THROWS_WITH_AS(llm::Journal(path, "s"), doctest::Contains("line 4: context 8192, trial 0"),
+                       std::runtime_error);
   // A malformed record that is not the last line is an error, not a silent drop.
   {
     std::ofstream f(path, std::ios::trunc);
     f << llm::journal_header("s") << "\nprompt 1 2\n" << llm::to_line(sample(0)) << "\n";
   }
-  CHECK_THROWS_WITH_AS(llm::Journal(path, "s"), doctest::Contains("expected"), std::runtime_error);
+  CHECK_THROWS_WITH_AS(llm::Journal(path, "s"),
+                       doctest::Contains(", line 2: journal line: expected"), std::runtime_error);
   std::filesystem::remove(path);
 }

@@ -519,7 +519,8 @@ struct layer_store<T, host_policy> {
   static void select_decode(const host_policy& exec, const float* x, index_t x_ld, index_t rows,
                             index_t cand, index_t keep, index_t* sel, index_t ld,
                             select_order order, buffer<char>& scratch) {
-    if (order == select_order::descending && keep > 0) {
+    if (keep <= 0) return;  // nothing to choose (and no (rows, 0) view with stride 0)
+    if (order == select_order::descending) {
       // Rows sorted side by side when the policy splits this much work (each worker
       // its own scratch, sized by decode_bytes under the same policy; one worker where
       // the scratch holds fewer, e.g. OpenMP's thread count raised since it was sized).

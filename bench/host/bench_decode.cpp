@@ -9,7 +9,7 @@
 // dense and paged (an engine's pools, NHD blocks of 16 scattered, lent back each step):
 //   cake:     KvCache::decode: the new token into a free K/V row (slot map), the
 //             held keys scored where they lie (paged: through the block table), one
-//             eviction by argmin (position order) or a radix sort (reference order)
+//             eviction by argmin (position order) or a counting sort (reference order)
 //   shifting: the same cache and the same scores from a custom (source) indicator,
 //             which takes the cache's generic path, the one every step took before the
 //             slot map: scores from a dense view (paged: a copy of the keys), select_k,

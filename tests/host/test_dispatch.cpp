@@ -594,18 +594,25 @@ TEST_CASE(
   for (int trial = 0; trial < 40; ++trial) {
     const index_t rows = 3, cand = 1 + static_cast<index_t>(gen() % 300);
     // odd trials: few distinct values (many ties), signed zeros and negatives among them;
-    // trial % 4 == 0: values sharing their upper 16 bits in runs, the sort's insertion
-    // pass; 2: all near 1, four such runs, too long for it: its full radix fallback after
-    // one pass moved the keys; else any
+    // the sort's paths: trial % 8 == 0, spread values (its counting pass, then the
+    // insertion pass); 2, values near 1 and one far below, which crowds them into one
+    // bucket (its radix fallback once cand passes a few dozen); 4, values within 16
+    // ulps of 1 (buckets one key wide: no insertion); 6, any
     std::vector<float> x(static_cast<std::size_t>(rows * cand));
     const float vals[] = {0.0f, -0.0f, 1.5f, -2.0f, 3.25f, 1e-30f, 7.0f};
     std::uniform_real_distribution<float> any(-1.0f, 1.0f);
+    const auto near1 = [&](int bits) {
+      return 1.0f + std::ldexp(static_cast<float>(gen() % (1u << bits)), -23);
+    };
     for (auto& v : x)
-      v = trial % 2 ? vals[gen() % 7]
-          : trial % 4 == 0
-              ? std::ldexp(static_cast<float>(gen() % 1000), -10)
-              : (trial % 8 == 2 ? 1.0f + std::ldexp(static_cast<float>(gen() % (1 << 18)), -23)
-                                : std::ldexp(any(gen), -static_cast<int>(gen() % 20)));
+      v = trial % 2        ? vals[gen() % 7]
+          : trial % 8 == 0 ? std::ldexp(static_cast<float>(gen() % 1000), -10)
+          : trial % 8 == 2 ? near1(18)
+          : trial % 8 == 4 ? near1(4)
+                           : std::ldexp(any(gen), -static_cast<int>(gen() % 20));
+    if (trial % 8 == 2)
+      for (index_t r = 0; r < rows; ++r)
+        x[static_cast<std::size_t>(r * cand) + gen() % cand] = 1e-30f;
     for (index_t keep : {cand - 1, cand / 2, cand}) {
       if (keep < 0) continue;
       for (cake::select_order order :

@@ -943,7 +943,7 @@ void make_room(const Exec& exec, cache_layer<T, Exec>& ly, const step_plan& p, i
 // (cache_layer::map), the same tokens and order as the step below: the new token goes
 // into a free K/V row, the scores read the held keys through the map, and the commit
 // permutes the map, positions and scores (O(tokens) integers per row, no K/V row);
-// one eviction in position order selects by argmin, reference order by a radix sort.
+// one eviction in position order selects by argmin, reference order by a counting sort.
 template <class T, class Exec, class Ind, class QV, class KV, class VV>
 void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec>& ws,
                    const LayerShape& sh, const QV& q, const KV& k, const VV& v, index_t position,

@@ -375,15 +375,15 @@ struct layer_store<T, host_policy> {
   static index_t decode_bytes(const host_policy& exec, index_t rows, index_t n) {
     const index_t workers =
         detail::worker_count(detail::for_work(exec, kSortWork * rows * n), rows);
-    const index_t sel = workers * 4 * n * static_cast<index_t>(sizeof(std::uint32_t));
+    const index_t sel = workers * sort_words(n) * static_cast<index_t>(sizeof(std::uint32_t));
     // a reference-order step's sort and commit on the workers that score the rows
     const index_t fused = detail::worker_count(exec, rows) * sort_commit_bytes(n);
     return std::max({sel, commit_bytes(n), fused});
   }
   // A reference-order selection's work per key in multiply-add equivalents (for_work's
-  // unit): its radix sort of 1K keys took as long as about 250 K of decode_dots'
+  // unit): its sort of 1K keys (4-5 us) took as long as about 160 K of decode_dots'
   // multiply-adds on Zen 3.
-  static constexpr std::int64_t kSortWork = 256;
+  static constexpr std::int64_t kSortWork = 160;
 
   // A decoding step's scores of rows [r0, r0 + rows_q * kv_per) of s (q: (rows_q,
   // kv_per * group, d), out: (rows_q, kv_per, c)), the first `held` tokens of each row
@@ -425,27 +425,45 @@ struct layer_store<T, host_policy> {
   }
 
   // o[0, keep): the indices of the keep highest of x[0, cand), by descending score, ties
-  // to the lower index (select_k's order). The scores' order-preserving bits are sorted
-  // stably by their upper 16 bits (two radix passes), then by all 32 with an insertion
-  // pass: a decode step's scores (pooled probabilities) rarely share their upper bits,
-  // so it moves few keys. Where many do (near-equal scores) it gives up after a few
-  // moves per key and sorts the lower 16 bits by radix too. scratch: 4 * cand words.
+  // to the lower index (select_k's order). One stable counting pass over the keys'
+  // actual range (the scores' order-preserving bits from the lowest to the highest, cut
+  // into about twice as many buckets as keys: a step's scores lie within a few binades,
+  // which fixed digits cut into a few crowded buckets), then an insertion pass by the
+  // whole key, which moves few keys. Where many keys crowd one bucket (one outlier
+  // stretching the range) it gives up after a few moves per key and radix-sorts the
+  // keys by bytes instead. scratch: sort_words(cand).
   static void sort_descending(const float* x, index_t cand, index_t keep, index_t* o,
                               std::uint32_t* scratch) noexcept {
-    // (cand) keys and indices, twice
+    // (cand) keys and indices, twice; then (2 << bit_width(cand)) bucket counters
     std::uint32_t *key = scratch, *idx = scratch + cand, *k1 = scratch + 2 * cand,
-                  *i1 = scratch + 3 * cand;
+                  *i1 = scratch + 3 * cand, *count = scratch + 4 * cand;
+    std::uint32_t lo = ~0u, hi = 0;
     for (index_t j = 0; j < cand; ++j) {
-      key[j] = ~ordered_bits(x[j]);  // ascending key = descending score
-      idx[j] = static_cast<std::uint32_t>(j);
+      const std::uint32_t k = ~ordered_bits(x[j]);  // ascending key = descending score
+      key[j] = k;
+      lo = std::min(lo, k);
+      hi = std::max(hi, k);
     }
-    std::uint32_t *k0 = key, *i0 = idx;
-    radix_pass(k0, i0, k1, i1, cand, 16);
-    radix_pass(k0, i0, k1, i1, cand, 24);
-    // Equal upper bits sit together in index order: an insertion by the whole key
-    // (moving only past strictly greater ones) leaves ties in index order.
-    std::int64_t budget = 4 * static_cast<std::int64_t>(cand);
-    for (index_t j = 1; j < cand && budget >= 0; ++j) {
+    if (cand == 0) return;
+    // buckets of 2^sh keys' width from lo: at most 2 << bit_width(cand) of them
+    const int digits = static_cast<int>(std::bit_width(static_cast<std::uint64_t>(cand))) + 1;
+    const int sh = std::max(0, static_cast<int>(std::bit_width(hi - lo)) - digits);
+    const std::uint32_t buckets = ((hi - lo) >> sh) + 1;
+    std::fill_n(count, buckets, 0u);
+    for (index_t j = 0; j < cand; ++j) ++count[(key[j] - lo) >> sh];
+    std::uint32_t sum = 0;
+    for (std::uint32_t b = 0; b < buckets; ++b) sum += std::exchange(count[b], sum);
+    for (index_t j = 0; j < cand; ++j) {
+      const std::uint32_t at = count[(key[j] - lo) >> sh]++;
+      k1[at] = key[j];
+      i1[at] = static_cast<std::uint32_t>(j);
+    }
+    std::uint32_t *k0 = k1, *i0 = i1;
+    // Equal buckets sit together in index order: an insertion by the whole key
+    // (moving only past strictly greater ones) leaves ties in index order. A bucket one
+    // key wide (sh = 0) is sorted already.
+    std::int64_t budget = sh > 0 ? 4 * static_cast<std::int64_t>(cand) : 0;
+    for (index_t j = 1; j < cand && sh > 0 && budget >= 0; ++j) {
       const std::uint32_t kj = k0[j], ij = i0[j];
       index_t t = j;
       for (; t > 0 && k0[t - 1] > kj; --t) {
@@ -456,18 +474,19 @@ struct layer_store<T, host_policy> {
       i0[t] = ij;
       budget -= j - t;
     }
-    if (budget < 0) {  // many near-equal scores: the full radix sort from the start
+    if (budget < 0) {  // crowded buckets: an LSD radix sort by bytes from the start
       k0 = key;
       i0 = idx;
       k1 = scratch + 2 * cand;
       i1 = scratch + 3 * cand;
-      for (index_t j = 0; j < cand; ++j) {
-        key[j] = ~ordered_bits(x[j]);
-        idx[j] = static_cast<std::uint32_t>(j);
-      }
-      for (int sh = 0; sh < 32; sh += 8) radix_pass(k0, i0, k1, i1, cand, sh);
+      for (index_t j = 0; j < cand; ++j) idx[j] = static_cast<std::uint32_t>(j);
+      for (int b = 0; b < 32; b += 8) radix_pass(k0, i0, k1, i1, cand, b);
     }
     for (index_t t = 0; t < keep; ++t) o[t] = static_cast<index_t>(i0[t]);
+  }
+  // The 32-bit words of scratch sort_descending takes for cand keys.
+  static constexpr index_t sort_words(index_t cand) {
+    return 4 * cand + (index_t{2} << std::bit_width(static_cast<std::uint64_t>(cand)));
   }
   // One stable pass of an LSD radix sort by the byte at bit sh: (k0, i0) into (k1, i1),
   // then the pointers swapped (k0, i0 name the result). The keys are counted and
@@ -525,12 +544,13 @@ struct layer_store<T, host_policy> {
       // its own scratch, sized by decode_bytes under the same policy; one worker where
       // the scratch holds fewer, e.g. OpenMP's thread count raised since it was sized).
       host_policy ex = detail::for_work(exec, kSortWork * rows * cand);
-      const auto per_worker = static_cast<std::size_t>(4 * cand) * sizeof(std::uint32_t);
+      const auto per_worker = static_cast<std::size_t>(sort_words(cand)) * sizeof(std::uint32_t);
       if (static_cast<std::size_t>(detail::worker_count(ex, rows)) * per_worker > scratch.size())
         ex = ex.threads(1);
       detail::parallel_for(ex, rows, [&](index_t r, int worker) {
-        sort_descending(x + r * x_ld, cand, keep, sel + r * ld,
-                        reinterpret_cast<std::uint32_t*>(scratch.data()) + 4 * cand * worker);
+        sort_descending(
+            x + r * x_ld, cand, keep, sel + r * ld,
+            reinterpret_cast<std::uint32_t*>(scratch.data()) + sort_words(cand) * worker);
       });
       return;
     }
@@ -585,22 +605,26 @@ struct layer_store<T, host_policy> {
   // same tokens and order as select_decode, window_slots and commit_mapped). scratch:
   // sort_commit_bytes(N), the worker's own.
   static constexpr index_t sort_commit_bytes(index_t N) {
-    const index_t sort = (4 * N * static_cast<index_t>(sizeof(std::uint32_t)) + 15) / 16 * 16;
-    const index_t sel = (N * static_cast<index_t>(sizeof(index_t)) + 15) / 16 * 16;
-    return sort + sel + (commit_bytes(N) + 15) / 16 * 16;
+    return sort_commit_at(N, 2) + aligned16(commit_bytes(N));
+  }
+  // The offset of sort_commit_row's part `part` in its scratch: the sort's words (0),
+  // the selection (1), commit_row's bytes (2), each from a 16-byte boundary.
+  static constexpr index_t aligned16(index_t bytes) { return (bytes + 15) / 16 * 16; }
+  static constexpr index_t sort_commit_at(index_t N, int part) {
+    const index_t sort = aligned16(sort_words(N) * static_cast<index_t>(sizeof(std::uint32_t)));
+    return part == 0   ? 0
+           : part == 1 ? sort
+                       : sort + aligned16(N * static_cast<index_t>(sizeof(index_t)));
   }
   static void sort_commit_row(const slots<T>& s, index_t* map, index_t r, const float* x,
                               index_t cand, index_t keep, index_t w, index_t N,
                               char* scratch) noexcept {
     const index_t n = keep + w;
-    char* at = scratch;
-    auto* sort = reinterpret_cast<std::uint32_t*>(at);
-    at += (4 * N * static_cast<index_t>(sizeof(std::uint32_t)) + 15) / 16 * 16;
-    auto* sel = reinterpret_cast<index_t*>(at);
-    at += (N * static_cast<index_t>(sizeof(index_t)) + 15) / 16 * 16;
+    auto* sort = reinterpret_cast<std::uint32_t*>(scratch);
+    auto* sel = reinterpret_cast<index_t*>(scratch + sort_commit_at(N, 1));
     if (keep > 0) sort_descending(x, cand, keep, sel, sort);
     for (index_t t = keep; t < n; ++t) sel[t] = cand + std::min(t - keep, w - 1);
-    commit_row(s, map, r, sel, n, N, nullptr, at);
+    commit_row(s, map, r, sel, n, N, nullptr, scratch + sort_commit_at(N, 2));
   }
   // Whether scratch holds sort_commit_row's bytes for every worker exec may run on rows
   // of up to N tokens (it does once decode_bytes sized it under the same policy).

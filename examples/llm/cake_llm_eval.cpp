@@ -147,14 +147,16 @@ using CellKey = std::tuple<int, std::string, std::string>;  // context, method, 
 
 // Panels: rows = (needle, agreement), columns = contexts; x = absolute cache sizes
 // (log scale), y = 0..100%, 95% Wilson intervals as error bars.
-void write_svg(const std::string& path, const std::string& model,
+// The chart of quality against cache sizes in tokens; false (nothing written) when every
+// cache size is a share of the prompt, which it does not plot.
+bool write_svg(const std::string& path, const std::string& model,
                const std::vector<std::string>& methods, const std::vector<CacheSpec>& caches,
                const std::vector<int>& contexts, std::map<CellKey, Cell>& cells,
                std::map<int, Cell>& full) {
   std::vector<int> xs;
   for (const auto& c : caches)
     if (c.percent <= 0) xs.push_back(c.tokens);
-  if (xs.empty()) return;
+  if (xs.empty()) return false;
   const int nc = static_cast<int>(contexts.size());
   const int pw = 250, ph = 190, gap = 60, left = 70, top = 60;
   const int legend_rows = static_cast<int>(methods.size() + 1 + 4) / 5;
@@ -230,6 +232,7 @@ void write_svg(const std::string& path, const std::string& model,
       << ly + 4 << "\">" << (is_full ? std::string("full cache") : methods[m]) << "</text>\n";
   }
   f << "</svg>\n";
+  return true;
 }
 
 std::string pct(double x) {
@@ -820,8 +823,13 @@ int main(int argc, char** argv) {
       std::printf("wrote %s\n", json_path.c_str());
     }
     if (!svg_path.empty()) {
-      write_svg(svg_path, model_name, methods, caches, contexts, cells, full);
-      std::printf("wrote %s\n", svg_path.c_str());
+      if (write_svg(svg_path, model_name, methods, caches, contexts, cells, full))
+        std::printf("wrote %s\n", svg_path.c_str());
+      else
+        std::printf(
+            "no chart written to %s: it plots cache sizes in tokens, and these are all "
+            "shares of the prompt\n",
+            svg_path.c_str());
     }
     return 0;
   } catch (const std::exception& e) {

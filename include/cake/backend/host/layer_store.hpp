@@ -437,6 +437,7 @@ struct layer_store<T, host_policy> {
     // (cand) keys and indices, twice; then (2 << bit_width(cand)) bucket counters
     std::uint32_t *key = scratch, *idx = scratch + cand, *k1 = scratch + 2 * cand,
                   *i1 = scratch + 3 * cand, *count = scratch + 4 * cand;
+    if (cand == 0) return;
     std::uint32_t lo = ~0u, hi = 0;
     for (index_t j = 0; j < cand; ++j) {
       const std::uint32_t k = ~ordered_bits(x[j]);  // ascending key = descending score
@@ -444,7 +445,6 @@ struct layer_store<T, host_policy> {
       lo = std::min(lo, k);
       hi = std::max(hi, k);
     }
-    if (cand == 0) return;
     // buckets of 2^sh keys' width from lo: at most 2 << bit_width(cand) of them
     const int digits = static_cast<int>(std::bit_width(static_cast<std::uint64_t>(cand))) + 1;
     const int sh = std::max(0, static_cast<int>(std::bit_width(hi - lo)) - digits);
@@ -462,8 +462,8 @@ struct layer_store<T, host_policy> {
     // Equal buckets sit together in index order: an insertion by the whole key
     // (moving only past strictly greater ones) leaves ties in index order. A bucket one
     // key wide (sh = 0) is sorted already.
-    std::int64_t budget = sh > 0 ? 4 * static_cast<std::int64_t>(cand) : 0;
-    for (index_t j = 1; j < cand && sh > 0 && budget >= 0; ++j) {
+    std::int64_t budget = 4 * static_cast<std::int64_t>(cand);
+    for (index_t j = 1; sh > 0 && j < cand && budget >= 0; ++j) {
       const std::uint32_t kj = k0[j], ij = i0[j];
       index_t t = j;
       for (; t > 0 && k0[t - 1] > kj; --t) {

@@ -63,6 +63,10 @@ struct CacheConfig {
   index_t cache_size = 1024;  // C: average tokens per layer, window included
   bool cascade = true;        // cut layer by layer during prefill (the paper's point)
   token_order order = token_order::position;
+  // A paged layer's held tokens in its sequences' blocks while decoding: in token order,
+  // or in any order within the first slots (host; a step then moves at most one K/V row
+  // per row, see slot_order and token_slots).
+  slot_order paged_slots = slot_order::token;
   // Reject NaN/Inf in queries, keys and values: on the host one streaming pass; on
   // CUDA one kernel per tensor and one flag read per call (a stream sync per call:
   // engines that guarantee finite inputs turn it off).
@@ -81,6 +85,9 @@ struct CacheConfig {
     CAKE_CHECK(window >= 2, "cake.config.window", "window must be >= 2, got ", window);
     CAKE_CHECK(cache_size > window, "cake.config.cache_size",
                "cache_size must be > window = ", window, ", got ", cache_size);
+    CAKE_CHECK(paged_slots == slot_order::token || paged_slots == slot_order::any,
+               "cake.config.paged_slots", "paged_slots must be slot_order::token or ::any, got ",
+               static_cast<int>(paged_slots));
     return status::success();
   }
 };
@@ -105,6 +112,10 @@ class KvCache {
                    Exec exec = {})
       : cfg_(config), pref_(preference), budget_(budget), ind_(indicator), exec_(res_.adopt(exec)) {
     cfg_.validate().throw_if_error();
+    if constexpr (!requires { Store::slot_map; })
+      CAKE_EXPECTS(cfg_.paged_slots == slot_order::token, "cake.config.paged_slots",
+                   "paged_slots = slot_order::any needs a backend with slot maps (the host); "
+                   "this one keeps paged tokens in token order: pass slot_order::token");
     pref_.validate().throw_if_error();
     budget_.validate().throw_if_error();
     ind_.validate().throw_if_error();
@@ -286,6 +297,7 @@ class KvCache {
     // 3. Allocate: the new layers, selected, copied or reordered (a truncated layer
     //    reordered to position order is gathered into a new one).
     const detail::LayerShape sh = shape();
+    const bool paged_map = cfg_.paged_slots == slot_order::any;  // paged layers' slot maps
     std::vector<Layer> fresh(m + 1);
     std::vector<char> replaced(m + 1, 0);
     std::vector<detail::reorder_plan<T, Exec>> reorders(m + 1);
@@ -296,8 +308,9 @@ class KvCache {
     for (std::size_t l = 0; l <= m; ++l) {
       const detail::layer_plan& lp = plan.layers[l];
       if (lp.action == detail::layer_action::copy_all) {
-        fresh[l] = detail::copy_all<T>(
-            ex, sh, k, v, lp.keep_scores ? scores : detail::token_scores{}, lent == nullptr);
+        fresh[l] =
+            detail::copy_all<T>(ex, sh, k, v, lp.keep_scores ? scores : detail::token_scores{},
+                                lent == nullptr, paged_map);
         if (lent) attach(fresh[l], std::move(*lent));
         transient += fresh[l].total() / rows;
       } else if (lp.action == detail::layer_action::select) {
@@ -307,7 +320,7 @@ class KvCache {
           if (lent) src = lent->at().kv_only();
           fresh[l] =
               detail::select<T>(ex, sh, k, v, nullptr, 0, scores, P, prefixes(lp), lp.to_position,
-                                lp.keep_scores, lent ? &src : nullptr, &moves[l]);
+                                lp.keep_scores, lent ? &src : nullptr, &moves[l], paged_map);
           if (lent) attach(fresh[l], std::move(*lent));
         } else {
           const Layer& src = layers_[l];
@@ -315,7 +328,7 @@ class KvCache {
           fresh[l] =
               detail::select<T>(ex, sh, detail::keys(src, sh), detail::values(src, sh), ss.pos,
                                 src.cap, detail::scores(src), P, prefixes(lp), lp.to_position,
-                                lp.keep_scores, src.paged() ? &ss : nullptr, &moves[l]);
+                                lp.keep_scores, src.paged() ? &ss : nullptr, &moves[l], paged_map);
           if (src.paged()) {
             fresh[l].pool = src.pool;
             fresh[l].table = src.table;
@@ -557,6 +570,23 @@ class KvCache {
   // (batch, kv_heads, tokens_held): the prompt or decode position of every held token.
   view<const index_t, 3, Space> positions(index_t layer) const {
     return detail::positions(layers_.at(checked(layer)), shape());
+  }
+  // (batch, kv_heads, tokens_held) of a paged layer with paged_slots = slot_order::any:
+  // the slot of every held token (in token order, as positions(layer)) in its sequence's
+  // blocks; each row's are a permutation of 0 .. its length - 1 (head-wise rows, which
+  // decode in token order, the identity). A view into the cache, valid until its next
+  // call. Throws cake::logic_error for another layer (token t is then in slot t).
+  view<const index_t, 3, Space> token_slots(index_t layer) const {
+    const Layer& ly = paged_layer(layer);
+    if (Store::size(ly.map) == 0)
+      throw logic_error("cake.paged.layer",
+                        detail::concat("layer ", layer,
+                                       " keeps its tokens in token order (paged_slots = "
+                                       "slot_order::token): token t is in slot t"));
+    const index_t c = std::max<index_t>(ly.cap, 1);
+    return make_view<Space>(static_cast<const index_t*>(Store::ptr(ly.map)),
+                            std::array<index_t, 3>{cfg_.batch, cfg_.kv_heads, ly.held},
+                            std::array<index_t, 3>{cfg_.kv_heads * c, c, 1});
   }
 
  private:

@@ -549,6 +549,11 @@ class RaggedKvCache {
   block_table<host_space> table(sequence_id id, index_t layer) const {
     return sequence(id).table(layer);
   }
+  // With CacheConfig::paged_slots = slot_order::any: (1, kv_heads, held) the slot of each
+  // held token in the sequence's blocks (KvCache::token_slots).
+  view<const index_t, 3, Space> token_slots(sequence_id id, index_t layer) const {
+    return sequence(id).token_slots(layer);
+  }
   // Between bounded chunks on the pools, freed(id, layer) is the tail of the chunk's
   // table the eviction released (table(id, layer) exists from the last chunk on).
   std::int32_t freed(sequence_id id, index_t layer) const {

@@ -10,6 +10,8 @@
 
 #include <bit>
 #include <cstdint>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -27,9 +29,31 @@ inline Engine make_engine(const Workload& wl, index_t bs, bool nhd, index_t spar
   return paged_engine::make_engine(wl.cfg, wl.S, wl.k, wl.v, bs, nhd, spare, seed);
 }
 
+// Each row of a slot_order::any layer holds its first n slots, one token each.
+template <class Paged>
+void check_compact(const Paged& paged, index_t l) {
+  if (paged.config().paged_slots != cake::slot_order::any) return;
+  const auto ts = paged.token_slots(l);
+  const auto len = paged.row_lengths(l);
+  for (index_t s = 0; s < ts.extent(0); ++s)
+    for (index_t h = 0; h < ts.extent(1); ++h) {
+      const index_t n = len[static_cast<std::size_t>(s * ts.extent(1) + h)];
+      std::vector<char> seen(static_cast<std::size_t>(n), 0);
+      for (index_t j = 0; j < n; ++j) {
+        CAPTURE(j);
+        const index_t slot = ts(s, h, j);
+        REQUIRE(slot >= 0);
+        REQUIRE(slot < n);
+        REQUIRE(!seen[static_cast<std::size_t>(slot)]);
+        seen[static_cast<std::size_t>(slot)] = 1;
+      }
+    }
+}
+
 // The paged cache holds what the dense one holds, layer by layer: lengths, budgets,
-// positions, and the exact K and V of every row's tokens in the pools, padding
-// (slots past a row's length up to its sequence's length) zero as the dense padding.
+// positions, and the exact K and V of every row's tokens in the pools (token j in slot
+// j, or where token_slots says), padding (slots past a row's length up to its
+// sequence's length) zero as the dense padding.
 template <class Dense, class Paged>
 void check_equal(const Dense& dense, const Paged& paged, const Engine& e) {
   REQUIRE(dense.layers_prefilled() == paged.layers_prefilled());
@@ -43,6 +67,8 @@ void check_equal(const Dense& dense, const Paged& paged, const Engine& e) {
     const auto pd = dense.positions(l), pp = paged.positions(l);
     const auto kd = dense.keys(l), vd = dense.values(l);
     const auto t = paged.table(l);
+    check_compact(paged, l);
+    const bool any = paged.config().paged_slots == cake::slot_order::any;
     for (index_t s = 0; s < e.B; ++s) {
       index_t longest = 0;
       for (index_t h = 0; h < e.Hkv; ++h)
@@ -55,8 +81,10 @@ void check_equal(const Dense& dense, const Paged& paged, const Engine& e) {
         for (index_t j = 0; j < longest; ++j) {
           CAPTURE(j);
           if (j < n) REQUIRE(pd(s, h, j) == pp(s, h, j));
-          const float* k = e.key(l, s, h, j);
-          const float* v = e.value(l, s, h, j);
+          // token j's slot (padding: the row's slot j)
+          const index_t at = any && j < n ? paged.token_slots(l)(s, h, j) : j;
+          const float* k = e.key(l, s, h, at);
+          const float* v = e.value(l, s, h, at);
           for (index_t x = 0; x < e.d; ++x) {
             // Bits: a NaN (a slot never written) fails, and -0 vs 0 would show.
             REQUIRE(std::bit_cast<std::uint32_t>(k[x]) ==
@@ -75,12 +103,38 @@ struct Run {
   bool cascade;
   bool nhd;
   index_t bs;
+  cake::slot_order slots = cake::slot_order::token;
 };
 
 inline cake::CacheConfig config(const Run& r) {
   cake::CacheConfig c = kv_test::small_config(r.cascade);
   c.order = r.order;
+  c.paged_slots = r.slots;
   return c;
+}
+
+// Slots [0, n) of each row of layer l whose K or V differ between two copies of the
+// pools, n the row's length after: a slot_order::any step of uniform rows changes at
+// most one (the one the new token fills) in each row.
+template <class Paged>
+index_t most_changed(const Paged& paged, const Engine& e, index_t l, const std::vector<float>& k0,
+                     const std::vector<float>& v0) {
+  const auto L_ = static_cast<std::size_t>(l);
+  const auto len = paged.row_lengths(l);
+  index_t most = 0;
+  for (index_t s = 0; s < e.B; ++s)
+    for (index_t h = 0; h < e.Hkv; ++h) {
+      index_t changed = 0;
+      for (index_t j = 0; j < len[static_cast<std::size_t>(s * e.Hkv + h)]; ++j) {
+        const auto o = static_cast<std::size_t>(e.offset(l, s, h, j));
+        changed += std::memcmp(e.kpool[L_].data() + o, k0.data() + o,
+                               static_cast<std::size_t>(e.d) * sizeof(float)) != 0 ||
+                   std::memcmp(e.vpool[L_].data() + o, v0.data() + o,
+                               static_cast<std::size_t>(e.d) * sizeof(float)) != 0;
+      }
+      most = std::max(most, changed);
+    }
+  return most;
 }
 
 // Prefill then `steps` decoding steps, dense and paged side by side, compared after
@@ -105,10 +159,20 @@ void run_both(const Run& r, unsigned seed, index_t S, int steps = 6) {
       dense.decode(l, wl.dqv(static_cast<std::size_t>(t), l),
                    wl.dkv(static_cast<std::size_t>(t), l), wl.dvv(static_cast<std::size_t>(t), l));
       give_room(e, l);
+      const auto lens = paged.row_lengths(l);
+      const bool uniform =
+          std::adjacent_find(lens.begin(), lens.end(), std::not_equal_to<>()) == lens.end();
+      const std::vector<float> k0 = e.kpool[static_cast<std::size_t>(l)],
+                               v0 = e.vpool[static_cast<std::size_t>(l)];
       paged.decode(l, wl.dqv(static_cast<std::size_t>(t), l),
                    wl.dkv(static_cast<std::size_t>(t), l), wl.dvv(static_cast<std::size_t>(t), l),
                    e.table(l));
       take_back(e, paged);
+      // one K/V row per row and step; a step that cuts a row (the first after a prompt
+      // that fit) one per token it evicts
+      const index_t evicted = lens[0] + 1 - paged.row_lengths(l)[0];
+      if (r.slots == cake::slot_order::any && uniform)
+        CHECK(most_changed(paged, e, l, k0, v0) <= std::max<index_t>(1, evicted));
       check_equal(dense, paged, e);
     }
 }
@@ -116,18 +180,24 @@ void run_both(const Run& r, unsigned seed, index_t S, int steps = 6) {
 template <class Cache>
 void every_run(const char* name) {
   unsigned seed = 11;
-  for (auto order : {cake::token_order::position, cake::token_order::reference})
-    for (bool cascade : {true, false})
-      for (bool nhd : {false, true})
-        for (index_t bs : {1, 16, 3}) {  // 3 does not divide the window (4)
-          const Run r{order, cascade, nhd, bs};
-          INFO(name << (order == cake::token_order::position ? " position" : " reference")
-                    << (cascade ? " cascade" : " one-shot") << (nhd ? " NHD" : " HND")
-                    << " block_size " << bs);
-          run_both<Cache>(r, ++seed, 40);
-          run_both<Cache>(r, ++seed, 18);
-          run_both<Cache>(r, ++seed, 10);
-        }
+  for (auto slots : {cake::slot_order::token, cake::slot_order::any})
+    for (auto order : {cake::token_order::position, cake::token_order::reference})
+      for (bool cascade : {true, false})
+        for (bool nhd : {false, true})
+          for (index_t bs : {1, 16, 3}) {  // 3 does not divide the window (4)
+            // any order: the layouts that differ most (NHD, blocks not dividing w)
+            if (slots == cake::slot_order::any && (!nhd || bs == 1)) continue;
+            const Run r{order, cascade, nhd, bs, slots};
+            const std::string what =
+                std::string(name) +
+                (order == cake::token_order::position ? " position" : " reference") +
+                (cascade ? " cascade" : " one-shot") + (nhd ? " NHD" : " HND") + " block_size " +
+                std::to_string(bs) + (slots == cake::slot_order::any ? " any order" : "");
+            INFO(what);
+            run_both<Cache>(r, ++seed, 40);
+            run_both<Cache>(r, ++seed, 18);
+            run_both<Cache>(r, ++seed, 10);
+          }
 }
 
 // Everything an engine or a caller can observe of a paged cache and its pools.

@@ -796,12 +796,15 @@ void check_paged(const Dense& dense, const Ragged& r, sequence_id id, Engine& e)
     const auto pd = dense.positions(l), pp = c.positions(l);
     const auto kd = dense.keys(l), vd = dense.values(l);
     const auto L_ = static_cast<std::size_t>(l);
+    const bool any = c.config().paged_slots == cake::slot_order::any;
     bool same = true;
     for (index_t h = 0; h < e.Hkv; ++h)
       for (index_t j = 0; j < longest; ++j) {
-        if (j < len[static_cast<std::size_t>(h)]) same = same && pd(0, h, j) == pp(0, h, j);
-        const float* k = e.at(e.kpool[L_], ids, h, j);
-        const float* v = e.at(e.vpool[L_], ids, h, j);
+        const bool held = j < len[static_cast<std::size_t>(h)];
+        if (held) same = same && pd(0, h, j) == pp(0, h, j);
+        const index_t at = any && held ? r.token_slots(id, l)(0, h, j) : j;  // padding: slot j
+        const float* k = e.at(e.kpool[L_], ids, h, at);
+        const float* v = e.at(e.vpool[L_], ids, h, at);
         for (index_t x = 0; x < e.d; ++x)  // bits: a NaN (never written) fails
           same =
               same &&
@@ -817,6 +820,7 @@ struct Case {
   cake::token_order order;
   index_t bs;
   bool nhd;
+  cake::slot_order slots = cake::slot_order::token;
 };
 
 // Four sequences (one prompt exactly the window), prefilled whole in one call per
@@ -824,7 +828,8 @@ struct Case {
 template <class Cache>
 void paged_equals_dense(const Case& k, cake::host_policy exec = {}) {
   using Ragged = typename ragged_test::ragged_of<Cache>::type;
-  const auto base = ragged_test::model(k.cascade, k.order);
+  auto base = ragged_test::model(k.cascade, k.order);
+  base.paged_slots = k.slots;
   std::vector<Seq> seqs;
   seqs.push_back(ragged_test::make_seq(base, 7, 4, 8, 11, 3));
   seqs.push_back(ragged_test::make_seq(base, 3, 23, 6, 12, 3));
@@ -927,6 +932,9 @@ TEST_CASE_TEMPLATE("RaggedKvCache on paged pools equals dense and alone, every m
           CAPTURE(bs);
           CAPTURE(nhd);
           ragged_paged_test::paged_equals_dense<Cache>({cascade, order, bs, nhd});
+          if (bs == 3 && nhd)  // tokens in any order within each sequence's first slots
+            ragged_paged_test::paged_equals_dense<Cache>(
+                {cascade, order, bs, nhd, cake::slot_order::any});
         }
 }
 

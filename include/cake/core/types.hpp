@@ -25,6 +25,16 @@ enum class token_order {
               // indicator, then the window; reproduces its decoding bit for bit
 };
 
+// Where a paged layer's held tokens lie in each row's slots (its sequence's blocks)
+// while decoding (CacheConfig::paged_slots). Attention over the slots does not depend
+// on their order when positions are in the keys already (RoPE applied before the write).
+enum class slot_order {
+  token,  // token t in slot t (default): the blocks read in order are the tokens in order;
+          // a step that evicts moves the K/V rows after the evicted token
+  any,    // a row's n held tokens fill its first n slots in any order (KvCache::token_slots
+          // says which token is where): a step moves at most one K/V row per row (host)
+};
+
 // What an indicator policy scores tokens from (its static member `source`; an
 // indicator without one is a `window` indicator).
 enum class indicator_source {

@@ -136,21 +136,22 @@ struct slots {
   float* ind = nullptr;    // (rows, cap) or null
   index_t rows = 0, cap = 0, d = 0;
   paged_rows<T> paged{};  // paged.k set: K/V live in an engine's pool
-  // (rows, cap) or null: a dense layer's slot map (host), token t of row r in K/V row
-  // map[r * cap + t]; positions and scores stay in token order (see cache_layer::map).
+  // (rows, cap) or null: a layer's slot map (host), token t of row r in K/V row (a paged
+  // row's slot) map[r * cap + t]; positions and scores stay in token order (see
+  // cache_layer::map).
   const index_t* map = nullptr;
 
   CAKE_HOST_DEVICE bool is_paged() const { return paged.k != nullptr; }
   // Row r's slot t of K (V), or null where it has none: no K/V here, or a paged row's
   // slot past its sequence's blocks (padding there is not stored).
   CAKE_HOST_DEVICE T* key(index_t r, index_t t) const {
-    if (paged.k) return t < paged.room(r) ? paged.key(r, t) : nullptr;
     if (map) t = map[r * cap + t];
+    if (paged.k) return t < paged.room(r) ? paged.key(r, t) : nullptr;
     return k ? k + (r * cap + t) * d : nullptr;
   }
   CAKE_HOST_DEVICE T* value(index_t r, index_t t) const {
-    if (paged.k) return t < paged.room(r) ? paged.value(r, t) : nullptr;
     if (map) t = map[r * cap + t];
+    if (paged.k) return t < paged.room(r) ? paged.value(r, t) : nullptr;
     return v ? v + (r * cap + t) * d : nullptr;
   }
   slots kv_only() const {
@@ -280,12 +281,15 @@ struct cache_layer {
   bool cut = false;           // made by a selection (else it holds the whole prompt)
   paged_rows<T> pool{};       // pool.k set: K/V in an engine's pools, addressed by table
   paged_table table;
-  // A dense host layer's slot map while decoding: (rows, cap), a permutation of each
-  // row's K/V rows, token t of row r in K/V row map[r * cap + t] (the tokens past
-  // len[r] name the free rows). A decoding step then moves no K/V row: the new token
-  // goes into a free row and an evicted token's row becomes free, while positions and
-  // scores stay in token order. `permuted` says the map is not the identity; settle()
-  // puts K/V back in token order (before anything reads them as a dense block).
+  // A host layer's slot map while decoding: (rows, cap), a permutation of each row's
+  // K/V rows, token t of row r in K/V row map[r * cap + t] (the tokens past len[r] name
+  // the free rows). A decoding step then moves no K/V row: the new token goes into a
+  // free row and an evicted token's row becomes free, while positions and scores stay
+  // in token order. A paged layer has one only with slot_order::any: its rows keep
+  // their tokens in their first len[r] slots (the engine reads those), so a step moves
+  // the new token's K/V into the evicted one's slot (decode_mapped). `permuted` says
+  // the map is not the identity; settle() puts K/V back in token order (before anything
+  // reads them in token order).
   buffer<index_t> map;
   bool permuted = false;
 
@@ -332,7 +336,9 @@ template <class T, class Exec>
 void settle(cache_layer<T, Exec>& ly) noexcept {
   if (!ly.permuted) return;
   using S = layer_store<T, Exec>;
-  S::settle(S::ptr(ly.k), S::ptr(ly.v), S::ptr(ly.map), ly.rows, ly.cap, ly.d);
+  slots<T> s = ly.at();
+  s.map = nullptr;  // K/V rows (a paged row's slots) as they lie
+  S::settle(s, S::ptr(ly.map));
   ly.permuted = false;
 }
 
@@ -362,8 +368,9 @@ void reserve(const Exec& exec, Buf& b, index_t n) {
 }
 
 // with_kv false: the metadata only (a paged layer, its K/V in the engine's pools).
-// with_map: a dense layer of the cache that may decode over a slot map (a backend with
-// one) gets its identity map now, so that decoding allocates nothing while it has room.
+// with_map: a layer of the cache that may decode over a slot map (a backend with one;
+// a paged layer with slot_order::any) gets its identity map now, so that decoding
+// allocates nothing while it has room.
 template <class T, class Exec>
 cache_layer<T, Exec> make_layer(const Exec& exec, index_t rows, index_t d, index_t cap,
                                 bool with_scores, bool with_kv = true, bool with_map = false) {
@@ -382,7 +389,7 @@ cache_layer<T, Exec> make_layer(const Exec& exec, index_t rows, index_t d, index
     S::fill(exec, S::ptr(ly.ind), rows * cap, 0.0f);  // slots without a score read 0
   }
   if constexpr (requires { S::slot_map; }) {
-    if (with_kv && with_map) {
+    if (with_map) {
       ly.map = S::template make<index_t>(exec, rows * cap);
       index_t* m = S::ptr(ly.map);
       for (index_t r = 0; r < rows; ++r)
@@ -586,12 +593,13 @@ std::vector<index_t> head_lengths(const Exec& exec, const LayerShape& sh, token_
 // before the last layer), with room for one decoded token; scores, when given,
 // travel with the tokens (the first sc.cols slots of each row).
 // with_kv false: a paged layer, whose prompt is in the engine's pools already: only
-// its positions and scores are written.
+// its positions and scores are written (and it has a slot map when paged_map).
 template <class T, class Exec, class KV, class VV>
 cache_layer<T, Exec> copy_all(const Exec& exec, const LayerShape& sh, const KV& k, const VV& v,
-                              token_scores sc, bool with_kv = true) {
+                              token_scores sc, bool with_kv = true, bool paged_map = false) {
   const index_t S = k.extent(2);
-  auto out = make_layer<T>(exec, sh.rows(), sh.head_dim, S + 1, sc.p != nullptr, with_kv, true);
+  auto out = make_layer<T>(exec, sh.rows(), sh.head_dim, S + 1, sc.p != nullptr, with_kv,
+                           with_kv || paged_map);
   layer_store<T, Exec>::copy_prompt(exec, k, v, out.at(), sc, sh.kv_heads);
   out.set_length(S);
   return out;
@@ -667,12 +675,14 @@ void commit_move(const Exec& exec, const slots<T>& kv, const kv_move<T, Exec>& m
 // rows: of the longest keep in descending order when rows differ (the first keep[r]
 // of it are row r's top keep[r], sorted by index for position order), then one gather.
 // A paged source (paged non-null: its slots, k and v unused) is not moved here: its
-// new layer has the metadata only, and `move` the K/V moves for the commit.
+// new layer has the metadata only (and a slot map when paged_map), and `move` the K/V
+// moves for the commit.
 template <class T, class Exec, class KV, class VV>
 cache_layer<T, Exec> select(const Exec& exec, const LayerShape& sh, const KV& k, const VV& v,
                             const index_t* src_pos, index_t src_cap, token_scores sc, index_t P,
                             std::span<const index_t> keep, bool position_order, bool keep_scores,
-                            const slots<T>* paged = nullptr, kv_move<T, Exec>* move = nullptr) {
+                            const slots<T>* paged = nullptr, kv_move<T, Exec>* move = nullptr,
+                            bool paged_map = false) {
   using S = layer_store<T, Exec>;
   using Space = typename Exec::memory_space;
   const index_t rows = sh.rows(), w = sh.window;
@@ -681,7 +691,8 @@ cache_layer<T, Exec> select(const Exec& exec, const LayerShape& sh, const KV& k,
   auto sel = S::template make<index_t>(exec, rows * n);  // (rows, n)
   auto sorted = S::template make<index_t>(exec, position_order && ragged ? rows * n : 0);
   auto kd = upload_ints<T>(exec, ragged ? keep : std::span<const index_t>{});
-  auto out = make_layer<T>(exec, rows, sh.head_dim, n + 1, keep_scores, paged == nullptr, !ragged);
+  auto out = make_layer<T>(exec, rows, sh.head_dim, n + 1, keep_scores, paged == nullptr,
+                           paged == nullptr ? !ragged : paged_map);
   index_t* s = S::ptr(sel);
   const index_t* kp = ragged ? S::ptr(kd) : nullptr;
   select_k(
@@ -939,11 +950,13 @@ void make_room(const Exec& exec, cache_layer<T, Exec>& ly, const step_plan& p, i
     ly = regrow(exec, ly, keep_lengths ? p.N : std::max(p.N, std::min(2 * ly.cap, budget + w + 1)));
 }
 
-// A decoding step of a dense host layer of uniform rows over its slot map
-// (cache_layer::map), the same tokens and order as the step below: the new token goes
-// into a free K/V row, the scores read the held keys through the map, and the commit
-// permutes the map, positions and scores (O(tokens) integers per row, no K/V row);
-// one eviction in position order selects by argmin, reference order by a counting sort.
+// A decoding step of a host layer of uniform rows over its slot map (cache_layer::map),
+// the same tokens and order as the step below: the new token goes into a free K/V row,
+// the scores read the held keys through the map, and the commit permutes the map,
+// positions and scores (O(tokens) integers per row, no K/V row); one eviction in
+// position order selects by argmin, reference order by a counting sort. A paged row
+// then fills the slots its evicted tokens leave below n with the kept tokens above
+// (the new token's, where one token goes), so that it holds its first n slots.
 template <class T, class Exec, class Ind, class QV, class KV, class VV>
 void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec>& ws,
                    const LayerShape& sh, const QV& q, const KV& k, const VV& v, index_t position,
@@ -961,6 +974,9 @@ void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<
   reserve_decode(exec, ws, sh, q.extent(1), ly.held, false, false, accumulates);
   slots<T> s = ly.at();  // the layer has its map (make_layer, regrow)
   s.map = S::ptr(ly.map);
+  slots<T> raw = s;  // a paged row's slots as they lie, for compact_row
+  raw.map = nullptr;
+  const bool paged = s.is_paged();
 
   // 2. The new token into each row's first free K/V row (token slot held).
   S::append(exec, s, k, v, position, nullptr, ly.held, Hkv);
@@ -990,8 +1006,9 @@ void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<
       index_t* map = S::ptr(ly.map);
       if (p.evict && !reference && keep == cand - 1) {
         S::candidates_listed(exec, qv, s, 0, Hkv, N, indicator, out(cand), ws.bytes,
-                             [&s, map, sc, cand, N](index_t r, int) noexcept {
+                             [&s, &raw, paged, map, sc, cand, n, N](index_t r, int) noexcept {
                                S::evict_one_row(s, map, r, sc + r * N, cand, N, nullptr);
+                               if (paged) S::compact_row(raw, map, r, n, N);
                              });
         ly.set_length(n);
         return;
@@ -999,11 +1016,13 @@ void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<
       if (p.evict && reference && S::sort_commit_fits(exec, rows, N, ws.bytes)) {
         char* scratch = S::ptr(ws.bytes);
         const index_t per = S::sort_commit_bytes(N);
-        S::candidates_listed(
-            exec, qv, s, 0, Hkv, N, indicator, out(cand), ws.bytes,
-            [&s, map, sc, cand, keep, w, N, scratch, per](index_t r, int worker) noexcept {
-              S::sort_commit_row(s, map, r, sc + r * N, cand, keep, w, N, scratch + worker * per);
-            });
+        S::candidates_listed(exec, qv, s, 0, Hkv, N, indicator, out(cand), ws.bytes,
+                             [&s, &raw, paged, map, sc, cand, keep, w, n, N, scratch, per](
+                                 index_t r, int worker) noexcept {
+                               S::sort_commit_row(s, map, r, sc + r * N, cand, keep, w, N,
+                                                  scratch + worker * per);
+                               if (paged) S::compact_row(raw, map, r, n, N);
+                             });
         ly.set_length(n);
         return;
       }
@@ -1023,14 +1042,15 @@ void decode_mapped(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<
   // in one pass per row.
   if (!reference && keep == cand - 1) {
     S::evict_one_mapped(s, S::ptr(ly.map), accumulates ? sums : sc, N, cand, N, sums);
-    ly.set_length(n);
-    return;
+  } else {
+    index_t* sel = S::ptr(ws.sel);
+    S::select_decode(exec, accumulates ? sums : sc, N, rows, cand, keep, sel, n,
+                     reference ? select_order::descending : select_order::position, ws.bytes);
+    S::window_slots(exec, sel, rows, n, nullptr, keep, w, nullptr, cand);
+    S::commit_mapped(s, S::ptr(ly.map), sel, n, N, sums, ws.bytes);
   }
-  index_t* sel = S::ptr(ws.sel);
-  S::select_decode(exec, accumulates ? sums : sc, N, rows, cand, keep, sel, n,
-                   reference ? select_order::descending : select_order::position, ws.bytes);
-  S::window_slots(exec, sel, rows, n, nullptr, keep, w, nullptr, cand);
-  S::commit_mapped(s, S::ptr(ly.map), sel, n, N, sums, ws.bytes);
+  if (paged)
+    for (index_t r = 0; r < rows; ++r) S::compact_row(raw, S::ptr(ly.map), r, n, N);
   ly.set_length(n);
 }
 
@@ -1058,7 +1078,8 @@ void decode(const Exec& exec, cache_layer<T, Exec>& ly, decode_workspace<T, Exec
   const index_t grp = q.extent(1) / Hkv;
   const bool ragged = !ly.uniform();
   if constexpr (mappable && source != indicator_source::custom) {
-    if (!ragged && !ly.paged() && S::size(ly.map) > 0) {
+    // (a paged layer has a map only with slot_order::any)
+    if (!ragged && S::size(ly.map) > 0) {
       decode_mapped(exec, ly, ws, sh, q, k, v, position, budget, indicator, reference,
                     keep_lengths);
       return;

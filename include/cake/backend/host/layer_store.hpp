@@ -662,25 +662,48 @@ struct layer_store<T, host_policy> {
     }
   }
 
-  // K and V rows of every row back in the order map names (map: (rows, cap), a
-  // permutation of each row's K/V rows), and map the identity: a cycle at a time.
-  static void settle(T* k, T* v, index_t* map, index_t rows, index_t cap, index_t d) noexcept {
-    for (index_t r = 0; r < rows; ++r) {
-      index_t* m = map + r * cap;
-      T* kr = k + r * cap * d;
-      T* vr = v + r * cap * d;
-      for (index_t i = 0; i < cap; ++i) {
+  // K and V rows of every row of s (its slots as they lie: s.map null) back in the order
+  // map names (map: (rows, cap), a permutation of each row's K/V rows), and map the
+  // identity: a cycle at a time. A paged row's map moves only slots its blocks hold.
+  static void settle(const slots<T>& s, index_t* map) noexcept {
+    const index_t d = s.d;
+    for (index_t r = 0; r < s.rows; ++r) {
+      index_t* m = map + r * s.cap;
+      for (index_t i = 0; i < s.cap; ++i) {
         index_t j = i;
         while (m[j] != i) {  // row j takes row m[j]'s K/V; the one it held moves on
           const index_t next = m[j];
-          std::swap_ranges(kr + j * d, kr + (j + 1) * d, kr + next * d);
-          std::swap_ranges(vr + j * d, vr + (j + 1) * d, vr + next * d);
+          T *kj = s.key(r, j), *vj = s.value(r, j);
+          std::swap_ranges(kj, kj + d, s.key(r, next));
+          std::swap_ranges(vj, vj + d, s.value(r, next));
           m[j] = j;
           j = next;
         }
         m[j] = j;
       }
     }
+  }
+
+  // A paged row r after a mapped commit (n tokens kept of N): its tokens back in its
+  // first n slots, in any order. The kept tokens in slots [n, N) (the new token's, where
+  // the step evicted one token) move into the slots its evicted tokens left below n:
+  // one K/V row each. Then map[n, N) names slots n, n + 1, ... (the next token's slot
+  // is n). s: the row's slots as they lie (s.map null).
+  static void compact_row(const slots<T>& s, index_t* map, index_t r, index_t n,
+                          index_t N) noexcept {
+    index_t* m = map + r * s.cap;
+    index_t f = n;  // the next free entry that may name a slot below n
+    // The displaced tokens are among the last (the new one is at n - 1): look back.
+    for (index_t t = n - 1; t >= 0; --t) {
+      while (f < N && m[f] >= n) ++f;
+      if (f == N) break;  // no slot below n is free: the row is compact
+      if (m[t] < n) continue;
+      const auto bytes = static_cast<std::size_t>(s.d) * sizeof(T);
+      std::memcpy(s.key(r, m[f]), s.key(r, m[t]), bytes);
+      std::memcpy(s.value(r, m[f]), s.value(r, m[t]), bytes);
+      std::swap(m[t], m[f]);
+    }
+    for (index_t j = n; j < N; ++j) m[j] = j;
   }
 
   // An accumulating indicator's prefill sums (detail::attention_sums says what they

@@ -6,7 +6,10 @@
 //          candidates, gather the kept rows into a fresh cache
 // decode_layer: one layer's step at Llama-3.1-8B heads holding C tokens (its 4.3 MiB
 // of float K at C = 1024 stays in L3 between steps), position and reference order,
-// dense and paged (an engine's pools, NHD blocks of 16 scattered, lent back each step):
+// dense and paged (an engine's pools, NHD blocks of 16 scattered, lent back each step;
+// paged_any: the same with CacheConfig::paged_slots = slot_order::any, the held tokens
+// in a row's first slots in any order, so a step moves one K/V row, not those after
+// the evicted token):
 //   cake:     KvCache::decode: the new token into a free K/V row (slot map), the
 //             held keys scored where they lie (paged: through the block table), one
 //             eviction by argmin (position order) or a counting sort (reference order)
@@ -275,9 +278,12 @@ struct OneLayerPool {
   }
 };
 
+enum class layout { dense, paged, paged_any };
+
 template <class Ind>
-void run_layer(benchmark::State& st, index_t C, cake::token_order order, bool paged,
+void run_layer(benchmark::State& st, index_t C, cake::token_order order, layout lay,
                cake::host_policy exec = {}) {
+  const bool paged = lay != layout::dense;
   const Shape& sh = llama;
   const index_t B = 1, S = 2 * C + 64, H = sh.q_heads, Hkv = sh.kv_heads, d = sh.head_dim;
   const LayerInputs& in = layer_inputs(sh, B, S);
@@ -290,6 +296,7 @@ void run_layer(benchmark::State& st, index_t C, cake::token_order order, bool pa
   cfg.window = window;
   cfg.cache_size = C;
   cfg.order = order;
+  cfg.paged_slots = lay == layout::paged_any ? cake::slot_order::any : cake::slot_order::token;
   cake::KvCache<cake::CakePreference, cake::ProportionalBudget, Ind> cache(cfg, {}, {}, {}, exec);
   OneLayerPool pool(in, S);
   if (paged) {
@@ -324,24 +331,26 @@ void run_layer(benchmark::State& st, index_t C, cake::token_order order, bool pa
 
 void add_layer_cases(index_t C) {
   for (cake::token_order order : {cake::token_order::position, cake::token_order::reference})
-    for (bool paged : {false, true}) {
+    for (layout lay : {layout::dense, layout::paged, layout::paged_any}) {
       const std::string args = std::string(llama.name) + "/C:" + std::to_string(C) + "/" +
                                (order == cake::token_order::position ? "position" : "reference") +
-                               "/" + (paged ? "paged" : "dense");
+                               "/" +
+                               (lay == layout::dense   ? "dense"
+                                : lay == layout::paged ? "paged"
+                                                       : "paged_any");
       add(name("decode_layer", "cake", args),
-          [=](benchmark::State& st) {
-            run_layer<cake::MeanVarianceIndicator>(st, C, order, paged);
-          })
+          [=](benchmark::State& st) { run_layer<cake::MeanVarianceIndicator>(st, C, order, lay); })
           ->MinTime(0.3)
           ->Unit(benchmark::kMicrosecond);
+      // (a custom indicator keeps a paged layer in token order, paged_any or not)
       add(name("decode_layer", "shifting", args),
-          [=](benchmark::State& st) { run_layer<ShiftingIndicator>(st, C, order, paged); })
+          [=](benchmark::State& st) { run_layer<ShiftingIndicator>(st, C, order, lay); })
           ->MinTime(0.3)
           ->Unit(benchmark::kMicrosecond);
-      if (C >= 1024 && !paged)  // the step's 4.3 M multiply-adds split over the threads
+      if (C >= 1024 && lay != layout::paged)  // the step's 4.3 M multiply-adds over the threads
         add(name("decode_layer", "cake_split", args),
             [=](benchmark::State& st) {
-              run_layer<cake::MeanVarianceIndicator>(st, C, order, paged,
+              run_layer<cake::MeanVarianceIndicator>(st, C, order, lay,
                                                      cake::host.parallel_from(kSplitWork));
             })
             ->MinTime(0.3)

@@ -145,46 +145,57 @@ std::string json_escape(const std::string& s) {
 
 using CellKey = std::tuple<int, std::string, std::string>;  // context, method, cache label
 
-// Panels: rows = (needle, agreement), columns = contexts; x = absolute cache sizes
+// Panels: rows = (needle, agreement) for each kind of cache size the run has (tokens
+// per layer, then shares of the prompt), columns = contexts; x = the sizes of that kind
 // (log scale), y = 0..100%, 95% Wilson intervals as error bars.
-// The chart of quality against cache sizes in tokens; false (nothing written) when every
-// cache size is a share of the prompt, which it does not plot.
-bool write_svg(const std::string& path, const std::string& model,
+void write_svg(const std::string& path, const std::string& model,
                const std::vector<std::string>& methods, const std::vector<CacheSpec>& caches,
                const std::vector<int>& contexts, std::map<CellKey, Cell>& cells,
                std::map<int, Cell>& full) {
-  std::vector<int> xs;
-  for (const auto& c : caches)
-    if (c.percent <= 0) xs.push_back(c.tokens);
-  if (xs.empty()) return false;
-  const int nc = static_cast<int>(contexts.size());
+  struct Axis {
+    std::vector<CacheSpec> at;  // ascending
+    const char* title;
+    double value(const CacheSpec& c) const { return c.percent > 0 ? c.percent : c.tokens; }
+  };
+  std::vector<Axis> axes;
+  for (bool shares : {false, true}) {
+    Axis a{{}, shares ? "cache (share of the prompt)" : "cache (tokens per layer)"};
+    for (const auto& c : caches)
+      if ((c.percent > 0) == shares) a.at.push_back(c);
+    std::sort(a.at.begin(), a.at.end(),
+              [&a](const CacheSpec& x, const CacheSpec& y) { return a.value(x) < a.value(y); });
+    if (!a.at.empty()) axes.push_back(std::move(a));
+  }
+  const int nc = static_cast<int>(contexts.size()), nrows = 2 * static_cast<int>(axes.size());
   const int pw = 250, ph = 190, gap = 60, left = 70, top = 60;
   const int legend_rows = static_cast<int>(methods.size() + 1 + 4) / 5;
-  const int W = left + nc * (pw + gap), Hh = top + 2 * (ph + 70) + 22 * legend_rows + 20;
+  const int W = left + nc * (pw + gap), Hh = top + nrows * (ph + 70) + 22 * legend_rows + 20;
   const char* colors[] = {"#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e",
                           "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"};
   constexpr std::size_t n_colors = sizeof(colors) / sizeof(colors[0]);
   std::ofstream f(path);
+  if (!f) throw std::runtime_error("cannot write the chart to " + path);
   f << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << Hh
     << "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" "
        "fill=\"white\"/>\n";
   f << "<text x=\"" << W / 2 << "\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">" << model
     << ": quality vs KV cache size per layer (95% Wilson intervals; agreement's by "
        "prompt)</text>\n";
-  const double lx0 = std::log2(static_cast<double>(xs.front())),
-               lx1 = std::log2(static_cast<double>(xs.back()));
-  for (int row = 0; row < 2; ++row)
+  for (int row = 0; row < nrows; ++row) {
+    const Axis& ax = axes[static_cast<std::size_t>(row / 2)];
+    const bool needle = row % 2 == 0;
+    const double lx0 = std::log2(ax.value(ax.at.front())), lx1 = std::log2(ax.value(ax.at.back()));
     for (int ci = 0; ci < nc; ++ci) {
       const int ctx = contexts[static_cast<std::size_t>(ci)];
       const double x0 = left + ci * (pw + gap), y0 = top + row * (ph + 70);
-      auto X = [&](int c, std::size_t m) {
-        const double t = lx1 > lx0 ? (std::log2(static_cast<double>(c)) - lx0) / (lx1 - lx0) : 0.5;
+      auto X = [&](const CacheSpec& c, std::size_t m) {
+        const double t = lx1 > lx0 ? (std::log2(ax.value(c)) - lx0) / (lx1 - lx0) : 0.5;
         // methods side by side so that their bars do not hide each other
         return x0 + 10 + t * (pw - 20) + (static_cast<double>(m) - methods.size() / 2.0) * 2.0;
       };
       auto Y = [&](double v) { return y0 + (1.0 - v) * ph; };
       f << "<text x=\"" << x0 + pw / 2 << "\" y=\"" << y0 - 10 << "\" text-anchor=\"middle\">"
-        << (row == 0 ? "needle found" : "agreement with full cache") << ", context " << ctx
+        << (needle ? "needle found" : "agreement with full cache") << ", context " << ctx
         << "</text>\n<rect x=\"" << x0 << "\" y=\"" << y0 << "\" width=\"" << pw << "\" height=\""
         << ph << "\" fill=\"none\" stroke=\"#444\"/>\n";
       for (int i = 0; i <= 4; ++i) {
@@ -193,22 +204,22 @@ bool write_svg(const std::string& path, const std::string& model,
           << Y(v) << "\" stroke=\"#ddd\"/><text x=\"" << x0 - 6 << "\" y=\"" << Y(v) + 4
           << "\" text-anchor=\"end\">" << static_cast<int>(v * 100) << "%</text>\n";
       }
-      for (int c : xs)
+      for (const auto& c : ax.at)
         f << "<text x=\"" << X(c, methods.size() / 2) << "\" y=\"" << y0 + ph + 16
-          << "\" text-anchor=\"middle\">" << c << "</text>\n";
-      f << "<text x=\"" << x0 + pw / 2 << "\" y=\"" << y0 + ph + 32
-        << "\" text-anchor=\"middle\">cache (tokens per layer)</text>\n";
+          << "\" text-anchor=\"middle\">" << c.label() << "</text>\n";
+      f << "<text x=\"" << x0 + pw / 2 << "\" y=\"" << y0 + ph + 32 << "\" text-anchor=\"middle\">"
+        << ax.title << "</text>\n";
       const Cell& fu = full[ctx];
       const double fv =
-          row == 0 ? (fu.needles ? static_cast<double>(fu.found) / fu.needles : 0) : 1.0;
+          needle ? (fu.needles ? static_cast<double>(fu.found) / fu.needles : 0) : 1.0;
       f << "<line x1=\"" << x0 << "\" x2=\"" << x0 + pw << "\" y1=\"" << Y(fv) << "\" y2=\""
         << Y(fv) << "\" stroke=\"#000\" stroke-dasharray=\"5,4\"/>\n";
       for (std::size_t m = 0; m < methods.size(); ++m) {
         const char* col = colors[m % n_colors];
         std::string pts;
-        for (int c : xs) {
-          const Cell& e = cells[{ctx, methods[m], std::to_string(c)}];
-          const Estimate est = row == 0 ? needle_rate(e) : agreement(e);
+        for (const auto& c : ax.at) {
+          const Cell& e = cells[{ctx, methods[m], c.label()}];
+          const Estimate est = needle ? needle_rate(e) : agreement(e);
           if (!est.any) continue;
           const double v = est.p;
           const auto [lo, hi] = est.ci;
@@ -222,17 +233,18 @@ bool write_svg(const std::string& path, const std::string& model,
           << "\" stroke-width=\"1.5\" opacity=\"0.8\"/>\n";
       }
     }
+  }
   for (std::size_t m = 0; m <= methods.size(); ++m) {
     const bool is_full = m == methods.size();
     const int lx = left + static_cast<int>(m % 5) * 150;
-    const int ly = top + 2 * (ph + 70) + static_cast<int>(m / 5) * 22;
+    const int ly = top + nrows * (ph + 70) + static_cast<int>(m / 5) * 22;
     f << "<line x1=\"" << lx << "\" x2=\"" << lx + 24 << "\" y1=\"" << ly << "\" y2=\"" << ly
       << "\" stroke=\"" << (is_full ? "#000" : colors[m % n_colors]) << "\" stroke-width=\"2\""
       << (is_full ? " stroke-dasharray=\"5,4\"" : "") << "/><text x=\"" << lx + 30 << "\" y=\""
       << ly + 4 << "\">" << (is_full ? std::string("full cache") : methods[m]) << "</text>\n";
   }
   f << "</svg>\n";
-  return true;
+  if (!f) throw std::runtime_error("could not write the chart to " + path);
 }
 
 std::string pct(double x) {
@@ -823,13 +835,8 @@ int main(int argc, char** argv) {
       std::printf("wrote %s\n", json_path.c_str());
     }
     if (!svg_path.empty()) {
-      if (write_svg(svg_path, model_name, methods, caches, contexts, cells, full))
-        std::printf("wrote %s\n", svg_path.c_str());
-      else
-        std::printf(
-            "no chart written to %s: it plots cache sizes in tokens, and these are all "
-            "shares of the prompt\n",
-            svg_path.c_str());
+      write_svg(svg_path, model_name, methods, caches, contexts, cells, full);
+      std::printf("wrote %s\n", svg_path.c_str());
     }
     return 0;
   } catch (const std::exception& e) {

@@ -203,6 +203,16 @@ TEST_CASE("config errors") {
     c.head_dim = 0;
     expect_config(c, "cake.config.head_dim", {"got 0"});
   }
+  SUBCASE("paged_slots outside slot_order") {
+    auto c = config();
+    c.paged_slots = static_cast<cake::slot_order>(7);
+    expect_config(c, "cake.config.paged_slots", {"slot_order::token or ::any", "got 7"});
+  }
+  SUBCASE("token_slots: only a paged layer in slot_order::any has them") {
+    cake::KvCache<> dense(config());
+    expect_throw<cake::logic_error>([&] { (void)dense.token_slots(0); }, "cake.paged.layer",
+                                    {"layer 0 is not paged"});
+  }
   SUBCASE("tau <= 0 and bad indicator in the cache's policies") {
     REQUIRE_THROWS_AS(cake::KvCache<>(config(), cake::CakePreference{0.0f, 1.0f}),
                       cake::invalid_argument);

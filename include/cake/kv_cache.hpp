@@ -92,6 +92,18 @@ struct CacheConfig {
   }
 };
 
+namespace detail {
+// slot_order::any needs the backend's slot maps (the host's); CUDA keeps paged tokens
+// in token order.
+template <class T, class Exec>
+void expect_paged_slots(const CacheConfig& c) {
+  if constexpr (!requires { layer_store<T, Exec>::slot_map; })
+    CAKE_EXPECTS(c.paged_slots == slot_order::token, "cake.config.paged_slots",
+                 "paged_slots = slot_order::any needs a backend with slot maps (the host); "
+                 "this one keeps paged tokens in token order: pass slot_order::token");
+}
+}  // namespace detail
+
 template <PreferencePolicy Pref = CakePreference, BudgetPolicy Budget = ProportionalBudget,
           IndicatorPolicy Ind = MeanVarianceIndicator, class T = float, class Exec = host_policy>
 class KvCache {
@@ -112,10 +124,7 @@ class KvCache {
                    Exec exec = {})
       : cfg_(config), pref_(preference), budget_(budget), ind_(indicator), exec_(res_.adopt(exec)) {
     cfg_.validate().throw_if_error();
-    if constexpr (!requires { Store::slot_map; })
-      CAKE_EXPECTS(cfg_.paged_slots == slot_order::token, "cake.config.paged_slots",
-                   "paged_slots = slot_order::any needs a backend with slot maps (the host); "
-                   "this one keeps paged tokens in token order: pass slot_order::token");
+    detail::expect_paged_slots<T, Exec>(cfg_);
     pref_.validate().throw_if_error();
     budget_.validate().throw_if_error();
     ind_.validate().throw_if_error();
@@ -520,7 +529,7 @@ class KvCache {
   }
   // Bytes the cache allocated for a layer: K and V at the layer's capacity (room to grow
   // and padding included; none for a paged layer, whose K/V are the engine's), positions,
-  // kept scores and, for a dense host layer, its slot map (detail::cache_layer::map).
+  // kept scores and, for a host layer with one, its slot map (detail::cache_layer::map).
   // The decoding workspace the layers share is not counted.
   std::size_t bytes_allocated(index_t layer) const {
     return detail::layer_bytes(layers_.at(checked(layer)));
@@ -573,9 +582,10 @@ class KvCache {
   }
   // (batch, kv_heads, tokens_held) of a paged layer with paged_slots = slot_order::any:
   // the slot of every held token (in token order, as positions(layer)) in its sequence's
-  // blocks; each row's are a permutation of 0 .. its length - 1 (head-wise rows, which
-  // decode in token order, the identity). A view into the cache, valid until its next
-  // call. Throws cake::logic_error for another layer (token t is then in slot t).
+  // blocks; each row's are a permutation of 0 .. its length - 1 (the identity where the
+  // rows differ in length, which decode in token order; head-wise rows of equal length
+  // do not). A view into the cache, valid until its next call. Throws
+  // cake::logic_error for another layer (token t is then in slot t).
   view<const index_t, 3, Space> token_slots(index_t layer) const {
     const Layer& ly = paged_layer(layer);
     if (Store::size(ly.map) == 0)

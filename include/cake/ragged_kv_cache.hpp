@@ -136,6 +136,7 @@ class RaggedKvCache {
                  "a ragged batch takes batch = 1 (each sequence is a batch of one), got ",
                  cfg_.batch);
     cfg_.validate().throw_if_error();
+    detail::expect_paged_slots<T, Exec>(cfg_);  // here, not at the first add()
     pref_.validate().throw_if_error();
     budget_.validate().throw_if_error();
     ind_.validate().throw_if_error();

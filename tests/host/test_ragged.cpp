@@ -8,6 +8,7 @@
 #include "support/kv_snapshot.hpp"
 #include "support/paged_engine.hpp"
 
+#include <algorithm>
 #include <bit>
 #include <cstdint>
 #include <limits>
@@ -797,6 +798,16 @@ void check_paged(const Dense& dense, const Ragged& r, sequence_id id, Engine& e)
     const auto kd = dense.keys(l), vd = dense.values(l);
     const auto L_ = static_cast<std::size_t>(l);
     const bool any = c.config().paged_slots == cake::slot_order::any;
+    if (any)  // each row's tokens fill its first slots, one token each
+      for (index_t h = 0; h < e.Hkv; ++h) {
+        std::vector<index_t> slots;
+        for (index_t j = 0; j < len[static_cast<std::size_t>(h)]; ++j)
+          slots.push_back(r.token_slots(id, l)(0, h, j));
+        std::sort(slots.begin(), slots.end());
+        std::vector<index_t> first(slots.size());
+        std::iota(first.begin(), first.end(), index_t{0});
+        CHECK(slots == first);
+      }
     bool same = true;
     for (index_t h = 0; h < e.Hkv; ++h)
       for (index_t j = 0; j < longest; ++j) {

@@ -311,6 +311,11 @@ cake::CacheConfig config(bool cascade, cake::token_order order) {
   cfg.order = order;
   return cfg;
 }
+// The same with a paged layer's tokens in any order in its first slots.
+cake::CacheConfig any_slots(cake::CacheConfig cfg) {
+  cfg.paged_slots = cake::slot_order::any;
+  return cfg;
+}
 
 }  // namespace
 
@@ -351,6 +356,10 @@ TEST_CASE(
     total += run_paged<m::CakeAdaKv<>>("cake_adakv one-shot reference",
                                        config(false, token_order::reference), S);
     total += run_paged<m::H2o<>>("h2o cascade reference", config(true, token_order::reference), S);
+    total += run_paged<m::Cake<>>("cake cascade, slots in any order",
+                                  any_slots(config(true, token_order::position)), S);
+    total += run_paged<m::H2o<>>("h2o one-shot reference, slots in any order",
+                                 any_slots(config(false, token_order::reference)), S);
   }
   CHECK(total > 0);
   std::printf("fault injection: %ld allocation failures injected in this subcase (%ld so far)\n",
@@ -457,6 +466,10 @@ TEST_CASE("steady state: a decoding step allocates nothing once the cache's work
   CHECK(paged_decode_allocations<m::Cake<>>(config(true, token_order::position), S) == 0);
   CHECK(paged_decode_allocations<m::CakeAdaKv<>>(config(true, token_order::reference), S) == 0);
   CHECK(paged_decode_allocations<m::H2o<>>(config(false, token_order::reference), S) == 0);
+  CHECK(paged_decode_allocations<m::Cake<>>(any_slots(config(true, token_order::position)), S) ==
+        0);
+  CHECK(paged_decode_allocations<m::Cake<>>(any_slots(config(true, token_order::reference)), S) ==
+        0);
   // The counter counts: a prefill allocates its new layers.
   const auto cfg = config(true, token_order::position);
   const Data data(cfg, S, 1);

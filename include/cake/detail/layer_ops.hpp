@@ -441,7 +441,7 @@ auto positions(const cache_layer<T, Exec>& ly, const LayerShape& sh) {
       std::array<index_t, 3>{sh.kv_heads * c, c, 1});
 }
 // Bytes a layer's buffers hold: K and V at its capacity (none for a paged layer),
-// positions, kept scores and a dense host layer's slot map.
+// positions, kept scores and a host layer's slot map.
 template <class T, class Exec>
 std::size_t layer_bytes(const cache_layer<T, Exec>& ly) {
   using S = layer_store<T, Exec>;
@@ -910,8 +910,12 @@ void reserve_decode(const Exec& exec, decode_workspace<T, Exec>& ws, const Layer
 // A copy of ly with room for cap tokens per row.
 template <class T, class Exec>
 cache_layer<T, Exec> regrow(const Exec& exec, const cache_layer<T, Exec>& ly, index_t cap) {
+  // K/V in token order (same tokens). Before the allocation below, which could throw
+  // with a paged layer's pools reordered; a layer whose map is permuted never regrows
+  // (a step that evicts leaves N tokens, and the next step needs no more), so settle
+  // moves nothing here today.
   if constexpr (requires { layer_store<T, Exec>::slot_map; })
-    settle(const_cast<cache_layer<T, Exec>&>(ly));  // K/V in token order (same tokens)
+    settle(const_cast<cache_layer<T, Exec>&>(ly));
   // A paged layer's K/V stay where they are: only its metadata grows.
   auto out = make_layer<T>(exec, ly.rows, ly.d, cap, ly.has_scores(), !ly.paged(),
                            layer_store<T, Exec>::size(ly.map) > 0);

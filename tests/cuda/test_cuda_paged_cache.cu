@@ -230,6 +230,14 @@ TEST_SUITE("gpu") {
     SUBCASE("cake_adakv") { every_run<m::CakeAdaKv>("cake_adakv"); }
   }
 
+  TEST_CASE("paged KvCache on CUDA keeps paged tokens in token order: slot_order::any refused") {
+    cake::CacheConfig cfg = kv_test::small_config(true);
+    cfg.paged_slots = cake::slot_order::any;
+    using Device = m::Cake<float, cake::cuda_policy>;
+    CHECK_THROWS_WITH_AS(Device{cfg}, doctest::Contains("needs a backend with slot maps"),
+                         cake::invalid_argument);
+  }
+
   TEST_CASE("paged KvCache on CUDA: bad tables are rejected before anything changes") {
     cake::CacheConfig cfg = kv_test::small_config(true);
     const kv_test::Workload wl = kv_test::make_workload(cfg, 40, 3, 1);

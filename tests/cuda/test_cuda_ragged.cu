@@ -130,6 +130,13 @@ void decode_both(CudaRagged& dev, std::vector<std::unique_ptr<cake::KvCache<>>>&
 }  // namespace
 
 TEST_SUITE("gpu") {
+  TEST_CASE("RaggedKvCache on CUDA refuses slot_order::any when constructed, not at add()") {
+    cake::CacheConfig c = ragged_config();
+    c.paged_slots = cake::slot_order::any;
+    CHECK_THROWS_WITH_AS(CudaRagged{c}, doctest::Contains("needs a backend with slot maps"),
+                         cake::invalid_argument);
+  }
+
   TEST_CASE("RaggedKvCache on CUDA equals each sequence alone on the host, whole and chunked") {
     const auto c = ragged_config();
     const index_t H = c.q_heads, Hkv = c.kv_heads, d = c.head_dim, w = c.window;

@@ -34,6 +34,8 @@ void usage() {
       "                     --max-new decoded tokens that ignore end-of-text: prints tok/s\n"
       "  --paged            a paged store for a single prompt too\n"
       "  --block-size N     tokens per block of the paged store (default 16)\n"
+      "  --any-order        the paged store keeps tokens in any order in its blocks' first\n"
+      "                     slots (cake::slot_order::any): one K/V row moved per eviction\n"
       "  --pool-blocks N    blocks per layer in the pool (default: every prompt whole and\n"
       "                     --max-new tokens more, before any eviction)\n"
       "  --raw              feed the prompt as is (default: SmolLM2's chat template)\n"
@@ -149,6 +151,8 @@ int main(int argc, char** argv) {
         prompts.push_back(ss.str());
       } else if (a == "--paged")
         paged = true;
+      else if (a == "--any-order")
+        opt.paged_slots = cake::slot_order::any;
       else if (a == "--block-size")
         block_size = std::stoi(next());
       else if (a == "--pool-blocks")

@@ -42,6 +42,10 @@ struct CacheOptions {
   int cache_size = 256;  // tokens per layer on average, window included
   int window = 32;
   float tau1 = 1.0f, tau2 = 1.0f, gamma = 200.0f;
+  // A paged store's tokens in its blocks: in token order, or in any order within the
+  // first slots (a decoding step then moves one K/V row per head; attention here reads
+  // every held slot and RoPE is in K already, so the order does not matter to it).
+  cake::slot_order paged_slots = cake::slot_order::token;
 };
 
 // A cake::KvCache of one sequence (batch 1). Dense: the cache holds the K/V. Paged
@@ -278,6 +282,7 @@ inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOpti
   cfg.window = w;
   cfg.cache_size = o.cache_size;
   cfg.cascade = true;
+  cfg.paged_slots = o.paged_slots;
   namespace m = cake::methods;
   const auto store = [&]<class C>(C cache) -> std::unique_ptr<KvStore> {
     return std::make_unique<CakeStore<C>>(c, cfg, std::move(cache), pool);

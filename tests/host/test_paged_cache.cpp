@@ -433,7 +433,8 @@ TEST_CASE("paged KvCache: bad pools and tables are rejected before anything chan
     CHECK_THROWS_AS((void)c.keys(2), cake::logic_error);
     CHECK_THROWS_AS((void)c.values(2), cake::logic_error);
     // in token order (the default) a token's slot is its index: no token_slots
-    rejects(c, e, [&] { (void)c.token_slots(2); }, "slot_order::token");
+    rejects(
+        c, e, [&] { (void)c.token_slots(2); }, "slot_order::token");
   }
   SUBCASE("decode: a good table after the rejected ones") {
     CHECK(c.validate_decode(2, dq, dk, dv, e.table(2)).ok());

@@ -753,7 +753,7 @@ class KvCache {
     p.v_block = static_cast<index_t>(v.stride(0));
     p.v_head = static_cast<index_t>(v.stride(1));
     p.v_slot = static_cast<index_t>(v.stride(2));
-    p.block_size = k.extent(2);
+    p.set_block_size(k.extent(2));
     p.kv_heads = k.extent(1);
     p.num_blocks = k.extent(0);
     return p;

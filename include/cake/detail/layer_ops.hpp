@@ -35,6 +35,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -87,19 +88,35 @@ struct paged_rows {
   const std::int32_t* ids = nullptr;     // (indptr[batch]) block ids
   index_t block_size = 1, kv_heads = 1;
   index_t num_blocks = 0;  // the pools' extent(0), for checking the tables lent later
+  // log2(block_size) where set_block_size found a power of two, else -1 (divide): a
+  // slot's block and place in it by a shift and a mask, not two integer divisions (a
+  // third of a paged decoding step's overhead over a dense one on the host, where every
+  // held key's address is listed per step). Last, so that an aggregate initialisation
+  // of the fields above leaves it -1.
+  int block_shift = -1;
 
+  void set_block_size(index_t bs) {
+    block_size = bs;
+    block_shift = std::has_single_bit(static_cast<std::uint64_t>(bs))
+                      ? std::countr_zero(static_cast<std::uint64_t>(bs))
+                      : -1;
+  }
   CAKE_HOST_DEVICE index_t room(index_t r) const {
     const index_t s = r / kv_heads;
     return static_cast<index_t>(indptr[s + 1] - indptr[s]) * block_size;
   }
   CAKE_HOST_DEVICE T* key(index_t r, index_t t) const {
-    return k + block(r, t) * k_block + (r % kv_heads) * k_head + (t % block_size) * k_slot;
+    return k + block(r, t) * k_block + (r % kv_heads) * k_head + in_block(t) * k_slot;
   }
   CAKE_HOST_DEVICE T* value(index_t r, index_t t) const {
-    return v + block(r, t) * v_block + (r % kv_heads) * v_head + (t % block_size) * v_slot;
+    return v + block(r, t) * v_block + (r % kv_heads) * v_head + in_block(t) * v_slot;
   }
   CAKE_HOST_DEVICE index_t block(index_t r, index_t t) const {
-    return static_cast<index_t>(ids[indptr[r / kv_heads] + t / block_size]);
+    const index_t e = block_shift >= 0 ? t >> block_shift : t / block_size;
+    return static_cast<index_t>(ids[indptr[r / kv_heads] + e]);
+  }
+  CAKE_HOST_DEVICE index_t in_block(index_t t) const {
+    return block_shift >= 0 ? t & (block_size - 1) : t % block_size;
   }
 };
 

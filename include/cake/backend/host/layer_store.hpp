@@ -395,39 +395,30 @@ struct layer_store<T, host_policy> {
   static void candidates_listed(const host_policy& exec, const QV& q, const slots<T>& s, index_t r0,
                                 index_t kv_per, index_t held, const Ind& indicator, const Out& out,
                                 buffer<char>&, const Done& done = {}) {
-    if (s.map && !s.is_paged()) {  // a dense row through its map: a plain gather of pointers
+    const auto run = [&](const auto& key) {
+      decode_scores_backend<host_policy>::template run_rows<T>(exec, q, key, kv_per, held,
+                                                               indicator, out, done);
+    };
+    // Each key source holds copies of the fields it reads: the listing's stores through
+    // a const T** may alias a pointer held by reference, which would be reloaded per key.
+    const index_t* map = s.map;
+    const index_t cap = s.cap;
+    if (s.is_paged()) {  // through the row's block table (and map): within its blocks
+      const paged_rows<T> p = s.paged;
+      run([p, map, cap, r0](index_t row, index_t j) -> const T* {
+        const index_t r = r0 + row;
+        return p.key(r, map ? map[r * cap + j] : j);
+      });
+    } else if (map) {  // a dense row through its map: a plain gather of pointers
       const T* k = s.k;
-      const index_t* map = s.map;
-      const index_t cap = s.cap, d = s.d;
-      const auto key = [k, map, cap, d, r0](index_t row, index_t j) -> const T* {
+      const index_t d = s.d;
+      run([k, map, cap, d, r0](index_t row, index_t j) -> const T* {
         const index_t o = (r0 + row) * cap;
         return k + (o + map[o + j]) * d;
-      };
-      decode_scores_backend<host_policy>::template run_rows<T>(exec, q, key, kv_per, held,
-                                                               indicator, out, done);
-      return;
+      });
+    } else {
+      run([&s, r0](index_t row, index_t j) -> const T* { return s.key(r0 + row, j); });
     }
-    if (s.is_paged() && std::has_single_bit(static_cast<std::uint64_t>(s.paged.block_size))) {
-      // A paged row through its table (and map): blocks of a power of two, so a key's
-      // block and slot are a shift and a mask (slots<T>::key divides twice per key,
-      // about a third of a paged step's overhead over a dense one). Every slot read
-      // is below N, within the row's blocks (the cache checked the table's room).
-      const paged_rows<T> p = s.paged;
-      const index_t* map = s.map;
-      const index_t cap = s.cap, mask = p.block_size - 1;
-      const int shift = std::countr_zero(static_cast<std::uint64_t>(p.block_size));
-      const auto key = [p, map, cap, r0, shift, mask](index_t row, index_t j) -> const T* {
-        const index_t r = r0 + row, t = map ? map[r * cap + j] : j;
-        const index_t b = p.ids[p.indptr[r / p.kv_heads] + (t >> shift)];
-        return p.k + b * p.k_block + (r % p.kv_heads) * p.k_head + (t & mask) * p.k_slot;
-      };
-      decode_scores_backend<host_policy>::template run_rows<T>(exec, q, key, kv_per, held,
-                                                               indicator, out, done);
-      return;
-    }
-    const auto key = [&s, r0](index_t row, index_t j) -> const T* { return s.key(r0 + row, j); };
-    decode_scores_backend<host_policy>::template run_rows<T>(exec, q, key, kv_per, held, indicator,
-                                                             out, done);
   }
 
   // The token one eviction in position order drops from x[0, n) (n >= 1): the last of

@@ -642,6 +642,62 @@ TEST_CASE(
   }
 }
 
+TEST_CASE(
+    "decode selection: every path's descending sort (the AVX-512 sorting network from 129 "
+    "keys) gives select_k's order") {
+  using Store = cake::detail::layer_store<float, cake::host_policy>;
+  using dispatch_test::all_paths;
+  IsaGuard guard;
+  std::mt19937 gen(907);
+  // the network's edges (129, 8192), its power-of-two padding (255-257, 1025), past its
+  // range (8193: the counting sort), and a decode step's 993
+  const index_t sizes[] = {128, 129, 130, 255, 256, 257, 993, 1024, 1025, 2047, 4100, 8192, 8193};
+  const float vals[] = {0.0f, -0.0f, 1.5f, -2.0f, 3.25f, 1e-30f, 7.0f, -1e-30f};
+  std::lognormal_distribution<float> lognormal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> any(-1.0f, 1.0f);
+  for (const index_t cand : sizes)
+    for (int kind = 0; kind < 4; ++kind) {
+      // 0: a step's scores (means of 20 lognormals); 1: few values (ties, signed zeros,
+      // negatives); 2: within 16 ulps of 1; 3: any sign over 20 binades
+      std::vector<float> x(static_cast<std::size_t>(cand));
+      for (auto& v : x) {
+        if (kind == 0) {
+          float s = 0;
+          for (int i = 0; i < 20; ++i) s += lognormal(gen);
+          v = s / 20;
+        } else if (kind == 1) {
+          v = vals[gen() % 8];
+        } else if (kind == 2) {
+          v = 1.0f + std::ldexp(static_cast<float>(gen() % 16), -23);
+        } else {
+          v = std::ldexp(any(gen), -static_cast<int>(gen() % 20));
+        }
+      }
+      for (const index_t keep : {cand, cand - 1, cand / 2, index_t{1}}) {
+        CAPTURE(cand);
+        CAPTURE(kind);
+        CAPTURE(keep);
+        std::vector<index_t> want(static_cast<std::size_t>(keep));
+        cake::select_k(
+            cake::host,
+            cake::make_view(static_cast<const float*>(x.data()), std::array<index_t, 2>{1, cand}),
+            cake::make_view(want.data(), std::array<index_t, 2>{1, keep}),
+            cake::select_order::descending);
+        for (cake::host_isa isa : all_paths()) {
+          CAPTURE(cake::host_isa_name(isa));
+          cake::force_host_isa(isa);
+          // the scratch exactly as sized, from an odd address (the network aligns it)
+          std::vector<std::uint32_t> scratch(static_cast<std::size_t>(Store::sort_words(cand)) + 1);
+          std::vector<index_t> got(static_cast<std::size_t>(keep) + 1, -2);
+          Store::sort_descending(x.data(), cand, keep, got.data(), scratch.data() + 1);
+          CHECK(got.back() == -2);  // nothing written past keep
+          got.pop_back();
+          CHECK(got == want);
+        }
+      }
+    }
+}
+
 TEST_CASE("decode commit: one eviction drops the last of the lowest scores, at every length") {
   using Store = cake::detail::layer_store<float, cake::host_policy>;
   std::mt19937 gen(4242);

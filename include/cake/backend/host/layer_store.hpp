@@ -440,9 +440,17 @@ struct layer_store<T, host_policy> {
   // which fixed digits cut into a few crowded buckets), then an insertion pass by the
   // whole key, which moves few keys. Where many keys crowd one bucket (one outlier
   // stretching the range) it gives up after a few moves per key and radix-sorts the
-  // keys by bytes instead. scratch: sort_words(cand).
+  // keys by bytes instead. Where the CPU has AVX-512, a sorting network over 64-bit
+  // keys does it in about half the time for 129 to 8192 keys (simd_sort.hpp: no
+  // branch on the data). scratch: sort_words(cand).
   static void sort_descending(const float* x, index_t cand, index_t keep, index_t* o,
                               std::uint32_t* scratch) noexcept {
+    // AVX-512: a sorting network, branch-free (simd_sort.hpp); the same result
+    if (const detail::simd::kernels* kk = detail::simd::active_kernels();
+        kk && kk->sort_desc && cand >= detail::simd::kSortMin && cand <= detail::simd::kSortMax) {
+      kk->sort_desc(x, cand, keep, o, scratch);
+      return;
+    }
     // (cand) keys and indices, twice; then (2 << bit_width(cand)) bucket counters
     std::uint32_t *key = scratch, *idx = scratch + cand, *k1 = scratch + 2 * cand,
                   *i1 = scratch + 3 * cand, *count = scratch + 4 * cand;
@@ -493,7 +501,8 @@ struct layer_store<T, host_policy> {
     }
     for (index_t t = 0; t < keep; ++t) o[t] = static_cast<index_t>(i0[t]);
   }
-  // The 32-bit words of scratch sort_descending takes for cand keys.
+  // The 32-bit words of scratch sort_descending takes for cand keys (the AVX-512
+  // network's 2 * bit_ceil(cand) + 16 among them: cand > 128 there).
   static constexpr index_t sort_words(index_t cand) {
     return 4 * cand + (index_t{2} << std::bit_width(static_cast<std::uint64_t>(cand)));
   }

@@ -22,6 +22,11 @@
 
 namespace cake::detail::simd {
 
+// The candidates kernels::sort_desc takes: more than 128 (its network's first levels
+// need 32 vectors of keys), at most 8192 (64 KiB of keys; the scalar counting sort is
+// O(n) against the network's O(n log^2 n)).
+inline constexpr index_t kSortMin = 129, kSortMax = 8192;
+
 // The micro-kernels of one instruction set (see simd_body.hpp for each contract).
 struct kernels {
   index_t vw;  // floats per vector
@@ -57,6 +62,9 @@ struct kernels {
 #if CAKE_SIMD_HAS_HALF
   void (*widen_rows_h)(const _Float16*, index_t, index_t, index_t, float*);
 #endif
+  // A reference-order step's descending sort of kSortMin..kSortMax candidates
+  // (simd_sort.hpp), or nullptr where the scalar sort is faster (AVX2: no 64-bit min).
+  void (*sort_desc)(const float*, index_t, index_t, index_t*, std::uint32_t*);
 };
 
 }  // namespace cake::detail::simd
@@ -91,6 +99,7 @@ struct kernels {
 #define CAKE_SIMD_NS avx512
 #define CAKE_SIMD_VW 16
 #include "simd_body.hpp"
+#include "simd_sort.hpp"
 #undef CAKE_SIMD_NS
 #undef CAKE_SIMD_VW
 #if defined(__clang__)
@@ -125,6 +134,8 @@ inline const kernels* active_kernels() noexcept {
         ,
         &avx2::widen_rows_h
 #endif
+        ,
+        nullptr
   };
   static constexpr kernels k512 {
     avx512::VW, &avx512::tile_softmax, &avx512::decode_dots, &avx512::decode_dots_b
@@ -145,6 +156,8 @@ inline const kernels* active_kernels() noexcept {
         ,
         &avx512::widen_rows_h
 #endif
+        ,
+        &avx512::sort_desc
   };
   switch (active_host_isa()) {
     case host_isa::avx512:

@@ -649,9 +649,11 @@ TEST_CASE(
   using dispatch_test::all_paths;
   IsaGuard guard;
   std::mt19937 gen(907);
-  // the network's edges (129, 8192), its power-of-two padding (255-257, 1025), past its
-  // range (8193: the counting sort), and a decode step's 993
-  const index_t sizes[] = {128, 129, 130, 255, 256, 257, 993, 1024, 1025, 2047, 4100, 8192, 8193};
+  // the network's edges (129, 8192), its power-of-two padding (255-257, 1025), every
+  // padded size from 256 to 8192, past its range (8193: the counting sort), and a decode
+  // step's 993
+  const index_t sizes[] = {128,  129,  130,  255,  256,  257,  500, 993,
+                           1024, 1025, 2047, 3000, 4100, 8192, 8193};
   const float vals[] = {0.0f, -0.0f, 1.5f, -2.0f, 3.25f, 1e-30f, 7.0f, -1e-30f};
   std::lognormal_distribution<float> lognormal(0.0f, 1.0f);
   std::uniform_real_distribution<float> any(-1.0f, 1.0f);

@@ -496,7 +496,7 @@ void paged_stats_equal(cake::host_isa isa, index_t bs, bool nhd, bool shuffled, 
   p.k_slot = nhd ? Hkv * d : d;
   p.indptr = indptr.data();
   p.ids = ids.data();
-  p.block_size = bs;
+  p.set_block_size(bs);  // a shift where bs is a power of two (the list below: division)
   p.kv_heads = Hkv;
   p.num_blocks = N;
   std::vector<T> pool(static_cast<std::size_t>(N * bs * Hkv * d), static_cast<T>(7.0f));

@@ -413,7 +413,7 @@ struct Paged {
     p.k_slot = p.v_slot = nhd ? Hkv * d : d;
     p.indptr = indptr.data();
     p.ids = ids.data();
-    p.block_size = bs;
+    p.set_block_size(bs);
     p.kv_heads = Hkv;
     p.num_blocks = N;
     return p;

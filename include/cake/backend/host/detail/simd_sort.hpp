@@ -20,8 +20,9 @@ namespace cake::detail::simd::avx512 {
 namespace bitonic {
 
 using U = __m512i;
-CAKE_ALWAYS_INLINE U load(const std::uint64_t* p) { return _mm512_loadu_si512(p); }
-CAKE_ALWAYS_INLINE void store(std::uint64_t* p, U v) { _mm512_storeu_si512(p, v); }
+typedef std::uint64_t word __attribute__((may_alias));
+CAKE_ALWAYS_INLINE U load(const word* p) { return _mm512_loadu_si512(p); }
+CAKE_ALWAYS_INLINE void store(word* p, U v) { _mm512_storeu_si512(p, v); }
 
 // x, y = min, max (ascending) or max, min
 CAKE_ALWAYS_INLINE void exchange(U& x, U& y, bool ascending) {
@@ -61,7 +62,7 @@ inline __mmask8 min_lanes(index_t j, index_t k, index_t V) {
 
 // Levels k = 2 .. 16 on each 16 consecutive vectors, in registers (needs V >= 32, so
 // that bit 4 of the index selects vectors).
-inline void first_levels(std::uint64_t* a, index_t V) {
+inline void first_levels(word* a, index_t V) {
   for (index_t t = 0; t < V; t += 16) {
     U r[16];
 #pragma GCC unroll 16
@@ -82,7 +83,7 @@ inline void first_levels(std::uint64_t* a, index_t V) {
 // lo[s] take the minimum), then NST stages across vectors at index distances jtop,
 // jtop / 2, ..., each group of 2^NST vectors in registers.
 template <int NST>
-void level_pass(std::uint64_t* a, index_t V, index_t k, index_t jtop, int ni, const index_t* jl,
+void level_pass(word* a, index_t V, index_t k, index_t jtop, int ni, const index_t* jl,
                 const __mmask8* lo) {
   constexpr int GS = 1 << NST;
   const index_t jlow = jtop >> (NST - 1);
@@ -121,7 +122,7 @@ void level_pass(std::uint64_t* a, index_t V, index_t k, index_t jtop, int ni, co
 }
 
 // a[0, P) ascending in the layout above (P a power of two, 256 <= P).
-inline void sort(std::uint64_t* a, index_t P) {
+inline void sort(word* a, index_t P) {
   const index_t V = P / 8;
   first_levels(a, V);
   for (index_t k = 32; k <= P; k <<= 1) {
@@ -165,7 +166,9 @@ inline void sort(std::uint64_t* a, index_t P) {
 inline void sort_desc(const float* CAKE_RESTRICT x, index_t cand, index_t keep,
                       index_t* CAKE_RESTRICT o, std::uint32_t* scratch) {
   const index_t P = static_cast<index_t>(std::bit_ceil(static_cast<std::uint64_t>(cand)));
-  auto* a = reinterpret_cast<std::uint64_t*>((reinterpret_cast<std::uintptr_t>(scratch) + 63) &
+  // (the scratch is 32-bit words: its 64-bit keys are read and written through a
+  // may_alias type or the intrinsics only)
+  auto* a = reinterpret_cast<bitonic::word*>((reinterpret_cast<std::uintptr_t>(scratch) + 63) &
                                              ~std::uintptr_t{63});
   // Keys: ~ordered_bits(x) << 32 | index, 8 at a time; the order-preserving bits of a
   // float: -0 as +0, then negatives' bits inverted, the sign bit set on the others.
@@ -175,7 +178,7 @@ inline void sort_desc(const float* CAKE_RESTRICT x, index_t cand, index_t keep,
   for (index_t j = 0; j < P; j += 8) {
     const auto live =
         static_cast<__mmask8>(j + 8 <= cand ? 0xffu : (j < cand ? (1u << (cand - j)) - 1u : 0u));
-    __m256i u = _mm256_maskz_loadu_epi32(live, x + j);
+    __m256i u = _mm256_maskz_loadu_epi32(live, x + (j < cand ? j : 0));
     u = _mm256_mask_mov_epi32(u, _mm256_cmpeq_epi32_mask(u, sign), _mm256_setzero_si256());
     const __m256i ordered =
         _mm256_mask_xor_epi32(_mm256_or_si256(u, sign), _mm256_test_epi32_mask(u, sign), u, ones);

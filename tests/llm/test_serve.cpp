@@ -64,6 +64,27 @@ void check_accounting(const BlockPool& pool, const std::vector<const KvStore*>& 
   CHECK(pool.in_use() + pool.free_blocks() == pool.total());
 }
 
+// Twelve greedy steps through a dense and a paged store filled from the same prefill,
+// the dense store's token fed to both: check(dense logits, paged logits) after each,
+// then the same tokens held and the pool's accounting.
+template <class Check>
+void decode_beside_dense(Transformer& tf, const PrefillRecord& rec, std::size_t vocab,
+                         KvStore& dense, KvStore& paged, const BlockPool& pool,
+                         const Check& check) {
+  int tok = argmax(rec.last_logits.data(), vocab);
+  std::vector<float> ld, lp;
+  for (int t = 0; t < 12; ++t) {
+    const std::int64_t pos = rec.tokens + t;
+    tf.decode({tok}, {pos}, {&dense}, ld);
+    tf.decode({tok}, {pos}, {&paged}, lp);
+    REQUIRE(lp.size() == ld.size());
+    check(ld, lp);
+    CHECK(paged.tokens_held() == dense.tokens_held());
+    check_accounting(pool, {&paged});
+    tok = argmax(ld.data(), vocab);
+  }
+}
+
 }  // namespace
 
 TEST_CASE("block pool: allocation, release, accounting and misuse") {
@@ -129,18 +150,11 @@ TEST_CASE("paged store: the dense store's logits, bit for bit, for every evictio
       CHECK(pool.evicted() > 0);
       CHECK(pool.evicted() + paged->blocks_held() == model.cfg.layers * prompt_blocks);
       check_accounting(pool, {paged.get()});
-      int tok = argmax(rec.last_logits.data(), V);
-      std::vector<float> ld, lp;
-      for (int t = 0; t < 12; ++t) {
-        const std::int64_t pos = rec.tokens + t;
-        tf.decode({tok}, {pos}, {dense.get()}, ld);
-        tf.decode({tok}, {pos}, {paged.get()}, lp);
-        REQUIRE(lp.size() == ld.size());
-        CHECK(lp == ld);  // the same tokens kept, read through the table: the same floats
-        CHECK(paged->tokens_held() == dense->tokens_held());
-        check_accounting(pool, {paged.get()});
-        tok = argmax(ld.data(), V);
-      }
+      decode_beside_dense(tf, rec, V, *dense, *paged, pool,
+                          [](const std::vector<float>& ld, const std::vector<float>& lp) {
+                            // the same tokens kept, read through the table: the same floats
+                            CHECK(lp == ld);
+                          });
       paged.reset();  // the sequence ends: every block goes back
       CHECK(pool.in_use() == 0);
       CHECK(pool.free_blocks() == pool.total());
@@ -170,20 +184,13 @@ TEST_CASE("paged store in any slot order: the dense store's tokens, logits withi
     auto paged = make_store(model.cfg, o, rec.tokens, &pool);
     dense->prefill(rec);
     paged->prefill(rec);
-    int tok = argmax(rec.last_logits.data(), V);
-    std::vector<float> ld, lp;
     float worst = 0;
-    for (int t = 0; t < 12; ++t) {
-      const std::int64_t pos = rec.tokens + t;
-      tf.decode({tok}, {pos}, {dense.get()}, ld);
-      tf.decode({tok}, {pos}, {paged.get()}, lp);
-      REQUIRE(lp.size() == ld.size());
-      for (std::size_t i = 0; i < V; ++i) worst = std::max(worst, std::abs(lp[i] - ld[i]));
-      CHECK(argmax(lp.data(), V) == argmax(ld.data(), V));
-      CHECK(paged->tokens_held() == dense->tokens_held());
-      check_accounting(pool, {paged.get()});
-      tok = argmax(ld.data(), V);
-    }
+    decode_beside_dense(tf, rec, V, *dense, *paged, pool,
+                        [&](const std::vector<float>& ld, const std::vector<float>& lp) {
+                          for (std::size_t i = 0; i < V; ++i)
+                            worst = std::max(worst, std::abs(lp[i] - ld[i]));
+                          CHECK(argmax(lp.data(), V) == argmax(ld.data(), V));
+                        });
     CHECK(worst < 1e-4f);
   }
 }

@@ -140,6 +140,17 @@ TEST_CASE("regression: .npy readers refuse what they cannot hold") {
   CHECK_THROWS_WITH_AS(
       load_npy(temp_file("cake_reg_big.npy", npy("<f4", "(1000000, 1000000)", ""))),
       doctest::Contains("truncated"), std::runtime_error);
+  // Dimensions whose product wraps 64 bits, made empty by a zero last: the reader
+  // accepted them (no data is needed) and size() then overflowed a signed product
+  // (undefined behaviour; found by fuzz_golden in CI). Now size() is 0.
+  auto empty =
+      load_npy(temp_file("cake_reg_wrap.npy", npy("<f4", "(999999999999, 999999999999, 0)", "")));
+  CHECK(empty.size() == 0);
+  CHECK(empty.as<float>().empty());
+  // The same dimensions without the zero: refused as truncated, as before.
+  CHECK_THROWS_WITH_AS(
+      load_npy(temp_file("cake_reg_wrap2.npy", npy("<f4", "(999999999999, 999999999999)", ""))),
+      doctest::Contains("truncated"), std::runtime_error);
   // A header length past the end of the file.
   CHECK_THROWS_AS(load_npy(temp_file("cake_reg_hdr.npy", npy("<f4", "(1,)", "", 60000))),
                   std::runtime_error);

@@ -18,9 +18,16 @@ struct NpyArray {
   std::string dtype;  // "<f4", "<f8", "<i8"
   std::vector<char> bytes;
 
+  // Elements in the array. A zero dimension empties it whatever the others are
+  // (load_npy accepts (10^12, 10^12, 0): no data is needed), so the product is
+  // taken only when none is zero, and a product past int64 is an error, not a wrap.
   std::int64_t size() const {
+    for (auto s : shape)
+      if (s == 0) return 0;
     std::int64_t n = 1;
-    for (auto s : shape) n *= s;
+    for (auto s : shape)
+      if (s < 0 || __builtin_mul_overflow(n, s, &n))
+        throw std::runtime_error("npy: the shape's element count overflows 64 bits");
     return n;
   }
   std::size_t element_size() const {

@@ -19,7 +19,9 @@
 // The default is the full run (4 contexts x 110 prompts: many hours on 2 cores);
 // --quick is a few-minute run for everyday use.
 #include <algorithm>
+#include <array>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -294,7 +296,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i <= 10; ++i) depths.push_back(i / 10.0);
   int trials = 110, steps = 21, cache_threads = 1;
   unsigned seed = 1234;
-  bool quick = false;
+  bool quick = false, trace = false;
   llm::CacheOptions base;
   try {
     for (int i = 1; i < argc; ++i)
@@ -333,6 +335,8 @@ int main(int argc, char** argv) {
         trials = std::stoi(next());
       else if (a == "--steps")
         steps = std::stoi(next());
+      else if (a == "--trace")
+        trace = true;
       else if (a == "--seed")
         seed = static_cast<unsigned>(std::stoul(next()));
       else if (a == "--window")
@@ -357,13 +361,17 @@ int main(int argc, char** argv) {
             "       [--depths 0,0.1,...,1] [--trials 110] [--steps 21]\n"
             "       [--cache-sizes 64,128,256,512,1024] [--cache-shares 2,5,10,20]\n"
             "       [--methods cake,snapkv,...] [--window 32] [--tau1 X --tau2 X --gamma X]\n"
-            "       [--seed N] [--json FILE] [--svg FILE] [--journal FILE]\n"
+            "       [--seed N] [--json FILE] [--svg FILE] [--journal FILE] [--trace]\n"
             "The default is the full run: 110 prompts per context (each depth with every filler\n"
             "text), 20 agreement steps each; it takes many hours on 2 cores. --quick: contexts\n"
             "512,1024,2048, depths 10/50/90%%, 3 prompts per context, caches 64..1024, 5%%, 20%%,\n"
             "15 steps: minutes. Flags after --quick override it. Contexts above the model's\n"
             "trained length (read from the file) are clamped to it. --journal FILE records each\n"
-            "prompt as it finishes; run again with the same flags and it resumes from there.\n");
+            "prompt as it finishes; run again with the same flags and it resumes from there.\n"
+            "--trace prints, for each prompt run (not read from the journal) and configuration,\n"
+            "the KV-head rows holding every token of the key per layer after the prefill and\n"
+            "after decoding, and the answer; then how the needles the full cache found were\n"
+            "missed (the answer's first number starts like the key, or not).\n");
         return 0;
       } else
         throw std::runtime_error("unknown argument " + a);
@@ -415,7 +423,11 @@ int main(int argc, char** argv) {
     std::map<CellKey, std::vector<LayerAcc>> decisions;  // CAKE-preference methods only
     std::map<CellKey, std::vector<double>> retained;     // per layer: rows holding the key, summed
     std::map<CellKey, int> retained_n;                   // prompts summed there
-    std::ostringstream runs;                             // JSON records per prompt
+    // --trace: per configuration, of the prompts run now whose needle the full cache
+    // found: found, missed with an answer starting like the key (its first two digits
+    // or more), missed otherwise.
+    std::map<CellKey, std::array<int, 3>> traced;
+    std::ostringstream runs;  // JSON records per prompt
     std::mt19937 rng(seed);
     double t_prefill = 0, t_fill = 0, t_decode = 0;
     const int total = static_cast<int>(contexts.size()) * trials;
@@ -534,6 +546,7 @@ int main(int argc, char** argv) {
           continue;
         }
         const auto ids = haystack(tok, ctx, r.depth, r.key, kFillers[r.filler]);
+        int key_first = -1, key_last = -1;  // the key's tokens [first, last), -1 if cut apart
         const int S = static_cast<int>(ids.size());
         r.tokens = S;
         auto t0 = std::chrono::steady_clock::now();
@@ -584,7 +597,23 @@ int main(int argc, char** argv) {
           }
           for (std::size_t c = 0; first >= 0 && c < configs.size(); ++c)
             r.held.push_back(stores[1 + 2 * c]->rows_holding(first, last));
+          key_first = first;
+          key_last = last;
         }
+        // --trace: per layer, the KV-head rows of a free-running sequence holding every
+        // token of the key (one digit a layer when there are at most 9 KV heads).
+        const auto key_rows = [&](std::size_t c) {
+          std::string out;
+          if (key_first < 0) return out;
+          for (double share : stores[1 + 2 * c]->rows_holding(key_first, key_last, true)) {
+            const long rows = std::lround(share * mc.kv_heads);
+            out += mc.kv_heads <= 9 ? std::to_string(rows) : std::to_string(rows) + ",";
+          }
+          return out;
+        };
+        std::vector<std::string> rows_after_prefill;
+        for (std::size_t c = 0; trace && c < configs.size(); ++c)
+          rows_after_prefill.push_back(key_rows(c));
         for (std::size_t c = 0; c < configs.size(); ++c)
           r.decisions.push_back(stores[1 + 2 * c]->layer_decisions());
 
@@ -626,6 +655,26 @@ int main(int argc, char** argv) {
           r.found.push_back(answer(gen[fi]).find(r.key) != std::string::npos ? 1 : 0);
           r.agree.push_back(agree[ti]);
         }
+        if (trace) {
+          std::printf("trace context %d trial %d key %s tokens [%d, %d): full \"%s\" %s\n", S,
+                      trial, r.key.c_str(), key_first, key_last, r.full_answer.c_str(),
+                      r.full_found ? "found" : "missed");
+          for (std::size_t c = 0; c < configs.size(); ++c) {
+            const std::string a = answer(gen[1 + 2 * c]);
+            std::printf("  %-15s %6s  key rows per layer: prefill %s decoded %s  \"%s\"\n",
+                        configs[c].first.c_str(), configs[c].second.label().c_str(),
+                        rows_after_prefill[c].c_str(), key_rows(c).c_str(), a.c_str());
+            if (!r.full_found) continue;
+            // The answer's first number: does it start with the key's first two digits?
+            const auto d0 = a.find_first_of("0123456789");
+            const auto d1 = d0 == std::string::npos ? d0 : a.find_first_not_of("0123456789", d0);
+            const std::string num = d0 == std::string::npos ? "" : a.substr(d0, d1 - d0);
+            const int kind = r.found[c]                                               ? 0
+                             : num.size() >= 2 && num.compare(0, 2, r.key, 0, 2) == 0 ? 1
+                                                                                      : 2;
+            ++traced[{ctx, configs[c].first, configs[c].second.label()}][kind];
+          }
+        }
         r.seconds = seconds_since(t_prompt);
         if (journal) journal->append(r);
         ++run_now;
@@ -646,6 +695,15 @@ int main(int argc, char** argv) {
         std::fflush(stdout);
       }
 
+    if (trace && !traced.empty()) {
+      std::printf(
+          "\ntrace: needles the full cache found, by how each configuration answered (prompts "
+          "run now):\n%-15s %6s %7s %6s %13s %6s\n",
+          "method", "cache", "context", "found", "starts right", "other");
+      for (const auto& [k, n] : traced)
+        std::printf("%-15s %6s %7d %6d %13d %6d\n", std::get<1>(k).c_str(), std::get<2>(k).c_str(),
+                    std::get<0>(k), n[0], n[1], n[2]);
+    }
     // The tables, one per context.
     for (int ctx : contexts) {
       const Cell& fu = full[ctx];

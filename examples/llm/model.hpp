@@ -232,10 +232,10 @@ class KvStore {
   };
   virtual std::vector<LayerDecision> layer_decisions() const { return {}; }
   // Per layer, the share of KV-head rows holding at least one token of positions
-  // [first, last) (the evaluation asks where a needle survived); 1 for every layer
-  // of a store that keeps everything.
-  virtual std::vector<double> rows_holding(int first, int last) const {
-    (void)first, (void)last;
+  // [first, last), or with `every` all of them (the evaluation asks where a needle
+  // survived); empty for a store that keeps everything.
+  virtual std::vector<double> rows_holding(int first, int last, bool every = false) const {
+    (void)first, (void)last, (void)every;
     return {};
   }
 };

@@ -151,16 +151,16 @@ class CakeStore final : public KvStore {
   }
   const Cache& cache() const { return cache_; }
 
-  std::vector<double> rows_holding(int first, int last) const override {
+  std::vector<double> rows_holding(int first, int last, bool every = false) const override {
     std::vector<double> out;
     for (int l = 0; l < c_.layers; ++l) {
       const auto pos = cache_.positions(l);  // (1, kv_heads, held); padding is -1
       int rows = 0;
       for (cake::index_t h = 0; h < pos.extent(1); ++h) {
-        bool hit = false;
-        for (cake::index_t j = 0; j < pos.extent(2) && !hit; ++j)
-          hit = pos(0, h, j) >= first && pos(0, h, j) < last;
-        rows += hit;
+        cake::index_t hits = 0;  // positions are distinct within a row
+        for (cake::index_t j = 0; j < pos.extent(2); ++j)
+          hits += pos(0, h, j) >= first && pos(0, h, j) < last;
+        rows += every ? hits == last - first : hits > 0;
       }
       out.push_back(static_cast<double>(rows) / static_cast<double>(pos.extent(1)));
     }

@@ -316,3 +316,41 @@ TEST_CASE("a store's clone decodes as a store filled from the same prefill, and 
   paged->prefill(rec);
   CHECK(paged->clone() == nullptr);
 }
+
+TEST_CASE("rows holding a span of positions: any of its tokens, or every one") {
+  const Model model = tiny_engine_model("cake_llm_tiny_rows.gguf");
+  Transformer tf(model);
+  std::mt19937 rng(29);
+  const auto rec = tf.prefill(random_prompt(rng, 45), 8);
+  for (const std::string method : {"cake", "snapkv", "h2o"}) {
+    CAPTURE(method);
+    CacheOptions o;
+    o.method = method;
+    o.window = 8;
+    o.cache_size = 20;  // 12 of the 37 tokens before the window stay in each row
+    auto store = make_store(model.cfg, o, rec.tokens);
+    store->prefill(rec);
+    const auto layers = static_cast<std::size_t>(model.cfg.layers);
+    // The window is held whole in every row; the prompt is not (20 < 45), but some
+    // token of it is.
+    for (bool every : {false, true}) {
+      CHECK(store->rows_holding(37, 45, every) == std::vector<double>(layers, 1.0));
+      CHECK(store->rows_holding(0, 45, every) == std::vector<double>(layers, every ? 0.0 : 1.0));
+    }
+    // Between one token and a span: every <= each token's share <= any.
+    for (int first = 0; first + 3 <= 37; first += 3) {
+      const auto any = store->rows_holding(first, first + 3, false);
+      const auto all = store->rows_holding(first, first + 3, true);
+      REQUIRE(any.size() == layers);
+      REQUIRE(all.size() == layers);
+      for (int t = first; t < first + 3; ++t) {
+        const auto one = store->rows_holding(t, t + 1, true);
+        CHECK(one == store->rows_holding(t, t + 1, false));
+        for (std::size_t l = 0; l < layers; ++l) {
+          CHECK(all[l] <= one[l]);
+          CHECK(one[l] <= any[l]);
+        }
+      }
+    }
+  }
+}

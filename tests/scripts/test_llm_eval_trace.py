@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""scripts/llm_eval_trace.py on a hand-made trace (trace_small.log): every figure
+below is counted by hand from that file. Trial 2 is left out (the full cache
+missed it); 2 KV heads (the largest count shown).
+  cake:   trial 0 found, trial 1 found. Whole-key shares of the finds: prefill
+          (8/8 + 7/8) / 2 = 93.8%, decoded (7/8 + 7/8) / 2 = 87.5%; decoding
+          changed one layer of trial 0: 0.50 a prompt.
+  snapkv: trial 0 " 126." starts like 12345 (12); trial 1 " 55." does not.
+          Misses' shares: (5/8 + 2/8) / 2 = 43.8% both; no change.
+  layer 3 pooled (decoded < 2): cake t0 (found), snapkv t0, snapkv t1: 3, 1 found;
+          layer 0: snapkv t1 alone, not found; layer 2: cake t1, found.
+  layer 1 (prefill == 2): cake t0, t1 held (2 found); snapkv t0 not (1 row), t1 not.
+"""
+import os
+import subprocess
+import sys
+
+here = os.path.dirname(os.path.abspath(__file__))
+script = os.path.join(here, "..", "..", "scripts", "llm_eval_trace.py")
+out = subprocess.run([sys.executable, script, os.path.join(here, "trace_small.log"), "--layer", "1"],
+                     check=True, capture_output=True, text=True).stdout
+want = [
+    "3 traced prompts, 2 whose needle the full cache found; 4 layers, 2 KV heads",
+    "| cake 16 | 2 | 0 | 0 | - | 93.8% / 87.5% | 0.50 |",
+    "| snapkv 16 | 0 | 1 | 1 | 43.8% / 43.8% | - | 0.00 |",
+    "| 3 | 3 | 1 | 0.33 |",
+    "| 0 | 1 | 0 | 0.00 |",
+    "| 2 | 1 | 1 | 1.00 |",
+    "| cake 16 | 2 | 2 | 0 | 0 |",
+    "| snapkv 16 | 0 | 0 | 2 | 0 |",
+]
+missing = [w for w in want if w not in out.splitlines()]
+if missing:
+    print(out)
+    sys.exit("missing lines:\n" + "\n".join(missing))
+print("ok: %d lines checked" % len(want))

@@ -22,6 +22,7 @@
 #include <array>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -337,7 +338,13 @@ int main(int argc, char** argv) {
         steps = std::stoi(next());
       else if (a == "--trace")
         trace = true;
-      else if (a == "--seed")
+      else if (a == "--whole-layers") {
+        for (auto& l : split(next())) {
+          const int layer = std::stoi(l);
+          if (layer < 0 || layer > 63) throw std::runtime_error("--whole-layers: bad layer " + l);
+          base.whole_layers |= std::uint64_t{1} << layer;
+        }
+      } else if (a == "--seed")
         seed = static_cast<unsigned>(std::stoul(next()));
       else if (a == "--window")
         base.window = std::stoi(next());
@@ -362,6 +369,7 @@ int main(int argc, char** argv) {
             "       [--cache-sizes 64,128,256,512,1024] [--cache-shares 2,5,10,20]\n"
             "       [--methods cake,snapkv,...] [--window 32] [--tau1 X --tau2 X --gamma X]\n"
             "       [--seed N] [--json FILE] [--svg FILE] [--journal FILE] [--trace]\n"
+            "       [--whole-layers 20,...]\n"
             "The default is the full run: 110 prompts per context (each depth with every filler\n"
             "text), 20 agreement steps each; it takes many hours on 2 cores. --quick: contexts\n"
             "512,1024,2048, depths 10/50/90%%, 3 prompts per context, caches 64..1024, 5%%, 20%%,\n"
@@ -371,7 +379,9 @@ int main(int argc, char** argv) {
             "--trace prints, for each prompt run (not read from the journal) and configuration,\n"
             "the KV-head rows holding every token of the key per layer after the prefill and\n"
             "after decoding, and the answer; then how the needles the full cache found were\n"
-            "missed (the answer's first number starts like the key, or not).\n");
+            "missed (the answer's first number starts like the key, or not). --whole-layers:\n"
+            "those layers keep every token and the method's budgets share the rest of the\n"
+            "total among the others (an intervention at equal memory; cake and snapkv only).\n");
         return 0;
       } else
         throw std::runtime_error("unknown argument " + a);
@@ -514,7 +524,7 @@ int main(int argc, char** argv) {
       for (double d : depths) settings << d << ',';
       settings << " steps=" << steps << " seed=" << seed << " window=" << base.window
                << " tau1=" << base.tau1 << " tau2=" << base.tau2 << " gamma=" << base.gamma
-               << " configs=";
+               << " whole_layers=" << base.whole_layers << " configs=";
       for (const auto& [m, cs] : configs) settings << m << '/' << cs.label() << ',';
       journal = std::make_unique<llm::Journal>(journal_path, settings.str());
       std::printf("journal %s: %zu prompts recorded%s\n", journal_path.c_str(), journal->size(),

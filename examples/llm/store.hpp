@@ -25,11 +25,14 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+#include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "model.hpp"
 #include "paged.hpp"
@@ -46,6 +49,35 @@ struct CacheOptions {
   // first slots (a decoding step then moves one K/V row per head; attention here reads
   // every held slot and RoPE is in K already, so the order does not matter to it).
   cake::slot_order paged_slots = cake::slot_order::token;
+  // An intervention for the evaluation (--whole-layers): bit l set, layer l keeps every
+  // token of the prompt and the method's budget policy shares the rest of the total
+  // among the other layers (cake and snapkv only).
+  std::uint64_t whole_layers = 0;
+};
+
+// A budget policy that gives the layers in `whole` every token (the ceiling) and the
+// other layers what Inner gives them from the rest of the total, as if the whole layers
+// were not there: the same memory as Inner, moved into those layers. An intervention
+// that asks whether a layer's budget is what a method lacks, not a method.
+template <class Inner>
+struct WholeLayers {
+  Inner inner{};
+  std::uint64_t whole = 0;  // bit l: layer l keeps everything (layers below 64)
+  void operator()(std::span<const float> prefs, cake::index_t num_layers, cake::index_t total,
+                  cake::index_t ceiling, std::span<cake::index_t> out) const {
+    const auto is_whole = [&](std::size_t l) { return l < 64 && (whole >> l & 1); };
+    cake::index_t n_whole = 0;
+    for (cake::index_t l = 0; l < num_layers; ++l) n_whole += is_whole(static_cast<std::size_t>(l));
+    std::vector<float> p;  // the other layers seen so far, in order
+    for (std::size_t l = 0; l < prefs.size(); ++l)
+      if (!is_whole(l)) p.push_back(prefs[l]);
+    // A whole layer is capped where the total cannot hold them all (the others get 0).
+    const cake::index_t each = n_whole ? std::min(ceiling, total / n_whole) : 0;
+    std::vector<cake::index_t> o(p.size());
+    inner(p, num_layers - n_whole, total - n_whole * each, ceiling, o);
+    for (std::size_t l = 0, j = 0; l < prefs.size(); ++l) out[l] = is_whole(l) ? each : o[j++];
+  }
+  cake::status validate() const { return inner.validate(); }
 };
 
 // A cake::KvCache of one sequence (batch 1). Dense: the cache holds the K/V. Paged
@@ -289,6 +321,19 @@ inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOpti
   };
   const cake::CakePreference pref{o.tau1, o.tau2};
   const cake::MeanVarianceIndicator ind{o.gamma, 5};
+  if (o.whole_layers) {
+    if (c.layers < 64 && (o.whole_layers >> c.layers) != 0)
+      throw std::runtime_error("whole layers: a layer past the model's " +
+                               std::to_string(c.layers));
+    if (o.method == "cake")
+      return store(
+          cake::KvCache<cake::CakePreference, WholeLayers<cake::ProportionalBudget>,
+                        cake::MeanVarianceIndicator>(cfg, pref, {{}, o.whole_layers}, ind));
+    if (o.method == "snapkv")
+      return store(cake::KvCache<cake::UniformPreference, WholeLayers<cake::UniformBudget>,
+                                 cake::WindowMeanIndicator>(cfg, {}, {{}, o.whole_layers}));
+    throw std::runtime_error("whole layers: only for cake and snapkv, not " + o.method);
+  }
   if (o.method == "cake") return store(m::Cake<>(cfg, pref, {}, ind));
   if (o.method == "snapkv") return store(m::SnapKv<>(cfg));
   if (o.method == "pyramidkv") return store(m::PyramidKv<>(cfg));

@@ -354,3 +354,59 @@ TEST_CASE("rows holding a span of positions: any of its tokens, or every one") {
     }
   }
 }
+
+TEST_CASE("whole layers: those layers keep every token, the rest share what is left") {
+  // The policy alone: 4 layers, T = 40, ceiling 25, layer 1 whole; the uniform split of
+  // the other 15 over the other 3 layers, at every cascade stage.
+  const WholeLayers<cake::UniformBudget> uni{{}, std::uint64_t{1} << 1};
+  const std::vector<float> prefs{1.0f, 5.0f, 2.0f, 3.0f};
+  for (std::size_t seen = 1; seen <= 4; ++seen) {
+    std::vector<cake::index_t> out(seen, -1);
+    uni(std::span<const float>(prefs).first(seen), 4, 40, 25, out);
+    const std::vector<cake::index_t> want{5, 25, 5, 5};
+    CHECK(out == std::vector<cake::index_t>(want.begin(), want.begin() + seen));
+  }
+  // CAKE's proportional split: the whole layer at the ceiling, the others in proportion
+  // to their preferences (1 : 2 : 3 of 15), the total kept.
+  const WholeLayers<cake::ProportionalBudget> prop{{}, std::uint64_t{1} << 1};
+  std::vector<cake::index_t> out(4);
+  prop(prefs, 4, 40, 25, out);
+  CHECK(out == std::vector<cake::index_t>{3, 25, 5, 7});
+  // Two whole layers the total cannot hold: each gets half of it, the others nothing.
+  const WholeLayers<cake::UniformBudget> two{{}, 0b0110};
+  two(prefs, 4, 40, 25, out);
+  CHECK(out == std::vector<cake::index_t>{0, 20, 20, 0});
+
+  // Through the store: the whole layer holds the prompt, the cache's total is unchanged.
+  const Model model = tiny_engine_model("cake_llm_tiny_whole.gguf");
+  Transformer tf(model);
+  std::mt19937 rng(31);
+  const auto rec = tf.prefill(random_prompt(rng, 45), 8);
+  for (const std::string method : {"cake", "snapkv"}) {
+    CAPTURE(method);
+    CacheOptions o;
+    o.method = method;
+    o.window = 8;
+    o.cache_size = 30;  // T = 66: layer 2 takes its 37, layers 0 and 1 share 29
+    const auto plain = make_store(model.cfg, o, rec.tokens);
+    o.whole_layers = std::uint64_t{1} << 2;
+    const auto whole = make_store(model.cfg, o, rec.tokens);
+    plain->prefill(rec);
+    whole->prefill(rec);
+    CHECK(whole->tokens_held() <= plain->tokens_held());
+    const auto held = whole->rows_holding(0, 45, true);  // every prompt token, every row
+    REQUIRE(held.size() == 3);
+    CHECK(held[0] == 0.0);
+    CHECK(held[1] == 0.0);
+    CHECK(held[2] == 1.0);
+  }
+  CacheOptions bad;
+  bad.method = "tova";
+  bad.window = 8;
+  bad.cache_size = 20;
+  bad.whole_layers = 1;
+  CHECK_THROWS_WITH(make_store(model.cfg, bad, rec.tokens), doctest::Contains("only for cake"));
+  bad.method = "cake";
+  bad.whole_layers = std::uint64_t{1} << 3;  // the model has 3 layers
+  CHECK_THROWS_WITH(make_store(model.cfg, bad, rec.tokens), doctest::Contains("past the model"));
+}

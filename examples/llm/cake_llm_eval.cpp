@@ -386,8 +386,11 @@ int main(int argc, char** argv) {
       } else
         throw std::runtime_error("unknown argument " + a);
     }
-    for (const auto& m : methods)
+    for (const auto& m : methods) {
       if (!llm::known_method(m) || m == "full") throw std::runtime_error("bad method " + m);
+      if (base.whole_layers && m != "cake" && m != "snapkv")
+        throw std::runtime_error("--whole-layers: only for cake and snapkv, not " + m);
+    }
     if (depths.empty() || trials < 1 || steps < 2 || caches.empty())
       throw std::runtime_error("need depths, --trials >= 1, --steps >= 2 and a cache size");
     if (!std::ifstream(model_path)) {
@@ -419,6 +422,15 @@ int main(int argc, char** argv) {
         "prompt%s\n",
         quick ? "quick" : "full", contexts.size(), trials, methods.size(), caches.size(), steps - 1,
         quick ? "" : "; this takes many hours on 2 cores (--quick: minutes)");
+    if (mc.layers < 64 && (base.whole_layers >> mc.layers) != 0)
+      throw std::runtime_error("--whole-layers: a layer past the model's " +
+                               std::to_string(mc.layers));
+    if (base.whole_layers) {  // an intervention: say so where the results are
+      std::printf("intervention (--whole-layers): layers");
+      for (int l = 0; l < 64; ++l)
+        if (base.whole_layers >> l & 1) std::printf(" %d", l);
+      std::printf(" keep every token; the others share the rest of the total\n");
+    }
     std::fflush(stdout);
     llm::Transformer tf(model);
     const auto V = static_cast<std::size_t>(mc.vocab);

@@ -19,11 +19,13 @@ token of the key after the prefill and after decoding, and its answer). Prints:
     the whole key after the prefill (and how many found the needle), and the others.
 """
 import argparse
+import json
 import re
 import sys
 
 HEAD = re.compile(r'^trace context \d+ trial (\d+) key (\d+) tokens \[(-?\d+), (-?\d+)\): full ".*" (found|missed)$')
 LINE = re.compile(r'^  (\S+)\s+(\S+)\s+key rows per layer: prefill ([0-9,]*) decoded ([0-9,]*)\s+"(.*)"$')
+MODEL = re.compile(r'^model .*: \d+ layers, \d+/(\d+) heads')
 
 
 def rows(s):
@@ -31,31 +33,48 @@ def rows(s):
     return [int(x) for x in s.split(",") if x] if "," in s else [int(c) for c in s]
 
 
+def unescape(s):
+    """The eval writes answers JSON-escaped (one line each)."""
+    try:
+        return json.loads('"' + s + '"')
+    except ValueError:
+        return s
+
+
 def parse(path):
-    prompts = []  # (key, full found, {config: (prefill rows, decoded rows, answer)})
+    """The traced prompts (key, full cache found it, {config: (prefill rows, decoded
+    rows, answer)}) and the KV heads the model line names (None if absent). A config
+    line belongs to the header just before it; anything else resets that."""
+    prompts, kv_heads, current = [], None, None
     with open(path, encoding="utf-8", errors="replace") as f:
         for raw in f:
-            line = raw.rstrip("\n")
+            line = raw.rstrip("\r\n")
+            m = MODEL.match(line)
+            if m:
+                kv_heads = int(m.group(1))
+                continue
             m = HEAD.match(line)
             if m:
-                prompts.append((m.group(2), m.group(5) == "found", {}))
+                current = (m.group(2), m.group(5) == "found", {}, int(m.group(3)) >= 0)
+                prompts.append(current)
                 continue
             m = LINE.match(line)
-            if m and prompts:
+            if m and current is not None:
                 cfg = m.group(1) + " " + m.group(2)
-                prompts[-1][2][cfg] = (rows(m.group(3)), rows(m.group(4)), m.group(5))
-    return prompts
+                current[2][cfg] = (rows(m.group(3)), rows(m.group(4)), unescape(m.group(5)))
+                continue
+            current = None
+    return prompts, kv_heads
 
 
 def heads(prompts):
-    """The KV heads per layer: the largest count any line shows (the window's rows hold
-    every token that falls in it, so a needle in the window shows the full count)."""
-    return max((max(r[0] + r[1]) for _, _, cfgs in prompts for r in cfgs.values() if r[0]),
-               default=1)
+    """Without the model line: the largest count any line shows (the window's rows
+    hold every token that falls in it, so a needle in the window shows the full count)."""
+    return max((max(r[0] + r[1]) for p in prompts for r in p[2].values() if r[0]), default=1)
 
 
 def starts_like(answer, key):
-    m = re.search(r"\d+", answer)
+    m = re.search(r"[0-9]+", answer)
     return bool(m) and len(m.group(0)) >= 2 and m.group(0)[:2] == key[:2]
 
 
@@ -64,12 +83,15 @@ def main():
     ap.add_argument("log")
     ap.add_argument("--layer", type=int, default=None)
     a = ap.parse_args()
-    prompts = parse(a.log)
-    found_full = [p for p in prompts if p[1] and all(r[0] for r in p[2].values())]
+    prompts, kv_heads = parse(a.log)
+    # The needles the full cache found whose key was located (rows traced), with every
+    # configuration's line (the first such prompt names them).
+    located = [p for p in prompts if p[1] and p[3] and p[2]]
+    cfgs = list(located[0][2].keys()) if located else []
+    found_full = [p for p in located if all(c in p[2] and p[2][c][0] for c in cfgs)]
     if not found_full:
         sys.exit("no traced prompt whose needle the full cache found in " + a.log)
-    H = heads(prompts)
-    cfgs = list(found_full[0][2].keys())
+    H = kv_heads or heads(prompts)
     layers = len(next(iter(found_full[0][2].values()))[0])
     print(f"{len(prompts)} traced prompts, {len(found_full)} whose needle the full cache found; "
           f"{layers} layers, {H} KV heads\n")
@@ -82,7 +104,7 @@ def main():
         n = {"found": 0, "starts": 0, "other": 0}
         share = {"miss": [0.0, 0.0, 0], "find": [0.0, 0.0, 0]}
         changed = 0
-        for key, _, by in found_full:
+        for key, _, by, _ in found_full:
             pre, dec, ans = by[c]
             ok = key in ans
             n["found" if ok else ("starts" if starts_like(ans, key) else "other")] += 1
@@ -104,7 +126,7 @@ def main():
     print("|---|---|---|---|")
     for l in range(layers):
         pairs = hit = 0
-        for key, _, by in found_full:
+        for key, _, by, _ in found_full:
             for c in cfgs:
                 _, dec, ans = by[c]
                 if dec[l] < H:
@@ -119,8 +141,8 @@ def main():
         print("| configuration | held | found | not held | found |")
         print("|---|---|---|---|---|")
         for c in cfgs:
-            held = [key in by[c][2] for key, _, by in found_full if by[c][0][L] == H]
-            rest = [key in by[c][2] for key, _, by in found_full if by[c][0][L] < H]
+            held = [key in by[c][2] for key, _, by, _ in found_full if by[c][0][L] == H]
+            rest = [key in by[c][2] for key, _, by, _ in found_full if by[c][0][L] < H]
             print(f"| {c} | {len(held)} | {sum(held)} | {len(rest)} | {sum(rest)} |")
 
 

@@ -133,12 +133,20 @@ Estimate agreement(const Cell& e) {
   return {c.p, c.ci, true};
 }
 
+// A string as JSON writes it (also the trace's answers: one line each, whatever the
+// model generated).
 std::string json_escape(const std::string& s) {
   std::string o;
   for (char c : s) {
     if (c == '"' || c == '\\') o += '\\';
     if (c == '\n') {
       o += "\\n";
+      continue;
+    }
+    if (static_cast<unsigned char>(c) < 0x20) {  // other control characters
+      char u[8];
+      std::snprintf(u, sizeof u, "\\u%04x", static_cast<unsigned>(static_cast<unsigned char>(c)));
+      o += u;
       continue;
     }
     o += c;
@@ -340,10 +348,13 @@ int main(int argc, char** argv) {
         trace = true;
       else if (a == "--whole-layers") {
         for (auto& l : split(next())) {
-          const int layer = std::stoi(l);
-          if (layer < 0 || layer > 63) throw std::runtime_error("--whole-layers: bad layer " + l);
+          std::size_t used = 0;
+          const int layer = l.empty() ? -1 : std::stoi(l, &used);
+          if (used != l.size() || layer < 0 || layer > 63)
+            throw std::runtime_error("--whole-layers: expected layers 0..63, got '" + l + "'");
           base.whole_layers |= std::uint64_t{1} << layer;
         }
+        if (!base.whole_layers) throw std::runtime_error("--whole-layers: no layer given");
       } else if (a == "--seed")
         seed = static_cast<unsigned>(std::stoul(next()));
       else if (a == "--window")
@@ -536,7 +547,8 @@ int main(int argc, char** argv) {
       for (double d : depths) settings << d << ',';
       settings << " steps=" << steps << " seed=" << seed << " window=" << base.window
                << " tau1=" << base.tau1 << " tau2=" << base.tau2 << " gamma=" << base.gamma
-               << " whole_layers=" << base.whole_layers << " configs=";
+               << (base.whole_layers ? " whole_layers=" + std::to_string(base.whole_layers) : "")
+               << " configs=";
       for (const auto& [m, cs] : configs) settings << m << '/' << cs.label() << ',';
       journal = std::make_unique<llm::Journal>(journal_path, settings.str());
       std::printf("journal %s: %zu prompts recorded%s\n", journal_path.c_str(), journal->size(),
@@ -679,14 +691,14 @@ int main(int argc, char** argv) {
         }
         if (trace) {
           std::printf("trace context %d trial %d key %s tokens [%d, %d): full \"%s\" %s\n", S,
-                      trial, r.key.c_str(), key_first, key_last, r.full_answer.c_str(),
+                      trial, r.key.c_str(), key_first, key_last, json_escape(r.full_answer).c_str(),
                       r.full_found ? "found" : "missed");
           for (std::size_t c = 0; c < configs.size(); ++c) {
             const std::string a = answer(gen[1 + 2 * c]);
             std::printf("  %-15s %6s  key rows per layer: prefill %s decoded %s  \"%s\"\n",
                         configs[c].first.c_str(), configs[c].second.label().c_str(),
-                        rows_after_prefill[c].c_str(), key_rows(c).c_str(), a.c_str());
-            if (!r.full_found) continue;
+                        rows_after_prefill[c].c_str(), key_rows(c).c_str(), json_escape(a).c_str());
+            if (!r.full_found || key_first < 0) continue;  // as scripts/llm_eval_trace.py
             // The answer's first number: does it start with the key's first two digits?
             const auto d0 = a.find_first_of("0123456789");
             const auto d1 = d0 == std::string::npos ? d0 : a.find_first_not_of("0123456789", d0);
@@ -861,7 +873,12 @@ int main(int argc, char** argv) {
       std::ofstream f(json_path);
       f << "{\n  \"model\": \"" << json_escape(model_name)
         << "\",\n  \"quick\": " << (quick ? "true" : "false") << ",\n  \"window\": " << base.window
-        << ",\n  \"steps\": " << steps - 1 << ",\n  \"configs\": [";
+        << ",\n  \"steps\": " << steps - 1 << ",\n  \"tau1\": " << base.tau1
+        << ",\n  \"tau2\": " << base.tau2 << ",\n  \"gamma\": " << base.gamma
+        << ",\n  \"whole_layers\": [";
+      for (int l = 0, n = 0; l < 64; ++l)
+        if (base.whole_layers >> l & 1) f << (n++ ? ", " : "") << l;
+      f << "],\n  \"configs\": [";
       bool first_cfg = true;
       for (const auto& m : methods)
         for (const auto& cs : caches) {

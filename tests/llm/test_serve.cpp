@@ -327,7 +327,7 @@ TEST_CASE("rows holding a span of positions: any of its tokens, or every one") {
     CacheOptions o;
     o.method = method;
     o.window = 8;
-    o.cache_size = 20;  // 12 of the 37 tokens before the window stay in each row
+    o.cache_size = 20;  // on average 12 of the 37 tokens before the window per row
     auto store = make_store(model.cfg, o, rec.tokens);
     store->prefill(rec);
     const auto layers = static_cast<std::size_t>(model.cfg.layers);

@@ -151,6 +151,12 @@ TEST_CASE("regression: .npy readers refuse what they cannot hold") {
   CHECK_THROWS_WITH_AS(
       load_npy(temp_file("cake_reg_wrap2.npy", npy("<f4", "(999999999999, 999999999999)", ""))),
       doctest::Contains("truncated"), std::runtime_error);
+  // The same product on an array built directly: an error, not a wrapped count.
+  cake_tools::NpyArray direct;
+  direct.shape = {std::int64_t{1} << 32, std::int64_t{1} << 32, 1};
+  CHECK_THROWS_WITH_AS((void)direct.size(), doctest::Contains("overflows"), std::runtime_error);
+  direct.shape = {std::int64_t{1} << 32, std::int64_t{1} << 32, 0};
+  CHECK(direct.size() == 0);
   // A header length past the end of the file.
   CHECK_THROWS_AS(load_npy(temp_file("cake_reg_hdr.npy", npy("<f4", "(1,)", "", 60000))),
                   std::runtime_error);

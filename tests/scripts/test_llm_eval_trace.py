@@ -33,4 +33,36 @@ missing = [w for w in want if w not in out.splitlines()]
 if missing:
     print(out)
     sys.exit("missing lines:\n" + "\n".join(missing))
-print("ok: %d lines checked" % len(want))
+
+# A model of 10 KV heads (comma-separated counts), escaped answers (a quote, a newline:
+# the key found only after unescaping `1\n2` is not the key), a key that could not be
+# located ([-1, -1): left out), and a log cut after a header (left out).
+import tempfile
+trace10 = """model big: 2 layers, 20/10 heads, context limit 100 tokens (from the file)
+trace context 90 trial 0 key 42424 tokens [5, 10): full " 42424" found
+  cake                16  key rows per layer: prefill 10,7, decoded 10,6,  " the \\"key\\" is 42424"
+trace context 90 trial 1 key 31313 tokens [20, 25): full " 31313" found
+  cake                16  key rows per layer: prefill 10,10, decoded 10,10,  " 31\\n313"
+trace context 90 trial 2 key 77777 tokens [-1, -1): full " 77777" found
+  cake                16  key rows per layer: prefill  decoded   " 77777"
+trace context 90 trial 3 key 55555 tokens [40, 45): full " 55555" found
+"""
+with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
+    f.write(trace10)
+try:
+    out = subprocess.run([sys.executable, script, f.name, "--layer", "1"], check=True,
+                         capture_output=True, text=True).stdout
+finally:
+    os.unlink(f.name)
+# trial 0 found (17/20 rows, then 16/20), trial 1 missed but starts like the key (31).
+want10 = [
+    "4 traced prompts, 2 whose needle the full cache found; 2 layers, 10 KV heads",
+    "| cake 16 | 1 | 1 | 0 | 100.0% / 100.0% | 85.0% / 80.0% | 0.50 |",
+    "| 1 | 1 | 1 | 1.00 |",
+    "| cake 16 | 1 | 0 | 1 | 1 |",
+]
+missing = [w for w in want10 if w not in out.splitlines()]
+if missing:
+    print(out)
+    sys.exit("missing lines (10 heads):\n" + "\n".join(missing))
+print("ok: %d lines checked" % (len(want) + len(want10)))

@@ -391,8 +391,9 @@ int main(int argc, char** argv) {
             "the KV-head rows holding every token of the key per layer after the prefill and\n"
             "after decoding, and the answer; then how the needles the full cache found were\n"
             "missed (the answer's first number starts like the key, or not). --whole-layers:\n"
-            "those layers keep every token and the method's budgets share the rest of the\n"
-            "total among the others (an intervention at equal memory; cake and snapkv only).\n");
+            "those layers keep every prompt token (decoding still evicts one a step) and the\n"
+            "method's budgets share the rest of the total among the others (an intervention\n"
+            "at equal memory; cake and snapkv only).\n");
         return 0;
       } else
         throw std::runtime_error("unknown argument " + a);

@@ -14,11 +14,22 @@ missed it); 2 KV heads (the largest count shown).
 import os
 import subprocess
 import sys
+import tempfile
 
 here = os.path.dirname(os.path.abspath(__file__))
 script = os.path.join(here, "..", "..", "scripts", "llm_eval_trace.py")
-out = subprocess.run([sys.executable, script, os.path.join(here, "trace_small.log"), "--layer", "1"],
-                     check=True, capture_output=True, text=True).stdout
+
+
+def check(log, want, what):
+    """The script's output on log (--layer 1) has every line of want."""
+    out = subprocess.run([sys.executable, script, log, "--layer", "1"], check=True,
+                         capture_output=True, text=True).stdout
+    missing = [w for w in want if w not in out.splitlines()]
+    if missing:
+        print(out)
+        sys.exit("missing lines (%s):\n%s" % (what, "\n".join(missing)))
+
+
 want = [
     "3 traced prompts, 2 whose needle the full cache found; 4 layers, 2 KV heads",
     "| cake 16 | 2 | 0 | 0 | - | 93.8% / 87.5% | 0.50 |",
@@ -29,15 +40,11 @@ want = [
     "| cake 16 | 2 | 2 | 0 | 0 |",
     "| snapkv 16 | 0 | 0 | 2 | 0 |",
 ]
-missing = [w for w in want if w not in out.splitlines()]
-if missing:
-    print(out)
-    sys.exit("missing lines:\n" + "\n".join(missing))
+check(os.path.join(here, "trace_small.log"), want, "trace_small.log")
 
 # A model of 10 KV heads (comma-separated counts), escaped answers (a quote, a newline:
 # the key found only after unescaping `1\n2` is not the key), a key that could not be
 # located ([-1, -1): left out), and a log cut after a header (left out).
-import tempfile
 trace10 = """model big: 2 layers, 20/10 heads, context limit 100 tokens (from the file)
 trace context 90 trial 0 key 42424 tokens [5, 10): full " 42424" found
   cake                16  key rows per layer: prefill 10,7, decoded 10,6,  " the \\"key\\" is 42424"
@@ -49,11 +56,6 @@ trace context 90 trial 3 key 55555 tokens [40, 45): full " 55555" found
 """
 with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
     f.write(trace10)
-try:
-    out = subprocess.run([sys.executable, script, f.name, "--layer", "1"], check=True,
-                         capture_output=True, text=True).stdout
-finally:
-    os.unlink(f.name)
 # trial 0 found (17/20 rows, then 16/20), trial 1 missed but starts like the key (31).
 want10 = [
     "4 traced prompts, 2 whose needle the full cache found; 2 layers, 10 KV heads",
@@ -61,8 +63,8 @@ want10 = [
     "| 1 | 1 | 1 | 1.00 |",
     "| cake 16 | 1 | 0 | 1 | 1 |",
 ]
-missing = [w for w in want10 if w not in out.splitlines()]
-if missing:
-    print(out)
-    sys.exit("missing lines (10 heads):\n" + "\n".join(missing))
+try:
+    check(f.name, want10, "10 heads")
+finally:
+    os.unlink(f.name)
 print("ok: %d lines checked" % (len(want) + len(want10)))

@@ -398,11 +398,8 @@ int main(int argc, char** argv) {
       } else
         throw std::runtime_error("unknown argument " + a);
     }
-    for (const auto& m : methods) {
+    for (const auto& m : methods)
       if (!llm::known_method(m) || m == "full") throw std::runtime_error("bad method " + m);
-      if (base.whole_layers && m != "cake" && m != "snapkv")
-        throw std::runtime_error("--whole-layers: only for cake and snapkv, not " + m);
-    }
     if (depths.empty() || trials < 1 || steps < 2 || caches.empty())
       throw std::runtime_error("need depths, --trials >= 1, --steps >= 2 and a cache size");
     if (!std::ifstream(model_path)) {
@@ -434,13 +431,10 @@ int main(int argc, char** argv) {
         "prompt%s\n",
         quick ? "quick" : "full", contexts.size(), trials, methods.size(), caches.size(), steps - 1,
         quick ? "" : "; this takes many hours on 2 cores (--quick: minutes)");
-    if (mc.layers < 64 && (base.whole_layers >> mc.layers) != 0)
-      throw std::runtime_error("--whole-layers: a layer past the model's " +
-                               std::to_string(mc.layers));
+    for (const auto& m : methods) llm::check_whole_layers(mc.layers, base.whole_layers, m);
     if (base.whole_layers) {  // an intervention: say so where the results are
       std::printf("intervention (--whole-layers): layers");
-      for (int l = 0; l < 64; ++l)
-        if (base.whole_layers >> l & 1) std::printf(" %d", l);
+      for (int l : llm::whole_layer_list(base.whole_layers)) std::printf(" %d", l);
       std::printf(" keep every token; the others share the rest of the total\n");
     }
     std::fflush(stdout);
@@ -877,8 +871,7 @@ int main(int argc, char** argv) {
         << ",\n  \"steps\": " << steps - 1 << ",\n  \"tau1\": " << base.tau1
         << ",\n  \"tau2\": " << base.tau2 << ",\n  \"gamma\": " << base.gamma
         << ",\n  \"whole_layers\": [";
-      for (int l = 0, n = 0; l < 64; ++l)
-        if (base.whole_layers >> l & 1) f << (n++ ? ", " : "") << l;
+      for (int n = 0; int l : llm::whole_layer_list(base.whole_layers)) f << (n++ ? ", " : "") << l;
       f << "],\n  \"configs\": [";
       bool first_cfg = true;
       for (const auto& m : methods)

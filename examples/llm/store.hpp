@@ -80,6 +80,23 @@ struct WholeLayers {
   cake::status validate() const { return inner.validate(); }
 };
 
+// The layers of a whole-layers mask, ascending.
+inline std::vector<int> whole_layer_list(std::uint64_t whole) {
+  std::vector<int> out;
+  for (int l = 0; l < 64; ++l)
+    if (whole >> l & 1) out.push_back(l);
+  return out;
+}
+// Whether `method` on a model of `layers` layers can take the whole-layers mask: throws
+// naming what is wrong (make_store calls it; the evaluation before any prompt runs).
+inline void check_whole_layers(int layers, std::uint64_t whole, const std::string& method) {
+  if (!whole) return;
+  if (layers < 64 && (whole >> layers) != 0)
+    throw std::runtime_error("--whole-layers: a layer past the model's " + std::to_string(layers));
+  if (method != "cake" && method != "snapkv")
+    throw std::runtime_error("--whole-layers: only for cake and snapkv, not " + method);
+}
+
 // A cake::KvCache of one sequence (batch 1). Dense: the cache holds the K/V. Paged
 // (a BlockPool given): the K/V live in the pool's blocks, which this store takes
 // from the pool as the sequence needs them and gives back as soon as the cache
@@ -321,10 +338,8 @@ inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOpti
   };
   const cake::CakePreference pref{o.tau1, o.tau2};
   const cake::MeanVarianceIndicator ind{o.gamma, 5};
+  check_whole_layers(c.layers, o.whole_layers, o.method);
   if (o.whole_layers) {
-    if (c.layers < 64 && (o.whole_layers >> c.layers) != 0)
-      throw std::runtime_error("whole layers: a layer past the model's " +
-                               std::to_string(c.layers));
     if (o.method == "cake")
       return store(
           cake::KvCache<cake::CakePreference, WholeLayers<cake::ProportionalBudget>,
@@ -332,7 +347,6 @@ inline std::unique_ptr<KvStore> make_store(const ModelConfig& c, const CacheOpti
     if (o.method == "snapkv")
       return store(cake::KvCache<cake::UniformPreference, WholeLayers<cake::UniformBudget>,
                                  cake::WindowMeanIndicator>(cfg, {}, {{}, o.whole_layers}));
-    throw std::runtime_error("whole layers: only for cake and snapkv, not " + o.method);
   }
   if (o.method == "cake") return store(m::Cake<>(cfg, pref, {}, ind));
   if (o.method == "snapkv") return store(m::SnapKv<>(cfg));

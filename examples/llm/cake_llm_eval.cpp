@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "journal.hpp"
+#include "probe.hpp"
 #include "stats.hpp"
 #include "store.hpp"
 
@@ -305,7 +306,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i <= 10; ++i) depths.push_back(i / 10.0);
   int trials = 110, steps = 21, cache_threads = 1;
   unsigned seed = 1234;
-  bool quick = false, trace = false;
+  bool quick = false, trace = false, copy_attention = false;
   llm::CacheOptions base;
   try {
     for (int i = 1; i < argc; ++i)
@@ -346,6 +347,8 @@ int main(int argc, char** argv) {
         steps = std::stoi(next());
       else if (a == "--trace")
         trace = true;
+      else if (a == "--copy-attention")
+        copy_attention = true;
       else if (a == "--whole-layers") {
         for (auto& l : split(next())) {
           std::size_t used = 0;
@@ -380,7 +383,7 @@ int main(int argc, char** argv) {
             "       [--cache-sizes 64,128,256,512,1024] [--cache-shares 2,5,10,20]\n"
             "       [--methods cake,snapkv,...] [--window 32] [--tau1 X --tau2 X --gamma X]\n"
             "       [--seed N] [--json FILE] [--svg FILE] [--journal FILE] [--trace]\n"
-            "       [--whole-layers 20,...]\n"
+            "       [--whole-layers 20,...] [--copy-attention]\n"
             "The default is the full run: 110 prompts per context (each depth with every filler\n"
             "text), 20 agreement steps each; it takes many hours on 2 cores. --quick: contexts\n"
             "512,1024,2048, depths 10/50/90%%, 3 prompts per context, caches 64..1024, 5%%, 20%%,\n"
@@ -393,7 +396,11 @@ int main(int argc, char** argv) {
             "missed (the answer's first number starts like the key, or not). --whole-layers:\n"
             "those layers keep every prompt token (decoding still evicts one a step) and the\n"
             "method's budgets share the rest of the total among the others (an intervention\n"
-            "at equal memory; cake and snapkv only).\n");
+            "at equal memory; cake and snapkv only). --copy-attention: for the needles the\n"
+            "full cache finds (prompts run now), the full cache's attention while it decodes\n"
+            "the key, per layer: the share on the key's tokens, and the shares of the key's and\n"
+            "of the other prompt tokens' attention that fall on tokens each configuration\n"
+            "holds after its prefill, for the needles it found and those it missed.\n");
         return 0;
       } else
         throw std::runtime_error("unknown argument " + a);
@@ -455,6 +462,15 @@ int main(int argc, char** argv) {
     // found: found, missed with an answer starting like the key (its first two digits
     // or more), missed otherwise.
     std::map<CellKey, std::array<int, 3>> traced;
+    // --copy-attention: per configuration and outcome (missed, found), per layer, sums
+    // over the prompts of the held shares of the key's and the rest's attention; per
+    // context, per layer, the sum of the key's share of the attention.
+    struct CopyAcc {
+      std::array<std::vector<double>, 2> key_held, rest_held;
+      std::array<int, 2> n{};
+    };
+    std::map<CellKey, CopyAcc> copies;
+    std::map<int, std::pair<std::vector<double>, int>> copy_key_share;
     std::ostringstream runs;  // JSON records per prompt
     std::mt19937 rng(seed);
     double t_prefill = 0, t_fill = 0, t_decode = 0;
@@ -629,6 +645,16 @@ int main(int argc, char** argv) {
           key_first = first;
           key_last = last;
         }
+        llm::AttentionProbe* probe = nullptr;  // the full cache's store, watched
+        if (copy_attention && key_first >= 0) {
+          std::vector<const llm::KvStore*> compared;
+          for (std::size_t c = 0; c < configs.size(); ++c)
+            compared.push_back(stores[1 + 2 * c].get());
+          auto p = std::make_unique<llm::AttentionProbe>(mc, std::move(stores[0]), S, key_first,
+                                                         key_last, compared, steps - 1);
+          probe = p.get();
+          stores[0] = std::move(p);
+        }
         // --trace: per layer, the KV-head rows of a free-running sequence holding every
         // token of the key (one digit a layer when there are at most 9 KV heads).
         const auto key_rows = [&](std::size_t c) {
@@ -684,6 +710,52 @@ int main(int argc, char** argv) {
           r.found.push_back(answer(gen[fi]).find(r.key) != std::string::npos ? 1 : 0);
           r.agree.push_back(agree[ti]);
         }
+        if (probe && r.full_found) {
+          // The steps that decoded the key: step t's query produced the answer's token t + 1.
+          std::vector<int> copy_steps;
+          {
+            std::vector<std::size_t> ends;
+            std::string text;
+            for (int id : gen[0]) {
+              if (id == im_end || id == eot) break;
+              ends.push_back((text += tok.decode_token(id)).size());
+            }
+            const std::size_t at = text.find(r.key);
+            for (std::size_t i = 1; i < ends.size(); ++i)
+              if (ends[i] > at && ends[i - 1] < at + r.key.size() &&
+                  static_cast<int>(i) - 1 < probe->steps())
+                copy_steps.push_back(static_cast<int>(i) - 1);
+          }
+          auto& ks = copy_key_share[ctx];
+          ks.first.resize(static_cast<std::size_t>(mc.layers));
+          std::vector<llm::AttentionProbe::Mass> tot(static_cast<std::size_t>(mc.layers));
+          for (int l = 0; l < mc.layers && !copy_steps.empty(); ++l) {
+            auto& t = tot[static_cast<std::size_t>(l)];
+            for (int st : copy_steps) {
+              t.key += probe->total(st, l).key;
+              t.rest += probe->total(st, l).rest;
+            }
+            ks.first[static_cast<std::size_t>(l)] += t.key / (t.key + t.rest);
+          }
+          ks.second += !copy_steps.empty();
+          for (std::size_t c = 0; c < configs.size() && !copy_steps.empty(); ++c) {
+            CopyAcc& acc = copies[{ctx, configs[c].first, configs[c].second.label()}];
+            const int f = r.found[c];
+            acc.key_held[f].resize(static_cast<std::size_t>(mc.layers));
+            acc.rest_held[f].resize(static_cast<std::size_t>(mc.layers));
+            for (int l = 0; l < mc.layers; ++l) {
+              llm::AttentionProbe::Mass h;
+              for (int st : copy_steps) {
+                h.key += probe->held(st, l, c).key;
+                h.rest += probe->held(st, l, c).rest;
+              }
+              const auto& t = tot[static_cast<std::size_t>(l)];
+              acc.key_held[f][static_cast<std::size_t>(l)] += t.key > 0 ? h.key / t.key : 1.0;
+              acc.rest_held[f][static_cast<std::size_t>(l)] += t.rest > 0 ? h.rest / t.rest : 1.0;
+            }
+            acc.n[f]++;
+          }
+        }
         if (trace) {
           std::printf("trace context %d trial %d key %s tokens [%d, %d): full \"%s\" %s\n", S,
                       trial, r.key.c_str(), key_first, key_last, json_escape(r.full_answer).c_str(),
@@ -732,6 +804,39 @@ int main(int argc, char** argv) {
       for (const auto& [k, n] : traced)
         std::printf("%-15s %6s %7d %6d %13d %6d\n", std::get<1>(k).c_str(), std::get<2>(k).c_str(),
                     std::get<0>(k), n[0], n[1], n[2]);
+    }
+    if (!copies.empty()) {
+      std::printf(
+          "\ncopy attention: the full cache's queries that decoded the key (needles it found, "
+          "prompts run now), per layer, %% (all: the mean over layers)\n");
+      const auto row = [&](const char* what, const std::vector<double>& sum, int n) {
+        double all = 0;
+        for (double x : sum) all += x;
+        std::printf("%-38s %5.1f ", what, 100 * all / static_cast<double>(sum.size() * n));
+        for (double x : sum) std::printf(" %3.0f", 100 * x / n);
+        std::printf("\n");
+      };
+      for (const auto& [ctx, ks] : copy_key_share) {
+        char head[64];
+        std::snprintf(head, sizeof head, "context %d, %d needles", ctx, ks.second);
+        std::printf("%-38s %5s ", head, "all");
+        for (int l = 0; l < mc.layers; ++l) std::printf(" %3d", l);
+        std::printf("\n");
+        if (ks.second) row("on the key's tokens", ks.first, ks.second);
+        for (const auto& [k, acc] : copies) {
+          if (std::get<0>(k) != ctx) continue;
+          for (int f : {1, 0}) {
+            if (!acc.n[f]) continue;
+            char what[96];
+            std::snprintf(what, sizeof what, "%s %s %s %d: key held", std::get<1>(k).c_str(),
+                          std::get<2>(k).c_str(), f ? "found" : "missed", acc.n[f]);
+            row(what, acc.key_held[f], acc.n[f]);
+            std::snprintf(what, sizeof what, "%s %s %s %d: rest held", std::get<1>(k).c_str(),
+                          std::get<2>(k).c_str(), f ? "found" : "missed", acc.n[f]);
+            row(what, acc.rest_held[f], acc.n[f]);
+          }
+        }
+      }
     }
     // The tables, one per context.
     for (int ctx : contexts) {

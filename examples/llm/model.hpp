@@ -238,6 +238,13 @@ class KvStore {
     (void)first, (void)last, (void)every;
     return {};
   }
+  // Per KV-head row of layer l, the positions it holds, in the row's order (the
+  // evaluation's attention probe asks what an eviction left); empty for a store that
+  // keeps everything.
+  virtual std::vector<std::vector<std::int64_t>> positions(int layer) const {
+    (void)layer;
+    return {};
+  }
 };
 
 // The full cache: every token of every layer, token-major rows.

@@ -203,16 +203,24 @@ class CakeStore final : public KvStore {
   std::vector<double> rows_holding(int first, int last, bool every = false) const override {
     std::vector<double> out;
     for (int l = 0; l < c_.layers; ++l) {
-      const auto pos = cache_.positions(l);  // (1, kv_heads, held); padding is -1
-      int rows = 0;
-      for (cake::index_t h = 0; h < pos.extent(1); ++h) {
-        cake::index_t hits = 0;  // positions are distinct within a row
-        for (cake::index_t j = 0; j < pos.extent(2); ++j)
-          hits += pos(0, h, j) >= first && pos(0, h, j) < last;
-        rows += every ? hits == last - first : hits > 0;
+      const auto rows = positions(l);
+      int n = 0;
+      for (const auto& row : rows) {
+        std::int64_t hits = 0;  // positions are distinct within a row
+        for (std::int64_t p : row) hits += p >= first && p < last;
+        n += every ? hits == last - first : hits > 0;
       }
-      out.push_back(static_cast<double>(rows) / static_cast<double>(pos.extent(1)));
+      out.push_back(static_cast<double>(n) / static_cast<double>(rows.size()));
     }
+    return out;
+  }
+
+  std::vector<std::vector<std::int64_t>> positions(int l) const override {
+    const auto pos = cache_.positions(l);  // (1, kv_heads, held); padding is -1
+    std::vector<std::vector<std::int64_t>> out(static_cast<std::size_t>(pos.extent(1)));
+    for (cake::index_t h = 0; h < pos.extent(1); ++h)
+      for (cake::index_t j = 0; j < pos.extent(2); ++j)
+        if (pos(0, h, j) >= 0) out[static_cast<std::size_t>(h)].push_back(pos(0, h, j));
     return out;
   }
 

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "probe.hpp"
 #include "store.hpp"
 #include "tiny_model.hpp"
 
@@ -409,4 +410,141 @@ TEST_CASE("whole layers: those layers keep every token, the rest share what is l
   bad.method = "cake";
   bad.whole_layers = std::uint64_t{1} << 3;  // the model has 3 layers
   CHECK_THROWS_WITH(make_store(model.cfg, bad, rec.tokens), doctest::Contains("past the model"));
+}
+
+TEST_CASE("a store's positions: each KV-head row's, as many as it holds, the window in each") {
+  const Model model = tiny_engine_model("cake_llm_tiny_positions.gguf");
+  Transformer tf(model);
+  std::mt19937 rng(37);
+  const auto rec = tf.prefill(random_prompt(rng, 45), 8);
+  for (const std::string method : {"cake", "ada_snapkv", "streamingllm"}) {
+    CAPTURE(method);
+    CacheOptions o;
+    o.method = method;
+    o.window = 8;
+    o.cache_size = 20;
+    auto store = make_store(model.cfg, o, rec.tokens);
+    store->prefill(rec);
+    std::int64_t held = 0;
+    for (int l = 0; l < model.cfg.layers; ++l) {
+      const auto rows = store->positions(l);
+      REQUIRE(rows.size() == static_cast<std::size_t>(model.cfg.kv_heads));
+      for (const auto& row : rows) {
+        held += static_cast<std::int64_t>(row.size());
+        const std::set<std::int64_t> distinct(row.begin(), row.end());
+        CHECK(distinct.size() == row.size());
+        CHECK(*distinct.begin() >= 0);
+        CHECK(*distinct.rbegin() == 44);
+        for (std::int64_t p = 37; p < 45; ++p) CHECK(distinct.count(p) == 1);
+      }
+    }
+    CHECK(held == store->tokens_held() * model.cfg.kv_heads);  // tokens_held: per row, summed
+  }
+  // The full cache keeps everything: no rows to list.
+  CacheOptions full;
+  full.method = "full";
+  CHECK(make_store(model.cfg, full, rec.tokens)->positions(0).empty());
+}
+
+TEST_CASE("attention probe: the full model's weights on the prompt, and on what each store holds") {
+  const Model model = tiny_engine_model("cake_llm_tiny_probe.gguf");
+  const ModelConfig& c = model.cfg;
+  Transformer tf(model);
+  std::mt19937 rng(41);
+  const auto rec = tf.prefill(random_prompt(rng, 45), 8);
+  const int S = rec.tokens, d = c.head_dim, KD = c.kv_dim(), QD = c.q_dim();
+  CacheOptions o;
+  o.method = "cake";
+  o.window = 8;
+  o.cache_size = 20;
+  auto cake_store = make_store(c, o, S);
+  cake_store->prefill(rec);
+  CacheOptions fo;
+  fo.method = "full";
+  auto full_cmp = make_store(c, fo, S);
+  full_cmp->prefill(rec);
+  const int key_first = 10, key_last = 13, steps = 2;
+  AttentionProbe probe(c, make_store(c, fo, S), S, key_first, key_last,
+                       {cake_store.get(), full_cmp.get()}, steps);
+  probe.prefill(rec);
+  auto plain = make_store(c, fo, S);  // what the probe wraps, unwatched
+  plain->prefill(rec);
+
+  // Three appends per layer of random rows (the third past the probe's steps), each
+  // checked against double-precision weights computed here from the record's keys.
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<std::vector<float>> keys(rec.k.begin(), rec.k.end());  // per layer (tokens, KD)
+  for (int step = 0; step < 3; ++step)
+    for (int l = 0; l < c.layers; ++l) {
+      CAPTURE(step);
+      CAPTURE(l);
+      std::vector<float> q(static_cast<std::size_t>(QD)), k(static_cast<std::size_t>(KD)),
+          v(static_cast<std::size_t>(KD));
+      for (auto* x : {&q, &k, &v})
+        for (auto& e : *x) e = nd(rng);
+      const AttendSpan a = probe.append(l, q.data(), k.data(), v.data());
+      const AttendSpan b = plain->append(l, q.data(), k.data(), v.data());
+      REQUIRE(a.tokens == b.tokens);
+      CHECK(a.tokens == S + step + 1);
+      CHECK(std::equal(a.k, a.k + a.tokens * KD, b.k));  // the wrapped store's rows, as they are
+      auto& K = keys[static_cast<std::size_t>(l)];
+      K.insert(K.end(), k.begin(), k.end());
+      if (step >= steps) {
+        CHECK_THROWS_AS(probe.total(step, l), std::out_of_range);
+        continue;
+      }
+      const auto rows = cake_store->positions(l);
+      double key = 0, rest = 0, held_key = 0, held_rest = 0;
+      for (int h = 0; h < c.heads; ++h) {
+        const int g = h / (c.heads / c.kv_heads);
+        std::vector<double> w(static_cast<std::size_t>(S + step + 1));
+        for (std::size_t j = 0; j < w.size(); ++j) {
+          double dot = 0;
+          for (int x = 0; x < d; ++x)
+            dot += double(q[static_cast<std::size_t>(h * d + x)]) * K[j * KD + g * d + x];
+          w[j] = std::exp(dot / std::sqrt(double(d)));
+        }
+        double sum = 0;
+        for (double x : w) sum += x;
+        const std::set<std::int64_t> held(rows[static_cast<std::size_t>(g)].begin(),
+                                          rows[static_cast<std::size_t>(g)].end());
+        for (int j = 0; j < S; ++j) {
+          const bool in_key = j >= key_first && j < key_last;
+          (in_key ? key : rest) += w[static_cast<std::size_t>(j)] / sum;
+          if (held.count(j))
+            (in_key ? held_key : held_rest) += w[static_cast<std::size_t>(j)] / sum;
+        }
+      }
+      const auto t = probe.total(step, l), hc = probe.held(step, l, 0), hf = probe.held(step, l, 1);
+      CHECK(t.key == doctest::Approx(key).epsilon(1e-12));
+      CHECK(t.rest == doctest::Approx(rest).epsilon(1e-12));
+      CHECK(hc.key == doctest::Approx(held_key).epsilon(1e-12));
+      CHECK(hc.rest == doctest::Approx(held_rest).epsilon(1e-12));
+      CHECK(hc.rest < t.rest);  // the cake store left out prompt tokens of every row
+      CHECK(hf.key == t.key);   // the full cache holds all: the same sums, in the same order
+      CHECK(hf.rest == t.rest);
+      CHECK(t.key + t.rest < c.heads);  // the appended tokens take their share too
+    }
+  CHECK(probe.tokens_held() == plain->tokens_held());
+  CHECK_THROWS_AS(probe.held(0, 0, 2), std::out_of_range);
+  CHECK_THROWS_AS(probe.total(0, c.layers), std::out_of_range);
+  CHECK_THROWS_WITH(AttentionProbe(c, make_store(c, fo, S), S, 13, 10, {}, 2),
+                    doctest::Contains("key [13, 10)"));
+  CHECK_THROWS_WITH(AttentionProbe(c, nullptr, S, 10, 13, {}, 2), doctest::Contains("full store"));
+
+  // Decoding through the probe is decoding through the store it wraps, bit for bit.
+  AttentionProbe watched(c, make_store(c, fo, S), S, key_first, key_last, {cake_store.get()}, 4);
+  watched.prefill(rec);
+  auto alone = make_store(c, fo, S);
+  alone->prefill(rec);
+  const auto V = static_cast<std::size_t>(c.vocab);
+  int tok = argmax(rec.last_logits.data(), V);
+  std::vector<float> lw, la;
+  for (int t = 0; t < 6; ++t) {
+    tf.decode({tok}, {rec.tokens + t}, {&watched}, lw);
+    tf.decode({tok}, {rec.tokens + t}, {alone.get()}, la);
+    CHECK(lw == la);
+    tok = argmax(la.data(), V);
+  }
+  CHECK(watched.total(3, 0).key + watched.total(3, 0).rest > 0);
 }

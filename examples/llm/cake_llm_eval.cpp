@@ -397,8 +397,9 @@ int main(int argc, char** argv) {
             "those layers keep every prompt token (decoding still evicts one a step) and the\n"
             "method's budgets share the rest of the total among the others (an intervention\n"
             "at equal memory; cake and snapkv only). --copy-attention: for the needles the\n"
-            "full cache finds (prompts run now), the full cache's attention while it decodes\n"
-            "the key, per layer: the share on the key's tokens, and the shares of the key's and\n"
+            "full cache finds (prompts run now), the full cache's attention on the prompt at\n"
+            "the steps that decoded the key (after the answer's first token), per layer: the\n"
+            "share on the key's tokens, and the shares of the key's and\n"
             "of the other prompt tokens' attention that fall on tokens each configuration\n"
             "holds after its prefill, for the needles it found and those it missed.\n");
         return 0;
@@ -711,21 +712,14 @@ int main(int argc, char** argv) {
           r.agree.push_back(agree[ti]);
         }
         if (probe && r.full_found) {
-          // The steps that decoded the key: step t's query produced the answer's token t + 1.
-          std::vector<int> copy_steps;
-          {
-            std::vector<std::size_t> ends;
-            std::string text;
-            for (int id : gen[0]) {
-              if (id == im_end || id == eot) break;
-              ends.push_back((text += tok.decode_token(id)).size());
-            }
-            const std::size_t at = text.find(r.key);
-            for (std::size_t i = 1; i < ends.size(); ++i)
-              if (ends[i] > at && ends[i - 1] < at + r.key.size() &&
-                  static_cast<int>(i) - 1 < probe->steps())
-                copy_steps.push_back(static_cast<int>(i) - 1);
+          std::vector<std::string> pieces;  // the full answer's tokens, to its end
+          for (int id : gen[0]) {
+            if (id == im_end || id == eot) break;
+            pieces.push_back(tok.decode_token(id));
           }
+          std::vector<int> copy_steps;
+          for (int st : llm::key_steps(pieces, r.key))
+            if (st < probe->steps()) copy_steps.push_back(st);
           auto& ks = copy_key_share[ctx];
           ks.first.resize(static_cast<std::size_t>(mc.layers));
           std::vector<llm::AttentionProbe::Mass> tot(static_cast<std::size_t>(mc.layers));

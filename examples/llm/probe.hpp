@@ -16,6 +16,23 @@
 
 namespace llm {
 
+// The decoding steps that produced the key in an answer: the answer's tokens as text
+// pieces, in order (pieces[0] from the prefill's logits, pieces[i] from decoding step
+// i - 1, whose query is token i - 1); the steps whose token overlaps the key's first
+// occurrence. A key piece from the prefill has no step: every store still held the
+// whole prompt when it was decoded. Empty when the key is not in the answer.
+inline std::vector<int> key_steps(const std::vector<std::string>& pieces, const std::string& key) {
+  std::string text;
+  std::vector<std::size_t> ends;
+  for (const auto& p : pieces) ends.push_back((text += p).size());
+  const std::size_t at = text.find(key);
+  std::vector<int> out;
+  if (at == std::string::npos || key.empty()) return out;
+  for (std::size_t i = 1; i < ends.size(); ++i)
+    if (ends[i] > at && ends[i - 1] < at + key.size()) out.push_back(static_cast<int>(i) - 1);
+  return out;
+}
+
 // Wraps the full cache's store (dense, position order, as FullStore). Each of the
 // first `steps` appends to a layer scores that step's queries (every head) against
 // every key the full cache holds with the model's scaled softmax, and sums the weights

@@ -548,3 +548,16 @@ TEST_CASE("attention probe: the full model's weights on the prompt, and on what 
   }
   CHECK(watched.total(3, 0).key + watched.total(3, 0).rest > 0);
 }
+
+TEST_CASE("key steps: the decoding steps whose token overlaps the key in the answer") {
+  // A space from the prefill, then one digit a step: steps 0..4 decoded the key.
+  CHECK(key_steps({" ", "6", "9", "7", "7", "5", "."}, "69775") == std::vector<int>{0, 1, 2, 3, 4});
+  // The prefill's token holds the key's first digit: it has no step; pieces that only
+  // touch the key's edges do not count.
+  CHECK(key_steps({" 6", "97", "75", ".", " 69775"}, "69775") == std::vector<int>{0, 1});
+  CHECK(key_steps({"The key is", " ", "123", "45", " and"}, "12345") == std::vector<int>{1, 2});
+  // Its first occurrence only; none when it is absent or cut.
+  CHECK(key_steps({"1", "2", "3", "x", "1", "2", "3"}, "123") == std::vector<int>{0, 1});
+  CHECK(key_steps({" 6", "97", "7"}, "69775").empty());
+  CHECK(key_steps({}, "1").empty());
+}

@@ -629,22 +629,11 @@ int main(int argc, char** argv) {
         // Where the needle's key survived the prefill: its tokens are those whose
         // text overlaps the key's first occurrence.
         {
-          std::string text;
-          std::vector<std::size_t> ends;
-          for (int id : ids) ends.push_back((text += tok.decode_token(id)).size());
-          const std::size_t at = text.find(r.key);
-          int first = -1, last = -1;
-          for (std::size_t i = 0; at != std::string::npos && i < ends.size(); ++i) {
-            const std::size_t begin = i ? ends[i - 1] : 0;
-            if (ends[i] > at && begin < at + r.key.size()) {
-              if (first < 0) first = static_cast<int>(i);
-              last = static_cast<int>(i) + 1;
-            }
-          }
-          for (std::size_t c = 0; first >= 0 && c < configs.size(); ++c)
-            r.held.push_back(stores[1 + 2 * c]->rows_holding(first, last));
-          key_first = first;
-          key_last = last;
+          std::vector<std::string> pieces;
+          for (int id : ids) pieces.push_back(tok.decode_token(id));
+          std::tie(key_first, key_last) = llm::key_span(pieces, r.key);
+          for (std::size_t c = 0; key_first >= 0 && c < configs.size(); ++c)
+            r.held.push_back(stores[1 + 2 * c]->rows_holding(key_first, key_last));
         }
         llm::AttentionProbe* probe = nullptr;  // the full cache's store, watched
         if (copy_attention && key_first >= 0) {
@@ -722,13 +711,19 @@ int main(int argc, char** argv) {
             if (st < probe->steps()) copy_steps.push_back(st);
           auto& ks = copy_key_share[ctx];
           ks.first.resize(static_cast<std::size_t>(mc.layers));
+          const auto over_steps = [&](auto&& mass) {  // summed over the copy steps
+            llm::AttentionProbe::Mass m;
+            for (int st : copy_steps) {
+              const auto x = mass(st);
+              m.key += x.key;
+              m.rest += x.rest;
+            }
+            return m;
+          };
           std::vector<llm::AttentionProbe::Mass> tot(static_cast<std::size_t>(mc.layers));
           for (int l = 0; l < mc.layers && !copy_steps.empty(); ++l) {
             auto& t = tot[static_cast<std::size_t>(l)];
-            for (int st : copy_steps) {
-              t.key += probe->total(st, l).key;
-              t.rest += probe->total(st, l).rest;
-            }
+            t = over_steps([&](int st) { return probe->total(st, l); });
             ks.first[static_cast<std::size_t>(l)] += t.key / (t.key + t.rest);
           }
           ks.second += !copy_steps.empty();
@@ -738,11 +733,7 @@ int main(int argc, char** argv) {
             acc.key_held[f].resize(static_cast<std::size_t>(mc.layers));
             acc.rest_held[f].resize(static_cast<std::size_t>(mc.layers));
             for (int l = 0; l < mc.layers; ++l) {
-              llm::AttentionProbe::Mass h;
-              for (int st : copy_steps) {
-                h.key += probe->held(st, l, c).key;
-                h.rest += probe->held(st, l, c).rest;
-              }
+              const auto h = over_steps([&](int st) { return probe->held(st, l, c); });
               const auto& t = tot[static_cast<std::size_t>(l)];
               acc.key_held[f][static_cast<std::size_t>(l)] += t.key > 0 ? h.key / t.key : 1.0;
               acc.rest_held[f][static_cast<std::size_t>(l)] += t.rest > 0 ? h.rest / t.rest : 1.0;

@@ -10,26 +10,38 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model.hpp"
 
 namespace llm {
 
-// The decoding steps that produced the key in an answer: the answer's tokens as text
-// pieces, in order (pieces[0] from the prefill's logits, pieces[i] from decoding step
-// i - 1, whose query is token i - 1); the steps whose token overlaps the key's first
-// occurrence. A key piece from the prefill has no step: every store still held the
-// whole prompt when it was decoded. Empty when the key is not in the answer.
-inline std::vector<int> key_steps(const std::vector<std::string>& pieces, const std::string& key) {
+// The pieces (tokens as text, in order) whose text overlaps the first occurrence of
+// `key` in their concatenation: [first, last), or {-1, -1} when it is absent.
+inline std::pair<int, int> key_span(const std::vector<std::string>& pieces,
+                                    const std::string& key) {
   std::string text;
   std::vector<std::size_t> ends;
   for (const auto& p : pieces) ends.push_back((text += p).size());
   const std::size_t at = text.find(key);
+  int first = -1, last = -1;
+  for (std::size_t i = 0; at != std::string::npos && !key.empty() && i < ends.size(); ++i)
+    if (ends[i] > at && (i ? ends[i - 1] : 0) < at + key.size()) {
+      if (first < 0) first = static_cast<int>(i);
+      last = static_cast<int>(i) + 1;
+    }
+  return {first, last};
+}
+
+// The decoding steps that produced the key in an answer: pieces[0] comes from the
+// prefill's logits, pieces[i] from decoding step i - 1 (whose query is token i - 1).
+// A key piece from the prefill has no step: every store still held the whole prompt
+// when it was decoded. Empty when the key is not in the answer.
+inline std::vector<int> key_steps(const std::vector<std::string>& pieces, const std::string& key) {
+  const auto [first, last] = key_span(pieces, key);
   std::vector<int> out;
-  if (at == std::string::npos || key.empty()) return out;
-  for (std::size_t i = 1; i < ends.size(); ++i)
-    if (ends[i] > at && ends[i - 1] < at + key.size()) out.push_back(static_cast<int>(i) - 1);
+  for (int i = std::max(first, 1); i < last; ++i) out.push_back(i - 1);
   return out;
 }
 
@@ -150,21 +162,31 @@ class AttentionProbe final : public KvStore {
       double sum = 0;
       for (auto& x : w) sum += (x = std::exp(x - mx));
       for (auto& x : w) x /= sum;
-      const auto in_key = [&](std::size_t j) {
-        return static_cast<std::int64_t>(j) >= key_first_ &&
-               static_cast<std::int64_t>(j) < key_last_;
-      };
-      for (std::size_t j = 0; j < static_cast<std::size_t>(S_); ++j)
-        (in_key(j) ? tot.key : tot.rest) += w[j];
+      const Mass t = split(w, nullptr);
+      tot.key += t.key;
+      tot.rest += t.rest;
       for (std::size_t c = 0; c < n_; ++c) {
         const auto& mask =
             held_rows_[(c * static_cast<std::size_t>(c_.layers) + static_cast<std::size_t>(l)) * G +
                        static_cast<std::size_t>(g)];
+        const Mass m = split(w, mask.data());
         Mass& h = held_[index(step, l) * n_ + c];
-        for (std::size_t j = 0; j < static_cast<std::size_t>(S_); ++j)
-          if (mask[j]) (in_key(j) ? h.key : h.rest) += w[j];
+        h.key += m.key;
+        h.rest += m.rest;
       }
     }
+  }
+
+  // The weights of the prompt's tokens on the key's and on the rest; with a mask, of
+  // the tokens it marks only (the same order of sums either way).
+  Mass split(const std::vector<double>& w, const std::uint8_t* mask) const {
+    const auto sum = [&](std::int64_t a, std::int64_t b) {
+      double t = 0;
+      for (auto j = static_cast<std::size_t>(a); j < static_cast<std::size_t>(b); ++j)
+        if (!mask || mask[j]) t += w[j];
+      return t;
+    };
+    return {sum(key_first_, key_last_), sum(0, key_first_) + sum(key_last_, S_)};
   }
 
   ModelConfig c_;

@@ -560,4 +560,9 @@ TEST_CASE("key steps: the decoding steps whose token overlaps the key in the ans
   CHECK(key_steps({"1", "2", "3", "x", "1", "2", "3"}, "123") == std::vector<int>{0, 1});
   CHECK(key_steps({" 6", "97", "7"}, "69775").empty());
   CHECK(key_steps({}, "1").empty());
+  // The span itself (the evaluation locates the key in the prompt with it): the prefill's
+  // piece included.
+  CHECK(key_span({" 6", "97", "75", "."}, "69775") == std::pair<int, int>{0, 3});
+  CHECK(key_span({"a", "b", "12", "345", "c"}, "12345") == std::pair<int, int>{2, 4});
+  CHECK(key_span({"1", "2"}, "3") == std::pair<int, int>{-1, -1});
 }

@@ -10,6 +10,7 @@ intervention run on a third of the prompts (--trials 33 makes the first 33 of th
   scripts/llm_eval_paired.py base.json changed.json                # every config in both
   scripts/llm_eval_paired.py base.json changed.json --pair cake/20%
   scripts/llm_eval_paired.py run.json run.json --pair snapkv/20%=cake/20%   # two methods of one run
+  scripts/llm_eval_paired.py run.json --against cake   # every method against cake, per cache
 """
 import json
 import math
@@ -98,6 +99,23 @@ def load(path):
     return labels, runs, d["steps"]
 
 
+def rate(side, keys, what):
+    """A config's mean over keys: agreement (a share of its steps) or needles found."""
+    runs, i, steps = side
+    return sum(runs[k][what][i] / (steps if what == "agree" else 1) for k in keys) / len(keys)
+
+
+def paired(a, b, keys):
+    """Config b against config a (each (runs, config index, steps)) on the prompts keys:
+    the mean per-prompt agreement difference b - a and its interval, and the needles
+    found by a only and by b only."""
+    (ra, ia, sa), (rb, ib, sb) = a, b
+    mean, ci = mean_ci([rb[k]["agree"][ib] / sb - ra[k]["agree"][ia] / sa for k in keys])
+    only_a = sum(bool(ra[k]["found"][ia]) and not rb[k]["found"][ib] for k in keys)
+    only_b = sum(bool(rb[k]["found"][ib]) and not ra[k]["found"][ia] for k in keys)
+    return mean, ci, only_a, only_b
+
+
 def compare(a_path, b_path, pairs):
     labels_a, runs_a, steps_a = load(a_path)
     labels_b, runs_b, steps_b = load(b_path)
@@ -118,24 +136,61 @@ def compare(a_path, b_path, pairs):
             if label not in labels:
                 sys.exit("%s has no config %s (it has %s)" % (path, label, ", ".join(labels)))
         ia, ib = labels_a.index(ca), labels_b.index(cb)
-        agree_a = [runs_a[k]["agree"][ia] / steps_a for k in shared]
-        agree_b = [runs_b[k]["agree"][ib] / steps_b for k in shared]
-        mean, (lo, hi) = mean_ci([b - a for a, b in zip(agree_a, agree_b)])
-        found_a = [bool(runs_a[k]["found"][ia]) for k in shared]
-        found_b = [bool(runs_b[k]["found"][ib]) for k in shared]
-        only_a = sum(fa and not fb for fa, fb in zip(found_a, found_b))
-        only_b = sum(fb and not fa for fa, fb in zip(found_a, found_b))
-        print("| %s | %s | %.1f | %.1f | %+.1f [%+.1f, %+.1f]%s | %d | %d | %d / %d | %.3g |" % (
-            ca, cb, 100 * sum(agree_a) / len(shared), 100 * sum(agree_b) / len(shared),
+        a, b = (runs_a, ia, steps_a), (runs_b, ib, steps_b)
+        mean, (lo, hi), only_a, only_b = paired(a, b, shared)
+        print("| %s | %s | %.1f | %.1f | %+.1f [%+.1f, %+.1f]%s | %.0f | %.0f | %d / %d | %.3g |" % (
+            ca, cb, 100 * rate(a, shared, "agree"), 100 * rate(b, shared, "agree"),
             100 * mean, 100 * lo, 100 * hi, " apart" if lo > 0 or hi < 0 else "",
-            sum(found_a), sum(found_b), only_a, only_b, mcnemar_exact(only_a, only_b)))
+            rate(a, shared, "found") * len(shared), rate(b, shared, "found") * len(shared),
+            only_a, only_b, mcnemar_exact(only_a, only_b)))
+
+
+
+
+def against(path, base):
+    """A matrix: every method against base at each cache of one run."""
+    labels, runs, steps = load(path)
+    configs = json.load(open(path))["configs"]
+    caches, methods = [], []
+    for m, c in configs:
+        caches += [c] if c not in caches else []
+        methods += [m] if m not in methods and m != base else []
+    if base not in {m for m, _ in configs}:
+        sys.exit("%s has no method %s (it has %s)" % (path, base, ", ".join(methods)))
+    keys = list(runs)
+    print("%s: each method's agreement minus %s's, points, prompt by prompt (%d prompts); "
+          "* its 95%% interval (paired t) excludes 0; needles: found by the method only / by %s only, "
+          "shown where McNemar's exact p < 0.05" % (path, base, len(keys), base))
+    print()
+    print("| cache | " + " | ".join(methods) + " |")
+    print("|---|" + "---|" * len(methods))
+    for c in caches:
+        if "%s/%s" % (base, c) not in labels:
+            continue
+        i = labels.index("%s/%s" % (base, c))
+        out = []
+        for m in methods:
+            if "%s/%s" % (m, c) not in labels:
+                out.append("-")
+                continue
+            j = labels.index("%s/%s" % (m, c))
+            mean, (lo, hi), only_base, only_m = paired((runs, i, steps), (runs, j, steps), keys)
+            cell = "%+.1f%s" % (100 * mean, "*" if lo > 0 or hi < 0 else "")
+            if mcnemar_exact(only_m, only_base) < 0.05:
+                cell += " (%d/%d)" % (only_m, only_base)
+            out.append(cell)
+        print("| %s | %s |" % (c, " | ".join(out)))
 
 
 def main(argv):
-    paths, pairs = [], []
+    paths, pairs, base = [], [], None
     it = iter(argv)
     for arg in it:
-        if arg == "--pair":
+        if arg == "--against":
+            base = next(it, None)
+            if base is None:
+                sys.exit("--against needs a method")
+        elif arg == "--pair":
             spec = next(it, None)
             if spec is None:
                 sys.exit("--pair needs METHOD/CACHE or A_CONFIG=B_CONFIG")
@@ -143,6 +198,10 @@ def main(argv):
             pairs.append((a, b or a))
         else:
             paths.append(arg)
+    if base is not None:
+        if len(paths) != 1 or pairs:
+            sys.exit("usage: llm_eval_paired.py RUN.json --against METHOD")
+        return against(paths[0], base)
     if len(paths) != 2:
         sys.exit("usage: llm_eval_paired.py A.json B.json [--pair METHOD/CACHE[=METHOD/CACHE]] ...")
     compare(paths[0], paths[1], pairs)

@@ -11,7 +11,8 @@ A cake -> B cake on p1-p3: differences .2 .1 .1, mean .1333, sd .05774, t(2) 4.3
 A snapkv -> B cake: differences .1 0 -.05, mean .01667, sd .07638: +1.7 [-17.3, +20.6];
   needles 1 -> 3, discordant 0 / 2, p = 2 x 1/4 = 0.5.
 A cake -> A snapkv on p1-p4: differences .1 .1 .15 .05, mean .1, sd .04082, t(3) 3.1824:
-  +10.0 [+3.5, +16.5], apart; needles 2 and 2, discordant 1 / 1, p = 1.
+  +10.0 [+3.5, +16.5], apart; needles 2 and 2, discordant 1 / 1, p = 1 (the --against
+  matrix: +10.0*, no needle mark).
 """
 import json
 import os
@@ -81,6 +82,12 @@ with tempfile.TemporaryDirectory() as tmp:
     out, _ = lines(pa, pa, "--pair", "cake/20%=snapkv/20%")
     want = "| cake/20% | snapkv/20% | 65.0 | 75.0 | +10.0 [+3.5, +16.5] apart | 2 | 2 | 1 / 1 | 1 |"
     expect(want in out, "two methods of one run: want %s in %s" % (want, out))
+
+    # the matrix of every method against one, per cache: the same comparison as above
+    out, _ = lines(pa, "--against", "cake")
+    expect("| cache | snapkv |" in out and "| 20% | +10.0* |" in out, "--against cake: %s" % out)
+    _, err = lines(pa, "--against", "h2o", ok=False)
+    expect("has no method h2o" in err, "--against an absent method: %s" % err)
 
     _, err = lines(pa, pb, "--pair", "h2o/20%", ok=False)
     expect("has no config h2o/20%" in err and "cake/20%" in err, "unknown config named: %s" % err)

@@ -11,6 +11,7 @@ intervention run on a third of the prompts (--trials 33 makes the first 33 of th
   scripts/llm_eval_paired.py base.json changed.json --pair cake/20%
   scripts/llm_eval_paired.py run.json run.json --pair snapkv/20%=cake/20%   # two methods of one run
   scripts/llm_eval_paired.py run.json --against cake   # every method against cake, per cache
+  scripts/llm_eval_paired.py run.json --against cake --level 0.99875   # 95% over 40 cells (Bonferroni)
 """
 import json
 import math
@@ -105,18 +106,18 @@ def rate(side, keys, what):
     return sum(runs[k][what][i] / (steps if what == "agree" else 1) for k in keys) / len(keys)
 
 
-def paired(a, b, keys):
+def paired(a, b, keys, level=0.95):
     """Config b against config a (each (runs, config index, steps)) on the prompts keys:
     the mean per-prompt agreement difference b - a and its interval, and the needles
     found by a only and by b only."""
     (ra, ia, sa), (rb, ib, sb) = a, b
-    mean, ci = mean_ci([rb[k]["agree"][ib] / sb - ra[k]["agree"][ia] / sa for k in keys])
+    mean, ci = mean_ci([rb[k]["agree"][ib] / sb - ra[k]["agree"][ia] / sa for k in keys], level)
     only_a = sum(bool(ra[k]["found"][ia]) and not rb[k]["found"][ib] for k in keys)
     only_b = sum(bool(rb[k]["found"][ib]) and not ra[k]["found"][ia] for k in keys)
     return mean, ci, only_a, only_b
 
 
-def compare(a_path, b_path, pairs):
+def compare(a_path, b_path, pairs, level=0.95):
     labels_a, runs_a, steps_a = load(a_path)
     labels_b, runs_b, steps_b = load(b_path)
     if not pairs:
@@ -129,7 +130,7 @@ def compare(a_path, b_path, pairs):
     if not shared:
         sys.exit("the runs share no prompt (context, depth, filler and key)")
     print()
-    print("| A | B | agreement A | agreement B | B - A, points [95% CI, paired t] | needles A | needles B | A only / B only | McNemar p |")
+    print("| A | B | agreement A | agreement B | B - A, points [%g%% CI, paired t] | needles A | needles B | A only / B only | McNemar p |" % (100 * level))
     print("|---|---|---|---|---|---|---|---|---|")
     for ca, cb in pairs:
         for label, labels, path in ((ca, labels_a, a_path), (cb, labels_b, b_path)):
@@ -137,7 +138,7 @@ def compare(a_path, b_path, pairs):
                 sys.exit("%s has no config %s (it has %s)" % (path, label, ", ".join(labels)))
         ia, ib = labels_a.index(ca), labels_b.index(cb)
         a, b = (runs_a, ia, steps_a), (runs_b, ib, steps_b)
-        mean, (lo, hi), only_a, only_b = paired(a, b, shared)
+        mean, (lo, hi), only_a, only_b = paired(a, b, shared, level)
         print("| %s | %s | %.1f | %.1f | %+.1f [%+.1f, %+.1f]%s | %.0f | %.0f | %d / %d | %.3g |" % (
             ca, cb, 100 * rate(a, shared, "agree"), 100 * rate(b, shared, "agree"),
             100 * mean, 100 * lo, 100 * hi, " apart" if lo > 0 or hi < 0 else "",
@@ -147,7 +148,7 @@ def compare(a_path, b_path, pairs):
 
 
 
-def against(path, base):
+def against(path, base, level=0.95):
     """A matrix: every method against base at each cache of one run."""
     labels, runs, steps = load(path)
     configs = json.load(open(path))["configs"]
@@ -159,8 +160,8 @@ def against(path, base):
         sys.exit("%s has no method %s (it has %s)" % (path, base, ", ".join(methods)))
     keys = list(runs)
     print("%s: each method's agreement minus %s's, points, prompt by prompt (%d prompts); "
-          "* its 95%% interval (paired t) excludes 0; needles: found by the method only / by %s only, "
-          "shown where McNemar's exact p < 0.05" % (path, base, len(keys), base))
+          "* its %g%% interval (paired t) excludes 0; needles: found by the method only / by %s only, "
+          "shown where McNemar's exact p < %g" % (path, base, len(keys), 100 * level, base, 1 - level))
     print()
     print("| cache | " + " | ".join(methods) + " |")
     print("|---|" + "---|" * len(methods))
@@ -174,22 +175,26 @@ def against(path, base):
                 out.append("-")
                 continue
             j = labels.index("%s/%s" % (m, c))
-            mean, (lo, hi), only_base, only_m = paired((runs, i, steps), (runs, j, steps), keys)
+            mean, (lo, hi), only_base, only_m = paired((runs, i, steps), (runs, j, steps), keys, level)
             cell = "%+.1f%s" % (100 * mean, "*" if lo > 0 or hi < 0 else "")
-            if mcnemar_exact(only_m, only_base) < 0.05:
+            if mcnemar_exact(only_m, only_base) < 1 - level:
                 cell += " (%d/%d)" % (only_m, only_base)
             out.append(cell)
         print("| %s | %s |" % (c, " | ".join(out)))
 
 
 def main(argv):
-    paths, pairs, base = [], [], None
+    paths, pairs, base, level = [], [], None, 0.95
     it = iter(argv)
     for arg in it:
         if arg == "--against":
             base = next(it, None)
             if base is None:
                 sys.exit("--against needs a method")
+        elif arg == "--level":
+            level = float(next(it, "nan"))
+            if not 0.5 < level < 1:
+                sys.exit("--level needs a confidence level between 0.5 and 1 (0.95: 95%)")
         elif arg == "--pair":
             spec = next(it, None)
             if spec is None:
@@ -200,11 +205,11 @@ def main(argv):
             paths.append(arg)
     if base is not None:
         if len(paths) != 1 or pairs:
-            sys.exit("usage: llm_eval_paired.py RUN.json --against METHOD")
-        return against(paths[0], base)
+            sys.exit("usage: llm_eval_paired.py RUN.json --against METHOD [--level 0.95]")
+        return against(paths[0], base, level)
     if len(paths) != 2:
-        sys.exit("usage: llm_eval_paired.py A.json B.json [--pair METHOD/CACHE[=METHOD/CACHE]] ...")
-    compare(paths[0], paths[1], pairs)
+        sys.exit("usage: llm_eval_paired.py A.json B.json [--pair METHOD/CACHE[=METHOD/CACHE]] ... [--level 0.95]")
+    compare(paths[0], paths[1], pairs, level)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ def expect(cond, what):
 for df, t in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (10, 2.2281), (32, 2.0369), (109, 1.9820)):
     got = lp.t_quantile(0.975, df)
     expect(abs(got - t) < 1e-4, "t_quantile(0.975, %d) = %.5f, want %.4f" % (df, got, t))
+for df, t in ((3, 5.8409), (32, 2.7385)):  # 0.995
+    got = lp.t_quantile(0.995, df)
+    expect(abs(got - t) < 1e-4, "t_quantile(0.995, %d) = %.5f, want %.4f" % (df, got, t))
 expect(abs(lp.betainc(1, 1, 0.3) - 0.3) < 1e-12, "I_0.3(1, 1) = 0.3")
 expect(abs(lp.betainc(2.5, 2.5, 0.5) - 0.5) < 1e-12, "I_0.5(a, a) = 0.5")
 expect(abs(lp.betainc(2, 3, 0.4) - 0.5248) < 1e-12, "I_0.4(2, 3) = 0.5248")  # 1 - (1-x)^3 (1 + 3x)
@@ -82,6 +85,15 @@ with tempfile.TemporaryDirectory() as tmp:
     out, _ = lines(pa, pa, "--pair", "cake/20%=snapkv/20%")
     want = "| cake/20% | snapkv/20% | 65.0 | 75.0 | +10.0 [+3.5, +16.5] apart | 2 | 2 | 1 / 1 | 1 |"
     expect(want in out, "two methods of one run: want %s in %s" % (want, out))
+
+    # at 99% (t(3) 0.995 = 5.8409): half width .1192 -> [-1.9, +21.9], no longer apart
+    out, _ = lines(pa, pa, "--pair", "cake/20%=snapkv/20%", "--level", "0.99")
+    want = "| cake/20% | snapkv/20% | 65.0 | 75.0 | +10.0 [-1.9, +21.9] | 2 | 2 | 1 / 1 | 1 |"
+    expect(want in out and any("[99% CI, paired t]" in x for x in out), "--level 0.99: want %s in %s" % (want, out))
+    out, _ = lines(pa, "--against", "cake", "--level", "0.99")
+    expect("| 20% | +10.0 |" in out, "--against at 99%%: %s" % out)
+    _, err = lines(pa, "--against", "cake", "--level", "95", ok=False)
+    expect("--level needs" in err, "--level 95 refused: %s" % err)
 
     # the matrix of every method against one, per cache: the same comparison as above
     out, _ = lines(pa, "--against", "cake")

@@ -74,8 +74,8 @@ def mean_ci(diffs, level=0.95):
     """Mean of the paired differences and its Student t interval."""
     n = len(diffs)
     mean = sum(diffs) / n
-    if n < 2:
-        return mean, (mean, mean)
+    if n < 2:  # one prompt says nothing of the spread
+        return mean, (-math.inf, math.inf)
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
     return mean, (mean - half, mean + half)

@@ -44,6 +44,9 @@ for df, t in ((3, 5.8409), (32, 2.7385)):  # 0.995
 expect(abs(lp.betainc(1, 1, 0.3) - 0.3) < 1e-12, "I_0.3(1, 1) = 0.3")
 expect(abs(lp.betainc(2.5, 2.5, 0.5) - 0.5) < 1e-12, "I_0.5(a, a) = 0.5")
 expect(abs(lp.betainc(2, 3, 0.4) - 0.5248) < 1e-12, "I_0.4(2, 3) = 0.5248")  # 1 - (1-x)^3 (1 + 3x)
+# one prompt: no interval (never "apart"); equal differences: the interval is the point
+expect(lp.mean_ci([0.1]) == (0.1, (float("-inf"), float("inf"))), "mean_ci of one prompt")
+expect(lp.mean_ci([0.1, 0.1]) == (0.1, (0.1, 0.1)), "mean_ci of equal differences")
 # exact McNemar: the discordant pairs as a fair binomial, two-sided
 for a, b, p in ((0, 5, 0.0625), (1, 1, 1.0), (2, 8, 0.109375), (0, 0, 1.0)):
     got = lp.mcnemar_exact(a, b)

@@ -1,17 +1,27 @@
 #!/usr/bin/env python3
-"""Two cake_llm_eval runs (--json) compared prompt by prompt: for each pair of
-configs, on the prompts both runs hold (the same context, depth, filler and key),
-the change in next-token agreement with a paired 95% interval (Student t on the
-per-prompt differences), and the needles found by one run only with McNemar's exact
-test. A paired comparison sees what two overlapping intervals hide: an
-intervention run on a third of the prompts (--trials 33 makes the first 33 of the
-110) against the full run's same prompts.
+"""Two cake_llm_eval runs (--json), or two configs of one, compared prompt by prompt.
+
+On the prompts both runs hold (the same context, depth, filler and key), for each
+pair of configs: the mean change in next-token agreement with a paired interval, and
+the needles found by one config only with an exact test. Every config of a run
+answers the same prompts, so each prompt's own difficulty (most of the width of a
+cell's interval) cancels: a paired comparison sees what two overlapping intervals
+hide. An intervention run on the first prompts (--trials 33 makes the first 33 of the
+110) pairs with the full run's same prompts.
+
+The prompts are not independent: those that share a context, filler text and depth
+are the same haystack with another key, and their differences move together. They
+are one cluster: the agreement interval is cluster-robust (the per-prompt mean's
+standard error from the clusters' summed deviations, Student t with clusters - 1
+degrees of freedom), and the needles' test is an exact sign test over the clusters
+whose needle count differs between the two configs (McNemar's exact test when every
+cluster is one prompt).
 
   scripts/llm_eval_paired.py base.json changed.json                # every config in both
   scripts/llm_eval_paired.py base.json changed.json --pair cake/20%
   scripts/llm_eval_paired.py run.json run.json --pair snapkv/20%=cake/20%   # two methods of one run
   scripts/llm_eval_paired.py run.json --against cake   # every method against cake, per cache
-  scripts/llm_eval_paired.py run.json --against cake --level 0.99875   # 95% over 40 cells (Bonferroni)
+  scripts/llm_eval_paired.py run.json --against cake --level 0.99   # another per-cell level
 """
 import json
 import math
@@ -70,115 +80,160 @@ def t_quantile(p, df):
     return 0.5 * (lo + hi)
 
 
-def mean_ci(diffs, level=0.95):
-    """Mean of the paired differences and its Student t interval."""
+def mean_ci(diffs, clusters=None, level=0.95):
+    """The mean of the per-prompt differences and its Student t interval, robust to
+    clusters of prompts (clusters[i] names prompt i's; None: every prompt its own):
+    variance sum_g (sum_{i in g} (d_i - mean))^2 / n^2 x G / (G - 1), G - 1 degrees
+    of freedom. With one prompt per cluster this is the plain paired t interval."""
     n = len(diffs)
     mean = sum(diffs) / n
-    if n < 2:  # one prompt says nothing of the spread
+    clusters = clusters if clusters is not None else list(range(n))
+    dev = {}
+    for d, g in zip(diffs, clusters):
+        dev[g] = dev.get(g, 0.0) + (d - mean)
+    groups = len(dev)
+    if groups < 2:  # one cluster says nothing of the spread
         return mean, (-math.inf, math.inf)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
+    se = math.sqrt(sum(v * v for v in dev.values()) * groups / (groups - 1)) / n
+    half = t_quantile(0.5 + level / 2.0, groups - 1) * se
     return mean, (mean - half, mean + half)
 
 
-def mcnemar_exact(only_a, only_b):
-    """Two-sided exact McNemar p: the discordant pairs as a fair binomial."""
-    n = only_a + only_b
+def exact_sign_test(fewer, more):
+    """Two-sided exact sign test: fewer and more units (clusters) went each way, the
+    rest tied; the untied ones as a fair binomial. McNemar's exact test when each
+    unit is one prompt."""
+    n = fewer + more
     if n == 0:
         return 1.0
-    k = min(only_a, only_b)
+    k = min(fewer, more)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
     return min(1.0, 2.0 * tail)
 
 
-def load(path):
-    d = json.load(open(path))
-    labels = ["%s/%s" % (m, c) for m, c in d["configs"]]
-    runs = {}
-    for r in d["runs"]:
-        runs[(r["context"], r["depth"], r["filler"], r["key"])] = r
-    return labels, runs, d["steps"]
+class Run:
+    """One evaluation's JSON: its config labels ("method/cache"), its prompts by
+    (context, depth, filler, key), its steps a prompt, and each prompt's cluster."""
+
+    def __init__(self, path):
+        d = json.load(open(path))
+        self.path = path
+        self.configs = d["configs"]
+        self.labels = ["%s/%s" % (m, c) for m, c in self.configs]
+        self.steps = d["steps"]
+        # the context asked for: prompts are cut to at most it, so the smallest above
+        targets = sorted({s["context"] for s in d.get("summary", [])})
+        self.runs, self.cluster = {}, {}
+        for r in d["runs"]:
+            key = (r["context"], r["depth"], r["filler"], r["key"])
+            if key in self.runs:
+                sys.exit("%s: two prompts with context %d, depth %g, filler %d, key %s" % ((path,) + key))
+            self.runs[key] = r
+            ctx = next((t for t in targets if t >= r["context"]), r["context"])
+            self.cluster[key] = (ctx, r["filler"], r["depth"])
+
+    def index(self, label):
+        if label not in self.labels:
+            sys.exit("%s has no config %s (it has %s)" % (self.path, label, ", ".join(self.labels)))
+        return self.labels.index(label)
+
+    def rate(self, i, keys, what):
+        """Config i's mean over keys: agreement (a share of its steps) or needles found."""
+        return sum(self.runs[k][what][i] / (self.steps if what == "agree" else 1) for k in keys) / len(keys)
 
 
-def rate(side, keys, what):
-    """A config's mean over keys: agreement (a share of its steps) or needles found."""
-    runs, i, steps = side
-    return sum(runs[k][what][i] / (steps if what == "agree" else 1) for k in keys) / len(keys)
+def paired(a, ia, b, ib, keys, levels):
+    """Config ib of run b against config ia of run a on the prompts keys (clustered
+    as run a clusters them): the mean agreement difference b - a with its interval at
+    each level, the prompts whose needle a found only and b found only, and the sign
+    test's p over the clusters."""
+    clusters = [a.cluster[k] for k in keys]
+    diffs = [b.runs[k]["agree"][ib] / b.steps - a.runs[k]["agree"][ia] / a.steps for k in keys]
+    cis = [mean_ci(diffs, clusters, lv)[1] for lv in levels]
+    found = [(bool(a.runs[k]["found"][ia]), bool(b.runs[k]["found"][ib])) for k in keys]
+    net = {}
+    for (fa, fb), g in zip(found, clusters):
+        net[g] = net.get(g, 0) + int(fb) - int(fa)
+    p = exact_sign_test(sum(v < 0 for v in net.values()), sum(v > 0 for v in net.values()))
+    only_a = sum(fa and not fb for fa, fb in found)
+    only_b = sum(fb and not fa for fa, fb in found)
+    return sum(diffs) / len(diffs), cis, only_a, only_b, p
 
 
-def paired(a, b, keys, level=0.95):
-    """Config b against config a (each (runs, config index, steps)) on the prompts keys:
-    the mean per-prompt agreement difference b - a and its interval, and the needles
-    found by a only and by b only."""
-    (ra, ia, sa), (rb, ib, sb) = a, b
-    mean, ci = mean_ci([rb[k]["agree"][ib] / sb - ra[k]["agree"][ia] / sa for k in keys], level)
-    only_a = sum(bool(ra[k]["found"][ia]) and not rb[k]["found"][ib] for k in keys)
-    only_b = sum(bool(rb[k]["found"][ib]) and not ra[k]["found"][ia] for k in keys)
-    return mean, ci, only_a, only_b
+def pts(x):
+    """A share as signed points, one decimal, never "-0.0"."""
+    v = round(100 * x, 1)
+    return "%+.1f" % (v if v != 0 else 0.0)
+
+
+def apart(ci):
+    return ci[0] > 0 or ci[1] < 0
 
 
 def compare(a_path, b_path, pairs, level=0.95):
-    labels_a, runs_a, steps_a = load(a_path)
-    labels_b, runs_b, steps_b = load(b_path)
+    a, b = Run(a_path), Run(b_path)
     if not pairs:
-        pairs = [(x, x) for x in labels_a if x in labels_b]
+        pairs = [(x, x) for x in a.labels if x in b.labels]
         if not pairs:
             sys.exit("no config is in both runs; name pairs with --pair A_CONFIG=B_CONFIG")
-    shared = [k for k in runs_a if k in runs_b]
-    print("%s (A) against %s (B): %d prompts in both (A has %d, B %d); agreement over %d / %d steps a prompt" % (
-        a_path, b_path, len(shared), len(runs_a), len(runs_b), steps_a, steps_b))
+    shared = [k for k in a.runs if k in b.runs]
     if not shared:
         sys.exit("the runs share no prompt (context, depth, filler and key)")
+    print("%s (A) against %s (B): %d prompts in both (A has %d, B %d), %d clusters (context, filler, depth); "
+          "agreement over %d / %d steps a prompt" % (a_path, b_path, len(shared), len(a.runs), len(b.runs),
+                                                    len({a.cluster[k] for k in shared}), a.steps, b.steps))
     print()
-    print("| A | B | agreement A | agreement B | B - A, points [%g%% CI, paired t] | needles A | needles B | A only / B only | McNemar p |" % (100 * level))
+    print("| A | B | agreement A | agreement B | B - A, points [%g%% CI, clustered t] | needles A | needles B "
+          "| A only / B only | sign test p |" % (100 * level))
     print("|---|---|---|---|---|---|---|---|---|")
     for ca, cb in pairs:
-        for label, labels, path in ((ca, labels_a, a_path), (cb, labels_b, b_path)):
-            if label not in labels:
-                sys.exit("%s has no config %s (it has %s)" % (path, label, ", ".join(labels)))
-        ia, ib = labels_a.index(ca), labels_b.index(cb)
-        a, b = (runs_a, ia, steps_a), (runs_b, ib, steps_b)
-        mean, (lo, hi), only_a, only_b = paired(a, b, shared, level)
-        print("| %s | %s | %.1f | %.1f | %+.1f [%+.1f, %+.1f]%s | %.0f | %.0f | %d / %d | %.3g |" % (
-            ca, cb, 100 * rate(a, shared, "agree"), 100 * rate(b, shared, "agree"),
-            100 * mean, 100 * lo, 100 * hi, " apart" if lo > 0 or hi < 0 else "",
-            rate(a, shared, "found") * len(shared), rate(b, shared, "found") * len(shared),
-            only_a, only_b, mcnemar_exact(only_a, only_b)))
-
-
+        ia, ib = a.index(ca), b.index(cb)
+        mean, (ci,), only_a, only_b, p = paired(a, ia, b, ib, shared, [level])
+        print("| %s | %s | %.1f | %.1f | %s [%s, %s]%s | %.0f | %.0f | %d / %d | %.3g |" % (
+            ca, cb, 100 * a.rate(ia, shared, "agree"), 100 * b.rate(ib, shared, "agree"),
+            pts(mean), pts(ci[0]), pts(ci[1]), " apart" if apart(ci) else "",
+            a.rate(ia, shared, "found") * len(shared), b.rate(ib, shared, "found") * len(shared),
+            only_a, only_b, p))
 
 
 def against(path, base, level=0.95):
-    """A matrix: every method against base at each cache of one run."""
-    labels, runs, steps = load(path)
-    configs = json.load(open(path))["configs"]
+    """A matrix: every method against base at each cache of one run, each cell marked
+    at the per-cell level (*) and at the Bonferroni level over the matrix's cells (**)."""
+    run = Run(path)
     caches, methods = [], []
-    for m, c in configs:
+    for m, c in run.configs:
         caches += [c] if c not in caches else []
         methods += [m] if m not in methods and m != base else []
-    if base not in {m for m, _ in configs}:
+    if base not in {m for m, _ in run.configs}:
         sys.exit("%s has no method %s (it has %s)" % (path, base, ", ".join(methods)))
-    keys = list(runs)
-    print("%s: each method's agreement minus %s's, points, prompt by prompt (%d prompts); "
-          "* its %g%% interval (paired t) excludes 0; needles: found by the method only / by %s only, "
-          "shown where McNemar's exact p < %g" % (path, base, len(keys), 100 * level, base, 1 - level))
+    cells = [(c, m) for c in caches for m in methods
+             if "%s/%s" % (base, c) in run.labels and "%s/%s" % (m, c) in run.labels]
+    family = 1 - (1 - level) / len(cells)
+    keys = list(run.runs)
+    print("%s: each method's agreement minus %s's, points, prompt by prompt (%d prompts in %d clusters); "
+          "its interval (clustered t) excludes 0 at %g%% (*) or at %.4g%% (**: Bonferroni over the %d cells, "
+          "%g%% for them together); needles found by the method only / by %s only, where the sign test "
+          "over clusters has p < %g (*) or < %.3g (**)" % (
+              path, base, len(keys), len(set(run.cluster.values())), 100 * level, 100 * family, len(cells),
+              100 * level, base, 1 - level, 1 - family))
     print()
     print("| cache | " + " | ".join(methods) + " |")
     print("|---|" + "---|" * len(methods))
     for c in caches:
-        if "%s/%s" % (base, c) not in labels:
+        if "%s/%s" % (base, c) not in run.labels:
             continue
-        i = labels.index("%s/%s" % (base, c))
+        i = run.index("%s/%s" % (base, c))
         out = []
         for m in methods:
-            if "%s/%s" % (m, c) not in labels:
+            if (c, m) not in cells:
                 out.append("-")
                 continue
-            j = labels.index("%s/%s" % (m, c))
-            mean, (lo, hi), only_base, only_m = paired((runs, i, steps), (runs, j, steps), keys, level)
-            cell = "%+.1f%s" % (100 * mean, "*" if lo > 0 or hi < 0 else "")
-            if mcnemar_exact(only_m, only_base) < 1 - level:
-                cell += " (%d/%d)" % (only_m, only_base)
+            j = run.index("%s/%s" % (m, c))
+            mean, (ci, ci_family), only_base, only_m, p = paired(run, i, run, j, keys, [level, family])
+            stars = "**" if apart(ci_family) else "*" if apart(ci) else ""
+            cell = pts(mean) + stars
+            if p < 1 - level:
+                cell += " (%d/%d%s)" % (only_m, only_base, "**" if p < 1 - family else "*")
             out.append(cell)
         print("| %s | %s |" % (c, " | ".join(out)))
 

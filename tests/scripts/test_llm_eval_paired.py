@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """scripts/llm_eval_paired.py against tabulated t quantiles and hand-computed
-comparisons of two small runs.
+comparisons of small runs.
 
 Run A: configs cake/20%, snapkv/20%; run B: cake/20%. Prompts p1-p3 are in both
 (B lists them in another order), p4 only in A, p5 only in B. Agreeing steps of 20:
@@ -12,7 +12,18 @@ A snapkv -> B cake: differences .1 0 -.05, mean .01667, sd .07638: +1.7 [-17.3, 
   needles 1 -> 3, discordant 0 / 2, p = 2 x 1/4 = 0.5.
 A cake -> A snapkv on p1-p4: differences .1 .1 .15 .05, mean .1, sd .04082, t(3) 3.1824:
   +10.0 [+3.5, +16.5], apart; needles 2 and 2, discordant 1 / 1, p = 1 (the --against
-  matrix: +10.0*, no needle mark).
+  matrix: one cell, so its Bonferroni level is its own: +10.0**, no needle mark).
+(These prompts are each their own cluster, so the clustered interval is the plain one.)
+
+Run C (summary context 8170: every prompt's cluster is (8170, filler, depth)):
+  q1, q2 filler 0 depth 0; q3, q4 filler 0 depth 0.5; q5 filler 1 depth 0.
+  cake agree 10 12 14 16 10, snapkv 12 16 15 18 13: differences .1 .2 .05 .1 .15, mean .12;
+  cluster sums of deviations .06, -.09, .03: variance (.0126 x 3/2) / 25, se .0274955,
+  t(2) 4.302653 -> +12.0 [+0.2, +23.8] apart (unclustered it would be [+4.9, +19.1]).
+  found cake 1 0 0 1 0, snapkv 1 1 1 0 0: prompts 1 / 2; clusters' net +1, 0, 0: p = 1.
+Run N: 6 prompts, each its own cluster; tova finds all 6 needles, cake and h2o none,
+  equal agreement: --against cake has 2 cells, Bonferroni level 97.5%; the sign test's
+  p = 2/64 = .03125 < .05 but > .025: "+0.0 (6/0*)" for tova, "+0.0" for h2o.
 """
 import json
 import os
@@ -47,10 +58,16 @@ expect(abs(lp.betainc(2, 3, 0.4) - 0.5248) < 1e-12, "I_0.4(2, 3) = 0.5248")  # 1
 # one prompt: no interval (never "apart"); equal differences: the interval is the point
 expect(lp.mean_ci([0.1]) == (0.1, (float("-inf"), float("inf"))), "mean_ci of one prompt")
 expect(lp.mean_ci([0.1, 0.1]) == (0.1, (0.1, 0.1)), "mean_ci of equal differences")
+# clusters a a b b c: mean .34; cluster deviations -.38, .22, .16; variance
+# (.2184 x 3/2) / 25, se .114473; t(2) 4.302653: half width .492537
+m, (lo, hi) = lp.mean_ci([0.1, 0.2, 0.3, 0.6, 0.5], ["a", "a", "b", "b", "c"])
+expect(abs(m - 0.34) < 1e-12 and abs(lo + 0.152537) < 1e-5 and abs(hi - 0.832537) < 1e-5,
+       "clustered mean_ci: %g [%g, %g]" % (m, lo, hi))
+expect(lp.mean_ci([0.1, 0.3], ["a", "a"])[1] == (float("-inf"), float("inf")), "one cluster: no interval")
 # exact McNemar: the discordant pairs as a fair binomial, two-sided
 for a, b, p in ((0, 5, 0.0625), (1, 1, 1.0), (2, 8, 0.109375), (0, 0, 1.0)):
-    got = lp.mcnemar_exact(a, b)
-    expect(abs(got - p) < 1e-12, "mcnemar_exact(%d, %d) = %g, want %g" % (a, b, got, p))
+    got = lp.exact_sign_test(a, b)
+    expect(abs(got - p) < 1e-12, "exact_sign_test(%d, %d) = %g, want %g" % (a, b, got, p))
 
 
 def run(configs, prompts):
@@ -92,7 +109,7 @@ with tempfile.TemporaryDirectory() as tmp:
     # at 99% (t(3) 0.995 = 5.8409): half width .1192 -> [-1.9, +21.9], no longer apart
     out, _ = lines(pa, pa, "--pair", "cake/20%=snapkv/20%", "--level", "0.99")
     want = "| cake/20% | snapkv/20% | 65.0 | 75.0 | +10.0 [-1.9, +21.9] | 2 | 2 | 1 / 1 | 1 |"
-    expect(want in out and any("[99% CI, paired t]" in x for x in out), "--level 0.99: want %s in %s" % (want, out))
+    expect(want in out and any("[99% CI, clustered t]" in x for x in out), "--level 0.99: want %s in %s" % (want, out))
     out, _ = lines(pa, "--against", "cake", "--level", "0.99")
     expect("| 20% | +10.0 |" in out, "--against at 99%%: %s" % out)
     _, err = lines(pa, "--against", "cake", "--level", "95", ok=False)
@@ -100,9 +117,38 @@ with tempfile.TemporaryDirectory() as tmp:
 
     # the matrix of every method against one, per cache: the same comparison as above
     out, _ = lines(pa, "--against", "cake")
-    expect("| cache | snapkv |" in out and "| 20% | +10.0* |" in out, "--against cake: %s" % out)
+    expect("| cache | snapkv |" in out and "| 20% | +10.0** |" in out, "--against cake: %s" % out)
     _, err = lines(pa, "--against", "h2o", ok=False)
     expect("has no method h2o" in err, "--against an absent method: %s" % err)
+
+    # clusters: prompts of one context, filler and depth move together
+    q = [(8000, 0, 0, "1"), (8001, 0, 0, "2"), (8002, 0.5, 0, "3"), (8003, 0.5, 0, "4"), (8004, 0, 1, "5")]
+    c = run([["cake", "20%"], ["snapkv", "20%"]],
+            [(q[0], [1, 1], [10, 12]), (q[1], [0, 1], [12, 16]), (q[2], [0, 1], [14, 15]),
+             (q[3], [1, 0], [16, 18]), (q[4], [0, 0], [10, 13])])
+    c["summary"] = [{"context": 8170}]
+    pc = os.path.join(tmp, "c.json")
+    json.dump(c, open(pc, "w"))
+    out, _ = lines(pc, pc, "--pair", "cake/20%=snapkv/20%")
+    want = "| cake/20% | snapkv/20% | 62.0 | 74.0 | +12.0 [+0.2, +23.8] apart | 2 | 3 | 1 / 2 | 1 |"
+    expect(want in out and any("5 prompts in both (A has 5, B 5), 3 clusters" in x for x in out),
+           "clustered pair: want %s in %s" % (want, out))
+
+    # the needles' mark, and which side it counts first
+    n = run([["cake", "64"], ["tova", "64"], ["h2o", "64"]],
+            [((8000 + i, i / 10, 0, str(i)), [0, 1, 0], [10, 10, 10]) for i in range(6)])
+    n["summary"] = [{"context": 8170}]
+    pn = os.path.join(tmp, "n.json")
+    json.dump(n, open(pn, "w"))
+    out, _ = lines(pn, "--against", "cake")
+    expect("| cache | tova | h2o |" in out and "| 64 | +0.0 (6/0*) | +0.0 |" in out, "needle mark: %s" % out)
+
+    # two prompts alike are refused, not merged
+    dup = run([["cake", "64"]], [(p1, [0], [10]), (p1, [1], [12])])
+    pd = os.path.join(tmp, "dup.json")
+    json.dump(dup, open(pd, "w"))
+    _, err = lines(pd, pd, ok=False)
+    expect("two prompts" in err, "duplicate prompt refused: %s" % err)
 
     _, err = lines(pa, pb, "--pair", "h2o/20%", ok=False)
     expect("has no config h2o/20%" in err and "cake/20%" in err, "unknown config named: %s" % err)
